@@ -1,0 +1,214 @@
+"""Stored resources -> a FHIR transaction Bundle for one EHR, and reading its response.
+
+Rules (https://hl7.org/fhir/R4/http.html#transaction):
+
+* every entry has ``fullUrl = urn:uuid:<local id>`` (our local ids are UUIDs);
+* a resource the EHR has not seen is ``POST`` with ``ifNoneExist`` on its business
+  identifier (``identifier=<system>|<value>``; Provenance, which has no identifier in R4,
+  on ``_tag=<system>|<code>``), so a replay creates nothing twice: one match answers
+  200 and the POST is ignored;
+* a resource the EHR already has (its id known from an earlier transaction-response) is
+  ``PUT Type/<remote id>``, an update of the EHR's resource, not a new one;
+* references to resources in the Bundle become their ``urn:uuid:`` fullUrl (the server
+  substitutes its ids); references to resources outside it become the EHR's id when
+  known, else a conditional reference ``Type?identifier=<system>|<value>`` (allowed in
+  transactions), else they are dropped when optional (``supportingInformation``).
+  Canonicals (``QuestionnaireResponse.questionnaire``) are never rewritten.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+#: Elements whose references may be dropped when the target cannot resolve them.
+OPTIONAL_REFERENCE_ELEMENTS = frozenset({"supportingInformation", "derivedFrom", "basedOn"})
+
+_REF = re.compile(r"^([A-Z][A-Za-z]+)/([A-Za-z0-9\-\.]{1,64})$")
+
+
+def business_identifier(resource: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The ``(system, value)`` the gateway deduplicates a resource on, or None.
+
+    The first identifier with both system and value (``identifier`` is a single object on
+    QuestionnaireResponse, a list elsewhere).
+    """
+    ident = resource.get("identifier")
+    candidates = [ident] if isinstance(ident, dict) else (ident or [])
+    for item in candidates:
+        if isinstance(item, dict) and item.get("system") and item.get("value"):
+            return str(item["system"]), str(item["value"])
+    return None
+
+
+def if_none_exist(resource: Mapping[str, Any], provenance_tag_system: str) -> str | None:
+    """The ``ifNoneExist`` search (no ``?``, no type) for a resource, or None."""
+    if resource.get("resourceType") == "Provenance":
+        for tag in resource.get("meta", {}).get("tag", []):
+            if tag.get("system") == provenance_tag_system:
+                return f"_tag={_q(tag['system'])}|{_q(tag['code'])}"
+        return None
+    ident = business_identifier(resource)
+    if ident is None:
+        return None
+    return f"identifier={_q(ident[0])}|{_q(ident[1])}"
+
+
+def _q(value: str) -> str:
+    # Search values escape only what would break the query string.
+    return quote(value, safe=":/.-_~@")
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """What the transaction-response told us about one entry."""
+
+    resource_type: str
+    local_id: str
+    remote_id: str | None
+    remote_version: str | None
+    status: str
+
+
+def build_transaction_bundle(
+    resources: list[dict[str, Any]],
+    *,
+    remote_ids: Mapping[str, str],
+    outside_identifiers: Mapping[str, tuple[str, str]],
+    provenance_tag_system: str,
+    transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Build a ``transaction`` Bundle (R4 JSON) of ``resources`` for one target.
+
+    Args:
+        resources: stored resources (local ids, local references ``Type/<id>``), in
+            dependency order (Patient first).
+        remote_ids: ``"Type/<local id>" -> "<remote id>"`` for resources this target
+            already has.
+        outside_identifiers: ``"Type/<local id>" -> (system, value)`` business identifiers
+            of referenced resources that are not in ``resources``.
+        provenance_tag_system: the ``meta.tag`` system used to deduplicate Provenance.
+        transform: optional per-target rewrite applied to each resource copy last.
+
+    Returns:
+        The Bundle as a dict. The inputs are not modified.
+    """
+    in_bundle = {f"{r['resourceType']}/{r['id']}" for r in resources}
+    entries = []
+    for stored in resources:
+        local_ref = f"{stored['resourceType']}/{stored['id']}"
+        resource = copy.deepcopy(stored)
+        resource.pop("id", None)
+        meta = resource.get("meta")
+        if meta:
+            meta.pop("versionId", None)
+            meta.pop("lastUpdated", None)
+        _rewrite_references(resource, in_bundle, remote_ids, outside_identifiers)
+        remote = remote_ids.get(local_ref)
+        if transform is not None:
+            resource = transform(resource)
+        if remote is not None:
+            resource["id"] = remote
+            request = {"method": "PUT", "url": f"{stored['resourceType']}/{remote}"}
+        else:
+            request = {"method": "POST", "url": stored["resourceType"]}
+            search = if_none_exist(stored, provenance_tag_system)
+            if search:
+                request["ifNoneExist"] = search
+        entries.append({"fullUrl": f"urn:uuid:{stored['id']}", "resource": resource, "request": request})
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def _rewrite_references(
+    node: Any,
+    in_bundle: set[str],
+    remote_ids: Mapping[str, str],
+    outside: Mapping[str, tuple[str, str]],
+) -> None:
+    if isinstance(node, list):
+        for child in node:
+            _rewrite_references(child, in_bundle, remote_ids, outside)
+        return
+    if not isinstance(node, dict):
+        return
+    for key in list(node):
+        value = node[key]
+        if key == "reference" and isinstance(value, str) and _REF.match(value):
+            if value in in_bundle:
+                node[key] = f"urn:uuid:{value.split('/', 1)[1]}"
+            elif value in remote_ids:
+                node[key] = f"{value.split('/', 1)[0]}/{remote_ids[value]}"
+            elif value in outside:
+                system, ident = outside[value]
+                node[key] = f"{value.split('/', 1)[0]}?identifier={_q(system)}|{_q(ident)}"
+            continue
+        if isinstance(value, dict | list):
+            _rewrite_references(value, in_bundle, remote_ids, outside)
+            if key in OPTIONAL_REFERENCE_ELEMENTS and isinstance(value, list):
+                kept = [v for v in value if not _unresolved(v, in_bundle, remote_ids, outside)]
+                if kept:
+                    node[key] = kept
+                else:
+                    del node[key]
+
+
+def _unresolved(
+    ref: Any, in_bundle: set[str], remote_ids: Mapping[str, str], outside: Mapping[str, tuple[str, str]]
+) -> bool:
+    value = ref.get("reference") if isinstance(ref, dict) else None
+    return isinstance(value, str) and bool(_REF.match(value)) and value not in in_bundle and value not in remote_ids and value not in outside
+
+
+def parse_transaction_response(
+    bundle: Mapping[str, Any], sent: list[dict[str, Any]]
+) -> list[EntryInfo]:
+    """Pair a ``transaction-response`` with the resources sent, entry by entry.
+
+    The response has one entry per request entry, in the same order
+    (https://hl7.org/fhir/R4/http.html#transaction-response). ``response.location`` is
+    ``Type/<id>[/_history/<vid>]``, absolute or relative.
+
+    Raises:
+        ValueError: the response is not a transaction-response with matching entries.
+    """
+    if bundle.get("resourceType") != "Bundle" or bundle.get("type") != "transaction-response":
+        raise ValueError("not a transaction-response Bundle")
+    entries = bundle.get("entry") or []
+    if len(entries) != len(sent):
+        raise ValueError("transaction-response entry count differs from the request")
+    out = []
+    for stored, entry in zip(sent, entries, strict=True):
+        response = entry.get("response") or {}
+        remote_id, version = parse_location(response.get("location"), stored["resourceType"])
+        if remote_id is None and isinstance(entry.get("resource"), dict):
+            remote_id = entry["resource"].get("id")
+            version = (entry["resource"].get("meta") or {}).get("versionId")
+        if version is None and isinstance(response.get("etag"), str):
+            version = response["etag"].removeprefix("W/").strip('"')
+        out.append(
+            EntryInfo(
+                resource_type=stored["resourceType"],
+                local_id=stored["id"],
+                remote_id=remote_id,
+                remote_version=version,
+                status=str(response.get("status", "")),
+            )
+        )
+    return out
+
+
+_LOCATION = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-\.]{1,64})(?:/_history/([A-Za-z0-9\-\.]{1,64}))?/?$")
+
+
+def parse_location(location: Any, resource_type: str) -> tuple[str | None, str | None]:
+    """``[base/]Type/id[/_history/vid]`` -> ``(id, vid)``; ``(None, None)`` if unusable."""
+    if not isinstance(location, str):
+        return None, None
+    m = _LOCATION.search(location.split("?", 1)[0])
+    if not m or m.group(1) != resource_type:
+        return None, None
+    return m.group(2), m.group(3)

@@ -1,0 +1,324 @@
+"""Checkouts (Stripe Checkout Sessions or our canonical JSON) -> Patient + MedicationRequest.
+
+Two inbound forms carry the same facts:
+
+* Stripe's ``checkout.session.completed`` event (https://docs.stripe.com/api/checkout/sessions/object):
+  ``customer_details`` (name, email, phone, address), ``metadata`` (``plan``,
+  ``patient_external_id``, ``intake_submission_id``), ``amount_total`` (minor units),
+  ``currency``, ``payment_status``; :func:`stripe_session_to_checkout` turns it into
+* :class:`CanonicalCheckout`, the body of ``POST /v1/checkouts`` for other processors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+from mappers import normalize
+from mappers.errors import MappingError, MappingErrors, Problem
+from mappers.identifiers import IdentifierSystems
+from mappers.intake import (
+    ID_PATTERN,
+    US_CORE_PATIENT,
+    Email,
+    Name,
+    Phone,
+    pydantic_problems,
+)
+from mappers.profiles import Plan
+
+US_CORE_MEDICATIONREQUEST = (
+    "http://hl7.org/fhir/us/core/StructureDefinition/us-core-medicationrequest"
+)
+
+PaymentStatus = Literal["paid", "unpaid", "no_payment_required"]
+
+
+class CheckoutAddress(BaseModel):
+    """A billing/shipping address; ``state`` is normalized to USPS when ``country`` is US."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    line1: str | None = Field(default=None, max_length=200)
+    line2: str | None = Field(default=None, max_length=200)
+    city: str | None = Field(default=None, max_length=100)
+    state: str | None = Field(default=None, max_length=100)
+    postal_code: str | None = Field(default=None, max_length=20)
+    country: str = Field(default="US", pattern=r"^[A-Z]{2}$")
+
+
+class CheckoutCustomer(BaseModel):
+    """The buyer as the processor collected them (a single ``name`` string, as Stripe)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name | None = None
+    email: Email | None = None
+    phone: Phone | None = None
+    address: CheckoutAddress | None = None
+
+
+class CanonicalCheckout(BaseModel):
+    """A completed checkout (``POST /v1/checkouts``), processor-neutral."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkout_id: str = Field(pattern=ID_PATTERN, description="The processor's checkout/session id; idempotency key.")
+    processor: str = Field(default="canonical", pattern=r"^[a-z0-9_-]{1,32}$")
+    completed_at: AwareDatetime
+    plan: str = Field(min_length=1, max_length=128)
+    patient_external_id: str | None = Field(default=None, pattern=ID_PATTERN)
+    intake_submission_id: str | None = Field(default=None, pattern=ID_PATTERN)
+    customer_id: str | None = Field(default=None, max_length=128)
+    customer: CheckoutCustomer = Field(default_factory=CheckoutCustomer)
+    amount_total: int = Field(ge=0, description="Minor currency units (cents).")
+    currency: Annotated[str, AfterValidator(str.lower)] = Field(pattern=r"^[A-Za-z]{3}$")
+    payment_status: PaymentStatus
+
+
+def parse_checkout(data: Any, find_plan: Callable[[str], Plan | None]) -> tuple[CanonicalCheckout, Plan]:
+    """Validate a canonical checkout and find its plan.
+
+    Raises:
+        MappingErrors: every problem (contract, normalization, unknown plan, a US address
+        with an invalid state or ZIP, no way to identify the patient).
+    """
+    problems: list[Problem] = []
+    checkout: CanonicalCheckout | None = None
+    try:
+        checkout = CanonicalCheckout.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(pydantic_problems(exc))
+    plan_id = data.get("plan") if isinstance(data, dict) else None
+    plan = find_plan(plan_id) if isinstance(plan_id, str) else None
+    if isinstance(plan_id, str) and plan is None:
+        problems.append(Problem("plan", "unknown_plan", "no checkout profile has this plan"))
+    if checkout is not None:
+        problems.extend(_address_problems(checkout))
+        c = checkout.customer
+        if not (checkout.patient_external_id or checkout.intake_submission_id or c.email):
+            problems.append(
+                Problem(
+                    "customer.email",
+                    "unidentified_patient",
+                    "need patient_external_id, intake_submission_id or a customer email",
+                )
+            )
+    if problems:
+        raise MappingErrors(problems)
+    assert checkout is not None and plan is not None
+    return checkout, plan
+
+
+def _address_problems(checkout: CanonicalCheckout) -> list[Problem]:
+    address = checkout.customer.address
+    problems: list[Problem] = []
+    if address is None or address.country != "US":
+        return problems
+    if address.state:
+        try:
+            address.state = normalize.normalize_state(address.state)
+        except MappingError as exc:
+            problems.append(Problem("customer.address.state", exc.code, str(exc)))
+    if address.postal_code:
+        try:
+            address.postal_code = normalize.normalize_postal_code(address.postal_code)
+        except MappingError as exc:
+            problems.append(Problem("customer.address.postal_code", exc.code, str(exc)))
+    return problems
+
+
+def stripe_session_to_checkout(event: dict[str, Any]) -> dict[str, Any]:
+    """A Stripe ``checkout.session.completed`` (or ``async_payment_succeeded``) event ->
+    the canonical checkout JSON (not yet validated: pass it to :func:`parse_checkout`).
+
+    ``completed_at`` is the event's ``created`` (Unix seconds, UTC). Empty strings Stripe
+    sends for absent address parts become absent.
+    """
+    session = event.get("data", {}).get("object", {}) or {}
+    metadata = session.get("metadata") or {}
+    details = session.get("customer_details") or {}
+    address = details.get("address") or None
+    created = event.get("created")
+    completed_at = (
+        datetime.fromtimestamp(created, UTC).isoformat() if isinstance(created, int) else None
+    )
+
+    def clean(value: Any) -> Any:
+        return value if value not in ("", None) else None
+
+    customer: dict[str, Any] = {
+        k: clean(details.get(k)) for k in ("name", "email", "phone") if clean(details.get(k))
+    }
+    if address:
+        customer["address"] = {
+            k: clean(address.get(k))
+            for k in ("line1", "line2", "city", "state", "postal_code")
+            if clean(address.get(k))
+        }
+        if clean(address.get("country")):
+            customer["address"]["country"] = address["country"]
+    out: dict[str, Any] = {
+        "checkout_id": session.get("id"),
+        "processor": "stripe",
+        "completed_at": completed_at,
+        "plan": clean(metadata.get("plan")),
+        "customer": customer,
+        "amount_total": session.get("amount_total"),
+        "currency": session.get("currency"),
+        "payment_status": session.get("payment_status"),
+    }
+    for key in ("patient_external_id", "intake_submission_id"):
+        if clean(metadata.get(key)):
+            out[key] = metadata[key]
+    if isinstance(session.get("customer"), str):
+        out["customer_id"] = session["customer"]
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def split_name(full: str) -> dict[str, Any]:
+    """``"Jane Q. Doe"`` -> ``{"text": ..., "family": "Doe", "given": ["Jane", "Q."]}``.
+
+    A processor's single name field has no structure; the last word is taken as the
+    family name and ``text`` keeps the name as given. One word becomes ``given`` only.
+    """
+    parts = full.split()
+    name: dict[str, Any] = {"use": "official", "text": full}
+    if len(parts) == 1:
+        name["given"] = parts
+    elif parts:
+        name["family"] = parts[-1]
+        name["given"] = parts[:-1]
+    return name
+
+
+def checkout_to_patient(
+    checkout: CanonicalCheckout, *, patient_id: str, systems: IdentifierSystems
+) -> dict[str, Any]:
+    """Checkout customer details -> a US Core Patient (R4 JSON).
+
+    A checkout carries no sex or birth date: ``gender`` is ``unknown`` (US Core requires
+    it), ``birthDate`` absent, until an intake brings them. The Stripe customer id, when
+    present, is kept as an identifier.
+    """
+    c = checkout.customer
+    identifiers = [{"system": systems.patient, "value": patient_id}]
+    if checkout.patient_external_id:
+        identifiers.append({"system": systems.external_patient, "value": checkout.patient_external_id})
+    if checkout.customer_id and checkout.processor == "stripe":
+        identifiers.append({"system": systems.stripe_customer, "value": checkout.customer_id})
+    patient: dict[str, Any] = {
+        "resourceType": "Patient",
+        "id": patient_id,
+        "meta": {"profile": [US_CORE_PATIENT]},
+        "identifier": identifiers,
+        "name": [split_name(c.name)] if c.name else [
+            # us-core-6: a name is required; without one, say why it is absent.
+            {"extension": [_data_absent("unknown")]}
+        ],
+        "gender": "unknown",
+    }
+    telecom = []
+    if c.phone:
+        telecom.append({"system": "phone", "value": c.phone})
+    if c.email:
+        telecom.append({"system": "email", "value": c.email})
+    if telecom:
+        patient["telecom"] = telecom
+    if c.address and (c.address.line1 or c.address.city or c.address.postal_code):
+        address: dict[str, Any] = {"use": "billing", "type": "both"}
+        lines = [x for x in (c.address.line1, c.address.line2) if x]
+        if lines:
+            address["line"] = lines
+        if c.address.city:
+            address["city"] = c.address.city
+        if c.address.state:
+            address["state"] = c.address.state
+        if c.address.postal_code:
+            address["postalCode"] = c.address.postal_code
+        address["country"] = c.address.country
+        patient["address"] = [address]
+    return patient
+
+
+def _data_absent(reason: str) -> dict[str, str]:
+    return {"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": reason}
+
+
+def checkout_to_medication_request(
+    checkout: CanonicalCheckout,
+    plan: Plan,
+    *,
+    request_id: str,
+    patient_id: str,
+    systems: IdentifierSystems,
+    questionnaire_response_id: str | None = None,
+) -> dict[str, Any]:
+    """The plan the patient paid for -> a MedicationRequest awaiting provider review.
+
+    ``status = draft`` and ``intent = proposal`` (FHIR R4 medicationrequest-status /
+    -intent): the patient *selected* a treatment; no prescriber has authorised it.
+    ``proposal`` is "a suggestion made by someone/something that doesn't have an intention
+    to ensure it occurs and without providing an authorization to act", and ``draft`` is
+    "not yet actionable ... requires sign-off". An ``order`` would need a prescriber as
+    ``requester`` (US Core us-core-21); here the requester is the Patient, as US Core
+    advises for patient-selected medications. When the provider signs, the EHR creates
+    its own ``order`` (``basedOn`` this proposal).
+
+    ``identifier`` is ``<base>/checkout-session|<checkout_id>``; ``authoredOn`` the
+    checkout's completion time; ``medicationCodeableConcept`` the plan's RxNorm coding;
+    ``supportingInformation`` the intake's QuestionnaireResponse when it is known.
+    """
+    patient_ref = {"reference": f"Patient/{patient_id}"}
+    med = plan.medication.to_fhir()
+    mr: dict[str, Any] = {
+        "resourceType": "MedicationRequest",
+        "id": request_id,
+        "meta": {"profile": [US_CORE_MEDICATIONREQUEST]},
+        "identifier": [{"system": systems.checkout, "value": checkout.checkout_id}],
+        "status": "draft",
+        "intent": "proposal",
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/medicationrequest-category",
+                        "code": "community",
+                        "display": "Community",
+                    }
+                ]
+            }
+        ],
+        "reportedBoolean": False,
+        "medicationCodeableConcept": {
+            "coding": [med],
+            "text": plan.medication_text or med.get("display", med["code"]),
+        },
+        "subject": patient_ref,
+        "authoredOn": normalize.to_fhir_instant(checkout.completed_at),
+        "requester": patient_ref,
+    }
+    if questionnaire_response_id:
+        mr["supportingInformation"] = [
+            {"reference": f"QuestionnaireResponse/{questionnaire_response_id}"}
+        ]
+    if plan.dosage:
+        mr["dosageInstruction"] = [plan.dosage.to_fhir()]
+    dispense: dict[str, Any] = {}
+    if plan.refills is not None:
+        dispense["numberOfRepeatsAllowed"] = plan.refills
+    if plan.quantity:
+        dispense["quantity"] = plan.quantity.to_fhir()
+    if plan.supply_days:
+        dispense["expectedSupplyDuration"] = {
+            "value": plan.supply_days,
+            "unit": "days",
+            "system": "http://unitsofmeasure.org",
+            "code": "d",
+        }
+    if dispense:
+        mr["dispenseRequest"] = dispense
+    return mr
