@@ -289,9 +289,11 @@ class EhrTargetProfile(_Strict):
 
 
 class Transition(_Strict):
-    """``on`` event (``type`` or ``type:detail``) moves a case ``from`` states ``to`` one."""
+    """``event`` (``type`` or ``type:detail``) moves a case ``from`` states ``to`` one
+    (``to: "*"`` keeps the state). The key is ``event``, not ``on``: YAML 1.1 reads a bare
+    ``on`` as the boolean true."""
 
-    on: str
+    event: str
     from_: list[str] = Field(alias="from")
     to: str
     backward: bool = Field(
@@ -331,14 +333,14 @@ class WorkflowProfile(_Strict):
         states = set(self.states)
         problems = []
         for t in self.transitions:
-            base = t.on.split(":", 1)[0]
+            base = t.event.split(":", 1)[0]
             if base not in self.events:
-                problems.append(f"transition on unknown event {t.on!r}")
-            elif ":" in t.on and t.on.split(":", 1)[1] not in self.events[base].details:
-                problems.append(f"transition on unknown detail {t.on!r}")
+                problems.append(f"transition on unknown event {t.event!r}")
+            elif ":" in t.event and t.event.split(":", 1)[1] not in self.events[base].details:
+                problems.append(f"transition on unknown detail {t.event!r}")
             for s in [*t.from_, t.to]:
                 if s not in states and s != "*":
-                    problems.append(f"transition {t.on!r} names unknown state {s!r}")
+                    problems.append(f"transition {t.event!r} names unknown state {s!r}")
         for event, state in self.initial.items():
             if event.split(":", 1)[0] not in self.events:
                 problems.append(f"initial names unknown event {event!r}")

@@ -1,0 +1,221 @@
+"""The FastAPI application: routers, error rendering, body limit, lifespan.
+
+``create_app(settings)`` wires a :class:`~gateway.runtime.Runtime` at start-up (database,
+profiles) and, in embedded mode (``GATEWAY_RUN_WORKER=true``), runs the delivery worker
+in the same process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import traceback
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import gateway
+from gateway.delivery.worker import DeliveryWorker
+from gateway.errors import (
+    GatewayError,
+    NotFoundError,
+    PayloadTooLargeError,
+    UnprocessableError,
+    operation_outcome_response,
+    problem_response,
+)
+from gateway.events.endpoints import router as events_router
+from gateway.fhir.endpoints import router as fhir_router
+from gateway.ingest.endpoints import router as ingest_router
+from gateway.ingest.schemas import DOCUMENTED_MODELS
+from gateway.logging import configure_logging, get_logger
+from gateway.runtime import Runtime
+from gateway.settings import Settings
+from gateway.workflow.endpoints import router as cases_router
+from mappers.errors import Problem
+
+log = get_logger(__name__)
+
+
+class GatewayGeneralError(GatewayError):
+    """An unexpected failure: answered 500 without details (they are in the logs)."""
+
+
+def _render(request: Request, exc: GatewayError) -> JSONResponse:
+    if request.url.path.startswith("/fhir"):
+        return operation_outcome_response(exc)
+    return problem_response(exc, instance=request.url.path)
+
+
+class BodySizeLimitMiddleware:
+    """Refuse bodies over ``max_bytes`` with 413, by ``Content-Length`` or while streaming."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._too_large(scope, send)
+            return
+        received = 0
+        limit = self.max_bytes
+
+        async def limited_receive() -> Message:
+            # Raised inside the handler (where the body is read), so the app's
+            # GatewayError handler renders it.
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _too_large_error(limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    async def _too_large(self, scope: Scope, send: Send) -> None:
+        exc = _too_large_error(self.max_bytes)
+        path = scope.get("path", "")
+        response = operation_outcome_response(exc) if path.startswith("/fhir") else problem_response(exc, instance=path)
+        await response(scope, _noop_receive, send)
+
+
+def _too_large_error(limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(
+        f"the body is larger than {limit} bytes", [Problem("", "payload_too_large", f"at most {limit} bytes")]
+    )
+
+
+async def _noop_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def create_app(settings: Settings, *, runtime: Runtime | None = None, run_worker: bool | None = None) -> FastAPI:
+    """Build the application.
+
+    Args:
+        settings: the gateway settings.
+        runtime: an already built runtime (tests); otherwise one is created at start-up.
+        run_worker: run the delivery worker in this process; defaults to
+            ``settings.run_worker``.
+    """
+    configure_logging(settings.log_level, json=settings.log_json)
+    with_worker = settings.run_worker if run_worker is None else run_worker
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        rt = runtime or Runtime.create(settings)
+        app.state.runtime = rt
+        stop = asyncio.Event()
+        task = None
+        worker = None
+        if with_worker:
+            worker = DeliveryWorker(rt)
+            app.state.worker = worker
+            task = asyncio.create_task(worker.run(stop))
+        log.info("gateway.started", database=rt.engine.dialect.name, worker=with_worker,
+                 targets=[t.name for t in rt.profiles.current.enabled_targets()])
+        try:
+            yield
+        finally:
+            stop.set()
+            if task is not None:
+                await task
+            if worker is not None:
+                await worker.aclose()
+            if runtime is None:
+                await rt.close()
+
+    app = FastAPI(
+        title="fhir-gateway",
+        version=gateway.__version__,
+        description=(
+            "FHIR R4 interoperability gateway for telehealth. `/v1` errors are RFC 9457 "
+            "problem details; `/fhir` errors are OperationOutcomes."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.worker = None
+
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
+        return _render(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default handler echoes the input (PHI): render problems without it.
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err.get("loc", ()))
+            problems.append(Problem(loc, str(err.get("type", "invalid")), str(err.get("msg", "invalid"))))
+        return _render(request, UnprocessableError("the request is not valid", problems))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return _render(request, NotFoundError("no such route"))
+        error = GatewayError(str(exc.detail))
+        error.status = exc.status_code  # type: ignore[misc]
+        error.slug = "http-error"  # type: ignore[misc]
+        error.title = "HTTP error"  # type: ignore[misc]
+        return _render(request, error)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # The message of an unexpected exception may hold PHI: log type and frames only.
+        log.error("request.failed", path=request.url.path, error_type=type(exc).__name__,
+                  frames="".join(traceback.format_tb(exc.__traceback__))[-4000:])
+        return _render(request, GatewayGeneralError("an unexpected error occurred; it has been logged"))
+
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.include_router(ingest_router)
+    app.include_router(events_router)
+    app.include_router(cases_router)
+    app.include_router(fhir_router)
+
+    @app.get("/healthz", tags=["ops"], summary="The process is up")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"], summary="The database is reachable")
+    async def readyz(request: Request) -> JSONResponse:
+        rt: Runtime = request.app.state.runtime
+        try:
+            async with rt.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+            log.warning("readyz.database_unreachable", error_type=type(exc).__name__)
+            return JSONResponse({"status": "unavailable", "database": "unreachable"}, status_code=503)
+        return JSONResponse({"status": "ok", "database": "ok"})
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in DOCUMENTED_MODELS:
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "apiKey": {"type": "http", "scheme": "bearer", "description": "API key from `fhir-gateway clients create`"}
+        }
+        schema["security"] = [{"apiKey": []}]
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

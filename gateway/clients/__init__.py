@@ -1,0 +1,1 @@
+"""API clients: keys (hashed at rest), scopes, and the request authentication dependency."""

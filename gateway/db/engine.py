@@ -1,0 +1,50 @@
+"""Engine and session factory for SQLite (embedded) and PostgreSQL (production)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncSession as AsyncSession  # re-export
+
+from gateway.settings import normalize_database_url
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets readers run while the worker writes; busy_timeout makes a writer wait for
+    # the lock instead of failing at once; foreign keys are off by default in SQLite.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def make_engine(database_url: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEngine:
+    """Create the async engine for ``database_url``.
+
+    Args:
+        database_url: ``sqlite+aiosqlite:///path.db`` or ``postgresql+psycopg://...``
+            (plain ``sqlite:``/``postgresql:`` URLs are given the async driver).
+        pool_size: connections kept open (PostgreSQL only).
+        echo: log SQL (development only: statements may carry PHI in parameters).
+
+    Returns:
+        An :class:`AsyncEngine`. For SQLite, every connection uses WAL, a 10 s busy
+        timeout and foreign keys.
+    """
+    url = normalize_database_url(database_url)
+    if url.startswith("sqlite"):
+        engine = create_async_engine(url, echo=echo)
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_async_engine(
+        url, echo=echo, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+    )
+
+
+def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions that do not expire objects on commit (responses are built after commit)."""
+    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)

@@ -1,0 +1,397 @@
+"""The gateway's tables (SQLAlchemy 2 declarative, async).
+
+Every table works on SQLite (embedded default, one process) and PostgreSQL (production,
+several API processes and workers). Schema changes go through Alembic migrations in
+``gateway/migrations``; tests check that the models and the migrations agree.
+
+Status vocabularies are :class:`enum.StrEnum` stored as short strings.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from gateway.db.types import BigIntPK, JSONDoc, UTCDateTime, utcnow
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    """Declarative base with a constraint naming convention (stable migration names)."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSONDoc}
+
+
+# --------------------------------------------------------------------------- clients
+
+
+class ApiClient(Base):
+    """A caller of the ``/v1`` API: an API key (stored as a SHA-256 hash) and its scopes."""
+
+    __tablename__ = "api_clients"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    key_id: Mapped[str] = mapped_column(String(32), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    scopes: Mapped[list[str]] = mapped_column(JSONDoc)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
+
+
+# --------------------------------------------------------------------------- inbox
+
+
+class MessageStatus(StrEnum):
+    """Lifecycle of an inbound message."""
+
+    RECEIVED = "received"  # stored, not yet processed (events are applied after the ack)
+    PROCESSED = "processed"  # mapped/applied
+    IGNORED = "ignored"  # acknowledged and recorded, nothing to do (e.g. other Stripe types)
+    FAILED = "failed"  # processing failed after the ack: see the exceptions queue
+
+
+class InboundMessage(Base):
+    """Every message the gateway acknowledged, stored raw before the acknowledgement.
+
+    ``dedupe_key`` is unique: ``<channel>:<sender>:<external id>`` (the sender's own id for
+    the message: intake ``submission_id``, Stripe event id, event ``event_id``, MSH-10...),
+    so a retried message is recognised and answered with the stored ``response``.
+    """
+
+    __tablename__ = "inbound_messages"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32))
+    sender: Mapped[str] = mapped_column(String(128))
+    external_id: Mapped[str] = mapped_column(String(256))
+    dedupe_key: Mapped[str] = mapped_column(String(512), unique=True)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    content_type: Mapped[str] = mapped_column(String(128))
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    status: Mapped[str] = mapped_column(String(16), default=MessageStatus.RECEIVED)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    processed_at: Mapped[datetime | None]
+    response: Mapped[dict[str, Any] | None]
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+
+    __table_args__ = (Index("ix_inbound_messages_pending", "status", "channel"),)
+
+
+# --------------------------------------------------------------------------- FHIR store
+
+
+class FhirResource(Base):
+    """The current version of a FHIR resource the gateway produced (R4 JSON).
+
+    ``identifier_system``/``identifier_value`` hold the business identifier used for
+    conditional create (``ifNoneExist``); unique per resource type.
+    """
+
+    __tablename__ = "fhir_resources"
+
+    resource_type: Mapped[str] = mapped_column(String(64), primary_key=True)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version_id: Mapped[int] = mapped_column(Integer, default=1)
+    resource: Mapped[dict[str, Any]]
+    identifier_system: Mapped[str | None] = mapped_column(String(256))
+    identifier_value: Mapped[str | None] = mapped_column(String(256))
+    patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    inbound_message_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    profile_id: Mapped[str | None] = mapped_column(String(128))
+    profile_version: Mapped[str | None] = mapped_column(String(32))
+    profile_hash: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint(
+            "resource_type",
+            "identifier_system",
+            "identifier_value",
+            name="uq_fhir_resources_business_identifier",
+        ),
+    )
+
+
+class FhirResourceVersion(Base):
+    """Every version of every resource (history), written with each create/update."""
+
+    __tablename__ = "fhir_resource_versions"
+
+    resource_type: Mapped[str] = mapped_column(String(64), primary_key=True)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    resource: Mapped[dict[str, Any]]
+    inbound_message_id: Mapped[str | None] = mapped_column(String(64))
+    recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PatientKey(Base):
+    """A key that identifies a canonical Patient across sources.
+
+    ``key_type`` is ``external_id`` (the intake app's / checkout metadata's patient id),
+    ``submission_id`` (an intake submission), ``email`` (normalized) or ``identifier``
+    (``system|value`` of any other identifier, e.g. an EHR MRN). Whichever arrives first
+    creates the Patient; later messages that share any key reuse it.
+    """
+
+    __tablename__ = "patient_keys"
+
+    key_type: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key_value: Mapped[str] = mapped_column(String(320), primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# --------------------------------------------------------------------------- outbox
+
+
+class DeliveryStatus(StrEnum):
+    """Lifecycle of an outbox row."""
+
+    PENDING = "pending"  # waiting for its ``available_at``
+    IN_FLIGHT = "in_flight"  # claimed by a worker until ``locked_until``
+    DELIVERED = "delivered"
+    DEAD = "dead"  # dead letter: gave up; replayable
+    REVIEW = "review"  # needs a person (e.g. several matching patients in the EHR)
+
+
+class Delivery(Base):
+    """An outbox row: deliver one inbound message's resources to one target.
+
+    Written in the same transaction as the resources. Holds ids, never payloads: the
+    Bundle is built from ``fhir_resources`` at send time (``resource_refs`` lists
+    ``Type/id`` in dependency order). ``ordering_key`` (the patient id for EHR deliveries,
+    the case id for webhooks) keeps per-patient order: a row is only claimed when no older
+    row with the same (target, ordering_key) is still pending.
+    """
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16), default="ehr")  # ehr | webhook
+    target: Mapped[str] = mapped_column(String(128))
+    ordering_key: Mapped[str] = mapped_column(String(128))
+    inbound_message_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    resource_refs: Mapped[list[str]] = mapped_column(JSONDoc)
+    payload: Mapped[dict[str, Any] | None]  # webhooks: the event body (no PHI)
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    available_at: Mapped[datetime] = mapped_column(default=utcnow)
+    locked_until: Mapped[datetime | None]
+    locked_by: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    source_received_at: Mapped[datetime | None]
+    first_attempt_at: Mapped[datetime | None]
+    last_attempt_at: Mapped[datetime | None]
+    delivered_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    operation_outcome: Mapped[dict[str, Any] | None]
+    dead_reason: Mapped[str | None] = mapped_column(String(64))
+    replay_count: Mapped[int] = mapped_column(Integer, default=0)
+
+    __table_args__ = (
+        Index("ix_deliveries_claim", "status", "available_at"),
+        Index("ix_deliveries_order", "target", "ordering_key", "id"),
+    )
+
+
+class DeliveryAttempt(Base):
+    """One try of one delivery: when, how long, and what came back (never the body)."""
+
+    __tablename__ = "delivery_attempts"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[int] = mapped_column(ForeignKey("deliveries.id"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    worker: Mapped[str | None] = mapped_column(String(128))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    duration_ms: Mapped[int] = mapped_column(Integer, default=0)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(16))  # delivered | transient | permanent
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class RemoteId(Base):
+    """The id a target EHR assigned to one of our resources (from its transaction-response)."""
+
+    __tablename__ = "remote_ids"
+
+    target: Mapped[str] = mapped_column(String(128), primary_key=True)
+    resource_type: Mapped[str] = mapped_column(String(64), primary_key=True)
+    local_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    remote_id: Mapped[str] = mapped_column(String(128))
+    remote_version: Mapped[str | None] = mapped_column(String(64))
+    delivered_version: Mapped[int | None] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class OAuthToken(Base):
+    """The access token of one target, shared by every worker process."""
+
+    __tablename__ = "oauth_tokens"
+
+    target: Mapped[str] = mapped_column(String(128), primary_key=True)
+    access_token: Mapped[str | None] = mapped_column(Text)
+    token_type: Mapped[str | None] = mapped_column(String(32))
+    scope: Mapped[str | None] = mapped_column(Text)
+    expires_at: Mapped[datetime | None]
+    refreshed_at: Mapped[datetime | None]
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_error_at: Mapped[datetime | None]
+
+
+class TargetState(Base):
+    """Health of one delivery target: circuit breaker and last success."""
+
+    __tablename__ = "target_states"
+
+    target: Mapped[str] = mapped_column(String(128), primary_key=True)
+    circuit: Mapped[str] = mapped_column(String(16), default="closed")  # closed|open|half_open
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+    opened_at: Mapped[datetime | None]
+    next_probe_at: Mapped[datetime | None]
+    last_success_at: Mapped[datetime | None]
+    last_failure_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+# --------------------------------------------------------------------------- workflow
+
+
+class Case(Base):
+    """One patient's journey through one program; its state moves with clinical events."""
+
+    __tablename__ = "cases"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64), index=True)
+    program: Mapped[str] = mapped_column(String(128))
+    state: Mapped[str] = mapped_column(String(64))
+    opened_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    state_entered_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_occurred_at: Mapped[datetime | None]
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+    __table_args__ = (Index("ix_cases_state", "state"),)
+
+
+class CaseEventOutcome(StrEnum):
+    """What applying a clinical event did to its case."""
+
+    APPLIED = "applied"  # moved the case (or opened it)
+    RECORDED = "recorded"  # kept in history, state unchanged (allowed, no move)
+    LATE = "late"  # occurred before the latest applied event: history only
+    REJECTED = "rejected"  # not allowed (transition or ownership): exceptions queue
+
+
+class CaseEvent(Base):
+    """One clinical event in a case's history, with its sender and both times."""
+
+    __tablename__ = "case_events"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    case_id: Mapped[str] = mapped_column(ForeignKey("cases.id"), index=True)
+    inbound_message_id: Mapped[str | None] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(128))
+    event_id: Mapped[str] = mapped_column(String(256))
+    type: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(String(64))
+    occurred_at: Mapped[datetime]
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    from_state: Mapped[str | None] = mapped_column(String(64))
+    to_state: Mapped[str | None] = mapped_column(String(64))
+    outcome: Mapped[str] = mapped_column(String(16))
+    note: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (UniqueConstraint("case_id", "source", "event_id", name="uq_case_events_dedupe"),)
+
+
+# --------------------------------------------------------------------------- review
+
+
+class ExceptionStatus(StrEnum):
+    """Lifecycle of an exceptions-queue entry."""
+
+    OPEN = "open"
+    RESOLVED = "resolved"
+    RETRIED = "retried"
+
+
+class ExceptionRecord(Base):
+    """Something a person must look at: a rejected payload (kept whole for review), an
+    event that could not be applied, a transition the workflow does not allow."""
+
+    __tablename__ = "exceptions"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(64))
+    channel: Mapped[str] = mapped_column(String(32))
+    sender: Mapped[str | None] = mapped_column(String(128))
+    inbound_message_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    case_id: Mapped[str | None] = mapped_column(String(64))
+    content_type: Mapped[str | None] = mapped_column(String(128))
+    payload: Mapped[bytes | None] = mapped_column(LargeBinary)
+    problems: Mapped[list[dict[str, Any]]] = mapped_column(JSONDoc)
+    status: Mapped[str] = mapped_column(String(16), default=ExceptionStatus.OPEN)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    resolved_at: Mapped[datetime | None]
+    resolved_by: Mapped[str | None] = mapped_column(String(128))
+
+    __table_args__ = (Index("ix_exceptions_status", "status", "kind"),)
+
+
+class AuditEntry(Base):
+    """Who created or changed what, when. Ids only, never content."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(32))
+    entity_type: Mapped[str] = mapped_column(String(64))
+    entity_id: Mapped[str] = mapped_column(String(128))
+    detail: Mapped[dict[str, Any] | None]
+
+
+class Subscriber(Base):
+    """An ops-layer endpoint that receives signed case state-change webhooks."""
+
+    __tablename__ = "subscribers"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    url: Mapped[str] = mapped_column(Text)
+    secret: Mapped[str] = mapped_column(Text)
+    event_types: Mapped[list[str]] = mapped_column(JSONDoc)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

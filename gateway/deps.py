@@ -1,0 +1,79 @@
+"""FastAPI dependencies: the runtime, the request's database session, authentication."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.clients.service import Principal, authenticate
+from gateway.errors import ForbiddenError, UnauthorizedError
+from gateway.runtime import Runtime
+
+
+def get_runtime(request: Request) -> Runtime:
+    """The runtime the app was started with."""
+    return request.app.state.runtime  # type: ignore[no-any-return]
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """One session per request, committed when the handler returns without error (before
+    the response is sent: ``Depends(..., scope="function")``), rolled back otherwise.
+
+    This dependency is the only place a request commits; services flush at most.
+    """
+    runtime: Runtime = request.app.state.runtime
+    async with runtime.sessionmaker() as session:
+        try:
+            yield session
+        except BaseException:
+            await session.rollback()
+            raise
+        else:
+            await session.commit()
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        return None
+    key = request.headers.get("x-api-key")
+    return key.strip() if key else None
+
+
+def require_scope(*scopes: str) -> Callable[..., Coroutine[Any, Any, Principal]]:
+    """A dependency that authenticates the caller and checks it holds one of ``scopes``.
+
+    Credentials: ``Authorization: Bearer <api key>`` or ``X-API-Key: <api key>``.
+
+    Raises:
+        UnauthorizedError: 401 with ``WWW-Authenticate: Bearer``, no or unknown key.
+        ForbiddenError: 403, the key holds none of ``scopes``.
+    """
+
+    async def dependency(request: Request) -> Principal:
+        key = _bearer(request)
+        challenge = {"WWW-Authenticate": 'Bearer realm="fhir-gateway"'}
+        if key is None:
+            raise UnauthorizedError("an API key is required (Authorization: Bearer <key>)", headers=challenge)
+        runtime: Runtime = request.app.state.runtime
+        async with runtime.sessionmaker() as session:
+            principal = await authenticate(session, key=key)
+        if principal is None:
+            raise UnauthorizedError("the API key is not valid", headers=challenge)
+        if not any(principal.has(scope) for scope in scopes):
+            raise ForbiddenError(f"this route needs the scope {' or '.join(scopes)}")
+        request.state.principal = principal
+        return principal
+
+    dependency.__name__ = "require_" + "_or_".join(s.replace(":", "_") for s in scopes)
+    return dependency

@@ -1,0 +1,1 @@
+"""EHR connectors: the FHIR REST client and its error translation."""

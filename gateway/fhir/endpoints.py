@@ -1,0 +1,43 @@
+"""``/fhir``: read access to the resources the gateway produced (R4 JSON).
+
+Errors are OperationOutcomes (``application/fhir+json``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path
+from fastapi.responses import JSONResponse
+
+from gateway.clients.service import Principal
+from gateway.deps import SessionDep, require_scope
+from gateway.errors import NotFoundError
+from gateway.fhir import repository as fhir_repo
+
+router = APIRouter(prefix="/fhir", tags=["fhir"])
+
+FHIR_JSON = "application/fhir+json"
+
+
+@router.get("/{resource_type}/{resource_id}", summary="Read a resource (FHIR read interaction)")
+async def read_resource(
+    session: SessionDep,
+    _principal: Annotated[Principal, Depends(require_scope("fhir:read"))],
+    resource_type: Annotated[str, Path(pattern=r"^[A-Z][A-Za-z]{1,63}$")],
+    resource_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9\-\.]{1,64}$")],
+) -> JSONResponse:
+    """``GET [base]/[type]/[id]`` (https://hl7.org/fhir/R4/http.html#read): the current
+    version, with ``ETag: W/"<versionId>"`` and ``Last-Modified``; 404 OperationOutcome
+    when absent."""
+    row = await fhir_repo.get_resource(session, resource_type, resource_id)
+    if row is None:
+        raise NotFoundError(f"{resource_type}/{resource_id} is not known")
+    return JSONResponse(
+        row.resource,
+        media_type=FHIR_JSON,
+        headers={
+            "ETag": f'W/"{row.version_id}"',
+            "Last-Modified": row.updated_at.strftime("%a, %d %b %Y %H:%M:%S GMT"),
+        },
+    )

@@ -1,0 +1,162 @@
+"""Queries on the local FHIR store (``fhir_resources``, ``fhir_resource_versions``) and
+the patient matching keys (``patient_keys``)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select, tuple_
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.db.models import FhirResource, FhirResourceVersion, PatientKey
+from gateway.db.types import utcnow
+from mappers.bundle import business_identifier
+from mappers.normalize import to_fhir_instant
+
+
+@dataclass(frozen=True)
+class ProfileRef:
+    """The mapping profile that produced a resource: id, version and content hash."""
+
+    id: str
+    version: str
+    content_hash: str
+
+
+async def get_resource(session: AsyncSession, resource_type: str, resource_id: str) -> FhirResource | None:
+    """The stored resource, or None."""
+    return await session.get(FhirResource, (resource_type, resource_id))
+
+
+async def get_resources(session: AsyncSession, refs: Sequence[str]) -> list[dict[str, Any]]:
+    """The current versions of ``refs`` (``Type/id``), in the order given; missing ones
+    are skipped."""
+    keys = [tuple(ref.split("/", 1)) for ref in refs]
+    if not keys:
+        return []
+    rows = await session.scalars(
+        select(FhirResource).where(tuple_(FhirResource.resource_type, FhirResource.id).in_(keys))
+    )
+    by_ref = {f"{r.resource_type}/{r.id}": r.resource for r in rows}
+    return [by_ref[ref] for ref in refs if ref in by_ref]
+
+
+async def find_by_identifier(
+    session: AsyncSession, resource_type: str, system: str, value: str
+) -> FhirResource | None:
+    """The resource of ``resource_type`` whose business identifier is ``system|value``."""
+    return await session.scalar(
+        select(FhirResource).where(
+            FhirResource.resource_type == resource_type,
+            FhirResource.identifier_system == system,
+            FhirResource.identifier_value == value,
+        )
+    )
+
+
+async def save_resource(
+    session: AsyncSession,
+    resource: dict[str, Any],
+    *,
+    message_id: str | None,
+    patient_id: str | None,
+    profile: ProfileRef | None = None,
+) -> tuple[dict[str, Any], bool]:
+    """Insert ``resource`` or, when it exists, store it as a new version.
+
+    Sets ``meta.versionId`` and ``meta.lastUpdated`` on the stored copy (the input is not
+    modified) and writes a history row.
+
+    Returns:
+        ``(stored resource, changed)``: ``changed`` is False when the content equals the
+        current version (nothing written).
+    """
+    now = utcnow()
+    rtype, rid = resource["resourceType"], resource["id"]
+    row = await session.get(FhirResource, (rtype, rid))
+    stored = copy.deepcopy(resource)
+    meta = stored.setdefault("meta", {})
+    if row is not None:
+        if _content(row.resource) == _content(stored):
+            return row.resource, False
+        version = row.version_id + 1
+    else:
+        version = 1
+    meta["versionId"] = str(version)
+    meta["lastUpdated"] = to_fhir_instant(now)
+    ident = business_identifier(stored)
+    if row is None:
+        row = FhirResource(
+            resource_type=rtype,
+            id=rid,
+            version_id=version,
+            resource=stored,
+            identifier_system=ident[0] if ident else None,
+            identifier_value=ident[1] if ident else None,
+            patient_id=patient_id,
+            inbound_message_id=message_id,
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(row)
+    else:
+        row.version_id = version
+        row.resource = stored
+        row.inbound_message_id = message_id
+        row.updated_at = now
+    if profile is not None:
+        row.profile_id, row.profile_version, row.profile_hash = profile.id, profile.version, profile.content_hash
+    session.add(
+        FhirResourceVersion(
+            resource_type=rtype, id=rid, version_id=version, resource=stored,
+            inbound_message_id=message_id, recorded_at=now,
+        )
+    )
+    return stored, True
+
+
+def _content(resource: dict[str, Any]) -> dict[str, Any]:
+    out = dict(resource)
+    meta = dict(out.get("meta") or {})
+    meta.pop("versionId", None)
+    meta.pop("lastUpdated", None)
+    out["meta"] = meta
+    return out
+
+
+# --------------------------------------------------------------------------- patient keys
+
+
+async def patients_for_keys(session: AsyncSession, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """``(key_type, key_value) -> patient_id`` for the keys that are known."""
+    wanted = list(keys)
+    if not wanted:
+        return {}
+    rows = await session.scalars(
+        select(PatientKey).where(tuple_(PatientKey.key_type, PatientKey.key_value).in_(wanted))
+    )
+    return {(r.key_type, r.key_value): r.patient_id for r in rows}
+
+
+async def add_patient_keys(session: AsyncSession, patient_id: str, keys: Iterable[tuple[str, str]]) -> None:
+    """Register matching keys for ``patient_id``; keys already present are left alone.
+
+    A key that belongs to another patient stays with it (first come, first served).
+    """
+    wanted = set(keys)
+    known = await patients_for_keys(session, wanted)
+    for key_type, key_value in sorted(wanted - set(known)):
+        session.add(PatientKey(key_type=key_type, key_value=key_value, patient_id=patient_id))
+    await session.flush()
+
+
+def identifier_keys(resource: dict[str, Any]) -> list[tuple[str, str]]:
+    """``("identifier", "system|value")`` for each identifier of a Patient."""
+    return [
+        ("identifier", f"{i['system']}|{i['value']}")
+        for i in resource.get("identifier", [])
+        if i.get("system") and i.get("value")
+    ]

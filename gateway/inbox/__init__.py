@@ -1,0 +1,1 @@
+"""The durable inbox (every acknowledged message, stored raw) and the exceptions queue."""

@@ -1,0 +1,60 @@
+"""Response models of the ingest routes, and request-body documentation helpers."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+#: Request models documented in the OpenAPI components (bodies are read raw so that a
+#: rejected payload can be kept whole for review).
+DOCUMENTED_MODELS: list[type[BaseModel]] = []
+
+
+def document_body(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` declaring ``model`` as the JSON request body."""
+    DOCUMENTED_MODELS.append(model)
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+            },
+        }
+    }
+
+
+class ResourceRef(BaseModel):
+    """A resource the gateway wrote."""
+
+    resourceType: str  # noqa: N815 (FHIR element name)
+    id: str
+    reference: str
+
+
+class IngestAccepted(BaseModel):
+    """202 answer: what was created, the case, the deliveries, where to follow up."""
+
+    message_id: str
+    status: str
+    patient: dict[str, str] | None = None
+    resources: list[ResourceRef] = []
+    case: dict[str, Any] | None = None
+    deliveries: list[dict[str, Any]] = []
+    status_url: str | None = None
+    replayed: bool = False
+
+
+class MessageStatusOut(BaseModel):
+    """A message's processing status and its deliveries."""
+
+    message_id: str
+    channel: str
+    external_id: str
+    status: str
+    received_at: datetime
+    processed_at: datetime | None
+    revision: int
+    result: dict[str, Any] | None
+    deliveries: list[dict[str, Any]]

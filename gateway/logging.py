@@ -1,0 +1,45 @@
+"""structlog set-up: JSON lines on stdout, dotted event names, ids only.
+
+Never pass PHI (names, birth dates, phones, emails, addresses, answers), payloads, FHIR
+resources, HL7 segments, response bodies, ``str(httpx error)`` (it holds the URL) or
+``str(ValidationError)`` (it holds the input) to a logger. Log ids: ``message_id``,
+``delivery_id``, ``target``, ``resource_type``, ``attempt``, ``status_code``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def configure_logging(level: str = "info", *, json: bool = True) -> None:
+    """Configure structlog and the standard library root logger (uvicorn, alembic)."""
+    numeric = _LEVELS.get(level, logging.INFO)
+    processors: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+    ]
+    renderer: structlog.types.Processor = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[*processors, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=False,
+    )
+    logging.basicConfig(level=numeric, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+    # httpx logs full request URLs (with query strings) at INFO: keep it quiet.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    """A structlog logger named ``name``."""
+    return structlog.get_logger(name)  # type: ignore[no-any-return]

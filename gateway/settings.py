@@ -1,0 +1,109 @@
+"""Gateway settings, read once at start-up from ``GATEWAY_*`` environment variables.
+
+Built once (:func:`load_settings`) and passed down; nothing reads configuration at import
+time. Secrets are ``SecretStr`` and have no defaults. Durations are ``timedelta``
+(pydantic accepts seconds as a number, or ISO 8601 such as ``PT30S``).
+"""
+
+from __future__ import annotations
+
+import re
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: The profiles shipped with the source tree (``<repo>/profiles``).
+BUNDLED_PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+
+
+def normalize_database_url(url: str) -> str:
+    """Return ``url`` with an async driver: ``sqlite:`` -> ``sqlite+aiosqlite:``,
+    ``postgresql:``/``postgres:`` -> ``postgresql+psycopg:``. Other URLs are returned as is."""
+    if url.startswith("sqlite:"):
+        return "sqlite+aiosqlite:" + url[len("sqlite:") :]
+    for prefix in ("postgresql:", "postgres:"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg:" + url[len(prefix) :]
+    return url
+
+
+class Settings(BaseSettings):
+    """Every setting of the gateway. Environment variables are ``GATEWAY_<NAME>``.
+
+    A ``.env`` file in the working directory is read too (``make run`` writes one with a
+    generated development Stripe secret).
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    database_url: str = Field(
+        default="sqlite+aiosqlite:///./gateway.db",
+        description="SQLAlchemy URL. SQLite (embedded default) or postgresql+psycopg://...",
+    )
+    profiles_dir: Path = Field(default=BUNDLED_PROFILES_DIR, description="Mapping profiles root.")
+    identifier_base: str = Field(
+        default="https://fhir-gateway.example.org/sid",
+        description=(
+            "Base URI of the gateway's identifier systems (Identifier.system), e.g. "
+            "<base>/patient-id. Set it to a URI under a domain you own before production."
+        ),
+    )
+    public_base_url: str = Field(
+        default="http://127.0.0.1:8000",
+        description="How clients reach the gateway; used for status URLs and Location headers.",
+    )
+    organization_name: str = Field(
+        default="Telehealth operator",
+        description="The operator the gateway transmits for (Provenance.agent.onBehalfOf).",
+    )
+    stripe_webhook_secret: SecretStr | None = Field(
+        default=None, description="Stripe endpoint signing secret (whsec_...)."
+    )
+    stripe_tolerance: timedelta = Field(default=timedelta(seconds=300))
+    host: str = "127.0.0.1"
+    port: int = 8000
+    run_worker: bool = Field(
+        default=True, description="Run the delivery worker inside `serve` (embedded mode)."
+    )
+    max_body_bytes: int = Field(default=1_048_576, description="Largest accepted request body.")
+    worker_poll_interval: timedelta = Field(default=timedelta(milliseconds=500))
+    worker_batch_size: int = 20
+    worker_lease: timedelta = Field(
+        default=timedelta(seconds=60),
+        description="How long a claimed delivery stays locked before another worker may retry it.",
+    )
+    ehr_timeout: timedelta = Field(default=timedelta(seconds=20))
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool = True
+    secret_env_file: Path | None = Field(
+        default=None,
+        description="Optional dotenv file with target secrets (client_secret_env variables).",
+    )
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, value: str) -> str:
+        return normalize_database_url(value)
+
+    @field_validator("identifier_base", "public_base_url")
+    @classmethod
+    def _absolute_uri(cls, value: str) -> str:
+        if not re.match(r"^(https?://[^/\s]+|urn:[a-z0-9][a-z0-9-]*:\S+)", value, re.IGNORECASE):
+            raise ValueError("must be an absolute http(s) URL or a urn: URI")
+        return value.rstrip("/")
+
+    @property
+    def is_sqlite(self) -> bool:
+        """True for the embedded SQLite database."""
+        return self.database_url.startswith("sqlite")
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings from the environment, with keyword overrides (tests, CLI flags)."""
+    return Settings(**overrides)  # type: ignore[arg-type]
