@@ -1,0 +1,76 @@
+"""POST /v1/intake-submissions against a real database (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+from sqlalchemy import func, select
+
+from gateway.db.models import ExceptionRecord, FhirResource
+from gateway.runtime import Runtime
+from tests import samples
+from tests.conftest import ApiKeyFactory
+
+
+async def _count(runtime: Runtime, model: type, *where: object) -> int:
+    async with runtime.sessionmaker() as session:
+        return int(await session.scalar(select(func.count()).select_from(model).where(*where)) or 0)
+
+
+async def test_intake_creates_patient_response_and_provenance(
+    client: httpx.AsyncClient, make_api_key: ApiKeyFactory
+) -> None:
+    key = await make_api_key("intake:write", "fhir:read")
+    body = samples.intake()
+    r = await client.post("/v1/intake-submissions", json=body, headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 202, r.text
+    out = r.json()
+    types = sorted(x["resourceType"] for x in out["resources"])
+    assert types == ["Patient", "Provenance", "QuestionnaireResponse"]
+    assert out["case"]["state"] == "intake_received"
+    patient = (await client.get(f"/fhir/{out['patient']['reference']}", headers={"Authorization": f"Bearer {key}"})).json()
+    assert patient["telecom"][0]["value"] == "+14155552671"
+    assert patient["address"][0]["state"] == "CA"
+    assert patient["birthDate"] == "1988-04-12"
+    assert patient["name"][0]["given"] == ["Jordan"]
+
+
+async def test_same_submission_twice_creates_nothing_new(
+    client: httpx.AsyncClient, runtime: Runtime, make_api_key: ApiKeyFactory
+) -> None:
+    headers = {"Authorization": f"Bearer {await make_api_key('intake:write')}"}
+    body = json.dumps(samples.intake())
+    first = await client.post("/v1/intake-submissions", content=body, headers=headers)
+    before = await _count(runtime, FhirResource)
+    second = await client.post("/v1/intake-submissions", content=body, headers=headers)
+    assert second.status_code == 202
+    assert second.json()["replayed"] is True
+    assert second.json()["resources"] == first.json()["resources"]
+    assert await _count(runtime, FhirResource) == before
+
+
+async def test_invalid_intake_lists_every_problem_and_keeps_payload(
+    client: httpx.AsyncClient, runtime: Runtime, make_api_key: ApiKeyFactory
+) -> None:
+    headers = {"Authorization": f"Bearer {await make_api_key('intake:write')}"}
+    body = samples.intake()
+    body["patient"]["phone"] = "555-1234"
+    body["patient"]["address"]["state"] = "Texs"
+    body["patient"]["birth_date"] = "02/30/1990"
+    body["answers"]["favourite_colour"] = "blue"
+    del body["answers"]["weight_lb"]
+    r = await client.post("/v1/intake-submissions", json=body, headers=headers)
+    assert r.status_code == 422
+    assert r.headers["content-type"].startswith("application/problem+json")
+    fields = {e["field"]: e["code"] for e in r.json()["errors"]}
+    assert fields == {
+        "patient.phone": "invalid_phone",
+        "patient.address.state": "invalid_state",
+        "patient.birth_date": "invalid_date",
+        "answers.favourite_colour": "unknown_question",
+        "answers.weight_lb": "missing_answer",
+    }
+    assert await _count(runtime, FhirResource) == 0
+    assert await _count(runtime, ExceptionRecord, ExceptionRecord.kind == "rejected_input") == 1
+    assert "555-1234" not in r.text and "Texs" not in r.text
