@@ -89,13 +89,18 @@ class BodySizeLimitMiddleware:
     async def _too_large(self, scope: Scope, send: Send) -> None:
         exc = _too_large_error(self.max_bytes)
         path = scope.get("path", "")
-        response = operation_outcome_response(exc) if path.startswith("/fhir") else problem_response(exc, instance=path)
+        response = (
+            operation_outcome_response(exc)
+            if path.startswith("/fhir")
+            else problem_response(exc, instance=path)
+        )
         await response(scope, _noop_receive, send)
 
 
 def _too_large_error(limit: int) -> PayloadTooLargeError:
     return PayloadTooLargeError(
-        f"the body is larger than {limit} bytes", [Problem("", "payload_too_large", f"at most {limit} bytes")]
+        f"the body is larger than {limit} bytes",
+        [Problem("", "payload_too_large", f"at most {limit} bytes")],
     )
 
 
@@ -103,7 +108,9 @@ async def _noop_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
-def create_app(settings: Settings, *, runtime: Runtime | None = None, run_worker: bool | None = None) -> FastAPI:
+def create_app(
+    settings: Settings, *, runtime: Runtime | None = None, run_worker: bool | None = None
+) -> FastAPI:
     """Build the application.
 
     Args:
@@ -126,8 +133,12 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, run_worker
             worker = DeliveryWorker(rt)
             app.state.worker = worker
             task = asyncio.create_task(worker.run(stop))
-        log.info("gateway.started", database=rt.engine.dialect.name, worker=with_worker,
-                 targets=[t.name for t in rt.profiles.current.enabled_targets()])
+        log.info(
+            "gateway.started",
+            database=rt.engine.dialect.name,
+            worker=with_worker,
+            targets=[t.name for t in rt.profiles.current.enabled_targets()],
+        )
         try:
             yield
         finally:
@@ -160,7 +171,9 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, run_worker
         problems = []
         for err in exc.errors():
             loc = ".".join(str(p) for p in err.get("loc", ()))
-            problems.append(Problem(loc, str(err.get("type", "invalid")), str(err.get("msg", "invalid"))))
+            problems.append(
+                Problem(loc, str(err.get("type", "invalid")), str(err.get("msg", "invalid")))
+            )
         return _render(request, UnprocessableError("the request is not valid", problems))
 
     @app.exception_handler(StarletteHTTPException)
@@ -176,9 +189,15 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, run_worker
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # The message of an unexpected exception may hold PHI: log type and frames only.
-        log.error("request.failed", path=request.url.path, error_type=type(exc).__name__,
-                  frames="".join(traceback.format_tb(exc.__traceback__))[-4000:])
-        return _render(request, GatewayGeneralError("an unexpected error occurred; it has been logged"))
+        log.error(
+            "request.failed",
+            path=request.url.path,
+            error_type=type(exc).__name__,
+            frames="".join(traceback.format_tb(exc.__traceback__))[-4000:],
+        )
+        return _render(
+            request, GatewayGeneralError("an unexpected error occurred; it has been logged")
+        )
 
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.include_router(ingest_router)
@@ -196,22 +215,30 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, run_worker
         try:
             async with rt.engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
-        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        except Exception as exc:
             log.warning("readyz.database_unreachable", error_type=type(exc).__name__)
-            return JSONResponse({"status": "unavailable", "database": "unreachable"}, status_code=503)
+            return JSONResponse(
+                {"status": "unavailable", "database": "unreachable"}, status_code=503
+            )
         return JSONResponse({"status": "ok", "database": "ok"})
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
             return app.openapi_schema
-        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for model in DOCUMENTED_MODELS:
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(body.pop("$defs", {}))
             components[model.__name__] = body
         schema.setdefault("components", {})["securitySchemes"] = {
-            "apiKey": {"type": "http", "scheme": "bearer", "description": "API key from `fhir-gateway clients create`"}
+            "apiKey": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "API key from `fhir-gateway clients create`",
+            }
         }
         schema["security"] = [{"apiKey": []}]
         app.openapi_schema = schema

@@ -21,7 +21,9 @@ import typer
 
 from gateway.settings import BUNDLED_PROFILES_DIR, Settings, load_settings
 
-app = typer.Typer(help="fhir-gateway: FHIR R4 interoperability gateway for telehealth.", no_args_is_help=True)
+app = typer.Typer(
+    help="fhir-gateway: FHIR R4 interoperability gateway for telehealth.", no_args_is_help=True
+)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 clients_app = typer.Typer(help="API clients (keys and scopes).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
@@ -62,8 +64,12 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision")] 
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (GATEWAY_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (GATEWAY_PORT)")] = None,
-    worker: Annotated[bool | None, typer.Option("--worker/--no-worker", help="Run the delivery worker in-process")] = None,
-    migrate: Annotated[bool, typer.Option("--migrate/--no-migrate", help="Apply migrations first")] = True,
+    worker: Annotated[
+        bool | None, typer.Option("--worker/--no-worker", help="Run the delivery worker in-process")
+    ] = None,
+    migrate: Annotated[
+        bool, typer.Option("--migrate/--no-migrate", help="Apply migrations first")
+    ] = True,
 ) -> None:
     """Run the HTTP API (and, by default, the delivery worker) in one process."""
     import uvicorn
@@ -77,14 +83,21 @@ def serve(
         upgrade(settings.database_url)
     application = create_app(settings)
     uvicorn.run(
-        application, host=settings.host, port=settings.port, log_level=settings.log_level,
-        access_log=False, proxy_headers=False, ws="none",
+        application,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        proxy_headers=False,
+        ws="none",
     )
 
 
 @app.command("worker")
 def worker_cmd(
-    concurrency: Annotated[int, typer.Option(min=1, max=256, help="Deliveries in flight at once")] = 4,
+    concurrency: Annotated[
+        int, typer.Option(min=1, max=256, help="Deliveries in flight at once")
+    ] = 4,
 ) -> None:
     """Run the delivery worker alone (scale out: several on one PostgreSQL)."""
     from gateway.delivery.worker import DeliveryWorker
@@ -114,7 +127,9 @@ def worker_cmd(
 @clients_app.command("create")
 def clients_create(
     name: Annotated[str, typer.Argument(help="A unique client name, e.g. intake-app")],
-    scope: Annotated[list[str], typer.Option("--scope", "-s", help="Scope (repeat); see `clients scopes`")],
+    scope: Annotated[
+        list[str], typer.Option("--scope", "-s", help="Scope (repeat); see `clients scopes`")
+    ],
 ) -> None:
     """Create an API client and print its key once (only a hash is stored)."""
     from gateway.clients.service import UnknownScopeError, create_client
@@ -162,7 +177,9 @@ def clients_list() -> None:
         engine = make_engine(settings.database_url)
         try:
             async with make_sessionmaker(engine)() as session:
-                return list((await session.scalars(select(ApiClient).order_by(ApiClient.name))).all())
+                return list(
+                    (await session.scalars(select(ApiClient).order_by(ApiClient.name))).all()
+                )
         finally:
             await engine.dispose()
 
@@ -217,8 +234,12 @@ def stripe_signature_header(secret: str, payload: bytes, *, timestamp: int | Non
 
 @app.command()
 def demo(
-    url: Annotated[str, typer.Option(help="Base URL of a running gateway")] = "http://127.0.0.1:8000",
-    api_key: Annotated[str | None, typer.Option(help="API key; default: create a demo client in the database")] = None,
+    url: Annotated[
+        str, typer.Option(help="Base URL of a running gateway")
+    ] = "http://127.0.0.1:8000",
+    api_key: Annotated[
+        str | None, typer.Option(help="API key; default: create a demo client in the database")
+    ] = None,
 ) -> None:
     """Send the sample intake, a signed sample Stripe checkout and clinical events to a
     running gateway, then print the FHIR resources and the case it produced."""
@@ -255,20 +276,31 @@ def demo(
         session["metadata"]["patient_external_id"] = intake["patient"]["external_id"]
         session["customer_details"]["email"] = intake["patient"]["email"]
         if settings.stripe_webhook_secret is None:
-            typer.echo("GATEWAY_STRIPE_WEBHOOK_SECRET is not set: sending the canonical checkout instead")
+            typer.echo(
+                "GATEWAY_STRIPE_WEBHOOK_SECRET is not set: sending the canonical checkout instead"
+            )
             r = client.post("/v1/checkouts", json=_canonical_from_stripe(event), headers=headers)
         else:
             payload = json.dumps(event).encode()
-            signature = stripe_signature_header(settings.stripe_webhook_secret.get_secret_value(), payload)
-            r = client.post("/v1/webhooks/stripe", content=payload,
-                            headers={"Stripe-Signature": signature, "Content-Type": "application/json"})
+            signature = stripe_signature_header(
+                settings.stripe_webhook_secret.get_secret_value(), payload
+            )
+            r = client.post(
+                "/v1/webhooks/stripe",
+                content=payload,
+                headers={"Stripe-Signature": signature, "Content-Type": "application/json"},
+            )
         _show(r)
         if r.status_code < 300:
             refs += [x["reference"] for x in r.json().get("resources", [])]
         _step("3. clinical events from the EHR: provider assigned, decision approved")
-        for i, (etype, status) in enumerate([("provider_assigned", None), ("decision", "approved")]):
+        for i, (etype, status) in enumerate(
+            [("provider_assigned", None), ("decision", "approved")]
+        ):
             ev: dict[str, Any] = {
-                "event_id": f"demo-{run}-{i}", "source": "ehr", "type": etype,
+                "event_id": f"demo-{run}-{i}",
+                "source": "ehr",
+                "type": etype,
                 "occurred_at": f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(time.time() + i))}Z",
                 "patient": {"system": ident_system, "value": intake["patient"]["external_id"]},
             }
@@ -283,8 +315,11 @@ def demo(
         deadline = time.time() + 5
         cases: list[dict[str, Any]] = []
         while time.time() < deadline:
-            cases = client.get("/v1/cases", params={"patient": f"{ident_system}|{intake['patient']['external_id']}"},
-                               headers=headers).json()
+            cases = client.get(
+                "/v1/cases",
+                params={"patient": f"{ident_system}|{intake['patient']['external_id']}"},
+                headers=headers,
+            ).json()
             if cases and cases[0]["state"] == "approved":
                 break
             time.sleep(0.2)
@@ -333,4 +368,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
-

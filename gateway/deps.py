@@ -64,7 +64,9 @@ def require_scope(*scopes: str) -> Callable[..., Coroutine[Any, Any, Principal]]
         key = _bearer(request)
         challenge = {"WWW-Authenticate": 'Bearer realm="fhir-gateway"'}
         if key is None:
-            raise UnauthorizedError("an API key is required (Authorization: Bearer <key>)", headers=challenge)
+            raise UnauthorizedError(
+                "an API key is required (Authorization: Bearer <key>)", headers=challenge
+            )
         runtime: Runtime = request.app.state.runtime
         async with runtime.sessionmaker() as session:
             principal = await authenticate(session, key=key)

@@ -8,7 +8,6 @@ time. Secrets are ``SecretStr`` and have no defaults. Durations are ``timedelta`
 from __future__ import annotations
 
 import re
-
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal

@@ -119,7 +119,9 @@ def build_transaction_bundle(
             search = if_none_exist(stored, provenance_tag_system)
             if search:
                 request["ifNoneExist"] = search
-        entries.append({"fullUrl": f"urn:uuid:{stored['id']}", "resource": resource, "request": request})
+        entries.append(
+            {"fullUrl": f"urn:uuid:{stored['id']}", "resource": resource, "request": request}
+        )
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
@@ -157,10 +159,19 @@ def _rewrite_references(
 
 
 def _unresolved(
-    ref: Any, in_bundle: set[str], remote_ids: Mapping[str, str], outside: Mapping[str, tuple[str, str]]
+    ref: Any,
+    in_bundle: set[str],
+    remote_ids: Mapping[str, str],
+    outside: Mapping[str, tuple[str, str]],
 ) -> bool:
     value = ref.get("reference") if isinstance(ref, dict) else None
-    return isinstance(value, str) and bool(_REF.match(value)) and value not in in_bundle and value not in remote_ids and value not in outside
+    return (
+        isinstance(value, str)
+        and bool(_REF.match(value))
+        and value not in in_bundle
+        and value not in remote_ids
+        and value not in outside
+    )
 
 
 def parse_transaction_response(
@@ -201,7 +212,9 @@ def parse_transaction_response(
     return out
 
 
-_LOCATION = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-\.]{1,64})(?:/_history/([A-Za-z0-9\-\.]{1,64}))?/?$")
+_LOCATION = re.compile(
+    r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-\.]{1,64})(?:/_history/([A-Za-z0-9\-\.]{1,64}))?/?$"
+)
 
 
 def parse_location(location: Any, resource_type: str) -> tuple[str | None, str | None]:

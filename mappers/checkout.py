@@ -66,7 +66,9 @@ class CanonicalCheckout(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    checkout_id: str = Field(pattern=ID_PATTERN, description="The processor's checkout/session id; idempotency key.")
+    checkout_id: str = Field(
+        pattern=ID_PATTERN, description="The processor's checkout/session id; idempotency key."
+    )
     processor: str = Field(default="canonical", pattern=r"^[a-z0-9_-]{1,32}$")
     completed_at: AwareDatetime
     plan: str = Field(min_length=1, max_length=128)
@@ -79,7 +81,9 @@ class CanonicalCheckout(BaseModel):
     payment_status: PaymentStatus
 
 
-def parse_checkout(data: Any, find_plan: Callable[[str], Plan | None]) -> tuple[CanonicalCheckout, Plan]:
+def parse_checkout(
+    data: Any, find_plan: Callable[[str], Plan | None]
+) -> tuple[CanonicalCheckout, Plan]:
     """Validate a canonical checkout and find its plan.
 
     Raises:
@@ -207,7 +211,9 @@ def checkout_to_patient(
     c = checkout.customer
     identifiers = [{"system": systems.patient, "value": patient_id}]
     if checkout.patient_external_id:
-        identifiers.append({"system": systems.external_patient, "value": checkout.patient_external_id})
+        identifiers.append(
+            {"system": systems.external_patient, "value": checkout.patient_external_id}
+        )
     if checkout.customer_id and checkout.processor == "stripe":
         identifiers.append({"system": systems.stripe_customer, "value": checkout.customer_id})
     patient: dict[str, Any] = {
@@ -215,7 +221,9 @@ def checkout_to_patient(
         "id": patient_id,
         "meta": {"profile": [US_CORE_PATIENT]},
         "identifier": identifiers,
-        "name": [split_name(c.name)] if c.name else [
+        "name": [split_name(c.name)]
+        if c.name
+        else [
             # us-core-6: a name is required; without one, say why it is absent.
             {"extension": [_data_absent("unknown")]}
         ],
@@ -245,7 +253,10 @@ def checkout_to_patient(
 
 
 def _data_absent(reason: str) -> dict[str, str]:
-    return {"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": reason}
+    return {
+        "url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason",
+        "valueCode": reason,
+    }
 
 
 def checkout_to_medication_request(

@@ -96,7 +96,11 @@ class ProblemCollector:
             return func(*args, **kwargs)
         except MappingErrors as exc:
             for p in exc.problems:
-                loc = f"{location}.{p.location}" if p.location and location else (p.location or location)
+                loc = (
+                    f"{location}.{p.location}"
+                    if p.location and location
+                    else (p.location or location)
+                )
                 self.add(loc, p.code, p.message)
         except MappingError as exc:
             self.add(exc.location or location, exc.code, str(exc))

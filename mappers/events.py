@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from typing import Any
 
 from pydantic import AliasChoices, AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
@@ -32,7 +31,9 @@ class CanonicalEvent(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    event_id: str = Field(pattern=ID_PATTERN, description="The sender's id; dedupe key with source.")
+    event_id: str = Field(
+        pattern=ID_PATTERN, description="The sender's id; dedupe key with source."
+    )
     source: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$", examples=["ehr"])
     type: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$", examples=["decision"])
     status: str | None = Field(
@@ -57,5 +58,3 @@ def parse_canonical_event(data: Any) -> CanonicalEvent:
         return CanonicalEvent.model_validate(data)
     except ValidationError as exc:
         raise MappingErrors(pydantic_problems(exc)) from exc
-
-

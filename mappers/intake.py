@@ -115,7 +115,9 @@ class Attribution(_Contract):
 class IntakeSubmission(_Contract):
     """An intake submission: demographics, answers and consents for one form version."""
 
-    submission_id: str = Field(pattern=ID_PATTERN, description="Unique per submission; the idempotency key.")
+    submission_id: str = Field(
+        pattern=ID_PATTERN, description="Unique per submission; the idempotency key."
+    )
     form: FormRef
     submitted_at: AwareDatetime = Field(description="ISO 8601 with offset.")
     patient: IntakePatient
@@ -175,7 +177,11 @@ def parse_intake_submission(
     answers = data.get("answers") if isinstance(data, dict) else None
     profile: IntakeProfile | None = None
     items: list[dict[str, Any]] = []
-    if isinstance(form, dict) and isinstance(form.get("id"), str) and isinstance(form.get("version"), str):
+    if (
+        isinstance(form, dict)
+        and isinstance(form.get("id"), str)
+        and isinstance(form.get("version"), str)
+    ):
         profile = find_profile(form["id"], form["version"])
         if profile is None:
             problems.add("form", "unknown_form", "no intake profile for this form id and version")
@@ -184,12 +190,18 @@ def parse_intake_submission(
         elif isinstance(answers, dict):
             items = answers_to_items(answers, profile, problems)
             consents = data.get("consents") if isinstance(data, dict) else None
-            accepted = {
-                c.get("type") for c in consents or [] if isinstance(c, dict)
-            } if isinstance(consents, list) else set()
+            accepted = (
+                {c.get("type") for c in consents or [] if isinstance(c, dict)}
+                if isinstance(consents, list)
+                else set()
+            )
             for required in profile.required_consents:
                 if required not in accepted:
-                    problems.add("consents", "missing_consent", f"consent {required!r} is required by this form")
+                    problems.add(
+                        "consents",
+                        "missing_consent",
+                        f"consent {required!r} is required by this form",
+                    )
     problems.raise_if_any()
     assert submission is not None and profile is not None  # guaranteed when no problems
     return submission, profile, items
@@ -306,13 +318,17 @@ def answers_to_items(
     by_key = profile.items_by_key
     for key in answers:
         if key not in by_key:
-            problems.add(f"answers.{key}", "unknown_question", "this form has no question with this key")
+            problems.add(
+                f"answers.{key}", "unknown_question", "this form has no question with this key"
+            )
     items: list[dict[str, Any]] = []
     for item in profile.items:
         value = answers.get(item.key)
         if value is None or (isinstance(value, list | str) and not value):
             if item.required:
-                problems.add(f"answers.{item.key}", "missing_answer", "this question requires an answer")
+                problems.add(
+                    f"answers.{item.key}", "missing_answer", "this question requires an answer"
+                )
             continue
         if item.type == "multi_choice":
             values = value if isinstance(value, list) else [value]

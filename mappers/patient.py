@@ -15,7 +15,9 @@ Source = Literal["intake", "checkout"]
 _DEMOGRAPHICS = ("name", "gender", "birthDate", "address", "extension")
 
 
-def merge_patient(existing: dict[str, Any], incoming: dict[str, Any], *, source: Source) -> dict[str, Any]:
+def merge_patient(
+    existing: dict[str, Any], incoming: dict[str, Any], *, source: Source
+) -> dict[str, Any]:
     """Merge ``incoming`` (a Patient mapped from one message) into ``existing``.
 
     Args:

@@ -10,7 +10,9 @@ from mappers.identifiers import IdentifierSystems
 
 US_CORE_PROVENANCE = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-provenance"
 PARTICIPANT_TYPE = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
-US_CORE_PARTICIPANT_TYPE = "http://hl7.org/fhir/us/core/CodeSystem/us-core-provenance-participant-type"
+US_CORE_PARTICIPANT_TYPE = (
+    "http://hl7.org/fhir/us/core/CodeSystem/us-core-provenance-participant-type"
+)
 DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
 
 
@@ -54,7 +56,9 @@ def provenance_for(
     if author:
         agents.append(
             {
-                "type": {"coding": [{"system": PARTICIPANT_TYPE, "code": "author", "display": "Author"}]},
+                "type": {
+                    "coding": [{"system": PARTICIPANT_TYPE, "code": "author", "display": "Author"}]
+                },
                 "who": {"reference": author},
             }
         )
@@ -62,7 +66,11 @@ def provenance_for(
         {
             "type": {
                 "coding": [
-                    {"system": US_CORE_PARTICIPANT_TYPE, "code": "transmitter", "display": "Transmitter"}
+                    {
+                        "system": US_CORE_PARTICIPANT_TYPE,
+                        "code": "transmitter",
+                        "display": "Transmitter",
+                    }
                 ]
             },
             "who": {

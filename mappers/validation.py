@@ -48,9 +48,7 @@ OUTBOUND_RESOURCE_TYPES = frozenset(
 
 #: USPS state/territory/military codes (https://www.usps.com/, US Core us-core-usps-state).
 USPS_CODES = frozenset(
-    "AL AK AZ AR CA CO CT DE DC FL GA HI ID IL IN IA KS KY LA ME MD MA MI MN MS MO MT NE NV NH "
-    "NJ NM NY NC ND OH OK OR PA RI SC SD TN TX UT VT VA WA WV WI WY AS GU MP PR VI UM FM MH PW "
-    "AA AE AP".split()
+    ["AL", "AK", "AZ", "AR", "CA", "CO", "CT", "DE", "DC", "FL", "GA", "HI", "ID", "IL", "IN", "IA", "KS", "KY", "LA", "ME", "MD", "MA", "MI", "MN", "MS", "MO", "MT", "NE", "NV", "NH", "NJ", "NM", "NY", "NC", "ND", "OH", "OK", "OR", "PA", "RI", "SC", "SD", "TN", "TX", "UT", "VT", "VA", "WA", "WV", "WI", "WY", "AS", "GU", "MP", "PR", "VI", "UM", "FM", "MH", "PW", "AA", "AE", "AP"]
 )
 
 _ORDER_INTENTS = frozenset(
@@ -177,7 +175,9 @@ def resource_problems(resource: dict[str, Any]) -> list[Problem]:
     """
     rtype = resource.get("resourceType")
     if not isinstance(rtype, str) or rtype not in OUTBOUND_RESOURCE_TYPES:
-        return [Problem("resourceType", "unsupported_type", "not a resource type the gateway emits")]
+        return [
+            Problem("resourceType", "unsupported_type", "not a resource type the gateway emits")
+        ]
     cls = _model_class(rtype)
     if cls is None:
         return [Problem("resourceType", "unsupported_type", "unknown resource type")]

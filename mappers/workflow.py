@@ -64,7 +64,11 @@ def decide(
     """
     spec = workflow.events.get(event_type)
     if spec is None:
-        return Decision("rejected", reason="unknown_event", message=f"event type {event_type!r} is not in the workflow")
+        return Decision(
+            "rejected",
+            reason="unknown_event",
+            message=f"event type {event_type!r} is not in the workflow",
+        )
     if source not in spec.owners:
         return Decision(
             "rejected",
@@ -78,18 +82,26 @@ def decide(
             message=f"event {event_type!r} needs one of: {', '.join(spec.details)}",
         )
     if not spec.details and detail:
-        return Decision("rejected", reason="invalid_detail", message=f"event {event_type!r} takes no detail")
+        return Decision(
+            "rejected", reason="invalid_detail", message=f"event {event_type!r} takes no detail"
+        )
     key = event_key(event_type, detail)
     if state is None:
         initial = workflow.initial.get(key) or workflow.initial.get(event_type)
         if initial is None:
-            return Decision("rejected", reason="no_case", message="no open case and this event does not open one")
+            return Decision(
+                "rejected",
+                reason="no_case",
+                message="no open case and this event does not open one",
+            )
         return Decision("applied", to_state=initial)
     late = last_occurred_at is not None and occurred_at < last_occurred_at
     transition = _transition(workflow, key, event_type, state)
     if transition is None:
         if late:
-            return Decision("late", message="occurred before the case's latest event; no transition from here")
+            return Decision(
+                "late", message="occurred before the case's latest event; no transition from here"
+            )
         return Decision(
             "rejected",
             reason="transition_not_allowed",

@@ -66,7 +66,9 @@ def pg_template() -> Iterator[str]:
     upgrade(_pg_url_for(name))
     yield name
     with _admin() as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 def create_pg_database(template: str) -> str:
@@ -84,7 +86,9 @@ def create_pg_database(template: str) -> str:
 def drop_pg_database(name: str) -> None:
     """Drop a test database (closing leftover connections)."""
     with _admin() as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 @pytest.fixture(scope="session")
@@ -156,7 +160,9 @@ async def client(settings: Settings, runtime: Runtime) -> AsyncIterator[httpx.As
     app = create_app(settings, runtime=runtime, run_worker=False)
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway.test") as http,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gateway.test"
+        ) as http,
     ):
         yield http
 
@@ -170,7 +176,9 @@ def make_api_key(runtime: Runtime) -> ApiKeyFactory:
 
     async def make(*scopes: str, name: str | None = None) -> str:
         async with runtime.sessionmaker() as session:
-            _, key = await create_client(session, name=name or f"test-{uuid.uuid4().hex[:8]}", scopes=list(scopes))
+            _, key = await create_client(
+                session, name=name or f"test-{uuid.uuid4().hex[:8]}", scopes=list(scopes)
+            )
             await session.commit()
         return key
 

@@ -36,7 +36,12 @@ def canonical_checkout(**overrides: Any) -> dict[str, Any]:
             "name": "Jordan Rivera",
             "email": f"jordan.rivera+{tag}@example.com",
             "phone": "415-555-2671",
-            "address": {"line1": "100 Market St", "city": "San Francisco", "state": "CA", "postal_code": "94105"},
+            "address": {
+                "line1": "100 Market St",
+                "city": "San Francisco",
+                "state": "CA",
+                "postal_code": "94105",
+            },
         },
         "amount_total": 29900,
         "currency": "USD",
@@ -48,7 +53,9 @@ def canonical_checkout(**overrides: Any) -> dict[str, Any]:
 
 def stripe_event(**session_overrides: Any) -> dict[str, Any]:
     """A Stripe ``checkout.session.completed`` event with fresh ids."""
-    data: dict[str, Any] = json.loads((EXAMPLES / "stripe-checkout-session-completed.json").read_text())
+    data: dict[str, Any] = json.loads(
+        (EXAMPLES / "stripe-checkout-session-completed.json").read_text()
+    )
     tag = uuid.uuid4().hex[:8]
     data["id"] = f"evt_{tag}"
     session = data["data"]["object"]

@@ -57,7 +57,9 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-async def create_client(session: AsyncSession, *, name: str, scopes: list[str]) -> tuple[ApiClient, str]:
+async def create_client(
+    session: AsyncSession, *, name: str, scopes: list[str]
+) -> tuple[ApiClient, str]:
     """Create a client and return it with its new key (shown once, never stored).
 
     Raises:
@@ -65,7 +67,9 @@ async def create_client(session: AsyncSession, *, name: str, scopes: list[str]) 
     """
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown:
-        raise UnknownScopeError(f"unknown scope(s): {', '.join(unknown)}; known: {', '.join(SCOPES)}")
+        raise UnknownScopeError(
+            f"unknown scope(s): {', '.join(unknown)}; known: {', '.join(SCOPES)}"
+        )
     key_id = secrets.token_hex(6)
     key = f"fgw_{key_id}_{secrets.token_urlsafe(32)}"
     client = ApiClient(name=name, key_id=key_id, key_hash=hash_key(key), scopes=sorted(set(scopes)))

@@ -332,7 +332,9 @@ class CaseEvent(Base):
     outcome: Mapped[str] = mapped_column(String(16))
     note: Mapped[str | None] = mapped_column(Text)
 
-    __table_args__ = (UniqueConstraint("case_id", "source", "event_id", name="uq_case_events_dedupe"),)
+    __table_args__ = (
+        UniqueConstraint("case_id", "source", "event_id", name="uq_case_events_dedupe"),
+    )
 
 
 # --------------------------------------------------------------------------- review

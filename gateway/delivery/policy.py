@@ -29,7 +29,7 @@ class RetryDecision:
 def backoff_s(attempt: int, policy: RetryPolicy, *, rng: random.Random | None = None) -> float:
     """Full-jitter delay (seconds) after the ``attempt``-th failed attempt (1-based)."""
     ceiling = min(policy.max_delay_s, policy.base_delay_s * (2 ** max(0, attempt - 1)))
-    return (rng or random).uniform(0, ceiling)  # noqa: S311 - jitter, not security
+    return (rng or random).uniform(0, ceiling)
 
 
 def next_retry(

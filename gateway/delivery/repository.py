@@ -129,7 +129,9 @@ def add_attempt(
     )
 
 
-async def remote_ids_for(session: AsyncSession, *, target: str, refs: Sequence[str]) -> dict[str, str]:
+async def remote_ids_for(
+    session: AsyncSession, *, target: str, refs: Sequence[str]
+) -> dict[str, str]:
     """``"Type/<local id>" -> remote id`` for the refs this target already has."""
     if not refs:
         return {}
@@ -149,8 +151,14 @@ async def identifiers_for(session: AsyncSession, refs: Sequence[str]) -> dict[st
         return {}
     keys = [tuple(r.split("/", 1)) for r in refs]
     rows = await session.execute(
-        select(FhirResource.resource_type, FhirResource.id, FhirResource.identifier_system, FhirResource.identifier_value)
-        .where(or_(*[and_(FhirResource.resource_type == t, FhirResource.id == i) for t, i in keys]))
+        select(
+            FhirResource.resource_type,
+            FhirResource.id,
+            FhirResource.identifier_system,
+            FhirResource.identifier_value,
+        ).where(
+            or_(*[and_(FhirResource.resource_type == t, FhirResource.id == i) for t, i in keys])
+        )
     )
     return {f"{t}/{i}": (s, v) for t, i, s, v in rows if s and v}
 
@@ -171,8 +179,13 @@ async def save_remote_id(
     if row is None:
         session.add(
             RemoteId(
-                target=target, resource_type=resource_type, local_id=local_id, remote_id=remote_id,
-                remote_version=remote_version, delivered_version=delivered_version, updated_at=now,
+                target=target,
+                resource_type=resource_type,
+                local_id=local_id,
+                remote_id=remote_id,
+                remote_version=remote_version,
+                delivered_version=delivered_version,
+                updated_at=now,
             )
         )
     else:

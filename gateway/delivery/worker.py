@@ -30,7 +30,12 @@ from gateway.db.types import utcnow
 from gateway.delivery import repository as repo
 from gateway.delivery.policy import next_retry
 from gateway.ehr.client import EhrClient, outcome_summary
-from gateway.ehr.errors import EhrConfigError, EhrRejectedError, EhrUnavailableError, TokenUnavailableError
+from gateway.ehr.errors import (
+    EhrConfigError,
+    EhrRejectedError,
+    EhrUnavailableError,
+    TokenUnavailableError,
+)
 from gateway.events.service import sweep_pending
 from gateway.fhir import repository as fhir_repo
 from gateway.inbox.repository import new_exception
@@ -81,7 +86,9 @@ class DeliveryWorker:
         self.runtime = runtime
         self.concurrency = concurrency
         self.name = f"{runtime.instance_id}:worker"
-        self._http = http or httpx.AsyncClient(limits=httpx.Limits(max_connections=max(10, concurrency * 2)))
+        self._http = http or httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=max(10, concurrency * 2))
+        )
         self._own_http = http is None
         self._token_transport = token_transport
         self._clients: dict[str, tuple[EhrTargetProfile, EhrClient, TokenProvider]] = {}
@@ -109,7 +116,7 @@ class DeliveryWorker:
             try:
                 done = await self.run_once()
                 done += await sweep_pending(self.runtime)
-            except Exception:  # noqa: BLE001 - the loop must survive a database hiccup
+            except Exception:
                 log.exception("worker.loop_error", worker=self.name)
                 done = 0
             if done:
@@ -151,8 +158,10 @@ class DeliveryWorker:
             async with semaphore:
                 try:
                     await self.deliver(delivery)
-                except Exception:  # noqa: BLE001 - the lease returns the row to the queue
-                    log.exception("delivery.crashed", delivery_id=delivery.id, target=delivery.target)
+                except Exception:
+                    log.exception(
+                        "delivery.crashed", delivery_id=delivery.id, target=delivery.target
+                    )
 
         await asyncio.gather(*(one(d) for d in claimed))
         return len(claimed)
@@ -161,19 +170,31 @@ class DeliveryWorker:
         """Send one claimed delivery and record the outcome."""
         target = self.runtime.profiles.current.ehr.get(delivery.target)
         if target is None or not target.enabled:
-            await self._release(delivery, wait=CONFIG_ERROR_WAIT, error="target is not configured or disabled")
+            await self._release(
+                delivery, wait=CONFIG_ERROR_WAIT, error="target is not configured or disabled"
+            )
             return
         async with self.runtime.sessionmaker() as session:
             resources = await fhir_repo.get_resources(session, delivery.resource_refs)
             if len(resources) != len(delivery.resource_refs):
-                await self._dead(session, delivery, reason="missing_resources", error="stored resources are missing",
-                                 status_code=None, outcome=None, started_at=utcnow(), duration_ms=0)
+                await self._dead(
+                    session,
+                    delivery,
+                    reason="missing_resources",
+                    error="stored resources are missing",
+                    status_code=None,
+                    outcome=None,
+                    started_at=utcnow(),
+                    duration_ms=0,
+                )
                 await session.commit()
                 return
             referenced: set[str] = set()
             _references(resources, referenced)
             outside = sorted(referenced - set(delivery.resource_refs))
-            remote_ids = await repo.remote_ids_for(session, target=target.name, refs=[*delivery.resource_refs, *outside])
+            remote_ids = await repo.remote_ids_for(
+                session, target=target.name, refs=[*delivery.resource_refs, *outside]
+            )
             identifiers = await repo.identifiers_for(session, outside)
         bundle = build_transaction_bundle(
             resources,
@@ -203,27 +224,60 @@ class DeliveryWorker:
         except ValueError as exc:
             # 2xx without a usable transaction-response: the transaction may have been
             # applied; a retry is safe because every entry is conditional.
-            await self._retry(delivery, target, EhrUnavailableError(f"unusable transaction-response ({exc})"), started_at, t0)
+            await self._retry(
+                delivery,
+                target,
+                EhrUnavailableError(f"unusable transaction-response ({exc})"),
+                started_at,
+                t0,
+            )
             return
         duration_ms = int((time.perf_counter() - t0) * 1000)
         now = utcnow()
         async with self.runtime.sessionmaker() as session:
             for entry in entries:
                 if entry.remote_id:
-                    version = next((r.get("meta", {}).get("versionId") for r in resources
-                                    if r["resourceType"] == entry.resource_type and r["id"] == entry.local_id), None)
+                    version = next(
+                        (
+                            r.get("meta", {}).get("versionId")
+                            for r in resources
+                            if r["resourceType"] == entry.resource_type
+                            and r["id"] == entry.local_id
+                        ),
+                        None,
+                    )
                     await repo.save_remote_id(
-                        session, target=target.name, resource_type=entry.resource_type, local_id=entry.local_id,
-                        remote_id=entry.remote_id, remote_version=entry.remote_version,
-                        delivered_version=int(version) if version else None, now=now,
+                        session,
+                        target=target.name,
+                        resource_type=entry.resource_type,
+                        local_id=entry.local_id,
+                        remote_id=entry.remote_id,
+                        remote_version=entry.remote_version,
+                        delivered_version=int(version) if version else None,
+                        now=now,
                     )
             owned = await repo.finish(
-                session, delivery_id=delivery.id, worker=self.name,
-                values={"status": DeliveryStatus.DELIVERED, "delivered_at": now, "last_status_code": 200,
-                        "last_error": None, "operation_outcome": None},
+                session,
+                delivery_id=delivery.id,
+                worker=self.name,
+                values={
+                    "status": DeliveryStatus.DELIVERED,
+                    "delivered_at": now,
+                    "last_status_code": 200,
+                    "last_error": None,
+                    "operation_outcome": None,
+                },
             )
-            repo.add_attempt(session, delivery=delivery, worker=self.name, started_at=started_at,
-                             duration_ms=duration_ms, outcome="delivered", status_code=200, error=None)
+            repo.add_attempt(
+                session,
+                delivery=delivery,
+                worker=self.name,
+                started_at=started_at,
+                duration_ms=duration_ms,
+                outcome="delivered",
+                status_code=200,
+                error=None,
+            )
             if owned and delivery.inbound_message_id:
                 await apply_event(
                     session,
@@ -239,83 +293,204 @@ class DeliveryWorker:
                     ),
                 )
             await session.commit()
-        log.info("delivery.delivered", delivery_id=delivery.id, target=target.name, attempt=delivery.attempts,
-                 duration_ms=duration_ms, entries=len(entries))
+        log.info(
+            "delivery.delivered",
+            delivery_id=delivery.id,
+            target=target.name,
+            attempt=delivery.attempts,
+            duration_ms=duration_ms,
+            entries=len(entries),
+        )
 
     async def _release(self, delivery: Delivery, *, wait: timedelta, error: str) -> None:
         """Put a claimed row back without counting the attempt (nothing was sent)."""
         async with self.runtime.sessionmaker() as session:
             await repo.finish(
-                session, delivery_id=delivery.id, worker=self.name,
-                values={"status": DeliveryStatus.PENDING, "available_at": utcnow() + wait,
-                        "attempts": max(0, delivery.attempts - 1), "last_error": error[:500]},
+                session,
+                delivery_id=delivery.id,
+                worker=self.name,
+                values={
+                    "status": DeliveryStatus.PENDING,
+                    "available_at": utcnow() + wait,
+                    "attempts": max(0, delivery.attempts - 1),
+                    "last_error": error[:500],
+                },
             )
             await session.commit()
-        log.info("delivery.waiting", delivery_id=delivery.id, target=delivery.target, wait_s=wait.total_seconds())
+        log.info(
+            "delivery.waiting",
+            delivery_id=delivery.id,
+            target=delivery.target,
+            wait_s=wait.total_seconds(),
+        )
 
     async def _retry(
-        self, delivery: Delivery, target: EhrTargetProfile, exc: EhrUnavailableError, started_at: Any, t0: float
+        self,
+        delivery: Delivery,
+        target: EhrTargetProfile,
+        exc: EhrUnavailableError,
+        started_at: Any,
+        t0: float,
     ) -> None:
         duration_ms = int((time.perf_counter() - t0) * 1000)
         now = utcnow()
         decision = next_retry(
-            attempts=delivery.attempts, created_at=delivery.created_at, now=now, policy=target.retry,
+            attempts=delivery.attempts,
+            created_at=delivery.created_at,
+            now=now,
+            policy=target.retry,
             retry_after_s=exc.retry_after_s,
         )
         async with self.runtime.sessionmaker() as session:
             if decision.give_up:
-                await self._dead(session, delivery, reason=decision.give_up, error=str(exc), status_code=exc.status_code,
-                                 outcome=None, started_at=started_at, duration_ms=duration_ms, transient=True)
+                await self._dead(
+                    session,
+                    delivery,
+                    reason=decision.give_up,
+                    error=str(exc),
+                    status_code=exc.status_code,
+                    outcome=None,
+                    started_at=started_at,
+                    duration_ms=duration_ms,
+                    transient=True,
+                )
             else:
                 await repo.finish(
-                    session, delivery_id=delivery.id, worker=self.name,
-                    values={"status": DeliveryStatus.PENDING, "available_at": decision.retry_at,
-                            "last_error": str(exc)[:500], "last_status_code": exc.status_code},
+                    session,
+                    delivery_id=delivery.id,
+                    worker=self.name,
+                    values={
+                        "status": DeliveryStatus.PENDING,
+                        "available_at": decision.retry_at,
+                        "last_error": str(exc)[:500],
+                        "last_status_code": exc.status_code,
+                    },
                 )
-                repo.add_attempt(session, delivery=delivery, worker=self.name, started_at=started_at,
-                                 duration_ms=duration_ms, outcome="transient", status_code=exc.status_code,
-                                 error=str(exc)[:500])
+                repo.add_attempt(
+                    session,
+                    delivery=delivery,
+                    worker=self.name,
+                    started_at=started_at,
+                    duration_ms=duration_ms,
+                    outcome="transient",
+                    status_code=exc.status_code,
+                    error=str(exc)[:500],
+                )
             await session.commit()
-        log.info("delivery.attempt_failed", delivery_id=delivery.id, target=target.name, attempt=delivery.attempts,
-                 status_code=exc.status_code, gave_up=decision.give_up)
+        log.info(
+            "delivery.attempt_failed",
+            delivery_id=delivery.id,
+            target=target.name,
+            attempt=delivery.attempts,
+            status_code=exc.status_code,
+            gave_up=decision.give_up,
+        )
 
-    async def _rejected(self, delivery: Delivery, exc: EhrRejectedError, started_at: Any, t0: float) -> None:
+    async def _rejected(
+        self, delivery: Delivery, exc: EhrRejectedError, started_at: Any, t0: float
+    ) -> None:
         duration_ms = int((time.perf_counter() - t0) * 1000)
         async with self.runtime.sessionmaker() as session:
             if exc.status_code == 412:
                 await repo.finish(
-                    session, delivery_id=delivery.id, worker=self.name,
-                    values={"status": DeliveryStatus.REVIEW, "last_error": str(exc)[:500], "last_status_code": 412,
-                            "operation_outcome": exc.operation_outcome, "dead_reason": "multiple_matches"},
+                    session,
+                    delivery_id=delivery.id,
+                    worker=self.name,
+                    values={
+                        "status": DeliveryStatus.REVIEW,
+                        "last_error": str(exc)[:500],
+                        "last_status_code": 412,
+                        "operation_outcome": exc.operation_outcome,
+                        "dead_reason": "multiple_matches",
+                    },
                 )
-                repo.add_attempt(session, delivery=delivery, worker=self.name, started_at=started_at,
-                                 duration_ms=duration_ms, outcome="permanent", status_code=412, error=str(exc)[:500])
-                session.add(new_exception(
-                    kind="duplicate_match", channel="delivery", sender=delivery.target,
-                    message_id=delivery.inbound_message_id,
-                    problems=[Problem("delivery", "multiple_matches",
-                                      f"delivery {delivery.id}: the EHR has several resources matching a conditional create")],
-                ))
+                repo.add_attempt(
+                    session,
+                    delivery=delivery,
+                    worker=self.name,
+                    started_at=started_at,
+                    duration_ms=duration_ms,
+                    outcome="permanent",
+                    status_code=412,
+                    error=str(exc)[:500],
+                )
+                session.add(
+                    new_exception(
+                        kind="duplicate_match",
+                        channel="delivery",
+                        sender=delivery.target,
+                        message_id=delivery.inbound_message_id,
+                        problems=[
+                            Problem(
+                                "delivery",
+                                "multiple_matches",
+                                f"delivery {delivery.id}: the EHR has several resources matching a conditional create",
+                            )
+                        ],
+                    )
+                )
             else:
-                await self._dead(session, delivery, reason="rejected", error=str(exc), status_code=exc.status_code,
-                                 outcome=exc.operation_outcome, started_at=started_at, duration_ms=duration_ms)
+                await self._dead(
+                    session,
+                    delivery,
+                    reason="rejected",
+                    error=str(exc),
+                    status_code=exc.status_code,
+                    outcome=exc.operation_outcome,
+                    started_at=started_at,
+                    duration_ms=duration_ms,
+                )
             await session.commit()
-        log.info("delivery.rejected", delivery_id=delivery.id, target=delivery.target, status_code=exc.status_code,
-                 outcome=outcome_summary(exc.operation_outcome))
+        log.info(
+            "delivery.rejected",
+            delivery_id=delivery.id,
+            target=delivery.target,
+            status_code=exc.status_code,
+            outcome=outcome_summary(exc.operation_outcome),
+        )
 
     async def _dead(
-        self, session: Any, delivery: Delivery, *, reason: str, error: str, status_code: int | None,
-        outcome: dict[str, Any] | None, started_at: Any, duration_ms: int, transient: bool = False,
+        self,
+        session: Any,
+        delivery: Delivery,
+        *,
+        reason: str,
+        error: str,
+        status_code: int | None,
+        outcome: dict[str, Any] | None,
+        started_at: Any,
+        duration_ms: int,
+        transient: bool = False,
     ) -> None:
         await repo.finish(
-            session, delivery_id=delivery.id, worker=self.name,
-            values={"status": DeliveryStatus.DEAD, "dead_reason": reason, "last_error": error[:500],
-                    "last_status_code": status_code, "operation_outcome": outcome},
+            session,
+            delivery_id=delivery.id,
+            worker=self.name,
+            values={
+                "status": DeliveryStatus.DEAD,
+                "dead_reason": reason,
+                "last_error": error[:500],
+                "last_status_code": status_code,
+                "operation_outcome": outcome,
+            },
         )
-        repo.add_attempt(session, delivery=delivery, worker=self.name, started_at=started_at, duration_ms=duration_ms,
-                         outcome="transient" if transient else "permanent", status_code=status_code, error=error[:500])
-        log.warning("delivery.dead_lettered", delivery_id=delivery.id, target=delivery.target, reason=reason,
-                    status_code=status_code)
+        repo.add_attempt(
+            session,
+            delivery=delivery,
+            worker=self.name,
+            started_at=started_at,
+            duration_ms=duration_ms,
+            outcome="transient" if transient else "permanent",
+            status_code=status_code,
+            error=error[:500],
+        )
+        log.warning(
+            "delivery.dead_lettered",
+            delivery_id=delivery.id,
+            target=delivery.target,
+            reason=reason,
+            status_code=status_code,
+        )
 
     async def aclose(self) -> None:
         """Close HTTP clients."""

@@ -37,14 +37,19 @@ def outcome_summary(outcome: dict[str, Any] | None) -> str:
     if not outcome:
         return "no OperationOutcome"
     issues = outcome.get("issue") or []
-    return ", ".join(f"{i.get('severity', '?')}/{i.get('code', '?')}" for i in issues[:5]) or "empty OperationOutcome"
+    return (
+        ", ".join(f"{i.get('severity', '?')}/{i.get('code', '?')}" for i in issues[:5])
+        or "empty OperationOutcome"
+    )
 
 
 class EhrClient:
     """Sends FHIR requests to one target with its token; retries a 401 once with a fresh
     token (the token may have been revoked), never in a loop."""
 
-    def __init__(self, target: EhrTargetProfile, http: httpx.AsyncClient, tokens: TokenProvider) -> None:
+    def __init__(
+        self, target: EhrTargetProfile, http: httpx.AsyncClient, tokens: TokenProvider
+    ) -> None:
         self.target = target
         self.http = http
         self.tokens = tokens
@@ -60,9 +65,13 @@ class EhrClient:
         try:
             body = response.json()
         except ValueError as exc:
-            raise EhrUnavailableError("the EHR answered 2xx without JSON", status_code=response.status_code) from exc
+            raise EhrUnavailableError(
+                "the EHR answered 2xx without JSON", status_code=response.status_code
+            ) from exc
         if not isinstance(body, dict):
-            raise EhrUnavailableError("the EHR answered 2xx with unexpected JSON", status_code=response.status_code)
+            raise EhrUnavailableError(
+                "the EHR answered 2xx with unexpected JSON", status_code=response.status_code
+            )
         return body
 
     async def read(self, resource_type: str, resource_id: str) -> dict[str, Any]:
@@ -87,14 +96,18 @@ class EhrClient:
                     method, url, json=json, headers=headers, timeout=self.target.timeout_s
                 )
             except httpx.TimeoutException as exc:
-                raise EhrUnavailableError(f"timeout after {self.target.timeout_s:g}s ({type(exc).__name__})") from exc
+                raise EhrUnavailableError(
+                    f"timeout after {self.target.timeout_s:g}s ({type(exc).__name__})"
+                ) from exc
             except httpx.TransportError as exc:
                 raise EhrUnavailableError(f"transport error ({type(exc).__name__})") from exc
             if response.status_code == 401 and token and attempt == 1:
                 await self.tokens.invalidate(token)
                 continue
             return self._check(response)
-        raise EhrRejectedError("401 again with a fresh token", status_code=401, operation_outcome=None)
+        raise EhrRejectedError(
+            "401 again with a fresh token", status_code=401, operation_outcome=None
+        )
 
     @staticmethod
     def _check(response: httpx.Response) -> httpx.Response:
@@ -109,5 +122,7 @@ class EhrClient:
             )
         outcome = _operation_outcome(response)
         raise EhrRejectedError(
-            f"EHR answered {status} ({outcome_summary(outcome)})", status_code=status, operation_outcome=outcome
+            f"EHR answered {status} ({outcome_summary(outcome)})",
+            status_code=status,
+            operation_outcome=outcome,
         )

@@ -32,7 +32,9 @@ class EhrError(Exception):
 class EhrUnavailableError(EhrError):
     """Retryable: the EHR (or its token endpoint) is down, slow or throttling."""
 
-    def __init__(self, message: str, *, status_code: int | None = None, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, status_code: int | None = None, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message, status_code=status_code)
         self.retry_after_s = retry_after_s
 
@@ -44,7 +46,9 @@ class TokenUnavailableError(EhrUnavailableError):
 class EhrRejectedError(EhrError):
     """Permanent: the EHR refused the content (4xx); retrying would fail again."""
 
-    def __init__(self, message: str, *, status_code: int, operation_outcome: dict[str, Any] | None) -> None:
+    def __init__(
+        self, message: str, *, status_code: int, operation_outcome: dict[str, Any] | None
+    ) -> None:
         super().__init__(message, status_code=status_code)
         self.operation_outcome = operation_outcome
 

@@ -37,8 +37,15 @@ async def post_event(
     raw = await request.body()
     content_type = _content_type(request)
     outcome = await _run_guarded(
-        request, session, runtime, channel="events", sender=principal.name, raw=raw,
-        call=lambda: service.receive_event(session, runtime, raw=raw, content_type=content_type, actor=principal.name),
+        request,
+        session,
+        runtime,
+        channel="events",
+        sender=principal.name,
+        raw=raw,
+        call=lambda: service.receive_event(
+            session, runtime, raw=raw, content_type=content_type, actor=principal.name
+        ),
     )
     if outcome.message_id and not outcome.body.get("duplicate"):
         background.add_task(service.process_message_by_id, runtime, outcome.message_id)

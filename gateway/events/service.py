@@ -48,7 +48,11 @@ async def receive_event(
     if existing is not None:
         return Outcome(202, {**(existing.response or {}), "duplicate": True}, existing.id)
     message = inbox.new_message(
-        channel="events", sender=event.source, external_id=event.event_id, body=raw, content_type=content_type
+        channel="events",
+        sender=event.source,
+        external_id=event.event_id,
+        body=raw,
+        content_type=content_type,
     )
     message.response = {
         "message_id": message.id,
@@ -58,7 +62,13 @@ async def receive_event(
     }
     session.add(message)
     await session.flush()
-    log.info("events.received", message_id=message.id, source=event.source, event_type=event.type, actor=actor)
+    log.info(
+        "events.received",
+        message_id=message.id,
+        source=event.source,
+        event_type=event.type,
+        actor=actor,
+    )
     return Outcome(202, message.response, message.id)
 
 
@@ -84,7 +94,11 @@ async def process_message(session: AsyncSession, runtime: Runtime, message: Inbo
                 sender=message.sender,
                 message_id=message.id,
                 problems=[
-                    Problem("patient", "unmatched_patient", "no patient has this identifier (tried: identifier system|value)")
+                    Problem(
+                        "patient",
+                        "unmatched_patient",
+                        "no patient has this identifier (tried: identifier system|value)",
+                    )
                 ],
             )
         )
@@ -105,8 +119,17 @@ async def process_message(session: AsyncSession, runtime: Runtime, message: Inbo
             message_id=message.id,
         ),
     )
-    message.status = MessageStatus.FAILED if result.outcome in ("rejected", "no_case") else MessageStatus.PROCESSED
-    message.response = {**(message.response or {}), "status": "processed", "outcome": result.outcome, "case_id": result.case_id}
+    message.status = (
+        MessageStatus.FAILED
+        if result.outcome in ("rejected", "no_case")
+        else MessageStatus.PROCESSED
+    )
+    message.response = {
+        **(message.response or {}),
+        "status": "processed",
+        "outcome": result.outcome,
+        "case_id": result.case_id,
+    }
 
 
 async def process_message_by_id(runtime: Runtime, message_id: str) -> None:
@@ -132,7 +155,10 @@ async def sweep_pending(runtime: Runtime, *, limit: int = 100) -> int:
     async with runtime.sessionmaker() as session:
         stmt = (
             select(InboundMessage)
-            .where(InboundMessage.status == MessageStatus.RECEIVED, InboundMessage.channel.in_(EVENT_CHANNELS))
+            .where(
+                InboundMessage.status == MessageStatus.RECEIVED,
+                InboundMessage.channel.in_(EVENT_CHANNELS),
+            )
             .order_by(InboundMessage.received_at)
             .limit(limit)
         )
@@ -143,14 +169,22 @@ async def sweep_pending(runtime: Runtime, *, limit: int = 100) -> int:
             try:
                 async with session.begin_nested():
                     await process_message(session, runtime, message)
-            except Exception:  # noqa: BLE001 - one bad message must not stop the sweep
+            except Exception:
                 log.exception("events.process_failed", message_id=message.id)
                 message.status = MessageStatus.FAILED
                 session.add(
                     inbox.new_exception(
-                        kind="processing_error", channel=message.channel, sender=message.sender,
+                        kind="processing_error",
+                        channel=message.channel,
+                        sender=message.sender,
                         message_id=message.id,
-                        problems=[Problem("", "processing_error", "the event could not be applied; see the logs")],
+                        problems=[
+                            Problem(
+                                "",
+                                "processing_error",
+                                "the event could not be applied; see the logs",
+                            )
+                        ],
                     )
                 )
             done += 1

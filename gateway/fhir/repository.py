@@ -26,7 +26,9 @@ class ProfileRef:
     content_hash: str
 
 
-async def get_resource(session: AsyncSession, resource_type: str, resource_id: str) -> FhirResource | None:
+async def get_resource(
+    session: AsyncSession, resource_type: str, resource_id: str
+) -> FhirResource | None:
     """The stored resource, or None."""
     return await session.get(FhirResource, (resource_type, resource_id))
 
@@ -108,11 +110,19 @@ async def save_resource(
         row.inbound_message_id = message_id
         row.updated_at = now
     if profile is not None:
-        row.profile_id, row.profile_version, row.profile_hash = profile.id, profile.version, profile.content_hash
+        row.profile_id, row.profile_version, row.profile_hash = (
+            profile.id,
+            profile.version,
+            profile.content_hash,
+        )
     session.add(
         FhirResourceVersion(
-            resource_type=rtype, id=rid, version_id=version, resource=stored,
-            inbound_message_id=message_id, recorded_at=now,
+            resource_type=rtype,
+            id=rid,
+            version_id=version,
+            resource=stored,
+            inbound_message_id=message_id,
+            recorded_at=now,
         )
     )
     return stored, True
@@ -130,7 +140,9 @@ def _content(resource: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- patient keys
 
 
-async def patients_for_keys(session: AsyncSession, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str]:
+async def patients_for_keys(
+    session: AsyncSession, keys: Iterable[tuple[str, str]]
+) -> dict[tuple[str, str], str]:
     """``(key_type, key_value) -> patient_id`` for the keys that are known."""
     wanted = list(keys)
     if not wanted:
@@ -141,7 +153,9 @@ async def patients_for_keys(session: AsyncSession, keys: Iterable[tuple[str, str
     return {(r.key_type, r.key_value): r.patient_id for r in rows}
 
 
-async def add_patient_keys(session: AsyncSession, patient_id: str, keys: Iterable[tuple[str, str]]) -> None:
+async def add_patient_keys(
+    session: AsyncSession, patient_id: str, keys: Iterable[tuple[str, str]]
+) -> None:
     """Register matching keys for ``patient_id``; keys already present are left alone.
 
     A key that belongs to another patient stays with it (first come, first served).

@@ -82,4 +82,6 @@ def new_exception(
 
 def problems_from(records: list[dict[str, Any]]) -> list[Problem]:
     """Problems back from their stored dicts."""
-    return [Problem(r.get("location", ""), r.get("code", ""), r.get("message", "")) for r in records]
+    return [
+        Problem(r.get("location", ""), r.get("code", ""), r.get("message", "")) for r in records
+    ]

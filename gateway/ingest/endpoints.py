@@ -23,9 +23,9 @@ from gateway.errors import (
     ServiceUnavailableError,
     UnsupportedMediaTypeError,
 )
+from gateway.inbox import repository as inbox
 from gateway.ingest import service
 from gateway.ingest.schemas import IngestAccepted, MessageStatusOut, document_body
-from gateway.inbox import repository as inbox
 from gateway.logging import get_logger
 from gateway.runtime import Runtime
 from mappers.checkout import CanonicalCheckout
@@ -71,7 +71,11 @@ async def _run_guarded(
             await session.rollback()
             if exc.status in (400, 409, 413, 415, 422):
                 await service.record_rejection(
-                    runtime, channel=channel, sender=sender, error=exc, payload=raw,
+                    runtime,
+                    channel=channel,
+                    sender=sender,
+                    error=exc,
+                    payload=raw,
                     content_type=request.headers.get("content-type"),
                 )
             raise
@@ -100,13 +104,21 @@ async def submit_intake(
     raw = await request.body()
     content_type = _content_type(request)
     outcome = await _run_guarded(
-        request, session, runtime, channel="intake", sender=principal.name, raw=raw,
+        request,
+        session,
+        runtime,
+        channel="intake",
+        sender=principal.name,
+        raw=raw,
         call=lambda: service.submit_intake(
             session, runtime, raw=raw, content_type=content_type, actor=principal.name
         ),
     )
-    return JSONResponse(outcome.body, status_code=outcome.status_code,
-                        headers={"Location": outcome.body.get("status_url", "")})
+    return JSONResponse(
+        outcome.body,
+        status_code=outcome.status_code,
+        headers={"Location": outcome.body.get("status_url", "")},
+    )
 
 
 @router.post(
@@ -135,11 +147,20 @@ async def submit_checkout(
         processor = data.get("processor") if isinstance(data.get("processor"), str) else "canonical"
         external_id = data.get("checkout_id") if isinstance(data.get("checkout_id"), str) else ""
         return await service.submit_checkout(
-            session, runtime, data=data, raw=raw, content_type=content_type, channel="checkout",
-            sender=processor, external_id=external_id, actor=principal.name,
+            session,
+            runtime,
+            data=data,
+            raw=raw,
+            content_type=content_type,
+            channel="checkout",
+            sender=processor,
+            external_id=external_id,
+            actor=principal.name,
         )
 
-    outcome = await _run_guarded(request, session, runtime, channel="checkout", sender=principal.name, raw=raw, call=call)
+    outcome = await _run_guarded(
+        request, session, runtime, channel="checkout", sender=principal.name, raw=raw, call=call
+    )
     return JSONResponse(outcome.body, status_code=outcome.status_code)
 
 
@@ -164,34 +185,53 @@ async def stripe_webhook(
     """
     secret = runtime.settings.stripe_webhook_secret
     if secret is None:
-        raise ServiceUnavailableError("Stripe webhooks are not configured (GATEWAY_STRIPE_WEBHOOK_SECRET)")
+        raise ServiceUnavailableError(
+            "Stripe webhooks are not configured (GATEWAY_STRIPE_WEBHOOK_SECRET)"
+        )
     raw = await request.body()
     if not stripe_signature:
         raise BadRequestError(
             "missing Stripe-Signature header",
-            [Problem("Stripe-Signature", "missing_signature", "the Stripe-Signature header is required")],
+            [
+                Problem(
+                    "Stripe-Signature",
+                    "missing_signature",
+                    "the Stripe-Signature header is required",
+                )
+            ],
         )
     try:
         event = stripe.Webhook.construct_event(
-            raw, stripe_signature, secret.get_secret_value(),
+            raw,
+            stripe_signature,
+            secret.get_secret_value(),
             tolerance=int(runtime.settings.stripe_tolerance.total_seconds()),
         )
     except stripe.SignatureVerificationError as exc:
         log.info("stripe.bad_signature")
         raise BadRequestError(
             "the Stripe signature does not verify",
-            [Problem("Stripe-Signature", "invalid_signature",
-                     "no v1 signature matches, or the timestamp is outside the tolerance")],
+            [
+                Problem(
+                    "Stripe-Signature",
+                    "invalid_signature",
+                    "no v1 signature matches, or the timestamp is outside the tolerance",
+                )
+            ],
         ) from exc
     except ValueError as exc:
         raise BadRequestError(
-            "the body is not valid JSON", [Problem("", "invalid_json", "the event is not valid JSON")]
+            "the body is not valid JSON",
+            [Problem("", "invalid_json", "the event is not valid JSON")],
         ) from exc
     payload: dict[str, Any] = event.to_dict() if hasattr(event, "to_dict") else dict(event)
     for attempt in (1, 2):
         try:
             outcome, _problems = await service.receive_stripe_event(
-                session, runtime, event=payload, raw=raw,
+                session,
+                runtime,
+                event=payload,
+                raw=raw,
                 content_type=request.headers.get("content-type", "application/json"),
             )
             return JSONResponse(outcome.body, status_code=outcome.status_code)
@@ -210,7 +250,10 @@ async def stripe_webhook(
 async def message_status(
     message_id: str,
     session: SessionDep,
-    principal: Annotated[Principal, Depends(require_scope("intake:write", "checkout:write", "events:write", "ops:read"))],
+    principal: Annotated[
+        Principal,
+        Depends(require_scope("intake:write", "checkout:write", "events:write", "ops:read")),
+    ],
 ) -> MessageStatusOut:
     """Where a message is: processed or not, and each EHR delivery's status (ids and
     statuses only, no PHI)."""
@@ -218,7 +261,9 @@ async def message_status(
     if message is None:
         raise NotFoundError("no such message")
     deliveries = (
-        await session.scalars(select(Delivery).where(Delivery.inbound_message_id == message_id).order_by(Delivery.id))
+        await session.scalars(
+            select(Delivery).where(Delivery.inbound_message_id == message_id).order_by(Delivery.id)
+        )
     ).all()
     return MessageStatusOut(
         message_id=message.id,

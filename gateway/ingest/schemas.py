@@ -28,7 +28,7 @@ def document_body(model: type[BaseModel]) -> dict[str, Any]:
 class ResourceRef(BaseModel):
     """A resource the gateway wrote."""
 
-    resourceType: str  # noqa: N815 (FHIR element name)
+    resourceType: str
     id: str
     reference: str
 

@@ -74,7 +74,8 @@ def decode_json_object(raw: bytes) -> dict[str, Any]:
         data = json.loads(raw)
     except UnicodeDecodeError as exc:
         raise BadRequestError(
-            "the body is not UTF-8", [Problem("", "invalid_encoding", "the body must be UTF-8 JSON")]
+            "the body is not UTF-8",
+            [Problem("", "invalid_encoding", "the body must be UTF-8 JSON")],
         ) from exc
     except json.JSONDecodeError as exc:
         raise BadRequestError(
@@ -82,7 +83,9 @@ def decode_json_object(raw: bytes) -> dict[str, Any]:
             [Problem("", "invalid_json", f"{exc.msg} at line {exc.lineno} column {exc.colno}")],
         ) from exc
     if not isinstance(data, dict):
-        raise UnprocessableError("the body must be a JSON object", [Problem("", "type_error", "expected a JSON object")])
+        raise UnprocessableError(
+            "the body must be a JSON object", [Problem("", "type_error", "expected a JSON object")]
+        )
     return data
 
 
@@ -113,7 +116,13 @@ async def record_rejection(
         )
         session.add(record)
         await session.commit()
-    log.info("ingest.rejected", channel=channel, exception_id=record.id, status_code=error.status, problems=len(problems))
+    log.info(
+        "ingest.rejected",
+        channel=channel,
+        exception_id=record.id,
+        status_code=error.status,
+        problems=len(problems),
+    )
     return record.id
 
 
@@ -164,7 +173,9 @@ class MappedMessage:
     kind: str
 
 
-async def store_mapped(session: AsyncSession, runtime: Runtime, mapped: MappedMessage) -> dict[str, Any]:
+async def store_mapped(
+    session: AsyncSession, runtime: Runtime, mapped: MappedMessage
+) -> dict[str, Any]:
     """Validate and store a mapped message with its Provenance, outbox rows, case event
     and audit entries. Flushes; the request dependency commits.
 
@@ -178,7 +189,9 @@ async def store_mapped(session: AsyncSession, runtime: Runtime, mapped: MappedMe
     changed_refs: list[str] = []
     provenance_id = str(uuid.uuid4())
     existed = {
-        f"{r['resourceType']}/{r['id']}": await fhir_repo.get_resource(session, r["resourceType"], r["id"])
+        f"{r['resourceType']}/{r['id']}": await fhir_repo.get_resource(
+            session, r["resourceType"], r["id"]
+        )
         for r in written
     }
     profile_tag = (
@@ -207,7 +220,11 @@ async def store_mapped(session: AsyncSession, runtime: Runtime, mapped: MappedMe
 
     for resource in written:
         _, changed = await fhir_repo.save_resource(
-            session, resource, message_id=mapped.message.id, patient_id=mapped.patient_id, profile=mapped.profile
+            session,
+            resource,
+            message_id=mapped.message.id,
+            patient_id=mapped.patient_id,
+            profile=mapped.profile,
         )
         ref = f"{resource['resourceType']}/{resource['id']}"
         if changed:
@@ -225,16 +242,27 @@ async def store_mapped(session: AsyncSession, runtime: Runtime, mapped: MappedMe
     if changed_refs:
         provenance["target"] = [{"reference": r} for r in changed_refs]
         await fhir_repo.save_resource(
-            session, provenance, message_id=mapped.message.id, patient_id=mapped.patient_id, profile=mapped.profile
+            session,
+            provenance,
+            message_id=mapped.message.id,
+            patient_id=mapped.patient_id,
+            profile=mapped.profile,
         )
         session.add(
-            AuditEntry(actor=mapped.actor, action="create", entity_type="Provenance", entity_id=provenance_id,
-                       detail={"message_id": mapped.message.id})
+            AuditEntry(
+                actor=mapped.actor,
+                action="create",
+                entity_type="Provenance",
+                entity_id=provenance_id,
+                detail={"message_id": mapped.message.id},
+            )
         )
         # The Patient always travels with its resources so references resolve.
-        refs = [f"Patient/{mapped.patient_id}"] + [
-            r for r in changed_refs if not r.startswith("Patient/")
-        ] + [f"Provenance/{provenance_id}"]
+        refs = (
+            [f"Patient/{mapped.patient_id}"]
+            + [r for r in changed_refs if not r.startswith("Patient/")]
+            + [f"Provenance/{provenance_id}"]
+        )
         deliveries = enqueue_ehr_deliveries(
             session,
             runtime.profiles.current.enabled_targets(),
@@ -264,7 +292,9 @@ async def store_mapped(session: AsyncSession, runtime: Runtime, mapped: MappedMe
             {"resourceType": r.split("/")[0], "id": r.split("/")[1], "reference": r}
             for r in [*changed_refs, *([f"Provenance/{provenance_id}"] if changed_refs else [])]
         ],
-        "case": {"id": case_result.case_id, "state": case_result.to_state} if case_result and case_result.case_id else None,
+        "case": {"id": case_result.case_id, "state": case_result.to_state}
+        if case_result and case_result.case_id
+        else None,
         "deliveries": [{"id": d.id, "target": d.target} for d in deliveries],
         "status_url": f"{settings.public_base_url}/v1/messages/{mapped.message.id}",
     }
@@ -295,7 +325,11 @@ async def submit_intake(
     existing = None
     if isinstance(sid, str):
         existing = await inbox.get_message_by_key(session, inbox.dedupe_key("intake", "", sid))
-        if existing is not None and existing.content_hash == inbox.content_hash(raw) and existing.response:
+        if (
+            existing is not None
+            and existing.content_hash == inbox.content_hash(raw)
+            and existing.response
+        ):
             return Outcome(202, {**existing.response, "replayed": True}, existing.id)
     profiles = runtime.profiles.current
     try:
@@ -311,8 +345,14 @@ async def submit_intake(
     keys.append(("email", submission.patient.email))
     match = await match_patient(session, keys)
 
-    message = _message_for(existing, channel="intake", sender="", external_id=submission.submission_id,
-                           raw=raw, content_type=content_type)
+    message = _message_for(
+        existing,
+        channel="intake",
+        sender="",
+        external_id=submission.submission_id,
+        raw=raw,
+        content_type=content_type,
+    )
     session.add(message)
     await session.flush()
 
@@ -334,7 +374,13 @@ async def submit_intake(
     if qr_row is not None and qr_row.patient_id != match.patient_id:
         raise ConflictError(
             "this submission_id already belongs to another patient",
-            [Problem("submission_id", "submission_patient_changed", "a correction must keep the same patient")],
+            [
+                Problem(
+                    "submission_id",
+                    "submission_patient_changed",
+                    "a correction must keep the same patient",
+                )
+            ],
         )
     keys.extend(fhir_repo.identifier_keys(patient))
     _conflicts_to_exceptions(session, match, message, "intake")
@@ -345,11 +391,15 @@ async def submit_intake(
             message=message,
             patient_id=match.patient_id,
             resources=[patient, qr],
-            profile=_profile_ref(runtime, f"intake/{profile.id}/{profile.version}", profile.id, profile.version),
+            profile=_profile_ref(
+                runtime, f"intake/{profile.id}/{profile.version}", profile.id, profile.version
+            ),
             keys=keys,
             event=EventInput(
                 source="intake",
-                event_id=submission.submission_id if existing is None else f"{submission.submission_id}#r{message.revision}",
+                event_id=submission.submission_id
+                if existing is None
+                else f"{submission.submission_id}#r{message.revision}",
                 type="intake_submitted",
                 detail=None,
                 occurred_at=submission.submitted_at,
@@ -361,7 +411,11 @@ async def submit_intake(
             kind="intake",
         ),
     )
-    body = {"submission_id": submission.submission_id, "status": "amended" if qr_row else "accepted", **body}
+    body = {
+        "submission_id": submission.submission_id,
+        "status": "amended" if qr_row else "accepted",
+        **body,
+    }
     message.status = MessageStatus.PROCESSED
     message.processed_at = utcnow()
     message.response = body
@@ -369,13 +423,23 @@ async def submit_intake(
 
 
 def _message_for(
-    existing: InboundMessage | None, *, channel: str, sender: str, external_id: str, raw: bytes, content_type: str
+    existing: InboundMessage | None,
+    *,
+    channel: str,
+    sender: str,
+    external_id: str,
+    raw: bytes,
+    content_type: str,
 ) -> InboundMessage:
     """The inbox row for a message; a correction replaces the content of the existing row
     (its earlier versions stay in the resources' history) and counts a new revision."""
     if existing is None:
         return inbox.new_message(
-            channel=channel, sender=sender, external_id=external_id, body=raw, content_type=content_type,
+            channel=channel,
+            sender=sender,
+            external_id=external_id,
+            body=raw,
+            content_type=content_type,
         )
     existing.body = raw
     existing.content_hash = inbox.content_hash(raw)
@@ -386,7 +450,9 @@ def _message_for(
     return existing
 
 
-def _conflicts_to_exceptions(session: AsyncSession, match: PatientMatch, message: InboundMessage, channel: str) -> None:
+def _conflicts_to_exceptions(
+    session: AsyncSession, match: PatientMatch, message: InboundMessage, channel: str
+) -> None:
     if match.conflicts:
         session.add(
             inbox.new_exception(
@@ -439,11 +505,17 @@ async def submit_checkout(
     except MappingErrors as exc:
         raise UnprocessableError("the checkout is not valid", exc.problems) from exc
     if message is None:
-        existing = await inbox.get_message_by_key(session, inbox.dedupe_key(channel, sender, external_id))
+        existing = await inbox.get_message_by_key(
+            session, inbox.dedupe_key(channel, sender, external_id)
+        )
         if existing is not None and existing.response:
             return Outcome(202, {**existing.response, "replayed": True}, existing.id)
         message = inbox.new_message(
-            channel=channel, sender=sender, external_id=external_id, body=raw, content_type=content_type
+            channel=channel,
+            sender=sender,
+            external_id=external_id,
+            body=raw,
+            content_type=content_type,
         )
         session.add(message)
         await session.flush()
@@ -489,10 +561,15 @@ async def _store_checkout(
     qr_id = None
     if checkout.intake_submission_id:
         qr_row = await fhir_repo.find_by_identifier(
-            session, "QuestionnaireResponse", systems.intake_submission, checkout.intake_submission_id
+            session,
+            "QuestionnaireResponse",
+            systems.intake_submission,
+            checkout.intake_submission_id,
         )
         qr_id = qr_row.id if qr_row and qr_row.patient_id == match.patient_id else None
-    mr_row = await fhir_repo.find_by_identifier(session, "MedicationRequest", systems.checkout, checkout.checkout_id)
+    mr_row = await fhir_repo.find_by_identifier(
+        session, "MedicationRequest", systems.checkout, checkout.checkout_id
+    )
     mr = checkout_to_medication_request(
         checkout,
         plan,
@@ -512,7 +589,9 @@ async def _store_checkout(
             message=message,
             patient_id=match.patient_id,
             resources=[patient, mr],
-            profile=_profile_ref(runtime, f"checkout/{profile.id}", profile.id, profile.version) if profile else None,
+            profile=_profile_ref(runtime, f"checkout/{profile.id}", profile.id, profile.version)
+            if profile
+            else None,
             keys=keys,
             event=EventInput(
                 source="checkout",
@@ -557,23 +636,46 @@ async def receive_stripe_event(
     if event_type not in STRIPE_CHECKOUT_EVENTS:
         message.status = MessageStatus.IGNORED
         message.processed_at = utcnow()
-        message.response = {"received": True, "message_id": message.id, "event_type": event_type, "status": "ignored"}
+        message.response = {
+            "received": True,
+            "message_id": message.id,
+            "event_type": event_type,
+            "status": "ignored",
+        }
         log.info("stripe.ignored", message_id=message.id, event_type=event_type)
         return Outcome(200, message.response, message.id), None
     data = stripe_session_to_checkout(event)
     try:
         outcome = await submit_checkout(
-            session, runtime, data=data, raw=raw, content_type=content_type, channel="stripe",
-            sender="stripe", external_id=event_id, actor="stripe", message=message,
+            session,
+            runtime,
+            data=data,
+            raw=raw,
+            content_type=content_type,
+            channel="stripe",
+            sender="stripe",
+            external_id=event_id,
+            actor="stripe",
+            message=message,
         )
     except UnprocessableError as exc:
         message.status = MessageStatus.FAILED
         message.processed_at = utcnow()
-        message.response = {"received": True, "message_id": message.id, "event_type": event_type, "status": "failed"}
+        message.response = {
+            "received": True,
+            "message_id": message.id,
+            "event_type": event_type,
+            "status": "failed",
+        }
         session.add(
             inbox.new_exception(
-                kind="unmappable_input", channel="stripe", sender="stripe", message_id=message.id,
-                problems=exc.problems, payload=raw, content_type=content_type,
+                kind="unmappable_input",
+                channel="stripe",
+                sender="stripe",
+                message_id=message.id,
+                problems=exc.problems,
+                payload=raw,
+                content_type=content_type,
             )
         )
         log.info("stripe.unmappable", message_id=message.id, problems=len(exc.problems))

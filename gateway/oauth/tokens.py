@@ -80,7 +80,9 @@ def _raise_for_token_status(response: httpx.Response) -> httpx.Response:
                 error = body["error"][:64]
         except ValueError:
             pass
-        raise EhrConfigError(f"token endpoint refused the client ({status} {error})", status_code=status)
+        raise EhrConfigError(
+            f"token endpoint refused the client ({status} {error})", status_code=status
+        )
     return response
 
 
@@ -153,7 +155,9 @@ class ClientCredentialsTokens:
 
     async def _fetch(self) -> str:
         if not self._secret:
-            self.last_error = f"environment variable {self.target.auth.client_secret_env} is not set"
+            self.last_error = (
+                f"environment variable {self.target.auth.client_secret_env} is not set"
+            )
             raise EhrConfigError(self.last_error)
         self.requests += 1
         try:
@@ -180,7 +184,12 @@ class ClientCredentialsTokens:
             self._back_off(None, "token response without access_token")
             raise TokenUnavailableError("token response without access_token")
         expires_in = token.get("expires_in")
-        lifetime = float(expires_in) if isinstance(expires_in, int | float | str) and str(expires_in).replace(".", "", 1).isdigit() else 300.0
+        lifetime = (
+            float(expires_in)
+            if isinstance(expires_in, int | float | str)
+            and str(expires_in).replace(".", "", 1).isdigit()
+            else 300.0
+        )
         self._token = access
         self._expires_at = self._clock() + lifetime
         self._failures = 0
@@ -197,7 +206,12 @@ class ClientCredentialsTokens:
             delay = max(delay, retry_after_s)
         self._next_attempt_at = self._clock() + delay
         self.last_error = message
-        log.warning("oauth.token_failed", target=self.target.name, failures=self._failures, retry_in_s=round(delay, 3))
+        log.warning(
+            "oauth.token_failed",
+            target=self.target.name,
+            failures=self._failures,
+            retry_in_s=round(delay, 3),
+        )
 
     async def invalidate(self, token: str) -> None:
         """Drop ``token`` if it is still the cached one (a 401 from the FHIR server)."""
@@ -212,7 +226,9 @@ class ClientCredentialsTokens:
         await self._client.aclose()
 
 
-def token_provider_for(target: EhrTargetProfile, *, transport: httpx.AsyncBaseTransport | None = None) -> TokenProvider:
+def token_provider_for(
+    target: EhrTargetProfile, *, transport: httpx.AsyncBaseTransport | None = None
+) -> TokenProvider:
     """The token provider a target's ``auth.method`` calls for."""
     if target.auth.method == "none":
         return NoAuth()

@@ -51,7 +51,9 @@ class CaseOut(BaseModel):
 async def _case_out(session: SessionDep, case: Case) -> CaseOut:
     events = (
         await session.scalars(
-            select(CaseEvent).where(CaseEvent.case_id == case.id).order_by(CaseEvent.occurred_at, CaseEvent.id)
+            select(CaseEvent)
+            .where(CaseEvent.case_id == case.id)
+            .order_by(CaseEvent.occurred_at, CaseEvent.id)
         )
     ).all()
     return CaseOut(
@@ -65,9 +67,16 @@ async def _case_out(session: SessionDep, case: Case) -> CaseOut:
         state_entered_at=case.state_entered_at,
         history=[
             CaseEventOut(
-                source=e.source, event_id=e.event_id, type=e.type, detail=e.detail,
-                occurred_at=e.occurred_at, received_at=e.received_at, from_state=e.from_state,
-                to_state=e.to_state, outcome=e.outcome, message_id=e.inbound_message_id,
+                source=e.source,
+                event_id=e.event_id,
+                type=e.type,
+                detail=e.detail,
+                occurred_at=e.occurred_at,
+                received_at=e.received_at,
+                from_state=e.from_state,
+                to_state=e.to_state,
+                outcome=e.outcome,
+                message_id=e.inbound_message_id,
             )
             for e in events
         ],
@@ -96,13 +105,16 @@ async def list_cases(
     """The cases of the patient with identifier ``system|value``, newest first."""
     if "|" not in patient:
         raise UnprocessableError(
-            "patient must be system|value", [Problem("patient", "invalid_identifier", "expected system|value")]
+            "patient must be system|value",
+            [Problem("patient", "invalid_identifier", "expected system|value")],
         )
     found = await fhir_repo.patients_for_keys(session, [("identifier", patient)])
     patient_id = found.get(("identifier", patient))
     if patient_id is None:
         return []
     cases = (
-        await session.scalars(select(Case).where(Case.patient_id == patient_id).order_by(Case.opened_at.desc()))
+        await session.scalars(
+            select(Case).where(Case.patient_id == patient_id).order_by(Case.opened_at.desc())
+        )
     ).all()
     return [await _case_out(session, c) for c in cases]

@@ -51,13 +51,16 @@ class ApplyResult:
     reason: str | None = None
 
 
-async def _find_case(session: AsyncSession, workflow: WorkflowProfile, event: EventInput) -> Case | None:
+async def _find_case(
+    session: AsyncSession, workflow: WorkflowProfile, event: EventInput
+) -> Case | None:
     lock = session.bind.dialect.name == "postgresql" if session.bind else False
     if event.case_id:
         stmt = select(Case).where(Case.id == event.case_id, Case.patient_id == event.patient_id)
     else:
         stmt = select(Case).where(
-            Case.patient_id == event.patient_id, Case.state.not_in(workflow.terminal or ["__none__"])
+            Case.patient_id == event.patient_id,
+            Case.state.not_in(workflow.terminal or ["__none__"]),
         )
         if event.program:
             stmt = stmt.where(Case.program == event.program)
@@ -67,7 +70,9 @@ async def _find_case(session: AsyncSession, workflow: WorkflowProfile, event: Ev
     return await session.scalar(stmt)
 
 
-async def apply_event(session: AsyncSession, workflow: WorkflowProfile, event: EventInput) -> ApplyResult:
+async def apply_event(
+    session: AsyncSession, workflow: WorkflowProfile, event: EventInput
+) -> ApplyResult:
     """Apply one event to its case (opening one if the event opens cases).
 
     The case row is locked (``FOR UPDATE`` on PostgreSQL) so concurrent events of one case
@@ -105,7 +110,9 @@ async def apply_event(session: AsyncSession, workflow: WorkflowProfile, event: E
                 session, event, decision.reason or "no_case", decision.message or "no open case"
             )
         if not event.program:
-            return await _reject_without_case(session, event, "no_case", "no open case for this patient")
+            return await _reject_without_case(
+                session, event, "no_case", "no open case for this patient"
+            )
         case = Case(
             id=str(uuid.uuid4()),
             patient_id=event.patient_id,
@@ -119,7 +126,13 @@ async def apply_event(session: AsyncSession, workflow: WorkflowProfile, event: E
         session.add(case)
         await session.flush()
         _history(session, case, event, None, decision.to_state, CaseEventOutcome.APPLIED, None)
-        log.info("case.opened", case_id=case.id, state=case.state, event_type=event.type, source=event.source)
+        log.info(
+            "case.opened",
+            case_id=case.id,
+            state=case.state,
+            event_type=event.type,
+            source=event.source,
+        )
         return ApplyResult("applied", case.id, None, case.state)
 
     from_state = case.state
@@ -184,7 +197,9 @@ def _history(
     )
 
 
-async def _reject_without_case(session: AsyncSession, event: EventInput, reason: str, message: str) -> ApplyResult:
+async def _reject_without_case(
+    session: AsyncSession, event: EventInput, reason: str, message: str
+) -> ApplyResult:
     session.add(
         new_exception(
             kind=reason,

@@ -23,13 +23,19 @@ async def test_intake_creates_patient_response_and_provenance(
 ) -> None:
     key = await make_api_key("intake:write", "fhir:read")
     body = samples.intake()
-    r = await client.post("/v1/intake-submissions", json=body, headers={"Authorization": f"Bearer {key}"})
+    r = await client.post(
+        "/v1/intake-submissions", json=body, headers={"Authorization": f"Bearer {key}"}
+    )
     assert r.status_code == 202, r.text
     out = r.json()
     types = sorted(x["resourceType"] for x in out["resources"])
     assert types == ["Patient", "Provenance", "QuestionnaireResponse"]
     assert out["case"]["state"] == "intake_received"
-    patient = (await client.get(f"/fhir/{out['patient']['reference']}", headers={"Authorization": f"Bearer {key}"})).json()
+    patient = (
+        await client.get(
+            f"/fhir/{out['patient']['reference']}", headers={"Authorization": f"Bearer {key}"}
+        )
+    ).json()
     assert patient["telecom"][0]["value"] == "+14155552671"
     assert patient["address"][0]["state"] == "CA"
     assert patient["birthDate"] == "1988-04-12"

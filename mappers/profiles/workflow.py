@@ -1,0 +1,77 @@
+"""The workflow profile (``profiles/workflow.yaml``): case states, transitions, ownership."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from mappers.profiles.common import Strict
+
+
+class Transition(Strict):
+    """``event`` (``type`` or ``type:detail``) moves a case ``from`` states ``to`` one
+    (``to: "*"`` keeps the state). The key is ``event``, not ``on``: YAML 1.1 reads a bare
+    ``on`` as the boolean true."""
+
+    event: str
+    from_: list[str] = Field(alias="from")
+    to: str
+    backward: bool = Field(default=False, description="Allowed even though it moves the case back.")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class EventType(Strict):
+    """A clinical event type, who may send it, and the details it may carry."""
+
+    owners: list[str]
+    details: list[str] = Field(default_factory=list)
+    opens_case: bool = False
+
+
+class WorkflowProfile(Strict):
+    """Case states, transitions and ownership (``profiles/workflow.yaml``).
+
+    ``states`` are listed in journey order: a transition to an earlier state is
+    "backward" and is refused for late events unless ``backward: true``.
+    """
+
+    kind: Literal["workflow"] = "workflow"
+    version: str
+    initial: dict[str, str] = Field(
+        default_factory=dict, description="event -> the state a new case opens in"
+    )
+    states: list[str]
+    terminal: list[str] = Field(default_factory=list)
+    events: dict[str, EventType]
+    transitions: list[Transition]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> WorkflowProfile:
+        states = set(self.states)
+        problems = []
+        for t in self.transitions:
+            base = t.event.split(":", 1)[0]
+            if base not in self.events:
+                problems.append(f"transition on unknown event {t.event!r}")
+            elif ":" in t.event and t.event.split(":", 1)[1] not in self.events[base].details:
+                problems.append(f"transition on unknown detail {t.event!r}")
+            for s in [*t.from_, t.to]:
+                if s not in states and s != "*":
+                    problems.append(f"transition {t.event!r} names unknown state {s!r}")
+        for event, state in self.initial.items():
+            if event.split(":", 1)[0] not in self.events:
+                problems.append(f"initial names unknown event {event!r}")
+            if state not in states:
+                problems.append(f"initial names unknown state {state!r}")
+        for s in self.terminal:
+            if s not in states:
+                problems.append(f"terminal names unknown state {s!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def rank(self, state: str) -> int:
+        """Position of ``state`` in the journey (0-based)."""
+        return self.states.index(state)
