@@ -148,14 +148,15 @@ def _rewrite_references(
                 system, ident = outside[value]
                 node[key] = f"{value.split('/', 1)[0]}?identifier={_q(system)}|{_q(ident)}"
             continue
+        if key in OPTIONAL_REFERENCE_ELEMENTS and isinstance(value, list):
+            # Drop what the target cannot resolve before rewriting what it can.
+            value = [v for v in value if not _unresolved(v, in_bundle, remote_ids, outside)]
+            if not value:
+                del node[key]
+                continue
+            node[key] = value
         if isinstance(value, dict | list):
             _rewrite_references(value, in_bundle, remote_ids, outside)
-            if key in OPTIONAL_REFERENCE_ELEMENTS and isinstance(value, list):
-                kept = [v for v in value if not _unresolved(v, in_bundle, remote_ids, outside)]
-                if kept:
-                    node[key] = kept
-                else:
-                    del node[key]
 
 
 def _unresolved(
