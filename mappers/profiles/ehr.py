@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from mappers.profiles.common import SLUG, Strict
+from mappers.profiles.events import EhrEventsSpec
 
 ResourceType = Literal[
     "Patient",
@@ -72,6 +73,10 @@ class EhrTargetProfile(Strict):
     )
     timeout_s: float = Field(default=20.0, gt=0)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    events: EhrEventsSpec | None = Field(
+        default=None,
+        description="FHIR Subscription notifications from this EHR into clinical events.",
+    )
 
     @model_validator(mode="after")
     def _base_url(self) -> EhrTargetProfile:

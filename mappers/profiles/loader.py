@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from mappers.errors import Problem
 from mappers.profiles.checkout import CheckoutProfile, Plan
 from mappers.profiles.ehr import EhrTargetProfile
+from mappers.profiles.events import PartnerProfile, check_event_profiles
 from mappers.profiles.intake import IntakeProfile
 from mappers.profiles.workflow import WorkflowProfile
 
@@ -45,6 +46,14 @@ class ProfileSet:
     ehr: dict[str, EhrTargetProfile] = field(default_factory=dict)
     workflow: WorkflowProfile | None = None
     sources: dict[str, LoadedProfile] = field(default_factory=dict)
+    partners: dict[str, PartnerProfile] = field(default_factory=dict)
+
+    def hl7_sender(self, facility: str) -> PartnerProfile | None:
+        """The partner whose HL7 v2 feed uses MSH-4 sending facility ``facility``."""
+        for partner in self.partners.values():
+            if partner.hl7 is not None and facility in partner.hl7.facilities:
+                return partner
+        return None
 
     def intake_profile(self, form_id: str, version: str) -> IntakeProfile | None:
         """The intake profile for a submission's ``form.id`` and ``form.version``."""
@@ -87,7 +96,8 @@ def _yaml_files(folder: Path) -> Iterable[Path]:
 def load_profiles(root: Path) -> ProfileSet:
     """Read and validate every profile under ``root``.
 
-    Layout: ``intake/*.yaml``, ``checkout/*.yaml``, ``ehr/*.yaml``, ``workflow.yaml``.
+    Layout: ``intake/*.yaml``, ``checkout/*.yaml``, ``ehr/*.yaml``, ``workflow.yaml``,
+    ``events/*.yaml`` (partners).
 
     Returns:
         The :class:`ProfileSet`.
@@ -169,7 +179,30 @@ def load_profiles(root: Path) -> ProfileSet:
             result.sources["workflow"] = LoadedProfile(rel, digest)
     else:
         problems.append(Problem("workflow.yaml", "missing", "the workflow profile is required"))
+    problems += _load_partners(root, result, read)
 
     if problems:
         raise ProfileLoadError(problems)
     return result
+
+
+def _load_partners(root: Path, result: ProfileSet, read: Any) -> list[Problem]:
+    """Event senders (``events/*.yaml``), cross-checked with the workflow (issue 5)."""
+    problems: list[Problem] = []
+    files: dict[str, tuple[str, PartnerProfile]] = {}
+    for path in _yaml_files(root / "events"):
+        loaded = read(path, PartnerProfile)
+        if loaded:
+            obj, rel, digest = loaded
+            if obj.name in result.partners:
+                problems.append(Problem(rel, "duplicate", f"partner {obj.name!r} defined twice"))
+            result.partners[obj.name] = obj
+            files[obj.name] = (rel, obj)
+            result.sources[f"events/{obj.name}"] = LoadedProfile(rel, digest)
+    if result.workflow is not None:
+        targets = {
+            name: (result.sources[f"ehr/{name}"].path, target.events)
+            for name, target in result.ehr.items()
+        }
+        problems += check_event_profiles(result.workflow, files, targets)
+    return problems
