@@ -5,6 +5,8 @@ several connections at once, a broken frame, a malformed message, an oversize on
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -229,3 +231,42 @@ def test_decoder_splits_frames_and_reports_framing_errors() -> None:
         ("frame", b"three"),
     ]
     assert decoder.feed(SB + b"x" * 60) == [("oversize", b"")]
+
+
+async def test_the_mllp_command_listens_acks_and_stops(tmp_path: Path, profiles_dir: Path) -> None:
+    from gateway.db.migrate import upgrade_async
+
+    database = f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}"
+    await upgrade_async(database)
+    env = {
+        **os.environ,
+        "GATEWAY_DATABASE_URL": database,
+        "GATEWAY_PROFILES_DIR": str(profiles_dir),
+        "GATEWAY_LOG_LEVEL": "warning",
+    }
+    command = Path(sys.executable).with_name("fhir-gateway")
+    proc = await asyncio.create_subprocess_exec(
+        str(command),
+        "mllp",
+        "--port",
+        "0",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stderr is not None
+        line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
+        assert line.startswith("MLLP listening on 127.0.0.1:"), line
+        port = int(line.rsplit(":", 1)[1])
+        reader, writer = await open_hl7_connection("127.0.0.1", port)
+        writer.writemessage(
+            hl7.parse(hl7_message("ADT^A08", control_id="CLI-1", pid3="x^^^TESTEHR^MR"))
+        )
+        ack = await asyncio.wait_for(reader.readmessage(), 10)
+        writer.close()
+        assert _msa(ack) == ("AA", "CLI-1")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 10)
+    assert proc.returncode == 0
