@@ -23,13 +23,27 @@ from mappers.events import CanonicalEvent
 router = APIRouter(prefix="/v1", tags=["events"])
 
 
-async def apply_after_response(request: Request, runtime: Runtime, message_id: str) -> None:
-    """Apply a stored message right after the response; wake the in-process worker when
-    the message needs it (an id-only notification: the worker reads from the EHR)."""
-    outcome = await service.process_safely(runtime, message_id)
+def _wake_worker(request: Request, outcome: str) -> None:
     worker = getattr(request.app.state, "worker", None)
     if outcome == "deferred" and worker is not None:
         worker.wake()
+
+
+async def apply_after_response(request: Request, runtime: Runtime, received: Any) -> None:
+    """Apply a message this request stored (a :class:`~gateway.events.service.Received`
+    or an ``Hl7Reply``) right after the response, with the events mapped on receipt; wake
+    the in-process worker when the message needs it (an id-only notification: the worker
+    reads from the EHR)."""
+    message = getattr(received, "message", None)
+    if message is None:
+        return
+    outcome = await service.apply_received(runtime, message, prepared=received.prepared)
+    _wake_worker(request, outcome)
+
+
+async def apply_id_after_response(request: Request, runtime: Runtime, message_id: str) -> None:
+    """Claim and apply a stored message right after the response (an ops retry)."""
+    _wake_worker(request, await service.process_safely(runtime, message_id))
 
 
 @router.post(
@@ -62,8 +76,7 @@ async def post_event(
             session, runtime, raw=raw, content_type=content_type, actor=principal.name
         ),
     )
-    if outcome.message_id and not outcome.body.get("duplicate"):
-        background.add_task(apply_after_response, request, runtime, outcome.message_id)
+    background.add_task(apply_after_response, request, runtime, outcome)
     return JSONResponse(outcome.body, status_code=202)
 
 
@@ -103,8 +116,7 @@ async def post_notification(
             session, runtime, target=profile, raw=raw, content_type=content_type
         ),
     )
-    if outcome.message_id and not outcome.body.get("duplicate"):
-        background.add_task(apply_after_response, request, runtime, outcome.message_id)
+    background.add_task(apply_after_response, request, runtime, outcome)
     return JSONResponse(outcome.body, status_code=outcome.status_code)
 
 

@@ -33,8 +33,10 @@ from gateway.errors import (
     UnauthorizedError,
     UnprocessableError,
 )
+from gateway.events.inbox import store_if_new
+from gateway.events.service import Received, lease_for_this_process
 from gateway.inbox import repository as inbox
-from gateway.ingest.service import Outcome, decode_json_object
+from gateway.ingest.service import decode_json_object
 from gateway.logging import get_logger
 from gateway.runtime import Runtime
 from mappers.errors import MappingErrors, Problem
@@ -177,7 +179,7 @@ async def receive_notification(
     target: EhrTargetProfile,
     raw: bytes,
     content_type: str,
-) -> Outcome:
+) -> Received:
     """Track and store one verified notification Bundle (flushes; the request commits).
 
     Returns:
@@ -215,19 +217,14 @@ async def receive_notification(
         log.info(
             "notifications.handshake", target=target.name, subscription=notification.subscription
         )
-        return Outcome(200, {**body, "status": "ok"})
+        return Received(200, {**body, "status": "ok"})
     gaps = await _track(session, state, notification)
     body["gaps"] = [{"first": g.first, "last": g.last} for g in gaps]
     if notification.type != "event-notification" or not notification.events:
         state.heartbeat_at = now
-        return Outcome(200, {**body, "status": "ok"})
+        return Received(200, {**body, "status": "ok"})
     state.last_notification_at = now
     external_id = _dedupe_id(notification, raw)
-    existing = await inbox.get_message_by_key(
-        session, inbox.dedupe_key(CHANNEL, target.name, external_id)
-    )
-    if existing is not None:
-        return Outcome(202, {**(existing.response or {}), **body, "duplicate": True}, existing.id)
     message = inbox.new_message(
         channel=CHANNEL,
         sender=target.name,
@@ -241,8 +238,10 @@ async def receive_notification(
         "events": len(notification.events),
         "status_url": f"{runtime.settings.public_base_url}/v1/messages/{message.id}",
     }
-    session.add(message)
-    await session.flush()
+    leased = lease_for_this_process(runtime, message)
+    existing = await store_if_new(session, message)
+    if existing is not None:
+        return Received(202, {**(existing.response or {}), **body, "duplicate": True}, existing.id)
     log.info(
         "notifications.received",
         message_id=message.id,
@@ -250,4 +249,6 @@ async def receive_notification(
         subscription=notification.subscription,
         events=len(notification.events),
     )
-    return Outcome(202, {**message.response, **body}, message.id)
+    return Received(
+        202, {**message.response, **body}, message.id, message=message if leased else None
+    )

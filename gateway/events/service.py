@@ -36,6 +36,7 @@ from gateway.db.models import InboundMessage, MessageStatus
 from gateway.db.types import utcnow
 from gateway.ehr.errors import EhrConfigError, EhrRejectedError, EhrUnavailableError
 from gateway.errors import UnprocessableError
+from gateway.events.inbox import store_if_new
 from gateway.events.matching import match_patient
 from gateway.inbox import repository as inbox
 from gateway.ingest.service import Outcome, decode_json_object
@@ -65,9 +66,18 @@ class FetchDeferredError(Exception):
     """An id-only notification needs an EHR read and no reader is available here."""
 
 
+@dataclass
+class Received(Outcome):
+    """An ingest answer, plus the stored message and its mapped events to apply right
+    after the response (``message`` None: nothing to apply)."""
+
+    message: InboundMessage | None = None
+    prepared: Prepared | None = None
+
+
 async def receive_event(
     session: AsyncSession, runtime: Runtime, *, raw: bytes, content_type: str, actor: str
-) -> Outcome:
+) -> Received:
     """Validate and store a canonical event; answer 202 before applying it.
 
     Raises:
@@ -78,10 +88,6 @@ async def receive_event(
         event = parse_canonical_event(data)
     except MappingErrors as exc:
         raise UnprocessableError("the event is not valid", exc.problems) from exc
-    key = inbox.dedupe_key("events", event.source, event.event_id)
-    existing = await inbox.get_message_by_key(session, key)
-    if existing is not None:
-        return Outcome(202, {**(existing.response or {}), "duplicate": True}, existing.id)
     message = inbox.new_message(
         channel="events",
         sender=event.source,
@@ -95,8 +101,10 @@ async def receive_event(
         "status": "received",
         "status_url": f"{runtime.settings.public_base_url}/v1/messages/{message.id}",
     }
-    session.add(message)
-    await session.flush()
+    leased = lease_for_this_process(runtime, message)
+    existing = await store_if_new(session, message)
+    if existing is not None:
+        return Received(202, {**(existing.response or {}), "duplicate": True}, existing.id)
     log.info(
         "events.received",
         message_id=message.id,
@@ -104,7 +112,10 @@ async def receive_event(
         event_type=event.type,
         actor=actor,
     )
-    return Outcome(202, message.response, message.id)
+    if not leased:
+        return Received(202, message.response, message.id)
+    prepared = Prepared(events=[canonical_to_clinical_event(event)])
+    return Received(202, message.response, message.id, message=message, prepared=prepared)
 
 
 # --------------------------------------------------------------------------- preparing
@@ -227,12 +238,21 @@ async def _prepare_notification(
 # --------------------------------------------------------------------------- applying
 
 
+class _AlreadyApplied(Exception):
+    """Another process applied the message meanwhile (its lease had expired)."""
+
+
 async def apply_prepared(
     session: AsyncSession, runtime: Runtime, message: InboundMessage, prepared: Prepared
-) -> dict[str, Any]:
-    """Match and apply the events of one message; record problems as exceptions.
+) -> str:
+    """Match and apply the events of one message; record problems as exceptions; mark
+    the message applied (only if it is still waiting: else :class:`_AlreadyApplied`).
 
-    Flushes; the caller commits. Returns a summary for the message's ``response``.
+    ``message`` only needs its id, channel, sender and response (it may be detached).
+    Flushes; the caller commits.
+
+    Returns:
+        The message's new status (``processed``, ``failed`` or ``ignored``).
     """
     workflow = runtime.profiles.current.workflow_or_raise
     outcomes: list[dict[str, Any]] = []
@@ -311,21 +331,27 @@ async def apply_prepared(
                 problems=prepared.problems,
             )
         )
-    message.status = (
+    status = (
         MessageStatus.FAILED
         if failed
         else (MessageStatus.PROCESSED if prepared.events else MessageStatus.IGNORED)
     )
-    message.processed_at = utcnow()
-    message.locked_until = None
     summary = {"events": outcomes, "ignored": prepared.ignored, "problems": len(prepared.problems)}
-    message.response = {
-        **(message.response or {}),
-        "status": str(message.status),
-        "applied": summary,
-    }
+    marked = await session.execute(
+        update(InboundMessage)
+        .where(InboundMessage.id == message.id, InboundMessage.status == MessageStatus.RECEIVED)
+        .values(
+            status=status,
+            processed_at=utcnow(),
+            locked_until=None,
+            response={**(message.response or {}), "status": str(status), "applied": summary},
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if not marked.rowcount:  # type: ignore[attr-defined]
+        raise _AlreadyApplied(message.id)
     await session.flush()
-    return summary
+    return str(status)
 
 
 async def _claim(runtime: Runtime, message_id: str, now: datetime) -> InboundMessage | None:
@@ -351,15 +377,31 @@ async def _claim(runtime: Runtime, message_id: str, now: datetime) -> InboundMes
         return message
 
 
+def lease_for_this_process(runtime: Runtime, message: InboundMessage) -> bool:
+    """Lease a message being stored to the process that stores it, when that process
+    applies it right after the acknowledgement (``GATEWAY_APPLY_EVENTS_AFTER_ACK``, no
+    separate claim then); the sweep takes it over only if that does not happen within
+    :data:`LEASE`. Returns whether it was leased (False: the worker applies it)."""
+    if not runtime.settings.apply_events_after_ack:
+        return False
+    message.locked_until = utcnow() + LEASE
+    message.attempts = 1
+    return True
+
+
 async def _release(
-    runtime: Runtime, message: InboundMessage, *, wait: timedelta, error: str
+    runtime: Runtime, message: InboundMessage, *, wait: timedelta | None, error: str
 ) -> None:
+    """Give the lease back: for another process (``wait`` None, the attempt not counted)
+    or for a retry after ``wait`` (failed for good after :data:`MAX_ATTEMPTS`)."""
     async with runtime.sessionmaker() as session:
         row = await session.get(InboundMessage, message.id)
-        if row is None:
+        if row is None or row.status != MessageStatus.RECEIVED:
             return
         row.locked_until = None
-        if row.attempts >= MAX_ATTEMPTS:
+        if wait is None:
+            row.attempts = max(0, row.attempts - 1)
+        elif row.attempts >= MAX_ATTEMPTS:
             row.status = MessageStatus.FAILED
             row.processed_at = utcnow()
             session.add(
@@ -382,10 +424,38 @@ async def _release(
         await session.commit()
 
 
+async def _process(
+    runtime: Runtime,
+    message: InboundMessage,
+    *,
+    prepared: Prepared | None,
+    reader: ResourceReader | None,
+) -> str:
+    """Prepare (unless given) and apply a message this process holds the lease of."""
+    if prepared is None:
+        prepared = await _prepare_or_release(runtime, message, reader)
+        if prepared is None:
+            return "deferred"
+    for attempt in (1, 2, 3):
+        try:
+            async with runtime.sessionmaker() as session:
+                status = await apply_prepared(session, runtime, message, prepared)
+                await session.commit()
+                return status
+        except _AlreadyApplied:
+            return "skipped"
+        except (StaleDataError, IntegrityError):
+            # A concurrent change of the same case (SQLite) or a duplicate event row:
+            # apply again on fresh state; duplicates are no-ops.
+            log.info("events.apply_conflict", message_id=message.id, attempt=attempt)
+    await _fail(runtime, message.id, "the case kept changing while the event was applied")
+    return "failed"
+
+
 async def process_message_by_id(
     runtime: Runtime, message_id: str, *, reader: ResourceReader | None = None
 ) -> str:
-    """Apply one stored message (after the acknowledgement).
+    """Claim and apply one stored message (the worker's sweep, a retry).
 
     Args:
         runtime: the wired runtime.
@@ -398,56 +468,16 @@ async def process_message_by_id(
         process that can read from the EHR, or retried later), or ``skipped`` (not
         received, or another process holds it).
     """
-    now = utcnow()
-    message = await _claim(runtime, message_id, now)
+    message = await _claim(runtime, message_id, utcnow())
     if message is None:
         return "skipped"
-    try:
-        prepared = await prepare(runtime, message, reader=reader)
-    except FetchDeferredError:
-        async with runtime.sessionmaker() as session:
-            await session.execute(
-                update(InboundMessage)
-                .where(InboundMessage.id == message.id)
-                .values(locked_until=None, attempts=InboundMessage.attempts - 1)
-            )
-            await session.commit()
-        log.info("events.fetch_deferred", message_id=message.id)
-        return "deferred"
-    except (EhrUnavailableError, EhrConfigError) as exc:
-        wait = timedelta(seconds=min(300.0, 2.0**message.attempts))
-        retry_after = getattr(exc, "retry_after_s", None)
-        if retry_after:
-            wait = max(wait, timedelta(seconds=retry_after))
-        await _release(runtime, message, wait=wait, error=str(exc)[:200])
-        log.info(
-            "events.fetch_failed",
-            message_id=message.id,
-            attempt=message.attempts,
-            status_code=exc.status_code,
-        )
-        return "deferred"
-    for attempt in (1, 2, 3):
-        try:
-            async with runtime.sessionmaker() as session:
-                row = await session.get(InboundMessage, message.id)
-                if row is None or row.status != MessageStatus.RECEIVED:
-                    return "skipped"
-                await apply_prepared(session, runtime, row, prepared)
-                await session.commit()
-                return str(row.status)
-        except (StaleDataError, IntegrityError):
-            # A concurrent change of the same case (SQLite) or a duplicate event row:
-            # apply again on fresh state; duplicates are no-ops.
-            log.info("events.apply_conflict", message_id=message.id, attempt=attempt)
-    await _fail(runtime, message.id, "the case kept changing while the event was applied")
-    return "failed"
+    return await _process(runtime, message, prepared=None, reader=reader)
 
 
 async def _fail(runtime: Runtime, message_id: str, reason: str) -> None:
     async with runtime.sessionmaker() as session:
         row = await session.get(InboundMessage, message_id)
-        if row is None:
+        if row is None or row.status != MessageStatus.RECEIVED:
             return
         row.status = MessageStatus.FAILED
         row.processed_at = utcnow()
@@ -477,33 +507,133 @@ async def process_safely(
         return "failed"
 
 
+async def apply_received(
+    runtime: Runtime, message: InboundMessage, *, prepared: Prepared | None = None
+) -> str:
+    """Apply a message this process just stored and leased (:func:`lease_for_this_process`),
+    with the events mapped when it was received (``prepared``; mapped now when None).
+
+    Never raises: an unexpected error marks the message failed with an exception entry.
+    """
+    try:
+        return await _process(runtime, message, prepared=prepared, reader=None)
+    except Exception as exc:
+        log.error("events.process_failed", message_id=message.id, error_type=type(exc).__name__)
+        await _fail(runtime, message.id, "the event could not be applied; see the logs")
+        return "failed"
+
+
+async def _claim_batch(runtime: Runtime, *, limit: int, now: datetime) -> list[InboundMessage]:
+    """Lease up to ``limit`` due messages in one statement (``UPDATE ... WHERE id IN
+    (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING`` on PostgreSQL; without the lock clause
+    on SQLite, whose single writer serializes the claim), oldest first."""
+    m = InboundMessage
+    due = (
+        select(m.id)
+        .where(
+            m.status == MessageStatus.RECEIVED,
+            m.channel.in_(EVENT_CHANNELS),
+            or_(m.available_at.is_(None), m.available_at <= now),
+            or_(m.locked_until.is_(None), m.locked_until < now),
+        )
+        .order_by(m.received_at)
+        .limit(limit)
+    )
+    if runtime.engine.dialect.name == "postgresql":
+        due = due.with_for_update(skip_locked=True)
+    async with runtime.sessionmaker() as session:
+        rows = (
+            await session.scalars(
+                update(m)
+                .where(m.id.in_(due.scalar_subquery()))
+                .values(locked_until=now + LEASE, attempts=m.attempts + 1)
+                .returning(m)
+                .execution_options(synchronize_session=False)
+            )
+        ).all()
+        await session.commit()
+    return sorted(rows, key=lambda r: r.received_at)
+
+
+async def _prepare_or_release(
+    runtime: Runtime, message: InboundMessage, reader: ResourceReader | None
+) -> Prepared | None:
+    """:func:`prepare`, releasing the lease when the message must wait (EHR read)."""
+    try:
+        return await prepare(runtime, message, reader=reader)
+    except FetchDeferredError:
+        await _release(runtime, message, wait=None, error="needs an EHR read")
+    except (EhrUnavailableError, EhrConfigError) as exc:
+        wait = timedelta(seconds=min(300.0, 2.0**message.attempts))
+        retry_after = getattr(exc, "retry_after_s", None)
+        if retry_after:
+            wait = max(wait, timedelta(seconds=retry_after))
+        await _release(runtime, message, wait=wait, error=str(exc)[:200])
+        log.info("events.fetch_failed", message_id=message.id, status_code=exc.status_code)
+    return None
+
+
+async def _apply_batch(
+    runtime: Runtime, batch: list[tuple[InboundMessage, Prepared]]
+) -> tuple[int, list[tuple[InboundMessage, Prepared]]]:
+    """Apply a batch in one transaction, each message in a savepoint (PostgreSQL: one
+    commit for the batch). Returns how many were applied and those to apply again alone."""
+    done = 0
+    again: list[tuple[InboundMessage, Prepared]] = []
+    failed: list[str] = []
+    async with runtime.sessionmaker() as session:
+        for message, prepared in batch:
+            try:
+                async with session.begin_nested():
+                    await apply_prepared(session, runtime, message, prepared)
+                done += 1
+            except _AlreadyApplied:
+                continue
+            except (StaleDataError, IntegrityError):
+                again.append((message, prepared))
+            except Exception as exc:
+                log.error(
+                    "events.process_failed", message_id=message.id, error_type=type(exc).__name__
+                )
+                failed.append(message.id)
+        await session.commit()
+    for message_id in failed:
+        await _fail(runtime, message_id, "the event could not be applied; see the logs")
+    return done + len(failed), again
+
+
 async def sweep_pending(
     runtime: Runtime, *, limit: int = 100, reader: ResourceReader | None = None
 ) -> int:
-    """Apply stored events that were not applied yet (oldest first).
+    """Apply stored events that were not applied yet (oldest first): stored by a process
+    that does not apply them, left over after a crash, deferred for an EHR read, or due
+    for a retry.
+
+    One statement leases the batch. On PostgreSQL the batch is applied in one
+    transaction with a savepoint per message (a failure affects only that message, and
+    there is one commit for the batch); on SQLite each message has its own transaction.
 
     Returns:
         How many messages were processed (deferred and skipped ones not counted).
     """
-    now = utcnow()
-    m = InboundMessage
-    async with runtime.sessionmaker() as session:
-        ids = (
-            await session.scalars(
-                select(m.id)
-                .where(
-                    m.status == MessageStatus.RECEIVED,
-                    m.channel.in_(EVENT_CHANNELS),
-                    or_(m.available_at.is_(None), m.available_at <= now),
-                    or_(m.locked_until.is_(None), m.locked_until < now),
-                )
-                .order_by(m.received_at)
-                .limit(limit)
-            )
-        ).all()
+    claimed = await _claim_batch(runtime, limit=limit, now=utcnow())
+    if not claimed:
+        return 0
+    ready: list[tuple[InboundMessage, Prepared]] = []
+    for message in claimed:
+        prepared = await _prepare_or_release(runtime, message, reader)
+        if prepared is not None:
+            ready.append((message, prepared))
     done = 0
-    for message_id in ids:
-        outcome = await process_safely(runtime, message_id, reader=reader)
+    if runtime.engine.dialect.name == "postgresql" and len(ready) > 1:
+        done, ready = await _apply_batch(runtime, ready)
+    for message, prepared in ready:
+        try:
+            outcome = await _process(runtime, message, prepared=prepared, reader=reader)
+        except Exception as exc:
+            log.error("events.process_failed", message_id=message.id, error_type=type(exc).__name__)
+            await _fail(runtime, message.id, "the event could not be applied; see the logs")
+            outcome = "failed"
         if outcome not in ("skipped", "deferred"):
             done += 1
     return done

@@ -33,8 +33,9 @@ def mllp(
     partner profiles with an ``hl7`` block (MSH-4 sending facility).
     """
     from gateway.cli import _load_profiles_or_exit, _settings
-    from gateway.events.service import process_safely
+    from gateway.events.service import apply_received
     from gateway.hl7.mllp import MllpServer
+    from gateway.hl7.service import Hl7Reply
     from gateway.logging import configure_logging
     from gateway.runtime import Runtime
 
@@ -45,8 +46,9 @@ def mllp(
     async def main() -> None:
         runtime = Runtime.create(settings)
 
-        async def after_store(message_id: str) -> object:
-            return await process_safely(runtime, message_id)
+        async def after_store(reply: Hl7Reply) -> object:
+            assert reply.message is not None  # only called for stored messages
+            return await apply_received(runtime, reply.message, prepared=reply.prepared)
 
         server = MllpServer(
             runtime,

@@ -70,8 +70,7 @@ async def post_hl7v2(
         # the same MSH-10 stored meanwhile by another request: answer as a duplicate
         await session.rollback()
         reply = await receive_hl7(session, runtime, raw=raw, transport="http")
-    if reply.message_id is not None:
-        background.add_task(apply_after_response, request, runtime, reply.message_id)
+    background.add_task(apply_after_response, request, runtime, reply)
     return Response(
         reply.ack,
         media_type=f"{media if media != 'text/plain' else CONTENT_TYPE}; charset=utf-8",

@@ -106,8 +106,9 @@ class MllpServer:
         host, port: where to listen (port 0: any free port, see :attr:`port`).
         max_message_bytes: the largest message accepted.
         read_timeout_s: how long a half-received frame may stall.
-        after_store: called with the inbox id of each stored message, after its ACK was
-            sent (applies it); None leaves messages to the worker's sweep.
+        after_store: called with the reply of each stored message after its ACK was sent
+            (applies it, with the event mapped on receipt); None leaves messages to the
+            worker's sweep.
     """
 
     def __init__(
@@ -118,7 +119,7 @@ class MllpServer:
         port: int = 2575,
         max_message_bytes: int = 1_048_576,
         read_timeout_s: float = 60.0,
-        after_store: Callable[[str], Coroutine[Any, Any, object]] | None = None,
+        after_store: Callable[[Hl7Reply], Coroutine[Any, Any, object]] | None = None,
     ) -> None:
         self.runtime = runtime
         self.host = host
@@ -185,8 +186,8 @@ class MllpServer:
                         reply = await self._framing_error(kind, payload)
                     writer.write(frame(reply.ack))
                     await writer.drain()
-                    if reply.message_id is not None and self.after_store is not None:
-                        job = asyncio.create_task(self.after_store(reply.message_id))
+                    if reply.message is not None and self.after_store is not None:
+                        job = asyncio.create_task(self.after_store(reply))
                         self._background.add(job)
                         job.add_done_callback(self._background.discard)
                     if kind == "oversize":
@@ -206,7 +207,12 @@ class MllpServer:
             async with self.runtime.sessionmaker() as session:
                 try:
                     reply = await receive_hl7(
-                        session, self.runtime, raw=payload, transport="mllp", peer=peer
+                        session,
+                        self.runtime,
+                        raw=payload,
+                        transport="mllp",
+                        peer=peer,
+                        lease=self.after_store is not None,
                     )
                     await session.commit()
                     return reply

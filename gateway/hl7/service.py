@@ -26,8 +26,10 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.db.models import MessageStatus
+from gateway.db.models import InboundMessage, MessageStatus
 from gateway.db.types import utcnow
+from gateway.events.inbox import store_if_new
+from gateway.events.service import Prepared, lease_for_this_process
 from gateway.inbox import repository as inbox
 from gateway.logging import get_logger
 from gateway.runtime import Runtime
@@ -51,13 +53,20 @@ CONTENT_TYPE = "application/hl7-v2"
 
 @dataclass(frozen=True)
 class Hl7Reply:
-    """The answer to one message: the ACK (ER7, ``\\r``-separated), its MSA-1 code, and the
-    inbox id of a stored message to apply after the ACK (None: nothing to apply)."""
+    """The answer to one message: the ACK (ER7, ``\\r``-separated), its MSA-1 code, and
+    the stored message with its mapped event to apply after the ACK (None: nothing to
+    apply)."""
 
     ack: str
     code: AckCode
-    message_id: str | None = None
+    message: InboundMessage | None = None
+    prepared: Prepared | None = None
     duplicate: bool = False
+
+    @property
+    def message_id(self) -> str | None:
+        """The inbox id of the message to apply, if any."""
+        return self.message.id if self.message is not None else None
 
 
 def _ack(parsed: Hl7Message | None, code: AckCode, error: Hl7MessageError | None = None) -> str:
@@ -134,6 +143,7 @@ async def receive_hl7(
     raw: bytes,
     transport: str,
     peer: str | None = None,
+    lease: bool = True,
 ) -> Hl7Reply:
     """Verify, deduplicate, map and store one ER7 message; build its ACK.
 
@@ -145,6 +155,8 @@ async def receive_hl7(
         raw: the message bytes (no MLLP framing).
         transport: ``http`` or ``mllp`` (logs, peer check).
         peer: the MLLP peer's IP address (checked against the partner's ``peers``).
+        lease: this process applies the message right after the ACK (else the worker's
+            sweep does, at once).
 
     Returns:
         The :class:`Hl7Reply`. MSA-2 echoes MSH-10; AE/AR carry an ERR segment.
@@ -191,15 +203,52 @@ async def receive_hl7(
         await session.flush()
         return Hl7Reply(_ack(parsed, "AR", refusal), "AR")
 
-    key = inbox.dedupe_key(CHANNEL, facility, parsed.control_id)
-    existing = await inbox.get_message_by_key(session, key)
+    error: Hl7MessageError | None = None
+    event = None
+    try:
+        event = hl7v2_to_clinical_event(parsed, partner, identifier_base=runtime.systems.base)
+    except Hl7MessageError as exc:
+        if exc.ack_code == "AR":
+            record_hl7_rejection(session, raw=raw, error=exc, sender=facility, transport=transport)
+            await session.flush()
+            return Hl7Reply(_ack(parsed, "AR", exc), "AR")
+        error = exc
+    message = inbox.new_message(
+        channel=CHANNEL,
+        sender=facility,
+        external_id=parsed.control_id,
+        body=raw,
+        content_type=CONTENT_TYPE,
+    )
+    if error is not None:
+        message.status = MessageStatus.FAILED
+        message.response = {
+            "message_id": message.id,
+            "ack_code": "AE",
+            "status": "failed",
+            "error": _error_dict(error),
+        }
+    else:
+        message.response = {
+            "message_id": message.id,
+            "ack_code": "AA",
+            "status": "received" if event else "ignored",
+            "message_type": parsed.message_type,
+        }
+        if event is None:
+            message.status = MessageStatus.IGNORED
+        elif lease:
+            lease = lease_for_this_process(runtime, message)
+    if message.status != MessageStatus.RECEIVED:
+        message.processed_at = utcnow()
+    existing = await store_if_new(session, message)
     if existing is not None:
-        if existing.content_hash == inbox.content_hash(raw):
+        if existing.content_hash == message.content_hash:
             stored = existing.response or {}
             code: AckCode = stored.get("ack_code", "AA")
-            error = _error_from(stored["error"]) if stored.get("error") else None
+            stored_error = _error_from(stored["error"]) if stored.get("error") else None
             log.info("hl7.duplicate", message_id=existing.id, transport=transport, ack_code=code)
-            return Hl7Reply(_ack(parsed, code, error), code, None, duplicate=True)
+            return Hl7Reply(_ack(parsed, code, stored_error), code, duplicate=True)
         reuse = Hl7MessageError(
             "AR",
             205,
@@ -210,38 +259,14 @@ async def receive_hl7(
         record_hl7_rejection(session, raw=raw, error=reuse, sender=facility, transport=transport)
         await session.flush()
         return Hl7Reply(_ack(parsed, "AR", reuse), "AR")
-
-    try:
-        event = hl7v2_to_clinical_event(parsed, partner, identifier_base=runtime.systems.base)
-    except Hl7MessageError as exc:
-        if exc.ack_code == "AR":
-            record_hl7_rejection(session, raw=raw, error=exc, sender=facility, transport=transport)
-            await session.flush()
-            return Hl7Reply(_ack(parsed, "AR", exc), "AR")
-        message = inbox.new_message(
-            channel=CHANNEL,
-            sender=facility,
-            external_id=parsed.control_id,
-            body=raw,
-            content_type=CONTENT_TYPE,
-            status=MessageStatus.FAILED,
-        )
-        message.processed_at = utcnow()
-        message.response = {
-            "message_id": message.id,
-            "ack_code": "AE",
-            "status": "failed",
-            "error": _error_dict(exc),
-        }
-        session.add(message)
-        await session.flush()
+    if error is not None:
         session.add(
             inbox.new_exception(
                 kind="unmappable_input",
                 channel=CHANNEL,
                 sender=facility,
                 message_id=message.id,
-                problems=[exc.problem],
+                problems=[error.problem],
             )
         )
         await session.flush()
@@ -250,28 +275,10 @@ async def receive_hl7(
             message_id=message.id,
             transport=transport,
             message_type=parsed.message_type,
-            hl7_code=exc.hl7_code,
-            location=exc.location,
+            hl7_code=error.hl7_code,
+            location=error.location,
         )
-        return Hl7Reply(_ack(parsed, "AE", exc), "AE")
-    message = inbox.new_message(
-        channel=CHANNEL,
-        sender=facility,
-        external_id=parsed.control_id,
-        body=raw,
-        content_type=CONTENT_TYPE,
-        status=MessageStatus.RECEIVED if event else MessageStatus.IGNORED,
-    )
-    message.response = {
-        "message_id": message.id,
-        "ack_code": "AA",
-        "status": "received" if event else "ignored",
-        "message_type": parsed.message_type,
-    }
-    if event is None:
-        message.processed_at = utcnow()
-    session.add(message)
-    await session.flush()
+        return Hl7Reply(_ack(parsed, "AE", error), "AE")
     log.info(
         "hl7.received",
         message_id=message.id,
@@ -280,4 +287,6 @@ async def receive_hl7(
         message_type=parsed.message_type,
         event_type=event.type if event else None,
     )
-    return Hl7Reply(_ack(parsed, "AA"), "AA", message.id if event else None)
+    if event is None or not lease:
+        return Hl7Reply(_ack(parsed, "AA"), "AA")
+    return Hl7Reply(_ack(parsed, "AA"), "AA", message=message, prepared=Prepared(events=[event]))

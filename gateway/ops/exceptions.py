@@ -38,7 +38,7 @@ from gateway.db.models import (
 from gateway.db.types import utcnow
 from gateway.deps import RuntimeDep, SessionDep, require_scope
 from gateway.errors import ConflictError, NotFoundError
-from gateway.events.endpoints import apply_after_response
+from gateway.events.endpoints import apply_after_response, apply_id_after_response
 from gateway.events.service import EVENT_CHANNELS
 from gateway.hl7.service import CHANNEL as HL7_CHANNEL
 from gateway.hl7.service import receive_hl7
@@ -300,7 +300,7 @@ async def retry_exception(
             .execution_options(synchronize_session=False)
         )
         body["message_id"] = message.id
-        background.add_task(apply_after_response, request, runtime, message.id)
+        background.add_task(apply_id_after_response, request, runtime, message.id)
     else:
         assert row.payload is not None
         reply = await receive_hl7(session, runtime, raw=row.payload, transport="retry")
@@ -310,8 +310,7 @@ async def retry_exception(
         row.retries += 1
         body["ack_code"] = reply.code
         body["message_id"] = reply.message_id
-        if reply.message_id is not None:
-            background.add_task(apply_after_response, request, runtime, reply.message_id)
+        background.add_task(apply_after_response, request, runtime, reply)
     session.add(
         AuditEntry(
             actor=principal.name,

@@ -47,6 +47,5 @@ async def partner_webhook(
             session, runtime, partner=profile, raw=raw, content_type=content_type
         ),
     )
-    if outcome.message_id and not outcome.body.get("duplicate"):
-        background.add_task(apply_after_response, request, runtime, outcome.message_id)
+    background.add_task(apply_after_response, request, runtime, outcome)
     return JSONResponse(outcome.body, status_code=outcome.status_code)

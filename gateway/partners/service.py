@@ -23,8 +23,10 @@ from gateway.errors import (
     UnauthorizedError,
     UnprocessableError,
 )
+from gateway.events.inbox import store_if_new
+from gateway.events.service import Prepared, Received, lease_for_this_process
 from gateway.inbox import repository as inbox
-from gateway.ingest.service import Outcome, decode_json_object
+from gateway.ingest.service import decode_json_object
 from gateway.logging import get_logger
 from gateway.partners.signatures import SignatureError, usable_secret, verify_signature
 from gateway.runtime import Runtime
@@ -81,7 +83,7 @@ async def receive_partner_webhook(
     partner: PartnerProfile,
     raw: bytes,
     content_type: str,
-) -> Outcome:
+) -> Received:
     """Store and map one verified webhook (flushes; the request commits).
 
     Returns:
@@ -98,11 +100,6 @@ async def receive_partner_webhook(
         event_id = partner_event_id(data, partner)
     except MappingError as exc:
         raise UnprocessableError("the webhook has no event id", [exc.problem]) from exc
-    existing = await inbox.get_message_by_key(
-        session, inbox.dedupe_key(CHANNEL, partner.name, event_id)
-    )
-    if existing is not None:
-        return Outcome(202, {**(existing.response or {}), "duplicate": True}, existing.id)
     message = inbox.new_message(
         channel=CHANNEL,
         sender=partner.name,
@@ -115,25 +112,34 @@ async def receive_partner_webhook(
         "event_id": event_id,
         "status_url": f"{runtime.settings.public_base_url}/v1/messages/{message.id}",
     }
+    problems: list[Problem] = []
+    event = None
     try:
         event = partner_to_clinical_event(data, partner, identifier_base=runtime.systems.base)
     except MappingErrors as exc:
+        problems = exc.problems
+    if problems:
         message.status = MessageStatus.FAILED
+        message.response = {**body, "status": "failed", "problems": [p.as_dict() for p in problems]}
+    elif event is None:
+        message.status = MessageStatus.IGNORED
+        message.response = {**body, "status": "ignored"}
+    else:
+        message.response = {**body, "status": "received", "event_type": event.type}
+    leased = event is not None and not problems and lease_for_this_process(runtime, message)
+    if message.status != MessageStatus.RECEIVED:
         message.processed_at = utcnow()
-        message.response = {
-            **body,
-            "status": "failed",
-            "problems": [p.as_dict() for p in exc.problems],
-        }
-        session.add(message)
-        await session.flush()
+    existing = await store_if_new(session, message)
+    if existing is not None:
+        return Received(202, {**(existing.response or {}), "duplicate": True}, existing.id)
+    if problems:
         session.add(
             inbox.new_exception(
                 kind="unmappable_input",
                 channel=CHANNEL,
                 sender=partner.name,
                 message_id=message.id,
-                problems=exc.problems,
+                problems=problems,
             )
         )
         await session.flush()
@@ -141,21 +147,17 @@ async def receive_partner_webhook(
             "partners.unmappable",
             message_id=message.id,
             partner=partner.name,
-            problems=len(exc.problems),
+            problems=len(problems),
         )
-        return Outcome(202, message.response, None)
-    if event is None:
-        message.status = MessageStatus.IGNORED
-        message.processed_at = utcnow()
-        message.response = {**body, "status": "ignored"}
-    else:
-        message.response = {**body, "status": "received", "event_type": event.type}
-    session.add(message)
-    await session.flush()
+        return Received(202, message.response, message.id)
     log.info(
         "partners.received",
         message_id=message.id,
         partner=partner.name,
         event_type=event.type if event else None,
     )
-    return Outcome(202, message.response, message.id if event else None)
+    if event is None or not leased:
+        return Received(202, message.response, message.id)
+    return Received(
+        202, message.response, message.id, message=message, prepared=Prepared(events=[event])
+    )

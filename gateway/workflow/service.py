@@ -190,7 +190,8 @@ async def apply_event(
         _reject_exception(session, row, event.channel, decision)
     if changed:
         await _drain_pending(session, workflow, case, now)
-    await _refresh_sla(session, workflow, case, now)
+    elif _stops_a_timer(workflow, case.state, event.type):
+        await _refresh_sla(session, workflow, case, now)
     await session.flush()
     log.info(
         "case.event",
@@ -326,6 +327,11 @@ async def _drain_pending(
                 break
         if not moved:
             return
+
+
+def _stops_a_timer(workflow: WorkflowProfile, state: str, event_type: str) -> bool:
+    """True if an event of this type may stop an SLA timer of ``state`` (its ``until``)."""
+    return any(t.state == state and t.until == event_type for t in workflow.sla)
 
 
 async def _refresh_sla(

@@ -25,8 +25,9 @@ from sqlalchemy import func, select
 from gateway.cli import stripe_signature_header
 from gateway.db.models import Delivery
 from gateway.delivery.worker import DeliveryWorker
-from gateway.events.service import process_safely, sweep_pending
+from gateway.events.service import apply_received, sweep_pending
 from gateway.hl7.mllp import MllpServer
+from gateway.hl7.service import Hl7Reply
 from gateway.runtime import Runtime
 from tests import samples
 from tests.support import notifications as n
@@ -110,8 +111,9 @@ async def test_the_whole_journey_reaches_the_subscriber_once_in_order(
     subscriber = Subscriber(secret="")
     worker = DeliveryWorker(runtime)
 
-    async def apply(message_id: str) -> object:
-        return await process_safely(runtime, message_id)
+    async def apply(reply: Hl7Reply) -> object:
+        assert reply.message is not None
+        return await apply_received(runtime, reply.message, prepared=reply.prepared)
 
     mllp = MllpServer(runtime, port=0, after_store=apply)
     await mllp.start()

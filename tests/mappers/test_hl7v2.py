@@ -15,6 +15,7 @@ from gateway.settings import BUNDLED_PROFILES_DIR
 from mappers.errors import MappingError
 from mappers.hl7v2 import (
     Hl7MessageError,
+    _build_ack,
     build_ack,
     hl7v2_to_clinical_event,
     normalize_er7,
@@ -293,3 +294,28 @@ def test_hl7_spec_validates_peers_and_zone() -> None:
             Hl7Spec.model_validate({**base, **bad})
     with pytest.raises(ValueError):
         Hl7Spec.model_validate({**base, "messages": [{"message": "ADT^A04", "event": "x"}]})
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        (GOLDEN / "rds_o13_dispensed.hl7").read_text(),
+        (GOLDEN / "adt_a08_no_structure.hl7").read_text().replace("2.3.1", "2.3"),
+        "MSH|#~\\&|APP#X|FAC|GW|TELE|20261124||ORU#R01#ORU_R01|C-9|T|2.5.1\rPID|1||M1",
+    ],
+)
+def test_cached_accept_ack_is_the_one_hl7apy_builds(text: str) -> None:
+    message = parse_er7(text)
+    fast = build_ack(message, "AA", control_id="ACK9", now=NOW)
+    slow = _build_ack(
+        message,
+        "AA",
+        control_id="ACK9",
+        time_text=NOW.strftime("%Y%m%d%H%M%S+0000"),
+        error=None,
+        application="FHIR-GATEWAY",
+        facility="FHIR-GATEWAY",
+    )
+    assert fast == slow
+    later = build_ack(message, "AA", control_id="ACK10", now=NOW + timedelta(seconds=1))
+    assert later != fast and "ACK10" in later and message.control_id in later

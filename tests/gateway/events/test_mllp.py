@@ -16,8 +16,9 @@ import httpx
 import pytest
 from hl7.mllp import open_hl7_connection
 
-from gateway.events.service import process_safely
+from gateway.events.service import apply_received
 from gateway.hl7.mllp import MllpDecoder, MllpServer
+from gateway.hl7.service import Hl7Reply
 from gateway.runtime import Runtime
 from tests.support.events_env import (
     Patient,
@@ -32,8 +33,9 @@ SB, EB, CR = b"\x0b", b"\x1c", b"\r"
 
 @pytest.fixture
 async def mllp(runtime: Runtime) -> AsyncIterator[MllpServer]:
-    async def apply(message_id: str) -> object:
-        return await process_safely(runtime, message_id)
+    async def apply(reply: Hl7Reply) -> object:
+        assert reply.message is not None
+        return await apply_received(runtime, reply.message, prepared=reply.prepared)
 
     server = MllpServer(runtime, port=0, max_message_bytes=4096, after_store=apply)
     await server.start()
