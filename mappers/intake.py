@@ -8,6 +8,7 @@ The submission contract (``POST /v1/intake-submissions``) is :class:`IntakeSubmi
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from datetime import datetime
@@ -280,7 +281,11 @@ def _option(item: IntakeItem, value: Any) -> dict[str, str]:
 
 
 def _number(value: Any) -> Decimal | None:
+    """A JSON number or numeric string as a Decimal; None for anything else, including
+    the NaN and Infinity that ``json.loads`` lets through (they are not JSON numbers)."""
     if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, int | float):
         return Decimal(str(value))
