@@ -120,7 +120,8 @@ def load_profiles(root: Path) -> ProfileSet:
             obj = model.model_validate(data)
         except ValidationError as exc:
             for err in exc.errors(include_input=False, include_url=False):
-                problems.append(Problem(f"{rel}: {_loc(err)}", err["type"], err["msg"]))
+                where = f"{rel}: {_loc(err)}" if err.get("loc") else rel
+                problems.append(Problem(where, err["type"], err["msg"]))
             return None
         digest = hashlib.sha256(raw).hexdigest()
         return obj, rel, digest
