@@ -37,14 +37,22 @@ router = APIRouter(prefix="/v1", tags=["ingest"])
 
 
 def _content_type(request: Request) -> str:
-    value = request.headers.get("content-type", "application/json")
-    media = value.split(";", 1)[0].strip().lower()
+    """The request's declared content type (JSON when absent)."""
+    return request.headers.get("content-type", "application/json")
+
+
+def _require_json(content_type: str) -> None:
+    """Refuse a body that is declared as something other than JSON.
+
+    Raises:
+        UnsupportedMediaTypeError: 415 with the problem listed.
+    """
+    media = content_type.split(";", 1)[0].strip().lower()
     if media != "application/json" and not media.endswith("+json"):
         raise UnsupportedMediaTypeError(
             "send JSON (Content-Type: application/json)",
             [Problem("", "unsupported_media_type", "the body must be application/json")],
         )
-    return value
 
 
 async def _run_guarded(
@@ -57,10 +65,12 @@ async def _run_guarded(
     raw: bytes,
     call: Callable[[], Awaitable[service.Outcome]],
 ) -> service.Outcome:
-    """Run an ingest call; keep a rejected payload for review; retry once on a unique-key
-    race (two requests with the same submission or patient at the same moment)."""
+    """Check the body is JSON and run an ingest call; keep a rejected payload (including a
+    non-JSON one) for review; retry once on a unique-key race (two requests with the same
+    submission or patient at the same moment)."""
     for attempt in (1, 2):
         try:
+            _require_json(_content_type(request))
             return await call()
         except IntegrityError:
             await session.rollback()
