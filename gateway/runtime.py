@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from gateway.clients.service import Principal, authenticate, hash_key
 from gateway.db.engine import make_engine, make_sessionmaker
 from gateway.settings import Settings
 from mappers.identifiers import IdentifierSystems
@@ -35,6 +37,31 @@ class ProfileHolder:
         return new
 
 
+class AuthCache:
+    """Authenticated principals by API key hash for a few seconds, so a burst of requests
+    does not query ``api_clients`` each time. A revoked key stops working within
+    ``ttl_s`` (default 10 s) in every process."""
+
+    def __init__(self, ttl_s: float = 10.0, max_entries: int = 1024) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[Principal | None, float]] = {}
+
+    async def get(self, key: str, runtime: Runtime) -> Principal | None:
+        """The principal for ``key`` (None when unknown or revoked)."""
+        digest = hash_key(key)
+        now = time.monotonic()
+        hit = self._entries.get(digest)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        async with runtime.sessionmaker() as session:
+            principal = await authenticate(session, key=key)
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()
+        self._entries[digest] = (principal, now + self.ttl_s)
+        return principal
+
+
 @dataclass
 class Runtime:
     """Everything a request handler or worker needs."""
@@ -45,6 +72,7 @@ class Runtime:
     profiles: ProfileHolder
     systems: IdentifierSystems
     instance_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    auth_cache: AuthCache = field(default_factory=AuthCache)
 
     @classmethod
     def create(cls, settings: Settings) -> Runtime:

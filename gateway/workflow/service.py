@@ -71,14 +71,22 @@ async def _find_case(
 
 
 async def apply_event(
-    session: AsyncSession, workflow: WorkflowProfile, event: EventInput
+    session: AsyncSession,
+    workflow: WorkflowProfile,
+    event: EventInput,
+    *,
+    new_patient: bool = False,
 ) -> ApplyResult:
     """Apply one event to its case (opening one if the event opens cases).
 
     The case row is locked (``FOR UPDATE`` on PostgreSQL) so concurrent events of one case
     apply one after the other. Flushes; the caller commits.
+
+    Args:
+        new_patient: the patient was created in this transaction, so has no case yet
+            (saves a query on the ingest path).
     """
-    case = await _find_case(session, workflow, event)
+    case = None if new_patient else await _find_case(session, workflow, event)
     if case is not None:
         duplicate = await session.scalar(
             select(CaseEvent.id).where(

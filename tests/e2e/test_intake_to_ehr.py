@@ -3,14 +3,18 @@ event back, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import func, select
 
 from gateway.cli import stripe_signature_header
+from gateway.db.models import Delivery
+from gateway.delivery.repository import ACTIVE
 from gateway.delivery.worker import DeliveryWorker
 from gateway.runtime import Runtime
 from tests import samples
@@ -33,11 +37,19 @@ def profiles_dir(tmp_path: Path, ehr: tuple[FakeEhr, RunningEhr], monkeypatch: p
     return profiles_with_target(tmp_path / "profiles", ehr[1])
 
 
-async def drain(worker: DeliveryWorker, rounds: int = 20) -> None:
-    """Run the worker until nothing is due."""
-    for _ in range(rounds):
+async def drain(worker: DeliveryWorker, timeout_s: float = 15.0) -> None:
+    """Run the worker until no delivery is pending or in flight (retries included)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
         if await worker.run_once() == 0:
-            return
+            async with worker.runtime.sessionmaker() as session:
+                active = await session.scalar(
+                    select(func.count()).select_from(Delivery).where(Delivery.status.in_(ACTIVE))
+                )
+            if not active:
+                return
+            await asyncio.sleep(0.02)
+    raise AssertionError("deliveries still pending after the timeout")
 
 
 def signed(event: dict[str, object]) -> tuple[bytes, dict[str, str]]:
