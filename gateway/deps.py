@@ -25,7 +25,8 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     This dependency is the only place a request commits; services flush at most.
     """
     runtime: Runtime = request.app.state.runtime
-    async with runtime.sessionmaker() as session:
+    factory = runtime.sessionmaker if request.method in ("GET", "HEAD") else runtime.write_session
+    async with factory() as session:
         try:
             yield session
         except BaseException:

@@ -140,7 +140,7 @@ class DeliveryWorker:
         if not targets:
             return 0
         settings = self.runtime.settings
-        async with self.runtime.sessionmaker() as session:
+        async with self.runtime.write_session() as session:
             claimed = await repo.claim(
                 session,
                 targets=targets,
@@ -234,7 +234,7 @@ class DeliveryWorker:
             return
         duration_ms = int((time.perf_counter() - t0) * 1000)
         now = utcnow()
-        async with self.runtime.sessionmaker() as session:
+        async with self.runtime.write_session() as session:
             for entry in entries:
                 if entry.remote_id:
                     version = next(
@@ -304,7 +304,7 @@ class DeliveryWorker:
 
     async def _release(self, delivery: Delivery, *, wait: timedelta, error: str) -> None:
         """Put a claimed row back without counting the attempt (nothing was sent)."""
-        async with self.runtime.sessionmaker() as session:
+        async with self.runtime.write_session() as session:
             await repo.finish(
                 session,
                 delivery_id=delivery.id,
@@ -341,7 +341,7 @@ class DeliveryWorker:
             policy=target.retry,
             retry_after_s=exc.retry_after_s,
         )
-        async with self.runtime.sessionmaker() as session:
+        async with self.runtime.write_session() as session:
             if decision.give_up:
                 await self._dead(
                     session,
@@ -390,7 +390,7 @@ class DeliveryWorker:
         self, delivery: Delivery, exc: EhrRejectedError, started_at: Any, t0: float
     ) -> None:
         duration_ms = int((time.perf_counter() - t0) * 1000)
-        async with self.runtime.sessionmaker() as session:
+        async with self.runtime.write_session() as session:
             if exc.status_code == 412:
                 await repo.finish(
                     session,

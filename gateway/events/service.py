@@ -134,7 +134,7 @@ async def process_message(session: AsyncSession, runtime: Runtime, message: Inbo
 
 async def process_message_by_id(runtime: Runtime, message_id: str) -> None:
     """Apply one message in its own transaction (after the acknowledgement)."""
-    async with runtime.sessionmaker() as session:
+    async with runtime.write_session() as session:
         stmt = select(InboundMessage).where(InboundMessage.id == message_id)
         if runtime.engine.dialect.name == "postgresql":
             stmt = stmt.with_for_update(skip_locked=True)
@@ -152,7 +152,7 @@ async def sweep_pending(runtime: Runtime, *, limit: int = 100) -> int:
         How many messages were processed.
     """
     done = 0
-    async with runtime.sessionmaker() as session:
+    async with runtime.write_session() as session:
         stmt = (
             select(InboundMessage)
             .where(

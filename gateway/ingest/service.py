@@ -106,7 +106,7 @@ async def record_rejection(
         The exceptions-queue id.
     """
     problems = error.problems or [Problem("", error.slug, error.detail)]
-    async with runtime.sessionmaker() as session:
+    async with runtime.write_session() as session:
         record = inbox.new_exception(
             kind="rejected_input",
             channel=channel,
