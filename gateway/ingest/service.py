@@ -35,6 +35,7 @@ from mappers.checkout import (
     stripe_session_to_checkout,
 )
 from mappers.errors import MappingErrors, Problem
+from mappers.identifiers import IdentifierSystems
 from mappers.intake import (
     intake_to_patient,
     intake_to_questionnaire_response,
@@ -398,7 +399,10 @@ async def submit_intake(
         systems=systems,
         status="amended" if qr_row else "completed",
     )
-    if qr_row is not None and qr_row.patient_id != match.patient_id:
+    if qr_row is not None and (
+        qr_row.patient_id != match.patient_id
+        or _names_another_patient(match.existing, submission.patient.external_id, systems)
+    ):
         raise ConflictError(
             "this submission_id already belongs to another patient",
             [
@@ -454,6 +458,22 @@ async def submit_intake(
     message.processed_at = utcnow()
     message.response = body
     return Outcome(202, body, message.id)
+
+
+def _names_another_patient(
+    stored: dict[str, Any] | None, external_id: str | None, systems: IdentifierSystems
+) -> bool:
+    """True when a correction names an intake-app patient id (``patient.external_id``)
+    that the submission's stored Patient is not known by: another person, even one the
+    gateway has never seen, so the correction must not be merged into this Patient."""
+    if not external_id or stored is None:
+        return False
+    known = {
+        i.get("value")
+        for i in stored.get("identifier", [])
+        if i.get("system") == systems.external_patient
+    }
+    return bool(known) and external_id not in known
 
 
 def _message_for(
