@@ -79,8 +79,8 @@ async def save_resource(
     """Insert ``resource`` or, when it exists, store it as a new version.
 
     Sets ``meta.versionId`` and ``meta.lastUpdated`` on the stored copy (the input dict
-    is not modified; nested elements are shared with it, not copied) and writes a
-    history row.
+    is not modified; nested elements are shared with it, not copied). On update, the
+    superseded version moves to ``fhir_resource_versions`` (the history).
 
     Args:
         current: the stored row of this resource, or None when the caller knows it is
@@ -133,25 +133,26 @@ async def save_resource(
             bulk.add(FhirResource, **values)
         else:
             session.add(FhirResource(**values))
-    else:
-        row.version_id = version
-        row.resource = stored
-        row.inbound_message_id = message_id
-        row.updated_at = now
-        for key, value in profile_values.items():
-            setattr(row, key, value)
-    version_values = {
+        return stored, True
+    # History keeps the superseded versions; the current one lives in fhir_resources.
+    superseded = {
         "resource_type": rtype,
         "id": rid,
-        "version_id": version,
-        "resource": stored,
-        "inbound_message_id": message_id,
-        "recorded_at": now,
+        "version_id": row.version_id,
+        "resource": row.resource,
+        "inbound_message_id": row.inbound_message_id,
+        "recorded_at": row.updated_at,
     }
     if bulk is not None:
-        bulk.add(FhirResourceVersion, **version_values)
+        bulk.add(FhirResourceVersion, **superseded)
     else:
-        session.add(FhirResourceVersion(**version_values))
+        session.add(FhirResourceVersion(**superseded))
+    row.version_id = version
+    row.resource = stored
+    row.inbound_message_id = message_id
+    row.updated_at = now
+    for key, value in profile_values.items():
+        setattr(row, key, value)
     return stored, True
 
 

@@ -131,8 +131,7 @@ async def apply_event(
             state_entered_at=now,
             last_occurred_at=event.occurred_at,
         )
-        session.add(case)
-        await session.flush()
+        session.add(case)  # the unit of work inserts it before its case_events (FK order)
         _history(session, case, event, None, decision.to_state, CaseEventOutcome.APPLIED, None)
         log.info(
             "case.opened",
