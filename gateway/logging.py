@@ -45,6 +45,9 @@ def configure_logging(level: str = "info", *, json: bool = True) -> None:
     # httpx logs full request URLs (with query strings) at INFO: keep it quiet.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    # aiosqlite logs every statement with its parameters (names, birth dates, whole
+    # resources) at DEBUG: never let GATEWAY_LOG_LEVEL=debug turn that on.
+    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
