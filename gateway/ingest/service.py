@@ -69,7 +69,8 @@ def decode_json_object(raw: bytes) -> dict[str, Any]:
     """Parse a request body that must be a JSON object.
 
     Raises:
-        BadRequestError: not UTF-8 JSON (the problem names line and column).
+        BadRequestError: not UTF-8 JSON (the problem names line and column), or nested
+            too deeply to parse.
         UnprocessableError: valid JSON that is not an object.
     """
     try:
@@ -83,6 +84,12 @@ def decode_json_object(raw: bytes) -> dict[str, Any]:
         raise BadRequestError(
             "the body is not valid JSON",
             [Problem("", "invalid_json", f"{exc.msg} at line {exc.lineno} column {exc.colno}")],
+        ) from exc
+    except RecursionError as exc:
+        # json.loads recurses once per nesting level; a small body can exhaust the stack.
+        raise BadRequestError(
+            "the body is not valid JSON",
+            [Problem("", "invalid_json", "arrays or objects are nested too deeply")],
         ) from exc
     if not isinstance(data, dict):
         raise UnprocessableError(
