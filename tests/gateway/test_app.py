@@ -173,6 +173,20 @@ async def test_malformed_json_is_400_with_line_and_column(
     assert record.problems[0]["code"] == "invalid_json"
 
 
+@pytest.mark.parametrize("path", ["/v1/intake-submissions", "/v1/checkouts", "/v1/events"])
+async def test_json_nested_too_deeply_is_400_not_500(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str], path: str
+) -> None:
+    raw = b'{"answers": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    r = await client.post(
+        path, content=raw, headers={**admin_headers, "Content-Type": "application/json"}
+    )
+    body = assert_problem(r, 400)
+    assert body["errors"][0]["code"] == "invalid_json"
+    (record,) = await rows(runtime, ExceptionRecord)
+    assert record.payload == raw
+
+
 async def test_a_body_that_is_not_utf8_is_400(
     client: httpx.AsyncClient, admin_headers: dict[str, str]
 ) -> None:
