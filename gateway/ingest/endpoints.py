@@ -3,8 +3,9 @@ and the status of a message."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated
 
 import stripe
 from fastapi import APIRouter, Depends, Header, Request
@@ -211,7 +212,7 @@ async def stripe_webhook(
             ],
         )
     try:
-        event = stripe.Webhook.construct_event(
+        stripe.Webhook.construct_event(
             raw,
             stripe_signature,
             secret.get_secret_value(),
@@ -234,7 +235,12 @@ async def stripe_webhook(
             "the body is not valid JSON",
             [Problem("", "invalid_json", "the event is not valid JSON")],
         ) from exc
-    payload: dict[str, Any] = event.to_dict() if hasattr(event, "to_dict") else dict(event)
+    # Verified: map the exact JSON Stripe signed, not the SDK's object conversion of it.
+    payload = json.loads(raw)
+    if not isinstance(payload, dict):
+        raise BadRequestError(
+            "the event is not a JSON object", [Problem("", "type_error", "expected a JSON object")]
+        )
     for attempt in (1, 2):
         try:
             outcome, _problems = await service.receive_stripe_event(
