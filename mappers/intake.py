@@ -29,6 +29,7 @@ from mappers import normalize
 from mappers.errors import MappingError, MappingErrors, Problem, ProblemCollector
 from mappers.identifiers import IdentifierSystems
 from mappers.profiles import IntakeItem, IntakeProfile
+from mappers.validation import CONTROL_CHARACTERS
 
 US_CORE_PATIENT = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-patient"
 US_CORE_QR = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-questionnaireresponse"
@@ -225,6 +226,8 @@ def _answer_value(item: IntakeItem, value: Any) -> dict[str, Any]:
         if not isinstance(value, str) or not value.strip():
             raise MappingError("invalid_answer", f"expected non-empty text for a {t} question")
         text = value.strip()
+        if CONTROL_CHARACTERS.search(text):
+            raise MappingError("invalid_character", "contains a control character")
         if item.max_length is not None and len(text) > item.max_length:
             raise MappingError("answer_too_long", f"at most {item.max_length} characters")
         return {"valueString": text}
@@ -318,7 +321,8 @@ def answers_to_items(
     optional questions are left out; ``null`` counts as unanswered.
 
     Problems recorded at ``answers.<key>``: ``unknown_question``, ``missing_answer``,
-    ``invalid_answer``, ``invalid_choice``, ``out_of_range``, ``invalid_date``.
+    ``invalid_answer``, ``invalid_choice``, ``out_of_range``, ``invalid_date``,
+    ``answer_too_long``, ``invalid_character`` (a control character in text).
     """
     by_key = profile.items_by_key
     for key in answers:
