@@ -187,6 +187,33 @@ async def test_json_nested_too_deeply_is_400_not_500(
     assert record.payload == raw
 
 
+async def test_control_characters_are_422_not_500_on_every_database(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str]
+) -> None:
+    # PostgreSQL's JSONB refuses NUL; FHIR strings may not hold control characters anyway
+    body = samples.intake()
+    body["answers"]["current_medications"] = "metformin\u0000 500 mg"
+    before = await table_counts(runtime)
+    r = await client.post("/v1/intake-submissions", json=body, headers=admin_headers)
+    problem = assert_problem(r, 422)
+    assert {(e["field"], e["code"]) for e in problem["errors"]} == {
+        ("answers.current_medications", "invalid_character")
+    }
+    await assert_only_the_rejection_was_written(runtime, before)
+
+
+async def test_a_control_character_in_mapped_text_is_422(
+    client: httpx.AsyncClient, admin_headers: dict[str, str]
+) -> None:
+    checkout = samples.canonical_checkout()
+    checkout["customer"]["address"]["line1"] = "100 Market St\u0007"
+    r = await client.post("/v1/checkouts", json=checkout, headers=admin_headers)
+    problem = assert_problem(r, 422)
+    assert {(e["field"], e["code"]) for e in problem["errors"]} == {
+        ("Patient.address[0].line[0]", "invalid_character")
+    }
+
+
 async def test_a_body_that_is_not_utf8_is_400(
     client: httpx.AsyncClient, admin_headers: dict[str, str]
 ) -> None:

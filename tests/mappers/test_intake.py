@@ -295,6 +295,12 @@ def test_required_question_without_an_answer_is_located(
         ("last_physical_exam_date", 20260302, "answers.last_physical_exam_date", "invalid_answer"),
         ("current_medications", "x" * 2001, "answers.current_medications", "answer_too_long"),
         ("current_medications", {"drug": "x"}, "answers.current_medications", "invalid_answer"),
+        (
+            "current_medications",
+            "metformin\x00500",
+            "answers.current_medications",
+            "invalid_character",
+        ),
     ],
 )
 def test_bad_answer_is_located_with_its_code(

@@ -223,6 +223,26 @@ def test_a_datetime_without_zone_is_refused() -> None:
     assert [p.location for p in resource_problems(mr)] == ["MedicationRequest.authoredOn"]
 
 
+def test_control_characters_in_strings_are_refused() -> None:
+    # R4 string: "SHALL NOT contain Unicode character points below 32, except for u0009
+    # (horizontal tab), u0010 (carriage return) and u0013 (line feed)"
+    patient = changed(
+        PATIENT,
+        name=[{"family": "Riv\x00era", "given": ["Jordan"]}],
+        address=[{"line": ["100 Market St", "Apt\x074"], "state": "CA"}],
+    )
+    assert codes(patient) == {
+        "Patient.name[0].family": "invalid_character",
+        "Patient.address[0].line[1]": "invalid_character",
+    }
+    assert all("Riv" not in p.message for p in resource_problems(patient))
+
+
+def test_tab_and_line_breaks_are_allowed_in_strings() -> None:
+    patient = changed(PATIENT, address=[{"line": ["100 Market St\tUnit 4\r\nBack door"]}])
+    assert resource_problems(patient) == []
+
+
 def test_validate_resources_raises_once_with_every_problem() -> None:
     with pytest.raises(MappingErrors) as info:
         validate_resources(
