@@ -196,7 +196,9 @@ def make_profiles(workdir: Path, ehr_port: int | None) -> Path:
     return dest
 
 
-def run(kind: str, rate: float, seconds: float, concurrency: int, with_ehr: bool) -> list[dict[str, Any]]:
+def run(
+    kind: str, rate: float, seconds: float, concurrency: int, with_ehr: bool, server_workers: int = 1
+) -> list[dict[str, Any]]:
     """Start the gateway (and the fake EHR), run both load shapes, stop everything."""
     template = json.loads((ROOT / "examples" / "intake-glp1.json").read_text())
     procs: list[subprocess.Popen[bytes]] = []
@@ -225,7 +227,8 @@ def run(kind: str, rate: float, seconds: float, concurrency: int, with_ehr: bool
             ).stdout.strip().splitlines()[-1]
             port = free_port()
             procs.append(subprocess.Popen(
-                [str(VENV_BIN / "fhir-gateway"), "serve", "--port", str(port), "--no-migrate"],
+                [str(VENV_BIN / "fhir-gateway"), "serve", "--port", str(port), "--no-migrate",
+                 "--workers", str(server_workers)],
                 env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             ))
             url = f"http://127.0.0.1:{port}"
@@ -238,6 +241,7 @@ def run(kind: str, rate: float, seconds: float, concurrency: int, with_ehr: bool
             for r in results:
                 r["database"] = kind
                 r["ehr"] = "fake EHR target" if with_ehr else "no target"
+                r["processes"] = server_workers
             return results
         finally:
             for p in procs:
@@ -254,16 +258,19 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--concurrency", type=int, default=16, help="closed-loop clients")
     parser.add_argument("--with-ehr", action="store_true", help="enable a fake EHR target during the load")
+    parser.add_argument("--server-workers", type=int, default=1,
+                        help="gateway processes (PostgreSQL only: `serve --workers N`)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
     kinds = ["sqlite", "postgres"] if args.database == "both" else [args.database]
     results = []
     for kind in kinds:
-        results.extend(run(kind, args.rate, args.seconds, args.concurrency, args.with_ehr))
-    print(f"{'database':10} {'ehr':16} {'mode':18} {'req':>6} {'err':>4} {'req/s':>8} "
+        workers = args.server_workers if kind == "postgres" else 1
+        results.extend(run(kind, args.rate, args.seconds, args.concurrency, args.with_ehr, workers))
+    print(f"{'database':10} {'procs':5} {'ehr':16} {'mode':18} {'req':>6} {'err':>4} {'req/s':>8} "
           f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8}")
     for r in results:
-        print(f"{r['database']:10} {r['ehr']:16} {r['mode']:18} {r['requests']:6d} {r['errors']:4d} "
+        print(f"{r['database']:10} {r['processes']:5d} {r['ehr']:16} {r['mode']:18} {r['requests']:6d} {r['errors']:4d} "
               f"{r['achieved_rps']:8.1f} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} {r['p99_ms']:8.1f} {r['max_ms']:8.1f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

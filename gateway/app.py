@@ -246,3 +246,11 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def create_app_from_env() -> FastAPI:
+    """App factory for multi-process serving (``uvicorn --factory``): settings from the
+    environment of each process."""
+    from gateway.settings import load_settings
+
+    return create_app(load_settings())
