@@ -9,7 +9,7 @@ Two layers, because ``fhir.resources`` checks structure and datatypes but not co
    (the model's ``enum_values``: ``Patient.gender``, ``ContactPoint.system``,
    ``MedicationRequest.status``/``intent``...), the resource type being one R4 has and we
    emit, and the US Core rules we claim (US Core 6.1/7.0: Patient identifier/name/gender,
-   USPS ``address.state``; us-core-21 requester on orders; QuestionnaireResponse
+   USPS ``address.state`` of US addresses; us-core-21 requester on orders; QuestionnaireResponse
    ``questionnaire`` as a canonical, never a ``urn:uuid:``), and the R4 ``string`` rule
    that no control characters but tab, CR and LF appear (the models let them through).
 
@@ -147,6 +147,12 @@ def _check_characters(node: Any, path: str, problems: list[Problem]) -> None:
             _check_characters(value, f"{path}.{key}" if path else key, problems)
 
 
+def _is_us(address: dict[str, Any]) -> bool:
+    """True for a US address (``country`` US/USA, or absent as in a US-only form)."""
+    country = address.get("country")
+    return country is None or str(country).upper() in ("US", "USA")
+
+
 def _us_core_rules(resource: dict[str, Any], problems: list[Problem]) -> None:
     rtype = resource.get("resourceType")
     if rtype == "Patient":
@@ -163,8 +169,9 @@ def _us_core_rules(resource: dict[str, Any], problems: list[Problem]) -> None:
         if not resource.get("gender"):
             problems.append(Problem("gender", "us_core", "US Core Patient needs a gender"))
         for i, address in enumerate(resource.get("address") or []):
+            # The USPS binding is extensible: a foreign region has no USPS code.
             state = address.get("state")
-            if state is not None and state not in USPS_CODES:
+            if state is not None and _is_us(address) and state not in USPS_CODES:
                 problems.append(
                     Problem(f"address[{i}].state", "us_core", "state must be a USPS code")
                 )
