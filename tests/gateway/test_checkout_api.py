@@ -175,3 +175,27 @@ async def test_checkout_first_then_intake_is_one_patient_with_intake_demographic
     # one case, moved on by the intake
     assert created["case"] == {"id": paid["case"]["id"], "state": "awaiting_review"}
     assert await count(runtime, Case) == 1
+
+
+async def test_a_checkout_with_a_foreign_billing_address_is_accepted(
+    client: httpx.AsyncClient, admin_headers: dict[str, str]
+) -> None:
+    checkout = samples.canonical_checkout()
+    checkout["customer"]["address"] = {
+        "line1": "290 Bremner Blvd",
+        "city": "Toronto",
+        "state": "ON",
+        "postal_code": "M5V 3L9",
+        "country": "CA",
+    }
+    out = await post_checkout(client, admin_headers, checkout)
+    patient = await fhir(client, admin_headers, out["patient"]["reference"])
+    assert patient["address"][0] == {
+        "use": "billing",
+        "type": "both",
+        "line": ["290 Bremner Blvd"],
+        "city": "Toronto",
+        "state": "ON",
+        "postalCode": "M5V 3L9",
+        "country": "CA",
+    }

@@ -149,6 +149,20 @@ def test_address_state_must_be_a_usps_code(state: str) -> None:
     assert codes(patient) == {"Patient.address[0].state": "us_core"}
 
 
+@pytest.mark.parametrize("country", ["US", "us", "USA"])
+def test_a_us_address_state_must_be_a_usps_code(country: str) -> None:
+    patient = changed(PATIENT, address=[{"state": "Ontario", "country": country}])
+    assert codes(patient) == {"Patient.address[0].state": "us_core"}
+
+
+@pytest.mark.parametrize(("country", "state"), [("CA", "ON"), ("MX", "Jalisco"), ("GB", "Kent")])
+def test_a_foreign_address_keeps_its_own_region(country: str, state: str) -> None:
+    # US Core binds Address.state to USPS codes extensibly: a Canadian province has no
+    # USPS code, so its own code is allowed.
+    patient = changed(PATIENT, address=[{"state": state, "country": country}])
+    assert resource_problems(patient) == []
+
+
 @pytest.mark.parametrize("state", ["CA", "DC", "PR", "GU", "AE"])
 def test_usps_codes_of_states_territories_and_military_are_accepted(state: str) -> None:
     assert resource_problems(changed(PATIENT, address=[{"state": state}])) == []
