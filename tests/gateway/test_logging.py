@@ -198,3 +198,35 @@ async def test_a_full_run_logs_no_phi(
     text = "\n".join([captured.out, captured.err, caplog.text]).casefold()
     leaked = [value for value in PHI if value.casefold() in text]
     assert leaked == []
+
+
+async def test_an_unexpected_error_is_a_500_problem_and_its_message_reaches_no_log(
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    settings: Settings,
+    runtime: Runtime,
+) -> None:
+    """An exception's message can hold PHI (a driver error quotes its parameters): the
+    gateway logs its type and frames only, and must not hand it on to the server, which
+    would log it whole."""
+    gateway = create_app(settings, runtime=runtime, run_worker=False)
+
+    async def boom() -> None:
+        raise ValueError(f"cannot store {FIRST} {LAST} born {BIRTH_ISO}")
+
+    gateway.add_api_route("/v1/boom", boom, methods=["GET"])
+    async with (
+        gateway.router.lifespan_context(gateway),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=gateway), base_url="http://gw.test"
+        ) as client,
+    ):
+        r = await client.get("/v1/boom")  # raises here if the exception escapes the app
+    assert r.status_code == 500
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert r.json()["detail"] == "an unexpected error occurred; it has been logged"
+    captured = capsys.readouterr()
+    (failure,) = [json.loads(x) for x in captured.out.splitlines() if '"request.failed"' in x]
+    assert (failure["path"], failure["error_type"]) == ("/v1/boom", "ValueError")
+    text = "\n".join([captured.out, captured.err, caplog.text, r.text])
+    assert FIRST not in text and BIRTH_ISO not in text
