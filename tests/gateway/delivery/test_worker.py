@@ -239,3 +239,24 @@ async def test_a_failing_patient_does_not_hold_back_another(
     assert await worker.run_once() == 1
     assert (await delivery(runtime, other["deliveries"][0]["id"])).status == "delivered"
     assert (await delivery(runtime, stuck["deliveries"][0]["id"])).status == "pending"
+
+
+async def test_the_token_is_reused_and_fetched_again_once_after_a_401(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    admin_headers: dict[str, str],
+    ehr: FakeEhr,
+    worker: DeliveryWorker,
+) -> None:
+    await intake(client, admin_headers)
+    await intake(client, admin_headers)
+    await drain(worker)
+    assert [t.status for t in ehr.token_requests] == [200]  # cached across deliveries
+
+    ehr.revoke_all_tokens()  # the FHIR server now answers 401 to the cached token
+    out = await intake(client, admin_headers)
+    await drain(worker)
+    row = await delivery(runtime, out["deliveries"][0]["id"])
+    assert (row.status, row.attempts) == ("delivered", 1)
+    assert [t.status for t in ehr.token_requests] == [200, 200]
+    assert transactions(ehr)[-2:] == [401, 200]
