@@ -21,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StringConstraints,
     ValidationError,
 )
 from pydantic_core import PydanticCustomError
@@ -57,7 +58,8 @@ PostalCode = Annotated[str, AfterValidator(_normalizer(normalize.normalize_posta
 BirthDate = Annotated[str, AfterValidator(_normalizer(normalize.normalize_birth_date))]
 Email = Annotated[str, AfterValidator(_normalizer(normalize.normalize_email))]
 Name = Annotated[str, AfterValidator(_normalizer(normalize.normalize_name))]
-OptionalText = Annotated[str, AfterValidator(lambda v: v.strip())]
+#: Free text, trimmed before its length is checked (so blank text is too short).
+OptionalText = Annotated[str, StringConstraints(strip_whitespace=True)]
 
 
 class _Contract(BaseModel):
