@@ -378,6 +378,25 @@ def test_every_problem_of_a_submission_is_reported_at_once(profile_set: ProfileS
     }
 
 
+def test_blank_address_parts_are_reported_at_their_input_path(profile_set: ProfileSet) -> None:
+    data = sample()
+    data["patient"]["address"].update(line1="   ", city=" ")
+    assert problems_of(profile_set, data) == {
+        "patient.address.line1": "string_too_short",
+        "patient.address.city": "string_too_short",
+    }
+
+
+def test_a_blank_second_address_line_is_left_out(
+    profile_set: ProfileSet, systems: IdentifierSystems
+) -> None:
+    data = sample()
+    data["patient"]["address"]["line2"] = "  "
+    submission, _, _ = parse(profile_set, data)
+    patient = intake_to_patient(submission, patient_id="pat-1", systems=systems)
+    assert patient["address"][0]["line"] == ["100 Market St"]
+
+
 def test_problem_messages_never_repeat_the_input(profile_set: ProfileSet) -> None:
     data = sample()
     data["patient"]["phone"] = "415-555-26"
