@@ -260,3 +260,26 @@ async def test_the_token_is_reused_and_fetched_again_once_after_a_401(
     assert (row.status, row.attempts) == ("delivered", 1)
     assert [t.status for t in ehr.token_requests] == [200, 200]
     assert transactions(ehr)[-2:] == [401, 200]
+
+
+async def test_a_corrected_intake_updates_the_ehrs_questionnaire_response(
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    ehr: FakeEhr,
+    worker: DeliveryWorker,
+) -> None:
+    body = samples.intake()
+    await intake(client, admin_headers, body)
+    await drain(worker)
+    (before,) = ehr.resources("QuestionnaireResponse")
+    corrected = {**body, "answers": {**body["answers"], "weight_lb": 205}}
+    out = await intake(client, admin_headers, corrected)
+    assert out["status"] == "amended"
+    await drain(worker)
+    (after,) = ehr.resources("QuestionnaireResponse")  # updated, not a second one
+    assert after["id"] == before["id"]
+    assert after["status"] == "amended"
+    assert after["meta"]["versionId"] != before["meta"]["versionId"]
+    weight = next(i for i in after["item"] if i["linkId"] == "body-weight")
+    assert weight["answer"][0]["valueQuantity"]["value"] == 205
+    assert ehr.count("Patient") == 1
