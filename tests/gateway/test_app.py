@@ -202,16 +202,19 @@ async def test_control_characters_are_422_not_500_on_every_database(
     await assert_only_the_rejection_was_written(runtime, before)
 
 
-async def test_a_control_character_in_mapped_text_is_422(
-    client: httpx.AsyncClient, admin_headers: dict[str, str]
+async def test_a_control_character_in_mapped_text_is_422_and_nothing_is_half_written(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str]
 ) -> None:
     checkout = samples.canonical_checkout()
     checkout["customer"]["address"]["line1"] = "100 Market St\u0007"
+    before = await table_counts(runtime)
     r = await client.post("/v1/checkouts", json=checkout, headers=admin_headers)
     problem = assert_problem(r, 422)
     assert {(e["field"], e["code"]) for e in problem["errors"]} == {
         ("Patient.address[0].line[0]", "invalid_character")
     }
+    # found after the message row was added: the whole transaction is rolled back
+    await assert_only_the_rejection_was_written(runtime, before)
 
 
 async def test_a_body_that_is_not_utf8_is_400(
