@@ -130,6 +130,27 @@ def test_stripe_empty_strings_become_absent() -> None:
     assert "patient_external_id" not in out
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"data": "not a session"},
+        {"data": {"object": ["a", "list"]}},
+        {"data": {"object": {"id": "cs_1", "metadata": ["plan"], "customer_details": "Jordan"}}},
+        {"data": {"object": {"id": "cs_1", "customer_details": {"address": "100 Market St"}}}},
+    ],
+    ids=["data", "object", "metadata-and-details", "address"],
+)
+def test_a_malformed_stripe_event_maps_to_problems_not_exceptions(
+    profile_set: ProfileSet, change: dict[str, Any]
+) -> None:
+    event = {**stripe_sample(), **change}
+    out = stripe_session_to_checkout(event)
+    assert isinstance(out, dict)
+    with pytest.raises(MappingErrors) as info:
+        parse(profile_set, out)
+    assert "plan" in {p.location for p in info.value.problems}
+
+
 def test_stripe_event_without_plan_fails_parsing_at_plan(profile_set: ProfileSet) -> None:
     event = stripe_sample()
     event["data"]["object"]["metadata"] = {"patient_external_id": "app-user-8812"}
