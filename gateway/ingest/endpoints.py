@@ -3,7 +3,6 @@ and the status of a message."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
@@ -187,7 +186,7 @@ async def stripe_webhook(
     stripe_signature: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
     """Verify ``Stripe-Signature`` (HMAC-SHA256 over ``t.raw_body`` with the endpoint
-    secret, 300 s tolerance, via ``stripe.Webhook.construct_event``), store the event,
+    secret, 300 s tolerance, via ``stripe.WebhookSignature.verify_header``), store the event,
     and map ``checkout.session.completed`` / ``async_payment_succeeded``.
 
     A verified event is always acknowledged with 200 (Stripe retries non-2xx answers for
@@ -212,7 +211,7 @@ async def stripe_webhook(
             ],
         )
     try:
-        stripe.Webhook.construct_event(
+        stripe.WebhookSignature.verify_header(
             raw,
             stripe_signature,
             secret.get_secret_value(),
@@ -230,17 +229,25 @@ async def stripe_webhook(
                 )
             ],
         ) from exc
-    except ValueError as exc:
+    except ValueError as exc:  # not UTF-8: the signature is computed over text
         raise BadRequestError(
-            "the body is not valid JSON",
-            [Problem("", "invalid_json", "the event is not valid JSON")],
+            "the body is not UTF-8", [Problem("", "invalid_encoding", "the event is not UTF-8")]
         ) from exc
-    # Verified: map the exact JSON Stripe signed, not the SDK's object conversion of it.
-    payload = json.loads(raw)
-    if not isinstance(payload, dict):
-        raise BadRequestError(
-            "the event is not a JSON object", [Problem("", "type_error", "expected a JSON object")]
+    # Verified: map the exact JSON Stripe signed, not the SDK's object conversion of it
+    # (which raises on a body that is not an event object). A signed body that is not a
+    # JSON object is refused and kept for review.
+    try:
+        payload = service.decode_json_object(raw)
+    except GatewayError as exc:
+        await service.record_rejection(
+            runtime,
+            channel="stripe",
+            sender="stripe",
+            error=exc,
+            payload=raw,
+            content_type=request.headers.get("content-type"),
         )
+        raise
     for attempt in (1, 2):
         try:
             outcome, _problems = await service.receive_stripe_event(
