@@ -11,11 +11,12 @@ import httpx
 import pytest
 
 from gateway.app import create_app
+from gateway.cli import stripe_signature_header
 from gateway.db.models import Case, ExceptionRecord, FhirResource, InboundMessage
 from gateway.runtime import Runtime
 from gateway.settings import Settings
 from tests import samples
-from tests.support.api import count, rows, signed_stripe, table_counts
+from tests.support.api import STRIPE_SECRET, count, rows, signed_stripe, table_counts
 
 
 def medication_requests(runtime: Runtime) -> object:
@@ -233,3 +234,46 @@ async def test_an_event_that_does_not_map_is_acknowledged_and_kept_whole(
     again = await client.post("/v1/webhooks/stripe", content=payload, headers=headers)
     assert again.status_code == 200
     assert await count(runtime, ExceptionRecord) == 1
+
+
+@pytest.mark.parametrize(
+    "raw", [b"[1, 2]", b'"an event"', b"null"], ids=["array", "string", "null"]
+)
+async def test_a_signed_body_that_is_not_an_event_object_is_refused_and_kept(
+    client: httpx.AsyncClient, runtime: Runtime, raw: bytes
+) -> None:
+    headers = {
+        "Stripe-Signature": stripe_signature_header(STRIPE_SECRET, raw),
+        "Content-Type": "application/json",
+    }
+    r = await client.post("/v1/webhooks/stripe", content=raw, headers=headers)
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    (record,) = await rows(runtime, ExceptionRecord)
+    assert (record.kind, record.channel, record.payload) == ("rejected_input", "stripe", raw)
+    assert await count(runtime, InboundMessage) == 0
+
+
+async def test_a_signed_body_that_is_not_json_is_400(client: httpx.AsyncClient) -> None:
+    raw = b'{"id": "evt_1", "type": '
+    headers = {
+        "Stripe-Signature": stripe_signature_header(STRIPE_SECRET, raw),
+        "Content-Type": "application/json",
+    }
+    r = await client.post("/v1/webhooks/stripe", content=raw, headers=headers)
+    assert r.status_code == 400
+    assert r.json()["errors"][0]["code"] == "invalid_json"
+
+
+async def test_a_signed_checkout_event_with_a_malformed_session_is_kept_for_review(
+    client: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    event = samples.stripe_event()
+    event["data"] = "not a session"
+    payload, headers = signed_stripe(event)
+    r = await client.post("/v1/webhooks/stripe", content=payload, headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "failed"
+    (record,) = await rows(runtime, ExceptionRecord)
+    assert (record.kind, record.payload) == ("unmappable_input", payload)
+    assert {p["location"] for p in record.problems} >= {"checkout_id", "plan"}
