@@ -72,7 +72,9 @@ def database(kind: str, workdir: Path) -> Iterator[str]:
         yield f"postgresql+psycopg://{base}/{name}"
     finally:
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
 
 
 def wait_http(url: str, timeout_s: float = 30) -> None:
@@ -103,7 +105,9 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[k]
 
 
-async def open_loop(url: str, key: str, rate: float, seconds: float, template: dict[str, Any]) -> dict[str, Any]:
+async def open_loop(
+    url: str, key: str, rate: float, seconds: float, template: dict[str, Any]
+) -> dict[str, Any]:
     """Send ``rate`` requests/s for ``seconds`` regardless of responses; latency from due time."""
     run = uuid.uuid4().hex[:6]
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
@@ -138,7 +142,9 @@ async def open_loop(url: str, key: str, rate: float, seconds: float, template: d
     }
 
 
-async def closed_loop(url: str, key: str, concurrency: int, seconds: float, template: dict[str, Any]) -> dict[str, Any]:
+async def closed_loop(
+    url: str, key: str, concurrency: int, seconds: float, template: dict[str, Any]
+) -> dict[str, Any]:
     """``concurrency`` clients sending back to back for ``seconds``: maximum throughput."""
     run = uuid.uuid4().hex[:6]
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
@@ -197,7 +203,12 @@ def make_profiles(workdir: Path, ehr_port: int | None) -> Path:
 
 
 def run(
-    kind: str, rate: float, seconds: float, concurrency: int, with_ehr: bool, server_workers: int = 1
+    kind: str,
+    rate: float,
+    seconds: float,
+    concurrency: int,
+    with_ehr: bool,
+    server_workers: int = 1,
 ) -> list[dict[str, Any]]:
     """Start the gateway (and the fake EHR), run both load shapes, stop everything."""
     template = json.loads((ROOT / "examples" / "intake-glp1.json").read_text())
@@ -214,23 +225,67 @@ def run(
         }
         try:
             if ehr_port is not None:
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "tests.support.fake_ehr", "--port", str(ehr_port), "--no-validate"],
-                    cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                ))
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "tests.support.fake_ehr",
+                            "--port",
+                            str(ehr_port),
+                            "--no-validate",
+                        ],
+                        cwd=ROOT,
+                        env=env,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
                 wait_http(f"http://127.0.0.1:{ehr_port}/fhir/metadata")
-            subprocess.run([str(VENV_BIN / "fhir-gateway"), "db", "upgrade"], env=env, cwd=workdir, check=True,
-                           stdout=subprocess.DEVNULL)
-            key = subprocess.run(
-                [str(VENV_BIN / "fhir-gateway"), "clients", "create", "bench", "--scope", "intake:write"],
-                env=env, cwd=workdir, check=True, capture_output=True, text=True,
-            ).stdout.strip().splitlines()[-1]
+            subprocess.run(
+                [str(VENV_BIN / "fhir-gateway"), "db", "upgrade"],
+                env=env,
+                cwd=workdir,
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+            key = (
+                subprocess.run(
+                    [
+                        str(VENV_BIN / "fhir-gateway"),
+                        "clients",
+                        "create",
+                        "bench",
+                        "--scope",
+                        "intake:write",
+                    ],
+                    env=env,
+                    cwd=workdir,
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
+                .stdout.strip()
+                .splitlines()[-1]
+            )
             port = free_port()
-            procs.append(subprocess.Popen(
-                [str(VENV_BIN / "fhir-gateway"), "serve", "--port", str(port), "--no-migrate",
-                 "--workers", str(server_workers)],
-                env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            ))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        str(VENV_BIN / "fhir-gateway"),
+                        "serve",
+                        "--port",
+                        str(port),
+                        "--no-migrate",
+                        "--workers",
+                        str(server_workers),
+                    ],
+                    env=env,
+                    cwd=workdir,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
             url = f"http://127.0.0.1:{port}"
             wait_http(f"{url}/readyz")
             asyncio.run(open_loop(url, key, 20, 2, template))  # warm-up
@@ -252,14 +307,22 @@ def run(
 
 def main() -> None:
     """Command line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--database", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--rate", type=float, default=100.0, help="open-loop requests per second")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--concurrency", type=int, default=16, help="closed-loop clients")
-    parser.add_argument("--with-ehr", action="store_true", help="enable a fake EHR target during the load")
-    parser.add_argument("--server-workers", type=int, default=1,
-                        help="gateway processes (PostgreSQL only: `serve --workers N`)")
+    parser.add_argument(
+        "--with-ehr", action="store_true", help="enable a fake EHR target during the load"
+    )
+    parser.add_argument(
+        "--server-workers",
+        type=int,
+        default=1,
+        help="gateway processes (PostgreSQL only: `serve --workers N`)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
     kinds = ["sqlite", "postgres"] if args.database == "both" else [args.database]
@@ -267,14 +330,17 @@ def main() -> None:
     for kind in kinds:
         workers = args.server_workers if kind == "postgres" else 1
         results.extend(run(kind, args.rate, args.seconds, args.concurrency, args.with_ehr, workers))
-    print(f"{'database':10} {'procs':5} {'ehr':16} {'mode':18} {'req':>6} {'err':>4} {'req/s':>8} "
-          f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+    print(
+        f"{'database':10} {'procs':5} {'ehr':16} {'mode':18} {'req':>6} {'err':>4} {'req/s':>8} "
+        f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8}"
+    )
     for r in results:
-        print(f"{r['database']:10} {r['processes']:5d} {r['ehr']:16} {r['mode']:18} {r['requests']:6d} {r['errors']:4d} "
-              f"{r['achieved_rps']:8.1f} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} {r['p99_ms']:8.1f} {r['max_ms']:8.1f}")
+        print(
+            f"{r['database']:10} {r['processes']:5d} {r['ehr']:16} {r['mode']:18} {r['requests']:6d} {r['errors']:4d} "
+            f"{r['achieved_rps']:8.1f} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} {r['p99_ms']:8.1f} {r['max_ms']:8.1f}"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
-
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import json
 import signal
-import sys
 import time
 import uuid
 from typing import Annotated, Any
@@ -386,4 +385,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -154,8 +154,9 @@ async def submit_checkout(
 
     async def call() -> service.Outcome:
         data = service.decode_json_object(raw)
-        processor = data.get("processor") if isinstance(data.get("processor"), str) else "canonical"
-        external_id = data.get("checkout_id") if isinstance(data.get("checkout_id"), str) else ""
+        raw_processor, raw_id = data.get("processor"), data.get("checkout_id")
+        processor = raw_processor if isinstance(raw_processor, str) else "canonical"
+        external_id = raw_id if isinstance(raw_id, str) else ""
         return await service.submit_checkout(
             session,
             runtime,
