@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import traceback
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -35,7 +34,7 @@ from gateway.events.endpoints import router as events_router
 from gateway.fhir.endpoints import router as fhir_router
 from gateway.ingest.endpoints import router as ingest_router
 from gateway.ingest.schemas import DOCUMENTED_MODELS
-from gateway.logging import configure_logging, get_logger
+from gateway.logging import configure_logging, get_logger, log_failure
 from gateway.runtime import Runtime
 from gateway.settings import Settings
 from gateway.workflow.endpoints import router as cases_router
@@ -128,13 +127,7 @@ class UnexpectedErrorMiddleware:
             await self.app(scope, receive, tracking_send)
         except Exception as exc:
             path = scope.get("path", "")
-            log.error(
-                "request.failed",
-                path=path,
-                error_type=type(exc).__name__,
-                frames="".join(traceback.format_tb(exc.__traceback__))[-4000:],
-                response_started=started,
-            )
+            log_failure(log, "request.failed", exc, path=path, response_started=started)
             if started:
                 return
             error = GatewayGeneralError("an unexpected error occurred; it has been logged")

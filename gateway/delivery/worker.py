@@ -39,7 +39,7 @@ from gateway.ehr.errors import (
 from gateway.events.service import sweep_pending
 from gateway.fhir import repository as fhir_repo
 from gateway.inbox.repository import new_exception
-from gateway.logging import get_logger
+from gateway.logging import get_logger, log_failure
 from gateway.oauth.tokens import TokenProvider, token_provider_for
 from gateway.runtime import Runtime
 from gateway.workflow.service import EventInput, apply_event
@@ -158,9 +158,13 @@ class DeliveryWorker:
             async with semaphore:
                 try:
                     await self.deliver(delivery)
-                except Exception:
-                    log.exception(
-                        "delivery.crashed", delivery_id=delivery.id, target=delivery.target
+                except Exception as exc:  # the lease returns the row to the queue
+                    log_failure(
+                        log,
+                        "delivery.crashed",
+                        exc,
+                        delivery_id=delivery.id,
+                        target=delivery.target,
                     )
 
         await asyncio.gather(*(one(d) for d in claimed))
