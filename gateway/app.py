@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import traceback
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -36,7 +35,7 @@ from gateway.fhir.endpoints import router as fhir_router
 from gateway.hl7.endpoints import router as hl7_router
 from gateway.ingest.endpoints import router as ingest_router
 from gateway.ingest.schemas import DOCUMENTED_MODELS
-from gateway.logging import configure_logging, get_logger
+from gateway.logging import configure_logging, get_logger, log_failure
 from gateway.ops.exceptions import router as exceptions_router
 from gateway.partners.endpoints import router as partners_router
 from gateway.runtime import Runtime
@@ -99,6 +98,49 @@ class BodySizeLimitMiddleware:
             else problem_response(exc, instance=path)
         )
         await response(scope, _noop_receive, send)
+
+
+class UnexpectedErrorMiddleware:
+    """Answer an unexpected exception with a 500 problem (an OperationOutcome on ``/fhir``)
+    and log its type and frames only.
+
+    The message of an unexpected exception may hold PHI (a database driver quotes the
+    statement's parameters). Starlette's outermost ``ServerErrorMiddleware`` renders an
+    ``Exception`` handler's response and then re-raises to the server, which logs the
+    exception whole; this middleware sits inside it, so nothing reaches the server.
+    Exceptions of background tasks (run after the response started) are logged the same
+    way.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            path = scope.get("path", "")
+            log_failure(log, "request.failed", exc, path=path, response_started=started)
+            if started:
+                return
+            error = GatewayGeneralError("an unexpected error occurred; it has been logged")
+            response = (
+                operation_outcome_response(error)
+                if path.startswith("/fhir")
+                else problem_response(error, instance=path)
+            )
+            await response(scope, _noop_receive, send)
 
 
 def _too_large_error(limit: int) -> PayloadTooLargeError:
@@ -190,20 +232,8 @@ def create_app(
         error.title = "HTTP error"  # type: ignore[misc]
         return _render(request, error)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # The message of an unexpected exception may hold PHI: log type and frames only.
-        log.error(
-            "request.failed",
-            path=request.url.path,
-            error_type=type(exc).__name__,
-            frames="".join(traceback.format_tb(exc.__traceback__))[-4000:],
-        )
-        return _render(
-            request, GatewayGeneralError("an unexpected error occurred; it has been logged")
-        )
-
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(UnexpectedErrorMiddleware)
     app.include_router(ingest_router)
     app.include_router(events_router)
     app.include_router(cases_router)
@@ -254,3 +284,11 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def create_app_from_env() -> FastAPI:
+    """App factory for multi-process serving (``uvicorn --factory``): settings from the
+    environment of each process."""
+    from gateway.settings import load_settings
+
+    return create_app(load_settings())

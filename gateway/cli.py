@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import json
 import signal
-import sys
 import time
 import uuid
 from typing import Annotated, Any
@@ -72,8 +71,15 @@ def serve(
     migrate: Annotated[
         bool, typer.Option("--migrate/--no-migrate", help="Apply migrations first")
     ] = True,
+    workers: Annotated[
+        int,
+        typer.Option(min=1, max=64, help="Server processes (PostgreSQL only; each runs a worker)"),
+    ] = 1,
 ) -> None:
-    """Run the HTTP API (and, by default, the delivery worker) in one process."""
+    """Run the HTTP API (and, by default, the delivery worker) in one process, or in
+    ``--workers N`` processes sharing one PostgreSQL database."""
+    import os
+
     import uvicorn
 
     from gateway.app import create_app
@@ -81,18 +87,30 @@ def serve(
 
     settings = _settings(host=host, port=port, run_worker=worker)
     _load_profiles_or_exit(settings)
+    if workers > 1 and settings.is_sqlite:
+        typer.secho(
+            "--workers > 1 needs PostgreSQL: SQLite takes one writing process "
+            "(set GATEWAY_DATABASE_URL=postgresql+psycopg://...)",
+            fg="red",
+            err=True,
+        )
+        raise typer.Exit(2)
     if migrate:
         upgrade(settings.database_url)
-    application = create_app(settings)
-    uvicorn.run(
-        application,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,
-        proxy_headers=False,
-        ws="none",
-    )
+    common: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "access_log": False,
+        "proxy_headers": False,
+        "ws": "none",
+    }
+    if workers == 1:
+        uvicorn.run(create_app(settings), **common)
+        return
+    # Each process builds its app from the environment: pass the command-line choices on.
+    os.environ["GATEWAY_RUN_WORKER"] = "true" if settings.run_worker else "false"
+    uvicorn.run("gateway.app:create_app_from_env", factory=True, workers=workers, **common)
 
 
 @app.command("worker")
@@ -369,4 +387,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

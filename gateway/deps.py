@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.clients.service import Principal, authenticate
+from gateway.clients.service import Principal
 from gateway.errors import ForbiddenError, UnauthorizedError
 from gateway.runtime import Runtime
 
@@ -25,7 +25,8 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     This dependency is the only place a request commits; services flush at most.
     """
     runtime: Runtime = request.app.state.runtime
-    async with runtime.sessionmaker() as session:
+    factory = runtime.sessionmaker if request.method in ("GET", "HEAD") else runtime.write_session
+    async with factory() as session:
         try:
             yield session
         except BaseException:
@@ -68,8 +69,7 @@ def require_scope(*scopes: str) -> Callable[..., Coroutine[Any, Any, Principal]]
                 "an API key is required (Authorization: Bearer <key>)", headers=challenge
             )
         runtime: Runtime = request.app.state.runtime
-        async with runtime.sessionmaker() as session:
-            principal = await authenticate(session, key=key)
+        principal = await runtime.auth_cache.get(key, runtime)
         if principal is None:
             raise UnauthorizedError("the API key is not valid", headers=challenge)
         if not any(principal.has(scope) for scope in scopes):

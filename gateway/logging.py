@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
+from typing import Any
 
 import structlog
 
@@ -45,8 +47,22 @@ def configure_logging(level: str = "info", *, json: bool = True) -> None:
     # httpx logs full request URLs (with query strings) at INFO: keep it quiet.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    # aiosqlite logs every statement with its parameters (names, birth dates, whole
+    # resources) at DEBUG: never let GATEWAY_LOG_LEVEL=debug turn that on.
+    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     """A structlog logger named ``name``."""
     return structlog.get_logger(name)  # type: ignore[no-any-return]
+
+
+def log_failure(logger: Any, event: str, exc: BaseException, **ids: Any) -> None:
+    """Log an unexpected exception by type and stack frames, without its message.
+
+    Exception messages can carry PHI (a ``KeyError`` naming a value, a driver error
+    quoting a row), so only ``error_type`` and the traceback frames (file, line, function,
+    source line) are logged, with the ids given.
+    """
+    frames = "".join(traceback.format_tb(exc.__traceback__))[-4000:]
+    logger.error(event, error_type=type(exc).__name__, frames=frames, **ids)

@@ -6,12 +6,18 @@ and the CLI) and passed down; nothing global.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import socket
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from gateway.clients.service import Principal, authenticate, hash_key
 from gateway.db.engine import make_engine, make_sessionmaker
 from gateway.settings import Settings
 from mappers.identifiers import IdentifierSystems
@@ -35,6 +41,61 @@ class ProfileHolder:
         return new
 
 
+class WriteLock:
+    """One writer at a time in this process, re-entrant within a task.
+
+    SQLite allows one write transaction at a time; when two sessions of one process both
+    write, the second sleeps in SQLite's busy handler (backing off up to 100 ms a try),
+    which wrecks latency under load. Serializing writers here, before they reach SQLite,
+    replaces that polling with a queue. PostgreSQL needs none of this (``Runtime`` holds
+    no lock there).
+    """
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+        self._owner: asyncio.Task[Any] | None = None
+        self._depth = 0
+
+    async def __aenter__(self) -> None:
+        task = asyncio.current_task()
+        if task is not None and self._owner is task:
+            self._depth += 1
+            return
+        await self._lock.acquire()
+        self._owner, self._depth = task, 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._owner = None
+            self._lock.release()
+
+
+class AuthCache:
+    """Authenticated principals by API key hash for a few seconds, so a burst of requests
+    does not query ``api_clients`` each time. A revoked key stops working within
+    ``ttl_s`` (default 10 s) in every process."""
+
+    def __init__(self, ttl_s: float = 10.0, max_entries: int = 1024) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[Principal | None, float]] = {}
+
+    async def get(self, key: str, runtime: Runtime) -> Principal | None:
+        """The principal for ``key`` (None when unknown or revoked)."""
+        digest = hash_key(key)
+        now = time.monotonic()
+        hit = self._entries.get(digest)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        async with runtime.sessionmaker() as session:
+            principal = await authenticate(session, key=key)
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()
+        self._entries[digest] = (principal, now + self.ttl_s)
+        return principal
+
+
 @dataclass
 class Runtime:
     """Everything a request handler or worker needs."""
@@ -45,6 +106,19 @@ class Runtime:
     profiles: ProfileHolder
     systems: IdentifierSystems
     instance_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    auth_cache: AuthCache = field(default_factory=AuthCache)
+    write_lock: WriteLock | None = None
+
+    @contextlib.asynccontextmanager
+    async def write_session(self) -> AsyncIterator[AsyncSession]:
+        """A session for a write transaction; on SQLite, writers of this process take
+        turns (:class:`WriteLock`). The caller commits."""
+        if self.write_lock is None:
+            async with self.sessionmaker() as session:
+                yield session
+            return
+        async with self.write_lock, self.sessionmaker() as session:
+            yield session
 
     @classmethod
     def create(cls, settings: Settings) -> Runtime:
@@ -61,6 +135,7 @@ class Runtime:
             sessionmaker=make_sessionmaker(engine),
             profiles=ProfileHolder(profiles),
             systems=IdentifierSystems(settings.identifier_base),
+            write_lock=WriteLock() if engine.dialect.name == "sqlite" else None,
         )
 
     async def close(self) -> None:

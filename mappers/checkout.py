@@ -140,12 +140,14 @@ def stripe_session_to_checkout(event: dict[str, Any]) -> dict[str, Any]:
     the canonical checkout JSON (not yet validated: pass it to :func:`parse_checkout`).
 
     ``completed_at`` is the event's ``created`` (Unix seconds, UTC). Empty strings Stripe
-    sends for absent address parts become absent.
+    sends for absent address parts become absent. Parts that are not JSON objects count
+    as absent, so a malformed event gives problems in :func:`parse_checkout`, never an
+    exception here.
     """
-    session = event.get("data", {}).get("object", {}) or {}
-    metadata = session.get("metadata") or {}
-    details = session.get("customer_details") or {}
-    address = details.get("address") or None
+    session = _object(_object(event.get("data")).get("object"))
+    metadata = _object(session.get("metadata"))
+    details = _object(session.get("customer_details"))
+    address = _object(details.get("address")) or None
     created = event.get("created")
     completed_at = (
         datetime.fromtimestamp(created, UTC).isoformat() if isinstance(created, int) else None
@@ -181,6 +183,11 @@ def stripe_session_to_checkout(event: dict[str, Any]) -> dict[str, Any]:
     if isinstance(session.get("customer"), str):
         out["customer_id"] = session["customer"]
     return {k: v for k, v in out.items() if v is not None}
+
+
+def _object(value: Any) -> dict[str, Any]:
+    """``value`` when it is a JSON object, else an empty one."""
+    return value if isinstance(value, dict) else {}
 
 
 def split_name(full: str) -> dict[str, Any]:

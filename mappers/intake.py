@@ -8,6 +8,7 @@ The submission contract (``POST /v1/intake-submissions``) is :class:`IntakeSubmi
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from datetime import datetime
@@ -20,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StringConstraints,
     ValidationError,
 )
 from pydantic_core import PydanticCustomError
@@ -28,6 +30,7 @@ from mappers import normalize
 from mappers.errors import MappingError, MappingErrors, Problem, ProblemCollector
 from mappers.identifiers import IdentifierSystems
 from mappers.profiles import IntakeItem, IntakeProfile
+from mappers.validation import CONTROL_CHARACTERS
 
 US_CORE_PATIENT = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-patient"
 US_CORE_QR = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-questionnaireresponse"
@@ -55,7 +58,8 @@ PostalCode = Annotated[str, AfterValidator(_normalizer(normalize.normalize_posta
 BirthDate = Annotated[str, AfterValidator(_normalizer(normalize.normalize_birth_date))]
 Email = Annotated[str, AfterValidator(_normalizer(normalize.normalize_email))]
 Name = Annotated[str, AfterValidator(_normalizer(normalize.normalize_name))]
-OptionalText = Annotated[str, AfterValidator(lambda v: v.strip())]
+#: Free text, trimmed before its length is checked (so blank text is too short).
+OptionalText = Annotated[str, StringConstraints(strip_whitespace=True)]
 
 
 class _Contract(BaseModel):
@@ -224,6 +228,8 @@ def _answer_value(item: IntakeItem, value: Any) -> dict[str, Any]:
         if not isinstance(value, str) or not value.strip():
             raise MappingError("invalid_answer", f"expected non-empty text for a {t} question")
         text = value.strip()
+        if CONTROL_CHARACTERS.search(text):
+            raise MappingError("invalid_character", "contains a control character")
         if item.max_length is not None and len(text) > item.max_length:
             raise MappingError("answer_too_long", f"at most {item.max_length} characters")
         return {"valueString": text}
@@ -280,7 +286,11 @@ def _option(item: IntakeItem, value: Any) -> dict[str, str]:
 
 
 def _number(value: Any) -> Decimal | None:
+    """A JSON number or numeric string as a Decimal; None for anything else, including
+    the NaN and Infinity that ``json.loads`` lets through (they are not JSON numbers)."""
     if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, int | float):
         return Decimal(str(value))
@@ -313,7 +323,8 @@ def answers_to_items(
     optional questions are left out; ``null`` counts as unanswered.
 
     Problems recorded at ``answers.<key>``: ``unknown_question``, ``missing_answer``,
-    ``invalid_answer``, ``invalid_choice``, ``out_of_range``, ``invalid_date``.
+    ``invalid_answer``, ``invalid_choice``, ``out_of_range``, ``invalid_date``,
+    ``answer_too_long``, ``invalid_character`` (a control character in text).
     """
     by_key = profile.items_by_key
     for key in answers:

@@ -63,7 +63,7 @@ def _absent(patient: dict[str, Any], element: str) -> bool:
     if not value:
         return True
     if element == "gender":
-        return value == "unknown"
+        return bool(value == "unknown")
     if element == "name":
         return all(set(n) <= {"extension"} for n in value)
     return False

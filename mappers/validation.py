@@ -9,8 +9,9 @@ Two layers, because ``fhir.resources`` checks structure and datatypes but not co
    (the model's ``enum_values``: ``Patient.gender``, ``ContactPoint.system``,
    ``MedicationRequest.status``/``intent``...), the resource type being one R4 has and we
    emit, and the US Core rules we claim (US Core 6.1/7.0: Patient identifier/name/gender,
-   USPS ``address.state``; us-core-21 requester on orders; QuestionnaireResponse
-   ``questionnaire`` as a canonical, never a ``urn:uuid:``).
+   USPS ``address.state`` of US addresses; us-core-21 requester on orders; QuestionnaireResponse
+   ``questionnaire`` as a canonical, never a ``urn:uuid:``), and the R4 ``string`` rule
+   that no control characters but tab, CR and LF appear (the models let them through).
 
 Sources: https://hl7.org/fhir/R4/terminologies.html#required,
 https://hl7.org/fhir/us/core/STU6.1/StructureDefinition-us-core-patient.html.
@@ -18,6 +19,7 @@ https://hl7.org/fhir/us/core/STU6.1/StructureDefinition-us-core-patient.html.
 
 from __future__ import annotations
 
+import re
 import typing
 from collections.abc import Iterable
 from functools import cache
@@ -48,8 +50,76 @@ OUTBOUND_RESOURCE_TYPES = frozenset(
 
 #: USPS state/territory/military codes (https://www.usps.com/, US Core us-core-usps-state).
 USPS_CODES = frozenset(
-    ["AL", "AK", "AZ", "AR", "CA", "CO", "CT", "DE", "DC", "FL", "GA", "HI", "ID", "IL", "IN", "IA", "KS", "KY", "LA", "ME", "MD", "MA", "MI", "MN", "MS", "MO", "MT", "NE", "NV", "NH", "NJ", "NM", "NY", "NC", "ND", "OH", "OK", "OR", "PA", "RI", "SC", "SD", "TN", "TX", "UT", "VT", "VA", "WA", "WV", "WI", "WY", "AS", "GU", "MP", "PR", "VI", "UM", "FM", "MH", "PW", "AA", "AE", "AP"]
+    [
+        "AL",
+        "AK",
+        "AZ",
+        "AR",
+        "CA",
+        "CO",
+        "CT",
+        "DE",
+        "DC",
+        "FL",
+        "GA",
+        "HI",
+        "ID",
+        "IL",
+        "IN",
+        "IA",
+        "KS",
+        "KY",
+        "LA",
+        "ME",
+        "MD",
+        "MA",
+        "MI",
+        "MN",
+        "MS",
+        "MO",
+        "MT",
+        "NE",
+        "NV",
+        "NH",
+        "NJ",
+        "NM",
+        "NY",
+        "NC",
+        "ND",
+        "OH",
+        "OK",
+        "OR",
+        "PA",
+        "RI",
+        "SC",
+        "SD",
+        "TN",
+        "TX",
+        "UT",
+        "VT",
+        "VA",
+        "WA",
+        "WV",
+        "WI",
+        "WY",
+        "AS",
+        "GU",
+        "MP",
+        "PR",
+        "VI",
+        "UM",
+        "FM",
+        "MH",
+        "PW",
+        "AA",
+        "AE",
+        "AP",
+    ]
 )
+
+#: Characters an R4 ``string`` may not hold: code points below 32 other than tab, LF, CR
+#: (https://hl7.org/fhir/R4/datatypes.html#string). PostgreSQL's JSONB refuses NUL too.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 _ORDER_INTENTS = frozenset(
     {"order", "original-order", "reflex-order", "filler-order", "instance-order"}
@@ -61,7 +131,8 @@ _FieldSpec = tuple[frozenset[str] | None, type | None]
 @cache
 def _model_class(name: str) -> type | None:
     try:
-        return get_fhir_model_class(name)  # type: ignore[no-any-return]
+        model: type = get_fhir_model_class(name)
+        return model
     except KeyError:
         return None
 
@@ -129,6 +200,24 @@ def _check_bindings(node: Any, cls: type, path: str, problems: list[Problem]) ->
             _check_bindings(value, child, here, problems)
 
 
+def _check_characters(node: Any, path: str, problems: list[Problem]) -> None:
+    if isinstance(node, str):
+        if CONTROL_CHARACTERS.search(node):
+            problems.append(Problem(path, "invalid_character", "contains a control character"))
+    elif isinstance(node, list):
+        for i, child in enumerate(node):
+            _check_characters(child, f"{path}[{i}]", problems)
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            _check_characters(value, f"{path}.{key}" if path else key, problems)
+
+
+def _is_us(address: dict[str, Any]) -> bool:
+    """True for a US address (``country`` US/USA, or absent as in a US-only form)."""
+    country = address.get("country")
+    return country is None or str(country).upper() in ("US", "USA")
+
+
 def _us_core_rules(resource: dict[str, Any], problems: list[Problem]) -> None:
     rtype = resource.get("resourceType")
     if rtype == "Patient":
@@ -145,8 +234,9 @@ def _us_core_rules(resource: dict[str, Any], problems: list[Problem]) -> None:
         if not resource.get("gender"):
             problems.append(Problem("gender", "us_core", "US Core Patient needs a gender"))
         for i, address in enumerate(resource.get("address") or []):
+            # The USPS binding is extensible: a foreign region has no USPS code.
             state = address.get("state")
-            if state is not None and state not in USPS_CODES:
+            if state is not None and _is_us(address) and state not in USPS_CODES:
                 problems.append(
                     Problem(f"address[{i}].state", "us_core", "state must be a USPS code")
                 )
@@ -192,6 +282,7 @@ def resource_problems(resource: dict[str, Any]) -> list[Problem]:
         problems.append(Problem(rtype, "unsupported_type", "contains an unknown resource type"))
     found: list[Problem] = []
     _check_bindings(resource, cls, "", found)
+    _check_characters(resource, "", found)
     _us_core_rules(resource, found)
     problems.extend(Problem(f"{rtype}.{p.location}", p.code, p.message) for p in found)
     return problems

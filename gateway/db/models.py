@@ -144,7 +144,8 @@ class FhirResource(Base):
 
 
 class FhirResourceVersion(Base):
-    """Every version of every resource (history), written with each create/update."""
+    """Superseded versions of resources (history); the current version of each resource
+    is in ``fhir_resources``. Written when a resource is updated."""
 
     __tablename__ = "fhir_resource_versions"
 

@@ -39,7 +39,7 @@ from gateway.ehr.errors import (
 from gateway.events.service import sweep_pending
 from gateway.fhir import repository as fhir_repo
 from gateway.inbox.repository import new_exception
-from gateway.logging import get_logger
+from gateway.logging import get_logger, log_failure
 from gateway.oauth.tokens import TokenProvider, token_provider_for
 from gateway.runtime import Runtime
 from gateway.subscribers import sender as webhook_sender
@@ -149,7 +149,7 @@ class DeliveryWorker:
         """Claim one batch and deliver it. Returns how many deliveries were attempted."""
         targets = [t.name for t in self.runtime.profiles.current.enabled_targets()]
         settings = self.runtime.settings
-        async with self.runtime.sessionmaker() as session:
+        async with self.runtime.write_session() as session:
             claimed = await repo.claim(
                 session,
                 targets=targets,
@@ -181,9 +181,13 @@ class DeliveryWorker:
                         )
                     else:
                         await self.deliver(delivery)
-                except Exception:
-                    log.exception(
-                        "delivery.crashed", delivery_id=delivery.id, target=delivery.target
+                except Exception as exc:  # the lease returns the row to the queue
+                    log_failure(
+                        log,
+                        "delivery.crashed",
+                        exc,
+                        delivery_id=delivery.id,
+                        target=delivery.target,
                     )
 
         await asyncio.gather(*(one(d) for d in claimed))
@@ -257,7 +261,7 @@ class DeliveryWorker:
             return
         duration_ms = int((time.perf_counter() - t0) * 1000)
         now = utcnow()
-        async with self.runtime.sessionmaker() as session:
+        async with self.runtime.write_session() as session:
             for entry in entries:
                 if entry.remote_id:
                     version = next(
@@ -327,7 +331,7 @@ class DeliveryWorker:
 
     async def _release(self, delivery: Delivery, *, wait: timedelta, error: str) -> None:
         """Put a claimed row back without counting the attempt (nothing was sent)."""
-        async with self.runtime.sessionmaker() as session:
+        async with self.runtime.write_session() as session:
             await repo.finish(
                 session,
                 delivery_id=delivery.id,
@@ -364,7 +368,7 @@ class DeliveryWorker:
             policy=target.retry,
             retry_after_s=exc.retry_after_s,
         )
-        async with self.runtime.sessionmaker() as session:
+        async with self.runtime.write_session() as session:
             if decision.give_up:
                 await self._dead(
                     session,
@@ -413,7 +417,7 @@ class DeliveryWorker:
         self, delivery: Delivery, exc: EhrRejectedError, started_at: Any, t0: float
     ) -> None:
         duration_ms = int((time.perf_counter() - t0) * 1000)
-        async with self.runtime.sessionmaker() as session:
+        async with self.runtime.write_session() as session:
             if exc.status_code == 412:
                 await repo.finish(
                     session,

@@ -336,7 +336,12 @@ async def apply_prepared(
         if failed
         else (MessageStatus.PROCESSED if prepared.events else MessageStatus.IGNORED)
     )
-    summary = {"events": outcomes, "ignored": prepared.ignored, "problems": len(prepared.problems)}
+    summary: dict[str, Any] = {
+        "events": outcomes,
+        "ignored": prepared.ignored,
+        "problems": len(prepared.problems),
+    }
+    single = outcomes[0] if len(outcomes) == 1 else {}
     marked = await session.execute(
         update(InboundMessage)
         .where(InboundMessage.id == message.id, InboundMessage.status == MessageStatus.RECEIVED)
@@ -344,7 +349,13 @@ async def apply_prepared(
             status=status,
             processed_at=utcnow(),
             locked_until=None,
-            response={**(message.response or {}), "status": str(status), "applied": summary},
+            response={
+                **(message.response or {}),
+                "status": str(status),
+                "outcome": single.get("outcome"),
+                "case_id": single.get("case_id"),
+                "applied": summary,
+            },
         )
         .execution_options(synchronize_session=False)
     )
@@ -357,7 +368,7 @@ async def apply_prepared(
 async def _claim(runtime: Runtime, message_id: str, now: datetime) -> InboundMessage | None:
     """Take the lease on a received message; None when it is not ours to process."""
     m = InboundMessage
-    async with runtime.sessionmaker() as session:
+    async with runtime.write_session() as session:
         result = await session.execute(
             update(m)
             .where(
@@ -394,7 +405,7 @@ async def _release(
 ) -> None:
     """Give the lease back: for another process (``wait`` None, the attempt not counted)
     or for a retry after ``wait`` (failed for good after :data:`MAX_ATTEMPTS`)."""
-    async with runtime.sessionmaker() as session:
+    async with runtime.write_session() as session:
         row = await session.get(InboundMessage, message.id)
         if row is None or row.status != MessageStatus.RECEIVED:
             return
@@ -438,7 +449,7 @@ async def _process(
             return "deferred"
     for attempt in (1, 2, 3):
         try:
-            async with runtime.sessionmaker() as session:
+            async with runtime.write_session() as session:
                 status = await apply_prepared(session, runtime, message, prepared)
                 await session.commit()
                 return status
@@ -475,7 +486,7 @@ async def process_message_by_id(
 
 
 async def _fail(runtime: Runtime, message_id: str, reason: str) -> None:
-    async with runtime.sessionmaker() as session:
+    async with runtime.write_session() as session:
         row = await session.get(InboundMessage, message_id)
         if row is None or row.status != MessageStatus.RECEIVED:
             return
@@ -541,7 +552,7 @@ async def _claim_batch(runtime: Runtime, *, limit: int, now: datetime) -> list[I
     )
     if runtime.engine.dialect.name == "postgresql":
         due = due.with_for_update(skip_locked=True)
-    async with runtime.sessionmaker() as session:
+    async with runtime.write_session() as session:
         rows = (
             await session.scalars(
                 update(m)
@@ -581,7 +592,7 @@ async def _apply_batch(
     done = 0
     again: list[tuple[InboundMessage, Prepared]] = []
     failed: list[str] = []
-    async with runtime.sessionmaker() as session:
+    async with runtime.write_session() as session:
         for message, prepared in batch:
             try:
                 async with session.begin_nested():

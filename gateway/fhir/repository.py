@@ -3,14 +3,14 @@ the patient matching keys (``patient_keys``)."""
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.db.bulk import BulkInserts
 from gateway.db.models import FhirResource, FhirResourceVersion, PatientKey
 from gateway.db.types import utcnow
 from mappers.bundle import business_identifier
@@ -59,6 +59,13 @@ async def find_by_identifier(
     )
 
 
+class _Lookup:
+    """Marker: the caller did not say whether the resource exists."""
+
+
+LOOKUP = _Lookup()
+
+
 async def save_resource(
     session: AsyncSession,
     resource: dict[str, Any],
@@ -66,11 +73,20 @@ async def save_resource(
     message_id: str | None,
     patient_id: str | None,
     profile: ProfileRef | None = None,
+    current: FhirResource | _Lookup | None = LOOKUP,
+    bulk: BulkInserts | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """Insert ``resource`` or, when it exists, store it as a new version.
 
-    Sets ``meta.versionId`` and ``meta.lastUpdated`` on the stored copy (the input is not
-    modified) and writes a history row.
+    Sets ``meta.versionId`` and ``meta.lastUpdated`` on the stored copy (the input dict
+    is not modified; nested elements are shared with it, not copied). On update, the
+    superseded version moves to ``fhir_resource_versions`` (the history).
+
+    Args:
+        current: the stored row of this resource, or None when the caller knows it is
+            new; omitted, it is looked up.
+        bulk: queue new rows here (the caller inserts them in bulk) instead of adding
+            ORM objects to the session.
 
     Returns:
         ``(stored resource, changed)``: ``changed`` is False when the content equals the
@@ -78,9 +94,9 @@ async def save_resource(
     """
     now = utcnow()
     rtype, rid = resource["resourceType"], resource["id"]
-    row = await session.get(FhirResource, (rtype, rid))
-    stored = copy.deepcopy(resource)
-    meta = stored.setdefault("meta", {})
+    row = await session.get(FhirResource, (rtype, rid)) if isinstance(current, _Lookup) else current
+    stored = dict(resource)
+    meta = stored["meta"] = dict(resource.get("meta") or {})
     if row is not None:
         if _content(row.resource) == _content(stored):
             return row.resource, False
@@ -90,41 +106,53 @@ async def save_resource(
     meta["versionId"] = str(version)
     meta["lastUpdated"] = to_fhir_instant(now)
     ident = business_identifier(stored)
-    if row is None:
-        row = FhirResource(
-            resource_type=rtype,
-            id=rid,
-            version_id=version,
-            resource=stored,
-            identifier_system=ident[0] if ident else None,
-            identifier_value=ident[1] if ident else None,
-            patient_id=patient_id,
-            inbound_message_id=message_id,
-            created_at=now,
-            updated_at=now,
-        )
-        session.add(row)
-    else:
-        row.version_id = version
-        row.resource = stored
-        row.inbound_message_id = message_id
-        row.updated_at = now
-    if profile is not None:
-        row.profile_id, row.profile_version, row.profile_hash = (
-            profile.id,
-            profile.version,
-            profile.content_hash,
-        )
-    session.add(
-        FhirResourceVersion(
-            resource_type=rtype,
-            id=rid,
-            version_id=version,
-            resource=stored,
-            inbound_message_id=message_id,
-            recorded_at=now,
-        )
+    profile_values = (
+        {
+            "profile_id": profile.id,
+            "profile_version": profile.version,
+            "profile_hash": profile.content_hash,
+        }
+        if profile is not None
+        else {}
     )
+    if row is None:
+        values = {
+            "resource_type": rtype,
+            "id": rid,
+            "version_id": version,
+            "resource": stored,
+            "identifier_system": ident[0] if ident else None,
+            "identifier_value": ident[1] if ident else None,
+            "patient_id": patient_id,
+            "inbound_message_id": message_id,
+            "created_at": now,
+            "updated_at": now,
+            **profile_values,
+        }
+        if bulk is not None:
+            bulk.add(FhirResource, **values)
+        else:
+            session.add(FhirResource(**values))
+        return stored, True
+    # History keeps the superseded versions; the current one lives in fhir_resources.
+    superseded = {
+        "resource_type": rtype,
+        "id": rid,
+        "version_id": row.version_id,
+        "resource": row.resource,
+        "inbound_message_id": row.inbound_message_id,
+        "recorded_at": row.updated_at,
+    }
+    if bulk is not None:
+        bulk.add(FhirResourceVersion, **superseded)
+    else:
+        session.add(FhirResourceVersion(**superseded))
+    row.version_id = version
+    row.resource = stored
+    row.inbound_message_id = message_id
+    row.updated_at = now
+    for key, value in profile_values.items():
+        setattr(row, key, value)
     return stored, True
 
 
@@ -154,17 +182,39 @@ async def patients_for_keys(
 
 
 async def add_patient_keys(
-    session: AsyncSession, patient_id: str, keys: Iterable[tuple[str, str]]
+    session: AsyncSession,
+    patient_id: str,
+    keys: Iterable[tuple[str, str]],
+    *,
+    checked: Mapping[tuple[str, str], str | None] | None = None,
+    bulk: BulkInserts | None = None,
 ) -> None:
     """Register matching keys for ``patient_id``; keys already present are left alone.
 
     A key that belongs to another patient stays with it (first come, first served).
+
+    Args:
+        checked: keys the caller already looked up -> their patient id, or None when
+            absent; only the other keys are looked up.
     """
     wanted = set(keys)
-    known = await patients_for_keys(session, wanted)
+    checked = checked or {}
+    known = {k: v for k, v in checked.items() if v is not None}
+    unchecked = wanted - set(checked)
+    if unchecked:
+        known.update(await patients_for_keys(session, unchecked))
+    now = utcnow()
     for key_type, key_value in sorted(wanted - set(known)):
-        session.add(PatientKey(key_type=key_type, key_value=key_value, patient_id=patient_id))
-    await session.flush()
+        values = {
+            "key_type": key_type,
+            "key_value": key_value,
+            "patient_id": patient_id,
+            "created_at": now,
+        }
+        if bulk is not None:
+            bulk.add(PatientKey, **values)
+        else:
+            session.add(PatientKey(**values))
 
 
 def identifier_keys(resource: dict[str, Any]) -> list[tuple[str, str]]:

@@ -204,7 +204,7 @@ class MllpServer:
         """Store one message and commit, then return its ACK (retried once on a race with
         the same MSH-10 arriving on another connection)."""
         for attempt in (1, 2):
-            async with self.runtime.sessionmaker() as session:
+            async with self.runtime.write_session() as session:
                 try:
                     reply = await receive_hl7(
                         session,
@@ -231,7 +231,7 @@ class MllpServer:
             error = Hl7MessageError(
                 "AR", 100, "broken MLLP frame: data without a start block (0x0B)"
             )
-        async with self.runtime.sessionmaker() as session:
+        async with self.runtime.write_session() as session:
             record_hl7_rejection(session, raw=payload, error=error, sender=None, transport="mllp")
             await session.commit()
         ack = build_ack(

@@ -4,7 +4,7 @@ and the status of a message."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated
 
 import stripe
 from fastapi import APIRouter, Depends, Header, Request
@@ -37,14 +37,22 @@ router = APIRouter(prefix="/v1", tags=["ingest"])
 
 
 def _content_type(request: Request) -> str:
-    value = request.headers.get("content-type", "application/json")
-    media = value.split(";", 1)[0].strip().lower()
+    """The request's declared content type (JSON when absent)."""
+    return request.headers.get("content-type", "application/json")
+
+
+def _require_json(content_type: str) -> None:
+    """Refuse a body that is declared as something other than JSON.
+
+    Raises:
+        UnsupportedMediaTypeError: 415 with the problem listed.
+    """
+    media = content_type.split(";", 1)[0].strip().lower()
     if media != "application/json" and not media.endswith("+json"):
         raise UnsupportedMediaTypeError(
             "send JSON (Content-Type: application/json)",
             [Problem("", "unsupported_media_type", "the body must be application/json")],
         )
-    return value
 
 
 async def _run_guarded(
@@ -57,10 +65,12 @@ async def _run_guarded(
     raw: bytes,
     call: Callable[[], Awaitable[service.Outcome]],
 ) -> service.Outcome:
-    """Run an ingest call; keep a rejected payload for review; retry once on a unique-key
-    race (two requests with the same submission or patient at the same moment)."""
+    """Check the body is JSON and run an ingest call; keep a rejected payload (including a
+    non-JSON one) for review; retry once on a unique-key race (two requests with the same
+    submission or patient at the same moment)."""
     for attempt in (1, 2):
         try:
+            _require_json(_content_type(request))
             return await call()
         except IntegrityError:
             await session.rollback()
@@ -144,8 +154,9 @@ async def submit_checkout(
 
     async def call() -> service.Outcome:
         data = service.decode_json_object(raw)
-        processor = data.get("processor") if isinstance(data.get("processor"), str) else "canonical"
-        external_id = data.get("checkout_id") if isinstance(data.get("checkout_id"), str) else ""
+        raw_processor, raw_id = data.get("processor"), data.get("checkout_id")
+        processor = raw_processor if isinstance(raw_processor, str) else "canonical"
+        external_id = raw_id if isinstance(raw_id, str) else ""
         return await service.submit_checkout(
             session,
             runtime,
@@ -176,7 +187,7 @@ async def stripe_webhook(
     stripe_signature: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
     """Verify ``Stripe-Signature`` (HMAC-SHA256 over ``t.raw_body`` with the endpoint
-    secret, 300 s tolerance, via ``stripe.Webhook.construct_event``), store the event,
+    secret, 300 s tolerance, via ``stripe.WebhookSignature.verify_header``), store the event,
     and map ``checkout.session.completed`` / ``async_payment_succeeded``.
 
     A verified event is always acknowledged with 200 (Stripe retries non-2xx answers for
@@ -201,7 +212,7 @@ async def stripe_webhook(
             ],
         )
     try:
-        event = stripe.Webhook.construct_event(
+        stripe.WebhookSignature.verify_header(
             raw,
             stripe_signature,
             secret.get_secret_value(),
@@ -219,12 +230,25 @@ async def stripe_webhook(
                 )
             ],
         ) from exc
-    except ValueError as exc:
+    except ValueError as exc:  # not UTF-8: the signature is computed over text
         raise BadRequestError(
-            "the body is not valid JSON",
-            [Problem("", "invalid_json", "the event is not valid JSON")],
+            "the body is not UTF-8", [Problem("", "invalid_encoding", "the event is not UTF-8")]
         ) from exc
-    payload: dict[str, Any] = event.to_dict() if hasattr(event, "to_dict") else dict(event)
+    # Verified: map the exact JSON Stripe signed, not the SDK's object conversion of it
+    # (which raises on a body that is not an event object). A signed body that is not a
+    # JSON object is refused and kept for review.
+    try:
+        payload = service.decode_json_object(raw)
+    except GatewayError as exc:
+        await service.record_rejection(
+            runtime,
+            channel="stripe",
+            sender="stripe",
+            error=exc,
+            payload=raw,
+            content_type=request.headers.get("content-type"),
+        )
+        raise
     for attempt in (1, 2):
         try:
             outcome, _problems = await service.receive_stripe_event(

@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.db.models import AuditEntry, InboundMessage, MessageStatus
+from gateway.db.bulk import BulkInserts
+from gateway.db.models import AuditEntry, FhirResource, InboundMessage, MessageStatus
 from gateway.db.types import utcnow
 from gateway.delivery.outbox import enqueue_ehr_deliveries
 from gateway.errors import BadRequestError, ConflictError, GatewayError, UnprocessableError
@@ -34,6 +35,7 @@ from mappers.checkout import (
     stripe_session_to_checkout,
 )
 from mappers.errors import MappingErrors, Problem
+from mappers.identifiers import IdentifierSystems
 from mappers.intake import (
     intake_to_patient,
     intake_to_questionnaire_response,
@@ -67,7 +69,8 @@ def decode_json_object(raw: bytes) -> dict[str, Any]:
     """Parse a request body that must be a JSON object.
 
     Raises:
-        BadRequestError: not UTF-8 JSON (the problem names line and column).
+        BadRequestError: not UTF-8 JSON (the problem names line and column), or nested
+            too deeply to parse.
         UnprocessableError: valid JSON that is not an object.
     """
     try:
@@ -81,6 +84,12 @@ def decode_json_object(raw: bytes) -> dict[str, Any]:
         raise BadRequestError(
             "the body is not valid JSON",
             [Problem("", "invalid_json", f"{exc.msg} at line {exc.lineno} column {exc.colno}")],
+        ) from exc
+    except RecursionError as exc:
+        # json.loads recurses once per nesting level; a small body can exhaust the stack.
+        raise BadRequestError(
+            "the body is not valid JSON",
+            [Problem("", "invalid_json", "arrays or objects are nested too deeply")],
         ) from exc
     if not isinstance(data, dict):
         raise UnprocessableError(
@@ -105,7 +114,7 @@ async def record_rejection(
         The exceptions-queue id.
     """
     problems = error.problems or [Problem("", error.slug, error.detail)]
-    async with runtime.sessionmaker() as session:
+    async with runtime.write_session() as session:
         record = inbox.new_exception(
             kind="rejected_input",
             channel=channel,
@@ -137,6 +146,8 @@ class PatientMatch:
     existing: dict[str, Any] | None
     matched_on: str | None
     conflicts: list[str]
+    row: FhirResource | None = None
+    checked: dict[tuple[str, str], str | None] = field(default_factory=dict)
 
 
 async def match_patient(session: AsyncSession, keys: list[tuple[str, str]]) -> PatientMatch:
@@ -147,13 +158,16 @@ async def match_patient(session: AsyncSession, keys: list[tuple[str, str]]) -> P
     the others are reported in ``conflicts`` (for the exceptions queue).
     """
     found = await fhir_repo.patients_for_keys(session, keys)
+    checked: dict[tuple[str, str], str | None] = {k: found.get(k) for k in keys}
     chosen: tuple[str, str] | None = next((k for k in keys if k in found), None)
     if chosen is None:
-        return PatientMatch(str(uuid.uuid4()), None, None, [])
+        return PatientMatch(str(uuid.uuid4()), None, None, [], None, checked)
     patient_id = found[chosen]
     conflicts = [k[0] for k in keys if k in found and found[k] != patient_id]
     row = await fhir_repo.get_resource(session, "Patient", patient_id)
-    return PatientMatch(patient_id, row.resource if row else None, chosen[0], conflicts)
+    return PatientMatch(
+        patient_id, row.resource if row else None, chosen[0], conflicts, row, checked
+    )
 
 
 # --------------------------------------------------------------------------- storing
@@ -171,6 +185,8 @@ class MappedMessage:
     event: EventInput | None
     actor: str
     kind: str
+    current: dict[str, FhirResource | None] = field(default_factory=dict)
+    checked_keys: dict[tuple[str, str], str | None] = field(default_factory=dict)
 
 
 async def store_mapped(
@@ -188,12 +204,14 @@ async def store_mapped(
     written = mapped.resources
     changed_refs: list[str] = []
     provenance_id = str(uuid.uuid4())
-    existed = {
-        f"{r['resourceType']}/{r['id']}": await fhir_repo.get_resource(
-            session, r["resourceType"], r["id"]
+    existed = {}
+    for r in written:
+        ref = f"{r['resourceType']}/{r['id']}"
+        existed[ref] = (
+            mapped.current[ref]
+            if ref in mapped.current
+            else await fhir_repo.get_resource(session, r["resourceType"], r["id"])
         )
-        for r in written
-    }
     profile_tag = (
         f"{mapped.kind}/{mapped.profile.id}/{mapped.profile.version}#sha256={mapped.profile.content_hash}"
         if mapped.profile
@@ -218,25 +236,28 @@ async def store_mapped(
             "the mapped FHIR resources do not validate (check the profile)", exc.problems
         ) from exc
 
+    bulk = BulkInserts()
     for resource in written:
+        ref = f"{resource['resourceType']}/{resource['id']}"
         _, changed = await fhir_repo.save_resource(
             session,
             resource,
             message_id=mapped.message.id,
             patient_id=mapped.patient_id,
             profile=mapped.profile,
+            current=existed[ref],
+            bulk=bulk,
         )
-        ref = f"{resource['resourceType']}/{resource['id']}"
         if changed:
             changed_refs.append(ref)
-            session.add(
-                AuditEntry(
-                    actor=mapped.actor,
-                    action="update" if existed[ref] else "create",
-                    entity_type=resource["resourceType"],
-                    entity_id=resource["id"],
-                    detail={"message_id": mapped.message.id},
-                )
+            bulk.add(
+                AuditEntry,
+                at=now,
+                actor=mapped.actor,
+                action="update" if existed[ref] else "create",
+                entity_type=resource["resourceType"],
+                entity_id=resource["id"],
+                detail={"message_id": mapped.message.id},
             )
     deliveries = []
     if changed_refs:
@@ -247,15 +268,17 @@ async def store_mapped(
             message_id=mapped.message.id,
             patient_id=mapped.patient_id,
             profile=mapped.profile,
+            current=None,
+            bulk=bulk,
         )
-        session.add(
-            AuditEntry(
-                actor=mapped.actor,
-                action="create",
-                entity_type="Provenance",
-                entity_id=provenance_id,
-                detail={"message_id": mapped.message.id},
-            )
+        bulk.add(
+            AuditEntry,
+            at=now,
+            actor=mapped.actor,
+            action="create",
+            entity_type="Provenance",
+            entity_id=provenance_id,
+            detail={"message_id": mapped.message.id},
         )
         # The Patient always travels with its resources so references resolve.
         refs = (
@@ -271,11 +294,19 @@ async def store_mapped(
             resource_refs=refs,
             received_at=mapped.message.received_at,
         )
-    await fhir_repo.add_patient_keys(session, mapped.patient_id, mapped.keys)
+    await fhir_repo.add_patient_keys(
+        session, mapped.patient_id, mapped.keys, checked=mapped.checked_keys, bulk=bulk
+    )
+    await bulk.flush(session)
     case_result = None
     if mapped.event is not None:
         workflow = runtime.profiles.current.workflow_or_raise
-        case_result = await apply_event(session, workflow, mapped.event)
+        case_result = await apply_event(
+            session,
+            workflow,
+            mapped.event,
+            new_patient=existed.get(f"Patient/{mapped.patient_id}") is None,
+        )
     await session.flush()
     log.info(
         "ingest.stored",
@@ -354,13 +385,17 @@ async def submit_intake(
         content_type=content_type,
     )
     session.add(message)
-    await session.flush()
 
     patient = intake_to_patient(submission, patient_id=match.patient_id, systems=systems)
     if match.existing:
         patient = merge_patient(match.existing, patient, source="intake")
-    qr_row = await fhir_repo.find_by_identifier(
-        session, "QuestionnaireResponse", systems.intake_submission, submission.submission_id
+    # The QuestionnaireResponse of a submission is only ever written from its message.
+    qr_row = (
+        await fhir_repo.find_by_identifier(
+            session, "QuestionnaireResponse", systems.intake_submission, submission.submission_id
+        )
+        if existing is not None
+        else None
     )
     qr = intake_to_questionnaire_response(
         submission,
@@ -371,7 +406,10 @@ async def submit_intake(
         systems=systems,
         status="amended" if qr_row else "completed",
     )
-    if qr_row is not None and qr_row.patient_id != match.patient_id:
+    if qr_row is not None and (
+        qr_row.patient_id != match.patient_id
+        or _names_another_patient(match.existing, submission.patient.external_id, systems)
+    ):
         raise ConflictError(
             "this submission_id already belongs to another patient",
             [
@@ -383,6 +421,8 @@ async def submit_intake(
             ],
         )
     keys.extend(fhir_repo.identifier_keys(patient))
+    if match.row is None:  # a new canonical id cannot have a key yet
+        match.checked[("identifier", f"{systems.patient}|{match.patient_id}")] = None
     _conflicts_to_exceptions(session, match, message, "intake")
     body = await store_mapped(
         session,
@@ -409,6 +449,11 @@ async def submit_intake(
             ),
             actor=actor,
             kind="intake",
+            current={
+                f"Patient/{match.patient_id}": match.row,
+                f"QuestionnaireResponse/{qr['id']}": qr_row,
+            },
+            checked_keys=match.checked,
         ),
     )
     body = {
@@ -420,6 +465,22 @@ async def submit_intake(
     message.processed_at = utcnow()
     message.response = body
     return Outcome(202, body, message.id)
+
+
+def _names_another_patient(
+    stored: dict[str, Any] | None, external_id: str | None, systems: IdentifierSystems
+) -> bool:
+    """True when a correction names an intake-app patient id (``patient.external_id``)
+    that the submission's stored Patient is not known by: another person, even one the
+    gateway has never seen, so the correction must not be merged into this Patient."""
+    if not external_id or stored is None:
+        return False
+    known = {
+        i.get("value")
+        for i in stored.get("identifier", [])
+        if i.get("system") == systems.external_patient
+    }
+    return bool(known) and external_id not in known
 
 
 def _message_for(
@@ -579,6 +640,8 @@ async def _store_checkout(
         questionnaire_response_id=qr_id,
     )
     keys.extend(fhir_repo.identifier_keys(patient))
+    if match.row is None:
+        match.checked[("identifier", f"{systems.patient}|{match.patient_id}")] = None
     _conflicts_to_exceptions(session, match, message, message.channel)
     found = runtime.profiles.current.plan(checkout.plan)
     profile = found[0] if found else None
@@ -605,6 +668,11 @@ async def _store_checkout(
             ),
             actor=actor,
             kind="checkout",
+            current={
+                f"Patient/{match.patient_id}": match.row,
+                f"MedicationRequest/{mr['id']}": mr_row,
+            },
+            checked_keys=match.checked,
         ),
     )
 

@@ -252,7 +252,7 @@ async def _record(
         values["dead_reason"] = dead_reason
     if available_at is not None:
         values["available_at"] = available_at
-    async with runtime.sessionmaker() as session:
+    async with runtime.write_session() as session:
         await repo.finish(session, delivery_id=delivery.id, worker=worker, values=values)
         repo.add_attempt(
             session,

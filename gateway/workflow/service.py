@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
 
-from gateway.db.models import Case, CaseEvent, CaseEventOutcome
+from gateway.db.models import Case, CaseEvent, CaseEventOutcome, InboundMessage, MessageStatus
 from gateway.db.types import utcnow
 from gateway.inbox.repository import new_exception
 from gateway.logging import get_logger
@@ -115,7 +115,11 @@ def _event_summary(row: CaseEvent) -> dict[str, Any]:
 
 
 async def apply_event(
-    session: AsyncSession, workflow: WorkflowProfile, event: EventInput
+    session: AsyncSession,
+    workflow: WorkflowProfile,
+    event: EventInput,
+    *,
+    new_patient: bool = False,
 ) -> ApplyResult:
     """Apply one event to its case (opening one if the event opens cases).
 
@@ -123,11 +127,15 @@ async def apply_event(
     makes the flush fail with ``StaleDataError``, and the caller retries), so events of one
     case apply one after the other. Flushes; the caller commits.
 
+    Args:
+        new_patient: the patient was created in this transaction, so has no case yet
+            (saves a query on the ingest path).
+
     Returns:
         The :class:`ApplyResult`. ``pending``: held for the reorder window;
         ``duplicate``: already in the history (a rejected event is decided again: a retry).
     """
-    case = await _find_case(session, workflow, event)
+    case = None if new_patient else await _find_case(session, workflow, event)
     existing: CaseEvent | None = None
     if case is not None:
         existing = await session.scalar(
@@ -230,8 +238,7 @@ async def _open_case(
         state_entered_at=now,
         last_occurred_at=event.occurred_at,
     )
-    session.add(case)
-    await session.flush()
+    session.add(case)  # the unit of work inserts it before its case_events (FK order)
     row = _history(session, case, event, None, decision.to_state, CaseEventOutcome.APPLIED, None)
     await _refresh_sla(session, workflow, case, now)
     await session.flush()
@@ -477,7 +484,7 @@ async def sweep_workflow(runtime: Runtime, *, now: datetime | None = None, limit
 async def _expire_pending(
     runtime: Runtime, workflow: WorkflowProfile, case_id: str, now: datetime
 ) -> int:
-    async with runtime.sessionmaker() as session:
+    async with runtime.write_session() as session:
         stmt = select(Case).where(Case.id == case_id)
         if runtime.engine.dialect.name == "postgresql":
             stmt = stmt.with_for_update(skip_locked=True)
@@ -515,6 +522,13 @@ async def _expire_pending(
                     problems=[Problem("type", "transition_not_allowed", message)],
                 )
             )
+            if row.inbound_message_id:
+                await session.execute(
+                    update(InboundMessage)
+                    .where(InboundMessage.id == row.inbound_message_id)
+                    .values(status=MessageStatus.FAILED)
+                    .execution_options(synchronize_session=False)
+                )
             log.info("case.event_refused_after_wait", case_id=case_id, event_type=row.type)
         try:
             await session.commit()
@@ -525,7 +539,7 @@ async def _expire_pending(
 
 
 async def _flag_overdue(runtime: Runtime, now: datetime, limit: int) -> int:
-    async with runtime.sessionmaker() as session:
+    async with runtime.write_session() as session:
         stmt = (
             select(Case)
             .where(Case.sla_due_at <= now, Case.overdue_at.is_(None))

@@ -64,7 +64,7 @@ class EhrTargetProfile(Strict):
     base_url: str
     auth: EhrAuth = Field(default_factory=lambda: EhrAuth(method="none"))
     send: list[ResourceType] = Field(
-        default_factory=lambda: [
+        default_factory=lambda: [  # type: ignore[arg-type]
             "Patient",
             "QuestionnaireResponse",
             "MedicationRequest",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,7 +83,7 @@ class ProfileSet:
         return self.workflow
 
 
-def _loc(err: dict[str, Any]) -> str:
+def _loc(err: Mapping[str, Any]) -> str:
     return ".".join(str(p) for p in err.get("loc", ()))
 
 
@@ -130,7 +130,8 @@ def load_profiles(root: Path) -> ProfileSet:
             obj = model.model_validate(data)
         except ValidationError as exc:
             for err in exc.errors(include_input=False, include_url=False):
-                problems.append(Problem(f"{rel}: {_loc(err)}", err["type"], err["msg"]))
+                where = f"{rel}: {_loc(err)}" if err.get("loc") else rel
+                problems.append(Problem(where, err["type"], err["msg"]))
             return None
         digest = hashlib.sha256(raw).hexdigest()
         return obj, rel, digest

@@ -13,7 +13,8 @@ import pytest
 from sqlalchemy import func, select
 
 from gateway.cli import stripe_signature_header
-from gateway.db.models import Delivery, DeliveryStatus
+from gateway.db.models import Delivery
+from gateway.delivery.repository import ACTIVE
 from gateway.delivery.worker import DeliveryWorker
 from gateway.runtime import Runtime
 from tests import samples
@@ -38,26 +39,27 @@ def profiles_dir(
     return profiles_with_target(tmp_path / "profiles", ehr[1])
 
 
-async def drain(worker: DeliveryWorker, rounds: int = 200) -> None:
-    """Run the worker until no delivery is pending (waiting out short retry backoffs)."""
-    for _ in range(rounds):
-        if await worker.run_once():
-            continue
-        async with worker.runtime.sessionmaker() as session:
-            waiting = await session.scalar(
-                select(func.count())
-                .select_from(Delivery)
-                .where(Delivery.status.in_((DeliveryStatus.PENDING, DeliveryStatus.IN_FLIGHT)))
-            )
-        if not waiting:
-            return
-        await asyncio.sleep(0.02)
+async def drain(worker: DeliveryWorker, timeout_s: float = 15.0) -> None:
+    """Run the worker until no delivery is pending or in flight (retries included)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        if await worker.run_once() == 0:
+            async with worker.runtime.sessionmaker() as session:
+                active = await session.scalar(
+                    select(func.count()).select_from(Delivery).where(Delivery.status.in_(ACTIVE))
+                )
+            if not active:
+                return
+            await asyncio.sleep(0.02)
+    raise AssertionError("deliveries still pending after the timeout")
 
 
 def signed(event: dict[str, object]) -> tuple[bytes, dict[str, str]]:
     payload = json.dumps(event).encode()
-    return payload, {"Stripe-Signature": stripe_signature_header(STRIPE_SECRET, payload),
-                     "Content-Type": "application/json"}
+    return payload, {
+        "Stripe-Signature": stripe_signature_header(STRIPE_SECRET, payload),
+        "Content-Type": "application/json",
+    }
 
 
 @pytest.mark.slow
@@ -101,21 +103,41 @@ async def test_intake_checkout_delivered_once_and_case_moves(
         assert (mr["status"], mr["intent"]) == ("draft", "proposal")
         assert qr["questionnaire"].endswith("glp1-weight-management|1")
 
-        status_path = r.json()["status_url"].replace("http://127.0.0.1:8000", "")
-        status = (await client.get(status_path, headers=admin_headers)).json()
+        status = (
+            await client.get(
+                r.json()["status_url"].replace("http://127.0.0.1:8000", ""), headers=admin_headers
+            )
+        ).json()
         assert [d["status"] for d in status["deliveries"]] == ["delivered"]
 
-        ident = {"system": "https://fhir-gateway.example.org/sid/external-patient-id",
-                 "value": intake["patient"]["external_id"]}
-        steps = [("provider_assigned", None), ("decision", "approved")]
-        for i, (etype, detail) in enumerate(steps):
-            ev = {"event_id": f"ehr-{i}", "source": "ehr", "type": etype, "status": detail,
-                  "occurred_at": f"2026-11-24T10:0{i}:00Z", "patient": ident}
-            body = {k: v for k, v in ev.items() if v is not None}
-            r = await client.post("/v1/events", json=body, headers=admin_headers)
+        ident = {
+            "system": "https://fhir-gateway.example.org/sid/external-patient-id",
+            "value": intake["patient"]["external_id"],
+        }
+        for i, (etype, detail) in enumerate(
+            [("provider_assigned", None), ("decision", "approved")]
+        ):
+            ev = {
+                "event_id": f"ehr-{i}",
+                "source": "ehr",
+                "type": etype,
+                "status": detail,
+                "occurred_at": f"2026-11-24T10:0{i}:00Z",
+                "patient": ident,
+            }
+            r = await client.post(
+                "/v1/events",
+                json={k: v for k, v in ev.items() if v is not None},
+                headers=admin_headers,
+            )
             assert r.status_code == 202, r.text
-        params = {"patient": f"{ident['system']}|{ident['value']}"}
-        cases = (await client.get("/v1/cases", params=params, headers=admin_headers)).json()
+        cases = (
+            await client.get(
+                "/v1/cases",
+                params={"patient": f"{ident['system']}|{ident['value']}"},
+                headers=admin_headers,
+            )
+        ).json()
         assert len(cases) == 1
         assert cases[0]["state"] == "approved"
         types = [e["type"] for e in cases[0]["history"]]
@@ -132,12 +154,14 @@ async def test_lost_response_is_retried_without_duplicates(
     admin_headers: dict[str, str],
 ) -> None:
     fake, _ = ehr
-    # longer than the target's 2 s timeout: the EHR stores it, we time out
-    fake.hang_fhir(1, seconds=3)
+    fake.hang_fhir(
+        1, seconds=3
+    )  # longer than the target's 2 s timeout: the EHR stores it, we time out
     worker = DeliveryWorker(runtime)
     try:
-        intake = samples.intake()
-        r = await client.post("/v1/intake-submissions", json=intake, headers=admin_headers)
+        r = await client.post(
+            "/v1/intake-submissions", json=samples.intake(), headers=admin_headers
+        )
         assert r.status_code == 202
         await drain(worker)
         # the retry's conditional creates match what the first attempt stored

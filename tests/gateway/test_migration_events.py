@@ -1,5 +1,5 @@
-"""The issue-5 migration (0005) matches the models on SQLite and PostgreSQL, and goes down
-and up again."""
+"""The issue-5 migration (0005) goes down and up again on SQLite and PostgreSQL, and the
+schema still matches the models (tests/gateway/db/test_migrations.py checks the head)."""
 
 from __future__ import annotations
 
@@ -26,16 +26,6 @@ def _diff(connection: Any) -> list[Any]:
 
     context = MigrationContext.configure(connection, opts={"compare_type": compare_type})
     return list(compare_metadata(context, Base.metadata))
-
-
-async def test_models_match_migrations(database_url: str) -> None:
-    engine = make_engine(database_url)
-    try:
-        async with engine.connect() as conn:
-            diff = await conn.run_sync(_diff)
-    finally:
-        await engine.dispose()
-    assert diff == []
 
 
 async def test_downgrade_and_upgrade_again(database_url: str) -> None:

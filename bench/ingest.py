@@ -1,0 +1,347 @@
+"""HTTP ingest benchmark: acknowledgement latency and throughput of a running gateway.
+
+Starts ``fhir-gateway serve`` as a separate process on 127.0.0.1 (SQLite file or a fresh
+PostgreSQL database), creates an API client, and drives it with synthetic intake
+submissions (unique ``submission_id`` each, the bundled GLP-1 form):
+
+* open loop at a fixed rate (default 100 requests/s for 20 s): p50/p95/p99/max latency of
+  the 202 acknowledgement, measured from the moment each request was due;
+* closed loop (N concurrent clients for 10 s): the maximum sustained requests/s.
+
+Optionally (``--with-ehr``) an enabled EHR target (the local fake EHR, started as another
+process) makes every submission also write an outbox row and the in-process worker
+deliver it while the load runs.
+
+Usage::
+
+    python -m bench.ingest                      # SQLite
+    python -m bench.ingest --database postgres  # PostgreSQL (fresh database)
+    python -m bench.ingest --rate 100 --seconds 20 --concurrency 16 --with-ehr
+
+Traffic goes only to 127.0.0.1. The load generator shares the machine's cores with the
+gateway, so figures are conservative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import copy
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import yaml
+from psycopg import sql
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+PG_ADMIN = os.environ.get("GATEWAY_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def database(kind: str, workdir: Path) -> Iterator[str]:
+    """A fresh database URL: a SQLite file in ``workdir`` or a new PostgreSQL database."""
+    if kind == "sqlite":
+        yield f"sqlite+aiosqlite:///{workdir / 'bench.db'}"
+        return
+    name = f"fgw_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    base = PG_ADMIN.split("://", 1)[1].rsplit("/", 1)[0]
+    try:
+        yield f"postgresql+psycopg://{base}/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+def wait_http(url: str, timeout_s: float = 30) -> None:
+    """Wait until ``url`` answers 200."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not come up")
+
+
+def intake_body(template: dict[str, Any], n: int, run: str) -> bytes:
+    """A unique submission (new submission id, patient id and email)."""
+    body = copy.deepcopy(template)
+    body["submission_id"] = f"bench-{run}-{n}"
+    body["patient"]["external_id"] = f"bench-pt-{run}-{n}"
+    body["patient"]["email"] = f"bench+{run}-{n}@example.com"
+    body["submitted_at"] = "2026-11-23T14:00:00Z"
+    return json.dumps(body).encode()
+
+
+def percentile(values: list[float], p: float) -> float:
+    """The p-th percentile (nearest rank) of ``values``."""
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(p / 100 * len(ordered) + 0.5) - 1))
+    return ordered[k]
+
+
+async def open_loop(
+    url: str, key: str, rate: float, seconds: float, template: dict[str, Any]
+) -> dict[str, Any]:
+    """Send ``rate`` requests/s for ``seconds`` regardless of responses; latency from due time."""
+    run = uuid.uuid4().hex[:6]
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    latencies: list[float] = []
+    errors = 0
+    total = int(rate * seconds)
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+        start = time.perf_counter() + 0.2
+
+        async def one(i: int) -> None:
+            nonlocal errors
+            due = start + i / rate
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            body = intake_body(template, i, run)
+            r = await client.post("/v1/intake-submissions", content=body, headers=headers)
+            if r.status_code != 202:
+                errors += 1
+            latencies.append((time.perf_counter() - due) * 1000)
+
+        await asyncio.gather(*(one(i) for i in range(total)))
+        elapsed = time.perf_counter() - start
+    return {
+        "mode": f"open loop {rate:g}/s",
+        "requests": total,
+        "errors": errors,
+        "achieved_rps": total / elapsed,
+        "p50_ms": percentile(latencies, 50),
+        "p95_ms": percentile(latencies, 95),
+        "p99_ms": percentile(latencies, 99),
+        "max_ms": max(latencies),
+    }
+
+
+async def closed_loop(
+    url: str, key: str, concurrency: int, seconds: float, template: dict[str, Any]
+) -> dict[str, Any]:
+    """``concurrency`` clients sending back to back for ``seconds``: maximum throughput."""
+    run = uuid.uuid4().hex[:6]
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    latencies: list[float] = []
+    errors = 0
+    counter = 0
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        deadline = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            nonlocal errors, counter
+            while time.perf_counter() < deadline:
+                counter += 1
+                body = intake_body(template, counter, run)
+                t0 = time.perf_counter()
+                r = await client.post("/v1/intake-submissions", content=body, headers=headers)
+                latencies.append((time.perf_counter() - t0) * 1000)
+                if r.status_code != 202:
+                    errors += 1
+
+        t_start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t_start
+    return {
+        "mode": f"closed loop x{concurrency}",
+        "requests": len(latencies),
+        "errors": errors,
+        "achieved_rps": len(latencies) / elapsed,
+        "p50_ms": percentile(latencies, 50),
+        "p95_ms": percentile(latencies, 95),
+        "p99_ms": percentile(latencies, 99),
+        "max_ms": max(latencies),
+    }
+
+
+def make_profiles(workdir: Path, ehr_port: int | None) -> Path:
+    """The bundled profiles, plus an enabled fake-EHR target when ``ehr_port`` is set."""
+    dest = workdir / "profiles"
+    shutil.copytree(ROOT / "profiles", dest)
+    if ehr_port is not None:
+        target = {
+            "kind": "ehr",
+            "name": "bench-ehr",
+            "enabled": True,
+            "base_url": f"http://127.0.0.1:{ehr_port}/fhir",
+            "auth": {
+                "method": "client_secret_basic",
+                "token_url": f"http://127.0.0.1:{ehr_port}/token",
+                "client_id": "gateway",
+                "client_secret_env": "BENCH_EHR_SECRET",
+                "scopes": ["system/*.cruds"],
+            },
+        }
+        (dest / "ehr" / "bench-ehr.yaml").write_text(yaml.safe_dump(target))
+    return dest
+
+
+def run(
+    kind: str,
+    rate: float,
+    seconds: float,
+    concurrency: int,
+    with_ehr: bool,
+    server_workers: int = 1,
+) -> list[dict[str, Any]]:
+    """Start the gateway (and the fake EHR), run both load shapes, stop everything."""
+    template = json.loads((ROOT / "examples" / "intake-glp1.json").read_text())
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory() as tmp, database(kind, Path(tmp)) as db_url:
+        workdir = Path(tmp)
+        ehr_port = free_port() if with_ehr else None
+        env = {
+            **os.environ,
+            "GATEWAY_DATABASE_URL": db_url,
+            "GATEWAY_PROFILES_DIR": str(make_profiles(workdir, ehr_port)),
+            "GATEWAY_LOG_LEVEL": "warning",
+            "BENCH_EHR_SECRET": "s3cret",
+        }
+        try:
+            if ehr_port is not None:
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "tests.support.fake_ehr",
+                            "--port",
+                            str(ehr_port),
+                            "--no-validate",
+                        ],
+                        cwd=ROOT,
+                        env=env,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
+                wait_http(f"http://127.0.0.1:{ehr_port}/fhir/metadata")
+            subprocess.run(
+                [str(VENV_BIN / "fhir-gateway"), "db", "upgrade"],
+                env=env,
+                cwd=workdir,
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+            key = (
+                subprocess.run(
+                    [
+                        str(VENV_BIN / "fhir-gateway"),
+                        "clients",
+                        "create",
+                        "bench",
+                        "--scope",
+                        "intake:write",
+                    ],
+                    env=env,
+                    cwd=workdir,
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
+                .stdout.strip()
+                .splitlines()[-1]
+            )
+            port = free_port()
+            procs.append(
+                subprocess.Popen(
+                    [
+                        str(VENV_BIN / "fhir-gateway"),
+                        "serve",
+                        "--port",
+                        str(port),
+                        "--no-migrate",
+                        "--workers",
+                        str(server_workers),
+                    ],
+                    env=env,
+                    cwd=workdir,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+            url = f"http://127.0.0.1:{port}"
+            wait_http(f"{url}/readyz")
+            asyncio.run(open_loop(url, key, 20, 2, template))  # warm-up
+            results = [
+                asyncio.run(open_loop(url, key, rate, seconds, template)),
+                asyncio.run(closed_loop(url, key, concurrency, min(seconds, 10), template)),
+            ]
+            for r in results:
+                r["database"] = kind
+                r["ehr"] = "fake EHR target" if with_ehr else "no target"
+                r["processes"] = server_workers
+            return results
+        finally:
+            for p in procs:
+                p.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(10)
+
+
+def main() -> None:
+    """Command line entry point."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--database", choices=["sqlite", "postgres", "both"], default="both")
+    parser.add_argument("--rate", type=float, default=100.0, help="open-loop requests per second")
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--concurrency", type=int, default=16, help="closed-loop clients")
+    parser.add_argument(
+        "--with-ehr", action="store_true", help="enable a fake EHR target during the load"
+    )
+    parser.add_argument(
+        "--server-workers",
+        type=int,
+        default=1,
+        help="gateway processes (PostgreSQL only: `serve --workers N`)",
+    )
+    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    args = parser.parse_args()
+    kinds = ["sqlite", "postgres"] if args.database == "both" else [args.database]
+    results = []
+    for kind in kinds:
+        workers = args.server_workers if kind == "postgres" else 1
+        results.extend(run(kind, args.rate, args.seconds, args.concurrency, args.with_ehr, workers))
+    print(
+        f"{'database':10} {'procs':5} {'ehr':16} {'mode':18} {'req':>6} {'err':>4} {'req/s':>8} "
+        f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8}"
+    )
+    for r in results:
+        print(
+            f"{r['database']:10} {r['processes']:5d} {r['ehr']:16} {r['mode']:18} {r['requests']:6d} {r['errors']:4d} "
+            f"{r['achieved_rps']:8.1f} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} {r['p99_ms']:8.1f} {r['max_ms']:8.1f}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""The ``fhir-gateway`` command line (typer's CliRunner): ``db upgrade`` on a fresh SQLite
+file, ``clients create`` printing a key that authenticates and is stored only hashed."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import sqlite3
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from gateway.app import create_app
+from gateway.cli import app
+from gateway.clients.service import authenticate
+from gateway.db.migrate import alembic_config
+from gateway.runtime import Runtime
+from gateway.settings import Settings
+from tests import samples
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh SQLite file the CLI is pointed at (no ``.env`` from the repository)."""
+    for name in list(os.environ):
+        if name.startswith("GATEWAY_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "cli.db"
+    monkeypatch.setenv("GATEWAY_DATABASE_URL", f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture
+def migrated(db_path: Path) -> Path:
+    result = runner.invoke(app, ["db", "upgrade"])
+    assert result.exit_code == 0, result.output
+    return db_path
+
+
+def tables(path: Path) -> set[str]:
+    with sqlite3.connect(path) as conn:
+        return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+def test_db_upgrade_creates_the_schema_on_a_fresh_file(db_path: Path) -> None:
+    assert not db_path.exists()
+    result = runner.invoke(app, ["db", "upgrade"])
+    assert result.exit_code == 0, result.output
+    assert "database at revision head (sqlite+aiosqlite)" in result.stdout
+    assert {"api_clients", "inbound_messages", "fhir_resources", "deliveries", "cases"} <= tables(
+        db_path
+    )
+    with sqlite3.connect(db_path) as conn:
+        (revision,) = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+    from alembic.script import ScriptDirectory
+
+    assert revision == ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def test_db_upgrade_twice_is_harmless(migrated: Path) -> None:
+    result = runner.invoke(app, ["db", "upgrade"])
+    assert result.exit_code == 0, result.output
+
+
+def create(name: str, *scopes: str) -> tuple[int, str, str]:
+    args = ["clients", "create", name]
+    for scope in scopes:
+        args += ["--scope", scope]
+    result = runner.invoke(app, args)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_clients_create_prints_a_key_that_authenticates(migrated: Path) -> None:
+    code, out, err = create("intake-app", "intake:write", "fhir:read")
+    assert code == 0, err
+    key = out.strip()
+    assert key.startswith("fgw_") and "\n" not in key
+    assert "client 'intake-app' created with scopes: fhir:read intake:write" in err
+
+    async def use_key() -> tuple[frozenset[str], int]:
+        settings = Settings(
+            database_url=f"sqlite:///{migrated}",
+            run_worker=False,
+            _env_file=None,  # type: ignore[call-arg]
+        )
+        runtime = Runtime.create(settings)
+        try:
+            async with runtime.sessionmaker() as session:
+                principal = await authenticate(session, key=key)
+            assert principal is not None
+            gateway = create_app(settings, runtime=runtime, run_worker=False)
+            async with (
+                gateway.router.lifespan_context(gateway),
+                httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app=gateway), base_url="http://gw.test"
+                ) as http,
+            ):
+                r = await http.post(
+                    "/v1/intake-submissions",
+                    json=samples.intake(),
+                    headers={"Authorization": f"Bearer {key}"},
+                )
+            return principal.scopes, r.status_code
+        finally:
+            await runtime.close()
+
+    scopes, status = asyncio.run(use_key())
+    assert scopes == {"intake:write", "fhir:read"}
+    assert status == 202
+
+
+def test_the_key_is_stored_only_as_a_hash(migrated: Path) -> None:
+    code, out, _ = create("ops", "ops:read")
+    assert code == 0
+    key = out.strip()
+    with sqlite3.connect(migrated) as conn:
+        (key_hash, key_id, name) = conn.execute(
+            "SELECT key_hash, key_id, name FROM api_clients"
+        ).fetchone()
+    assert key_hash == hashlib.sha256(key.encode()).hexdigest()
+    assert key_id in key and name == "ops"
+    secret_part = key.split("_", 2)[2]
+    for path in migrated.parent.glob("cli.db*"):  # the database and any WAL file
+        assert secret_part.encode() not in path.read_bytes()
+
+
+def test_scopes_may_be_given_comma_separated(migrated: Path) -> None:
+    code, _, err = create("both", "intake:write,checkout:write")
+    assert code == 0
+    assert "scopes: checkout:write intake:write" in err
+
+
+def test_an_unknown_scope_exits_non_zero_with_a_clear_message(migrated: Path) -> None:
+    code, out, err = create("typo", "intake:write", "intake:wrte")
+    assert code == 2
+    assert out == ""
+    assert "unknown scope(s): intake:wrte; known: intake:write" in err
+    with sqlite3.connect(migrated) as conn:
+        assert conn.execute("SELECT count(*) FROM api_clients").fetchone() == (0,)
+
+
+def test_a_duplicate_client_name_exits_non_zero(migrated: Path) -> None:
+    assert create("intake-app", "intake:write")[0] == 0
+    code, out, err = create("intake-app", "fhir:read")
+    assert code == 2
+    assert out == ""
+    assert "a client named 'intake-app' already exists" in err
+
+
+def test_clients_list_never_shows_keys(migrated: Path) -> None:
+    _, out, _ = create("intake-app", "intake:write")
+    result = runner.invoke(app, ["clients", "list"])
+    assert result.exit_code == 0
+    assert result.stdout == "intake-app\tactive\tintake:write\n"
+    assert out.strip() not in result.stdout

@@ -1,0 +1,279 @@
+"""POST /v1/webhooks/stripe: signature checks, event types, retries of one event,
+asynchronous payments and events that do not map."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from gateway.app import create_app
+from gateway.cli import stripe_signature_header
+from gateway.db.models import Case, ExceptionRecord, FhirResource, InboundMessage
+from gateway.runtime import Runtime
+from gateway.settings import Settings
+from tests import samples
+from tests.support.api import STRIPE_SECRET, count, rows, signed_stripe, table_counts
+
+
+def medication_requests(runtime: Runtime) -> object:
+    return count(runtime, FhirResource, FhirResource.resource_type == "MedicationRequest")
+
+
+async def test_a_signed_checkout_event_is_mapped(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str]
+) -> None:
+    event = samples.stripe_event()
+    payload, headers = signed_stripe(event)
+    r = await client.post("/v1/webhooks/stripe", content=payload, headers=headers)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert (out["received"], out["event_type"], out["status"]) == (
+        True,
+        "checkout.session.completed",
+        "accepted",
+    )
+    assert out["checkout_id"] == event["data"]["object"]["id"]  # type: ignore[index]
+    assert sorted(x["resourceType"] for x in out["resources"]) == [
+        "MedicationRequest",
+        "Patient",
+        "Provenance",
+    ]
+    (message,) = await rows(runtime, InboundMessage)
+    assert (message.channel, message.external_id, message.status) == (
+        "stripe",
+        event["id"],
+        "processed",
+    )
+    assert message.body == payload
+    patient = (
+        await client.get(f"/fhir/{out['patient']['reference']}", headers=admin_headers)
+    ).json()
+    assert {
+        "system": "https://fhir-gateway.example.org/sid/stripe-customer",
+        "value": "cus_QExampleCustomer1",
+    } in patient["identifier"]
+
+
+@pytest.mark.parametrize(
+    "signature",
+    [
+        "t={t},v1=" + "0" * 64,
+        "t={t}",
+        "v1=abc",
+        "garbage",
+    ],
+    ids=["wrong-digest", "no-v1", "no-timestamp", "garbage"],
+)
+async def test_a_bad_signature_is_400_and_nothing_is_stored(
+    client: httpx.AsyncClient, runtime: Runtime, signature: str
+) -> None:
+    payload, headers = signed_stripe(samples.stripe_event())
+    headers["Stripe-Signature"] = signature.format(t=int(time.time()))
+    r = await client.post("/v1/webhooks/stripe", content=payload, headers=headers)
+    assert r.status_code == 400, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert r.json()["errors"][0]["code"] == "invalid_signature"
+    assert all(n == 0 for name, n in (await table_counts(runtime)).items() if name != "api_clients")
+
+
+async def test_a_body_changed_after_signing_is_400(client: httpx.AsyncClient) -> None:
+    payload, headers = signed_stripe(samples.stripe_event())
+    tampered = payload.replace(b'"amount_total": 29900', b'"amount_total": 100')
+    assert tampered != payload
+    r = await client.post("/v1/webhooks/stripe", content=tampered, headers=headers)
+    assert r.status_code == 400
+
+
+async def test_a_signature_with_another_secret_is_400(client: httpx.AsyncClient) -> None:
+    payload, headers = signed_stripe(samples.stripe_event(), secret="whsec_someone_else")
+    r = await client.post("/v1/webhooks/stripe", content=payload, headers=headers)
+    assert r.status_code == 400
+
+
+async def test_a_timestamp_older_than_300_seconds_is_400(
+    client: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    payload, headers = signed_stripe(samples.stripe_event(), timestamp=int(time.time()) - 301)
+    r = await client.post("/v1/webhooks/stripe", content=payload, headers=headers)
+    assert r.status_code == 400
+    assert r.json()["errors"][0]["code"] == "invalid_signature"
+    assert await count(runtime, InboundMessage) == 0
+
+
+async def test_a_timestamp_within_300_seconds_is_accepted(client: httpx.AsyncClient) -> None:
+    payload, headers = signed_stripe(samples.stripe_event(), timestamp=int(time.time()) - 290)
+    r = await client.post("/v1/webhooks/stripe", content=payload, headers=headers)
+    assert r.status_code == 200, r.text
+
+
+async def test_a_missing_signature_header_is_400(client: httpx.AsyncClient) -> None:
+    payload, headers = signed_stripe(samples.stripe_event())
+    del headers["Stripe-Signature"]
+    r = await client.post("/v1/webhooks/stripe", content=payload, headers=headers)
+    assert r.status_code == 400
+    assert r.json()["errors"] == [
+        {
+            "field": "Stripe-Signature",
+            "pointer": "#/Stripe-Signature",
+            "code": "missing_signature",
+            "detail": "the Stripe-Signature header is required",
+        }
+    ]
+
+
+@pytest.fixture
+async def unconfigured_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The app on the test database without GATEWAY_STRIPE_WEBHOOK_SECRET."""
+    unconfigured = settings.model_copy(update={"stripe_webhook_secret": None})
+    runtime = Runtime.create(unconfigured)
+    app = create_app(unconfigured, runtime=runtime)
+    try:
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://gw.test"
+            ) as http,
+        ):
+            yield http
+    finally:
+        await runtime.close()
+
+
+async def test_without_a_configured_secret_the_webhook_is_503(
+    unconfigured_client: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    payload, headers = signed_stripe(samples.stripe_event())
+    r = await unconfigured_client.post("/v1/webhooks/stripe", content=payload, headers=headers)
+    assert r.status_code == 503
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert "GATEWAY_STRIPE_WEBHOOK_SECRET" in r.json()["detail"]
+    assert await count(runtime, InboundMessage) == 0
+
+
+async def test_other_event_types_are_acknowledged_and_recorded_as_ignored(
+    client: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    event = samples.stripe_event()
+    event["type"] = "payment_intent.created"
+    payload, headers = signed_stripe(event)
+    r = await client.post("/v1/webhooks/stripe", content=payload, headers=headers)
+    assert r.status_code == 200
+    assert r.json()["status"] == "ignored"
+    assert r.json()["event_type"] == "payment_intent.created"
+    (message,) = await rows(runtime, InboundMessage)
+    assert (message.status, message.external_id) == ("ignored", event["id"])
+    assert await count(runtime, FhirResource) == 0
+
+
+async def test_the_same_event_five_times_gives_one_medication_request(
+    client: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    payload, headers = signed_stripe(samples.stripe_event())
+    answers = []
+    for _ in range(5):
+        r = await client.post("/v1/webhooks/stripe", content=payload, headers=headers)
+        assert r.status_code == 200, r.text
+        answers.append(r.json())
+    assert [a.get("replayed", False) for a in answers] == [False, True, True, True, True]
+    assert {a["message_id"] for a in answers} == {answers[0]["message_id"]}
+    assert await medication_requests(runtime) == 1
+    assert await count(runtime, FhirResource, FhirResource.resource_type == "Patient") == 1
+    assert await count(runtime, InboundMessage) == 1
+
+
+async def test_resources_come_only_with_the_asynchronous_payment(
+    client: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    completed = samples.stripe_event(payment_status="unpaid")
+    payload, headers = signed_stripe(completed)
+    r = await client.post("/v1/webhooks/stripe", content=payload, headers=headers)
+    assert r.status_code == 200
+    assert r.json()["status"] == "awaiting_payment"
+    assert await count(runtime, FhirResource) == 0
+    assert await count(runtime, Case) == 0
+
+    succeeded = json.loads(json.dumps(completed))
+    succeeded["id"] = completed["id"] + "_paid"
+    succeeded["type"] = "checkout.session.async_payment_succeeded"
+    succeeded["data"]["object"]["payment_status"] = "paid"
+    payload, headers = signed_stripe(succeeded)
+    r = await client.post("/v1/webhooks/stripe", content=payload, headers=headers)
+    assert r.status_code == 200
+    assert r.json()["status"] == "accepted"
+    assert await medication_requests(runtime) == 1
+    mr = (await rows(runtime, FhirResource, FhirResource.resource_type == "MedicationRequest"))[0]
+    assert mr.resource["identifier"][0]["value"] == completed["data"]["object"]["id"]  # type: ignore[index]
+    (case,) = await rows(runtime, Case)
+    assert case.state == "paid"
+
+
+async def test_an_event_that_does_not_map_is_acknowledged_and_kept_whole(
+    client: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    event = samples.stripe_event()
+    event["data"]["object"]["metadata"]["plan"] = "glp1-platinum"  # type: ignore[index]
+    payload, headers = signed_stripe(event)
+    r = await client.post("/v1/webhooks/stripe", content=payload, headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "failed"
+    assert await count(runtime, FhirResource) == 0
+    (record,) = await rows(runtime, ExceptionRecord)
+    assert (record.kind, record.channel) == ("unmappable_input", "stripe")
+    assert record.payload == payload
+    assert record.problems == [
+        {"location": "plan", "code": "unknown_plan", "message": "no checkout profile has this plan"}
+    ]
+    (message,) = await rows(runtime, InboundMessage)
+    assert message.status == "failed"
+    assert record.inbound_message_id == message.id
+    # Stripe retries it: still one message, one exception
+    again = await client.post("/v1/webhooks/stripe", content=payload, headers=headers)
+    assert again.status_code == 200
+    assert await count(runtime, ExceptionRecord) == 1
+
+
+@pytest.mark.parametrize(
+    "raw", [b"[1, 2]", b'"an event"', b"null"], ids=["array", "string", "null"]
+)
+async def test_a_signed_body_that_is_not_an_event_object_is_refused_and_kept(
+    client: httpx.AsyncClient, runtime: Runtime, raw: bytes
+) -> None:
+    headers = {
+        "Stripe-Signature": stripe_signature_header(STRIPE_SECRET, raw),
+        "Content-Type": "application/json",
+    }
+    r = await client.post("/v1/webhooks/stripe", content=raw, headers=headers)
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    (record,) = await rows(runtime, ExceptionRecord)
+    assert (record.kind, record.channel, record.payload) == ("rejected_input", "stripe", raw)
+    assert await count(runtime, InboundMessage) == 0
+
+
+async def test_a_signed_body_that_is_not_json_is_400(client: httpx.AsyncClient) -> None:
+    raw = b'{"id": "evt_1", "type": '
+    headers = {
+        "Stripe-Signature": stripe_signature_header(STRIPE_SECRET, raw),
+        "Content-Type": "application/json",
+    }
+    r = await client.post("/v1/webhooks/stripe", content=raw, headers=headers)
+    assert r.status_code == 400
+    assert r.json()["errors"][0]["code"] == "invalid_json"
+
+
+async def test_a_signed_checkout_event_with_a_malformed_session_is_kept_for_review(
+    client: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    event = samples.stripe_event()
+    event["data"] = "not a session"
+    payload, headers = signed_stripe(event)
+    r = await client.post("/v1/webhooks/stripe", content=payload, headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "failed"
+    (record,) = await rows(runtime, ExceptionRecord)
+    assert (record.kind, record.payload) == ("unmappable_input", payload)
+    assert {p["location"] for p in record.problems} >= {"checkout_id", "plan"}

@@ -1,0 +1,366 @@
+"""Tests for mappers.checkout: Stripe session -> canonical checkout -> Patient +
+MedicationRequest (a draft proposal awaiting provider review)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from fhir.resources.R4B.medicationrequest import MedicationRequest
+from fhir.resources.R4B.patient import Patient
+
+from mappers.checkout import (
+    CanonicalCheckout,
+    checkout_to_medication_request,
+    checkout_to_patient,
+    parse_checkout,
+    split_name,
+    stripe_session_to_checkout,
+)
+from mappers.errors import MappingErrors
+from mappers.identifiers import IdentifierSystems
+from mappers.profiles import Plan, ProfileSet
+from mappers.validation import resource_problems
+from tests.mappers.conftest import GOLDEN, assert_golden, find_plan
+
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+
+
+def stripe_sample() -> dict[str, Any]:
+    """The golden input: the bundled Stripe ``checkout.session.completed`` event."""
+    return json.loads((GOLDEN / "stripe-checkout-session-completed.input.json").read_text())  # type: ignore[no-any-return]
+
+
+def canonical(**overrides: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "checkout_id": "chk-0001",
+        "processor": "square",
+        "completed_at": "2026-11-23T19:05:00Z",
+        "plan": "glp1-semaglutide-starter",
+        "customer": {"name": "Jordan Rivera", "email": "Jordan.Rivera@Example.com "},
+        "amount_total": 29900,
+        "currency": "USD",
+        "payment_status": "paid",
+    }
+    data.update(overrides)
+    return data
+
+
+def parse(profile_set: ProfileSet, data: Any) -> tuple[CanonicalCheckout, Plan]:
+    return parse_checkout(data, find_plan(profile_set))
+
+
+def problems_of(profile_set: ProfileSet, data: Any) -> dict[str, str]:
+    with pytest.raises(MappingErrors) as info:
+        parse(profile_set, data)
+    return {p.location: p.code for p in info.value.problems}
+
+
+def map_stripe(
+    profile_set: ProfileSet, systems: IdentifierSystems, qr_id: str | None = "qr-1"
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    checkout, plan = parse(profile_set, stripe_session_to_checkout(stripe_sample()))
+    patient = checkout_to_patient(checkout, patient_id="pat-1", systems=systems)
+    mr = checkout_to_medication_request(
+        checkout,
+        plan,
+        request_id="mr-1",
+        patient_id="pat-1",
+        systems=systems,
+        questionnaire_response_id=qr_id,
+    )
+    return patient, mr
+
+
+# --------------------------------------------------------------------------- golden
+
+
+def test_stripe_session_maps_to_golden_canonical_checkout() -> None:
+    assert_golden(stripe_session_to_checkout(stripe_sample()), "stripe-checkout.canonical.json")
+
+
+def test_stripe_checkout_maps_to_golden_patient_and_medication_request(
+    profile_set: ProfileSet, systems: IdentifierSystems
+) -> None:
+    patient, mr = map_stripe(profile_set, systems)
+    assert_golden({"Patient": patient, "MedicationRequest": mr}, "stripe-checkout.expected.json")
+
+
+def test_checkout_resources_validate_and_round_trip_through_r4b(
+    profile_set: ProfileSet, systems: IdentifierSystems
+) -> None:
+    patient, mr = map_stripe(profile_set, systems)
+    assert resource_problems(patient) == []
+    assert resource_problems(mr) == []
+    assert json.loads(Patient.model_validate(patient).model_dump_json()) == patient
+    assert json.loads(MedicationRequest.model_validate(mr).model_dump_json()) == mr
+
+
+# --------------------------------------------------------------------------- Stripe -> canonical
+
+
+def test_stripe_event_time_becomes_completed_at_in_utc() -> None:
+    out = stripe_session_to_checkout(stripe_sample())
+    assert out["completed_at"] == "2026-11-23T19:05:00+00:00"
+    assert out["processor"] == "stripe"
+    assert out["checkout_id"] == "cs_test_a1ExampleSession0001"
+
+
+def test_stripe_metadata_and_customer_id_are_carried() -> None:
+    out = stripe_session_to_checkout(stripe_sample())
+    assert out["plan"] == "glp1-semaglutide-starter"
+    assert out["patient_external_id"] == "app-user-8812"
+    assert out["intake_submission_id"] == "sub-2026-000123"
+    assert out["customer_id"] == "cus_QExampleCustomer1"
+    assert (out["amount_total"], out["currency"], out["payment_status"]) == (29900, "usd", "paid")
+
+
+def test_stripe_empty_strings_become_absent() -> None:
+    event = stripe_sample()
+    session = event["data"]["object"]
+    session["customer_details"]["phone"] = None
+    session["customer_details"]["address"].update({"line2": "", "state": ""})
+    session["metadata"] = {"plan": "glp1-semaglutide-starter", "intake_submission_id": ""}
+    out = stripe_session_to_checkout(event)
+    assert "phone" not in out["customer"]
+    assert "line2" not in out["customer"]["address"]
+    assert "state" not in out["customer"]["address"]
+    assert "intake_submission_id" not in out
+    assert "patient_external_id" not in out
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"data": "not a session"},
+        {"data": {"object": ["a", "list"]}},
+        {"data": {"object": {"id": "cs_1", "metadata": ["plan"], "customer_details": "Jordan"}}},
+        {"data": {"object": {"id": "cs_1", "customer_details": {"address": "100 Market St"}}}},
+    ],
+    ids=["data", "object", "metadata-and-details", "address"],
+)
+def test_a_malformed_stripe_event_maps_to_problems_not_exceptions(
+    profile_set: ProfileSet, change: dict[str, Any]
+) -> None:
+    event = {**stripe_sample(), **change}
+    out = stripe_session_to_checkout(event)
+    assert isinstance(out, dict)
+    with pytest.raises(MappingErrors) as info:
+        parse(profile_set, out)
+    assert "plan" in {p.location for p in info.value.problems}
+
+
+def test_stripe_event_without_plan_fails_parsing_at_plan(profile_set: ProfileSet) -> None:
+    event = stripe_sample()
+    event["data"]["object"]["metadata"] = {"patient_external_id": "app-user-8812"}
+    assert problems_of(profile_set, stripe_session_to_checkout(event)) == {"plan": "missing"}
+
+
+# --------------------------------------------------------------------------- parsing problems
+
+
+def test_unknown_plan_is_located(profile_set: ProfileSet) -> None:
+    assert problems_of(profile_set, canonical(plan="glp1-gold-plan")) == {"plan": "unknown_plan"}
+
+
+def test_checkout_without_any_patient_key_is_refused(profile_set: ProfileSet) -> None:
+    assert problems_of(profile_set, canonical(customer={"name": "Jordan Rivera"})) == {
+        "customer.email": "unidentified_patient"
+    }
+
+
+def test_us_address_state_and_zip_are_normalized(profile_set: ProfileSet) -> None:
+    checkout, _ = parse(
+        profile_set,
+        canonical(
+            customer={
+                "email": "a@example.com",
+                "address": {"line1": "1 Main St", "state": "new york", "postal_code": "100011234"},
+            }
+        ),
+    )
+    assert checkout.customer.address is not None
+    assert checkout.customer.address.state == "NY"
+    assert checkout.customer.address.postal_code == "10001-1234"
+
+
+def test_bad_us_address_state_is_located(profile_set: ProfileSet) -> None:
+    data = canonical(customer={"email": "a@example.com", "address": {"state": "Texs"}})
+    assert problems_of(profile_set, data) == {"customer.address.state": "invalid_state"}
+
+
+def test_every_contract_problem_is_listed(profile_set: ProfileSet) -> None:
+    data = canonical(
+        amount_total=-1,
+        currency="dollars",
+        payment_status="pending",
+        completed_at="2026-11-23 19:05",
+        customer={"email": "not-an-email", "phone": "12"},
+        coupon="FREE",
+    )
+    assert problems_of(profile_set, data) == {
+        "amount_total": "greater_than_equal",
+        "currency": "string_pattern_mismatch",
+        "payment_status": "literal_error",
+        "completed_at": "timezone_aware",
+        "customer.email": "invalid_email",
+        "customer.phone": "invalid_phone",
+        "coupon": "extra_forbidden",
+    }
+
+
+def test_contact_details_are_normalized(profile_set: ProfileSet) -> None:
+    checkout, _ = parse(
+        profile_set,
+        canonical(customer={"email": " Jordan@Example.COM ", "phone": "(415) 555-2671"}),
+    )
+    assert checkout.customer.email == "jordan@example.com"
+    assert checkout.customer.phone == "+14155552671"
+    assert checkout.currency == "usd"
+
+
+# --------------------------------------------------------------------------- Patient
+
+
+@pytest.mark.parametrize(
+    ("full", "expected"),
+    [
+        (
+            "Jane Q. Doe",
+            {"use": "official", "text": "Jane Q. Doe", "family": "Doe", "given": ["Jane", "Q."]},
+        ),
+        (
+            "Jordan Rivera",
+            {"use": "official", "text": "Jordan Rivera", "family": "Rivera", "given": ["Jordan"]},
+        ),
+        ("Cher", {"use": "official", "text": "Cher", "given": ["Cher"]}),
+    ],
+)
+def test_split_name_takes_the_last_word_as_family(full: str, expected: dict[str, Any]) -> None:
+    assert split_name(full) == expected
+
+
+def test_checkout_patient_has_unknown_gender_and_no_birth_date(
+    profile_set: ProfileSet, systems: IdentifierSystems
+) -> None:
+    patient, _ = map_stripe(profile_set, systems)
+    assert patient["gender"] == "unknown"
+    assert "birthDate" not in patient
+    assert patient["address"][0]["use"] == "billing"
+
+
+def test_stripe_customer_id_is_an_identifier(
+    profile_set: ProfileSet, systems: IdentifierSystems
+) -> None:
+    patient, _ = map_stripe(profile_set, systems)
+    assert {
+        "system": f"{systems.base}/stripe-customer",
+        "value": "cus_QExampleCustomer1",
+    } in patient["identifier"]
+
+
+def test_customer_id_of_another_processor_is_not_a_stripe_identifier(
+    profile_set: ProfileSet, systems: IdentifierSystems
+) -> None:
+    checkout, _ = parse(profile_set, canonical(customer_id="sq-cust-1"))
+    patient = checkout_to_patient(checkout, patient_id="pat-1", systems=systems)
+    assert [i["system"] for i in patient["identifier"]] == [f"{systems.base}/patient-id"]
+
+
+def test_checkout_without_a_name_says_why_and_still_validates(
+    profile_set: ProfileSet, systems: IdentifierSystems
+) -> None:
+    checkout, _ = parse(profile_set, canonical(customer={"email": "a@example.com"}))
+    patient = checkout_to_patient(checkout, patient_id="pat-1", systems=systems)
+    assert patient["name"] == [
+        {
+            "extension": [
+                {
+                    "url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason",
+                    "valueCode": "unknown",
+                }
+            ]
+        }
+    ]
+    assert resource_problems(patient) == []
+
+
+# --------------------------------------------------------------------------- MedicationRequest
+
+
+def test_medication_request_is_a_draft_proposal_requested_by_the_patient(
+    profile_set: ProfileSet, systems: IdentifierSystems
+) -> None:
+    _, mr = map_stripe(profile_set, systems)
+    assert (mr["status"], mr["intent"]) == ("draft", "proposal")
+    assert mr["subject"] == mr["requester"] == {"reference": "Patient/pat-1"}
+    assert mr["authoredOn"] == "2026-11-23T19:05:00Z"
+    assert mr["identifier"] == [
+        {"system": f"{systems.base}/checkout-session", "value": "cs_test_a1ExampleSession0001"}
+    ]
+
+
+def test_medication_is_the_plans_rxnorm_coding(
+    profile_set: ProfileSet, systems: IdentifierSystems
+) -> None:
+    _, mr = map_stripe(profile_set, systems)
+    (coding,) = mr["medicationCodeableConcept"]["coding"]
+    assert (coding["system"], coding["code"]) == (RXNORM, "1991306")
+    assert mr["medicationCodeableConcept"]["text"] == (
+        "Semaglutide 0.25 mg weekly starter (pen injector)"
+    )
+
+
+def test_dosage_instruction_from_the_plan(
+    profile_set: ProfileSet, systems: IdentifierSystems
+) -> None:
+    _, mr = map_stripe(profile_set, systems)
+    (dosage,) = mr["dosageInstruction"]
+    assert dosage["timing"] == {"repeat": {"frequency": 1, "period": 1, "periodUnit": "wk"}}
+    assert dosage["route"]["coding"][0]["code"] == "34206005"
+    assert dosage["doseAndRate"] == [
+        {
+            "doseQuantity": {
+                "value": 0.25,
+                "unit": "mg",
+                "system": "http://unitsofmeasure.org",
+                "code": "mg",
+            }
+        }
+    ]
+
+
+def test_dispense_request_from_the_plan(
+    profile_set: ProfileSet, systems: IdentifierSystems
+) -> None:
+    checkout, plan = parse(profile_set, canonical(plan="glp1-semaglutide-maintenance"))
+    mr = checkout_to_medication_request(
+        checkout, plan, request_id="mr-1", patient_id="pat-1", systems=systems
+    )
+    assert mr["dispenseRequest"] == {
+        "numberOfRepeatsAllowed": 2,
+        "quantity": {
+            "value": 1.5,
+            "unit": "mL",
+            "system": "http://unitsofmeasure.org",
+            "code": "mL",
+        },
+        "expectedSupplyDuration": {
+            "value": 28,
+            "unit": "days",
+            "system": "http://unitsofmeasure.org",
+            "code": "d",
+        },
+    }
+    assert mr["medicationCodeableConcept"]["coding"][0]["code"] == "1991316"
+
+
+def test_supporting_information_only_when_the_intake_is_known(
+    profile_set: ProfileSet, systems: IdentifierSystems
+) -> None:
+    _, with_qr = map_stripe(profile_set, systems, qr_id="qr-1")
+    _, without = map_stripe(profile_set, systems, qr_id=None)
+    assert with_qr["supportingInformation"] == [{"reference": "QuestionnaireResponse/qr-1"}]
+    assert "supportingInformation" not in without
+    assert resource_problems(without) == []
