@@ -228,6 +228,7 @@ async def wait_applied(
 
 
 def event_body(patient: str, n: int, run: str) -> bytes:
+    """A canonical ``result_available`` event (JSON bytes) for one patient."""
     return json.dumps(
         {
             "event_id": f"bench-{run}-{n}",
@@ -240,6 +241,7 @@ def event_body(patient: str, n: int, run: str) -> bytes:
 
 
 def oru_message(patient: str, n: int, run: str) -> bytes:
+    """An ORU^R01 from the example EHR feed (ER7 bytes); PID-3 is the external patient id."""
     segments = [
         f"MSH|^~\\&|LAB|EXAMPLEEHR|FHIRGW|TELE|20261124120000-0500||ORU^R01^ORU_R01|{run}{n}|P|2.5.1",
         f"PID|1||{patient}^^^TELEHEALTH||DOE^JANE",
@@ -261,10 +263,12 @@ class MllpPool:
         )
 
     async def open(self) -> None:
+        """Open the connections."""
         for _ in range(self.size):
             self.free.put_nowait(await asyncio.open_connection("127.0.0.1", self.port))
 
     async def send(self, message: bytes) -> bytes:
+        """Send one framed message on a free connection; the ACK frame."""
         reader, writer = await self.free.get()
         try:
             writer.write(SB + message + EB + CR)
@@ -274,6 +278,7 @@ class MllpPool:
             self.free.put_nowait((reader, writer))
 
     async def close(self) -> None:
+        """Close the connections."""
         while not self.free.empty():
             _, writer = self.free.get_nowait()
             writer.close()
@@ -283,6 +288,7 @@ class MllpPool:
 
 
 async def seed_patients(url: str, key: str, count: int) -> list[str]:
+    """Create ``count`` patients (and cases) through the intake API; their external ids."""
     intake = json.loads((EXAMPLES / "intake-glp1.json").read_text())
     ids = []
     async with httpx.AsyncClient(
@@ -304,9 +310,11 @@ async def seed_patients(url: str, key: str, count: int) -> list[str]:
 async def run_http(
     url: str, key: str, patients: list[str], database_url: str, args: argparse.Namespace
 ) -> list[Result]:
+    """The HTTP measurements (throughput, then fixed rate)."""
     results = []
+    slots = asyncio.Semaphore(args.http_connections)
     limits = httpx.Limits(
-        max_connections=max(64, args.concurrency * 2), max_keepalive_connections=64
+        max_connections=args.http_connections, max_keepalive_connections=args.http_connections
     )
     async with httpx.AsyncClient(
         base_url=url,
@@ -319,9 +327,12 @@ async def run_http(
             before = await asyncio.to_thread(applied_count, database_url, "events")
 
             async def send(n: int, run: str = run) -> bool:
-                r = await client.post(
-                    "/v1/events", content=event_body(patients[n % len(patients)], n, run)
-                )
+                # wait for one of the client's connections here (cheap), not in httpx's
+                # pool, which slows down with hundreds of waiters
+                async with slots:
+                    r = await client.post(
+                        "/v1/events", content=event_body(patients[n % len(patients)], n, run)
+                    )
                 return r.status_code == 202
 
             await send(10**8)  # warm the connection
@@ -373,6 +384,7 @@ async def run_http(
 async def run_mllp(
     port: int, patients: list[str], database_url: str, args: argparse.Namespace
 ) -> list[Result]:
+    """The MLLP measurements (throughput, then fixed rate)."""
     results = []
     for mode in ("throughput", "fixed-rate"):
         run = f"B{uuid.uuid4().hex[:6]}"
@@ -476,6 +488,7 @@ def maybe_worker(env: dict[str, str], apply: str) -> Any:
 
 
 async def main(args: argparse.Namespace) -> list[Result]:
+    """Start the processes, seed patients, run every channel and apply mode."""
     workdir = Path(tempfile.mkdtemp(prefix="fgw-bench-"))
     database_url = args.database_url or f"sqlite+aiosqlite:///{workdir / 'bench.db'}"
     base_env = {
@@ -526,6 +539,7 @@ async def main(args: argparse.Namespace) -> list[Result]:
 
 
 def cli(argv: list[str] | None = None) -> None:
+    """Command line entry point."""
     parser = argparse.ArgumentParser(
         prog="python -m bench.events", description=__doc__.split("\n\n")[0]
     )
@@ -536,6 +550,9 @@ def cli(argv: list[str] | None = None) -> None:
         "--concurrency", type=int, default=16, help="HTTP senders in the throughput run"
     )
     parser.add_argument("--mllp-connections", type=int, default=4)
+    parser.add_argument(
+        "--http-connections", type=int, default=32, help="HTTP keep-alive connections"
+    )
     parser.add_argument("--patients", type=int, default=50)
     parser.add_argument("--channels", default="http,mllp")
     parser.add_argument(
