@@ -38,7 +38,7 @@ from mappers.checkout import CanonicalCheckout
 from mappers.derived import DERIVED_KINDS, derived_system, retire_derived
 from mappers.ehr_overrides import received_types
 from mappers.errors import MappingErrors, Problem
-from mappers.intake import parse_intake_submission
+from mappers.intake import ParsedIntake, parse_intake_submission
 from mappers.patient import ElementConflict, element_sources, merge_patient
 from mappers.pipeline import (
     checkout_payload,
@@ -492,7 +492,35 @@ async def store_intake(
     session: AsyncSession,
     runtime: Runtime,
     *,
-    parsed: Any,
+    parsed: ParsedIntake,
+    match: PatientMatch,
+    message: InboundMessage,
+    keys: list[tuple[str, str]],
+    qr_id: str | None,
+    actor: str,
+    event: EventInput | None,
+) -> dict[str, Any]:
+    """Map a parsed submission for a matched patient and store it (see :func:`store_mapped`)."""
+    _conflicts_to_exceptions(session, match, message, "intake")
+    mapped = await prepare_intake(
+        session,
+        runtime,
+        parsed=parsed,
+        match=match,
+        message=message,
+        keys=keys,
+        qr_id=qr_id,
+        actor=actor,
+        event=event,
+    )
+    return await store_mapped(session, runtime, mapped)
+
+
+async def prepare_intake(
+    session: AsyncSession,
+    runtime: Runtime,
+    *,
+    parsed: ParsedIntake,
     match: PatientMatch,
     message: InboundMessage,
     keys: list[tuple[str, str]],
@@ -500,8 +528,9 @@ async def store_intake(
     actor: str,
     event: EventInput | None,
     action: str = "ingest",
-) -> dict[str, Any]:
-    """Map a parsed submission for a matched patient and store it (see :func:`store_mapped`).
+) -> MappedMessage:
+    """Map a parsed submission for a matched patient, ready for :func:`store_mapped`
+    (reads the database, writes nothing).
 
     A QuestionnaireResponse that exists (``qr_id``) is amended; derived resources the
     submission produced before and no longer does are retired (Observation
@@ -538,28 +567,23 @@ async def store_intake(
             if row.id not in new_ids and row.patient_id == match.patient_id
         ]
     keys = [*keys, *fhir_repo.identifier_keys(patient)]
-    _conflicts_to_exceptions(session, match, message, "intake")
-    return await store_mapped(
-        session,
-        runtime,
-        MappedMessage(
-            message=message,
-            patient_id=match.patient_id,
-            resources=[patient, mapped.questionnaire_response, *mapped.derived, *retired],
-            profile=_profile_ref(
-                runtime, f"intake/{profile.id}/{profile.version}", profile.id, profile.version
-            ),
-            keys=keys,
-            event=event,
-            actor=actor,
-            kind="intake",
-            conflicts=conflicts,
-            sources=sources,
-            attribution=parsed.submission.attribution.model_dump(exclude_none=True)
-            if parsed.submission.attribution
-            else None,
-            action=action,
+    return MappedMessage(
+        message=message,
+        patient_id=match.patient_id,
+        resources=[patient, mapped.questionnaire_response, *mapped.derived, *retired],
+        profile=_profile_ref(
+            runtime, f"intake/{profile.id}/{profile.version}", profile.id, profile.version
         ),
+        keys=keys,
+        event=event,
+        actor=actor,
+        kind="intake",
+        conflicts=conflicts,
+        sources=sources,
+        attribution=parsed.submission.attribution.model_dump(exclude_none=True)
+        if parsed.submission.attribution
+        else None,
+        action=action,
     )
 
 
@@ -621,7 +645,8 @@ def _conflicts_to_exceptions(
                     Problem(
                         "patient",
                         "patient_match_conflict",
-                        f"matched on {match.matched_on}; {', '.join(match.conflicts)} point at another patient",
+                        f"matched on {match.matched_on}; "
+                        f"{', '.join(match.conflicts)} point at another patient",
                     )
                 ],
             )
@@ -693,6 +718,19 @@ async def submit_checkout(
     return Outcome(202, body, message.id)
 
 
+def checkout_keys(runtime: Runtime, checkout: CanonicalCheckout) -> list[tuple[str, str]]:
+    """The patient matching keys of a checkout, in priority order."""
+    systems = runtime.systems
+    keys: list[tuple[str, str]] = []
+    if checkout.patient_external_id:
+        keys.append(("identifier", f"{systems.external_patient}|{checkout.patient_external_id}"))
+    if checkout.intake_submission_id:
+        keys.append(("submission", checkout.intake_submission_id))
+    if checkout.customer.email:
+        keys.append(("email", checkout.customer.email))
+    return keys
+
+
 async def store_checkout(
     session: AsyncSession,
     runtime: Runtime,
@@ -701,20 +739,41 @@ async def store_checkout(
     plan_profile: CheckoutProfile,
     message: InboundMessage,
     actor: str,
-    with_event: bool = True,
-    action: str = "ingest",
 ) -> dict[str, Any]:
     """Match the patient, map a validated checkout (Patient + MedicationRequest) and store it."""
+    keys = checkout_keys(runtime, checkout)
+    match = await match_patient(session, keys)
+    _conflicts_to_exceptions(session, match, message, message.channel)
+    mapped = await prepare_checkout(
+        session,
+        runtime,
+        checkout=checkout,
+        plan_profile=plan_profile,
+        match=match,
+        keys=keys,
+        message=message,
+        actor=actor,
+    )
+    return await store_mapped(session, runtime, mapped)
+
+
+async def prepare_checkout(
+    session: AsyncSession,
+    runtime: Runtime,
+    *,
+    checkout: CanonicalCheckout,
+    plan_profile: CheckoutProfile,
+    match: PatientMatch,
+    keys: list[tuple[str, str]],
+    message: InboundMessage,
+    actor: str,
+    with_event: bool = True,
+    action: str = "ingest",
+) -> MappedMessage:
+    """Map a validated checkout for a matched patient, ready for :func:`store_mapped`
+    (reads the database, writes nothing)."""
     systems = runtime.systems
     profiles = runtime.profiles.current
-    keys: list[tuple[str, str]] = []
-    if checkout.patient_external_id:
-        keys.append(("identifier", f"{systems.external_patient}|{checkout.patient_external_id}"))
-    if checkout.intake_submission_id:
-        keys.append(("submission", checkout.intake_submission_id))
-    if checkout.customer.email:
-        keys.append(("email", checkout.customer.email))
-    match = await match_patient(session, keys)
     qr_id = None
     if checkout.intake_submission_id:
         qr_row = await fhir_repo.find_by_identifier(
@@ -742,8 +801,7 @@ async def store_checkout(
     patient, conflicts, sources = await _merge_patient(
         session, profiles, match, mapped.patient, source="checkout", owns=owns
     )
-    keys.extend(fhir_repo.identifier_keys(patient))
-    _conflicts_to_exceptions(session, match, message, message.channel)
+    keys = [*keys, *fhir_repo.identifier_keys(patient)]
     others = []
     processor = profiles.processor(checkout.processor)
     if processor is not None:
@@ -752,39 +810,35 @@ async def store_checkout(
             others.append(
                 profile_tag("checkout", processor[0].id, processor[0].version, source.content_hash)
             )
-    return await store_mapped(
-        session,
-        runtime,
-        MappedMessage(
-            message=message,
-            patient_id=match.patient_id,
-            resources=[patient, mapped.medication_request],
-            profile=_profile_ref(
-                runtime, f"checkout/{plan_profile.id}", plan_profile.id, plan_profile.version
-            ),
-            keys=keys,
-            event=EventInput(
-                source="checkout",
-                event_id=checkout.checkout_id,
-                type="payment_completed",
-                detail=None,
-                occurred_at=checkout.completed_at,
-                patient_id=match.patient_id,
-                program=mapped.plan.program,
-                message_id=message.id,
-            )
-            if with_event
-            else None,
-            actor=actor,
-            kind="checkout",
-            other_profiles=others,
-            conflicts=conflicts,
-            sources=sources,
-            attribution=checkout.attribution.model_dump(exclude_none=True)
-            if checkout.attribution
-            else None,
-            action=action,
+    return MappedMessage(
+        message=message,
+        patient_id=match.patient_id,
+        resources=[patient, mapped.medication_request],
+        profile=_profile_ref(
+            runtime, f"checkout/{plan_profile.id}", plan_profile.id, plan_profile.version
         ),
+        keys=keys,
+        event=EventInput(
+            source="checkout",
+            event_id=checkout.checkout_id,
+            type="payment_completed",
+            detail=None,
+            occurred_at=checkout.completed_at,
+            patient_id=match.patient_id,
+            program=mapped.plan.program,
+            message_id=message.id,
+        )
+        if with_event
+        else None,
+        actor=actor,
+        kind="checkout",
+        other_profiles=others,
+        conflicts=conflicts,
+        sources=sources,
+        attribution=checkout.attribution.model_dump(exclude_none=True)
+        if checkout.attribution
+        else None,
+        action=action,
     )
 
 
