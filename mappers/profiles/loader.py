@@ -185,11 +185,16 @@ def _source_key(kind: str, key: str) -> str:
 
 
 def read_profile_file(
-    path: Path, root: Path, kind: ProfileKind, problems: list[Problem]
+    rel: str, raw: bytes, kind: ProfileKind, problems: list[Problem]
 ) -> tuple[Any, LoadedProfile] | None:
-    """Parse and validate one profile file; append its problems; None when it has any."""
-    rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
-    raw = path.read_bytes()
+    """Parse and validate one profile file's bytes; append its problems; None if any.
+
+    Args:
+        rel: the file's path relative to the profiles root (for problem locations).
+        raw: its content.
+        kind: the kind its folder holds.
+        problems: where problems are appended.
+    """
     try:
         source = load_yaml_with_lines(raw)
     except YamlSyntaxError as exc:
@@ -213,12 +218,20 @@ def read_profile_file(
     return obj, LoadedProfile(rel, digest, kind.name, key, source.lines)
 
 
-def load_profiles(root: Path, *, kinds: dict[str, ProfileKind] | None = None) -> ProfileSet:
+def load_profiles(
+    root: Path,
+    *,
+    kinds: dict[str, ProfileKind] | None = None,
+    drafts: dict[str, bytes] | None = None,
+) -> ProfileSet:
     """Read, validate and lint every profile and concept map under ``root``.
 
     Args:
         root: the profiles directory.
         kinds: the kinds to load (default :data:`PROFILE_KINDS`).
+        drafts: files that are not (or not yet) on disk, by path relative to ``root``
+            (``intake/my-form-v2.yaml``): added to the set, or replacing the file with that
+            path or the profile with the same key. Nothing is written (``profiles preview``).
 
     Returns:
         The :class:`ProfileSet` (lint warnings in ``warnings``).
@@ -234,22 +247,32 @@ def load_profiles(root: Path, *, kinds: dict[str, ProfileKind] | None = None) ->
     if not root.is_dir():
         raise ProfileLoadError([Problem(str(root), "missing", "profiles directory not found")])
     result = ProfileSet(root=root)
+    drafts = dict(drafts or {})
     for kind in (kinds or PROFILE_KINDS).values():
         bucket: dict[str, Any] = result.by_kind.setdefault(kind.name, {})
+        files: dict[str, bytes | None] = {}
         if kind.is_folder:
-            files = _yaml_files(root / kind.location.rstrip("/"))
+            for path in _yaml_files(root / kind.location.rstrip("/")):
+                files[path.relative_to(root).as_posix()] = None
+            for rel in drafts:
+                if rel.startswith(kind.location) and rel.endswith((".yaml", ".yml")):
+                    files[rel] = None
         else:
-            single = root / kind.location
-            files = [single] if single.is_file() else []
-            if not files and kind.required:
+            if (root / kind.location).is_file() or kind.location in drafts:
+                files[kind.location] = None
+            elif kind.required:
                 problems.append(
                     Problem(kind.location, "missing", f"the {kind.name} profile is required")
                 )
-        for path in files:
-            loaded = read_profile_file(path, root, kind, problems)
+        # Drafts last, so that a draft replaces the profile with the same key.
+        for rel in sorted(files, key=lambda r: (r in drafts, r)):
+            raw = drafts[rel] if rel in drafts else (root / rel).read_bytes()
+            loaded = read_profile_file(rel, raw, kind, problems)
             if loaded is None:
                 continue
             obj, source = loaded
+            if source.key in bucket and rel in drafts:
+                bucket.pop(source.key)
             if source.key in bucket:
                 other = result.sources[_source_key(kind.name, source.key)].path
                 problems.append(
