@@ -188,9 +188,11 @@ def data_absent(reason: str) -> dict[str, str]:
 class Answer:
     """One question's normalized answer(s).
 
-    ``values``: ``bool`` (boolean), ``int``/``Decimal`` (integer, decimal), ``str`` (text,
-    date, dateTime, an open-choice's free text), a Coding dict (choice), or
-    ``(Decimal, ucum_code)`` (quantity, in the unit stored in the QuestionnaireResponse).
+    ``values``: ``(QR answer element, normalized value)`` pairs, one per answer (several
+    for a multi-select). The normalized value is a ``bool`` (boolean), ``int``/``Decimal``
+    (integer, decimal), ``str`` (text, date, dateTime, an open-choice's free text), a
+    Coding dict (choice), or ``(Decimal, ucum_code)`` (quantity, in the unit stored in the
+    QuestionnaireResponse).
     ``absent``: a data-absent-reason code when the patient said "unknown"/"declined".
     """
 
@@ -426,17 +428,15 @@ def _answer_value(
             raise MappingError("answer_too_long", f"at most {item.max_length} characters")
         return {"valueString": text}, text
     if t == "boolean":
-        spellings = item.boolean_values or {
-            "true": profile.answer_values.true,
-            "false": profile.answer_values.false,
-        }
+        trues = item.true_values or profile.answer_values.true_values
+        falses = item.false_values or profile.answer_values.false_values
         if isinstance(value, bool):
             return {"valueBoolean": value}, value
-        if isinstance(value, str | int) and not isinstance(value, bool):
+        if isinstance(value, str | int):
             folded = _fold(str(value))
-            if folded in {_fold(v) for v in spellings.get("true", [])}:
+            if folded in {_fold(v) for v in trues}:
                 return {"valueBoolean": True}, True
-            if folded in {_fold(v) for v in spellings.get("false", [])}:
+            if folded in {_fold(v) for v in falses}:
                 return {"valueBoolean": False}, False
         raise MappingError("invalid_answer", "expected true/false or one of its spellings")
     if t == "integer":
@@ -536,7 +536,7 @@ def _condition_true(cond: Condition, answer: Answer | None, item: IntakeItem | N
     if not answered or answer is None:
         return False
     wanted = cond.answer
-    for value in answer.values:
+    for _, value in answer.values:
         if isinstance(value, dict):  # coding
             got: Any = value.get("code")
         elif isinstance(value, tuple):  # quantity, compare in the item's unit

@@ -105,8 +105,11 @@ class IntakeItem(Strict):
         default=None,
         description="Concept map (file stem in concept-maps/) from free text to option codes.",
     )
-    boolean_values: dict[Literal["true", "false"], list[str]] | None = Field(
-        default=None, description="Spellings of true/false for this item (default: profile's)."
+    true_values: list[str] | None = Field(
+        default=None, description="Spellings of true for this item (default: the profile's)."
+    )
+    false_values: list[str] | None = Field(
+        default=None, description="Spellings of false for this item (default: the profile's)."
     )
     unit: str | None = Field(default=None, description="UCUM code a bare number is in.")
     units: list[str] = Field(
@@ -148,8 +151,8 @@ class IntakeItem(Strict):
             problems.append("only groups take items")
         if self.repeats and not (self.is_choice or self.type == "group"):
             problems.append("repeats is for choice, open_choice and group items")
-        if self.boolean_values is not None and self.type != "boolean":
-            problems.append("boolean_values is for boolean questions")
+        if (self.true_values or self.false_values) and self.type != "boolean":
+            problems.append("true_values and false_values are for boolean questions")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -254,10 +257,14 @@ class Derived(Strict):
 
 
 class AnswerValues(Strict):
-    """Spellings that answers are normalized from (matched case-insensitively)."""
+    """Spellings that answers are normalized from (matched case-insensitively).
 
-    true: list[str] = Field(default_factory=lambda: list(DEFAULT_TRUE))
-    false: list[str] = Field(default_factory=lambda: list(DEFAULT_FALSE))
+    The keys are ``true_values``/``false_values``, not ``true``/``false``: YAML 1.1 reads a
+    bare ``true:``, ``yes:`` or ``no:`` key as a boolean.
+    """
+
+    true_values: list[str] = Field(default_factory=lambda: list(DEFAULT_TRUE))
+    false_values: list[str] = Field(default_factory=lambda: list(DEFAULT_FALSE))
     unknown: list[str] = Field(
         default_factory=lambda: list(DEFAULT_UNKNOWN),
         description="Become data-absent-reason asked-unknown (an error where required).",
