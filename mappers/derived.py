@@ -23,13 +23,14 @@ ids and an EHR conditional create deduplicates it.
 
 from __future__ import annotations
 
+import json
 import uuid
 from decimal import ROUND_HALF_EVEN, Decimal
 from functools import lru_cache
 from typing import Any
 
 from mappers import normalize, ucum
-from mappers.fhirpath import Evaluator, compile_fhirpath, is_true
+from mappers.fhirpath import Evaluator, compile_fhirpath, is_true, linkids_named
 from mappers.identifiers import IdentifierSystems
 from mappers.intake import ParsedIntake
 from mappers.profiles import ConsentSpec, FlagSpec, ObservationSpec
@@ -80,6 +81,42 @@ def flag_evaluator(expression: str) -> Evaluator:
     return compile_fhirpath(expression)
 
 
+def prune_items(items: list[dict[str, Any]], link_ids: frozenset[str]) -> list[dict[str, Any]]:
+    """The items whose linkId is in ``link_ids`` (whole), and the groups that contain
+    them (with only those children), in order."""
+    out = []
+    for item in items:
+        if item.get("linkId") in link_ids:
+            out.append(item)
+        elif "item" in item:
+            children = prune_items(item["item"], link_ids)
+            if children:
+                out.append({"linkId": item["linkId"], "item": children})
+    return out
+
+
+@lru_cache(maxsize=8192)
+def _evaluate_on_items(expression: str, items_json: str) -> bool:
+    resource = {"resourceType": "QuestionnaireResponse", "item": json.loads(items_json)}
+    return is_true(flag_evaluator(expression)(resource))
+
+
+def flag_applies(flag: FlagSpec, questionnaire_response: dict[str, Any]) -> bool:
+    """Evaluate a flag rule.
+
+    ``scope: named_items`` (the default) evaluates the rule over a QuestionnaireResponse
+    that holds only the items whose linkIds the rule names, which makes a rule cost the
+    same whatever the size of the form, and lets equal answers share one evaluation (a
+    bounded cache keyed by the rule and those items). ``scope: response`` (or a rule that
+    names no linkId) evaluates over the whole QuestionnaireResponse.
+    """
+    names = frozenset(linkids_named(flag.when))
+    if flag.scope == "response" or not names:
+        return is_true(flag_evaluator(flag.when)(questionnaire_response))
+    items = prune_items(questionnaire_response.get("item", []), names)
+    return _evaluate_on_items(flag.when, json.dumps(items, sort_keys=True))
+
+
 def intake_to_derived(
     parsed: ParsedIntake,
     questionnaire_response: dict[str, Any],
@@ -117,7 +154,7 @@ def intake_to_derived(
         system = derived_system(systems, "Observation")
         out.append(_observation(spec, value, system, f"{sid}/{spec.id}", subject, when, qr_ref))
     for flag in derived.flags:
-        if not is_true(flag_evaluator(flag.when)(questionnaire_response)):
+        if not flag_applies(flag, questionnaire_response):
             continue
         system = derived_system(systems, "Flag")
         out.append(_flag(flag, system, f"{sid}/{flag.id}", subject, when, qr_ref))

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
+from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -243,14 +244,19 @@ def _fold(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
+@lru_cache(maxsize=256)
+def _spellings(words: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(_fold(w) for w in words)
+
+
 def _absent_reason(value: Any, profile: IntakeProfile) -> str | None:
     """``asked-unknown`` / ``asked-declined`` for the profile's spellings, else None."""
     if not isinstance(value, str):
         return None
     folded = _fold(value)
-    if folded in {_fold(v) for v in profile.answer_values.unknown}:
+    if folded in _spellings(tuple(profile.answer_values.unknown)):
         return "asked-unknown"
-    if folded in {_fold(v) for v in profile.answer_values.declined}:
+    if folded in _spellings(tuple(profile.answer_values.declined)):
         return "asked-declined"
     return None
 
@@ -434,9 +440,9 @@ def _answer_value(
             return {"valueBoolean": value}, value
         if isinstance(value, str | int):
             folded = _fold(str(value))
-            if folded in {_fold(v) for v in trues}:
+            if folded in _spellings(tuple(trues)):
                 return {"valueBoolean": True}, True
-            if folded in {_fold(v) for v in falses}:
+            if folded in _spellings(tuple(falses)):
                 return {"valueBoolean": False}, False
         raise MappingError("invalid_answer", "expected true/false or one of its spellings")
     if t == "integer":

@@ -167,11 +167,14 @@ def _us_core_rules(resource: dict[str, Any], problems: list[Problem]) -> None:
             )
 
 
-def resource_problems(resource: dict[str, Any]) -> list[Problem]:
+def resource_problems(
+    resource: dict[str, Any], *, structure_checked: bool = False
+) -> list[Problem]:
     """Every problem of one FHIR R4 resource (JSON dict); empty when it is valid.
 
     Locations are FHIRPath-like element paths (``Patient.address[0].state``); messages
-    never contain element values.
+    never contain element values. ``structure_checked``: the caller already validated the
+    resource with its R4B model (:mod:`mappers.fastvalidate`); only our checks run.
     """
     rtype = resource.get("resourceType")
     if not isinstance(rtype, str) or rtype not in OUTBOUND_RESOURCE_TYPES:
@@ -183,7 +186,8 @@ def resource_problems(resource: dict[str, Any]) -> list[Problem]:
         return [Problem("resourceType", "unsupported_type", "unknown resource type")]
     problems: list[Problem] = []
     try:
-        cls.model_validate(resource)  # type: ignore[attr-defined]
+        if not structure_checked:
+            cls.model_validate(resource)  # type: ignore[attr-defined]
     except ValidationError as exc:
         for err in exc.errors(include_input=False, include_url=False):
             loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))

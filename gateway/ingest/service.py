@@ -38,6 +38,7 @@ from mappers.checkout import CanonicalCheckout
 from mappers.derived import DERIVED_KINDS, derived_system, retire_derived
 from mappers.ehr_overrides import received_types
 from mappers.errors import MappingErrors, Problem
+from mappers.fastvalidate import validate_resources_fast as validate_resources
 from mappers.intake import ParsedIntake, parse_intake_submission
 from mappers.patient import ElementConflict, element_sources, merge_patient
 from mappers.pipeline import (
@@ -49,7 +50,6 @@ from mappers.pipeline import (
 )
 from mappers.profiles import CheckoutProfile, ProfileSet
 from mappers.provenance import provenance_for
-from mappers.validation import validate_resources
 
 log = get_logger(__name__)
 

@@ -237,6 +237,12 @@ class FlagSpec(Strict):
     priority: Literal["PN", "PL", "PM", "PH"] | None = Field(
         default="PH", description="flag-priority-code: none, low, medium, high"
     )
+    scope: Literal["named_items", "response"] = Field(
+        default="named_items",
+        description="named_items: the rule sees a QuestionnaireResponse holding only the "
+        "items whose linkIds it names (linkId = '...'), with their groups; response: the "
+        "whole QuestionnaireResponse (slower: evaluated for every submission).",
+    )
 
 
 class ConsentSpec(Strict):
