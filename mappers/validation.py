@@ -76,7 +76,9 @@ def _fields(cls: type) -> dict[str, _FieldSpec]:
             continue
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         enum = extra.get("enum_values")
-        codes = frozenset(enum) if enum else None
+        # fhir.resources ends a value set it only partly lists with "+" (e.g.
+        # Questionnaire.item.type): such a list cannot be checked against.
+        codes = frozenset(enum) if enum and "+" not in enum else None
         child: type | None = None
         for arg in _flatten(field.annotation):
             name = getattr(arg, "__name__", "")

@@ -1,0 +1,148 @@
+"""Loading profiles: all or nothing, every problem with file, line and path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+from pydantic import BaseModel, ConfigDict
+
+from mappers.profiles import PROFILE_KINDS, ProfileKind, ProfileLoadError, load_profiles
+from mappers.profiles.schema import render, stale_schemas
+from tests.support.profiles import GLP1_V1, PLANS, copy_profiles, edit_yaml
+
+
+def test_bundled_set_loads_every_kind() -> None:
+    from gateway.settings import BUNDLED_PROFILES_DIR
+
+    profiles = load_profiles(BUNDLED_PROFILES_DIR)
+    assert set(profiles.intake) == {
+        ("glp1-weight-management", "1"),
+        ("glp1-weight-management", "2"),
+        ("dermatology-intake", "1"),
+    }
+    assert set(profiles.concept_maps) == {"glp1-condition-synonyms", "acme-formulary"}
+    assert profiles.processor("stripe") is not None
+    assert all(not t.enabled for t in profiles.ehr.values())
+    source = profiles.source_of("intake/glp1-weight-management/1")
+    assert source is not None and len(source.content_hash) == 64
+
+
+def test_schema_errors_name_file_line_and_path(tmp_path: Path) -> None:
+    root = copy_profiles(tmp_path / "p")
+    text = (root / GLP1_V1).read_text().replace("type: integer", "type: integr", 1)
+    (root / GLP1_V1).write_text(text)
+    with pytest.raises(ProfileLoadError) as exc:
+        load_profiles(root)
+    (problem,) = exc.value.problems
+    file, line, path = problem.location.split(":", 2)
+    assert file == GLP1_V1
+    assert "type: integr" in text.splitlines()[int(line) - 1]
+    assert path.strip().endswith(".type")
+    assert problem.code == "literal_error"
+    assert "integr" not in problem.message or "Input should be" in problem.message
+
+
+def test_yaml_syntax_error_has_its_line(tmp_path: Path) -> None:
+    root = copy_profiles(tmp_path / "p")
+    lines = (root / PLANS).read_text().splitlines()
+    lines[12] = lines[12] + " ]["
+    (root / PLANS).write_text("\n".join(lines))
+    with pytest.raises(ProfileLoadError) as exc:
+        load_profiles(root)
+    (problem,) = exc.value.problems
+    assert problem.code == "yaml_syntax"
+    assert problem.location == f"{PLANS}:13"
+
+
+def test_every_problem_of_every_file_is_reported_at_once(tmp_path: Path) -> None:
+    root = copy_profiles(tmp_path / "p")
+    edit_yaml(root / GLP1_V1, lambda d: d.update(status="live"))
+    edit_yaml(root / PLANS, lambda d: d.update(colour="blue"))
+    with pytest.raises(ProfileLoadError) as exc:
+        load_profiles(root)
+    where = sorted(p.location.split(":")[0] for p in exc.value.problems)
+    assert where == [PLANS, GLP1_V1]
+    assert "2 problem(s) in the profiles" in str(exc.value)
+
+
+def test_same_form_version_twice_is_refused(tmp_path: Path) -> None:
+    root = copy_profiles(tmp_path / "p")
+    (root / "intake/copy-of-v1.yaml").write_text((root / GLP1_V1).read_text())
+    with pytest.raises(ProfileLoadError) as exc:
+        load_profiles(root)
+    (problem,) = exc.value.problems
+    assert problem.code == "duplicate"
+    assert "glp1-weight-management/1" in problem.message
+
+
+def test_missing_workflow_is_refused(tmp_path: Path) -> None:
+    root = copy_profiles(tmp_path / "p")
+    (root / "workflow.yaml").unlink()
+    with pytest.raises(ProfileLoadError) as exc:
+        load_profiles(root)
+    assert [p.location for p in exc.value.problems] == ["workflow.yaml"]
+
+
+def test_a_new_kind_is_one_registry_entry(tmp_path: Path) -> None:
+    class PartnerProfile(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        kind: Literal["events"] = "events"
+        name: str
+
+    root = copy_profiles(tmp_path / "p")
+    (root / "events").mkdir()
+    (root / "events/pharmacy.yaml").write_text("kind: events\nname: pharmacy\n")
+    (root / "events/bad.yaml").write_text("kind: events\nname: x\nsignature: hmac\n")
+    kinds = {
+        **PROFILE_KINDS,
+        "events": ProfileKind("events", PartnerProfile, "events/", lambda p: p.name),
+    }
+    with pytest.raises(ProfileLoadError) as exc:
+        load_profiles(root, kinds=kinds)
+    assert [p.location for p in exc.value.problems] == ["events/bad.yaml:3: signature"]
+    (root / "events/bad.yaml").unlink()
+    profiles = load_profiles(root, kinds=kinds)
+    assert profiles.by_kind["events"]["pharmacy"].name == "pharmacy"
+    assert profiles.source_of("events/pharmacy") is not None
+    assert json.loads(render(kinds["events"]))["title"] == "PartnerProfile"
+
+
+def test_draft_replaces_the_deployed_profile_without_writing(tmp_path: Path) -> None:
+    root = copy_profiles(tmp_path / "p")
+    before = sorted(p.name for p in (root / "intake").iterdir())
+    draft = (
+        (root / GLP1_V1)
+        .read_bytes()
+        .replace(b"title: GLP-1 weight management intake", b"title: Draft title")
+    )
+    profiles = load_profiles(root, drafts={"intake/my-draft.yaml": draft})
+    assert profiles.intake[("glp1-weight-management", "1")].title == "Draft title"
+    assert sorted(p.name for p in (root / "intake").iterdir()) == before
+
+
+def test_committed_json_schemas_are_up_to_date() -> None:
+    from gateway.settings import BUNDLED_PROFILES_DIR
+
+    assert stale_schemas(BUNDLED_PROFILES_DIR / "schema") == []
+
+
+def test_intake_schema_offers_item_types_for_autocompletion() -> None:
+    schema: dict[str, Any] = json.loads(render(PROFILE_KINDS["intake"]))
+    item_type = schema["$defs"]["IntakeItem"]["properties"]["type"]
+    assert "open_choice" in item_type["enum"] and "dateTime" in item_type["enum"]
+
+
+def test_invalid_concept_map_is_refused_with_its_line(tmp_path: Path) -> None:
+    root = copy_profiles(tmp_path / "p")
+    path = root / "concept-maps/acme-formulary.csv"
+    path.write_text(path.read_text() + "http://www.nlm.nih.gov/research/umls/rxnorm,,,x,y,,\n")
+    with pytest.raises(ProfileLoadError) as exc:
+        load_profiles(root)
+    problem, *others = exc.value.problems
+    assert problem.location == "concept-maps/acme-formulary.csv: line 4"
+    assert problem.message == "empty source_code"
+    # and the EHR target that uses the map is refused too, not run half-configured
+    assert [p.code for p in others] == ["unknown-concept-map"]
