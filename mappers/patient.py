@@ -24,7 +24,9 @@ Identifiers from every source are kept (union by ``system|value``); contact poin
 systems other than phone and email are kept as they are.
 
 Elements: ``name``, ``gender``, ``birthDate`` (with ``_birthDate``), ``birthsex`` (the US
-Core birthsex extension), ``address``, ``telecom.phone``, ``telecom.email``.
+Core birthsex extension), ``address`` (compared per ``use``: ``address.home``,
+``address.billing``; owning ``address`` owns every use), ``telecom.phone``,
+``telecom.email``.
 """
 
 from __future__ import annotations
@@ -70,7 +72,15 @@ class MergeResult:
 
 
 def get_element(patient: Mapping[str, Any], element: str) -> Any:
-    """The value of ``element`` in ``patient`` as JSON, or None when absent."""
+    """The value of ``element`` in ``patient`` as JSON, or None when absent.
+
+    ``address.<use>`` is the addresses of one ``use`` (home, billing...): a billing address
+    from a checkout and a home address from an intake are different elements.
+    """
+    if element.startswith("address."):
+        use = element.split(".", 1)[1]
+        found = [a for a in patient.get("address", []) if a.get("use", "home") == use]
+        return found or None
     if element == "birthsex":
         ext = [e for e in patient.get("extension", []) if e.get("url") == US_CORE_BIRTHSEX]
         return ext[0] if ext else None
@@ -87,6 +97,15 @@ def get_element(patient: Mapping[str, Any], element: str) -> Any:
 
 def set_element(patient: dict[str, Any], element: str, value: Any) -> None:
     """Set ``element`` to ``value`` (as returned by :func:`get_element`) in place."""
+    if element.startswith("address."):
+        use = element.split(".", 1)[1]
+        others = [a for a in patient.get("address", []) if a.get("use", "home") != use]
+        merged = list(value or []) + others if use == "home" else others + list(value or [])
+        if merged:
+            patient["address"] = merged
+        else:
+            patient.pop("address", None)
+        return
     if element == "birthsex":
         others = [e for e in patient.get("extension", []) if e.get("url") != US_CORE_BIRTHSEX]
         patient["extension"] = ([value] if value else []) + others
@@ -164,7 +183,10 @@ def merge_patient(
             merged.setdefault("identifier", []).append(ident)
             seen.add((ident.get("system"), ident.get("value")))
 
-    for element in ELEMENTS:
+    uses = sorted({a.get("use", "home") for p in (merged, incoming) for a in p.get("address", [])})
+    elements = [e for e in ELEMENTS if e != "address"] + [f"address.{u}" for u in uses]
+    for element in elements:
+        owned = element in owns or (element.startswith("address.") and "address" in owns)
         new = get_element(incoming, element)
         old = get_element(merged, element)
         if is_placeholder(element, new):
@@ -177,13 +199,13 @@ def merge_patient(
             now_sources[element] = source
             continue
         if new == old:
-            if element in owns:
+            if owned:
                 now_sources[element] = source
             continue
         old_source = now_sources.get(element, "unknown")
         if old_source == source:
             set_element(merged, element, copy.deepcopy(new))
-        elif element in owns:
+        elif owned:
             set_element(merged, element, copy.deepcopy(new))
             now_sources[element] = source
             conflicts.append(ElementConflict(element, "replaced_existing", source, old_source, old))
@@ -192,6 +214,21 @@ def merge_patient(
     return MergeResult(merged, now_sources, conflicts)
 
 
+def element_path(element: str) -> str:
+    """The FHIRPath of an element name: ``telecom.phone`` ->
+    ``Patient.telecom.where(system='phone')``, ``address.billing`` ->
+    ``Patient.address.where(use='billing')``, ``birthsex`` -> the extension."""
+    if element.startswith("telecom."):
+        return f"Patient.telecom.where(system='{element.split('.', 1)[1]}')"
+    if element.startswith("address."):
+        return f"Patient.address.where(use='{element.split('.', 1)[1]}')"
+    if element == "birthsex":
+        return f"Patient.extension('{US_CORE_BIRTHSEX}')"
+    return f"Patient.{element}"
+
+
 def element_sources(patient: Mapping[str, Any], source: Source) -> dict[str, str]:
     """For a Patient created from one message: every element it has -> ``source``."""
-    return {e: source for e in ELEMENTS if get_element(patient, e) is not None}
+    elements = [e for e in ELEMENTS if e != "address"]
+    elements += sorted({f"address.{a.get('use', 'home')}" for a in patient.get("address", [])})
+    return {e: source for e in elements if get_element(patient, e) is not None}

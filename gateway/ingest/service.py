@@ -40,7 +40,7 @@ from mappers.ehr_overrides import received_types
 from mappers.errors import MappingErrors, Problem
 from mappers.fastvalidate import validate_resources_fast as validate_resources
 from mappers.intake import ParsedIntake, parse_intake_submission
-from mappers.patient import ElementConflict, element_sources, merge_patient
+from mappers.patient import ElementConflict, element_path, element_sources, merge_patient
 from mappers.pipeline import (
     checkout_payload,
     map_parsed_intake,
@@ -371,7 +371,7 @@ def _conflict_extension(runtime: Runtime, record_id: int, c: ElementConflict) ->
     return {
         "url": f"{base}/{CONFLICT_EXTENSION}",
         "extension": [
-            {"url": "element", "valueString": f"Patient.{c.element}"},
+            {"url": "element", "valueString": element_path(c.element)},
             {"url": "outcome", "valueCode": c.outcome.replace("_", "-")},
             {"url": "keptSource", "valueCode": c.kept_source},
             {"url": "lostSource", "valueCode": c.lost_source},

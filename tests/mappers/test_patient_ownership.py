@@ -64,7 +64,9 @@ def test_owner_replaces_and_the_replaced_value_is_kept() -> None:
 def test_same_source_correction_is_not_a_conflict() -> None:
     existing = _patient(address=[{"city": "Austin"}])
     incoming = _patient(address=[{"city": "Dallas"}])
-    r = merge_patient(existing, incoming, source="intake", owns=[], sources={"address": "intake"})
+    r = merge_patient(
+        existing, incoming, source="intake", owns=[], sources={"address.home": "intake"}
+    )
     assert r.patient["address"] == [{"city": "Dallas"}]
     assert r.conflicts == []
 
@@ -111,3 +113,17 @@ def test_birthsex_extension_is_an_element() -> None:
     assert r.patient["extension"][0] == {"url": url, "valueCode": "F"}
     assert {"url": "other", "valueString": "x"} in r.patient["extension"]
     assert r.conflicts == []  # UNK was a placeholder
+
+
+def test_addresses_of_different_uses_do_not_conflict() -> None:
+    home = {"use": "home", "city": "Austin"}
+    billing = {"use": "billing", "city": "Dallas"}
+    r = merge_patient(
+        _patient(address=[home]),
+        _patient(address=[billing]),
+        source="checkout",
+        owns=[],
+        sources={"address.home": "intake"},
+    )
+    assert r.patient["address"] == [home, billing]
+    assert r.conflicts == []
