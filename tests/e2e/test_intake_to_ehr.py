@@ -29,9 +29,7 @@ async def ehr() -> AsyncIterator[tuple[FakeEhr, RunningEhr]]:
 
 
 @pytest.fixture
-def profiles_dir(
-    tmp_path: Path, ehr: tuple[FakeEhr, RunningEhr], monkeypatch: pytest.MonkeyPatch
-) -> Path:
+def profiles_dir(tmp_path: Path, ehr: tuple[FakeEhr, RunningEhr], monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv(SECRET_ENV, "s3cret")
     return profiles_with_target(tmp_path / "profiles", ehr[1])
 
@@ -45,10 +43,8 @@ async def drain(worker: DeliveryWorker, rounds: int = 20) -> None:
 
 def signed(event: dict[str, object]) -> tuple[bytes, dict[str, str]]:
     payload = json.dumps(event).encode()
-    return payload, {
-        "Stripe-Signature": stripe_signature_header(STRIPE_SECRET, payload),
-        "Content-Type": "application/json",
-    }
+    return payload, {"Stripe-Signature": stripe_signature_header(STRIPE_SECRET, payload),
+                     "Content-Type": "application/json"}
 
 
 @pytest.mark.slow
@@ -92,41 +88,18 @@ async def test_intake_checkout_delivered_once_and_case_moves(
         assert (mr["status"], mr["intent"]) == ("draft", "proposal")
         assert qr["questionnaire"].endswith("glp1-weight-management|1")
 
-        status = (
-            await client.get(
-                r.json()["status_url"].replace("http://127.0.0.1:8000", ""), headers=admin_headers
-            )
-        ).json()
+        status = (await client.get(r.json()["status_url"].replace("http://127.0.0.1:8000", ""), headers=admin_headers)).json()
         assert [d["status"] for d in status["deliveries"]] == ["delivered"]
 
-        ident = {
-            "system": "https://fhir-gateway.example.org/sid/external-patient-id",
-            "value": intake["patient"]["external_id"],
-        }
-        for i, (etype, detail) in enumerate(
-            [("provider_assigned", None), ("decision", "approved")]
-        ):
-            ev = {
-                "event_id": f"ehr-{i}",
-                "source": "ehr",
-                "type": etype,
-                "status": detail,
-                "occurred_at": f"2026-11-24T10:0{i}:00Z",
-                "patient": ident,
-            }
-            r = await client.post(
-                "/v1/events",
-                json={k: v for k, v in ev.items() if v is not None},
-                headers=admin_headers,
-            )
+        ident = {"system": "https://fhir-gateway.example.org/sid/external-patient-id",
+                 "value": intake["patient"]["external_id"]}
+        for i, (etype, detail) in enumerate([("provider_assigned", None), ("decision", "approved")]):
+            ev = {"event_id": f"ehr-{i}", "source": "ehr", "type": etype, "status": detail,
+                  "occurred_at": f"2026-11-24T10:0{i}:00Z", "patient": ident}
+            r = await client.post("/v1/events", json={k: v for k, v in ev.items() if v is not None}, headers=admin_headers)
             assert r.status_code == 202, r.text
-        cases = (
-            await client.get(
-                "/v1/cases",
-                params={"patient": f"{ident['system']}|{ident['value']}"},
-                headers=admin_headers,
-            )
-        ).json()
+        cases = (await client.get("/v1/cases", params={"patient": f"{ident['system']}|{ident['value']}"},
+                                  headers=admin_headers)).json()
         assert len(cases) == 1
         assert cases[0]["state"] == "approved"
         types = [e["type"] for e in cases[0]["history"]]
@@ -143,14 +116,10 @@ async def test_lost_response_is_retried_without_duplicates(
     admin_headers: dict[str, str],
 ) -> None:
     fake, _ = ehr
-    fake.hang_fhir(
-        1, seconds=3
-    )  # longer than the target's 2 s timeout: the EHR stores it, we time out
+    fake.hang_fhir(1, seconds=3)  # longer than the target's 2 s timeout: the EHR stores it, we time out
     worker = DeliveryWorker(runtime)
     try:
-        r = await client.post(
-            "/v1/intake-submissions", json=samples.intake(), headers=admin_headers
-        )
+        r = await client.post("/v1/intake-submissions", json=samples.intake(), headers=admin_headers)
         assert r.status_code == 202
         await drain(worker)
         # The retry is due after a jittered backoff (up to 10 ms here): drain until it ran.
