@@ -42,7 +42,7 @@ _REF_TYPE = re.compile(r"^([A-Z][A-Za-z]+)[/?]")
 
 def received_types(target: EhrTargetProfile) -> set[str]:
     """The resource types ``target`` receives: ``send`` minus ``overrides.skip``."""
-    return set(target.send) - set(target.overrides.skip)
+    return {str(t) for t in target.send} - {str(t) for t in target.overrides.skip}
 
 
 def target_transform(

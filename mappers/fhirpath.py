@@ -13,8 +13,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from antlr4 import CommonTokenStream, InputStream  # type: ignore[import-untyped]
-from antlr4.error.ErrorListener import ErrorListener  # type: ignore[import-untyped]
+from antlr4 import CommonTokenStream, InputStream
+from antlr4.error.ErrorListener import ErrorListener
 from fhirpathpy import compile as fp_compile
 from fhirpathpy.models import models
 from fhirpathpy.parser.generated.FHIRPathLexer import FHIRPathLexer
@@ -46,7 +46,7 @@ def fhirpath_syntax_errors(expression: str) -> list[str]:
     parser = FHIRPathParser(CommonTokenStream(lexer))
     parser.removeErrorListeners()
     parser.addErrorListener(listener)
-    parser.entireExpression()
+    parser.entireExpression()  # type: ignore[no-untyped-call]
     return listener.errors
 
 

@@ -317,8 +317,9 @@ async def _prepare_remap(
                 action="remap",
             )
         if message.channel in ("stripe", "checkout"):
-            kind = "stripe" if message.channel == "stripe" else "checkout"
-            canonical = checkout_payload(data, profiles, kind=kind)
+            canonical = checkout_payload(
+                data, profiles, kind="stripe" if message.channel == "stripe" else "checkout"
+            )
             checkout, _, plan_profile = parse_canonical_checkout(canonical, profiles)
             mr = await fhir_repo.find_by_identifier(
                 session, "MedicationRequest", systems.checkout, checkout.checkout_id

@@ -200,7 +200,7 @@ def _run_case(
     if result.problems:
         result.status = "failed"
         return result
-    actual = {
+    actual: dict[str, Any] = {
         "resourceType": "Bundle",
         "type": "collection",
         "entry": [{"fullUrl": f"urn:uuid:{r['id']}", "resource": r} for r in resources],
@@ -219,7 +219,7 @@ def _run_case(
                 )
             ]
         return result
-    expected = json.loads(expected_file.read_text())
+    expected: dict[str, Any] = json.loads(expected_file.read_text())
     diff = resources_diff(
         [e["resource"] for e in expected.get("entry", [])],
         [e["resource"] for e in actual["entry"]],

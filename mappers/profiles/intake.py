@@ -45,6 +45,25 @@ PatientField = Literal[
     "first_name", "last_name", "birth_date", "sex_at_birth", "email", "phone", "address"
 ]
 
+ALL_PATIENT_FIELDS: tuple[PatientField, ...] = (
+    "first_name",
+    "last_name",
+    "birth_date",
+    "sex_at_birth",
+    "email",
+    "phone",
+    "address",
+)
+ALL_PATIENT_ELEMENTS: tuple[PatientElement, ...] = (
+    "name",
+    "gender",
+    "birthDate",
+    "birthsex",
+    "address",
+    "telecom.phone",
+    "telecom.email",
+)
+
 DEFAULT_TRUE = ["true", "yes", "y", "1"]
 DEFAULT_FALSE = ["false", "no", "n", "0"]
 DEFAULT_UNKNOWN = ["unknown", "don't know", "dont know", "not sure", "unsure"]
@@ -161,27 +180,9 @@ class IntakeItem(Strict):
 class PatientRules(Strict):
     """Which ``patient`` fields the form requires and which Patient elements it owns."""
 
-    required: list[PatientField] = Field(
-        default_factory=lambda: [
-            "first_name",
-            "last_name",
-            "birth_date",
-            "sex_at_birth",
-            "email",
-            "phone",
-            "address",
-        ]
-    )
+    required: list[PatientField] = Field(default_factory=lambda: list(ALL_PATIENT_FIELDS))
     owns: list[PatientElement] = Field(
-        default_factory=lambda: [
-            "name",
-            "gender",
-            "birthDate",
-            "birthsex",
-            "address",
-            "telecom.phone",
-            "telecom.email",
-        ],
+        default_factory=lambda: list(ALL_PATIENT_ELEMENTS),
         description="Elements this source wins when another source disagrees.",
     )
     phone_use: Literal["home", "work", "mobile"] | None = "mobile"

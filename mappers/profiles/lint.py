@@ -153,8 +153,8 @@ def _lint_intake(
             else [("weight", obs.weight, "kg"), ("height", obs.height, "m")]
         )
         for field_name, item_key, base in sources:
-            item = by_key.get(item_key or "")
-            if item is None:
+            source_item = by_key.get(item_key or "")
+            if source_item is None:
                 yield (
                     key,
                     (*here, field_name),
@@ -162,16 +162,16 @@ def _lint_intake(
                     f"observation names unknown question {item_key!r}",
                 )
                 continue
-            if item.type != "quantity":
+            if source_item.type != "quantity":
                 yield (
                     key,
                     (*here, field_name),
                     "wrong-item-type",
-                    f"question {item_key!r} is a {item.type}, not a quantity",
+                    f"question {item_key!r} is a {source_item.type}, not a quantity",
                 )
                 continue
             want = base or obs.unit
-            for unit in [item.unit, *item.units]:
+            for unit in [source_item.unit, *source_item.units]:
                 if (
                     unit
                     and ucum.get_unit(unit)
