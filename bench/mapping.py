@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -143,7 +144,11 @@ def main() -> None:
     parser.add_argument("--profiles", type=Path, default=PROFILES)
     args = parser.parse_args()
     profiles = load_profiles(args.profiles)
-    print(f"mapping throughput, one process, {args.seconds:g} s per scenario")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"mapping throughput, one process, {args.seconds:g} s per scenario "
+        f"({os.cpu_count()} CPUs, load average {load:.2f} at start)"
+    )
     print(f"{'scenario':28} {'per s':>9} {'mean ms':>9} {'p99 ms':>9} {'resources':>10} {'n':>8}")
     for name, run in scenarios(profiles, args.profiles).items():
         r = measure(run, args.seconds)

@@ -20,8 +20,8 @@ Only subtrees that hold profile data, ids or answers from a closed set are memoi
 Coding, CodeableConcept, Meta, Dosage and its parts, References (local ids), Provenance
 agents and entities, Consent policy and provision, extensions with a code, coding,
 boolean or reference value, and QuestionnaireResponse items whose answers are all
-booleans or codings (or a data-absent-reason); free text, names, dates, identifiers,
-addresses, contact points and quantities are validated every time and never kept. The memo is a
+booleans, codings or bare numbers (or a data-absent-reason); free text, names, dates,
+identifiers, addresses and contact points are validated every time and never kept. The memo is a
 bounded LRU (:data:`MEMO_SIZE` entries).
 """
 
@@ -68,10 +68,17 @@ def _key(value: Any) -> str:
     return repr(value)
 
 
+#: QR answer types that hold no free text and no dates (a bare number, a yes/no, a code).
+_CLOSED_ANSWERS = frozenset(
+    {"valueBoolean", "valueCoding", "valueInteger", "valueDecimal", "valueQuantity"}
+)
+
+
 def _closed_item(item: dict[str, Any]) -> bool:
-    """A QR item whose answers are all booleans or codings (or absent with a reason)."""
+    """A QR item whose answers are booleans, codings or bare numbers (or absent with a
+    reason), and whose children are too."""
     for answer in item.get("answer", []):
-        if set(answer) - {"valueBoolean", "valueCoding"}:
+        if set(answer) - _CLOSED_ANSWERS:
             return False
     return all(_closed_item(child) for child in item.get("item", []))
 
