@@ -106,3 +106,51 @@ def test_preview_exits_1_with_the_issues(tmp_path: Path) -> None:
     )
     assert r.exit_code == 1
     assert "answers.weight_lb: expected a number in lb [invalid_answer]" in r.output
+
+
+def test_worked_example_of_the_guide(tmp_path: Path) -> None:
+    """docs/PROFILES.md: a v3 with a new question and flag, made with YAML only."""
+    root = copy_profiles(tmp_path / "p")
+    v2 = (root / "intake/glp1-weight-management-v2.yaml").read_text()
+    v3 = (
+        v2.replace('version: "2"', 'version: "3"')
+        .replace(
+            "      - key: pregnancy_status\n",
+            "      - key: gallbladder_disease\n"
+            "        link_id: gallbladder-disease\n"
+            "        text: Have you ever had gallbladder disease or gallstones?\n"
+            "        type: boolean\n"
+            "        required: true\n"
+            "      - key: pregnancy_status\n",
+        )
+        .replace(
+            "  consents:\n",
+            "    - id: gallbladder\n"
+            "      when: \"repeat(item).where(linkId = 'gallbladder-disease').answer.value = true\"\n"
+            '      text: "Caution with GLP-1 therapy: history of gallbladder disease"\n'
+            "      code: {system: *flags, code: gallbladder-history}\n"
+            "      priority: PM\n"
+            "  consents:\n",
+        )
+    )
+    (root / "intake/glp1-weight-management-v3.yaml").write_text(v3)
+    examples = root / "intake/glp1-weight-management-v3.examples"
+    examples.mkdir()
+    for case, answer in (("full", "yes"), ("conditional-required", "no")):
+        src = root / f"intake/glp1-weight-management-v2.examples/{case}.input.json"
+        data = json.loads(src.read_text())
+        data["form"]["version"] = "3"
+        data["answers"]["gallbladder_disease"] = answer
+        (examples / f"{case}.input.json").write_text(json.dumps(data))
+    (examples / "conditional-required.expected-problems.json").write_text(
+        (
+            root
+            / "intake/glp1-weight-management-v2.examples/conditional-required.expected-problems.json"
+        ).read_text()
+    )
+    r = runner.invoke(app, ["profiles", "check", str(root), "--write-expected"])
+    assert r.exit_code == 0, r.output
+    expected = json.loads((examples / "full.expected.json").read_text())
+    flags = [e["resource"] for e in expected["entry"] if e["resource"]["resourceType"] == "Flag"]
+    assert "gallbladder-history" in [f["code"]["coding"][0]["code"] for f in flags]
+    assert runner.invoke(app, ["profiles", "check", str(root), "--strict"]).exit_code == 0
