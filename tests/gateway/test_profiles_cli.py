@@ -126,7 +126,8 @@ def test_worked_example_of_the_guide(tmp_path: Path) -> None:
         .replace(
             "  consents:\n",
             "    - id: gallbladder\n"
-            "      when: \"repeat(item).where(linkId = 'gallbladder-disease').answer.value = true\"\n"
+            "      when: \"repeat(item).where(linkId = 'gallbladder-disease')"
+            '.answer.value = true"\n'
             '      text: "Caution with GLP-1 therapy: history of gallbladder disease"\n'
             "      code: {system: *flags, code: gallbladder-history}\n"
             "      priority: PM\n"
@@ -142,12 +143,9 @@ def test_worked_example_of_the_guide(tmp_path: Path) -> None:
         data["form"]["version"] = "3"
         data["answers"]["gallbladder_disease"] = answer
         (examples / f"{case}.input.json").write_text(json.dumps(data))
-    (examples / "conditional-required.expected-problems.json").write_text(
-        (
-            root
-            / "intake/glp1-weight-management-v2.examples/conditional-required.expected-problems.json"
-        ).read_text()
-    )
+    v2_examples = root / "intake/glp1-weight-management-v2.examples"
+    problems = "conditional-required.expected-problems.json"
+    (examples / problems).write_text((v2_examples / problems).read_text())
     r = runner.invoke(app, ["profiles", "check", str(root), "--write-expected"])
     assert r.exit_code == 0, r.output
     expected = json.loads((examples / "full.expected.json").read_text())
