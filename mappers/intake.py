@@ -57,6 +57,7 @@ from mappers.conceptmap import CompiledConceptMap
 from mappers.errors import MappingError, MappingErrors, Problem, ProblemCollector
 from mappers.identifiers import IdentifierSystems
 from mappers.profiles import Condition, IntakeItem, IntakeProfile
+from mappers.profiles.intake import ALL_PATIENT_FIELDS
 
 US_CORE_PATIENT = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-patient"
 US_CORE_QR = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-questionnaireresponse"
@@ -169,15 +170,6 @@ class IntakeSubmission(_Contract):
 
 DATA_ABSENT_REASON = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
 
-_PATIENT_FIELDS = (
-    "first_name",
-    "last_name",
-    "birth_date",
-    "sex_at_birth",
-    "email",
-    "phone",
-    "address",
-)
 
 
 def data_absent(reason: str) -> dict[str, str]:
@@ -300,7 +292,7 @@ def parse_intake_submission(
     if profile is not None and isinstance(data, dict) and isinstance(data.get("patient"), dict):
         body = dict(data)
         patient = dict(data["patient"])
-        for name in _PATIENT_FIELDS:
+        for name in ALL_PATIENT_FIELDS:
             if name not in patient:
                 continue
             value = patient[name]
