@@ -30,6 +30,7 @@ from functools import lru_cache
 from typing import Any
 
 from mappers import normalize, ucum
+from mappers.fastvalidate import closed_item
 from mappers.fhirpath import Evaluator, compile_fhirpath, is_true, linkids_named
 from mappers.identifiers import IdentifierSystems
 from mappers.intake import ParsedIntake
@@ -107,13 +108,18 @@ def flag_applies(flag: FlagSpec, questionnaire_response: dict[str, Any]) -> bool
     ``scope: named_items`` (the default) evaluates the rule over a QuestionnaireResponse
     that holds only the items whose linkIds the rule names, which makes a rule cost the
     same whatever the size of the form, and lets equal answers share one evaluation (a
-    bounded cache keyed by the rule and those items). ``scope: response`` (or a rule that
+    bounded cache keyed by the rule and those items, used only when they hold yes/no,
+    coded or numeric answers: free text is never cached). ``scope: response`` (or a rule that
     names no linkId) evaluates over the whole QuestionnaireResponse.
     """
     names = frozenset(linkids_named(flag.when))
     if flag.scope == "response" or not names:
         return is_true(flag_evaluator(flag.when)(questionnaire_response))
     items = prune_items(questionnaire_response.get("item", []), names)
+    if not all(closed_item(item) for item in items):
+        # free text or dates: evaluated, never kept in the cache
+        resource = {"resourceType": "QuestionnaireResponse", "item": items}
+        return is_true(flag_evaluator(flag.when)(resource))
     return _evaluate_on_items(flag.when, json.dumps(items, sort_keys=True))
 
 

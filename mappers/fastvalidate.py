@@ -74,13 +74,13 @@ _CLOSED_ANSWERS = frozenset(
 )
 
 
-def _closed_item(item: dict[str, Any]) -> bool:
+def closed_item(item: dict[str, Any]) -> bool:
     """A QR item whose answers are booleans, codings or bare numbers (or absent with a
     reason), and whose children are too."""
     for answer in item.get("answer", []):
         if set(answer) - _CLOSED_ANSWERS:
             return False
-    return all(_closed_item(child) for child in item.get("item", []))
+    return all(closed_item(child) for child in item.get("item", []))
 
 
 def _memoizable(cls: type, value: Any) -> bool:
@@ -89,7 +89,7 @@ def _memoizable(cls: type, value: Any) -> bool:
         return True
     if name == "Extension":
         return set(value) <= {"url"} | _CLOSED_EXTENSION_VALUES
-    return name == "QuestionnaireResponseItem" and _closed_item(value)
+    return name == "QuestionnaireResponseItem" and closed_item(value)
 
 
 def _lookup(cls: type, value: dict[str, Any]) -> Any:
