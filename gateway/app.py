@@ -35,6 +35,8 @@ from gateway.fhir.endpoints import router as fhir_router
 from gateway.ingest.endpoints import router as ingest_router
 from gateway.ingest.schemas import DOCUMENTED_MODELS
 from gateway.logging import configure_logging, get_logger, log_failure
+from gateway.profiles.endpoints import router as profiles_router
+from gateway.profiles.service import install_sighup_reload
 from gateway.runtime import Runtime
 from gateway.settings import Settings
 from gateway.workflow.endpoints import router as cases_router
@@ -168,6 +170,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         rt = runtime or Runtime.create(settings)
         app.state.runtime = rt
+        install_sighup_reload(rt)
         stop = asyncio.Event()
         task = None
         worker = None
@@ -233,6 +236,7 @@ def create_app(
     app.include_router(ingest_router)
     app.include_router(events_router)
     app.include_router(cases_router)
+    app.include_router(profiles_router)  # before fhir_router: /fhir/Questionnaire/{id}
     app.include_router(fhir_router)
 
     @app.get("/healthz", tags=["ops"], summary="The process is up")

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
+from gateway.profiles.cli import app as profiles_app
 from gateway.settings import BUNDLED_PROFILES_DIR, Settings, load_settings
 
 app = typer.Typer(
@@ -27,6 +28,7 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 clients_app = typer.Typer(help="API clients (keys and scopes).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(clients_app, name="clients")
+app.add_typer(profiles_app, name="profiles")
 
 EXAMPLES_DIR = BUNDLED_PROFILES_DIR.parent / "examples"
 
@@ -120,6 +122,7 @@ def worker_cmd(
     """Run the delivery worker alone (scale out: several on one PostgreSQL)."""
     from gateway.delivery.worker import DeliveryWorker
     from gateway.logging import configure_logging
+    from gateway.profiles.service import install_sighup_reload
     from gateway.runtime import Runtime
 
     settings = _settings()
@@ -128,6 +131,7 @@ def worker_cmd(
 
     async def main() -> None:
         runtime = Runtime.create(settings)
+        install_sighup_reload(runtime)
         worker = DeliveryWorker(runtime, concurrency=concurrency)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

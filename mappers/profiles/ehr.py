@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from mappers.profiles.common import SLUG, Strict
+from mappers.profiles.overrides import EhrOverrides
 
 ResourceType = Literal[
     "Patient",
@@ -72,6 +73,11 @@ class EhrTargetProfile(Strict):
     )
     timeout_s: float = Field(default=20.0, gt=0)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    overrides: EhrOverrides = Field(
+        default_factory=EhrOverrides,
+        description="Per-EHR rewrites of outgoing FHIR (issue 3): identifier systems, "
+        "extensions, resource types to skip, code translations.",
+    )
 
     @model_validator(mode="after")
     def _base_url(self) -> EhrTargetProfile:
