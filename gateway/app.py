@@ -38,6 +38,8 @@ from gateway.ingest.schemas import DOCUMENTED_MODELS
 from gateway.logging import configure_logging, get_logger, log_failure
 from gateway.ops.exceptions import router as exceptions_router
 from gateway.partners.endpoints import router as partners_router
+from gateway.profiles.endpoints import router as profiles_router
+from gateway.profiles.service import install_sighup_reload
 from gateway.runtime import Runtime
 from gateway.settings import Settings
 from gateway.subscribers.endpoints import router as subscribers_router
@@ -172,6 +174,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         rt = runtime or Runtime.create(settings)
         app.state.runtime = rt
+        install_sighup_reload(rt)
         stop = asyncio.Event()
         task = None
         worker = None
@@ -241,6 +244,7 @@ def create_app(
     app.include_router(hl7_router)
     app.include_router(subscribers_router)
     app.include_router(exceptions_router)
+    app.include_router(profiles_router)  # before fhir_router: /fhir/Questionnaire/{id}
     app.include_router(fhir_router)
 
     @app.get("/healthz", tags=["ops"], summary="The process is up")

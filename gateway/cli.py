@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from gateway.hl7.cli import mllp as mllp_command
+from gateway.profiles.cli import app as profiles_app
 from gateway.settings import BUNDLED_PROFILES_DIR, Settings, load_settings
 
 app = typer.Typer(
@@ -29,6 +30,7 @@ clients_app = typer.Typer(help="API clients (keys and scopes).", no_args_is_help
 app.add_typer(db_app, name="db")
 app.add_typer(clients_app, name="clients")
 app.command("mllp")(mllp_command)
+app.add_typer(profiles_app, name="profiles")
 
 EXAMPLES_DIR = BUNDLED_PROFILES_DIR.parent / "examples"
 
@@ -122,6 +124,7 @@ def worker_cmd(
     """Run the delivery worker alone (scale out: several on one PostgreSQL)."""
     from gateway.delivery.worker import DeliveryWorker
     from gateway.logging import configure_logging
+    from gateway.profiles.service import install_sighup_reload
     from gateway.runtime import Runtime
 
     settings = _settings()
@@ -130,6 +133,7 @@ def worker_cmd(
 
     async def main() -> None:
         runtime = Runtime.create(settings)
+        install_sighup_reload(runtime)
         worker = DeliveryWorker(runtime, concurrency=concurrency)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

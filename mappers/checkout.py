@@ -7,10 +7,16 @@ Two inbound forms carry the same facts:
   ``patient_external_id``, ``intake_submission_id``), ``amount_total`` (minor units),
   ``currency``, ``payment_status``; :func:`stripe_session_to_checkout` turns it into
 * :class:`CanonicalCheckout`, the body of ``POST /v1/checkouts`` for other processors.
+
+Where each canonical field is in a processor's payload is profile data (a checkout
+profile's ``processors.<name>.fields``, dotted paths); :func:`processor_payload_to_checkout`
+reads a payload with those paths. :data:`DEFAULT_STRIPE_PROCESSOR` is the Stripe mapping the
+bundled ``profiles/checkout/processors.yaml`` starts from.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -23,12 +29,13 @@ from mappers.identifiers import IdentifierSystems
 from mappers.intake import (
     ID_PATTERN,
     US_CORE_PATIENT,
+    Attribution,
     Email,
     Name,
     Phone,
     pydantic_problems,
 )
-from mappers.profiles import Plan
+from mappers.profiles import FieldPath, Plan, Processor
 
 US_CORE_MEDICATIONREQUEST = (
     "http://hl7.org/fhir/us/core/StructureDefinition/us-core-medicationrequest"
@@ -79,6 +86,10 @@ class CanonicalCheckout(BaseModel):
     amount_total: int = Field(ge=0, description="Minor currency units (cents).")
     currency: Annotated[str, AfterValidator(str.lower)] = Field(pattern=r"^[A-Za-z]{3}$")
     payment_status: PaymentStatus
+    attribution: Attribution | None = Field(
+        default=None,
+        description="Marketing attribution; kept with the message, never sent to EHRs.",
+    )
 
 
 def parse_checkout(
@@ -135,59 +146,110 @@ def _address_problems(checkout: CanonicalCheckout) -> list[Problem]:
     return problems
 
 
-def stripe_session_to_checkout(event: dict[str, Any]) -> dict[str, Any]:
+#: The Stripe ``checkout.session.completed`` mapping
+#: (https://docs.stripe.com/api/checkout/sessions/object).
+DEFAULT_STRIPE_PROCESSOR = Processor(
+    event_types=["checkout.session.completed", "checkout.session.async_payment_succeeded"],
+    fields={
+        "checkout_id": "data.object.id",
+        "completed_at": FieldPath(path="created", format="unix_seconds"),
+        "plan": "data.object.metadata.plan",
+        "patient_external_id": "data.object.metadata.patient_external_id",
+        "intake_submission_id": "data.object.metadata.intake_submission_id",
+        "customer_id": "data.object.customer",
+        "customer.name": "data.object.customer_details.name",
+        "customer.email": "data.object.customer_details.email",
+        "customer.phone": "data.object.customer_details.phone",
+        "customer.address.line1": "data.object.customer_details.address.line1",
+        "customer.address.line2": "data.object.customer_details.address.line2",
+        "customer.address.city": "data.object.customer_details.address.city",
+        "customer.address.state": "data.object.customer_details.address.state",
+        "customer.address.postal_code": "data.object.customer_details.address.postal_code",
+        "customer.address.country": "data.object.customer_details.address.country",
+        "amount_total": "data.object.amount_total",
+        "currency": "data.object.currency",
+        "payment_status": "data.object.payment_status",
+    },
+)
+
+_SEGMENT = re.compile(r"^([A-Za-z0-9_\-]+)(?:\[(\d+)\])?$")
+
+
+def read_path(payload: Any, path: str) -> Any:
+    """The value at a dotted path (``data.object.items[0].price``), or None when absent."""
+    node = payload
+    for segment in path.split("."):
+        match = _SEGMENT.match(segment)
+        if match is None or not isinstance(node, dict):
+            return None
+        node = node.get(match.group(1))
+        if match.group(2) is not None:
+            index = int(match.group(2))
+            if not isinstance(node, list) or index >= len(node):
+                return None
+            node = node[index]
+    return node
+
+
+def processor_payload_to_checkout(
+    payload: dict[str, Any], processor: Processor, *, processor_name: str
+) -> dict[str, Any]:
+    """A processor's event -> the canonical checkout JSON (not yet validated: pass it to
+    :func:`parse_checkout`).
+
+    Each canonical field is read at its profile path; ``unix_seconds`` turns an integer
+    Unix time into ISO 8601 UTC; empty strings (Stripe sends ``""`` for absent address
+    parts) become absent. Attribution fields are copied under ``attribution``.
+    """
+    out: dict[str, Any] = {"processor": processor_name}
+    for name in processor.fields:
+        spec = processor.path_of(name)
+        if spec is None:
+            continue
+        value = read_path(payload, spec.path)
+        if spec.format == "unix_seconds":
+            value = (
+                datetime.fromtimestamp(value, UTC).isoformat()
+                if isinstance(value, int) and not isinstance(value, bool)
+                else None
+            )
+        if value in ("", None):
+            continue
+        target = out
+        parts = name.split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = value
+    attribution = {
+        k: v
+        for k, path in processor.attribution.items()
+        if isinstance(v := read_path(payload, path), str) and v
+    }
+    if attribution:
+        out["attribution"] = attribution
+    out.setdefault("customer", {})
+    return out
+
+
+def processor_paths(processor: Processor) -> list[str]:
+    """Every payload path the processor mapping reads (for unmapped-field coverage)."""
+    paths = [p.path for n in processor.fields if (p := processor.path_of(n)) is not None]
+    return [*paths, *processor.attribution.values()]
+
+
+def stripe_session_to_checkout(
+    event: dict[str, Any], processor: Processor | None = None
+) -> dict[str, Any]:
     """A Stripe ``checkout.session.completed`` (or ``async_payment_succeeded``) event ->
-    the canonical checkout JSON (not yet validated: pass it to :func:`parse_checkout`).
+    the canonical checkout JSON, with ``processor`` (a profile's ``processors.stripe``) or
+    :data:`DEFAULT_STRIPE_PROCESSOR`.
 
     ``completed_at`` is the event's ``created`` (Unix seconds, UTC). Empty strings Stripe
-    sends for absent address parts become absent. Parts that are not JSON objects count
-    as absent, so a malformed event gives problems in :func:`parse_checkout`, never an
-    exception here.
+    sends for absent address parts become absent.
     """
-    session = _object(_object(event.get("data")).get("object"))
-    metadata = _object(session.get("metadata"))
-    details = _object(session.get("customer_details"))
-    address = _object(details.get("address")) or None
-    created = event.get("created")
-    completed_at = (
-        datetime.fromtimestamp(created, UTC).isoformat() if isinstance(created, int) else None
+    return processor_payload_to_checkout(
+        event, processor or DEFAULT_STRIPE_PROCESSOR, processor_name="stripe"
     )
-
-    def clean(value: Any) -> Any:
-        return value if value not in ("", None) else None
-
-    customer: dict[str, Any] = {
-        k: clean(details.get(k)) for k in ("name", "email", "phone") if clean(details.get(k))
-    }
-    if address:
-        customer["address"] = {
-            k: clean(address.get(k))
-            for k in ("line1", "line2", "city", "state", "postal_code")
-            if clean(address.get(k))
-        }
-        if clean(address.get("country")):
-            customer["address"]["country"] = address["country"]
-    out: dict[str, Any] = {
-        "checkout_id": session.get("id"),
-        "processor": "stripe",
-        "completed_at": completed_at,
-        "plan": clean(metadata.get("plan")),
-        "customer": customer,
-        "amount_total": session.get("amount_total"),
-        "currency": session.get("currency"),
-        "payment_status": session.get("payment_status"),
-    }
-    for key in ("patient_external_id", "intake_submission_id"):
-        if clean(metadata.get(key)):
-            out[key] = metadata[key]
-    if isinstance(session.get("customer"), str):
-        out["customer_id"] = session["customer"]
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def _object(value: Any) -> dict[str, Any]:
-    """``value`` when it is a JSON object, else an empty one."""
-    return value if isinstance(value, dict) else {}
 
 
 def split_name(full: str) -> dict[str, Any]:
@@ -291,6 +353,8 @@ def checkout_to_medication_request(
     ``supportingInformation`` the intake's QuestionnaireResponse when it is known.
     """
     patient_ref = {"reference": f"Patient/{patient_id}"}
+    if plan.medication is None:  # refused by the profile lint (plan-without-medication)
+        raise MappingError("plan_without_medication", "the plan has no medication")
     med = plan.medication.to_fhir()
     mr: dict[str, Any] = {
         "resourceType": "MedicationRequest",
@@ -311,14 +375,24 @@ def checkout_to_medication_request(
             }
         ],
         "reportedBoolean": False,
-        "medicationCodeableConcept": {
-            "coding": [med],
-            "text": plan.medication_text or med.get("display", med["code"]),
-        },
         "subject": patient_ref,
         "authoredOn": normalize.to_fhir_instant(checkout.completed_at),
         "requester": patient_ref,
     }
+    concept = {"coding": [med], "text": plan.medication_text or med.get("display", med["code"])}
+    if plan.dose_form is not None:
+        # R4 keeps the dose form on Medication.form: a contained Medication carries it.
+        mr["contained"] = [
+            {
+                "resourceType": "Medication",
+                "id": "med",
+                "code": concept,
+                "form": {"coding": [plan.dose_form.to_fhir()], "text": plan.dose_form.display},
+            }
+        ]
+        mr["medicationReference"] = {"reference": "#med", "display": concept["text"]}
+    else:
+        mr["medicationCodeableConcept"] = concept
     if questionnaire_response_id:
         mr["supportingInformation"] = [
             {"reference": f"QuestionnaireResponse/{questionnaire_response_id}"}

@@ -147,7 +147,9 @@ def _fields(cls: type) -> dict[str, _FieldSpec]:
             continue
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         enum = extra.get("enum_values")
-        codes = frozenset(enum) if enum else None
+        # fhir.resources ends a value set it only partly lists with "+" (e.g.
+        # Questionnaire.item.type): such a list cannot be checked against.
+        codes = frozenset(enum) if enum and "+" not in enum else None
         child: type | None = None
         for arg in _flatten(field.annotation):
             name = getattr(arg, "__name__", "")
@@ -257,11 +259,14 @@ def _us_core_rules(resource: dict[str, Any], problems: list[Problem]) -> None:
             )
 
 
-def resource_problems(resource: dict[str, Any]) -> list[Problem]:
+def resource_problems(
+    resource: dict[str, Any], *, structure_checked: bool = False
+) -> list[Problem]:
     """Every problem of one FHIR R4 resource (JSON dict); empty when it is valid.
 
     Locations are FHIRPath-like element paths (``Patient.address[0].state``); messages
-    never contain element values.
+    never contain element values. ``structure_checked``: the caller already validated the
+    resource with its R4B model (:mod:`mappers.fastvalidate`); only our checks run.
     """
     rtype = resource.get("resourceType")
     if not isinstance(rtype, str) or rtype not in OUTBOUND_RESOURCE_TYPES:
@@ -273,7 +278,8 @@ def resource_problems(resource: dict[str, Any]) -> list[Problem]:
         return [Problem("resourceType", "unsupported_type", "unknown resource type")]
     problems: list[Problem] = []
     try:
-        cls.model_validate(resource)  # type: ignore[attr-defined]
+        if not structure_checked:
+            cls.model_validate(resource)  # type: ignore[attr-defined]
     except ValidationError as exc:
         for err in exc.errors(include_input=False, include_url=False):
             loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))

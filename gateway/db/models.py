@@ -430,6 +430,66 @@ class Subscriber(Base):
     retry: Mapped[dict[str, Any] | None]  # a RetryPolicy; None: the defaults
 
 
+# --- issue 3: profiles
+
+
+class ProfileMapping(Base):
+    """Which mapping profile turned an inbound message into which resource versions.
+
+    One row per ingest (``action = ingest``) and per applied re-map (``remap``), so every
+    stored version can be traced to the profile id, version and content hash (SHA-256 of
+    the profile file) that produced it. ``attribution`` holds the marketing attribution a
+    processor profile keeps (never sent to an EHR).
+    """
+
+    __tablename__ = "profile_mappings"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    inbound_message_id: Mapped[str] = mapped_column(String(64), index=True)
+    action: Mapped[str] = mapped_column(String(16))  # ingest | remap
+    profile_kind: Mapped[str] = mapped_column(String(32))
+    profile_id: Mapped[str] = mapped_column(String(128))
+    profile_version: Mapped[str] = mapped_column(String(32))
+    profile_hash: Mapped[str] = mapped_column(String(64))
+    resource_versions: Mapped[list[str]] = mapped_column(JSONDoc)  # Type/id/_history/n
+    attribution: Mapped[dict[str, Any] | None]
+    actor: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PatientConflict(Base):
+    """Two sources disagreed on a Patient element; the losing value is kept here.
+
+    ``outcome``: ``kept_existing`` (the message's value lost) or ``replaced_existing``
+    (the message's source owns the element and replaced the earlier value).
+    ``lost_value`` is ``{"value": <FHIR JSON>}`` (PHI: never logged, never in errors).
+    """
+
+    __tablename__ = "patient_conflicts"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    patient_id: Mapped[str] = mapped_column(String(64), index=True)
+    inbound_message_id: Mapped[str] = mapped_column(String(64))
+    element: Mapped[str] = mapped_column(String(32))
+    outcome: Mapped[str] = mapped_column(String(32))
+    kept_source: Mapped[str] = mapped_column(String(32))
+    lost_source: Mapped[str] = mapped_column(String(32))
+    lost_value: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PatientElementSource(Base):
+    """Which source (intake, checkout) set the current value of each Patient element."""
+
+    __tablename__ = "patient_element_sources"
+
+    patient_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    element: Mapped[str] = mapped_column(String(32), primary_key=True)
+    source: Mapped[str] = mapped_column(String(32))
+    inbound_message_id: Mapped[str | None] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 # --- issue 5: events
 
 

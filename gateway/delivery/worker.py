@@ -45,6 +45,7 @@ from gateway.runtime import Runtime
 from gateway.subscribers import sender as webhook_sender
 from gateway.workflow.service import EventInput, apply_event, sweep_workflow
 from mappers.bundle import build_transaction_bundle, parse_transaction_response
+from mappers.ehr_overrides import target_transform
 from mappers.errors import Problem
 from mappers.profiles import EhrTargetProfile
 
@@ -228,6 +229,7 @@ class DeliveryWorker:
             remote_ids=remote_ids,
             outside_identifiers=identifiers,
             provenance_tag_system=self.runtime.systems.provenance,
+            transform=target_transform(target, self.runtime.profiles.current.concept_maps),
         )
         client = self.client_for(target)
         started_at = utcnow()

@@ -5,6 +5,13 @@ resources (with history), the patient matching keys, the outbox rows for every e
 EHR target, the case event and the audit entries are written together or not at all.
 A payload that is rejected is kept for review in the exceptions queue by the caller
 (:func:`record_rejection`), in its own transaction.
+
+Mapping is profile-driven and pure (:mod:`mappers.pipeline`); this module adds what needs
+the database: patient matching, ownership-based Patient merging (conflicts kept in
+``patient_conflicts`` and named in the Provenance), retiring derived resources a
+corrected submission no longer produces, the profile that produced each version
+(``profile_mappings``, ``fhir_resources.profile_*``, ``Provenance.policy``), and one outbox
+row per EHR target with the resource types that target receives.
 """
 
 from __future__ import annotations
@@ -25,26 +32,26 @@ from gateway.fhir import repository as fhir_repo
 from gateway.fhir.repository import ProfileRef
 from gateway.inbox import repository as inbox
 from gateway.logging import get_logger
+from gateway.profiles import repository as profile_repo
 from gateway.runtime import Runtime
 from gateway.workflow.service import EventInput, apply_event
-from mappers.checkout import (
-    CanonicalCheckout,
-    checkout_to_medication_request,
-    checkout_to_patient,
-    parse_checkout,
-    stripe_session_to_checkout,
-)
+from mappers.checkout import CanonicalCheckout
+from mappers.derived import DERIVED_KINDS, derived_system, retire_derived
+from mappers.ehr_overrides import received_types
 from mappers.errors import MappingErrors, Problem
+from mappers.fastvalidate import validate_resources_fast as validate_resources
 from mappers.identifiers import IdentifierSystems
-from mappers.intake import (
-    intake_to_patient,
-    intake_to_questionnaire_response,
-    parse_intake_submission,
+from mappers.intake import ParsedIntake, parse_intake_submission
+from mappers.patient import ElementConflict, element_path, element_sources, merge_patient
+from mappers.pipeline import (
+    checkout_payload,
+    map_parsed_intake,
+    map_validated_checkout,
+    parse_canonical_checkout,
+    profile_tag,
 )
-from mappers.patient import merge_patient
-from mappers.profiles import Plan
+from mappers.profiles import CheckoutProfile, ProfileSet
 from mappers.provenance import provenance_for
-from mappers.validation import validate_resources
 
 log = get_logger(__name__)
 
@@ -173,9 +180,19 @@ async def match_patient(session: AsyncSession, keys: list[tuple[str, str]]) -> P
 # --------------------------------------------------------------------------- storing
 
 
+#: Extension on Provenance naming a Patient element conflict (ids and codes, no values).
+CONFLICT_EXTENSION = "patient-element-conflict"
+
+
 @dataclass
 class MappedMessage:
-    """The resources mapped from one message, ready to store."""
+    """The resources mapped from one message, ready to store.
+
+    ``profile`` is the profile recorded on every resource (the intake form version, or
+    the checkout plan table); ``other_profiles`` are further profiles that took part (a
+    processor mapping), named in the Provenance too. ``conflicts`` and ``sources`` come
+    from the ownership merge of the Patient.
+    """
 
     message: InboundMessage
     patient_id: str
@@ -185,6 +202,11 @@ class MappedMessage:
     event: EventInput | None
     actor: str
     kind: str
+    other_profiles: list[str] = field(default_factory=list)
+    conflicts: list[ElementConflict] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)
+    attribution: dict[str, Any] | None = None
+    action: str = "ingest"
     current: dict[str, FhirResource | None] = field(default_factory=dict)
     checked_keys: dict[tuple[str, str], str | None] = field(default_factory=dict)
 
@@ -204,7 +226,7 @@ async def store_mapped(
     written = mapped.resources
     changed_refs: list[str] = []
     provenance_id = str(uuid.uuid4())
-    existed = {}
+    existed: dict[str, FhirResource | None] = {}
     for r in written:
         ref = f"{r['resourceType']}/{r['id']}"
         existed[ref] = (
@@ -212,8 +234,10 @@ async def store_mapped(
             if ref in mapped.current
             else await fhir_repo.get_resource(session, r["resourceType"], r["id"])
         )
-    profile_tag = (
-        f"{mapped.kind}/{mapped.profile.id}/{mapped.profile.version}#sha256={mapped.profile.content_hash}"
+    tag = (
+        profile_tag(
+            mapped.kind, mapped.profile.id, mapped.profile.version, mapped.profile.content_hash
+        )
         if mapped.profile
         else None
     )
@@ -227,8 +251,18 @@ async def store_mapped(
         author=f"Patient/{mapped.patient_id}",
         organization=settings.organization_name,
         activity="UPDATE" if any(existed.values()) else "CREATE",
-        profile=profile_tag,
+        profile=tag,
     )
+    for other in mapped.other_profiles:
+        provenance.setdefault("policy", []).append(f"urn:fhir-gateway:profile:{other}")
+    conflict_rows = await profile_repo.add_conflicts(
+        session, mapped.patient_id, mapped.conflicts, message_id=mapped.message.id
+    )
+    if conflict_rows:
+        provenance["extension"] = [
+            _conflict_extension(runtime, row.id, c)
+            for row, c in zip(conflict_rows, mapped.conflicts, strict=True)
+        ]
     try:
         validate_resources([*written, provenance])
     except MappingErrors as exc:
@@ -236,10 +270,11 @@ async def store_mapped(
             "the mapped FHIR resources do not validate (check the profile)", exc.problems
         ) from exc
 
+    stored_versions: list[str] = []
     bulk = BulkInserts()
     for resource in written:
         ref = f"{resource['resourceType']}/{resource['id']}"
-        _, changed = await fhir_repo.save_resource(
+        stored, changed = await fhir_repo.save_resource(
             session,
             resource,
             message_id=mapped.message.id,
@@ -249,6 +284,7 @@ async def store_mapped(
             bulk=bulk,
         )
         if changed:
+            stored_versions.append(f"{ref}/_history/{stored['meta']['versionId']}")
             changed_refs.append(ref)
             bulk.add(
                 AuditEntry,
@@ -260,9 +296,10 @@ async def store_mapped(
                 detail={"message_id": mapped.message.id},
             )
     deliveries = []
+    versions: list[str] = []
     if changed_refs:
         provenance["target"] = [{"reference": r} for r in changed_refs]
-        await fhir_repo.save_resource(
+        stored_prov, _ = await fhir_repo.save_resource(
             session,
             provenance,
             message_id=mapped.message.id,
@@ -271,6 +308,7 @@ async def store_mapped(
             current=None,
             bulk=bulk,
         )
+        versions.append(f"Provenance/{provenance_id}/_history/{stored_prov['meta']['versionId']}")
         bulk.add(
             AuditEntry,
             at=now,
@@ -280,19 +318,42 @@ async def store_mapped(
             entity_id=provenance_id,
             detail={"message_id": mapped.message.id},
         )
-        # The Patient always travels with its resources so references resolve.
-        refs = (
-            [f"Patient/{mapped.patient_id}"]
-            + [r for r in changed_refs if not r.startswith("Patient/")]
-            + [f"Provenance/{provenance_id}"]
-        )
-        deliveries = enqueue_ehr_deliveries(
+        for target in runtime.profiles.current.enabled_targets():
+            # Per target: only the types it receives; nothing when none of them changed.
+            receives = received_types(target)
+            relevant = [r for r in changed_refs if r.split("/", 1)[0] in receives]
+            if not relevant:
+                continue
+            # The Patient always travels with its resources so references resolve.
+            refs = (
+                [f"Patient/{mapped.patient_id}"]
+                + [r for r in relevant if not r.startswith("Patient/")]
+                + [f"Provenance/{provenance_id}"]
+            )
+            deliveries += enqueue_ehr_deliveries(
+                session,
+                [target],
+                message_id=mapped.message.id,
+                patient_id=mapped.patient_id,
+                resource_refs=refs,
+                received_at=mapped.message.received_at,
+            )
+    if mapped.profile is not None:
+        profile_repo.record_mapping(
             session,
-            runtime.profiles.current.enabled_targets(),
             message_id=mapped.message.id,
-            patient_id=mapped.patient_id,
-            resource_refs=refs,
-            received_at=mapped.message.received_at,
+            action=mapped.action,
+            profile_kind=mapped.kind,
+            profile_id=mapped.profile.id,
+            profile_version=mapped.profile.version,
+            profile_hash=mapped.profile.content_hash,
+            resource_versions=stored_versions + versions,
+            attribution=mapped.attribution,
+            actor=mapped.actor,
+        )
+    if mapped.sources:
+        await profile_repo.save_element_sources(
+            session, mapped.patient_id, mapped.sources, message_id=mapped.message.id
         )
     await fhir_repo.add_patient_keys(
         session, mapped.patient_id, mapped.keys, checked=mapped.checked_keys, bulk=bulk
@@ -323,11 +384,33 @@ async def store_mapped(
             {"resourceType": r.split("/")[0], "id": r.split("/")[1], "reference": r}
             for r in [*changed_refs, *([f"Provenance/{provenance_id}"] if changed_refs else [])]
         ],
+        "conflicts": [
+            {"id": row.id, "element": row.element, "outcome": row.outcome} for row in conflict_rows
+        ],
         "case": {"id": case_result.case_id, "state": case_result.to_state}
         if case_result and case_result.case_id
         else None,
         "deliveries": [{"id": d.id, "target": d.target} for d in deliveries],
         "status_url": f"{settings.public_base_url}/v1/messages/{mapped.message.id}",
+    }
+
+
+def _conflict_extension(runtime: Runtime, record_id: int, c: ElementConflict) -> dict[str, Any]:
+    """A Provenance extension naming one conflict: element, outcome, sources and the
+    conflict record's id; never the values (they stay in ``patient_conflicts``)."""
+    base = runtime.systems.base
+    return {
+        "url": f"{base}/{CONFLICT_EXTENSION}",
+        "extension": [
+            {"url": "element", "valueString": element_path(c.element)},
+            {"url": "outcome", "valueCode": c.outcome.replace("_", "-")},
+            {"url": "keptSource", "valueCode": c.kept_source},
+            {"url": "lostSource", "valueCode": c.lost_source},
+            {
+                "url": "record",
+                "valueIdentifier": {"system": f"{base}/patient-conflict", "value": str(record_id)},
+            },
+        ],
     }
 
 
@@ -364,16 +447,18 @@ async def submit_intake(
             return Outcome(202, {**existing.response, "replayed": True}, existing.id)
     profiles = runtime.profiles.current
     try:
-        submission, profile, items = parse_intake_submission(data, profiles.intake_profile)
+        parsed = parse_intake_submission(data, profiles.intake_profile, profiles.concept_maps)
     except MappingErrors as exc:
         raise UnprocessableError("the intake submission is not valid", exc.problems) from exc
+    submission, profile = parsed.submission, parsed.profile
 
     systems = runtime.systems
     keys: list[tuple[str, str]] = []
     if submission.patient.external_id:
         keys.append(("identifier", f"{systems.external_patient}|{submission.patient.external_id}"))
     keys.append(("submission", submission.submission_id))
-    keys.append(("email", submission.patient.email))
+    if submission.patient.email:
+        keys.append(("email", submission.patient.email))
     match = await match_patient(session, keys)
 
     message = _message_for(
@@ -386,9 +471,6 @@ async def submit_intake(
     )
     session.add(message)
 
-    patient = intake_to_patient(submission, patient_id=match.patient_id, systems=systems)
-    if match.existing:
-        patient = merge_patient(match.existing, patient, source="intake")
     # The QuestionnaireResponse of a submission is only ever written from its message.
     qr_row = (
         await fhir_repo.find_by_identifier(
@@ -396,15 +478,6 @@ async def submit_intake(
         )
         if existing is not None
         else None
-    )
-    qr = intake_to_questionnaire_response(
-        submission,
-        profile,
-        items,
-        response_id=qr_row.id if qr_row else str(uuid.uuid4()),
-        patient_id=match.patient_id,
-        systems=systems,
-        status="amended" if qr_row else "completed",
     )
     if qr_row is not None and (
         qr_row.patient_id != match.patient_id
@@ -420,40 +493,26 @@ async def submit_intake(
                 )
             ],
         )
-    keys.extend(fhir_repo.identifier_keys(patient))
-    if match.row is None:  # a new canonical id cannot have a key yet
-        match.checked[("identifier", f"{systems.patient}|{match.patient_id}")] = None
-    _conflicts_to_exceptions(session, match, message, "intake")
-    body = await store_mapped(
+    body = await store_intake(
         session,
         runtime,
-        MappedMessage(
-            message=message,
+        parsed=parsed,
+        match=match,
+        message=message,
+        keys=keys,
+        qr_id=qr_row.id if qr_row else None,
+        actor=actor,
+        event=EventInput(
+            source="intake",
+            event_id=submission.submission_id
+            if existing is None
+            else f"{submission.submission_id}#r{message.revision}",
+            type="intake_submitted",
+            detail=None,
+            occurred_at=submission.submitted_at,
             patient_id=match.patient_id,
-            resources=[patient, qr],
-            profile=_profile_ref(
-                runtime, f"intake/{profile.id}/{profile.version}", profile.id, profile.version
-            ),
-            keys=keys,
-            event=EventInput(
-                source="intake",
-                event_id=submission.submission_id
-                if existing is None
-                else f"{submission.submission_id}#r{message.revision}",
-                type="intake_submitted",
-                detail=None,
-                occurred_at=submission.submitted_at,
-                patient_id=match.patient_id,
-                program=profile.program,
-                message_id=message.id,
-            ),
-            actor=actor,
-            kind="intake",
-            current={
-                f"Patient/{match.patient_id}": match.row,
-                f"QuestionnaireResponse/{qr['id']}": qr_row,
-            },
-            checked_keys=match.checked,
+            program=profile.program,
+            message_id=message.id,
         ),
     )
     body = {
@@ -481,6 +540,140 @@ def _names_another_patient(
         if i.get("system") == systems.external_patient
     }
     return bool(known) and external_id not in known
+
+
+def _known_patient_row(match: PatientMatch) -> dict[str, FhirResource | None]:
+    """What is known of the stored Patient row: the row, None for a new patient, or
+    nothing (look it up) when the caller matched without loading it."""
+    if match.row is not None:
+        return {f"Patient/{match.patient_id}": match.row}
+    if match.existing is None:
+        return {f"Patient/{match.patient_id}": None}
+    return {}
+
+
+async def store_intake(
+    session: AsyncSession,
+    runtime: Runtime,
+    *,
+    parsed: ParsedIntake,
+    match: PatientMatch,
+    message: InboundMessage,
+    keys: list[tuple[str, str]],
+    qr_id: str | None,
+    actor: str,
+    event: EventInput | None,
+) -> dict[str, Any]:
+    """Map a parsed submission for a matched patient and store it (see :func:`store_mapped`)."""
+    _conflicts_to_exceptions(session, match, message, "intake")
+    mapped = await prepare_intake(
+        session,
+        runtime,
+        parsed=parsed,
+        match=match,
+        message=message,
+        keys=keys,
+        qr_id=qr_id,
+        actor=actor,
+        event=event,
+    )
+    return await store_mapped(session, runtime, mapped)
+
+
+async def prepare_intake(
+    session: AsyncSession,
+    runtime: Runtime,
+    *,
+    parsed: ParsedIntake,
+    match: PatientMatch,
+    message: InboundMessage,
+    keys: list[tuple[str, str]],
+    qr_id: str | None,
+    actor: str,
+    event: EventInput | None,
+    action: str = "ingest",
+) -> MappedMessage:
+    """Map a parsed submission for a matched patient, ready for :func:`store_mapped`
+    (reads the database, writes nothing).
+
+    A QuestionnaireResponse that exists (``qr_id``) is amended; derived resources the
+    submission produced before and no longer does are retired (Observation
+    ``entered-in-error``, Flag and Consent ``inactive``).
+    """
+    systems = runtime.systems
+    profile = parsed.profile
+    mapped = map_parsed_intake(
+        parsed,
+        systems=systems,
+        patient_id=match.patient_id,
+        response_id=qr_id or str(uuid.uuid4()),
+        status="amended" if qr_id else "completed",
+    )
+    patient, conflicts, sources = await _merge_patient(
+        session,
+        runtime.profiles.current,
+        match,
+        mapped.patient,
+        source="intake",
+        owns=profile.patient.owns,
+    )
+    retired = []
+    if qr_id is not None:
+        new_ids = {r["id"] for r in mapped.derived}
+        old = await profile_repo.resources_with_identifier_prefix(
+            session,
+            [derived_system(systems, t) for t in DERIVED_KINDS],
+            f"{parsed.submission.submission_id}/",
+        )
+        retired = [
+            retire_derived(row.resource)
+            for row in old
+            if row.id not in new_ids and row.patient_id == match.patient_id
+        ]
+    keys = [*keys, *fhir_repo.identifier_keys(patient)]
+    if match.existing is None:  # a new canonical id cannot have a key yet
+        match.checked[("identifier", f"{systems.patient}|{match.patient_id}")] = None
+    current = _known_patient_row(match)
+    if qr_id is None:  # a new submission: its response and derived resources are new too
+        current[f"QuestionnaireResponse/{mapped.questionnaire_response['id']}"] = None
+        current.update({f"{r['resourceType']}/{r['id']}": None for r in mapped.derived})
+    return MappedMessage(
+        message=message,
+        patient_id=match.patient_id,
+        resources=[patient, mapped.questionnaire_response, *mapped.derived, *retired],
+        profile=_profile_ref(
+            runtime, f"intake/{profile.id}/{profile.version}", profile.id, profile.version
+        ),
+        keys=keys,
+        event=event,
+        actor=actor,
+        kind="intake",
+        conflicts=conflicts,
+        sources=sources,
+        attribution=parsed.submission.attribution.model_dump(exclude_none=True)
+        if parsed.submission.attribution
+        else None,
+        action=action,
+        current=current,
+        checked_keys=match.checked,
+    )
+
+
+async def _merge_patient(
+    session: AsyncSession,
+    profiles: ProfileSet,
+    match: PatientMatch,
+    incoming: dict[str, Any],
+    *,
+    source: Any,
+    owns: Any,
+) -> tuple[dict[str, Any], list[ElementConflict], dict[str, str]]:
+    """The Patient to store: ``incoming`` merged into the matched one by ownership."""
+    if not match.existing:
+        return incoming, [], element_sources(incoming, source)
+    known = await profile_repo.element_sources(session, match.patient_id)
+    result = merge_patient(match.existing, incoming, source=source, owns=set(owns), sources=known)
+    return result.patient, result.conflicts, result.sources
 
 
 def _message_for(
@@ -524,7 +717,8 @@ def _conflicts_to_exceptions(
                     Problem(
                         "patient",
                         "patient_match_conflict",
-                        f"matched on {match.matched_on}; {', '.join(match.conflicts)} point at another patient",
+                        f"matched on {match.matched_on}; "
+                        f"{', '.join(match.conflicts)} point at another patient",
                     )
                 ],
             )
@@ -556,13 +750,8 @@ async def submit_checkout(
         UnprocessableError: every problem (contract, unknown plan...); nothing stored.
     """
     profiles = runtime.profiles.current
-
-    def find_plan(plan_id: str) -> Plan | None:
-        found = profiles.plan(plan_id)
-        return found[1] if found else None
-
     try:
-        checkout, plan = parse_checkout(data, find_plan)
+        checkout, _, plan_profile = parse_canonical_checkout(data, profiles)
     except MappingErrors as exc:
         raise UnprocessableError("the checkout is not valid", exc.problems) from exc
     if message is None:
@@ -591,7 +780,9 @@ async def submit_checkout(
         log.info("ingest.checkout_unpaid", message_id=message.id)
         return Outcome(202, message.response, message.id)
 
-    body = await _store_checkout(session, runtime, checkout, plan, message, actor)
+    body = await store_checkout(
+        session, runtime, checkout=checkout, plan_profile=plan_profile, message=message, actor=actor
+    )
     body = {"checkout_id": checkout.checkout_id, "status": "accepted", **body}
     message.status = MessageStatus.PROCESSED
     message.processed_at = utcnow()
@@ -599,14 +790,8 @@ async def submit_checkout(
     return Outcome(202, body, message.id)
 
 
-async def _store_checkout(
-    session: AsyncSession,
-    runtime: Runtime,
-    checkout: CanonicalCheckout,
-    plan: Plan,
-    message: InboundMessage,
-    actor: str,
-) -> dict[str, Any]:
+def checkout_keys(runtime: Runtime, checkout: CanonicalCheckout) -> list[tuple[str, str]]:
+    """The patient matching keys of a checkout, in priority order."""
     systems = runtime.systems
     keys: list[tuple[str, str]] = []
     if checkout.patient_external_id:
@@ -615,10 +800,52 @@ async def _store_checkout(
         keys.append(("submission", checkout.intake_submission_id))
     if checkout.customer.email:
         keys.append(("email", checkout.customer.email))
+    return keys
+
+
+async def store_checkout(
+    session: AsyncSession,
+    runtime: Runtime,
+    *,
+    checkout: CanonicalCheckout,
+    plan_profile: CheckoutProfile,
+    message: InboundMessage,
+    actor: str,
+) -> dict[str, Any]:
+    """Match the patient, map a validated checkout (Patient + MedicationRequest) and store it."""
+    keys = checkout_keys(runtime, checkout)
     match = await match_patient(session, keys)
-    patient = checkout_to_patient(checkout, patient_id=match.patient_id, systems=systems)
-    if match.existing:
-        patient = merge_patient(match.existing, patient, source="checkout")
+    _conflicts_to_exceptions(session, match, message, message.channel)
+    mapped = await prepare_checkout(
+        session,
+        runtime,
+        checkout=checkout,
+        plan_profile=plan_profile,
+        match=match,
+        keys=keys,
+        message=message,
+        actor=actor,
+    )
+    return await store_mapped(session, runtime, mapped)
+
+
+async def prepare_checkout(
+    session: AsyncSession,
+    runtime: Runtime,
+    *,
+    checkout: CanonicalCheckout,
+    plan_profile: CheckoutProfile,
+    match: PatientMatch,
+    keys: list[tuple[str, str]],
+    message: InboundMessage,
+    actor: str,
+    with_event: bool = True,
+    action: str = "ingest",
+) -> MappedMessage:
+    """Map a validated checkout for a matched patient, ready for :func:`store_mapped`
+    (reads the database, writes nothing)."""
+    systems = runtime.systems
+    profiles = runtime.profiles.current
     qr_id = None
     if checkout.intake_submission_id:
         qr_row = await fhir_repo.find_by_identifier(
@@ -631,49 +858,66 @@ async def _store_checkout(
     mr_row = await fhir_repo.find_by_identifier(
         session, "MedicationRequest", systems.checkout, checkout.checkout_id
     )
-    mr = checkout_to_medication_request(
-        checkout,
-        plan,
-        request_id=mr_row.id if mr_row else str(uuid.uuid4()),
-        patient_id=match.patient_id,
-        systems=systems,
-        questionnaire_response_id=qr_id,
-    )
-    keys.extend(fhir_repo.identifier_keys(patient))
-    if match.row is None:
-        match.checked[("identifier", f"{systems.patient}|{match.patient_id}")] = None
-    _conflicts_to_exceptions(session, match, message, message.channel)
-    found = runtime.profiles.current.plan(checkout.plan)
-    profile = found[0] if found else None
-    return await store_mapped(
-        session,
-        runtime,
-        MappedMessage(
-            message=message,
+    try:
+        mapped = map_validated_checkout(
+            checkout,
+            plan_profile,
+            systems=systems,
             patient_id=match.patient_id,
-            resources=[patient, mr],
-            profile=_profile_ref(runtime, f"checkout/{profile.id}", profile.id, profile.version)
-            if profile
-            else None,
-            keys=keys,
-            event=EventInput(
-                source="checkout",
-                event_id=checkout.checkout_id,
-                type="payment_completed",
-                detail=None,
-                occurred_at=checkout.completed_at,
-                patient_id=match.patient_id,
-                program=plan.program,
-                message_id=message.id,
-            ),
-            actor=actor,
-            kind="checkout",
-            current={
-                f"Patient/{match.patient_id}": match.row,
-                f"MedicationRequest/{mr['id']}": mr_row,
-            },
-            checked_keys=match.checked,
+            request_id=mr_row.id if mr_row else str(uuid.uuid4()),
+            questionnaire_response_id=qr_id,
+        )
+    except MappingErrors as exc:
+        raise UnprocessableError("the checkout is not valid", exc.problems) from exc
+    owns = {e for p in profiles.checkout.values() for e in p.patient.owns}
+    patient, conflicts, sources = await _merge_patient(
+        session, profiles, match, mapped.patient, source="checkout", owns=owns
+    )
+    keys = [*keys, *fhir_repo.identifier_keys(patient)]
+    if match.existing is None:
+        match.checked[("identifier", f"{systems.patient}|{match.patient_id}")] = None
+    others = []
+    processor = profiles.processor(checkout.processor)
+    if processor is not None:
+        source = profiles.source_of(f"checkout/{processor[0].id}")
+        if source is not None and processor[0].id != plan_profile.id:
+            others.append(
+                profile_tag("checkout", processor[0].id, processor[0].version, source.content_hash)
+            )
+    return MappedMessage(
+        message=message,
+        patient_id=match.patient_id,
+        resources=[patient, mapped.medication_request],
+        profile=_profile_ref(
+            runtime, f"checkout/{plan_profile.id}", plan_profile.id, plan_profile.version
         ),
+        keys=keys,
+        event=EventInput(
+            source="checkout",
+            event_id=checkout.checkout_id,
+            type="payment_completed",
+            detail=None,
+            occurred_at=checkout.completed_at,
+            patient_id=match.patient_id,
+            program=mapped.plan.program,
+            message_id=message.id,
+        )
+        if with_event
+        else None,
+        actor=actor,
+        kind="checkout",
+        other_profiles=others,
+        conflicts=conflicts,
+        sources=sources,
+        attribution=checkout.attribution.model_dump(exclude_none=True)
+        if checkout.attribution
+        else None,
+        current={
+            **_known_patient_row(match),
+            f"MedicationRequest/{mapped.medication_request['id']}": mr_row,
+        },
+        checked_keys=match.checked,
+        action=action,
     )
 
 
@@ -712,8 +956,11 @@ async def receive_stripe_event(
         }
         log.info("stripe.ignored", message_id=message.id, event_type=event_type)
         return Outcome(200, message.response, message.id), None
-    data = stripe_session_to_checkout(event)
     try:
+        try:
+            data = checkout_payload(event, runtime.profiles.current, kind="stripe")
+        except MappingErrors as exc:
+            raise UnprocessableError("the checkout is not valid", exc.problems) from exc
         outcome = await submit_checkout(
             session,
             runtime,

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from mappers.profiles.common import SLUG, Strict
 from mappers.profiles.events import EhrEventsSpec
+from mappers.profiles.overrides import EhrOverrides
 
 ResourceType = Literal[
     "Patient",
@@ -73,6 +74,11 @@ class EhrTargetProfile(Strict):
     )
     timeout_s: float = Field(default=20.0, gt=0)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    overrides: EhrOverrides = Field(
+        default_factory=EhrOverrides,
+        description="Per-EHR rewrites of outgoing FHIR (issue 3): identifier systems, "
+        "extensions, resource types to skip, code translations.",
+    )
     events: EhrEventsSpec | None = Field(
         default=None,
         description="FHIR Subscription notifications from this EHR into clinical events.",

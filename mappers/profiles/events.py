@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import jmespath
@@ -337,66 +338,75 @@ def _event_problems(
     return problems
 
 
+Locate = Callable[[tuple[Any, ...]], str]
+
+
 def check_event_profiles(
     workflow: WorkflowProfile,
-    partners: dict[str, tuple[str, PartnerProfile]],
-    targets: dict[str, tuple[str, EhrEventsSpec | None]],
+    partners: dict[str, tuple[Locate, PartnerProfile]],
+    targets: dict[str, tuple[Locate, EhrEventsSpec | None]],
 ) -> list[Problem]:
     """Cross-check partner profiles and EHR ``events`` blocks against the workflow.
 
     Args:
         workflow: the workflow profile.
-        partners: partner name -> (file, profile).
-        targets: EHR target name -> (file, its events block).
+        partners: partner name -> (locator, profile); the locator turns a path in the
+            profile into ``file:line: path`` (``LoadedProfile.where``).
+        targets: EHR target name -> (locator, its events block).
 
     Returns:
-        Problems located as ``<file>: <path>``: events unknown to the workflow, details
-        missing or unknown, mappings to events the sender's role does not own, an HL7
-        facility claimed by two partners, ``remote_id_of`` naming an unknown target.
+        Problems: events unknown to the workflow, details missing or unknown, mappings to
+        events the sender's role does not own, an HL7 facility claimed by two partners,
+        ``remote_id_of`` naming an unknown target.
     """
     problems: list[Problem] = []
     facilities: dict[str, str] = {}
-    for name, (rel, partner) in sorted(partners.items()):
+    for name, (where, partner) in sorted(partners.items()):
+        rules: list[tuple[tuple[Any, ...], PatientIdentifierRule]] = []
         if partner.webhook is not None:
             for key, ref in partner.webhook.statuses.items():
                 problems += _event_problems(
-                    workflow, f"{rel}: webhook.statuses.{key}", ref, partner.source
+                    workflow, where(("webhook", "statuses", key)), ref, partner.source
                 )
-            rules: list[PatientIdentifierRule] = list(partner.webhook.fields.patient)
-        else:
-            rules = []
+            rules += [
+                (("webhook", "fields", "patient", i), r)
+                for i, r in enumerate(partner.webhook.fields.patient)
+            ]
         if partner.hl7 is not None:
             for i, message_rule in enumerate(partner.hl7.messages):
                 problems += _event_problems(
-                    workflow, f"{rel}: hl7.messages.{i}", message_rule.event, partner.source
+                    workflow, where(("hl7", "messages", i)), message_rule.event, partner.source
                 )
             for facility in partner.hl7.facilities:
                 other = facilities.get(facility)
                 if other is not None:
                     problems.append(
                         Problem(
-                            f"{rel}: hl7.facilities",
+                            where(("hl7", "facilities")),
                             "duplicate",
                             f"facility {facility!r} is also claimed by partner {other!r}",
                         )
                     )
                 facilities[facility] = name
-            rules += list(partner.hl7.patient_identifiers)
-        for rule in rules:
+            rules += [
+                (("hl7", "patient_identifiers", i), r)
+                for i, r in enumerate(partner.hl7.patient_identifiers)
+            ]
+        for path, rule in rules:
             if rule.remote_id_of is not None and rule.remote_id_of not in targets:
                 problems.append(
                     Problem(
-                        f"{rel}: remote_id_of",
+                        where((*path, "remote_id_of")),
                         "unknown_target",
                         f"no EHR target named {rule.remote_id_of!r}",
                     )
                 )
-    for _name, (rel, spec) in sorted(targets.items()):
+    for _name, (where, spec) in sorted(targets.items()):
         if spec is None:
             continue
         for i, focus in enumerate(spec.resources):
             problems += _event_problems(
-                workflow, f"{rel}: events.resources.{i}", focus.event, spec.source
+                workflow, where(("events", "resources", i)), focus.event, spec.source
             )
     return problems
 

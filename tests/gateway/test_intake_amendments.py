@@ -61,8 +61,11 @@ async def test_a_correction_amends_the_questionnaire_response_and_is_delivered_a
     out = second.json()
     assert out["status"] == "amended"
     assert out["message_id"] == first.json()["message_id"]
-    # only the answers changed: the Patient is not written again
+    # only the weight changed: the Patient is not written again; the weight and BMI
+    # Observations derived from it are
     assert sorted(r["resourceType"] for r in out["resources"]) == [
+        "Observation",
+        "Observation",
         "Provenance",
         "QuestionnaireResponse",
     ]

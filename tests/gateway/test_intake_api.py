@@ -29,7 +29,17 @@ async def test_intake_creates_patient_response_and_provenance(
     assert r.status_code == 202, r.text
     out = r.json()
     types = sorted(x["resourceType"] for x in out["resources"])
-    assert types == ["Patient", "Provenance", "QuestionnaireResponse"]
+    # Derived by the GLP-1 profile: weight, height and BMI Observations, two Consents.
+    assert types == [
+        "Consent",
+        "Consent",
+        "Observation",
+        "Observation",
+        "Observation",
+        "Patient",
+        "Provenance",
+        "QuestionnaireResponse",
+    ]
     assert out["case"]["state"] == "intake_received"
     patient = (
         await client.get(

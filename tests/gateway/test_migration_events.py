@@ -45,5 +45,5 @@ def _down_up(database_url: str) -> None:
 
     from gateway.db.migrate import alembic_config
 
-    command.downgrade(alembic_config(database_url), "0001")
+    command.downgrade(alembic_config(database_url), "0003")
     upgrade(database_url)

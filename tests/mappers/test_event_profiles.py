@@ -38,7 +38,7 @@ def test_shipped_partner_profiles_load() -> None:
     assert profiles.hl7_sender("SUNRISE-RX") is profiles.partners["sunrise-pharmacy"]
     assert profiles.hl7_sender("NOBODY") is None
     assert profiles.ehr["example-ehr"].events is not None
-    assert profiles.source_of("events/sunrise-pharmacy") is not None
+    assert profiles.source_of("partner/sunrise-pharmacy") is not None
 
 
 def test_cross_checks_against_the_workflow(tmp_path: Path) -> None:

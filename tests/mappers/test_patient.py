@@ -6,7 +6,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from mappers.patient import merge_patient
+from mappers.patient import Source
+from mappers.patient import merge_patient as merge_by_ownership
 from mappers.validation import resource_problems
 
 SID = "https://fhir-gateway.example.org/sid"
@@ -18,6 +19,28 @@ ABSENT_NAME = {
         }
     ]
 }
+
+
+#: What the bundled profiles let each source own (GLP-1 intake; checkout plans).
+OWNS: dict[str, set[str]] = {
+    "intake": {
+        "name",
+        "gender",
+        "birthDate",
+        "birthsex",
+        "address",
+        "telecom.phone",
+        "telecom.email",
+    },
+    "checkout": set(),
+}
+
+
+def merge_patient(
+    existing: dict[str, Any], incoming: dict[str, Any], *, source: Source
+) -> dict[str, Any]:
+    """The merged Patient with the bundled profiles' ownership."""
+    return merge_by_ownership(existing, incoming, source=source, owns=OWNS[source]).patient
 
 
 def intake_patient() -> dict[str, Any]:
@@ -69,17 +92,17 @@ def checkout_patient() -> dict[str, Any]:
 def test_checkout_does_not_overwrite_intake_demographics() -> None:
     merged = merge_patient(intake_patient(), checkout_patient(), source="checkout")
     original = intake_patient()
-    for element in ("name", "gender", "birthDate", "address", "extension"):
+    for element in ("name", "gender", "birthDate", "extension"):
         assert merged[element] == original[element], element
+    # the checkout's billing address is another address (per use), not a replacement
+    assert merged["address"][0] == original["address"][0]
+    assert [a["use"] for a in merged["address"]] == ["home", "billing"]
 
 
-def test_checkout_adds_only_telecom_systems_the_patient_lacks() -> None:
+def test_checkout_keeps_the_intakes_phone_and_email() -> None:
     merged = merge_patient(intake_patient(), checkout_patient(), source="checkout")
-    assert merged["telecom"] == [
-        {"system": "phone", "value": "+14155552671"},
-        {"system": "email", "value": "jordan.rivera@example.com"},
-        {"system": "sms", "value": "+14155550000"},
-    ]
+    phone_email = [t for t in merged["telecom"] if t["system"] in ("phone", "email")]
+    assert phone_email == intake_patient()["telecom"]
 
 
 def test_identifiers_are_unioned_without_duplicates() -> None:
@@ -94,10 +117,13 @@ def test_identifiers_are_unioned_without_duplicates() -> None:
 def test_intake_after_checkout_replaces_the_demographics() -> None:
     merged = merge_patient(checkout_patient(), intake_patient(), source="intake")
     intake = intake_patient()
-    for element in ("name", "gender", "birthDate", "address", "extension"):
+    for element in ("name", "gender", "birthDate", "extension"):
         assert merged[element] == intake[element], element
-    # intake replaces phone and email, keeps contact points of other systems
-    assert merged["telecom"] == [{"system": "sms", "value": "+14155550000"}, *intake["telecom"]]
+    assert intake["address"][0] in merged["address"]
+    # intake replaces phone and email; contact points of other systems stay
+    assert {"system": "sms", "value": "+14155550000"} in merged["telecom"]
+    for contact in intake["telecom"]:
+        assert contact in merged["telecom"]
     assert {"system": f"{SID}/stripe-customer", "value": "cus_1"} in merged["identifier"]
     assert resource_problems(merged) == []
 

@@ -275,9 +275,10 @@ def all_sample_resources(
     profile_set: ProfileSet, systems: IdentifierSystems
 ) -> list[dict[str, Any]]:
     """Every resource the mappers produce for the bundled samples."""
-    submission, profile, items = parse_intake_submission(
-        example("intake-glp1.json"), profile_set.intake_profile
+    parsed = parse_intake_submission(
+        example("intake-glp1.json"), profile_set.intake_profile, profile_set.concept_maps
     )
+    submission, profile, items = parsed.submission, parsed.profile, parsed.items
     intake_patient = intake_to_patient(submission, patient_id="pat-1", systems=systems)
     qr = intake_to_questionnaire_response(
         submission, profile, items, response_id="qr-1", patient_id="pat-1", systems=systems
@@ -287,7 +288,7 @@ def all_sample_resources(
         find_plan(profile_set),
     )
     checkout_patient = checkout_to_patient(checkout, patient_id="pat-1", systems=systems)
-    merged = merge_patient(intake_patient, checkout_patient, source="checkout")
+    merged = merge_patient(intake_patient, checkout_patient, source="checkout", owns=set()).patient
     resources = [intake_patient, qr, checkout_patient, merged]
     for plan_id in ("glp1-semaglutide-starter", "glp1-semaglutide-maintenance"):
         found = profile_set.plan(plan_id)

@@ -1,7 +1,7 @@
 """clinical events: FHIR subscriptions, inbox leases, case SLA timers, per-sender event ids
 
 Revision ID: 0005
-Revises: 0001
+Revises: 0003
 Create Date: 2026-11-23 16:36:59.024219
 
 - ``fhir_subscriptions``: status and event-number tracking per EHR subscription.
@@ -21,7 +21,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "0005"
-down_revision: str | None = "0001"
+down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

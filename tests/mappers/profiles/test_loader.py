@@ -1,130 +1,148 @@
-"""Tests for mappers.profiles.load_profiles: the bundled set loads; broken sets are refused
-with every problem named by file, path and message."""
+"""Loading profiles: all or nothing, every problem with file, line and path."""
 
 from __future__ import annotations
 
-import shutil
+import json
 from pathlib import Path
+from typing import Any, Literal
 
 import pytest
-import yaml
+from pydantic import BaseModel, ConfigDict
 
-from mappers.profiles import ProfileLoadError, load_profiles
-from tests.mappers.conftest import PROFILES
-
-INTAKE = "intake/glp1-weight-management-v1.yaml"
-
-
-@pytest.fixture
-def profiles(tmp_path: Path) -> Path:
-    """A writable copy of the bundled profiles."""
-    return Path(shutil.copytree(PROFILES, tmp_path / "profiles"))
+from mappers.profiles import PROFILE_KINDS, ProfileKind, ProfileLoadError, load_profiles
+from mappers.profiles.schema import render, stale_schemas
+from tests.support.profiles import GLP1_V1, PLANS, copy_profiles, edit_yaml
 
 
-def load_error(root: Path) -> ProfileLoadError:
-    with pytest.raises(ProfileLoadError) as info:
-        load_profiles(root)
-    return info.value
+def test_bundled_set_loads_every_kind() -> None:
+    from gateway.settings import BUNDLED_PROFILES_DIR
 
-
-def test_the_bundled_profiles_load(profiles: Path) -> None:
-    loaded = load_profiles(profiles)
-    assert set(loaded.intake) == {("glp1-weight-management", "1")}
-    assert loaded.plan("glp1-semaglutide-starter") is not None
-    assert loaded.enabled_targets() == []  # no EHR is configured by default
-    assert loaded.workflow is not None
-    source = loaded.source_of("intake/glp1-weight-management/1")
-    assert source is not None and source.path == INTAKE and len(source.content_hash) == 64
-
-
-def test_broken_yaml_is_reported_with_file_and_line(profiles: Path) -> None:
-    (profiles / "checkout" / "broken.yaml").write_text(
-        "kind: checkout\nid: broken\nversion: '1'\nplans:\n  a: [unclosed\n  b: 2\n"
-    )
-    error = load_error(profiles)
-    (problem,) = error.problems
-    assert problem.code == "yaml_syntax"
-    assert problem.location == "checkout/broken.yaml:6"
-    assert "checkout/broken.yaml:6: invalid YAML" in str(error)
-
-
-def test_an_unknown_key_is_reported_with_its_path(profiles: Path) -> None:
-    path = profiles / INTAKE
-    data = yaml.safe_load(path.read_text())
-    data["items"][3]["requried"] = True
-    path.write_text(yaml.safe_dump(data))
-    error = load_error(profiles)
-    (problem,) = error.problems
-    assert problem.location == f"{INTAKE}: items.3.requried"
-    assert problem.code == "extra_forbidden"
-    assert f"{INTAKE}: items.3.requried: Extra inputs are not permitted" in str(error)
-
-
-def test_a_plan_defined_twice_is_reported(profiles: Path) -> None:
-    (profiles / "checkout" / "zz-more.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "kind": "checkout",
-                "id": "more-plans",
-                "version": "1",
-                "plans": {
-                    "glp1-semaglutide-starter": {
-                        "program": "glp1-weight-management",
-                        "medication": {
-                            "system": "http://www.nlm.nih.gov/research/umls/rxnorm",
-                            "code": "1",
-                        },
-                    }
-                },
-            }
-        )
-    )
-    error = load_error(profiles)
-    (problem,) = error.problems
-    assert (problem.location, problem.code) == ("checkout/zz-more.yaml", "duplicate")
-    assert "plan 'glp1-semaglutide-starter' also in checkout profile glp1-plans" in str(error)
-
-
-def test_an_intake_form_version_defined_twice_is_reported(profiles: Path) -> None:
-    shutil.copy(profiles / INTAKE, profiles / "intake" / "copy.yaml")
-    (problem,) = load_error(profiles).problems
-    assert problem.code == "duplicate"
-    assert problem.message == "intake glp1-weight-management version 1 defined twice"
-
-
-def test_every_problem_is_reported_at_once(profiles: Path) -> None:
-    (profiles / "ehr" / "bad.yaml").write_text("kind: ehr\nname: bad\nbase_url: ftp://x\n")
-    (profiles / "checkout" / "list.yaml").write_text("- a\n- b\n")
-    (profiles / "workflow.yaml").unlink()
-    error = load_error(profiles)
-    assert {(p.location, p.code) for p in error.problems} == {
-        ("ehr/bad.yaml", "value_error"),
-        ("checkout/list.yaml", "not_a_mapping"),
-        ("workflow.yaml", "missing"),
+    profiles = load_profiles(BUNDLED_PROFILES_DIR)
+    assert set(profiles.intake) == {
+        ("glp1-weight-management", "1"),
+        ("glp1-weight-management", "2"),
+        ("dermatology-intake", "1"),
     }
-    assert str(error).startswith("3 problem(s) in the profiles:")
+    assert set(profiles.concept_maps) == {"glp1-condition-synonyms", "acme-formulary"}
+    assert profiles.processor("stripe") is not None
+    assert all(not t.enabled for t in profiles.ehr.values())
+    source = profiles.source_of("intake/glp1-weight-management/1")
+    assert source is not None and len(source.content_hash) == 64
 
 
-def test_an_inconsistent_workflow_names_the_unknown_state(profiles: Path) -> None:
-    path = profiles / "workflow.yaml"
-    data = yaml.safe_load(path.read_text())
-    data["transitions"].append({"event": "shipped", "from": ["dispensed"], "to": "lost_in_mail"})
-    path.write_text(yaml.safe_dump(data))
-    (problem,) = load_error(profiles).problems
-    assert problem.location.startswith("workflow.yaml")
-    assert "transition 'shipped' names unknown state 'lost_in_mail'" in problem.message
+def test_schema_errors_name_file_line_and_path(tmp_path: Path) -> None:
+    root = copy_profiles(tmp_path / "p")
+    text = (root / GLP1_V1).read_text().replace("type: integer", "type: integr", 1)
+    (root / GLP1_V1).write_text(text)
+    with pytest.raises(ProfileLoadError) as exc:
+        load_profiles(root)
+    (problem,) = exc.value.problems
+    file, line, path = problem.location.split(":", 2)
+    assert file == GLP1_V1
+    assert "type: integr" in text.splitlines()[int(line) - 1]
+    assert path.strip().endswith(".type")
+    assert problem.code == "literal_error"
+    assert "integr" not in problem.message or "Input should be" in problem.message
 
 
-def test_a_missing_directory_is_reported(tmp_path: Path) -> None:
-    (problem,) = load_error(tmp_path / "nowhere").problems
-    assert problem.code == "missing"
+def test_yaml_syntax_error_has_its_line(tmp_path: Path) -> None:
+    root = copy_profiles(tmp_path / "p")
+    lines = (root / PLANS).read_text().splitlines()
+    lines[12] = lines[12] + " ]["
+    (root / PLANS).write_text("\n".join(lines))
+    with pytest.raises(ProfileLoadError) as exc:
+        load_profiles(root)
+    (problem,) = exc.value.problems
+    assert problem.code == "yaml_syntax"
+    assert problem.location == f"{PLANS}:13"
 
 
-def test_an_ehr_target_with_incomplete_auth_is_reported(profiles: Path) -> None:
-    (profiles / "ehr" / "half.yaml").write_text(
-        "kind: ehr\nname: half\nbase_url: https://ehr.example.org/fhir\n"
-        "auth: {method: client_secret_post, client_id: gw}\n"
+def test_every_problem_of_every_file_is_reported_at_once(tmp_path: Path) -> None:
+    root = copy_profiles(tmp_path / "p")
+    edit_yaml(root / GLP1_V1, lambda d: d.update(status="live"))
+    edit_yaml(root / PLANS, lambda d: d.update(colour="blue"))
+    with pytest.raises(ProfileLoadError) as exc:
+        load_profiles(root)
+    where = sorted(p.location.split(":")[0] for p in exc.value.problems)
+    assert where == [PLANS, GLP1_V1]
+    assert "2 problem(s) in the profiles" in str(exc.value)
+
+
+def test_same_form_version_twice_is_refused(tmp_path: Path) -> None:
+    root = copy_profiles(tmp_path / "p")
+    (root / "intake/copy-of-v1.yaml").write_text((root / GLP1_V1).read_text())
+    with pytest.raises(ProfileLoadError) as exc:
+        load_profiles(root)
+    (problem,) = exc.value.problems
+    assert problem.code == "duplicate"
+    assert "glp1-weight-management/1" in problem.message
+
+
+def test_missing_workflow_is_refused(tmp_path: Path) -> None:
+    root = copy_profiles(tmp_path / "p")
+    (root / "workflow.yaml").unlink()
+    with pytest.raises(ProfileLoadError) as exc:
+        load_profiles(root)
+    assert [p.location for p in exc.value.problems] == ["workflow.yaml"]
+
+
+def test_a_new_kind_is_one_registry_entry(tmp_path: Path) -> None:
+    class ReferralProfile(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        kind: Literal["referrals"] = "referrals"
+        name: str
+
+    root = copy_profiles(tmp_path / "p")
+    (root / "referrals").mkdir()
+    (root / "referrals/pharmacy.yaml").write_text("kind: referrals\nname: pharmacy\n")
+    (root / "referrals/bad.yaml").write_text("kind: referrals\nname: x\nsignature: hmac\n")
+    kinds = {
+        **PROFILE_KINDS,
+        "referrals": ProfileKind("referrals", ReferralProfile, "referrals/", lambda p: p.name),
+    }
+    with pytest.raises(ProfileLoadError) as exc:
+        load_profiles(root, kinds=kinds)
+    assert [p.location for p in exc.value.problems] == ["referrals/bad.yaml:3: signature"]
+    (root / "referrals/bad.yaml").unlink()
+    profiles = load_profiles(root, kinds=kinds)
+    assert profiles.by_kind["referrals"]["pharmacy"].name == "pharmacy"
+    assert profiles.source_of("referrals/pharmacy") is not None
+    assert json.loads(render(kinds["referrals"]))["title"] == "ReferralProfile"
+
+
+def test_draft_replaces_the_deployed_profile_without_writing(tmp_path: Path) -> None:
+    root = copy_profiles(tmp_path / "p")
+    before = sorted(p.name for p in (root / "intake").iterdir())
+    draft = (
+        (root / GLP1_V1)
+        .read_bytes()
+        .replace(b"title: GLP-1 weight management intake", b"title: Draft title")
     )
-    (problem,) = load_error(profiles).problems
-    assert problem.location == "ehr/half.yaml: auth"
-    assert "needs token_url, client_secret_env" in problem.message
+    profiles = load_profiles(root, drafts={"intake/my-draft.yaml": draft})
+    assert profiles.intake[("glp1-weight-management", "1")].title == "Draft title"
+    assert sorted(p.name for p in (root / "intake").iterdir()) == before
+
+
+def test_committed_json_schemas_are_up_to_date() -> None:
+    from gateway.settings import BUNDLED_PROFILES_DIR
+
+    assert stale_schemas(BUNDLED_PROFILES_DIR / "schema") == []
+
+
+def test_intake_schema_offers_item_types_for_autocompletion() -> None:
+    schema: dict[str, Any] = json.loads(render(PROFILE_KINDS["intake"]))
+    item_type = schema["$defs"]["IntakeItem"]["properties"]["type"]
+    assert "open_choice" in item_type["enum"] and "dateTime" in item_type["enum"]
+
+
+def test_invalid_concept_map_is_refused_with_its_line(tmp_path: Path) -> None:
+    root = copy_profiles(tmp_path / "p")
+    path = root / "concept-maps/acme-formulary.csv"
+    path.write_text(path.read_text() + "http://www.nlm.nih.gov/research/umls/rxnorm,,,x,y,,\n")
+    with pytest.raises(ProfileLoadError) as exc:
+        load_profiles(root)
+    problem, *others = exc.value.problems
+    assert problem.location == "concept-maps/acme-formulary.csv: line 4"
+    assert problem.message == "empty source_code"
+    # and the EHR target that uses the map is refused too, not run half-configured
+    assert [p.code for p in others] == ["unknown-concept-map"]

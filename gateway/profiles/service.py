@@ -1,0 +1,361 @@
+"""The profiles domain: preview, reload, published Questionnaires, and re-mapping a
+stored message with the current profiles.
+
+* :func:`preview_payload`: what the gateway would produce for a payload, optionally with a
+  draft profile that is not deployed; reads and writes nothing;
+* :func:`reload_profiles`: load the profiles again; an invalid new set is refused and
+  the running one stays (the ``ProfileHolder`` swaps whole sets, so a request sees one
+  consistent set); also wired to SIGHUP by :func:`install_sighup_reload`;
+* :func:`questionnaires`: the Questionnaires the intake profiles publish;
+* :func:`remap_message`: re-map a stored inbound message with the current profiles, show
+  the path-level FHIR diff against what is stored (what a resend would send), and with
+  ``apply`` store the re-mapped resources as new versions with Provenance and outbox rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.db.models import InboundMessage
+from gateway.db.types import utcnow
+from gateway.errors import NotFoundError, UnprocessableError
+from gateway.fhir import repository as fhir_repo
+from gateway.inbox import repository as inbox
+from gateway.ingest import service as ingest
+from gateway.logging import get_logger
+from gateway.runtime import Runtime
+from mappers.errors import MappingErrors, Problem
+from mappers.fhirdiff import resources_diff
+from mappers.intake import parse_intake_submission
+from mappers.pipeline import Preview, checkout_payload, parse_canonical_checkout, preview
+from mappers.profiles import ProfileLoadError, ProfileSet, load_profiles
+from mappers.questionnaire import profile_to_questionnaire
+
+log = get_logger(__name__)
+
+
+# --------------------------------------------------------------------------- preview
+
+
+def profile_set_with_draft(
+    runtime: Runtime, draft: bytes | None, draft_name: str | None = None
+) -> ProfileSet:
+    """The running set, or the profiles directory loaded with ``draft`` added/replacing.
+
+    The draft's kind (``kind:``) decides its folder; it replaces the profile with the same
+    key. Nothing is written.
+
+    Raises:
+        UnprocessableError: the draft (or the set with it) has problems, each listed.
+    """
+    if draft is None:
+        return runtime.profiles.current
+    root = runtime.profiles.current.root
+    kind = _draft_kind(draft)
+    rel = f"{kind}/{draft_name or '_draft'}.yaml" if kind != "workflow" else "workflow.yaml"
+    try:
+        return load_profiles(root, drafts={rel: draft})
+    except ProfileLoadError as exc:
+        raise UnprocessableError("the draft profile has problems", exc.problems) from exc
+
+
+def _draft_kind(draft: bytes) -> str:
+    import yaml
+
+    try:
+        data = yaml.safe_load(draft)
+    except yaml.YAMLError as exc:
+        raise UnprocessableError(
+            "the draft profile is not YAML", [Problem("profile", "yaml_syntax", "invalid YAML")]
+        ) from exc
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind not in ("intake", "checkout", "ehr", "workflow"):
+        raise UnprocessableError(
+            "the draft profile has no known kind",
+            [
+                Problem(
+                    "profile.kind", "unknown_kind", "kind must be intake, checkout, ehr or workflow"
+                )
+            ],
+        )
+    return str(kind)
+
+
+def preview_payload(
+    runtime: Runtime, data: Any, *, draft: bytes | None = None, kind: Any = None
+) -> Preview:
+    """Map ``data`` with the running profiles (or with ``draft``), validate, store nothing."""
+    profiles = profile_set_with_draft(runtime, draft)
+    return preview(
+        data,
+        profiles,
+        recorded=utcnow(),
+        organization=runtime.settings.organization_name,
+        systems=runtime.systems,
+        kind=kind,
+    )
+
+
+def preview_body(result: Preview) -> dict[str, Any]:
+    """The JSON answer of a preview: the Bundle and every issue (never input values)."""
+    return {
+        "kind": result.kind,
+        "profile": result.profile,
+        "valid": not result.problems,
+        "issues": [p.as_dict() for p in result.problems],
+        "bundle": result.bundle(),
+    }
+
+
+# --------------------------------------------------------------------------- reload
+
+
+@dataclass
+class ReloadResult:
+    """What a reload changed: profile keys added, removed and changed (by content hash)."""
+
+    content_hash: str
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {
+            "status": "reloaded",
+            "content_hash": self.content_hash,
+            "added": self.added,
+            "removed": self.removed,
+            "changed": self.changed,
+        }
+
+
+def reload_profiles(runtime: Runtime) -> ReloadResult:
+    """Load the profiles directory again and swap the set in one step.
+
+    Raises:
+        UnprocessableError: the new set has problems (each with file, line and path); the
+            running set stays in use.
+    """
+    old = runtime.profiles.current
+    try:
+        new = runtime.profiles.reload()
+    except ProfileLoadError as exc:
+        log.warning("profiles.reload_refused", problems=len(exc.problems))
+        raise UnprocessableError(
+            "the profiles have problems; the running profiles stay in use", exc.problems
+        ) from exc
+    before = {k: v.content_hash for k, v in old.sources.items()}
+    after = {k: v.content_hash for k, v in new.sources.items()}
+    result = ReloadResult(
+        content_hash=new.content_hash,
+        added=sorted(set(after) - set(before)),
+        removed=sorted(set(before) - set(after)),
+        changed=sorted(k for k in set(after) & set(before) if after[k] != before[k]),
+    )
+    log.info(
+        "profiles.reloaded",
+        content_hash=new.content_hash,
+        added=len(result.added),
+        removed=len(result.removed),
+        changed=len(result.changed),
+    )
+    return result
+
+
+def install_sighup_reload(runtime: Runtime) -> bool:
+    """Reload the profiles on SIGHUP (refused sets are logged, the running set stays).
+
+    Returns:
+        False where the platform or loop has no signal handlers (nothing installed).
+    """
+
+    def on_sighup() -> None:
+        # A refused set is logged by reload_profiles; the running set stays.
+        with contextlib.suppress(UnprocessableError):
+            reload_profiles(runtime)
+
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
+    except (NotImplementedError, RuntimeError, AttributeError, ValueError):
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- Questionnaires
+
+
+def questionnaires(
+    profiles: ProfileSet, *, url: str | None = None, version: str | None = None
+) -> list[dict[str, Any]]:
+    """The Questionnaires published by the intake profiles, filtered by canonical ``url``
+    and ``version`` (a ``url|version`` canonical in ``url`` is split)."""
+    if url and "|" in url and version is None:
+        url, version = url.split("|", 1)
+    out = []
+    for profile in sorted(profiles.intake.values(), key=lambda p: (p.url, p.version)):
+        if url is not None and profile.url != url:
+            continue
+        if version is not None and profile.version != version:
+            continue
+        out.append(profile_to_questionnaire(profile))
+    return out
+
+
+def searchset(resources: list[dict[str, Any]], base_url: str) -> dict[str, Any]:
+    """A ``searchset`` Bundle (https://hl7.org/fhir/R4/bundle.html#searchset)."""
+    return {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": len(resources),
+        "entry": [
+            {
+                "fullUrl": f"{base_url}/fhir/{r['resourceType']}/{r['id']}",
+                "resource": r,
+                "search": {"mode": "match"},
+            }
+            for r in resources
+        ],
+    }
+
+
+# --------------------------------------------------------------------------- re-map
+
+
+@dataclass
+class RemapResult:
+    """A re-map of one stored message: the diff, and what was stored when applied."""
+
+    message_id: str
+    channel: str
+    profile: str | None
+    diff: list[str]
+    resources: list[dict[str, Any]]
+    applied: bool = False
+    stored: dict[str, Any] | None = None
+
+
+async def remap_message(
+    session: AsyncSession, runtime: Runtime, message_id: str, *, apply: bool, actor: str
+) -> RemapResult:
+    """Re-map stored message ``message_id`` with the current profiles.
+
+    The diff compares what is stored now for each re-mapped resource (what a resend
+    would send) with the re-mapped resource, path by path. With ``apply``, changed
+    resources are stored as new versions with a Provenance (activity UPDATE, the current
+    profile's id, version and hash) and delivered through the outbox; the case workflow
+    is not touched (the message was already applied to it).
+
+    Raises:
+        NotFoundError: no such message.
+        UnprocessableError: the message cannot be re-mapped (not an intake or checkout,
+            never mapped, or invalid under the current profiles: every problem listed).
+    """
+    message = await inbox.get_message(session, message_id)
+    if message is None:
+        raise NotFoundError(f"message {message_id} is not known")
+    try:
+        data = json.loads(message.body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UnprocessableError(
+            "the stored message is not JSON", [Problem("", "invalid_json", "not JSON")]
+        ) from exc
+    mapped = await _prepare_remap(session, runtime, message, data, actor)
+    stored_now = [
+        row.resource
+        for r in mapped.resources
+        if (row := await fhir_repo.get_resource(session, r["resourceType"], r["id"])) is not None
+    ]
+    diff = resources_diff(stored_now, mapped.resources)
+    tag = (
+        f"{mapped.kind}/{mapped.profile.id}/{mapped.profile.version}"
+        if mapped.profile is not None
+        else None
+    )
+    result = RemapResult(message.id, message.channel, tag, diff, mapped.resources)
+    if apply and diff:
+        result.stored = await ingest.store_mapped(session, runtime, mapped)
+        result.applied = True
+        log.info("profiles.remapped", message_id=message.id, changes=len(diff))
+    return result
+
+
+async def _prepare_remap(
+    session: AsyncSession, runtime: Runtime, message: InboundMessage, data: Any, actor: str
+) -> ingest.MappedMessage:
+    profiles = runtime.profiles.current
+    systems = runtime.systems
+    try:
+        if message.channel == "intake":
+            parsed = parse_intake_submission(data, profiles.intake_profile, profiles.concept_maps)
+            qr = await fhir_repo.find_by_identifier(
+                session,
+                "QuestionnaireResponse",
+                systems.intake_submission,
+                parsed.submission.submission_id,
+            )
+            if qr is None or qr.patient_id is None:
+                raise _never_mapped()
+            match = await _stored_match(session, qr.patient_id)
+            return await ingest.prepare_intake(
+                session,
+                runtime,
+                parsed=parsed,
+                match=match,
+                message=message,
+                keys=[],
+                qr_id=qr.id,
+                actor=actor,
+                event=None,
+                action="remap",
+            )
+        if message.channel in ("stripe", "checkout"):
+            canonical = checkout_payload(
+                data, profiles, kind="stripe" if message.channel == "stripe" else "checkout"
+            )
+            checkout, _, plan_profile = parse_canonical_checkout(canonical, profiles)
+            mr = await fhir_repo.find_by_identifier(
+                session, "MedicationRequest", systems.checkout, checkout.checkout_id
+            )
+            if mr is None or mr.patient_id is None:
+                raise _never_mapped()
+            match = await _stored_match(session, mr.patient_id)
+            return await ingest.prepare_checkout(
+                session,
+                runtime,
+                checkout=checkout,
+                plan_profile=plan_profile,
+                match=match,
+                keys=[],
+                message=message,
+                actor=actor,
+                with_event=False,
+                action="remap",
+            )
+    except MappingErrors as exc:
+        raise UnprocessableError(
+            "the message does not map with the current profiles", exc.problems
+        ) from exc
+    raise UnprocessableError(
+        "only intake and checkout messages can be re-mapped",
+        [Problem("channel", "not_remappable", f"channel {message.channel!r} has no mapping")],
+    )
+
+
+def _never_mapped() -> UnprocessableError:
+    return UnprocessableError(
+        "the message never produced resources",
+        [Problem("", "never_mapped", "nothing was stored for this message")],
+    )
+
+
+async def _stored_match(session: AsyncSession, patient_id: str) -> ingest.PatientMatch:
+    row = await fhir_repo.get_resource(session, "Patient", patient_id)
+    return ingest.PatientMatch(patient_id, row.resource if row else None, "remap", [])

@@ -1,0 +1,93 @@
+"""Memoized validation gives exactly the reference validation's problems."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from gateway.settings import BUNDLED_PROFILES_DIR
+from mappers.errors import MappingErrors
+from mappers.fastvalidate import fast_resource_problems, validate_resources_fast
+from mappers.validation import resource_problems
+
+
+def _golden() -> list[dict[str, Any]]:
+    out = []
+    for path in sorted(BUNDLED_PROFILES_DIR.glob("*/*.examples/*.expected.json")):
+        out += [e["resource"] for e in json.loads(path.read_text())["entry"]]
+    return out
+
+
+RESOURCES = _golden()
+
+
+def _key(problems: list[Any]) -> list[tuple[str, str]]:
+    return sorted((p.location, p.code) for p in problems)
+
+
+@pytest.mark.parametrize("resource", RESOURCES, ids=lambda r: r["resourceType"])
+def test_valid_resources_agree(resource: dict[str, Any]) -> None:
+    assert fast_resource_problems(resource) == resource_problems(resource) == []
+    assert fast_resource_problems(resource) == []  # again, from the memo
+
+
+def _first(rtype: str) -> dict[str, Any]:
+    """The first golden resource of a type (a QuestionnaireResponse without groups)."""
+    found = next(
+        r
+        for r in RESOURCES
+        if r["resourceType"] == rtype and "answer" in (r.get("item") or [{"answer": 1}])[0]
+    )
+    return copy.deepcopy(found)
+
+
+Breaker = Callable[[dict[str, Any]], None]
+
+BREAKERS: list[tuple[str, Breaker]] = [
+    ("Observation", lambda r: r["code"]["coding"][0].update(code="")),
+    ("Observation", lambda r: r["category"][0]["coding"][0].update(colour="red")),
+    ("Observation", lambda r: r.update(effectiveDateTime="2026-11-23T14:00:00")),
+    ("Observation", lambda r: r["valueQuantity"].update(value="heavy")),
+    ("Patient", lambda r: r.update(gender="F")),
+    ("Patient", lambda r: r["telecom"][0].update(system="mobile")),
+    ("QuestionnaireResponse", lambda r: r["item"][5]["answer"][0].update(valueString="x")),
+    ("QuestionnaireResponse", lambda r: r["item"][6].update(linkId="")),
+    (
+        "QuestionnaireResponse",
+        lambda r: r["item"][0]["answer"][0]["valueQuantity"].update(value="x"),
+    ),
+    ("Flag", lambda r: r["extension"][0]["valueCodeableConcept"]["coding"][0].update(system=1)),
+    ("Consent", lambda r: r["provision"].update(type="maybe")),
+    (
+        "MedicationRequest",
+        lambda r: r["dosageInstruction"][0]["timing"]["repeat"].update(periodUnit="fortnight"),
+    ),
+    ("MedicationRequest", lambda r: r["medicationCodeableConcept"]["coding"][0].update(code="")),
+]
+
+
+@pytest.mark.parametrize(("rtype", "breaker"), BREAKERS)
+def test_invalid_resources_get_the_same_problems(rtype: str, breaker: Breaker) -> None:
+    valid = _first(rtype)
+    fast_resource_problems(valid)  # warm the memo with the valid subtrees
+    broken = copy.deepcopy(valid)
+    breaker(broken)
+    reference = resource_problems(broken)
+    assert reference, "the breaker must break something"
+    assert _key(fast_resource_problems(broken)) == _key(reference)
+
+
+def test_validate_resources_fast_raises_every_problem() -> None:
+    a, b = _first("Observation"), _first("Patient")
+    a["effectiveDateTime"] = "yesterday"
+    b["gender"] = "F"
+    with pytest.raises(MappingErrors) as exc:
+        validate_resources_fast([a, b])
+    assert [p.location for p in exc.value.problems] == [
+        "Observation.effectiveDateTime",
+        "Patient.gender",
+    ]

@@ -1,0 +1,129 @@
+"""Merging a Patient by element ownership: fills, corrections, conflicts both ways."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mappers.patient import element_sources, get_element, merge_patient
+
+
+def _patient(**elements: Any) -> dict[str, Any]:
+    p: dict[str, Any] = {"resourceType": "Patient", "id": "p1", "identifier": []}
+    p.update(elements)
+    return p
+
+
+PHONE_A = [{"system": "phone", "value": "+14155550100", "use": "mobile"}]
+PHONE_B = [{"system": "phone", "value": "+14155550199"}]
+
+
+def test_fill_when_absent_is_no_conflict() -> None:
+    existing = _patient(name=[{"family": "Lee"}], gender="female")
+    incoming = _patient(telecom=PHONE_B, gender="unknown")
+    r = merge_patient(existing, incoming, source="checkout", owns=[], sources={})
+    assert r.patient["telecom"] == PHONE_B
+    assert r.patient["gender"] == "female"  # a placeholder never wins
+    assert r.conflicts == []
+    assert r.sources["telecom.phone"] == "checkout"
+
+
+def test_non_owner_loses_and_its_value_is_kept() -> None:
+    existing = _patient(telecom=PHONE_A)
+    incoming = _patient(telecom=PHONE_B)
+    r = merge_patient(
+        existing, incoming, source="checkout", owns=[], sources={"telecom.phone": "intake"}
+    )
+    assert r.patient["telecom"] == PHONE_A
+    (c,) = r.conflicts
+    assert (c.element, c.outcome, c.kept_source, c.lost_source) == (
+        "telecom.phone",
+        "kept_existing",
+        "intake",
+        "checkout",
+    )
+    assert c.lost_value == PHONE_B
+
+
+def test_owner_replaces_and_the_replaced_value_is_kept() -> None:
+    existing = _patient(birthDate="1980-01-01")
+    incoming = _patient(birthDate="1980-01-02")
+    r = merge_patient(
+        existing, incoming, source="intake", owns=["birthDate"], sources={"birthDate": "checkout"}
+    )
+    assert r.patient["birthDate"] == "1980-01-02"
+    (c,) = r.conflicts
+    assert (c.outcome, c.kept_source, c.lost_source, c.lost_value) == (
+        "replaced_existing",
+        "intake",
+        "checkout",
+        "1980-01-01",
+    )
+    assert r.sources["birthDate"] == "intake"
+
+
+def test_same_source_correction_is_not_a_conflict() -> None:
+    existing = _patient(address=[{"city": "Austin"}])
+    incoming = _patient(address=[{"city": "Dallas"}])
+    r = merge_patient(
+        existing, incoming, source="intake", owns=[], sources={"address.home": "intake"}
+    )
+    assert r.patient["address"] == [{"city": "Dallas"}]
+    assert r.conflicts == []
+
+
+def test_order_does_not_matter_when_one_source_owns() -> None:
+    intake = _patient(birthDate="1990-05-05")
+    checkout = _patient(birthDate="1990-05-06")
+    a = merge_patient(
+        intake, checkout, source="checkout", owns=[], sources=element_sources(intake, "intake")
+    )
+    b = merge_patient(
+        checkout,
+        intake,
+        source="intake",
+        owns=["birthDate"],
+        sources=element_sources(checkout, "checkout"),
+    )
+    assert (
+        get_element(a.patient, "birthDate") == get_element(b.patient, "birthDate") == "1990-05-05"
+    )
+    assert len(a.conflicts) == len(b.conflicts) == 1
+
+
+def test_identifiers_are_unioned_and_other_contact_points_kept() -> None:
+    existing = _patient(
+        identifier=[{"system": "s", "value": "1"}],
+        telecom=[{"system": "fax", "value": "x"}, *PHONE_A],
+    )
+    incoming = _patient(
+        identifier=[{"system": "s", "value": "2"}], telecom=[{"system": "email", "value": "a@b.c"}]
+    )
+    r = merge_patient(existing, incoming, source="checkout", owns=[], sources={})
+    assert [i["value"] for i in r.patient["identifier"]] == ["1", "2"]
+    assert [t["system"] for t in r.patient["telecom"]] == ["phone", "email", "fax"]
+
+
+def test_birthsex_extension_is_an_element() -> None:
+    url = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex"
+    existing = _patient(
+        extension=[{"url": url, "valueCode": "UNK"}, {"url": "other", "valueString": "x"}]
+    )
+    incoming = _patient(extension=[{"url": url, "valueCode": "F"}])
+    r = merge_patient(existing, incoming, source="intake", owns=["birthsex"], sources={})
+    assert r.patient["extension"][0] == {"url": url, "valueCode": "F"}
+    assert {"url": "other", "valueString": "x"} in r.patient["extension"]
+    assert r.conflicts == []  # UNK was a placeholder
+
+
+def test_addresses_of_different_uses_do_not_conflict() -> None:
+    home = {"use": "home", "city": "Austin"}
+    billing = {"use": "billing", "city": "Dallas"}
+    r = merge_patient(
+        _patient(address=[home]),
+        _patient(address=[billing]),
+        source="checkout",
+        owns=[],
+        sources={"address.home": "intake"},
+    )
+    assert r.patient["address"] == [home, billing]
+    assert r.conflicts == []
