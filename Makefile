@@ -33,6 +33,7 @@ lint: $(BIN)/fhir-gateway
 ## bench: the benchmarks (see docs/PERFORMANCE.md)
 bench: $(BIN)/fhir-gateway
 	$(BIN)/python -m bench.mapping
+	$(BIN)/python -m bench.events
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -32,13 +32,17 @@ from gateway.errors import (
 )
 from gateway.events.endpoints import router as events_router
 from gateway.fhir.endpoints import router as fhir_router
+from gateway.hl7.endpoints import router as hl7_router
 from gateway.ingest.endpoints import router as ingest_router
 from gateway.ingest.schemas import DOCUMENTED_MODELS
 from gateway.logging import configure_logging, get_logger, log_failure
+from gateway.ops.exceptions import router as exceptions_router
+from gateway.partners.endpoints import router as partners_router
 from gateway.profiles.endpoints import router as profiles_router
 from gateway.profiles.service import install_sighup_reload
 from gateway.runtime import Runtime
 from gateway.settings import Settings
+from gateway.subscribers.endpoints import router as subscribers_router
 from gateway.workflow.endpoints import router as cases_router
 from mappers.errors import Problem
 
@@ -236,6 +240,10 @@ def create_app(
     app.include_router(ingest_router)
     app.include_router(events_router)
     app.include_router(cases_router)
+    app.include_router(partners_router)
+    app.include_router(hl7_router)
+    app.include_router(subscribers_router)
+    app.include_router(exceptions_router)
     app.include_router(profiles_router)  # before fhir_router: /fhir/Questionnaire/{id}
     app.include_router(fhir_router)
 

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
+from gateway.hl7.cli import mllp as mllp_command
 from gateway.profiles.cli import app as profiles_app
 from gateway.settings import BUNDLED_PROFILES_DIR, Settings, load_settings
 
@@ -28,6 +29,7 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 clients_app = typer.Typer(help="API clients (keys and scopes).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(clients_app, name="clients")
+app.command("mllp")(mllp_command)
 app.add_typer(profiles_app, name="profiles")
 
 EXAMPLES_DIR = BUNDLED_PROFILES_DIR.parent / "examples"
@@ -323,7 +325,7 @@ def demo(
                 "event_id": f"demo-{run}-{i}",
                 "source": "ehr",
                 "type": etype,
-                "occurred_at": f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(time.time() + i))}Z",
+                "occurred_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + i)),
                 "patient": {"system": ident_system, "value": intake["patient"]["external_id"]},
             }
             if status:

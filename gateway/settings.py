@@ -71,6 +71,13 @@ class Settings(BaseSettings):
         default=True, description="Run the delivery worker inside `serve` (embedded mode)."
     )
     max_body_bytes: int = Field(default=1_048_576, description="Largest accepted request body.")
+    apply_events_after_ack: bool = Field(
+        default=True,
+        description=(
+            "Apply clinical events in the process that received them, right after the "
+            "acknowledgement; false: only store and acknowledge, the worker applies them."
+        ),
+    )
     worker_poll_interval: timedelta = Field(default=timedelta(milliseconds=500))
     worker_batch_size: int = 20
     worker_lease: timedelta = Field(

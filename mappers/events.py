@@ -1,8 +1,16 @@
-"""Canonical clinical events (``POST /v1/events``) and the parsed :class:`ClinicalEvent`."""
+"""Canonical clinical events (``POST /v1/events``) and the parsed :class:`ClinicalEvent`.
+
+Every inbound channel (canonical JSON, partner webhooks, HL7 v2, FHIR Subscription
+notifications) is mapped to the same :class:`ClinicalEvent`, which the workflow engine
+applies to a case. A :class:`PatientRef` says how to find the patient without carrying
+anything but the identifier itself.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
 
 from pydantic import AliasChoices, AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
@@ -58,3 +66,83 @@ def parse_canonical_event(data: Any) -> CanonicalEvent:
         return CanonicalEvent.model_validate(data)
     except ValidationError as exc:
         raise MappingErrors(pydantic_problems(exc)) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class PatientRef:
+    """One way to find an event's patient, tried in the order given.
+
+    ``kind="identifier"``: ``system|value`` against the patient keys (canonical ids, EHR
+    MRNs and partner ids learned earlier); ``kind="remote_id"``: ``value`` is the Patient id
+    that EHR ``target`` assigned to one of our patients (``remote_ids``).
+    """
+
+    kind: Literal["identifier", "remote_id"]
+    value: str
+    system: str | None = None
+    target: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """The patient-key form: ``("identifier", "system|value")``."""
+        return ("identifier", f"{self.system}|{self.value}")
+
+    def describe(self) -> str:
+        """What was tried, without the value (for the exceptions queue)."""
+        if self.kind == "identifier":
+            return f"identifier {self.system}"
+        return f"Patient id in EHR {self.target}"
+
+
+@dataclass(frozen=True, slots=True)
+class ClinicalEvent:
+    """A clinical event from any channel, ready for the workflow engine.
+
+    Attributes:
+        source: the sender's role in the ownership matrix (``ehr``, ``pharmacy``...).
+        sender: the specific sender (partner or EHR target name, ``ehr`` for canonical
+            events); the event id is unique per sender.
+        event_id: the sender's id for the event (MSH-10, partner event id, FHIR
+            ``Type/id/_history/version``...).
+        type: a workflow event type; ``detail`` its detail (``decision`` + ``approved``).
+        occurred_at: when it happened at the sender (aware).
+        patient: the ways to find the patient, in order.
+        case_id: the case, when the sender knows it.
+        program: the program, for events that open cases.
+        reference: the sender's business reference (order number, focus resource...).
+    """
+
+    source: str
+    sender: str
+    event_id: str
+    type: str
+    detail: str | None
+    occurred_at: datetime
+    patient: tuple[PatientRef, ...]
+    case_id: str | None = None
+    program: str | None = None
+    reference: str | None = None
+
+
+def split_event_ref(ref: str) -> tuple[str, str | None]:
+    """``decision:approved`` -> ``("decision", "approved")``; ``dispensed`` ->
+    ``("dispensed", None)``."""
+    event_type, _, detail = ref.partition(":")
+    return event_type, detail or None
+
+
+def canonical_to_clinical_event(event: CanonicalEvent) -> ClinicalEvent:
+    """A validated canonical event (``POST /v1/events``) as a :class:`ClinicalEvent`.
+
+    The sender is the declared ``source``; the patient is the one identifier given.
+    """
+    return ClinicalEvent(
+        source=event.source,
+        sender=event.source,
+        event_id=event.event_id,
+        type=event.type,
+        detail=event.status,
+        occurred_at=event.occurred_at,
+        patient=(PatientRef("identifier", event.patient.value, system=event.patient.system),),
+        case_id=event.case_id,
+    )

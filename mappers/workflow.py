@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
@@ -73,7 +74,8 @@ def decide(
         return Decision(
             "rejected",
             reason="not_owner",
-            message=f"sender {source!r} does not own event {event_type!r} (owners: {', '.join(spec.owners)})",
+            message=f"sender {source!r} does not own event {event_type!r} "
+            f"(owners: {', '.join(spec.owners)})",
         )
     if spec.details and detail not in spec.details:
         return Decision(
@@ -113,3 +115,27 @@ def decide(
     if late and workflow.rank(to_state) < workflow.rank(state) and not transition.backward:
         return Decision("late", message="late event would move the case backward")
     return Decision("applied", to_state=to_state)
+
+
+def sla_deadline(
+    workflow: WorkflowProfile,
+    *,
+    state: str,
+    entered_at: datetime,
+    recorded: Collection[str] = (),
+) -> tuple[datetime, str] | None:
+    """When a case in ``state`` since ``entered_at`` becomes overdue, and by which timer.
+
+    A timer of the state runs unless it has ``until`` and an event of that type is in
+    ``recorded`` (the event types recorded since the case entered the state). The earliest
+    running timer wins.
+
+    Returns:
+        ``(due_at, timer name)``, or None when no timer runs.
+    """
+    running = [
+        (entered_at + t.within, t.name)
+        for t in workflow.sla
+        if t.state == state and (t.until is None or t.until not in recorded)
+    ]
+    return min(running) if running else None

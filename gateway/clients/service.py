@@ -23,6 +23,7 @@ SCOPES = {
     "intake:write": "submit intake (POST /v1/intake-submissions)",
     "checkout:write": "submit canonical checkouts (POST /v1/checkouts)",
     "events:write": "send clinical events (POST /v1/events)",
+    "hl7:write": "send HL7 v2 messages over HTTP (POST /v1/hl7v2)",
     "fhir:read": "read FHIR resources (GET /fhir/...)",
     "cases:read": "read cases (GET /v1/cases)",
     "profiles:write": "preview and reload profiles",

@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     ForeignKey,
     Index,
@@ -97,6 +98,11 @@ class InboundMessage(Base):
     processed_at: Mapped[datetime | None]
     response: Mapped[dict[str, Any] | None]
     revision: Mapped[int] = mapped_column(Integer, default=1)
+    # issue 5: applying after the acknowledgement (a lease, and backoff after a transient
+    # failure such as an EHR that cannot be reached for an id-only notification)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    available_at: Mapped[datetime | None]
+    locked_until: Mapped[datetime | None]
 
     __table_args__ = (Index("ix_inbound_messages_pending", "status", "channel"),)
 
@@ -301,8 +307,19 @@ class Case(Base):
     state_entered_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_occurred_at: Mapped[datetime | None]
     version: Mapped[int] = mapped_column(Integer, default=1)
+    # issue 5: SLA timers (profiles/workflow.yaml ``sla``): when the running timer expires,
+    # which one, and when the case was flagged overdue (a case.overdue webhook was sent)
+    sla_due_at: Mapped[datetime | None]
+    sla_timer: Mapped[str | None] = mapped_column(String(64))
+    overdue_at: Mapped[datetime | None]
 
-    __table_args__ = (Index("ix_cases_state", "state"),)
+    __table_args__ = (
+        Index("ix_cases_state", "state"),
+        Index("ix_cases_sla_due_at", "sla_due_at"),
+    )
+    # Optimistic concurrency: an update of a case that changed meanwhile fails
+    # (StaleDataError) instead of overwriting it; PostgreSQL also locks the row.
+    __mapper_args__ = {"version_id_col": version}
 
 
 class CaseEventOutcome(StrEnum):
@@ -312,10 +329,15 @@ class CaseEventOutcome(StrEnum):
     RECORDED = "recorded"  # kept in history, state unchanged (allowed, no move)
     LATE = "late"  # occurred before the latest applied event: history only
     REJECTED = "rejected"  # not allowed (transition or ownership): exceptions queue
+    PENDING = "pending"  # not allowed yet: waits (reorder window) for earlier events
 
 
 class CaseEvent(Base):
-    """One clinical event in a case's history, with its sender and both times."""
+    """One clinical event in a case's history, with its sender and both times.
+
+    ``source`` is the sender's role (ownership matrix), ``sender`` the specific sender
+    (partner or EHR target); an event id is unique per case and sender.
+    """
 
     __tablename__ = "case_events"
 
@@ -332,9 +354,14 @@ class CaseEvent(Base):
     to_state: Mapped[str | None] = mapped_column(String(64))
     outcome: Mapped[str] = mapped_column(String(16))
     note: Mapped[str | None] = mapped_column(Text)
+    sender: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    channel: Mapped[str | None] = mapped_column(String(32))
+    reference: Mapped[str | None] = mapped_column(String(256))
+    hold_until: Mapped[datetime | None]
 
     __table_args__ = (
-        UniqueConstraint("case_id", "source", "event_id", name="uq_case_events_dedupe"),
+        UniqueConstraint("case_id", "sender", "event_id", name="uq_case_events_dedupe"),
+        Index("ix_case_events_pending", "outcome", "hold_until"),
     )
 
 
@@ -368,6 +395,8 @@ class ExceptionRecord(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     resolved_at: Mapped[datetime | None]
     resolved_by: Mapped[str | None] = mapped_column(String(128))
+    note: Mapped[str | None] = mapped_column(Text)
+    retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (Index("ix_exceptions_status", "status", "kind"),)
 
@@ -398,6 +427,7 @@ class Subscriber(Base):
     event_types: Mapped[list[str]] = mapped_column(JSONDoc)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    retry: Mapped[dict[str, Any] | None]  # a RetryPolicy; None: the defaults
 
 
 # --- issue 3: profiles
@@ -457,4 +487,26 @@ class PatientElementSource(Base):
     element: Mapped[str] = mapped_column(String(32), primary_key=True)
     source: Mapped[str] = mapped_column(String(32))
     inbound_message_id: Mapped[str | None] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# --- issue 5: events
+
+
+class FhirSubscription(Base):
+    """What the gateway knows of one FHIR Subscription of an EHR target (R5 Backport IG):
+    its status, the highest event number seen, and the gaps (missed events) still open,
+    each with its exceptions-queue entry (``[{"first", "last", "exception_id"}]``)."""
+
+    __tablename__ = "fhir_subscriptions"
+
+    target: Mapped[str] = mapped_column(String(128), primary_key=True)
+    subscription: Mapped[str] = mapped_column(String(256), primary_key=True)
+    topic: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str | None] = mapped_column(String(16))
+    last_event_number: Mapped[int] = mapped_column(BigInteger, default=0)
+    missing: Mapped[list[dict[str, Any]]] = mapped_column(JSONDoc, default=list)
+    handshake_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+    last_notification_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -42,7 +42,8 @@ from gateway.inbox.repository import new_exception
 from gateway.logging import get_logger, log_failure
 from gateway.oauth.tokens import TokenProvider, token_provider_for
 from gateway.runtime import Runtime
-from gateway.workflow.service import EventInput, apply_event
+from gateway.subscribers import sender as webhook_sender
+from gateway.workflow.service import EventInput, apply_event, sweep_workflow
 from mappers.bundle import build_transaction_bundle, parse_transaction_response
 from mappers.ehr_overrides import target_transform
 from mappers.errors import Problem
@@ -109,6 +110,15 @@ class DeliveryWorker:
         self._clients[target.name] = (target, client, tokens)
         return client
 
+    async def read_resource(
+        self, target: str, resource_type: str, resource_id: str
+    ) -> dict[str, Any]:
+        """Read a resource from an EHR target with its token (id-only notifications)."""
+        profile = self.runtime.profiles.current.ehr.get(target)
+        if profile is None:
+            raise EhrConfigError(f"no EHR target {target!r}")
+        return await self.client_for(profile).read(resource_type, resource_id)
+
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set: deliver, apply pending events, sleep when idle."""
         poll = self.runtime.settings.worker_poll_interval.total_seconds()
@@ -116,7 +126,8 @@ class DeliveryWorker:
         while not stop.is_set():
             try:
                 done = await self.run_once()
-                done += await sweep_pending(self.runtime)
+                done += await sweep_pending(self.runtime, reader=self.read_resource)
+                done += await sweep_workflow(self.runtime)
             except Exception:
                 log.exception("worker.loop_error", worker=self.name)
                 done = 0
@@ -138,8 +149,6 @@ class DeliveryWorker:
     async def run_once(self) -> int:
         """Claim one batch and deliver it. Returns how many deliveries were attempted."""
         targets = [t.name for t in self.runtime.profiles.current.enabled_targets()]
-        if not targets:
-            return 0
         settings = self.runtime.settings
         async with self.runtime.write_session() as session:
             claimed = await repo.claim(
@@ -150,6 +159,15 @@ class DeliveryWorker:
                 lease=settings.worker_lease,
                 now=utcnow(),
             )
+            claimed += await repo.claim(
+                session,
+                targets=await webhook_sender.subscriber_names(session),
+                limit=max(settings.worker_batch_size, self.concurrency),
+                worker=self.name,
+                lease=settings.worker_lease,
+                now=utcnow(),
+                kind=webhook_sender.KIND,
+            )
             await session.commit()
         if not claimed:
             return 0
@@ -158,7 +176,12 @@ class DeliveryWorker:
         async def one(delivery: Delivery) -> None:
             async with semaphore:
                 try:
-                    await self.deliver(delivery)
+                    if delivery.kind == webhook_sender.KIND:
+                        await webhook_sender.send(
+                            self.runtime, delivery, http=self._http, worker=self.name
+                        )
+                    else:
+                        await self.deliver(delivery)
                 except Exception as exc:  # the lease returns the row to the queue
                     log_failure(
                         log,
@@ -430,7 +453,8 @@ class DeliveryWorker:
                             Problem(
                                 "delivery",
                                 "multiple_matches",
-                                f"delivery {delivery.id}: the EHR has several resources matching a conditional create",
+                                f"delivery {delivery.id}: the EHR has several resources "
+                                "matching a conditional create",
                             )
                         ],
                     )

@@ -1,20 +1,49 @@
-"""``POST /v1/events``: canonical clinical events."""
+"""``POST /v1/events`` (canonical clinical events), ``POST /v1/ehr/{target}/notifications``
+(FHIR Subscription notifications) and ``GET /v1/ops/fhir-subscriptions``."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from datetime import datetime
+from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlalchemy import select
 
 from gateway.clients.service import Principal
+from gateway.db.models import FhirSubscription
 from gateway.deps import RuntimeDep, SessionDep, require_scope
-from gateway.events import service
+from gateway.events import notifications, service
 from gateway.ingest.endpoints import _content_type, _run_guarded
 from gateway.ingest.schemas import document_body
+from gateway.runtime import Runtime
 from mappers.events import CanonicalEvent
 
 router = APIRouter(prefix="/v1", tags=["events"])
+
+
+def _wake_worker(request: Request, outcome: str) -> None:
+    worker = getattr(request.app.state, "worker", None)
+    if outcome == "deferred" and worker is not None:
+        worker.wake()
+
+
+async def apply_after_response(request: Request, runtime: Runtime, received: Any) -> None:
+    """Apply a message this request stored (a :class:`~gateway.events.service.Received`
+    or an ``Hl7Reply``) right after the response, with the events mapped on receipt; wake
+    the in-process worker when the message needs it (an id-only notification: the worker
+    reads from the EHR)."""
+    message = getattr(received, "message", None)
+    if message is None:
+        return
+    outcome = await service.apply_received(runtime, message, prepared=received.prepared)
+    _wake_worker(request, outcome)
+
+
+async def apply_id_after_response(request: Request, runtime: Runtime, message_id: str) -> None:
+    """Claim and apply a stored message right after the response (an ops retry)."""
+    _wake_worker(request, await service.process_safely(runtime, message_id))
 
 
 @router.post(
@@ -47,6 +76,92 @@ async def post_event(
             session, runtime, raw=raw, content_type=content_type, actor=principal.name
         ),
     )
-    if outcome.message_id and not outcome.body.get("duplicate"):
-        background.add_task(service.process_message_by_id, runtime, outcome.message_id)
+    background.add_task(apply_after_response, request, runtime, outcome)
     return JSONResponse(outcome.body, status_code=202)
+
+
+@router.post(
+    "/ehr/{target}/notifications",
+    summary="FHIR Subscription notification from an EHR (R5 Backport IG, R4 rest-hook)",
+    responses={200: {}, 202: {}, 400: {}, 401: {}, 404: {}, 413: {}, 415: {}, 422: {}, 503: {}},
+)
+async def post_notification(
+    target: str,
+    request: Request,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    background: BackgroundTasks,
+) -> JSONResponse:
+    """Receive a notification Bundle (``history``, ``entry[0]`` the subscription status).
+
+    The EHR authenticates with the header its Subscription's ``channel.header`` sets (the
+    target profile's ``events.notifications``). ``handshake`` and ``heartbeat`` answer
+    200; an ``event-notification`` is stored and answered 202, then its focus resources
+    (in the Bundle for ``full-resource``, read from the EHR for ``id-only``) are mapped
+    to clinical events with the target's table and applied. Missed events (event numbers
+    that jump) are kept in the exceptions queue as ``events_gap``.
+    """
+    profile = notifications.notification_target(runtime, target)
+    notifications.verify_sender(profile, request.headers)
+    raw = await request.body()
+    content_type = _content_type(request)
+    outcome = await _run_guarded(
+        request,
+        session,
+        runtime,
+        channel=notifications.CHANNEL,
+        sender=target,
+        raw=raw,
+        call=lambda: notifications.receive_notification(
+            session, runtime, target=profile, raw=raw, content_type=content_type
+        ),
+    )
+    background.add_task(apply_after_response, request, runtime, outcome)
+    return JSONResponse(outcome.body, status_code=outcome.status_code)
+
+
+class FhirSubscriptionOut(BaseModel):
+    """What the gateway knows of one EHR subscription."""
+
+    target: str
+    subscription: str
+    topic: str | None
+    status: str | None
+    last_event_number: int
+    missing: list[dict[str, Any]]
+    handshake_at: datetime | None
+    heartbeat_at: datetime | None
+    last_notification_at: datetime | None
+
+
+@router.get(
+    "/ops/fhir-subscriptions",
+    response_model=list[FhirSubscriptionOut],
+    summary="EHR subscriptions: status, last event number, missed events",
+)
+async def list_fhir_subscriptions(
+    session: SessionDep,
+    _principal: Annotated[Principal, Depends(require_scope("ops:read"))],
+) -> list[FhirSubscriptionOut]:
+    """Every subscription that has notified the gateway, with its open gaps."""
+    rows = (
+        await session.scalars(
+            select(FhirSubscription).order_by(
+                FhirSubscription.target, FhirSubscription.subscription
+            )
+        )
+    ).all()
+    return [
+        FhirSubscriptionOut(
+            target=r.target,
+            subscription=r.subscription,
+            topic=r.topic,
+            status=r.status,
+            last_event_number=r.last_event_number,
+            missing=list(r.missing or []),
+            handshake_at=r.handshake_at,
+            heartbeat_at=r.heartbeat_at,
+            last_notification_at=r.last_notification_at,
+        )
+        for r in rows
+    ]

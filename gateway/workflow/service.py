@@ -3,6 +3,18 @@
 Every event ends in the case's history (``case_events``) or, when no case can take it, in
 the exceptions queue; a transition the profile does not allow goes to the exceptions
 queue too, never to the floor. Duplicates (same case, sender and event id) are no-ops.
+
+Order: events are applied in order of occurrence. An event that the current state does
+not allow, and that is not late, is held (``pending``) for the workflow's
+``reorder_window``: an earlier event may still be on its way (a pharmacy's "dispensed"
+overtaking the EHR's "prescription sent"). Whenever the case moves, held events are tried
+again in occurrence order; those still not allowed when the window closes go to the
+exceptions queue (:func:`sweep_workflow`). A late event (occurred before the latest one
+applied) is recorded but never moves the case backward unless its transition says
+``backward``.
+
+Every state change writes the subscribers' webhook rows in the same transaction, and
+recomputes the case's SLA deadline (``profiles/workflow.yaml`` ``sla``).
 """
 
 from __future__ import annotations
@@ -10,24 +22,35 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.exc import StaleDataError
 
-from gateway.db.models import Case, CaseEvent, CaseEventOutcome
+from gateway.db.models import Case, CaseEvent, CaseEventOutcome, InboundMessage, MessageStatus
 from gateway.db.types import utcnow
 from gateway.inbox.repository import new_exception
 from gateway.logging import get_logger
+from gateway.runtime import Runtime
+from gateway.subscribers.service import enqueue_case_webhook
 from mappers.errors import Problem
+from mappers.normalize import to_fhir_instant
 from mappers.profiles import WorkflowProfile
-from mappers.workflow import decide
+from mappers.workflow import Decision, decide, sla_deadline
 
 log = get_logger(__name__)
+
+_SETTLED = (CaseEventOutcome.APPLIED, CaseEventOutcome.RECORDED, CaseEventOutcome.LATE)
 
 
 @dataclass(frozen=True)
 class EventInput:
-    """One clinical event, already parsed and matched to a patient."""
+    """One clinical event, already parsed and matched to a patient.
+
+    ``source`` is the sender's role (ownership matrix); ``sender`` the specific sender
+    (defaults to ``source``); ``channel`` where it came in.
+    """
 
     source: str
     event_id: str
@@ -38,13 +61,21 @@ class EventInput:
     program: str | None = None
     case_id: str | None = None
     message_id: str | None = None
+    sender: str | None = None
+    channel: str = "events"
+    reference: str | None = None
+
+    @property
+    def sender_name(self) -> str:
+        """The specific sender (``source`` when none was given)."""
+        return self.sender or self.source
 
 
 @dataclass(frozen=True)
 class ApplyResult:
     """What applying an event did."""
 
-    outcome: str  # applied | recorded | late | rejected | duplicate | no_case
+    outcome: str  # applied | recorded | late | rejected | duplicate | no_case | pending
     case_id: str | None
     from_state: str | None = None
     to_state: str | None = None
@@ -70,6 +101,19 @@ async def _find_case(
     return await session.scalar(stmt)
 
 
+def _event_summary(row: CaseEvent) -> dict[str, Any]:
+    return {
+        "type": row.type,
+        "detail": row.detail,
+        "source": row.source,
+        "sender": row.sender,
+        "event_id": row.event_id,
+        "occurred_at": to_fhir_instant(row.occurred_at),
+        "received_at": to_fhir_instant(row.received_at or utcnow()),
+        "reference": row.reference,
+    }
+
+
 async def apply_event(
     session: AsyncSession,
     workflow: WorkflowProfile,
@@ -79,23 +123,29 @@ async def apply_event(
 ) -> ApplyResult:
     """Apply one event to its case (opening one if the event opens cases).
 
-    The case row is locked (``FOR UPDATE`` on PostgreSQL) so concurrent events of one case
-    apply one after the other. Flushes; the caller commits.
+    The case row is locked (``FOR UPDATE`` on PostgreSQL; on SQLite a concurrent change
+    makes the flush fail with ``StaleDataError``, and the caller retries), so events of one
+    case apply one after the other. Flushes; the caller commits.
 
     Args:
         new_patient: the patient was created in this transaction, so has no case yet
             (saves a query on the ingest path).
+
+    Returns:
+        The :class:`ApplyResult`. ``pending``: held for the reorder window;
+        ``duplicate``: already in the history (a rejected event is decided again: a retry).
     """
     case = None if new_patient else await _find_case(session, workflow, event)
+    existing: CaseEvent | None = None
     if case is not None:
-        duplicate = await session.scalar(
-            select(CaseEvent.id).where(
+        existing = await session.scalar(
+            select(CaseEvent).where(
                 CaseEvent.case_id == case.id,
-                CaseEvent.source == event.source,
+                CaseEvent.sender == event.sender_name,
                 CaseEvent.event_id == event.event_id,
             )
         )
-        if duplicate is not None:
+        if existing is not None and existing.outcome != CaseEventOutcome.REJECTED:
             return ApplyResult("duplicate", case.id, case.state, case.state)
     if case is None and event.case_id:
         return await _reject_without_case(
@@ -113,58 +163,43 @@ async def apply_event(
     )
     now = utcnow()
     if case is None:
-        if decision.outcome != "applied" or decision.to_state is None:
-            return await _reject_without_case(
-                session, event, decision.reason or "no_case", decision.message or "no open case"
-            )
-        if not event.program:
-            return await _reject_without_case(
-                session, event, "no_case", "no open case for this patient"
-            )
-        case = Case(
-            id=str(uuid.uuid4()),
-            patient_id=event.patient_id,
-            program=event.program,
-            state=decision.to_state,
-            opened_at=now,
-            updated_at=now,
-            state_entered_at=now,
-            last_occurred_at=event.occurred_at,
-        )
-        session.add(case)  # the unit of work inserts it before its case_events (FK order)
-        _history(session, case, event, None, decision.to_state, CaseEventOutcome.APPLIED, None)
-        log.info(
-            "case.opened",
-            case_id=case.id,
-            state=case.state,
-            event_type=event.type,
-            source=event.source,
-        )
-        return ApplyResult("applied", case.id, None, case.state)
+        return await _open_case(session, workflow, event, decision, now)
 
     from_state = case.state
-    if decision.outcome == "applied" and decision.to_state:
-        case.state = decision.to_state
-        case.state_entered_at = now
-        case.updated_at = now
-        case.version += 1
-    if decision.outcome in ("applied", "recorded") and (
-        case.last_occurred_at is None or event.occurred_at > case.last_occurred_at
+    if (
+        decision.outcome == "rejected"
+        and decision.reason == "transition_not_allowed"
+        and workflow.reorder_window.total_seconds() > 0
+        and existing is None
     ):
-        case.last_occurred_at = event.occurred_at
-    outcome = CaseEventOutcome(decision.outcome)
-    _history(session, case, event, from_state, case.state, outcome, decision.message)
-    if outcome == CaseEventOutcome.REJECTED:
-        session.add(
-            new_exception(
-                kind=decision.reason or "rejected_event",
-                channel="events",
-                sender=event.source,
-                message_id=event.message_id,
-                case_id=case.id,
-                problems=[Problem("type", decision.reason or "rejected", decision.message or "")],
-            )
+        row = _history(session, case, event, from_state, None, CaseEventOutcome.PENDING, None)
+        row.hold_until = now + workflow.reorder_window
+        row.note = f"{decision.message}; waiting for earlier events"
+        await session.flush()
+        log.info(
+            "case.event_pending",
+            case_id=case.id,
+            event_type=event.type,
+            source=event.source,
+            state=from_state,
         )
+        return ApplyResult("pending", case.id, from_state, from_state, decision.reason)
+
+    outcome = CaseEventOutcome(decision.outcome)
+    if existing is not None:
+        row = existing
+        row.outcome = outcome
+        row.from_state = from_state
+        row.note = "decided again on retry" + (f": {decision.message}" if decision.message else "")
+    else:
+        row = _history(session, case, event, from_state, None, outcome, decision.message)
+    changed = await _settle(session, workflow, case, row, decision, now)
+    if outcome == CaseEventOutcome.REJECTED:
+        _reject_exception(session, row, event.channel, decision)
+    if changed:
+        await _drain_pending(session, workflow, case, now)
+    elif _stops_a_timer(workflow, case.state, event.type):
+        await _refresh_sla(session, workflow, case, now)
     await session.flush()
     log.info(
         "case.event",
@@ -175,7 +210,169 @@ async def apply_event(
         event_type=event.type,
         source=event.source,
     )
-    return ApplyResult(str(outcome), case.id, from_state, case.state, decision.reason)
+    return ApplyResult(str(outcome), case.id, from_state, row.to_state, decision.reason)
+
+
+async def _open_case(
+    session: AsyncSession,
+    workflow: WorkflowProfile,
+    event: EventInput,
+    decision: Decision,
+    now: datetime,
+) -> ApplyResult:
+    if decision.outcome != "applied" or decision.to_state is None:
+        return await _reject_without_case(
+            session, event, decision.reason or "no_case", decision.message or "no open case"
+        )
+    if not event.program:
+        return await _reject_without_case(
+            session, event, "no_case", "no open case for this patient"
+        )
+    case = Case(
+        id=str(uuid.uuid4()),
+        patient_id=event.patient_id,
+        program=event.program,
+        state=decision.to_state,
+        opened_at=now,
+        updated_at=now,
+        state_entered_at=now,
+        last_occurred_at=event.occurred_at,
+    )
+    session.add(case)  # the unit of work inserts it before its case_events (FK order)
+    row = _history(session, case, event, None, decision.to_state, CaseEventOutcome.APPLIED, None)
+    await _refresh_sla(session, workflow, case, now)
+    await session.flush()
+    await enqueue_case_webhook(
+        session, case, "case.opened", from_state=None, event=_event_summary(row)
+    )
+    log.info(
+        "case.opened",
+        case_id=case.id,
+        state=case.state,
+        event_type=event.type,
+        source=event.source,
+    )
+    return ApplyResult("applied", case.id, None, case.state)
+
+
+async def _settle(
+    session: AsyncSession,
+    workflow: WorkflowProfile,
+    case: Case,
+    row: CaseEvent,
+    decision: Decision,
+    now: datetime,
+) -> bool:
+    """Apply a decision to the case and its history row; True when the state changed."""
+    from_state = case.state
+    changed = decision.outcome == "applied" and bool(decision.to_state)
+    if changed:
+        assert decision.to_state is not None
+        case.state = decision.to_state
+        case.state_entered_at = now
+        case.updated_at = now
+        case.overdue_at = None
+    if decision.outcome in ("applied", "recorded") and (
+        case.last_occurred_at is None or row.occurred_at > case.last_occurred_at
+    ):
+        case.last_occurred_at = row.occurred_at
+    row.to_state = case.state
+    row.hold_until = None
+    if changed:
+        await _refresh_sla(session, workflow, case, now)
+        await session.flush()
+        await enqueue_case_webhook(
+            session,
+            case,
+            "case.state_changed",
+            from_state=from_state,
+            event=_event_summary(row),
+        )
+    return changed
+
+
+async def _drain_pending(
+    session: AsyncSession, workflow: WorkflowProfile, case: Case, now: datetime
+) -> None:
+    """Try the case's held events again, in occurrence order, until none applies."""
+    await session.flush()
+    for _ in range(100):
+        held = (
+            await session.scalars(
+                select(CaseEvent)
+                .where(CaseEvent.case_id == case.id, CaseEvent.outcome == CaseEventOutcome.PENDING)
+                .order_by(CaseEvent.occurred_at, CaseEvent.id)
+            )
+        ).all()
+        moved = False
+        for row in held:
+            decision = decide(
+                workflow,
+                state=case.state,
+                event_type=row.type,
+                detail=row.detail,
+                source=row.source,
+                occurred_at=row.occurred_at,
+                last_occurred_at=case.last_occurred_at,
+            )
+            if decision.outcome == "rejected" and decision.reason == "transition_not_allowed":
+                continue
+            row.from_state = case.state
+            row.outcome = CaseEventOutcome(decision.outcome)
+            row.note = "applied in occurrence order after an earlier event arrived"
+            moved = await _settle(session, workflow, case, row, decision, now)
+            if row.outcome == CaseEventOutcome.REJECTED:
+                _reject_exception(session, row, row.channel or "events", decision)
+            log.info(
+                "case.event_released",
+                case_id=case.id,
+                outcome=str(row.outcome),
+                event_type=row.type,
+                to_state=case.state,
+            )
+            if moved:
+                break
+        if not moved:
+            return
+
+
+def _stops_a_timer(workflow: WorkflowProfile, state: str, event_type: str) -> bool:
+    """True if an event of this type may stop an SLA timer of ``state`` (its ``until``)."""
+    return any(t.state == state and t.until == event_type for t in workflow.sla)
+
+
+async def _refresh_sla(
+    session: AsyncSession, workflow: WorkflowProfile, case: Case, now: datetime
+) -> None:
+    """Recompute the case's SLA deadline for its current state."""
+    timers = [t for t in workflow.sla if t.state == case.state]
+    if not timers:
+        case.sla_due_at, case.sla_timer = None, None
+        return
+    untils = {t.until for t in timers if t.until}
+    recorded: set[str] = set()
+    if untils:
+        await session.flush()
+        recorded = set(
+            (
+                await session.scalars(
+                    select(CaseEvent.type).where(
+                        CaseEvent.case_id == case.id,
+                        CaseEvent.type.in_(untils),
+                        CaseEvent.outcome.in_(_SETTLED),
+                        CaseEvent.received_at >= case.state_entered_at,
+                    )
+                )
+            ).all()
+        )
+    deadline = sla_deadline(
+        workflow, state=case.state, entered_at=case.state_entered_at, recorded=recorded
+    )
+    due_at, timer = deadline if deadline else (None, None)
+    if (due_at, timer) != (case.sla_due_at, case.sla_timer):
+        case.sla_due_at, case.sla_timer = due_at, timer
+        if due_at is None or due_at > now:
+            case.overdue_at = None
 
 
 def _history(
@@ -186,20 +383,39 @@ def _history(
     to_state: str | None,
     outcome: CaseEventOutcome,
     note: str | None,
+) -> CaseEvent:
+    row = CaseEvent(
+        case_id=case.id,
+        inbound_message_id=event.message_id,
+        source=event.source,
+        sender=event.sender_name,
+        channel=event.channel,
+        reference=event.reference,
+        event_id=event.event_id,
+        type=event.type,
+        detail=event.detail,
+        occurred_at=event.occurred_at,
+        received_at=utcnow(),
+        from_state=from_state,
+        to_state=to_state,
+        outcome=outcome,
+        note=note,
+    )
+    session.add(row)
+    return row
+
+
+def _reject_exception(
+    session: AsyncSession, row: CaseEvent, channel: str, decision: Decision
 ) -> None:
     session.add(
-        CaseEvent(
-            case_id=case.id,
-            inbound_message_id=event.message_id,
-            source=event.source,
-            event_id=event.event_id,
-            type=event.type,
-            detail=event.detail,
-            occurred_at=event.occurred_at,
-            from_state=from_state,
-            to_state=to_state,
-            outcome=outcome,
-            note=note,
+        new_exception(
+            kind=decision.reason or "rejected_event",
+            channel=channel,
+            sender=row.sender,
+            message_id=row.inbound_message_id,
+            case_id=row.case_id,
+            problems=[Problem("type", decision.reason or "rejected", decision.message or "")],
         )
     )
 
@@ -210,8 +426,8 @@ async def _reject_without_case(
     session.add(
         new_exception(
             kind=reason,
-            channel="events",
-            sender=event.source,
+            channel=event.channel,
+            sender=event.sender_name,
             message_id=event.message_id,
             problems=[Problem("patient", reason, message)],
         )
@@ -219,3 +435,130 @@ async def _reject_without_case(
     await session.flush()
     log.info("case.event_without_case", reason=reason, event_type=event.type, source=event.source)
     return ApplyResult("no_case", None, reason=reason)
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+async def sweep_workflow(runtime: Runtime, *, now: datetime | None = None, limit: int = 100) -> int:
+    """Time-driven workflow work (the worker runs it every loop).
+
+    * Events held longer than the reorder window: tried once more, then refused into the
+      exceptions queue (``transition_not_allowed``).
+    * Cases past their SLA deadline and not flagged yet: flagged (``overdue_at``) and a
+      ``case.overdue`` webhook is written for the subscribers that want it.
+
+    Args:
+        runtime: the wired runtime.
+        now: the current time (tests).
+        limit: at most this many cases of each kind per call.
+
+    Returns:
+        How many cases were changed.
+    """
+    now = now or utcnow()
+    workflow = runtime.profiles.current.workflow_or_raise
+    done = 0
+    async with runtime.sessionmaker() as session:
+        case_ids = list(
+            dict.fromkeys(
+                (
+                    await session.scalars(
+                        select(CaseEvent.case_id)
+                        .where(
+                            CaseEvent.outcome == CaseEventOutcome.PENDING,
+                            CaseEvent.hold_until <= now,
+                        )
+                        .order_by(CaseEvent.hold_until)
+                        .limit(limit)
+                    )
+                ).all()
+            )
+        )
+    for case_id in case_ids:
+        done += await _expire_pending(runtime, workflow, case_id, now)
+    done += await _flag_overdue(runtime, now, limit)
+    return done
+
+
+async def _expire_pending(
+    runtime: Runtime, workflow: WorkflowProfile, case_id: str, now: datetime
+) -> int:
+    async with runtime.write_session() as session:
+        stmt = select(Case).where(Case.id == case_id)
+        if runtime.engine.dialect.name == "postgresql":
+            stmt = stmt.with_for_update(skip_locked=True)
+        case = await session.scalar(stmt)
+        if case is None:
+            return 0
+        await _drain_pending(session, workflow, case, now)
+        expired = (
+            await session.scalars(
+                select(CaseEvent)
+                .where(
+                    CaseEvent.case_id == case_id,
+                    CaseEvent.outcome == CaseEventOutcome.PENDING,
+                    CaseEvent.hold_until <= now,
+                )
+                .order_by(CaseEvent.occurred_at, CaseEvent.id)
+            )
+        ).all()
+        for row in expired:
+            row.outcome = CaseEventOutcome.REJECTED
+            row.hold_until = None
+            row.to_state = case.state
+            message = (
+                f"{row.type!r} is not allowed in state {case.state!r}, and no earlier event "
+                f"arrived within the reorder window ({workflow.reorder_window})"
+            )
+            row.note = message
+            session.add(
+                new_exception(
+                    kind="transition_not_allowed",
+                    channel=row.channel or "events",
+                    sender=row.sender,
+                    message_id=row.inbound_message_id,
+                    case_id=case_id,
+                    problems=[Problem("type", "transition_not_allowed", message)],
+                )
+            )
+            if row.inbound_message_id:
+                await session.execute(
+                    update(InboundMessage)
+                    .where(InboundMessage.id == row.inbound_message_id)
+                    .values(status=MessageStatus.FAILED)
+                    .execution_options(synchronize_session=False)
+                )
+            log.info("case.event_refused_after_wait", case_id=case_id, event_type=row.type)
+        try:
+            await session.commit()
+        except StaleDataError:
+            await session.rollback()
+            return 0
+        return 1
+
+
+async def _flag_overdue(runtime: Runtime, now: datetime, limit: int) -> int:
+    async with runtime.write_session() as session:
+        stmt = (
+            select(Case)
+            .where(Case.sla_due_at <= now, Case.overdue_at.is_(None))
+            .order_by(Case.sla_due_at)
+            .limit(limit)
+        )
+        if runtime.engine.dialect.name == "postgresql":
+            stmt = stmt.with_for_update(skip_locked=True)
+        cases = (await session.scalars(stmt)).all()
+        for case in cases:
+            case.overdue_at = now
+            await session.flush()
+            await enqueue_case_webhook(
+                session, case, "case.overdue", from_state=case.state, event=None
+            )
+            log.info("case.overdue", case_id=case.id, state=case.state, timer=case.sla_timer)
+        try:
+            await session.commit()
+        except StaleDataError:
+            await session.rollback()
+            return 0
+        return len(cases)

@@ -11,7 +11,9 @@ Profile kinds (each a pydantic model; unknown keys are errors so typos surface):
 * :class:`EhrTargetProfile` (``profiles/ehr/*.yaml``): one EHR's FHIR base URL, OAuth
   client and which resource types it receives.
 * :class:`WorkflowProfile` (``profiles/workflow.yaml``): case states, transitions and the
-  ownership matrix (which sender may emit which event).
+  ownership matrix (which sender may emit which event), SLA timers.
+* :class:`PartnerProfile` (``profiles/events/*.yaml``): a sender of clinical events
+  (webhook signature and field paths, HL7 v2 message table).
 
 :func:`load_profiles` reads a profiles directory (and its ConceptMaps) into a
 :class:`ProfileSet`, or raises :class:`ProfileLoadError` naming ``file:line: path`` of every
@@ -22,6 +24,14 @@ registered in :data:`PROFILE_KINDS`.
 from mappers.profiles.checkout import CheckoutProfile, DosageSpec, FieldPath, Plan, Processor
 from mappers.profiles.common import Coding, Quantity
 from mappers.profiles.ehr import EhrAuth, EhrTargetProfile, RetryPolicy
+from mappers.profiles.events import (
+    EhrEventsSpec,
+    FocusRule,
+    Hl7Spec,
+    PartnerProfile,
+    SignatureSpec,
+    WebhookSpec,
+)
 from mappers.profiles.intake import (
     AnswerOption,
     Condition,
@@ -40,7 +50,7 @@ from mappers.profiles.loader import (
     load_profiles,
 )
 from mappers.profiles.overrides import EhrOverrides
-from mappers.profiles.workflow import EventType, Transition, WorkflowProfile
+from mappers.profiles.workflow import EventType, SlaTimer, Transition, WorkflowProfile
 
 __all__ = [
     "PROFILE_KINDS",
@@ -51,15 +61,19 @@ __all__ = [
     "ConsentSpec",
     "DosageSpec",
     "EhrAuth",
+    "EhrEventsSpec",
     "EhrOverrides",
     "EhrTargetProfile",
     "EventType",
     "FieldPath",
     "FlagSpec",
+    "FocusRule",
+    "Hl7Spec",
     "IntakeItem",
     "IntakeProfile",
     "LoadedProfile",
     "ObservationSpec",
+    "PartnerProfile",
     "Plan",
     "Processor",
     "ProfileKind",
@@ -67,7 +81,10 @@ __all__ = [
     "ProfileSet",
     "Quantity",
     "RetryPolicy",
+    "SignatureSpec",
+    "SlaTimer",
     "Transition",
+    "WebhookSpec",
     "WorkflowProfile",
     "load_profiles",
 ]

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from mappers.profiles.common import SLUG, Strict
+from mappers.profiles.events import EhrEventsSpec
 from mappers.profiles.overrides import EhrOverrides
 
 ResourceType = Literal[
@@ -77,6 +78,10 @@ class EhrTargetProfile(Strict):
         default_factory=EhrOverrides,
         description="Per-EHR rewrites of outgoing FHIR (issue 3): identifier systems, "
         "extensions, resource types to skip, code translations.",
+    )
+    events: EhrEventsSpec | None = Field(
+        default=None,
+        description="FHIR Subscription notifications from this EHR into clinical events.",
     )
 
     @model_validator(mode="after")

@@ -7,6 +7,7 @@ Layout (each kind registered once in :data:`PROFILE_KINDS`)::
       checkout/*.yaml        CheckoutProfile    (processor field paths, plan tables)
       ehr/*.yaml             EhrTargetProfile
       workflow.yaml          WorkflowProfile
+      events/*.yaml          PartnerProfile     (event senders: webhooks, HL7 v2 feeds)
       concept-maps/*.json|*.csv   FHIR ConceptMaps (code tables)
       schema/*.schema.json   generated JSON Schemas (``fhir-gateway profiles schema``)
 
@@ -33,6 +34,7 @@ from mappers.conceptmap import CompiledConceptMap, parse_concept_map
 from mappers.errors import Problem
 from mappers.profiles.checkout import CheckoutProfile, Plan, Processor
 from mappers.profiles.ehr import EhrTargetProfile
+from mappers.profiles.events import PartnerProfile, check_event_profiles
 from mappers.profiles.intake import IntakeProfile
 from mappers.profiles.workflow import WorkflowProfile
 from mappers.profiles.yamlsource import YamlSyntaxError, format_path, load_yaml_with_lines
@@ -71,6 +73,7 @@ PROFILE_KINDS: dict[str, ProfileKind] = {
         ProfileKind("checkout", CheckoutProfile, "checkout/", lambda p: p.id),
         ProfileKind("ehr", EhrTargetProfile, "ehr/", lambda p: p.name),
         ProfileKind("workflow", WorkflowProfile, "workflow.yaml", lambda p: "workflow", True),
+        ProfileKind("partner", PartnerProfile, "events/", lambda p: p.name),
     ]
 }
 
@@ -124,6 +127,14 @@ class ProfileSet:
     by_kind: dict[str, dict[str, Any]] = field(default_factory=dict)
     sources: dict[str, LoadedProfile] = field(default_factory=dict)
     warnings: list[Problem] = field(default_factory=list)
+    partners: dict[str, PartnerProfile] = field(default_factory=dict)
+
+    def hl7_sender(self, facility: str) -> PartnerProfile | None:
+        """The partner whose HL7 v2 feed uses MSH-4 sending facility ``facility``."""
+        for partner in self.partners.values():
+            if partner.hl7 is not None and facility in partner.hl7.facilities:
+                return partner
+        return None
 
     def intake_profile(self, form_id: str, version: str) -> IntakeProfile | None:
         """The intake profile for a submission's ``form.id`` and ``form.version``."""
@@ -310,6 +321,7 @@ def load_profiles(
                 )
 
     _place(result)
+    problems.extend(_check_partners(result))
     errors, warnings = lint_profile_set(result)
     problems.extend(errors)
     result.warnings = warnings
@@ -325,3 +337,18 @@ def _place(result: ProfileSet) -> None:
     result.checkout.update(result.by_kind.get("checkout", {}))
     result.ehr.update(result.by_kind.get("ehr", {}))
     result.workflow = result.by_kind.get("workflow", {}).get("workflow")
+    result.partners.update(result.by_kind.get("partner", {}))
+
+
+def _check_partners(result: ProfileSet) -> list[Problem]:
+    """Partners and EHR ``events`` blocks against the workflow (issue 5)."""
+    if result.workflow is None:
+        return []
+
+    def where(kind: str, key: str) -> Callable[[tuple[Any, ...]], str]:
+        source = result.sources.get(_source_key(kind, key))
+        return source.where if source is not None else (lambda path: f"{kind}/{key}")
+
+    partners = {name: (where("partner", name), p) for name, p in result.partners.items()}
+    targets = {name: (where("ehr", name), t.events) for name, t in result.ehr.items()}
+    return check_event_profiles(result.workflow, partners, targets)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from datetime import timedelta
+from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from mappers.profiles.common import Strict
+from mappers.profiles.common import KEY, Strict
 
 
 class Transition(Strict):
@@ -30,11 +31,27 @@ class EventType(Strict):
     opens_case: bool = False
 
 
+class SlaTimer(Strict):
+    """A case is overdue when it stays in ``state`` longer than ``within`` (ISO 8601
+    duration, e.g. ``PT24H``); with ``until``, only while no event of that type has been
+    recorded since the case entered the state (``paid`` without ``ehr_delivered``)."""
+
+    name: Annotated[str, Field(pattern=KEY)]
+    state: str
+    within: timedelta
+    until: str | None = None
+
+
 class WorkflowProfile(Strict):
     """Case states, transitions and ownership (``profiles/workflow.yaml``).
 
     ``states`` are listed in journey order: a transition to an earlier state is
     "backward" and is refused for late events unless ``backward: true``.
+
+    ``reorder_window``: an event the current state does not allow, and that is not late,
+    waits this long for earlier events still on their way (events are applied in order of
+    occurrence); then it goes to the exceptions queue. Zero refuses it at once.
+    ``sla``: the timers that flag overdue cases.
     """
 
     kind: Literal["workflow"] = "workflow"
@@ -46,6 +63,8 @@ class WorkflowProfile(Strict):
     terminal: list[str] = Field(default_factory=list)
     events: dict[str, EventType]
     transitions: list[Transition]
+    reorder_window: timedelta = timedelta(0)
+    sla: list[SlaTimer] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self) -> WorkflowProfile:
@@ -68,6 +87,19 @@ class WorkflowProfile(Strict):
         for s in self.terminal:
             if s not in states:
                 problems.append(f"terminal names unknown state {s!r}")
+        if self.reorder_window < timedelta(0):
+            problems.append("reorder_window must not be negative")
+        names = set()
+        for timer in self.sla:
+            if timer.name in names:
+                problems.append(f"SLA timer {timer.name!r} defined twice")
+            names.add(timer.name)
+            if timer.state not in states:
+                problems.append(f"SLA timer {timer.name!r} names unknown state {timer.state!r}")
+            if timer.until is not None and timer.until not in self.events:
+                problems.append(f"SLA timer {timer.name!r} names unknown event {timer.until!r}")
+            if timer.within <= timedelta(0):
+                problems.append(f"SLA timer {timer.name!r} needs a positive duration")
         if problems:
             raise ValueError("; ".join(problems))
         return self

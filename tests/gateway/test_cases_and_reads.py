@@ -96,7 +96,7 @@ async def test_a_malformed_patient_parameter_is_422(
             "field": "patient",
             "pointer": "#/patient",
             "code": "invalid_identifier",
-            "detail": "expected system|value",
+            "detail": "expected system|value or Patient/<id>",
         }
     ]
     assert external_id not in r.text

@@ -3,13 +3,16 @@ duplicates, unknown patients, ownership and transitions the workflow refuses."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
 
 from gateway.db.models import CaseEvent, ExceptionRecord, InboundMessage
+from gateway.db.types import utcnow
 from gateway.runtime import Runtime
+from gateway.workflow.service import sweep_workflow
 from tests import samples
 from tests.support.api import EXTERNAL_ID_SYSTEM, count, rows
 
@@ -164,7 +167,12 @@ async def test_a_transition_the_workflow_does_not_allow_goes_to_the_exceptions_q
     patient: dict[str, Any],
 ) -> None:
     await send(client, admin_headers, event(patient, "ship-1", "shipped", source="pharmacy"))
-    assert (await case_of(client, admin_headers, patient))["state"] == "awaiting_review"
+    case = await case_of(client, admin_headers, patient)
+    assert case["state"] == "awaiting_review"
+    # held for the workflow's reorder window, in case an earlier event is on its way
+    assert case["history"][-1]["outcome"] == "pending"
+    assert await rows(runtime, ExceptionRecord) == []
+    await sweep_workflow(runtime, now=utcnow() + timedelta(minutes=11))
     (record,) = await rows(runtime, ExceptionRecord)
     assert (record.kind, record.case_id) == ("transition_not_allowed", patient["case_id"])
     message = (await rows(runtime, InboundMessage, InboundMessage.channel == "events"))[0]

@@ -103,7 +103,11 @@ def test_replace_mode_and_element_paths(profiles: ProfileSet, tmp_path: Any) -> 
 
     def change(d: dict[str, Any]) -> None:
         d["overrides"]["code_translations"] = [
-            {"concept_map": "acme-formulary", "mode": "replace", "elements": ["MedicationRequest.medicationCodeableConcept"]}
+            {
+                "concept_map": "acme-formulary",
+                "mode": "replace",
+                "elements": ["MedicationRequest.medicationCodeableConcept"],
+            }
         ]
 
     edit_yaml(root / ACME, change)

@@ -87,27 +87,27 @@ def test_missing_workflow_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_new_kind_is_one_registry_entry(tmp_path: Path) -> None:
-    class PartnerProfile(BaseModel):
+    class ReferralProfile(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        kind: Literal["events"] = "events"
+        kind: Literal["referrals"] = "referrals"
         name: str
 
     root = copy_profiles(tmp_path / "p")
-    (root / "events").mkdir()
-    (root / "events/pharmacy.yaml").write_text("kind: events\nname: pharmacy\n")
-    (root / "events/bad.yaml").write_text("kind: events\nname: x\nsignature: hmac\n")
+    (root / "referrals").mkdir()
+    (root / "referrals/pharmacy.yaml").write_text("kind: referrals\nname: pharmacy\n")
+    (root / "referrals/bad.yaml").write_text("kind: referrals\nname: x\nsignature: hmac\n")
     kinds = {
         **PROFILE_KINDS,
-        "events": ProfileKind("events", PartnerProfile, "events/", lambda p: p.name),
+        "referrals": ProfileKind("referrals", ReferralProfile, "referrals/", lambda p: p.name),
     }
     with pytest.raises(ProfileLoadError) as exc:
         load_profiles(root, kinds=kinds)
-    assert [p.location for p in exc.value.problems] == ["events/bad.yaml:3: signature"]
-    (root / "events/bad.yaml").unlink()
+    assert [p.location for p in exc.value.problems] == ["referrals/bad.yaml:3: signature"]
+    (root / "referrals/bad.yaml").unlink()
     profiles = load_profiles(root, kinds=kinds)
-    assert profiles.by_kind["events"]["pharmacy"].name == "pharmacy"
-    assert profiles.source_of("events/pharmacy") is not None
-    assert json.loads(render(kinds["events"]))["title"] == "PartnerProfile"
+    assert profiles.by_kind["referrals"]["pharmacy"].name == "pharmacy"
+    assert profiles.source_of("referrals/pharmacy") is not None
+    assert json.loads(render(kinds["referrals"]))["title"] == "ReferralProfile"
 
 
 def test_draft_replaces_the_deployed_profile_without_writing(tmp_path: Path) -> None:

@@ -1,0 +1,240 @@
+"""MLLP listener for HL7 v2 (``fhir-gateway mllp``).
+
+MLLP (HL7 v2 Minimal Lower Layer Protocol, release 2) frames each message as
+``<SB=0x0B> message <EB=0x1C><CR=0x0D>`` on a TCP stream and answers each with an ACK in
+the same framing, one at a time per connection. The listener is an
+``asyncio.start_server``: many connections at once, each read frame by frame:
+
+* bytes before a start block (a stray newline between frames) are dropped;
+* a frame terminator without a start block, or a start block before the previous frame
+  ended, is a broken frame: answered with an ``AR`` ACK (MSA-2 empty) and kept in the
+  exceptions queue; the connection stays open;
+* a frame larger than the limit is answered with ``AR`` and the connection is closed
+  (the stream cannot be resynchronized without reading it all);
+* a connection that stalls in the middle of a frame is closed after ``read_timeout_s``.
+
+Each message is stored and committed before its ACK is written; it is applied after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+
+from gateway.db.types import utcnow
+from gateway.hl7.service import Hl7Reply, receive_hl7, record_hl7_rejection
+from gateway.logging import get_logger
+from gateway.runtime import Runtime
+from mappers.hl7v2 import Hl7MessageError, build_ack
+
+log = get_logger(__name__)
+
+SB = b"\x0b"
+EB = b"\x1c"
+CR = b"\x0d"
+TERMINATOR = EB + CR
+
+
+@dataclass
+class MllpDecoder:
+    """Splits a byte stream into MLLP frames (pure: no I/O).
+
+    :meth:`feed` returns, in order, ``("frame", payload)`` for each complete frame,
+    ``("broken", bytes)`` for data that ended without a proper start block, and
+    ``("oversize", b"")`` once the frame being read exceeds ``max_bytes`` (the caller
+    should close the connection).
+    """
+
+    max_bytes: int
+    buffer: bytearray = field(default_factory=bytearray)
+
+    def feed(self, data: bytes) -> list[tuple[str, bytes]]:
+        """Add received bytes; return the complete frames and framing errors."""
+        self.buffer += data
+        out: list[tuple[str, bytes]] = []
+        while True:
+            end = self.buffer.find(TERMINATOR)
+            start = self.buffer.find(SB)
+            if end == -1:
+                if start > 0:
+                    del self.buffer[:start]  # junk between frames
+                elif start == -1 and not self.buffer.strip():
+                    self.buffer.clear()  # a newline some senders put after a frame
+                if len(self.buffer) > self.max_bytes + 1:
+                    self.buffer.clear()
+                    out.append(("oversize", b""))
+                break
+            if start == -1 or start > end:
+                broken = bytes(self.buffer[:end])
+                del self.buffer[: end + 2]
+                out.append(("broken", broken[: self.max_bytes]))
+                continue
+            frame = bytes(self.buffer[start + 1 : end])
+            del self.buffer[: end + 2]
+            nested = frame.rfind(SB)
+            if nested != -1:
+                out.append(("broken", frame[:nested]))
+                frame = frame[nested + 1 :]
+            if len(frame) > self.max_bytes:
+                out.append(("oversize", b""))
+                break
+            out.append(("frame", frame))
+        return out
+
+    @property
+    def partial(self) -> bool:
+        """True while a frame has started but not ended."""
+        return bool(self.buffer)
+
+
+def frame(message: str) -> bytes:
+    """``message`` (ER7) in an MLLP block."""
+    return SB + message.encode("utf-8") + TERMINATOR
+
+
+class MllpServer:
+    """The MLLP listener.
+
+    Args:
+        runtime: the wired runtime.
+        host, port: where to listen (port 0: any free port, see :attr:`port`).
+        max_message_bytes: the largest message accepted.
+        read_timeout_s: how long a half-received frame may stall.
+        after_store: called with the reply of each stored message after its ACK was sent
+            (applies it, with the event mapped on receipt); None leaves messages to the
+            worker's sweep.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 2575,
+        max_message_bytes: int = 1_048_576,
+        read_timeout_s: float = 60.0,
+        after_store: Callable[[Hl7Reply], Coroutine[Any, Any, object]] | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.host = host
+        self.requested_port = port
+        self.max_message_bytes = max_message_bytes
+        self.read_timeout_s = read_timeout_s
+        self.after_store = after_store
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[object]] = set()
+
+    @property
+    def port(self) -> int:
+        """The port actually listened on."""
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        """Start listening."""
+        self._server = await asyncio.start_server(self._handle, self.host, self.requested_port)
+        log.info("mllp.listening", host=self.host, port=self.port)
+
+    async def serve_forever(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set, then close."""
+        await stop.wait()
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop listening, close connections, wait for after-ACK work."""
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._connections):
+                task.cancel()
+            await asyncio.gather(*self._connections, return_exceptions=True)
+            await self._server.wait_closed()
+            self._server = None
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        log.info("mllp.stopped")
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+        peername = writer.get_extra_info("peername")
+        peer = peername[0] if isinstance(peername, tuple) else None
+        decoder = MllpDecoder(self.max_message_bytes)
+        log.info("mllp.connected", peer=peer)
+        try:
+            while True:
+                timeout = self.read_timeout_s if decoder.partial else None
+                try:
+                    data = await asyncio.wait_for(reader.read(65536), timeout)
+                except TimeoutError:
+                    log.info("mllp.read_timeout", peer=peer)
+                    return
+                if not data:
+                    return
+                for kind, payload in decoder.feed(data):
+                    if kind == "frame":
+                        reply = await self._receive(payload, peer)
+                    else:
+                        reply = await self._framing_error(kind, payload)
+                    writer.write(frame(reply.ack))
+                    await writer.drain()
+                    if reply.message is not None and self.after_store is not None:
+                        job = asyncio.create_task(self.after_store(reply))
+                        self._background.add(job)
+                        job.add_done_callback(self._background.discard)
+                    if kind == "oversize":
+                        return
+        except (ConnectionError, asyncio.IncompleteReadError):
+            log.info("mllp.connection_lost", peer=peer)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+                await writer.wait_closed()
+            log.info("mllp.disconnected", peer=peer)
+
+    async def _receive(self, payload: bytes, peer: str | None) -> Hl7Reply:
+        """Store one message and commit, then return its ACK (retried once on a race with
+        the same MSH-10 arriving on another connection)."""
+        for attempt in (1, 2):
+            async with self.runtime.write_session() as session:
+                try:
+                    reply = await receive_hl7(
+                        session,
+                        self.runtime,
+                        raw=payload,
+                        transport="mllp",
+                        peer=peer,
+                        lease=self.after_store is not None,
+                    )
+                    await session.commit()
+                    return reply
+                except IntegrityError:
+                    await session.rollback()
+                    if attempt == 2:
+                        raise
+        raise AssertionError("unreachable")
+
+    async def _framing_error(self, kind: str, payload: bytes) -> Hl7Reply:
+        if kind == "oversize":
+            error = Hl7MessageError(
+                "AR", 207, f"the message is larger than {self.max_message_bytes} bytes"
+            )
+        else:
+            error = Hl7MessageError(
+                "AR", 100, "broken MLLP frame: data without a start block (0x0B)"
+            )
+        async with self.runtime.write_session() as session:
+            record_hl7_rejection(session, raw=payload, error=error, sender=None, transport="mllp")
+            await session.commit()
+        ack = build_ack(
+            None, "AR", control_id=f"A{uuid.uuid4().hex[:19]}", now=utcnow(), error=error
+        )
+        return Hl7Reply(ack, "AR")

@@ -1,0 +1,292 @@
+"""HL7 v2 messages in, ACKs out: one code path for ``POST /v1/hl7v2`` and MLLP.
+
+For each message (HL7 v2 chapter 2, original acknowledgment mode):
+
+1. read MSH (``mappers.hl7v2.parse_er7``); unreadable: ``AR``;
+2. verify the sender: MSH-4 sending facility (and MSH-3 application, and for MLLP the
+   peer's network, when the partner's profile lists them) must belong to a partner
+   profile: otherwise ``AR``;
+3. deduplicate on MSH-10 per sending facility: a retransmission gets the same answer
+   again; a different message reusing a control id gets ``AR`` (205);
+4. map it to a clinical event with the partner's table; ``AE`` when it cannot be
+   mapped (kept as ``failed`` in the inbox and in the exceptions queue), ``AA`` otherwise;
+5. store it (the caller commits) and only then answer. The event is applied after the
+   ACK is sent.
+
+A message refused with ``AR`` is kept whole in the exceptions queue (``hl7_rejected``), so
+ops can retry it once the profile is fixed. Nothing is logged but ids and codes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.db.models import InboundMessage, MessageStatus
+from gateway.db.types import utcnow
+from gateway.events.inbox import store_if_new
+from gateway.events.service import Prepared, lease_for_this_process
+from gateway.inbox import repository as inbox
+from gateway.logging import get_logger
+from gateway.runtime import Runtime
+from mappers.errors import Problem
+from mappers.hl7v2 import (
+    AckCode,
+    Hl7Message,
+    Hl7MessageError,
+    build_ack,
+    decode_er7,
+    hl7v2_to_clinical_event,
+    parse_er7,
+)
+from mappers.profiles import PartnerProfile
+
+log = get_logger(__name__)
+
+CHANNEL = "hl7v2"
+CONTENT_TYPE = "application/hl7-v2"
+
+
+@dataclass(frozen=True)
+class Hl7Reply:
+    """The answer to one message: the ACK (ER7, ``\\r``-separated), its MSA-1 code, and
+    the stored message with its mapped event to apply after the ACK (None: nothing to
+    apply)."""
+
+    ack: str
+    code: AckCode
+    message: InboundMessage | None = None
+    prepared: Prepared | None = None
+    duplicate: bool = False
+
+    @property
+    def message_id(self) -> str | None:
+        """The inbox id of the message to apply, if any."""
+        return self.message.id if self.message is not None else None
+
+
+def _ack(parsed: Hl7Message | None, code: AckCode, error: Hl7MessageError | None = None) -> str:
+    return build_ack(
+        parsed, code, control_id=f"A{uuid.uuid4().hex[:19]}", now=utcnow(), error=error
+    )
+
+
+def _error_dict(error: Hl7MessageError) -> dict[str, Any]:
+    return {
+        "ack_code": error.ack_code,
+        "hl7_code": error.hl7_code,
+        "message": str(error),
+        "segment": error.segment,
+        "field": error.field_position,
+    }
+
+
+def _error_from(data: dict[str, Any]) -> Hl7MessageError:
+    return Hl7MessageError(
+        data["ack_code"],
+        int(data["hl7_code"]),
+        str(data["message"]),
+        segment=data.get("segment"),
+        field_position=data.get("field"),
+    )
+
+
+def _peer_allowed(partner: PartnerProfile, peer: str | None) -> bool:
+    assert partner.hl7 is not None
+    if not partner.hl7.peers:
+        return True
+    if peer is None:
+        return False
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(n, strict=False) for n in partner.hl7.peers)
+
+
+def record_hl7_rejection(
+    session: AsyncSession,
+    *,
+    raw: bytes,
+    error: Hl7MessageError,
+    sender: str | None,
+    transport: str,
+) -> None:
+    """Keep a message refused with AR (or a broken MLLP frame) for review and retry."""
+    session.add(
+        inbox.new_exception(
+            kind="hl7_rejected",
+            channel=CHANNEL,
+            sender=sender,
+            problems=[Problem(error.location or "MSH", f"hl7_{error.hl7_code}", str(error))],
+            payload=raw,
+            content_type=CONTENT_TYPE,
+        )
+    )
+    log.info(
+        "hl7.rejected",
+        transport=transport,
+        sender=sender,
+        hl7_code=error.hl7_code,
+        location=error.location,
+    )
+
+
+async def receive_hl7(
+    session: AsyncSession,
+    runtime: Runtime,
+    *,
+    raw: bytes,
+    transport: str,
+    peer: str | None = None,
+    lease: bool = True,
+) -> Hl7Reply:
+    """Verify, deduplicate, map and store one ER7 message; build its ACK.
+
+    Flushes; the caller commits before sending the ACK.
+
+    Args:
+        session: the caller's session.
+        runtime: the wired runtime.
+        raw: the message bytes (no MLLP framing).
+        transport: ``http`` or ``mllp`` (logs, peer check).
+        peer: the MLLP peer's IP address (checked against the partner's ``peers``).
+        lease: this process applies the message right after the ACK (else the worker's
+            sweep does, at once).
+
+    Returns:
+        The :class:`Hl7Reply`. MSA-2 echoes MSH-10; AE/AR carry an ERR segment.
+    """
+    profiles = runtime.profiles.current
+    try:
+        parsed = parse_er7(decode_er7(raw))
+    except Hl7MessageError as exc:
+        record_hl7_rejection(session, raw=raw, error=exc, sender=None, transport=transport)
+        await session.flush()
+        return Hl7Reply(_ack(None, "AR", exc), "AR")
+    facility = parsed.sending_facility
+    partner = profiles.hl7_sender(facility) if facility else None
+    refusal: Hl7MessageError | None = None
+    if partner is None or partner.hl7 is None:
+        refusal = Hl7MessageError(
+            "AR",
+            207,
+            "MSH-4 sending facility is not a configured sender",
+            segment="MSH",
+            field_position=4,
+        )
+    elif partner.hl7.applications and parsed.sending_application not in partner.hl7.applications:
+        refusal = Hl7MessageError(
+            "AR",
+            207,
+            "MSH-3 sending application is not configured for this facility",
+            segment="MSH",
+            field_position=3,
+        )
+    elif transport == "mllp" and not _peer_allowed(partner, peer):
+        refusal = Hl7MessageError(
+            "AR",
+            207,
+            "messages from this facility are not accepted from this network address",
+            segment="MSH",
+            field_position=4,
+        )
+    if refusal is not None or partner is None:
+        assert refusal is not None
+        record_hl7_rejection(
+            session, raw=raw, error=refusal, sender=facility or None, transport=transport
+        )
+        await session.flush()
+        return Hl7Reply(_ack(parsed, "AR", refusal), "AR")
+
+    error: Hl7MessageError | None = None
+    event = None
+    try:
+        event = hl7v2_to_clinical_event(parsed, partner, identifier_base=runtime.systems.base)
+    except Hl7MessageError as exc:
+        if exc.ack_code == "AR":
+            record_hl7_rejection(session, raw=raw, error=exc, sender=facility, transport=transport)
+            await session.flush()
+            return Hl7Reply(_ack(parsed, "AR", exc), "AR")
+        error = exc
+    message = inbox.new_message(
+        channel=CHANNEL,
+        sender=facility,
+        external_id=parsed.control_id,
+        body=raw,
+        content_type=CONTENT_TYPE,
+    )
+    if error is not None:
+        message.status = MessageStatus.FAILED
+        message.response = {
+            "message_id": message.id,
+            "ack_code": "AE",
+            "status": "failed",
+            "error": _error_dict(error),
+        }
+    else:
+        message.response = {
+            "message_id": message.id,
+            "ack_code": "AA",
+            "status": "received" if event else "ignored",
+            "message_type": parsed.message_type,
+        }
+        if event is None:
+            message.status = MessageStatus.IGNORED
+        elif lease:
+            lease = lease_for_this_process(runtime, message)
+    if message.status != MessageStatus.RECEIVED:
+        message.processed_at = utcnow()
+    existing = await store_if_new(session, message)
+    if existing is not None:
+        if existing.content_hash == message.content_hash:
+            stored = existing.response or {}
+            code: AckCode = stored.get("ack_code", "AA")
+            stored_error = _error_from(stored["error"]) if stored.get("error") else None
+            log.info("hl7.duplicate", message_id=existing.id, transport=transport, ack_code=code)
+            return Hl7Reply(_ack(parsed, code, stored_error), code, duplicate=True)
+        reuse = Hl7MessageError(
+            "AR",
+            205,
+            "MSH-10 was already used by this facility for another message",
+            segment="MSH",
+            field_position=10,
+        )
+        record_hl7_rejection(session, raw=raw, error=reuse, sender=facility, transport=transport)
+        await session.flush()
+        return Hl7Reply(_ack(parsed, "AR", reuse), "AR")
+    if error is not None:
+        session.add(
+            inbox.new_exception(
+                kind="unmappable_input",
+                channel=CHANNEL,
+                sender=facility,
+                message_id=message.id,
+                problems=[error.problem],
+            )
+        )
+        await session.flush()
+        log.info(
+            "hl7.unmappable",
+            message_id=message.id,
+            transport=transport,
+            message_type=parsed.message_type,
+            hl7_code=error.hl7_code,
+            location=error.location,
+        )
+        return Hl7Reply(_ack(parsed, "AE", error), "AE")
+    log.info(
+        "hl7.received",
+        message_id=message.id,
+        transport=transport,
+        partner=partner.name,
+        message_type=parsed.message_type,
+        event_type=event.type if event else None,
+    )
+    if event is None or not lease:
+        return Hl7Reply(_ack(parsed, "AA"), "AA")
+    return Hl7Reply(_ack(parsed, "AA"), "AA", message=message, prepared=Prepared(events=[event]))

@@ -1,0 +1,323 @@
+"""``/v1/ops/exceptions``: the exceptions queue, with resolve and retry.
+
+Everything the gateway acknowledged but could not apply is here with the reason: an
+unmatched patient (with what was tried), an event its sender does not own, a transition
+the workflow does not allow, an HL7 message refused with AR, a webhook that does not map,
+missed FHIR subscription events. Listing needs ``ops:read``; resolving, retrying and
+reading a kept payload (it may hold PHI) need ``ops:admin``.
+
+Retry:
+
+* an exception about a stored inbound message (event channels): the message is applied
+  again with the current profiles and patient keys, right after the answer; every open
+  exception of that message is marked ``retried``; a new one appears if it fails again;
+* an HL7 message refused with AR (kept whole): received again, as if just sent (for a
+  sending facility added to the profiles since);
+* anything else cannot be retried here (409): resend it from its source, replay the
+  delivery, or re-query the EHR for missed events.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, BackgroundTasks, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select, update
+
+from gateway.clients.service import Principal
+from gateway.db.models import (
+    AuditEntry,
+    ExceptionRecord,
+    ExceptionStatus,
+    InboundMessage,
+    MessageStatus,
+)
+from gateway.db.types import utcnow
+from gateway.deps import RuntimeDep, SessionDep, require_scope
+from gateway.errors import ConflictError, NotFoundError
+from gateway.events.endpoints import apply_after_response, apply_id_after_response
+from gateway.events.service import EVENT_CHANNELS
+from gateway.hl7.service import CHANNEL as HL7_CHANNEL
+from gateway.hl7.service import receive_hl7
+from mappers.errors import Problem
+
+router = APIRouter(prefix="/v1/ops", tags=["ops"])
+
+
+class ExceptionOut(BaseModel):
+    """One exceptions-queue entry (problems name fields and codes, never values)."""
+
+    id: int
+    kind: str
+    channel: str
+    sender: str | None
+    message_id: str | None
+    case_id: str | None
+    status: str
+    problems: list[dict[str, Any]]
+    created_at: datetime
+    resolved_at: datetime | None
+    resolved_by: str | None
+    note: str | None
+    retries: int
+    has_payload: bool
+    retryable: bool
+
+
+class ExceptionPage(BaseModel):
+    """A page of exceptions, newest first; pass ``next_before_id`` as ``before_id``."""
+
+    items: list[ExceptionOut]
+    next_before_id: int | None
+
+
+class ResolveIn(BaseModel):
+    """Why it is resolved (kept with the entry; no PHI please)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    note: str | None = Field(default=None, max_length=1000)
+
+
+def _retryable(row: ExceptionRecord, message_channel: str | None) -> bool:
+    if row.status != ExceptionStatus.OPEN:
+        return False
+    if row.inbound_message_id and message_channel in EVENT_CHANNELS:
+        return True
+    return row.inbound_message_id is None and row.channel == HL7_CHANNEL and row.payload is not None
+
+
+def _out(row: ExceptionRecord, message_channel: str | None) -> ExceptionOut:
+    return ExceptionOut(
+        id=row.id,
+        kind=row.kind,
+        channel=row.channel,
+        sender=row.sender,
+        message_id=row.inbound_message_id,
+        case_id=row.case_id,
+        status=row.status,
+        problems=list(row.problems or []),
+        created_at=row.created_at,
+        resolved_at=row.resolved_at,
+        resolved_by=row.resolved_by,
+        note=row.note,
+        retries=row.retries,
+        has_payload=row.payload is not None,
+        retryable=_retryable(row, message_channel),
+    )
+
+
+async def _channels(session: SessionDep, rows: list[ExceptionRecord]) -> dict[str, str]:
+    ids = {r.inbound_message_id for r in rows if r.inbound_message_id}
+    if not ids:
+        return {}
+    found = await session.execute(
+        select(InboundMessage.id, InboundMessage.channel).where(InboundMessage.id.in_(ids))
+    )
+    return {i: c for i, c in found}
+
+
+async def _get_or_404(session: SessionDep, exception_id: int) -> ExceptionRecord:
+    row = await session.get(ExceptionRecord, exception_id)
+    if row is None:
+        raise NotFoundError("no such exception")
+    return row
+
+
+@router.get("/exceptions", response_model=ExceptionPage, summary="The exceptions queue")
+async def list_exceptions(
+    session: SessionDep,
+    _principal: Annotated[Principal, Depends(require_scope("ops:read"))],
+    status: Annotated[str | None, Query(description="open | resolved | retried")] = "open",
+    kind: str | None = None,
+    channel: str | None = None,
+    sender: str | None = None,
+    case_id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    before_id: int | None = None,
+) -> ExceptionPage:
+    """Exceptions, newest first, filtered by status (default ``open``), kind, channel,
+    sender or case."""
+    stmt = select(ExceptionRecord).order_by(ExceptionRecord.id.desc()).limit(limit + 1)
+    if status:
+        stmt = stmt.where(ExceptionRecord.status == status)
+    for column, value in (
+        (ExceptionRecord.kind, kind),
+        (ExceptionRecord.channel, channel),
+        (ExceptionRecord.sender, sender),
+        (ExceptionRecord.case_id, case_id),
+    ):
+        if value is not None:
+            stmt = stmt.where(column == value)
+    if before_id is not None:
+        stmt = stmt.where(ExceptionRecord.id < before_id)
+    rows = list((await session.scalars(stmt)).all())
+    page, more = rows[:limit], len(rows) > limit
+    channels = await _channels(session, page)
+    return ExceptionPage(
+        items=[_out(r, channels.get(r.inbound_message_id or "")) for r in page],
+        next_before_id=page[-1].id if more and page else None,
+    )
+
+
+@router.get("/exceptions/{exception_id}", response_model=ExceptionOut, summary="One exception")
+async def get_exception(
+    exception_id: int,
+    session: SessionDep,
+    _principal: Annotated[Principal, Depends(require_scope("ops:read"))],
+) -> ExceptionOut:
+    """One exceptions-queue entry."""
+    row = await _get_or_404(session, exception_id)
+    channels = await _channels(session, [row])
+    return _out(row, channels.get(row.inbound_message_id or ""))
+
+
+@router.get(
+    "/exceptions/{exception_id}/payload",
+    summary="The payload kept with an exception (may hold PHI)",
+    responses={200: {"content": {"application/octet-stream": {}}}, 404: {}},
+)
+async def get_exception_payload(
+    exception_id: int,
+    session: SessionDep,
+    principal: Annotated[Principal, Depends(require_scope("ops:admin"))],
+) -> Response:
+    """The raw input kept for review (the exception's own, else its inbound message's).
+    Every read is in the audit log."""
+    row = await _get_or_404(session, exception_id)
+    payload, content_type = row.payload, row.content_type
+    if payload is None and row.inbound_message_id:
+        message = await session.get(InboundMessage, row.inbound_message_id)
+        if message is not None:
+            payload, content_type = message.body, message.content_type
+    if payload is None:
+        raise NotFoundError("no payload is kept for this exception")
+    session.add(
+        AuditEntry(
+            actor=principal.name,
+            action="read",
+            entity_type="ExceptionPayload",
+            entity_id=str(row.id),
+            detail=None,
+        )
+    )
+    return Response(payload, media_type=content_type or "application/octet-stream")
+
+
+@router.post(
+    "/exceptions/{exception_id}/resolve",
+    response_model=ExceptionOut,
+    summary="Mark an exception resolved",
+    responses={404: {}, 409: {}},
+)
+async def resolve_exception(
+    exception_id: int,
+    session: SessionDep,
+    principal: Annotated[Principal, Depends(require_scope("ops:admin"))],
+    body: ResolveIn | None = None,
+) -> ExceptionOut:
+    """A person dealt with it (409 when it is not open)."""
+    row = await _get_or_404(session, exception_id)
+    if row.status != ExceptionStatus.OPEN:
+        raise ConflictError(
+            "the exception is not open", [Problem("status", "not_open", f"it is {row.status}")]
+        )
+    row.status = ExceptionStatus.RESOLVED
+    row.resolved_at = utcnow()
+    row.resolved_by = principal.name
+    row.note = body.note if body else None
+    session.add(
+        AuditEntry(
+            actor=principal.name,
+            action="resolve",
+            entity_type="Exception",
+            entity_id=str(row.id),
+            detail=None,
+        )
+    )
+    await session.flush()
+    channels = await _channels(session, [row])
+    return _out(row, channels.get(row.inbound_message_id or ""))
+
+
+@router.post(
+    "/exceptions/{exception_id}/retry",
+    status_code=202,
+    summary="Apply the input of an exception again",
+    responses={202: {}, 404: {}, 409: {}},
+)
+async def retry_exception(
+    exception_id: int,
+    request: Request,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    background: BackgroundTasks,
+    principal: Annotated[Principal, Depends(require_scope("ops:admin"))],
+) -> JSONResponse:
+    """Retry with the current profiles and patient keys (see the module docstring);
+    202 with what was done; 409 when this kind of exception cannot be retried."""
+    row = await _get_or_404(session, exception_id)
+    message = (
+        await session.get(InboundMessage, row.inbound_message_id)
+        if row.inbound_message_id
+        else None
+    )
+    if not _retryable(row, message.channel if message else None):
+        raise ConflictError(
+            "this exception cannot be retried here",
+            [
+                Problem(
+                    "kind",
+                    "not_retryable",
+                    "not open, or nothing stored to apply again: resend it from its source, "
+                    "replay the delivery, or re-query the EHR",
+                )
+            ],
+        )
+    now = utcnow()
+    body: dict[str, Any] = {"exception_id": row.id, "status": ExceptionStatus.RETRIED}
+    if message is not None:
+        message.status = MessageStatus.RECEIVED
+        message.attempts = 0
+        message.available_at = None
+        message.locked_until = None
+        message.processed_at = None
+        await session.execute(
+            update(ExceptionRecord)
+            .where(
+                ExceptionRecord.inbound_message_id == message.id,
+                ExceptionRecord.status == ExceptionStatus.OPEN,
+            )
+            .values(
+                status=ExceptionStatus.RETRIED,
+                resolved_at=now,
+                resolved_by=principal.name,
+                retries=ExceptionRecord.retries + 1,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        body["message_id"] = message.id
+        background.add_task(apply_id_after_response, request, runtime, message.id)
+    else:
+        assert row.payload is not None
+        reply = await receive_hl7(session, runtime, raw=row.payload, transport="retry")
+        row.status = ExceptionStatus.RETRIED
+        row.resolved_at = now
+        row.resolved_by = principal.name
+        row.retries += 1
+        body["ack_code"] = reply.code
+        body["message_id"] = reply.message_id
+        background.add_task(apply_after_response, request, runtime, reply)
+    session.add(
+        AuditEntry(
+            actor=principal.name,
+            action="retry",
+            entity_type="Exception",
+            entity_id=str(row.id),
+            detail={"message_id": body.get("message_id")},
+        )
+    )
+    return JSONResponse(body, status_code=202)

@@ -1,0 +1,1 @@
+"""partners domain: JSON webhooks from provider networks and pharmacies."""

@@ -1,0 +1,1 @@
+"""subscribers domain: ops-layer endpoints that receive signed case webhooks."""

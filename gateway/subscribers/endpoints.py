@@ -1,0 +1,175 @@
+"""``/v1/ops/subscribers``: ops-layer endpoints that receive signed case webhooks."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import select
+
+from gateway.clients.service import Principal
+from gateway.db.models import AuditEntry, Subscriber
+from gateway.deps import SessionDep, require_scope
+from gateway.errors import ConflictError, NotFoundError
+from gateway.subscribers.service import WEBHOOK_TYPES, new_secret
+from mappers.errors import Problem
+from mappers.profiles import RetryPolicy
+
+router = APIRouter(prefix="/v1/ops", tags=["ops"])
+
+_TYPES = {*WEBHOOK_TYPES, "case.*", "*"}
+
+
+class SubscriberIn(BaseModel):
+    """A new subscriber. ``secret`` (``whsec_`` + base64 of 24 to 64 bytes) is generated
+    when not given; ``event_types`` are ``case.opened``, ``case.state_changed``,
+    ``case.overdue``, ``case.*`` or ``*``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", examples=["crm"])
+    url: str = Field(max_length=2000, examples=["https://crm.example.com/hooks/fhir-gateway"])
+    event_types: list[str] = Field(min_length=1, examples=[["case.state_changed"]])
+    secret: str | None = Field(default=None, max_length=200)
+    retry: RetryPolicy | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+            raise ValueError("must be an absolute http(s) URL")
+        return value
+
+    @field_validator("event_types")
+    @classmethod
+    def _known_types(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - _TYPES)
+        if unknown:
+            raise ValueError(f"unknown event type(s); known: {', '.join(sorted(_TYPES))}")
+        return sorted(set(value))
+
+    @field_validator("secret")
+    @classmethod
+    def _standard_webhooks_secret(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            key = base64.b64decode(value.removeprefix("whsec_"), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError("must be whsec_ followed by base64") from exc
+        if not value.startswith("whsec_") or not 24 <= len(key) <= 64:
+            raise ValueError("must be whsec_ followed by base64 of 24 to 64 bytes")
+        return value
+
+
+class SubscriberOut(BaseModel):
+    """A subscriber (its secret is never shown again)."""
+
+    id: int
+    name: str
+    url: str
+    event_types: list[str]
+    active: bool
+    created_at: datetime
+    retry: dict[str, Any] | None
+
+
+def _out(row: Subscriber) -> SubscriberOut:
+    return SubscriberOut(
+        id=row.id,
+        name=row.name,
+        url=row.url,
+        event_types=list(row.event_types),
+        active=row.active,
+        created_at=row.created_at,
+        retry=row.retry,
+    )
+
+
+@router.post(
+    "/subscribers",
+    status_code=201,
+    summary="Register a subscriber for signed case webhooks",
+    responses={201: {}, 401: {}, 403: {}, 409: {}, 422: {}},
+)
+async def create_subscriber(
+    body: SubscriberIn,
+    session: SessionDep,
+    principal: Annotated[Principal, Depends(require_scope("ops:admin"))],
+) -> JSONResponse:
+    """Register a subscriber. The answer carries its Standard Webhooks ``secret`` (shown
+    this once); every later case change of the types it asked for is POSTed to ``url``,
+    signed, through the outbox (retries, backoff, dead letters), in order per case."""
+    taken = await session.scalar(select(Subscriber.id).where(Subscriber.name == body.name))
+    if taken is not None:
+        raise ConflictError(
+            "a subscriber with this name exists",
+            [Problem("name", "duplicate", "choose another name")],
+        )
+    secret = body.secret or new_secret()
+    row = Subscriber(
+        name=body.name,
+        url=body.url,
+        secret=secret,
+        event_types=body.event_types,
+        active=True,
+        retry=body.retry.model_dump() if body.retry else None,
+    )
+    session.add(row)
+    await session.flush()
+    session.add(
+        AuditEntry(
+            actor=principal.name,
+            action="create",
+            entity_type="Subscriber",
+            entity_id=str(row.id),
+            detail={"name": row.name, "event_types": row.event_types},
+        )
+    )
+    out = _out(row).model_dump(mode="json")
+    return JSONResponse({**out, "secret": secret}, status_code=201)
+
+
+@router.get("/subscribers", response_model=list[SubscriberOut], summary="Subscribers")
+async def list_subscribers(
+    session: SessionDep,
+    _principal: Annotated[Principal, Depends(require_scope("ops:read"))],
+) -> list[SubscriberOut]:
+    """Every subscriber, active or not (no secrets)."""
+    rows = (await session.scalars(select(Subscriber).order_by(Subscriber.name))).all()
+    return [_out(r) for r in rows]
+
+
+@router.delete(
+    "/subscribers/{subscriber_id}",
+    status_code=204,
+    summary="Deactivate a subscriber",
+    responses={204: {}, 404: {}},
+)
+async def deactivate_subscriber(
+    subscriber_id: int,
+    session: SessionDep,
+    principal: Annotated[Principal, Depends(require_scope("ops:admin"))],
+) -> Response:
+    """Stop sending to a subscriber; webhooks still queued for it are dead-lettered when
+    their turn comes (replayable if it is activated again)."""
+    row = await session.get(Subscriber, subscriber_id)
+    if row is None:
+        raise NotFoundError("no such subscriber")
+    row.active = False
+    session.add(
+        AuditEntry(
+            actor=principal.name,
+            action="deactivate",
+            entity_type="Subscriber",
+            entity_id=str(row.id),
+            detail=None,
+        )
+    )
+    return Response(status_code=204)

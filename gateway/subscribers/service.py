@@ -1,0 +1,142 @@
+"""Ops subscribers and the case webhooks they receive.
+
+A subscriber (CRM, portal, ops queue) has a URL, a Standard Webhooks secret
+(``whsec_`` + base64 of 32 random bytes, generated when not given) and the webhook types it
+wants. Every case change it wants becomes one outbox row (``deliveries.kind = "webhook"``,
+``target`` = the subscriber's name, ``ordering_key`` = the case id), written in the same
+transaction as the change, so it is sent exactly when the change is committed, with the
+outbox's retries, backoff and dead letters, in order per case and subscriber.
+
+Webhook types:
+
+* ``case.opened``: a case was opened (``from_state`` is null);
+* ``case.state_changed``: a case moved to another state;
+* ``case.overdue``: a case stayed in a state longer than its SLA timer.
+
+A subscription to ``*`` or ``case.*`` gets every type.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.db.models import Case, Delivery, Subscriber
+from gateway.db.types import utcnow
+from gateway.logging import get_logger
+from mappers.normalize import to_fhir_instant
+
+log = get_logger(__name__)
+
+WEBHOOK_TYPES = ("case.opened", "case.state_changed", "case.overdue")
+#: The ``kind`` of webhook rows in ``deliveries``.
+WEBHOOK_KIND = "webhook"
+
+
+def new_secret() -> str:
+    """A Standard Webhooks secret: ``whsec_`` + base64 of 32 random bytes."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def wants(subscriber: Subscriber, webhook_type: str) -> bool:
+    """True if ``subscriber`` asked for ``webhook_type`` (exactly, ``case.*`` or ``*``)."""
+    types = set(subscriber.event_types)
+    return bool({webhook_type, "*", webhook_type.split(".", 1)[0] + ".*"} & types)
+
+
+async def active_subscribers(session: AsyncSession) -> list[Subscriber]:
+    """Subscribers that receive webhooks."""
+    return list((await session.scalars(select(Subscriber).where(Subscriber.active))).all())
+
+
+def _instant(value: datetime | None) -> str | None:
+    return to_fhir_instant(value) if value is not None else None
+
+
+def case_payload(
+    case: Case,
+    webhook_type: str,
+    *,
+    from_state: str | None,
+    event: dict[str, Any] | None,
+    now: datetime,
+) -> dict[str, Any]:
+    """The webhook body for a change of ``case`` (ids and states only, no PHI).
+
+    Shape::
+
+        {"id": "msg_<32 hex>", "type": "case.state_changed", "timestamp": "<ISO 8601>",
+         "data": {"case_id", "patient_id", "program", "from_state", "to_state",
+                  "state_entered_at", "sequence", "overdue": {"timer", "due_at"} | null,
+                  "event": {"type", "detail", "source", "sender", "event_id",
+                            "occurred_at", "received_at", "reference"} | null}}
+
+    ``id`` is the Standard Webhooks ``webhook-id`` (the same on every retry) and
+    ``sequence`` increases with every change of the case.
+    """
+    return {
+        "id": f"msg_{uuid.uuid4().hex}",
+        "type": webhook_type,
+        "timestamp": to_fhir_instant(now),
+        "data": {
+            "case_id": case.id,
+            "patient_id": case.patient_id,
+            "program": case.program,
+            "from_state": from_state,
+            "to_state": case.state,
+            "state_entered_at": _instant(case.state_entered_at),
+            "sequence": case.version,
+            "overdue": {"timer": case.sla_timer, "due_at": _instant(case.sla_due_at)}
+            if webhook_type == "case.overdue"
+            else None,
+            "event": event,
+        },
+    }
+
+
+async def enqueue_case_webhook(
+    session: AsyncSession,
+    case: Case,
+    webhook_type: str,
+    *,
+    from_state: str | None,
+    event: dict[str, Any] | None,
+) -> int:
+    """Add one webhook outbox row per active subscriber that wants ``webhook_type``.
+
+    Call it in the transaction that changes the case (after a flush, so ``case.version``
+    is the new one). Returns how many rows were added.
+    """
+    now = utcnow()
+    subscribers = [s for s in await active_subscribers(session) if wants(s, webhook_type)]
+    if not subscribers:
+        return 0
+    payload = case_payload(case, webhook_type, from_state=from_state, event=event, now=now)
+    for subscriber in subscribers:
+        session.add(
+            Delivery(
+                kind=WEBHOOK_KIND,
+                target=subscriber.name,
+                ordering_key=case.id,
+                inbound_message_id=None,
+                resource_refs=[],
+                payload=payload,
+                available_at=now,
+                created_at=now,
+                source_received_at=now,
+            )
+        )
+    log.info(
+        "subscribers.enqueued",
+        case_id=case.id,
+        webhook_type=webhook_type,
+        webhook_id=payload["id"],
+        subscribers=len(subscribers),
+    )
+    return len(subscribers)

@@ -1,0 +1,190 @@
+"""POST /v1/hl7v2: ACKs (AA / AE / AR with MSA-2 and ERR), dedupe on MSH-10 per sending
+facility, patient matching by the EHR's Patient id and a learned MRN."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from hl7apy.parser import parse_message
+from sqlalchemy import select
+
+from gateway.db.models import ExceptionRecord, InboundMessage
+from gateway.runtime import Runtime
+from tests.conftest import ApiKeyFactory
+from tests.support.events_env import (
+    Patient,
+    add_remote_patient_id,
+    case_of,
+    hl7_message,
+    new_patient,
+    send_event,
+)
+
+ER7 = {"Content-Type": "application/hl7-v2"}
+
+
+async def _send(client: httpx.AsyncClient, headers: dict[str, str], message: str) -> list[str]:
+    r = await client.post("/v1/hl7v2", content=message.encode(), headers={**headers, **ER7})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/hl7-v2")
+    segments = r.text.split("\r")
+    assert r.headers["x-hl7-ack-code"] == segments[1].split("|")[1]
+    return segments
+
+
+async def _approved(
+    client: httpx.AsyncClient, runtime: Runtime, headers: dict[str, str]
+) -> Patient:
+    patient = await new_patient(client, headers)
+    for i, (event, detail, source) in enumerate(
+        [
+            ("payment_completed", None, "checkout"),
+            ("provider_assigned", None, "ehr"),
+            ("decision", "approved", "ehr"),
+        ]
+    ):
+        await send_event(
+            client,
+            headers,
+            patient,
+            event,
+            detail=detail,
+            source=source,
+            occurred_at=f"2026-11-24T0{i + 1}:00:00Z",
+        )
+    await add_remote_patient_id(runtime, patient.patient_id, "e-300")
+    return patient
+
+
+async def _exceptions(runtime: Runtime) -> list[ExceptionRecord]:
+    async with runtime.sessionmaker() as session:
+        return list(
+            (await session.scalars(select(ExceptionRecord).order_by(ExceptionRecord.id))).all()
+        )
+
+
+async def test_accepted_message_is_applied_and_its_mrn_learned(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str]
+) -> None:
+    patient = await _approved(client, runtime, admin_headers)
+    order = hl7_message(
+        "RDE^O11",
+        control_id="RX-1",
+        pid3="e-300^^^TESTEHR^PI~MRN-9^^^TESTEHR^MR",
+        orc="ORC|NW|PL-1|||IP||||20261124120000-0500",
+    )
+    ack = await _send(client, admin_headers, order)
+    assert ack[1] == "MSA|AA|RX-1"
+    parse_message("\r".join(ack)).validate()
+    case = await case_of(client, admin_headers, patient.case_id)
+    assert case["state"] == "prescribed"
+    last = case["history"][-1]
+    assert (last["sender"], last["channel"], last["event_id"], last["reference"]) == (
+        "test-ehr-hl7",
+        "hl7v2",
+        "RX-1",
+        "ORC-2:PL-1",
+    )
+    # the MRN alone now finds the patient
+    result = hl7_message(
+        "ORU^R01",
+        control_id="LAB-1",
+        pid3="MRN-9^^^TESTEHR^MR",
+        extra=["OBR|1|O1|F1|4548-4^A1c^LN|||20261124130000-0500", "OBX|1|NM|4548-4^A1c^LN||6.1|%"],
+    )
+    assert (await _send(client, admin_headers, result))[1] == "MSA|AA|LAB-1"
+    case = await case_of(client, admin_headers, patient.case_id)
+    assert case["history"][-1]["type"] == "result_available"
+    assert case["history"][-1]["outcome"] == "recorded"
+    assert await _exceptions(runtime) == []
+
+
+async def test_retransmission_gets_the_same_answer_and_is_applied_once(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str]
+) -> None:
+    patient = await _approved(client, runtime, admin_headers)
+    message = hl7_message(
+        "ORM^O01", control_id="ORM-7", pid3="e-300^^^TESTEHR^PI", orc="ORC|NW|PL-7"
+    )
+    first = await _send(client, admin_headers, message)
+    second = await _send(client, admin_headers, message)
+    assert first[1] == second[1] == "MSA|AA|ORM-7"
+    case = await case_of(client, admin_headers, patient.case_id)
+    assert [e["event_id"] for e in case["history"]].count("ORM-7") == 1
+    # another message reusing the control id is refused
+    other = hl7_message("ORM^O01", control_id="ORM-7", pid3="e-300^^^TESTEHR^PI", orc="ORC|NW|PL-8")
+    reused = await _send(client, admin_headers, other)
+    assert reused[1].startswith("MSA|AR|ORM-7")
+    assert reused[2].startswith("ERR||MSH^1^10|205^Duplicate key identifier^HL70357|E")
+
+
+async def test_unmappable_message_gets_ae_and_is_kept(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str]
+) -> None:
+    message = hl7_message(
+        "ORM^O01", control_id="ORM-9", pid3="X1^^^ELSEWHERE^MR", orc="ORC|NW|PL-9"
+    )
+    ack = await _send(client, admin_headers, message)
+    assert ack[1].startswith("MSA|AE|ORM-9|")
+    assert ack[2].startswith("ERR||PID^1^3|101^Required field missing^HL70357|E")
+    [exc] = await _exceptions(runtime)
+    assert (exc.kind, exc.channel, exc.sender) == ("unmappable_input", "hl7v2", "TESTEHR")
+    async with runtime.sessionmaker() as session:
+        stored = await session.get(InboundMessage, exc.inbound_message_id)
+    assert stored is not None and stored.status == "failed"
+    assert (await _send(client, admin_headers, message))[1].startswith("MSA|AE|ORM-9")
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        (hl7_message("ORU^R01", control_id="Z-1", facility="STRANGER", pid3="1^^^X"), "207"),
+        (hl7_message("ORU^R01", control_id="Z-2", pid3="1^^^X", version="2.9"), "203"),
+        (
+            hl7_message("SIU^S12", control_id="Z-3", pid3="1^^^X").replace(
+                "SIU^S12^SIU_S12", "ADT^A04^ADT_A01"
+            ),
+            "200",
+        ),
+        ("this is not HL7", "100"),
+    ],
+)
+async def test_messages_we_will_not_process_get_ar_and_are_kept_whole(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    admin_headers: dict[str, str],
+    message: str,
+    code: str,
+) -> None:
+    ack = await _send(client, admin_headers, message)
+    assert ack[1].split("|")[1] == "AR"
+    assert f"|{code}^" in ack[2]
+    [exc] = await _exceptions(runtime)
+    assert exc.kind == "hl7_rejected" and exc.payload == message.encode()
+    async with runtime.sessionmaker() as session:
+        assert (await session.scalars(select(InboundMessage.id))).all() == []
+
+
+async def test_ignored_order_control_is_acknowledged(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str]
+) -> None:
+    message = hl7_message("RDE^O11", control_id="CA-1", pid3="e-1^^^TESTEHR^PI", orc="ORC|CA|PL-1")
+    assert (await _send(client, admin_headers, message))[1] == "MSA|AA|CA-1"
+    assert await _exceptions(runtime) == []
+
+
+async def test_http_errors_are_problem_details(
+    client: httpx.AsyncClient, make_api_key: ApiKeyFactory
+) -> None:
+    message = hl7_message("ORU^R01", control_id="Q-1", pid3="1^^^X").encode()
+    assert (await client.post("/v1/hl7v2", content=message, headers=ER7)).status_code == 401
+    weak = {"Authorization": f"Bearer {await make_api_key('events:write')}"}
+    assert (
+        await client.post("/v1/hl7v2", content=message, headers={**weak, **ER7})
+    ).status_code == 403
+    key = {"Authorization": f"Bearer {await make_api_key('hl7:write')}"}
+    r = await client.post(
+        "/v1/hl7v2", content=message, headers={**key, "Content-Type": "application/json"}
+    )
+    assert r.status_code == 415
+    assert r.headers["content-type"].startswith("application/problem+json")

@@ -1,0 +1,274 @@
+"""The MLLP listener with a real HL7 client written by others (the ``hl7`` package's
+asyncio MLLP client and its ``mllp_send`` command): several messages on one connection,
+several connections at once, a broken frame, a malformed message, an oversize one."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import hl7
+import httpx
+import pytest
+from hl7.mllp import open_hl7_connection
+
+from gateway.events.service import apply_received
+from gateway.hl7.mllp import MllpDecoder, MllpServer
+from gateway.hl7.service import Hl7Reply
+from gateway.runtime import Runtime
+from tests.support.events_env import (
+    Patient,
+    add_remote_patient_id,
+    case_of,
+    hl7_message,
+    new_patient,
+)
+
+SB, EB, CR = b"\x0b", b"\x1c", b"\r"
+
+
+@pytest.fixture
+async def mllp(runtime: Runtime) -> AsyncIterator[MllpServer]:
+    async def apply(reply: Hl7Reply) -> object:
+        assert reply.message is not None
+        return await apply_received(runtime, reply.message, prepared=reply.prepared)
+
+    server = MllpServer(runtime, port=0, max_message_bytes=4096, after_store=apply)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+async def _patient(
+    client: httpx.AsyncClient, runtime: Runtime, headers: dict[str, str], remote: str
+) -> Patient:
+    patient = await new_patient(client, headers)
+    await add_remote_patient_id(runtime, patient.patient_id, remote)
+    return patient
+
+
+def _msa(message: hl7.Message) -> tuple[str, str]:
+    msa = message.segment("MSA")
+    return str(msa[1]), str(msa[2])
+
+
+async def _settle(server: MllpServer) -> None:
+    """Wait for the after-ACK work of the listener."""
+    for _ in range(200):
+        if not server._background:
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_several_messages_on_one_connection(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str], mllp: MllpServer
+) -> None:
+    patient = await _patient(client, runtime, admin_headers, "e-1")
+    reader, writer = await open_hl7_connection("127.0.0.1", mllp.port)
+    try:
+        messages = [
+            hl7_message("ADT^A08", control_id="M-1", pid3="e-1^^^TESTEHR^PI"),
+            hl7_message(
+                "ORU^R01",
+                control_id="M-2",
+                pid3="e-1^^^TESTEHR^PI",
+                extra=["OBR|1|O1|F1|4548-4^A1c^LN"],
+            ),
+            hl7_message("SIU^S12", control_id="M-3", pid3="e-1^^^TESTEHR^PI"),
+        ]
+        for message in messages:
+            writer.writemessage(hl7.parse(message))
+            await writer.drain()
+            ack = await asyncio.wait_for(reader.readmessage(), 5)
+            assert _msa(ack) == ("AA", message.split("|")[9])
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    await _settle(mllp)
+    case = await case_of(client, admin_headers, patient.case_id)
+    assert {e["event_id"] for e in case["history"] if e["channel"] == "hl7v2"} == {
+        "M-1",
+        "M-2",
+        "M-3",
+    }
+
+
+async def test_broken_frame_and_malformed_message_leave_the_connection_usable(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str], mllp: MllpServer
+) -> None:
+    await _patient(client, runtime, admin_headers, "e-2")
+    reader, writer = await open_hl7_connection("127.0.0.1", mllp.port)
+    try:
+        # a frame without its start block
+        writer.write(
+            b"MSH|^~\\&|EHRAPP|TESTEHR|FHIRGW|TELE|20261124||ADT^A08|B-1|P|2.5.1" + EB + CR
+        )
+        ack = await asyncio.wait_for(reader.readmessage(), 5)
+        assert _msa(ack) == ("AR", "")
+        assert "Segment sequence error" in str(ack.segment("ERR"))
+        # a proper frame with something that is not HL7
+        writer.writeblock(b"HELLO WORLD")
+        ack = await asyncio.wait_for(reader.readmessage(), 5)
+        assert _msa(ack) == ("AR", "")
+        # a readable message that cannot be mapped
+        writer.writemessage(
+            hl7.parse(hl7_message("ORM^O01", control_id="B-2", pid3="X^^^NOWHERE", orc="ORC|NW|P1"))
+        )
+        ack = await asyncio.wait_for(reader.readmessage(), 5)
+        assert _msa(ack) == ("AE", "B-2")
+        # junk between frames, then a good message: still accepted on the same connection
+        writer.write(b"\r\n")
+        writer.writemessage(
+            hl7.parse(hl7_message("ADT^A08", control_id="B-3", pid3="e-2^^^TESTEHR^PI"))
+        )
+        ack = await asyncio.wait_for(reader.readmessage(), 5)
+        assert _msa(ack) == ("AA", "B-3")
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    exceptions = (await client.get("/v1/ops/exceptions", headers=admin_headers)).json()["items"]
+    assert sorted(e["kind"] for e in exceptions) == [
+        "hl7_rejected",
+        "hl7_rejected",
+        "unmappable_input",
+    ]
+
+
+async def test_an_oversize_message_is_refused_and_the_connection_closed(
+    mllp: MllpServer,
+) -> None:
+    reader, writer = await open_hl7_connection("127.0.0.1", mllp.port)
+    try:
+        writer.write(SB + b"MSH|" + b"X" * 5000)
+        await writer.drain()
+        ack = await asyncio.wait_for(reader.readmessage(), 5)
+        assert _msa(ack) == ("AR", "")
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+    finally:
+        writer.close()
+
+
+async def test_several_connections_at_once(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str], mllp: MllpServer
+) -> None:
+    patient = await _patient(client, runtime, admin_headers, "e-3")
+
+    async def sender(n: int) -> list[tuple[str, str]]:
+        reader, writer = await open_hl7_connection("127.0.0.1", mllp.port)
+        acks = []
+        try:
+            for i in range(3):
+                writer.writemessage(
+                    hl7.parse(
+                        hl7_message("ADT^A08", control_id=f"C{n}-{i}", pid3="e-3^^^TESTEHR^PI")
+                    )
+                )
+                acks.append(_msa(await asyncio.wait_for(reader.readmessage(), 10)))
+        finally:
+            writer.close()
+            await writer.wait_closed()
+        return acks
+
+    results = await asyncio.gather(*(sender(n) for n in range(4)))
+    assert [a for acks in results for a in acks] == [
+        ("AA", f"C{n}-{i}") for n in range(4) for i in range(3)
+    ]
+    await _settle(mllp)
+    case = await case_of(client, admin_headers, patient.case_id)
+    assert sum(1 for e in case["history"] if e["channel"] == "hl7v2") == 12
+
+
+async def test_mllp_send_command(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    admin_headers: dict[str, str],
+    mllp: MllpServer,
+    tmp_path: Path,
+) -> None:
+    await _patient(client, runtime, admin_headers, "e-4")
+    batch = tmp_path / "batch.hl7"
+    batch.write_text(
+        "\n".join(
+            hl7_message("ADT^A08", control_id=f"S-{i}", pid3="e-4^^^TESTEHR^PI").replace("\r", "\n")
+            for i in range(3)
+        )
+    )
+    command = Path(sys.executable).with_name("mllp_send")
+    proc = await asyncio.create_subprocess_exec(
+        str(command),
+        "--port",
+        str(mllp.port),
+        "--file",
+        str(batch),
+        "--loose",
+        "127.0.0.1",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0, err
+    text = out.decode().replace("\x0b", "").replace("\x1c", "").replace("\r", "\n")
+    acks = [line for line in text.split("\n") if line.startswith("MSA")]
+    assert acks == ["MSA|AA|S-0", "MSA|AA|S-1", "MSA|AA|S-2"]
+
+
+def test_decoder_splits_frames_and_reports_framing_errors() -> None:
+    decoder = MllpDecoder(max_bytes=50)
+    assert decoder.feed(SB + b"one" + EB) == []
+    assert decoder.partial
+    assert decoder.feed(CR + b"\n" + SB + b"two" + EB + CR) == [
+        ("frame", b"one"),
+        ("frame", b"two"),
+    ]
+    assert not decoder.partial
+    assert decoder.feed(b"junk" + EB + CR) == [("broken", b"junk")]
+    assert decoder.feed(SB + b"cut" + SB + b"three" + EB + CR) == [
+        ("broken", b"cut"),
+        ("frame", b"three"),
+    ]
+    assert decoder.feed(SB + b"x" * 60) == [("oversize", b"")]
+
+
+async def test_the_mllp_command_listens_acks_and_stops(tmp_path: Path, profiles_dir: Path) -> None:
+    from gateway.db.migrate import upgrade_async
+
+    database = f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}"
+    await upgrade_async(database)
+    env = {
+        **os.environ,
+        "GATEWAY_DATABASE_URL": database,
+        "GATEWAY_PROFILES_DIR": str(profiles_dir),
+        "GATEWAY_LOG_LEVEL": "warning",
+    }
+    command = Path(sys.executable).with_name("fhir-gateway")
+    proc = await asyncio.create_subprocess_exec(
+        str(command),
+        "mllp",
+        "--port",
+        "0",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stderr is not None
+        line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
+        assert line.startswith("MLLP listening on 127.0.0.1:"), line
+        port = int(line.rsplit(":", 1)[1])
+        reader, writer = await open_hl7_connection("127.0.0.1", port)
+        writer.writemessage(
+            hl7.parse(hl7_message("ADT^A08", control_id="CLI-1", pid3="x^^^TESTEHR^MR"))
+        )
+        ack = await asyncio.wait_for(reader.readmessage(), 10)
+        writer.close()
+        assert _msa(ack) == ("AA", "CLI-1")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 10)
+    assert proc.returncode == 0

@@ -1,0 +1,205 @@
+"""Ops subscribers: registration, and signed state-change webhooks through the outbox
+(retries with backoff, dead letters, order per case) to a real local subscriber that
+verifies them with the standardwebhooks library."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from gateway.db.models import Delivery, DeliveryAttempt
+from gateway.delivery.worker import DeliveryWorker
+from gateway.runtime import Runtime
+from tests.conftest import ApiKeyFactory
+from tests.support.events_env import Subscriber, new_patient, run_subscriber, send_event
+
+FAST = {"base_delay_s": 0.01, "max_delay_s": 0.02, "max_attempts": 4, "max_age_s": 60}
+
+
+@pytest.fixture
+async def subscriber() -> AsyncIterator[tuple[Subscriber, str]]:
+    sub = Subscriber(secret="")
+    async with run_subscriber(sub) as url:
+        yield sub, url
+
+
+async def _register(
+    client: httpx.AsyncClient, headers: dict[str, str], sub: Subscriber, url: str, **extra: Any
+) -> dict[str, Any]:
+    body = {"name": "crm", "url": url, "event_types": ["case.*"], "retry": FAST, **extra}
+    r = await client.post("/v1/ops/subscribers", json=body, headers=headers)
+    assert r.status_code == 201, r.text
+    sub.secret = r.json()["secret"]
+    return dict(r.json())
+
+
+async def _drain(worker: DeliveryWorker, rounds: int = 50) -> None:
+    import asyncio
+
+    for _ in range(rounds):
+        if await worker.run_once() == 0:
+            await asyncio.sleep(0.03)  # let backoff pass
+            if await worker.run_once() == 0:
+                return
+
+
+async def _deliveries(runtime: Runtime) -> list[Delivery]:
+    async with runtime.sessionmaker() as session:
+        return list(
+            (
+                await session.scalars(
+                    select(Delivery).where(Delivery.kind == "webhook").order_by(Delivery.id)
+                )
+            ).all()
+        )
+
+
+async def test_register_list_and_deactivate(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], make_api_key: ApiKeyFactory
+) -> None:
+    r = await client.post(
+        "/v1/ops/subscribers",
+        json={
+            "name": "portal",
+            "url": "https://portal.example.com/hooks",
+            "event_types": ["case.state_changed"],
+        },
+        headers=admin_headers,
+    )
+    assert r.status_code == 201
+    created = r.json()
+    assert created["secret"].startswith("whsec_")
+    listed = (await client.get("/v1/ops/subscribers", headers=admin_headers)).json()
+    assert [s["name"] for s in listed] == ["portal"] and "secret" not in listed[0]
+    dup = await client.post(
+        "/v1/ops/subscribers",
+        json={"name": "portal", "url": "https://x.example.com", "event_types": ["*"]},
+        headers=admin_headers,
+    )
+    assert dup.status_code == 409
+    reader = {"Authorization": f"Bearer {await make_api_key('ops:read')}"}
+    assert (await client.get("/v1/ops/subscribers", headers=reader)).status_code == 200
+    assert (
+        await client.delete(f"/v1/ops/subscribers/{created['id']}", headers=reader)
+    ).status_code == 403
+    assert (
+        await client.delete(f"/v1/ops/subscribers/{created['id']}", headers=admin_headers)
+    ).status_code == 204
+    assert (await client.get("/v1/ops/subscribers", headers=admin_headers)).json()[0][
+        "active"
+    ] is False
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"event_types": ["case.exploded"]}, "body.event_types"),
+        ({"event_types": []}, "body.event_types"),
+        ({"url": "ftp://files.example.com"}, "body.url"),
+        ({"secret": "whsec_c2hvcnQ="}, "body.secret"),
+        ({"secret": "plain-password-123"}, "body.secret"),
+    ],
+)
+async def test_invalid_subscribers_are_refused_without_echo(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], change: dict[str, Any], field: str
+) -> None:
+    body = {"name": "crm", "url": "https://crm.example.com/hooks", "event_types": ["*"], **change}
+    r = await client.post("/v1/ops/subscribers", json=body, headers=admin_headers)
+    assert r.status_code == 422
+    assert [e["field"] for e in r.json()["errors"]] == [field]
+    assert "plain-password-123" not in r.text
+
+
+async def test_state_changes_are_signed_retried_and_sent_in_order(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    admin_headers: dict[str, str],
+    subscriber: tuple[Subscriber, str],
+) -> None:
+    sub, url = subscriber
+    await _register(client, admin_headers, sub, url, event_types=["case.state_changed"])
+    patient = await new_patient(client, admin_headers)  # case.opened: not asked for
+    await send_event(
+        client,
+        admin_headers,
+        patient,
+        "payment_completed",
+        source="checkout",
+        occurred_at="2026-11-24T09:00:00Z",
+    )
+    await send_event(
+        client, admin_headers, patient, "provider_assigned", occurred_at="2026-11-24T10:00:00Z"
+    )
+    sub.fail_next = 2  # the first change fails twice: the second must wait behind it
+    worker = DeliveryWorker(runtime)
+    try:
+        await _drain(worker)
+    finally:
+        await worker.aclose()
+    assert sub.rejected == 0
+    assert [
+        (r.payload["data"]["from_state"], r.payload["data"]["to_state"]) for r in sub.received
+    ] == [
+        ("intake_received", "awaiting_review"),
+        ("awaiting_review", "in_review"),
+    ]
+    first, second = sub.received
+    assert first.payload["type"] == "case.state_changed"
+    assert first.payload["data"]["case_id"] == patient.case_id
+    assert first.payload["data"]["event"]["type"] == "payment_completed"
+    assert first.headers["webhook-id"] == first.payload["id"]
+    assert first.payload["data"]["sequence"] < second.payload["data"]["sequence"]
+    assert sub.attempts == 4
+    rows = await _deliveries(runtime)
+    assert [(d.status, d.attempts) for d in rows] == [("delivered", 3), ("delivered", 1)]
+    async with runtime.sessionmaker() as session:
+        attempts = (
+            await session.scalars(
+                select(DeliveryAttempt.outcome).where(DeliveryAttempt.delivery_id == rows[0].id)
+            )
+        ).all()
+    assert attempts == ["transient", "transient", "delivered"]
+
+
+async def test_a_refusing_subscriber_dead_letters_without_blocking_the_case(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    admin_headers: dict[str, str],
+    subscriber: tuple[Subscriber, str],
+) -> None:
+    sub, url = subscriber
+    await _register(client, admin_headers, sub, url)
+    await new_patient(client, admin_headers)  # case.opened
+    sub.fail_next, sub.fail_status = 1, 410
+    worker = DeliveryWorker(runtime)
+    try:
+        await _drain(worker)
+    finally:
+        await worker.aclose()
+    [row] = await _deliveries(runtime)
+    assert (row.status, row.dead_reason, row.last_status_code) == ("dead", "rejected", 410)
+
+
+async def test_webhooks_of_a_deactivated_subscriber_are_dead_lettered(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    admin_headers: dict[str, str],
+    subscriber: tuple[Subscriber, str],
+) -> None:
+    sub, url = subscriber
+    created = await _register(client, admin_headers, sub, url)
+    await new_patient(client, admin_headers)
+    await client.delete(f"/v1/ops/subscribers/{created['id']}", headers=admin_headers)
+    worker = DeliveryWorker(runtime)
+    try:
+        await _drain(worker)
+    finally:
+        await worker.aclose()
+    assert sub.attempts == 0
+    assert [(d.status, d.dead_reason) for d in await _deliveries(runtime)] == [
+        ("dead", "subscriber_inactive")
+    ]

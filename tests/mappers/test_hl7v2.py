@@ -1,0 +1,321 @@
+"""HL7 v2 -> ClinicalEvent (golden files in golden/hl7v2: message beside expected event),
+the errors answered with AE/AR, DTM parsing and the ACK."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hl7apy.parser import parse_message
+
+from gateway.settings import BUNDLED_PROFILES_DIR
+from mappers.errors import MappingError
+from mappers.hl7v2 import (
+    Hl7MessageError,
+    _build_ack,
+    build_ack,
+    hl7v2_to_clinical_event,
+    normalize_er7,
+    parse_er7,
+    parse_hl7_datetime,
+)
+from mappers.profiles import PartnerProfile, ProfileSet, load_profiles
+from mappers.profiles.events import Hl7Spec
+
+GOLDEN = Path(__file__).parent / "golden" / "hl7v2"
+BASE = "https://fhir-gateway.example.org/sid"
+NOW = datetime(2026, 11, 24, 15, 0, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def profiles() -> ProfileSet:
+    return load_profiles(BUNDLED_PROFILES_DIR)
+
+
+def _event_json(event: Any) -> dict[str, Any]:
+    return {
+        "source": event.source,
+        "sender": event.sender,
+        "event_id": event.event_id,
+        "type": event.type,
+        "detail": event.detail,
+        "occurred_at": event.occurred_at.isoformat(),
+        "patient": [[r.kind, r.value, r.system, r.target] for r in event.patient],
+        "reference": event.reference,
+    }
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in GOLDEN.glob("*.hl7")))
+def test_golden_message_maps_to_expected_event(name: str, profiles: ProfileSet) -> None:
+    expected = json.loads((GOLDEN / f"{name}.json").read_text())
+    message = parse_er7((GOLDEN / f"{name}.hl7").read_bytes().decode())
+    partner = profiles.hl7_sender(message.sending_facility)
+    assert partner is not None and partner.name == expected["partner"]
+    event = hl7v2_to_clinical_event(message, partner, identifier_base=BASE)
+    assert event is not None
+    got = _event_json(event)
+    want = expected["event"]
+    assert datetime.fromisoformat(got.pop("occurred_at")) == datetime.fromisoformat(
+        want.pop("occurred_at")
+    )
+    assert got == want
+
+
+def test_line_endings_are_normalized_so_nothing_after_msh_is_lost() -> None:
+    text = "MSH|^~\\&|A|B|C|D|20260101||ADT^A08|1|P|2.5\r\nEVN|A08\nPID|1||X\r\n\r\n"
+    assert normalize_er7(text) == "MSH|^~\\&|A|B|C|D|20260101||ADT^A08|1|P|2.5\rEVN|A08\rPID|1||X"
+    assert [s[0] for s in parse_er7(text).segments] == ["MSH", "EVN", "PID"]
+
+
+def _partner(profiles: ProfileSet, name: str = "example-ehr-hl7") -> PartnerProfile:
+    return profiles.partners[name]
+
+
+MSH = "MSH|^~\\&|EPICRX|EXAMPLEEHR|FHIRGW|TELE|20261124093000||{type}|CTRL1|P|{version}"
+
+
+@pytest.mark.parametrize(
+    ("text", "ack_code", "hl7_code", "location"),
+    [
+        ("PID|1||X\r", "AR", 100, "MSH"),
+        (MSH.format(type="ORM^O01", version="2.9") + "\rPID|1||X", "AR", 203, "MSH-12"),
+        ("MSH|^~\\&|A|EXAMPLEEHR|C|D|20261124||ORM^O01||P|2.5.1\rPID|1||X", "AR", 101, "MSH-10"),
+        ("MSH|^~\\&|A|EXAMPLEEHR|C|D|20261124||ORM|C1|P|2.5.1\rPID|1||X", "AR", 101, "MSH-9"),
+        ("MSH|^^^^|A|EXAMPLEEHR|C|D|20261124||ORM^O01|C1|P|2.5.1", "AR", 100, "MSH-2"),
+    ],
+)
+def test_unreadable_envelopes_are_refused(
+    text: str, ack_code: str, hl7_code: int, location: str
+) -> None:
+    with pytest.raises(Hl7MessageError) as err:
+        parse_er7(text)
+    assert (err.value.ack_code, err.value.hl7_code, err.value.location) == (
+        ack_code,
+        hl7_code,
+        location,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "ack_code", "hl7_code", "location"),
+    [
+        # a message type the sender's table does not list
+        (MSH.format(type="ADT^A04^ADT_A01", version="2.5.1") + "\rPID|1||X", "AR", 200, "MSH-9"),
+        # no PID
+        (MSH.format(type="ORM^O01^ORM_O01", version="2.5.1") + "\rORC|NW|P1", "AE", 100, "PID"),
+        # no ORC-1
+        (
+            MSH.format(type="ORM^O01^ORM_O01", version="2.5.1")
+            + "\rPID|1||M1^^^EXAMPLEEHR^MR\rORC||P1",
+            "AE",
+            101,
+            "ORC-1",
+        ),
+        # an order control the table does not map
+        (
+            MSH.format(type="ORM^O01^ORM_O01", version="2.5.1")
+            + "\rPID|1||M1^^^EXAMPLEEHR^MR\rORC|XX|P1",
+            "AE",
+            103,
+            "ORC-1",
+        ),
+        # PID-3 with an identifier of no configured kind
+        (
+            MSH.format(type="ORM^O01^ORM_O01", version="2.5.1")
+            + "\rPID|1||M1^^^OTHER^MR\rORC|NW|P1",
+            "AE",
+            101,
+            "PID-3",
+        ),
+        # an order time that is not a time
+        (
+            MSH.format(type="ORM^O01^ORM_O01", version="2.5.1")
+            + "\rPID|1||M1^^^EXAMPLEEHR^MR\rORC|NW|P1|||||||yesterday",
+            "AE",
+            102,
+            "ORC-9",
+        ),
+    ],
+)
+def test_unmappable_messages_say_why_and_where(
+    profiles: ProfileSet, text: str, ack_code: str, hl7_code: int, location: str
+) -> None:
+    message = parse_er7(text)
+    with pytest.raises(Hl7MessageError) as err:
+        hl7v2_to_clinical_event(message, _partner(profiles), identifier_base=BASE)
+    assert (err.value.ack_code, err.value.hl7_code, err.value.location) == (
+        ack_code,
+        hl7_code,
+        location,
+    )
+    assert "M1" not in str(err.value)
+
+
+def test_ignore_rows_give_no_event(profiles: ProfileSet) -> None:
+    text = (
+        MSH.format(type="ORM^O01^ORM_O01", version="2.5.1")
+        + "\rPID|1||M1^^^EXAMPLEEHR^MR\rORC|CA|P1"
+    )
+    assert (
+        hl7v2_to_clinical_event(parse_er7(text), _partner(profiles), identifier_base=BASE) is None
+    )
+
+
+def test_unmatched_rows_can_be_ignored_by_the_profile(profiles: ProfileSet) -> None:
+    partner = _partner(profiles)
+    assert partner.hl7 is not None
+    lenient = partner.model_copy(
+        update={"hl7": partner.hl7.model_copy(update={"unmatched": "ignore"})}
+    )
+    text = (
+        MSH.format(type="ORM^O01^ORM_O01", version="2.5.1")
+        + "\rPID|1||M1^^^EXAMPLEEHR^MR\rORC|XX|P1"
+    )
+    assert hl7v2_to_clinical_event(parse_er7(text), lenient, identifier_base=BASE) is None
+
+
+def test_escaped_identifier_is_unescaped(profiles: ProfileSet) -> None:
+    text = (
+        MSH.format(type="ORM^O01^ORM_O01", version="2.5.1")
+        + "\rPID|1||A\\T\\B^^^EXAMPLEEHR^MR\rORC|NW|P1"
+    )
+    event = hl7v2_to_clinical_event(parse_er7(text), _partner(profiles), identifier_base=BASE)
+    assert event is not None and event.patient[0].value == "A&B"
+
+
+def test_identifier_rules_are_tried_in_profile_order(profiles: ProfileSet) -> None:
+    # PID-3 lists the MRN first; the profile prefers the EHR's Patient id (PI)
+    text = (
+        MSH.format(type="ORM^O01^ORM_O01", version="2.5.1")
+        + "\rPID|1||M1^^^EXAMPLEEHR^MR~e-9^^^EXAMPLEEHR^PI\rORC|NW|P1"
+    )
+    event = hl7v2_to_clinical_event(parse_er7(text), _partner(profiles), identifier_base=BASE)
+    assert event is not None
+    assert [(r.kind, r.value) for r in event.patient] == [
+        ("remote_id", "e-9"),
+        ("identifier", "M1"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("raw", "zone", "expected"),
+    [
+        (
+            "20261124093015-0500",
+            "UTC",
+            datetime(2026, 11, 24, 9, 30, 15, tzinfo=timezone(timedelta(hours=-5))),
+        ),
+        (
+            "20261124093015.1234+0130",
+            "UTC",
+            datetime(
+                2026, 11, 24, 9, 30, 15, 123400, tzinfo=timezone(timedelta(hours=1, minutes=30))
+            ),
+        ),
+        ("202611240930", "UTC", datetime(2026, 11, 24, 9, 30, tzinfo=UTC)),
+        ("20261124", "UTC", datetime(2026, 11, 24, tzinfo=UTC)),
+        ("20260701120000", "America/Chicago", datetime(2026, 7, 1, 17, 0, tzinfo=UTC)),
+    ],
+)
+def test_hl7_datetimes(raw: str, zone: str, expected: datetime) -> None:
+    assert parse_hl7_datetime(raw, zone) == expected
+
+
+@pytest.mark.parametrize("raw", ["", "2026-11-24", "20261324", "20260230", "2026112409301"])
+def test_bad_hl7_datetimes(raw: str) -> None:
+    with pytest.raises(MappingError):
+        parse_hl7_datetime(raw)
+
+
+def test_ack_accepts_and_echoes_the_control_id() -> None:
+    message = parse_er7((GOLDEN / "rds_o13_dispensed.hl7").read_text())
+    ack = build_ack(message, "AA", control_id="ACK1", now=NOW)
+    parsed = parse_message(ack)
+    parsed.validate()
+    assert parsed.msh.msh_9.to_er7() == "ACK^O13^ACK"
+    assert parsed.msh.msh_3.to_er7() == "FHIRGW" and parsed.msh.msh_5.to_er7() == "RXSYS"
+    assert parsed.msh.msh_6.to_er7() == "SUNRISE-RX"
+    assert parsed.msa.msa_1.value == "AA"
+    assert parsed.msa.msa_2.value == "RDS0003"
+    assert "ERR" not in ack
+
+
+def test_ack_error_has_err_segment_with_code_and_location() -> None:
+    message = parse_er7((GOLDEN / "rds_o13_dispensed.hl7").read_text())
+    error = Hl7MessageError("AE", 101, "PID-3 has no identifier", segment="PID", field_position=3)
+    ack = build_ack(message, "AE", control_id="ACK2", now=NOW, error=error)
+    parsed = parse_message(ack)
+    parsed.validate()
+    segments = ack.split("\r")
+    assert [s[:3] for s in segments] == ["MSH", "MSA", "ERR"]
+    assert segments[1] == "MSA|AE|RDS0003|PID-3 has no identifier"
+    assert (
+        segments[2]
+        == "ERR||PID^1^3|101^Required field missing^HL70357|E||||PID-3 has no identifier"
+    )
+
+
+def test_ack_before_2_5_uses_err_1() -> None:
+    message = parse_er7((GOLDEN / "adt_a08_no_structure.hl7").read_text().replace("2.3.1", "2.3"))
+    error = Hl7MessageError("AE", 101, "missing", segment="PID", field_position=3)
+    ack = build_ack(message, "AE", control_id="ACK3", now=NOW, error=error)
+    assert ack.split("\r")[0].split("|")[8] == "ACK^A08"
+    assert ack.split("\r")[2] == "ERR|PID^1^3^101&Required field missing&HL70357"
+
+
+def test_ack_for_an_unreadable_message_rejects_with_empty_msa_2() -> None:
+    error = Hl7MessageError("AR", 100, "no MSH", segment="MSH")
+    ack = build_ack(None, "AR", control_id="ACK4", now=NOW, error=error)
+    segments = ack.split("\r")
+    assert segments[1] == "MSA|AR||no MSH"
+    assert segments[2].startswith("ERR||MSH^1|100^Segment sequence error^HL70357|E")
+
+
+def test_ack_text_cannot_break_the_message_structure() -> None:
+    message = parse_er7((GOLDEN / "rds_o13_dispensed.hl7").read_text())
+    error = Hl7MessageError("AE", 207, "bad|text^with~separators\\and&more\rsegment")
+    ack = build_ack(message, "AE", control_id="ACK5", now=NOW, error=error)
+    assert len(ack.split("\r")) == 3
+    assert ack.split("\r")[1].count("|") == 3
+
+
+def test_hl7_spec_validates_peers_and_zone() -> None:
+    base = {
+        "facilities": ["F"],
+        "patient_identifiers": [{"system": "urn:x"}],
+        "messages": [{"message": "ORU^R01", "event": "result_available"}],
+    }
+    Hl7Spec.model_validate({**base, "peers": ["10.0.0.0/8"], "timezone": "Europe/Paris"})
+    for bad in ({"peers": ["not-a-net"]}, {"timezone": "Mars/Olympus"}):
+        with pytest.raises(ValueError):
+            Hl7Spec.model_validate({**base, **bad})
+    with pytest.raises(ValueError):
+        Hl7Spec.model_validate({**base, "messages": [{"message": "ADT^A04", "event": "x"}]})
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        (GOLDEN / "rds_o13_dispensed.hl7").read_text(),
+        (GOLDEN / "adt_a08_no_structure.hl7").read_text().replace("2.3.1", "2.3"),
+        "MSH|#~\\&|APP#X|FAC|GW|TELE|20261124||ORU#R01#ORU_R01|C-9|T|2.5.1\rPID|1||M1",
+    ],
+)
+def test_cached_accept_ack_is_the_one_hl7apy_builds(text: str) -> None:
+    message = parse_er7(text)
+    fast = build_ack(message, "AA", control_id="ACK9", now=NOW)
+    slow = _build_ack(
+        message,
+        "AA",
+        control_id="ACK9",
+        time_text=NOW.strftime("%Y%m%d%H%M%S+0000"),
+        error=None,
+        application="FHIR-GATEWAY",
+        facility="FHIR-GATEWAY",
+    )
+    assert fast == slow
+    later = build_ack(message, "AA", control_id="ACK10", now=NOW + timedelta(seconds=1))
+    assert later != fast and "ACK10" in later and message.control_id in later
