@@ -36,6 +36,9 @@ from gateway.fhir.endpoints import router as fhir_router
 from gateway.ingest.endpoints import router as ingest_router
 from gateway.ingest.schemas import DOCUMENTED_MODELS
 from gateway.logging import configure_logging, get_logger
+from gateway.oauth.endpoints import router as jwks_router
+from gateway.ops.deliveries import router as ops_deliveries_router
+from gateway.ops.targets import router as ops_targets_router
 from gateway.runtime import Runtime
 from gateway.settings import Settings
 from gateway.workflow.endpoints import router as cases_router
@@ -204,6 +207,9 @@ def create_app(
     app.include_router(events_router)
     app.include_router(cases_router)
     app.include_router(fhir_router)
+    app.include_router(ops_deliveries_router)
+    app.include_router(ops_targets_router)
+    app.include_router(jwks_router)
 
     @app.get("/healthz", tags=["ops"], summary="The process is up")
     async def healthz() -> dict[str, str]:

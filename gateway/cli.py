@@ -1,6 +1,7 @@
 """``fhir-gateway`` command line (typer).
 
-Commands: ``serve``, ``worker``, ``db upgrade``, ``clients create|list|revoke``, ``demo``.
+Commands: ``serve``, ``worker``, ``db upgrade``, ``clients create|list|revoke``, ``demo``,
+``deliveries list|show|replay``, ``keys rotate|list|jwks|prune``.
 Settings come from ``GATEWAY_*`` environment variables (and ``.env``), as for the service.
 """
 
@@ -19,6 +20,8 @@ from typing import Annotated, Any
 
 import typer
 
+from gateway.delivery.cli import app as deliveries_app
+from gateway.oauth.cli import app as keys_app
 from gateway.settings import BUNDLED_PROFILES_DIR, Settings, load_settings
 
 app = typer.Typer(
@@ -28,6 +31,8 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 clients_app = typer.Typer(help="API clients (keys and scopes).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(clients_app, name="clients")
+app.add_typer(deliveries_app, name="deliveries")
+app.add_typer(keys_app, name="keys")
 
 EXAMPLES_DIR = BUNDLED_PROFILES_DIR.parent / "examples"
 
@@ -98,15 +103,31 @@ def worker_cmd(
     concurrency: Annotated[
         int, typer.Option(min=1, max=256, help="Deliveries in flight at once")
     ] = 4,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve this worker's Prometheus metrics on 127.0.0.1:PORT"),
+    ] = None,
 ) -> None:
-    """Run the delivery worker alone (scale out: several on one PostgreSQL)."""
+    """Run the delivery worker alone (scale out: several on one PostgreSQL).
+
+    SIGTERM/SIGINT: stop claiming and let deliveries in flight finish. SIGHUP: reload the
+    profiles (a profile with problems is refused and the running set kept).
+    """
     from gateway.delivery.worker import DeliveryWorker
-    from gateway.logging import configure_logging
+    from gateway.logging import configure_logging, get_logger
     from gateway.runtime import Runtime
+    from mappers.profiles import ProfileLoadError
 
     settings = _settings()
     _load_profiles_or_exit(settings)
     configure_logging(settings.log_level, json=settings.log_json)
+    log = get_logger("gateway.worker")
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        from gateway.metrics import REGISTRY
+
+        start_http_server(metrics_port, addr="127.0.0.1", registry=REGISTRY)
 
     async def main() -> None:
         runtime = Runtime.create(settings)
@@ -115,6 +136,15 @@ def worker_cmd(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+
+        def reload() -> None:
+            try:
+                runtime.profiles.reload()
+                log.info("worker.profiles_reloaded")
+            except ProfileLoadError:
+                log.error("worker.profiles_reload_refused")
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
         try:
             await worker.run(stop)
         finally:
