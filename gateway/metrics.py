@@ -92,7 +92,7 @@ class TargetSnapshot:
     auth_circuit_open: bool | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # collectors are registered in a set: hash by identity
 class StateCollector(Collector):
     """Yields the gauges of a list of :class:`TargetSnapshot` (set before each scrape)."""
 
@@ -156,7 +156,7 @@ def render(snapshots: Iterable[TargetSnapshot]) -> bytes:
     return generate_latest(registry)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Forward(Collector):
     registry: CollectorRegistry
 

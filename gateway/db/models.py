@@ -277,6 +277,7 @@ class OAuthToken(Base):
     last_error_at: Mapped[datetime | None]
     error_kind: Mapped[str | None] = mapped_column(String(16))
     signed_with_kid: Mapped[str | None] = mapped_column(String(128))
+    refresh_lease_until: Mapped[datetime | None]  # SQLite: who refreshes (no row locks)
 
 
 class TargetState(Base):

@@ -105,6 +105,17 @@ def token_backoff_s(
     return delay
 
 
+def config_error_backoff_s(
+    failures: int, policy: TokenRetryPolicy, *, rng: random.Random | None = None
+) -> float:
+    """Seconds to wait after the ``failures``-th consecutive configuration error (the token
+    endpoint refused our credentials, or the EHR refused a fresh token): the same equal
+    jitter, from ``config_error_delay_s`` up to ``max(max_delay_s, config_error_delay_s)``."""
+    cap = max(policy.max_delay_s, policy.config_error_delay_s)
+    ceiling = _equal_jitter_ceiling_s(failures, policy.config_error_delay_s, cap)
+    return (rng or random).uniform(ceiling / 2, ceiling)
+
+
 def max_token_requests(window_s: float, policy: TokenRetryPolicy) -> int:
     """Upper bound of token requests to an endpoint that fails for ``window_s`` seconds.
 

@@ -511,9 +511,9 @@ class DeliveryWorker:
         if decision.give_up and not held:
             values.update(status=DeliveryStatus.DEAD, dead_reason=decision.give_up)
             return values, "dead"
+        # While the circuit is open nothing of the target is claimed: no need to push
+        # the row past the probe; it goes as soon as the circuit closes.
         retry_at = decision.retry_at or now
-        if held and failure.next_probe_at is not None:
-            retry_at = max(retry_at, failure.next_probe_at)
         if failure.throttled_until is not None:
             retry_at = max(retry_at, failure.throttled_until)
         values.update(status=DeliveryStatus.PENDING, available_at=retry_at)

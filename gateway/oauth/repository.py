@@ -57,6 +57,31 @@ async def lock_token_row(session: AsyncSession, target: str) -> OAuthToken:
     return row
 
 
+async def take_refresh_lease(
+    session: AsyncSession, target: str, *, now: datetime, until: datetime
+) -> bool:
+    """Become the one process that refreshes ``target``'s token (SQLite: no row locks).
+
+    True when this caller holds the lease until ``until``; False while another holds an
+    unexpired one. Whether the row's token is usable is for the caller to check after.
+    """
+    await session.execute(
+        insert_ignore(session, OAuthToken)
+        .values(target=target, failures=0)
+        .on_conflict_do_nothing()
+    )
+    result = await session.execute(
+        update(OAuthToken)
+        .where(
+            OAuthToken.target == target,
+            or_(OAuthToken.refresh_lease_until.is_(None), OAuthToken.refresh_lease_until < now),
+        )
+        .values(refresh_lease_until=until)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
 async def clear_token(session: AsyncSession, *, target: str, token: str) -> bool:
     """Forget ``token`` if it is still the target's current one; True if it was."""
     result = await session.execute(

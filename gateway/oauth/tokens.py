@@ -8,7 +8,9 @@ One token per target, shared by every worker process through ``oauth_tokens``:
 * then it reads the shared row; if another process refreshed already, it takes that token;
 * otherwise it locks the row (``SELECT ... FOR UPDATE`` on PostgreSQL) and calls the token
   endpoint while holding it: processes that need a token meanwhile wait on the lock and
-  then read the new token. Within a process an ``asyncio.Lock`` lets one coroutine do this;
+  then read the new token. (SQLite: a short lease on the row, ``refresh_lease_until``,
+  elects the refresher; the others poll the row.) Within a process an ``asyncio.Lock``
+  lets one coroutine do this;
 * a failure is stored on the row: ``failures``, ``next_attempt_at`` (equal-jitter backoff
   with a cap, at least ``Retry-After``: :func:`gateway.delivery.policy.token_backoff_s`),
   ``last_error``, ``error_kind``. Until ``next_attempt_at`` nobody calls the endpoint (the
@@ -27,6 +29,7 @@ the database already holds the PHI they protect); they are never logged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import warnings
@@ -50,7 +53,7 @@ with warnings.catch_warnings():
 from gateway import metrics
 from gateway.db.models import OAuthToken
 from gateway.db.types import utcnow
-from gateway.delivery.policy import token_backoff_s
+from gateway.delivery.policy import config_error_backoff_s, token_backoff_s
 from gateway.ehr.errors import EhrConfigError, TokenUnavailableError, parse_retry_after
 from gateway.logging import get_logger
 from gateway.oauth import repository as repo
@@ -276,6 +279,8 @@ class SharedTokenManager:
                         EhrConfigError("the EHR refused a freshly fetched token (401)"),
                         now=self._clock(),
                     )
+                    row.access_token = None
+                    row.expires_at = None
                 await session.commit()
 
     # ------------------------------------------------------------------ internals
@@ -319,15 +324,51 @@ class SharedTokenManager:
                 self._record(row, outcome)
                 await session.commit()
         else:
-            # SQLite (one worker): no row lock to hold across the HTTP call.
+            # SQLite has no row locks, and holding its write lock across an HTTP call
+            # would stall every writer: a short lease on the row elects one refresher,
+            # the others poll the row until it has a result.
+            while True:
+                async with self._sessionmaker() as session:
+                    lease_until = self._clock() + timedelta(
+                        seconds=self.target.auth.token_timeout_s + 5
+                    )
+                    won = await repo.take_refresh_lease(
+                        session, self.name, now=self._clock(), until=lease_until
+                    )
+                    row = await repo.get_token_row(session, self.name)
+                    await session.commit()
+                try:
+                    token = self._usable(row, self._clock())  # refreshed meanwhile?
+                except (TokenUnavailableError, EhrConfigError):
+                    if won:
+                        await self._release_refresh_lease()
+                    raise
+                if token is not None:
+                    if won:
+                        await self._release_refresh_lease()
+                    return token
+                if won:
+                    break
+                await asyncio.sleep(0.05)
             outcome = await self._call_endpoint()
             async with self._sessionmaker() as session:
                 row = await repo.lock_token_row(session, self.name)
                 self._record(row, outcome)
+                row.refresh_lease_until = None
                 await session.commit()
         if isinstance(outcome, Exception):
+            with contextlib.suppress(TokenUnavailableError, EhrConfigError):
+                still_valid = self._usable(row, self._clock())
+                if still_valid is not None:  # the refresh ahead of expiry failed: keep it
+                    return still_valid
             raise outcome
         return outcome.token
+
+    async def _release_refresh_lease(self) -> None:
+        async with self._sessionmaker() as session:
+            row = await repo.lock_token_row(session, self.name)
+            row.refresh_lease_until = None
+            await session.commit()
 
     def _record(
         self, row: OAuthToken, outcome: _Fetched | EhrConfigError | TokenUnavailableError
@@ -363,16 +404,17 @@ class SharedTokenManager:
         self, row: OAuthToken, exc: EhrConfigError | TokenUnavailableError, *, now: datetime
     ) -> None:
         row.failures = (row.failures or 0) + 1
-        delay_s = token_backoff_s(
-            row.failures, self.target.auth.retry, retry_after_s=exc.retry_after_s, rng=self._rng
-        )
+        policy = self.target.auth.retry
+        if isinstance(exc, EhrConfigError):
+            delay_s = config_error_backoff_s(row.failures, policy, rng=self._rng)
+        else:
+            delay_s = token_backoff_s(
+                row.failures, policy, retry_after_s=exc.retry_after_s, rng=self._rng
+            )
         row.next_attempt_at = now + timedelta(seconds=delay_s)
         row.last_error = str(exc)[:500]
         row.last_error_at = now
         row.error_kind = "config" if isinstance(exc, EhrConfigError) else "unavailable"
-        if isinstance(exc, EhrConfigError):
-            row.access_token = None
-            row.expires_at = None
         exc.retry_after_s = delay_s
         self._cached = None
         log.warning(

@@ -197,12 +197,13 @@ async def list_deliveries(
         reason=reason,
         message_id=message_id,
     )
-    rows = await repo.list_deliveries(session, where=where, limit=limit, after_id=after_id)
+    rows = await repo.list_deliveries(session, where=where, limit=limit + 1, after_id=after_id)
+    page = rows[:limit]
     total = await repo.count_deliveries(session, where=where)
     return DeliveryListOut(
-        deliveries=[delivery_out(d) for d in rows],
+        deliveries=[delivery_out(d) for d in page],
         total=total,
-        next_after_id=rows[-1].id if len(rows) == limit else None,
+        next_after_id=page[-1].id if len(rows) > limit else None,
     )
 
 

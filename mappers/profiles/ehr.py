@@ -40,6 +40,12 @@ class TokenRetryPolicy(Strict):
 
     base_delay_s: float = Field(default=1.0, gt=0)
     max_delay_s: float = Field(default=120.0, gt=0)
+    config_error_delay_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="First wait after a configuration error (credentials refused): "
+        "people fix those, not seconds.",
+    )
 
 
 class EhrAuth(Strict):

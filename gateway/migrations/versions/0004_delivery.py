@@ -44,6 +44,9 @@ def upgrade() -> None:
     with op.batch_alter_table("oauth_tokens", schema=None) as batch_op:
         batch_op.add_column(sa.Column("error_kind", sa.String(length=16), nullable=True))
         batch_op.add_column(sa.Column("signed_with_kid", sa.String(length=128), nullable=True))
+        batch_op.add_column(
+            sa.Column("refresh_lease_until", sa.DateTime(timezone=True), nullable=True)
+        )
 
     # target_states is keyed by (kind, target) from now on: an ops webhook subscriber may
     # share a name with an EHR target.
@@ -76,6 +79,7 @@ def downgrade() -> None:
         batch_op.drop_column("kind")
 
     with op.batch_alter_table("oauth_tokens", schema=None) as batch_op:
+        batch_op.drop_column("refresh_lease_until")
         batch_op.drop_column("signed_with_kid")
         batch_op.drop_column("error_kind")
 
