@@ -24,7 +24,7 @@ REST call (:func:`entry_as_rest_call`).
 
 from __future__ import annotations
 
-import copy
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -107,7 +107,7 @@ def build_transaction_bundle(
     entries = []
     for stored in resources:
         local_ref = f"{stored['resourceType']}/{stored['id']}"
-        resource = copy.deepcopy(stored)
+        resource = json.loads(json.dumps(stored))  # a deep copy of JSON data, ~3x faster
         resource.pop("id", None)
         meta = resource.get("meta")
         if meta:
@@ -243,14 +243,15 @@ def split_for_transaction(
     In dependency order (:func:`dependency_order`, Patient first), cut into consecutive
     chunks, so a resource only refers to resources of its own or an earlier chunk; the
     sender learns the EHR's ids from each transaction-response before building the next.
-    One chunk when ``max_entries`` is None or not smaller than the number of resources;
-    no chunk for no resources.
+    One chunk, in the given order (a transaction's result does not depend on entry
+    order), when ``max_entries`` is None or not smaller than the number of resources; no
+    chunk for no resources.
     """
-    ordered = dependency_order(resources)
-    if not ordered:
+    if not resources:
         return []
-    if max_entries is None or len(ordered) <= max_entries:
-        return [ordered]
+    if max_entries is None or len(resources) <= max_entries:
+        return [list(resources)]
+    ordered = dependency_order(resources)
     return [ordered[i : i + max_entries] for i in range(0, len(ordered), max_entries)]
 
 

@@ -104,6 +104,16 @@ class _Progress:
         )
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """What one delivery needs from the database, loaded with its batch."""
+
+    refs: list[str]
+    resources: list[dict[str, Any]]
+    remote_ids: dict[str, str]
+    identifiers: dict[str, tuple[str, str]]
+
+
 class EhrSender:
     """The :class:`~gateway.delivery.sender.Sender` of ``kind = "ehr"`` deliveries.
 
@@ -117,6 +127,7 @@ class EhrSender:
     def __init__(self, runtime: Runtime, *, clients: EhrClients) -> None:
         self.runtime = runtime
         self.clients = clients
+        self._prepared: dict[int, _Prepared] = {}
 
     async def targets(self) -> list[TargetConfig]:
         """The enabled EHR targets of the current profiles."""
@@ -148,30 +159,80 @@ class EhrSender:
         """Close the EHR clients."""
         await self.clients.aclose()
 
+    async def prepare(self, deliveries: list[Delivery]) -> None:
+        """Load what a batch of claimed deliveries needs in three queries, not three per
+        delivery (the worker calls this right after claiming)."""
+        profiles = self.runtime.profiles.current
+        by_target: dict[str, list[Delivery]] = {}
+        for delivery in deliveries:
+            by_target.setdefault(delivery.target, []).append(delivery)
+        async with self.runtime.sessionmaker() as session:
+            for name, batch in by_target.items():
+                target = profiles.ehr.get(name)
+                if target is None:
+                    continue
+                wanted = [
+                    [r for r in d.resource_refs if r.split("/", 1)[0] in target.send] for d in batch
+                ]
+                loaded = await self._load(session, target, wanted)
+                for delivery, prepared in zip(batch, loaded, strict=True):
+                    self._prepared[delivery.id] = prepared
+
+    async def _load(
+        self, session: AsyncSession, target: EhrTargetProfile, batches: list[list[str]]
+    ) -> list[_Prepared]:
+        """Resources, known remote ids and outside identifiers for lists of refs."""
+        every = sorted({r for refs in batches for r in refs})
+        stored = await fhir_repo.get_resources(session, every)
+        by_ref = {_ref(r): r for r in stored}
+        outside: list[set[str]] = []
+        for refs in batches:
+            referenced: set[str] = set()
+            for ref in refs:
+                if ref in by_ref:
+                    referenced |= local_references(by_ref[ref])
+            outside.append(referenced - set(refs))
+        all_outside = sorted(set().union(*outside)) if outside else []
+        remote_ids = await repo.remote_ids_for(
+            session, target=target.name, refs=[*every, *all_outside]
+        )
+        identifiers = await repo.identifiers_for(session, all_outside)
+        out = []
+        for refs, extra in zip(batches, outside, strict=True):
+            mine = set(refs) | extra
+            out.append(
+                _Prepared(
+                    refs=refs,
+                    resources=[by_ref[r] for r in refs if r in by_ref],
+                    remote_ids={k: v for k, v in remote_ids.items() if k in mine},
+                    identifiers={k: v for k, v in identifiers.items() if k in extra},
+                )
+            )
+        return out
+
     # ------------------------------------------------------------------ sending
 
     async def send(self, delivery: Delivery) -> Outcome:
         """Deliver one claimed row to its EHR (see the module docstring)."""
+        prepared = self._prepared.pop(delivery.id, None)
         target = self.runtime.profiles.current.ehr.get(delivery.target)
         if target is None or not target.enabled:
             return Wait("target is not configured or disabled", CONFIG_WAIT_S, "target")
         refs = [r for r in delivery.resource_refs if r.split("/", 1)[0] in target.send]
         if not refs:
             return Delivered(status_code=None)  # the target no longer takes these types
-        async with self.runtime.sessionmaker() as session:
-            resources = await fhir_repo.get_resources(session, refs)
-            if len(resources) != len(refs):
-                return Rejected(
-                    "stored resources are missing", status_code=None, reason="missing_resources"
-                )
-            referenced: set[str] = set()
-            for resource in resources:
-                referenced |= local_references(resource)
-            outside = sorted(referenced - set(refs))
-            remote_ids = await repo.remote_ids_for(
-                session, target=target.name, refs=[*refs, *outside]
+        if prepared is None or prepared.refs != refs:
+            async with self.runtime.sessionmaker() as session:
+                [prepared] = await self._load(session, target, [refs])
+        resources, remote_ids, identifiers = (
+            prepared.resources,
+            prepared.remote_ids,
+            dict(prepared.identifiers),
+        )
+        if len(resources) != len(refs):
+            return Rejected(
+                "stored resources are missing", status_code=None, reason="missing_resources"
             )
-            identifiers = await repo.identifiers_for(session, outside)
         for resource in resources:  # fallback for split Bundles: conditional references
             ident = business_identifier(resource)
             if ident is not None:

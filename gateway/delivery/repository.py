@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, exists, func, or_, select, update
+from sqlalchemy import and_, case, exists, func, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -35,6 +35,7 @@ from gateway.db.models import (
     DeliveryAttempt,
     DeliveryStatus,
     FhirResource,
+    OAuthToken,
     RemoteId,
     TargetState,
 )
@@ -71,18 +72,23 @@ async def ensure_target_states(session: AsyncSession, keys: Iterable[tuple[str, 
         )
 
 
-async def target_states(
+async def target_gates(
     session: AsyncSession, keys: Sequence[tuple[str, str]]
-) -> dict[tuple[str, str], TargetState]:
-    """The state rows of ``(kind, target)`` pairs, freshly read."""
+) -> dict[tuple[str, str], tuple[TargetState, OAuthToken | None]]:
+    """The state rows of ``(kind, target)`` pairs with the shared token row of EHR
+    targets (one query), freshly read."""
     if not keys:
         return {}
-    rows = await session.scalars(
-        select(TargetState)
-        .where(or_(*[and_(TargetState.kind == k, TargetState.target == t) for k, t in keys]))
+    rows = await session.execute(
+        select(TargetState, OAuthToken)
+        .outerjoin(
+            OAuthToken,
+            and_(TargetState.kind == "ehr", OAuthToken.target == TargetState.target),
+        )
+        .where(tuple_(TargetState.kind, TargetState.target).in_(list(keys)))
         .execution_options(populate_existing=True)
     )
-    return {(r.kind, r.target): r for r in rows}
+    return {(state.kind, state.target): (state, token) for state, token in rows}
 
 
 async def all_target_states(session: AsyncSession) -> list[TargetState]:
@@ -356,6 +362,29 @@ async def finish(
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
+async def lock_owned(session: AsyncSession, *, ids: Sequence[int], worker: str) -> set[int]:
+    """Of ``ids``, the rows this worker still holds (in flight, its lease), locked
+    ``FOR UPDATE`` on PostgreSQL until the transaction ends: the batch form of
+    :func:`finish`'s ownership check."""
+    if not ids:
+        return set()
+    stmt = select(Delivery.id).where(
+        Delivery.id.in_(list(ids)),
+        Delivery.locked_by == worker,
+        Delivery.status == DeliveryStatus.IN_FLIGHT,
+    )
+    if _is_postgres(session):
+        stmt = stmt.with_for_update()
+    return set(await session.scalars(stmt))
+
+
+async def update_rows(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
+    """Bulk ``UPDATE deliveries ... WHERE id = :id`` (each dict has ``id`` and the new
+    values; one executemany per set of keys). For rows this worker has locked."""
+    if rows:
+        await session.execute(update(Delivery), list(rows))
+
+
 def add_attempt(
     session: AsyncSession,
     *,
@@ -391,14 +420,15 @@ async def remote_ids_for(
     """``"Type/<local id>" -> remote id`` for the refs this target already has."""
     if not refs:
         return {}
-    keys = [tuple(r.split("/", 1)) for r in refs]
-    rows = await session.scalars(
-        select(RemoteId).where(
+    wanted = set(refs)
+    rows = await session.execute(
+        select(RemoteId.resource_type, RemoteId.local_id, RemoteId.remote_id).where(
             RemoteId.target == target,
-            or_(*[and_(RemoteId.resource_type == t, RemoteId.local_id == i) for t, i in keys]),
+            RemoteId.local_id.in_(sorted({r.split("/", 1)[1] for r in wanted})),
         )
     )
-    return {f"{r.resource_type}/{r.local_id}": r.remote_id for r in rows}
+    found = {f"{t}/{i}": remote for t, i, remote in rows}
+    return {ref: remote for ref, remote in found.items() if ref in wanted}
 
 
 async def identifiers_for(session: AsyncSession, refs: Sequence[str]) -> dict[str, tuple[str, str]]:
@@ -412,9 +442,7 @@ async def identifiers_for(session: AsyncSession, refs: Sequence[str]) -> dict[st
             FhirResource.id,
             FhirResource.identifier_system,
             FhirResource.identifier_value,
-        ).where(
-            or_(*[and_(FhirResource.resource_type == t, FhirResource.id == i) for t, i in keys])
-        )
+        ).where(tuple_(FhirResource.resource_type, FhirResource.id).in_(keys))
     )
     return {f"{t}/{i}": (s, v) for t, i, s, v in rows if s and v}
 

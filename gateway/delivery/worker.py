@@ -37,6 +37,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -61,7 +62,6 @@ from gateway.delivery.sender import (
 from gateway.ehr.factory import EhrClients
 from gateway.events.service import sweep_pending
 from gateway.logging import get_logger
-from gateway.oauth import repository as oauth_repo
 from gateway.oauth.tokens import auth_wait_until
 from gateway.runtime import Runtime
 
@@ -71,6 +71,26 @@ log = get_logger(__name__)
 PROBE_LEASE = timedelta(seconds=60)
 #: Statuses after which a 'Retry-After' pauses the whole target.
 THROTTLING_STATUS = frozenset({429, 503})
+#: Most outcomes written in one transaction.
+RECORD_BATCH = 64
+#: ``delivery_attempts.outcome`` of each outcome type (waits are not attempts).
+ATTEMPT_OUTCOME: dict[type, str] = {
+    Delivered: "delivered",
+    Failed: "transient",
+    Rejected: "permanent",
+    NeedsReview: "permanent",
+}
+
+
+@dataclass(frozen=True)
+class _Finished:
+    """A sent delivery waiting to be recorded."""
+
+    config: TargetConfig
+    delivery: Delivery
+    outcome: Outcome
+    started_at: datetime
+    duration_s: float
 
 
 def default_senders(
@@ -126,6 +146,10 @@ class DeliveryWorker:
         self._probing: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._known_targets: set[tuple[str, str]] = set()
         self._round = 0
+        self._to_record: list[tuple[_Finished, asyncio.Future[None]]] = []
+        self._recording = False
+        self._clean_targets: set[tuple[str, str]] = set()
+        self._success_written: dict[tuple[str, str], float] = {}
         self._wakeup = asyncio.Event()
         self._changed = asyncio.Event()
 
@@ -144,7 +168,7 @@ class DeliveryWorker:
         """Work until ``stop`` is set, then let the deliveries in flight finish."""
         settings = self.runtime.settings
         poll = settings.worker_poll_interval.total_seconds()
-        threshold = max(1, self.concurrency // 4)
+        threshold = max(1, self.concurrency // 2)
         heartbeat = asyncio.create_task(self._heartbeat(stop))
         last_sweep = 0.0
         log.info("worker.started", worker=self.name, concurrency=self.concurrency)
@@ -245,10 +269,7 @@ class DeliveryWorker:
                 await repo.ensure_target_states(session, new)
                 await session.commit()
                 self._known_targets.update(new)
-            states = await repo.target_states(session, keys)
-            tokens = await oauth_repo.token_rows(
-                session, [c.name for _, c in pairs if c.uses_token]
-            )
+            gates = await repo.target_gates(session, keys)
             await session.commit()
         self._round += 1
         start = self._round % len(pairs)
@@ -258,8 +279,12 @@ class DeliveryWorker:
             if free <= 0:
                 break
             key = (config.kind, config.name)
-            state = states.get(key)
+            state, token = gates.get(key, (None, None))
             circuit = state.circuit if state is not None else "closed"
+            if state is not None and circuit == "closed" and state.consecutive_failures == 0:
+                self._clean_targets.add(key)
+            else:
+                self._clean_targets.discard(key)
             if circuit == "open":
                 if state is not None and (
                     state.next_probe_at is None or state.next_probe_at <= now
@@ -268,7 +293,7 @@ class DeliveryWorker:
                 continue
             if state is not None and state.throttled_until and state.throttled_until > now:
                 continue
-            if config.uses_token and auth_wait_until(tokens.get(config.name), now):
+            if config.uses_token and auth_wait_until(token, now):
                 continue
             async with self.runtime.sessionmaker() as session:
                 claimed = await repo.claim_for_target(
@@ -282,6 +307,14 @@ class DeliveryWorker:
                     now=now,
                 )
                 await session.commit()
+            if not claimed:
+                continue
+            prepare = getattr(sender, "prepare", None)
+            if prepare is not None:
+                try:
+                    await prepare(claimed)
+                except Exception as exc:  # each send() then loads its own data
+                    self._log_unexpected("delivery.prepare_failed", exc)
             for delivery in claimed:
                 self._running[delivery.id] = asyncio.create_task(
                     self._process(sender, config, delivery)
@@ -344,115 +377,174 @@ class DeliveryWorker:
             except Exception as exc:
                 self._log_unexpected("delivery.crashed", exc, delivery_id=delivery.id)
                 outcome = Failed(f"unexpected error in the sender ({type(exc).__name__})")
-            duration_s = time.perf_counter() - t0
-            await self._record(config, delivery, outcome, started_at, duration_s)
-        except Exception as exc:
-            # The row stays in flight; its lease expires and it is claimed again.
-            self._log_unexpected("delivery.record_failed", exc, delivery_id=delivery.id)
+            finished = _Finished(config, delivery, outcome, started_at, time.perf_counter() - t0)
+            await self._submit(finished)
         finally:
             self._running.pop(delivery.id, None)
             self._changed.set()
 
-    async def _record(
-        self,
-        config: TargetConfig,
-        delivery: Delivery,
-        outcome: Outcome,
-        started_at: datetime,
-        duration_s: float,
-    ) -> None:
+    async def _submit(self, item: _Finished) -> None:
+        """Record an outcome. Outcomes that finish while a batch is being written are
+        written together in the next one (one transaction, one commit): under load the
+        commits are shared, at rest each outcome is written at once."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._to_record.append((item, future))
+        if not self._recording:
+            self._recording = True
+            try:
+                while self._to_record:
+                    batch = self._to_record[:RECORD_BATCH]
+                    del self._to_record[:RECORD_BATCH]
+                    await self._record_batch([i for i, _ in batch])
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_result(None)
+            finally:
+                self._recording = False
+        await future
+
+    async def _record_batch(self, items: list[_Finished]) -> None:
+        """Write a batch of outcomes in one transaction; if that fails, each on its own
+        (one bad outcome must not lose the others). A row whose write fails stays in
+        flight; its lease expires and it is claimed again."""
+        try:
+            recorded = await self._write(items)
+        except Exception as exc:
+            if len(items) == 1:
+                self._log_unexpected(
+                    "delivery.record_failed", exc, delivery_id=items[0].delivery.id
+                )
+                return
+            recorded = []
+            for item in items:
+                try:
+                    recorded += await self._write([item])
+                except Exception as one_exc:
+                    self._log_unexpected(
+                        "delivery.record_failed", one_exc, delivery_id=item.delivery.id
+                    )
+        for item, label, values in recorded:
+            self._report(item, label, values)
+
+    async def _write(self, items: list[_Finished]) -> list[tuple[_Finished, str, dict[str, Any]]]:
         now = utcnow()
-        duration_ms = int(duration_s * 1000)
-        kind, target = config.kind, config.name
+        done: list[tuple[_Finished, str, dict[str, Any]]] = []
+        async with self.runtime.sessionmaker() as session:
+            owned = await repo.lock_owned(
+                session, ids=[i.delivery.id for i in items], worker=self.name
+            )
+            rows: list[dict[str, Any]] = []
+            answered: dict[tuple[str, str], bool] = {}
+            for item in items:
+                delivery, outcome = item.delivery, item.outcome
+                if delivery.id not in owned:
+                    log.warning(
+                        "delivery.lease_lost",
+                        delivery_id=delivery.id,
+                        target=item.config.name,
+                        attempt=delivery.attempts,
+                    )
+                    continue
+                values, label = await self._values(session, item, now)
+                rows.append({"id": delivery.id, "locked_by": None, "locked_until": None, **values})
+                if outcome.effects is not None:
+                    await outcome.effects(session)
+                if not isinstance(outcome, Wait):
+                    error = getattr(outcome, "error", None)
+                    repo.add_attempt(
+                        session,
+                        delivery=delivery,
+                        worker=self.name,
+                        started_at=item.started_at,
+                        duration_ms=int(item.duration_s * 1000),
+                        outcome=ATTEMPT_OUTCOME[type(outcome)],
+                        status_code=outcome.status_code,
+                        error=error[:500] if error else None,
+                    )
+                key = (item.config.kind, item.config.name)
+                if isinstance(outcome, Delivered | NeedsReview) or (
+                    isinstance(outcome, Rejected) and outcome.status_code is not None
+                ):
+                    answered[key] = answered.get(key, False) or isinstance(outcome, Delivered)
+                elif isinstance(outcome, Failed):
+                    self._clean_targets.discard(key)
+                done.append((item, label, values))
+            await repo.update_rows(session, rows)
+            for (kind, target), delivered in answered.items():
+                # The target answered: close its circuit. Skipped while this worker knows it
+                # is closed and wrote a success in the last second (the hot path).
+                key = (kind, target)
+                last = self._success_written.get(key, 0.0)
+                if key in self._clean_targets and time.monotonic() - last < 1.0:
+                    continue
+                await repo.target_succeeded(
+                    session, kind=kind, target=target, now=now, delivered=delivered
+                )
+                self._success_written[key] = time.monotonic()
+                self._clean_targets.add(key)
+            await session.commit()
+        return done
+
+    async def _values(
+        self, session: Any, item: _Finished, now: datetime
+    ) -> tuple[dict[str, Any], str]:
+        """The row's new values and the metric label of an outcome."""
+        outcome = item.outcome
+        if isinstance(outcome, Delivered):
+            return {
+                "status": DeliveryStatus.DELIVERED,
+                "delivered_at": now,
+                "last_status_code": outcome.status_code,
+                "last_error": None,
+                "operation_outcome": None,
+            }, "delivered"
+        if isinstance(outcome, Failed):
+            return await self._failed(session, item.config, item.delivery, outcome, now)
+        if isinstance(outcome, Rejected):
+            return {
+                "status": DeliveryStatus.DEAD,
+                "dead_reason": outcome.reason,
+                "last_error": outcome.error[:500],
+                "last_status_code": outcome.status_code,
+                "operation_outcome": outcome.operation_outcome,
+            }, "dead"
+        if isinstance(outcome, NeedsReview):
+            return {
+                "status": DeliveryStatus.REVIEW,
+                "dead_reason": str(outcome.review.get("reason", "review")),
+                "review": outcome.review,
+                "last_error": outcome.error[:500],
+                "last_status_code": outcome.status_code,
+                "operation_outcome": outcome.operation_outcome,
+            }, "review"
+        assert isinstance(outcome, Wait)
+        return {
+            "status": DeliveryStatus.PENDING,
+            "available_at": now + timedelta(seconds=max(0.0, outcome.wait_s)),
+            "attempts": max(0, item.delivery.attempts - 1),
+            "last_error": outcome.error[:500],
+        }, "waiting"
+
+    def _report(self, item: _Finished, label: str, values: dict[str, Any]) -> None:
+        """Metrics and the log line of a recorded outcome (ids only)."""
+        outcome, delivery = item.outcome, item.delivery
+        kind, target = item.config.kind, item.config.name
         fields: dict[str, Any] = {
             "delivery_id": delivery.id,
             "target": target,
             "attempt": delivery.attempts,
         }
-        async with self.runtime.sessionmaker() as session:
-            attempt_outcome: str | None
-            status_code = getattr(outcome, "status_code", None)
-            error = getattr(outcome, "error", None)
-            if isinstance(outcome, Delivered):
-                values: dict[str, Any] = {
-                    "status": DeliveryStatus.DELIVERED,
-                    "delivered_at": now,
-                    "last_status_code": outcome.status_code,
-                    "last_error": None,
-                    "operation_outcome": None,
-                }
-                label, attempt_outcome = "delivered", "delivered"
-            elif isinstance(outcome, Failed):
-                values, label = await self._failed(session, config, delivery, outcome, now)
-                attempt_outcome = "transient"
-            elif isinstance(outcome, Rejected):
-                values = {
-                    "status": DeliveryStatus.DEAD,
-                    "dead_reason": outcome.reason,
-                    "last_error": outcome.error[:500],
-                    "last_status_code": outcome.status_code,
-                    "operation_outcome": outcome.operation_outcome,
-                }
-                label, attempt_outcome = "dead", "permanent"
-            elif isinstance(outcome, NeedsReview):
-                values = {
-                    "status": DeliveryStatus.REVIEW,
-                    "dead_reason": str(outcome.review.get("reason", "review")),
-                    "review": outcome.review,
-                    "last_error": outcome.error[:500],
-                    "last_status_code": outcome.status_code,
-                    "operation_outcome": outcome.operation_outcome,
-                }
-                label, attempt_outcome = "review", "permanent"
-            else:
-                assert isinstance(outcome, Wait)
-                values = {
-                    "status": DeliveryStatus.PENDING,
-                    "available_at": now + timedelta(seconds=max(0.0, outcome.wait_s)),
-                    "attempts": max(0, delivery.attempts - 1),
-                    "last_error": outcome.error[:500],
-                }
-                label, attempt_outcome = "waiting", None
-            owned = await repo.finish(
-                session, delivery_id=delivery.id, worker=self.name, values=values
-            )
-            if not owned:
-                await session.rollback()
-                log.warning("delivery.lease_lost", **fields)
-                return
-            if outcome.effects is not None:
-                await outcome.effects(session)
-            if attempt_outcome is not None:
-                repo.add_attempt(
-                    session,
-                    delivery=delivery,
-                    worker=self.name,
-                    started_at=started_at,
-                    duration_ms=duration_ms,
-                    outcome=attempt_outcome,
-                    status_code=status_code,
-                    error=error[:500] if error else None,
-                )
-            if isinstance(outcome, Delivered | NeedsReview) or (
-                isinstance(outcome, Rejected) and outcome.status_code is not None
-            ):
-                await repo.target_succeeded(
-                    session,
-                    kind=kind,
-                    target=target,
-                    now=now,
-                    delivered=isinstance(outcome, Delivered),
-                )
-            await session.commit()
         metrics.DELIVERIES.labels(kind=kind, target=target, outcome=label).inc()
-        if attempt_outcome is not None:
-            metrics.ATTEMPT_SECONDS.labels(kind=kind, target=target).observe(duration_s)
+        if not isinstance(outcome, Wait):
+            metrics.ATTEMPT_SECONDS.labels(kind=kind, target=target).observe(item.duration_s)
+        status_code = getattr(outcome, "status_code", None)
         if isinstance(outcome, Delivered):
             if kind == "ehr" and delivery.source_received_at is not None:
+                delivered_at = values["delivered_at"]
                 metrics.INTAKE_TO_EHR_SECONDS.labels(target=target).observe(
-                    max(0.0, (now - delivery.source_received_at).total_seconds())
+                    max(0.0, (delivered_at - delivery.source_received_at).total_seconds())
                 )
-            log.info("delivery.delivered", duration_ms=duration_ms, **fields)
+            log.info("delivery.delivered", duration_ms=int(item.duration_s * 1000), **fields)
         elif isinstance(outcome, Failed):
             log.info(
                 "delivery.attempt_failed",
@@ -471,7 +563,10 @@ class DeliveryWorker:
         else:
             assert isinstance(outcome, Wait)
             log.info(
-                "delivery.waiting", reason=outcome.reason, wait_s=round(outcome.wait_s, 3), **fields
+                "delivery.waiting",
+                reason=outcome.reason,
+                wait_s=round(outcome.wait_s, 3),
+                **fields,
             )
 
     async def _failed(

@@ -335,10 +335,10 @@ class SharedTokenManager:
                     won = await repo.take_refresh_lease(
                         session, self.name, now=self._clock(), until=lease_until
                     )
-                    row = await repo.get_token_row(session, self.name)
+                    current = await repo.get_token_row(session, self.name)
                     await session.commit()
                 try:
-                    token = self._usable(row, self._clock())  # refreshed meanwhile?
+                    token = self._usable(current, self._clock())  # refreshed meanwhile?
                 except (TokenUnavailableError, EhrConfigError):
                     if won:
                         await self._release_refresh_lease()
