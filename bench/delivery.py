@@ -137,8 +137,8 @@ async def seed(database: str, profiles: Path, n: int) -> float:
 
 
 @contextlib.contextmanager
-def fake_ehr(delay_ms: float, logs: Path) -> Iterator[str]:
-    """The fake EHR in its own process; yields its base URL."""
+def fake_ehr(delay_ms: float, logs: Path) -> Iterator[tuple[str, int]]:
+    """The fake EHR in its own process; yields its base URL and pid."""
     log = (logs / f"ehr-{delay_ms:g}ms.log").open("wb")
     proc = subprocess.Popen(
         [
@@ -164,7 +164,7 @@ def fake_ehr(delay_ms: float, logs: Path) -> Iterator[str]:
         base = proc.stdout.readline().decode().strip()
         if not base.startswith("http://127.0.0.1:"):
             raise RuntimeError("the fake EHR did not start")
-        yield base
+        yield base, proc.pid
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -223,6 +223,30 @@ def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
 # --------------------------------------------------------------------------- a run
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used, from ``/proc`` (0 if gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_backends_cpu_s(database: str) -> float:
+    """CPU seconds of the PostgreSQL backends serving ``database`` (from their titles)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if title.startswith("postgres:") and f" {database} " in title:
+            total += cpu_s(int(entry.name))
+    return total
+
+
 def counts(conn: psycopg.Connection[Any]) -> dict[str, int]:
     """Deliveries by status."""
     rows = conn.execute("SELECT status, count(*) FROM deliveries GROUP BY status").fetchall()
@@ -261,8 +285,9 @@ def run_drain(
     }
     try:
         with contextlib.ExitStack() as stack:
+            ehr_pid = None
             if outage_s is None:
-                base = stack.enter_context(fake_ehr(delay_ms, logs))
+                base, ehr_pid = stack.enter_context(fake_ehr(delay_ms, logs))
                 ehr = None
             else:
                 from tests.support.fake_ehr import FakeEhr, run_fake_ehr
@@ -280,9 +305,13 @@ def run_drain(
                 )
                 procs = start_workers(workers, concurrency, database, profiles, logs)
                 stack.callback(stop_workers, procs)
+                time.sleep(max(0.0, (release_at - datetime.now(UTC)).total_seconds() - 0.05))
+                baseline = {  # CPU used from the release on (not start-up)
+                    "workers": sum(cpu_s(p.pid) for p in procs),
+                    "ehr": cpu_s(ehr_pid) if ehr_pid else 0.0,
+                    "postgres": postgres_backends_cpu_s(database),
+                }
                 if ehr is not None:
-                    wait = (release_at - datetime.now(UTC)).total_seconds()
-                    time.sleep(max(0.0, wait))
                     ehr.token_outage(outage_s or 0, status=504)
                     outage_started = time.monotonic()
                 deadline = time.monotonic() + 600 + (outage_s or 0)
@@ -294,6 +323,11 @@ def run_drain(
                         raise RuntimeError(f"a worker exited; see {logs}")
                     time.sleep(0.1)
                 final = counts(conn)
+                cpu = {
+                    "workers": sum(cpu_s(p.pid) for p in procs) - baseline["workers"],
+                    "ehr": cpu_s(ehr_pid) - baseline["ehr"] if ehr_pid else None,
+                    "postgres": postgres_backends_cpu_s(database) - baseline["postgres"],
+                }
                 rows = conn.execute(
                     "SELECT first_attempt_at, delivered_at, attempts FROM deliveries "
                     "WHERE status = 'delivered'"
@@ -312,6 +346,10 @@ def run_drain(
             latency_p99_ms=round(percentile(latencies_ms, 0.99), 1),
             latency_mean_ms=round(statistics.fmean(latencies_ms), 1),
             max_attempts=max(r[2] for r in rows),
+            cpu_ms_per_delivery={
+                k: round(v * 1000 / len(rows), 2) for k, v in cpu.items() if v is not None
+            },
+            load_average_1m=round(os.getloadavg()[0], 2),
         )
         if ehr is not None:
             in_outage = [

@@ -22,9 +22,21 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, case, exists, func, or_, select, tuple_, update
+from sqlalchemy import (
+    Table,
+    and_,
+    bindparam,
+    case,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -379,36 +391,26 @@ async def lock_owned(session: AsyncSession, *, ids: Sequence[int], worker: str) 
 
 
 async def update_rows(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
-    """Bulk ``UPDATE deliveries ... WHERE id = :id`` (each dict has ``id`` and the new
-    values; one executemany per set of keys). For rows this worker has locked."""
-    if rows:
-        await session.execute(update(Delivery), list(rows))
-
-
-def add_attempt(
-    session: AsyncSession,
-    *,
-    delivery: Delivery,
-    worker: str,
-    started_at: datetime,
-    duration_ms: int,
-    outcome: str,
-    status_code: int | None,
-    error: str | None,
-) -> None:
-    """Record one attempt (no bodies: status, outcome, a short error)."""
-    session.add(
-        DeliveryAttempt(
-            delivery_id=delivery.id,
-            attempt=delivery.attempts,
-            worker=worker,
-            started_at=started_at,
-            duration_ms=duration_ms,
-            status_code=status_code,
-            outcome=outcome,
-            error=error,
+    """Bulk ``UPDATE deliveries ... WHERE id = :id`` for rows this worker has locked: each
+    dict has ``id`` and the new values; one Core executemany per set of keys."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        keys = tuple(sorted(k for k in row if k != "id"))
+        groups.setdefault(keys, []).append({"_id": row["id"], **{k: row[k] for k in keys}})
+    table = cast(Table, Delivery.__table__)
+    for keys, params in groups.items():
+        stmt = (
+            update(table)
+            .where(table.c.id == bindparam("_id"))
+            .values({k: bindparam(k) for k in keys})
         )
-    )
+        await session.execute(stmt, params)
+
+
+async def add_attempts(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert ``delivery_attempts`` rows (one Core executemany)."""
+    if rows:
+        await session.execute(insert(cast(Table, DeliveryAttempt.__table__)), list(rows))
 
 
 # --------------------------------------------------------------------------- remote ids
@@ -465,20 +467,7 @@ async def save_remote_ids(
     if not rows:
         return
     insert = pg_insert if _is_postgres(session) else sqlite_insert
-    stmt = insert(RemoteId).values(
-        [
-            {
-                "target": target,
-                "resource_type": r.resource_type,
-                "local_id": r.local_id,
-                "remote_id": r.remote_id,
-                "remote_version": r.remote_version,
-                "delivered_version": r.delivered_version,
-                "updated_at": now,
-            }
-            for r in rows
-        ]
-    )
+    stmt = insert(cast(Table, RemoteId.__table__))  # Core: no ORM bulk-insert bookkeeping
     stmt = stmt.on_conflict_do_update(
         index_elements=["target", "resource_type", "local_id"],
         set_={
@@ -488,7 +477,19 @@ async def save_remote_ids(
             "updated_at": stmt.excluded.updated_at,
         },
     )
-    await session.execute(stmt)
+    params = [  # executemany of one cached statement (psycopg pipelines it)
+        {
+            "target": target,
+            "resource_type": r.resource_type,
+            "local_id": r.local_id,
+            "remote_id": r.remote_id,
+            "remote_version": r.remote_version,
+            "delivered_version": r.delivered_version,
+            "updated_at": now,
+        }
+        for r in rows
+    ]
+    await session.execute(stmt, params)
 
 
 # --------------------------------------------------------------------------- ops queries

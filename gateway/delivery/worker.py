@@ -434,6 +434,7 @@ class DeliveryWorker:
                 session, ids=[i.delivery.id for i in items], worker=self.name
             )
             rows: list[dict[str, Any]] = []
+            attempt_rows: list[dict[str, Any]] = []
             answered: dict[tuple[str, str], bool] = {}
             for item in items:
                 delivery, outcome = item.delivery, item.outcome
@@ -451,15 +452,17 @@ class DeliveryWorker:
                     await outcome.effects(session)
                 if not isinstance(outcome, Wait):
                     error = getattr(outcome, "error", None)
-                    repo.add_attempt(
-                        session,
-                        delivery=delivery,
-                        worker=self.name,
-                        started_at=item.started_at,
-                        duration_ms=int(item.duration_s * 1000),
-                        outcome=ATTEMPT_OUTCOME[type(outcome)],
-                        status_code=outcome.status_code,
-                        error=error[:500] if error else None,
+                    attempt_rows.append(
+                        {
+                            "delivery_id": delivery.id,
+                            "attempt": delivery.attempts,
+                            "worker": self.name,
+                            "started_at": item.started_at,
+                            "duration_ms": int(item.duration_s * 1000),
+                            "status_code": outcome.status_code,
+                            "outcome": ATTEMPT_OUTCOME[type(outcome)],
+                            "error": error[:500] if error else None,
+                        }
                     )
                 key = (item.config.kind, item.config.name)
                 if isinstance(outcome, Delivered | NeedsReview) or (
@@ -470,6 +473,7 @@ class DeliveryWorker:
                     self._clean_targets.discard(key)
                 done.append((item, label, values))
             await repo.update_rows(session, rows)
+            await repo.add_attempts(session, attempt_rows)
             for (kind, target), delivered in answered.items():
                 # The target answered: close its circuit. Skipped while this worker knows it
                 # is closed and wrote a success in the last second (the hot path).
