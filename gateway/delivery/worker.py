@@ -143,6 +143,7 @@ class DeliveryWorker:
             )
         )
         self._running: dict[int, asyncio.Task[None]] = {}
+        self._sending = 0
         self._probing: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._known_targets: set[tuple[str, str]] = set()
         self._round = 0
@@ -156,6 +157,17 @@ class DeliveryWorker:
     def wake(self) -> None:
         """Look for work now instead of at the next poll."""
         self._wakeup.set()
+
+    def _free_slots(self) -> int:
+        """Deliveries this worker may claim now: ``concurrency`` requests in flight, and
+        at most as many more outcomes waiting to be written."""
+        return max(
+            0,
+            min(
+                self.concurrency - self._sending,
+                2 * self.concurrency - len(self._running),
+            ),
+        )
 
     @property
     def in_flight(self) -> int:
@@ -177,9 +189,9 @@ class DeliveryWorker:
                 # Cleared before claiming: a delivery finishing meanwhile ends the wait.
                 self._changed.clear()
                 self._wakeup.clear()
-                free = self.concurrency - len(self._running)
+                free = self._free_slots()
                 claimed = 0
-                if free >= threshold or (free > 0 and not self._running):
+                if free >= threshold or (free > 0 and not self._sending):
                     try:
                         claimed = await self._claim_round(free)
                     except Exception as exc:
@@ -238,7 +250,7 @@ class DeliveryWorker:
         Returns:
             How many deliveries were attempted.
         """
-        claimed = await self._claim_round(self.concurrency - len(self._running))
+        claimed = await self._claim_round(self._free_slots())
         pending = [*self._running.values(), *self._probing.values()]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
@@ -316,6 +328,7 @@ class DeliveryWorker:
                 except Exception as exc:  # each send() then loads its own data
                     self._log_unexpected("delivery.prepare_failed", exc)
             for delivery in claimed:
+                self._sending += 1
                 self._running[delivery.id] = asyncio.create_task(
                     self._process(sender, config, delivery)
                 )
@@ -371,15 +384,26 @@ class DeliveryWorker:
     async def _process(self, sender: Sender, config: TargetConfig, delivery: Delivery) -> None:
         started_at = utcnow()
         t0 = time.perf_counter()
+        sending = True
         try:
             try:
                 outcome = await sender.send(delivery)
             except Exception as exc:
                 self._log_unexpected("delivery.crashed", exc, delivery_id=delivery.id)
                 outcome = Failed(f"unexpected error in the sender ({type(exc).__name__})")
+            if isinstance(outcome, Delivered):
+                # The request is over: its slot may take the next delivery while this
+                # outcome is written (the row stays leased, and counted, until then). A
+                # failure keeps its slot until recorded, so the next claim sees the
+                # circuit breaker and Retry-After it may have set.
+                sending = False
+                self._sending -= 1
+                self._changed.set()
             finished = _Finished(config, delivery, outcome, started_at, time.perf_counter() - t0)
             await self._submit(finished)
         finally:
+            if sending:
+                self._sending -= 1
             self._running.pop(delivery.id, None)
             self._changed.set()
 
