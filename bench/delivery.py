@@ -7,7 +7,8 @@ What it does:
    outbox row for the target ``bench-ehr`` (and a case, which records ``ehr_delivered``);
 2. for each scenario, clones the template, starts the local fake EHR as its own process
    (``python -m tests.support.fake_ehr``, R4B validation off, ``--delay-ms`` 0 or 50),
-   starts 1 or 4 ``fhir-gateway worker`` processes (``--concurrency`` each, default 4),
+   starts 1 or 4 ``fhir-gateway worker`` processes (``--concurrency`` each, default 4;
+   then 4 processes at ``--tuned-concurrency``, default 16),
    and releases the queue at one instant once they are up: the drain time runs from that
    instant to the last ``delivered_at``;
 3. counts token requests while the fake EHR's token endpoint answers 504 for
@@ -20,7 +21,7 @@ the database work), and checks (all delivered, EHR resource counts).
 
 Usage (from the repository root, PostgreSQL at ``GATEWAY_TEST_PG_URL`` or 127.0.0.1)::
 
-    python -m bench.delivery                      # every scenario (about 8 minutes)
+    python -m bench.delivery                      # every scenario (about 15 minutes)
     python -m bench.delivery --skip-outage --deliveries 2000
     python -m bench.delivery --only 4:50          # 4 workers, 50 ms EHR
 
@@ -379,6 +380,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--deliveries", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=4, help="per worker process")
     parser.add_argument("--only", help="one scenario WORKERS:DELAY_MS, e.g. 4:50")
+    parser.add_argument(
+        "--tuned-concurrency",
+        type=int,
+        default=16,
+        help="also drain with 4 workers at this concurrency (0: skip)",
+    )
     parser.add_argument("--outage-s", type=float, default=120.0)
     parser.add_argument("--skip-outage", action="store_true")
     args = parser.parse_args(argv)
@@ -397,18 +404,19 @@ def main(argv: list[str] | None = None) -> None:
         print(f"seeding {args.deliveries} intakes into {template} ...", flush=True)
         seed_s = asyncio.run(seed(template, profiles, args.deliveries))
         print(f"  {seed_s:.1f} s ({args.deliveries / seed_s:.0f} intakes/s)", flush=True)
-        scenarios = [(1, 0.0), (4, 0.0), (1, 50.0), (4, 50.0)]
+        c = args.concurrency
+        scenarios = [(1, 0.0, c), (4, 0.0, c), (1, 50.0, c), (4, 50.0, c)]
+        if args.tuned_concurrency:  # the same drains with more deliveries in flight per process
+            scenarios += [(4, 0.0, args.tuned_concurrency), (4, 50.0, args.tuned_concurrency)]
         if args.only:
             w, d = args.only.split(":")
-            scenarios = [(int(w), float(d))]
-        for workers, delay in scenarios:
-            print(
-                f"drain: {workers} worker(s) x {args.concurrency}, EHR {delay:g} ms ...", flush=True
-            )
+            scenarios = [(int(w), float(d), c)]
+        for workers, delay, concurrency in scenarios:
+            print(f"drain: {workers} worker(s) x {concurrency}, EHR {delay:g} ms ...", flush=True)
             r = run_drain(
                 template=template,
                 workers=workers,
-                concurrency=args.concurrency,
+                concurrency=concurrency,
                 delay_ms=delay,
                 n=args.deliveries,
                 logs=logs,

@@ -43,8 +43,8 @@ class TokenRetryPolicy(Strict):
     config_error_delay_s: float = Field(
         default=30.0,
         gt=0,
-        description="First wait after a configuration error (credentials refused): "
-        "people fix those, not seconds.",
+        description="Longest first wait after a configuration error (credentials refused; "
+        "the wait is 1/2 to 1 times this, doubling): people fix those, not seconds.",
     )
 
 
