@@ -36,7 +36,10 @@ from gateway.hl7.endpoints import router as hl7_router
 from gateway.ingest.endpoints import router as ingest_router
 from gateway.ingest.schemas import DOCUMENTED_MODELS
 from gateway.logging import configure_logging, get_logger, log_failure
+from gateway.oauth.endpoints import router as jwks_router
+from gateway.ops.deliveries import router as ops_deliveries_router
 from gateway.ops.exceptions import router as exceptions_router
+from gateway.ops.targets import router as ops_targets_router
 from gateway.partners.endpoints import router as partners_router
 from gateway.profiles.endpoints import router as profiles_router
 from gateway.profiles.service import install_sighup_reload
@@ -246,6 +249,9 @@ def create_app(
     app.include_router(exceptions_router)
     app.include_router(profiles_router)  # before fhir_router: /fhir/Questionnaire/{id}
     app.include_router(fhir_router)
+    app.include_router(ops_deliveries_router)
+    app.include_router(ops_targets_router)
+    app.include_router(jwks_router)
 
     @app.get("/healthz", tags=["ops"], summary="The process is up")
     async def healthz() -> dict[str, str]:

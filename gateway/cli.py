@@ -1,6 +1,7 @@
 """``fhir-gateway`` command line (typer).
 
-Commands: ``serve``, ``worker``, ``db upgrade``, ``clients create|list|revoke``, ``demo``.
+Commands: ``serve``, ``worker``, ``db upgrade``, ``clients create|list|revoke``, ``demo``,
+``deliveries list|show|replay``, ``keys rotate|list|jwks|prune``.
 Settings come from ``GATEWAY_*`` environment variables (and ``.env``), as for the service.
 """
 
@@ -18,7 +19,9 @@ from typing import Annotated, Any
 
 import typer
 
+from gateway.delivery.cli import app as deliveries_app
 from gateway.hl7.cli import mllp as mllp_command
+from gateway.oauth.cli import app as keys_app
 from gateway.profiles.cli import app as profiles_app
 from gateway.settings import BUNDLED_PROFILES_DIR, Settings, load_settings
 
@@ -31,6 +34,8 @@ app.add_typer(db_app, name="db")
 app.add_typer(clients_app, name="clients")
 app.command("mllp")(mllp_command)
 app.add_typer(profiles_app, name="profiles")
+app.add_typer(deliveries_app, name="deliveries")
+app.add_typer(keys_app, name="keys")
 
 EXAMPLES_DIR = BUNDLED_PROFILES_DIR.parent / "examples"
 
@@ -120,8 +125,16 @@ def worker_cmd(
     concurrency: Annotated[
         int, typer.Option(min=1, max=256, help="Deliveries in flight at once")
     ] = 4,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve this worker's Prometheus metrics on 127.0.0.1:PORT"),
+    ] = None,
 ) -> None:
-    """Run the delivery worker alone (scale out: several on one PostgreSQL)."""
+    """Run the delivery worker alone (scale out: several on one PostgreSQL).
+
+    SIGTERM/SIGINT: stop claiming and let deliveries in flight finish. SIGHUP: reload the
+    profiles (a profile with problems is refused and the running set kept).
+    """
     from gateway.delivery.worker import DeliveryWorker
     from gateway.logging import configure_logging
     from gateway.profiles.service import install_sighup_reload
@@ -130,6 +143,12 @@ def worker_cmd(
     settings = _settings()
     _load_profiles_or_exit(settings)
     configure_logging(settings.log_level, json=settings.log_json)
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        from gateway.metrics import REGISTRY
+
+        start_http_server(metrics_port, addr="127.0.0.1", registry=REGISTRY)
 
     async def main() -> None:
         runtime = Runtime.create(settings)

@@ -91,6 +91,18 @@ class Settings(BaseSettings):
         default=None,
         description="Optional dotenv file with target secrets (client_secret_env variables).",
     )
+    key_encryption_key: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Fernet key that encrypts the gateway's stored private signing keys "
+            "(SMART private_key_jwt); without it they are stored as PEM."
+        ),
+    )
+    jwks_max_age: timedelta = Field(
+        default=timedelta(minutes=5),
+        description="Cache-Control max-age of /.well-known/jwks.json; keep it below the "
+        "publish lead of `fhir-gateway keys rotate`.",
+    )
 
     @field_validator("database_url")
     @classmethod

@@ -14,11 +14,17 @@ Rules (https://hl7.org/fhir/R4/http.html#transaction):
   known, else a conditional reference ``Type?identifier=<system>|<value>`` (allowed in
   transactions), else they are dropped when optional (``supportingInformation``).
   Canonicals (``QuestionnaireResponse.questionnaire``) are never rewritten.
+
+EHRs that accept only small transactions get several Bundles
+(:func:`split_for_transaction`: dependency order, Patient first, each Bundle referring only
+to resources of earlier Bundles, by the ids the EHR assigned); EHRs without transactions
+get one conditional create per resource, built as a one-entry Bundle and sent as a plain
+REST call (:func:`entry_as_rest_call`).
 """
 
 from __future__ import annotations
 
-import copy
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -101,7 +107,7 @@ def build_transaction_bundle(
     entries = []
     for stored in resources:
         local_ref = f"{stored['resourceType']}/{stored['id']}"
-        resource = copy.deepcopy(stored)
+        resource = json.loads(json.dumps(stored))  # a deep copy of JSON data, ~3x faster
         resource.pop("id", None)
         meta = resource.get("meta")
         if meta:
@@ -173,6 +179,116 @@ def _unresolved(
         and value not in remote_ids
         and value not in outside
     )
+
+
+def local_references(resource: Mapping[str, Any]) -> set[str]:
+    """Every local ``Type/id`` reference in ``resource`` (conditional ones excluded)."""
+    found: set[str] = set()
+    _collect_references(resource, found)
+    return found
+
+
+def _collect_references(node: Any, out: set[str]) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "reference" and isinstance(value, str) and _REF.match(value):
+                out.add(value)
+            elif isinstance(value, dict | list):
+                _collect_references(value, out)
+    elif isinstance(node, list):
+        for child in node:
+            _collect_references(child, out)
+
+
+def dependency_order(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``resources`` sorted so that each comes after the resources it references.
+
+    Patients first; otherwise the given order is kept where references allow (a stable
+    topological sort). A reference cycle (not produced by our mappers) keeps the given
+    order for the resources in it.
+
+    >>> [r["resourceType"] for r in dependency_order([
+    ...     {"resourceType": "Provenance", "id": "v",
+    ...      "target": [{"reference": "Patient/p"}, {"reference": "QuestionnaireResponse/q"}]},
+    ...     {"resourceType": "QuestionnaireResponse", "id": "q",
+    ...      "subject": {"reference": "Patient/p"}},
+    ...     {"resourceType": "Patient", "id": "p"}])]
+    ['Patient', 'QuestionnaireResponse', 'Provenance']
+    """
+    refs = [f"{r['resourceType']}/{r['id']}" for r in resources]
+    index = {ref: i for i, ref in enumerate(refs)}
+    needs = [
+        {index[d] for d in local_references(r) if d in index and index[d] != i}
+        for i, r in enumerate(resources)
+    ]
+    start = sorted(
+        range(len(resources)), key=lambda i: (resources[i]["resourceType"] != "Patient", i)
+    )
+    placed: list[int] = []
+    done: set[int] = set()
+    while len(placed) < len(resources):
+        ready = [i for i in start if i not in done and needs[i] <= done]
+        if not ready:  # a cycle: take the first remaining one as given
+            ready = [next(i for i in start if i not in done)]
+        placed.append(ready[0])
+        done.add(ready[0])
+    return [resources[i] for i in placed]
+
+
+def split_for_transaction(
+    resources: list[dict[str, Any]], max_entries: int | None
+) -> list[list[dict[str, Any]]]:
+    """Split ``resources`` into transaction Bundles of at most ``max_entries`` entries.
+
+    In dependency order (:func:`dependency_order`, Patient first), cut into consecutive
+    chunks, so a resource only refers to resources of its own or an earlier chunk; the
+    sender learns the EHR's ids from each transaction-response before building the next.
+    One chunk, in the given order (a transaction's result does not depend on entry
+    order), when ``max_entries`` is None or not smaller than the number of resources; no
+    chunk for no resources.
+    """
+    if not resources:
+        return []
+    if max_entries is None or len(resources) <= max_entries:
+        return [list(resources)]
+    ordered = dependency_order(resources)
+    return [ordered[i : i + max_entries] for i in range(0, len(ordered), max_entries)]
+
+
+@dataclass(frozen=True)
+class RestCall:
+    """One Bundle entry as a plain FHIR REST interaction (for EHRs without transactions).
+
+    ``method`` is ``POST`` (create, conditional on ``if_none_exist`` when set) or ``PUT``
+    (update of ``resource_id``, the EHR's id).
+    """
+
+    method: str
+    resource_type: str
+    resource_id: str | None
+    if_none_exist: str | None
+    resource: dict[str, Any]
+
+
+def entry_as_rest_call(entry: Mapping[str, Any]) -> RestCall:
+    """A transaction Bundle entry -> the REST call that does the same on its own
+    (https://hl7.org/fhir/R4/http.html#create, #update; ``If-None-Exist`` header for
+    ``request.ifNoneExist``).
+
+    Raises:
+        ValueError: the entry is not a POST to ``Type`` or a PUT to ``Type/id``.
+    """
+    request = entry.get("request") or {}
+    method, url = request.get("method"), str(request.get("url", ""))
+    resource = entry.get("resource")
+    if not isinstance(resource, dict):
+        raise ValueError("entry without a resource")
+    if method == "POST" and "/" not in url and "?" not in url:
+        return RestCall("POST", url, None, request.get("ifNoneExist"), dict(resource))
+    if method == "PUT" and url.count("/") == 1 and "?" not in url:
+        resource_type, resource_id = url.split("/", 1)
+        return RestCall("PUT", resource_type, resource_id, None, dict(resource))
+    raise ValueError(f"cannot send a {method} entry on its own")
 
 
 def parse_transaction_response(

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -221,6 +222,8 @@ class Delivery(Base):
     operation_outcome: Mapped[dict[str, Any] | None]
     dead_reason: Mapped[str | None] = mapped_column(String(64))
     replay_count: Mapped[int] = mapped_column(Integer, default=0)
+    replayed_at: Mapped[datetime | None]  # the retry policy's max_age counts from here
+    review: Mapped[dict[str, Any] | None]  # status review: what a person must look at (ids)
 
     __table_args__ = (
         Index("ix_deliveries_claim", "status", "available_at"),
@@ -259,7 +262,13 @@ class RemoteId(Base):
 
 
 class OAuthToken(Base):
-    """The access token of one target, shared by every worker process."""
+    """The access token of one target, shared by every worker process.
+
+    The row is also the target's auth circuit: while ``next_attempt_at`` is in the future
+    after a failure, nobody calls the token endpoint and the target's deliveries wait.
+    ``error_kind`` is ``unavailable`` (timeouts, 5xx, 429) or ``config`` (credentials
+    refused, or a fresh token refused by the FHIR server).
+    """
 
     __tablename__ = "oauth_tokens"
 
@@ -273,13 +282,18 @@ class OAuthToken(Base):
     next_attempt_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)
     last_error_at: Mapped[datetime | None]
+    error_kind: Mapped[str | None] = mapped_column(String(16))
+    signed_with_kid: Mapped[str | None] = mapped_column(String(128))
+    refresh_lease_until: Mapped[datetime | None]  # SQLite: who refreshes (no row locks)
 
 
 class TargetState(Base):
-    """Health of one delivery target: circuit breaker and last success."""
+    """Health of one delivery target (per kind): circuit breaker, throttling, request
+    rate bucket and last success. Shared by every worker."""
 
     __tablename__ = "target_states"
 
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True, default="ehr")
     target: Mapped[str] = mapped_column(String(128), primary_key=True)
     circuit: Mapped[str] = mapped_column(String(16), default="closed")  # closed|open|half_open
     consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
@@ -288,6 +302,10 @@ class TargetState(Base):
     last_success_at: Mapped[datetime | None]
     last_failure_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)
+    probe_failures: Mapped[int] = mapped_column(Integer, default=0)
+    throttled_until: Mapped[datetime | None]  # Retry-After of a 429/503: nobody sends before
+    rate_tokens: Mapped[float | None] = mapped_column(Float)  # request rate token bucket
+    rate_updated_s: Mapped[float | None] = mapped_column(Float)  # epoch seconds
 
 
 # --------------------------------------------------------------------------- workflow
@@ -510,3 +528,31 @@ class FhirSubscription(Base):
     heartbeat_at: Mapped[datetime | None]
     last_notification_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# --- issue 4: delivery
+
+
+class SigningKey(Base):
+    """A key the gateway signs SMART client assertions with (``private_key_jwt``).
+
+    Rotation (``fhir-gateway keys rotate``): a new key is published in the JWKS from
+    ``created_at`` and signs from ``activates_at``; the key it replaces stops signing then
+    (``retired_at``) and stays published until ``published_until``, after the last
+    assertion it signed has expired. ``private_key`` is PEM, or a Fernet token of the PEM
+    when ``encrypted`` (``GATEWAY_KEY_ENCRYPTION_KEY``).
+    """
+
+    __tablename__ = "signing_keys"
+
+    kid: Mapped[str] = mapped_column(String(128), primary_key=True)
+    alg: Mapped[str] = mapped_column(String(16))
+    private_key: Mapped[str] = mapped_column(Text)
+    encrypted: Mapped[bool] = mapped_column(Boolean, default=False)
+    public_jwk: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    activates_at: Mapped[datetime]
+    retired_at: Mapped[datetime | None]
+    published_until: Mapped[datetime | None]
+
+    __table_args__ = (Index("ix_signing_keys_alg", "alg", "activates_at"),)

@@ -1,18 +1,32 @@
-"""The delivery worker: claims due outbox rows and sends them to their EHR.
+"""The delivery worker: claims due outbox rows and hands them to the sender of their kind.
 
-Each delivery becomes one FHIR transaction Bundle built from the stored resources at send
-time. Outcomes:
+Generic over kinds (:mod:`gateway.delivery.sender`): EHR deliveries and ops webhooks share
+the claim, lease, concurrency, rate, circuit-breaker, retry, dead-letter and replay
+machinery; only sending differs.
 
-* 2xx transaction-response: delivered; the EHR's ids are stored (``remote_ids``) so later
-  changes go as updates; the case records ``ehr_delivered``.
-* retryable (connect error, timeout, 408/425/429/5xx): retried with backoff and jitter,
-  honouring ``Retry-After``; dead-lettered when the target's policy gives up.
-* 412 on a conditional create: several matching resources in the EHR (duplicate
-  patients): the delivery waits in ``review`` with an exceptions-queue entry.
-* any other 4xx: dead-lettered at once with the EHR's OperationOutcome.
-* the token endpoint failing: the delivery waits without spending an attempt.
+The loop keeps up to ``concurrency`` deliveries in flight. Whenever slots are free it
+claims for each target of each sender, skipping a target while
 
-The worker holds no database connection while it waits for an EHR.
+* its circuit is open (a probe is started when due: one worker probes, the others wait),
+* a ``Retry-After`` from it has not passed (``throttled_until``),
+* its OAuth token is unavailable and being backed off (the auth circuit),
+
+and claiming at most what the target's ``max_concurrent`` leaves (one while half-open).
+A heartbeat extends the leases of the rows in flight; a killed worker's rows are claimed
+again when their lease runs out, and idempotent writes make the second send harmless.
+
+Outcomes (each recorded in one transaction, only if this worker still holds the lease):
+
+* delivered: ``delivered``; the sender's effects (the EHR's ids, the case event);
+* transient failure: counted against the circuit breaker; retried with full-jitter
+  backoff (at least ``Retry-After``), or dead-lettered when the policy gives up, except
+  while the circuit is open: the EHR is down, the row waits for it and is not
+  dead-lettered;
+* rejected (4xx): dead-lettered at once with the peer's OperationOutcome;
+* needs review (412, several matching patients): ``review`` with the matches;
+* wait (no token, misconfigured target): back in the queue, the attempt not counted.
+
+The worker holds no database connection while it waits for a peer.
 """
 
 from __future__ import annotations
@@ -20,51 +34,83 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from datetime import timedelta
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
 
+from gateway import metrics
 from gateway.db.models import Delivery, DeliveryStatus
 from gateway.db.types import utcnow
 from gateway.delivery import repository as repo
+from gateway.delivery.ehr_sender import default_ehr_sender
 from gateway.delivery.policy import next_retry
-from gateway.ehr.client import EhrClient, outcome_summary
-from gateway.ehr.errors import (
-    EhrConfigError,
-    EhrRejectedError,
-    EhrUnavailableError,
-    TokenUnavailableError,
+from gateway.delivery.sender import (
+    Delivered,
+    Failed,
+    NeedsReview,
+    Outcome,
+    Rejected,
+    Sender,
+    TargetConfig,
+    Wait,
 )
+from gateway.ehr.errors import EhrConfigError
+from gateway.ehr.factory import EhrClients
 from gateway.events.service import sweep_pending
-from gateway.fhir import repository as fhir_repo
-from gateway.inbox.repository import new_exception
 from gateway.logging import get_logger, log_failure
-from gateway.oauth.tokens import TokenProvider, token_provider_for
+from gateway.oauth.tokens import auth_wait_until
 from gateway.runtime import Runtime
-from gateway.subscribers import sender as webhook_sender
-from gateway.workflow.service import EventInput, apply_event, sweep_workflow
-from mappers.bundle import build_transaction_bundle, parse_transaction_response
-from mappers.ehr_overrides import target_transform
-from mappers.errors import Problem
-from mappers.profiles import EhrTargetProfile
+from gateway.subscribers.sender import WebhookSender
+from gateway.workflow.service import sweep_workflow
 
 log = get_logger(__name__)
 
-#: How long a delivery waits when its target is misconfigured (bad credentials...).
-CONFIG_ERROR_WAIT = timedelta(seconds=60)
+#: How long a probe of an open circuit may take before another worker may probe.
+PROBE_LEASE = timedelta(seconds=60)
+#: Statuses after which a 'Retry-After' pauses the whole target.
+THROTTLING_STATUS = frozenset({429, 503})
+#: Most outcomes written in one transaction.
+RECORD_BATCH = 64
+#: ``delivery_attempts.outcome`` of each outcome type (waits are not attempts).
+ATTEMPT_OUTCOME: dict[type, str] = {
+    Delivered: "delivered",
+    Failed: "transient",
+    Rejected: "permanent",
+    NeedsReview: "permanent",
+}
 
 
-def _references(node: Any, out: set[str]) -> None:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "reference" and isinstance(value, str) and "/" in value and "?" not in value:
-                out.add(value)
-            else:
-                _references(value, out)
-    elif isinstance(node, list):
-        for child in node:
-            _references(child, out)
+@dataclass(frozen=True)
+class _Finished:
+    """A sent delivery waiting to be recorded."""
+
+    config: TargetConfig
+    delivery: Delivery
+    outcome: Outcome
+    started_at: datetime
+    duration_s: float
+
+
+def default_senders(
+    runtime: Runtime,
+    *,
+    http: httpx.AsyncClient | None = None,
+    token_transport: httpx.AsyncBaseTransport | None = None,
+    max_connections: int = 100,
+) -> dict[str, Sender]:
+    """The senders of every delivery kind, by kind: ``ehr`` (FHIR to EHR targets) and
+    ``webhook`` (signed case state changes to ops subscribers)."""
+    clients = EhrClients.for_runtime(
+        runtime, http=http, token_transport=token_transport, max_connections=max_connections
+    )
+    return {
+        "ehr": default_ehr_sender(runtime, clients=clients),
+        "webhook": WebhookSender(runtime, http=http),
+    }
 
 
 class DeliveryWorker:
@@ -73,8 +119,10 @@ class DeliveryWorker:
     Args:
         runtime: the wired runtime.
         concurrency: deliveries in flight at once in this process.
+        senders: the sender per kind (default: :func:`default_senders`).
         http: shared HTTP client for FHIR requests (one connection pool).
         token_transport: httpx transport for token requests (tests).
+        name: this worker's lease owner name (default: host, pid and a random suffix).
     """
 
     def __init__(
@@ -82,451 +130,546 @@ class DeliveryWorker:
         runtime: Runtime,
         *,
         concurrency: int = 4,
+        senders: Mapping[str, Sender] | None = None,
         http: httpx.AsyncClient | None = None,
         token_transport: httpx.AsyncBaseTransport | None = None,
+        name: str | None = None,
     ) -> None:
         self.runtime = runtime
         self.concurrency = concurrency
-        self.name = f"{runtime.instance_id}:worker"
-        self._http = http or httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=max(10, concurrency * 2))
+        self.name = name or f"{runtime.instance_id}:{uuid.uuid4().hex[:8]}"
+        self.senders: dict[str, Sender] = dict(
+            senders
+            if senders is not None
+            else default_senders(
+                runtime,
+                http=http,
+                token_transport=token_transport,
+                max_connections=max(10, concurrency * 2),
+            )
         )
-        self._own_http = http is None
-        self._token_transport = token_transport
-        self._clients: dict[str, tuple[EhrTargetProfile, EhrClient, TokenProvider]] = {}
+        self._running: dict[int, asyncio.Task[None]] = {}
+        self._sending = 0
+        self._probing: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._known_targets: set[tuple[str, str]] = set()
+        self._round = 0
+        self._to_record: list[tuple[_Finished, asyncio.Future[None]]] = []
+        self._recording = False
+        self._clean_targets: set[tuple[str, str]] = set()
+        self._success_written: dict[tuple[str, str], float] = {}
         self._wakeup = asyncio.Event()
+        self._changed = asyncio.Event()
 
     def wake(self) -> None:
         """Look for work now instead of at the next poll."""
         self._wakeup.set()
 
-    def client_for(self, target: EhrTargetProfile) -> EhrClient:
-        """The EHR client of ``target`` (rebuilt when its profile changed)."""
-        cached = self._clients.get(target.name)
-        if cached is not None and cached[0] == target:
-            return cached[1]
-        tokens = token_provider_for(target, transport=self._token_transport)
-        client = EhrClient(target, self._http, tokens)
-        self._clients[target.name] = (target, client, tokens)
-        return client
-
     async def read_resource(
         self, target: str, resource_type: str, resource_id: str
     ) -> dict[str, Any]:
-        """Read a resource from an EHR target with its token (id-only notifications)."""
+        """Read a resource from an EHR target with its token (id-only notifications).
+
+        Raises:
+            EhrConfigError: no such target; the errors of :meth:`EhrClient.read`.
+        """
         profile = self.runtime.profiles.current.ehr.get(target)
-        if profile is None:
+        sender = self.senders.get("ehr")
+        clients = getattr(sender, "clients", None)
+        if profile is None or clients is None:
             raise EhrConfigError(f"no EHR target {target!r}")
-        return await self.client_for(profile).read(resource_type, resource_id)
+        result: dict[str, Any] = await clients.client_for(profile).read(resource_type, resource_id)
+        return result
+
+    def _free_slots(self) -> int:
+        """Deliveries this worker may claim now: ``concurrency`` requests in flight, and
+        at most as many more outcomes waiting to be written."""
+        return max(
+            0,
+            min(
+                self.concurrency - self._sending,
+                2 * self.concurrency - len(self._running),
+            ),
+        )
+
+    @property
+    def in_flight(self) -> int:
+        """Deliveries this worker is sending right now."""
+        return len(self._running)
+
+    # ------------------------------------------------------------------ loops
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Work until ``stop`` is set: deliver, apply pending events, sleep when idle."""
-        poll = self.runtime.settings.worker_poll_interval.total_seconds()
+        """Work until ``stop`` is set, then let the deliveries in flight finish."""
+        settings = self.runtime.settings
+        poll = settings.worker_poll_interval.total_seconds()
+        threshold = max(1, self.concurrency // 2)
+        heartbeat = asyncio.create_task(self._heartbeat(stop))
+        last_sweep = 0.0
         log.info("worker.started", worker=self.name, concurrency=self.concurrency)
-        while not stop.is_set():
-            try:
-                done = await self.run_once()
-                done += await sweep_pending(self.runtime, reader=self.read_resource)
-                done += await sweep_workflow(self.runtime)
-            except Exception:
-                log.exception("worker.loop_error", worker=self.name)
-                done = 0
-            if done:
-                continue
-            self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wait_any(stop), timeout=poll)
-        log.info("worker.stopped", worker=self.name)
-
-    async def _wait_any(self, stop: asyncio.Event) -> None:
-        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wakeup.wait())]
         try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            while not stop.is_set():
+                # Cleared before claiming: a delivery finishing meanwhile ends the wait.
+                self._changed.clear()
+                self._wakeup.clear()
+                free = self._free_slots()
+                claimed = 0
+                if free >= threshold or (free > 0 and not self._sending):
+                    try:
+                        claimed = await self._claim_round(free)
+                    except Exception as exc:
+                        self._log_unexpected("worker.claim_failed", exc)
+                if claimed == 0 and time.monotonic() - last_sweep >= poll:
+                    last_sweep = time.monotonic()
+                    try:
+                        await sweep_pending(self.runtime, reader=self.read_resource)
+                        await sweep_workflow(self.runtime)
+                    except Exception as exc:
+                        self._log_unexpected("worker.sweep_failed", exc)
+                await self._wait(stop, poll_s=poll)
         finally:
-            for w in waiters:
-                w.cancel()
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            pending = [*self._running.values(), *self._probing.values()]
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+            log.info("worker.stopped", worker=self.name)
+
+    async def _wait(self, stop: asyncio.Event, *, poll_s: float) -> None:
+        """Sleep until stopped, woken, a delivery or probe finished (a free slot, or a
+        patient's next delivery unblocked), or ``timeout``."""
+        waiters = [
+            asyncio.ensure_future(stop.wait()),
+            asyncio.ensure_future(self._wakeup.wait()),
+            asyncio.ensure_future(self._changed.wait()),
+        ]
+        try:
+            await asyncio.wait(waiters, timeout=poll_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def _heartbeat(self, stop: asyncio.Event) -> None:
+        lease = self.runtime.settings.worker_lease
+        interval = max(0.05, lease.total_seconds() / 3)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+            ids = list(self._running)
+            if not ids:
+                continue
+            try:
+                async with self.runtime.write_session() as session:
+                    await repo.extend_leases(
+                        session, ids=ids, worker=self.name, until=utcnow() + lease
+                    )
+                    await session.commit()
+            except Exception as exc:
+                self._log_unexpected("worker.heartbeat_failed", exc)
 
     async def run_once(self) -> int:
-        """Claim one batch and deliver it. Returns how many deliveries were attempted."""
-        targets = [t.name for t in self.runtime.profiles.current.enabled_targets()]
-        settings = self.runtime.settings
-        async with self.runtime.write_session() as session:
-            claimed = await repo.claim(
-                session,
-                targets=targets,
-                limit=max(settings.worker_batch_size, self.concurrency),
-                worker=self.name,
-                lease=settings.worker_lease,
-                now=utcnow(),
-            )
-            claimed += await repo.claim(
-                session,
-                targets=await webhook_sender.subscriber_names(session),
-                limit=max(settings.worker_batch_size, self.concurrency),
-                worker=self.name,
-                lease=settings.worker_lease,
-                now=utcnow(),
-                kind=webhook_sender.KIND,
-            )
-            await session.commit()
-        if not claimed:
+        """One claim round, then wait for everything it started (tests, benchmarks).
+
+        Returns:
+            How many deliveries were attempted.
+        """
+        claimed = await self._claim_round(self._free_slots())
+        pending = [*self._running.values(), *self._probing.values()]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        return claimed
+
+    # ------------------------------------------------------------------ claiming
+
+    async def _targets(self) -> list[tuple[Sender, TargetConfig]]:
+        pairs = []
+        for sender in self.senders.values():
+            for config in await sender.targets():
+                pairs.append((sender, config))
+        return pairs
+
+    async def _claim_round(self, free: int) -> int:
+        """Claim up to ``free`` deliveries across targets and start them; start due
+        probes. Returns how many deliveries were started."""
+        if free <= 0:
             return 0
-        semaphore = asyncio.Semaphore(self.concurrency)
-
-        async def one(delivery: Delivery) -> None:
-            async with semaphore:
-                try:
-                    if delivery.kind == webhook_sender.KIND:
-                        await webhook_sender.send(
-                            self.runtime, delivery, http=self._http, worker=self.name
-                        )
-                    else:
-                        await self.deliver(delivery)
-                except Exception as exc:  # the lease returns the row to the queue
-                    log_failure(
-                        log,
-                        "delivery.crashed",
-                        exc,
-                        delivery_id=delivery.id,
-                        target=delivery.target,
-                    )
-
-        await asyncio.gather(*(one(d) for d in claimed))
-        return len(claimed)
-
-    async def deliver(self, delivery: Delivery) -> None:
-        """Send one claimed delivery and record the outcome."""
-        target = self.runtime.profiles.current.ehr.get(delivery.target)
-        if target is None or not target.enabled:
-            await self._release(
-                delivery, wait=CONFIG_ERROR_WAIT, error="target is not configured or disabled"
-            )
-            return
-        async with self.runtime.sessionmaker() as session:
-            resources = await fhir_repo.get_resources(session, delivery.resource_refs)
-            if len(resources) != len(delivery.resource_refs):
-                await self._dead(
+        pairs = await self._targets()
+        if not pairs:
+            return 0
+        keys = [(c.kind, c.name) for _, c in pairs]
+        now = utcnow()
+        async with self.runtime.write_session() as session:
+            new = [k for k in keys if k not in self._known_targets]
+            if new:
+                await repo.ensure_target_states(session, new)
+                await session.commit()
+                self._known_targets.update(new)
+            gates = await repo.target_gates(session, keys)
+            await session.commit()
+        self._round += 1
+        start = self._round % len(pairs)
+        started = 0
+        settings = self.runtime.settings
+        for sender, config in pairs[start:] + pairs[:start]:
+            if free <= 0:
+                break
+            key = (config.kind, config.name)
+            state, token = gates.get(key, (None, None))
+            circuit = state.circuit if state is not None else "closed"
+            if state is not None and circuit == "closed" and state.consecutive_failures == 0:
+                self._clean_targets.add(key)
+            else:
+                self._clean_targets.discard(key)
+            if circuit == "open":
+                if state is not None and (
+                    state.next_probe_at is None or state.next_probe_at <= now
+                ):
+                    await self._start_probe(sender, config, now)
+                continue
+            if state is not None and state.throttled_until and state.throttled_until > now:
+                continue
+            if config.uses_token and auth_wait_until(token, now):
+                continue
+            async with self.runtime.write_session() as session:
+                claimed = await repo.claim_for_target(
                     session,
-                    delivery,
-                    reason="missing_resources",
-                    error="stored resources are missing",
-                    status_code=None,
-                    outcome=None,
-                    started_at=utcnow(),
-                    duration_ms=0,
+                    kind=config.kind,
+                    target=config.name,
+                    limit=free,
+                    max_in_flight=1 if circuit == "half_open" else config.max_concurrent,
+                    worker=self.name,
+                    lease=settings.worker_lease,
+                    now=now,
                 )
                 await session.commit()
-                return
-            referenced: set[str] = set()
-            _references(resources, referenced)
-            outside = sorted(referenced - set(delivery.resource_refs))
-            remote_ids = await repo.remote_ids_for(
-                session, target=target.name, refs=[*delivery.resource_refs, *outside]
+            if not claimed:
+                continue
+            prepare = getattr(sender, "prepare", None)
+            if prepare is not None:
+                try:
+                    await prepare(claimed)
+                except Exception as exc:  # each send() then loads its own data
+                    self._log_unexpected("delivery.prepare_failed", exc)
+            for delivery in claimed:
+                self._sending += 1
+                self._running[delivery.id] = asyncio.create_task(
+                    self._process(sender, config, delivery)
+                )
+            free -= len(claimed)
+            started += len(claimed)
+        return started
+
+    async def _start_probe(self, sender: Sender, config: TargetConfig, now: datetime) -> None:
+        key = (config.kind, config.name)
+        if key in self._probing:
+            return
+        async with self.runtime.write_session() as session:
+            won = await repo.take_probe(
+                session, kind=config.kind, target=config.name, now=now, lease=PROBE_LEASE
             )
-            identifiers = await repo.identifiers_for(session, outside)
-        bundle = build_transaction_bundle(
-            resources,
-            remote_ids=remote_ids,
-            outside_identifiers=identifiers,
-            provenance_tag_system=self.runtime.systems.provenance,
-            transform=target_transform(target, self.runtime.profiles.current.concept_maps),
-        )
-        client = self.client_for(target)
+            await session.commit()
+        if won:
+            self._probing[key] = asyncio.create_task(self._probe(sender, config))
+
+    async def _probe(self, sender: Sender, config: TargetConfig) -> None:
+        key = (config.kind, config.name)
+        try:
+            try:
+                ok = await sender.probe(config.name)
+            except Exception as exc:
+                self._log_unexpected("delivery.probe_crashed", exc)
+                ok = False
+            async with self.runtime.write_session() as session:
+                circuit = await repo.record_probe(
+                    session,
+                    kind=config.kind,
+                    target=config.name,
+                    ok=ok,
+                    now=utcnow(),
+                    policy=config.circuit,
+                )
+                await session.commit()
+            log.info(
+                "delivery.circuit_probed",
+                kind=config.kind,
+                target=config.name,
+                ok=ok,
+                circuit=circuit,
+            )
+        except Exception as exc:
+            self._log_unexpected("delivery.probe_failed", exc)
+        finally:
+            self._probing.pop(key, None)
+            self._changed.set()
+
+    # ------------------------------------------------------------------ delivering
+
+    async def _process(self, sender: Sender, config: TargetConfig, delivery: Delivery) -> None:
         started_at = utcnow()
         t0 = time.perf_counter()
+        sending = True
         try:
-            response = await client.transaction(bundle)
-            entries = parse_transaction_response(response, resources)
-        except TokenUnavailableError as exc:
-            wait = timedelta(seconds=exc.retry_after_s or 1.0)
-            await self._release(delivery, wait=wait, error=str(exc))
-            return
-        except EhrConfigError as exc:
-            await self._release(delivery, wait=CONFIG_ERROR_WAIT, error=str(exc))
-            return
-        except EhrUnavailableError as exc:
-            await self._retry(delivery, target, exc, started_at, t0)
-            return
-        except EhrRejectedError as exc:
-            await self._rejected(delivery, exc, started_at, t0)
-            return
-        except ValueError as exc:
-            # 2xx without a usable transaction-response: the transaction may have been
-            # applied; a retry is safe because every entry is conditional.
-            await self._retry(
-                delivery,
-                target,
-                EhrUnavailableError(f"unusable transaction-response ({exc})"),
-                started_at,
-                t0,
-            )
-            return
-        duration_ms = int((time.perf_counter() - t0) * 1000)
+            try:
+                outcome = await sender.send(delivery)
+            except Exception as exc:
+                self._log_unexpected("delivery.crashed", exc, delivery_id=delivery.id)
+                outcome = Failed(f"unexpected error in the sender ({type(exc).__name__})")
+            if isinstance(outcome, Delivered):
+                # The request is over: its slot may take the next delivery while this
+                # outcome is written (the row stays leased, and counted, until then). A
+                # failure keeps its slot until recorded, so the next claim sees the
+                # circuit breaker and Retry-After it may have set.
+                sending = False
+                self._sending -= 1
+                self._changed.set()
+            finished = _Finished(config, delivery, outcome, started_at, time.perf_counter() - t0)
+            await self._submit(finished)
+        finally:
+            if sending:
+                self._sending -= 1
+            self._running.pop(delivery.id, None)
+            self._changed.set()
+
+    async def _submit(self, item: _Finished) -> None:
+        """Record an outcome. Outcomes that finish while a batch is being written are
+        written together in the next one (one transaction, one commit): under load the
+        commits are shared, at rest each outcome is written at once."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._to_record.append((item, future))
+        if not self._recording:
+            self._recording = True
+            try:
+                while self._to_record:
+                    batch = self._to_record[:RECORD_BATCH]
+                    del self._to_record[:RECORD_BATCH]
+                    await self._record_batch([i for i, _ in batch])
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_result(None)
+            finally:
+                self._recording = False
+        await future
+
+    async def _record_batch(self, items: list[_Finished]) -> None:
+        """Write a batch of outcomes in one transaction; if that fails, each on its own
+        (one bad outcome must not lose the others). A row whose write fails stays in
+        flight; its lease expires and it is claimed again."""
+        try:
+            recorded = await self._write(items)
+        except Exception as exc:
+            if len(items) == 1:
+                self._log_unexpected(
+                    "delivery.record_failed", exc, delivery_id=items[0].delivery.id
+                )
+                return
+            recorded = []
+            for item in items:
+                try:
+                    recorded += await self._write([item])
+                except Exception as one_exc:
+                    self._log_unexpected(
+                        "delivery.record_failed", one_exc, delivery_id=item.delivery.id
+                    )
+        for item, label, values in recorded:
+            self._report(item, label, values)
+
+    async def _write(self, items: list[_Finished]) -> list[tuple[_Finished, str, dict[str, Any]]]:
         now = utcnow()
+        done: list[tuple[_Finished, str, dict[str, Any]]] = []
         async with self.runtime.write_session() as session:
-            for entry in entries:
-                if entry.remote_id:
-                    version = next(
-                        (
-                            r.get("meta", {}).get("versionId")
-                            for r in resources
-                            if r["resourceType"] == entry.resource_type
-                            and r["id"] == entry.local_id
-                        ),
-                        None,
-                    )
-                    await repo.save_remote_id(
-                        session,
-                        target=target.name,
-                        resource_type=entry.resource_type,
-                        local_id=entry.local_id,
-                        remote_id=entry.remote_id,
-                        remote_version=entry.remote_version,
-                        delivered_version=int(version) if version else None,
-                        now=now,
-                    )
-            owned = await repo.finish(
-                session,
-                delivery_id=delivery.id,
-                worker=self.name,
-                values={
-                    "status": DeliveryStatus.DELIVERED,
-                    "delivered_at": now,
-                    "last_status_code": 200,
-                    "last_error": None,
-                    "operation_outcome": None,
-                },
+            owned = await repo.lock_owned(
+                session, ids=[i.delivery.id for i in items], worker=self.name
             )
-            repo.add_attempt(
-                session,
-                delivery=delivery,
-                worker=self.name,
-                started_at=started_at,
-                duration_ms=duration_ms,
-                outcome="delivered",
-                status_code=200,
-                error=None,
-            )
-            if owned and delivery.inbound_message_id:
-                await apply_event(
-                    session,
-                    self.runtime.profiles.current.workflow_or_raise,
-                    EventInput(
-                        source="gateway",
-                        event_id=f"ehr_delivered:{target.name}:{delivery.inbound_message_id}",
-                        type="ehr_delivered",
-                        detail=None,
-                        occurred_at=now,
-                        patient_id=delivery.ordering_key,
-                        message_id=delivery.inbound_message_id,
-                    ),
-                )
-            await session.commit()
-        log.info(
-            "delivery.delivered",
-            delivery_id=delivery.id,
-            target=target.name,
-            attempt=delivery.attempts,
-            duration_ms=duration_ms,
-            entries=len(entries),
-        )
-
-    async def _release(self, delivery: Delivery, *, wait: timedelta, error: str) -> None:
-        """Put a claimed row back without counting the attempt (nothing was sent)."""
-        async with self.runtime.write_session() as session:
-            await repo.finish(
-                session,
-                delivery_id=delivery.id,
-                worker=self.name,
-                values={
-                    "status": DeliveryStatus.PENDING,
-                    "available_at": utcnow() + wait,
-                    "attempts": max(0, delivery.attempts - 1),
-                    "last_error": error[:500],
-                },
-            )
-            await session.commit()
-        log.info(
-            "delivery.waiting",
-            delivery_id=delivery.id,
-            target=delivery.target,
-            wait_s=wait.total_seconds(),
-        )
-
-    async def _retry(
-        self,
-        delivery: Delivery,
-        target: EhrTargetProfile,
-        exc: EhrUnavailableError,
-        started_at: Any,
-        t0: float,
-    ) -> None:
-        duration_ms = int((time.perf_counter() - t0) * 1000)
-        now = utcnow()
-        decision = next_retry(
-            attempts=delivery.attempts,
-            created_at=delivery.created_at,
-            now=now,
-            policy=target.retry,
-            retry_after_s=exc.retry_after_s,
-        )
-        async with self.runtime.write_session() as session:
-            if decision.give_up:
-                await self._dead(
-                    session,
-                    delivery,
-                    reason=decision.give_up,
-                    error=str(exc),
-                    status_code=exc.status_code,
-                    outcome=None,
-                    started_at=started_at,
-                    duration_ms=duration_ms,
-                    transient=True,
-                )
-            else:
-                await repo.finish(
-                    session,
-                    delivery_id=delivery.id,
-                    worker=self.name,
-                    values={
-                        "status": DeliveryStatus.PENDING,
-                        "available_at": decision.retry_at,
-                        "last_error": str(exc)[:500],
-                        "last_status_code": exc.status_code,
-                    },
-                )
-                repo.add_attempt(
-                    session,
-                    delivery=delivery,
-                    worker=self.name,
-                    started_at=started_at,
-                    duration_ms=duration_ms,
-                    outcome="transient",
-                    status_code=exc.status_code,
-                    error=str(exc)[:500],
-                )
-            await session.commit()
-        log.info(
-            "delivery.attempt_failed",
-            delivery_id=delivery.id,
-            target=target.name,
-            attempt=delivery.attempts,
-            status_code=exc.status_code,
-            gave_up=decision.give_up,
-        )
-
-    async def _rejected(
-        self, delivery: Delivery, exc: EhrRejectedError, started_at: Any, t0: float
-    ) -> None:
-        duration_ms = int((time.perf_counter() - t0) * 1000)
-        async with self.runtime.write_session() as session:
-            if exc.status_code == 412:
-                await repo.finish(
-                    session,
-                    delivery_id=delivery.id,
-                    worker=self.name,
-                    values={
-                        "status": DeliveryStatus.REVIEW,
-                        "last_error": str(exc)[:500],
-                        "last_status_code": 412,
-                        "operation_outcome": exc.operation_outcome,
-                        "dead_reason": "multiple_matches",
-                    },
-                )
-                repo.add_attempt(
-                    session,
-                    delivery=delivery,
-                    worker=self.name,
-                    started_at=started_at,
-                    duration_ms=duration_ms,
-                    outcome="permanent",
-                    status_code=412,
-                    error=str(exc)[:500],
-                )
-                session.add(
-                    new_exception(
-                        kind="duplicate_match",
-                        channel="delivery",
-                        sender=delivery.target,
-                        message_id=delivery.inbound_message_id,
-                        problems=[
-                            Problem(
-                                "delivery",
-                                "multiple_matches",
-                                f"delivery {delivery.id}: the EHR has several resources "
-                                "matching a conditional create",
-                            )
-                        ],
+            rows: list[dict[str, Any]] = []
+            attempt_rows: list[dict[str, Any]] = []
+            answered: dict[tuple[str, str], bool] = {}
+            for item in items:
+                delivery, outcome = item.delivery, item.outcome
+                if delivery.id not in owned:
+                    log.warning(
+                        "delivery.lease_lost",
+                        delivery_id=delivery.id,
+                        target=item.config.name,
+                        attempt=delivery.attempts,
                     )
+                    continue
+                values, label = await self._values(session, item, now)
+                rows.append({"id": delivery.id, "locked_by": None, "locked_until": None, **values})
+                if outcome.effects is not None:
+                    await outcome.effects(session)
+                if not isinstance(outcome, Wait):
+                    error = getattr(outcome, "error", None)
+                    attempt_rows.append(
+                        {
+                            "delivery_id": delivery.id,
+                            "attempt": delivery.attempts,
+                            "worker": self.name,
+                            "started_at": item.started_at,
+                            "duration_ms": int(item.duration_s * 1000),
+                            "status_code": outcome.status_code,
+                            "outcome": ATTEMPT_OUTCOME[type(outcome)],
+                            "error": error[:500] if error else None,
+                        }
+                    )
+                key = (item.config.kind, item.config.name)
+                if isinstance(outcome, Delivered | NeedsReview) or (
+                    isinstance(outcome, Rejected) and outcome.status_code is not None
+                ):
+                    answered[key] = answered.get(key, False) or isinstance(outcome, Delivered)
+                elif isinstance(outcome, Failed):
+                    self._clean_targets.discard(key)
+                done.append((item, label, values))
+            await repo.update_rows(session, rows)
+            await repo.add_attempts(session, attempt_rows)
+            for (kind, target), delivered in answered.items():
+                # The target answered: close its circuit. Skipped while this worker knows it
+                # is closed and wrote a success in the last second (the hot path).
+                key = (kind, target)
+                last = self._success_written.get(key, 0.0)
+                if key in self._clean_targets and time.monotonic() - last < 1.0:
+                    continue
+                await repo.target_succeeded(
+                    session, kind=kind, target=target, now=now, delivered=delivered
                 )
-            else:
-                await self._dead(
-                    session,
-                    delivery,
-                    reason="rejected",
-                    error=str(exc),
-                    status_code=exc.status_code,
-                    outcome=exc.operation_outcome,
-                    started_at=started_at,
-                    duration_ms=duration_ms,
-                )
+                self._success_written[key] = time.monotonic()
+                self._clean_targets.add(key)
             await session.commit()
-        log.info(
-            "delivery.rejected",
-            delivery_id=delivery.id,
-            target=delivery.target,
-            status_code=exc.status_code,
-            outcome=outcome_summary(exc.operation_outcome),
-        )
+        return done
 
-    async def _dead(
+    async def _values(
+        self, session: Any, item: _Finished, now: datetime
+    ) -> tuple[dict[str, Any], str]:
+        """The row's new values and the metric label of an outcome."""
+        outcome = item.outcome
+        if isinstance(outcome, Delivered):
+            return {
+                "status": DeliveryStatus.DELIVERED,
+                "delivered_at": now,
+                "last_status_code": outcome.status_code,
+                "last_error": None,
+                "operation_outcome": None,
+            }, "delivered"
+        if isinstance(outcome, Failed):
+            return await self._failed(session, item.config, item.delivery, outcome, now)
+        if isinstance(outcome, Rejected):
+            return {
+                "status": DeliveryStatus.DEAD,
+                "dead_reason": outcome.reason,
+                "last_error": outcome.error[:500],
+                "last_status_code": outcome.status_code,
+                "operation_outcome": outcome.operation_outcome,
+            }, "dead"
+        if isinstance(outcome, NeedsReview):
+            return {
+                "status": DeliveryStatus.REVIEW,
+                "dead_reason": str(outcome.review.get("reason", "review")),
+                "review": outcome.review,
+                "last_error": outcome.error[:500],
+                "last_status_code": outcome.status_code,
+                "operation_outcome": outcome.operation_outcome,
+            }, "review"
+        assert isinstance(outcome, Wait)
+        return {
+            "status": DeliveryStatus.PENDING,
+            "available_at": now + timedelta(seconds=max(0.0, outcome.wait_s)),
+            "attempts": max(0, item.delivery.attempts - 1),
+            "last_error": outcome.error[:500],
+        }, "waiting"
+
+    def _report(self, item: _Finished, label: str, values: dict[str, Any]) -> None:
+        """Metrics and the log line of a recorded outcome (ids only)."""
+        outcome, delivery = item.outcome, item.delivery
+        kind, target = item.config.kind, item.config.name
+        fields: dict[str, Any] = {
+            "delivery_id": delivery.id,
+            "target": target,
+            "attempt": delivery.attempts,
+        }
+        metrics.DELIVERIES.labels(kind=kind, target=target, outcome=label).inc()
+        if not isinstance(outcome, Wait):
+            metrics.ATTEMPT_SECONDS.labels(kind=kind, target=target).observe(item.duration_s)
+        status_code = getattr(outcome, "status_code", None)
+        if isinstance(outcome, Delivered):
+            if kind == "ehr" and delivery.source_received_at is not None:
+                delivered_at = values["delivered_at"]
+                metrics.INTAKE_TO_EHR_SECONDS.labels(target=target).observe(
+                    max(0.0, (delivered_at - delivery.source_received_at).total_seconds())
+                )
+            log.info("delivery.delivered", duration_ms=int(item.duration_s * 1000), **fields)
+        elif isinstance(outcome, Failed):
+            log.info(
+                "delivery.attempt_failed",
+                status_code=status_code,
+                dead=label == "dead",
+                reason=values.get("dead_reason"),
+                **fields,
+            )
+        elif isinstance(outcome, Rejected | NeedsReview):
+            log.warning(
+                "delivery.dead_lettered" if label == "dead" else "delivery.review",
+                status_code=status_code,
+                reason=values.get("dead_reason"),
+                **fields,
+            )
+        else:
+            assert isinstance(outcome, Wait)
+            log.info(
+                "delivery.waiting",
+                reason=outcome.reason,
+                wait_s=round(outcome.wait_s, 3),
+                **fields,
+            )
+
+    async def _failed(
         self,
         session: Any,
+        config: TargetConfig,
         delivery: Delivery,
-        *,
-        reason: str,
-        error: str,
-        status_code: int | None,
-        outcome: dict[str, Any] | None,
-        started_at: Any,
-        duration_ms: int,
-        transient: bool = False,
-    ) -> None:
-        await repo.finish(
+        outcome: Failed,
+        now: datetime,
+    ) -> tuple[dict[str, Any], str]:
+        """Row values for a transient failure, after counting it against the circuit."""
+        throttle = outcome.retry_after_s if outcome.status_code in THROTTLING_STATUS else None
+        failure = await repo.target_failed(
             session,
-            delivery_id=delivery.id,
-            worker=self.name,
-            values={
-                "status": DeliveryStatus.DEAD,
-                "dead_reason": reason,
-                "last_error": error[:500],
-                "last_status_code": status_code,
-                "operation_outcome": outcome,
-            },
+            kind=config.kind,
+            target=config.name,
+            now=now,
+            policy=config.circuit,
+            error=outcome.error,
+            throttle_s=throttle,
         )
-        repo.add_attempt(
-            session,
-            delivery=delivery,
-            worker=self.name,
-            started_at=started_at,
-            duration_ms=duration_ms,
-            outcome="transient" if transient else "permanent",
-            status_code=status_code,
-            error=error[:500],
+        started = max(delivery.created_at, delivery.replayed_at or delivery.created_at)
+        decision = next_retry(
+            attempts=delivery.attempts,
+            created_at=started,
+            now=now,
+            policy=config.retry,
+            retry_after_s=outcome.retry_after_s,
         )
-        log.warning(
-            "delivery.dead_lettered",
-            delivery_id=delivery.id,
-            target=delivery.target,
-            reason=reason,
-            status_code=status_code,
-        )
+        # The EHR is down (the circuit is open, and this was not the half-open trial):
+        # the row waits for it and is not dead-lettered.
+        held = failure.circuit == "open" and failure.before != "half_open"
+        values: dict[str, Any] = {
+            "last_error": outcome.error[:500],
+            "last_status_code": outcome.status_code,
+        }
+        if decision.give_up and not held:
+            values.update(status=DeliveryStatus.DEAD, dead_reason=decision.give_up)
+            return values, "dead"
+        # While the circuit is open nothing of the target is claimed: no need to push
+        # the row past the probe; it goes as soon as the circuit closes.
+        retry_at = decision.retry_at or now
+        if failure.throttled_until is not None:
+            retry_at = max(retry_at, failure.throttled_until)
+        values.update(status=DeliveryStatus.PENDING, available_at=retry_at)
+        return values, "transient"
+
+    def _log_unexpected(self, event: str, exc: BaseException, **fields: Any) -> None:
+        # The message of an unexpected exception may hold PHI: type and frames only.
+        log_failure(log, event, exc, worker=self.name, **fields)
 
     async def aclose(self) -> None:
-        """Close HTTP clients."""
-        for _, _, tokens in self._clients.values():
-            closer = getattr(tokens, "aclose", None)
-            if closer is not None:
-                await closer()
-        if self._own_http:
-            await self._http.aclose()
+        """Close the senders' connections."""
+        for sender in self.senders.values():
+            await sender.aclose()

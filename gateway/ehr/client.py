@@ -1,25 +1,41 @@
 """FHIR REST client for one EHR target, with httpx errors translated at the boundary
 into the errors of :mod:`gateway.ehr.errors`.
 
+Status classes (https://hl7.org/fhir/R4/http.html, RFC 9110):
+
+* 2xx: success;
+* transport failures, timeouts, 408, 409 (server-side lock conflict: "re-read and retry"),
+  425, 429 and 5xx: :class:`EhrUnavailableError`, with ``Retry-After`` when sent;
+* 401: the token is invalidated and the request retried once with a fresh one; a fresh
+  token refused again is :class:`EhrConfigError` (and the target's auth backs off);
+* any other 4xx: :class:`EhrRejectedError` with the EHR's OperationOutcome.
+
 Messages never contain URLs with query strings, bodies or PHI.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from gateway.ehr.errors import (
+    EhrConfigError,
     EhrRejectedError,
     EhrUnavailableError,
     parse_retry_after,
 )
 from gateway.oauth.tokens import TokenProvider
-from mappers.profiles import EhrTargetProfile
+from mappers.bundle import parse_location
+from mappers.profiles.ehr import EhrTargetProfile
 
 FHIR_JSON = "application/fhir+json"
-RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+#: Awaited before every request to the FHIR server (the target's shared rate limit).
+BeforeRequest = Callable[[], Awaitable[None]]
 
 
 def _operation_outcome(response: httpx.Response) -> dict[str, Any] | None:
@@ -43,16 +59,43 @@ def outcome_summary(outcome: dict[str, Any] | None) -> str:
     )
 
 
+@dataclass(frozen=True)
+class WriteResult:
+    """What a create or update answered: the EHR's id and version of the resource.
+
+    ``status`` is the HTTP status (201 created, 200 matched or updated); ``remote_id`` and
+    ``remote_version`` come from ``Location`` (``[base]/Type/id/_history/vid``), else from
+    the returned resource, else ``ETag``; None when the EHR sent neither.
+    """
+
+    status: int
+    remote_id: str | None
+    remote_version: str | None
+
+
 class EhrClient:
     """Sends FHIR requests to one target with its token; retries a 401 once with a fresh
-    token (the token may have been revoked), never in a loop."""
+    token (the token may have been revoked), never in a loop.
+
+    Args:
+        target: the target profile (base URL, timeout).
+        http: shared HTTP client (connection pool).
+        tokens: the target's token provider (shared by every worker through the database).
+        before_request: awaited before each request (rate limit), or None.
+    """
 
     def __init__(
-        self, target: EhrTargetProfile, http: httpx.AsyncClient, tokens: TokenProvider
+        self,
+        target: EhrTargetProfile,
+        http: httpx.AsyncClient,
+        tokens: TokenProvider,
+        *,
+        before_request: BeforeRequest | None = None,
     ) -> None:
         self.target = target
         self.http = http
         self.tokens = tokens
+        self.before_request = before_request
         self.base_url = target.base_url.rstrip("/")
 
     async def transaction(self, bundle: dict[str, Any]) -> dict[str, Any]:
@@ -62,52 +105,159 @@ class EhrClient:
             EhrUnavailableError, EhrRejectedError, EhrConfigError.
         """
         response = await self._send("POST", self.base_url, json=bundle)
-        try:
-            body = response.json()
-        except ValueError as exc:
-            raise EhrUnavailableError(
-                "the EHR answered 2xx without JSON", status_code=response.status_code
-            ) from exc
+        body = self._json(response)
         if not isinstance(body, dict):
             raise EhrUnavailableError(
                 "the EHR answered 2xx with unexpected JSON", status_code=response.status_code
             )
         return body
 
-    async def read(self, resource_type: str, resource_id: str) -> dict[str, Any]:
-        """``GET [base]/Type/id``.
+    async def create(
+        self, resource_type: str, resource: dict[str, Any], *, if_none_exist: str | None
+    ) -> WriteResult:
+        """``POST [base]/Type``, conditional on ``If-None-Exist`` when given.
+
+        Zero matches create (201), one match answers 200 and changes nothing, several
+        matches answer 412 (https://hl7.org/fhir/R4/http.html#ccreate).
+
+        Raises:
+            EhrUnavailableError, EhrRejectedError (412: several matches), EhrConfigError.
+        """
+        headers = {"If-None-Exist": if_none_exist} if if_none_exist else {}
+        response = await self._send(
+            "POST", f"{self.base_url}/{resource_type}", json=resource, headers=headers
+        )
+        return self._write_result(response, resource_type)
+
+    async def update(
+        self, resource_type: str, resource_id: str, resource: dict[str, Any]
+    ) -> WriteResult:
+        """``PUT [base]/Type/id`` (update of the EHR's resource).
 
         Raises:
             EhrUnavailableError, EhrRejectedError, EhrConfigError.
         """
-        response = await self._send("GET", f"{self.base_url}/{resource_type}/{resource_id}")
-        return response.json()  # type: ignore[no-any-return]
-
-    async def _send(self, method: str, url: str, *, json: Any = None) -> httpx.Response:
-        for attempt in (1, 2):
-            token = await self.tokens.get_token()
-            headers = {"Accept": FHIR_JSON}
-            if json is not None:
-                headers["Content-Type"] = FHIR_JSON
-            if token:
-                headers["Authorization"] = f"Bearer {token}"
-            try:
-                response = await self.http.request(
-                    method, url, json=json, headers=headers, timeout=self.target.timeout_s
-                )
-            except httpx.TimeoutException as exc:
-                raise EhrUnavailableError(
-                    f"timeout after {self.target.timeout_s:g}s ({type(exc).__name__})"
-                ) from exc
-            except httpx.TransportError as exc:
-                raise EhrUnavailableError(f"transport error ({type(exc).__name__})") from exc
-            if response.status_code == 401 and token and attempt == 1:
-                await self.tokens.invalidate(token)
-                continue
-            return self._check(response)
-        raise EhrRejectedError(
-            "401 again with a fresh token", status_code=401, operation_outcome=None
+        response = await self._send(
+            "PUT", f"{self.base_url}/{resource_type}/{resource_id}", json=resource
         )
+        return self._write_result(response, resource_type, fallback_id=resource_id)
+
+    async def search_ids(self, resource_type: str, query: str) -> list[str]:
+        """Ids of the resources ``GET [base]/Type?<query>`` finds (first page).
+
+        Raises:
+            EhrUnavailableError, EhrRejectedError, EhrConfigError.
+        """
+        response = await self._send("GET", f"{self.base_url}/{resource_type}?{query}")
+        body = self._json(response)
+        ids = []
+        for entry in (body.get("entry") if isinstance(body, dict) else None) or []:
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if isinstance(resource, dict) and resource.get("resourceType") == resource_type:
+                ids.append(str(resource.get("id")))
+        return ids
+
+    async def read(self, resource_type: str, resource_id: str) -> dict[str, Any]:
+        """``GET [base]/Type/id``.
+
+        Raises:
+            EhrUnavailableError, EhrRejectedError (404: unknown), EhrConfigError.
+        """
+        response = await self._send("GET", f"{self.base_url}/{resource_type}/{resource_id}")
+        body = self._json(response)
+        if not isinstance(body, dict):
+            raise EhrUnavailableError("the EHR answered 2xx with unexpected JSON")
+        return body
+
+    async def capabilities(self) -> dict[str, Any]:
+        """``GET [base]/metadata`` without a token: the circuit breaker's probe.
+
+        Raises:
+            EhrUnavailableError, EhrRejectedError.
+        """
+        response = await self._request("GET", f"{self.base_url}/metadata", token=None)
+        body = self._json(self._check(response))
+        if not isinstance(body, dict):
+            raise EhrUnavailableError("the EHR answered 2xx with unexpected JSON")
+        return body
+
+    # ------------------------------------------------------------------ internals
+
+    @staticmethod
+    def _json(response: httpx.Response) -> Any:
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise EhrUnavailableError(
+                "the EHR answered 2xx without JSON", status_code=response.status_code
+            ) from exc
+
+    @staticmethod
+    def _write_result(
+        response: httpx.Response, resource_type: str, *, fallback_id: str | None = None
+    ) -> WriteResult:
+        remote_id, version = parse_location(response.headers.get("location"), resource_type)
+        if remote_id is None and response.content:
+            try:
+                body = response.json()
+            except ValueError:
+                body = None
+            if isinstance(body, dict) and body.get("resourceType") == resource_type:
+                remote_id = body.get("id")
+                version = (body.get("meta") or {}).get("versionId")
+        if version is None and response.headers.get("etag"):
+            version = response.headers["etag"].removeprefix("W/").strip('"')
+        return WriteResult(response.status_code, remote_id or fallback_id, version)
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        *,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        token = await self.tokens.get_token()
+        response = await self._request(method, url, json=json, headers=headers, token=token)
+        if response.status_code == 401 and token:
+            # The token may have been revoked: replace it once. A fresh token refused again
+            # is a configuration problem (client not authorised), not a reason to loop.
+            await self.tokens.invalidate(token)
+            token = await self.tokens.get_token()
+            response = await self._request(method, url, json=json, headers=headers, token=token)
+            if response.status_code == 401 and token:
+                await self.tokens.refused(token)
+                raise EhrConfigError(
+                    "the EHR refused a freshly fetched access token (401)", status_code=401
+                )
+        return self._check(response)
+
+    async def _request(
+        self,
+        method: str,
+        url: str,
+        *,
+        token: str | None,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        if self.before_request is not None:
+            await self.before_request()
+        sent = {"Accept": FHIR_JSON, **(headers or {})}
+        if json is not None:
+            sent["Content-Type"] = FHIR_JSON
+        if token:
+            sent["Authorization"] = f"Bearer {token}"
+        try:
+            return await self.http.request(
+                method, url, json=json, headers=sent, timeout=self.target.timeout_s
+            )
+        except httpx.TimeoutException as exc:
+            raise EhrUnavailableError(
+                f"timeout after {self.target.timeout_s:g}s ({type(exc).__name__})"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise EhrUnavailableError(f"transport error ({type(exc).__name__})") from exc
 
     @staticmethod
     def _check(response: httpx.Response) -> httpx.Response:

@@ -9,7 +9,8 @@ Error tree::
                                 sent to the FHIR server, so no delivery attempt counts
       EhrRejectedError      permanent: any other 4xx; carries the EHR's OperationOutcome
       EhrConfigError        the target cannot work as configured (bad client credentials,
-                            missing secret): deliveries wait, the target shows the error
+                            missing secret or key, a fresh token refused): deliveries wait
+                            without spending attempts, the target shows the error
 
 Messages never contain URLs with query strings, bodies or PHI.
 """
@@ -55,6 +56,12 @@ class EhrRejectedError(EhrError):
 
 class EhrConfigError(EhrError):
     """The target is misconfigured (e.g. the token endpoint refuses our credentials)."""
+
+    def __init__(
+        self, message: str, *, status_code: int | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message, status_code=status_code)
+        self.retry_after_s = retry_after_s
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:

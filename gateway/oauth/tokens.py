@@ -1,40 +1,80 @@
-"""OAuth 2.0 access tokens for EHR targets (client credentials grant, RFC 6749 section 4.4).
+"""OAuth 2.0 access tokens for EHR targets (client credentials grant, RFC 6749 section 4.4;
+SMART Backend Services, https://hl7.org/fhir/smart-app-launch/backend-services.html).
 
-One :class:`ClientCredentialsTokens` per target and process: the token is cached until
-shortly before it expires, one refresh runs at a time (others wait for its result), and a
-failing token endpoint is backed off (exponential, full jitter, ``Retry-After``) instead
-of being called on every delivery. The token request itself is made by authlib
-(``AsyncOAuth2Client.fetch_token``) with ``client_secret_basic`` or ``client_secret_post``.
+One token per target, shared by every worker process through ``oauth_tokens``:
+
+* each process keeps the token in memory until its refresh time (``expires_at`` minus
+  ``auth.refresh_ahead_s``, at most half its lifetime), so the hot path touches nothing;
+* then it reads the shared row; if another process refreshed already, it takes that token;
+* otherwise it locks the row (``SELECT ... FOR UPDATE`` on PostgreSQL) and calls the token
+  endpoint while holding it: processes that need a token meanwhile wait on the lock and
+  then read the new token. (SQLite: a short lease on the row, ``refresh_lease_until``,
+  elects the refresher; the others poll the row.) Within a process an ``asyncio.Lock``
+  lets one coroutine do this;
+* a failure is stored on the row: ``failures``, ``next_attempt_at`` (equal-jitter backoff
+  with a cap, at least ``Retry-After``: :func:`gateway.delivery.policy.token_backoff_s`),
+  ``last_error``, ``error_kind``. Until ``next_attempt_at`` nobody calls the endpoint (the
+  target's *auth circuit* is open); a still-valid token is used meanwhile, and without
+  one :class:`TokenUnavailableError` (timeouts, 5xx, 429) or :class:`EhrConfigError`
+  (400/401/403: credentials refused) tells the worker to let deliveries wait;
+* a 401 from the FHIR server invalidates the token (only if it is still the current one);
+  a freshly fetched token refused again is a configuration error and backs off too.
+
+The token request is made by authlib's ``AsyncOAuth2Client.fetch_token`` with
+``client_secret_basic``, ``client_secret_post`` or ``private_key_jwt``
+(:class:`SmartPrivateKeyJWT`). Tokens are stored in the database (they live minutes, and
+the database already holds the PHI they protect); they are never logged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
-import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 import authlib.deprecate  # noqa: F401 - installs its own "always" filter when imported
 import httpx
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 with warnings.catch_warnings():
     # Authlib 1.9 prefers the "httpx2" fork and warns when it falls back to httpx, which is
     # the client this project uses everywhere; the httpx integration is still supported.
     warnings.simplefilter("ignore", DeprecationWarning)
     from authlib.integrations.httpx_client import AsyncOAuth2Client, OAuthError
+    from authlib.oauth2.rfc7523 import PrivateKeyJWT, private_key_jwt_sign
 
+from gateway import metrics
+from gateway.db.models import OAuthToken
+from gateway.db.types import utcnow
+from gateway.delivery.policy import config_error_backoff_s, token_backoff_s
 from gateway.ehr.errors import EhrConfigError, TokenUnavailableError, parse_retry_after
 from gateway.logging import get_logger
-from mappers.profiles import EhrTargetProfile
+from gateway.oauth import repository as repo
+from gateway.oauth.keys import (
+    ASSERTION_LIFETIME,
+    KeyCipher,
+    SigningKeyError,
+    SigningMaterial,
+    load_key_file,
+    signing_material,
+)
+from mappers.profiles.ehr import EhrTargetProfile
 
 log = get_logger(__name__)
 
-#: Refresh this long before ``expires_in`` runs out.
-REFRESH_AHEAD_S = 60.0
 TOKEN_RETRYABLE = frozenset({408, 425, 429, 500, 502, 503, 504})
+#: Lifetime assumed when the token response has no ``expires_in`` (SMART: SHOULD NOT
+#: exceed 300 s).
+DEFAULT_LIFETIME = timedelta(seconds=300)
+
+Clock = Callable[[], datetime]
 
 
 class TokenProvider(Protocol):
@@ -51,6 +91,9 @@ class TokenProvider(Protocol):
     async def invalidate(self, token: str) -> None:
         """Forget ``token`` (the FHIR server answered 401 to it)."""
 
+    async def refused(self, token: str) -> None:
+        """The FHIR server refused ``token`` although it was freshly fetched."""
+
 
 class NoAuth:
     """For targets with ``auth.method: none`` (test servers, networks with mTLS)."""
@@ -62,6 +105,31 @@ class NoAuth:
     async def invalidate(self, token: str) -> None:
         """Nothing to forget."""
 
+    async def refused(self, token: str) -> None:
+        """Nothing to do."""
+
+
+class SmartPrivateKeyJWT(PrivateKeyJWT):  # type: ignore[misc]
+    """authlib's ``private_key_jwt`` client authentication, made SMART-conformant.
+
+    Stock ``PrivateKeyJWT`` signs RS256 with ``exp = iat + 3600``, sends no ``kid``, and
+    reuses the first ``jti`` when given ``claims`` (``reference/standards.md`` section 6).
+    This one signs with the caller's ``alg`` and ``kid`` (``typ: JWT``), ``exp`` 5 minutes
+    after ``iat``, and a fresh ``jti`` for every assertion.
+    """
+
+    def sign(self, auth: Any, token_endpoint: str) -> Any:
+        """Sign one client assertion (a new ``jti`` each call)."""
+        return private_key_jwt_sign(
+            auth.client_secret,
+            client_id=auth.client_id,
+            token_endpoint=token_endpoint,
+            claims=dict(self.claims or {}),  # a copy: authlib writes the jti into it
+            header=dict(self.headers or {}),
+            alg=self.alg,
+            expires_in=int(ASSERTION_LIFETIME.total_seconds()),
+        )
+
 
 def _raise_for_token_status(response: httpx.Response) -> httpx.Response:
     """authlib compliance hook: classify the token endpoint's answer before parsing."""
@@ -72,12 +140,12 @@ def _raise_for_token_status(response: httpx.Response) -> httpx.Response:
             status_code=status,
             retry_after_s=parse_retry_after(response.headers.get("retry-after")),
         )
-    if status in (400, 401, 403):
+    if status >= 400:
         error = "unknown"
         try:
             body = response.json()
             if isinstance(body, dict) and isinstance(body.get("error"), str):
-                error = body["error"][:64]
+                error = "".join(c for c in body["error"][:64] if c.isalnum() or c in "_-")
         except ValueError:
             pass
         raise EhrConfigError(
@@ -86,150 +154,403 @@ def _raise_for_token_status(response: httpx.Response) -> httpx.Response:
     return response
 
 
-class ClientCredentialsTokens:
-    """Cached client-credentials tokens for one target in one process.
+@dataclass(frozen=True)
+class _Cached:
+    token: str
+    use_until: datetime  # refresh time, or the end of a backoff while the token is valid
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    token: str
+    token_type: str | None
+    scope: str | None
+    lifetime: timedelta
+    kid: str | None
+
+
+def auth_wait_until(row: OAuthToken | None, now: datetime) -> datetime | None:
+    """Until when a target's deliveries must wait for a token (its auth circuit is open),
+    or None: backing off after a failure and no still-valid token to use meanwhile."""
+    if row is None or row.next_attempt_at is None or row.next_attempt_at <= now:
+        return None
+    if row.access_token and row.expires_at is not None and row.expires_at > now:
+        return None
+    return row.next_attempt_at
+
+
+def refresh_at(row: OAuthToken, refresh_ahead_s: float) -> datetime | None:
+    """When a stored token should be replaced: ``refresh_ahead_s`` before it expires, at
+    most half its lifetime before; None without a token."""
+    if not row.access_token or row.expires_at is None:
+        return None
+    lifetime = (
+        row.expires_at - row.refreshed_at if row.refreshed_at is not None else DEFAULT_LIFETIME
+    )
+    ahead = min(timedelta(seconds=refresh_ahead_s), lifetime / 2)
+    return row.expires_at - ahead
+
+
+SecretLookup = Callable[[str], str | None]
+KeyLoader = Callable[[], Awaitable[SigningMaterial]]
+
+
+class SharedTokenManager:
+    """The access token of one target, shared with every process through the database.
 
     Args:
         target: the EHR target profile (``auth`` block).
-        transport: optional httpx transport (tests).
-        clock: monotonic seconds (tests).
-        base_backoff_s / max_backoff_s: token endpoint backoff.
+        sessionmaker: sessions on the gateway database.
+        secret: the client secret (``client_secret_*`` methods), or None.
+        signing_key: loads the private key (``private_key_jwt``), or None.
+        transport: httpx transport for the token endpoint (tests), or None.
+        clock: the current time (tests).
+        rng: jitter source (tests).
     """
 
     def __init__(
         self,
         target: EhrTargetProfile,
         *,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        secret: str | None = None,
+        signing_key: KeyLoader | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        base_backoff_s: float = 1.0,
-        max_backoff_s: float = 300.0,
+        clock: Clock = utcnow,
+        rng: random.Random | None = None,
     ) -> None:
         self.target = target
+        self.name = target.name
+        self._sessionmaker = sessionmaker
+        self._secret = secret
+        self._signing_key = signing_key
+        self._transport = transport
         self._clock = clock
+        self._rng = rng
         self._lock = asyncio.Lock()
-        self._token: str | None = None
-        self._expires_at = 0.0
-        self._failures = 0
-        self._next_attempt_at = 0.0
-        self._base_backoff_s = base_backoff_s
-        self._max_backoff_s = max_backoff_s
-        self.last_error: str | None = None
-        self.requests = 0
-        auth = target.auth
-        secret_env = auth.client_secret_env or ""
-        self._secret = os.environ.get(secret_env)
-        self._client = AsyncOAuth2Client(
-            client_id=auth.client_id,
-            client_secret=self._secret,
-            token_endpoint_auth_method=auth.method,
-            scope=" ".join(auth.scopes) or None,
-            timeout=target.timeout_s,
-            transport=transport,
+        self._cached: _Cached | None = None
+        self._row_locks = sessionmaker.kw.get("bind") is not None and (
+            sessionmaker.kw["bind"].dialect.name == "postgresql"
         )
-        self._client.register_compliance_hook("access_token_response", _raise_for_token_status)
 
-    @property
-    def expires_in_s(self) -> float | None:
-        """Seconds until the cached token expires, or None without one."""
-        return None if self._token is None else self._expires_at - self._clock()
+    # ------------------------------------------------------------------ public
 
-    async def get_token(self) -> str | None:
-        """A valid token, fetched if needed (one fetch at a time).
+    async def get_token(self) -> str:
+        """A valid token: cached, shared by another process, or fetched now.
 
         Raises:
             TokenUnavailableError: the endpoint failed now or is being backed off.
-            EhrConfigError: missing secret, or credentials refused (400/401/403).
+            EhrConfigError: missing secret or key, or credentials refused.
         """
-        if self._token and self._clock() < self._expires_at - REFRESH_AHEAD_S:
-            return self._token
+        cached = self._cached
+        if cached is not None and self._clock() < cached.use_until:
+            return cached.token
         async with self._lock:
-            now = self._clock()
-            if self._token and now < self._expires_at - REFRESH_AHEAD_S:
-                return self._token
-            if now < self._next_attempt_at:
-                raise TokenUnavailableError(
-                    "token endpoint backing off", retry_after_s=self._next_attempt_at - now
-                )
-            return await self._fetch()
-
-    async def _fetch(self) -> str:
-        if not self._secret:
-            self.last_error = (
-                f"environment variable {self.target.auth.client_secret_env} is not set"
-            )
-            raise EhrConfigError(self.last_error)
-        self.requests += 1
-        try:
-            token: dict[str, Any] = await self._client.fetch_token(
-                self.target.auth.token_url, grant_type="client_credentials"
-            )
-        except TokenUnavailableError as exc:
-            self._back_off(exc.retry_after_s, str(exc))
-            raise
-        except EhrConfigError as exc:
-            self.last_error = str(exc)
-            self._back_off(None, str(exc))
-            raise
-        except (httpx.TimeoutException, httpx.TransportError) as exc:
-            message = f"token endpoint unreachable ({type(exc).__name__})"
-            self._back_off(None, message)
-            raise TokenUnavailableError(message) from exc
-        except (OAuthError, ValueError, httpx.HTTPStatusError) as exc:
-            message = f"token endpoint answer unusable ({type(exc).__name__})"
-            self._back_off(None, message)
-            raise TokenUnavailableError(message) from exc
-        access = token.get("access_token")
-        if not isinstance(access, str) or not access:
-            self._back_off(None, "token response without access_token")
-            raise TokenUnavailableError("token response without access_token")
-        expires_in = token.get("expires_in")
-        lifetime = (
-            float(expires_in)
-            if isinstance(expires_in, int | float | str)
-            and str(expires_in).replace(".", "", 1).isdigit()
-            else 300.0
-        )
-        self._token = access
-        self._expires_at = self._clock() + lifetime
-        self._failures = 0
-        self._next_attempt_at = 0.0
-        self.last_error = None
-        log.info("oauth.token_refreshed", target=self.target.name, expires_in_s=lifetime)
-        return access
-
-    def _back_off(self, retry_after_s: float | None, message: str) -> None:
-        self._failures += 1
-        cap = min(self._max_backoff_s, self._base_backoff_s * (2 ** (self._failures - 1)))
-        delay = random.uniform(0, cap)  # noqa: S311 - jitter, not security
-        if retry_after_s is not None:
-            delay = max(delay, retry_after_s)
-        self._next_attempt_at = self._clock() + delay
-        self.last_error = message
-        log.warning(
-            "oauth.token_failed",
-            target=self.target.name,
-            failures=self._failures,
-            retry_in_s=round(delay, 3),
-        )
+            cached = self._cached
+            if cached is not None and self._clock() < cached.use_until:
+                return cached.token
+            async with self._sessionmaker() as session:
+                row = await repo.get_token_row(session, self.name)
+            token = self._usable(row, self._clock())
+            if token is not None:
+                return token
+            return await self._refresh()
 
     async def invalidate(self, token: str) -> None:
-        """Drop ``token`` if it is still the cached one (a 401 from the FHIR server)."""
+        """Drop ``token`` here and in the shared row, if it is still the current one."""
         async with self._lock:
-            if self._token == token:
-                self._token = None
-                self._expires_at = 0.0
-                log.info("oauth.token_invalidated", target=self.target.name)
+            if self._cached is not None and self._cached.token == token:
+                self._cached = None
+            async with self._sessionmaker() as session:
+                cleared = await repo.clear_token(session, target=self.name, token=token)
+                await session.commit()
+        if cleared:
+            log.info("oauth.token_invalidated", target=self.name)
 
-    async def aclose(self) -> None:
-        """Close the token endpoint's HTTP client."""
-        await self._client.aclose()
+    async def refused(self, token: str) -> None:
+        """The FHIR server refused a fresh token: a configuration error; back off."""
+        async with self._lock:
+            self._cached = None
+            async with self._sessionmaker() as session:
+                row = await repo.lock_token_row(session, self.name)
+                if row.access_token in (None, token):
+                    self._record_failure(
+                        row,
+                        EhrConfigError("the EHR refused a freshly fetched token (401)"),
+                        now=self._clock(),
+                    )
+                    row.access_token = None
+                    row.expires_at = None
+                await session.commit()
+
+    # ------------------------------------------------------------------ internals
+
+    def _usable(self, row: OAuthToken | None, now: datetime) -> str | None:
+        """The row's token if it may be used now (caching it), else None.
+
+        Raises:
+            TokenUnavailableError, EhrConfigError: backing off and no valid token.
+        """
+        if row is None:
+            return None
+        wait_until = auth_wait_until(row, now)
+        if wait_until is not None:
+            retry_after_s = (wait_until - now).total_seconds()
+            message = row.last_error or "token endpoint backing off"
+            if row.error_kind == "config":
+                raise EhrConfigError(message, retry_after_s=retry_after_s)
+            raise TokenUnavailableError(message, retry_after_s=retry_after_s)
+        refresh = refresh_at(row, self.target.auth.refresh_ahead_s)
+        if refresh is None or row.access_token is None or row.expires_at is None:
+            return None
+        if now < refresh:
+            self._cached = _Cached(row.access_token, refresh)
+            return row.access_token
+        if row.next_attempt_at is not None and now < row.next_attempt_at and now < row.expires_at:
+            # Due for refresh, but the endpoint is backing off: use the token meanwhile.
+            self._cached = _Cached(row.access_token, min(row.next_attempt_at, row.expires_at))
+            return row.access_token
+        return None
+
+    async def _refresh(self) -> str:
+        if self._row_locks:
+            async with self._sessionmaker() as session:
+                row = await repo.lock_token_row(session, self.name)
+                token = self._usable(row, self._clock())  # refreshed while we waited?
+                if token is not None:
+                    await session.commit()
+                    return token
+                outcome = await self._call_endpoint()
+                self._record(row, outcome)
+                await session.commit()
+        else:
+            # SQLite has no row locks, and holding its write lock across an HTTP call
+            # would stall every writer: a short lease on the row elects one refresher,
+            # the others poll the row until it has a result.
+            while True:
+                async with self._sessionmaker() as session:
+                    lease_until = self._clock() + timedelta(
+                        seconds=self.target.auth.token_timeout_s + 5
+                    )
+                    won = await repo.take_refresh_lease(
+                        session, self.name, now=self._clock(), until=lease_until
+                    )
+                    current = await repo.get_token_row(session, self.name)
+                    await session.commit()
+                try:
+                    token = self._usable(current, self._clock())  # refreshed meanwhile?
+                except (TokenUnavailableError, EhrConfigError):
+                    if won:
+                        await self._release_refresh_lease()
+                    raise
+                if token is not None:
+                    if won:
+                        await self._release_refresh_lease()
+                    return token
+                if won:
+                    break
+                await asyncio.sleep(0.05)
+            outcome = await self._call_endpoint()
+            async with self._sessionmaker() as session:
+                row = await repo.lock_token_row(session, self.name)
+                self._record(row, outcome)
+                row.refresh_lease_until = None
+                await session.commit()
+        if isinstance(outcome, Exception):
+            with contextlib.suppress(TokenUnavailableError, EhrConfigError):
+                still_valid = self._usable(row, self._clock())
+                if still_valid is not None:  # the refresh ahead of expiry failed: keep it
+                    return still_valid
+            raise outcome
+        return outcome.token
+
+    async def _release_refresh_lease(self) -> None:
+        async with self._sessionmaker() as session:
+            row = await repo.lock_token_row(session, self.name)
+            row.refresh_lease_until = None
+            await session.commit()
+
+    def _record(
+        self, row: OAuthToken, outcome: _Fetched | EhrConfigError | TokenUnavailableError
+    ) -> None:
+        now = self._clock()
+        if isinstance(outcome, Exception):
+            self._record_failure(row, outcome, now=now)
+            metrics.TOKEN_REQUESTS.labels(
+                target=self.name,
+                outcome="config_error" if isinstance(outcome, EhrConfigError) else "unavailable",
+            ).inc()
+            return
+        row.access_token = outcome.token
+        row.token_type = outcome.token_type
+        row.scope = outcome.scope
+        row.refreshed_at = now
+        row.expires_at = now + outcome.lifetime
+        row.failures = 0
+        row.next_attempt_at = None
+        row.error_kind = None
+        row.signed_with_kid = outcome.kid
+        refresh = refresh_at(row, self.target.auth.refresh_ahead_s)
+        self._cached = _Cached(outcome.token, refresh or row.expires_at)
+        metrics.TOKEN_REQUESTS.labels(target=self.name, outcome="success").inc()
+        log.info(
+            "oauth.token_refreshed",
+            target=self.name,
+            expires_in_s=outcome.lifetime.total_seconds(),
+            kid=outcome.kid,
+        )
+
+    def _record_failure(
+        self, row: OAuthToken, exc: EhrConfigError | TokenUnavailableError, *, now: datetime
+    ) -> None:
+        row.failures = (row.failures or 0) + 1
+        policy = self.target.auth.retry
+        if isinstance(exc, EhrConfigError):
+            delay_s = config_error_backoff_s(row.failures, policy, rng=self._rng)
+        else:
+            delay_s = token_backoff_s(
+                row.failures, policy, retry_after_s=exc.retry_after_s, rng=self._rng
+            )
+        row.next_attempt_at = now + timedelta(seconds=delay_s)
+        row.last_error = str(exc)[:500]
+        row.last_error_at = now
+        row.error_kind = "config" if isinstance(exc, EhrConfigError) else "unavailable"
+        exc.retry_after_s = delay_s
+        self._cached = None
+        log.warning(
+            "oauth.token_failed",
+            target=self.name,
+            failures=row.failures,
+            error_kind=row.error_kind,
+            status_code=exc.status_code,
+            retry_in_s=round(delay_s, 3),
+        )
+
+    async def _call_endpoint(self) -> _Fetched | EhrConfigError | TokenUnavailableError:
+        """One token request; failures are returned (to be recorded), not raised."""
+        auth = self.target.auth
+        kid: str | None = None
+        kwargs: dict[str, Any] = {
+            "client_id": auth.client_id,
+            "token_endpoint": auth.token_url,
+            "grant_type": "client_credentials",
+            "scope": " ".join(auth.scopes) or None,
+            "timeout": auth.token_timeout_s,
+            "transport": self._transport,
+        }
+        try:
+            if auth.method == "private_key_jwt":
+                if self._signing_key is None:
+                    return EhrConfigError("no signing key is configured")
+                material = await self._signing_key()
+                kid = material.kid
+                client = AsyncOAuth2Client(
+                    client_secret=material.key, token_endpoint_auth_method=auth.method, **kwargs
+                )
+                client.register_client_auth_method(
+                    SmartPrivateKeyJWT(
+                        auth.token_url, alg=material.alg, headers={"kid": kid, "typ": "JWT"}
+                    )
+                )
+            else:
+                if not self._secret:
+                    return EhrConfigError(
+                        f"environment variable {auth.client_secret_env} is not set"
+                    )
+                client = AsyncOAuth2Client(
+                    client_secret=self._secret, token_endpoint_auth_method=auth.method, **kwargs
+                )
+        except SigningKeyError as exc:
+            return EhrConfigError(f"signing key unavailable ({exc})")
+        client.register_compliance_hook("access_token_response", _raise_for_token_status)
+        try:
+            async with client:
+                token: dict[str, Any] = await client.fetch_token(
+                    auth.token_url, grant_type="client_credentials"
+                )
+        except (TokenUnavailableError, EhrConfigError) as exc:
+            return exc
+        except (httpx.TimeoutException, httpx.TransportError) as exc:
+            return TokenUnavailableError(f"token endpoint unreachable ({type(exc).__name__})")
+        except (OAuthError, ValueError, httpx.HTTPStatusError) as exc:
+            return TokenUnavailableError(f"token endpoint answer unusable ({type(exc).__name__})")
+        access = token.get("access_token")
+        if not isinstance(access, str) or not access:
+            return TokenUnavailableError("token response without access_token")
+        expires_in = token.get("expires_in")
+        try:
+            lifetime = timedelta(seconds=float(expires_in)) if expires_in else DEFAULT_LIFETIME
+        except (TypeError, ValueError):
+            lifetime = DEFAULT_LIFETIME
+        if lifetime <= timedelta(0):
+            lifetime = DEFAULT_LIFETIME
+        token_type = token.get("token_type")
+        scope = token.get("scope")
+        return _Fetched(
+            access,
+            str(token_type)[:32] if token_type else None,
+            str(scope) if scope else None,
+            lifetime,
+            kid,
+        )
+
+
+def lookup_secret(name: str, *, env_file: Path | None = None) -> str | None:
+    """A target secret from the environment, else from ``env_file`` (dotenv), else None."""
+    value = os.environ.get(name)
+    if value:
+        return value
+    if env_file is not None and env_file.is_file():
+        from dotenv import dotenv_values
+
+        found = dotenv_values(env_file).get(name)
+        return found or None
+    return None
 
 
 def token_provider_for(
-    target: EhrTargetProfile, *, transport: httpx.AsyncBaseTransport | None = None
+    target: EhrTargetProfile,
+    *,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    profiles_root: Path,
+    cipher: KeyCipher | None = None,
+    secret_env_file: Path | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    clock: Clock = utcnow,
 ) -> TokenProvider:
-    """The token provider a target's ``auth.method`` calls for."""
-    if target.auth.method == "none":
+    """The token provider a target's ``auth.method`` calls for, in any process.
+
+    Args:
+        target: the EHR target profile.
+        sessionmaker: sessions on the gateway database (the shared token row).
+        profiles_root: resolves a relative ``auth.private_key_file``.
+        cipher: decrypts the gateway's stored signing keys.
+        secret_env_file: optional dotenv file with client secrets.
+        transport: httpx transport for the token endpoint (tests).
+        clock: the current time (tests).
+    """
+    auth = target.auth
+    if auth.method == "none":
         return NoAuth()
-    return ClientCredentialsTokens(target, transport=transport)
+    if auth.method != "private_key_jwt":
+        secret = lookup_secret(auth.client_secret_env or "", env_file=secret_env_file)
+        return SharedTokenManager(
+            target, sessionmaker=sessionmaker, secret=secret, transport=transport, clock=clock
+        )
+    key_file = auth.private_key_file
+    alg = auth.alg
+
+    async def load_key() -> SigningMaterial:
+        if key_file:
+            path = Path(key_file)
+            return load_key_file(
+                path if path.is_absolute() else profiles_root / path, alg=alg, kid=auth.kid
+            )
+        async with sessionmaker() as session:
+            return await signing_material(
+                session, alg=alg, now=clock(), cipher=cipher or KeyCipher(None)
+            )
+
+    return SharedTokenManager(
+        target, sessionmaker=sessionmaker, signing_key=load_key, transport=transport, clock=clock
+    )

@@ -1,4 +1,11 @@
-"""EHR target profiles (``profiles/ehr/*.yaml``): where and how FHIR is delivered."""
+"""EHR target profiles (``profiles/ehr/*.yaml``): where and how FHIR is delivered.
+
+A target names the EHR's FHIR base URL, how the gateway gets its OAuth token, which
+resource types it receives, and how delivery behaves when the EHR is slow, down or picky:
+the retry policy, the write strategy (transaction Bundles, optionally split, or one
+conditional create per resource), request limits shared by every worker, and the circuit
+breaker. Every field has a default that suits a production EHR; see ``docs/DELIVERY.md``.
+"""
 
 from __future__ import annotations
 
@@ -22,38 +29,102 @@ ResourceType = Literal[
     "Questionnaire",
 ]
 
+AuthMethod = Literal["client_secret_basic", "client_secret_post", "private_key_jwt", "none"]
+
+
+class TokenRetryPolicy(Strict):
+    """Backoff of a failing token endpoint (seconds), one schedule per target.
+
+    The n-th consecutive failure waits a random time in ``[c/2, c]`` with
+    ``c = min(max_delay_s, base_delay_s * 2**(n-1))`` ("equal jitter": the floor bounds how
+    often a failing endpoint is called), at least the ``Retry-After`` it sent.
+    """
+
+    base_delay_s: float = Field(default=1.0, gt=0)
+    max_delay_s: float = Field(default=120.0, gt=0)
+    config_error_delay_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest first wait after a configuration error (credentials refused; "
+        "the wait is 1/2 to 1 times this, doubling): people fix those, not seconds.",
+    )
+
 
 class EhrAuth(Strict):
-    """OAuth 2.0 client credentials for one EHR (RFC 6749 section 4.4)."""
+    """How the gateway authenticates to one EHR (OAuth 2.0 client credentials, RFC 6749
+    section 4.4; SMART Backend Services for ``private_key_jwt``,
+    https://hl7.org/fhir/smart-app-launch/backend-services.html).
 
-    method: Literal["client_secret_basic", "client_secret_post", "none"] = "client_secret_basic"
+    ``client_secret_basic``/``client_secret_post`` read the secret from the environment
+    variable named by ``client_secret_env``. ``private_key_jwt`` signs a client assertion
+    (``alg`` RS384 or ES384, ``kid`` in the header, a fresh ``jti``, ``exp`` 5 minutes
+    ahead) with the key in ``private_key_file`` (PEM or JWK JSON; a relative path is
+    resolved against the profiles directory) or, when no file is given, with the gateway's
+    own rotating key of that ``alg`` (``fhir-gateway keys rotate``), published at
+    ``/.well-known/jwks.json``.
+    """
+
+    method: AuthMethod = "client_secret_basic"
     token_url: str | None = None
     client_id: str | None = None
     client_secret_env: str | None = Field(
         default=None, description="Name of the environment variable holding the secret."
     )
     scopes: list[str] = Field(default_factory=list)
+    private_key_file: str | None = Field(
+        default=None, description="private_key_jwt: PEM or JWK file of the signing key."
+    )
+    kid: str | None = Field(
+        default=None,
+        description="private_key_jwt with a key file: the kid registered with the EHR "
+        "(default: the JWK's kid, else its RFC 7638 thumbprint).",
+    )
+    alg: Literal["RS384", "ES384"] = "RS384"
+    refresh_ahead_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="Refresh this long before expiry (at most half the token's lifetime).",
+    )
+    token_timeout_s: float = Field(default=10.0, gt=0)
+    retry: TokenRetryPolicy = Field(default_factory=TokenRetryPolicy)
 
     @model_validator(mode="after")
     def _complete(self) -> EhrAuth:
-        if self.method != "none":
-            missing = [
-                name
-                for name in ("token_url", "client_id", "client_secret_env")
-                if getattr(self, name) in (None, "")
-            ]
-            if missing:
-                raise ValueError(f"auth method {self.method} needs {', '.join(missing)}")
+        if self.method == "none":
+            return self
+        needed = ["token_url", "client_id"]
+        if self.method in ("client_secret_basic", "client_secret_post"):
+            needed.append("client_secret_env")
+        missing = [name for name in needed if getattr(self, name) in (None, "")]
+        if missing:
+            raise ValueError(f"auth method {self.method} needs {', '.join(missing)}")
+        if self.method != "private_key_jwt" and (self.private_key_file or self.kid):
+            raise ValueError("private_key_file and kid are for auth method private_key_jwt")
         return self
 
 
 class RetryPolicy(Strict):
-    """Exponential backoff with full jitter (delays in seconds)."""
+    """Exponential backoff with full jitter (delays in seconds) for one delivery."""
 
     base_delay_s: float = Field(default=2.0, gt=0)
     max_delay_s: float = Field(default=300.0, gt=0)
     max_attempts: int = Field(default=12, ge=1)
     max_age_s: float = Field(default=72 * 3600.0, gt=0)
+
+
+class CircuitBreakerPolicy(Strict):
+    """When to stop sending to a failing target, and how it is probed (seconds).
+
+    After ``failure_threshold`` transient failures in a row (across all workers) the
+    circuit opens: nothing is claimed for the target, so waiting deliveries keep their
+    attempts. After ``open_s`` (doubling per failed probe up to ``max_open_s``) one worker
+    probes ``GET [base]/metadata``; if it answers, the circuit is half-open and one delivery
+    is tried; its success closes the circuit, a transient failure opens it again.
+    """
+
+    failure_threshold: int = Field(default=5, ge=1)
+    open_s: float = Field(default=15.0, gt=0)
+    max_open_s: float = Field(default=300.0, gt=0)
 
 
 class EhrTargetProfile(Strict):
@@ -74,6 +145,24 @@ class EhrTargetProfile(Strict):
     )
     timeout_s: float = Field(default=20.0, gt=0)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    write_strategy: Literal["transaction", "individual"] = Field(
+        default="transaction",
+        description="transaction: one Bundle per message (split by max_bundle_entries); "
+        "individual: one conditional create/update per resource, in dependency order.",
+    )
+    max_bundle_entries: int | None = Field(
+        default=None, ge=1, description="Largest transaction Bundle the EHR accepts."
+    )
+    max_concurrent_requests: int = Field(
+        default=8, ge=1, description="Requests in flight to this EHR, across all workers."
+    )
+    rate_limit_per_s: float | None = Field(
+        default=None, gt=0, description="Requests per second to this EHR, across all workers."
+    )
+    rate_burst: int | None = Field(
+        default=None, ge=1, description="Token-bucket size (default: one second's worth)."
+    )
+    circuit_breaker: CircuitBreakerPolicy = Field(default_factory=CircuitBreakerPolicy)
     overrides: EhrOverrides = Field(
         default_factory=EhrOverrides,
         description="Per-EHR rewrites of outgoing FHIR (issue 3): identifier systems, "

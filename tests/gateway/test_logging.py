@@ -190,7 +190,7 @@ async def test_a_full_run_logs_no_phi(
         "ingest.rejected",
         "stripe.bad_signature",
         "delivery.delivered",
-        "delivery.rejected",
+        "delivery.dead_lettered",
         "events.received",
         "events.unmatched_patient",
         "case.event",

@@ -1,285 +1,382 @@
-"""The delivery worker against the local fake EHR (real HTTP, real token endpoint):
-permanent rejections, retries honouring Retry-After, token failures that spend no
-attempts, and per-patient ordering. SQLite and PostgreSQL."""
+"""The delivery worker against a local FHIR server (real HTTP): outcomes, ordering,
+write strategies, remote ids, circuit breaker, throttling and limits."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 
-from gateway.db.models import Delivery, DeliveryAttempt
-from gateway.db.types import utcnow
-from gateway.delivery.repository import ACTIVE
+from gateway.db.models import Delivery, ExceptionRecord, RemoteId, TargetState
 from gateway.delivery.worker import DeliveryWorker
+from gateway.fhir import repository as fhir_repo
 from gateway.runtime import Runtime
+from mappers.bundle import business_identifier
 from tests import samples
-from tests.support.api import count, rows
+from tests.gateway.delivery.conftest import TargetFactory
+from tests.support.delivery import (
+    all_delivered,
+    attempts,
+    deliveries,
+    drain,
+    running_workers,
+    status_counts,
+    submit_intakes,
+    wait_until,
+)
 from tests.support.fake_ehr import FakeEhr, RunningEhr, run_fake_ehr_async
-from tests.support.gateway_env import SECRET_ENV, profiles_with_target
 
-REJECTION = {
-    "resourceType": "OperationOutcome",
-    "issue": [
-        {
-            "severity": "error",
-            "code": "business-rule",
-            "diagnostics": "This EHR requires a birth date on every Patient",
-        }
-    ],
-}
+EHR = tuple[FakeEhr, RunningEhr]
 
 
-@pytest.fixture
-async def ehr() -> AsyncIterator[FakeEhr]:
-    fake = FakeEhr(client_id="gateway", client_secret="s3cret")
-    async with run_fake_ehr_async(fake) as running:
-        fake.running = running  # type: ignore[attr-defined]
-        yield fake
+def provenance_ref(response: httpx.Response) -> str:
+    return next(
+        r["reference"] for r in response.json()["resources"] if r["resourceType"] == "Provenance"
+    )
 
 
-@pytest.fixture
-def profiles_dir(tmp_path: Path, ehr: FakeEhr, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv(SECRET_ENV, "s3cret")
-    running: RunningEhr = ehr.running  # type: ignore[attr-defined]
-    return profiles_with_target(tmp_path / "profiles", running)
+def has_tag(resource: dict[str, Any], code: str) -> bool:
+    return any(t.get("code") == code for t in (resource.get("meta") or {}).get("tag", []))
 
 
-@pytest.fixture
-async def worker(runtime: Runtime) -> AsyncIterator[DeliveryWorker]:
-    w = DeliveryWorker(runtime, concurrency=4)
+async def test_rejection_dead_letters_at_once_with_the_operation_outcome(
+    runtime: Runtime,
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    ehr: EHR,
+    use_target: TargetFactory,
+) -> None:
+    fake, running = ehr
+    use_target(running)
+    outcome = {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "not-supported", "diagnostics": "no Provenance"}],
+    }
+    fake.reject_when(lambda r: r["resourceType"] == "Provenance", 422, outcome)
+    await submit_intakes(client, admin_headers, 1)
+    worker = DeliveryWorker(runtime)
     try:
-        yield w
+        await drain(worker)
     finally:
-        await w.aclose()
+        await worker.aclose()
 
-
-async def intake(
-    client: httpx.AsyncClient, headers: dict[str, str], body: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    r = await client.post("/v1/intake-submissions", json=body or samples.intake(), headers=headers)
-    assert r.status_code == 202, r.text
-    assert len(r.json()["deliveries"]) == 1
-    return r.json()  # type: ignore[no-any-return]
-
-
-async def delivery(runtime: Runtime, delivery_id: int) -> Delivery:
-    (row,) = await rows(runtime, Delivery, Delivery.id == delivery_id)
-    return row
-
-
-def transactions(ehr: FakeEhr) -> list[int]:
-    """Statuses of the transaction POSTs the EHR answered, in order."""
-    return [r.status for r in ehr.requests if r.method == "POST" and r.path.rstrip("/") == "/fhir"]
-
-
-async def drain(worker: DeliveryWorker, timeout_s: float = 10.0) -> None:
-    """Run the worker until no delivery is pending or in flight."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while loop.time() < deadline:
-        if await worker.run_once() == 0:
-            async with worker.runtime.sessionmaker() as session:
-                active = await session.scalar(
-                    select(func.count()).select_from(Delivery).where(Delivery.status.in_(ACTIVE))
-                )
-            if not active:
-                return
-            await asyncio.sleep(0.05)
-    raise AssertionError("deliveries still pending after the timeout")
-
-
-async def test_a_4xx_with_an_operation_outcome_is_dead_lettered_at_once(
-    client: httpx.AsyncClient,
-    runtime: Runtime,
-    admin_headers: dict[str, str],
-    ehr: FakeEhr,
-    worker: DeliveryWorker,
-) -> None:
-    ehr.reject_when(lambda r: r.get("resourceType") == "Patient", 422, REJECTION)
-    out = await intake(client, admin_headers)
-    assert await worker.run_once() == 1
-    row = await delivery(runtime, out["deliveries"][0]["id"])
-    assert (row.status, row.attempts, row.dead_reason, row.last_status_code) == (
-        "dead",
-        1,
-        "rejected",
-        422,
-    )
-    # the EHR's OperationOutcome is kept as it answered (it locates the failing entry)
+    [row] = await deliveries(runtime)
+    assert (row.status, row.dead_reason, row.attempts) == ("dead", "rejected", 1)
+    assert row.last_status_code == 422
     assert row.operation_outcome is not None
-    (issue,) = row.operation_outcome["issue"]
-    assert (issue["severity"], issue["code"]) == ("error", "business-rule")
-    assert issue["diagnostics"].endswith("This EHR requires a birth date on every Patient")
-    (attempt,) = await rows(runtime, DeliveryAttempt)
-    assert (attempt.outcome, attempt.status_code) == ("permanent", 422)
-    assert await worker.run_once() == 0  # never retried
-    assert transactions(ehr) == [422]
-    assert ehr.count("Patient") == 0
-    status = await client.get(f"/v1/messages/{out['message_id']}", headers=admin_headers)
-    assert [d["status"] for d in status.json()["deliveries"]] == ["dead"]
+    assert row.operation_outcome["issue"][0]["code"] == "not-supported"
+    assert len(fake.requests) == 1  # never retried
+    assert fake.count("Patient") == 0  # the transaction was all-or-nothing
 
 
-@pytest.mark.parametrize("status", [503, 429])
-async def test_a_retryable_answer_with_retry_after_is_retried_and_delivered_once(
-    client: httpx.AsyncClient,
+async def test_poison_message_holds_back_only_its_own_patient(
     runtime: Runtime,
+    client: httpx.AsyncClient,
     admin_headers: dict[str, str],
-    ehr: FakeEhr,
-    worker: DeliveryWorker,
-    status: int,
+    ehr: EHR,
+    use_target: TargetFactory,
 ) -> None:
-    ehr.fail_fhir(1, status, retry_after=1)
-    out = await intake(client, admin_headers)
-    assert await worker.run_once() == 1
-    row = await delivery(runtime, out["deliveries"][0]["id"])
-    assert (row.status, row.attempts, row.last_status_code) == ("pending", 1, status)
-    assert row.last_attempt_at is not None
-    assert row.available_at - row.last_attempt_at >= timedelta(seconds=1)  # Retry-After
-    assert await worker.run_once() == 0  # not before Retry-After
-
-    await asyncio.sleep(max(0.0, (row.available_at - utcnow()).total_seconds()))
-    await drain(worker)
-    row = await delivery(runtime, row.id)
-    assert (row.status, row.attempts, row.last_status_code) == ("delivered", 2, 200)
-    assert transactions(ehr) == [status, 200]
-    assert (ehr.count("Patient"), ehr.count("QuestionnaireResponse"), ehr.count("Provenance")) == (
-        1,
-        1,
-        1,
+    fake, running = ehr
+    use_target(
+        running,
+        retry={"base_delay_s": 0.05, "max_delay_s": 0.1, "max_attempts": 3},
+        circuit_breaker={"failure_threshold": 50},
     )
-    outcomes = [
-        a.outcome for a in await rows(runtime, DeliveryAttempt, order_by=DeliveryAttempt.id)
-    ]
-    assert outcomes == ["transient", "delivered"]
+    intake_a = samples.intake()
+    first = await client.post("/v1/intake-submissions", json=intake_a, headers=admin_headers)
+    poison = provenance_ref(first).split("/")[1]
+    # the EHR fails (500, transient) on the Provenance of patient A's first message only
+    fake.reject_when(lambda r: r["resourceType"] == "Provenance" and has_tag(r, poison), 500)
+    corrected = {**intake_a, "answers": {**intake_a["answers"], "weight_lb": 222}}
+    second = await client.post("/v1/intake-submissions", json=corrected, headers=admin_headers)
+    assert second.status_code == 202 and second.json()["status"] == "amended"
+    await submit_intakes(client, admin_headers, 1)  # patient B
+    worker = DeliveryWorker(runtime)
+    try:
+        await drain(worker)
+    finally:
+        await worker.aclose()
+
+    rows = await deliveries(runtime)
+    a1, a2, b = rows
+    assert a1.ordering_key == a2.ordering_key != b.ordering_key
+    assert (a1.status, a1.dead_reason, a1.attempts) == ("dead", "max_attempts", 3)
+    assert a2.status == b.status == "delivered"
+    log = await attempts(runtime)
+    a1_attempts = [x for x in log if x.delivery_id == a1.id]
+    a2_first = min(x.started_at for x in log if x.delivery_id == a2.id)
+    b_first = min(x.started_at for x in log if x.delivery_id == b.id)
+    assert b_first < a1_attempts[-1].started_at  # B was not held back by A's poison
+    assert a2_first > a1_attempts[-1].started_at  # A's next message waited for it
 
 
-async def test_a_refused_client_secret_spends_no_delivery_attempts(
-    client: httpx.AsyncClient,
+async def test_several_matching_patients_go_to_review_with_the_matches(
     runtime: Runtime,
+    client: httpx.AsyncClient,
     admin_headers: dict[str, str],
-    ehr: FakeEhr,
-    worker: DeliveryWorker,
+    ehr: EHR,
+    use_target: TargetFactory,
+) -> None:
+    fake, running = ehr
+    use_target(running)
+    [intake] = await submit_intakes(client, admin_headers, 1)
+    async with runtime.sessionmaker() as session:
+        [row] = list(await session.scalars(select(Delivery)))
+        patient = (await fhir_repo.get_resources(session, [row.resource_refs[0]]))[0]
+    system, value = business_identifier(patient)  # type: ignore[misc]
+    dupes = fake.seed(
+        *[
+            {
+                "resourceType": "Patient",
+                "identifier": [{"system": system, "value": value}],
+                "name": [{"family": f"Duplicate{i}"}],
+            }
+            for i in range(2)
+        ]
+    )
+    worker = DeliveryWorker(runtime)
+    try:
+        await drain(worker)
+    finally:
+        await worker.aclose()
+
+    [row] = await deliveries(runtime)
+    assert (row.status, row.attempts, row.last_status_code) == ("review", 1, 412)
+    assert row.review is not None
+    assert row.review["matches"] == [
+        {
+            "resource": row.resource_refs[0],
+            "remote_ids": [f"Patient/{d['id']}" for d in dupes],
+        }
+    ]
+    async with runtime.sessionmaker() as session:
+        [exception] = list(await session.scalars(select(ExceptionRecord)))
+    assert exception.kind == "duplicate_match"
+    assert all(f"Patient/{d['id']}" in exception.problems[0]["message"] for d in dupes)
+    assert intake["patient"]["email"] not in str(exception.problems)
+
+
+async def test_a_later_change_is_sent_as_an_update_of_the_ehr_resource(
+    runtime: Runtime,
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    ehr: EHR,
+    use_target: TargetFactory,
+) -> None:
+    fake, running = ehr
+    use_target(running)
+    [intake] = await submit_intakes(client, admin_headers, 1)
+    worker = DeliveryWorker(runtime)
+    try:
+        await drain(worker)
+        [qr] = fake.resources("QuestionnaireResponse")
+        corrected = {**intake, "answers": {**intake["answers"], "weight_lb": 199}}
+        r = await client.post("/v1/intake-submissions", json=corrected, headers=admin_headers)
+        assert r.json()["status"] == "amended"
+        await drain(worker)
+    finally:
+        await worker.aclose()
+
+    [updated] = fake.resources("QuestionnaireResponse")
+    assert updated["id"] == qr["id"]
+    assert updated["status"] == "amended"
+    assert updated["meta"]["versionId"] == "2"
+    assert fake.count("Patient") == 1
+    async with runtime.sessionmaker() as session:
+        ids = {(r.resource_type, r.remote_id) for r in await session.scalars(select(RemoteId))}
+    assert ("QuestionnaireResponse", qr["id"]) in ids
+
+
+async def test_transactions_are_split_patient_first_when_the_ehr_takes_small_bundles(
+    runtime: Runtime,
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    use_target: TargetFactory,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv(SECRET_ENV, "not-the-secret")
-    out = await intake(client, admin_headers)
-    before = utcnow()
-    assert await worker.run_once() == 1
-    row = await delivery(runtime, out["deliveries"][0]["id"])
-    assert (row.status, row.attempts) == ("pending", 0)
-    assert row.last_error is not None and "token endpoint refused the client (401" in row.last_error
-    assert row.available_at >= before + timedelta(seconds=50)  # waits, instead of burning tries
-    assert await count(runtime, DeliveryAttempt) == 0
-    assert transactions(ehr) == []  # nothing was sent to the FHIR server
-    assert [t.status for t in ehr.token_requests] == [401]
-    assert await worker.run_once() == 0
-    assert len(ehr.token_requests) == 1
+    from tests.support.gateway_env import SECRET_ENV
+
+    monkeypatch.setenv(SECRET_ENV, "s3cret")
+    fake = FakeEhr(max_bundle_entries=2)
+    async with run_fake_ehr_async(fake) as running:
+        use_target(running, max_bundle_entries=2)
+        await submit_intakes(client, admin_headers, 1)
+        worker = DeliveryWorker(runtime)
+        try:
+            await drain(worker)
+        finally:
+            await worker.aclose()
+
+    assert [(r.method, r.path, r.status) for r in fake.requests] == [("POST", "/fhir", 200)] * 2
+    [row] = await deliveries(runtime)
+    assert row.status == "delivered"
+    [patient] = fake.resources("Patient")
+    [qr] = fake.resources("QuestionnaireResponse")
+    [provenance] = fake.resources("Provenance")
+    assert qr["subject"]["reference"] == f"Patient/{patient['id']}"
+    assert {t["reference"] for t in provenance["target"]} >= {f"Patient/{patient['id']}"}
 
 
-async def test_one_patients_deliveries_go_in_order(
-    client: httpx.AsyncClient,
+async def test_individual_writes_for_an_ehr_without_transactions(
     runtime: Runtime,
+    client: httpx.AsyncClient,
     admin_headers: dict[str, str],
-    ehr: FakeEhr,
-    worker: DeliveryWorker,
+    use_target: TargetFactory,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    body = samples.intake()
-    first = await intake(client, admin_headers, body)
-    r = await client.post(
-        "/v1/checkouts",
-        json=samples.canonical_checkout(
-            patient_external_id=body["patient"]["external_id"],
-            intake_submission_id=body["submission_id"],
-        ),
-        headers=admin_headers,
-    )
-    second = r.json()
-    assert second["patient"] == first["patient"]
-    ehr.fail_fhir(1, 503)  # the first delivery fails once
-    assert await worker.run_once() == 1  # the second waits behind the first, though due
-    d1 = await delivery(runtime, first["deliveries"][0]["id"])
-    d2 = await delivery(runtime, second["deliveries"][0]["id"])
-    assert (d1.status, d1.attempts) == ("pending", 1)
-    assert (d2.status, d2.attempts) == ("pending", 0)
+    from tests.support.gateway_env import SECRET_ENV
 
-    await drain(worker)
-    d1 = await delivery(runtime, d1.id)
-    d2 = await delivery(runtime, d2.id)
-    assert d1.status == d2.status == "delivered"
-    assert d1.delivered_at is not None and d2.delivered_at is not None
-    assert d1.delivered_at < d2.delivered_at
-    assert transactions(ehr) == [503, 200, 200]
-    assert ehr.count("Patient") == 1
-    # the MedicationRequest went second, so it points at the EHR's QuestionnaireResponse
-    (mr,) = ehr.resources("MedicationRequest")
-    (qr,) = ehr.resources("QuestionnaireResponse")
-    (patient,) = ehr.resources("Patient")
+    monkeypatch.setenv(SECRET_ENV, "s3cret")
+    fake = FakeEhr(supports_transactions=False)
+    async with run_fake_ehr_async(fake) as running:
+        use_target(running, write_strategy="individual")
+        [intake] = await submit_intakes(client, admin_headers, 1)
+        checkout = samples.canonical_checkout()
+        checkout["customer"]["email"] = intake["patient"]["email"]
+        checkout["intake_submission_id"] = intake["submission_id"]
+        r = await client.post("/v1/checkouts", json=checkout, headers=admin_headers)
+        assert r.status_code in (200, 202), r.text
+        worker = DeliveryWorker(runtime)
+        try:
+            await drain(worker)
+            async with runtime.sessionmaker() as session:  # replay both: idempotent
+                for row in await session.scalars(select(Delivery)):
+                    row.status, row.attempts = "dead", 1
+                await session.commit()
+            from gateway.db.types import utcnow
+            from gateway.delivery.service import replay_deliveries
+
+            async with runtime.sessionmaker() as session:
+                await replay_deliveries(session, actor="test", now=utcnow(), ids=[1, 2])
+                await session.commit()
+            await drain(worker)
+        finally:
+            await worker.aclose()
+
+    assert {r.path for r in fake.requests if r.method == "POST"} <= {
+        "/fhir/Patient",
+        "/fhir/QuestionnaireResponse",
+        "/fhir/MedicationRequest",
+        "/fhir/Provenance",
+    }
+    assert all(r.status < 300 for r in fake.requests)
+    assert (await status_counts(runtime)) == {"delivered": 2}
+    assert fake.count("Patient") == 1
+    assert fake.count("QuestionnaireResponse") == 1
+    assert fake.count("MedicationRequest") == 1
+    assert fake.count("Provenance") == 2
+    [patient] = fake.resources("Patient")
+    [qr] = fake.resources("QuestionnaireResponse")
+    [mr] = fake.resources("MedicationRequest")
+    assert qr["subject"]["reference"] == f"Patient/{patient['id']}"
+    assert mr["subject"]["reference"] == f"Patient/{patient['id']}"
     assert mr["supportingInformation"] == [{"reference": f"QuestionnaireResponse/{qr['id']}"}]
-    assert mr["subject"] == {"reference": f"Patient/{patient['id']}"}
 
 
-async def test_a_failing_patient_does_not_hold_back_another(
-    client: httpx.AsyncClient,
+async def test_circuit_opens_while_the_ehr_is_down_and_nothing_is_dead_lettered(
     runtime: Runtime,
-    admin_headers: dict[str, str],
-    ehr: FakeEhr,
-    worker: DeliveryWorker,
-) -> None:
-    ehr.fail_fhir(1, 503, retry_after=60)
-    stuck = await intake(client, admin_headers)
-    assert await worker.run_once() == 1
-    other = await intake(client, admin_headers)
-    assert await worker.run_once() == 1
-    assert (await delivery(runtime, other["deliveries"][0]["id"])).status == "delivered"
-    assert (await delivery(runtime, stuck["deliveries"][0]["id"])).status == "pending"
-
-
-async def test_the_token_is_reused_and_fetched_again_once_after_a_401(
     client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    use_target: TargetFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The EHR's server is stopped (connection refused), then started again on its port.
+
+    A first delivery gets the token while the EHR is up, so what follows is the FHIR
+    endpoint's circuit, not the token endpoint's backoff.
+    """
+    from tests.support.gateway_env import SECRET_ENV
+
+    monkeypatch.setenv(SECRET_ENV, "s3cret")
+    fake = FakeEhr()
+    async with running_workers(runtime, 2, concurrency=2):
+        async with run_fake_ehr_async(fake) as running:
+            use_target(
+                running,
+                retry={"base_delay_s": 0.02, "max_delay_s": 0.05, "max_attempts": 3},
+                circuit_breaker={"failure_threshold": 3, "open_s": 0.2, "max_open_s": 0.4},
+            )
+            port = running.port
+            await submit_intakes(client, admin_headers, 1)
+            assert await wait_until(lambda: all_delivered(runtime, 1), timeout_s=10)
+        await submit_intakes(client, admin_headers, 8)  # the EHR is down
+
+        async def circuit_open() -> bool:
+            async with runtime.sessionmaker() as session:
+                state = await session.get(TargetState, ("ehr", "test-ehr"))
+                return state is not None and state.circuit == "open"
+
+        async def settled() -> bool:  # requests in flight when it opened have failed
+            return "in_flight" not in await status_counts(runtime)
+
+        assert await wait_until(circuit_open, timeout_s=10)
+        assert await wait_until(settled, timeout_s=5)
+        opened = {d.id: d.attempts for d in await deliveries(runtime)}
+        await asyncio.sleep(1.2)  # paused: probes fail (connection refused), nothing sent
+        async with runtime.sessionmaker() as session:
+            state = await session.get(TargetState, ("ehr", "test-ehr"))
+        down = [d for d in await deliveries(runtime) if d.status != "delivered"]
+        async with run_fake_ehr_async(fake, port=port):
+            assert await wait_until(lambda: all_delivered(runtime, 9), timeout_s=15)
+
+    assert state is not None and state.circuit == "open"
+    assert state.probe_failures >= 1
+    assert len(down) == 8
+    assert all(d.status == "pending" for d in down)  # none dead-lettered while down
+    assert {d.id: d.attempts for d in down} == {i: opened[i] for i in opened if i != 1}
+    assert max(d.attempts for d in down) <= 3  # paused deliveries kept their attempts
+    assert fake.count("Patient") == 9
+    assert len(fake.token_requests) == 1
+    async with runtime.sessionmaker() as session:
+        state = await session.get(TargetState, ("ehr", "test-ehr"))
+    assert state is not None and (state.circuit, state.consecutive_failures) == ("closed", 0)
+
+
+async def test_retry_after_pauses_the_whole_target(
     runtime: Runtime,
-    admin_headers: dict[str, str],
-    ehr: FakeEhr,
-    worker: DeliveryWorker,
-) -> None:
-    await intake(client, admin_headers)
-    await intake(client, admin_headers)
-    await drain(worker)
-    assert [t.status for t in ehr.token_requests] == [200]  # cached across deliveries
-
-    ehr.revoke_all_tokens()  # the FHIR server now answers 401 to the cached token
-    out = await intake(client, admin_headers)
-    await drain(worker)
-    row = await delivery(runtime, out["deliveries"][0]["id"])
-    assert (row.status, row.attempts) == ("delivered", 1)
-    assert [t.status for t in ehr.token_requests] == [200, 200]
-    assert transactions(ehr)[-2:] == [401, 200]
-
-
-async def test_a_corrected_intake_updates_the_ehrs_questionnaire_response(
     client: httpx.AsyncClient,
     admin_headers: dict[str, str],
-    ehr: FakeEhr,
-    worker: DeliveryWorker,
+    ehr: EHR,
+    use_target: TargetFactory,
 ) -> None:
-    body = samples.intake()
-    await intake(client, admin_headers, body)
-    await drain(worker)
-    (before,) = ehr.resources("QuestionnaireResponse")
-    corrected = {**body, "answers": {**body["answers"], "weight_lb": 205}}
-    out = await intake(client, admin_headers, corrected)
-    assert out["status"] == "amended"
-    await drain(worker)
-    (after,) = ehr.resources("QuestionnaireResponse")  # updated, not a second one
-    assert after["id"] == before["id"]
-    assert after["status"] == "amended"
-    assert after["meta"]["versionId"] != before["meta"]["versionId"]
-    weight = next(i for i in after["item"] if i["linkId"] == "body-weight")
-    assert weight["answer"][0]["valueQuantity"]["value"] == 205
-    assert ehr.count("Patient") == 1
+    fake, running = ehr
+    use_target(running)
+    fake.fail_fhir(1, 429, retry_after=1)
+    await submit_intakes(client, admin_headers, 3)
+    async with running_workers(runtime, 1, concurrency=1):
+        assert await wait_until(lambda: all_delivered(runtime, 3), timeout_s=10)
+
+    times = fake.request_times
+    assert [r.status for r in fake.requests][:2] == [429, 200]
+    assert times[1] - times[0] >= 1.0  # nobody sent before the Retry-After passed
+
+
+async def test_bad_credentials_make_deliveries_wait_without_attempts(
+    runtime: Runtime,
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    ehr: EHR,
+    use_target: TargetFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake, running = ehr
+    from tests.support.gateway_env import SECRET_ENV
+
+    monkeypatch.setenv(SECRET_ENV, "not-the-secret")
+    use_target(running)
+    await submit_intakes(client, admin_headers, 3)
+    async with running_workers(runtime, 1):
+        await asyncio.sleep(0.8)
+
+    assert fake.requests == []
+    assert len(fake.token_requests) == 1  # then backing off
+    rows = await deliveries(runtime)
+    assert {(d.status, d.attempts) for d in rows} == {("pending", 0)}
+    assert "refused the client (401 invalid_client)" in (rows[0].last_error or "")
+    targets = (await client.get("/v1/ops/targets", headers=admin_headers)).json()
+    [target] = [t for t in targets if t["name"] == "test-ehr"]
+    assert target["token"]["state"] == "config_error"
+    assert target["queue"]["pending"] == 3

@@ -1,0 +1,468 @@
+"""Sending EHR deliveries: stored FHIR resources -> the target's FHIR REST API.
+
+The resources are read from ``fhir_resources`` at send time (the row holds only their
+``Type/id``), filtered by the target's current ``send`` list, put in dependency order
+(Patient first), and written with the target's ``write_strategy``:
+
+* ``transaction``: one transaction Bundle; when the target's ``max_bundle_entries`` is
+  smaller, several, sent one after the other, each referring to resources of earlier ones
+  by the ids the EHR assigned (read from each transaction-response);
+* ``individual``: one REST call per resource: a conditional create
+  (``If-None-Exist`` on the business identifier) for a resource the EHR has not seen,
+  ``PUT Type/<remote id>`` for one it has; references are rewritten to the ids the EHR
+  assigned, resources outside the delivery are looked up by identifier.
+
+Both are idempotent on replay: every create is conditional and every known resource is an
+update. The ids the EHR assigned are stored in ``remote_ids`` (also after a partial
+success), so a later change goes as an update of the EHR's resource.
+
+Outcomes: see :mod:`gateway.delivery.sender`. A 412 (a conditional create that matches
+several resources: duplicate patients in the EHR) is looked up and goes to review with the
+matching ids, not into a retry loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.db.models import Delivery
+from gateway.db.types import utcnow
+from gateway.delivery import repository as repo
+from gateway.delivery.sender import (
+    Delivered,
+    Effects,
+    Failed,
+    NeedsReview,
+    Outcome,
+    Rejected,
+    TargetConfig,
+    Wait,
+)
+from gateway.ehr.client import EhrClient, outcome_summary
+from gateway.ehr.errors import (
+    EhrConfigError,
+    EhrError,
+    EhrRejectedError,
+    EhrUnavailableError,
+    TokenUnavailableError,
+)
+from gateway.ehr.factory import EhrClients
+from gateway.fhir import repository as fhir_repo
+from gateway.inbox.repository import new_exception
+from gateway.logging import get_logger
+from gateway.runtime import Runtime
+from gateway.workflow.service import EventInput, apply_event
+from mappers.bundle import (
+    build_transaction_bundle,
+    business_identifier,
+    entry_as_rest_call,
+    if_none_exist,
+    local_references,
+    parse_transaction_response,
+    split_for_transaction,
+)
+from mappers.ehr_overrides import received_types, target_transform
+from mappers.errors import Problem
+from mappers.profiles.ehr import EhrTargetProfile
+
+log = get_logger(__name__)
+
+#: How long a delivery waits when its target is misconfigured or gone (seconds).
+CONFIG_WAIT_S = 60.0
+#: How long a delivery waits for a token when the error gives no time (seconds).
+TOKEN_WAIT_S = 1.0
+
+
+def _ref(resource: dict[str, Any]) -> str:
+    return f"{resource['resourceType']}/{resource['id']}"
+
+
+@dataclass
+class _Progress:
+    """What the EHR told us so far in one attempt (kept even when a later step fails)."""
+
+    remote: dict[str, str]
+    learned: list[repo.RemoteIdRow] = field(default_factory=list)
+
+    def learn(
+        self, resource: dict[str, Any], remote_id: str | None, remote_version: str | None
+    ) -> None:
+        if not remote_id:
+            return
+        self.remote[_ref(resource)] = remote_id
+        version = (resource.get("meta") or {}).get("versionId")
+        self.learned.append(
+            repo.RemoteIdRow(
+                resource["resourceType"],
+                resource["id"],
+                remote_id,
+                remote_version,
+                int(version) if version and str(version).isdigit() else None,
+            )
+        )
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What one delivery needs from the database, loaded with its batch."""
+
+    refs: list[str]
+    resources: list[dict[str, Any]]
+    remote_ids: dict[str, str]
+    identifiers: dict[str, tuple[str, str]]
+
+
+class EhrSender:
+    """The :class:`~gateway.delivery.sender.Sender` of ``kind = "ehr"`` deliveries.
+
+    Args:
+        runtime: the wired runtime (profiles, database, identifier systems).
+        clients: the process's EHR clients (shared tokens, rate limits).
+    """
+
+    kind = "ehr"
+
+    def __init__(self, runtime: Runtime, *, clients: EhrClients) -> None:
+        self.runtime = runtime
+        self.clients = clients
+        self._prepared: dict[int, _Prepared] = {}
+
+    async def targets(self) -> list[TargetConfig]:
+        """The enabled EHR targets of the current profiles."""
+        return [
+            TargetConfig(
+                kind=self.kind,
+                name=t.name,
+                retry=t.retry,
+                circuit=t.circuit_breaker,
+                max_concurrent=t.max_concurrent_requests,
+                uses_token=t.auth.method != "none",
+            )
+            for t in self.runtime.profiles.current.enabled_targets()
+        ]
+
+    async def probe(self, target: str) -> bool:
+        """``GET [base]/metadata`` answers (any 2xx)."""
+        profile = self.runtime.profiles.current.ehr.get(target)
+        if profile is None:
+            return False
+        try:
+            await self.clients.client_for(profile).capabilities()
+        except EhrError as exc:
+            log.info("delivery.probe_failed", target=target, status_code=exc.status_code)
+            return False
+        return True
+
+    async def aclose(self) -> None:
+        """Close the EHR clients."""
+        await self.clients.aclose()
+
+    async def prepare(self, deliveries: list[Delivery]) -> None:
+        """Load what a batch of claimed deliveries needs in three queries, not three per
+        delivery (the worker calls this right after claiming)."""
+        profiles = self.runtime.profiles.current
+        by_target: dict[str, list[Delivery]] = {}
+        for delivery in deliveries:
+            by_target.setdefault(delivery.target, []).append(delivery)
+        async with self.runtime.sessionmaker() as session:
+            for name, batch in by_target.items():
+                target = profiles.ehr.get(name)
+                if target is None:
+                    continue
+                receives = received_types(target)
+                wanted = [
+                    [r for r in d.resource_refs if r.split("/", 1)[0] in receives] for d in batch
+                ]
+                loaded = await self._load(session, target, wanted)
+                for delivery, prepared in zip(batch, loaded, strict=True):
+                    self._prepared[delivery.id] = prepared
+
+    async def _load(
+        self, session: AsyncSession, target: EhrTargetProfile, batches: list[list[str]]
+    ) -> list[_Prepared]:
+        """Resources, known remote ids and outside identifiers for lists of refs."""
+        every = sorted({r for refs in batches for r in refs})
+        stored = await fhir_repo.get_resources(session, every)
+        by_ref = {_ref(r): r for r in stored}
+        outside: list[set[str]] = []
+        for refs in batches:
+            referenced: set[str] = set()
+            for ref in refs:
+                if ref in by_ref:
+                    referenced |= local_references(by_ref[ref])
+            outside.append(referenced - set(refs))
+        all_outside = sorted(set().union(*outside)) if outside else []
+        remote_ids = await repo.remote_ids_for(
+            session, target=target.name, refs=[*every, *all_outside]
+        )
+        identifiers = await repo.identifiers_for(session, all_outside)
+        out = []
+        for refs, extra in zip(batches, outside, strict=True):
+            mine = set(refs) | extra
+            out.append(
+                _Prepared(
+                    refs=refs,
+                    resources=[by_ref[r] for r in refs if r in by_ref],
+                    remote_ids={k: v for k, v in remote_ids.items() if k in mine},
+                    identifiers={k: v for k, v in identifiers.items() if k in extra},
+                )
+            )
+        return out
+
+    # ------------------------------------------------------------------ sending
+
+    async def send(self, delivery: Delivery) -> Outcome:
+        """Deliver one claimed row to its EHR (see the module docstring)."""
+        prepared = self._prepared.pop(delivery.id, None)
+        target = self.runtime.profiles.current.ehr.get(delivery.target)
+        if target is None or not target.enabled:
+            return Wait("target is not configured or disabled", CONFIG_WAIT_S, "target")
+        receives = received_types(target)
+        refs = [r for r in delivery.resource_refs if r.split("/", 1)[0] in receives]
+        if not refs:
+            return Delivered(status_code=None)  # the target no longer takes these types
+        if prepared is None or prepared.refs != refs:
+            async with self.runtime.sessionmaker() as session:
+                [prepared] = await self._load(session, target, [refs])
+        resources, remote_ids, identifiers = (
+            prepared.resources,
+            prepared.remote_ids,
+            dict(prepared.identifiers),
+        )
+        if len(resources) != len(refs):
+            return Rejected(
+                "stored resources are missing", status_code=None, reason="missing_resources"
+            )
+        for resource in resources:  # fallback for split Bundles: conditional references
+            ident = business_identifier(resource)
+            if ident is not None:
+                identifiers[_ref(resource)] = ident
+        client = self.clients.client_for(target)
+        progress = _Progress(dict(remote_ids))
+        try:
+            if target.write_strategy == "individual":
+                await self._send_individual(client, target, resources, identifiers, progress)
+            else:
+                await self._send_transactions(client, target, resources, identifiers, progress)
+        except TokenUnavailableError as exc:
+            return Wait(
+                str(exc), exc.retry_after_s or TOKEN_WAIT_S, "token", self._save(target, progress)
+            )
+        except EhrConfigError as exc:
+            return Wait(
+                str(exc), exc.retry_after_s or CONFIG_WAIT_S, "config", self._save(target, progress)
+            )
+        except EhrUnavailableError as exc:
+            return Failed(
+                str(exc), exc.status_code, exc.retry_after_s, self._save(target, progress)
+            )
+        except EhrRejectedError as exc:
+            if exc.status_code == 412:
+                return await self._review(delivery, client, target, resources, progress, exc)
+            return Rejected(
+                str(exc),
+                exc.status_code,
+                exc.operation_outcome,
+                effects=self._save(target, progress),
+            )
+        return Delivered(200, self._on_delivered(delivery, target, progress))
+
+    def _build_bundle(
+        self,
+        target: EhrTargetProfile,
+        resources: list[dict[str, Any]],
+        *,
+        remote_ids: dict[str, str],
+        outside_identifiers: dict[str, tuple[str, str]],
+    ) -> dict[str, Any]:
+        """The one place a target's FHIR payload is built (both write strategies)."""
+        return build_transaction_bundle(
+            resources,
+            remote_ids=remote_ids,
+            outside_identifiers=outside_identifiers,
+            provenance_tag_system=self.runtime.systems.provenance,
+            transform=target_transform(target, self.runtime.profiles.current.concept_maps),
+        )
+
+    async def _send_transactions(
+        self,
+        client: EhrClient,
+        target: EhrTargetProfile,
+        resources: list[dict[str, Any]],
+        identifiers: dict[str, tuple[str, str]],
+        progress: _Progress,
+    ) -> None:
+        for chunk in split_for_transaction(resources, target.max_bundle_entries):
+            bundle = self._build_bundle(
+                target, chunk, remote_ids=progress.remote, outside_identifiers=identifiers
+            )
+            response = await client.transaction(bundle)
+            try:
+                entries = parse_transaction_response(response, chunk)
+            except ValueError as exc:
+                # 2xx without a usable transaction-response: it may have been applied; a
+                # retry is safe because every entry is conditional or an update.
+                raise EhrUnavailableError(f"unusable transaction-response ({exc})") from exc
+            for stored, entry in zip(chunk, entries, strict=True):
+                progress.learn(stored, entry.remote_id, entry.remote_version)
+
+    async def _send_individual(
+        self,
+        client: EhrClient,
+        target: EhrTargetProfile,
+        resources: list[dict[str, Any]],
+        identifiers: dict[str, tuple[str, str]],
+        progress: _Progress,
+    ) -> None:
+        in_delivery = {_ref(r) for r in resources}
+        # Conditional references exist only in transactions: find outside resources the
+        # EHR has by their identifier; unresolved optional references are then dropped.
+        for ref, (system, value) in list(identifiers.items()):
+            if ref in in_delivery or ref in progress.remote:
+                continue
+            resource_type = ref.split("/", 1)[0]
+            found = await client.search_ids(
+                resource_type, f"identifier={_search_value(system)}|{_search_value(value)}"
+            )
+            if len(found) == 1:
+                progress.remote[ref] = found[0]
+        outside = {k: v for k, v in identifiers.items() if k in in_delivery}
+        for stored in split_for_transaction(resources, 1):
+            bundle = self._build_bundle(
+                target, stored, remote_ids=progress.remote, outside_identifiers=outside
+            )
+            call = entry_as_rest_call(bundle["entry"][0])
+            if call.method == "PUT" and call.resource_id:
+                result = await client.update(call.resource_type, call.resource_id, call.resource)
+            else:
+                result = await client.create(
+                    call.resource_type, call.resource, if_none_exist=call.if_none_exist
+                )
+            remote_id = result.remote_id
+            if remote_id is None and call.if_none_exist:
+                found = await client.search_ids(call.resource_type, call.if_none_exist)
+                remote_id = found[0] if len(found) == 1 else None
+            if remote_id is None:
+                raise EhrUnavailableError(
+                    f"the EHR answered {result.status} without the id of the {call.resource_type}",
+                    status_code=result.status,
+                )
+            progress.learn(stored[0], remote_id, result.remote_version)
+
+    async def _review(
+        self,
+        delivery: Delivery,
+        client: EhrClient,
+        target: EhrTargetProfile,
+        resources: list[dict[str, Any]],
+        progress: _Progress,
+        exc: EhrRejectedError,
+    ) -> Outcome:
+        """412: find which conditional create matched several resources, for review."""
+        matches: list[dict[str, Any]] = []
+        lookup_error = None
+        for resource in resources:
+            ref = _ref(resource)
+            search = if_none_exist(resource, self.runtime.systems.provenance)
+            if ref in progress.remote or search is None:
+                continue
+            try:
+                found = await client.search_ids(resource["resourceType"], search)
+            except EhrError as search_exc:
+                lookup_error = f"looking up the matches failed ({search_exc.status_code})"
+                break
+            if len(found) > 1:
+                matches.append(
+                    {
+                        "resource": ref,
+                        "remote_ids": [f"{resource['resourceType']}/{i}" for i in found],
+                    }
+                )
+        review: dict[str, Any] = {"reason": "multiple_matches", "matches": matches}
+        if lookup_error:
+            review["lookup_error"] = lookup_error
+        save = self._save(target, progress)
+        message = (
+            f"delivery {delivery.id}: the EHR has several resources matching a conditional "
+            "create: "
+            + (
+                "; ".join(f"{m['resource']} matches {', '.join(m['remote_ids'])}" for m in matches)
+                or "matches not found"
+            )
+        )
+
+        async def effects(session: AsyncSession) -> None:
+            if save is not None:
+                await save(session)
+            session.add(
+                new_exception(
+                    kind="duplicate_match",
+                    channel="delivery",
+                    sender=delivery.target,
+                    message_id=delivery.inbound_message_id,
+                    problems=[Problem("delivery", "multiple_matches", message)],
+                )
+            )
+
+        log.warning(
+            "delivery.needs_review",
+            delivery_id=delivery.id,
+            target=target.name,
+            matches=len(matches),
+            outcome=outcome_summary(exc.operation_outcome),
+        )
+        return NeedsReview(str(exc), review, 412, exc.operation_outcome, effects)
+
+    def _save(self, target: EhrTargetProfile, progress: _Progress) -> Effects | None:
+        if not progress.learned:
+            return None
+        rows = list(progress.learned)
+
+        async def effects(session: AsyncSession) -> None:
+            await repo.save_remote_ids(session, target=target.name, rows=rows, now=utcnow())
+
+        return effects
+
+    def _on_delivered(
+        self, delivery: Delivery, target: EhrTargetProfile, progress: _Progress
+    ) -> Effects:
+        save = self._save(target, progress)
+        workflow = self.runtime.profiles.current.workflow
+
+        async def effects(session: AsyncSession) -> None:
+            if save is not None:
+                await save(session)
+            if delivery.inbound_message_id and workflow is not None:
+                await apply_event(
+                    session,
+                    workflow,
+                    EventInput(
+                        source="gateway",
+                        event_id=f"ehr_delivered:{target.name}:{delivery.inbound_message_id}",
+                        type="ehr_delivered",
+                        detail=None,
+                        occurred_at=utcnow(),
+                        patient_id=delivery.ordering_key,
+                        message_id=delivery.inbound_message_id,
+                    ),
+                )
+
+        return effects
+
+
+def _search_value(value: str) -> str:
+    from urllib.parse import quote
+
+    return quote(value, safe=":/.-_~@")
+
+
+def default_ehr_sender(
+    runtime: Runtime, *, clients: EhrClients | None = None, max_connections: int = 100
+) -> EhrSender:
+    """An :class:`EhrSender` with the process's EHR clients built from ``runtime``."""
+    return EhrSender(
+        runtime, clients=clients or EhrClients.for_runtime(runtime, max_connections=max_connections)
+    )

@@ -1,0 +1,139 @@
+"""The interface between the generic outbox machinery and one kind of delivery.
+
+The worker (:mod:`gateway.delivery.worker`) claims rows, leases them, enforces per-target
+concurrency, rate and circuit breaking, applies the retry policy, dead-letters, and
+records attempts; it does not know what a delivery *is*. A :class:`Sender` per
+``deliveries.kind`` does: it lists its targets with their policies and sends one claimed
+row, answering with an :data:`Outcome`. EHR deliveries are
+:class:`gateway.delivery.ehr_sender.EhrSender`; an ops webhook sender plugs in the same
+way::
+
+    class WebhookSender:
+        kind = "webhook"
+        async def targets(self) -> list[TargetConfig]: ...   # one per subscriber
+        async def send(self, delivery: Delivery) -> Outcome: ...  # POST the signed payload
+        async def probe(self, target: str) -> bool: return True  # or a HEAD request
+        async def aclose(self) -> None: ...
+
+    DeliveryWorker(runtime, senders={**default_senders(runtime), "webhook": WebhookSender()})
+
+An outcome's ``effects`` run in the transaction that records it, and only if the worker
+still holds the row's lease (a row taken over by another worker after a lost lease is
+that worker's to finish).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.db.models import Delivery
+from mappers.profiles.ehr import CircuitBreakerPolicy, RetryPolicy
+
+#: Database work to do with an outcome, in the same transaction (e.g. store the ids the
+#: EHR assigned, record a case event). Flushes at most.
+Effects = Callable[[AsyncSession], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """Delivery policy of one target of one kind.
+
+    Attributes:
+        kind: the ``deliveries.kind`` (``ehr``, ``webhook``).
+        name: the target name (``deliveries.target``).
+        retry: backoff, attempts and age limits of its deliveries.
+        circuit: when to pause the target and how to probe it.
+        max_concurrent: deliveries in flight to it at once, across all workers.
+        uses_token: its deliveries need the shared OAuth token of ``oauth_tokens[name]``
+            (claims wait while that token's auth circuit is open).
+    """
+
+    kind: str
+    name: str
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    circuit: CircuitBreakerPolicy = field(default_factory=CircuitBreakerPolicy)
+    max_concurrent: int = 8
+    uses_token: bool = False
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """Sent and accepted."""
+
+    status_code: int | None = 200
+    effects: Effects | None = None
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A transient failure (transport error, timeout, 408/409/425/429/5xx): retry later,
+    at least ``retry_after_s`` from now when the server said so."""
+
+    error: str
+    status_code: int | None = None
+    retry_after_s: float | None = None
+    effects: Effects | None = None
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A permanent failure (4xx): dead-letter now, with the peer's OperationOutcome."""
+
+    error: str
+    status_code: int | None = None
+    operation_outcome: dict[str, Any] | None = None
+    reason: str = "rejected"
+    effects: Effects | None = None
+
+
+@dataclass(frozen=True)
+class NeedsReview:
+    """A person must decide (e.g. several patients in the EHR match ours): ``review``
+    says what was found (ids only)."""
+
+    error: str
+    review: dict[str, Any]
+    status_code: int | None = None
+    operation_outcome: dict[str, Any] | None = None
+    effects: Effects | None = None
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Nothing was sent (no token, target misconfigured or gone): put the row back for
+    ``wait_s`` seconds without spending an attempt."""
+
+    error: str
+    wait_s: float
+    reason: str = "waiting"
+    effects: Effects | None = None
+
+
+Outcome = Delivered | Failed | Rejected | NeedsReview | Wait
+
+
+class Sender(Protocol):
+    """Sends the deliveries of one kind."""
+
+    kind: str
+
+    async def targets(self) -> list[TargetConfig]:
+        """The enabled targets of this kind and their policies."""
+        ...
+
+    async def send(self, delivery: Delivery) -> Outcome:
+        """Send one claimed delivery. Never raises for a peer's failure: every failure
+        is an outcome (an unexpected exception counts as a transient failure)."""
+        ...
+
+    async def probe(self, target: str) -> bool:
+        """Is ``target`` answering again? (circuit breaker probe; True: try a delivery)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...

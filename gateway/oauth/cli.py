@@ -1,0 +1,186 @@
+"""``fhir-gateway keys rotate|list|jwks|prune|encryption-key``: the gateway's SMART signing
+keys (see :mod:`gateway.oauth.keys` for the rotation schedule).
+
+Private keys never leave the database through these commands; ``jwks`` prints public keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Annotated, Any, Literal, TypeVar
+
+import typer
+
+app = typer.Typer(help="SMART Backend Services signing keys (JWKS).", no_args_is_help=True)
+
+T = TypeVar("T")
+
+
+def _run(work: Callable[[Any, Any], Awaitable[T]]) -> T:
+    """Run ``work(sessionmaker, settings)`` against the configured database."""
+    from gateway.db.engine import make_engine, make_sessionmaker
+    from gateway.settings import load_settings
+
+    try:
+        settings = load_settings()
+    except Exception as exc:  # pydantic ValidationError: which setting, not a traceback
+        typer.secho(f"configuration error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
+
+    async def main() -> T:
+        engine = make_engine(settings.database_url)
+        try:
+            return await work(make_sessionmaker(engine), settings)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(main())
+
+
+def _cipher(settings: Any) -> Any:
+    from gateway.oauth.keys import KeyCipher
+
+    secret = settings.key_encryption_key
+    return KeyCipher(secret.get_secret_value() if secret is not None else None)
+
+
+@app.command("rotate")
+def rotate_cmd(
+    alg: Annotated[str, typer.Option(help="RS384 or ES384")] = "RS384",
+    publish_lead_s: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Seconds the new key is published before it signs (> EHRs' JWKS cache)"
+        ),
+    ] = 3600,
+    retire_grace_s: Annotated[
+        int,
+        typer.Option(min=300, help="Seconds the old key stays published after it stops signing"),
+    ] = 3600,
+    rsa_bits: Annotated[int, typer.Option(min=2048, max=8192)] = 2048,
+    force: Annotated[bool, typer.Option(help="Replace a key still waiting to activate")] = False,
+) -> None:
+    """Create a new signing key: published now, signing after --publish-lead-s (at once if
+    it is the first key of its alg); the current key keeps signing until then and stays in
+    the JWKS for --retire-grace-s more."""
+    from gateway.db.types import utcnow
+    from gateway.oauth.keys import RotationPendingError, rotate
+
+    if alg not in ("RS384", "ES384"):
+        typer.secho("--alg must be RS384 or ES384", fg="red", err=True)
+        raise typer.Exit(2)
+    chosen: Literal["RS384", "ES384"] = "RS384" if alg == "RS384" else "ES384"
+
+    async def work(sessionmaker: Any, settings: Any) -> tuple[Any, Any, bool]:
+        cipher = _cipher(settings)
+        async with sessionmaker() as session:
+            result = await rotate(
+                session,
+                alg=chosen,
+                now=utcnow(),
+                publish_lead=timedelta(seconds=publish_lead_s),
+                retire_grace=timedelta(seconds=retire_grace_s),
+                cipher=cipher,
+                rsa_bits=rsa_bits,
+                force=force,
+            )
+            await session.commit()
+            return result.new, result.replaced, cipher.encrypts
+
+    try:
+        new, replaced, encrypted = _run(work)
+    except RotationPendingError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"new {alg} key {new.kid}: published now, signs from {new.activates_at.isoformat()}")
+    if replaced is not None:
+        typer.echo(
+            f"key {replaced.kid} signs until {replaced.retired_at.isoformat()}, "
+            f"published until {replaced.published_until.isoformat()}"
+        )
+    if not encrypted:
+        typer.secho(
+            "note: GATEWAY_KEY_ENCRYPTION_KEY is not set; the private key is stored as PEM",
+            fg="yellow",
+            err=True,
+        )
+
+
+@app.command("list")
+def list_cmd() -> None:
+    """List the gateway's keys and their schedule (no key material)."""
+    from gateway.db.types import utcnow
+    from gateway.oauth import repository as repo
+
+    async def work(sessionmaker: Any, settings: Any) -> list[Any]:
+        async with sessionmaker() as session:
+            return await repo.all_keys(session)
+
+    def when(value: Any) -> str:
+        return str(value.isoformat(timespec="seconds")) if value is not None else "-"
+
+    now = utcnow()
+    for key in _run(work):
+        if key.published_until is not None and key.published_until <= now:
+            state = "unpublished"
+        elif key.activates_at > now:
+            state = "pending"
+        elif key.retired_at is not None and key.retired_at <= now:
+            state = "retired"
+        else:
+            state = "active"
+        typer.echo(
+            "\t".join(
+                [
+                    key.kid,
+                    key.alg,
+                    state,
+                    f"activates={when(key.activates_at)}",
+                    f"retires={when(key.retired_at)}",
+                    f"published_until={when(key.published_until)}",
+                    "encrypted" if key.encrypted else "pem",
+                ]
+            )
+        )
+
+
+@app.command("jwks")
+def jwks_cmd() -> None:
+    """Print the JWKS of the gateway's published keys (what /.well-known/jwks.json serves,
+    without targets' key files)."""
+    from gateway.db.types import utcnow
+    from gateway.oauth.keys import published_jwks
+
+    async def work(sessionmaker: Any, settings: Any) -> list[dict[str, Any]]:
+        async with sessionmaker() as session:
+            return await published_jwks(session, now=utcnow())
+
+    typer.echo(json.dumps({"keys": _run(work)}, indent=2))
+
+
+@app.command("prune")
+def prune_cmd() -> None:
+    """Delete keys that are no longer published."""
+    from gateway.db.types import utcnow
+    from gateway.oauth import repository as repo
+
+    async def work(sessionmaker: Any, settings: Any) -> list[str]:
+        async with sessionmaker() as session:
+            kids = await repo.delete_unpublished(session, now=utcnow())
+            await session.commit()
+            return kids
+
+    kids = _run(work)
+    typer.echo(f"deleted {len(kids)} keys" + (f": {' '.join(kids)}" if kids else ""))
+
+
+@app.command("encryption-key")
+def encryption_key_cmd() -> None:
+    """Print a new Fernet key for GATEWAY_KEY_ENCRYPTION_KEY (store it in your secrets
+    manager; keys stored before it was set stay readable)."""
+    from cryptography.fernet import Fernet
+
+    typer.echo(Fernet.generate_key().decode())

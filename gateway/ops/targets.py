@@ -1,0 +1,148 @@
+"""``GET /v1/ops/targets`` (``ops:read``) and ``GET /metrics`` (Prometheus).
+
+Per target: queue depth, oldest pending age, dead letters, circuit state, token state
+(expires at, last refresh error) and last success; the same numbers as Prometheus gauges,
+next to the counters and histograms of :mod:`gateway.metrics`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+
+from gateway import metrics
+from gateway.clients.service import Principal
+from gateway.db.types import utcnow
+from gateway.delivery.service import TargetHealth, metric_snapshots, target_health
+from gateway.deps import RuntimeDep, SessionDep, require_scope
+from gateway.logging import get_logger
+from gateway.runtime import Runtime
+
+log = get_logger(__name__)
+
+router = APIRouter(tags=["ops"])
+
+
+class QueueOut(BaseModel):
+    """A target's deliveries by state."""
+
+    depth: int = Field(description="Pending plus in flight.")
+    pending: int
+    in_flight: int
+    dead: int
+    review: int
+    oldest_pending_age_s: float = Field(description="Age of the oldest pending/in-flight.")
+
+
+class CircuitOut(BaseModel):
+    """The target's circuit breaker."""
+
+    state: str = Field(description="closed | half_open | open")
+    consecutive_failures: int
+    opened_at: datetime | None
+    next_probe_at: datetime | None
+    throttled_until: datetime | None = Field(description="A Retry-After being honoured.")
+
+
+class TokenOut(BaseModel):
+    """The target's shared OAuth token (never the token itself)."""
+
+    method: str
+    state: str = Field(description="none | missing | valid | expired | unavailable | config_error")
+    expires_at: datetime | None
+    refreshed_at: datetime | None
+    failures: int
+    next_attempt_at: datetime | None
+    last_error: str | None
+    last_error_at: datetime | None
+    kid: str | None = Field(description="Key that signed the last client assertion.")
+
+
+class TargetOut(BaseModel):
+    """Health of one delivery target."""
+
+    kind: str
+    name: str
+    configured: bool
+    queue: QueueOut
+    circuit: CircuitOut
+    token: TokenOut | None
+    last_success_at: datetime | None
+    last_failure_at: datetime | None
+    last_error: str | None
+
+
+def _target_out(h: TargetHealth) -> TargetOut:
+    token = h.token
+    return TargetOut(
+        kind=h.kind,
+        name=h.name,
+        configured=h.configured,
+        queue=QueueOut(
+            depth=h.queue.depth,
+            pending=h.queue.pending,
+            in_flight=h.queue.in_flight,
+            dead=h.queue.dead,
+            review=h.queue.review,
+            oldest_pending_age_s=round(h.oldest_pending_age_s, 3),
+        ),
+        circuit=CircuitOut(
+            state=h.circuit,
+            consecutive_failures=h.consecutive_failures,
+            opened_at=h.opened_at,
+            next_probe_at=h.next_probe_at,
+            throttled_until=h.throttled_until,
+        ),
+        token=TokenOut(
+            method=token.method,
+            state=token.state,
+            expires_at=token.expires_at,
+            refreshed_at=token.refreshed_at,
+            failures=token.failures,
+            next_attempt_at=token.next_attempt_at,
+            last_error=token.last_error,
+            last_error_at=token.last_error_at,
+            kid=token.kid,
+        )
+        if token is not None
+        else None,
+        last_success_at=h.last_success_at,
+        last_failure_at=h.last_failure_at,
+        last_error=h.last_error,
+    )
+
+
+@router.get(
+    "/v1/ops/targets",
+    response_model=list[TargetOut],
+    summary="Delivery targets: queue, circuit breaker, token, last success",
+)
+async def list_targets(
+    session: SessionDep,
+    runtime: RuntimeDep,
+    _principal: Annotated[Principal, Depends(require_scope("ops:read"))],
+) -> list[TargetOut]:
+    """Every target with its queue depth, oldest pending age, circuit state, token state
+    and last success."""
+    health = await target_health(session, profiles=runtime.profiles.current, now=utcnow())
+    return [_target_out(h) for h in health]
+
+
+@router.get("/metrics", include_in_schema=False)
+async def prometheus_metrics(request: Request) -> Response:
+    """Prometheus exposition: this process's counters and histograms, and the queue and
+    target gauges read from the database now."""
+    runtime: Runtime = request.app.state.runtime
+    now = utcnow()
+    snapshots: list[metrics.TargetSnapshot] = []
+    try:
+        async with runtime.sessionmaker() as session:
+            health = await target_health(session, profiles=runtime.profiles.current, now=now)
+        snapshots = metric_snapshots(health, now)
+    except Exception as exc:  # the database is down: still serve the process metrics
+        log.warning("metrics.state_unavailable", error_type=type(exc).__name__)
+    return Response(metrics.render(snapshots), media_type=metrics.CONTENT_TYPE)

@@ -1,0 +1,66 @@
+"""Delivery test fixtures: fast-polling settings, a local fake EHR, target profiles."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.runtime import Runtime
+from gateway.settings import Settings
+from mappers.profiles import load_profiles
+from mappers.profiles.ehr import EhrTargetProfile
+from tests.support.fake_ehr import FakeEhr, RunningEhr, run_fake_ehr_async
+from tests.support.gateway_env import SECRET_ENV, profiles_with_target
+
+
+@pytest.fixture
+def settings(database_url: str, profiles_dir: Path) -> Settings:
+    """Test settings with a fast poll and a short lease."""
+    return Settings(
+        database_url=database_url,
+        profiles_dir=profiles_dir,
+        run_worker=False,
+        stripe_webhook_secret="whsec_test_secret_for_tests_only",  # type: ignore[arg-type]
+        worker_poll_interval=timedelta(milliseconds=20),
+        worker_lease=timedelta(seconds=5),
+        log_json=True,
+        _env_file=None,  # type: ignore[call-arg]
+    )
+
+
+@pytest.fixture
+def fake_ehr() -> FakeEhr:
+    """The EHR's state (a test may replace it before ``ehr`` starts it)."""
+    return FakeEhr(client_id="gateway", client_secret="s3cret")
+
+
+@pytest.fixture
+async def ehr(
+    fake_ehr: FakeEhr, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[FakeEhr, RunningEhr]]:
+    """The fake EHR served on a local port; the target's secret in the environment."""
+    monkeypatch.setenv(SECRET_ENV, "s3cret")
+    async with run_fake_ehr_async(fake_ehr) as running:
+        yield fake_ehr, running
+
+
+TargetFactory = Callable[..., EhrTargetProfile]
+
+
+@pytest.fixture
+def use_target(runtime: Runtime, tmp_path: Path) -> TargetFactory:
+    """``use_target(running, **profile_fields)``: make the runtime deliver to ``running``
+    with a ``test-ehr`` target of those fields (profiles written and loaded again)."""
+
+    def make(running: RunningEhr, **extra: Any) -> EhrTargetProfile:
+        folder = tmp_path / f"profiles-{uuid.uuid4().hex[:6]}"
+        profiles_with_target(folder, running, extra=extra)
+        runtime.profiles.current = load_profiles(folder)
+        return runtime.profiles.current.ehr["test-ehr"]
+
+    return make
