@@ -173,6 +173,14 @@ def clients_create(
     scope: Annotated[
         list[str], typer.Option("--scope", "-s", help="Scope (repeat); see `clients scopes`")
     ],
+    event_source: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--event-source",
+            help="Sender this client may send clinical events as (repeat), e.g. ehr, pharmacy; "
+            "without it, any sender",
+        ),
+    ] = None,
 ) -> None:
     """Create an API client and print its key once (only a hash is stored)."""
     from gateway.clients.service import UnknownScopeError, create_client
@@ -180,12 +188,19 @@ def clients_create(
 
     settings = _settings()
     scopes = [s for item in scope for s in item.replace(",", " ").split()]
+    sources = (
+        [s for item in event_source for s in item.replace(",", " ").split()]
+        if event_source
+        else None
+    )
 
     async def main() -> str:
         engine = make_engine(settings.database_url)
         try:
             async with make_sessionmaker(engine)() as session:
-                _, key = await create_client(session, name=name, scopes=scopes)
+                _, key = await create_client(
+                    session, name=name, scopes=scopes, event_sources=sources
+                )
                 await session.commit()
                 return key
         finally:
@@ -202,6 +217,13 @@ def clients_create(
             raise typer.Exit(2) from exc
         raise
     typer.echo(f"client {name!r} created with scopes: {' '.join(sorted(set(scopes)))}", err=True)
+    if "events:write" in scopes:
+        typer.echo(
+            f"it may send events as: {', '.join(sorted(set(sources)))}"
+            if sources
+            else "it may send events as any sender (restrict it with --event-source)",
+            err=True,
+        )
     typer.echo("API key (shown once; store it now):", err=True)
     typer.echo(key)
 

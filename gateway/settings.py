@@ -15,8 +15,16 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+
+def _bundled_profiles_dir() -> Path:
+    """``<repo>/profiles`` of a source checkout (editable install), else ``./profiles``
+    (a non-editable install, such as the Docker image, run from the project directory)."""
+    beside_source = Path(__file__).resolve().parent.parent / "profiles"
+    return beside_source if beside_source.is_dir() else Path.cwd() / "profiles"
+
+
 #: The profiles shipped with the source tree (``<repo>/profiles``).
-BUNDLED_PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+BUNDLED_PROFILES_DIR = _bundled_profiles_dir()
 
 
 def normalize_database_url(url: str) -> str:
@@ -84,7 +92,6 @@ class Settings(BaseSettings):
         default=timedelta(seconds=60),
         description="How long a claimed delivery stays locked before another worker may retry it.",
     )
-    ehr_timeout: timedelta = Field(default=timedelta(seconds=20))
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool = True
     secret_env_file: Path | None = Field(
@@ -103,6 +110,21 @@ class Settings(BaseSettings):
         description="Cache-Control max-age of /.well-known/jwks.json; keep it below the "
         "publish lead of `fhir-gateway keys rotate`.",
     )
+
+    @field_validator(
+        "stripe_tolerance",
+        "worker_poll_interval",
+        "worker_lease",
+        "jwks_max_age",
+        mode="before",
+    )
+    @classmethod
+    def _seconds(cls, value: object) -> object:
+        # Environment variables are strings: "2" or "0.5" mean seconds, as a JSON number
+        # would; ISO 8601 durations ("PT2S") and "HH:MM:SS" still work.
+        if isinstance(value, str) and re.fullmatch(r"\s*\d+(\.\d+)?\s*", value):
+            return timedelta(seconds=float(value))
+        return value
 
     @field_validator("database_url")
     @classmethod

@@ -174,10 +174,15 @@ ApiKeyFactory = Callable[..., Awaitable[str]]
 def make_api_key(runtime: Runtime) -> ApiKeyFactory:
     """``await make_api_key("intake:write", ...)`` -> a new API key with those scopes."""
 
-    async def make(*scopes: str, name: str | None = None) -> str:
+    async def make(
+        *scopes: str, name: str | None = None, event_sources: list[str] | None = None
+    ) -> str:
         async with runtime.sessionmaker() as session:
             _, key = await create_client(
-                session, name=name or f"test-{uuid.uuid4().hex[:8]}", scopes=list(scopes)
+                session,
+                name=name or f"test-{uuid.uuid4().hex[:8]}",
+                scopes=list(scopes),
+                event_sources=event_sources,
             )
             await session.commit()
         return key

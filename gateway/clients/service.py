@@ -45,6 +45,13 @@ class Principal:
     client_id: int
     name: str
     scopes: frozenset[str]
+    event_sources: frozenset[str] | None = None
+
+    def may_send_as(self, source: str) -> bool:
+        """True if the caller may send clinical events as ``source`` (a sender of the
+        workflow's ownership matrix); a client created without ``--event-source`` may
+        send as any."""
+        return self.event_sources is None or source in self.event_sources
 
     def has(self, scope: str) -> bool:
         """True if the caller holds ``scope`` (directly or implied)."""
@@ -59,9 +66,17 @@ def hash_key(key: str) -> str:
 
 
 async def create_client(
-    session: AsyncSession, *, name: str, scopes: list[str]
+    session: AsyncSession,
+    *,
+    name: str,
+    scopes: list[str],
+    event_sources: list[str] | None = None,
 ) -> tuple[ApiClient, str]:
     """Create a client and return it with its new key (shown once, never stored).
+
+    Args:
+        event_sources: the senders (``ehr``, ``pharmacy``...) this client may send
+            clinical events as on ``POST /v1/events``; None: any.
 
     Raises:
         UnknownScopeError: a scope is not in :data:`SCOPES`.
@@ -73,7 +88,13 @@ async def create_client(
         )
     key_id = secrets.token_hex(6)
     key = f"fgw_{key_id}_{secrets.token_urlsafe(32)}"
-    client = ApiClient(name=name, key_id=key_id, key_hash=hash_key(key), scopes=sorted(set(scopes)))
+    client = ApiClient(
+        name=name,
+        key_id=key_id,
+        key_hash=hash_key(key),
+        scopes=sorted(set(scopes)),
+        event_sources=sorted(set(event_sources)) if event_sources is not None else None,
+    )
     session.add(client)
     await session.flush()
     return client, key
@@ -89,7 +110,12 @@ async def authenticate(session: AsyncSession, *, key: str) -> Principal | None:
         return None
     if not hmac.compare_digest(row.key_hash, hash_key(key)):
         return None
-    return Principal(client_id=row.id, name=row.name, scopes=frozenset(row.scopes))
+    return Principal(
+        client_id=row.id,
+        name=row.name,
+        scopes=frozenset(row.scopes),
+        event_sources=frozenset(row.event_sources) if row.event_sources is not None else None,
+    )
 
 
 async def revoke_client(session: AsyncSession, *, name: str) -> bool:

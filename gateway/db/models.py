@@ -59,6 +59,8 @@ class ApiClient(Base):
     key_id: Mapped[str] = mapped_column(String(32), unique=True)
     key_hash: Mapped[str] = mapped_column(String(64))
     scopes: Mapped[list[str]] = mapped_column(JSONDoc)
+    # Senders this client may send clinical events as (POST /v1/events); NULL: any.
+    event_sources: Mapped[list[str] | None] = mapped_column(JSONDoc, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
     last_used_at: Mapped[datetime | None]

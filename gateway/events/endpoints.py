@@ -73,7 +73,12 @@ async def post_event(
         sender=principal.name,
         raw=raw,
         call=lambda: service.receive_event(
-            session, runtime, raw=raw, content_type=content_type, actor=principal.name
+            session,
+            runtime,
+            raw=raw,
+            content_type=content_type,
+            actor=principal.name,
+            allowed_sources=principal.event_sources,
         ),
     )
     background.add_task(apply_after_response, request, runtime, outcome)

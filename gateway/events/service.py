@@ -35,7 +35,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from gateway.db.models import InboundMessage, MessageStatus
 from gateway.db.types import utcnow
 from gateway.ehr.errors import EhrConfigError, EhrRejectedError, EhrUnavailableError
-from gateway.errors import UnprocessableError
+from gateway.errors import ForbiddenError, UnprocessableError
 from gateway.events.inbox import store_if_new
 from gateway.events.matching import match_patient
 from gateway.inbox import repository as inbox
@@ -76,18 +76,40 @@ class Received(Outcome):
 
 
 async def receive_event(
-    session: AsyncSession, runtime: Runtime, *, raw: bytes, content_type: str, actor: str
+    session: AsyncSession,
+    runtime: Runtime,
+    *,
+    raw: bytes,
+    content_type: str,
+    actor: str,
+    allowed_sources: frozenset[str] | None = None,
 ) -> Received:
     """Validate and store a canonical event; answer 202 before applying it.
 
+    Args:
+        allowed_sources: the senders the caller's API client may send as (None: any);
+            the ownership matrix then decides what each sender may say.
+
     Raises:
         BadRequestError, UnprocessableError: every problem; nothing stored.
+        ForbiddenError: the client may not send as the event's ``source``.
     """
     data = decode_json_object(raw)
     try:
         event = parse_canonical_event(data)
     except MappingErrors as exc:
         raise UnprocessableError("the event is not valid", exc.problems) from exc
+    if allowed_sources is not None and event.source not in allowed_sources:
+        raise ForbiddenError(
+            "this API client may not send events as this source",
+            [
+                Problem(
+                    "source",
+                    "source_not_allowed",
+                    f"allowed: {', '.join(sorted(allowed_sources)) or 'none'}",
+                )
+            ],
+        )
     message = inbox.new_message(
         channel="events",
         sender=event.source,

@@ -8,6 +8,7 @@ import hashlib
 import os
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -159,3 +160,42 @@ def test_clients_list_never_shows_keys(migrated: Path) -> None:
     assert result.exit_code == 0
     assert result.stdout == "intake-app\tactive\tintake:write\n"
     assert out.strip() not in result.stdout
+
+
+def test_clients_create_with_event_sources_restricts_the_sender(migrated: Path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "clients",
+            "create",
+            "pharmacy-feed",
+            "--scope",
+            "events:write",
+            "--event-source",
+            "pharmacy",
+        ],
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "it may send events as: pharmacy" in result.stderr
+
+    async def principal() -> Any:
+        settings = Settings(
+            database_url=f"sqlite:///{migrated}",
+            run_worker=False,
+            _env_file=None,  # type: ignore[call-arg]
+        )
+        runtime = Runtime.create(settings)
+        try:
+            async with runtime.sessionmaker() as session:
+                return await authenticate(session, key=result.stdout.strip())
+        finally:
+            await runtime.close()
+
+    found = asyncio.run(principal())
+    assert found.may_send_as("pharmacy") and not found.may_send_as("ehr")
+
+
+def test_clients_create_without_event_sources_warns(migrated: Path) -> None:
+    code, _, err = create("any-sender", "events:write")
+    assert code == 0, err
+    assert "any sender (restrict it with --event-source)" in err

@@ -233,3 +233,25 @@ async def test_an_invalid_event_is_422_and_kept_for_review(
     (record,) = await rows(runtime, ExceptionRecord)
     assert (record.kind, record.channel) == ("rejected_input", "events")
     assert await count(runtime, InboundMessage) == 0
+
+
+async def test_a_client_restricted_to_a_sender_cannot_speak_for_another(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    make_api_key: Any,
+    patient: dict[str, Any],
+) -> None:
+    pharmacy = {
+        "Authorization": f"Bearer {await make_api_key('events:write', event_sources=['pharmacy'])}"
+    }
+    # the pharmacy's key claiming to be the EHR: refused before anything is stored
+    r = await client.post(
+        "/v1/events", json=event(patient, "p-1", "provider_assigned"), headers=pharmacy
+    )
+    assert r.status_code == 403, r.text
+    assert r.json()["errors"][0]["code"] == "source_not_allowed"
+    assert await count(runtime, InboundMessage, InboundMessage.channel == "events") == 0
+    # as itself it is accepted (the ownership matrix then decides what it may say)
+    as_pharmacy = {**event(patient, "p-2", "dispensed"), "source": "pharmacy"}
+    r = await client.post("/v1/events", json=as_pharmacy, headers=pharmacy)
+    assert r.status_code == 202, r.text
