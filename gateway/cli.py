@@ -325,7 +325,7 @@ def demo(
     ident_system = f"{settings.identifier_base}/external-patient-id"
 
     with httpx.Client(base_url=url, timeout=10) as client:
-        _step("1. intake submission -> Patient, QuestionnaireResponse, Provenance")
+        _step("1. intake submission -> Patient, QuestionnaireResponse, derived resources, Provenance")
         r = client.post("/v1/intake-submissions", json=intake, headers=headers)
         _show(r)
         if r.status_code != 202:

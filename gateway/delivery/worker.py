@@ -205,6 +205,7 @@ class DeliveryWorker:
         threshold = max(1, self.concurrency // 2)
         heartbeat = asyncio.create_task(self._heartbeat(stop))
         last_sweep = 0.0
+        sweep_again = False
         log.info("worker.started", worker=self.name, concurrency=self.concurrency)
         try:
             while not stop.is_set():
@@ -212,20 +213,25 @@ class DeliveryWorker:
                 self._changed.clear()
                 self._wakeup.clear()
                 free = self._free_slots()
-                claimed = 0
                 if free >= threshold or (free > 0 and not self._sending):
                     try:
-                        claimed = await self._claim_round(free)
+                        await self._claim_round(free)
                     except Exception as exc:
                         self._log_unexpected("worker.claim_failed", exc)
-                if claimed == 0 and time.monotonic() - last_sweep >= poll:
+                # Stored events and workflow timers are swept at least every poll, busy
+                # or not (under a steady delivery load a sweep only when idle would starve
+                # them), and again at once while a sweep finds a backlog.
+                if sweep_again or time.monotonic() - last_sweep >= poll:
                     last_sweep = time.monotonic()
+                    swept = 0
                     try:
-                        await sweep_pending(self.runtime, reader=self.read_resource)
-                        await sweep_workflow(self.runtime)
+                        swept = await sweep_pending(self.runtime, reader=self.read_resource)
+                        swept += await sweep_workflow(self.runtime)
                     except Exception as exc:
                         self._log_unexpected("worker.sweep_failed", exc)
-                await self._wait(stop, poll_s=poll)
+                    sweep_again = swept > 0
+                if not sweep_again:
+                    await self._wait(stop, poll_s=poll)
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.db.models import ExceptionRecord, InboundMessage, MessageStatus
+from gateway.db.types import utcnow
 from mappers.errors import Problem
 
 
@@ -42,7 +43,8 @@ def new_message(
     content_type: str,
     status: MessageStatus = MessageStatus.RECEIVED,
 ) -> InboundMessage:
-    """A new inbox row (not yet added to a session)."""
+    """A new inbox row (not yet added to a session), received now: ``received_at`` is set
+    here, not at flush, because the outbox rows written with it copy it."""
     return InboundMessage(
         id=str(uuid.uuid4()),
         channel=channel,
@@ -53,6 +55,7 @@ def new_message(
         content_type=content_type,
         body=body,
         status=status,
+        received_at=utcnow(),
     )
 
 
