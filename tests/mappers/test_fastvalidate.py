@@ -91,3 +91,54 @@ def test_validate_resources_fast_raises_every_problem() -> None:
         "Observation.effectiveDateTime",
         "Patient.gender",
     ]
+
+
+@pytest.mark.parametrize(("rtype", "breaker"), BREAKERS)
+def test_problems_of_memoized_subtrees_are_reported_again_in_order(
+    rtype: str, breaker: Breaker
+) -> None:
+    """The memo keeps a subtree's own problems: a second run (from the memo) reports the
+    same problems, in the same order, as the reference validation."""
+    broken = _first(rtype)
+    breaker(broken)
+    reference = resource_problems(broken)
+    assert fast_resource_problems(broken) == reference
+    assert fast_resource_problems(copy.deepcopy(broken)) == reference
+
+
+CONTROL = "dose\x01"
+
+SUBTREE_BREAKERS: list[tuple[str, Breaker]] = [
+    # a control character in a memoized Coding, in two places (one memo entry, two paths)
+    ("Observation", lambda r: r["code"]["coding"][0].update(display=CONTROL)),
+    (
+        "Observation",
+        lambda r: (
+            r["code"]["coding"][0].update(display=CONTROL),
+            r["category"].append(copy.deepcopy(r["code"])),
+        ),
+    ),
+    # a required binding inside a memoized Timing (valid for the model, not for us)
+    (
+        "MedicationRequest",
+        lambda r: r["dosageInstruction"][0]["timing"]["repeat"].update(periodUnit="fortnight"),
+    ),
+    # in a memoized closed QuestionnaireResponse item
+    (
+        "QuestionnaireResponse",
+        lambda r: r["item"][0]["answer"][0]["valueQuantity"].update(unit=CONTROL),
+    ),
+    # in a memoized Extension and a Reference
+    ("Flag", lambda r: r["extension"][0]["valueCodeableConcept"]["coding"][0].update(code=CONTROL)),
+    ("Flag", lambda r: r["subject"].update(display=CONTROL)),
+]
+
+
+@pytest.mark.parametrize(("rtype", "breaker"), SUBTREE_BREAKERS)
+def test_memoized_subtrees_keep_their_problems(rtype: str, breaker: Breaker) -> None:
+    broken = _first(rtype)
+    breaker(broken)
+    reference = resource_problems(broken)
+    assert reference, "the breaker must break something"
+    for _ in range(3):  # first seen, then from the memo
+        assert fast_resource_problems(broken) == reference
