@@ -23,6 +23,7 @@ ids and an EHR conditional create deduplicates it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -71,9 +72,25 @@ def derived_system(systems: IdentifierSystems, resource_type: str) -> str:
     return f"{systems.base}/{DERIVED_KINDS[resource_type]}"
 
 
+_NAMESPACE_BYTES = _NAMESPACE.bytes
+
+
 def deterministic_id(system: str, value: str) -> str:
-    """A stable resource id for a business identifier (UUID v5 of ``system|value``)."""
-    return str(uuid.uuid5(_NAMESPACE, f"{system}|{value}"))
+    """A stable resource id for a business identifier (UUID v5 of ``system|value``).
+
+    The ids are persisted, so this must stay ``str(uuid.uuid5(_NAMESPACE, f"{system}|{value}"))``
+    byte for byte (RFC 4122 section 4.3: SHA-1 of namespace + UTF-8 name, first 16 bytes,
+    version 5, RFC variant); it computes that string without building a ``uuid.UUID``.
+    """
+    b = bytearray(
+        hashlib.sha1(
+            _NAMESPACE_BYTES + f"{system}|{value}".encode(), usedforsecurity=False
+        ).digest()[:16]
+    )
+    b[6] = (b[6] & 0x0F) | 0x50  # version 5
+    b[8] = (b[8] & 0x3F) | 0x80  # variant RFC 4122
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 @lru_cache(maxsize=1024)

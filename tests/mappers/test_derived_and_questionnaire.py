@@ -4,6 +4,7 @@ Questionnaires."""
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 from fhir.resources.R4B.questionnaire import Questionnaire
 
 from gateway.settings import BUNDLED_PROFILES_DIR
+from mappers import derived
 from mappers.derived import deterministic_id, flag_applies, prune_items, retire_derived
 from mappers.pipeline import EXAMPLE_SYSTEMS, MappedIntake, map_intake
 from mappers.profiles import FlagSpec, ProfileSet, load_profiles
@@ -185,3 +187,29 @@ def test_two_versions_publish_two_questionnaires(profiles: ProfileSet) -> None:
 def test_examples_dir_exists_for_every_intake_profile() -> None:
     for path in (BUNDLED_PROFILES_DIR / "intake").glob("*.yaml"):
         assert Path(str(path).removesuffix(".yaml") + ".examples").is_dir(), path
+
+
+@pytest.mark.parametrize(
+    ("system", "value"),
+    [
+        ("https://fhir-gateway.example.org/sid/intake-observation", "sub-2026-000123/body-weight"),
+        ("https://fhir-gateway.example.org/sid/intake-flag", "sub-1/flag-0"),
+        ("", ""),
+        ("s", "é ü 日本 \U0001f600 | / \\ \t"),
+        ("x" * 500, "y" * 1000),
+        *[(f"https://sid.example/{i}", f"bench-{i}/consent-{i % 7}") for i in range(200)],
+    ],
+)
+def test_deterministic_id_is_exactly_uuid5(system: str, value: str) -> None:
+    """Ids are persisted: the fast form must equal ``str(uuid.uuid5(...))`` byte for byte."""
+    expected = str(uuid.uuid5(derived._NAMESPACE, f"{system}|{value}"))
+    assert deterministic_id(system, value) == expected
+
+
+def test_deterministic_id_is_pinned() -> None:
+    """A value computed once with ``uuid.uuid5`` and written down: the namespace and the
+    algorithm never drift (the golden examples pin more of them)."""
+    assert (
+        deterministic_id("https://example.org/sid/intake-observation", "sub-1/bmi")
+        == "e8c9c0bd-b621-5c51-9a7e-f14fa0056ca5"
+    )
