@@ -20,7 +20,8 @@ problems its subtree has (located relative to the subtree), so a subtree taken f
 memo still reports them at its path. The US Core rules then run as before.
 
 Only subtrees that hold profile data, ids or answers from a closed set are memoized:
-Coding, CodeableConcept, Meta, Dosage and its parts, References (local ids), Provenance
+Coding, CodeableConcept, Quantity (a bare number with its profile's unit: a vital sign,
+a dose), Meta, Dosage and its parts, References (local ids), Provenance
 agents and entities, Consent policy and provision, extensions with a code, coding,
 boolean or reference value, and QuestionnaireResponse items whose answers are all
 booleans, codings or bare numbers (or a data-absent-reason); free text, names, dates,
@@ -52,6 +53,7 @@ MEMO_TYPES = frozenset(
     {
         "Coding",
         "CodeableConcept",
+        "Quantity",
         "Meta",
         "Dosage",
         "Timing",

@@ -128,6 +128,8 @@ SUBTREE_BREAKERS: list[tuple[str, Breaker]] = [
         "QuestionnaireResponse",
         lambda r: r["item"][0]["answer"][0]["valueQuantity"].update(unit=CONTROL),
     ),
+    # in a memoized Quantity
+    ("Observation", lambda r: r["valueQuantity"].update(unit=CONTROL)),
     # in a memoized Extension and a Reference
     ("Flag", lambda r: r["extension"][0]["valueCodeableConcept"]["coding"][0].update(code=CONTROL)),
     ("Flag", lambda r: r["subject"].update(display=CONTROL)),
