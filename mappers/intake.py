@@ -59,7 +59,7 @@ from mappers.conceptmap import CompiledConceptMap
 from mappers.errors import MappingError, MappingErrors, Problem, ProblemCollector
 from mappers.identifiers import IdentifierSystems
 from mappers.profiles import Condition, IntakeItem, IntakeProfile
-from mappers.profiles.intake import ALL_PATIENT_FIELDS
+from mappers.profiles.intake import ALL_PATIENT_FIELDS, fold
 from mappers.validation import CONTROL_CHARACTERS
 
 US_CORE_PATIENT = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-patient"
@@ -235,8 +235,7 @@ def pydantic_problems(exc: ValidationError, prefix: str = "") -> list[Problem]:
     return problems
 
 
-def _fold(text: str) -> str:
-    return " ".join(text.split()).casefold()
+_fold = fold
 
 
 @lru_cache(maxsize=256)
@@ -248,12 +247,7 @@ def _absent_reason(value: Any, profile: IntakeProfile) -> str | None:
     """``asked-unknown`` / ``asked-declined`` for the profile's spellings, else None."""
     if not isinstance(value, str):
         return None
-    folded = _fold(value)
-    if folded in _spellings(tuple(profile.answer_values.unknown)):
-        return "asked-unknown"
-    if folded in _spellings(tuple(profile.answer_values.declined)):
-        return "asked-declined"
-    return None
+    return profile.answer_values.absent_reasons.get(_fold(value))
 
 
 def parse_intake_submission(
@@ -399,12 +393,9 @@ def _option(
         return None
     if not isinstance(value, str):
         return None
-    wanted = _fold(value)
-    for option in item.options:
-        if wanted in (_fold(option.code or ""), _fold(option.display)) or wanted in (
-            _fold(a) for a in option.aliases
-        ):
-            return option.to_coding()
+    chosen = item.option_by_spelling.get(_fold(value))
+    if chosen is not None:
+        return chosen.to_coding()
     cmap = concept_maps.get(item.synonyms) if item.synonyms else None
     if cmap is not None:
         for target in cmap.lookup_text(value):

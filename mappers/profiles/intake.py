@@ -70,6 +70,11 @@ DEFAULT_UNKNOWN = ["unknown", "don't know", "dont know", "not sure", "unsure"]
 DEFAULT_DECLINED = ["prefer not to say", "prefer not to answer", "decline", "declined"]
 
 
+def fold(text: str) -> str:
+    """A spelling as answers are matched: whitespace runs collapsed, case folded."""
+    return " ".join(text.split()).casefold()
+
+
 class AnswerOption(Strict):
     """One allowed answer of a choice question: a coding plus accepted spellings.
 
@@ -152,6 +157,16 @@ class IntakeItem(Strict):
     def is_choice(self) -> bool:
         """A choice or open-choice question."""
         return self.type in ("choice", "open_choice")
+
+    @cached_property
+    def option_by_spelling(self) -> dict[str, AnswerOption]:
+        """Folded spelling (code, display, alias) -> the first option, in option order,
+        that has it: what a text answer selects (computed once per loaded profile)."""
+        out: dict[str, AnswerOption] = {}
+        for option in self.options:
+            for spelling in (option.code or "", option.display, *option.aliases):
+                out.setdefault(fold(spelling), option)
+        return out
 
     @model_validator(mode="after")
     def _check_shape(self) -> IntakeItem:
@@ -280,6 +295,14 @@ class AnswerValues(Strict):
         default_factory=lambda: list(DEFAULT_DECLINED),
         description="Become data-absent-reason asked-declined (an error where required).",
     )
+
+    @cached_property
+    def absent_reasons(self) -> dict[str, str]:
+        """Folded spelling -> ``asked-unknown`` or ``asked-declined`` (unknown first)."""
+        out = {fold(w): "asked-unknown" for w in self.unknown}
+        for w in self.declined:
+            out.setdefault(fold(w), "asked-declined")
+        return out
 
 
 class IntakeProfile(Strict):

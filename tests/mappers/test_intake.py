@@ -525,3 +525,70 @@ def test_unknown_sex_at_birth_is_refused_where_the_form_requires_it(
     data = sample()
     data["patient"]["sex_at_birth"] = "unknown"
     assert problems_of(profile_set, data) == {"patient.sex_at_birth": "unknown_not_allowed"}
+
+
+def _reference_option(item: Any, value: str) -> Any:
+    """The option a text answer selects, as matched before spellings were precompiled:
+    the first option (in order) whose folded code, display or alias equals the answer."""
+
+    def fold(text: str) -> str:
+        return " ".join(text.split()).casefold()
+
+    for option in item.options:
+        spellings = [option.code or "", option.display, *option.aliases]
+        if fold(value) in [fold(s) for s in spellings]:
+            return option
+    return None
+
+
+def test_precompiled_option_spellings_pick_what_the_option_scan_picked(
+    glp1_profile: IntakeProfile,
+) -> None:
+    choices = [item for _, item in glp1_profile.walk() if item.is_choice]
+    assert choices
+    for item in choices:
+        spellings = [s for o in item.options for s in (o.code or "", o.display, *o.aliases)] + [
+            "  " + (item.options[0].display.upper()) + " ",
+            "",
+            "no such answer",
+        ]
+        for value in spellings:
+            assert item.option_by_spelling.get(" ".join(value.split()).casefold()) is (
+                _reference_option(item, value)
+            )
+
+
+def test_the_first_option_with_a_spelling_wins_and_codings_are_fresh() -> None:
+    profile = IntakeProfile.model_validate(
+        {
+            "id": "t",
+            "version": "1",
+            "title": "T",
+            "program": "t",
+            "url": "https://example.org/Questionnaire/t",
+            "answer_values": {"unknown": ["Maybe"], "declined": ["maybe", "skip"]},
+            "items": [
+                {
+                    "key": "q",
+                    "text": "Q",
+                    "type": "choice",
+                    "options": [
+                        {"system": "s", "code": "a", "display": "Alpha", "aliases": ["B"]},
+                        {"system": "s", "code": "b", "display": "Beta"},
+                    ],
+                }
+            ],
+        }
+    )
+    problems = ProblemCollector()
+    items, _ = answers_to_items({"q": "b"}, profile, problems)
+    assert [a["valueCoding"]["code"] for a in items[0]["answer"]] == ["a"]
+    items[0]["answer"][0]["valueCoding"]["code"] = "changed"
+    again, _ = answers_to_items({"q": "b"}, profile, problems)
+    assert again[0]["answer"][0]["valueCoding"]["code"] == "a"
+    # a spelling listed as both unknown and declined is unknown (unknown is checked first)
+    assert profile.answer_values.absent_reasons == {
+        "maybe": "asked-unknown",
+        "skip": "asked-declined",
+    }
+    assert not problems.problems
