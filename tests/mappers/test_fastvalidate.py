@@ -144,3 +144,55 @@ def test_memoized_subtrees_keep_their_problems(rtype: str, breaker: Breaker) -> 
     assert reference, "the breaker must break something"
     for _ in range(3):  # first seen, then from the memo
         assert fast_resource_problems(broken) == reference
+
+
+def _string_leaves(node: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    if isinstance(node, str):
+        return [path]
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _string_leaves(v, (*path, k))]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in _string_leaves(v, (*path, i))]
+    return []
+
+
+def _set(node: Any, path: tuple[Any, ...], value: str) -> None:
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+
+
+@pytest.mark.parametrize("resource", RESOURCES, ids=lambda r: r["resourceType"])
+def test_every_string_broken_gives_the_reference_problems(resource: dict[str, Any]) -> None:
+    """Each string of each golden resource, in turn, given a control character or replaced
+    by a word no value set has: the fast path (first seen, then from the memo) reports
+    exactly the reference problems, in order."""
+    for path in _string_leaves(resource):
+        if path == ("resourceType",):
+            continue
+        original: Any = resource
+        for part in path:
+            original = original[part]
+        for bad in (original + "\x01", "not-a-code"):
+            broken = copy.deepcopy(resource)
+            _set(broken, path, bad)
+            reference = resource_problems(broken)
+            assert fast_resource_problems(broken) == reference, path
+            assert fast_resource_problems(copy.deepcopy(broken)) == reference, path
+
+
+def test_problems_keep_the_reference_order_across_memoized_and_walked_parts() -> None:
+    """Binding problems come before character problems, each in document order, whether
+    they are found by walking or taken from the memo (a sorted list would differ)."""
+    flag = _first("Flag")  # a binding problem, and a control character in a memoized part
+    flag["status"] = "bogus"
+    flag["extension"][0]["valueCodeableConcept"]["coding"][0]["display"] = CONTROL
+    patient = _first("Patient")  # both in walked parts
+    patient["telecom"][0]["system"] = "mobile"
+    patient["name"][0]["family"] = CONTROL
+    for resource in (flag, patient):
+        reference = resource_problems(resource)
+        assert len(reference) == 2
+        assert [p.location for p in reference] != sorted(p.location for p in reference)
+        for _ in range(2):
+            assert fast_resource_problems(resource) == reference
