@@ -351,9 +351,16 @@ async def store_mapped(
             attribution=mapped.attribution,
             actor=mapped.actor,
         )
+    patient_ref = f"Patient/{mapped.patient_id}"
+    new_patient = existed.get(patient_ref) is None
     if mapped.sources:
         await profile_repo.save_element_sources(
-            session, mapped.patient_id, mapped.sources, message_id=mapped.message.id
+            session,
+            mapped.patient_id,
+            mapped.sources,
+            message_id=mapped.message.id,
+            new_patient=patient_ref in existed and new_patient,
+            bulk=bulk,
         )
     await fhir_repo.add_patient_keys(
         session, mapped.patient_id, mapped.keys, checked=mapped.checked_keys, bulk=bulk
@@ -362,12 +369,7 @@ async def store_mapped(
     case_result = None
     if mapped.event is not None:
         workflow = runtime.profiles.current.workflow_or_raise
-        case_result = await apply_event(
-            session,
-            workflow,
-            mapped.event,
-            new_patient=existed.get(f"Patient/{mapped.patient_id}") is None,
-        )
+        case_result = await apply_event(session, workflow, mapped.event, new_patient=new_patient)
     await session.flush()
     log.info(
         "ingest.stored",
@@ -469,7 +471,8 @@ async def submit_intake(
         raw=raw,
         content_type=content_type,
     )
-    session.add(message)
+    if existing is not None:
+        session.add(message)  # already stored: its changes are an UPDATE at the flush
 
     # The QuestionnaireResponse of a submission is only ever written from its message.
     qr_row = (
@@ -523,6 +526,13 @@ async def submit_intake(
     message.status = MessageStatus.PROCESSED
     message.processed_at = utcnow()
     message.response = body
+    if existing is None:
+        # A new inbox row is inserted last, whole (status and answer included), in one
+        # statement instead of an INSERT and an UPDATE; nothing references it by foreign
+        # key. Flushed here, inside the caller's retry, so a concurrent twin's unique-key
+        # conflict is raised where it is handled.
+        session.add(message)
+        await session.flush()
     return Outcome(202, body, message.id)
 
 
