@@ -8,6 +8,11 @@ submissions (unique ``submission_id`` each, the bundled GLP-1 form):
   the 202 acknowledgement, measured from the moment each request was due;
 * closed loop (N concurrent clients for 10 s): the maximum sustained requests/s.
 
+Each line also gives the server's CPU milliseconds per request (all its processes, from
+``/proc``: robust to other load on the machine, unlike the latencies) and the load
+average when the run ended. The gateway runs in its normal mode (API + delivery worker in
+each process) unless ``--no-worker``.
+
 Optionally (``--with-ehr``) an enabled EHR target (the local fake EHR, started as another
 process) makes every submission also write an outbox row and the in-process worker
 deliver it while the load runs.
@@ -98,6 +103,37 @@ def intake_body(template: dict[str, Any], n: int, run: str) -> bytes:
     return json.dumps(body).encode()
 
 
+def tree_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` and its descendants (Linux ``/proc``;
+    None elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total, todo = 0.0, [pid]
+    try:
+        while todo:
+            p = todo.pop()
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick
+                for task in Path(f"/proc/{p}/task").iterdir():
+                    todo += [int(c) for c in (task / "children").read_text().split()]
+    except OSError:
+        return None
+    return total
+
+
+def measured(pid: int, requests_of: Any, call: Any) -> dict[str, Any]:
+    """Run ``call()`` and add the server's CPU milliseconds per request to its result."""
+    before = tree_cpu_s(pid)
+    result: dict[str, Any] = call()
+    after = tree_cpu_s(pid)
+    result["server_cpu_ms_per_req"] = (
+        (after - before) * 1000 / max(1, requests_of(result))
+        if before is not None and after is not None
+        else None
+    )
+    return result
+
+
 def percentile(values: list[float], p: float) -> float:
     """The p-th percentile (nearest rank) of ``values``."""
     ordered = sorted(values)
@@ -115,6 +151,7 @@ async def open_loop(
     errors = 0
     total = int(rate * seconds)
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    bodies = [intake_body(template, i, run) for i in range(total)]  # built before the clock
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
         start = time.perf_counter() + 0.2
 
@@ -122,9 +159,11 @@ async def open_loop(
             nonlocal errors
             due = start + i / rate
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            body = intake_body(template, i, run)
-            r = await client.post("/v1/intake-submissions", content=body, headers=headers)
-            if r.status_code != 202:
+            try:
+                r = await client.post("/v1/intake-submissions", content=bodies[i], headers=headers)
+                if r.status_code != 202:
+                    errors += 1
+            except httpx.HTTPError:  # a timeout under overload counts, it does not abort
                 errors += 1
             latencies.append((time.perf_counter() - due) * 1000)
 
@@ -160,10 +199,13 @@ async def closed_loop(
                 counter += 1
                 body = intake_body(template, counter, run)
                 t0 = time.perf_counter()
-                r = await client.post("/v1/intake-submissions", content=body, headers=headers)
-                latencies.append((time.perf_counter() - t0) * 1000)
-                if r.status_code != 202:
+                try:
+                    r = await client.post("/v1/intake-submissions", content=body, headers=headers)
+                    if r.status_code != 202:
+                        errors += 1
+                except httpx.HTTPError:
                     errors += 1
+                latencies.append((time.perf_counter() - t0) * 1000)
 
         t_start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -209,8 +251,13 @@ def run(
     concurrency: int,
     with_ehr: bool,
     server_workers: int = 1,
+    worker: bool = True,
 ) -> list[dict[str, Any]]:
-    """Start the gateway (and the fake EHR), run both load shapes, stop everything."""
+    """Start the gateway (and the fake EHR), run both load shapes, stop everything.
+
+    ``worker``: the normal mode, ``serve`` with the delivery worker in each process;
+    False starts ``serve --no-worker`` (API only).
+    """
     template = json.loads((ROOT / "examples" / "intake-glp1.json").read_text())
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp, database(kind, Path(tmp)) as db_url:
@@ -279,6 +326,7 @@ def run(
                         "--no-migrate",
                         "--workers",
                         str(server_workers),
+                        "--worker" if worker else "--no-worker",
                     ],
                     env=env,
                     cwd=workdir,
@@ -289,14 +337,28 @@ def run(
             url = f"http://127.0.0.1:{port}"
             wait_http(f"{url}/readyz")
             asyncio.run(open_loop(url, key, 20, 2, template))  # warm-up
+            server = procs[-1].pid
             results = [
-                asyncio.run(open_loop(url, key, rate, seconds, template)),
-                asyncio.run(closed_loop(url, key, concurrency, min(seconds, 10), template)),
+                measured(
+                    server,
+                    lambda r: r["requests"],
+                    lambda: asyncio.run(open_loop(url, key, rate, seconds, template)),
+                ),
+                measured(
+                    server,
+                    lambda r: r["requests"],
+                    lambda: asyncio.run(
+                        closed_loop(url, key, concurrency, min(seconds, 10), template)
+                    ),
+                ),
             ]
+            load = os.getloadavg()
             for r in results:
                 r["database"] = kind
                 r["ehr"] = "fake EHR target" if with_ehr else "no target"
                 r["processes"] = server_workers
+                r["worker"] = worker
+                r["loadavg"] = [round(x, 2) for x in load]
             return results
         finally:
             for p in procs:
@@ -321,24 +383,48 @@ def main() -> None:
         "--server-workers",
         type=int,
         default=1,
-        help="gateway processes (PostgreSQL only: `serve --workers N`)",
+        help="gateway processes (`serve --workers N`; PostgreSQL only, SQLite runs 1)",
+    )
+    parser.add_argument(
+        "--no-worker",
+        action="store_true",
+        help="start `serve --no-worker` (API only) instead of API + delivery worker",
     )
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
     kinds = ["sqlite", "postgres"] if args.database == "both" else [args.database]
     results = []
-    for kind in kinds:
-        workers = args.server_workers if kind == "postgres" else 1
-        results.extend(run(kind, args.rate, args.seconds, args.concurrency, args.with_ehr, workers))
     print(
-        f"{'database':10} {'procs':5} {'ehr':16} {'mode':18} {'req':>6} {'err':>4} {'req/s':>8} "
-        f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8}"
+        f"{'database':10} {'procs':5} {'worker':6} {'ehr':16} {'mode':18} {'req':>6} {'err':>4} "
+        f"{'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} {'cpu/req':>8}"
+        "  load avg",
+        flush=True,
     )
-    for r in results:
-        print(
-            f"{r['database']:10} {r['processes']:5d} {r['ehr']:16} {r['mode']:18} {r['requests']:6d} {r['errors']:4d} "
-            f"{r['achieved_rps']:8.1f} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} {r['p99_ms']:8.1f} {r['max_ms']:8.1f}"
+    for kind in kinds:
+        # SQLite takes one writing process (`serve --workers N` refuses it): always 1 there.
+        workers = args.server_workers if kind == "postgres" else 1
+        if workers != args.server_workers:
+            print(f"({kind}: 1 server process; --server-workers applies to PostgreSQL)")
+        found = run(
+            kind,
+            args.rate,
+            args.seconds,
+            args.concurrency,
+            args.with_ehr,
+            workers,
+            worker=not args.no_worker,
         )
+        for r in found:
+            print(
+                f"{r['database']:10} {r['processes']:5d} {'yes' if r['worker'] else 'no':6} "
+                f"{r['ehr']:16} {r['mode']:18} {r['requests']:6d} {r['errors']:4d} "
+                f"{r['achieved_rps']:8.1f} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} "
+                f"{r['p99_ms']:8.1f} {r['max_ms']:8.1f} "
+                f"{(r['server_cpu_ms_per_req'] or float('nan')):8.2f}  "
+                f"{' '.join(map(str, r['loadavg']))}",
+                flush=True,
+            )
+        results.extend(found)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
