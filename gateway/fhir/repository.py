@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import Select, and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.db.bulk import BulkInserts
@@ -179,18 +179,21 @@ async def patients_for_keys(
     wanted = list(keys)
     if not wanted:
         return {}
-    # OR of unique-key lookups (see get_resources: a row-value IN scans on SQLite).
-    rows = await session.scalars(
-        select(PatientKey).where(
-            or_(
-                *(
-                    and_(PatientKey.key_type == kind, PatientKey.key_value == value)
-                    for kind, value in wanted
-                )
+    rows = await session.scalars(patient_key_lookup(wanted))
+    return {(r.key_type, r.key_value): r.patient_id for r in rows}
+
+
+def patient_key_lookup(keys: Sequence[tuple[str, str]]) -> Select[PatientKey]:
+    """The query for the ``patient_keys`` rows of ``keys`` (at least one): an OR of
+    unique-key lookups (see :func:`get_resources`: a row-value IN scans on SQLite)."""
+    return select(PatientKey).where(
+        or_(
+            *(
+                and_(PatientKey.key_type == kind, PatientKey.key_value == value)
+                for kind, value in keys
             )
         )
     )
-    return {(r.key_type, r.key_value): r.patient_id for r in rows}
 
 
 async def add_patient_keys(
