@@ -103,6 +103,70 @@ def intake_body(template: dict[str, Any], n: int, run: str) -> bytes:
     return json.dumps(body).encode()
 
 
+#: Reuse a pooled connection only if it was used this recently (under the server's
+#: keep-alive timeout, so it is not closed under us).
+IDLE_REUSE_S = 3.0
+
+
+class LightClient:
+    """A minimal HTTP/1.1 keep-alive client for the load (POST, status code only).
+
+    The load generator shares the two CPUs with the gateway; httpx costs a few CPU
+    milliseconds per request, which then shows up as server latency. This client sends
+    pre-built request bytes on pooled connections and reads the status line, headers and
+    ``Content-Length`` body: a small fraction of that.
+    """
+
+    def __init__(self, url: str, headers: dict[str, str], timeout_s: float = 30) -> None:
+        host_port = url.split("://", 1)[1]
+        self.host, port = host_port.rsplit(":", 1)
+        self.port = int(port)
+        self.headers = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.timeout_s = timeout_s
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
+
+    async def post(self, path: str, body: bytes) -> int:
+        """POST ``body`` to ``path``; the response status code."""
+        conn = None
+        while self.idle and conn is None:
+            reader, writer, used_at = self.idle.pop()
+            if time.monotonic() - used_at < IDLE_REUSE_S:
+                conn = reader, writer
+            else:  # the server may have closed it (uvicorn: 5 s keep-alive)
+                writer.close()
+        reader, writer = conn or await self._connect()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\n{self.headers}"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        try:
+            writer.write(head + body)
+            raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.timeout_s)
+            lines = raw.decode("latin-1").split("\r\n")
+            status = int(lines[0].split(" ", 2)[1])
+            fields = {
+                k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:] if x)
+            }
+            await reader.readexactly(int(fields.get("content-length", "0")))
+        except BaseException:
+            writer.close()
+            raise
+        if fields.get("connection", "").lower() == "close":
+            writer.close()
+        else:
+            self.idle.append((reader, writer, time.monotonic()))
+        return status
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection(self.host, self.port)
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        for _, writer, _ in self.idle:
+            writer.close()
+        self.idle.clear()
+
+
 def tree_cpu_s(pid: int) -> float | None:
     """User + system CPU seconds of process ``pid`` and its descendants (Linux ``/proc``;
     None elsewhere)."""
@@ -150,26 +214,33 @@ async def open_loop(
     latencies: list[float] = []
     errors = 0
     total = int(rate * seconds)
-    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
     bodies = [intake_body(template, i, run) for i in range(total)]  # built before the clock
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
-        start = time.perf_counter() + 0.2
+    kinds: dict[str, int] = {}
+    client = LightClient(url, headers)
+    cpu0 = time.process_time()
+    start = time.perf_counter() + 0.2
 
-        async def one(i: int) -> None:
-            nonlocal errors
-            due = start + i / rate
-            await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            try:
-                r = await client.post("/v1/intake-submissions", content=bodies[i], headers=headers)
-                if r.status_code != 202:
-                    errors += 1
-            except httpx.HTTPError:  # a timeout under overload counts, it does not abort
+    async def one(i: int) -> None:
+        nonlocal errors
+        due = start + i / rate
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        try:
+            status = await client.post("/v1/intake-submissions", bodies[i])
+            if status != 202:
                 errors += 1
-            latencies.append((time.perf_counter() - due) * 1000)
+                kinds[str(status)] = kinds.get(str(status), 0) + 1
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            errors += 1  # a timeout or reset under overload counts, it does not abort
+            kinds[type(exc).__name__] = kinds.get(type(exc).__name__, 0) + 1
+        latencies.append((time.perf_counter() - due) * 1000)
 
-        await asyncio.gather(*(one(i) for i in range(total)))
-        elapsed = time.perf_counter() - start
+    await asyncio.gather(*(one(i) for i in range(total)))
+    elapsed = time.perf_counter() - start
+    client_cpu_s = time.process_time() - cpu0
+    client.close()
     return {
+        "error_kinds": kinds,
+        "client_cpu_ms_per_req": client_cpu_s * 1000 / total,
         "mode": f"open loop {rate:g}/s",
         "requests": total,
         "errors": errors,
@@ -190,27 +261,30 @@ async def closed_loop(
     latencies: list[float] = []
     errors = 0
     counter = 0
-    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-        deadline = time.perf_counter() + seconds
+    client = LightClient(url, headers)
+    cpu0 = time.process_time()
+    deadline = time.perf_counter() + seconds
 
-        async def worker() -> None:
-            nonlocal errors, counter
-            while time.perf_counter() < deadline:
-                counter += 1
-                body = intake_body(template, counter, run)
-                t0 = time.perf_counter()
-                try:
-                    r = await client.post("/v1/intake-submissions", content=body, headers=headers)
-                    if r.status_code != 202:
-                        errors += 1
-                except httpx.HTTPError:
+    async def worker() -> None:
+        nonlocal errors, counter
+        while time.perf_counter() < deadline:
+            counter += 1
+            body = intake_body(template, counter, run)
+            t0 = time.perf_counter()
+            try:
+                if await client.post("/v1/intake-submissions", body) != 202:
                     errors += 1
-                latencies.append((time.perf_counter() - t0) * 1000)
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError):
+                errors += 1
+            latencies.append((time.perf_counter() - t0) * 1000)
 
-        t_start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - t_start
+    t_start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - t_start
+    client_cpu_s = time.process_time() - cpu0
+    client.close()
     return {
+        "client_cpu_ms_per_req": client_cpu_s * 1000 / max(1, len(latencies)),
         "mode": f"closed loop x{concurrency}",
         "requests": len(latencies),
         "errors": errors,
@@ -424,6 +498,8 @@ def main() -> None:
                 f"{' '.join(map(str, r['loadavg']))}",
                 flush=True,
             )
+            if r.get("error_kinds"):
+                print(f"    errors: {r['error_kinds']}", flush=True)
         results.extend(found)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
