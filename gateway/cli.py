@@ -113,7 +113,7 @@ def serve(
         "ws": "none",
     }
     if workers == 1:
-        uvicorn.run(create_app(settings, freeze_gc=True), **common)
+        uvicorn.run(create_app(settings, server_process=True), **common)
         return
     # Each process builds its app from the environment: pass the command-line choices on.
     os.environ["GATEWAY_RUN_WORKER"] = "true" if settings.run_worker else "false"
