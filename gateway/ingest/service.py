@@ -528,11 +528,8 @@ async def submit_intake(
     message.response = body
     if existing is None:
         # A new inbox row is inserted last, whole (status and answer included), in one
-        # statement instead of an INSERT and an UPDATE; nothing references it by foreign
-        # key. Flushed here, inside the caller's retry, so a concurrent twin's unique-key
-        # conflict is raised where it is handled.
-        session.add(message)
-        await session.flush()
+        # statement instead of an INSERT and an UPDATE.
+        await _insert_message(session, message)
     return Outcome(202, body, message.id)
 
 
@@ -950,11 +947,10 @@ async def receive_stripe_event(
     existing = await inbox.get_message_by_key(session, key)
     if existing is not None:
         return Outcome(200, {**(existing.response or {}), "replayed": True}, existing.id), None
+    # The inbox row is inserted last, whole (see submit_intake), on every way out.
     message = inbox.new_message(
         channel="stripe", sender="stripe", external_id=event_id, body=raw, content_type=content_type
     )
-    session.add(message)
-    await session.flush()
     if event_type not in STRIPE_CHECKOUT_EVENTS:
         message.status = MessageStatus.IGNORED
         message.processed_at = utcnow()
@@ -964,6 +960,7 @@ async def receive_stripe_event(
             "event_type": event_type,
             "status": "ignored",
         }
+        await _insert_message(session, message)
         log.info("stripe.ignored", message_id=message.id, event_type=event_type)
         return Outcome(200, message.response, message.id), None
     try:
@@ -1003,8 +1000,18 @@ async def receive_stripe_event(
                 content_type=content_type,
             )
         )
+        await _insert_message(session, message)
         log.info("stripe.unmappable", message_id=message.id, problems=len(exc.problems))
         return Outcome(200, message.response, message.id), exc.problems
     body = {"received": True, "event_type": event_type, **outcome.body}
     message.response = body
+    await _insert_message(session, message)
     return Outcome(200, body, message.id), None
+
+
+async def _insert_message(session: AsyncSession, message: InboundMessage) -> None:
+    """Insert a new inbox row with its status and answer in one statement (nothing
+    references it by foreign key, so it can go last); flushed here, inside the caller's
+    retry, so a concurrent twin's unique-key conflict is raised where it is handled."""
+    session.add(message)
+    await session.flush()

@@ -17,11 +17,15 @@ from gateway.fhir import repository as fhir_repo
 from gateway.runtime import Runtime
 from tests import samples
 from tests.conftest import ApiKeyFactory
+from tests.support.api import signed_stripe
 
 #: A new submission (new patient, no EHR target): 2 lookups (inbox dedupe key, patient
 #: keys), 1 subscribers read, 8 INSERTs (resources, audit, element sources, patient keys,
 #: case, case event, profile mapping, inbox row). Was 16 before the ingest work.
 NEW_SUBMISSION_STATEMENTS = 11
+#: A new paid Stripe checkout event (new patient). Was 14 (the inbox row was an INSERT
+#: at the start and an UPDATE at the end).
+STRIPE_EVENT_STATEMENTS = 13
 
 
 @contextmanager
@@ -116,3 +120,23 @@ async def test_patient_key_lookup_finds_many_keys_by_index(runtime: Runtime) -> 
             details = " ".join(str(row[-1]) for row in plan)
             assert "SCAN patient_keys" not in details, details
             assert "USING INDEX" in details, details
+
+
+async def test_stripe_checkout_event_statements(
+    client: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    """A new paid checkout event (new patient): 4 lookups (inbox, patient keys, the
+    MedicationRequest by checkout id, the new Patient's identifier keys), 1 subscribers
+    read, 8 INSERTs, no UPDATE; its retry: 1 statement."""
+    event = samples.stripe_event()
+    payload, headers = signed_stripe(event)
+    with statements(runtime) as seen:
+        first = await client.post("/v1/webhooks/stripe", content=payload, headers=headers)
+    assert first.status_code == 200, first.text
+    assert first.json()["status"] == "accepted"
+    assert not [s for s in seen if s.startswith("UPDATE")], seen
+    assert len(seen) == STRIPE_EVENT_STATEMENTS, seen
+    with statements(runtime) as seen:
+        again = await client.post("/v1/webhooks/stripe", content=payload, headers=headers)
+    assert again.json() == {**first.json(), "replayed": True}
+    assert len(seen) == 1, seen
