@@ -8,6 +8,11 @@ submissions (unique ``submission_id`` each, the bundled GLP-1 form):
   the 202 acknowledgement, measured from the moment each request was due;
 * closed loop (N concurrent clients for 10 s): the maximum sustained requests/s.
 
+Each line also gives the server's CPU milliseconds per request (all its processes, from
+``/proc``: robust to other load on the machine, unlike the latencies) and the load
+average when the run ended. The gateway runs in its normal mode (API + delivery worker in
+each process) unless ``--no-worker``.
+
 Optionally (``--with-ehr``) an enabled EHR target (the local fake EHR, started as another
 process) makes every submission also write an outbox row and the in-process worker
 deliver it while the load runs.
@@ -98,6 +103,101 @@ def intake_body(template: dict[str, Any], n: int, run: str) -> bytes:
     return json.dumps(body).encode()
 
 
+#: Reuse a pooled connection only if it was used this recently (under the server's
+#: keep-alive timeout, so it is not closed under us).
+IDLE_REUSE_S = 3.0
+
+
+class LightClient:
+    """A minimal HTTP/1.1 keep-alive client for the load (POST, status code only).
+
+    The load generator shares the two CPUs with the gateway; httpx costs a few CPU
+    milliseconds per request, which then shows up as server latency. This client sends
+    pre-built request bytes on pooled connections and reads the status line, headers and
+    ``Content-Length`` body: a small fraction of that.
+    """
+
+    def __init__(self, url: str, headers: dict[str, str], timeout_s: float = 30) -> None:
+        host_port = url.split("://", 1)[1]
+        self.host, port = host_port.rsplit(":", 1)
+        self.port = int(port)
+        self.headers = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.timeout_s = timeout_s
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
+
+    async def post(self, path: str, body: bytes) -> int:
+        """POST ``body`` to ``path``; the response status code."""
+        conn = None
+        while self.idle and conn is None:
+            reader, writer, used_at = self.idle.pop()
+            if time.monotonic() - used_at < IDLE_REUSE_S:
+                conn = reader, writer
+            else:  # the server may have closed it (uvicorn: 5 s keep-alive)
+                writer.close()
+        reader, writer = conn or await self._connect()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\n{self.headers}"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        try:
+            writer.write(head + body)
+            raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.timeout_s)
+            lines = raw.decode("latin-1").split("\r\n")
+            status = int(lines[0].split(" ", 2)[1])
+            fields = {
+                k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:] if x)
+            }
+            await reader.readexactly(int(fields.get("content-length", "0")))
+        except BaseException:
+            writer.close()
+            raise
+        if fields.get("connection", "").lower() == "close":
+            writer.close()
+        else:
+            self.idle.append((reader, writer, time.monotonic()))
+        return status
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection(self.host, self.port)
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        for _, writer, _ in self.idle:
+            writer.close()
+        self.idle.clear()
+
+
+def tree_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` and its descendants (Linux ``/proc``;
+    None elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total, todo = 0.0, [pid]
+    try:
+        while todo:
+            p = todo.pop()
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick
+                for task in Path(f"/proc/{p}/task").iterdir():
+                    todo += [int(c) for c in (task / "children").read_text().split()]
+    except OSError:
+        return None
+    return total
+
+
+def measured(pid: int, requests_of: Any, call: Any) -> dict[str, Any]:
+    """Run ``call()`` and add the server's CPU milliseconds per request to its result."""
+    before = tree_cpu_s(pid)
+    result: dict[str, Any] = call()
+    after = tree_cpu_s(pid)
+    result["server_cpu_ms_per_req"] = (
+        (after - before) * 1000 / max(1, requests_of(result))
+        if before is not None and after is not None
+        else None
+    )
+    return result
+
+
 def percentile(values: list[float], p: float) -> float:
     """The p-th percentile (nearest rank) of ``values``."""
     ordered = sorted(values)
@@ -114,23 +214,33 @@ async def open_loop(
     latencies: list[float] = []
     errors = 0
     total = int(rate * seconds)
-    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
-        start = time.perf_counter() + 0.2
+    bodies = [intake_body(template, i, run) for i in range(total)]  # built before the clock
+    kinds: dict[str, int] = {}
+    client = LightClient(url, headers)
+    cpu0 = time.process_time()
+    start = time.perf_counter() + 0.2
 
-        async def one(i: int) -> None:
-            nonlocal errors
-            due = start + i / rate
-            await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            body = intake_body(template, i, run)
-            r = await client.post("/v1/intake-submissions", content=body, headers=headers)
-            if r.status_code != 202:
+    async def one(i: int) -> None:
+        nonlocal errors
+        due = start + i / rate
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        try:
+            status = await client.post("/v1/intake-submissions", bodies[i])
+            if status != 202:
                 errors += 1
-            latencies.append((time.perf_counter() - due) * 1000)
+                kinds[str(status)] = kinds.get(str(status), 0) + 1
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            errors += 1  # a timeout or reset under overload counts, it does not abort
+            kinds[type(exc).__name__] = kinds.get(type(exc).__name__, 0) + 1
+        latencies.append((time.perf_counter() - due) * 1000)
 
-        await asyncio.gather(*(one(i) for i in range(total)))
-        elapsed = time.perf_counter() - start
+    await asyncio.gather(*(one(i) for i in range(total)))
+    elapsed = time.perf_counter() - start
+    client_cpu_s = time.process_time() - cpu0
+    client.close()
     return {
+        "error_kinds": kinds,
+        "client_cpu_ms_per_req": client_cpu_s * 1000 / total,
         "mode": f"open loop {rate:g}/s",
         "requests": total,
         "errors": errors,
@@ -151,24 +261,30 @@ async def closed_loop(
     latencies: list[float] = []
     errors = 0
     counter = 0
-    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-        deadline = time.perf_counter() + seconds
+    client = LightClient(url, headers)
+    cpu0 = time.process_time()
+    deadline = time.perf_counter() + seconds
 
-        async def worker() -> None:
-            nonlocal errors, counter
-            while time.perf_counter() < deadline:
-                counter += 1
-                body = intake_body(template, counter, run)
-                t0 = time.perf_counter()
-                r = await client.post("/v1/intake-submissions", content=body, headers=headers)
-                latencies.append((time.perf_counter() - t0) * 1000)
-                if r.status_code != 202:
+    async def worker() -> None:
+        nonlocal errors, counter
+        while time.perf_counter() < deadline:
+            counter += 1
+            body = intake_body(template, counter, run)
+            t0 = time.perf_counter()
+            try:
+                if await client.post("/v1/intake-submissions", body) != 202:
                     errors += 1
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError):
+                errors += 1
+            latencies.append((time.perf_counter() - t0) * 1000)
 
-        t_start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - t_start
+    t_start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - t_start
+    client_cpu_s = time.process_time() - cpu0
+    client.close()
     return {
+        "client_cpu_ms_per_req": client_cpu_s * 1000 / max(1, len(latencies)),
         "mode": f"closed loop x{concurrency}",
         "requests": len(latencies),
         "errors": errors,
@@ -209,8 +325,13 @@ def run(
     concurrency: int,
     with_ehr: bool,
     server_workers: int = 1,
+    worker: bool = True,
 ) -> list[dict[str, Any]]:
-    """Start the gateway (and the fake EHR), run both load shapes, stop everything."""
+    """Start the gateway (and the fake EHR), run both load shapes, stop everything.
+
+    ``worker``: the normal mode, ``serve`` with the delivery worker in each process;
+    False starts ``serve --no-worker`` (API only).
+    """
     template = json.loads((ROOT / "examples" / "intake-glp1.json").read_text())
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp, database(kind, Path(tmp)) as db_url:
@@ -279,6 +400,7 @@ def run(
                         "--no-migrate",
                         "--workers",
                         str(server_workers),
+                        "--worker" if worker else "--no-worker",
                     ],
                     env=env,
                     cwd=workdir,
@@ -289,14 +411,28 @@ def run(
             url = f"http://127.0.0.1:{port}"
             wait_http(f"{url}/readyz")
             asyncio.run(open_loop(url, key, 20, 2, template))  # warm-up
+            server = procs[-1].pid
             results = [
-                asyncio.run(open_loop(url, key, rate, seconds, template)),
-                asyncio.run(closed_loop(url, key, concurrency, min(seconds, 10), template)),
+                measured(
+                    server,
+                    lambda r: r["requests"],
+                    lambda: asyncio.run(open_loop(url, key, rate, seconds, template)),
+                ),
+                measured(
+                    server,
+                    lambda r: r["requests"],
+                    lambda: asyncio.run(
+                        closed_loop(url, key, concurrency, min(seconds, 10), template)
+                    ),
+                ),
             ]
+            load = os.getloadavg()
             for r in results:
                 r["database"] = kind
                 r["ehr"] = "fake EHR target" if with_ehr else "no target"
                 r["processes"] = server_workers
+                r["worker"] = worker
+                r["loadavg"] = [round(x, 2) for x in load]
             return results
         finally:
             for p in procs:
@@ -321,24 +457,50 @@ def main() -> None:
         "--server-workers",
         type=int,
         default=1,
-        help="gateway processes (PostgreSQL only: `serve --workers N`)",
+        help="gateway processes (`serve --workers N`; PostgreSQL only, SQLite runs 1)",
+    )
+    parser.add_argument(
+        "--no-worker",
+        action="store_true",
+        help="start `serve --no-worker` (API only) instead of API + delivery worker",
     )
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
     kinds = ["sqlite", "postgres"] if args.database == "both" else [args.database]
     results = []
-    for kind in kinds:
-        workers = args.server_workers if kind == "postgres" else 1
-        results.extend(run(kind, args.rate, args.seconds, args.concurrency, args.with_ehr, workers))
     print(
-        f"{'database':10} {'procs':5} {'ehr':16} {'mode':18} {'req':>6} {'err':>4} {'req/s':>8} "
-        f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8}"
+        f"{'database':10} {'procs':5} {'worker':6} {'ehr':16} {'mode':18} {'req':>6} {'err':>4} "
+        f"{'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} {'cpu/req':>8}"
+        "  load avg",
+        flush=True,
     )
-    for r in results:
-        print(
-            f"{r['database']:10} {r['processes']:5d} {r['ehr']:16} {r['mode']:18} {r['requests']:6d} {r['errors']:4d} "
-            f"{r['achieved_rps']:8.1f} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} {r['p99_ms']:8.1f} {r['max_ms']:8.1f}"
+    for kind in kinds:
+        # SQLite takes one writing process (`serve --workers N` refuses it): always 1 there.
+        workers = args.server_workers if kind == "postgres" else 1
+        if workers != args.server_workers:
+            print(f"({kind}: 1 server process; --server-workers applies to PostgreSQL)")
+        found = run(
+            kind,
+            args.rate,
+            args.seconds,
+            args.concurrency,
+            args.with_ehr,
+            workers,
+            worker=not args.no_worker,
         )
+        for r in found:
+            print(
+                f"{r['database']:10} {r['processes']:5d} {'yes' if r['worker'] else 'no':6} "
+                f"{r['ehr']:16} {r['mode']:18} {r['requests']:6d} {r['errors']:4d} "
+                f"{r['achieved_rps']:8.1f} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} "
+                f"{r['p99_ms']:8.1f} {r['max_ms']:8.1f} "
+                f"{(r['server_cpu_ms_per_req'] or float('nan')):8.2f}  "
+                f"{' '.join(map(str, r['loadavg']))}",
+                flush=True,
+            )
+            if r.get("error_kinds"):
+                print(f"    errors: {r['error_kinds']}", flush=True)
+        results.extend(found)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import gateway
+from gateway.db.checkpoint import run_checkpoints
 from gateway.delivery.worker import DeliveryWorker
 from gateway.errors import (
     GatewayError,
@@ -160,7 +162,11 @@ async def _noop_receive() -> Message:
 
 
 def create_app(
-    settings: Settings, *, runtime: Runtime | None = None, run_worker: bool | None = None
+    settings: Settings,
+    *,
+    runtime: Runtime | None = None,
+    run_worker: bool | None = None,
+    server_process: bool = False,
 ) -> FastAPI:
     """Build the application.
 
@@ -169,6 +175,12 @@ def create_app(
         runtime: an already built runtime (tests); otherwise one is created at start-up.
         run_worker: run the delivery worker in this process; defaults to
             ``settings.run_worker``.
+        server_process: a long-running server process (``serve``): after start-up,
+            move every object alive then (modules, profiles, compiled models) out of the
+            garbage collector's reach (``gc.freeze()``), so full collections under load
+            do not walk them again (shorter pauses), and on SQLite checkpoint the WAL in
+            the background (:mod:`gateway.db.checkpoint`) rather than inside a request's
+            COMMIT. A test process that builds many apps keeps it off.
     """
     configure_logging(settings.log_level, json=settings.log_json)
     with_worker = settings.run_worker if run_worker is None else run_worker
@@ -191,10 +203,17 @@ def create_app(
             worker=with_worker,
             targets=[t.name for t in rt.profiles.current.enabled_targets()],
         )
+        checkpoints = None
+        if server_process:
+            checkpoints = asyncio.create_task(run_checkpoints(rt.engine, stop))
+            gc.collect()
+            gc.freeze()
         try:
             yield
         finally:
             stop.set()
+            if checkpoints is not None:
+                await checkpoints
             if task is not None:
                 await task
             if worker is not None:
@@ -301,4 +320,4 @@ def create_app_from_env() -> FastAPI:
     environment of each process."""
     from gateway.settings import load_settings
 
-    return create_app(load_settings())
+    return create_app(load_settings(), server_process=True)

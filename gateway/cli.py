@@ -113,7 +113,7 @@ def serve(
         "ws": "none",
     }
     if workers == 1:
-        uvicorn.run(create_app(settings), **common)
+        uvicorn.run(create_app(settings, server_process=True), **common)
         return
     # Each process builds its app from the environment: pass the command-line choices on.
     os.environ["GATEWAY_RUN_WORKER"] = "true" if settings.run_worker else "false"
@@ -325,7 +325,9 @@ def demo(
     ident_system = f"{settings.identifier_base}/external-patient-id"
 
     with httpx.Client(base_url=url, timeout=10) as client:
-        _step("1. intake submission -> Patient, QuestionnaireResponse, derived resources, Provenance")
+        _step(
+            "1. intake submission -> Patient, QuestionnaireResponse, derived resources, Provenance"
+        )
         r = client.post("/v1/intake-submissions", json=intake, headers=headers)
         _show(r)
         if r.status_code != 202:

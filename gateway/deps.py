@@ -13,8 +13,9 @@ from gateway.errors import ForbiddenError, UnauthorizedError
 from gateway.runtime import Runtime
 
 
-def get_runtime(request: Request) -> Runtime:
-    """The runtime the app was started with."""
+async def get_runtime(request: Request) -> Runtime:
+    """The runtime the app was started with (``async``: FastAPI runs a plain ``def``
+    dependency in a worker thread, a thread hop on every request)."""
     return request.app.state.runtime  # type: ignore[no-any-return]
 
 

@@ -1,16 +1,16 @@
 """Collect rows of several tables and insert them with one statement per table.
 
 The ORM unit of work costs a few hundred microseconds per object; an ingest request
-writes a dozen rows, so the hot path queues plain row dicts here and sends them as ORM
-bulk INSERTs (``session.execute(insert(Model), rows)``: one executemany per table) in
-the order the tables were first used.
+writes a dozen rows, so the hot path queues plain row dicts here and sends them as Core INSERTs
+(``session.execute(insert(table), rows)``: one executemany per table) in the order the
+tables were first used.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import insert
+from sqlalchemy import Table, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.db.models import Base
@@ -30,8 +30,18 @@ class BulkInserts:
         return sum(len(rows) for rows in self._rows.values())
 
     async def flush(self, session: AsyncSession) -> None:
-        """Insert every queued row (one statement per table) and forget them."""
+        """Insert every queued row (one statement per table and set of columns given)
+        and forget them.
+
+        Core INSERTs on the table: unlike the ORM's bulk INSERT, they keep a column given
+        as None in the statement, so rows with and without a value (a resource with no
+        business identifier) still go in one executemany. Columns not given get their
+        defaults.
+        """
         for model, rows in self._rows.items():
-            if rows:
-                await session.execute(insert(model), rows)
+            groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+            for row in rows:
+                groups.setdefault(tuple(row), []).append(row)
+            for group in groups.values():
+                await session.execute(insert(cast(Table, model.__table__)), group)
         self._rows.clear()

@@ -33,15 +33,26 @@ def make_engine(database_url: str, *, pool_size: int = 10, echo: bool = False) -
 
     Returns:
         An :class:`AsyncEngine`. For SQLite, every connection uses WAL, a 10 s busy
-        timeout and foreign keys.
+        timeout and foreign keys. For PostgreSQL, pooled connections are not pinged
+        before use and are recycled after 30 minutes.
     """
     url = normalize_database_url(database_url)
     if url.startswith("sqlite"):
         engine = create_async_engine(url, echo=echo)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
+    # No pre-ping: it costs a round trip on every checkout (one per request). A connection
+    # the server closed fails its statement instead, and SQLAlchemy then discards every
+    # pooled connection of that generation, so one request sees the error (a 500 its client
+    # retries; the transaction rolled back, nothing half written); connections older than
+    # ``pool_recycle`` are replaced before use, ahead of server or proxy idle timeouts.
     return create_async_engine(
-        url, echo=echo, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+        url,
+        echo=echo,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=False,
+        pool_recycle=1800,
     )
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import Select, and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.db.bulk import BulkInserts
@@ -39,8 +39,12 @@ async def get_resources(session: AsyncSession, refs: Sequence[str]) -> list[dict
     keys = [tuple(ref.split("/", 1)) for ref in refs]
     if not keys:
         return []
+    # OR of key lookups, not a row-value IN: SQLite scans the whole table for
+    # ``(a, b) IN (VALUES ...)`` but searches the primary key for each OR term.
     rows = await session.scalars(
-        select(FhirResource).where(tuple_(FhirResource.resource_type, FhirResource.id).in_(keys))
+        select(FhirResource).where(
+            or_(*(and_(FhirResource.resource_type == t, FhirResource.id == i) for t, i in keys))
+        )
     )
     by_ref = {f"{r.resource_type}/{r.id}": r.resource for r in rows}
     return [by_ref[ref] for ref in refs if ref in by_ref]
@@ -175,10 +179,21 @@ async def patients_for_keys(
     wanted = list(keys)
     if not wanted:
         return {}
-    rows = await session.scalars(
-        select(PatientKey).where(tuple_(PatientKey.key_type, PatientKey.key_value).in_(wanted))
-    )
+    rows = await session.scalars(patient_key_lookup(wanted))
     return {(r.key_type, r.key_value): r.patient_id for r in rows}
+
+
+def patient_key_lookup(keys: Sequence[tuple[str, str]]) -> Select[PatientKey]:
+    """The query for the ``patient_keys`` rows of ``keys`` (at least one): an OR of
+    unique-key lookups (see :func:`get_resources`: a row-value IN scans on SQLite)."""
+    return select(PatientKey).where(
+        or_(
+            *(
+                and_(PatientKey.key_type == kind, PatientKey.key_value == value)
+                for kind, value in keys
+            )
+        )
+    )
 
 
 async def add_patient_keys(

@@ -351,9 +351,16 @@ async def store_mapped(
             attribution=mapped.attribution,
             actor=mapped.actor,
         )
+    patient_ref = f"Patient/{mapped.patient_id}"
+    new_patient = existed.get(patient_ref) is None
     if mapped.sources:
         await profile_repo.save_element_sources(
-            session, mapped.patient_id, mapped.sources, message_id=mapped.message.id
+            session,
+            mapped.patient_id,
+            mapped.sources,
+            message_id=mapped.message.id,
+            new_patient=patient_ref in existed and new_patient,
+            bulk=bulk,
         )
     await fhir_repo.add_patient_keys(
         session, mapped.patient_id, mapped.keys, checked=mapped.checked_keys, bulk=bulk
@@ -362,12 +369,7 @@ async def store_mapped(
     case_result = None
     if mapped.event is not None:
         workflow = runtime.profiles.current.workflow_or_raise
-        case_result = await apply_event(
-            session,
-            workflow,
-            mapped.event,
-            new_patient=existed.get(f"Patient/{mapped.patient_id}") is None,
-        )
+        case_result = await apply_event(session, workflow, mapped.event, new_patient=new_patient)
     await session.flush()
     log.info(
         "ingest.stored",
@@ -469,7 +471,8 @@ async def submit_intake(
         raw=raw,
         content_type=content_type,
     )
-    session.add(message)
+    if existing is not None:
+        session.add(message)  # already stored: its changes are an UPDATE at the flush
 
     # The QuestionnaireResponse of a submission is only ever written from its message.
     qr_row = (
@@ -523,6 +526,10 @@ async def submit_intake(
     message.status = MessageStatus.PROCESSED
     message.processed_at = utcnow()
     message.response = body
+    if existing is None:
+        # A new inbox row is inserted last, whole (status and answer included), in one
+        # statement instead of an INSERT and an UPDATE.
+        await _insert_message(session, message)
     return Outcome(202, body, message.id)
 
 
@@ -940,11 +947,10 @@ async def receive_stripe_event(
     existing = await inbox.get_message_by_key(session, key)
     if existing is not None:
         return Outcome(200, {**(existing.response or {}), "replayed": True}, existing.id), None
+    # The inbox row is inserted last, whole (see submit_intake), on every way out.
     message = inbox.new_message(
         channel="stripe", sender="stripe", external_id=event_id, body=raw, content_type=content_type
     )
-    session.add(message)
-    await session.flush()
     if event_type not in STRIPE_CHECKOUT_EVENTS:
         message.status = MessageStatus.IGNORED
         message.processed_at = utcnow()
@@ -954,6 +960,7 @@ async def receive_stripe_event(
             "event_type": event_type,
             "status": "ignored",
         }
+        await _insert_message(session, message)
         log.info("stripe.ignored", message_id=message.id, event_type=event_type)
         return Outcome(200, message.response, message.id), None
     try:
@@ -993,8 +1000,18 @@ async def receive_stripe_event(
                 content_type=content_type,
             )
         )
+        await _insert_message(session, message)
         log.info("stripe.unmappable", message_id=message.id, problems=len(exc.problems))
         return Outcome(200, message.response, message.id), exc.problems
     body = {"received": True, "event_type": event_type, **outcome.body}
     message.response = body
+    await _insert_message(session, message)
     return Outcome(200, body, message.id), None
+
+
+async def _insert_message(session: AsyncSession, message: InboundMessage) -> None:
+    """Insert a new inbox row with its status and answer in one statement (nothing
+    references it by foreign key, so it can go last); flushed here, inside the caller's
+    retry, so a concurrent twin's unique-key conflict is raised where it is handled."""
+    session.add(message)
+    await session.flush()

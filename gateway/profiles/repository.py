@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.db.bulk import BulkInserts
 from gateway.db.models import (
     FhirResource,
     FhirResourceVersion,
@@ -29,28 +30,46 @@ async def element_sources(session: AsyncSession, patient_id: str) -> dict[str, s
 
 
 async def save_element_sources(
-    session: AsyncSession, patient_id: str, sources: dict[str, str], *, message_id: str
+    session: AsyncSession,
+    patient_id: str,
+    sources: dict[str, str],
+    *,
+    message_id: str,
+    new_patient: bool = False,
+    bulk: BulkInserts | None = None,
 ) -> None:
-    """Record who set each element (rows whose source changed are updated)."""
-    rows = {
-        r.element: r
-        for r in await session.scalars(
-            select(PatientElementSource).where(PatientElementSource.patient_id == patient_id)
-        )
-    }
+    """Record who set each element (rows whose source changed are updated).
+
+    Args:
+        new_patient: the Patient is created in this transaction, so it has no rows yet
+            (nothing is looked up).
+        bulk: queue new rows here (the caller inserts them in bulk).
+    """
+    rows = (
+        {}
+        if new_patient
+        else {
+            r.element: r
+            for r in await session.scalars(
+                select(PatientElementSource).where(PatientElementSource.patient_id == patient_id)
+            )
+        }
+    )
     now = utcnow()
     for element, source in sources.items():
         row = rows.get(element)
         if row is None:
-            session.add(
-                PatientElementSource(
-                    patient_id=patient_id,
-                    element=element,
-                    source=source,
-                    inbound_message_id=message_id,
-                    updated_at=now,
-                )
-            )
+            values = {
+                "patient_id": patient_id,
+                "element": element,
+                "source": source,
+                "inbound_message_id": message_id,
+                "updated_at": now,
+            }
+            if bulk is not None:
+                bulk.add(PatientElementSource, **values)
+            else:
+                session.add(PatientElementSource(**values))
         elif row.source != source:
             row.source = source
             row.inbound_message_id = message_id

@@ -240,7 +240,7 @@ async def _open_case(
     )
     session.add(case)  # the unit of work inserts it before its case_events (FK order)
     row = _history(session, case, event, None, decision.to_state, CaseEventOutcome.APPLIED, None)
-    await _refresh_sla(session, workflow, case, now)
+    await _refresh_sla(session, workflow, case, now, history=[row])
     await session.flush()
     await enqueue_case_webhook(
         session, case, "case.opened", from_state=None, event=_event_summary(row)
@@ -342,16 +342,33 @@ def _stops_a_timer(workflow: WorkflowProfile, state: str, event_type: str) -> bo
 
 
 async def _refresh_sla(
-    session: AsyncSession, workflow: WorkflowProfile, case: Case, now: datetime
+    session: AsyncSession,
+    workflow: WorkflowProfile,
+    case: Case,
+    now: datetime,
+    *,
+    history: list[CaseEvent] | None = None,
 ) -> None:
-    """Recompute the case's SLA deadline for its current state."""
+    """Recompute the case's SLA deadline for its current state.
+
+    Args:
+        history: the case's whole history when the caller holds it (a case opened in
+            this transaction): read from it instead of querying ``case_events``, which
+            also lets the deadline go into the case's INSERT rather than a later UPDATE.
+    """
     timers = [t for t in workflow.sla if t.state == case.state]
     if not timers:
         case.sla_due_at, case.sla_timer = None, None
         return
     untils = {t.until for t in timers if t.until}
     recorded: set[str] = set()
-    if untils:
+    if untils and history is not None:
+        recorded = {
+            e.type
+            for e in history
+            if e.type in untils and e.outcome in _SETTLED and e.received_at >= case.state_entered_at
+        }
+    elif untils:
         await session.flush()
         recorded = set(
             (
