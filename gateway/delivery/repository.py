@@ -35,6 +35,7 @@ from sqlalchemy import (
     or_,
     select,
     tuple_,
+    union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -302,18 +303,38 @@ async def claim_for_target(
         older.id < d.id,
         older.status.in_(ACTIVE),
     )
-    due = or_(
-        and_(d.status == DeliveryStatus.PENDING, d.available_at <= now),
-        and_(d.status == DeliveryStatus.IN_FLIGHT, d.locked_until < now),
+    # Two scans, each in claim order: the target's pending rows that are due (the partial
+    # index ix_deliveries_due reads just the first few), and rows whose lease ran out (a
+    # crashed worker's; few). One condition with OR would read and sort the whole backlog.
+    pending = (
+        select(d.id, d.available_at)
+        .where(
+            d.kind == kind,
+            d.target == target,
+            d.status == DeliveryStatus.PENDING,
+            d.available_at <= now,
+            ~blocked,
+        )
+        .order_by(d.available_at, d.id)
+        .limit(limit)
     )
-    candidates = (
-        select(d.id)
-        .where(d.kind == kind, d.target == target, due, ~blocked)
+    expired = (
+        select(d.id, d.available_at)
+        .where(
+            d.kind == kind,
+            d.target == target,
+            d.status == DeliveryStatus.IN_FLIGHT,
+            d.locked_until < now,
+            ~blocked,
+        )
         .order_by(d.available_at, d.id)
         .limit(limit)
     )
     if _is_postgres(session):
-        candidates = candidates.with_for_update(skip_locked=True)
+        pending = pending.with_for_update(skip_locked=True)
+        expired = expired.with_for_update(skip_locked=True)
+    due = union_all(pending.cte("pending").select(), expired.cte("expired").select()).subquery()
+    candidates = select(due.c.id).order_by(due.c.available_at, due.c.id).limit(limit)
     stmt = (
         update(d)
         .where(d.id.in_(candidates.scalar_subquery()))
