@@ -54,7 +54,7 @@ from gateway.fhir import repository as fhir_repo
 from gateway.inbox.repository import new_exception
 from gateway.logging import get_logger
 from gateway.runtime import Runtime
-from gateway.workflow.service import EventInput, apply_event
+from gateway.workflow.service import EventInput
 from mappers.bundle import (
     build_transaction_bundle,
     business_identifier,
@@ -268,7 +268,7 @@ class EhrSender:
                 exc.operation_outcome,
                 effects=self._save(target, progress),
             )
-        return Delivered(200, self._on_delivered(delivery, target, progress))
+        return self._delivered(delivery, target, progress)
 
     def _build_bundle(
         self,
@@ -426,31 +426,25 @@ class EhrSender:
 
         return effects
 
-    def _on_delivered(
+    def _delivered(
         self, delivery: Delivery, target: EhrTargetProfile, progress: _Progress
-    ) -> Effects:
-        save = self._save(target, progress)
-        workflow = self.runtime.profiles.current.workflow
-
-        async def effects(session: AsyncSession) -> None:
-            if save is not None:
-                await save(session)
-            if delivery.inbound_message_id and workflow is not None:
-                await apply_event(
-                    session,
-                    workflow,
-                    EventInput(
-                        source="gateway",
-                        event_id=f"ehr_delivered:{target.name}:{delivery.inbound_message_id}",
-                        type="ehr_delivered",
-                        detail=None,
-                        occurred_at=utcnow(),
-                        patient_id=delivery.ordering_key,
-                        message_id=delivery.inbound_message_id,
-                    ),
-                )
-
-        return effects
+    ) -> Delivered:
+        """The outcome of a delivery the EHR took: its ids to store, and the case event
+        ``ehr_delivered`` (recorded in bulk with the other outcomes of the batch)."""
+        events: tuple[EventInput, ...] = ()
+        if delivery.inbound_message_id and self.runtime.profiles.current.workflow is not None:
+            events = (
+                EventInput(
+                    source="gateway",
+                    event_id=f"ehr_delivered:{target.name}:{delivery.inbound_message_id}",
+                    type="ehr_delivered",
+                    detail=None,
+                    occurred_at=utcnow(),
+                    patient_id=delivery.ordering_key,
+                    message_id=delivery.inbound_message_id,
+                ),
+            )
+        return Delivered(200, self._save(target, progress), events)
 
 
 def _search_value(value: str) -> str:

@@ -65,7 +65,7 @@ from gateway.logging import get_logger, log_failure
 from gateway.oauth.tokens import auth_wait_until
 from gateway.runtime import Runtime
 from gateway.subscribers.sender import WebhookSender
-from gateway.workflow.service import sweep_workflow
+from gateway.workflow.service import EventInput, record_events, sweep_workflow
 
 log = get_logger(__name__)
 
@@ -489,6 +489,7 @@ class DeliveryWorker:
             rows: list[dict[str, Any]] = []
             attempt_rows: list[dict[str, Any]] = []
             answered: dict[tuple[str, str], bool] = {}
+            case_events: list[EventInput] = []
             for item in items:
                 delivery, outcome = item.delivery, item.outcome
                 if delivery.id not in owned:
@@ -503,6 +504,8 @@ class DeliveryWorker:
                 rows.append({"id": delivery.id, "locked_by": None, "locked_until": None, **values})
                 if outcome.effects is not None:
                     await outcome.effects(session)
+                if isinstance(outcome, Delivered):
+                    case_events.extend(outcome.case_events)
                 if not isinstance(outcome, Wait):
                     error = getattr(outcome, "error", None)
                     attempt_rows.append(
@@ -525,6 +528,9 @@ class DeliveryWorker:
                 elif isinstance(outcome, Failed):
                     self._clean_targets.discard(key)
                 done.append((item, label, values))
+            workflow = self.runtime.profiles.current.workflow
+            if case_events and workflow is not None:
+                await record_events(session, workflow, case_events)
             await repo.update_rows(session, rows)
             await repo.add_attempts(session, attempt_rows)
             for (kind, target), delivered in answered.items():
