@@ -437,37 +437,66 @@ async def add_attempts(session: AsyncSession, rows: Sequence[dict[str, Any]]) ->
 # --------------------------------------------------------------------------- remote ids
 
 
-async def remote_ids_for(
+async def resources_for_target(
     session: AsyncSession, *, target: str, refs: Sequence[str]
-) -> dict[str, str]:
-    """``"Type/<local id>" -> remote id`` for the refs this target already has."""
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The stored resources of ``refs`` (``Type/id``) and the ids ``target`` assigned to
+    them, in one query (columns only, no ORM objects).
+
+    Returns:
+        ``ref -> resource`` (missing ones left out) and ``ref -> remote id``.
+    """
     if not refs:
-        return {}
-    wanted = set(refs)
+        return {}, {}
+    f, r = FhirResource, RemoteId
     rows = await session.execute(
-        select(RemoteId.resource_type, RemoteId.local_id, RemoteId.remote_id).where(
-            RemoteId.target == target,
-            RemoteId.local_id.in_(sorted({r.split("/", 1)[1] for r in wanted})),
+        select(f.resource_type, f.id, f.resource, r.remote_id)
+        .outerjoin(
+            r,
+            and_(r.target == target, r.resource_type == f.resource_type, r.local_id == f.id),
         )
+        .where(tuple_(f.resource_type, f.id).in_([tuple(ref.split("/", 1)) for ref in refs]))
     )
-    found = {f"{t}/{i}": remote for t, i, remote in rows}
-    return {ref: remote for ref, remote in found.items() if ref in wanted}
+    resources: dict[str, dict[str, Any]] = {}
+    remote: dict[str, str] = {}
+    for resource_type, local_id, resource, remote_id in rows:
+        ref = f"{resource_type}/{local_id}"
+        resources[ref] = resource
+        if remote_id is not None:
+            remote[ref] = remote_id
+    return resources, remote
 
 
-async def identifiers_for(session: AsyncSession, refs: Sequence[str]) -> dict[str, tuple[str, str]]:
-    """``"Type/<local id>" -> (system, value)`` business identifiers of stored resources."""
+async def outside_for_target(
+    session: AsyncSession, *, target: str, refs: Sequence[str]
+) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+    """For stored resources a delivery refers to but does not carry: the ids ``target``
+    assigned to them and their business identifiers, in one query (stored resources are
+    never deleted, so every remote id has its resource row).
+
+    Returns:
+        ``ref -> remote id`` and ``ref -> (system, value)``.
+    """
     if not refs:
-        return {}
-    keys = [tuple(r.split("/", 1)) for r in refs]
+        return {}, {}
+    f, r = FhirResource, RemoteId
     rows = await session.execute(
-        select(
-            FhirResource.resource_type,
-            FhirResource.id,
-            FhirResource.identifier_system,
-            FhirResource.identifier_value,
-        ).where(tuple_(FhirResource.resource_type, FhirResource.id).in_(keys))
+        select(f.resource_type, f.id, f.identifier_system, f.identifier_value, r.remote_id)
+        .outerjoin(
+            r,
+            and_(r.target == target, r.resource_type == f.resource_type, r.local_id == f.id),
+        )
+        .where(tuple_(f.resource_type, f.id).in_([tuple(ref.split("/", 1)) for ref in refs]))
     )
-    return {f"{t}/{i}": (s, v) for t, i, s, v in rows if s and v}
+    remote: dict[str, str] = {}
+    identifiers: dict[str, tuple[str, str]] = {}
+    for resource_type, local_id, system, value, remote_id in rows:
+        ref = f"{resource_type}/{local_id}"
+        if remote_id is not None:
+            remote[ref] = remote_id
+        if system and value:
+            identifiers[ref] = (system, value)
+    return remote, identifiers
 
 
 @dataclass(frozen=True)
