@@ -19,12 +19,15 @@ lease (``locked_until``), extended by the worker's heartbeat while it works.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import (
+    Integer,
+    String,
     Table,
     and_,
     bindparam,
@@ -52,6 +55,7 @@ from gateway.db.models import (
     RemoteId,
     TargetState,
 )
+from gateway.db.types import UTCDateTime
 from gateway.delivery.policy import probe_delay_s
 from gateway.oauth.repository import insert_ignore
 from mappers.profiles.ehr import CircuitBreakerPolicy
@@ -273,16 +277,42 @@ async def claim_for_target(
     """
     if limit <= 0:
         return []
-    if _is_postgres(session):
-        locked = await session.scalar(
-            select(TargetState.target)
-            .where(TargetState.kind == kind, TargetState.target == target)
-            .with_for_update(skip_locked=True)
-        )
-        if locked is None:
-            return []
+    postgres = _is_postgres(session)
+    lock_target, count_in_flight, claim = _claim_statements(postgres)
+    params = {"claim_kind": kind, "claim_target": target, "claim_now": now}
+    if postgres and await session.scalar(lock_target, params) is None:
+        return []
+    in_flight = await session.scalar(count_in_flight, params)
+    limit = min(limit, max_in_flight - int(in_flight or 0))
+    if limit <= 0:
+        return []
+    stmt_params = {
+        **params,
+        "claim_limit": limit,
+        "claim_locked_until": now + lease,
+        "claim_worker": worker,
+    }
+    rows = (await session.scalars(claim, stmt_params)).all()
+    return sorted(rows, key=lambda r: (r.available_at, r.id))
+
+
+@functools.cache
+def _claim_statements(postgres: bool) -> tuple[Any, Any, Any]:
+    """The claim's three statements, built once (bound parameters ``claim_kind``,
+    ``claim_target``, ``claim_now``, ``claim_limit``, ``claim_locked_until``,
+    ``claim_worker``; names of columns are reserved in an UPDATE): lock the target's state
+    row, count its rows in flight, claim."""
+    kind = bindparam("claim_kind", type_=String())
+    target = bindparam("claim_target", type_=String())
+    now = bindparam("claim_now", type_=UTCDateTime())
+    limit = bindparam("claim_limit", type_=Integer())
+    lock_target = (
+        select(TargetState.target)
+        .where(TargetState.kind == kind, TargetState.target == target)
+        .with_for_update(skip_locked=True)
+    )
     d = Delivery
-    in_flight = await session.scalar(
+    count_in_flight = (
         select(func.count())
         .select_from(d)
         .where(
@@ -292,9 +322,6 @@ async def claim_for_target(
             d.locked_until >= now,
         )
     )
-    limit = min(limit, max_in_flight - int(in_flight or 0))
-    if limit <= 0:
-        return []
     older = aliased(Delivery)
     blocked = exists().where(
         older.target == d.target,
@@ -330,18 +357,18 @@ async def claim_for_target(
         .order_by(d.available_at, d.id)
         .limit(limit)
     )
-    if _is_postgres(session):
+    if postgres:
         pending = pending.with_for_update(skip_locked=True)
         expired = expired.with_for_update(skip_locked=True)
     due = union_all(pending.cte("pending").select(), expired.cte("expired").select()).subquery()
     candidates = select(due.c.id).order_by(due.c.available_at, due.c.id).limit(limit)
-    stmt = (
+    claim = (
         update(d)
         .where(d.id.in_(candidates.scalar_subquery()))
         .values(
             status=DeliveryStatus.IN_FLIGHT,
-            locked_until=now + lease,
-            locked_by=worker,
+            locked_until=bindparam("claim_locked_until", type_=UTCDateTime()),
+            locked_by=bindparam("claim_worker", type_=String()),
             attempts=d.attempts + 1,
             last_attempt_at=now,
             first_attempt_at=func.coalesce(d.first_attempt_at, now),
@@ -349,8 +376,7 @@ async def claim_for_target(
         .returning(d)
         .execution_options(synchronize_session=False, populate_existing=True)
     )
-    rows = (await session.scalars(stmt)).all()
-    return sorted(rows, key=lambda r: (r.available_at, r.id))
+    return lock_target, count_in_flight, claim
 
 
 async def extend_leases(
