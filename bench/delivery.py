@@ -264,7 +264,10 @@ def percentile(values: list[float], q: float) -> float:
 def template_exists(name: str) -> bool:
     """Whether database ``name`` exists on the benchmark server."""
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
+        return (
+            conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+            is not None
+        )
 
 
 def run_drain(
