@@ -261,6 +261,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
+def template_exists(name: str) -> bool:
+    """Whether database ``name`` exists on the benchmark server."""
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        return (
+            conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+            is not None
+        )
+
+
 def run_drain(
     *,
     template: str,
@@ -388,22 +397,33 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--outage-s", type=float, default=120.0)
     parser.add_argument("--skip-outage", action="store_true")
+    parser.add_argument(
+        "--template",
+        help="reuse (or create and keep) this seeded template database; it is migrated to "
+        "the current head first and must hold --deliveries deliveries",
+    )
     args = parser.parse_args(argv)
 
     from gateway.db.migrate import upgrade
 
     logs = Path(tempfile.mkdtemp(prefix="fgw-bench-"))
-    template = f"fgw_bench_tmpl_{os.getpid()}"
-    admin(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(template)))
+    template = args.template or f"fgw_bench_tmpl_{os.getpid()}"
+    reuse = args.template is not None and template_exists(template)
+    if not reuse:
+        admin(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(template)))
     results: list[dict[str, Any]] = []
+    seed_s: float | None = None
     try:
         upgrade(db_url(template))
-        profiles = write_profiles(
-            logs / "seed-profiles", "http://127.0.0.1:9/fhir", "http://127.0.0.1:9/token"
-        )
-        print(f"seeding {args.deliveries} intakes into {template} ...", flush=True)
-        seed_s = asyncio.run(seed(template, profiles, args.deliveries))
-        print(f"  {seed_s:.1f} s ({args.deliveries / seed_s:.0f} intakes/s)", flush=True)
+        if reuse:
+            print(f"reusing the template {template}", flush=True)
+        else:
+            profiles = write_profiles(
+                logs / "seed-profiles", "http://127.0.0.1:9/fhir", "http://127.0.0.1:9/token"
+            )
+            print(f"seeding {args.deliveries} intakes into {template} ...", flush=True)
+            seed_s = asyncio.run(seed(template, profiles, args.deliveries))
+            print(f"  {seed_s:.1f} s ({args.deliveries / seed_s:.0f} intakes/s)", flush=True)
         c = args.concurrency
         scenarios = [(1, 0.0, c), (4, 0.0, c), (1, 50.0, c), (4, 50.0, c)]
         if args.tuned_concurrency:  # the same drains with more deliveries in flight per process
@@ -437,7 +457,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {json.dumps(r)}", flush=True)
             results.append(r)
     finally:
-        admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(template)))
+        if args.template is None:
+            admin(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(template))
+            )
 
     print()
     print("| workers x concurrency | EHR latency | deliveries/s | p50 ms | p99 ms | drain s |")

@@ -25,6 +25,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -230,6 +231,16 @@ class Delivery(Base):
     __table_args__ = (
         Index("ix_deliveries_claim", "status", "available_at"),
         Index("ix_deliveries_order", "target", "ordering_key", "id"),
+        # The claim's scan: a target's pending rows in due order (migration 0008).
+        Index(
+            "ix_deliveries_due",
+            "kind",
+            "target",
+            "available_at",
+            "id",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
     )
 
 

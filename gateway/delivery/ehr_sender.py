@@ -50,11 +50,10 @@ from gateway.ehr.errors import (
     TokenUnavailableError,
 )
 from gateway.ehr.factory import EhrClients
-from gateway.fhir import repository as fhir_repo
 from gateway.inbox.repository import new_exception
 from gateway.logging import get_logger
 from gateway.runtime import Runtime
-from gateway.workflow.service import EventInput, apply_event
+from gateway.workflow.service import EventInput
 from mappers.bundle import (
     build_transaction_bundle,
     business_identifier,
@@ -161,8 +160,9 @@ class EhrSender:
         await self.clients.aclose()
 
     async def prepare(self, deliveries: list[Delivery]) -> None:
-        """Load what a batch of claimed deliveries needs in three queries, not three per
-        delivery (the worker calls this right after claiming)."""
+        """Load what a batch of claimed deliveries needs in one query (two when the
+        resources refer to resources outside their deliveries), not two per delivery (the
+        worker calls this right after claiming)."""
         profiles = self.runtime.profiles.current
         by_target: dict[str, list[Delivery]] = {}
         for delivery in deliveries:
@@ -185,8 +185,9 @@ class EhrSender:
     ) -> list[_Prepared]:
         """Resources, known remote ids and outside identifiers for lists of refs."""
         every = sorted({r for refs in batches for r in refs})
-        stored = await fhir_repo.get_resources(session, every)
-        by_ref = {_ref(r): r for r in stored}
+        by_ref, remote_ids = await repo.resources_for_target(
+            session, target=target.name, refs=every
+        )
         outside: list[set[str]] = []
         for refs in batches:
             referenced: set[str] = set()
@@ -195,10 +196,10 @@ class EhrSender:
                     referenced |= local_references(by_ref[ref])
             outside.append(referenced - set(refs))
         all_outside = sorted(set().union(*outside)) if outside else []
-        remote_ids = await repo.remote_ids_for(
-            session, target=target.name, refs=[*every, *all_outside]
+        outside_remote, identifiers = await repo.outside_for_target(
+            session, target=target.name, refs=all_outside
         )
-        identifiers = await repo.identifiers_for(session, all_outside)
+        remote_ids.update(outside_remote)
         out = []
         for refs, extra in zip(batches, outside, strict=True):
             mine = set(refs) | extra
@@ -268,7 +269,7 @@ class EhrSender:
                 exc.operation_outcome,
                 effects=self._save(target, progress),
             )
-        return Delivered(200, self._on_delivered(delivery, target, progress))
+        return self._delivered(delivery, target, progress)
 
     def _build_bundle(
         self,
@@ -426,31 +427,25 @@ class EhrSender:
 
         return effects
 
-    def _on_delivered(
+    def _delivered(
         self, delivery: Delivery, target: EhrTargetProfile, progress: _Progress
-    ) -> Effects:
-        save = self._save(target, progress)
-        workflow = self.runtime.profiles.current.workflow
-
-        async def effects(session: AsyncSession) -> None:
-            if save is not None:
-                await save(session)
-            if delivery.inbound_message_id and workflow is not None:
-                await apply_event(
-                    session,
-                    workflow,
-                    EventInput(
-                        source="gateway",
-                        event_id=f"ehr_delivered:{target.name}:{delivery.inbound_message_id}",
-                        type="ehr_delivered",
-                        detail=None,
-                        occurred_at=utcnow(),
-                        patient_id=delivery.ordering_key,
-                        message_id=delivery.inbound_message_id,
-                    ),
-                )
-
-        return effects
+    ) -> Delivered:
+        """The outcome of a delivery the EHR took: its ids to store, and the case event
+        ``ehr_delivered`` (recorded in bulk with the other outcomes of the batch)."""
+        events: tuple[EventInput, ...] = ()
+        if delivery.inbound_message_id and self.runtime.profiles.current.workflow is not None:
+            events = (
+                EventInput(
+                    source="gateway",
+                    event_id=f"ehr_delivered:{target.name}:{delivery.inbound_message_id}",
+                    type="ehr_delivered",
+                    detail=None,
+                    occurred_at=utcnow(),
+                    patient_id=delivery.ordering_key,
+                    message_id=delivery.inbound_message_id,
+                ),
+            )
+        return Delivered(200, self._save(target, progress), events)
 
 
 def _search_value(value: str) -> str:

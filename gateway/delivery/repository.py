@@ -19,12 +19,15 @@ lease (``locked_until``), extended by the worker's heartbeat while it works.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import (
+    Integer,
+    String,
     Table,
     and_,
     bindparam,
@@ -35,6 +38,7 @@ from sqlalchemy import (
     or_,
     select,
     tuple_,
+    union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -51,6 +55,7 @@ from gateway.db.models import (
     RemoteId,
     TargetState,
 )
+from gateway.db.types import UTCDateTime
 from gateway.delivery.policy import probe_delay_s
 from gateway.oauth.repository import insert_ignore
 from mappers.profiles.ehr import CircuitBreakerPolicy
@@ -272,16 +277,42 @@ async def claim_for_target(
     """
     if limit <= 0:
         return []
-    if _is_postgres(session):
-        locked = await session.scalar(
-            select(TargetState.target)
-            .where(TargetState.kind == kind, TargetState.target == target)
-            .with_for_update(skip_locked=True)
-        )
-        if locked is None:
-            return []
+    postgres = _is_postgres(session)
+    lock_target, count_in_flight, claim = _claim_statements(postgres)
+    params = {"claim_kind": kind, "claim_target": target, "claim_now": now}
+    if postgres and await session.scalar(lock_target, params) is None:
+        return []
+    in_flight = await session.scalar(count_in_flight, params)
+    limit = min(limit, max_in_flight - int(in_flight or 0))
+    if limit <= 0:
+        return []
+    stmt_params = {
+        **params,
+        "claim_limit": limit,
+        "claim_locked_until": now + lease,
+        "claim_worker": worker,
+    }
+    rows = (await session.scalars(claim, stmt_params)).all()
+    return sorted(rows, key=lambda r: (r.available_at, r.id))
+
+
+@functools.cache
+def _claim_statements(postgres: bool) -> tuple[Any, Any, Any]:
+    """The claim's three statements, built once (bound parameters ``claim_kind``,
+    ``claim_target``, ``claim_now``, ``claim_limit``, ``claim_locked_until``,
+    ``claim_worker``; names of columns are reserved in an UPDATE): lock the target's state
+    row, count its rows in flight, claim."""
+    kind = bindparam("claim_kind", type_=String())
+    target = bindparam("claim_target", type_=String())
+    now = bindparam("claim_now", type_=UTCDateTime())
+    limit = bindparam("claim_limit", type_=Integer())
+    lock_target = (
+        select(TargetState.target)
+        .where(TargetState.kind == kind, TargetState.target == target)
+        .with_for_update(skip_locked=True)
+    )
     d = Delivery
-    in_flight = await session.scalar(
+    count_in_flight = (
         select(func.count())
         .select_from(d)
         .where(
@@ -291,9 +322,6 @@ async def claim_for_target(
             d.locked_until >= now,
         )
     )
-    limit = min(limit, max_in_flight - int(in_flight or 0))
-    if limit <= 0:
-        return []
     older = aliased(Delivery)
     blocked = exists().where(
         older.target == d.target,
@@ -302,25 +330,45 @@ async def claim_for_target(
         older.id < d.id,
         older.status.in_(ACTIVE),
     )
-    due = or_(
-        and_(d.status == DeliveryStatus.PENDING, d.available_at <= now),
-        and_(d.status == DeliveryStatus.IN_FLIGHT, d.locked_until < now),
-    )
-    candidates = (
-        select(d.id)
-        .where(d.kind == kind, d.target == target, due, ~blocked)
+    # Two scans, each in claim order: the target's pending rows that are due (the partial
+    # index ix_deliveries_due reads just the first few), and rows whose lease ran out (a
+    # crashed worker's; few). One condition with OR would read and sort the whole backlog.
+    pending = (
+        select(d.id, d.available_at)
+        .where(
+            d.kind == kind,
+            d.target == target,
+            d.status == DeliveryStatus.PENDING,
+            d.available_at <= now,
+            ~blocked,
+        )
         .order_by(d.available_at, d.id)
         .limit(limit)
     )
-    if _is_postgres(session):
-        candidates = candidates.with_for_update(skip_locked=True)
-    stmt = (
+    expired = (
+        select(d.id, d.available_at)
+        .where(
+            d.kind == kind,
+            d.target == target,
+            d.status == DeliveryStatus.IN_FLIGHT,
+            d.locked_until < now,
+            ~blocked,
+        )
+        .order_by(d.available_at, d.id)
+        .limit(limit)
+    )
+    if postgres:
+        pending = pending.with_for_update(skip_locked=True)
+        expired = expired.with_for_update(skip_locked=True)
+    due = union_all(pending.cte("pending").select(), expired.cte("expired").select()).subquery()
+    candidates = select(due.c.id).order_by(due.c.available_at, due.c.id).limit(limit)
+    claim = (
         update(d)
         .where(d.id.in_(candidates.scalar_subquery()))
         .values(
             status=DeliveryStatus.IN_FLIGHT,
-            locked_until=now + lease,
-            locked_by=worker,
+            locked_until=bindparam("claim_locked_until", type_=UTCDateTime()),
+            locked_by=bindparam("claim_worker", type_=String()),
             attempts=d.attempts + 1,
             last_attempt_at=now,
             first_attempt_at=func.coalesce(d.first_attempt_at, now),
@@ -328,8 +376,7 @@ async def claim_for_target(
         .returning(d)
         .execution_options(synchronize_session=False, populate_existing=True)
     )
-    rows = (await session.scalars(stmt)).all()
-    return sorted(rows, key=lambda r: (r.available_at, r.id))
+    return lock_target, count_in_flight, claim
 
 
 async def extend_leases(
@@ -416,37 +463,66 @@ async def add_attempts(session: AsyncSession, rows: Sequence[dict[str, Any]]) ->
 # --------------------------------------------------------------------------- remote ids
 
 
-async def remote_ids_for(
+async def resources_for_target(
     session: AsyncSession, *, target: str, refs: Sequence[str]
-) -> dict[str, str]:
-    """``"Type/<local id>" -> remote id`` for the refs this target already has."""
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The stored resources of ``refs`` (``Type/id``) and the ids ``target`` assigned to
+    them, in one query (columns only, no ORM objects).
+
+    Returns:
+        ``ref -> resource`` (missing ones left out) and ``ref -> remote id``.
+    """
     if not refs:
-        return {}
-    wanted = set(refs)
+        return {}, {}
+    f, r = FhirResource, RemoteId
     rows = await session.execute(
-        select(RemoteId.resource_type, RemoteId.local_id, RemoteId.remote_id).where(
-            RemoteId.target == target,
-            RemoteId.local_id.in_(sorted({r.split("/", 1)[1] for r in wanted})),
+        select(f.resource_type, f.id, f.resource, r.remote_id)
+        .outerjoin(
+            r,
+            and_(r.target == target, r.resource_type == f.resource_type, r.local_id == f.id),
         )
+        .where(tuple_(f.resource_type, f.id).in_([tuple(ref.split("/", 1)) for ref in refs]))
     )
-    found = {f"{t}/{i}": remote for t, i, remote in rows}
-    return {ref: remote for ref, remote in found.items() if ref in wanted}
+    resources: dict[str, dict[str, Any]] = {}
+    remote: dict[str, str] = {}
+    for resource_type, local_id, resource, remote_id in rows:
+        ref = f"{resource_type}/{local_id}"
+        resources[ref] = resource
+        if remote_id is not None:
+            remote[ref] = remote_id
+    return resources, remote
 
 
-async def identifiers_for(session: AsyncSession, refs: Sequence[str]) -> dict[str, tuple[str, str]]:
-    """``"Type/<local id>" -> (system, value)`` business identifiers of stored resources."""
+async def outside_for_target(
+    session: AsyncSession, *, target: str, refs: Sequence[str]
+) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+    """For stored resources a delivery refers to but does not carry: the ids ``target``
+    assigned to them and their business identifiers, in one query (stored resources are
+    never deleted, so every remote id has its resource row).
+
+    Returns:
+        ``ref -> remote id`` and ``ref -> (system, value)``.
+    """
     if not refs:
-        return {}
-    keys = [tuple(r.split("/", 1)) for r in refs]
+        return {}, {}
+    f, r = FhirResource, RemoteId
     rows = await session.execute(
-        select(
-            FhirResource.resource_type,
-            FhirResource.id,
-            FhirResource.identifier_system,
-            FhirResource.identifier_value,
-        ).where(tuple_(FhirResource.resource_type, FhirResource.id).in_(keys))
+        select(f.resource_type, f.id, f.identifier_system, f.identifier_value, r.remote_id)
+        .outerjoin(
+            r,
+            and_(r.target == target, r.resource_type == f.resource_type, r.local_id == f.id),
+        )
+        .where(tuple_(f.resource_type, f.id).in_([tuple(ref.split("/", 1)) for ref in refs]))
     )
-    return {f"{t}/{i}": (s, v) for t, i, s, v in rows if s and v}
+    remote: dict[str, str] = {}
+    identifiers: dict[str, tuple[str, str]] = {}
+    for resource_type, local_id, system, value, remote_id in rows:
+        ref = f"{resource_type}/{local_id}"
+        if remote_id is not None:
+            remote[ref] = remote_id
+        if system and value:
+            identifiers[ref] = (system, value)
+    return remote, identifiers
 
 
 @dataclass(frozen=True)

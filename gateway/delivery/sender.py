@@ -26,12 +26,15 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.db.models import Delivery
 from mappers.profiles.ehr import CircuitBreakerPolicy, RetryPolicy
+
+if TYPE_CHECKING:
+    from gateway.workflow.service import EventInput
 
 #: Database work to do with an outcome, in the same transaction (e.g. store the ids the
 #: EHR assigned, record a case event). Flushes at most.
@@ -62,10 +65,13 @@ class TargetConfig:
 
 @dataclass(frozen=True)
 class Delivered:
-    """Sent and accepted."""
+    """Sent and accepted. ``case_events`` are applied to their cases in the transaction
+    that records the outcome, after ``effects``, together with those of the other outcomes
+    written with it (:func:`gateway.workflow.service.record_events`, in order)."""
 
     status_code: int | None = 200
     effects: Effects | None = None
+    case_events: tuple[EventInput, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ from gateway.logging import get_logger, log_failure
 from gateway.oauth.tokens import auth_wait_until
 from gateway.runtime import Runtime
 from gateway.subscribers.sender import WebhookSender
-from gateway.workflow.service import sweep_workflow
+from gateway.workflow.service import EventInput, record_events, sweep_workflow
 
 log = get_logger(__name__)
 
@@ -73,6 +73,8 @@ log = get_logger(__name__)
 PROBE_LEASE = timedelta(seconds=60)
 #: Statuses after which a 'Retry-After' pauses the whole target.
 THROTTLING_STATUS = frozenset({429, 503})
+#: How long the list of targets is reused between claim rounds (seconds).
+TARGETS_TTL_S = 1.0
 #: Most outcomes written in one transaction.
 RECORD_BATCH = 64
 #: ``delivery_attempts.outcome`` of each outcome type (waits are not attempts).
@@ -149,6 +151,8 @@ class DeliveryWorker:
             )
         )
         self._running: dict[int, asyncio.Task[None]] = {}
+        self._pairs: list[tuple[Sender, TargetConfig]] | None = None
+        self._pairs_until = 0.0
         self._sending = 0
         self._probing: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._known_targets: set[tuple[str, str]] = set()
@@ -161,7 +165,8 @@ class DeliveryWorker:
         self._changed = asyncio.Event()
 
     def wake(self) -> None:
-        """Look for work now instead of at the next poll."""
+        """Look for work now instead of at the next poll (and read the targets again)."""
+        self._pairs_until = 0.0
         self._wakeup.set()
 
     async def read_resource(
@@ -279,7 +284,7 @@ class DeliveryWorker:
         Returns:
             How many deliveries were attempted.
         """
-        claimed = await self._claim_round(self._free_slots())
+        claimed = await self._claim_round(self._free_slots(), fresh=True)
         pending = [*self._running.values(), *self._probing.values()]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
@@ -287,56 +292,62 @@ class DeliveryWorker:
 
     # ------------------------------------------------------------------ claiming
 
-    async def _targets(self) -> list[tuple[Sender, TargetConfig]]:
-        pairs = []
-        for sender in self.senders.values():
-            for config in await sender.targets():
-                pairs.append((sender, config))
-        return pairs
+    async def _targets(self, *, fresh: bool = False) -> list[tuple[Sender, TargetConfig]]:
+        """Every sender's targets, read again at most every :data:`TARGETS_TTL_S` (the
+        webhook sender reads its subscribers from the database) unless ``fresh``."""
+        at = time.monotonic()
+        if fresh or self._pairs is None or at >= self._pairs_until:
+            pairs = []
+            for sender in self.senders.values():
+                for config in await sender.targets():
+                    pairs.append((sender, config))
+            self._pairs, self._pairs_until = pairs, at + TARGETS_TTL_S
+        return self._pairs
 
-    async def _claim_round(self, free: int) -> int:
+    async def _claim_round(self, free: int, *, fresh: bool = False) -> int:
         """Claim up to ``free`` deliveries across targets and start them; start due
-        probes. Returns how many deliveries were started."""
+        probes. Returns how many deliveries were started.
+
+        One transaction: the targets' gates (circuit, throttle, token) are read and every
+        open target is claimed from; each target's claim locks its state row (PostgreSQL)
+        until the commit."""
         if free <= 0:
             return 0
-        pairs = await self._targets()
+        pairs = await self._targets(fresh=fresh)
         if not pairs:
             return 0
         keys = [(c.kind, c.name) for _, c in pairs]
         now = utcnow()
+        self._round += 1
+        start = self._round % len(pairs)
+        settings = self.runtime.settings
+        probes: list[tuple[Sender, TargetConfig]] = []
+        batches: list[tuple[Sender, TargetConfig, list[Delivery]]] = []
         async with self.runtime.write_session() as session:
             new = [k for k in keys if k not in self._known_targets]
             if new:
                 await repo.ensure_target_states(session, new)
-                await session.commit()
-                self._known_targets.update(new)
             gates = await repo.target_gates(session, keys)
-            await session.commit()
-        self._round += 1
-        start = self._round % len(pairs)
-        started = 0
-        settings = self.runtime.settings
-        for sender, config in pairs[start:] + pairs[:start]:
-            if free <= 0:
-                break
-            key = (config.kind, config.name)
-            state, token = gates.get(key, (None, None))
-            circuit = state.circuit if state is not None else "closed"
-            if state is not None and circuit == "closed" and state.consecutive_failures == 0:
-                self._clean_targets.add(key)
-            else:
-                self._clean_targets.discard(key)
-            if circuit == "open":
-                if state is not None and (
-                    state.next_probe_at is None or state.next_probe_at <= now
-                ):
-                    await self._start_probe(sender, config, now)
-                continue
-            if state is not None and state.throttled_until and state.throttled_until > now:
-                continue
-            if config.uses_token and auth_wait_until(token, now):
-                continue
-            async with self.runtime.write_session() as session:
+            for sender, config in pairs[start:] + pairs[:start]:
+                if free <= 0:
+                    break
+                key = (config.kind, config.name)
+                state, token = gates.get(key, (None, None))
+                circuit = state.circuit if state is not None else "closed"
+                if state is not None and circuit == "closed" and state.consecutive_failures == 0:
+                    self._clean_targets.add(key)
+                else:
+                    self._clean_targets.discard(key)
+                if circuit == "open":
+                    if state is not None and (
+                        state.next_probe_at is None or state.next_probe_at <= now
+                    ):
+                        probes.append((sender, config))
+                    continue
+                if state is not None and state.throttled_until and state.throttled_until > now:
+                    continue
+                if config.uses_token and auth_wait_until(token, now):
+                    continue
                 claimed = await repo.claim_for_target(
                     session,
                     kind=config.kind,
@@ -347,9 +358,15 @@ class DeliveryWorker:
                     lease=settings.worker_lease,
                     now=now,
                 )
-                await session.commit()
-            if not claimed:
-                continue
+                if claimed:
+                    batches.append((sender, config, claimed))
+                    free -= len(claimed)
+            await session.commit()
+        self._known_targets.update(new)
+        for sender, config in probes:
+            await self._start_probe(sender, config, now)
+        started = 0
+        for sender, config, claimed in batches:
             prepare = getattr(sender, "prepare", None)
             if prepare is not None:
                 try:
@@ -361,7 +378,6 @@ class DeliveryWorker:
                 self._running[delivery.id] = asyncio.create_task(
                     self._process(sender, config, delivery)
                 )
-            free -= len(claimed)
             started += len(claimed)
         return started
 
@@ -489,6 +505,7 @@ class DeliveryWorker:
             rows: list[dict[str, Any]] = []
             attempt_rows: list[dict[str, Any]] = []
             answered: dict[tuple[str, str], bool] = {}
+            case_events: list[EventInput] = []
             for item in items:
                 delivery, outcome = item.delivery, item.outcome
                 if delivery.id not in owned:
@@ -503,6 +520,8 @@ class DeliveryWorker:
                 rows.append({"id": delivery.id, "locked_by": None, "locked_until": None, **values})
                 if outcome.effects is not None:
                     await outcome.effects(session)
+                if isinstance(outcome, Delivered):
+                    case_events.extend(outcome.case_events)
                 if not isinstance(outcome, Wait):
                     error = getattr(outcome, "error", None)
                     attempt_rows.append(
@@ -525,6 +544,9 @@ class DeliveryWorker:
                 elif isinstance(outcome, Failed):
                     self._clean_targets.discard(key)
                 done.append((item, label, values))
+            workflow = self.runtime.profiles.current.workflow
+            if case_events and workflow is not None:
+                await record_events(session, workflow, case_events)
             await repo.update_rows(session, rows)
             await repo.add_attempts(session, attempt_rows)
             for (kind, target), delivered in answered.items():

@@ -20,6 +20,7 @@ recomputes the case's SLA deadline (``profiles/workflow.yaml`` ``sla``).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -213,6 +214,130 @@ async def apply_event(
     return ApplyResult(str(outcome), case.id, from_state, row.to_state, decision.reason)
 
 
+async def record_events(
+    session: AsyncSession, workflow: WorkflowProfile, events: Sequence[EventInput]
+) -> list[ApplyResult]:
+    """Apply several events in one transaction, in the given order: the batch form of
+    :func:`apply_event` with the same rules and results (the delivery worker records a
+    batch of ``ehr_delivered`` events this way).
+
+    The open cases of the events' patients are found and locked in one query (in id
+    order, so two batches never wait on each other crosswise) and their duplicates in
+    another; an event that only adds to a case's history (``recorded`` or ``late``, not
+    seen before) is written without further queries, and the SLA deadlines of those cases
+    are recomputed together. Every other event (one that opens, moves or is refused by a
+    case, names a case or a program, a retry of a rejected event), and every later event
+    of the same patient, goes through :func:`apply_event`, so events of one case still
+    apply one after the other in order. Flushes; the caller commits.
+
+    Returns:
+        One :class:`ApplyResult` per event, in order.
+    """
+    if not events:
+        return []
+    simple = [e for e in events if not e.case_id and not e.program]
+    cases = await _open_cases(session, workflow, sorted({e.patient_id for e in simple}))
+    seen = await _seen_events(
+        session, [(cases[e.patient_id], e) for e in simple if e.patient_id in cases]
+    )
+    results: list[ApplyResult] = []
+    slow_patients: set[str] = set()
+    refresh: dict[str, Case] = {}
+    now = utcnow()
+    for event in events:
+        case = cases.get(event.patient_id)
+        if case is None or event.case_id or event.program or event.patient_id in slow_patients:
+            slow_patients.add(event.patient_id)
+            results.append(await apply_event(session, workflow, event))
+            continue
+        key = (case.id, event.sender_name, event.event_id)
+        existing = seen.get(key)
+        if existing is not None and existing != CaseEventOutcome.REJECTED:
+            results.append(ApplyResult("duplicate", case.id, case.state, case.state))
+            continue
+        decision = decide(
+            workflow,
+            state=case.state,
+            event_type=event.type,
+            detail=event.detail,
+            source=event.source,
+            occurred_at=event.occurred_at,
+            last_occurred_at=case.last_occurred_at,
+        )
+        if existing is not None or decision.outcome not in ("recorded", "late"):
+            slow_patients.add(event.patient_id)
+            results.append(await apply_event(session, workflow, event))
+            continue
+        outcome = CaseEventOutcome(decision.outcome)
+        seen[key] = outcome
+        from_state = case.state
+        row = _history(session, case, event, from_state, from_state, outcome, decision.message)
+        if outcome == CaseEventOutcome.RECORDED and (
+            case.last_occurred_at is None or row.occurred_at > case.last_occurred_at
+        ):
+            case.last_occurred_at = row.occurred_at
+        if _stops_a_timer(workflow, case.state, event.type):
+            refresh[case.id] = case
+        log.info(
+            "case.event",
+            case_id=case.id,
+            outcome=str(outcome),
+            from_state=from_state,
+            to_state=from_state,
+            event_type=event.type,
+            source=event.source,
+        )
+        results.append(ApplyResult(str(outcome), case.id, from_state, from_state))
+    if refresh:
+        await _refresh_sla_many(session, workflow, list(refresh.values()), now)
+    await session.flush()
+    return results
+
+
+async def _open_cases(
+    session: AsyncSession, workflow: WorkflowProfile, patient_ids: Sequence[str]
+) -> dict[str, Case]:
+    """The case :func:`_find_case` picks for each patient (no case id, no program),
+    locked ``FOR UPDATE`` on PostgreSQL, in one query."""
+    if not patient_ids:
+        return {}
+    stmt = (
+        select(Case)
+        .where(
+            Case.patient_id.in_(list(patient_ids)),
+            Case.state.not_in(workflow.terminal or ["__none__"]),
+        )
+        .order_by(Case.id)
+    )
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        stmt = stmt.with_for_update()
+    picked: dict[str, Case] = {}
+    for case in (await session.scalars(stmt)).all():
+        best = picked.get(case.patient_id)
+        if best is None or case.opened_at > best.opened_at:
+            picked[case.patient_id] = case
+    return picked
+
+
+async def _seen_events(
+    session: AsyncSession, pairs: Sequence[tuple[Case, EventInput]]
+) -> dict[tuple[str, str, str], CaseEventOutcome]:
+    """``(case id, sender, event id) -> outcome`` of these events already in these cases'
+    histories (one query)."""
+    if not pairs:
+        return {}
+    rows = await session.execute(
+        select(CaseEvent.case_id, CaseEvent.sender, CaseEvent.event_id, CaseEvent.outcome).where(
+            CaseEvent.case_id.in_(sorted({c.id for c, _ in pairs})),
+            CaseEvent.event_id.in_(sorted({e.event_id for _, e in pairs})),
+        )
+    )
+    return {
+        (case_id, sender, event_id): CaseEventOutcome(outcome)
+        for case_id, sender, event_id, outcome in rows
+    }
+
+
 async def _open_case(
     session: AsyncSession,
     workflow: WorkflowProfile,
@@ -382,6 +507,34 @@ async def _refresh_sla(
                 )
             ).all()
         )
+    _set_sla(workflow, case, recorded, now)
+
+
+async def _refresh_sla_many(
+    session: AsyncSession, workflow: WorkflowProfile, cases: Sequence[Case], now: datetime
+) -> None:
+    """:func:`_refresh_sla` for several cases, with one query for the events that stop
+    their timers."""
+    untils = {t.until for c in cases for t in workflow.sla if t.state == c.state and t.until}
+    recorded: dict[str, set[str]] = {c.id: set() for c in cases}
+    if untils:
+        await session.flush()
+        entered = {c.id: c.state_entered_at for c in cases}
+        rows = await session.execute(
+            select(CaseEvent.case_id, CaseEvent.type, CaseEvent.received_at).where(
+                CaseEvent.case_id.in_(sorted(recorded)),
+                CaseEvent.type.in_(sorted(untils)),
+                CaseEvent.outcome.in_(_SETTLED),
+            )
+        )
+        for case_id, event_type, received_at in rows:
+            if received_at >= entered[case_id]:
+                recorded[case_id].add(event_type)
+    for case in cases:
+        _set_sla(workflow, case, recorded[case.id], now)
+
+
+def _set_sla(workflow: WorkflowProfile, case: Case, recorded: set[str], now: datetime) -> None:
     deadline = sla_deadline(
         workflow, state=case.state, entered_at=case.state_entered_at, recorded=recorded
     )
