@@ -103,12 +103,17 @@ def _percentile(values: list[float], q: float) -> float:
 def gateway_process(args: list[str], env: dict[str, str], ready: Callable[[], bool]) -> Any:
     """Run ``fhir-gateway <args>`` until the block ends."""
     command = [str(Path(sys.executable).with_name("fhir-gateway")), *args]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # stderr to a file, not a pipe: nobody reads a pipe while the load runs, and a full
+    # pipe buffer would block the gateway on its next warning.
+    errors = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in the finally below
+        prefix=f"fgw-bench-{args[0]}-", suffix=".stderr", delete=False
+    )
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=errors)
     try:
         deadline = time.monotonic() + 30
         while not ready():
             if proc.poll() is not None:
-                tail = proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+                tail = Path(errors.name).read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"{args[0]} exited: {tail}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{args[0]} did not start")
@@ -120,6 +125,12 @@ def gateway_process(args: list[str], env: dict[str, str], ready: Callable[[], bo
             proc.wait(15)
         except subprocess.TimeoutExpired:
             proc.kill()
+        errors.close()
+        size = Path(errors.name).stat().st_size
+        if size:
+            print(f"  ({args[0]} wrote {size} bytes to {errors.name})", file=sys.stderr)
+        else:
+            Path(errors.name).unlink()
 
 
 def _http_ready(url: str) -> Callable[[], bool]:
@@ -538,6 +549,15 @@ async def main(args: argparse.Namespace) -> list[Result]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _apply_modes(value: str) -> str:
+    """``--apply``: ``in-process``, ``worker``, both comma-separated, or ``both``."""
+    modes = ["in-process", "worker"] if value == "both" else value.split(",")
+    unknown = [m for m in modes if m not in ("in-process", "worker")]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"unknown apply mode(s): {', '.join(unknown)}")
+    return ",".join(modes)
+
+
 def cli(argv: list[str] | None = None) -> None:
     """Command line entry point."""
     parser = argparse.ArgumentParser(
@@ -558,7 +578,8 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--apply",
         default="in-process,worker",
-        help="who applies the events: in-process, worker or both",
+        type=_apply_modes,
+        help="who applies the events: in-process, worker, or both (comma-separated)",
     )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)

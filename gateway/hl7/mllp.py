@@ -129,6 +129,7 @@ class MllpServer:
         self.after_store = after_store
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._closing = False
         self._background: set[asyncio.Task[object]] = set()
 
     @property
@@ -150,6 +151,7 @@ class MllpServer:
     async def close(self) -> None:
         """Stop listening, close connections, wait for after-ACK work."""
         if self._server is not None:
+            self._closing = True
             self._server.close()
             for task in list(self._connections):
                 task.cancel()
@@ -194,6 +196,13 @@ class MllpServer:
                         return
         except (ConnectionError, asyncio.IncompleteReadError):
             log.info("mllp.connection_lost", peer=peer)
+        except asyncio.CancelledError:
+            # Cancelled by close() (shutdown): end normally. On Python 3.11 asyncio's
+            # stream callback calls ``task.exception()`` on the finished handler, which
+            # raises for a cancelled task and logs a traceback per open connection.
+            if not self._closing:
+                raise
+            log.info("mllp.connection_closed_on_shutdown", peer=peer)
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError, asyncio.CancelledError):

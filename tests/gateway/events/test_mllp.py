@@ -272,3 +272,27 @@ async def test_the_mllp_command_listens_acks_and_stops(tmp_path: Path, profiles_
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 10)
     assert proc.returncode == 0
+
+
+async def test_close_with_connections_open_ends_them_quietly(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Shutdown with idle clients connected: each connection is closed (the client reads
+    EOF) and asyncio logs no "Exception in callback" traceback for the cancelled handlers
+    (Python 3.11's stream callback raises on a cancelled handler task)."""
+    server = MllpServer(runtime, port=0, max_message_bytes=4096)
+    await server.start()
+    clients = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]
+    for _ in range(100):  # the handlers have started
+        if len(server._connections) == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert len(server._connections) == 3
+    with caplog.at_level("ERROR", logger="asyncio"):
+        await server.close()
+        for reader, _ in clients:
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        await asyncio.sleep(0.05)  # asyncio's done callbacks run after the handlers end
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+    for _, writer in clients:
+        writer.close()
