@@ -128,7 +128,7 @@ class Runtime:
             ProfileLoadError: the profiles have problems; the gateway must not start.
         """
         profiles = load_profiles(settings.profiles_dir)
-        engine = make_engine(settings.database_url)
+        engine = make_engine(settings.database_url, pre_ping=settings.database_pool_pre_ping)
         return cls(
             settings=settings,
             engine=engine,

@@ -53,6 +53,15 @@ class Settings(BaseSettings):
         default="sqlite+aiosqlite:///./gateway.db",
         description="SQLAlchemy URL. SQLite (embedded default) or postgresql+psycopg://...",
     )
+    database_pool_pre_ping: bool = Field(
+        default=False,
+        description=(
+            "PostgreSQL: test each pooled connection with a round trip before use. Off, a "
+            "connection the server dropped (a restart, a failover) fails one request with a "
+            "500, rolled back, and the pool is rebuilt; on, that request is served, at one "
+            "extra round trip per request."
+        ),
+    )
     profiles_dir: Path = Field(default=BUNDLED_PROFILES_DIR, description="Mapping profiles root.")
     identifier_base: str = Field(
         default="https://fhir-gateway.example.org/sid",

@@ -22,26 +22,30 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def make_engine(database_url: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEngine:
+def make_engine(
+    database_url: str, *, pool_size: int = 10, pre_ping: bool = False, echo: bool = False
+) -> AsyncEngine:
     """Create the async engine for ``database_url``.
 
     Args:
         database_url: ``sqlite+aiosqlite:///path.db`` or ``postgresql+psycopg://...``
             (plain ``sqlite:``/``postgresql:`` URLs are given the async driver).
         pool_size: connections kept open (PostgreSQL only).
+        pre_ping: test each pooled connection with a round trip before use (PostgreSQL
+            only; ``GATEWAY_DATABASE_POOL_PRE_PING``). Off by default, see below.
         echo: log SQL (development only: statements may carry PHI in parameters).
 
     Returns:
         An :class:`AsyncEngine`. For SQLite, every connection uses WAL, a 10 s busy
-        timeout and foreign keys. For PostgreSQL, pooled connections are not pinged
-        before use and are recycled after 30 minutes.
+        timeout and foreign keys. For PostgreSQL, pooled connections are recycled
+        after 30 minutes and, unless ``pre_ping``, not pinged before use.
     """
     url = normalize_database_url(database_url)
     if url.startswith("sqlite"):
         engine = create_async_engine(url, echo=echo)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    # No pre-ping: it costs a round trip on every checkout (one per request). A connection
+    # No pre-ping by default: it costs a round trip on every checkout (one per request). A connection
     # the server closed fails its statement instead, and SQLAlchemy then discards every
     # pooled connection of that generation, so one request sees the error (a 500 its client
     # retries; the transaction rolled back, nothing half written); connections older than
@@ -51,7 +55,7 @@ def make_engine(database_url: str, *, pool_size: int = 10, echo: bool = False) -
         echo=echo,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=False,
+        pool_pre_ping=pre_ping,
         pool_recycle=1800,
     )
 
