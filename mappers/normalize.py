@@ -146,6 +146,15 @@ def normalize_phone(raw: str, *, default_region: str = "US") -> str:
     if number.extension:
         raise _phone_extension_error()
     if not phonenumbers.is_valid_number(number):
+        reason = phonenumbers.is_possible_number_with_reason(number)
+        if reason == phonenumbers.ValidationResult.IS_POSSIBLE:
+            # Right length, but no such area code or exchange ("(555) 123-4567"): saying
+            # "10 digits expected" to someone who typed 10 digits would not help them.
+            raise MappingError(
+                "invalid_phone",
+                "Expected a phone number in service: this one has the right number of "
+                "digits, but its area code or exchange is not assigned.",
+            )
         raise _invalid_phone_error()
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 

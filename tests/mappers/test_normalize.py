@@ -132,6 +132,29 @@ def test_normalize_phone_rejects_unknown_default_region_for_national_number() ->
     assert_rejected(normalize_phone, "415 555 2671", "invalid_phone", default_region="ZZ")
 
 
+UNASSIGNED_TEN_DIGIT_PHONES = [
+    pytest.param("(555) 123-4567", id="area-code-555"),
+    pytest.param("555.123.4567", id="area-code-555-dots"),
+    pytest.param("+1 555 123 4567", id="area-code-555-plus-one"),
+    pytest.param("1-555-123-4567", id="area-code-555-trunk-prefix"),
+    pytest.param("(415) 155-2671", id="exchange-starting-with-1"),
+]
+
+
+@pytest.mark.parametrize("raw", UNASSIGNED_TEN_DIGIT_PHONES)
+def test_a_ten_digit_number_nobody_can_have_says_so(raw: str) -> None:
+    """Not "expected 10 digits" to someone who typed 10: the area code or exchange is the
+    problem. (The fictional 555-01XX range with a real area code is accepted, see above.)"""
+    error = assert_rejected(normalize_phone, raw, "invalid_phone")
+    assert "not assigned" in str(error)
+    assert "10 digits" not in str(error)
+
+
+def test_seven_digits_are_still_asked_for_the_area_code() -> None:
+    error = assert_rejected(normalize_phone, "555-1234", "invalid_phone")
+    assert "10 digits" in str(error)
+
+
 # --------------------------------------------------------------------------------------------
 # normalize_state
 # --------------------------------------------------------------------------------------------
