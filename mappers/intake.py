@@ -591,7 +591,8 @@ def answers_to_items(
     """Answers -> QuestionnaireResponse.item list (form order) and normalized answers.
 
     A multi-select (``repeats``) answer is a list and becomes one item with several
-    ``answer`` entries; a repeating group is a list of objects and becomes several items
+    ``answer`` entries; a list for any other question is refused
+    (``single_answer_expected``); a repeating group is a list of objects and becomes several items
     with the group's linkId (SDC sdcqr-2). Unanswered optional questions are left out;
     ``null`` and ``""`` count as unanswered. A question whose ``enable_when`` is false
     must not be answered (SDC: answers to disabled items are not kept) and is not
@@ -599,7 +600,8 @@ def answers_to_items(
 
     Problems recorded at ``answers.<key>`` (``answers.<group>[i].<key>`` in repeating
     groups): ``unknown_question``, ``answer_in_group``, ``missing_answer``,
-    ``answer_not_enabled``, ``unknown_not_allowed``, ``invalid_answer``,
+    ``single_answer_expected``, ``answer_not_enabled``, ``unknown_not_allowed``,
+    ``invalid_answer``,
     ``invalid_choice``, ``invalid_unit``, ``out_of_range``, ``answer_too_long``,
     ``invalid_date``, ``invalid_datetime``, ``missing_timezone``.
     """
@@ -664,6 +666,13 @@ def _normalize_scope(
                 got = problems.run(f"{here}[{i}]", _answer_value, item, v, profile, maps)
                 if got is not None and got not in [(a, n) for a, n in answer.values]:
                     answer.values.append(got)
+        elif isinstance(value, list):
+            # A list (as checkbox widgets send) for a one-answer question: say that, not
+            # "not one of the options" about a list whose element may well be one.
+            problems.add(
+                here, "single_answer_expected", "this question takes one answer, not a list"
+            )
+            continue
         else:
             got = problems.run(here, _answer_value, item, value, profile, maps)
             if got is not None:
