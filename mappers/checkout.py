@@ -21,7 +21,15 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
 
 from mappers import normalize
 from mappers.errors import MappingError, MappingErrors, Problem
@@ -34,6 +42,7 @@ from mappers.intake import (
     Name,
     Phone,
     pydantic_problems,
+    refuse_numeric_zip,
 )
 from mappers.profiles import FieldPath, Plan, Processor
 
@@ -53,7 +62,9 @@ class CheckoutAddress(BaseModel):
     line2: str | None = Field(default=None, max_length=200)
     city: str | None = Field(default=None, max_length=100)
     state: str | None = Field(default=None, max_length=100)
-    postal_code: str | None = Field(default=None, max_length=20)
+    postal_code: Annotated[str, BeforeValidator(refuse_numeric_zip)] | None = Field(
+        default=None, max_length=20
+    )
     country: str = Field(default="US", pattern=r"^[A-Z]{2}$")
 
 

@@ -47,6 +47,7 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -82,9 +83,24 @@ def _normalizer(func: Callable[[str], str]) -> Callable[[str], str]:
     return run
 
 
+def refuse_numeric_zip(value: Any) -> Any:
+    """Refuse a ZIP code sent as a JSON number with a message that says why: ``02134``
+    arrives as ``2134``, and which digits were lost cannot be known."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise PydanticCustomError(
+            "postal_code_not_text",
+            'Expected the ZIP code as a JSON string ("02134"); a JSON number loses leading zeros.',
+        )
+    return value
+
+
 Phone = Annotated[str, AfterValidator(_normalizer(normalize.normalize_phone))]
 State = Annotated[str, AfterValidator(_normalizer(normalize.normalize_state))]
-PostalCode = Annotated[str, AfterValidator(_normalizer(normalize.normalize_postal_code))]
+PostalCode = Annotated[
+    str,
+    BeforeValidator(refuse_numeric_zip),
+    AfterValidator(_normalizer(normalize.normalize_postal_code)),
+]
 BirthDate = Annotated[str, AfterValidator(_normalizer(normalize.normalize_birth_date))]
 Email = Annotated[str, AfterValidator(_normalizer(normalize.normalize_email))]
 Name = Annotated[str, AfterValidator(_normalizer(normalize.normalize_name))]

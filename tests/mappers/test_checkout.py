@@ -364,3 +364,15 @@ def test_supporting_information_only_when_the_intake_is_known(
     assert with_qr["supportingInformation"] == [{"reference": "QuestionnaireResponse/qr-1"}]
     assert "supportingInformation" not in without
     assert resource_problems(without) == []
+
+
+@pytest.mark.parametrize("zip_number", [2134, 94107], ids=["lost-leading-zero", "five-digits"])
+def test_a_zip_sent_as_a_json_number_is_refused_with_why(
+    profile_set: ProfileSet, zip_number: int
+) -> None:
+    data = canonical(customer={"email": "a@example.com", "address": {"postal_code": zip_number}})
+    with pytest.raises(MappingErrors) as info:
+        parse(profile_set, data)
+    ((location, code, message),) = [(p.location, p.code, p.message) for p in info.value.problems]
+    assert (location, code) == ("customer.address.postal_code", "postal_code_not_text")
+    assert "JSON string" in message and "leading zeros" in message

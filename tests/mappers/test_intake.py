@@ -649,3 +649,49 @@ def test_null_for_an_optional_question_is_unanswered(glp1_profile: IntakeProfile
     items, problems = items_for(glp1_profile, {**sample()["answers"], "allergies": None})
     assert not problems.problems
     assert "allergies" not in [i["linkId"] for i in items]
+
+
+@pytest.mark.parametrize("zip_number", [2134, 94105], ids=["lost-leading-zero", "five-digits"])
+def test_a_zip_sent_as_a_json_number_is_refused_with_why(
+    profile_set: ProfileSet, zip_number: int
+) -> None:
+    """A JSON client that sends ``02134`` as a number sends ``2134``: which digit was lost
+    cannot be known, so the problem asks for a string instead of "not a valid string"."""
+    data = sample()
+    data["patient"]["address"]["postal_code"] = zip_number
+    with pytest.raises(MappingErrors) as info:
+        parse(profile_set, data)
+    ((location, code, message),) = [(p.location, p.code, p.message) for p in info.value.problems]
+    assert (location, code) == ("patient.address.postal_code", "postal_code_not_text")
+    assert "JSON string" in message and "leading zeros" in message
+
+
+@pytest.mark.parametrize(
+    ("state", "postal_code", "expected"),
+    [
+        ("ca", "94107-1234", ("CA", "94107-1234")),
+        ("Calif.", "941071234", ("CA", "94107-1234")),
+        ("California ", "94107", ("CA", "94107")),
+        ("D.C.", "20001", ("DC", "20001")),
+        ("Washington DC", "20001", ("DC", "20001")),
+        ("Puerto Rico", "00901", ("PR", "00901")),
+        ("GU", "96910", ("GU", "96910")),
+        ("VI", "00802", ("VI", "00802")),
+        ("AE", "09001", ("AE", "09001")),
+        ("AP", "96201", ("AP", "96201")),
+        ("AA", "34001", ("AA", "34001")),
+    ],
+)
+def test_real_world_states_and_zips(
+    profile_set: ProfileSet, state: str, postal_code: str, expected: tuple[str, str]
+) -> None:
+    data = sample()
+    data["patient"]["address"].update(state=state, postal_code=postal_code)
+    submission, _, _ = parse(profile_set, data)
+    assert (submission.patient.address.state, submission.patient.address.postal_code) == expected
+
+
+def test_a_canadian_province_is_refused_as_a_us_state(profile_set: ProfileSet) -> None:
+    data = sample()
+    data["patient"]["address"]["state"] = "Ontario"
+    assert problems_of(profile_set, data) == {"patient.address.state": "invalid_state"}
