@@ -21,7 +21,15 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
 
 from mappers import normalize
 from mappers.errors import MappingError, MappingErrors, Problem
@@ -34,6 +42,7 @@ from mappers.intake import (
     Name,
     Phone,
     pydantic_problems,
+    refuse_numeric_zip,
 )
 from mappers.profiles import FieldPath, Plan, Processor
 
@@ -53,7 +62,9 @@ class CheckoutAddress(BaseModel):
     line2: str | None = Field(default=None, max_length=200)
     city: str | None = Field(default=None, max_length=100)
     state: str | None = Field(default=None, max_length=100)
-    postal_code: str | None = Field(default=None, max_length=20)
+    postal_code: Annotated[str, BeforeValidator(refuse_numeric_zip)] | None = Field(
+        default=None, max_length=20
+    )
     country: str = Field(default="US", pattern=r"^[A-Z]{2}$")
 
 
@@ -157,7 +168,12 @@ DEFAULT_STRIPE_PROCESSOR = Processor(
         "patient_external_id": "data.object.metadata.patient_external_id",
         "intake_submission_id": "data.object.metadata.intake_submission_id",
         "customer_id": "data.object.customer",
-        "customer.name": "data.object.customer_details.name",
+        # individual_name (name collection, API 2025-09-30.clover) is the person; name
+        # holds the business name when one was collected.
+        "customer.name": FieldPath(
+            path="data.object.customer_details.individual_name",
+            fallback=["data.object.customer_details.name"],
+        ),
         "customer.email": "data.object.customer_details.email",
         "customer.phone": "data.object.customer_details.phone",
         "customer.address.line1": "data.object.customer_details.address.line1",
@@ -197,7 +213,8 @@ def processor_payload_to_checkout(
     """A processor's event -> the canonical checkout JSON (not yet validated: pass it to
     :func:`parse_checkout`).
 
-    Each canonical field is read at its profile path; ``unix_seconds`` turns an integer
+    Each canonical field is read at its profile path (then its ``fallback`` paths, while
+    the value is absent, null or empty); ``unix_seconds`` turns an integer
     Unix time into ISO 8601 UTC; empty strings (Stripe sends ``""`` for absent address
     parts) become absent. Attribution fields are copied under ``attribution``.
     """
@@ -206,7 +223,11 @@ def processor_payload_to_checkout(
         spec = processor.path_of(name)
         if spec is None:
             continue
-        value = read_path(payload, spec.path)
+        value = None
+        for path in spec.paths:
+            value = read_path(payload, path)
+            if value not in ("", None):
+                break
         if spec.format == "unix_seconds":
             value = (
                 datetime.fromtimestamp(value, UTC).isoformat()
@@ -233,7 +254,12 @@ def processor_payload_to_checkout(
 
 def processor_paths(processor: Processor) -> list[str]:
     """Every payload path the processor mapping reads (for unmapped-field coverage)."""
-    paths = [p.path for n in processor.fields if (p := processor.path_of(n)) is not None]
+    paths = [
+        path
+        for n in processor.fields
+        if (p := processor.path_of(n)) is not None
+        for path in p.paths
+    ]
     return [*paths, *processor.attribution.values()]
 
 

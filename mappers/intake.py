@@ -47,6 +47,7 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -82,9 +83,24 @@ def _normalizer(func: Callable[[str], str]) -> Callable[[str], str]:
     return run
 
 
+def refuse_numeric_zip(value: Any) -> Any:
+    """Refuse a ZIP code sent as a JSON number with a message that says why: ``02134``
+    arrives as ``2134``, and which digits were lost cannot be known."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise PydanticCustomError(
+            "postal_code_not_text",
+            'Expected the ZIP code as a JSON string ("02134"); a JSON number loses leading zeros.',
+        )
+    return value
+
+
 Phone = Annotated[str, AfterValidator(_normalizer(normalize.normalize_phone))]
 State = Annotated[str, AfterValidator(_normalizer(normalize.normalize_state))]
-PostalCode = Annotated[str, AfterValidator(_normalizer(normalize.normalize_postal_code))]
+PostalCode = Annotated[
+    str,
+    BeforeValidator(refuse_numeric_zip),
+    AfterValidator(_normalizer(normalize.normalize_postal_code)),
+]
 BirthDate = Annotated[str, AfterValidator(_normalizer(normalize.normalize_birth_date))]
 Email = Annotated[str, AfterValidator(_normalizer(normalize.normalize_email))]
 Name = Annotated[str, AfterValidator(_normalizer(normalize.normalize_name))]
@@ -591,7 +607,8 @@ def answers_to_items(
     """Answers -> QuestionnaireResponse.item list (form order) and normalized answers.
 
     A multi-select (``repeats``) answer is a list and becomes one item with several
-    ``answer`` entries; a repeating group is a list of objects and becomes several items
+    ``answer`` entries; a list for any other question is refused
+    (``single_answer_expected``); a repeating group is a list of objects and becomes several items
     with the group's linkId (SDC sdcqr-2). Unanswered optional questions are left out;
     ``null`` and ``""`` count as unanswered. A question whose ``enable_when`` is false
     must not be answered (SDC: answers to disabled items are not kept) and is not
@@ -599,7 +616,8 @@ def answers_to_items(
 
     Problems recorded at ``answers.<key>`` (``answers.<group>[i].<key>`` in repeating
     groups): ``unknown_question``, ``answer_in_group``, ``missing_answer``,
-    ``answer_not_enabled``, ``unknown_not_allowed``, ``invalid_answer``,
+    ``single_answer_expected``, ``answer_not_enabled``, ``unknown_not_allowed``,
+    ``invalid_answer``,
     ``invalid_choice``, ``invalid_unit``, ``out_of_range``, ``answer_too_long``,
     ``invalid_date``, ``invalid_datetime``, ``missing_timezone``.
     """
@@ -664,6 +682,13 @@ def _normalize_scope(
                 got = problems.run(f"{here}[{i}]", _answer_value, item, v, profile, maps)
                 if got is not None and got not in [(a, n) for a, n in answer.values]:
                     answer.values.append(got)
+        elif isinstance(value, list):
+            # A list (as checkbox widgets send) for a one-answer question: say that, not
+            # "not one of the options" about a list whose element may well be one.
+            problems.add(
+                here, "single_answer_expected", "this question takes one answer, not a list"
+            )
+            continue
         else:
             got = problems.run(here, _answer_value, item, value, profile, maps)
             if got is not None:

@@ -18,6 +18,9 @@ Codes raised, by function::
     parse_datetime           missing_datetime, missing_timezone, invalid_datetime
     to_fhir_instant          missing_timezone, invalid_datetime
 
+Every function first deletes invisible format characters (zero-width space, BOM, soft
+hyphen, bidirectional marks; see :func:`_visible`) that copy-paste brings along.
+
 These run on the intake hot path: regexes are compiled and lookup tables built once at
 import, and the accepted inputs go through without raising and catching exceptions.
 """
@@ -45,6 +48,36 @@ __all__ = [
     "parse_datetime",
     "to_fhir_instant",
 ]
+
+# --------------------------------------------------------------------------------------------
+# Invisible characters
+# --------------------------------------------------------------------------------------------
+
+# Invisible format characters that copy-paste from web pages, PDFs, chat apps and
+# right-to-left text brings along: zero-width space, word joiner, BOM / zero-width no-break
+# space, soft hyphen, and the bidirectional marks, embeddings and isolates. They carry no
+# meaning in a name, phone, email, ZIP, state or date, yet make two spellings of the same
+# value compare different (EHR matching is exact). Deleted everywhere. The zero-width
+# joiner and non-joiner (U+200D, U+200C) do carry meaning inside words (emoji sequences,
+# Persian and Indic scripts), so they are only trimmed at the ends (:func:`_visible`).
+_INVISIBLE = dict.fromkeys(
+    map(
+        ord,
+        "\u00ad\u180e\u200b\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+        "\u2060\u2061\u2062\u2063\u2064\u2066\u2067\u2068\u2069\ufeff",
+    )
+)
+_JOINERS = "\u200c\u200d"
+
+
+def _visible(raw: str) -> str:
+    """``raw`` without invisible format characters, trimmed of whitespace and joiners.
+
+    Spec: Unicode general category Cf (https://www.unicode.org/reports/tr44/#General_Category_Values).
+    """
+    text = raw.translate(_INVISIBLE)
+    return text.strip().strip(_JOINERS).strip()
+
 
 # --------------------------------------------------------------------------------------------
 # Phone
@@ -92,7 +125,7 @@ def normalize_phone(raw: str, *, default_region: str = "US") -> str:
             ``invalid_phone`` when it contains letters or other text, cannot be parsed, or is
             not a valid number.
     """
-    text = raw.strip()
+    text = _visible(raw)
     if not text:
         raise MappingError("missing_phone", "A phone number is required.")
     prefix = _TEL_PREFIX_RE.match(text)
@@ -113,6 +146,15 @@ def normalize_phone(raw: str, *, default_region: str = "US") -> str:
     if number.extension:
         raise _phone_extension_error()
     if not phonenumbers.is_valid_number(number):
+        reason = phonenumbers.is_possible_number_with_reason(number)
+        if reason == phonenumbers.ValidationResult.IS_POSSIBLE:
+            # Right length, but no such area code or exchange ("(555) 123-4567"): saying
+            # "10 digits expected" to someone who typed 10 digits would not help them.
+            raise MappingError(
+                "invalid_phone",
+                "Expected a phone number in service: this one has the right number of "
+                "digits, but its area code or exchange is not assigned.",
+            )
         raise _invalid_phone_error()
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
@@ -233,7 +275,7 @@ def normalize_state(raw: str) -> str:
         MappingError: ``missing_state`` when empty or blank; ``invalid_state`` when it is not
             a known USPS code or name (``Texs``, ``XX``, ``Ontario``).
     """
-    key = _state_key(raw)
+    key = _state_key(_visible(raw))
     if not key:
         raise MappingError("missing_state", "A US state is required.")
     code = _STATE_CODES.get(key)
@@ -273,7 +315,7 @@ def normalize_postal_code(raw: str) -> str:
             for anything else that is not 5 or 9 digits, and for the all-zero placeholder
             ``00000``, which is not a ZIP code.
     """
-    text = raw.strip()
+    text = _visible(raw)
     if not text:
         raise MappingError("missing_postal_code", "A ZIP code is required.")
     match = _ZIP_RE.fullmatch(text)
@@ -375,7 +417,7 @@ def normalize_birth_date(raw: str, *, today: dt.date | None = None) -> str:
             ``birth_date_in_future`` when after ``today``; ``birth_date_too_old`` when more
             than 130 years before ``today``.
     """
-    text = raw.strip()
+    text = _visible(raw)
     if not text:
         raise MappingError("missing_date", "A birth date is required.")
     value = _parse_date(text)
@@ -395,7 +437,7 @@ def normalize_date(raw: str) -> str:
         MappingError: ``missing_date``, ``incomplete_date``, ``ambiguous_date`` or
             ``invalid_date``, as for :func:`normalize_birth_date`.
     """
-    text = raw.strip()
+    text = _visible(raw)
     if not text:
         raise MappingError("missing_date", "A date is required.")
     return _parse_date(text).isoformat()
@@ -585,7 +627,7 @@ def normalize_email(raw: str) -> str:
             exactly one ``@``, a non-empty local part, a domain with a dot and no empty
             labels, no whitespace inside, and at most 254 characters.
     """
-    text = raw.strip()
+    text = _visible(raw)
     if not text:
         raise MappingError("missing_email", "An email address is required.")
     if len(text) > _EMAIL_MAX_LENGTH or _EMAIL_RE.fullmatch(text) is None:
@@ -611,7 +653,9 @@ _LETTER_RE = re.compile(r"[^\W\d_]")
 def normalize_name(raw: str) -> str:
     """Normalise a personal name part (given, family, middle) without changing its case.
 
-    Trims, collapses each run of whitespace to one space, and applies Unicode NFC so that
+    Trims, collapses each run of whitespace to one space, deletes invisible format
+    characters (zero-width space, BOM, bidirectional marks; zero-width joiners only at the
+    ends, as they join emoji and Indic or Persian letters), and applies Unicode NFC so that
     composed and decomposed accents compare equal. Case is kept as typed: ``McDonald``,
     ``de la Cruz`` and ``O'Brien`` have no rule-based capitalisation.
 
@@ -629,7 +673,7 @@ def normalize_name(raw: str) -> str:
     """
     if _NAME_CONTROL_RE.search(raw) is not None:
         raise MappingError("invalid_name", "Expected a name without control characters.")
-    text = " ".join(raw.split())
+    text = _visible(" ".join(raw.translate(_INVISIBLE).split()))
     if not text:
         raise MappingError("missing_name", "A name is required.")
     if _LETTER_RE.search(text) is None:
@@ -666,7 +710,7 @@ def parse_datetime(raw: str) -> dt.datetime:
             ``invalid_datetime`` for anything else, including date-only values and
             impossible dates or times.
     """
-    text = raw.strip()
+    text = _visible(raw)
     if not text:
         raise MappingError("missing_datetime", "A date and time are required.")
     match = _ISO_DATETIME_RE.fullmatch(text)

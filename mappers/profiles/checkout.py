@@ -47,13 +47,27 @@ CheckoutField = Literal[
 AttributionField = Literal["utm_source", "utm_medium", "utm_campaign", "gclid", "fbclid"]
 
 
+_PATH_PATTERN = r"^[A-Za-z0-9_\-]+(\[\d+\])?(\.[A-Za-z0-9_\-]+(\[\d+\])?)*$"
+
+
 class FieldPath(Strict):
     """A path into the processor payload and how to read the value there."""
 
-    path: str = Field(pattern=r"^[A-Za-z0-9_\-]+(\[\d+\])?(\.[A-Za-z0-9_\-]+(\[\d+\])?)*$")
+    path: str = Field(pattern=_PATH_PATTERN)
+    fallback: list[Annotated[str, Field(pattern=_PATH_PATTERN)]] = Field(
+        default_factory=list,
+        description="Paths read in order when the value at `path` is absent, null or empty "
+        "(Stripe: `individual_name`, then `name`, which holds the business name when one "
+        "was collected).",
+    )
     format: Literal["as_is", "unix_seconds"] = Field(
         default="as_is", description="unix_seconds: an integer Unix time -> ISO 8601 UTC"
     )
+
+    @property
+    def paths(self) -> list[str]:
+        """``path`` and then the fallbacks, in the order they are tried."""
+        return [self.path, *self.fallback]
 
 
 class Processor(Strict):

@@ -277,3 +277,84 @@ async def test_a_signed_checkout_event_with_a_malformed_session_is_kept_for_revi
     (record,) = await rows(runtime, ExceptionRecord)
     assert (record.kind, record.payload) == ("unmappable_input", payload)
     assert {p["location"] for p in record.problems} >= {"checkout_id", "plan"}
+
+
+def _v1(payload: bytes, t: int, secret: str = STRIPE_SECRET) -> str:
+    return stripe_signature_header(secret, payload, timestamp=t).split(",", 1)[1]
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "t={t},v1={old},v1={good}",
+        "t={t},v1={good},v1={old}",
+        "t={t},v1={good},v0={zeros}",
+        "t={t},v0={zeros},v1={good}",
+    ],
+    ids=["rotation-old-first", "rotation-new-first", "v0-after", "v0-before"],
+)
+async def test_signature_headers_stripe_sends_during_secret_rotation_verify(
+    client: httpx.AsyncClient, header: str
+) -> None:
+    """While an endpoint secret is rolled, Stripe signs with both secrets (two ``v1=``);
+    test-mode events may carry a ``v0=`` too. One matching ``v1`` is enough."""
+    payload = json.dumps(samples.stripe_event()).encode()
+    t = int(time.time())
+    value = header.format(
+        t=t,
+        good=_v1(payload, t).removeprefix("v1="),
+        old=_v1(payload, t, secret="whsec_previous_secret").removeprefix("v1="),
+        zeros="0" * 64,
+    )
+    r = await client.post(
+        "/v1/webhooks/stripe",
+        content=payload,
+        headers={"Stripe-Signature": value, "Content-Type": "application/json"},
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "accepted"
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda e: b"\xef\xbb\xbf" + json.dumps(e).encode(),
+        lambda e: json.dumps(e, indent=2, ensure_ascii=False).encode(),
+        lambda e: json.dumps(e, separators=(",", ":")).encode() + b"\n",
+    ],
+    ids=["utf8-bom", "pretty-printed", "compact-with-newline"],
+)
+async def test_the_signature_is_over_the_raw_bytes_whatever_their_layout(
+    client: httpx.AsyncClient, runtime: Runtime, encode: object
+) -> None:
+    event = samples.stripe_event()
+    event["data"]["object"]["customer_details"]["name"] = "Zo\u00eb O\u2019Connor-D\u00edaz"  # type: ignore[index]
+    payload = encode(event)  # type: ignore[operator]
+    r = await client.post(
+        "/v1/webhooks/stripe",
+        content=payload,
+        headers={
+            "Stripe-Signature": stripe_signature_header(STRIPE_SECRET, payload),
+            "Content-Type": "application/json",
+        },
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "accepted"
+    (message,) = await rows(runtime, InboundMessage)
+    assert message.body == payload  # kept byte for byte
+
+
+@pytest.mark.parametrize(
+    "event_type",
+    ["invoice.paid", "customer.created", "checkout.session.expired", "charge.refunded"],
+)
+async def test_events_of_other_types_are_2xx_so_stripe_stops_retrying(
+    client: httpx.AsyncClient, runtime: Runtime, event_type: str
+) -> None:
+    event = samples.stripe_event()
+    event["type"] = event_type
+    payload, headers = signed_stripe(event)
+    r = await client.post("/v1/webhooks/stripe", content=payload, headers=headers)
+    assert r.status_code == 200
+    assert r.json()["status"] == "ignored"
+    assert await count(runtime, ExceptionRecord) == 0

@@ -20,6 +20,7 @@ from mappers.checkout import (
 )
 from mappers.errors import MappingErrors
 from mappers.identifiers import IdentifierSystems
+from mappers.pipeline import checkout_payload
 from mappers.profiles import Plan, ProfileSet
 from mappers.validation import resource_problems
 from tests.mappers.conftest import GOLDEN, assert_golden, find_plan
@@ -364,3 +365,152 @@ def test_supporting_information_only_when_the_intake_is_known(
     assert with_qr["supportingInformation"] == [{"reference": "QuestionnaireResponse/qr-1"}]
     assert "supportingInformation" not in without
     assert resource_problems(without) == []
+
+
+@pytest.mark.parametrize("zip_number", [2134, 94107], ids=["lost-leading-zero", "five-digits"])
+def test_a_zip_sent_as_a_json_number_is_refused_with_why(
+    profile_set: ProfileSet, zip_number: int
+) -> None:
+    data = canonical(customer={"email": "a@example.com", "address": {"postal_code": zip_number}})
+    with pytest.raises(MappingErrors) as info:
+        parse(profile_set, data)
+    ((location, code, message),) = [(p.location, p.code, p.message) for p in info.value.problems]
+    assert (location, code) == ("customer.address.postal_code", "postal_code_not_text")
+    assert "JSON string" in message and "leading zeros" in message
+
+
+# --------------------------------------------------------------------------- current Stripe APIs
+
+
+def stripe_event_of_api(version: str, **customer_details: Any) -> dict[str, Any]:
+    """The sample event as a newer API version sends it: ``customer_details`` with
+    ``business_name`` / ``individual_name`` / ``tax_exempt``, and ``collected_information``."""
+    event = stripe_sample()
+    event["api_version"] = version
+    session = event["data"]["object"]
+    session["customer_details"].update(
+        {"business_name": None, "individual_name": None, "tax_exempt": "none", "tax_ids": []}
+    )
+    session["customer_details"].update(customer_details)
+    session["collected_information"] = {
+        "business_name": None,
+        "individual_name": None,
+        "shipping_details": None,
+    }
+    return event
+
+
+def stripe_patient(
+    profile_set: ProfileSet, systems: IdentifierSystems, event: dict[str, Any]
+) -> dict[str, Any]:
+    """The Patient the bundled ``processors.stripe`` profile makes of ``event``."""
+    checkout, _ = parse(profile_set, checkout_payload(event, profile_set, kind="stripe"))
+    patient = checkout_to_patient(checkout, patient_id="pat-1", systems=systems)
+    assert resource_problems(patient) == []
+    return patient
+
+
+@pytest.mark.parametrize(
+    ("details", "expected_name"),
+    [
+        ({"name": "Cher"}, {"use": "official", "text": "Cher", "given": ["Cher"]}),
+        (
+            {"name": "Maria del Carmen  Lopez"},
+            {
+                "use": "official",
+                "text": "Maria del Carmen Lopez",
+                "family": "Lopez",
+                "given": ["Maria", "del", "Carmen"],
+            },
+        ),
+        (
+            # Business name collection: `name` is the business, `individual_name` the person.
+            {
+                "name": "Acme Logistics LLC",
+                "business_name": "Acme Logistics LLC",
+                "individual_name": "Jordan Rivera",
+            },
+            {"use": "official", "text": "Jordan Rivera", "family": "Rivera", "given": ["Jordan"]},
+        ),
+        (
+            {"name": "Jordan Rivera", "individual_name": ""},
+            {"use": "official", "text": "Jordan Rivera", "family": "Rivera", "given": ["Jordan"]},
+        ),
+    ],
+    ids=["single-word", "four-parts", "business-and-individual", "individual-empty"],
+)
+@pytest.mark.parametrize("version", ["2024-06-20", "2025-03-31.basil", "2025-09-30.clover"])
+def test_stripe_customer_names_of_current_api_versions(
+    profile_set: ProfileSet,
+    systems: IdentifierSystems,
+    version: str,
+    details: dict[str, Any],
+    expected_name: dict[str, Any],
+) -> None:
+    patient = stripe_patient(profile_set, systems, stripe_event_of_api(version, **details))
+    assert patient["name"] == [expected_name]
+
+
+def test_the_default_stripe_mapping_prefers_individual_name_too() -> None:
+    event = stripe_event_of_api(
+        "2025-09-30.clover", name="Acme Logistics LLC", individual_name="Jordan Rivera"
+    )
+    assert stripe_session_to_checkout(event)["customer"]["name"] == "Jordan Rivera"
+
+
+@pytest.mark.parametrize(
+    ("details", "address"),
+    [
+        ({"address": None, "phone": None}, None),
+        (
+            # Card billing collection "auto": only country and ZIP.
+            {
+                "address": {
+                    "city": None,
+                    "country": "US",
+                    "line1": None,
+                    "line2": None,
+                    "postal_code": "94107",
+                    "state": None,
+                }
+            },
+            {"use": "billing", "type": "both", "postalCode": "94107", "country": "US"},
+        ),
+        (
+            {
+                "address": {
+                    "city": "Toronto",
+                    "country": "CA",
+                    "line1": "1 King St W",
+                    "line2": None,
+                    "postal_code": "M5H 1A1",
+                    "state": "ON",
+                },
+                "phone": "+14165550123",
+            },
+            {
+                "use": "billing",
+                "type": "both",
+                "line": ["1 King St W"],
+                "city": "Toronto",
+                "state": "ON",
+                "postalCode": "M5H 1A1",
+                "country": "CA",
+            },
+        ),
+    ],
+    ids=["address-and-phone-null", "partial-address", "canadian-address"],
+)
+def test_stripe_customer_details_null_or_partial(
+    profile_set: ProfileSet,
+    systems: IdentifierSystems,
+    details: dict[str, Any],
+    address: dict[str, Any] | None,
+) -> None:
+    patient = stripe_patient(
+        profile_set, systems, stripe_event_of_api("2025-03-31.basil", **details)
+    )
+    assert patient.get("address") == ([address] if address else None)
+    phone = details.get("phone", "+14155552671")  # the sample's, unless the case sets it
+    phones = [t["value"] for t in patient["telecom"] if t["system"] == "phone"]
+    assert phones == ([phone] if phone else [])

@@ -265,7 +265,7 @@ def test_required_question_without_an_answer_is_located(
     ("key", "value", "location", "code"),
     [
         ("pregnancy_status", "maybe later", "answers.pregnancy_status", "invalid_choice"),
-        ("pregnancy_status", ["no"], "answers.pregnancy_status", "invalid_choice"),
+        ("pregnancy_status", ["no"], "answers.pregnancy_status", "single_answer_expected"),
         (
             "medical_history",
             ["hypertension", "broken toe"],
@@ -592,3 +592,106 @@ def test_the_first_option_with_a_spelling_wins_and_codings_are_fresh() -> None:
         "skip": "asked-declined",
     }
     assert not problems.problems
+
+
+# --------------------------------------------------------------------------- real-world answers
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("tobacco_use", ["never"]),
+        ("tobacco_use", ["never", "former"]),
+        ("alcohol_drinks_per_week", [2]),
+    ],
+    ids=["choice-one-element", "choice-two", "integer"],
+)
+def test_a_list_for_a_single_answer_question_says_so(
+    glp1_profile: IntakeProfile, key: str, value: Any
+) -> None:
+    """Checkbox-style widgets send lists; the problem names the list, not the option."""
+    assert problem_for(glp1_profile, key, value) == (
+        f"answers.{key}",
+        "single_answer_expected",
+        "this question takes one answer, not a list",
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("Yes", True), ("Y", True), ("true", True), (1, True), ("1", True), (0, False)],
+)
+def test_boolean_spellings_apps_send(
+    glp1_profile: IntakeProfile, value: Any, expected: bool
+) -> None:
+    assert answer_for(glp1_profile, "history_pancreatitis", value) == [{"valueBoolean": expected}]
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["185.5 lbs", "185,5", {"value": 185.5, "unit": "lbs"}, "5'10\""],
+    ids=["number-with-unit-text", "decimal-comma", "unit-not-ucum", "feet-and-inches"],
+)
+def test_quantity_text_the_profiles_do_not_claim_is_refused_clearly(
+    glp1_profile: IntakeProfile, value: Any
+) -> None:
+    """Quantities are a number in the item's unit or ``{"value", "unit"}`` (docs/PROFILES.md);
+    free text is refused with what was expected, never guessed."""
+    location, code, message = problem_for(glp1_profile, "weight_lb", value)
+    assert location == "answers.weight_lb"
+    assert (code, message) in {
+        ("invalid_answer", "expected a number in lb"),
+        ("invalid_unit", "unit must be one of lb, kg"),
+    }
+
+
+def test_null_for_an_optional_question_is_unanswered(glp1_profile: IntakeProfile) -> None:
+    items, problems = items_for(glp1_profile, {**sample()["answers"], "allergies": None})
+    assert not problems.problems
+    assert "allergies" not in [i["linkId"] for i in items]
+
+
+@pytest.mark.parametrize("zip_number", [2134, 94105], ids=["lost-leading-zero", "five-digits"])
+def test_a_zip_sent_as_a_json_number_is_refused_with_why(
+    profile_set: ProfileSet, zip_number: int
+) -> None:
+    """A JSON client that sends ``02134`` as a number sends ``2134``: which digit was lost
+    cannot be known, so the problem asks for a string instead of "not a valid string"."""
+    data = sample()
+    data["patient"]["address"]["postal_code"] = zip_number
+    with pytest.raises(MappingErrors) as info:
+        parse(profile_set, data)
+    ((location, code, message),) = [(p.location, p.code, p.message) for p in info.value.problems]
+    assert (location, code) == ("patient.address.postal_code", "postal_code_not_text")
+    assert "JSON string" in message and "leading zeros" in message
+
+
+@pytest.mark.parametrize(
+    ("state", "postal_code", "expected"),
+    [
+        ("ca", "94107-1234", ("CA", "94107-1234")),
+        ("Calif.", "941071234", ("CA", "94107-1234")),
+        ("California ", "94107", ("CA", "94107")),
+        ("D.C.", "20001", ("DC", "20001")),
+        ("Washington DC", "20001", ("DC", "20001")),
+        ("Puerto Rico", "00901", ("PR", "00901")),
+        ("GU", "96910", ("GU", "96910")),
+        ("VI", "00802", ("VI", "00802")),
+        ("AE", "09001", ("AE", "09001")),
+        ("AP", "96201", ("AP", "96201")),
+        ("AA", "34001", ("AA", "34001")),
+    ],
+)
+def test_real_world_states_and_zips(
+    profile_set: ProfileSet, state: str, postal_code: str, expected: tuple[str, str]
+) -> None:
+    data = sample()
+    data["patient"]["address"].update(state=state, postal_code=postal_code)
+    submission, _, _ = parse(profile_set, data)
+    assert (submission.patient.address.state, submission.patient.address.postal_code) == expected
+
+
+def test_a_canadian_province_is_refused_as_a_us_state(profile_set: ProfileSet) -> None:
+    data = sample()
+    data["patient"]["address"]["state"] = "Ontario"
+    assert problems_of(profile_set, data) == {"patient.address.state": "invalid_state"}

@@ -132,6 +132,29 @@ def test_normalize_phone_rejects_unknown_default_region_for_national_number() ->
     assert_rejected(normalize_phone, "415 555 2671", "invalid_phone", default_region="ZZ")
 
 
+UNASSIGNED_TEN_DIGIT_PHONES = [
+    pytest.param("(555) 123-4567", id="area-code-555"),
+    pytest.param("555.123.4567", id="area-code-555-dots"),
+    pytest.param("+1 555 123 4567", id="area-code-555-plus-one"),
+    pytest.param("1-555-123-4567", id="area-code-555-trunk-prefix"),
+    pytest.param("(415) 155-2671", id="exchange-starting-with-1"),
+]
+
+
+@pytest.mark.parametrize("raw", UNASSIGNED_TEN_DIGIT_PHONES)
+def test_a_ten_digit_number_nobody_can_have_says_so(raw: str) -> None:
+    """Not "expected 10 digits" to someone who typed 10: the area code or exchange is the
+    problem. (The fictional 555-01XX range with a real area code is accepted, see above.)"""
+    error = assert_rejected(normalize_phone, raw, "invalid_phone")
+    assert "not assigned" in str(error)
+    assert "10 digits" not in str(error)
+
+
+def test_seven_digits_are_still_asked_for_the_area_code() -> None:
+    error = assert_rejected(normalize_phone, "555-1234", "invalid_phone")
+    assert "10 digits" in str(error)
+
+
 # --------------------------------------------------------------------------------------------
 # normalize_state
 # --------------------------------------------------------------------------------------------
@@ -628,3 +651,48 @@ def test_to_fhir_instant_rejects(value: dt.datetime, code: str) -> None:
 )
 def test_parse_datetime_then_to_fhir_instant_round_trips(raw: str) -> None:
     assert to_fhir_instant(parse_datetime(raw)) == raw
+
+
+# --------------------------------------------------------------------------------------------
+# Invisible characters that copy-paste brings along (zero-width space, BOM, soft hyphen,
+# bidirectional marks)
+# --------------------------------------------------------------------------------------------
+
+ZWSP, BOM, ZWJ, ZWNJ, LRM, SHY = "\u200b", "\ufeff", "\u200d", "\u200c", "\u200e", "\u00ad"
+
+INVISIBLE_CHARACTER_INPUTS = [
+    pytest.param(normalize_name, f"Ma{ZWSP}ry", "Mary", id="name-inner-zwsp"),
+    pytest.param(normalize_name, f"{ZWSP}Mary{ZWSP}", "Mary", id="name-zwsp-ends"),
+    pytest.param(normalize_name, f"{BOM}Mary", "Mary", id="name-leading-bom"),
+    pytest.param(normalize_name, f"Mary{ZWJ}", "Mary", id="name-trailing-zwj"),
+    pytest.param(normalize_name, f"Mary {ZWSP} Ann", "Mary Ann", id="name-zwsp-between-words"),
+    pytest.param(normalize_name, f"{LRM}Jos\u00e9{LRM}", "Jos\u00e9", id="name-bidi-marks"),
+    pytest.param(normalize_name, f"Anne{SHY}Marie", "AnneMarie", id="name-soft-hyphen"),
+    # Inside a word the joiners are letters' business (Persian, emoji): kept.
+    pytest.param(
+        normalize_name,
+        f"\u0645\u06cc{ZWNJ}\u062e\u0648\u0627\u0647\u0645",
+        f"\u0645\u06cc{ZWNJ}\u062e\u0648\u0627\u0647\u0645",
+        id="name-inner-zwnj-kept",
+    ),
+    pytest.param(normalize_email, f"jane@example.com{ZWSP}", "jane@example.com", id="email-zwsp"),
+    pytest.param(normalize_email, f"ja{ZWSP}ne@example.com", "jane@example.com", id="email-inner"),
+    pytest.param(normalize_email, f"{BOM}Jane@Example.com", "jane@example.com", id="email-bom"),
+    pytest.param(normalize_phone, f"415 555 2671{ZWSP}", "+14155552671", id="phone-zwsp"),
+    pytest.param(normalize_phone, f"{LRM}+44 20 7946 0958", "+442079460958", id="phone-lrm"),
+    pytest.param(normalize_state, f"CA{ZWSP}", "CA", id="state-zwsp"),
+    pytest.param(normalize_postal_code, f"94107{ZWSP}", "94107", id="zip-zwsp"),
+    pytest.param(normalize_birth_date, f"{BOM}1980-02-03", "1980-02-03", id="birth-date-bom"),
+]
+
+
+@pytest.mark.parametrize(("func", "raw", "expected"), INVISIBLE_CHARACTER_INPUTS)
+def test_invisible_characters_are_deleted(
+    func: Callable[[str], str], raw: str, expected: str
+) -> None:
+    assert func(raw) == expected
+
+
+@pytest.mark.parametrize("raw", [ZWSP, f"{BOM}{ZWSP} {ZWJ}"])
+def test_a_name_of_invisible_characters_only_is_missing(raw: str) -> None:
+    assert_rejected(normalize_name, raw, "missing_name")
