@@ -32,6 +32,7 @@ import re
 import unicodedata
 from collections.abc import Iterable
 
+import idna
 import phonenumbers
 from us import states as us_states
 
@@ -608,10 +609,15 @@ _EMAIL_MAX_LENGTH = 254  # RFC 5321 section 4.5.3.1.3 (path limit, less the angl
 
 
 def normalize_email(raw: str) -> str:
-    """Normalise an email address: trim and lower-case it.
+    """Normalise an email address: trim and lower-case it, internationalized domain in one form.
 
     Lower-casing the local part is a deliberate simplification: providers treat it as
     case-insensitive in practice, and EHR patient matching compares addresses exactly.
+    An internationalized domain arrives as typed (``bücher.de``) or in its ASCII form
+    (``xn--bcher-kva.de``) depending on the form library; both become the Unicode form
+    (IDNA 2008 with UTS #46 mapping, RFC 5891 / https://unicode.org/reports/tr46/), so the
+    same patient's intake and checkout carry the same address. A domain that is not valid
+    IDNA (an emoji domain registered under IDNA 2003, say) is kept as typed, lower-cased.
 
     Spec: the shape follows RFC 5321 (``local@domain``, at most 254 characters); FHIR
     ``ContactPoint`` with ``system = email``.
@@ -636,6 +642,12 @@ def normalize_email(raw: str) -> str:
             "Expected an email address: one '@' between a local part and a domain with a "
             "dot, no spaces, at most 254 characters.",
         )
+    local, _, domain = text.rpartition("@")
+    if not domain.isascii() or "xn--" in domain.lower():
+        try:
+            return f"{local.lower()}@{idna.decode(domain, uts46=True)}"
+        except idna.IDNAError:
+            pass
     return text.lower()
 
 

@@ -411,6 +411,11 @@ VALID_EMAILS = [
     pytest.param("jane+intake@mail.example.org", "jane+intake@mail.example.org", id="plus-tag"),
     pytest.param("o'brien@example.ie", "o'brien@example.ie", id="apostrophe"),
     pytest.param("j@e.co", "j@e.co", id="short"),
+    pytest.param("Jane@Bücher.DE", "jane@bücher.de", id="idn-unicode"),
+    pytest.param("jane@xn--bcher-kva.de", "jane@bücher.de", id="idn-a-label-same-as-unicode"),
+    pytest.param("jane@mail.XN--BCHER-KVA.de", "jane@mail.bücher.de", id="idn-a-label-upper"),
+    pytest.param("jane@xn--zz.de", "jane@xn--zz.de", id="invalid-a-label-kept-as-typed"),
+    pytest.param("jane@i❤.ws", "jane@i❤.ws", id="idna2003-emoji-domain-kept-as-typed"),
 ]
 
 
