@@ -41,7 +41,7 @@ from gateway.delivery.sender import (
     TargetConfig,
     Wait,
 )
-from gateway.ehr.client import EhrClient, outcome_summary
+from gateway.ehr.client import EhrClient, outcome_summary, status_error
 from gateway.ehr.errors import (
     EhrConfigError,
     EhrError,
@@ -307,8 +307,26 @@ class EhrSender:
                 # 2xx without a usable transaction-response: it may have been applied; a
                 # retry is safe because every entry is conditional or an update.
                 raise EhrUnavailableError(f"unusable transaction-response ({exc})") from exc
-            for stored, entry in zip(chunk, entries, strict=True):
-                progress.learn(stored, entry.remote_id, entry.remote_version)
+            failed = None
+            for stored, entry, sent in zip(chunk, entries, bundle["entry"], strict=True):
+                if entry.failed:
+                    failed = failed or entry
+                    continue
+                remote_id = entry.remote_id
+                search = sent["request"].get("ifNoneExist")
+                if remote_id is None and search:
+                    # Some servers leave out ``location`` (often when ifNoneExist matched):
+                    # find the id, or a later change would be a create the EHR ignores.
+                    remote_id = await _find_one(client, stored["resourceType"], search)
+                progress.learn(stored, remote_id, entry.remote_version)
+            if failed is not None and failed.status_code is not None:
+                # A 200 whose entries failed: the server processed the Bundle as a batch.
+                raise status_error(
+                    failed.status_code,
+                    failed.outcome,
+                    f"EHR answered {failed.status_code} to a {failed.resource_type} entry "
+                    f"({outcome_summary(failed.outcome)})",
+                )
 
     async def _send_individual(
         self,
@@ -446,6 +464,19 @@ class EhrSender:
                 ),
             )
         return Delivered(200, self._save(target, progress), events)
+
+
+async def _find_one(client: EhrClient, resource_type: str, search: str) -> str | None:
+    """The id of the one resource ``search`` finds, else None (a failed search too: the
+    write itself succeeded)."""
+    try:
+        found = await client.search_ids(resource_type, search)
+    except EhrError as exc:
+        log.info(
+            "delivery.id_lookup_failed", resource_type=resource_type, status_code=exc.status_code
+        )
+        return None
+    return found[0] if len(found) == 1 else None
 
 
 def _search_value(value: str) -> str:

@@ -59,6 +59,16 @@ def outcome_summary(outcome: dict[str, Any] | None) -> str:
     )
 
 
+def status_error(
+    status: int, outcome: dict[str, Any] | None, message: str
+) -> EhrUnavailableError | EhrRejectedError:
+    """The error of an HTTP ``status`` the EHR answered (or wrote into a Bundle entry's
+    ``response.status``): retryable for 408, 409, 425, 429 and 5xx, permanent otherwise."""
+    if status in RETRYABLE_STATUS or status >= 500:
+        return EhrUnavailableError(message, status_code=status)
+    return EhrRejectedError(message, status_code=status, operation_outcome=outcome)
+
+
 @dataclass(frozen=True)
 class WriteResult:
     """What a create or update answered: the EHR's id and version of the resource.
