@@ -189,6 +189,19 @@ async def receive_notification(
     Raises:
         BadRequestError, UnprocessableError: not JSON, or not a notification Bundle.
     """
+    if not raw.strip():
+        raise UnprocessableError(
+            "the notification is empty",
+            [
+                Problem(
+                    "",
+                    "empty_notification",
+                    "an empty body (a classic R4 rest-hook ping) does not say what changed: "
+                    "configure the Subscription per the Subscriptions R5 Backport IG "
+                    "(payload id-only or full-resource)",
+                )
+            ],
+        )
     data = decode_json_object(raw)
     try:
         notification = parse_notification(data)
