@@ -144,12 +144,17 @@ class EhrSender:
         ]
 
     async def probe(self, target: str) -> bool:
-        """``GET [base]/metadata`` answers (any 2xx)."""
+        """``GET [base]/metadata`` answers: a 2xx, or a 4xx (servers such as the Google
+        Cloud Healthcare API want a token for the CapabilityStatement too, and the probe
+        sends none); not a transport failure, timeout, 408/425/429 or 5xx."""
         profile = self.runtime.profiles.current.ehr.get(target)
         if profile is None:
             return False
         try:
             await self.clients.client_for(profile).capabilities()
+        except EhrRejectedError as exc:
+            log.info("delivery.probe_answered", target=target, status_code=exc.status_code)
+            return True
         except EhrError as exc:
             log.info("delivery.probe_failed", target=target, status_code=exc.status_code)
             return False

@@ -294,3 +294,25 @@ async def test_a_proxy_html_error_page_is_retried(
     )
     row = await deliver_one(client, admin_headers, runtime, worker)
     assert (row.status, row.attempts, row.last_status_code) == ("pending", 1, 502)
+
+
+@pytest.mark.parametrize(
+    ("status", "up"), [(200, True), (401, True), (403, True), (503, False), (502, False)]
+)
+async def test_the_circuit_probe_counts_an_authenticated_metadata_endpoint_as_up(
+    worker: DeliveryWorker, status: int, up: bool
+) -> None:
+    """The probe sends no token; Google Cloud Healthcare answers ``/metadata`` 401 without."""
+
+    def metadata(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/fhir/metadata" and "authorization" not in request.headers
+        body = {"resourceType": "CapabilityStatement"} if status == 200 else {}
+        return httpx.Response(status, json=body)
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(metadata))
+    sender = DeliveryWorker(worker.runtime, http=http).senders["ehr"]
+    try:
+        assert await sender.probe("test-ehr") is up
+    finally:
+        await sender.aclose()
+        await http.aclose()
