@@ -4,6 +4,7 @@ into the errors of :mod:`gateway.ehr.errors`.
 Status classes (https://hl7.org/fhir/R4/http.html, RFC 9110):
 
 * 2xx: success;
+* 3xx: :class:`EhrConfigError` (redirects are not followed: the ``base_url`` is wrong);
 * transport failures, timeouts, 408, 409 (server-side lock conflict: "re-read and retry"),
   425, 429 and 5xx: :class:`EhrUnavailableError`, with ``Retry-After`` when sent;
 * 401: the token is invalidated and the request retried once with a fresh one; a fresh
@@ -274,6 +275,14 @@ class EhrClient:
         status = response.status_code
         if status < 300:
             return response
+        if status < 400:
+            # httpx follows no redirects, and a POST must not be replayed to another URL
+            # unseen: http:// for https://, a moved base. The target's base_url is wrong.
+            raise EhrConfigError(
+                f"EHR answered {status} (a redirect): set the target's base_url to the URL "
+                "it points to",
+                status_code=status,
+            )
         if status in RETRYABLE_STATUS or status >= 500:
             raise EhrUnavailableError(
                 f"EHR answered {status}",

@@ -316,3 +316,19 @@ async def test_the_circuit_probe_counts_an_authenticated_metadata_endpoint_as_up
     finally:
         await sender.aclose()
         await http.aclose()
+
+
+async def test_a_redirect_is_a_configuration_error_not_a_dead_letter(
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    runtime: Runtime,
+    worker: DeliveryWorker,
+    ehr: Ehr,
+) -> None:
+    """``http://`` configured for an ``https://`` server (or a moved base): 301/308."""
+    ehr.answer = lambda b: httpx.Response(
+        308, headers={"Location": "https://ehr.example.org/fhir"}, content=b""
+    )
+    row = await deliver_one(client, admin_headers, runtime, worker)
+    assert (row.status, row.attempts) == ("pending", 0)
+    assert row.last_error is not None and "base_url" in row.last_error
