@@ -151,3 +151,17 @@ async def test_a_fhir_server_that_accepts_fhir_json_gets_an_operation_outcome(
     assert issue["diagnostics"] == "empty_notification" and "Backport" in issue["details"]["text"]
     r = await client.post(URL, json=n.bundle("heartbeat"), headers={"Authorization": "x", **accept})
     assert r.status_code == 401 and r.json()["resourceType"] == "OperationOutcome"
+
+
+async def test_a_classic_rest_hook_writing_to_endpoint_type_id_is_refused_clearly(
+    client: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    """HAPI FHIR's R4 rest-hook with a payload PUTs the resource to ``[endpoint]/Task/t1``."""
+    body = n.task("t1", "e-1", status="accepted")
+    r = await client.put(f"{URL}/Task/t1", json=body, headers=HEADERS)
+    assert r.status_code == 422
+    [problem] = r.json()["errors"]
+    assert problem["code"] == "classic_rest_hook" and "Backport" in problem["detail"]
+    assert await count(runtime, ExceptionRecord) == 0  # unauthenticated: nothing kept
+    r = await client.put("/v1/ehr/nope/notifications/Task/t1", json=body, headers=HEADERS)
+    assert r.status_code == 404
