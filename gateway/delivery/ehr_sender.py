@@ -312,11 +312,18 @@ class EhrSender:
                 # 2xx without a usable transaction-response: it may have been applied; a
                 # retry is safe because every entry is conditional or an update.
                 raise EhrUnavailableError(f"unusable transaction-response ({exc})") from exc
-            failed = None
+            failed = next((e for e in entries if e.failed and e.status_code), None)
+            if failed is not None and failed.status_code is not None:
+                # A 200 whose entries failed: a batch-response, or a server that processed
+                # the transaction as one. Nothing is learnt from it (what the other entries
+                # say may have been rolled back); a replay finds them by ifNoneExist.
+                raise status_error(
+                    failed.status_code,
+                    failed.outcome,
+                    f"EHR answered {failed.status_code} to a {failed.resource_type} entry "
+                    f"({outcome_summary(failed.outcome)})",
+                )
             for stored, entry, sent in zip(chunk, entries, bundle["entry"], strict=True):
-                if entry.failed:
-                    failed = failed or entry
-                    continue
                 remote_id = entry.remote_id
                 search = sent["request"].get("ifNoneExist")
                 if remote_id is None and search:
@@ -324,14 +331,6 @@ class EhrSender:
                     # find the id, or a later change would be a create the EHR ignores.
                     remote_id = await _find_one(client, stored["resourceType"], search)
                 progress.learn(stored, remote_id, entry.remote_version)
-            if failed is not None and failed.status_code is not None:
-                # A 200 whose entries failed: the server processed the Bundle as a batch.
-                raise status_error(
-                    failed.status_code,
-                    failed.outcome,
-                    f"EHR answered {failed.status_code} to a {failed.resource_type} entry "
-                    f"({outcome_summary(failed.outcome)})",
-                )
 
     async def _send_individual(
         self,
