@@ -133,13 +133,15 @@ def parse_notification(data: dict[str, Any]) -> Notification:
     """
     rtype = data.get("resourceType")
     if rtype != "Bundle":
-        named = rtype if isinstance(rtype, str) and _TYPE_NAME.match(rtype) else "not a Bundle"
+        named = (
+            f"a {rtype}" if isinstance(rtype, str) and _TYPE_NAME.match(rtype) else "no resource"
+        )
         raise MappingErrors(
             [
                 Problem(
                     "resourceType",
                     "not_a_notification_bundle",
-                    f"the body is a {named}, not a notification Bundle (a classic R4 rest-hook "
+                    f"the body is {named}, not a notification Bundle (a classic R4 rest-hook "
                     "payload?): configure the Subscription per the Subscriptions R5 Backport "
                     "IG (backport-subscription profile, payload id-only or full-resource)",
                 )
