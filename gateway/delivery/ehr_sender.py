@@ -55,6 +55,7 @@ from gateway.logging import get_logger
 from gateway.runtime import Runtime
 from gateway.workflow.service import EventInput
 from mappers.bundle import (
+    EntryInfo,
     build_transaction_bundle,
     business_identifier,
     entry_as_rest_call,
@@ -307,7 +308,11 @@ class EhrSender:
             )
             response = await client.transaction(bundle)
             try:
-                entries = parse_transaction_response(response, chunk)
+                entries = (
+                    parse_transaction_response(response, chunk)
+                    if response
+                    else [EntryInfo(r["resourceType"], r["id"], None, None, "") for r in chunk]
+                )
             except ValueError as exc:
                 # 2xx without a usable transaction-response: it may have been applied; a
                 # retry is safe because every entry is conditional or an update.

@@ -110,12 +110,16 @@ class EhrClient:
         self.base_url = target.base_url.rstrip("/")
 
     async def transaction(self, bundle: dict[str, Any]) -> dict[str, Any]:
-        """POST a transaction Bundle to ``[base]`` and return the transaction-response.
+        """POST a transaction Bundle to ``[base]`` and return the transaction-response,
+        or ``{}`` when the EHR answered 2xx with an empty body (non-conformant, but the
+        transaction succeeded).
 
         Raises:
             EhrUnavailableError, EhrRejectedError, EhrConfigError.
         """
         response = await self._send("POST", self.base_url, json=bundle)
+        if not response.content.strip():
+            return {}
         body = self._json(response)
         if not isinstance(body, dict):
             raise EhrUnavailableError(

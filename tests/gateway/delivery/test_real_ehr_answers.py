@@ -333,3 +333,29 @@ async def test_a_redirect_is_a_configuration_error_not_a_dead_letter(
     row = await deliver_one(client, admin_headers, runtime, worker)
     assert (row.status, row.attempts) == ("pending", 0)
     assert row.last_error is not None and "base_url" in row.last_error
+
+
+@pytest.mark.parametrize("status", [200, 204])
+async def test_an_empty_2xx_answer_is_delivered_and_the_ids_looked_up(
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    runtime: Runtime,
+    worker: DeliveryWorker,
+    ehr: Ehr,
+    status: int,
+) -> None:
+    """A transaction that succeeded with no Bundle in the answer (non-conformant)."""
+
+    def search(request: httpx.Request) -> httpx.Response:
+        rtype = request.url.path.rsplit("/", 1)[-1]
+        found = [{"resource": {"resourceType": rtype, "id": f"found-{rtype}"}}]
+        return httpx.Response(
+            200, json={"resourceType": "Bundle", "type": "searchset", "entry": found}
+        )
+
+    ehr.answer = lambda b: httpx.Response(status, content=b"")
+    ehr.search = search
+    row = await deliver_one(client, admin_headers, runtime, worker)
+    assert (row.status, row.attempts) == ("delivered", 1)
+    assert (await remote_ids(runtime))["Patient"] == ("found-Patient", None)
+    assert len(ehr.bundles) == 1
