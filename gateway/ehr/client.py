@@ -53,11 +53,19 @@ def outcome_summary(outcome: dict[str, Any] | None) -> str:
     """A short summary of an OperationOutcome: issue codes and severities only."""
     if not outcome:
         return "no OperationOutcome"
-    issues = outcome.get("issue") or []
+    issues = outcome.get("issue")
+    issues = [i for i in issues if isinstance(i, dict)] if isinstance(issues, list) else []
     return (
-        ", ".join(f"{i.get('severity', '?')}/{i.get('code', '?')}" for i in issues[:5])
+        ", ".join(f"{_code(i.get('severity'))}/{_code(i.get('code'))}" for i in issues[:5])
         or "empty OperationOutcome"
     )
+
+
+def _code(value: Any) -> str:
+    """A FHIR code from another server, kept short and plain (it goes into logs)."""
+    if not isinstance(value, str):
+        return "?"
+    return "".join(c for c in value[:32] if c.isalnum() or c in "-_.") or "?"
 
 
 def status_error(

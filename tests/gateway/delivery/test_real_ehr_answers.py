@@ -359,3 +359,20 @@ async def test_an_empty_2xx_answer_is_delivered_and_the_ids_looked_up(
     assert (row.status, row.attempts) == ("delivered", 1)
     assert (await remote_ids(runtime))["Patient"] == ("found-Patient", None)
     assert len(ehr.bundles) == 1
+
+
+async def test_a_malformed_operation_outcome_still_dead_letters(
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    runtime: Runtime,
+    worker: DeliveryWorker,
+    ehr: Ehr,
+) -> None:
+    """``issue`` as an object instead of a list (seen from hand-written servers)."""
+    outcome = {
+        "resourceType": "OperationOutcome",
+        "issue": {"severity": "error", "code": "invalid"},
+    }
+    ehr.answer = lambda b: httpx.Response(400, json=outcome)
+    row = await deliver_one(client, admin_headers, runtime, worker)
+    assert (row.status, row.dead_reason, row.last_status_code) == ("dead", "rejected", 400)
