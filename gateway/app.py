@@ -59,9 +59,20 @@ class GatewayGeneralError(GatewayError):
 
 
 def _render(request: Request, exc: GatewayError) -> JSONResponse:
-    if request.url.path.startswith("/fhir"):
+    if request.url.path.startswith("/fhir") or _fhir_server_asking(request):
         return operation_outcome_response(exc)
     return problem_response(exc, instance=request.url.path)
+
+
+def _fhir_server_asking(request: Request) -> bool:
+    """An EHR posting a Subscription notification that accepts ``application/fhir+json``
+    (HAPI FHIR's client does) gets its error as an OperationOutcome, which FHIR servers log
+    (https://hl7.org/fhir/R4/http.html#Status-Codes); any other client a problem."""
+    path = request.url.path
+    if not (path.startswith("/v1/ehr/") and path.endswith("/notifications")):
+        return False
+    accept = request.headers.get("accept", "").lower()
+    return "application/fhir+json" in accept and "application/problem+json" not in accept
 
 
 class BodySizeLimitMiddleware:

@@ -78,6 +78,13 @@ class EntryInfo:
     remote_id: str | None
     remote_version: str | None
     status: str
+    status_code: int | None = None
+    outcome: dict[str, Any] | None = None
+
+    @property
+    def failed(self) -> bool:
+        """The entry's status is a 4xx or 5xx (the EHR did not write it)."""
+        return self.status_code is not None and self.status_code >= 400
 
 
 def build_transaction_bundle(
@@ -298,37 +305,61 @@ def parse_transaction_response(
 
     The response has one entry per request entry, in the same order
     (https://hl7.org/fhir/R4/http.html#transaction-response). ``response.location`` is
-    ``Type/<id>[/_history/<vid>]``, absolute or relative.
+    ``Type/<id>[/_history/<vid>]``, absolute or relative; ``response.status`` starts with
+    the HTTP code (``"201 Created"`` or ``"201"``). A ``batch-response`` is read the same
+    way: some servers process a transaction entry by entry and answer 200 with a failed
+    entry's 4xx status and ``response.outcome`` in it (:attr:`EntryInfo.failed`).
 
     Raises:
-        ValueError: the response is not a transaction-response with matching entries.
+        ValueError: the response is not a transaction- or batch-response with matching
+            entries.
     """
-    if bundle.get("resourceType") != "Bundle" or bundle.get("type") != "transaction-response":
+    if bundle.get("resourceType") != "Bundle" or bundle.get("type") not in (
+        "transaction-response",
+        "batch-response",
+    ):
         raise ValueError("not a transaction-response Bundle")
     entries = bundle.get("entry") or []
     if len(entries) != len(sent):
         raise ValueError("transaction-response entry count differs from the request")
     out = []
     for stored, entry in zip(sent, entries, strict=True):
-        response = entry.get("response") or {}
+        response = _object(entry, "response")
+        returned = _object(entry, "resource")
+        status = str(response.get("status", ""))
+        code_match = _STATUS.match(status)
+        status_code = int(code_match.group(1)) if code_match else None
+        outcome = response.get("outcome")
+        if not (isinstance(outcome, Mapping) and outcome.get("resourceType") == "OperationOutcome"):
+            outcome = returned if returned.get("resourceType") == "OperationOutcome" else None
         remote_id, version = parse_location(response.get("location"), stored["resourceType"])
-        if remote_id is None and isinstance(entry.get("resource"), dict):
-            remote_id = entry["resource"].get("id")
-            version = (entry["resource"].get("meta") or {}).get("versionId")
+        if remote_id is None and returned.get("resourceType") == stored["resourceType"]:
+            remote_id = returned.get("id")
+            version = (returned.get("meta") or {}).get("versionId")
         if version is None and isinstance(response.get("etag"), str):
             version = response["etag"].removeprefix("W/").strip('"')
+        failed = status_code is not None and status_code >= 400
         out.append(
             EntryInfo(
                 resource_type=stored["resourceType"],
                 local_id=stored["id"],
-                remote_id=remote_id,
-                remote_version=version,
-                status=str(response.get("status", "")),
+                remote_id=None if failed else remote_id,
+                remote_version=None if failed else version,
+                status=status,
+                status_code=status_code,
+                outcome=dict(outcome) if outcome is not None else None,
             )
         )
     return out
 
 
+def _object(entry: Any, name: str) -> Mapping[str, Any]:
+    """``entry[name]`` when it is a JSON object, else an empty one."""
+    value = entry.get(name) if isinstance(entry, Mapping) else None
+    return value if isinstance(value, Mapping) else {}
+
+
+_STATUS = re.compile(r"^\s*(\d{3})\b")
 _LOCATION = re.compile(
     r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-\.]{1,64})(?:/_history/([A-Za-z0-9\-\.]{1,64}))?/?$"
 )

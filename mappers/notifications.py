@@ -1,9 +1,10 @@
 """FHIR Subscription notifications (Subscriptions R5 Backport IG, R4) -> clinical events.
 
 Spec: https://hl7.org/fhir/uv/subscriptions-backport/STU1.1/notifications.html and
-``payloads.html``. Every notification is a ``Bundle`` of type ``history`` whose first entry
-is the subscription status: an R4 ``Parameters`` (profile
-``backport-subscription-status-r4``) or an R4B ``SubscriptionStatus``. Parameters are read
+``payloads.html``. Every notification is a ``Bundle`` of type ``history`` (R4) or
+``subscription-notification`` (R4B, R5: https://hl7.org/fhir/R5/subscriptions.html) whose
+first entry is the subscription status: an R4 ``Parameters`` (profile
+``backport-subscription-status-r4``) or an R4B/R5 ``SubscriptionStatus``. Parameters are read
 by name, never by position: ``subscription``, ``topic``, ``status``, ``type``
 (``handshake | heartbeat | event-notification | query-status | query-event``),
 ``events-since-subscription-start`` and ``notification-event`` (parts ``event-number``,
@@ -35,6 +36,9 @@ from mappers.profiles.events import EhrEventsSpec, FocusRule
 NOTIFICATION_TYPES = frozenset(
     {"handshake", "heartbeat", "event-notification", "query-status", "query-event"}
 )
+#: ``history`` in R4 (Backport IG); ``subscription-notification`` in R4B and R5.
+NOTIFICATION_BUNDLE_TYPES = frozenset({"history", "subscription-notification"})
+_TYPE_NAME = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _REFERENCE = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/([^/]+))?/?$")
 _SUBJECT = {
     "Task": "for",
@@ -121,10 +125,28 @@ def parse_notification(data: dict[str, Any]) -> Notification:
     The Bundle is validated with ``fhir.resources.R4B`` (structure only).
 
     Raises:
-        MappingErrors: not a ``history`` Bundle, no status in ``entry[0]``, an unknown
+        MappingErrors: not a Bundle (``not_a_notification_bundle``: a classic R4
+            rest-hook sends the bare resource), not a ``history`` or
+            ``subscription-notification`` Bundle, no status in ``entry[0]``, an unknown
             notification ``type``, no ``subscription``, event numbers that are not numbers;
             locations are Bundle paths, never values.
     """
+    rtype = data.get("resourceType")
+    if rtype != "Bundle":
+        named = (
+            f"a {rtype}" if isinstance(rtype, str) and _TYPE_NAME.match(rtype) else "no resource"
+        )
+        raise MappingErrors(
+            [
+                Problem(
+                    "resourceType",
+                    "not_a_notification_bundle",
+                    f"the body is {named}, not a notification Bundle (a classic R4 rest-hook "
+                    "payload?): configure the Subscription per the Subscriptions R5 Backport "
+                    "IG (backport-subscription profile, payload id-only or full-resource)",
+                )
+            ]
+        )
     try:
         bundle = Bundle.model_validate(data)
     except ValidationError as exc:
@@ -135,8 +157,15 @@ def parse_notification(data: dict[str, Any]) -> Notification:
             [Problem("entry", "unknown_resource_type", "an entry has an unknown resourceType")]
         ) from exc
     problems: list[Problem] = []
-    if bundle.type != "history":
-        problems.append(Problem("type", "not_history", "a notification is a history Bundle"))
+    if bundle.type not in NOTIFICATION_BUNDLE_TYPES:
+        problems.append(
+            Problem(
+                "type",
+                "not_history",
+                "a notification is a history Bundle (R4 Backport IG) or a "
+                "subscription-notification Bundle (R4B, R5)",
+            )
+        )
     entries = bundle.entry or []
     status = entries[0].resource if entries else None
     kind = type(status).__name__ if status is not None else None

@@ -41,7 +41,7 @@ from gateway.delivery.sender import (
     TargetConfig,
     Wait,
 )
-from gateway.ehr.client import EhrClient, outcome_summary
+from gateway.ehr.client import EhrClient, outcome_summary, status_error
 from gateway.ehr.errors import (
     EhrConfigError,
     EhrError,
@@ -55,6 +55,7 @@ from gateway.logging import get_logger
 from gateway.runtime import Runtime
 from gateway.workflow.service import EventInput
 from mappers.bundle import (
+    EntryInfo,
     build_transaction_bundle,
     business_identifier,
     entry_as_rest_call,
@@ -144,12 +145,17 @@ class EhrSender:
         ]
 
     async def probe(self, target: str) -> bool:
-        """``GET [base]/metadata`` answers (any 2xx)."""
+        """``GET [base]/metadata`` answers: a 2xx, or a 4xx (servers such as the Google
+        Cloud Healthcare API want a token for the CapabilityStatement too, and the probe
+        sends none); not a transport failure, timeout, 408/425/429 or 5xx."""
         profile = self.runtime.profiles.current.ehr.get(target)
         if profile is None:
             return False
         try:
             await self.clients.client_for(profile).capabilities()
+        except EhrRejectedError as exc:
+            log.info("delivery.probe_answered", target=target, status_code=exc.status_code)
+            return True
         except EhrError as exc:
             log.info("delivery.probe_failed", target=target, status_code=exc.status_code)
             return False
@@ -302,13 +308,34 @@ class EhrSender:
             )
             response = await client.transaction(bundle)
             try:
-                entries = parse_transaction_response(response, chunk)
+                entries = (
+                    parse_transaction_response(response, chunk)
+                    if response
+                    else [EntryInfo(r["resourceType"], r["id"], None, None, "") for r in chunk]
+                )
             except ValueError as exc:
                 # 2xx without a usable transaction-response: it may have been applied; a
                 # retry is safe because every entry is conditional or an update.
                 raise EhrUnavailableError(f"unusable transaction-response ({exc})") from exc
-            for stored, entry in zip(chunk, entries, strict=True):
-                progress.learn(stored, entry.remote_id, entry.remote_version)
+            failed = next((e for e in entries if e.failed and e.status_code), None)
+            if failed is not None and failed.status_code is not None:
+                # A 200 whose entries failed: a batch-response, or a server that processed
+                # the transaction as one. Nothing is learnt from it (what the other entries
+                # say may have been rolled back); a replay finds them by ifNoneExist.
+                raise status_error(
+                    failed.status_code,
+                    failed.outcome,
+                    f"EHR answered {failed.status_code} to a {failed.resource_type} entry "
+                    f"({outcome_summary(failed.outcome)})",
+                )
+            for stored, entry, sent in zip(chunk, entries, bundle["entry"], strict=True):
+                remote_id = entry.remote_id
+                search = sent["request"].get("ifNoneExist")
+                if remote_id is None and search:
+                    # Some servers leave out ``location`` (often when ifNoneExist matched):
+                    # find the id, or a later change would be a create the EHR ignores.
+                    remote_id = await _find_one(client, stored["resourceType"], search)
+                progress.learn(stored, remote_id, entry.remote_version)
 
     async def _send_individual(
         self,
@@ -446,6 +473,19 @@ class EhrSender:
                 ),
             )
         return Delivered(200, self._save(target, progress), events)
+
+
+async def _find_one(client: EhrClient, resource_type: str, search: str) -> str | None:
+    """The id of the one resource ``search`` finds, else None (a failed search too: the
+    write itself succeeded)."""
+    try:
+        found = await client.search_ids(resource_type, search)
+    except EhrError as exc:
+        log.info(
+            "delivery.id_lookup_failed", resource_type=resource_type, status_code=exc.status_code
+        )
+        return None
+    return found[0] if len(found) == 1 else None
 
 
 def _search_value(value: str) -> str:

@@ -4,6 +4,7 @@ into the errors of :mod:`gateway.ehr.errors`.
 Status classes (https://hl7.org/fhir/R4/http.html, RFC 9110):
 
 * 2xx: success;
+* 3xx: :class:`EhrConfigError` (redirects are not followed: the ``base_url`` is wrong);
 * transport failures, timeouts, 408, 409 (server-side lock conflict: "re-read and retry"),
   425, 429 and 5xx: :class:`EhrUnavailableError`, with ``Retry-After`` when sent;
 * 401: the token is invalidated and the request retried once with a fresh one; a fresh
@@ -52,11 +53,29 @@ def outcome_summary(outcome: dict[str, Any] | None) -> str:
     """A short summary of an OperationOutcome: issue codes and severities only."""
     if not outcome:
         return "no OperationOutcome"
-    issues = outcome.get("issue") or []
+    issues = outcome.get("issue")
+    issues = [i for i in issues if isinstance(i, dict)] if isinstance(issues, list) else []
     return (
-        ", ".join(f"{i.get('severity', '?')}/{i.get('code', '?')}" for i in issues[:5])
+        ", ".join(f"{_code(i.get('severity'))}/{_code(i.get('code'))}" for i in issues[:5])
         or "empty OperationOutcome"
     )
+
+
+def _code(value: Any) -> str:
+    """A FHIR code from another server, kept short and plain (it goes into logs)."""
+    if not isinstance(value, str):
+        return "?"
+    return "".join(c for c in value[:32] if c.isalnum() or c in "-_.") or "?"
+
+
+def status_error(
+    status: int, outcome: dict[str, Any] | None, message: str
+) -> EhrUnavailableError | EhrRejectedError:
+    """The error of an HTTP ``status`` the EHR answered (or wrote into a Bundle entry's
+    ``response.status``): retryable for 408, 409, 425, 429 and 5xx, permanent otherwise."""
+    if status in RETRYABLE_STATUS or status >= 500:
+        return EhrUnavailableError(message, status_code=status)
+    return EhrRejectedError(message, status_code=status, operation_outcome=outcome)
 
 
 @dataclass(frozen=True)
@@ -99,12 +118,16 @@ class EhrClient:
         self.base_url = target.base_url.rstrip("/")
 
     async def transaction(self, bundle: dict[str, Any]) -> dict[str, Any]:
-        """POST a transaction Bundle to ``[base]`` and return the transaction-response.
+        """POST a transaction Bundle to ``[base]`` and return the transaction-response,
+        or ``{}`` when the EHR answered 2xx with an empty body (non-conformant, but the
+        transaction succeeded).
 
         Raises:
             EhrUnavailableError, EhrRejectedError, EhrConfigError.
         """
         response = await self._send("POST", self.base_url, json=bundle)
+        if not response.content.strip():
+            return {}
         body = self._json(response)
         if not isinstance(body, dict):
             raise EhrUnavailableError(
@@ -264,6 +287,14 @@ class EhrClient:
         status = response.status_code
         if status < 300:
             return response
+        if status < 400:
+            # httpx follows no redirects, and a POST must not be replayed to another URL
+            # unseen: http:// for https://, a moved base. The target's base_url is wrong.
+            raise EhrConfigError(
+                f"EHR answered {status} (a redirect): set the target's base_url to the URL "
+                "it points to",
+                status_code=status,
+            )
         if status in RETRYABLE_STATUS or status >= 500:
             raise EhrUnavailableError(
                 f"EHR answered {status}",

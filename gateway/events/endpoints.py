@@ -125,6 +125,27 @@ async def post_notification(
     return JSONResponse(outcome.body, status_code=outcome.status_code)
 
 
+@router.api_route(
+    "/ehr/{target}/notifications/{resource_path:path}",
+    methods=["POST", "PUT"],
+    summary="Refused: a classic R4 rest-hook writing the resource to [endpoint]/Type/id",
+    responses={404: {}, 422: {}},
+    include_in_schema=False,
+)
+async def refuse_classic_rest_hook(target: str, resource_path: str, runtime: RuntimeDep) -> None:
+    """A classic R4 rest-hook with a payload (HAPI FHIR's) writes the resource to
+    ``[channel.endpoint]/Type/id`` (https://hl7.org/fhir/R4/subscription.html#2.46.7.1):
+    it names no subscription event, so it is refused (nothing is read or stored) with a
+    problem that says what to configure instead.
+
+    Raises:
+        NotFoundError: no EHR target with notifications by this name.
+        UnprocessableError: always, otherwise.
+    """
+    notifications.notification_target(runtime, target)
+    raise notifications.classic_rest_hook_error()
+
+
 class FhirSubscriptionOut(BaseModel):
     """What the gateway knows of one EHR subscription."""
 

@@ -89,6 +89,25 @@ def verify_sender(target: EhrTargetProfile, headers: Mapping[str, str]) -> None:
         )
 
 
+def classic_rest_hook_error(
+    code: str = "classic_rest_hook", what: str = "a resource written to [endpoint]/Type/id"
+) -> UnprocessableError:
+    """The refusal of a classic R4 rest-hook notification (an empty ping, or the resource
+    itself), which does not say which subscription event happened."""
+    return UnprocessableError(
+        "not a subscription notification",
+        [
+            Problem(
+                "",
+                code,
+                f"{what} does not say which subscription event happened: configure the "
+                "Subscription per the Subscriptions R5 Backport IG (payload id-only or "
+                "full-resource) and its endpoint as this URL",
+            )
+        ],
+    )
+
+
 async def _state(
     session: AsyncSession, runtime: Runtime, target: str, subscription: str
 ) -> FhirSubscription:
@@ -189,6 +208,10 @@ async def receive_notification(
     Raises:
         BadRequestError, UnprocessableError: not JSON, or not a notification Bundle.
     """
+    if not raw.strip():
+        raise classic_rest_hook_error(
+            "empty_notification", "an empty body (a classic R4 rest-hook ping)"
+        )
     data = decode_json_object(raw)
     try:
         notification = parse_notification(data)

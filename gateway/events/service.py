@@ -218,7 +218,15 @@ async def _prepare_notification(
         where = f"notification-event[{i}]"
         key = reference_key(event.focus or "")
         if key is None:
-            out.problems.append(Problem(where, "missing_focus", "the event has no focus reference"))
+            out.problems.append(
+                Problem(
+                    where,
+                    "missing_focus",
+                    "the event has no focus reference (payload 'empty'?): the gateway cannot "
+                    "tell what changed; set the Subscription's payload content to id-only or "
+                    "full-resource",
+                )
+            )
             continue
         resource = notification.resources.get(key)
         if resource is None:

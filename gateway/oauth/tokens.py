@@ -140,17 +140,35 @@ def _raise_for_token_status(response: httpx.Response) -> httpx.Response:
             status_code=status,
             retry_after_s=parse_retry_after(response.headers.get("retry-after")),
         )
-    if status >= 400:
-        error = "unknown"
-        try:
-            body = response.json()
-            if isinstance(body, dict) and isinstance(body.get("error"), str):
-                error = "".join(c for c in body["error"][:64] if c.isalnum() or c in "_-")
-        except ValueError:
-            pass
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    error = body.get("error") if isinstance(body, dict) else None
+    code = (
+        "".join(c for c in error[:64] if c.isalnum() or c in "_-") if isinstance(error, str) else ""
+    )
+    if status >= 400 or code:
+        # RFC 6749 section 5.2 says 400 (401 for client authentication); some servers
+        # answer the error JSON with 200, some a plain-text or HTML page.
         raise EhrConfigError(
-            f"token endpoint refused the client ({status} {error})", status_code=status
+            f"token endpoint refused the client ({status} {code or 'unknown'})", status_code=status
         )
+    if not isinstance(body, dict):
+        # A login or portal page (text/html) answering 200: the URL is not a token endpoint.
+        media = response.headers.get("content-type", "none").split(";", 1)[0].strip()[:64]
+        raise EhrConfigError(
+            f"token endpoint answered {status} without a JSON object ({media}); "
+            "check auth.token_url",
+            status_code=status,
+        )
+    expires_in = body.get("expires_in")
+    if isinstance(expires_in, str) and not expires_in.strip().isdigit():
+        # authlib takes int(expires_in): "3599.0" would fail the whole response.
+        fixed = {k: v for k, v in body.items() if k != "expires_in"}
+        with contextlib.suppress(ValueError):  # unreadable: the default lifetime applies
+            fixed["expires_in"] = max(0, int(float(expires_in)))
+        return httpx.Response(status, json=fixed, request=response.request)
     return response
 
 
@@ -486,6 +504,14 @@ class SharedTokenManager:
             lifetime = DEFAULT_LIFETIME
         token_type = token.get("token_type")
         scope = token.get("scope")
+        if scope and set(auth.scopes) - set(str(scope).split()):
+            # RFC 6749 section 3.3: the server may grant less than asked; the FHIR server
+            # then answers 403 to what the token does not cover.
+            log.warning(
+                "oauth.scope_narrowed",
+                target=self.name,
+                not_granted=sorted(set(auth.scopes) - set(str(scope).split())),
+            )
         return _Fetched(
             access,
             str(token_type)[:32] if token_type else None,

@@ -338,8 +338,62 @@ def test_parse_location(location: Any, expected: tuple[str | None, str | None]) 
 def test_a_response_that_is_not_a_transaction_response_is_refused() -> None:
     with pytest.raises(ValueError, match="transaction-response"):
         parse_transaction_response(
-            {"resourceType": "Bundle", "type": "batch-response"}, [patient()]
+            {"resourceType": "Bundle", "type": "searchset", "entry": [{}]}, [patient()]
         )
+    with pytest.raises(ValueError, match="transaction-response"):
+        parse_transaction_response({"resourceType": "OperationOutcome"}, [patient()])
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "failed"),
+    [
+        ("201 Created", 201, False),
+        ("201", 201, False),
+        ("200 OK", 200, False),
+        ("412 Precondition Failed", 412, True),
+        ("422", 422, True),
+        ("500 Internal Server Error", 500, True),
+        ("", None, False),
+    ],
+)
+def test_entry_status_with_or_without_reason_phrase(
+    status: str, code: int | None, failed: bool
+) -> None:
+    (info,) = parse_transaction_response(
+        response({"response": {"status": status, "location": "Patient/ehr-1"}}), [patient()]
+    )
+    assert (info.status_code, info.failed) == (code, failed)
+    assert info.remote_id == (None if failed else "ehr-1")
+
+
+def test_a_batch_response_entry_failure_carries_its_operation_outcome() -> None:
+    outcome = {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "invalid"}],
+    }
+    batch = {
+        "resourceType": "Bundle",
+        "type": "batch-response",
+        "entry": [
+            {"response": {"status": "201 Created", "location": "Patient/ehr-1/_history/1"}},
+            {"response": {"status": "400 Bad Request", "outcome": outcome}},
+        ],
+    }
+    ok, bad = parse_transaction_response(batch, [patient(), questionnaire_response()])
+    assert (ok.failed, ok.remote_id, bad.failed, bad.outcome) == (False, "ehr-1", True, outcome)
+
+
+def test_an_outcome_returned_as_the_entry_resource_is_not_taken_for_the_id() -> None:
+    (info,) = parse_transaction_response(
+        response(
+            {
+                "response": {"status": "200 OK"},
+                "resource": {"resourceType": "OperationOutcome", "id": "oo-1", "issue": []},
+            }
+        ),
+        [patient()],
+    )
+    assert info.remote_id is None
 
 
 def test_a_response_with_another_entry_count_is_refused() -> None:

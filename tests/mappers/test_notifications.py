@@ -88,6 +88,9 @@ def test_r4b_subscription_status_is_read_too() -> None:
         [1],
         1,
     )
+    # R4B and R5 servers send the SubscriptionStatus in a subscription-notification Bundle
+    data["type"] = "subscription-notification"
+    assert parse_notification(data).event_numbers == [1]
 
 
 @pytest.mark.parametrize(
@@ -121,6 +124,22 @@ def test_malformed_notifications_are_refused(mutate: Any, codes: set[str]) -> No
     with pytest.raises(MappingErrors) as err:
         parse_notification(data)
     assert {p.code for p in err.value.problems} & codes == codes
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        (n.task("t1", "e-1", status="accepted"), "the body is a Task,"),
+        ({"id": "x"}, "the body is no resource,"),
+        ({"resourceType": "<script>"}, "the body is no resource,"),
+    ],
+)
+def test_a_bare_resource_is_not_a_notification(body: dict[str, Any], named: str) -> None:
+    """A classic R4 rest-hook posts the resource itself."""
+    with pytest.raises(MappingErrors) as err:
+        parse_notification(body)
+    [problem] = err.value.problems
+    assert problem.code == "not_a_notification_bundle" and str(problem.message).startswith(named)
 
 
 def _event(resource: dict[str, Any], number: int = 5) -> Any:
