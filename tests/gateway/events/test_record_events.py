@@ -150,9 +150,13 @@ async def test_a_mixed_batch_leaves_the_same_timers_and_history_as_one_by_one(
         a = await session.get(Case, batched.case_id)
         b = await session.get(Case, single.case_id)
         assert a is not None and b is not None
-        assert (a.state, a.sla_timer) == (b.state, b.sla_timer) == (
-            "awaiting_review",
-            "review_overdue",
+        assert (
+            (a.state, a.sla_timer)
+            == (b.state, b.sla_timer)
+            == (
+                "awaiting_review",
+                "review_overdue",
+            )
         )
     for patient in (batched, single):
         case = await case_of(client, admin_headers, patient.case_id)
