@@ -463,6 +463,15 @@ async def add_attempts(session: AsyncSession, rows: Sequence[dict[str, Any]]) ->
 # --------------------------------------------------------------------------- remote ids
 
 
+def _resource_keys(refs: Sequence[str]) -> Any:
+    """``fhir_resources`` rows of ``refs`` (``Type/id``) as an OR of primary-key lookups:
+    SQLite scans the whole table for a row-value ``(type, id) IN (VALUES ...)`` (see
+    :func:`gateway.fhir.repository.get_resources`)."""
+    f = FhirResource
+    keys = (ref.split("/", 1) for ref in refs)
+    return or_(*(and_(f.resource_type == t, f.id == i) for t, i in keys))
+
+
 async def resources_for_target(
     session: AsyncSession, *, target: str, refs: Sequence[str]
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
@@ -481,7 +490,7 @@ async def resources_for_target(
             r,
             and_(r.target == target, r.resource_type == f.resource_type, r.local_id == f.id),
         )
-        .where(tuple_(f.resource_type, f.id).in_([tuple(ref.split("/", 1)) for ref in refs]))
+        .where(_resource_keys(refs))
     )
     resources: dict[str, dict[str, Any]] = {}
     remote: dict[str, str] = {}
@@ -512,7 +521,7 @@ async def outside_for_target(
             r,
             and_(r.target == target, r.resource_type == f.resource_type, r.local_id == f.id),
         )
-        .where(tuple_(f.resource_type, f.id).in_([tuple(ref.split("/", 1)) for ref in refs]))
+        .where(_resource_keys(refs))
     )
     remote: dict[str, str] = {}
     identifiers: dict[str, tuple[str, str]] = {}

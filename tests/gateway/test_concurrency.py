@@ -77,3 +77,78 @@ async def test_the_same_event_five_times_at_once_is_one_message(
     assert [r.status_code for r in answers] == [202] * 5, [r.text for r in answers]
     assert len({r.json()["message_id"] for r in answers}) == 1
     assert await count(runtime, InboundMessage) == 1
+
+
+def _without_replayed(body: dict[str, object]) -> dict[str, object]:
+    return {k: v for k, v in body.items() if k != "replayed"}
+
+
+async def test_concurrent_twins_all_get_the_stored_answer(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str]
+) -> None:
+    """The inbox row is inserted last: the twins that lose the race roll back everything
+    they wrote, retry, and answer with the winner's stored answer (same resources, same
+    deliveries, same case), for intakes and Stripe events alike."""
+    raw = json.dumps(samples.intake())
+    headers = {**admin_headers, "Content-Type": "application/json"}
+    payload, stripe_headers = signed_stripe(samples.stripe_event())
+    answers = await asyncio.gather(
+        *(client.post("/v1/intake-submissions", content=raw, headers=headers) for _ in range(3)),
+        *(
+            client.post("/v1/webhooks/stripe", content=payload, headers=stripe_headers)
+            for _ in range(3)
+        ),
+    )
+    assert [r.status_code for r in answers] == [202] * 3 + [200] * 3, [r.text for r in answers]
+    intakes, stripes = answers[:3], answers[3:]
+    for group in (intakes, stripes):
+        bodies = [_without_replayed(r.json()) for r in group]
+        assert all(body == bodies[0] for body in bodies), bodies
+        assert sum(1 for r in group if not r.json().get("replayed")) == 1
+    assert await count(runtime, InboundMessage) == 2
+    assert await of_type(runtime, "QuestionnaireResponse") == 1
+    assert await of_type(runtime, "MedicationRequest") == 1
+
+
+async def test_a_database_failure_after_the_resources_leaves_nothing_written(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str]
+) -> None:
+    """The database refuses the case (written after the resources, before the inbox
+    row): the request fails, and none of what it wrote stays; sent again once the
+    database accepts it, the submission is stored whole, once (PostgreSQL: a trigger)."""
+    if runtime.engine.dialect.name != "postgresql":
+        return
+    from sqlalchemy import text
+
+    from gateway.db.models import Delivery, PatientKey
+
+    async with runtime.engine.begin() as conn:
+        await conn.execute(
+            text(
+                "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN "
+                "RAISE EXCEPTION 'refused by test'; END $$ LANGUAGE plpgsql"
+            )
+        )
+        await conn.execute(
+            text(
+                "CREATE TRIGGER refuse BEFORE INSERT ON cases FOR EACH ROW EXECUTE FUNCTION refuse()"
+            )
+        )
+    raw = json.dumps(samples.intake())
+    headers = {**admin_headers, "Content-Type": "application/json"}
+    failed = False
+    try:
+        r = await client.post("/v1/intake-submissions", content=raw, headers=headers)
+        failed = r.status_code >= 500
+    except Exception:  # the in-process transport raises what the app did not handle
+        failed = True
+    assert failed
+    for model in (FhirResource, InboundMessage, PatientKey, Delivery):
+        assert await count(runtime, model) == 0, model.__name__
+    async with runtime.engine.begin() as conn:
+        await conn.execute(text("DROP TRIGGER refuse ON cases"))
+    r = await client.post("/v1/intake-submissions", content=raw, headers=headers)
+    assert r.status_code == 202, r.text
+    assert await of_type(runtime, "Patient") == 1
+    assert await count(runtime, Case) == 1
+    assert await count(runtime, InboundMessage) == 1

@@ -4,10 +4,12 @@ across workers, claims that never overlap, a crashed worker's lease."""
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import timedelta
 
 import httpx
 import pytest
+from sqlalchemy import select, text
 
 from gateway.db.engine import make_engine, make_sessionmaker
 from gateway.db.models import Delivery
@@ -175,3 +177,133 @@ async def test_a_crashed_workers_rows_are_claimed_again_after_the_lease(
     assert again.id == first.id
     assert (first.attempts, again.attempts) == (1, 2)
     assert late is False  # the crashed worker's late outcome does not win
+
+
+async def test_concurrent_claims_keep_each_cases_order_and_the_in_flight_cap(
+    runtime: Runtime,
+) -> None:
+    """Four claimers on separate pools, each finishing what it claimed: a case's row is
+    never claimed while an earlier row of the case is unfinished, rows of a case are
+    claimed in id order (a crashed worker's expired rows first), and the target never has
+    more rows in flight than its cap."""
+    now = utcnow()
+    cases = [f"p{i}" for i in range(12)]
+    async with runtime.sessionmaker() as session:
+        await repo.ensure_target_states(session, [("ehr", "t")])
+        for round_ in range(3):
+            for key in cases:
+                crashed = round_ == 0 and key in cases[:4]  # leases ran out long ago
+                session.add(
+                    Delivery(
+                        kind="ehr",
+                        target="t",
+                        ordering_key=key,
+                        resource_refs=[f"Patient/{key}"],
+                        available_at=now - timedelta(minutes=10),
+                        created_at=now,
+                        status="in_flight" if crashed else "pending",
+                        locked_by="crashed" if crashed else None,
+                        locked_until=now - timedelta(minutes=5) if crashed else None,
+                    )
+                )
+            await session.flush()
+        await session.commit()
+        rows = (await session.execute(select(Delivery.id, Delivery.ordering_key))).all()
+    remaining = {key: sorted(i for i, k in rows if k == key) for key in cases}
+    total = sum(len(ids) for ids in remaining.values())
+    active: dict[str, int] = {}
+    cap = 5
+    in_flight = [0]
+    peak = [0]
+    engines = [make_engine(runtime.settings.database_url, pool_size=2) for _ in range(4)]
+
+    async def claimer(index: int) -> int:
+        makers = make_sessionmaker(engines[index])
+        done = 0
+        deadline = asyncio.get_running_loop().time() + 20
+        while any(remaining.values()) and asyncio.get_running_loop().time() < deadline:
+            async with makers() as session:
+                claimed = await repo.claim_for_target(
+                    session,
+                    kind="ehr",
+                    target="t",
+                    limit=3,
+                    max_in_flight=cap,
+                    worker=f"w{index}",
+                    lease=timedelta(minutes=5),
+                    now=utcnow(),
+                )
+                await session.commit()
+            for row in claimed:
+                key = row.ordering_key
+                assert key not in active, f"{row.id} claimed while {active.get(key)} unfinished"
+                assert row.id == remaining[key][0], f"{key}: {row.id} before {remaining[key]}"
+                active[key] = row.id
+            in_flight[0] += len(claimed)
+            peak[0] = max(peak[0], in_flight[0])
+            await asyncio.sleep(0)  # let the others claim while these are "sent"
+            for row in claimed:
+                async with makers() as session:
+                    # Forget the row before its outcome is committed: a claim that sees it
+                    # finished then never finds it still active here.
+                    del active[row.ordering_key]
+                    remaining[row.ordering_key].remove(row.id)
+                    in_flight[0] -= 1
+                    assert await repo.finish(
+                        session,
+                        delivery_id=row.id,
+                        worker=f"w{index}",
+                        values={"status": "delivered"},
+                    )
+                    await session.commit()
+                done += 1
+            await asyncio.sleep(0)
+        return done
+
+    try:
+        counts = await asyncio.gather(*(claimer(i) for i in range(4)))
+    finally:
+        for engine in engines:
+            await engine.dispose()
+
+    assert sum(counts) == total
+    assert not any(remaining.values())
+    assert peak[0] <= cap
+
+
+async def test_no_transaction_is_held_open_while_a_request_is_at_the_ehr(
+    runtime: Runtime,
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    ehr: EHR,
+    use_target: TargetFactory,
+) -> None:
+    """While the EHR holds the requests of a claim round, no session of the workers has
+    a transaction open since before the request (the round committed its claims and
+    target locks before sending; short transactions of other rounds may come and go)."""
+    fake, running = ehr
+    use_target(running)
+    await submit_intakes(client, admin_headers, 3)
+    fake.hang_fhir(3, 1.5)
+
+    async def open_transactions() -> int:
+        async with runtime.engine.connect() as conn:
+            return int(
+                await conn.scalar(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                        "current_database() AND pid <> pg_backend_pid() "
+                        "AND state LIKE 'idle in transaction%' "
+                        "AND clock_timestamp() - xact_start > interval '900 milliseconds'"
+                    )
+                )
+                or 0
+            )
+
+    async def hanging() -> bool:  # a request has been at the EHR for 1 s
+        return fake.in_flight >= 1 and time.monotonic() - fake.request_times[-1] >= 1.0
+
+    async with running_workers(runtime, 2, concurrency=4):
+        assert await wait_until(hanging, timeout_s=10, interval_s=0.01)
+        assert await open_transactions() == 0
+        assert await wait_until(lambda: all_delivered(runtime, 3), timeout_s=20)

@@ -109,3 +109,59 @@ async def test_events_that_move_a_case_keep_their_order_in_a_batch(
         ("ehr_delivered", case["state"], case["state"], "recorded"),
         ("decision", case["state"], case["state"], "rejected"),
     ]
+
+
+async def test_a_mixed_batch_leaves_the_same_timers_and_history_as_one_by_one(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str]
+) -> None:
+    """A delivery (stops the intake timer), a payment that moves the case (starts the
+    payment-delivery timer) and a second delivery (stops it) in one batch, against the
+    same three applied one by one to another patient: same outcomes, states, timers."""
+    from gateway.workflow.service import apply_event
+
+    batched = await new_patient(client, admin_headers)
+    single = await new_patient(client, admin_headers)
+    now = utcnow()
+
+    def events(patient_id: str) -> list[EventInput]:
+        return [
+            _delivered(patient_id, f"{patient_id}-m1", now - timedelta(seconds=6)),
+            EventInput(
+                source="checkout",
+                event_id=f"{patient_id}-pay",
+                type="payment_completed",
+                detail=None,
+                occurred_at=now - timedelta(seconds=5),
+                patient_id=patient_id,
+            ),
+            _delivered(patient_id, f"{patient_id}-m2", now - timedelta(seconds=4)),
+        ]
+
+    got = await _record(runtime, events(batched.patient_id))
+    workflow = runtime.profiles.current.workflow_or_raise
+    one_by_one = []
+    for event in events(single.patient_id):
+        async with runtime.write_session() as session:
+            result = await apply_event(session, workflow, event)
+            await session.commit()
+        one_by_one.append(result.outcome)
+    assert [r for r, _ in got] == one_by_one == ["recorded", "applied", "recorded"]
+    async with runtime.sessionmaker() as session:
+        a = await session.get(Case, batched.case_id)
+        b = await session.get(Case, single.case_id)
+        assert a is not None and b is not None
+        assert (
+            (a.state, a.sla_timer)
+            == (b.state, b.sla_timer)
+            == (
+                "awaiting_review",
+                "review_overdue",
+            )
+        )
+    for patient in (batched, single):
+        case = await case_of(client, admin_headers, patient.case_id)
+        assert [(e["type"], e["outcome"]) for e in case["history"][-3:]] == [
+            ("ehr_delivered", "recorded"),
+            ("payment_completed", "applied"),
+            ("ehr_delivered", "recorded"),
+        ]

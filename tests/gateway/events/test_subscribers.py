@@ -203,3 +203,31 @@ async def test_webhooks_of_a_deactivated_subscriber_are_dead_lettered(
     assert [(d.status, d.dead_reason) for d in await _deliveries(runtime)] == [
         ("dead", "subscriber_inactive")
     ]
+
+
+async def test_a_subscriber_added_while_the_targets_are_cached_waits_then_is_served(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    admin_headers: dict[str, str],
+    subscriber: tuple[Subscriber, str],
+) -> None:
+    """The worker reuses its list of targets for up to a second between claim rounds: a
+    subscriber registered meanwhile is not claimed from until the list is read again
+    (``wake()``, or the second passes); its rows wait, pending, and are then delivered."""
+    import asyncio
+
+    sub, url = subscriber
+    worker = DeliveryWorker(runtime)
+    try:
+        assert await worker._claim_round(worker._free_slots()) == 0  # caches the targets
+        await _register(client, admin_headers, sub, url)
+        await new_patient(client, admin_headers)  # case.opened
+        assert await worker._claim_round(worker._free_slots()) == 0  # cached: not seen yet
+        assert [d.status for d in await _deliveries(runtime)] == ["pending"]
+        worker.wake()
+        assert await worker._claim_round(worker._free_slots()) == 1
+        await asyncio.gather(*worker._running.values())
+    finally:
+        await worker.aclose()
+    assert [d.status for d in await _deliveries(runtime)] == ["delivered"]
+    assert len(sub.received) == 1
