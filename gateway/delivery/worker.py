@@ -41,6 +41,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
+from sqlalchemy.exc import DBAPIError
 
 from gateway import metrics
 from gateway.db.models import Delivery, DeliveryStatus
@@ -477,7 +478,7 @@ class DeliveryWorker:
         (one bad outcome must not lose the others). A row whose write fails stays in
         flight; its lease expires and it is claimed again."""
         try:
-            recorded = await self._write(items)
+            recorded = await self._write_reconnecting(items)
         except Exception as exc:
             if len(items) == 1:
                 self._log_unexpected(
@@ -494,6 +495,23 @@ class DeliveryWorker:
                     )
         for item, label, values in recorded:
             self._report(item, label, values)
+
+    async def _write_reconnecting(
+        self, items: list[_Finished]
+    ) -> list[tuple[_Finished, str, dict[str, Any]]]:
+        """:meth:`_write`, once more on a new connection when the pooled one had been
+        dropped by the server (PostgreSQL restart or failover while the pool held it; the
+        pool does not pre-ping by default, ``GATEWAY_DATABASE_POOL_PRE_PING``). Without
+        this the outcome would be lost and the row sent again when its lease expired.
+        Safe to repeat: a write that did commit released the rows, so the second finds
+        none of them owned and writes nothing."""
+        try:
+            return await self._write(items)
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            log.warning("delivery.record_reconnected", deliveries=len(items))
+            return await self._write(items)
 
     async def _write(self, items: list[_Finished]) -> list[tuple[_Finished, str, dict[str, Any]]]:
         now = utcnow()

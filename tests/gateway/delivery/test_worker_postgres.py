@@ -19,6 +19,7 @@ from gateway.runtime import Runtime
 from tests.gateway.delivery.conftest import TargetFactory
 from tests.support.delivery import (
     all_delivered,
+    deliveries,
     running_workers,
     submit_intakes,
     wait_until,
@@ -307,3 +308,51 @@ async def test_no_transaction_is_held_open_while_a_request_is_at_the_ehr(
         assert await wait_until(hanging, timeout_s=10, interval_s=0.01)
         assert await open_transactions() == 0
         assert await wait_until(lambda: all_delivered(runtime, 3), timeout_s=20)
+
+
+async def test_outcome_written_on_a_new_connection_after_the_server_dropped_the_pool(
+    runtime: Runtime,
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    use_target: TargetFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    postgres_url: str,
+) -> None:
+    """PostgreSQL restarts (or fails over) while a delivery is at the EHR: the pool's
+    connections are dead, and without pre-ping the outcome's write is the first to find out.
+    It is written on a new connection, not lost until the lease (60 s) sends it again."""
+    import psycopg
+
+    from gateway.delivery.worker import DeliveryWorker
+    from tests.conftest import PG_URL
+    from tests.support.gateway_env import SECRET_ENV
+
+    monkeypatch.setenv(SECRET_ENV, "s3cret")
+    assert not runtime.settings.database_pool_pre_ping
+    fake = FakeEhr(response_delay_s=0.5)
+    async with run_fake_ehr_async(fake) as running:
+        use_target(running)
+        await submit_intakes(client, admin_headers, 1)
+        worker = DeliveryWorker(runtime, concurrency=1)
+        try:
+            round_ = asyncio.create_task(worker.run_once())
+            assert await wait_until(lambda: _in_flight(fake), timeout_s=10)
+            dbname = postgres_url.rsplit("/", 1)[1]
+            with psycopg.connect(PG_URL, autocommit=True) as admin:
+                dropped = admin.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = %s AND pid <> pg_backend_pid()",
+                    (dbname,),
+                ).fetchone()
+            assert dropped is not None and dropped[0] >= 1  # the pool held connections
+            assert await round_ == 1
+        finally:
+            await worker.aclose()
+
+    [row] = await deliveries(runtime)
+    assert (row.status, row.attempts, row.locked_by) == ("delivered", 1, None)
+    assert len(fake.requests) == 1
+
+
+async def _in_flight(fake: FakeEhr) -> bool:
+    return fake.in_flight > 0
