@@ -6,7 +6,9 @@ database: parse and normalize the payload against its profile, map it (Patient,
 QuestionnaireResponse, derived Observations/Flags/Consents, or Patient +
 MedicationRequest), build the Provenance, and validate every resource with
 ``fhir.resources.R4B`` plus our binding and US Core checks. Each iteration uses a new
-submission id (so no result is reused across iterations). Prints a table: mapped
+submission id and a new patient id, as production traffic does (every reference to the
+patient is new content to the validation memo, so no result is reused across
+iterations). Prints a table: mapped
 submissions per second, mean and p99 time per submission, resources per submission.
 
 Scenarios (the payloads are the golden example inputs beside the profiles):
@@ -51,7 +53,7 @@ def _intake_case(profiles: ProfileSet, path: Path) -> Callable[[int], int]:
             data,
             profiles,
             systems=EXAMPLE_SYSTEMS,
-            patient_id="3f1c0d5e-0000-4000-8000-000000000001",
+            patient_id=f"7b2e4a90-0000-4000-8000-{i:012d}",
             response_id=f"3f1c0d5e-0000-4000-8000-{i:012d}",
         )
         return _finish(mapped.resources, data["submission_id"])
@@ -70,7 +72,7 @@ def _stripe_case(profiles: ProfileSet, path: Path) -> Callable[[int], int]:
             canonical,
             profiles,
             systems=EXAMPLE_SYSTEMS,
-            patient_id="3f1c0d5e-0000-4000-8000-000000000001",
+            patient_id=f"7b2e4a90-0000-4000-8000-{i:012d}",
             request_id=f"3f1c0d5e-0000-4000-8000-{i:012d}",
         )
         return _finish(mapped.resources, event["data"]["object"]["id"])
