@@ -165,9 +165,10 @@ async def receive_hl7(
     try:
         parsed = parse_er7(decode_er7(raw))
     except Hl7MessageError as exc:
-        record_hl7_rejection(session, raw=raw, error=exc, sender=None, transport=transport)
+        sender = exc.envelope.sending_facility or None if exc.envelope else None
+        record_hl7_rejection(session, raw=raw, error=exc, sender=sender, transport=transport)
         await session.flush()
-        return Hl7Reply(_ack(None, "AR", exc), "AR")
+        return Hl7Reply(_ack(exc.envelope, "AR", exc), "AR")
     facility = parsed.sending_facility
     partner = profiles.hl7_sender(facility) if facility else None
     refusal: Hl7MessageError | None = None

@@ -85,6 +85,16 @@ MSH = "MSH|^~\\&|EPICRX|EXAMPLEEHR|FHIRGW|TELE|20261124093000||{type}|CTRL1|P|{v
         ("MSH|^~\\&|A|EXAMPLEEHR|C|D|20261124||ORM^O01||P|2.5.1\rPID|1||X", "AR", 101, "MSH-10"),
         ("MSH|^~\\&|A|EXAMPLEEHR|C|D|20261124||ORM|C1|P|2.5.1\rPID|1||X", "AR", 101, "MSH-9"),
         ("MSH|^^^^|A|EXAMPLEEHR|C|D|20261124||ORM^O01|C1|P|2.5.1", "AR", 100, "MSH-2"),
+        # an HL7 batch file, and two messages pasted one after the other
+        ("FHS|^~\\&\rBHS|^~\\&\r" + MSH.format(type="ORM^O01", version="2.5"), "AR", 100, "FHS"),
+        (
+            MSH.format(type="ORM^O01", version="2.5")
+            + "\r"
+            + MSH.format(type="ORM^O01", version="2.5"),
+            "AR",
+            100,
+            "MSH",
+        ),
     ],
 )
 def test_unreadable_envelopes_are_refused(
@@ -228,6 +238,68 @@ def test_hl7_datetimes(raw: str, zone: str, expected: datetime) -> None:
 def test_bad_hl7_datetimes(raw: str) -> None:
     with pytest.raises(MappingError):
         parse_hl7_datetime(raw)
+
+
+@pytest.mark.parametrize(
+    "version", ["2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.8", "2.8.2", "2.3.1 "]
+)
+def test_every_version_hl7apy_reads_is_mapped_and_acked_in_it(
+    version: str, profiles: ProfileSet
+) -> None:
+    text = (
+        MSH.format(type="ORM^O01", version=version)
+        + "\rPID|1||M1^^^EXAMPLEEHR^MR||M\u00fcller^Jos\u00e9\rZPI|1|custom\rORC|NW|P1\rXYZ|?"
+    )
+    message = parse_er7(text)
+    event = hl7v2_to_clinical_event(message, _partner(profiles), identifier_base=BASE)
+    assert event is not None and event.patient[0].value == "M1"
+    ack = build_ack(message, "AA", control_id="ACK0", now=NOW)
+    assert ack.split("\r")[0].split("|")[11] == version.strip()
+    assert ack.split("\r")[1] == "MSA|AA|CTRL1"
+
+
+def test_a_refused_but_readable_msh_is_still_answered_to_its_sender() -> None:
+    """MSA-2 must echo MSH-10 whenever MSH could be read (HL7 v2.5.1 section 2.9.2), or the
+    sender cannot match the AR to its message; an unsupported MSH-12 is echoed as sent."""
+    for text, version in [
+        (MSH.format(type="ORM^O01", version="2.9") + "\rPID|1||X", "2.9"),
+        ("MSH|^~\\&|EPICRX|EXAMPLEEHR|FHIRGW|TELE|20261124||ORM|CTRL1|P|2.4", "2.4"),
+    ]:
+        with pytest.raises(Hl7MessageError) as err:
+            parse_er7(text)
+        ack = build_ack(err.value.envelope, "AR", control_id="ACK9", now=NOW, error=err.value)
+        msh, msa = ack.split("\r")[:2]
+        assert msh.split("|")[2:6] == ["FHIRGW", "TELE", "EPICRX", "EXAMPLEEHR"]
+        assert msh.split("|")[11] == version
+        assert msa.startswith("MSA|AR|CTRL1|")
+
+
+def test_other_encoding_characters_are_used_to_read_and_in_the_ack(
+    profiles: ProfileSet,
+) -> None:
+    """MSH-1/MSH-2 ``#$%@*``: escapes use ``@`` and stand for the declared separators, and
+    the ACK's components are joined with ``$``."""
+    text = (
+        "MSH#$%@*#EPICRX#EXAMPLEEHR#FHIRGW#TELE#20261124093000##ORM$O01#CTRL1#P#2.5.1"
+        "\rPID#1##A@T@B@S@C$$$EXAMPLEEHR$MR\rORC#NW#P1"
+    )
+    message = parse_er7(text)
+    event = hl7v2_to_clinical_event(message, _partner(profiles), identifier_base=BASE)
+    assert event is not None and event.patient[0].value == "A*B$C"
+    ack = build_ack(message, "AA", control_id="ACK6", now=NOW)
+    assert ack.split("\r")[0].split("#")[8] == "ACK$O01$ACK"
+    error = Hl7MessageError("AE", 101, "missing", segment="PID", field_position=3)
+    ack = build_ack(message, "AE", control_id="ACK7", now=NOW, error=error)
+    assert ack.split("\r")[2] == "ERR##PID$1$3#101$Required field missing$HL70357#E####missing"
+
+
+def test_hex_escapes_are_decoded(profiles: ProfileSet) -> None:
+    text = (
+        MSH.format(type="ORM^O01^ORM_O01", version="2.5.1")
+        + "\rPID|1||A\\X2D\\B\\E\\X41\\E\\^^^EXAMPLEEHR^MR\rORC|NW|P1"
+    )
+    event = hl7v2_to_clinical_event(parse_er7(text), _partner(profiles), identifier_base=BASE)
+    assert event is not None and event.patient[0].value == "A-B\\X41\\"
 
 
 def test_ack_accepts_and_echoes_the_control_id() -> None:
