@@ -142,8 +142,10 @@ def decode_er7(raw: bytes) -> str:
 
 def normalize_er7(text: str) -> str:
     """Segment separators to ``\\r`` (``\\r\\n`` and ``\\n`` are common on the wire, and
-    hl7apy loses data on both); leading blanks, BOM and empty segments removed."""
-    text = text.lstrip("\ufeff \t\r\n").replace("\r\n", "\r").replace("\n", "\r")
+    hl7apy loses data on both); leading blanks, BOM, empty segments and MLLP block
+    characters around the message (a framed message posted over HTTP) removed."""
+    text = text.lstrip("\ufeff \t\r\n\x0b").rstrip("\x1c \t\r\n")
+    text = text.replace("\r\n", "\r").replace("\n", "\r")
     return "\r".join(s for s in text.split("\r") if s.strip())
 
 

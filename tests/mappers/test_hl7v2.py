@@ -68,6 +68,10 @@ def test_line_endings_are_normalized_so_nothing_after_msh_is_lost() -> None:
     text = "MSH|^~\\&|A|B|C|D|20260101||ADT^A08|1|P|2.5\r\nEVN|A08\nPID|1||X\r\n\r\n"
     assert normalize_er7(text) == "MSH|^~\\&|A|B|C|D|20260101||ADT^A08|1|P|2.5\rEVN|A08\rPID|1||X"
     assert [s[0] for s in parse_er7(text).segments] == ["MSH", "EVN", "PID"]
+    # a message still in its MLLP block (hl7apy's to_mllp(), posted over HTTP)
+    framed = "\x0b" + text.replace("\r\n", "\r").rstrip("\r") + "\r\x1c\r"
+    assert normalize_er7(framed) == normalize_er7(text)
+    assert parse_er7(framed).segments[-1] == ("PID", "1", "", "X")
 
 
 def _partner(profiles: ProfileSet, name: str = "example-ehr-hl7") -> PartnerProfile:
