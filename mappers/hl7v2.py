@@ -372,19 +372,22 @@ def parse_er7(text: str) -> Hl7Message:
             "AR", hl7_code, text, segment="MSH", field_position=position, envelope=envelope
         )
 
-    if version not in hl7apy.SUPPORTED_LIBRARIES:
-        refuse(203, "MSH-12 names an unsupported HL7 version (2.1 to 2.8.2 are read)", 12)
-    if not code or not trigger:
-        refuse(101, "MSH-9 message type is incomplete", 9)
-    if not control_id:
-        refuse(101, "MSH-10 message control id is missing", 10)
-    if any(seg[0] == "MSH" for seg in segments[1:]):
+    inner = {seg[0] for seg in segments[1:]}
+    if inner & {"FHS", "BHS"}:
+        refuse(100, "an HL7 batch (FHS/BHS) is not accepted: send each message on its own", None)
+    if "MSH" in inner:
         refuse(
             100,
             "more than one message (a second MSH segment): send one message per request "
             "or MLLP frame",
             None,
         )
+    if version not in hl7apy.SUPPORTED_LIBRARIES:
+        refuse(203, "MSH-12 names an unsupported HL7 version (2.1 to 2.8.2 are read)", 12)
+    if not code or not trigger:
+        refuse(101, "MSH-9 message type is incomplete", 9)
+    if not control_id:
+        refuse(101, "MSH-10 message control id is missing", 10)
     return envelope
 
 

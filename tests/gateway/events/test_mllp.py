@@ -405,3 +405,52 @@ async def test_a_message_as_hl7apy_frames_it(
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+async def test_mllp_send_of_a_batch_file(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    admin_headers: dict[str, str],
+    mllp: MllpServer,
+    tmp_path: Path,
+) -> None:
+    """``mllp_send --loose`` splits a file on ``MSH|^~\\&|`` and so sends an FHS/BHS batch
+    header as a message of its own: it is refused as a batch, the messages are accepted
+    (the trailing BTS/FTS are ignored)."""
+    await _patient(client, runtime, admin_headers, "e-10")
+    messages = [
+        hl7_message("ADT^A08", control_id=f"B-{i}", pid3="e-10^^^TESTEHR^PI") for i in (1, 2)
+    ]
+    batch = tmp_path / "batch.hl7"
+    batch.write_text(
+        "\n".join(
+            [
+                "FHS|^~\\&|EHRAPP|TESTEHR|FHIRGW|TELE|20261124",
+                "BHS|^~\\&|EHRAPP|TESTEHR|FHIRGW|TELE|20261124",
+                *(m.replace("\r", "\n") for m in messages),
+                "BTS|2",
+                "FTS|1",
+            ]
+        )
+    )
+    command = Path(sys.executable).with_name("mllp_send")
+    proc = await asyncio.create_subprocess_exec(
+        str(command),
+        "--port",
+        str(mllp.port),
+        "--file",
+        str(batch),
+        "--loose",
+        "127.0.0.1",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0, err
+    text = out.decode().replace("\x0b", "").replace("\x1c", "").replace("\r", "\n")
+    acks = [line for line in text.split("\n") if line.startswith("MSA")]
+    assert acks == [
+        "MSA|AR||an HL7 batch (FHS/BHS) is not accepted: send each message on its own",
+        "MSA|AA|B-1",
+        "MSA|AA|B-2",
+    ]
