@@ -454,3 +454,23 @@ async def test_mllp_send_of_a_batch_file(
         "MSA|AA|B-1",
         "MSA|AA|B-2",
     ]
+
+
+async def test_a_retransmission_is_acknowledged_again_and_applied_once(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str], mllp: MllpServer
+) -> None:
+    """A sender that got no ACK in time sends the message again, on the same connection or
+    on a new one: AA each time, one event in the case history."""
+    patient = await _patient(client, runtime, admin_headers, "e-11")
+    data = _framed("D-1", "e-11^^^TESTEHR^PI")
+    for _ in range(2):
+        reader, writer = await asyncio.open_connection("127.0.0.1", mllp.port)
+        try:
+            writer.write(data + data)
+            assert await _read_acks(reader, 2) == [("AA", "D-1"), ("AA", "D-1")]
+        finally:
+            writer.close()
+            await writer.wait_closed()
+    await _settle(mllp)
+    case = await case_of(client, admin_headers, patient.case_id)
+    assert [e["event_id"] for e in case["history"]].count("D-1") == 1
