@@ -240,8 +240,10 @@ def _parse(message: Hl7Message, segment: str, position: int, text: str) -> Any:
         ) from exc
 
 
-def _index(name: str) -> int | None:
+def _index(name: str | None) -> int | None:
     """``CX_4`` -> 4, ``MSH_9_1`` -> 1; a base type child (``ID``, ``ST``, ``DTM``) -> None."""
+    if name is None:
+        return None
     tail = name.rsplit("_", 1)
     return int(tail[1]) if len(tail) == 2 and tail[1].isdigit() else None
 
@@ -264,7 +266,9 @@ def _component_value(component: Any) -> str:
 def _component_text(element: Any, component: int, message: Hl7Message) -> str:
     """Component ``component`` (1-based) of a parsed field, unescaped ('' when absent)."""
     for child in getattr(element, "children", None) or []:
-        if (_index(child.name) or 1) == component:
+        # a component past the end of its datatype (PID-3 is CK, 4 components, in v2.1)
+        # has no name, so no known position: skipped
+        if child.name is not None and (_index(child.name) or 1) == component:
             return _unescape(_component_value(child), message)
     return ""
 

@@ -297,6 +297,15 @@ def test_other_encoding_characters_are_used_to_read_and_in_the_ack(
     assert ack.split("\r")[2] == "ERR##PID$1$3#101$Required field missing$HL70357#E####missing"
 
 
+def test_components_past_the_end_of_a_datatype_do_not_crash(profiles: ProfileSet) -> None:
+    """In v2.1 PID-3 is CK (4 components): hl7apy gives CX-style extra components no name;
+    they have no known position, so the message is answered AE, not with a crash."""
+    text = MSH.format(type="ORM^O01", version="2.1") + "\rPID|1||M1^^^EXAMPLEEHR^MR\rORC|NW|P1"
+    with pytest.raises(Hl7MessageError) as err:
+        hl7v2_to_clinical_event(parse_er7(text), _partner(profiles), identifier_base=BASE)
+    assert (err.value.ack_code, err.value.hl7_code, err.value.location) == ("AE", 101, "PID-3")
+
+
 def test_hex_escapes_are_decoded(profiles: ProfileSet) -> None:
     text = (
         MSH.format(type="ORM^O01^ORM_O01", version="2.5.1")
