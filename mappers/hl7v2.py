@@ -769,28 +769,25 @@ def _build_ack(
     msa = ack.msa
     msa.msa_1 = code
     msa.msa_2 = _clean(message.control_id, message) if message else ""
-    if error is not None:
-        text = _clean(str(error), message)
-        msa.msa_3 = text
-        err = ack.add_segment("ERR")
-        label = ERROR_TEXT.get(error.hl7_code, "Error")
-        position = [
-            error.segment or "",
-            "1" if error.segment else "",
-            str(error.field_position or ""),
-        ]
-        if _version_tuple(version) >= (2, 5):
-            location = component.join(position).rstrip(component)
-            if location:
-                err.err_2 = location
-            err.err_3 = component.join((str(error.hl7_code), label, "HL70357"))
-            err.err_4 = "E"
-            err.err_8 = text
-        else:
-            # ERR-1 (ELD): segment ^ sequence ^ field position ^ code (CE, as subcomponents)
-            code_text = subcomponent.join((str(error.hl7_code), label, "HL70357"))
-            err.err_1 = component.join([*position, code_text])
-    return str(ack.to_er7())
+    if error is None:
+        return str(ack.to_er7())
+    text = _clean(str(error), message)
+    if _version_tuple(version) < (2, 7):
+        msa.msa_3 = text  # withdrawn from v2.7 on (ERR-8 carries the text)
+    label = ERROR_TEXT.get(error.hl7_code, "Error")
+    position = [error.segment or "", "1" if error.segment else "", str(error.field_position or "")]
+    # ERR is written by position: hl7apy's v2.8+ ERR has no ERR-1 at all (withdrawn) and
+    # its ER7 would shift every field one place left (ERR-3 severity instead of the code)
+    if _version_tuple(version) >= (2, 5):
+        location = component.join(position).rstrip(component)
+        code_text = component.join((str(error.hl7_code), label, "HL70357"))
+        err = ["ERR", "", location, code_text, "E", "", "", "", text]
+    else:
+        # ERR-1 (ELD): segment ^ sequence ^ field position ^ code (CE, as subcomponents)
+        code_text = subcomponent.join((str(error.hl7_code), label, "HL70357"))
+        err = ["ERR", component.join([*position, code_text])]
+    separator = message.field_separator if message else "|"
+    return f"{ack.to_er7()}\r{separator.join(err)}"
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:

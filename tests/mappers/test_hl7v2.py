@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import hl7
 import pytest
 from hl7apy.parser import parse_message
 
@@ -341,6 +342,29 @@ def test_ack_error_has_err_segment_with_code_and_location() -> None:
         segments[2]
         == "ERR||PID^1^3|101^Required field missing^HL70357|E||||PID-3 has no identifier"
     )
+
+
+@pytest.mark.parametrize("version", ["2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.8", "2.8.2"])
+def test_error_ack_fields_are_in_place_in_every_version(version: str) -> None:
+    """Read by position (python-hl7): hl7apy's v2.8+ ERR lacks ERR-1 and shifted every
+    field (ERR-3 held the severity); MSA-3 is withdrawn from v2.7 on. hl7apy validates it."""
+    message = parse_er7(MSH.format(type="ORM^O01", version=version))
+    error = Hl7MessageError("AE", 101, "PID-3 missing", segment="PID", field_position=3)
+    ack = build_ack(message, "AE", control_id="ACK8", now=NOW, error=error)
+    parse_message(ack).validate()
+    parsed = hl7.parse(ack)
+    msa, err = parsed.segment("MSA"), parsed.segment("ERR")
+    assert (str(msa[1]), str(msa[2])) == ("AE", "CTRL1")
+    assert len(msa) == (4 if version < "2.7" else 3)
+    if version >= "2.5":
+        assert (str(err[2]), str(err[3][0][0]), str(err[4]), str(err[8])) == (
+            "PID^1^3",
+            "101",
+            "E",
+            "PID-3 missing",
+        )
+    else:
+        assert str(err[1]) == "PID^1^3^101&Required field missing&HL70357"
 
 
 def test_ack_before_2_5_uses_err_1() -> None:
