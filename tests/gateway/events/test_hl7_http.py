@@ -249,3 +249,25 @@ async def test_line_endings_trailing_blanks_and_charsets(
     assert r.text.split("\r")[1] == "MSA|AA|LE-1"
     case = await case_of(client, admin_headers, patient.case_id)
     assert case["history"][-1]["event_id"] == "LE-1"
+
+
+async def test_a_retransmission_with_other_line_endings_is_still_a_duplicate(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str]
+) -> None:
+    """The same message resent from a file (``\\n`` line endings, a trailing newline, or
+    still in its MLLP block) is acknowledged as the duplicate it is, not refused as MSH-10
+    reused (205)."""
+    patient = await _approved(client, runtime, admin_headers)
+    message = hl7_message(
+        "ORM^O01", control_id="ORM-LE", pid3="e-300^^^TESTEHR^PI", orc="ORC|NW|PL-LE"
+    )
+    assert (await _send(client, admin_headers, message))[1] == "MSA|AA|ORM-LE"
+    for resent in (
+        message.replace("\r", "\n") + "\n",
+        message.replace("\r", "\r\n"),
+        "\x0b" + message + "\r\x1c\r",
+    ):
+        assert (await _send(client, admin_headers, resent))[1] == "MSA|AA|ORM-LE"
+    case = await case_of(client, admin_headers, patient.case_id)
+    assert [e["event_id"] for e in case["history"]].count("ORM-LE") == 1
+    assert await _exceptions(runtime) == []
