@@ -191,12 +191,15 @@ class MllpServer:
                         reply = await self._receive(payload, peer)
                     else:
                         reply = await self._framing_error(kind, payload)
-                    writer.write(frame(reply.ack))
-                    await writer.drain()
-                    if reply.message is not None and self.after_store is not None:
-                        job = asyncio.create_task(self.after_store(reply))
-                        self._background.add(job)
-                        job.add_done_callback(self._background.discard)
+                    try:
+                        writer.write(frame(reply.ack))
+                        await writer.drain()
+                    finally:
+                        # stored: applied even when the sender left before its ACK
+                        if reply.message is not None and self.after_store is not None:
+                            job = asyncio.create_task(self.after_store(reply))
+                            self._background.add(job)
+                            job.add_done_callback(self._background.discard)
                     if kind == "oversize":
                         return
         except (ConnectionError, asyncio.IncompleteReadError):

@@ -474,3 +474,27 @@ async def test_a_retransmission_is_acknowledged_again_and_applied_once(
     await _settle(mllp)
     case = await case_of(client, admin_headers, patient.case_id)
     assert [e["event_id"] for e in case["history"]].count("D-1") == 1
+
+
+async def test_a_message_stored_for_a_client_that_left_before_its_ack_is_still_applied(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str], mllp: MllpServer
+) -> None:
+    """A sender that resets the connection right after sending (a fire-and-forget script,
+    a sender giving up): the message was stored, so it is applied even though its ACK could
+    not be written (else it waited for the worker's sweep, or forever without a worker)."""
+    import socket
+    import struct
+
+    patient = await _patient(client, runtime, admin_headers, "e-12")
+    sock = socket.create_connection(("127.0.0.1", mllp.port))
+    sock.sendall(_framed("G-1", "e-12^^^TESTEHR^PI"))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # RST: the ACK cannot be delivered
+    history: list[str] = []
+    for _ in range(150):
+        await asyncio.sleep(0.02)
+        case = await case_of(client, admin_headers, patient.case_id)
+        history = [e["event_id"] for e in case["history"]]
+        if "G-1" in history:
+            break
+    assert "G-1" in history
