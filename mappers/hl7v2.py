@@ -35,7 +35,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 from zoneinfo import ZoneInfo
 
 import hl7apy
@@ -108,6 +108,9 @@ class Hl7MessageError(MappingError):
         ack_code: ``AR`` or ``AE`` (MSA-1, HL7 table 0008).
         hl7_code: HL7 table 0357 error condition code (ERR-3).
         segment, field_position: where (ERR-2), e.g. ``PID`` and ``3``.
+        envelope: for a message refused by :func:`parse_er7` whose MSH could be split
+            (unsupported version, MSH-9 incomplete...), what it holds, so the ACK can
+            still echo MSH-10 in MSA-2 and address the sender; else None.
     """
 
     def __init__(
@@ -118,6 +121,7 @@ class Hl7MessageError(MappingError):
         *,
         segment: str | None = None,
         field_position: int | None = None,
+        envelope: Hl7Message | None = None,
     ) -> None:
         location = f"{segment}-{field_position}" if segment and field_position else segment or ""
         super().__init__(f"hl7_{hl7_code}", message, location)
@@ -125,6 +129,7 @@ class Hl7MessageError(MappingError):
         self.hl7_code = hl7_code
         self.segment = segment
         self.field_position = field_position
+        self.envelope = envelope
 
 
 def decode_er7(raw: bytes) -> str:
@@ -137,8 +142,10 @@ def decode_er7(raw: bytes) -> str:
 
 def normalize_er7(text: str) -> str:
     """Segment separators to ``\\r`` (``\\r\\n`` and ``\\n`` are common on the wire, and
-    hl7apy loses data on both); leading blanks, BOM and empty segments removed."""
-    text = text.lstrip("\ufeff \t\r\n").replace("\r\n", "\r").replace("\n", "\r")
+    hl7apy loses data on both); leading blanks, BOM, empty segments and MLLP block
+    characters around the message (a framed message posted over HTTP) removed."""
+    text = text.lstrip("\ufeff \t\r\n\x0b").rstrip("\x1c \t\r\n")
+    text = text.replace("\r\n", "\r").replace("\n", "\r")
     return "\r".join(s for s in text.split("\r") if s.strip())
 
 
@@ -207,7 +214,7 @@ class Hl7Message:
         element = self.first(segment, position)
         if element is None:
             return ""
-        return _component_text(element, component)
+        return _component_text(element, component, self)
 
 
 def _parse(message: Hl7Message, segment: str, position: int, text: str) -> Any:
@@ -233,18 +240,22 @@ def _parse(message: Hl7Message, segment: str, position: int, text: str) -> Any:
         ) from exc
 
 
-def _index(name: str) -> int | None:
+def _index(name: str | None) -> int | None:
     """``CX_4`` -> 4, ``MSH_9_1`` -> 1; a base type child (``ID``, ``ST``, ``DTM``) -> None."""
+    if name is None:
+        return None
     tail = name.rsplit("_", 1)
     return int(tail[1]) if len(tail) == 2 and tail[1].isdigit() else None
 
 
 def _component_value(component: Any) -> str:
     """A component's text: itself when it is a base type (hl7apy keeps the ER7 text, so a
-    DTM keeps its offset), else its first subcomponent."""
+    DTM keeps its offset; a text type's value is read as received, because hl7apy's ER7 of
+    it escapes the escape character of ``\\Xhh\\``), else its first subcomponent."""
     subs = [c for c in component.children if _index(c.name) is not None]
     if not subs:
-        return str(component.value or "")
+        raw = getattr(component.children[0].value, "value", None) if component.children else None
+        return raw if isinstance(raw, str) else str(component.value or "")
     first = next((c for c in subs if _index(c.name) == 1), None)
     if first is None:
         return ""
@@ -252,23 +263,42 @@ def _component_value(component: Any) -> str:
     return str(getattr(value, "value", value) or "")
 
 
-def _component_text(element: Any, component: int) -> str:
+def _component_text(element: Any, component: int, message: Hl7Message) -> str:
     """Component ``component`` (1-based) of a parsed field, unescaped ('' when absent)."""
     for child in getattr(element, "children", None) or []:
-        if (_index(child.name) or 1) == component:
-            return _unescape(_component_value(child))
+        # a component past the end of its datatype (PID-3 is CK, 4 components, in v2.1)
+        # has no name, so no known position: skipped
+        if child.name is not None and (_index(child.name) or 1) == component:
+            return _unescape(_component_value(child), message)
     return ""
 
 
-_ESCAPES = {"F": "|", "S": "^", "T": "&", "R": "~", "E": "\\"}
+_ESCAPE_KEYS = {"F": "FIELD", "S": "COMPONENT", "T": "SUBCOMPONENT", "R": "REPETITION"}
 
 
-def _unescape(text: str) -> str:
-    """The basic escape sequences of HL7 v2 section 2.7 (``\\F\\``, ``\\S\\``, ``\\T\\``,
-    ``\\R\\``, ``\\E\\``) in an identifier or code, for the default encoding characters."""
-    if "\\" not in text:
+def _unescape(text: str, message: Hl7Message) -> str:
+    """The escape sequences of HL7 v2.5.1 section 2.7.4 and 2.7.5 in an identifier or code:
+    ``\\F\\ \\S\\ \\T\\ \\R\\ \\E\\`` (the separators the message's MSH-1/MSH-2 declare,
+    written with its own escape character) and ``\\Xhh..\\`` (hexadecimal bytes, read as
+    UTF-8 or else ISO 8859-1). Other sequences (formatting, character sets) are kept."""
+    escape = message.encoding["ESCAPE"]
+    if escape not in text:
         return text
-    return re.sub(r"\\([FSTRE])\\", lambda m: _ESCAPES[m.group(1)], text)
+    chars = {**message.encoding, "FIELD": message.field_separator}
+
+    def replace(match: re.Match[str]) -> str:
+        code = match.group(1)
+        if code == "E":
+            return escape
+        if code[0] == "X":
+            try:
+                return decode_er7(bytes.fromhex(code[1:]))
+            except ValueError:
+                return match.group(0)
+        return chars[_ESCAPE_KEYS[code]]
+
+    quoted = re.escape(escape)
+    return re.sub(f"{quoted}([FSTRE]|X[0-9A-Fa-f]+){quoted}", replace, text)
 
 
 def parse_er7(text: str) -> Hl7Message:
@@ -281,11 +311,20 @@ def parse_er7(text: str) -> Hl7Message:
         The :class:`Hl7Message`.
 
     Raises:
-        Hl7MessageError: AR 100 when it does not start with MSH or the encoding characters
-            are unusable, AR 101 when MSH-9 or MSH-10 is empty, AR 203 when MSH-12 is not a
-            version hl7apy supports (2.1 to 2.8.2).
+        Hl7MessageError: AR 100 when it does not start with MSH (an HL7 batch, FHS/BHS,
+            is named as such), the encoding characters are unusable or it holds a second
+            MSH (several messages at once), AR 101 when MSH-9 or MSH-10 is empty, AR 203
+            when MSH-12 is not a version hl7apy supports (2.1 to 2.8.2). Once MSH could be
+            split, the error's ``envelope`` holds it (for MSA-2 and the ACK's addresses).
     """
     text = normalize_er7(text)
+    if text[:3] in ("FHS", "BHS"):
+        raise Hl7MessageError(
+            "AR",
+            100,
+            "an HL7 batch (FHS/BHS) is not accepted: send each message on its own",
+            segment=text[:3],
+        )
     if not text.startswith("MSH") or len(text) < 8:
         raise Hl7MessageError(
             "AR", 100, "the message does not start with an MSH segment", segment="MSH"
@@ -313,24 +352,12 @@ def parse_er7(text: str) -> Hl7Message:
     def first_component(value: str) -> str:
         return value.split(encoding["REPETITION"], 1)[0].split(encoding["COMPONENT"], 1)[0]
 
-    version = first_component(msh_field(12))
-    if version not in hl7apy.SUPPORTED_LIBRARIES:
-        raise Hl7MessageError(
-            "AR", 203, "MSH-12 names an unsupported HL7 version", segment="MSH", field_position=12
-        )
+    version = first_component(msh_field(12)).strip()
     message_type = msh_field(9).split(encoding["COMPONENT"])
-    code = message_type[0] if message_type else ""
-    trigger = message_type[1] if len(message_type) > 1 else ""
-    if not code or not trigger:
-        raise Hl7MessageError(
-            "AR", 101, "MSH-9 message type is incomplete", segment="MSH", field_position=9
-        )
+    code = message_type[0].strip() if message_type else ""
+    trigger = message_type[1].strip() if len(message_type) > 1 else ""
     control_id = msh_field(10).strip()
-    if not control_id:
-        raise Hl7MessageError(
-            "AR", 101, "MSH-10 message control id is missing", segment="MSH", field_position=10
-        )
-    return Hl7Message(
+    envelope = Hl7Message(
         text=text,
         field_separator=sep,
         encoding=encoding,
@@ -343,6 +370,29 @@ def parse_er7(text: str) -> Hl7Message:
         control_id=control_id,
         processing_id=first_component(msh_field(11)),
     )
+
+    def refuse(hl7_code: int, text: str, position: int | None) -> NoReturn:
+        raise Hl7MessageError(
+            "AR", hl7_code, text, segment="MSH", field_position=position, envelope=envelope
+        )
+
+    inner = {seg[0] for seg in segments[1:]}
+    if inner & {"FHS", "BHS"}:
+        refuse(100, "an HL7 batch (FHS/BHS) is not accepted: send each message on its own", None)
+    if "MSH" in inner:
+        refuse(
+            100,
+            "more than one message (a second MSH segment): send one message per request "
+            "or MLLP frame",
+            None,
+        )
+    if version not in hl7apy.SUPPORTED_LIBRARIES:
+        refuse(203, "MSH-12 names an unsupported HL7 version (2.1 to 2.8.2 are read)", 12)
+    if not code or not trigger:
+        refuse(101, "MSH-9 message type is incomplete", 9)
+    if not control_id:
+        refuse(101, "MSH-10 message control id is missing", 10)
+    return envelope
 
 
 def parse_hl7_datetime(raw: str, default_tz: str = "UTC") -> datetime:
@@ -407,11 +457,11 @@ def pid3_to_patient_refs(
     assert partner.hl7 is not None
     reps = []
     for cx in message.repetitions("PID", 3):
-        value = _component_text(cx, 1).strip()
+        value = _component_text(cx, 1, message).strip()
         if not value:
             continue
-        authority = _hd_namespace(cx)
-        id_type = _component_text(cx, 5).strip()
+        authority = _hd_namespace(cx, message)
+        id_type = _component_text(cx, 5, message).strip()
         reps.append((value, authority, id_type))
     refs: list[PatientRef] = []
     for rule in partner.hl7.patient_identifiers:
@@ -431,9 +481,9 @@ def pid3_to_patient_refs(
     return tuple(refs)
 
 
-def _hd_namespace(cx: Any) -> str:
+def _hd_namespace(cx: Any, message: Hl7Message) -> str:
     """CX-4.1: the namespace id of the assigning authority (HD)."""
-    return _component_text(cx, 4).strip()
+    return _component_text(cx, 4, message).strip()
 
 
 def hl7v2_to_clinical_event(
@@ -675,6 +725,10 @@ def _build_ack(
     facility: str,
 ) -> str:
     version = message.version if message else FALLBACK_VERSION
+    if version not in hl7apy.SUPPORTED_LIBRARIES:
+        version = FALLBACK_VERSION  # an unsupported MSH-12 is echoed below, as received
+    component = message.encoding["COMPONENT"] if message else "^"
+    subcomponent = message.encoding["SUBCOMPONENT"] if message else "&"
     encoding = (
         {**message.encoding, "FIELD": message.field_separator, "GROUP": "\r", "SEGMENT": "\r"}
         if message
@@ -701,35 +755,39 @@ def _build_ack(
         processing = "P"
     msh.msh_7 = time_text
     if _msh_9_has_structure(version):
-        msh.msh_9 = f"ACK^{trigger}^ACK" if trigger else "ACK^^ACK"
+        msh.msh_9 = component.join(("ACK", trigger, "ACK"))
     else:
-        msh.msh_9 = f"ACK^{trigger}" if trigger else "ACK"
+        msh.msh_9 = component.join(("ACK", trigger)) if trigger else "ACK"
     msh.msh_10 = _clean(control_id, message)[:20]
     msh.msh_11 = processing
+    if (
+        message is not None
+        and message.version != version
+        and re.fullmatch(r"\d+(\.\d+)+", message.version)
+    ):
+        msh.msh_12 = message.version
     msa = ack.msa
     msa.msa_1 = code
     msa.msa_2 = _clean(message.control_id, message) if message else ""
-    if error is not None:
-        text = _clean(str(error), message)
-        msa.msa_3 = text
-        err = ack.add_segment("ERR")
-        label = ERROR_TEXT.get(error.hl7_code, "Error")
-        position = [
-            error.segment or "",
-            "1" if error.segment else "",
-            str(error.field_position or ""),
-        ]
-        if _version_tuple(version) >= (2, 5):
-            location = "^".join(position).rstrip("^")
-            if location:
-                err.err_2 = location
-            err.err_3 = f"{error.hl7_code}^{label}^HL70357"
-            err.err_4 = "E"
-            err.err_8 = text
-        else:
-            # ERR-1 (ELD): segment ^ sequence ^ field position ^ code (CE, as subcomponents)
-            err.err_1 = "^".join([*position, f"{error.hl7_code}&{label}&HL70357"])
-    return str(ack.to_er7())
+    if error is None:
+        return str(ack.to_er7())
+    text = _clean(str(error), message)
+    if _version_tuple(version) < (2, 7):
+        msa.msa_3 = text  # withdrawn from v2.7 on (ERR-8 carries the text)
+    label = ERROR_TEXT.get(error.hl7_code, "Error")
+    position = [error.segment or "", "1" if error.segment else "", str(error.field_position or "")]
+    # ERR is written by position: hl7apy's v2.8+ ERR has no ERR-1 at all (withdrawn) and
+    # its ER7 would shift every field one place left (ERR-3 severity instead of the code)
+    if _version_tuple(version) >= (2, 5):
+        location = component.join(position).rstrip(component)
+        code_text = component.join((str(error.hl7_code), label, "HL70357"))
+        err = ["ERR", "", location, code_text, "E", "", "", "", text]
+    else:
+        # ERR-1 (ELD): segment ^ sequence ^ field position ^ code (CE, as subcomponents)
+        code_text = subcomponent.join((str(error.hl7_code), label, "HL70357"))
+        err = ["ERR", component.join([*position, code_text])]
+    separator = message.field_separator if message else "|"
+    return f"{ack.to_er7()}\r{separator.join(err)}"
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:

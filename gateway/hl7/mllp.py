@@ -6,6 +6,8 @@ the same framing, one at a time per connection. The listener is an
 ``asyncio.start_server``: many connections at once, each read frame by frame:
 
 * bytes before a start block (a stray newline between frames) are dropped;
+* the end block alone ends a frame (a CR right after it is skipped): a few senders
+  leave the CR out, and waiting for it would leave them without an ACK;
 * a frame terminator without a start block, or a start block before the previous frame
   ended, is a broken frame: answered with an ``AR`` ACK (MSA-2 empty) and kept in the
   exceptions queue; the connection stays open;
@@ -59,7 +61,9 @@ class MllpDecoder:
         self.buffer += data
         out: list[tuple[str, bytes]] = []
         while True:
-            end = self.buffer.find(TERMINATOR)
+            # the end block alone ends a frame: a few senders leave out the CR after it
+            # (0x1C cannot occur inside a message); a CR that follows is skipped with it
+            end = self.buffer.find(EB)
             start = self.buffer.find(SB)
             if end == -1:
                 if start > 0:
@@ -70,13 +74,14 @@ class MllpDecoder:
                     self.buffer.clear()
                     out.append(("oversize", b""))
                 break
+            after = end + 2 if self.buffer[end + 1 : end + 2] == CR else end + 1
             if start == -1 or start > end:
                 broken = bytes(self.buffer[:end])
-                del self.buffer[: end + 2]
+                del self.buffer[:after]
                 out.append(("broken", broken[: self.max_bytes]))
                 continue
             frame = bytes(self.buffer[start + 1 : end])
-            del self.buffer[: end + 2]
+            del self.buffer[:after]
             nested = frame.rfind(SB)
             if nested != -1:
                 out.append(("broken", frame[:nested]))
@@ -186,12 +191,15 @@ class MllpServer:
                         reply = await self._receive(payload, peer)
                     else:
                         reply = await self._framing_error(kind, payload)
-                    writer.write(frame(reply.ack))
-                    await writer.drain()
-                    if reply.message is not None and self.after_store is not None:
-                        job = asyncio.create_task(self.after_store(reply))
-                        self._background.add(job)
-                        job.add_done_callback(self._background.discard)
+                    try:
+                        writer.write(frame(reply.ack))
+                        await writer.drain()
+                    finally:
+                        # stored: applied even when the sender left before its ACK
+                        if reply.message is not None and self.after_store is not None:
+                            job = asyncio.create_task(self.after_store(reply))
+                            self._background.add(job)
+                            job.add_done_callback(self._background.discard)
                     if kind == "oversize":
                         return
         except (ConnectionError, asyncio.IncompleteReadError):

@@ -6,8 +6,9 @@ For each message (HL7 v2 chapter 2, original acknowledgment mode):
 2. verify the sender: MSH-4 sending facility (and MSH-3 application, and for MLLP the
    peer's network, when the partner's profile lists them) must belong to a partner
    profile: otherwise ``AR``;
-3. deduplicate on MSH-10 per sending facility: a retransmission gets the same answer
-   again; a different message reusing a control id gets ``AR`` (205);
+3. deduplicate on MSH-10 per sending facility: a retransmission (the same text, line
+   endings aside) gets the same answer again; a different message reusing a control id
+   gets ``AR`` (205);
 4. map it to a clinical event with the partner's table; ``AE`` when it cannot be
    mapped (kept as ``failed`` in the inbox and in the exceptions queue), ``AA`` otherwise;
 5. store it (the caller commits) and only then answer. The event is applied after the
@@ -41,6 +42,7 @@ from mappers.hl7v2 import (
     build_ack,
     decode_er7,
     hl7v2_to_clinical_event,
+    normalize_er7,
     parse_er7,
 )
 from mappers.profiles import PartnerProfile
@@ -108,6 +110,13 @@ def _peer_allowed(partner: PartnerProfile, peer: str | None) -> bool:
     return any(address in ipaddress.ip_network(n, strict=False) for n in partner.hl7.peers)
 
 
+def _same_text(existing: InboundMessage, parsed: Hl7Message) -> bool:
+    """A retransmission whose bytes differ only in line endings, blank or trailing segment
+    separators or MLLP block characters (resent from a file, or by another tool) is the
+    same message."""
+    return normalize_er7(decode_er7(existing.body)) == parsed.text
+
+
 def record_hl7_rejection(
     session: AsyncSession,
     *,
@@ -165,9 +174,10 @@ async def receive_hl7(
     try:
         parsed = parse_er7(decode_er7(raw))
     except Hl7MessageError as exc:
-        record_hl7_rejection(session, raw=raw, error=exc, sender=None, transport=transport)
+        sender = exc.envelope.sending_facility or None if exc.envelope else None
+        record_hl7_rejection(session, raw=raw, error=exc, sender=sender, transport=transport)
         await session.flush()
-        return Hl7Reply(_ack(None, "AR", exc), "AR")
+        return Hl7Reply(_ack(exc.envelope, "AR", exc), "AR")
     facility = parsed.sending_facility
     partner = profiles.hl7_sender(facility) if facility else None
     refusal: Hl7MessageError | None = None
@@ -243,7 +253,7 @@ async def receive_hl7(
         message.processed_at = utcnow()
     existing = await store_if_new(session, message)
     if existing is not None:
-        if existing.content_hash == message.content_hash:
+        if existing.content_hash == message.content_hash or _same_text(existing, parsed):
             stored = existing.response or {}
             code: AckCode = stored.get("ack_code", "AA")
             stored_error = _error_from(stored["error"]) if stored.get("error") else None

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import hl7
 import pytest
 from hl7apy.parser import parse_message
 
@@ -68,6 +69,10 @@ def test_line_endings_are_normalized_so_nothing_after_msh_is_lost() -> None:
     text = "MSH|^~\\&|A|B|C|D|20260101||ADT^A08|1|P|2.5\r\nEVN|A08\nPID|1||X\r\n\r\n"
     assert normalize_er7(text) == "MSH|^~\\&|A|B|C|D|20260101||ADT^A08|1|P|2.5\rEVN|A08\rPID|1||X"
     assert [s[0] for s in parse_er7(text).segments] == ["MSH", "EVN", "PID"]
+    # a message still in its MLLP block (hl7apy's to_mllp(), posted over HTTP)
+    framed = "\x0b" + text.replace("\r\n", "\r").rstrip("\r") + "\r\x1c\r"
+    assert normalize_er7(framed) == normalize_er7(text)
+    assert parse_er7(framed).segments[-1] == ("PID", "1", "", "X")
 
 
 def _partner(profiles: ProfileSet, name: str = "example-ehr-hl7") -> PartnerProfile:
@@ -85,6 +90,16 @@ MSH = "MSH|^~\\&|EPICRX|EXAMPLEEHR|FHIRGW|TELE|20261124093000||{type}|CTRL1|P|{v
         ("MSH|^~\\&|A|EXAMPLEEHR|C|D|20261124||ORM^O01||P|2.5.1\rPID|1||X", "AR", 101, "MSH-10"),
         ("MSH|^~\\&|A|EXAMPLEEHR|C|D|20261124||ORM|C1|P|2.5.1\rPID|1||X", "AR", 101, "MSH-9"),
         ("MSH|^^^^|A|EXAMPLEEHR|C|D|20261124||ORM^O01|C1|P|2.5.1", "AR", 100, "MSH-2"),
+        # an HL7 batch file, and two messages pasted one after the other
+        ("FHS|^~\\&\rBHS|^~\\&\r" + MSH.format(type="ORM^O01", version="2.5"), "AR", 100, "FHS"),
+        (
+            MSH.format(type="ORM^O01", version="2.5")
+            + "\r"
+            + MSH.format(type="ORM^O01", version="2.5"),
+            "AR",
+            100,
+            "MSH",
+        ),
     ],
 )
 def test_unreadable_envelopes_are_refused(
@@ -230,6 +245,77 @@ def test_bad_hl7_datetimes(raw: str) -> None:
         parse_hl7_datetime(raw)
 
 
+@pytest.mark.parametrize(
+    "version", ["2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.8", "2.8.2", "2.3.1 "]
+)
+def test_every_version_hl7apy_reads_is_mapped_and_acked_in_it(
+    version: str, profiles: ProfileSet
+) -> None:
+    text = (
+        MSH.format(type="ORM^O01", version=version)
+        + "\rPID|1||M1^^^EXAMPLEEHR^MR||M\u00fcller^Jos\u00e9\rZPI|1|custom\rORC|NW|P1\rXYZ|?"
+    )
+    message = parse_er7(text)
+    event = hl7v2_to_clinical_event(message, _partner(profiles), identifier_base=BASE)
+    assert event is not None and event.patient[0].value == "M1"
+    ack = build_ack(message, "AA", control_id="ACK0", now=NOW)
+    assert ack.split("\r")[0].split("|")[11] == version.strip()
+    assert ack.split("\r")[1] == "MSA|AA|CTRL1"
+
+
+def test_a_refused_but_readable_msh_is_still_answered_to_its_sender() -> None:
+    """MSA-2 must echo MSH-10 whenever MSH could be read (HL7 v2.5.1 section 2.9.2), or the
+    sender cannot match the AR to its message; an unsupported MSH-12 is echoed as sent."""
+    for text, version in [
+        (MSH.format(type="ORM^O01", version="2.9") + "\rPID|1||X", "2.9"),
+        ("MSH|^~\\&|EPICRX|EXAMPLEEHR|FHIRGW|TELE|20261124||ORM|CTRL1|P|2.4", "2.4"),
+    ]:
+        with pytest.raises(Hl7MessageError) as err:
+            parse_er7(text)
+        ack = build_ack(err.value.envelope, "AR", control_id="ACK9", now=NOW, error=err.value)
+        msh, msa = ack.split("\r")[:2]
+        assert msh.split("|")[2:6] == ["FHIRGW", "TELE", "EPICRX", "EXAMPLEEHR"]
+        assert msh.split("|")[11] == version
+        assert msa.startswith("MSA|AR|CTRL1|")
+
+
+def test_other_encoding_characters_are_used_to_read_and_in_the_ack(
+    profiles: ProfileSet,
+) -> None:
+    """MSH-1/MSH-2 ``#$%@*``: escapes use ``@`` and stand for the declared separators, and
+    the ACK's components are joined with ``$``."""
+    text = (
+        "MSH#$%@*#EPICRX#EXAMPLEEHR#FHIRGW#TELE#20261124093000##ORM$O01#CTRL1#P#2.5.1"
+        "\rPID#1##A@T@B@S@C$$$EXAMPLEEHR$MR\rORC#NW#P1"
+    )
+    message = parse_er7(text)
+    event = hl7v2_to_clinical_event(message, _partner(profiles), identifier_base=BASE)
+    assert event is not None and event.patient[0].value == "A*B$C"
+    ack = build_ack(message, "AA", control_id="ACK6", now=NOW)
+    assert ack.split("\r")[0].split("#")[8] == "ACK$O01$ACK"
+    error = Hl7MessageError("AE", 101, "missing", segment="PID", field_position=3)
+    ack = build_ack(message, "AE", control_id="ACK7", now=NOW, error=error)
+    assert ack.split("\r")[2] == "ERR##PID$1$3#101$Required field missing$HL70357#E####missing"
+
+
+def test_components_past_the_end_of_a_datatype_do_not_crash(profiles: ProfileSet) -> None:
+    """In v2.1 PID-3 is CK (4 components): hl7apy gives CX-style extra components no name;
+    they have no known position, so the message is answered AE, not with a crash."""
+    text = MSH.format(type="ORM^O01", version="2.1") + "\rPID|1||M1^^^EXAMPLEEHR^MR\rORC|NW|P1"
+    with pytest.raises(Hl7MessageError) as err:
+        hl7v2_to_clinical_event(parse_er7(text), _partner(profiles), identifier_base=BASE)
+    assert (err.value.ack_code, err.value.hl7_code, err.value.location) == ("AE", 101, "PID-3")
+
+
+def test_hex_escapes_are_decoded(profiles: ProfileSet) -> None:
+    text = (
+        MSH.format(type="ORM^O01^ORM_O01", version="2.5.1")
+        + "\rPID|1||A\\X2D\\B\\E\\X41\\E\\^^^EXAMPLEEHR^MR\rORC|NW|P1"
+    )
+    event = hl7v2_to_clinical_event(parse_er7(text), _partner(profiles), identifier_base=BASE)
+    assert event is not None and event.patient[0].value == "A-B\\X41\\"
+
+
 def test_ack_accepts_and_echoes_the_control_id() -> None:
     message = parse_er7((GOLDEN / "rds_o13_dispensed.hl7").read_text())
     ack = build_ack(message, "AA", control_id="ACK1", now=NOW)
@@ -256,6 +342,29 @@ def test_ack_error_has_err_segment_with_code_and_location() -> None:
         segments[2]
         == "ERR||PID^1^3|101^Required field missing^HL70357|E||||PID-3 has no identifier"
     )
+
+
+@pytest.mark.parametrize("version", ["2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.8", "2.8.2"])
+def test_error_ack_fields_are_in_place_in_every_version(version: str) -> None:
+    """Read by position (python-hl7): hl7apy's v2.8+ ERR lacks ERR-1 and shifted every
+    field (ERR-3 held the severity); MSA-3 is withdrawn from v2.7 on. hl7apy validates it."""
+    message = parse_er7(MSH.format(type="ORM^O01", version=version))
+    error = Hl7MessageError("AE", 101, "PID-3 missing", segment="PID", field_position=3)
+    ack = build_ack(message, "AE", control_id="ACK8", now=NOW, error=error)
+    parse_message(ack).validate()
+    parsed = hl7.parse(ack)
+    msa, err = parsed.segment("MSA"), parsed.segment("ERR")
+    assert (str(msa[1]), str(msa[2])) == ("AE", "CTRL1")
+    assert len(msa) == (4 if version < "2.7" else 3)
+    if version >= "2.5":
+        assert (str(err[2]), str(err[3][0][0]), str(err[4]), str(err[8])) == (
+            "PID^1^3",
+            "101",
+            "E",
+            "PID-3 missing",
+        )
+    else:
+        assert str(err[1]) == "PID^1^3^101&Required field missing&HL70357"
 
 
 def test_ack_before_2_5_uses_err_1() -> None:

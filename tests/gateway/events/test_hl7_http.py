@@ -188,3 +188,86 @@ async def test_http_errors_are_problem_details(
     )
     assert r.status_code == 415
     assert r.headers["content-type"].startswith("application/problem+json")
+
+
+async def test_several_messages_in_one_body_are_refused_not_half_applied(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str]
+) -> None:
+    """A file of two messages posted at once used to be acknowledged AA with only the
+    first applied; a batch file (FHS/BHS) is named as such."""
+    first = hl7_message("ADT^A08", control_id="TWO-1", pid3="e-1^^^TESTEHR^PI")
+    second = hl7_message("ADT^A08", control_id="TWO-2", pid3="e-1^^^TESTEHR^PI")
+    ack = await _send(client, admin_headers, first + "\r\n" + second + "\r\n")
+    assert ack[1].startswith("MSA|AR|TWO-1|more than one message")
+    batch = "FHS|^~\\&|EHRAPP|TESTEHR\rBHS|^~\\&|EHRAPP|TESTEHR\r" + first + "\rBTS|1\rFTS|1"
+    ack = await _send(client, admin_headers, batch)
+    assert ack[1].startswith("MSA|AR||an HL7 batch (FHS/BHS) is not accepted")
+    async with runtime.sessionmaker() as session:
+        assert (await session.scalars(select(InboundMessage.id))).all() == []
+    assert [e.kind for e in await _exceptions(runtime)] == ["hl7_rejected", "hl7_rejected"]
+
+
+async def test_an_unsupported_version_is_refused_with_msa_2_echoing_msh_10(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str]
+) -> None:
+    message = hl7_message("ADT^A08", control_id="V-29", pid3="e-1^^^TESTEHR^PI", version="2.9")
+    msh, msa, err = await _send(client, admin_headers, message)
+    assert msh.split("|")[2:6] == ["FHIRGW", "TELE", "EHRAPP", "TESTEHR"]
+    assert msh.split("|")[11] == "2.9"
+    assert msa.startswith("MSA|AR|V-29|")
+    assert err.startswith("ERR||MSH^1^12|203^Unsupported version id^HL70357|E")
+    [exc] = await _exceptions(runtime)
+    assert exc.sender == "TESTEHR"
+
+
+@pytest.mark.parametrize(
+    ("separator", "tail", "charset"),
+    [
+        ("\r", "", "utf-8"),
+        ("\n", "\n", "utf-8"),
+        ("\r\n", "\r\n\r\n  ", "utf-8"),
+        ("\r", "\r", "latin-1"),
+    ],
+)
+async def test_line_endings_trailing_blanks_and_charsets(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    admin_headers: dict[str, str],
+    separator: str,
+    tail: str,
+    charset: str,
+) -> None:
+    patient = await new_patient(client, admin_headers)
+    await add_remote_patient_id(runtime, patient.patient_id, "e-77")
+    message = hl7_message("ADT^A08", control_id="LE-1", pid3="e-77^^^TESTEHR^PI").replace(
+        "DOE^JANE", "M\u00fcller^Jos\u00e9"
+    )
+    if charset == "latin-1":
+        message = message.replace("|P|2.5.1", "|P|2.5.1|||||8859/1")
+    body = (message.replace("\r", separator) + tail).encode(charset)
+    r = await client.post("/v1/hl7v2", content=body, headers={**admin_headers, **ER7})
+    assert r.text.split("\r")[1] == "MSA|AA|LE-1"
+    case = await case_of(client, admin_headers, patient.case_id)
+    assert case["history"][-1]["event_id"] == "LE-1"
+
+
+async def test_a_retransmission_with_other_line_endings_is_still_a_duplicate(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str]
+) -> None:
+    """The same message resent from a file (``\\n`` line endings, a trailing newline, or
+    still in its MLLP block) is acknowledged as the duplicate it is, not refused as MSH-10
+    reused (205)."""
+    patient = await _approved(client, runtime, admin_headers)
+    message = hl7_message(
+        "ORM^O01", control_id="ORM-LE", pid3="e-300^^^TESTEHR^PI", orc="ORC|NW|PL-LE"
+    )
+    assert (await _send(client, admin_headers, message))[1] == "MSA|AA|ORM-LE"
+    for resent in (
+        message.replace("\r", "\n") + "\n",
+        message.replace("\r", "\r\n"),
+        "\x0b" + message + "\r\x1c\r",
+    ):
+        assert (await _send(client, admin_headers, resent))[1] == "MSA|AA|ORM-LE"
+    case = await case_of(client, admin_headers, patient.case_id)
+    assert [e["event_id"] for e in case["history"]].count("ORM-LE") == 1
+    assert await _exceptions(runtime) == []

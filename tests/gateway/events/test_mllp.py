@@ -220,9 +220,9 @@ async def test_mllp_send_command(
 
 def test_decoder_splits_frames_and_reports_framing_errors() -> None:
     decoder = MllpDecoder(max_bytes=50)
-    assert decoder.feed(SB + b"one" + EB) == []
+    assert decoder.feed(SB + b"on") == []
     assert decoder.partial
-    assert decoder.feed(CR + b"\n" + SB + b"two" + EB + CR) == [
+    assert decoder.feed(b"e" + EB + CR + b"\n" + SB + b"two" + EB + CR) == [
         ("frame", b"one"),
         ("frame", b"two"),
     ]
@@ -233,6 +233,13 @@ def test_decoder_splits_frames_and_reports_framing_errors() -> None:
         ("frame", b"three"),
     ]
     assert decoder.feed(SB + b"x" * 60) == [("oversize", b"")]
+    # an end block without its CR ends the frame; the CR arriving later is skipped
+    assert decoder.feed(SB + b"four" + EB) == [("frame", b"four")]
+    assert decoder.feed(CR + SB + b"five" + EB + SB + b"six" + EB + CR) == [
+        ("frame", b"five"),
+        ("frame", b"six"),
+    ]
+    assert not decoder.partial
 
 
 async def test_the_mllp_command_listens_acks_and_stops(tmp_path: Path, profiles_dir: Path) -> None:
@@ -296,3 +303,198 @@ async def test_close_with_connections_open_ends_them_quietly(
     assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
     for _, writer in clients:
         writer.close()
+
+
+async def _read_acks(reader: asyncio.StreamReader, count: int) -> list[tuple[str, str]]:
+    """Read ``count`` MLLP-framed ACKs with a plain stream reader; MSA-1 and MSA-2 of each."""
+    acks = []
+    for _ in range(count):
+        block = await asyncio.wait_for(reader.readuntil(EB + CR), 5)
+        msa = next(s for s in block.strip(SB + EB + CR).split(CR) if s.startswith(b"MSA"))
+        fields = msa.decode().split("|")
+        acks.append((fields[1], fields[2]))
+    return acks
+
+
+def _framed(control_id: str, pid3: str) -> bytes:
+    return SB + hl7_message("ADT^A08", control_id=control_id, pid3=pid3).encode() + EB + CR
+
+
+async def test_frames_split_across_reads_and_several_in_one_read(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str], mllp: MllpServer
+) -> None:
+    await _patient(client, runtime, admin_headers, "e-5")
+    reader, writer = await asyncio.open_connection("127.0.0.1", mllp.port)
+    try:
+        # one message dribbled out in small pieces (the end block and its CR apart)
+        data = _framed("F-1", "e-5^^^TESTEHR^PI")
+        for i in range(0, len(data) - 1, 7):
+            writer.write(data[i : min(i + 7, len(data) - 1)])
+            await writer.drain()
+            await asyncio.sleep(0.005)
+        writer.write(CR)
+        assert await _read_acks(reader, 1) == [("AA", "F-1")]
+        # three messages in one write, with junk that is not a frame before the first
+        writer.write(
+            b"GET / HTTP/1.0\r\n\r\n"
+            + b"".join(_framed(f"F-{i}", "e-5^^^TESTEHR^PI") for i in (2, 3, 4))
+        )
+        assert await _read_acks(reader, 3) == [("AA", "F-2"), ("AA", "F-3"), ("AA", "F-4")]
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_an_end_block_without_its_cr_still_ends_the_frame(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str], mllp: MllpServer
+) -> None:
+    await _patient(client, runtime, admin_headers, "e-6")
+    reader, writer = await asyncio.open_connection("127.0.0.1", mllp.port)
+    try:
+        for control_id in ("N-1", "N-2"):
+            message = hl7_message("ADT^A08", control_id=control_id, pid3="e-6^^^TESTEHR^PI")
+            writer.write(SB + message.encode() + EB)  # no CR after the end block
+            await writer.drain()
+            assert await _read_acks(reader, 1) == [("AA", control_id)]
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_a_half_closed_connection_still_gets_its_acks(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str], mllp: MllpServer
+) -> None:
+    await _patient(client, runtime, admin_headers, "e-7")
+    reader, writer = await asyncio.open_connection("127.0.0.1", mllp.port)
+    writer.write(_framed("H-1", "e-7^^^TESTEHR^PI") + _framed("H-2", "e-7^^^TESTEHR^PI"))
+    writer.write_eof()  # the client is done sending, but still reads
+    assert await _read_acks(reader, 2) == [("AA", "H-1"), ("AA", "H-2")]
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
+async def test_an_idle_or_stalled_client_does_not_hold_up_others(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str], mllp: MllpServer
+) -> None:
+    await _patient(client, runtime, admin_headers, "e-8")
+    idle = await asyncio.open_connection("127.0.0.1", mllp.port)  # sends nothing
+    stalled = await asyncio.open_connection("127.0.0.1", mllp.port)
+    stalled[1].write(SB + b"MSH|^~\\&|EHRAPP|TESTEHR")  # stops in the middle of a frame
+    await stalled[1].drain()
+    reader, writer = await asyncio.open_connection("127.0.0.1", mllp.port)
+    try:
+        writer.write(_framed("I-1", "e-8^^^TESTEHR^PI"))
+        assert await _read_acks(reader, 1) == [("AA", "I-1")]
+    finally:
+        for _, w in (idle, stalled, (reader, writer)):
+            w.close()
+
+
+async def test_a_message_as_hl7apy_frames_it(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str], mllp: MllpServer
+) -> None:
+    """hl7apy's ``to_mllp()`` ends the message with a CR before the end block."""
+    from hl7apy.parser import parse_message
+
+    await _patient(client, runtime, admin_headers, "e-9")
+    message = parse_message(hl7_message("ADT^A08", control_id="P-1", pid3="e-9^^^TESTEHR^PI"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", mllp.port)
+    try:
+        writer.write(message.to_mllp().encode())
+        assert await _read_acks(reader, 1) == [("AA", "P-1")]
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_mllp_send_of_a_batch_file(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    admin_headers: dict[str, str],
+    mllp: MllpServer,
+    tmp_path: Path,
+) -> None:
+    """``mllp_send --loose`` splits a file on ``MSH|^~\\&|`` and so sends an FHS/BHS batch
+    header as a message of its own: it is refused as a batch, the messages are accepted
+    (the trailing BTS/FTS are ignored)."""
+    await _patient(client, runtime, admin_headers, "e-10")
+    messages = [
+        hl7_message("ADT^A08", control_id=f"B-{i}", pid3="e-10^^^TESTEHR^PI") for i in (1, 2)
+    ]
+    batch = tmp_path / "batch.hl7"
+    batch.write_text(
+        "\n".join(
+            [
+                "FHS|^~\\&|EHRAPP|TESTEHR|FHIRGW|TELE|20261124",
+                "BHS|^~\\&|EHRAPP|TESTEHR|FHIRGW|TELE|20261124",
+                *(m.replace("\r", "\n") for m in messages),
+                "BTS|2",
+                "FTS|1",
+            ]
+        )
+    )
+    command = Path(sys.executable).with_name("mllp_send")
+    proc = await asyncio.create_subprocess_exec(
+        str(command),
+        "--port",
+        str(mllp.port),
+        "--file",
+        str(batch),
+        "--loose",
+        "127.0.0.1",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0, err
+    text = out.decode().replace("\x0b", "").replace("\x1c", "").replace("\r", "\n")
+    acks = [line for line in text.split("\n") if line.startswith("MSA")]
+    assert acks == [
+        "MSA|AR||an HL7 batch (FHS/BHS) is not accepted: send each message on its own",
+        "MSA|AA|B-1",
+        "MSA|AA|B-2",
+    ]
+
+
+async def test_a_retransmission_is_acknowledged_again_and_applied_once(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str], mllp: MllpServer
+) -> None:
+    """A sender that got no ACK in time sends the message again, on the same connection or
+    on a new one: AA each time, one event in the case history."""
+    patient = await _patient(client, runtime, admin_headers, "e-11")
+    data = _framed("D-1", "e-11^^^TESTEHR^PI")
+    for _ in range(2):
+        reader, writer = await asyncio.open_connection("127.0.0.1", mllp.port)
+        try:
+            writer.write(data + data)
+            assert await _read_acks(reader, 2) == [("AA", "D-1"), ("AA", "D-1")]
+        finally:
+            writer.close()
+            await writer.wait_closed()
+    await _settle(mllp)
+    case = await case_of(client, admin_headers, patient.case_id)
+    assert [e["event_id"] for e in case["history"]].count("D-1") == 1
+
+
+async def test_a_message_stored_for_a_client_that_left_before_its_ack_is_still_applied(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str], mllp: MllpServer
+) -> None:
+    """A sender that resets the connection right after sending (a fire-and-forget script,
+    a sender giving up): the message was stored, so it is applied even though its ACK could
+    not be written (else it waited for the worker's sweep, or forever without a worker)."""
+    import socket
+    import struct
+
+    patient = await _patient(client, runtime, admin_headers, "e-12")
+    sock = socket.create_connection(("127.0.0.1", mllp.port))
+    sock.sendall(_framed("G-1", "e-12^^^TESTEHR^PI"))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # RST: the ACK cannot be delivered
+    history: list[str] = []
+    for _ in range(150):
+        await asyncio.sleep(0.02)
+        case = await case_of(client, admin_headers, patient.case_id)
+        history = [e["event_id"] for e in case["history"]]
+        if "G-1" in history:
+            break
+    assert "G-1" in history
