@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import gc
+import json
 from collections.abc import AsyncIterator
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -287,7 +290,7 @@ def create_app(
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["ops"], summary="The database is reachable")
+    @app.get("/readyz", tags=["ops"], summary="The database is reachable", responses={503: {}})
     async def readyz(request: Request) -> JSONResponse:
         rt: Runtime = request.app.state.runtime
         try:
@@ -311,6 +314,7 @@ def create_app(
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(body.pop("$defs", {}))
             components[model.__name__] = body
+        document_error_responses(schema)
         schema.setdefault("components", {})["securitySchemes"] = {
             "apiKey": {
                 "type": "http",
@@ -324,6 +328,72 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+#: RFC 9457 problem details with the gateway's ``errors`` extension (:func:`problem_body`).
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "type": "object",
+    "description": "RFC 9457 problem details (https://www.rfc-editor.org/rfc/rfc9457).",
+    "required": ["type", "title", "status"],
+    "properties": {
+        "type": {"type": "string", "examples": ["urn:fhir-gateway:problem:validation-error"]},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "instance": {"type": "string"},
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["field", "pointer", "code", "detail"],
+                "properties": {
+                    "field": {"type": "string"},
+                    "pointer": {"type": "string"},
+                    "code": {"type": "string"},
+                    "detail": {"type": "string"},
+                },
+            },
+        },
+    },
+}
+
+#: The R4 OperationOutcome the ``/fhir`` routes answer errors with
+#: (https://hl7.org/fhir/R4/operationoutcome.html).
+OPERATION_OUTCOME_SCHEMA: dict[str, Any] = {
+    "title": "OperationOutcome",
+    "type": "object",
+    "required": ["resourceType", "issue"],
+    "properties": {
+        "resourceType": {"const": "OperationOutcome"},
+        "issue": {"type": "array", "items": {"type": "object"}},
+    },
+}
+
+
+def document_error_responses(schema: dict[str, Any]) -> None:
+    """Describe every 4xx/5xx response of ``schema`` as what the gateway sends: RFC 9457
+    problem details (``application/problem+json``), or an OperationOutcome
+    (``application/fhir+json``) under ``/fhir``, instead of FastAPI's ``HTTPValidationError``
+    (which the gateway never answers) or no body at all."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components["Problem"] = PROBLEM_SCHEMA
+    components["OperationOutcome"] = OPERATION_OUTCOME_SCHEMA
+    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    outcome = {
+        "application/fhir+json": {"schema": {"$ref": "#/components/schemas/OperationOutcome"}}
+    }
+    for path, operations in schema.get("paths", {}).items():
+        fhir = path == "/fhir" or path.startswith("/fhir/")
+        for operation in operations.values():
+            for code, response in operation.get("responses", {}).items():
+                if code[:1] in ("4", "5"):
+                    response["content"] = copy.deepcopy(outcome if fhir else problem)
+                    if response.get("description") in (None, "", "Validation Error"):
+                        response["description"] = HTTPStatus(int(code)).phrase
+    for unused in ("HTTPValidationError", "ValidationError"):
+        if f'"#/components/schemas/{unused}"' not in json.dumps(schema):
+            components.pop(unused, None)
 
 
 def create_app_from_env() -> FastAPI:

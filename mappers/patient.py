@@ -10,7 +10,9 @@ incoming has no value (or a placeholder:    existing kept
 ``gender: unknown``, a data-absent name,
 birthsex ``UNK``, a data-absent birthDate)
 existing has no value (or a placeholder)    incoming set (a fill, no conflict)
-values equal                                nothing changes
+values equal, or saying the same (names:   nothing changes (an owner's or the same
+same family, given, prefix and suffix;      source's wording of it is kept)
+contact points: the same values)
 same source as the existing value           incoming replaces it (a correction)
 incoming source owns the element            incoming replaces it; **conflict**: the
                                             existing value lost (``replaced_existing``)
@@ -152,6 +154,36 @@ def is_placeholder(element: str, value: Any) -> bool:
     return False
 
 
+def says_the_same(element: str, a: Any, b: Any) -> bool:
+    """True when two values of ``element`` differ only in wording that carries nothing
+    else: a HumanName's ``text``/``use``/``period`` (the same ``family``, ``given``,
+    ``prefix`` and ``suffix``), a ContactPoint's ``use``/``rank`` (the same ``value``s).
+
+    A checkout that names "Jordan Rivera" (with ``text``) and a phone without ``use`` says
+    what the intake said (https://hl7.org/fhir/R4/datatypes.html#HumanName,
+    https://hl7.org/fhir/R4/datatypes.html#ContactPoint): not a conflict.
+    """
+    if not isinstance(a, list) or not isinstance(b, list):
+        return False
+    if element == "name":
+
+        def name_key(n: Any) -> tuple[Any, ...]:
+            n = n if isinstance(n, dict) else {}
+            return tuple(
+                (n.get(k) if k == "family" else tuple(n.get(k) or []))
+                for k in ("family", "given", "prefix", "suffix")
+            )
+
+        return sorted(map(name_key, a), key=repr) == sorted(map(name_key, b), key=repr)
+    if element.startswith("telecom."):
+
+        def values(points: list[Any]) -> set[Any]:
+            return {p.get("value") for p in points if isinstance(p, dict)}
+
+        return values(a) == values(b)
+    return False
+
+
 def merge_patient(
     existing: dict[str, Any],
     incoming: dict[str, Any],
@@ -198,8 +230,10 @@ def merge_patient(
             set_element(merged, element, copy.deepcopy(new))
             now_sources[element] = source
             continue
-        if new == old:
-            if owned:
+        if new == old or says_the_same(element, new, old):
+            if owned or now_sources.get(element, "unknown") == source:
+                if new != old:
+                    set_element(merged, element, copy.deepcopy(new))
                 now_sources[element] = source
             continue
         old_source = now_sources.get(element, "unknown")

@@ -20,7 +20,16 @@ router = APIRouter(prefix="/fhir", tags=["fhir"])
 FHIR_JSON = "application/fhir+json"
 
 
-@router.get("/{resource_type}/{resource_id}", summary="Read a resource (FHIR read interaction)")
+@router.get(
+    "/{resource_type}/{resource_id}",
+    summary="Read a resource (FHIR read interaction)",
+    responses={
+        200: {"content": {"application/fhir+json": {"schema": {"type": "object"}}}},
+        401: {},
+        403: {},
+        404: {},
+    },
+)
 async def read_resource(
     session: SessionDep,
     _principal: Annotated[Principal, Depends(require_scope("fhir:read"))],

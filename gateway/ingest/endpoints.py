@@ -270,6 +270,7 @@ async def stripe_webhook(
     "/messages/{message_id}",
     response_model=MessageStatusOut,
     summary="Status of an inbound message and its deliveries",
+    responses={401: {}, 403: {}, 404: {}},
 )
 async def message_status(
     message_id: str,

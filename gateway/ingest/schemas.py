@@ -36,10 +36,13 @@ class ResourceRef(BaseModel):
 class IngestAccepted(BaseModel):
     """202 answer: what was created, the case, the deliveries, where to follow up."""
 
+    submission_id: str | None = None
+    checkout_id: str | None = None
     message_id: str
     status: str
     patient: dict[str, str] | None = None
     resources: list[ResourceRef] = []
+    conflicts: list[dict[str, Any]] = []
     case: dict[str, Any] | None = None
     deliveries: list[dict[str, Any]] = []
     status_url: str | None = None

@@ -125,7 +125,15 @@ def preview_cmd(
     from mappers.profiles import ProfileLoadError, load_profiles
 
     root = profiles_dir or _default_dir()
-    raw = profile.read_bytes()
+    if not profile.exists() and not profile.is_absolute() and (root / profile).is_file():
+        profile = root / profile  # `intake/my-form.yaml`: a path inside the profiles directory
+    try:
+        raw = profile.read_bytes()
+    except OSError as exc:
+        typer.secho(
+            f"{profile}: not readable here or under {root} ({exc.strerror})", fg="red", err=True
+        )
+        raise typer.Exit(2) from exc
     try:
         rel = profile.resolve().relative_to(root.resolve()).as_posix()
     except ValueError:

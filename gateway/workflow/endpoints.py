@@ -129,7 +129,12 @@ async def _cases_out(session: AsyncSession, cases: list[Case]) -> list[CaseOut]:
     return out
 
 
-@router.get("/cases/{case_id}", response_model=CaseOut, summary="A case with its history")
+@router.get(
+    "/cases/{case_id}",
+    response_model=CaseOut,
+    summary="A case with its history",
+    responses={401: {}, 403: {}, 404: {}},
+)
 async def get_case(
     case_id: str,
     session: SessionDep,
@@ -142,7 +147,12 @@ async def get_case(
     return (await _cases_out(session, [case]))[0]
 
 
-@router.get("/cases", response_model=list[CaseOut], summary="Cases by patient, state, SLA")
+@router.get(
+    "/cases",
+    response_model=list[CaseOut],
+    summary="Cases by patient, state, SLA",
+    responses={401: {}, 403: {}},
+)
 async def list_cases(
     session: SessionDep,
     _principal: Annotated[Principal, Depends(require_scope("cases:read"))],

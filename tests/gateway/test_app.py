@@ -304,3 +304,50 @@ async def test_openapi_documents_the_request_bodies(client: httpx.AsyncClient) -
     assert body["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/IntakeSubmission"
     }
+
+
+async def test_openapi_error_responses_are_what_the_gateway_sends(
+    client: httpx.AsyncClient,
+) -> None:
+    """docs/API.md: /v1 errors are problem details, /fhir errors OperationOutcomes; the
+    OpenAPI document says so (not FastAPI's HTTPValidationError, which is never sent)."""
+    schema = (await client.get("/openapi.json")).json()
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    paths = schema["paths"]
+    for path, code in [
+        ("/v1/intake-submissions", "422"),
+        ("/v1/intake-submissions", "409"),
+        ("/v1/webhooks/stripe", "400"),
+    ]:
+        content = paths[path]["post"]["responses"][code]["content"]
+        assert content == {
+            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+        }
+    for path, codes in [
+        ("/v1/cases", {"401", "403", "422"}),
+        ("/v1/cases/{case_id}", {"401", "403", "404", "422"}),
+        ("/v1/messages/{message_id}", {"401", "403", "404", "422"}),
+    ]:
+        responses = paths[path]["get"]["responses"]
+        assert codes <= set(responses)
+        assert all("application/problem+json" in responses[c]["content"] for c in codes)
+    read = paths["/fhir/{resource_type}/{resource_id}"]["get"]["responses"]
+    assert {"401", "403", "404"} <= set(read)
+    assert set(read["404"]["content"]) == {"application/fhir+json"}
+    assert "503" in paths["/readyz"]["get"]["responses"]
+    accepted = schema["components"]["schemas"]["IngestAccepted"]["properties"]
+    assert {"submission_id", "checkout_id", "conflicts", "replayed"} <= set(accepted)
+
+
+async def test_openapi_describes_the_ingest_answers_it_sends(
+    client: httpx.AsyncClient, make_api_key: ApiKeyFactory
+) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    documented = set(schema["components"]["schemas"]["IngestAccepted"]["properties"])
+    key = await make_api_key("intake:write", "checkout:write")
+    r = await client.post("/v1/intake-submissions", json=samples.intake(), headers=bearer(key))
+    assert r.status_code == 202, r.text
+    assert set(r.json()) <= documented
+    r = await client.post("/v1/checkouts", json=samples.canonical_checkout(), headers=bearer(key))
+    assert r.status_code == 202, r.text
+    assert set(r.json()) <= documented

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from typer.testing import CliRunner
 
@@ -152,3 +153,38 @@ def test_worked_example_of_the_guide(tmp_path: Path) -> None:
     flags = [e["resource"] for e in expected["entry"] if e["resource"]["resourceType"] == "Flag"]
     assert "gallbladder-history" in [f["code"]["coding"][0]["code"] for f in flags]
     assert runner.invoke(app, ["profiles", "check", str(root), "--strict"]).exit_code == 0
+
+
+def test_preview_takes_a_path_inside_the_profiles_dir(tmp_path: Path, monkeypatch: Any) -> None:
+    """README: `fhir-gateway profiles preview intake/my-form.yaml in.json` from anywhere."""
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(
+        app,
+        [
+            "profiles",
+            "preview",
+            GLP1_V1,
+            str(V1_INPUT),
+            "--profiles-dir",
+            str(BUNDLED_PROFILES_DIR),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["type"] == "collection"
+
+
+def test_preview_of_a_missing_profile_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    r = runner.invoke(
+        app,
+        [
+            "profiles",
+            "preview",
+            str(tmp_path / "intake/nope.yaml"),
+            str(V1_INPUT),
+            "--profiles-dir",
+            str(BUNDLED_PROFILES_DIR),
+        ],
+    )
+    assert r.exit_code == 2
+    assert "nope.yaml: not readable here or under" in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)

@@ -127,3 +127,39 @@ def test_addresses_of_different_uses_do_not_conflict() -> None:
     )
     assert r.patient["address"] == [home, billing]
     assert r.conflicts == []
+
+
+def test_the_same_name_and_phone_in_other_words_are_not_conflicts() -> None:
+    """The README walkthrough: the intake's "Jordan Rivera" and mobile phone, then the
+    Stripe checkout's name (with text) and phone (without use) for the same person."""
+    existing = _patient(
+        name=[{"use": "official", "family": "Rivera", "given": ["Jordan"]}],
+        telecom=[{"system": "phone", "value": "+14155552671", "use": "mobile"}],
+    )
+    incoming = _patient(
+        name=[
+            {"use": "official", "text": "Jordan Rivera", "family": "Rivera", "given": ["Jordan"]}
+        ],
+        telecom=[{"system": "phone", "value": "+14155552671"}],
+    )
+    sources = {"name": "intake", "telecom.phone": "intake"}
+    r = merge_patient(existing, incoming, source="checkout", owns=[], sources=sources)
+    assert r.conflicts == []
+    assert r.patient["name"] == existing["name"]
+    assert r.patient["telecom"] == existing["telecom"]
+    assert r.sources == sources
+    # the owner's wording wins without a conflict
+    r = merge_patient(
+        incoming, existing, source="intake", owns=["name", "telecom.phone"], sources={}
+    )
+    assert r.conflicts == []
+    assert r.patient["name"] == existing["name"]
+    assert r.patient["telecom"] == existing["telecom"]
+
+
+def test_another_given_name_or_number_is_still_a_conflict() -> None:
+    existing = _patient(name=[{"family": "Rivera", "given": ["Jordan"]}], telecom=PHONE_A)
+    incoming = _patient(name=[{"family": "Rivera", "given": ["J."]}], telecom=PHONE_B)
+    sources = {"name": "intake", "telecom.phone": "intake"}
+    r = merge_patient(existing, incoming, source="checkout", owns=[], sources=sources)
+    assert [c.element for c in r.conflicts] == ["name", "telecom.phone"]
