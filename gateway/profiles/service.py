@@ -63,7 +63,9 @@ def profile_set_with_draft(
     try:
         return load_profiles(root, drafts={rel: draft})
     except ProfileLoadError as exc:
-        raise UnprocessableError("the draft profile has problems", exc.problems) from exc
+        raise UnprocessableError(
+            "the draft profile has problems", exc.problems, pointer="#/profile"
+        ) from exc
 
 
 def _draft_kind(draft: bytes) -> str:
@@ -150,7 +152,9 @@ def reload_profiles(runtime: Runtime) -> ReloadResult:
     except ProfileLoadError as exc:
         log.warning("profiles.reload_refused", problems=len(exc.problems))
         raise UnprocessableError(
-            "the profiles have problems; the running profiles stay in use", exc.problems
+            "the profiles have problems; the running profiles stay in use",
+            exc.problems,
+            in_body=False,
         ) from exc
     before = {k: v.content_hash for k, v in old.sources.items()}
     after = {k: v.content_hash for k, v in new.sources.items()}
