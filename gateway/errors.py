@@ -58,11 +58,19 @@ class GatewayError(Exception):
         problems: list[Problem] | None = None,
         *,
         headers: dict[str, str] | None = None,
+        pointer: str | None = None,
+        in_body: bool = True,
     ) -> None:
+        """``pointer``: the JSON pointer of every problem (their locations are not paths
+        in the request body, e.g. ``file:line: path`` of a draft profile sent as one
+        member); ``in_body=False``: the problems are not in the request body at all (a
+        reload reads files), so they carry no ``pointer``."""
         super().__init__(detail)
         self.detail = detail
         self.problems = problems or []
         self.headers = headers or {}
+        self.pointer = pointer
+        self.in_body = in_body
 
 
 class BadRequestError(GatewayError):
@@ -146,15 +154,13 @@ def problem_body(exc: GatewayError, instance: str | None = None) -> dict[str, An
     if instance:
         body["instance"] = instance
     if exc.problems:
-        body["errors"] = [
-            {
-                "field": p.location,
-                "pointer": json_pointer(p.location),
-                "code": p.code,
-                "detail": p.message,
-            }
-            for p in exc.problems
-        ]
+        errors: list[dict[str, str]] = []
+        for p in exc.problems:
+            error = {"field": p.location}
+            if exc.in_body:
+                error["pointer"] = exc.pointer or json_pointer(p.location)
+            errors.append(error | {"code": p.code, "detail": p.message})
+        body["errors"] = errors
     return body
 
 

@@ -169,7 +169,9 @@ async def record_probe(
     else:
         state.probe_failures += 1
         state.next_probe_at = now + timedelta(seconds=probe_delay_s(state.probe_failures, policy))
-        state.last_error = (error or "probe failed")[:500]
+        # A failed probe says nothing new about how the target fails: keep the last
+        # delivery's error (docs/DELIVERY.md, "The EHR is down": it says how it fails).
+        state.last_error = (error or state.last_error or "probe failed")[:500]
         state.last_failure_at = now
     return state.circuit
 

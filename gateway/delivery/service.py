@@ -10,10 +10,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway import metrics
-from gateway.db.models import AuditEntry, OAuthToken, TargetState
+from gateway.db.models import AuditEntry, OAuthToken, Subscriber, TargetState
 from gateway.delivery import repository as repo
 from gateway.oauth import repository as oauth_repo
 from gateway.oauth.tokens import auth_wait_until
@@ -148,12 +149,17 @@ async def target_health(
     session: AsyncSession, *, profiles: ProfileSet, now: datetime
 ) -> list[TargetHealth]:
     """Health of every target: configured EHR targets, and any target with state or
-    deliveries in the database (ops webhook subscribers, removed targets)."""
+    deliveries in the database (ops webhook subscribers, removed targets). ``configured``:
+    an enabled EHR target of the profiles, or an active ops webhook subscriber."""
     stats = await repo.queue_stats(session)
     states: dict[tuple[str, str], TargetState] = {
         (s.kind, s.target): s for s in await repo.all_target_states(session)
     }
     configured = {("ehr", t.name): t for t in profiles.ehr.values() if t.enabled}
+    subscribers = {
+        ("webhook", name)
+        for name in await session.scalars(select(Subscriber.name).where(Subscriber.active))
+    }
     keys = sorted(set(configured) | set(states) | set(stats))
     tokens = await oauth_repo.token_rows(session, [t for k, t in keys if k == "ehr"])
     out = []
@@ -172,7 +178,7 @@ async def target_health(
             TargetHealth(
                 kind=kind,
                 name=name,
-                configured=profile is not None,
+                configured=profile is not None or key in subscribers,
                 queue=queue,
                 oldest_pending_age_s=max(0.0, (now - oldest).total_seconds()) if oldest else 0.0,
                 circuit=state.circuit if state else "closed",

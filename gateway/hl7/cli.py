@@ -30,13 +30,15 @@ def mllp(
     """Listen for HL7 v2 over MLLP (0x0B message 0x1C 0x0D), many connections at once.
 
     Each message is stored before its ACK (AA / AE / AR) is sent; senders are the
-    partner profiles with an ``hl7`` block (MSH-4 sending facility).
+    partner profiles with an ``hl7`` block (MSH-4 sending facility). SIGTERM/SIGINT: stop;
+    SIGHUP: reload the profiles (a set with problems is refused, the running one stays).
     """
     from gateway.cli import _load_profiles_or_exit, _settings
     from gateway.events.service import apply_received
     from gateway.hl7.mllp import MllpServer
     from gateway.hl7.service import Hl7Reply
     from gateway.logging import configure_logging
+    from gateway.profiles.service import install_sighup_reload
     from gateway.runtime import Runtime
 
     settings = _settings()
@@ -45,6 +47,7 @@ def mllp(
 
     async def main() -> None:
         runtime = Runtime.create(settings)
+        install_sighup_reload(runtime)
 
         async def after_store(reply: Hl7Reply) -> object:
             assert reply.message is not None  # only called for stored messages

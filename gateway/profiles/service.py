@@ -63,7 +63,9 @@ def profile_set_with_draft(
     try:
         return load_profiles(root, drafts={rel: draft})
     except ProfileLoadError as exc:
-        raise UnprocessableError("the draft profile has problems", exc.problems) from exc
+        raise UnprocessableError(
+            "the draft profile has problems", exc.problems, pointer="#/profile"
+        ) from exc
 
 
 def _draft_kind(draft: bytes) -> str:
@@ -150,7 +152,9 @@ def reload_profiles(runtime: Runtime) -> ReloadResult:
     except ProfileLoadError as exc:
         log.warning("profiles.reload_refused", problems=len(exc.problems))
         raise UnprocessableError(
-            "the profiles have problems; the running profiles stay in use", exc.problems
+            "the profiles have problems; the running profiles stay in use",
+            exc.problems,
+            in_body=False,
         ) from exc
     before = {k: v.content_hash for k, v in old.sources.items()}
     after = {k: v.content_hash for k, v in new.sources.items()}
@@ -287,6 +291,23 @@ async def remap_message(
     return result
 
 
+def _keep_status_of_an_unchanged_response(
+    resources: list[dict[str, Any]], stored: dict[str, Any]
+) -> None:
+    """A re-mapped QuestionnaireResponse that the current profile does not change keeps
+    its stored ``status``: only answers that changed make it ``amended``
+    (https://hl7.org/fhir/R4/valueset-questionnaire-answers-status.html). Without this,
+    every re-map showed (and ``--apply`` re-sent) a ``completed`` -> ``amended`` change,
+    even with an unchanged profile."""
+    for resource in resources:
+        if resource["resourceType"] != "QuestionnaireResponse" or resource["id"] != stored.get(
+            "id"
+        ):
+            continue
+        if not resources_diff([stored], [{**resource, "status": stored.get("status")}]):
+            resource["status"] = stored.get("status")
+
+
 async def _prepare_remap(
     session: AsyncSession, runtime: Runtime, message: InboundMessage, data: Any, actor: str
 ) -> ingest.MappedMessage:
@@ -304,7 +325,7 @@ async def _prepare_remap(
             if qr is None or qr.patient_id is None:
                 raise _never_mapped()
             match = await _stored_match(session, qr.patient_id)
-            return await ingest.prepare_intake(
+            mapped = await ingest.prepare_intake(
                 session,
                 runtime,
                 parsed=parsed,
@@ -316,6 +337,8 @@ async def _prepare_remap(
                 event=None,
                 action="remap",
             )
+            _keep_status_of_an_unchanged_response(mapped.resources, qr.resource)
+            return mapped
         if message.channel in ("stripe", "checkout"):
             canonical = checkout_payload(
                 data, profiles, kind="stripe" if message.channel == "stripe" else "checkout"

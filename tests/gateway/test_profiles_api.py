@@ -112,6 +112,7 @@ async def test_preview_with_an_invalid_draft_names_file_line_and_path(
     (error,) = r.json()["errors"]
     assert error["field"].startswith("intake/_draft.yaml:")
     assert error["field"].endswith(".type")
+    assert error["pointer"] == "#/profile"  # the body member holding the draft
 
 
 async def test_preview_of_a_stripe_event(
@@ -163,6 +164,7 @@ async def test_invalid_set_is_refused_and_the_running_set_stays(
     (error,) = r.json()["errors"]
     assert error["code"] == "fhirpath-syntax"
     assert error["field"].startswith(f"{GLP1_V1}:")
+    assert "pointer" not in error  # a file's problem, not one in the (empty) request body
     assert runtime.profiles.current is running
     r = await client.post("/v1/intake-submissions", json=samples.intake(), headers=headers)
     assert r.status_code == 202

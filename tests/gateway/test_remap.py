@@ -106,6 +106,25 @@ async def test_diff_then_apply(
     assert again.diff == [] and not again.applied
 
 
+async def test_an_unchanged_profile_changes_nothing_and_a_derived_change_only_its_resource(
+    client: httpx.AsyncClient, runtime: Runtime, make_api_key: ApiKeyFactory, profiles_dir: Path
+) -> None:
+    message_id = await _ingest(client, make_api_key)
+    async with runtime.sessionmaker() as session:
+        result = await remap_message(session, runtime, message_id, apply=False, actor="t")
+    assert result.diff == []  # was QuestionnaireResponse.status: -"completed" +"amended"
+
+    edit_yaml(profiles_dir / GLP1_V1, lambda d: d["derived"]["observations"][0].update(decimals=1))
+    runtime.profiles.reload()
+    async with runtime.sessionmaker() as session:
+        result = await remap_message(session, runtime, message_id, apply=True, actor="t")
+        await session.commit()
+    assert result.diff and all(line.startswith("Observation/") for line in result.diff)
+    assert result.stored is not None
+    changed = sorted(r["resourceType"] for r in result.stored["resources"])
+    assert changed == ["Observation", "Provenance"]  # the answers did not change
+
+
 async def test_checkout_remap_and_errors(
     client: httpx.AsyncClient, runtime: Runtime, make_api_key: ApiKeyFactory
 ) -> None:

@@ -444,3 +444,28 @@ def test_cli_replays_by_id_and_in_bulk(database_url: str, monkeypatch: pytest.Mo
     }
     assert statuses[ids[4]] == ("review", 0)  # --status defaults to dead
     assert statuses[ids[5]] == ("delivered", 0)
+
+
+async def test_targets_show_an_active_subscriber_as_configured(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str]
+) -> None:
+    r = await client.post(
+        "/v1/ops/subscribers",
+        json={"name": "crm", "url": "http://127.0.0.1:9/hooks", "event_types": ["*"]},
+        headers=admin_headers,
+    )
+    assert r.status_code == 201, r.text
+    async with runtime.sessionmaker() as session:
+        session.add(_row(1, kind="webhook", target="crm", status="dead"))
+        await session.commit()
+
+    def crm(targets: list[dict[str, Any]]) -> dict[str, Any]:
+        (target,) = [t for t in targets if t["name"] == "crm"]
+        return target
+
+    targets = (await client.get("/v1/ops/targets", headers=admin_headers)).json()
+    assert (crm(targets)["kind"], crm(targets)["configured"]) == ("webhook", True)
+    r = await client.delete(f"/v1/ops/subscribers/{r.json()['id']}", headers=admin_headers)
+    assert r.status_code in (200, 204), r.text
+    targets = (await client.get("/v1/ops/targets", headers=admin_headers)).json()
+    assert crm(targets)["configured"] is False  # deactivated

@@ -324,6 +324,8 @@ async def test_circuit_opens_while_the_ehr_is_down_and_nothing_is_dead_lettered(
 
     assert state is not None and state.circuit == "open"
     assert state.probe_failures >= 1
+    # what on-call reads in GET /v1/ops/targets: how it fails, not just "probe failed"
+    assert state.last_error is not None and "ConnectError" in state.last_error
     assert len(down) == 8
     assert all(d.status == "pending" for d in down)  # none dead-lettered while down
     assert {d.id: d.attempts for d in down} == {i: opened[i] for i in opened if i != 1}

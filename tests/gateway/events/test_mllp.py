@@ -281,6 +281,68 @@ async def test_the_mllp_command_listens_acks_and_stops(tmp_path: Path, profiles_
     assert proc.returncode == 0
 
 
+async def test_the_mllp_command_reloads_the_profiles_on_sighup(
+    tmp_path: Path, profiles_dir: Path
+) -> None:
+    """docs/PROFILES.md: reload with ``kill -HUP <pid>``, each process. The listener used
+    to die on SIGHUP (the default action) instead of learning a new sending facility."""
+    from gateway.db.migrate import upgrade_async
+    from tests.support.profiles import edit_yaml
+
+    database = f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}"
+    await upgrade_async(database)
+    env = {
+        **os.environ,
+        "GATEWAY_DATABASE_URL": database,
+        "GATEWAY_PROFILES_DIR": str(profiles_dir),
+        "GATEWAY_LOG_LEVEL": "warning",
+    }
+    command = Path(sys.executable).with_name("fhir-gateway")
+    proc = await asyncio.create_subprocess_exec(
+        str(command),
+        "mllp",
+        "--port",
+        "0",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+    async def send(control_id: str) -> tuple[str, str]:
+        reader, writer = await open_hl7_connection("127.0.0.1", port)
+        message = hl7_message(
+            "ADT^A08", control_id=control_id, facility="NEWFAC", pid3="x^^^TESTEHR^MR"
+        )
+        writer.writemessage(hl7.parse(message))
+        ack = await asyncio.wait_for(reader.readmessage(), 10)
+        writer.close()
+        return _msa(ack)
+
+    try:
+        assert proc.stderr is not None
+        line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
+        port = int(line.rsplit(":", 1)[1])
+        assert await send("HUP-1") == ("AR", "HUP-1")  # not a configured sender yet
+        edit_yaml(
+            profiles_dir / "events/test-ehr-hl7.yaml",
+            lambda d: d["hl7"]["facilities"].append("NEWFAC"),
+        )
+        proc.send_signal(signal.SIGHUP)
+        codes: tuple[str, str] = ("", "")
+        for attempt in range(50):
+            assert proc.returncode is None, "the listener died on SIGHUP"
+            codes = await send(f"HUP-{attempt + 2}")
+            if codes[0] == "AA":
+                break
+            await asyncio.sleep(0.1)
+        assert codes[0] == "AA"
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 10)
+    assert proc.returncode == 0
+
+
 async def test_close_with_connections_open_ends_them_quietly(
     runtime: Runtime, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -146,3 +146,21 @@ def test_invalid_concept_map_is_refused_with_its_line(tmp_path: Path) -> None:
     assert problem.message == "empty source_code"
     # and the EHR target that uses the map is refused too, not run half-configured
     assert [p.code for p in others] == ["unknown-concept-map"]
+
+
+def test_every_bundled_profile_file_names_its_json_schema_for_editors() -> None:
+    """docs/PROFILES.md: every profile file starts with the YAML language server's
+    ``$schema`` modeline (https://github.com/redhat-developer/yaml-language-server),
+    pointing at the schema of its kind."""
+    from gateway.settings import BUNDLED_PROFILES_DIR
+
+    for kind in PROFILE_KINDS.values():
+        location = BUNDLED_PROFILES_DIR / kind.location
+        files = sorted(location.glob("*.yaml")) if kind.location.endswith("/") else [location]
+        assert files, kind.name
+        for path in files:
+            first = path.read_text(encoding="utf-8").splitlines()[0]
+            prefix = "# yaml-language-server: $schema="
+            assert first.startswith(prefix), path
+            schema = (path.parent / first.removeprefix(prefix)).resolve()
+            assert schema == (BUNDLED_PROFILES_DIR / f"schema/{kind.name}.schema.json").resolve()
