@@ -301,6 +301,9 @@ def _unescape(text: str, message: Hl7Message) -> str:
     return re.sub(f"{quoted}([FSTRE]|X[0-9A-Fa-f]+){quoted}", replace, text)
 
 
+_BATCH_REFUSED = "an HL7 batch (FHS/BHS) is not accepted: send each message on its own"
+
+
 def parse_er7(text: str) -> Hl7Message:
     """Split an ER7 message and read MSH (HL7 v2.x chapter 2, MSH segment).
 
@@ -322,7 +325,7 @@ def parse_er7(text: str) -> Hl7Message:
         raise Hl7MessageError(
             "AR",
             100,
-            "an HL7 batch (FHS/BHS) is not accepted: send each message on its own",
+            _BATCH_REFUSED,
             segment=text[:3],
         )
     if not text.startswith("MSH") or len(text) < 8:
@@ -378,7 +381,7 @@ def parse_er7(text: str) -> Hl7Message:
 
     inner = {seg[0] for seg in segments[1:]}
     if inner & {"FHS", "BHS"}:
-        refuse(100, "an HL7 batch (FHS/BHS) is not accepted: send each message on its own", None)
+        refuse(100, _BATCH_REFUSED, None)
     if "MSH" in inner:
         refuse(
             100,

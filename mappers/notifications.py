@@ -39,6 +39,11 @@ NOTIFICATION_TYPES = frozenset(
 #: ``history`` in R4 (Backport IG); ``subscription-notification`` in R4B and R5.
 NOTIFICATION_BUNDLE_TYPES = frozenset({"history", "subscription-notification"})
 _TYPE_NAME = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
+#: What to tell an EHR whose Subscription sends something other than a notification Bundle.
+CONFIGURE_BACKPORT = (
+    "configure the Subscription per the Subscriptions R5 Backport IG "
+    "(backport-subscription profile, payload id-only or full-resource)"
+)
 _REFERENCE = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/([^/]+))?/?$")
 _SUBJECT = {
     "Task": "for",
@@ -142,8 +147,7 @@ def parse_notification(data: dict[str, Any]) -> Notification:
                     "resourceType",
                     "not_a_notification_bundle",
                     f"the body is {named}, not a notification Bundle (a classic R4 rest-hook "
-                    "payload?): configure the Subscription per the Subscriptions R5 Backport "
-                    "IG (backport-subscription profile, payload id-only or full-resource)",
+                    f"payload?): {CONFIGURE_BACKPORT}",
                 )
             ]
         )

@@ -40,7 +40,13 @@ from gateway.ingest.service import decode_json_object
 from gateway.logging import get_logger
 from gateway.runtime import Runtime
 from mappers.errors import MappingErrors, Problem
-from mappers.notifications import Gap, Notification, parse_notification, track_event_numbers
+from mappers.notifications import (
+    CONFIGURE_BACKPORT,
+    Gap,
+    Notification,
+    parse_notification,
+    track_event_numbers,
+)
 from mappers.profiles import EhrTargetProfile
 
 log = get_logger(__name__)
@@ -100,9 +106,8 @@ def classic_rest_hook_error(
             Problem(
                 "",
                 code,
-                f"{what} does not say which subscription event happened: configure the "
-                "Subscription per the Subscriptions R5 Backport IG (payload id-only or "
-                "full-resource) and its endpoint as this URL",
+                f"{what} does not say which subscription event happened: "
+                f"{CONFIGURE_BACKPORT}, and its endpoint as this URL",
             )
         ],
     )

@@ -504,14 +504,11 @@ class SharedTokenManager:
             lifetime = DEFAULT_LIFETIME
         token_type = token.get("token_type")
         scope = token.get("scope")
-        if scope and set(auth.scopes) - set(str(scope).split()):
+        not_granted = set(auth.scopes) - set(str(scope).split()) if scope else set()
+        if not_granted:
             # RFC 6749 section 3.3: the server may grant less than asked; the FHIR server
             # then answers 403 to what the token does not cover.
-            log.warning(
-                "oauth.scope_narrowed",
-                target=self.name,
-                not_granted=sorted(set(auth.scopes) - set(str(scope).split())),
-            )
+            log.warning("oauth.scope_narrowed", target=self.name, not_granted=sorted(not_granted))
         return _Fetched(
             access,
             str(token_type)[:32] if token_type else None,
