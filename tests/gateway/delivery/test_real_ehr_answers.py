@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -77,6 +77,20 @@ class Ehr:
         return httpx.Response(200, json=body)
 
 
+def bundle_reply(
+    entries: list[dict[str, Any]], kind: str = "transaction-response"
+) -> httpx.Response:
+    """A 200 answering a transaction with a Bundle of ``kind`` holding ``entries``."""
+    return httpx.Response(200, json={"resourceType": "Bundle", "type": kind, "entry": entries})
+
+
+def found_by_type(request: httpx.Request) -> httpx.Response:
+    """A search that finds one resource, ``found-<Type>``, of the type searched."""
+    rtype = request.url.path.rsplit("/", 1)[-1]
+    found = [{"resource": {"resourceType": rtype, "id": f"found-{rtype}"}}]
+    return httpx.Response(200, json={"resourceType": "Bundle", "type": "searchset", "entry": found})
+
+
 @pytest.fixture
 def ehr() -> Ehr:
     return Ehr()
@@ -93,15 +107,29 @@ async def worker(runtime: Runtime, ehr: Ehr) -> AsyncIterator[DeliveryWorker]:
         await http.aclose()
 
 
-async def deliver_one(
-    client: httpx.AsyncClient, headers: dict[str, str], runtime: Runtime, worker: DeliveryWorker
-) -> Delivery:
-    r = await client.post("/v1/intake-submissions", json=samples.intake(), headers=headers)
-    assert r.status_code == 202, r.text
-    [d] = r.json()["deliveries"]
-    assert await worker.run_once() == 1
-    (row,) = await rows(runtime, Delivery, Delivery.id == d["id"])
-    return row
+Deliver = Callable[[], Awaitable[Delivery]]
+
+
+@pytest.fixture
+def deliver(
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    runtime: Runtime,
+    worker: DeliveryWorker,
+) -> Deliver:
+    """``await deliver()``: submit one intake, run one worker round, return its delivery."""
+
+    async def one() -> Delivery:
+        r = await client.post(
+            "/v1/intake-submissions", json=samples.intake(), headers=admin_headers
+        )
+        assert r.status_code == 202, r.text
+        [d] = r.json()["deliveries"]
+        assert await worker.run_once() == 1
+        (row,) = await rows(runtime, Delivery, Delivery.id == d["id"])
+        return row
+
+    return one
 
 
 async def remote_ids(runtime: Runtime) -> dict[str, tuple[str, str | None]]:
@@ -111,10 +139,8 @@ async def remote_ids(runtime: Runtime) -> dict[str, tuple[str, str | None]]:
 
 
 async def test_absolute_locations_and_status_codes_without_reason(
-    client: httpx.AsyncClient,
-    admin_headers: dict[str, str],
+    deliver: Deliver,
     runtime: Runtime,
-    worker: DeliveryWorker,
     ehr: Ehr,
 ) -> None:
     ehr.answer = lambda b: httpx.Response(
@@ -130,17 +156,15 @@ async def test_absolute_locations_and_status_codes_without_reason(
         },
         headers={"Content-Type": "application/fhir+json;charset=UTF-8"},
     )
-    row = await deliver_one(client, admin_headers, runtime, worker)
+    row = await deliver()
     assert row.status == "delivered"
     ids = await remote_ids(runtime)
     assert ids["Patient"] == ("abs0", "3")
 
 
 async def test_gzip_encoded_transaction_response(
-    client: httpx.AsyncClient,
-    admin_headers: dict[str, str],
+    deliver: Deliver,
     runtime: Runtime,
-    worker: DeliveryWorker,
     ehr: Ehr,
 ) -> None:
     def answer(bundle: dict[str, Any]) -> httpx.Response:
@@ -152,16 +176,13 @@ async def test_gzip_encoded_transaction_response(
         )
 
     ehr.answer = answer
-    row = await deliver_one(client, admin_headers, runtime, worker)
+    row = await deliver()
     assert row.status == "delivered"
     assert (await remote_ids(runtime))["Patient"] == ("r0", "1")
 
 
 async def test_entries_that_failed_inside_a_200_are_not_delivered(
-    client: httpx.AsyncClient,
-    admin_headers: dict[str, str],
-    runtime: Runtime,
-    worker: DeliveryWorker,
+    deliver: Deliver,
     ehr: Ehr,
 ) -> None:
     outcome = {
@@ -172,33 +193,27 @@ async def test_entries_that_failed_inside_a_200_are_not_delivered(
     def answer(bundle: dict[str, Any]) -> httpx.Response:
         entries = Ehr.entries(bundle, lambda t, i: f"{t}/r{i}" if i else None, "201 Created")
         entries[0]["response"] = {"status": "422 Unprocessable Entity", "outcome": outcome}
-        return httpx.Response(
-            200, json={"resourceType": "Bundle", "type": "batch-response", "entry": entries}
-        )
+        return bundle_reply(entries, "batch-response")
 
     ehr.answer = answer
-    row = await deliver_one(client, admin_headers, runtime, worker)
+    row = await deliver()
     assert (row.status, row.dead_reason, row.last_status_code) == ("dead", "rejected", 422)
     assert row.operation_outcome is not None
     assert row.operation_outcome["issue"][0]["code"] == "required"
 
 
 async def test_a_failed_entry_in_a_transaction_response_is_not_delivered(
-    client: httpx.AsyncClient,
-    admin_headers: dict[str, str],
+    deliver: Deliver,
     runtime: Runtime,
-    worker: DeliveryWorker,
     ehr: Ehr,
 ) -> None:
     def answer(bundle: dict[str, Any]) -> httpx.Response:
         entries = Ehr.entries(bundle, lambda t, i: f"{t}/r{i}", "201 Created")
         entries[-1]["response"] = {"status": "400"}  # no outcome at all
-        return httpx.Response(
-            200, json={"resourceType": "Bundle", "type": "transaction-response", "entry": entries}
-        )
+        return bundle_reply(entries)
 
     ehr.answer = answer
-    row = await deliver_one(client, admin_headers, runtime, worker)
+    row = await deliver()
     assert (row.status, row.dead_reason, row.last_status_code) == ("dead", "rejected", 400)
     # a transaction is all or nothing: the ids of the other entries are not trusted (a
     # replay finds what was written by ifNoneExist)
@@ -206,37 +221,28 @@ async def test_a_failed_entry_in_a_transaction_response_is_not_delivered(
 
 
 async def test_a_5xx_entry_is_retried(
-    client: httpx.AsyncClient,
-    admin_headers: dict[str, str],
-    runtime: Runtime,
-    worker: DeliveryWorker,
+    deliver: Deliver,
     ehr: Ehr,
 ) -> None:
     def answer(bundle: dict[str, Any]) -> httpx.Response:
         entries = Ehr.entries(bundle, lambda t, i: f"{t}/r{i}", "201 Created")
         entries[1]["response"] = {"status": "503 Service Unavailable"}
-        return httpx.Response(
-            200, json={"resourceType": "Bundle", "type": "batch-response", "entry": entries}
-        )
+        return bundle_reply(entries, "batch-response")
 
     ehr.answer = answer
-    row = await deliver_one(client, admin_headers, runtime, worker)
+    row = await deliver()
     assert (row.status, row.attempts, row.last_status_code) == ("pending", 1, 503)
 
 
 async def test_a_412_entry_goes_to_review_not_a_retry_loop(
-    client: httpx.AsyncClient,
-    admin_headers: dict[str, str],
-    runtime: Runtime,
+    deliver: Deliver,
     worker: DeliveryWorker,
     ehr: Ehr,
 ) -> None:
     def answer(bundle: dict[str, Any]) -> httpx.Response:
         entries = Ehr.entries(bundle, lambda t, i: f"{t}/r{i}", "201 Created")
         entries[0]["response"] = {"status": "412 Precondition Failed"}
-        return httpx.Response(
-            200, json={"resourceType": "Bundle", "type": "batch-response", "entry": entries}
-        )
+        return bundle_reply(entries, "batch-response")
 
     def search(request: httpx.Request) -> httpx.Response:
         found = [{"resource": {"resourceType": "Patient", "id": i}} for i in ("p1", "p2")]
@@ -245,36 +251,25 @@ async def test_a_412_entry_goes_to_review_not_a_retry_loop(
         )
 
     ehr.answer, ehr.search = answer, search
-    row = await deliver_one(client, admin_headers, runtime, worker)
+    row = await deliver()
     assert (row.status, row.last_status_code) == ("review", 412)
     assert await worker.run_once() == 0
     assert len(ehr.bundles) == 1
 
 
 async def test_a_missing_location_is_looked_up_by_identifier(
-    client: httpx.AsyncClient,
-    admin_headers: dict[str, str],
+    deliver: Deliver,
     runtime: Runtime,
-    worker: DeliveryWorker,
     ehr: Ehr,
 ) -> None:
     """Some servers leave out ``location`` when ``ifNoneExist`` matched (``200 OK``)."""
 
     def answer(bundle: dict[str, Any]) -> httpx.Response:
         entries = Ehr.entries(bundle, lambda t, i: None, "200 OK")
-        return httpx.Response(
-            200, json={"resourceType": "Bundle", "type": "transaction-response", "entry": entries}
-        )
+        return bundle_reply(entries)
 
-    def search(request: httpx.Request) -> httpx.Response:
-        rtype = request.url.path.rsplit("/", 1)[-1]
-        found = [{"resource": {"resourceType": rtype, "id": f"found-{rtype}"}}]
-        return httpx.Response(
-            200, json={"resourceType": "Bundle", "type": "searchset", "entry": found}
-        )
-
-    ehr.answer, ehr.search = answer, search
-    row = await deliver_one(client, admin_headers, runtime, worker)
+    ehr.answer, ehr.search = answer, found_by_type
+    row = await deliver()
     assert row.status == "delivered"
     assert (await remote_ids(runtime))["Patient"] == ("found-Patient", "1")
     searched = [r for r in ehr.requests if r.method == "GET"]
@@ -282,10 +277,7 @@ async def test_a_missing_location_is_looked_up_by_identifier(
 
 
 async def test_a_proxy_html_error_page_is_retried(
-    client: httpx.AsyncClient,
-    admin_headers: dict[str, str],
-    runtime: Runtime,
-    worker: DeliveryWorker,
+    deliver: Deliver,
     ehr: Ehr,
 ) -> None:
     ehr.answer = lambda b: httpx.Response(
@@ -293,7 +285,7 @@ async def test_a_proxy_html_error_page_is_retried(
         content=b"<html><body><h1>502 Bad Gateway</h1></body></html>",
         headers={"Content-Type": "text/html"},
     )
-    row = await deliver_one(client, admin_headers, runtime, worker)
+    row = await deliver()
     assert (row.status, row.attempts, row.last_status_code) == ("pending", 1, 502)
 
 
@@ -320,52 +312,37 @@ async def test_the_circuit_probe_counts_an_authenticated_metadata_endpoint_as_up
 
 
 async def test_a_redirect_is_a_configuration_error_not_a_dead_letter(
-    client: httpx.AsyncClient,
-    admin_headers: dict[str, str],
-    runtime: Runtime,
-    worker: DeliveryWorker,
+    deliver: Deliver,
     ehr: Ehr,
 ) -> None:
     """``http://`` configured for an ``https://`` server (or a moved base): 301/308."""
     ehr.answer = lambda b: httpx.Response(
         308, headers={"Location": "https://ehr.example.org/fhir"}, content=b""
     )
-    row = await deliver_one(client, admin_headers, runtime, worker)
+    row = await deliver()
     assert (row.status, row.attempts) == ("pending", 0)
     assert row.last_error is not None and "base_url" in row.last_error
 
 
 @pytest.mark.parametrize("status", [200, 204])
 async def test_an_empty_2xx_answer_is_delivered_and_the_ids_looked_up(
-    client: httpx.AsyncClient,
-    admin_headers: dict[str, str],
+    deliver: Deliver,
     runtime: Runtime,
-    worker: DeliveryWorker,
     ehr: Ehr,
     status: int,
 ) -> None:
     """A transaction that succeeded with no Bundle in the answer (non-conformant)."""
 
-    def search(request: httpx.Request) -> httpx.Response:
-        rtype = request.url.path.rsplit("/", 1)[-1]
-        found = [{"resource": {"resourceType": rtype, "id": f"found-{rtype}"}}]
-        return httpx.Response(
-            200, json={"resourceType": "Bundle", "type": "searchset", "entry": found}
-        )
-
     ehr.answer = lambda b: httpx.Response(status, content=b"")
-    ehr.search = search
-    row = await deliver_one(client, admin_headers, runtime, worker)
+    ehr.search = found_by_type
+    row = await deliver()
     assert (row.status, row.attempts) == ("delivered", 1)
     assert (await remote_ids(runtime))["Patient"] == ("found-Patient", None)
     assert len(ehr.bundles) == 1
 
 
 async def test_a_malformed_operation_outcome_still_dead_letters(
-    client: httpx.AsyncClient,
-    admin_headers: dict[str, str],
-    runtime: Runtime,
-    worker: DeliveryWorker,
+    deliver: Deliver,
     ehr: Ehr,
 ) -> None:
     """``issue`` as an object instead of a list (seen from hand-written servers)."""
@@ -374,5 +351,5 @@ async def test_a_malformed_operation_outcome_still_dead_letters(
         "issue": {"severity": "error", "code": "invalid"},
     }
     ehr.answer = lambda b: httpx.Response(400, json=outcome)
-    row = await deliver_one(client, admin_headers, runtime, worker)
+    row = await deliver()
     assert (row.status, row.dead_reason, row.last_status_code) == ("dead", "rejected", 400)
