@@ -5,6 +5,7 @@ several connections at once, a broken frame, a malformed message, an oversize on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -21,6 +22,7 @@ from gateway.hl7.mllp import MllpDecoder, MllpServer
 from gateway.hl7.service import Hl7Reply
 from gateway.runtime import Runtime
 from tests.support.events_env import (
+    EHR_FACILITY,
     Patient,
     add_remote_patient_id,
     case_of,
@@ -242,7 +244,12 @@ def test_decoder_splits_frames_and_reports_framing_errors() -> None:
     assert not decoder.partial
 
 
-async def test_the_mllp_command_listens_acks_and_stops(tmp_path: Path, profiles_dir: Path) -> None:
+@contextlib.asynccontextmanager
+async def mllp_command(
+    tmp_path: Path, profiles_dir: Path
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
+    """``fhir-gateway mllp --port 0`` on a migrated SQLite file: the process and its port;
+    stopped with SIGTERM at the end, which must exit 0."""
     from gateway.db.migrate import upgrade_async
 
     database = f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}"
@@ -267,18 +274,29 @@ async def test_the_mllp_command_listens_acks_and_stops(tmp_path: Path, profiles_
         assert proc.stderr is not None
         line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
         assert line.startswith("MLLP listening on 127.0.0.1:"), line
-        port = int(line.rsplit(":", 1)[1])
-        reader, writer = await open_hl7_connection("127.0.0.1", port)
-        writer.writemessage(
-            hl7.parse(hl7_message("ADT^A08", control_id="CLI-1", pid3="x^^^TESTEHR^MR"))
-        )
-        ack = await asyncio.wait_for(reader.readmessage(), 10)
-        writer.close()
-        assert _msa(ack) == ("AA", "CLI-1")
+        yield proc, int(line.rsplit(":", 1)[1])
     finally:
-        proc.send_signal(signal.SIGTERM)
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 10)
     assert proc.returncode == 0
+
+
+async def _send_a08(port: int, control_id: str, facility: str = EHR_FACILITY) -> tuple[str, str]:
+    """One ADT^A08 over a new MLLP connection; its ACK's MSA-1 and MSA-2."""
+    reader, writer = await open_hl7_connection("127.0.0.1", port)
+    message = hl7_message(
+        "ADT^A08", control_id=control_id, facility=facility, pid3="x^^^TESTEHR^MR"
+    )
+    writer.writemessage(hl7.parse(message))
+    ack = await asyncio.wait_for(reader.readmessage(), 10)
+    writer.close()
+    return _msa(ack)
+
+
+async def test_the_mllp_command_listens_acks_and_stops(tmp_path: Path, profiles_dir: Path) -> None:
+    async with mllp_command(tmp_path, profiles_dir) as (_proc, port):
+        assert await _send_a08(port, "CLI-1") == ("AA", "CLI-1")
 
 
 async def test_the_mllp_command_reloads_the_profiles_on_sighup(
@@ -286,43 +304,11 @@ async def test_the_mllp_command_reloads_the_profiles_on_sighup(
 ) -> None:
     """docs/PROFILES.md: reload with ``kill -HUP <pid>``, each process. The listener used
     to die on SIGHUP (the default action) instead of learning a new sending facility."""
-    from gateway.db.migrate import upgrade_async
     from tests.support.profiles import edit_yaml
 
-    database = f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}"
-    await upgrade_async(database)
-    env = {
-        **os.environ,
-        "GATEWAY_DATABASE_URL": database,
-        "GATEWAY_PROFILES_DIR": str(profiles_dir),
-        "GATEWAY_LOG_LEVEL": "warning",
-    }
-    command = Path(sys.executable).with_name("fhir-gateway")
-    proc = await asyncio.create_subprocess_exec(
-        str(command),
-        "mllp",
-        "--port",
-        "0",
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-
-    async def send(control_id: str) -> tuple[str, str]:
-        reader, writer = await open_hl7_connection("127.0.0.1", port)
-        message = hl7_message(
-            "ADT^A08", control_id=control_id, facility="NEWFAC", pid3="x^^^TESTEHR^MR"
-        )
-        writer.writemessage(hl7.parse(message))
-        ack = await asyncio.wait_for(reader.readmessage(), 10)
-        writer.close()
-        return _msa(ack)
-
-    try:
-        assert proc.stderr is not None
-        line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
-        port = int(line.rsplit(":", 1)[1])
-        assert await send("HUP-1") == ("AR", "HUP-1")  # not a configured sender yet
+    async with mllp_command(tmp_path, profiles_dir) as (proc, port):
+        # not a configured sender yet
+        assert await _send_a08(port, "HUP-1", "NEWFAC") == ("AR", "HUP-1")
         edit_yaml(
             profiles_dir / "events/test-ehr-hl7.yaml",
             lambda d: d["hl7"]["facilities"].append("NEWFAC"),
@@ -331,16 +317,11 @@ async def test_the_mllp_command_reloads_the_profiles_on_sighup(
         codes: tuple[str, str] = ("", "")
         for attempt in range(50):
             assert proc.returncode is None, "the listener died on SIGHUP"
-            codes = await send(f"HUP-{attempt + 2}")
+            codes = await _send_a08(port, f"HUP-{attempt + 2}", "NEWFAC")
             if codes[0] == "AA":
                 break
             await asyncio.sleep(0.1)
         assert codes[0] == "AA"
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(proc.wait(), 10)
-    assert proc.returncode == 0
 
 
 async def test_close_with_connections_open_ends_them_quietly(
