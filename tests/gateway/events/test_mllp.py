@@ -201,22 +201,7 @@ async def test_mllp_send_command(
             for i in range(3)
         )
     )
-    command = Path(sys.executable).with_name("mllp_send")
-    proc = await asyncio.create_subprocess_exec(
-        str(command),
-        "--port",
-        str(mllp.port),
-        "--file",
-        str(batch),
-        "--loose",
-        "127.0.0.1",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 20)
-    assert proc.returncode == 0, err
-    text = out.decode().replace("\x0b", "").replace("\x1c", "").replace("\r", "\n")
-    acks = [line for line in text.split("\n") if line.startswith("MSA")]
+    acks = await _mllp_send_msa(mllp.port, batch)
     assert acks == ["MSA|AA|S-0", "MSA|AA|S-1", "MSA|AA|S-2"]
 
 
@@ -242,6 +227,27 @@ def test_decoder_splits_frames_and_reports_framing_errors() -> None:
         ("frame", b"six"),
     ]
     assert not decoder.partial
+
+
+async def _mllp_send_msa(port: int, batch: Path) -> list[str]:
+    """python-hl7's ``mllp_send --loose --file batch`` to ``port``: the MSA segments of the
+    ACKs it printed, in order."""
+    command = Path(sys.executable).with_name("mllp_send")
+    proc = await asyncio.create_subprocess_exec(
+        str(command),
+        "--port",
+        str(port),
+        "--file",
+        str(batch),
+        "--loose",
+        "127.0.0.1",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0, err
+    text = out.decode().replace("\x0b", "").replace("\x1c", "").replace("\r", "\n")
+    return [line for line in text.split("\n") if line.startswith("MSA")]
 
 
 @contextlib.asynccontextmanager
@@ -476,22 +482,7 @@ async def test_mllp_send_of_a_batch_file(
             ]
         )
     )
-    command = Path(sys.executable).with_name("mllp_send")
-    proc = await asyncio.create_subprocess_exec(
-        str(command),
-        "--port",
-        str(mllp.port),
-        "--file",
-        str(batch),
-        "--loose",
-        "127.0.0.1",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 20)
-    assert proc.returncode == 0, err
-    text = out.decode().replace("\x0b", "").replace("\x1c", "").replace("\r", "\n")
-    acks = [line for line in text.split("\n") if line.startswith("MSA")]
+    acks = await _mllp_send_msa(mllp.port, batch)
     assert acks == [
         "MSA|AR||an HL7 batch (FHS/BHS) is not accepted: send each message on its own",
         "MSA|AA|B-1",
