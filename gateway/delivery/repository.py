@@ -57,6 +57,7 @@ from gateway.db.models import (
 )
 from gateway.db.types import UTCDateTime
 from gateway.delivery.policy import probe_delay_s
+from gateway.fhir.repository import resource_keys
 from gateway.oauth.repository import insert_ignore
 from mappers.profiles.ehr import CircuitBreakerPolicy
 
@@ -465,15 +466,6 @@ async def add_attempts(session: AsyncSession, rows: Sequence[dict[str, Any]]) ->
 # --------------------------------------------------------------------------- remote ids
 
 
-def _resource_keys(refs: Sequence[str]) -> Any:
-    """``fhir_resources`` rows of ``refs`` (``Type/id``) as an OR of primary-key lookups:
-    SQLite scans the whole table for a row-value ``(type, id) IN (VALUES ...)`` (see
-    :func:`gateway.fhir.repository.get_resources`)."""
-    f = FhirResource
-    keys = (ref.split("/", 1) for ref in refs)
-    return or_(*(and_(f.resource_type == t, f.id == i) for t, i in keys))
-
-
 async def resources_for_target(
     session: AsyncSession, *, target: str, refs: Sequence[str]
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
@@ -492,7 +484,7 @@ async def resources_for_target(
             r,
             and_(r.target == target, r.resource_type == f.resource_type, r.local_id == f.id),
         )
-        .where(_resource_keys(refs))
+        .where(resource_keys(refs))
     )
     resources: dict[str, dict[str, Any]] = {}
     remote: dict[str, str] = {}
@@ -523,7 +515,7 @@ async def outside_for_target(
             r,
             and_(r.target == target, r.resource_type == f.resource_type, r.local_id == f.id),
         )
-        .where(_resource_keys(refs))
+        .where(resource_keys(refs))
     )
     remote: dict[str, str] = {}
     identifiers: dict[str, tuple[str, str]] = {}

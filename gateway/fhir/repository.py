@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, and_, or_, select
+from sqlalchemy import ColumnElement, Select, and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.db.bulk import BulkInserts
@@ -33,19 +33,21 @@ async def get_resource(
     return await session.get(FhirResource, (resource_type, resource_id))
 
 
+def resource_keys(refs: Sequence[str]) -> ColumnElement[bool]:
+    """The ``fhir_resources`` rows of ``refs`` (``Type/id``, at least one) as a WHERE
+    clause: an OR of primary-key lookups, not a row-value IN, because SQLite scans the
+    whole table for ``(a, b) IN (VALUES ...)`` but searches the primary key for each OR
+    term."""
+    keys = (ref.split("/", 1) for ref in refs)
+    return or_(*(and_(FhirResource.resource_type == t, FhirResource.id == i) for t, i in keys))
+
+
 async def get_resources(session: AsyncSession, refs: Sequence[str]) -> list[dict[str, Any]]:
     """The current versions of ``refs`` (``Type/id``), in the order given; missing ones
     are skipped."""
-    keys = [tuple(ref.split("/", 1)) for ref in refs]
-    if not keys:
+    if not refs:
         return []
-    # OR of key lookups, not a row-value IN: SQLite scans the whole table for
-    # ``(a, b) IN (VALUES ...)`` but searches the primary key for each OR term.
-    rows = await session.scalars(
-        select(FhirResource).where(
-            or_(*(and_(FhirResource.resource_type == t, FhirResource.id == i) for t, i in keys))
-        )
-    )
+    rows = await session.scalars(select(FhirResource).where(resource_keys(refs)))
     by_ref = {f"{r.resource_type}/{r.id}": r.resource for r in rows}
     return [by_ref[ref] for ref in refs if ref in by_ref]
 
