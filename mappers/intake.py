@@ -85,7 +85,12 @@ def _normalizer(func: Callable[[str], str]) -> Callable[[str], str]:
 
 def refuse_numeric_zip(value: Any) -> Any:
     """Refuse a ZIP code sent as a JSON number with a message that says why: ``02134``
-    arrives as ``2134``, and which digits were lost cannot be known."""
+    arrives as ``2134``, and which digits were lost cannot be known. Anything else is
+    returned unchanged (a pydantic ``BeforeValidator``).
+
+    Raises:
+        PydanticCustomError: ``postal_code_not_text`` for an int or float.
+    """
     if isinstance(value, int | float) and not isinstance(value, bool):
         raise PydanticCustomError(
             "postal_code_not_text",

@@ -317,8 +317,8 @@ class EhrSender:
                 # 2xx without a usable transaction-response: it may have been applied; a
                 # retry is safe because every entry is conditional or an update.
                 raise EhrUnavailableError(f"unusable transaction-response ({exc})") from exc
-            failed = next((e for e in entries if e.failed and e.status_code), None)
-            if failed is not None and failed.status_code is not None:
+            failed = next((e for e in entries if e.failed), None)
+            if failed is not None and failed.status_code is not None:  # failed: a status
                 # A 200 whose entries failed: a batch-response, or a server that processed
                 # the transaction as one. Nothing is learnt from it (what the other entries
                 # say may have been rolled back); a replay finds them by ifNoneExist.
