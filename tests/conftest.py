@@ -28,6 +28,9 @@ from gateway.db.migrate import upgrade
 from gateway.runtime import Runtime
 from gateway.settings import BUNDLED_PROFILES_DIR, Settings
 
+#: The local EHR fixtures (``fhir_server``, ``make_ehr``): tests/support/ehr.py.
+pytest_plugins = ("tests.support.ehr",)
+
 PG_URL = os.environ.get("GATEWAY_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
