@@ -1,6 +1,6 @@
 """The dependency direction of DESIGN.md, enforced: ``mappers`` is pure (no ``gateway``,
-no database, web framework, HTTP client or logger), checked with import-linter and the
-contract in ``pyproject.toml``."""
+no database, web framework, HTTP client or logger), and ``bench`` and ``testkit`` never
+import ``tests``; checked with import-linter and the contracts in ``pyproject.toml``."""
 
 from __future__ import annotations
 
@@ -34,13 +34,14 @@ def lint_imports(
 def test_the_import_contract_is_kept() -> None:
     result = lint_imports(REPO)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "Contracts: 1 kept, 0 broken." in result.stdout
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
+    assert f"Contracts: {len(config['contracts'])} kept, 0 broken." in result.stdout
 
 
 def test_the_contract_catches_a_mapper_that_imports_the_gateway_or_a_logger(tmp_path: Path) -> None:
     """A control: the same contract over a tiny project that breaks it must fail."""
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
-    (contract,) = config["contracts"]
+    [contract] = [c for c in config["contracts"] if c["source_modules"] == ["mappers"]]
     lines = [
         "[importlinter]",
         "root_packages =\n    " + "\n    ".join(config["root_packages"]),
@@ -53,7 +54,7 @@ def test_the_contract_catches_a_mapper_that_imports_the_gateway_or_a_logger(tmp_
         "forbidden_modules =\n    " + "\n    ".join(contract["forbidden_modules"]),
     ]
     (tmp_path / ".importlinter").write_text("\n".join(lines) + "\n")
-    for package in ("mappers", "gateway"):
+    for package in config["root_packages"]:
         (tmp_path / package).mkdir()
         (tmp_path / package / "__init__.py").write_text("")
     (tmp_path / "gateway" / "app.py").write_text("VALUE = 1\n")
@@ -63,3 +64,28 @@ def test_the_contract_catches_a_mapper_that_imports_the_gateway_or_a_logger(tmp_
     assert "BROKEN" in result.stdout
     assert "mappers.bad -> gateway.app" in result.stdout
     assert "mappers.bad -> logging" in result.stdout
+
+
+def test_the_contract_catches_a_benchmark_that_imports_the_tests(tmp_path: Path) -> None:
+    """A control for ``bench`` -> ``tests``: a benchmark importing a test helper must fail."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
+    [contract] = [c for c in config["contracts"] if "tests" in c["forbidden_modules"]]
+    lines = [
+        "[importlinter]",
+        "root_packages =\n    bench\n    testkit\n    tests",
+        "",
+        "[importlinter:contract:no-tests]",
+        f"name = {contract['name']}",
+        f"type = {contract['type']}",
+        "source_modules =\n    " + "\n    ".join(contract["source_modules"]),
+        "forbidden_modules =\n    " + "\n    ".join(contract["forbidden_modules"]),
+    ]
+    (tmp_path / ".importlinter").write_text("\n".join(lines) + "\n")
+    for package in ("bench", "testkit", "tests"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / "tests" / "samples.py").write_text("VALUE = 1\n")
+    (tmp_path / "bench" / "run.py").write_text("from tests import samples\n")
+    result = lint_imports(tmp_path, "--config", ".importlinter", pythonpath=tmp_path)
+    assert result.returncode != 0, result.stdout
+    assert "bench.run -> tests.samples" in result.stdout
