@@ -11,7 +11,8 @@ and identity provider do around it, plus what tests script:
   405), then forwards the request to the FHIR server. ``GET /fhir/metadata`` needs no token;
   the SMART ``security`` block is added to the server's CapabilityStatement;
 * faults, consumed in order: ``fhir_faults`` (applied before the token check, never to
-  metadata) and ``token_faults``, a token outage window, persistent reject rules
+  metadata) and ``token_faults``; token and FHIR outage windows (a FHIR outage may fail
+  a random share of requests); persistent reject rules
   (``reject_when``), a latency for every FHIR request, hangs, and 5xx answers after the
   FHIR server committed the request (``Fault(after_commit=True)``);
 * records: ``requests``, ``request_times``, ``in_flight``, ``max_concurrent_requests``,
@@ -25,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import math
+import random
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -136,6 +138,13 @@ class TokenRequest:
     client_id: str | None
     scope: str | None
     status: int
+
+
+@dataclass(frozen=True)
+class _Outage:
+    until_monotonic_s: float
+    fault: Fault
+    fraction: float
 
 
 @dataclass(frozen=True)
@@ -255,6 +264,8 @@ class LocalEhr:
         self._stopping = threading.Event()
         self._forward: httpx.AsyncClient | None = None
         self._rules: list[_RejectRule] = []
+        self._outage: _Outage | None = None
+        self._random = random.Random()
 
         self.token_requests: list[TokenRequest] = []
         self.token_errors: list[str] = []
@@ -383,12 +394,45 @@ class LocalEhr:
         with self._lock:
             self._rules.clear()
 
+    def fhir_outage(
+        self,
+        seconds: float,
+        status: int = 503,
+        *,
+        fraction: float = 1.0,
+        retry_after: float | str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        """For the next ``seconds``, answer FHIR requests with ``status`` (before the token
+        check, after any scripted ``fhir_faults``).
+
+        ``fraction=1``: every request, metadata included (the EHR is down). ``fraction`` < 1:
+        that share of requests, picked at random (``seed`` for a repeatable run), metadata
+        excluded (a partial failure leaves the probe answering).
+        """
+        fault = Fault(status=status, headers=_retry_after(retry_after))
+        with self._lock:
+            self._outage = _Outage(time.monotonic() + seconds, fault, fraction)
+            self._random = random.Random(seed)
+
+    def _outage_fault(self, *, metadata: bool) -> Fault | None:
+        with self._lock:
+            outage = self._outage
+            if outage is None or time.monotonic() >= outage.until_monotonic_s:
+                return None
+            if outage.fraction >= 1:
+                return outage.fault
+            if metadata or self._random.random() >= outage.fraction:
+                return None
+            return outage.fault
+
     def clear_faults(self) -> None:
-        """Drop scripted token/FHIR faults and end any token outage."""
+        """Drop scripted token/FHIR faults and end any token or FHIR outage."""
         with self._lock:
             self.token_faults.clear()
             self.fhir_faults.clear()
             self.token_outage_until = None
+            self._outage = None
 
     # ------------------------------------------------------------------ tokens
 
@@ -436,7 +480,7 @@ class LocalEhr:
         return resource
 
     def versions(self, resource_type: str, resource_id: str) -> list[JsonObject]:
-        """Every stored version of a resource (``_history``), in no particular order."""
+        """Every stored version of a resource (``_history``), newest first."""
         response = self._get(f"{resource_type}/{resource_id}/_history")
         response.raise_for_status()
         return [entry["resource"] for entry in response.json().get("entry") or []]
@@ -589,6 +633,9 @@ class LocalEhr:
             return _json_response(404, operation_outcome("not-found", "Unknown path"))
         fhir_base = str(request.base_url).rstrip("/") + "/fhir"
         if request.method == "GET" and rest.rstrip("/") == "/metadata":
+            down = self._outage_fault(metadata=True)
+            if down is not None:
+                return _fault_response(down, fhir=True)
             return await self._metadata(request, fhir_base)
         if request.method == "GET" and rest == "/.well-known/smart-configuration":
             return _json_response(
@@ -597,6 +644,7 @@ class LocalEhr:
 
         with self._lock:
             fault = self.fhir_faults.pop(0) if self.fhir_faults else None
+        fault = fault or self._outage_fault(metadata=False)
         if fault is not None:
             if fault.delay_s and not await self._sleep(fault.delay_s):
                 return Response(status_code=503)

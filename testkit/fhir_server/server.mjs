@@ -36,6 +36,9 @@
 //      which Medplum's own matcher then checks (MemoryRepository scans every resource of
 //      the type, which is quadratic over a benchmark's thousands of conditional creates).
 //      Results and order are the same as without the index.
+//   8. `GET [base]/Type/id/_history` lists the versions newest first without reordering the
+//      stored history (MemoryRepository.readHistory reverses its own array in place, so
+//      every other read flipped the order).
 //
 // Requests of one tenant are processed one at a time (a repository is a single in-memory
 // store, and a transaction must not interleave with another request's writes).
@@ -118,9 +121,10 @@ function tokenKeys(resource) {
 }
 
 /**
- * MemoryRepository with validation (SHIM 4), all-or-nothing transactions (SHIM 2) and a
- * token index (SHIM 7). `resources` and `history` are MemoryRepository's own maps (private
- * in TypeScript only); @medplum/fhir-router is pinned to an exact version for that reason.
+ * MemoryRepository with validation (SHIM 4), all-or-nothing transactions (SHIM 2), a
+ * token index (SHIM 7) and a history that keeps its order (SHIM 8). `resources` and
+ * `history` are MemoryRepository's own maps (private in TypeScript only);
+ * @medplum/fhir-router is pinned to an exact version for that reason.
  */
 class TenantRepository extends MemoryRepository {
   constructor({ validate }) {
@@ -142,6 +146,14 @@ class TenantRepository extends MemoryRepository {
     const stored = await super.createResource({ ...resource, id });
     this.reindex(stored.resourceType, stored.id, stored);
     return stored;
+  }
+
+  async readHistory(resourceType, id) {
+    // SHIM 8
+    await this.readResource(resourceType, id);
+    const versions = [...(this.history.get(resourceType)?.get(id) ?? [])].reverse();
+    const entry = versions.map((version) => ({ resource: structuredClone(version) }));
+    return { resourceType: 'Bundle', type: 'history', ...(entry.length ? { entry } : undefined) };
   }
 
   async deleteResource(resourceType, id) {

@@ -346,7 +346,9 @@ async def test_update_vread_conditional_update_and_http_headers(
     assert old.json()["gender"] == "female"
     assert (upsert.status_code, upsert.json()["id"]) == (200, body["id"])
     assert fresh.status_code == 201
-    assert len(ehr.versions("Patient", body["id"])) == 3
+    history = [v["gender"] for v in ehr.versions("Patient", body["id"])]
+    assert history == ["other", "male", "female"]  # newest first
+    assert [v["gender"] for v in ehr.versions("Patient", body["id"])] == history  # stays so
     assert ehr.get("Patient", body["id"])["gender"] == "other"  # type: ignore[index]
 
 
@@ -399,6 +401,25 @@ async def test_scripted_fhir_faults_answer_in_order_before_the_token_check(
     assert [r.status_code for r in answers] == [503, 503, 401]
     assert answers[0].headers["retry-after"] == "1"
     assert answers[0].json()["issue"][0]["code"] == "transient"
+
+
+async def test_an_outage_fails_everything_and_a_partial_one_a_share_but_not_metadata(
+    served: tuple[LocalEhr, RunningEhr], fhir: httpx.AsyncClient
+) -> None:
+    ehr, _ = served
+    ehr.fhir_outage(0.3, 503, retry_after=1)
+    down = [(await fhir.get("/metadata")).status_code, (await fhir.get("/Patient")).status_code]
+    await asyncio.sleep(0.35)
+    up = (await fhir.get("/Patient")).status_code
+    ehr.fhir_outage(10, 500, fraction=0.5, seed=7)
+    partial = [(await fhir.get("/Patient")).status_code for _ in range(40)]
+    probe = (await fhir.get("/metadata")).status_code
+    ehr.clear_faults()
+    after = (await fhir.get("/Patient")).status_code
+
+    assert down == [503, 503] and up == 200
+    assert 5 <= partial.count(500) <= 35 and set(partial) == {200, 500}
+    assert probe == after == 200
 
 
 async def test_a_5xx_after_commit_and_a_hang_still_store_the_write(
