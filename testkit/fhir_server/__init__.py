@@ -79,7 +79,10 @@ def unavailable_reason() -> str | None:
     if match is None or (int(match.group(1)), int(match.group(2))) < _MIN_NODE:
         return f"Node.js {version} is too old for the local FHIR server (>= 20.19 needed)"
     if not _INSTALLED_MARKER.exists():
-        return f"the local FHIR server's npm packages are not installed: run `{install_command()}`"
+        return (
+            "the local FHIR server's npm packages are not installed: run `make fhir-server` "
+            f"(or `{install_command()}`)"
+        )
     return None
 
 
