@@ -352,6 +352,8 @@ def run_drain(
                 tokens = conn.execute(
                     "SELECT failures, last_error FROM oauth_tokens WHERE target = %s", (TARGET,)
                 ).fetchone()
+                # read while the EHR's FHIR server still runs (the stack stops it)
+                ehr_patients = ehr.count("Patient") if ehr is not None else None
         last = max(r[1] for r in rows)
         drain_s = (last - release_at).total_seconds()
         latencies_ms = [(r[1] - r[0]).total_seconds() * 1000 for r in rows]
@@ -383,7 +385,7 @@ def run_drain(
                 ),
                 drain_after_recovery_s=round(drain_s - (outage_s or 0), 3),
                 token_row=list(tokens) if tokens else None,
-                ehr_patients=ehr.count("Patient"),
+                ehr_patients=ehr_patients,
             )
     finally:
         admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))

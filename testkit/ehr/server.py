@@ -48,6 +48,7 @@ from testkit.ehr.oauth import (
     auth_method,
     basic_credentials,
 )
+from testkit.ehr.upstream import Upstream, UpstreamError
 from testkit.fhir_server import FhirServer
 
 __all__ = [
@@ -262,7 +263,7 @@ class LocalEhr:
         self._answered = threading.Condition(self._lock)
         self._in_flight = 0
         self._stopping = threading.Event()
-        self._forward: httpx.AsyncClient | None = None
+        self._upstream: Upstream | None = None
         self._rules: list[_RejectRule] = []
         self._outage: _Outage | None = None
         self._random = random.Random()
@@ -311,13 +312,15 @@ class LocalEhr:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        # One connection pool to the FHIR server per serving event loop.
-        async with httpx.AsyncClient(timeout=60.0) as client:
-            self._forward = client
-            try:
-                yield
-            finally:
-                self._forward = None
+        # Keep-alive connections to the FHIR server, for the serving event loop.
+        if self.fhir is not None:
+            self._upstream = Upstream(self.fhir.host, self.fhir.port)
+        try:
+            yield
+        finally:
+            upstream, self._upstream = self._upstream, None
+            if upstream is not None:
+                await upstream.aclose()
 
     # ------------------------------------------------------------------ configuration
 
@@ -764,23 +767,21 @@ class LocalEhr:
             return _json_response(
                 503, operation_outcome("transient", "This local EHR has no FHIR server")
             )
-        assert self._forward is not None, "served without its lifespan"
-        url = f"{self.fhir_url}{rest}"
+        assert self._upstream is not None, "served without its lifespan"
+        target = f"/{self.tenant}/fhir{rest}"
         if request.url.query:
-            url += f"?{request.url.query}"
+            target += f"?{request.url.query}"
         headers = {k: v for k in _FORWARDED_REQUEST_HEADERS if (v := request.headers.get(k))}
         headers["X-Forwarded-Base"] = fhir_base
         try:
-            answer = await self._forward.request(request.method, url, content=body, headers=headers)
-        except httpx.TransportError as exc:
+            answer = await self._upstream.request(request.method, target, headers, body)
+        except UpstreamError as exc:
             return _json_response(
                 502,
-                operation_outcome(
-                    "transient", f"The local FHIR server is not reachable ({type(exc).__name__})"
-                ),
+                operation_outcome("transient", f"The local FHIR server is not reachable ({exc})"),
             )
         kept = {k: v for k in _FORWARDED_RESPONSE_HEADERS if (v := answer.headers.get(k))}
-        return Response(answer.content, status_code=answer.status_code, headers=kept)
+        return Response(answer.body, status_code=answer.status, headers=kept)
 
     # ------------------------------------------------------------------ discovery
 
