@@ -10,11 +10,11 @@ and identity provider do around it, plus what tests script:
   deployment's limits (``max_bundle_entries`` -> 400 ``too-costly``, no transactions ->
   405), then forwards the request to the FHIR server. ``GET /fhir/metadata`` needs no token;
   the SMART ``security`` block is added to the server's CapabilityStatement;
-* faults, consumed in order: ``fhir_faults`` (applied before the token check, never to
-  metadata) and ``token_faults``; token and FHIR outage windows (a FHIR outage may fail
-  a random share of requests); persistent reject rules
-  (``reject_when``), a latency for every FHIR request, hangs, and 5xx answers after the
-  FHIR server committed the request (``Fault(after_commit=True)``);
+* faults: ``fhir_faults`` (consumed in order, before the token check, never on metadata)
+  and ``token_faults``; token and FHIR outage windows (a FHIR outage may fail a random
+  share of requests); persistent reject rules (``reject_when``); a latency for every FHIR
+  request; hangs; 5xx answers after the FHIR server committed the request
+  (``Fault(after_commit=True)``);
 * records: ``requests``, ``request_times``, ``in_flight``, ``max_concurrent_requests``,
   ``token_requests``, ``token_errors``; the stored resources are read from the FHIR
   server (``count``, ``resources``, ``find``, ``get``; ``seed`` writes directly).
