@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -88,6 +89,9 @@ WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_s
 """
 _FOREIGN_KEYS = "SELECT conrelid, confrelid FROM pg_constraint WHERE contype = 'f'"
 
+#: The ``application_name`` of the pool's own connections.
+APPLICATION_NAME = "fgw-test-pool"
+
 
 class PgPool:
     """Clones of a migrated template database, handed to one test at a time.
@@ -103,6 +107,7 @@ class PgPool:
         self.prefix = f"fgw_t_{os.getpid()}_"
         self._free: list[str] = []
         self._all: set[str] = set()
+        self._admin_conn: psycopg.Connection[Any] | None = None
         self._digest = self._schema_digest(template)
         self.created = 0  # clones made
         self.reset = 0  # clones reset after a test, for the next one
@@ -116,7 +121,7 @@ class PgPool:
 
         A clone that cannot be reset to a fresh clone's state is dropped, not reused.
         """
-        name = self._free.pop() if self._free else self._create()
+        name = self._take()
         try:
             yield name
         finally:
@@ -127,6 +132,8 @@ class PgPool:
         for name in sorted(self._all):
             self._drop(name)
         self._free.clear()
+        if self._admin_conn is not None:
+            self._admin_conn.close()
 
     # ------------------------------------------------------------------ internals
 
@@ -134,35 +141,75 @@ class PgPool:
         """The libpq URL of ``dbname`` on the same server."""
         return self.admin_url.rsplit("/", 1)[0] + "/" + dbname
 
-    def _admin(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.admin_url, autocommit=True)
+    def _admin(self, statement: sql.Composable | str, params: tuple[Any, ...] = ()) -> Any:
+        """Run one statement on the maintenance database (one connection, made again if
+        a test cut it); its first column of the first row, if any."""
+        for attempt in (1, 2):
+            if self._admin_conn is None or self._admin_conn.closed:
+                self._admin_conn = psycopg.connect(
+                    self.admin_url, autocommit=True, application_name=APPLICATION_NAME
+                )
+            try:
+                cursor = self._admin_conn.execute(statement, params)
+            except psycopg.OperationalError:
+                self._admin_conn.close()
+                if attempt == 2:
+                    raise
+                continue
+            row = cursor.fetchone() if cursor.description else None
+            return row[0] if row else None
+        return None
+
+    def _connections(self, name: str) -> int:
+        """Connections to ``name`` other than the pool's own (its resets)."""
+        return int(
+            self._admin(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                "AND application_name <> %s",
+                (name, APPLICATION_NAME),
+            )
+        )
+
+    def _take(self) -> str:
+        """A reset clone nobody is connected to, or a new clone.
+
+        A connection to a reset clone would be a process a test left running, which could
+        write into the next test's database: that clone is dropped instead (after half a
+        second, in case it is a backend still on its way out).
+        """
+        while self._free:
+            name = self._free.pop()
+            deadline = time.monotonic() + 0.5
+            while self._connections(name) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if not self._connections(name):
+                return name
+            self.discarded += 1
+            self._drop(name)
+        return self._create()
 
     def _create(self) -> str:
         name = f"{self.prefix}{uuid.uuid4().hex[:8]}"
-        with self._admin() as conn:
-            conn.execute(
-                sql.SQL("CREATE DATABASE {} TEMPLATE {} STRATEGY FILE_COPY").format(
-                    sql.Identifier(name), sql.Identifier(self.template)
-                )
+        self._admin(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {} STRATEGY FILE_COPY").format(
+                sql.Identifier(name), sql.Identifier(self.template)
             )
-            conn.execute(
-                sql.SQL("ALTER DATABASE {} SET synchronous_commit = off").format(
-                    sql.Identifier(name)
-                )
-            )
+        )
+        self._admin(
+            sql.SQL("ALTER DATABASE {} SET synchronous_commit = off").format(sql.Identifier(name))
+        )
         self._all.add(name)
         self.created += 1
         return name
 
     def _drop(self, name: str) -> None:
-        with self._admin() as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+        self._admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
         self._all.discard(name)
 
     def _schema_digest(self, dbname: str) -> str:
-        with psycopg.connect(self.url(dbname), autocommit=True) as conn:
+        with psycopg.connect(
+            self.url(dbname), autocommit=True, application_name=APPLICATION_NAME
+        ) as conn:
             return self._digest_of(conn)
 
     @staticmethod
@@ -174,13 +221,12 @@ class PgPool:
 
     def _release(self, name: str) -> None:
         try:
-            with self._admin() as admin:
-                admin.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = %s AND pid <> pg_backend_pid()",
-                    (name,),
-                )
-            with psycopg.connect(self.url(name)) as conn:
+            self._admin(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+            with psycopg.connect(self.url(name), application_name=APPLICATION_NAME) as conn:
                 if self._digest_of(conn) == self._digest:
                     _reset(conn)
                     conn.commit()
