@@ -19,10 +19,10 @@ from typing import Annotated, Any
 
 import typer
 
-from gateway.delivery.cli import app as deliveries_app
-from gateway.hl7.cli import mllp as mllp_command
-from gateway.oauth.cli import app as keys_app
-from gateway.profiles.cli import app as profiles_app
+from gateway.cli.deliveries import app as deliveries_app
+from gateway.cli.mllp import mllp as mllp_command
+from gateway.cli.keys import app as keys_app
+from gateway.cli.profiles import app as profiles_app
 from gateway.settings import BUNDLED_PROFILES_DIR, Settings, load_settings
 
 app = typer.Typer(
