@@ -121,13 +121,19 @@ class Runtime:
             yield session
 
     @classmethod
-    def create(cls, settings: Settings) -> Runtime:
+    def create(cls, settings: Settings, *, profiles: ProfileSet | None = None) -> Runtime:
         """Connect to the database (lazily) and load the profiles.
+
+        Args:
+            settings: the process's settings.
+            profiles: the profiles of ``settings.profiles_dir`` when the caller loaded
+                them already (a command checks them first); loaded here when None.
 
         Raises:
             ProfileLoadError: the profiles have problems; the gateway must not start.
         """
-        profiles = load_profiles(settings.profiles_dir)
+        if profiles is None:
+            profiles = load_profiles(settings.profiles_dir)
         engine = make_engine(settings.database_url, pre_ping=settings.database_pool_pre_ping)
         return cls(
             settings=settings,

@@ -1,31 +1,44 @@
-"""``fhir-gateway mllp``: the MLLP listener for HL7 v2 feeds."""
+"""``fhir-gateway mllp``: the MLLP listener for HL7 v2 feeds.
+
+Its options are settings (``GATEWAY_MLLP_HOST``, ``GATEWAY_MLLP_PORT``,
+``GATEWAY_MLLP_MAX_MESSAGE_BYTES``, ``GATEWAY_MLLP_READ_TIMEOUT``); the flags override
+them for one run.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import signal
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+
+from gateway.cli.common import profiles_or_exit, run_until_stopped, settings_or_exit
 
 
 def mllp(
     host: Annotated[
-        str, typer.Option(envvar="GATEWAY_MLLP_HOST", help="Bind address")
-    ] = "127.0.0.1",
+        str | None, typer.Option(help="Bind address (GATEWAY_MLLP_HOST, default 127.0.0.1)")
+    ] = None,
     port: Annotated[
-        int, typer.Option(envvar="GATEWAY_MLLP_PORT", min=0, max=65535, help="TCP port")
-    ] = 2575,
+        int | None,
+        typer.Option(min=0, max=65535, help="TCP port (GATEWAY_MLLP_PORT, default 2575)"),
+    ] = None,
     max_message_bytes: Annotated[
-        int, typer.Option(help="Largest message accepted (default: GATEWAY_MAX_BODY_BYTES)")
-    ] = 0,
+        int | None,
+        typer.Option(
+            min=1,
+            help="Largest message accepted (GATEWAY_MLLP_MAX_MESSAGE_BYTES, default "
+            "GATEWAY_MAX_BODY_BYTES)",
+        ),
+    ] = None,
     apply: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--apply/--no-apply",
-            help="Apply each message right after its ACK (else the worker's sweep does)",
+            help="Apply each message right after its ACK, else the worker's sweep does "
+            "(GATEWAY_APPLY_EVENTS_AFTER_ACK, default on)",
         ),
-    ] = True,
+    ] = None,
 ) -> None:
     """Listen for HL7 v2 over MLLP (0x0B message 0x1C 0x0D), many connections at once.
 
@@ -33,42 +46,33 @@ def mllp(
     partner profiles with an ``hl7`` block (MSH-4 sending facility). SIGTERM/SIGINT: stop;
     SIGHUP: reload the profiles (a set with problems is refused, the running one stays).
     """
-    from gateway.cli import _load_profiles_or_exit, _settings
     from gateway.events.service import apply_received
     from gateway.hl7.mllp import MllpServer
     from gateway.hl7.service import Hl7Reply
-    from gateway.logging import configure_logging
-    from gateway.profiles.service import install_sighup_reload
-    from gateway.runtime import Runtime
 
-    settings = _settings()
-    _load_profiles_or_exit(settings)
-    configure_logging(settings.log_level, json=settings.log_json)
+    settings = settings_or_exit(
+        mllp_host=host,
+        mllp_port=port,
+        mllp_max_message_bytes=max_message_bytes,
+        apply_events_after_ack=apply,
+    )
+    profiles = profiles_or_exit(settings)
 
-    async def main() -> None:
-        runtime = Runtime.create(settings)
-        install_sighup_reload(runtime)
-
+    async def serve(runtime: Any, stop: asyncio.Event) -> None:
         async def after_store(reply: Hl7Reply) -> object:
             assert reply.message is not None  # only called for stored messages
             return await apply_received(runtime, reply.message, prepared=reply.prepared)
 
         server = MllpServer(
             runtime,
-            host=host,
-            port=port,
-            max_message_bytes=max_message_bytes or settings.max_body_bytes,
-            after_store=after_store if apply else None,
+            host=settings.mllp_host,
+            port=settings.mllp_port,
+            max_message_bytes=settings.mllp_max_message_bytes or settings.max_body_bytes,
+            read_timeout_s=settings.mllp_read_timeout.total_seconds(),
+            after_store=after_store if settings.apply_events_after_ack else None,
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await server.start()
-            typer.echo(f"MLLP listening on {host}:{server.port}", err=True)
-            await server.serve_forever(stop)
-        finally:
-            await runtime.close()
+        await server.start()
+        typer.echo(f"MLLP listening on {settings.mllp_host}:{server.port}", err=True)
+        await server.serve_forever(stop)
 
-    asyncio.run(main())
+    run_until_stopped(settings, profiles, serve)
