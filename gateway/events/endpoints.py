@@ -107,7 +107,7 @@ async def post_notification(
     that jump) are kept in the exceptions queue as ``events_gap``.
     """
     profile = notifications.notification_target(runtime, target)
-    notifications.verify_sender(profile, request.headers)
+    notifications.verify_sender(profile, request.headers, secrets=runtime.secrets)
     raw = await request.body()
     content_type = _content_type(request)
     outcome = await _run_guarded(

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 from collections.abc import Mapping
 
 from sqlalchemy import select
@@ -39,6 +38,7 @@ from gateway.inbox import repository as inbox
 from gateway.ingest.service import decode_json_object
 from gateway.logging import get_logger
 from gateway.runtime import Runtime
+from gateway.secrets import SecretStore
 from mappers.errors import MappingErrors, Problem
 from mappers.notifications import (
     CONFIGURE_BACKPORT,
@@ -68,16 +68,24 @@ def notification_target(runtime: Runtime, name: str) -> EhrTargetProfile:
     return target
 
 
-def verify_sender(target: EhrTargetProfile, headers: Mapping[str, str]) -> None:
+def verify_sender(
+    target: EhrTargetProfile, headers: Mapping[str, str], *, secrets: SecretStore
+) -> None:
     """Check the notification's authentication header (``Subscription.channel.header``).
 
+    Args:
+        target: the EHR target (with an ``events`` block).
+        headers: the request headers.
+        secrets: where ``events.notifications.secret_env`` is looked up (environment,
+            then the secret env file).
+
     Raises:
-        ServiceUnavailableError: the secret's environment variable is not set.
+        ServiceUnavailableError: the secret's variable is not set.
         UnauthorizedError: the header is missing or wrong.
     """
     assert target.events is not None
     auth = target.events.notifications
-    secret = os.environ.get(auth.secret_env)
+    secret = secrets.get(auth.secret_env)
     if not secret:
         raise ServiceUnavailableError(
             f"notifications from this target are not configured ({auth.secret_env} is not set)"

@@ -34,7 +34,7 @@ async def partner_webhook(
     """
     profile = service.webhook_partner(runtime, partner)
     raw = await request.body()
-    service.verify_partner(profile, body=raw, headers=request.headers)
+    service.verify_partner(profile, body=raw, headers=request.headers, secrets=runtime.secrets)
     content_type = _content_type(request)
     outcome = await _run_guarded(
         request,
