@@ -36,10 +36,9 @@ from gateway.db.models import InboundMessage, MessageStatus
 from gateway.db.types import utcnow
 from gateway.ehr.errors import EhrConfigError, EhrRejectedError, EhrUnavailableError
 from gateway.errors import ForbiddenError, UnprocessableError
-from gateway.events.inbox import store_if_new
 from gateway.events.matching import match_patient
+from gateway.http import Outcome, decode_json_object, store_if_new
 from gateway.inbox import repository as inbox
-from gateway.ingest.service import Outcome, decode_json_object
 from gateway.logging import get_logger
 from gateway.runtime import Runtime
 from gateway.workflow.service import EventInput, apply_event

@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from gateway.clients.service import Principal
 from gateway.deps import RuntimeDep, SessionDep, require_scope
 from gateway.errors import UnsupportedMediaTypeError
-from gateway.events.endpoints import apply_after_response
+from gateway.events.after_response import apply_after_response
 from gateway.hl7.service import CONTENT_TYPE, receive_hl7
 from mappers.errors import Problem
 

@@ -21,11 +21,18 @@ from gateway.errors import (
     GatewayError,
     NotFoundError,
     ServiceUnavailableError,
-    UnsupportedMediaTypeError,
+)
+from gateway.http import (
+    Outcome,
+    decode_json_object,
+    document_body,
+    record_refusal,
+    request_content_type,
+    require_json,
 )
 from gateway.inbox import repository as inbox
 from gateway.ingest import service
-from gateway.ingest.schemas import IngestAccepted, MessageStatusOut, document_body
+from gateway.ingest.schemas import IngestAccepted, MessageStatusOut
 from gateway.logging import get_logger
 from gateway.runtime import Runtime
 from mappers.checkout import CanonicalCheckout
@@ -36,25 +43,6 @@ log = get_logger(__name__)
 router = APIRouter(prefix="/v1", tags=["ingest"])
 
 
-def _content_type(request: Request) -> str:
-    """The request's declared content type (JSON when absent)."""
-    return request.headers.get("content-type", "application/json")
-
-
-def _require_json(content_type: str) -> None:
-    """Refuse a body that is declared as something other than JSON.
-
-    Raises:
-        UnsupportedMediaTypeError: 415 with the problem listed.
-    """
-    media = content_type.split(";", 1)[0].strip().lower()
-    if media != "application/json" and not media.endswith("+json"):
-        raise UnsupportedMediaTypeError(
-            "send JSON (Content-Type: application/json)",
-            [Problem("", "unsupported_media_type", "the body must be application/json")],
-        )
-
-
 async def _run_guarded(
     request: Request,
     session: AsyncSession,
@@ -63,14 +51,14 @@ async def _run_guarded(
     channel: str,
     sender: str | None,
     raw: bytes,
-    call: Callable[[], Awaitable[service.Outcome]],
-) -> service.Outcome:
+    call: Callable[[], Awaitable[Outcome]],
+) -> Outcome:
     """Check the body is JSON and run an ingest call; keep a rejected payload (including a
     non-JSON one) for review; retry once on a unique-key race (two requests with the same
     submission or patient at the same moment)."""
     for attempt in (1, 2):
         try:
-            _require_json(_content_type(request))
+            require_json(request_content_type(request))
             return await call()
         except IntegrityError:
             await session.rollback()
@@ -80,7 +68,7 @@ async def _run_guarded(
         except GatewayError as exc:
             await session.rollback()
             if exc.status in (400, 409, 413, 415, 422):
-                await service.record_rejection(
+                await record_refusal(
                     runtime,
                     channel=channel,
                     sender=sender,
@@ -112,7 +100,7 @@ async def submit_intake(
     Idempotent on ``submission_id``: the same body again gets the same answer.
     """
     raw = await request.body()
-    content_type = _content_type(request)
+    content_type = request_content_type(request)
     outcome = await _run_guarded(
         request,
         session,
@@ -150,10 +138,10 @@ async def submit_checkout(
     Idempotent on ``checkout_id`` (per processor).
     """
     raw = await request.body()
-    content_type = _content_type(request)
+    content_type = request_content_type(request)
 
-    async def call() -> service.Outcome:
-        data = service.decode_json_object(raw)
+    async def call() -> Outcome:
+        data = decode_json_object(raw)
         raw_processor, raw_id = data.get("processor"), data.get("checkout_id")
         processor = raw_processor if isinstance(raw_processor, str) else "canonical"
         external_id = raw_id if isinstance(raw_id, str) else ""
@@ -238,9 +226,9 @@ async def stripe_webhook(
     # (which raises on a body that is not an event object). A signed body that is not a
     # JSON object is refused and kept for review.
     try:
-        payload = service.decode_json_object(raw)
+        payload = decode_json_object(raw)
     except GatewayError as exc:
-        await service.record_rejection(
+        await record_refusal(
             runtime,
             channel="stripe",
             sender="stripe",

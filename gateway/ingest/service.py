@@ -16,7 +16,6 @@ row per EHR target with the resource types that target receives.
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -27,9 +26,10 @@ from gateway.db.bulk import BulkInserts
 from gateway.db.models import AuditEntry, FhirResource, InboundMessage, MessageStatus
 from gateway.db.types import utcnow
 from gateway.delivery.outbox import enqueue_ehr_deliveries
-from gateway.errors import BadRequestError, ConflictError, GatewayError, UnprocessableError
+from gateway.errors import ConflictError, UnprocessableError
 from gateway.fhir import repository as fhir_repo
 from gateway.fhir.repository import ProfileRef
+from gateway.http import Outcome, decode_json_object
 from gateway.inbox import repository as inbox
 from gateway.logging import get_logger
 from gateway.profiles import repository as profile_repo
@@ -60,86 +60,6 @@ STRIPE_CHECKOUT_EVENTS = frozenset(
     {"checkout.session.completed", "checkout.session.async_payment_succeeded"}
 )
 PAID_STATUSES = frozenset({"paid", "no_payment_required"})
-
-
-@dataclass
-class Outcome:
-    """The answer to an ingest request: HTTP status and JSON body."""
-
-    status_code: int
-    body: dict[str, Any]
-    message_id: str | None = None
-    created: list[str] = field(default_factory=list)
-
-
-def decode_json_object(raw: bytes) -> dict[str, Any]:
-    """Parse a request body that must be a JSON object.
-
-    Raises:
-        BadRequestError: not UTF-8 JSON (the problem names line and column), or nested
-            too deeply to parse.
-        UnprocessableError: valid JSON that is not an object.
-    """
-    try:
-        data = json.loads(raw)
-    except UnicodeDecodeError as exc:
-        raise BadRequestError(
-            "the body is not UTF-8",
-            [Problem("", "invalid_encoding", "the body must be UTF-8 JSON")],
-        ) from exc
-    except json.JSONDecodeError as exc:
-        raise BadRequestError(
-            "the body is not valid JSON",
-            [Problem("", "invalid_json", f"{exc.msg} at line {exc.lineno} column {exc.colno}")],
-        ) from exc
-    except RecursionError as exc:
-        # json.loads recurses once per nesting level; a small body can exhaust the stack.
-        raise BadRequestError(
-            "the body is not valid JSON",
-            [Problem("", "invalid_json", "arrays or objects are nested too deeply")],
-        ) from exc
-    if not isinstance(data, dict):
-        raise UnprocessableError(
-            "the body must be a JSON object", [Problem("", "type_error", "expected a JSON object")]
-        )
-    return data
-
-
-async def record_rejection(
-    runtime: Runtime,
-    *,
-    channel: str,
-    sender: str | None,
-    error: GatewayError,
-    payload: bytes,
-    content_type: str | None,
-) -> int:
-    """Keep a rejected payload for review, in its own transaction (the request's own
-    transaction is rolled back, so nothing of the rejected message is half written).
-
-    Returns:
-        The exceptions-queue id.
-    """
-    problems = error.problems or [Problem("", error.slug, error.detail)]
-    async with runtime.write_session() as session:
-        record = inbox.new_exception(
-            kind="rejected_input",
-            channel=channel,
-            sender=sender,
-            problems=problems,
-            payload=payload,
-            content_type=content_type,
-        )
-        session.add(record)
-        await session.commit()
-    log.info(
-        "ingest.rejected",
-        channel=channel,
-        exception_id=record.id,
-        status_code=error.status,
-        problems=len(problems),
-    )
-    return record.id
 
 
 # --------------------------------------------------------------------------- patients

@@ -22,10 +22,9 @@ from gateway.errors import (
     UnauthorizedError,
     UnprocessableError,
 )
-from gateway.events.inbox import store_if_new
 from gateway.events.service import Prepared, Received, lease_for_this_process
+from gateway.http import decode_json_object, store_if_new
 from gateway.inbox import repository as inbox
-from gateway.ingest.service import decode_json_object
 from gateway.logging import get_logger
 from gateway.partners.signatures import SignatureError, usable_secret, verify_signature
 from gateway.runtime import Runtime
