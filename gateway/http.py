@@ -23,10 +23,9 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.db.bulk import insert_ignore
 from gateway.db.models import InboundMessage
 from gateway.db.types import utcnow
 from gateway.errors import (
@@ -244,10 +243,8 @@ async def store_if_new(session: AsyncSession, message: InboundMessage) -> Inboun
     values: dict[str, Any] = {
         c.key: getattr(message, c.key) for c in table.columns if getattr(message, c.key) is not None
     }
-    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
     stmt = (
-        insert(InboundMessage)
+        insert_ignore(session, InboundMessage)
         .values(**values)
         .on_conflict_do_nothing(index_elements=["dedupe_key"])
         .returning(InboundMessage.id)
