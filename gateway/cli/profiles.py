@@ -51,8 +51,8 @@ def check(
     ] = False,
 ) -> None:
     """Check every profile: schema, lint, examples, coverage. Exit 1 on any problem."""
+    from mappers.examples import run_examples
     from mappers.profiles import ProfileLoadError, load_profiles
-    from mappers.profiles.examples import run_examples
     from mappers.profiles.schema import stale_schemas
 
     root = path or _default_dir()
@@ -186,7 +186,8 @@ def remap(
     """Re-map a stored intake or checkout with the current profiles and show the FHIR diff
     against what is stored (what a resend would send). Nothing changes without --apply."""
     from gateway.errors import GatewayError
-    from gateway.profiles.service import remap_message
+    from gateway.ingest.remap import remap_message
+    from gateway.ingest.storage import IngestContext
     from gateway.runtime import Runtime
 
     settings = settings_or_exit()
@@ -197,7 +198,11 @@ def remap(
         try:
             async with runtime.sessionmaker() as session:
                 result = await remap_message(
-                    session, runtime, message_id, apply=apply, actor="cli:profiles-remap"
+                    session,
+                    IngestContext.of(runtime),
+                    message_id,
+                    apply=apply,
+                    actor="cli:profiles-remap",
                 )
                 await session.commit()
                 return result

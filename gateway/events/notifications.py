@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.db.bulk import insert_ignore
 from gateway.db.models import ExceptionRecord, ExceptionStatus, FhirSubscription
 from gateway.db.types import utcnow
 from gateway.errors import (
@@ -120,21 +121,26 @@ def classic_rest_hook_error(
     )
 
 
-async def _state(
-    session: AsyncSession, runtime: Runtime, target: str, subscription: str
-) -> FhirSubscription:
-    stmt = select(FhirSubscription).where(
-        FhirSubscription.target == target, FhirSubscription.subscription == subscription
+async def _state(session: AsyncSession, target: str, subscription: str) -> FhirSubscription:
+    """The subscription's tracking row, created on its first notification (``INSERT ... ON
+    CONFLICT DO NOTHING``: two first notifications at once create one row), locked ``FOR
+    UPDATE`` on PostgreSQL so notifications of one subscription are tracked in turn."""
+    stmt = (
+        select(FhirSubscription)
+        .where(FhirSubscription.target == target, FhirSubscription.subscription == subscription)
+        .execution_options(populate_existing=True)
     )
-    if runtime.engine.dialect.name == "postgresql":
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
         stmt = stmt.with_for_update()
     row = await session.scalar(stmt)
     if row is None:
-        row = FhirSubscription(
-            target=target, subscription=subscription, last_event_number=0, missing=[]
+        await session.execute(
+            insert_ignore(session, FhirSubscription)
+            .values(target=target, subscription=subscription, last_event_number=0, missing=[])
+            .on_conflict_do_nothing()
         )
-        session.add(row)
-        await session.flush()
+        row = await session.scalar(stmt)
+    assert row is not None  # inserted above, or by a concurrent first notification
     return row
 
 
@@ -232,7 +238,7 @@ async def receive_notification(
             "the body is not a subscription notification", exc.problems
         ) from exc
     now = utcnow()
-    state = await _state(session, runtime, target.name, notification.subscription)
+    state = await _state(session, target.name, notification.subscription)
     state.topic = notification.topic or state.topic
     if notification.status and notification.status != state.status:
         log.info(
