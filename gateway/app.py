@@ -38,8 +38,8 @@ from gateway.errors import (
 from gateway.events.endpoints import router as events_router
 from gateway.fhir.endpoints import router as fhir_router
 from gateway.hl7.endpoints import router as hl7_router
+from gateway.http import DOCUMENTED_MODELS
 from gateway.ingest.endpoints import router as ingest_router
-from gateway.ingest.schemas import DOCUMENTED_MODELS
 from gateway.logging import configure_logging, get_logger, log_failure
 from gateway.oauth.endpoints import router as jwks_router
 from gateway.ops.deliveries import router as ops_deliveries_router

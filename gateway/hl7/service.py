@@ -29,8 +29,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.db.models import InboundMessage, MessageStatus
 from gateway.db.types import utcnow
-from gateway.events.inbox import store_if_new
 from gateway.events.service import Prepared, lease_for_this_process
+from gateway.http import store_if_new
 from gateway.inbox import repository as inbox
 from gateway.logging import get_logger
 from gateway.runtime import Runtime

@@ -1,4 +1,4 @@
-"""Response models of the ingest routes, and request-body documentation helpers."""
+"""Response models of the ingest routes."""
 
 from __future__ import annotations
 
@@ -6,23 +6,6 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
-
-#: Request models documented in the OpenAPI components (bodies are read raw so that a
-#: rejected payload can be kept whole for review).
-DOCUMENTED_MODELS: list[type[BaseModel]] = []
-
-
-def document_body(model: type[BaseModel]) -> dict[str, Any]:
-    """``openapi_extra`` declaring ``model`` as the JSON request body."""
-    DOCUMENTED_MODELS.append(model)
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
-            },
-        }
-    }
 
 
 class ResourceRef(BaseModel):

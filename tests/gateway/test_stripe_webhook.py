@@ -358,3 +358,29 @@ async def test_events_of_other_types_are_2xx_so_stripe_stops_retrying(
     assert r.status_code == 200
     assert r.json()["status"] == "ignored"
     assert await count(runtime, ExceptionRecord) == 0
+
+
+async def test_a_checkout_that_fails_after_its_patient_was_matched_leaves_nothing_of_it(
+    client: httpx.AsyncClient, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mapping runs in a savepoint: when its FHIR does not validate (a profile problem
+    the loader did not catch), the patient it registered and its keys go with it; only
+    the failed message and its exception stay."""
+    from gateway.db.models import PatientKey
+    from gateway.ingest import storage
+    from mappers.errors import MappingErrors, Problem
+
+    def refuse(resources: object) -> None:
+        raise MappingErrors([Problem("MedicationRequest", "invalid_fhir", "refused by test")])
+
+    monkeypatch.setattr(storage, "validate_resources", refuse)
+    payload, headers = signed_stripe(samples.stripe_event())
+    r = await client.post("/v1/webhooks/stripe", content=payload, headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "failed"
+    assert await count(runtime, PatientKey) == 0
+    assert await count(runtime, FhirResource) == 0
+    (record,) = await rows(runtime, ExceptionRecord)
+    assert (record.kind, record.problems[0]["code"]) == ("unmappable_input", "invalid_fhir")
+    (message,) = await rows(runtime, InboundMessage)
+    assert (message.status, message.id) == ("failed", record.inbound_message_id)
