@@ -243,12 +243,12 @@ def _reset(conn: psycopg.Connection[Any]) -> None:
     """Delete every row (children first) and restart every sequence."""
     tables = dict(conn.execute(_TABLES).fetchall())
     edges = conn.execute(_FOREIGN_KEYS).fetchall()
-    for oid in _children_first(list(tables), edges):
+    for oid in children_first(list(tables), edges):
         conn.execute(sql.SQL("DELETE FROM {}").format(sql.SQL(tables[oid])))
     conn.execute("SELECT setval(seqrelid, seqstart, false) FROM pg_sequence")
 
 
-def _children_first(tables: list[int], edges: list[tuple[int, int]]) -> list[int]:
+def children_first(tables: list[int], edges: list[tuple[int, int]]) -> list[int]:
     """``tables`` ordered so that each table comes before the tables it references
     (a self-reference or a cycle is deleted in one go by the first DELETE that meets it:
     the foreign keys are checked at the end of each statement)."""

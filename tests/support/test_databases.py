@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tests.support.databases import PgPool, _children_first
+from tests.support.databases import PgPool, children_first
 
 pytestmark = pytest.mark.postgres
 
@@ -135,6 +135,6 @@ def test_a_database_whose_schema_changed_is_dropped_not_reused(pool: PgPool, cha
 
 def test_children_are_deleted_before_the_tables_they_reference() -> None:
     # 1 <- 2 <- 3 (3 references 2, 2 references 1), 4 references itself, 5 is alone
-    order = _children_first([1, 2, 3, 4, 5], [(2, 1), (3, 2), (4, 4)])
+    order = children_first([1, 2, 3, 4, 5], [(2, 1), (3, 2), (4, 4)])
     assert sorted(order) == [1, 2, 3, 4, 5]
     assert order.index(3) < order.index(2) < order.index(1)
