@@ -34,10 +34,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mappers.fastvalidate import validate_resources_fast as validate_resources
 from mappers.pipeline import EXAMPLE_SYSTEMS, checkout_payload, map_checkout, map_intake
 from mappers.profiles import ProfileSet, load_profiles
 from mappers.provenance import provenance_for
+from mappers.validation import validate_resources
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ROOT / "profiles"

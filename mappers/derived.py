@@ -31,7 +31,6 @@ from functools import lru_cache
 from typing import Any
 
 from mappers import normalize, ucum
-from mappers.fastvalidate import closed_item
 from mappers.fhirpath import Evaluator, compile_fhirpath, is_true, linkids_named
 from mappers.identifiers import IdentifierSystems
 from mappers.intake import ParsedIntake
@@ -117,6 +116,21 @@ def prune_items(items: list[dict[str, Any]], link_ids: frozenset[str]) -> list[d
 def _evaluate_on_items(expression: str, items_json: str) -> bool:
     resource = {"resourceType": "QuestionnaireResponse", "item": json.loads(items_json)}
     return is_true(flag_evaluator(expression)(resource))
+
+
+#: QR answer types that hold no free text and no dates (a bare number, a yes/no, a code).
+_CLOSED_ANSWERS = frozenset(
+    {"valueBoolean", "valueCoding", "valueInteger", "valueDecimal", "valueQuantity"}
+)
+
+
+def closed_item(item: dict[str, Any]) -> bool:
+    """A QR item whose answers are booleans, codings or bare numbers (or absent with a
+    reason), and whose children are too: no free text, so its rule results may be cached."""
+    for answer in item.get("answer", []):
+        if set(answer) - _CLOSED_ANSWERS:
+            return False
+    return all(closed_item(child) for child in item.get("item", []))
 
 
 def flag_applies(flag: FlagSpec, questionnaire_response: dict[str, Any]) -> bool:

@@ -39,7 +39,6 @@ from mappers.checkout import CanonicalCheckout
 from mappers.derived import DERIVED_KINDS, derived_system, retire_derived
 from mappers.ehr_overrides import received_types
 from mappers.errors import MappingErrors, Problem
-from mappers.fastvalidate import validate_resources_fast as validate_resources
 from mappers.identifiers import IdentifierSystems
 from mappers.intake import ParsedIntake, parse_intake_submission
 from mappers.patient import ElementConflict, element_path, element_sources, merge_patient
@@ -52,6 +51,7 @@ from mappers.pipeline import (
 )
 from mappers.profiles import CheckoutProfile, ProfileSet
 from mappers.provenance import provenance_for
+from mappers.validation import validate_resources
 
 log = get_logger(__name__)
 
