@@ -112,6 +112,12 @@ def prune_items(items: list[dict[str, Any]], link_ids: frozenset[str]) -> list[d
     return out
 
 
+@lru_cache(maxsize=1024)
+def _named(expression: str) -> frozenset[str]:
+    """The linkIds a rule names (found once per rule, not per submission)."""
+    return frozenset(linkids_named(expression))
+
+
 @lru_cache(maxsize=8192)
 def _evaluate_on_items(expression: str, items_json: str) -> bool:
     resource = {"resourceType": "QuestionnaireResponse", "item": json.loads(items_json)}
@@ -143,7 +149,7 @@ def flag_applies(flag: FlagSpec, questionnaire_response: dict[str, Any]) -> bool
     coded or numeric answers: free text is never cached). ``scope: response`` (or a rule that
     names no linkId) evaluates over the whole QuestionnaireResponse.
     """
-    names = frozenset(linkids_named(flag.when))
+    names = _named(flag.when)
     if flag.scope == "response" or not names:
         return is_true(flag_evaluator(flag.when)(questionnaire_response))
     items = prune_items(questionnaire_response.get("item", []), names)

@@ -323,10 +323,16 @@ def conforms(resource: dict[str, Any]) -> bool:
     """True when ``resource`` passes the compiled validator of its type (the R4 schema and
     the rules above). A type's validator is compiled on its first use, once per process.
 
+    A value that is not JSON data (a ``datetime`` left by a mapper) does not conform.
+
     Raises:
         KeyError: ``resource["resourceType"]`` is not one of :func:`resource_types`.
     """
-    return _validator(resource["resourceType"]).is_valid(resource)
+    validator = _validator(resource["resourceType"])
+    try:
+        return validator.is_valid(resource)
+    except ValueError:  # jsonschema-rs: "Unsupported type"
+        return False
 
 
 def warm_up(types: Iterable[str] | None = None) -> None:
@@ -346,7 +352,10 @@ def problems(resource: dict[str, Any], *, official: bool = False) -> list[Proble
         KeyError: as :func:`conforms`.
     """
     rtype = resource["resourceType"]
-    return list(_problems(resource, rtype, official))
+    try:
+        return list(_problems(resource, rtype, official))
+    except ValueError:  # jsonschema-rs: "Unsupported type"
+        return [Problem(rtype, "not_json", "holds a value that is not JSON data")]
 
 
 def _location(prefix: str, path: Iterable[str | int]) -> str:

@@ -17,6 +17,7 @@ the public examples' mutations add only element paths the golden ones do not cov
 from __future__ import annotations
 
 import copy
+import datetime
 import gzip
 import json
 import re
@@ -340,3 +341,9 @@ def test_the_mutations_catch_a_validator_without_the_compiled_rules(
     _, wrong = _disagreements(sample, set(), None)
     kinds = {line.split()[1] for line in wrong}
     assert {"drop", "feb30", "wrongtype", "control"} <= kinds
+
+
+def test_a_value_that_is_not_json_is_refused_not_raised() -> None:
+    resource = {**PATIENT, "birthDate": datetime.date(1988, 2, 28)}
+    assert not fhirschema.conforms(resource)
+    assert "not_json" in {p.code for p in resource_problems(resource)}
