@@ -377,7 +377,23 @@ def validate_resources(resources: Iterable[dict[str, Any]], *, authoring: bool =
         raise MappingErrors(problems)
 
 
-def warm_up() -> None:
-    """Build the compiled validators now (about 1-2 s: the R4B model metadata they are
-    compiled from, then the schema), at process start-up rather than in a first request."""
-    fhirschema.warm_up()
+#: The resource types ingest validates and stores (their validators are built at start-up;
+#: any other type's on its first use).
+STORED_RESOURCE_TYPES = frozenset(
+    {
+        "Patient",
+        "QuestionnaireResponse",
+        "Observation",
+        "Flag",
+        "Consent",
+        "MedicationRequest",
+        "Provenance",
+    }
+)
+
+
+def warm_up(types: Iterable[str] = STORED_RESOURCE_TYPES) -> None:
+    """Build the compiled validators of ``types`` now, at process start-up rather than in
+    a first request: about 1.5 s (the R4B model metadata they are compiled from, then the
+    schema) and about 4 MB of memory per type."""
+    fhirschema.warm_up(types)
