@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -191,16 +192,30 @@ DEFAULT_STRIPE_PROCESSOR = Processor(
 _SEGMENT = re.compile(r"^([A-Za-z0-9_\-]+)(?:\[(\d+)\])?$")
 
 
-def read_path(payload: Any, path: str) -> Any:
-    """The value at a dotted path (``data.object.items[0].price``), or None when absent."""
-    node = payload
+@lru_cache(maxsize=1024)
+def _segments(path: str) -> tuple[tuple[str, int | None], ...] | None:
+    """A profile's dotted path, parsed once: ``(key, list index or None)`` per segment."""
+    out = []
     for segment in path.split("."):
         match = _SEGMENT.match(segment)
-        if match is None or not isinstance(node, dict):
+        if match is None:
             return None
-        node = node.get(match.group(1))
-        if match.group(2) is not None:
-            index = int(match.group(2))
+        index = match.group(2)
+        out.append((match.group(1), None if index is None else int(index)))
+    return tuple(out)
+
+
+def read_path(payload: Any, path: str) -> Any:
+    """The value at a dotted path (``data.object.items[0].price``), or None when absent."""
+    segments = _segments(path)
+    if segments is None:
+        return None
+    node = payload
+    for key, index in segments:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(key)
+        if index is not None:
             if not isinstance(node, list) or index >= len(node):
                 return None
             node = node[index]

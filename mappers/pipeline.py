@@ -329,5 +329,5 @@ def preview(
     resources = [*resources, provenance]
     problems: list[Problem] = []
     for r in resources:
-        problems.extend(resource_problems(r))
+        problems.extend(resource_problems(r, authoring=True))
     return Preview(kind, resources, problems, tag)

@@ -39,12 +39,12 @@ from gateway.runtime import Runtime
 from gateway.workflow.service import EventInput, apply_event
 from mappers.ehr_overrides import received_types
 from mappers.errors import MappingErrors
-from mappers.fastvalidate import validate_resources_fast as validate_resources
 from mappers.identifiers import IdentifierSystems
 from mappers.patient import ElementConflict, element_path
 from mappers.pipeline import profile_tag
 from mappers.profiles import ProfileSet
 from mappers.provenance import provenance_for
+from mappers.validation import validate_resources
 
 log = get_logger(__name__)
 

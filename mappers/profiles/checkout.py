@@ -15,6 +15,7 @@ The canonical checkout JSON (``POST /v1/checkouts``) is our own contract
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
@@ -70,6 +71,12 @@ class FieldPath(Strict):
         return [self.path, *self.fallback]
 
 
+@lru_cache(maxsize=1024)
+def _plain_path(path: str) -> FieldPath:
+    """A path written as a plain string, as a (frozen, shared) :class:`FieldPath`."""
+    return FieldPath(path=path)
+
+
 class Processor(Strict):
     """How to read one processor's checkout events."""
 
@@ -92,7 +99,7 @@ class Processor(Strict):
         value = self.fields.get(name)  # type: ignore[call-overload]
         if value is None:
             return None
-        return value if isinstance(value, FieldPath) else FieldPath(path=value)
+        return value if isinstance(value, FieldPath) else _plain_path(value)
 
     @model_validator(mode="after")
     def _required(self) -> Processor:
