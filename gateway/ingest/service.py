@@ -35,7 +35,7 @@ from gateway.logging import get_logger
 from gateway.profiles import repository as profile_repo
 from gateway.runtime import Runtime
 from gateway.workflow.service import EventInput, apply_event
-from mappers.checkout import CanonicalCheckout
+from mappers.checkout import CanonicalCheckout, payment_outcome
 from mappers.derived import DERIVED_KINDS, derived_system, retire_derived
 from mappers.ehr_overrides import received_types
 from mappers.errors import MappingErrors, Problem
@@ -59,7 +59,6 @@ log = get_logger(__name__)
 STRIPE_CHECKOUT_EVENTS = frozenset(
     {"checkout.session.completed", "checkout.session.async_payment_succeeded"}
 )
-PAID_STATUSES = frozenset({"paid", "no_payment_required"})
 
 
 @dataclass
@@ -191,7 +190,9 @@ class MappedMessage:
     ``profile`` is the profile recorded on every resource (the intake form version, or
     the checkout plan table); ``other_profiles`` are further profiles that took part (a
     processor mapping), named in the Provenance too. ``conflicts`` and ``sources`` come
-    from the ownership merge of the Patient.
+    from the ownership merge of the Patient. ``notes`` (values accepted with a change, such
+    as a time dropped from a birth date) are named in the Provenance and answered as
+    ``warnings``.
     """
 
     message: InboundMessage
@@ -209,6 +210,7 @@ class MappedMessage:
     action: str = "ingest"
     current: dict[str, FhirResource | None] = field(default_factory=dict)
     checked_keys: dict[tuple[str, str], str | None] = field(default_factory=dict)
+    notes: list[Problem] = field(default_factory=list)
 
 
 async def store_mapped(
@@ -252,6 +254,7 @@ async def store_mapped(
         organization=settings.organization_name,
         activity="UPDATE" if any(existed.values()) else "CREATE",
         profile=tag,
+        notes=mapped.notes,
     )
     for other in mapped.other_profiles:
         provenance.setdefault("policy", []).append(f"urn:fhir-gateway:profile:{other}")
@@ -260,8 +263,11 @@ async def store_mapped(
     )
     if conflict_rows:
         provenance["extension"] = [
-            _conflict_extension(runtime, row.id, c)
-            for row, c in zip(conflict_rows, mapped.conflicts, strict=True)
+            *provenance.get("extension", []),
+            *(
+                _conflict_extension(runtime, row.id, c)
+                for row, c in zip(conflict_rows, mapped.conflicts, strict=True)
+            ),
         ]
     try:
         validate_resources([*written, provenance])
@@ -394,6 +400,7 @@ async def store_mapped(
         else None,
         "deliveries": [{"id": d.id, "target": d.target} for d in deliveries],
         "status_url": f"{settings.public_base_url}/v1/messages/{mapped.message.id}",
+        **({"warnings": [n.as_dict() for n in mapped.notes]} if mapped.notes else {}),
     }
 
 
@@ -663,6 +670,7 @@ async def prepare_intake(
         action=action,
         current=current,
         checked_keys=match.checked,
+        notes=parsed.notes,
     )
 
 
@@ -751,7 +759,10 @@ async def submit_checkout(
     """Handle a completed checkout (canonical JSON, or converted from a Stripe event).
 
     Unpaid checkouts (``payment_status = unpaid``, e.g. a bank debit still clearing) are
-    recorded and answered ``awaiting_payment``; the resources come with the payment.
+    recorded and answered ``awaiting_payment``; the resources come with the payment. Paid
+    and deferred ones (nothing charged now: setup mode, a trial; see
+    :func:`mappers.checkout.payment_outcome`) are mapped and answered ``accepted`` with
+    ``payment: paid | deferred``.
 
     Raises:
         UnprocessableError: every problem (contract, unknown plan...); nothing stored.
@@ -776,7 +787,7 @@ async def submit_checkout(
         )
         session.add(message)
         await session.flush()
-    if checkout.payment_status not in PAID_STATUSES:
+    if payment_outcome(checkout) == "awaiting_payment":
         message.status = MessageStatus.IGNORED
         message.processed_at = utcnow()
         message.response = {
@@ -790,7 +801,12 @@ async def submit_checkout(
     body = await store_checkout(
         session, runtime, checkout=checkout, plan_profile=plan_profile, message=message, actor=actor
     )
-    body = {"checkout_id": checkout.checkout_id, "status": "accepted", **body}
+    body = {
+        "checkout_id": checkout.checkout_id,
+        "status": "accepted",
+        "payment": payment_outcome(checkout),
+        **body,
+    }
     message.status = MessageStatus.PROCESSED
     message.processed_at = utcnow()
     message.response = body
@@ -864,7 +880,7 @@ async def prepare_checkout(
         qr_id = qr_row.id if qr_row and qr_row.patient_id == match.patient_id else None
     mr_row = await fhir_repo.find_by_identifier(
         session, "MedicationRequest", systems.checkout, checkout.checkout_id
-    )
+    )  # a deferred checkout of a no_medication_request plan maps no MedicationRequest
     try:
         mapped = map_validated_checkout(
             checkout,
@@ -894,7 +910,7 @@ async def prepare_checkout(
     return MappedMessage(
         message=message,
         patient_id=match.patient_id,
-        resources=[patient, mapped.medication_request],
+        resources=[patient, *mapped.resources[1:]],
         profile=_profile_ref(
             runtime, f"checkout/{plan_profile.id}", plan_profile.id, plan_profile.version
         ),
@@ -902,7 +918,7 @@ async def prepare_checkout(
         event=EventInput(
             source="checkout",
             event_id=checkout.checkout_id,
-            type="payment_completed",
+            type=mapped.event_type,
             detail=None,
             occurred_at=checkout.completed_at,
             patient_id=match.patient_id,
@@ -921,7 +937,7 @@ async def prepare_checkout(
         else None,
         current={
             **_known_patient_row(match),
-            f"MedicationRequest/{mapped.medication_request['id']}": mr_row,
+            **{f"MedicationRequest/{r['id']}": mr_row for r in mapped.resources[1:]},
         },
         checked_keys=match.checked,
         action=action,
