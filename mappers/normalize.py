@@ -712,20 +712,21 @@ def normalize_birth_date(
 
 
 def _parse_date(text: str, order: DateOrder | None) -> ParsedDate:
-    match = _ISO_DATETIME_RE.fullmatch(text)
-    if match is not None:
-        return _date_from_iso_datetime(match)
-    match = _TRAILING_TIME_RE.fullmatch(text)
-    if match is not None:
-        date_text, hour, minute, second, fraction, half = match.groups()
-        at_midnight = _check_local_time(hour, minute, second, fraction, half)
-        value = _parse_calendar_date(date_text.strip(), order)
-        return ParsedDate(value, time_dropped=not at_midnight)
+    if ":" in text:  # a time of day: every date-time form has one
+        match = _ISO_DATETIME_RE.fullmatch(text)
+        if match is not None:
+            return _date_from_iso_datetime(match)
+        match = _TRAILING_TIME_RE.fullmatch(text)
+        if match is not None:
+            date_text, hour, minute, second, fraction, half = match.groups()
+            at_midnight = _check_local_time(hour, minute, second, fraction, half)
+            value = _parse_calendar_date(date_text.strip(), order)
+            return ParsedDate(value, time_dropped=not at_midnight)
     return ParsedDate(_parse_calendar_date(text, order))
 
 
 def _parse_calendar_date(text: str, order: DateOrder | None) -> dt.date:
-    numeric = _SPACED_SEPARATOR_RE.sub(r"\1", text)
+    numeric = _SPACED_SEPARATOR_RE.sub(r"\1", text) if " " in text else text
     match = _YMD_RE.fullmatch(numeric)
     if match is not None:
         year, _, month, day = match.groups()
