@@ -182,7 +182,9 @@ class IntakePatient(_Contract):
     )
     email: Email | None = None
     phone: Phone | None = Field(
-        default=None, description="Any common format; US numbers need no country code."
+        default=None,
+        description="Any format libphonenumber reads (an extension, a tel: URI, vanity "
+        "letters); US numbers need no country code.",
     )
     address: Address | None = None
 
