@@ -5,8 +5,32 @@ Two inbound forms carry the same facts:
 * Stripe's ``checkout.session.completed`` event (https://docs.stripe.com/api/checkout/sessions/object):
   ``customer_details`` (name, email, phone, address), ``metadata`` (``plan``,
   ``patient_external_id``, ``intake_submission_id``), ``amount_total`` (minor units),
-  ``currency``, ``payment_status``; :func:`stripe_session_to_checkout` turns it into
+  ``currency``, ``mode``, ``payment_status``; :func:`stripe_session_to_checkout` turns it into
 * :class:`CanonicalCheckout`, the body of ``POST /v1/checkouts`` for other processors.
+
+What a checkout means for payment (:func:`payment_outcome`; Stripe's ``mode`` and
+``payment_status``):
+
+============  ======================  ==================  =================================
+mode          payment_status          outcome             resources, case event
+============  ======================  ==================  =================================
+payment,      paid                    ``paid``            Patient + MedicationRequest,
+subscription                                              ``payment_completed``
+payment       no_payment_required     ``paid``            as paid (nothing is owed, e.g. a
+                                                          100% discount)
+subscription  no_payment_required     ``deferred``        per the plan's ``deferred_payment``
+                                                          (a trial: the first charge is later)
+setup         no_payment_required     ``deferred``        per the plan's ``deferred_payment``
+                                                          (a payment method saved, no charge)
+any           unpaid                  ``awaiting_payment``  nothing yet: the
+                                                          ``async_payment_succeeded`` event
+                                                          brings the resources
+============  ======================  ==================  =================================
+
+A ``deferred`` checkout maps by its plan's ``deferred_payment``: ``medication_request`` (the
+default: the same draft proposal as a paid one, a subscription billed later) or
+``no_medication_request`` (the Patient only); either way the case event is
+``payment_deferred``.
 
 Where each canonical field is in a processor's payload is profile data (a checkout
 profile's ``processors.<name>.fields``, dotted paths); :func:`processor_payload_to_checkout`
@@ -45,6 +69,7 @@ from mappers.intake import (
     pydantic_problems,
     refuse_numeric_zip,
 )
+from mappers.patient import phone_contact_point
 from mappers.profiles import FieldPath, Plan, Processor
 
 US_CORE_MEDICATIONREQUEST = (
@@ -52,6 +77,11 @@ US_CORE_MEDICATIONREQUEST = (
 )
 
 PaymentStatus = Literal["paid", "unpaid", "no_payment_required"]
+#: Stripe Checkout Session ``mode``: one charge, recurring charges, or a payment method saved
+#: for later charges (https://docs.stripe.com/api/checkout/sessions/object#checkout_session_object-mode).
+CheckoutMode = Literal["payment", "subscription", "setup"]
+#: What a checkout means for payment (:func:`payment_outcome`).
+PaymentOutcome = Literal["paid", "deferred", "awaiting_payment"]
 
 
 class CheckoutAddress(BaseModel):
@@ -95,9 +125,25 @@ class CanonicalCheckout(BaseModel):
     intake_submission_id: str | None = Field(default=None, pattern=ID_PATTERN)
     customer_id: str | None = Field(default=None, max_length=128)
     customer: CheckoutCustomer = Field(default_factory=CheckoutCustomer)
-    amount_total: int = Field(ge=0, description="Minor currency units (cents).")
-    currency: Annotated[str, AfterValidator(str.lower)] = Field(pattern=r"^[A-Za-z]{3}$")
-    payment_status: PaymentStatus
+    mode: CheckoutMode = Field(
+        default="payment",
+        description="payment (one charge), subscription (recurring charges) or setup (a "
+        "payment method saved, nothing charged), as Stripe's Checkout Session mode.",
+    )
+    amount_total: int | None = Field(
+        default=None,
+        ge=0,
+        description="Minor currency units (cents); required unless mode is setup.",
+    )
+    currency: Annotated[str, AfterValidator(str.lower)] | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z]{3}$",
+        description="ISO 4217 code; required unless mode is setup.",
+    )
+    payment_status: PaymentStatus = Field(
+        description="paid; unpaid (an asynchronous payment still clearing); "
+        "no_payment_required (nothing owed, a trial, or setup mode)."
+    )
     attribution: Attribution | None = Field(
         default=None,
         description="Marketing attribution; kept with the message, never sent to EHRs.",
@@ -124,6 +170,7 @@ def parse_checkout(
     if isinstance(plan_id, str) and plan is None:
         problems.append(Problem("plan", "unknown_plan", "no checkout profile has this plan"))
     if checkout is not None:
+        problems.extend(_payment_problems(checkout))
         problems.extend(_address_problems(checkout))
         c = checkout.customer
         if not (checkout.patient_external_id or checkout.intake_submission_id or c.email):
@@ -138,6 +185,42 @@ def parse_checkout(
         raise MappingErrors(problems)
     assert checkout is not None and plan is not None
     return checkout, plan
+
+
+def payment_outcome(checkout: CanonicalCheckout) -> PaymentOutcome:
+    """What a checkout means for payment, from its ``mode`` and ``payment_status`` (table in
+    the module docstring; Stripe: "no_payment_required: the payment is delayed to a future
+    date, or the Checkout Session is in setup mode and doesn't require a payment at this
+    time").
+
+    Returns:
+        ``paid``, ``deferred`` (nothing charged now: setup mode, or a subscription whose
+        first charge is later) or ``awaiting_payment`` (``unpaid``).
+    """
+    if checkout.payment_status == "unpaid":
+        return "awaiting_payment"
+    if checkout.payment_status == "paid" or checkout.mode == "payment":
+        return "paid"
+    return "deferred"
+
+
+def _payment_problems(checkout: CanonicalCheckout) -> list[Problem]:
+    problems: list[Problem] = []
+    if checkout.mode == "setup":
+        if checkout.payment_status != "no_payment_required":
+            problems.append(
+                Problem(
+                    "payment_status",
+                    "invalid_for_mode",
+                    "a setup-mode checkout charges nothing: payment_status must be "
+                    "no_payment_required",
+                )
+            )
+        return problems
+    for name in ("amount_total", "currency"):
+        if getattr(checkout, name) is None:
+            problems.append(Problem(name, "missing", "Field required (unless mode is setup)"))
+    return problems
 
 
 def _address_problems(checkout: CanonicalCheckout) -> list[Problem]:
@@ -185,6 +268,7 @@ DEFAULT_STRIPE_PROCESSOR = Processor(
         "customer.address.country": "data.object.customer_details.address.country",
         "amount_total": "data.object.amount_total",
         "currency": "data.object.currency",
+        "mode": "data.object.mode",
         "payment_status": "data.object.payment_status",
     },
 )
@@ -341,7 +425,7 @@ def checkout_to_patient(
     }
     telecom = []
     if c.phone:
-        telecom.append({"system": "phone", "value": c.phone})
+        telecom.append(phone_contact_point(c.phone))
     if c.email:
         telecom.append({"system": "email", "value": c.email})
     if telecom:
