@@ -52,6 +52,7 @@ from gateway.runtime import Runtime
 from gateway.settings import Settings
 from gateway.subscribers.endpoints import router as subscribers_router
 from gateway.workflow.endpoints import router as cases_router
+from mappers import validation
 from mappers.errors import Problem
 
 log = get_logger(__name__)
@@ -220,6 +221,7 @@ def create_app(
         checkpoints = None
         if server_process:
             checkpoints = asyncio.create_task(run_checkpoints(rt.engine, stop))
+            validation.warm_up()  # compile the FHIR validators now, not in a first request
             gc.collect()
             gc.freeze()
         try:

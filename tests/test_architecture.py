@@ -279,11 +279,6 @@ def test_no_gateway_module_uses_another_modules_private_names() -> None:
     assert list(private_imports(REPO, "gateway")) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mappers/fastvalidate.py imports _check_bindings, _fields, _model_class... of "
-    "mappers/validation.py (the one-validator work of issue 10, item 6)",
-)
 def test_no_mappers_module_uses_another_modules_private_names() -> None:
     assert list(private_imports(REPO, "mappers")) == []
 

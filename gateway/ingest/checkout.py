@@ -30,7 +30,7 @@ from gateway.logging import get_logger
 from gateway.patients.matching import PatientMatch, match_or_register, record_conflicts
 from gateway.patients.merge import merge_into_match
 from gateway.workflow.service import EventInput
-from mappers.checkout import CanonicalCheckout
+from mappers.checkout import CanonicalCheckout, payment_outcome
 from mappers.errors import MappingErrors
 from mappers.events import PatientRef
 from mappers.identifiers import IdentifierSystems
@@ -38,8 +38,6 @@ from mappers.pipeline import map_validated_checkout, parse_canonical_checkout, p
 from mappers.profiles import CheckoutProfile
 
 log = get_logger(__name__)
-
-PAID_STATUSES = frozenset({"paid", "no_payment_required"})
 
 
 def parse_checkout(
@@ -104,12 +102,16 @@ async def handle_checkout(
 
     Returns:
         The message's status and answer: ``ignored`` and ``awaiting_payment`` when
-        unpaid, else ``processed`` with the stored resources.
+        unpaid (a bank debit still clearing: the resources come with the payment), else
+        ``processed`` with the stored resources and ``payment: paid | deferred``
+        (deferred: nothing charged now, Stripe setup mode or a trial; see
+        :func:`mappers.checkout.payment_outcome`).
 
     Raises:
         UnprocessableError: the checkout does not map or its FHIR does not validate.
     """
-    if checkout.payment_status not in PAID_STATUSES:
+    payment = payment_outcome(checkout)
+    if payment == "awaiting_payment":
         log.info("ingest.checkout_unpaid", message_id=message.id)
         return MessageStatus.IGNORED, {
             "message_id": message.id,
@@ -133,6 +135,7 @@ async def handle_checkout(
     return MessageStatus.PROCESSED, {
         "checkout_id": checkout.checkout_id,
         "status": "accepted",
+        "payment": payment,
         **body,
     }
 
@@ -184,7 +187,7 @@ async def prepare_checkout(
         qr_id = qr_row.id if qr_row and qr_row.patient_id == match.patient_id else None
     mr_row = await fhir_repo.find_by_identifier(
         session, "MedicationRequest", systems.checkout, checkout.checkout_id
-    )
+    )  # a deferred checkout of a no_medication_request plan maps no MedicationRequest
     try:
         mapped = map_validated_checkout(
             checkout,
@@ -211,7 +214,7 @@ async def prepare_checkout(
         message=message,
         match=match,
         merged=merged,
-        resources=[merged.patient, mapped.medication_request],
+        resources=[merged.patient, *mapped.resources[1:]],
         profile=ctx.profile_ref(
             f"checkout/{plan_profile.id}", plan_profile.id, plan_profile.version
         ),
@@ -219,7 +222,7 @@ async def prepare_checkout(
         event=EventInput(
             source="checkout",
             event_id=checkout.checkout_id,
-            type="payment_completed",
+            type=mapped.event_type,
             detail=None,
             occurred_at=checkout.completed_at,
             patient_id=match.patient_id,
@@ -232,5 +235,5 @@ async def prepare_checkout(
         other_profiles=others,
         attribution=attribution.model_dump(exclude_none=True) if attribution else None,
         action=action,
-        current={f"MedicationRequest/{mapped.medication_request['id']}": mr_row},
+        current={f"MedicationRequest/{r['id']}": mr_row for r in mapped.resources[1:]},
     )

@@ -251,4 +251,5 @@ async def prepare_intake(
         attribution=attribution.model_dump(exclude_none=True) if attribution else None,
         action=action,
         current=current,
+        notes=parsed.notes,
     )

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class ResourceRef(BaseModel):
@@ -23,6 +23,16 @@ class IngestAccepted(BaseModel):
     checkout_id: str | None = None
     message_id: str
     status: str
+    payment: Literal["paid", "deferred"] | None = Field(
+        default=None,
+        description="A checkout: paid, or deferred (nothing charged now: Stripe setup mode, "
+        "a trial).",
+    )
+    warnings: list[dict[str, str]] = Field(
+        default=[],
+        description="Values accepted with a change ({location, code, message}, never the "
+        "value), e.g. time_dropped: a time of day given with a birth date.",
+    )
     patient: dict[str, str] | None = None
     resources: list[ResourceRef] = []
     conflicts: list[dict[str, Any]] = []

@@ -38,13 +38,13 @@ from gateway.patients.merge import MergedPatient, save_patient_facts
 from gateway.runtime import Runtime
 from gateway.workflow.service import EventInput, apply_event
 from mappers.ehr_overrides import received_types
-from mappers.errors import MappingErrors
-from mappers.fastvalidate import validate_resources_fast as validate_resources
+from mappers.errors import MappingErrors, Problem
 from mappers.identifiers import IdentifierSystems
 from mappers.patient import ElementConflict, element_path
 from mappers.pipeline import profile_tag
 from mappers.profiles import ProfileSet
 from mappers.provenance import provenance_for
+from mappers.validation import validate_resources
 
 log = get_logger(__name__)
 
@@ -156,7 +156,9 @@ class MappedMessage:
     processor mapping), named in the Provenance too. ``merged`` is the Patient as it will
     be stored (the first of ``resources``), with the conflicts and element sources of the
     ownership merge. ``current`` holds the stored rows of other resources the mapping
-    looked up already (None: known to be new).
+    looked up already (None: known to be new). ``notes`` (values accepted with a change,
+    such as a time dropped from a birth date) are named in the Provenance and answered as
+    ``warnings``.
     """
 
     message: InboundMessage
@@ -171,6 +173,7 @@ class MappedMessage:
     attribution: dict[str, Any] | None = None
     action: str = "ingest"
     current: dict[str, FhirResource | None] = field(default_factory=dict)
+    notes: list[Problem] = field(default_factory=list)
 
     @property
     def patient_id(self) -> str:
@@ -234,6 +237,7 @@ async def store_mapped(
         organization=ctx.organization,
         activity="UPDATE" if any(existed.values()) else "CREATE",
         profile=tag,
+        notes=mapped.notes,
     )
     for other in mapped.other_profiles:
         provenance.setdefault("policy", []).append(f"urn:fhir-gateway:profile:{other}")
@@ -243,8 +247,11 @@ async def store_mapped(
     )
     if conflict_rows:
         provenance["extension"] = [
-            _conflict_extension(ctx.systems, row.id, c)
-            for row, c in zip(conflict_rows, conflicts, strict=True)
+            *provenance.get("extension", []),
+            *(
+                _conflict_extension(ctx.systems, row.id, c)
+                for row, c in zip(conflict_rows, conflicts, strict=True)
+            ),
         ]
     try:
         validate_resources([*written, provenance])
@@ -308,6 +315,7 @@ async def store_mapped(
         else None,
         "deliveries": [{"id": d.id, "target": d.target} for d in deliveries],
         "status_url": f"{ctx.public_base_url}/v1/messages/{mapped.message.id}",
+        **({"warnings": [n.as_dict() for n in mapped.notes]} if mapped.notes else {}),
     }
 
 
