@@ -37,9 +37,11 @@ $(FHIR_SERVER)/node_modules/.package-lock.json: $(FHIR_SERVER)/package-lock.json
 		echo "npm not found: tests that need the local FHIR server will skip (install Node.js >= 20.19)"; \
 	fi
 
-## test: run the test suite (SQLite and PostgreSQL, the local FHIR server)
+## test: run the test suite (SQLite, PostgreSQL, the local FHIR server), one pytest-xdist
+## worker per CPU (TEST_WORKERS=0 runs it in one process; PYTEST_ARGS adds pytest options)
+TEST_WORKERS ?= auto
 test: $(BIN)/fhir-gateway fhir-server
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 ## lint: ruff and mypy --strict
 lint: $(BIN)/fhir-gateway

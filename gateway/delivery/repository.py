@@ -46,6 +46,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
+from gateway.db.bulk import insert_ignore
 from gateway.db.models import (
     Delivery,
     DeliveryAttempt,
@@ -58,7 +59,6 @@ from gateway.db.models import (
 from gateway.db.types import UTCDateTime
 from gateway.delivery.policy import probe_delay_s
 from gateway.fhir.repository import resource_keys
-from gateway.oauth.repository import insert_ignore
 from mappers.profiles.ehr import CircuitBreakerPolicy
 
 ACTIVE = (DeliveryStatus.PENDING, DeliveryStatus.IN_FLIGHT)

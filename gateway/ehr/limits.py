@@ -17,8 +17,8 @@ from collections.abc import Callable
 from sqlalchemy import case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from gateway.db.bulk import insert_ignore
 from gateway.db.models import TargetState
-from gateway.oauth.repository import insert_ignore
 
 
 class RateLimiter:

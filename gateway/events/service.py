@@ -36,11 +36,10 @@ from gateway.db.models import InboundMessage, MessageStatus
 from gateway.db.types import utcnow
 from gateway.ehr.errors import EhrConfigError, EhrRejectedError, EhrUnavailableError
 from gateway.errors import ForbiddenError, UnprocessableError
-from gateway.events.inbox import store_if_new
-from gateway.events.matching import match_patient
+from gateway.http import Outcome, decode_json_object, store_if_new
 from gateway.inbox import repository as inbox
-from gateway.ingest.service import Outcome, decode_json_object
 from gateway.logging import get_logger
+from gateway.patients.matching import find_patient, record_conflicts
 from gateway.runtime import Runtime
 from gateway.workflow.service import EventInput, apply_event
 from mappers.errors import MappingError, MappingErrors, Problem
@@ -288,7 +287,7 @@ async def apply_prepared(
     outcomes: list[dict[str, Any]] = []
     failed = False
     for event in prepared.events:
-        match = await match_patient(session, event.patient)
+        match = await find_patient(session, event.patient)
         if match.patient_id is None:
             failed = True
             session.add(
@@ -309,25 +308,9 @@ async def apply_prepared(
             outcomes.append({"event_id": event.event_id, "outcome": "unmatched_patient"})
             log.info("events.unmatched_patient", message_id=message.id, tried=len(match.tried))
             continue
-        if match.conflicts:
-            on = match.matched_on.describe() if match.matched_on else "?"
-            session.add(
-                inbox.new_exception(
-                    kind="patient_match_conflict",
-                    channel=message.channel,
-                    sender=message.sender,
-                    message_id=message.id,
-                    problems=[
-                        Problem(
-                            "patient",
-                            "patient_match_conflict",
-                            f"matched on {on}; "
-                            + ", ".join(r.describe() for r in match.conflicts)
-                            + " point at another patient",
-                        )
-                    ],
-                )
-            )
+        record_conflicts(
+            session, match, channel=message.channel, sender=message.sender, message_id=message.id
+        )
         result = await apply_event(
             session,
             workflow,

@@ -27,8 +27,6 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
-
 from gateway.db.types import utcnow
 from gateway.hl7.service import Hl7Reply, receive_hl7, record_hl7_rejection
 from gateway.logging import get_logger
@@ -218,26 +216,20 @@ class MllpServer:
             log.info("mllp.disconnected", peer=peer)
 
     async def _receive(self, payload: bytes, peer: str | None) -> Hl7Reply:
-        """Store one message and commit, then return its ACK (retried once on a race with
-        the same MSH-10 arriving on another connection)."""
-        for attempt in (1, 2):
-            async with self.runtime.write_session() as session:
-                try:
-                    reply = await receive_hl7(
-                        session,
-                        self.runtime,
-                        raw=payload,
-                        transport="mllp",
-                        peer=peer,
-                        lease=self.after_store is not None,
-                    )
-                    await session.commit()
-                    return reply
-                except IntegrityError:
-                    await session.rollback()
-                    if attempt == 2:
-                        raise
-        raise AssertionError("unreachable")
+        """Store one message and commit, then return its ACK (the same MSH-10 arriving on
+        another connection at once is settled by the inbox's unique key: that copy is
+        answered as a duplicate)."""
+        async with self.runtime.write_session() as session:
+            reply = await receive_hl7(
+                session,
+                self.runtime,
+                raw=payload,
+                transport="mllp",
+                peer=peer,
+                lease=self.after_store is not None,
+            )
+            await session.commit()
+            return reply
 
     async def _framing_error(self, kind: str, payload: bytes) -> Hl7Reply:
         if kind == "oversize":

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import warnings
 from collections.abc import Awaitable, Callable
@@ -65,6 +64,7 @@ from gateway.oauth.keys import (
     load_key_file,
     signing_material,
 )
+from gateway.secrets import SecretStore
 from mappers.profiles.ehr import EhrTargetProfile
 
 log = get_logger(__name__)
@@ -519,16 +519,9 @@ class SharedTokenManager:
 
 
 def lookup_secret(name: str, *, env_file: Path | None = None) -> str | None:
-    """A target secret from the environment, else from ``env_file`` (dotenv), else None."""
-    value = os.environ.get(name)
-    if value:
-        return value
-    if env_file is not None and env_file.is_file():
-        from dotenv import dotenv_values
-
-        found = dotenv_values(env_file).get(name)
-        return found or None
-    return None
+    """A target secret from the environment, else from ``env_file`` (dotenv), else None
+    (:class:`gateway.secrets.SecretStore`, the one place secrets are read)."""
+    return SecretStore(env_file).get(name)
 
 
 def token_provider_for(

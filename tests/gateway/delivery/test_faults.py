@@ -300,15 +300,25 @@ async def test_an_ehr_refusing_every_fresh_token_does_not_loop(
     use_target(running)
     fake.fail_fhir(10_000, 401)
     await submit_intakes(client, admin_headers, 10)
-    async with running_workers(runtime, 4, concurrency=4):
-        await asyncio.sleep(2.0)
+
+    async def target_now() -> dict[str, Any]:
         targets = (await client.get("/v1/ops/targets", headers=admin_headers)).json()
+        [target] = [t for t in targets if t["name"] == "test-ehr"]
+        return target  # type: ignore[no-any-return]
+
+    async def auth_backed_off() -> bool:
+        return (await target_now())["token"]["state"] == "config_error"
+
+    async with running_workers(runtime, 4, concurrency=4):
+        # waited for, not slept on: a busy machine may take longer than 2 s to get there
+        assert await wait_until(auth_backed_off, timeout_s=20)
+        await asyncio.sleep(1.0)  # a loop would ask for dozens of tokens in this time
+        target = await target_now()
 
     assert len(fake.token_requests) == 2
     assert len(fake.requests) <= 2 * 16  # at most the first wave and its one retry
     rows = await deliveries(runtime)
     assert {d.status for d in rows} == {"pending"}
     assert max(d.attempts for d in rows) == 0
-    [target] = [t for t in targets if t["name"] == "test-ehr"]
     assert target["token"]["state"] == "config_error"
     assert "refused a freshly fetched token" in target["token"]["last_error"]
