@@ -2,8 +2,11 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
+NPM    ?= npm
+# The local FHIR server (Medplum under Node) that tests and benchmarks use as an EHR.
+FHIR_SERVER = testkit/fhir_server
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean fhir-server
 
 $(BIN)/fhir-gateway: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,21 +24,34 @@ run: $(BIN)/fhir-gateway .env
 	$(BIN)/fhir-gateway db upgrade
 	$(BIN)/fhir-gateway serve
 
-## test: run the test suite (SQLite and PostgreSQL), one pytest-xdist worker per CPU
-## (TEST_WORKERS=0 runs it in one process; PYTEST_ARGS adds pytest options)
+## fhir-server: install the local FHIR server's npm packages (exact versions, package-lock.json)
+fhir-server: $(FHIR_SERVER)/node_modules/.package-lock.json
+
+# Without npm the tests that need the FHIR server skip with the reason, except under CI=true.
+$(FHIR_SERVER)/node_modules/.package-lock.json: $(FHIR_SERVER)/package-lock.json
+	@if command -v $(NPM) >/dev/null 2>&1; then \
+		$(NPM) ci --prefix $(FHIR_SERVER) --ignore-scripts --no-audit --no-fund --loglevel=error; \
+	elif case "$$CI" in 1|true|yes) true;; *) false;; esac; then \
+		echo "npm not found: CI needs Node.js >= 20.19 for the local FHIR server" >&2; exit 1; \
+	else \
+		echo "npm not found: tests that need the local FHIR server will skip (install Node.js >= 20.19)"; \
+	fi
+
+## test: run the test suite (SQLite, PostgreSQL, the local FHIR server), one pytest-xdist
+## worker per CPU (TEST_WORKERS=0 runs it in one process; PYTEST_ARGS adds pytest options)
 TEST_WORKERS ?= auto
-test: $(BIN)/fhir-gateway
+test: $(BIN)/fhir-gateway fhir-server
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 ## lint: ruff and mypy --strict
 lint: $(BIN)/fhir-gateway
-	$(BIN)/ruff check gateway mappers tests bench
-	$(BIN)/mypy gateway mappers
+	$(BIN)/ruff check gateway mappers tests bench testkit
+	$(BIN)/mypy gateway mappers testkit
 
 ## bench: the benchmarks (see docs/PERFORMANCE.md)
-bench: $(BIN)/fhir-gateway
+bench: $(BIN)/fhir-gateway fhir-server
 	$(BIN)/python -m bench.mapping
 	$(BIN)/python -m bench.events
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache $(FHIR_SERVER)/node_modules

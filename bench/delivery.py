@@ -5,13 +5,14 @@ What it does:
 1. seeds a template database once: ``--deliveries`` (default 5,000) intake submissions
    through the ingest service, each a Patient + QuestionnaireResponse + Provenance and one
    outbox row for the target ``bench-ehr`` (and a case, which records ``ehr_delivered``);
-2. for each scenario, clones the template, starts the local fake EHR as its own process
-   (``python -m tests.support.fake_ehr``, R4B validation off, ``--delay-ms`` 0 or 50),
+2. for each scenario, clones the template, starts the local EHR as its own process
+   (``python -m testkit.ehr``: the token endpoint in Python, a real FHIR server, Medplum's,
+   in a Node child process, validating every resource; ``--delay-ms`` 0 or 50),
    starts 1 or 4 ``fhir-gateway worker`` processes (``--concurrency`` each, default 4;
    then 4 processes at ``--tuned-concurrency``, default 16),
    and releases the queue at one instant once they are up: the drain time runs from that
    instant to the last ``delivered_at``;
-3. counts token requests while the fake EHR's token endpoint answers 504 for
+3. counts token requests while the local EHR's token endpoint answers 504 for
    ``--outage-s`` seconds (default 120) with 4 workers waiting on the queue, and the time
    to drain once it recovers.
 
@@ -56,7 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN = os.environ.get("GATEWAY_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 TARGET = "bench-ehr"
 SECRET_ENV = "BENCH_EHR_CLIENT_SECRET"
-SECRET = "bench-s3cret"  # synthetic credential of the local fake EHR
+SECRET = "bench-s3cret"  # synthetic credential of the local EHR
 
 
 def db_url(name: str, driver: str = "postgresql+psycopg") -> str:
@@ -109,7 +110,7 @@ async def seed(database: str, profiles: Path, n: int) -> float:
     from gateway.logging import configure_logging
     from gateway.runtime import Runtime
     from gateway.settings import Settings
-    from tests import samples
+    from testkit import samples
 
     configure_logging("warning")
     settings = Settings(
@@ -143,19 +144,19 @@ async def seed(database: str, profiles: Path, n: int) -> float:
 
 
 @contextlib.contextmanager
-def fake_ehr(delay_ms: float, logs: Path) -> Iterator[tuple[str, int]]:
-    """The fake EHR in its own process; yields its base URL and pid."""
+def local_ehr(delay_ms: float, logs: Path) -> Iterator[tuple[str, list[int]]]:
+    """The local EHR in its own process; yields its base URL and the pids of that process
+    and of its FHIR server (Node): together, the EHR's CPU time."""
     log = (logs / f"ehr-{delay_ms:g}ms.log").open("wb")
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "tests.support.fake_ehr",
+            "testkit.ehr",
             "--port",
             "0",
             "--delay-ms",
             str(delay_ms),
-            "--no-validate",
             "--client-secret",
             SECRET,
             "--token-lifetime-s",
@@ -168,9 +169,11 @@ def fake_ehr(delay_ms: float, logs: Path) -> Iterator[tuple[str, int]]:
     try:
         assert proc.stdout is not None
         base = proc.stdout.readline().decode().strip()
-        if not base.startswith("http://127.0.0.1:"):
-            raise RuntimeError("the fake EHR did not start")
-        yield base, proc.pid
+        details = proc.stdout.readline().decode()
+        if not base.startswith("http://127.0.0.1:") or "(pid " not in details:
+            raise RuntimeError(f"the local EHR did not start; see {log.name}")
+        node_pid = int(details.rsplit("(pid ", 1)[1].split(")", 1)[0])
+        yield base, [proc.pid, node_pid]
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -300,15 +303,17 @@ def run_drain(
     }
     try:
         with contextlib.ExitStack() as stack:
-            ehr_pid = None
+            ehr_pids: list[int] = []
             if outage_s is None:
-                base, ehr_pid = stack.enter_context(fake_ehr(delay_ms, logs))
+                base, ehr_pids = stack.enter_context(local_ehr(delay_ms, logs))
                 ehr = None
             else:
-                from tests.support.fake_ehr import FakeEhr, run_fake_ehr
+                from testkit.ehr import FhirServer, LocalEhr, run_ehr
 
-                ehr = FakeEhr(client_secret=SECRET, validate=False, token_lifetime_s=3600)
-                base = stack.enter_context(run_fake_ehr(ehr)).base_url
+                fhir = stack.enter_context(FhirServer(log_path=logs / "fhir-server.log"))
+                ehr = LocalEhr(fhir, client_secret=SECRET, token_lifetime_s=3600)
+                base = stack.enter_context(run_ehr(ehr)).base_url
+                ehr_pids = [fhir.pid] if fhir.pid else []  # the token endpoint runs in here
             profiles = write_profiles(
                 logs / f"profiles-{database}", f"{base}/fhir", f"{base}/token"
             )
@@ -323,7 +328,7 @@ def run_drain(
                 time.sleep(max(0.0, (release_at - datetime.now(UTC)).total_seconds() - 0.05))
                 baseline = {  # CPU used from the release on (not start-up)
                     "workers": sum(cpu_s(p.pid) for p in procs),
-                    "ehr": cpu_s(ehr_pid) if ehr_pid else 0.0,
+                    "ehr": sum(cpu_s(pid) for pid in ehr_pids),
                     "postgres": postgres_backends_cpu_s(database),
                 }
                 if ehr is not None:
@@ -340,7 +345,9 @@ def run_drain(
                 final = counts(conn)
                 cpu = {
                     "workers": sum(cpu_s(p.pid) for p in procs) - baseline["workers"],
-                    "ehr": cpu_s(ehr_pid) - baseline["ehr"] if ehr_pid else None,
+                    "ehr": sum(cpu_s(pid) for pid in ehr_pids) - baseline["ehr"]
+                    if outage_s is None
+                    else None,
                     "postgres": postgres_backends_cpu_s(database) - baseline["postgres"],
                 }
                 rows = conn.execute(
@@ -350,6 +357,8 @@ def run_drain(
                 tokens = conn.execute(
                     "SELECT failures, last_error FROM oauth_tokens WHERE target = %s", (TARGET,)
                 ).fetchone()
+                # read while the EHR's FHIR server still runs (the stack stops it)
+                ehr_patients = ehr.count("Patient") if ehr is not None else None
         last = max(r[1] for r in rows)
         drain_s = (last - release_at).total_seconds()
         latencies_ms = [(r[1] - r[0]).total_seconds() * 1000 for r in rows]
@@ -381,7 +390,7 @@ def run_drain(
                 ),
                 drain_after_recovery_s=round(drain_s - (outage_s or 0), 3),
                 token_row=list(tokens) if tokens else None,
-                ehr_patients=ehr.count("Patient"),
+                ehr_patients=ehr_patients,
             )
     finally:
         admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))

@@ -13,9 +13,9 @@ Each line also gives the server's CPU milliseconds per request (all its processe
 average when the run ended. The gateway runs in its normal mode (API + delivery worker in
 each process) unless ``--no-worker``.
 
-Optionally (``--with-ehr``) an enabled EHR target (the local fake EHR, started as another
-process) makes every submission also write an outbox row and the in-process worker
-deliver it while the load runs.
+Optionally (``--with-ehr``) an enabled EHR target (the local EHR, ``python -m testkit.ehr``,
+started as another process) makes every submission also write an outbox row and the
+in-process worker deliver it while the load runs.
 
 Usage::
 
@@ -297,7 +297,7 @@ async def closed_loop(
 
 
 def make_profiles(workdir: Path, ehr_port: int | None) -> Path:
-    """The bundled profiles, plus an enabled fake-EHR target when ``ehr_port`` is set."""
+    """The bundled profiles, plus an enabled local-EHR target when ``ehr_port`` is set."""
     dest = workdir / "profiles"
     shutil.copytree(ROOT / "profiles", dest)
     if ehr_port is not None:
@@ -327,7 +327,7 @@ def run(
     server_workers: int = 1,
     worker: bool = True,
 ) -> list[dict[str, Any]]:
-    """Start the gateway (and the fake EHR), run both load shapes, stop everything.
+    """Start the gateway (and the local EHR), run both load shapes, stop everything.
 
     ``worker``: the normal mode, ``serve`` with the delivery worker in each process;
     False starts ``serve --no-worker`` (API only).
@@ -351,10 +351,9 @@ def run(
                         [
                             sys.executable,
                             "-m",
-                            "tests.support.fake_ehr",
+                            "testkit.ehr",
                             "--port",
                             str(ehr_port),
-                            "--no-validate",
                         ],
                         cwd=ROOT,
                         env=env,
@@ -429,7 +428,7 @@ def run(
             load = os.getloadavg()
             for r in results:
                 r["database"] = kind
-                r["ehr"] = "fake EHR target" if with_ehr else "no target"
+                r["ehr"] = "local EHR target" if with_ehr else "no target"
                 r["processes"] = server_workers
                 r["worker"] = worker
                 r["loadavg"] = [round(x, 2) for x in load]
@@ -451,7 +450,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--concurrency", type=int, default=16, help="closed-loop clients")
     parser.add_argument(
-        "--with-ehr", action="store_true", help="enable a fake EHR target during the load"
+        "--with-ehr", action="store_true", help="enable a local EHR target during the load"
     )
     parser.add_argument(
         "--server-workers",

@@ -31,6 +31,9 @@ from gateway.settings import BUNDLED_PROFILES_DIR, Settings
 from tests.support.databases import PgPool
 from tests.support.profiles import check_unchanged, shared_profiles
 
+#: The local EHR fixtures (``fhir_server``, ``make_ehr``): tests/support/ehr.py.
+pytest_plugins = ("tests.support.ehr",)
+
 PG_URL = os.environ.get("GATEWAY_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

@@ -2,7 +2,8 @@
 
 * the import-linter contracts of ``pyproject.toml``: ``mappers`` is pure (no ``gateway``,
   no database, web framework, HTTP client or logger); the ``gateway`` floors (an import
-  only goes down); no endpoint module imports another's; no import cycles;
+  only goes down); no endpoint module imports another's; no import cycles; ``bench`` and
+  ``testkit`` never import ``tests``, and ``testkit`` never imports the gateway;
 * no module imports a ``_private`` name of another module (checked here, on the syntax
   tree).
 
@@ -65,6 +66,8 @@ def verdict(report: str, name: str) -> str:
         "mappers is pure: no gateway, no I/O frameworks, no logger",
         "no endpoint module imports another's",
         "mappers: no import cycles",
+        "benchmarks and the testkit never import the tests",
+        "the testkit plays the gateway's peers: it never imports the gateway or the benchmarks",
     ],
 )
 def test_the_contract_is_kept(report: str, name: str) -> None:
@@ -126,9 +129,13 @@ def test_every_module_of_the_layers_is_placed(report: str) -> None:
 
 
 def _project(tmp_path: Path, files: dict[str, str]) -> Path:
-    """A tiny project with the repository's import-linter section and ``files``."""
+    """A tiny project with the repository's import-linter section and ``files`` (and an
+    empty package for every root package that ``files`` leave out)."""
     config = (REPO / "pyproject.toml").read_text()
     (tmp_path / "pyproject.toml").write_text(config[config.index("[tool.importlinter]") :])
+    for package in tomllib.loads(config)["tool"]["importlinter"]["root_packages"]:
+        (tmp_path / package).mkdir(exist_ok=True)
+        (tmp_path / package / "__init__.py").touch()
     for rel, text in files.items():
         path = tmp_path / rel
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,6 +209,24 @@ def test_the_contracts_catch_what_they_forbid(tmp_path: Path) -> None:
     assert "mappers.bad -> logging" in out
     assert "gateway.db is not allowed to import gateway.ingest" in out
     assert "gateway.patients is not allowed to import gateway.http" in out
+
+
+def test_the_contracts_catch_a_benchmark_or_the_testkit_importing_the_tests(tmp_path: Path) -> None:
+    root = _project(
+        tmp_path,
+        {
+            "tests/samples.py": "VALUE = 1\n",
+            "gateway/app.py": "",
+            "bench/run.py": "from tests import samples\n",
+            "testkit/ehr.py": "from gateway import app\n",
+        },
+    )
+    no_tests = lint_imports(root, "--contract", "no-tests-outside-tests")
+    independent = lint_imports(root, "--contract", "testkit-independent")
+    assert no_tests.returncode != 0, no_tests.stdout
+    assert "bench.run -> tests.samples" in no_tests.stdout
+    assert independent.returncode != 0, independent.stdout
+    assert "testkit.ehr -> gateway.app" in independent.stdout
 
 
 def test_the_endpoint_contract_catches_an_endpoint_importing_another(tmp_path: Path) -> None:

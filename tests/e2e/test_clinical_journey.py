@@ -29,8 +29,10 @@ from gateway.events.service import apply_received, sweep_pending
 from gateway.hl7.mllp import MllpServer
 from gateway.hl7.service import Hl7Reply
 from gateway.runtime import Runtime
+from testkit.ehr import LocalEhr, RunningEhr, run_ehr_async
 from tests import samples
 from tests.support import notifications as n
+from tests.support.ehr import EhrFactory
 from tests.support.events_env import (
     BEACON_ENV,
     BEACON_SECRET,
@@ -47,22 +49,21 @@ from tests.support.events_env import (
     run_subscriber,
     standard_webhook_headers,
 )
-from tests.support.fake_ehr import FakeEhr, RunningEhr, run_fake_ehr_async
 
 STRIPE_SECRET = "whsec_test_secret_for_tests_only"
 NOTIFY = {"Authorization": f"Bearer {NOTIFY_SECRET}", "Content-Type": "application/fhir+json"}
 
 
 @pytest.fixture
-async def ehr() -> AsyncIterator[tuple[FakeEhr, RunningEhr]]:
-    fake = FakeEhr(client_id="gateway", client_secret="s3cret")
-    async with run_fake_ehr_async(fake) as running:
+async def ehr(make_ehr: EhrFactory) -> AsyncIterator[tuple[LocalEhr, RunningEhr]]:
+    fake = make_ehr(client_id="gateway", client_secret="s3cret")
+    async with run_ehr_async(fake) as running:
         yield fake, running
 
 
 @pytest.fixture
 def profiles_dir(
-    tmp_path: Path, ehr: tuple[FakeEhr, RunningEhr], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, ehr: tuple[LocalEhr, RunningEhr], monkeypatch: pytest.MonkeyPatch
 ) -> Path:
     for env, value in (
         ("TEST_EHR_CLIENT_SECRET", "s3cret"),
@@ -103,7 +104,7 @@ async def drain(worker: DeliveryWorker, runtime: Runtime) -> None:
 async def test_the_whole_journey_reaches_the_subscriber_once_in_order(
     client: httpx.AsyncClient,
     runtime: Runtime,
-    ehr: tuple[FakeEhr, RunningEhr],
+    ehr: tuple[LocalEhr, RunningEhr],
     admin_headers: dict[str, str],
     capfd: pytest.CaptureFixture[str],
 ) -> None:

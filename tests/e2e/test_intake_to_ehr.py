@@ -14,24 +14,25 @@ import pytest
 from gateway.cli import stripe_signature_header
 from gateway.delivery.worker import DeliveryWorker
 from gateway.runtime import Runtime
+from testkit.ehr import LocalEhr, RunningEhr, run_ehr_async
 from tests import samples
 from tests.support.delivery import drain as drain_until_idle
-from tests.support.fake_ehr import FakeEhr, RunningEhr, run_fake_ehr_async
+from tests.support.ehr import EhrFactory
 from tests.support.gateway_env import SECRET_ENV, profiles_with_target
 
 STRIPE_SECRET = "whsec_test_secret_for_tests_only"
 
 
 @pytest.fixture
-async def ehr() -> AsyncIterator[tuple[FakeEhr, RunningEhr]]:
-    fake = FakeEhr(client_id="gateway", client_secret="s3cret")
-    async with run_fake_ehr_async(fake) as running:
+async def ehr(make_ehr: EhrFactory) -> AsyncIterator[tuple[LocalEhr, RunningEhr]]:
+    fake = make_ehr(client_id="gateway", client_secret="s3cret")
+    async with run_ehr_async(fake) as running:
         yield fake, running
 
 
 @pytest.fixture
 def profiles_dir(
-    tmp_path: Path, ehr: tuple[FakeEhr, RunningEhr], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, ehr: tuple[LocalEhr, RunningEhr], monkeypatch: pytest.MonkeyPatch
 ) -> Path:
     monkeypatch.setenv(SECRET_ENV, "s3cret")
     return profiles_with_target(tmp_path / "profiles", ehr[1])
@@ -55,7 +56,7 @@ def signed(event: dict[str, object]) -> tuple[bytes, dict[str, str]]:
 async def test_intake_checkout_delivered_once_and_case_moves(
     client: httpx.AsyncClient,
     runtime: Runtime,
-    ehr: tuple[FakeEhr, RunningEhr],
+    ehr: tuple[LocalEhr, RunningEhr],
     admin_headers: dict[str, str],
 ) -> None:
     fake, _ = ehr
@@ -139,7 +140,7 @@ async def test_intake_checkout_delivered_once_and_case_moves(
 async def test_lost_response_is_retried_without_duplicates(
     client: httpx.AsyncClient,
     runtime: Runtime,
-    ehr: tuple[FakeEhr, RunningEhr],
+    ehr: tuple[LocalEhr, RunningEhr],
     admin_headers: dict[str, str],
 ) -> None:
     fake, _ = ehr

@@ -15,8 +15,9 @@ from gateway.cli import stripe_signature_header
 from gateway.delivery.worker import DeliveryWorker
 from gateway.runtime import Runtime
 from gateway.settings import BUNDLED_PROFILES_DIR
+from testkit.ehr import LocalEhr, RunningEhr, run_ehr_async
 from tests import samples
-from tests.support.fake_ehr import FakeEhr, RunningEhr, run_fake_ehr_async
+from tests.support.ehr import EhrFactory
 from tests.support.profiles import ACME, copy_profiles, edit_yaml
 
 DERM_INPUT = BUNDLED_PROFILES_DIR / "intake/dermatology-v1.examples/acne.input.json"
@@ -25,15 +26,15 @@ DERM_Q = "https://fhir-gateway.example.org/fhir/Questionnaire/dermatology-intake
 
 
 @pytest.fixture
-async def ehr() -> AsyncIterator[tuple[FakeEhr, RunningEhr]]:
-    fake = FakeEhr(client_id="fhir-gateway", client_secret="acme-s3cret")
-    async with run_fake_ehr_async(fake) as running:
+async def ehr(make_ehr: EhrFactory) -> AsyncIterator[tuple[LocalEhr, RunningEhr]]:
+    fake = make_ehr(client_id="fhir-gateway", client_secret="acme-s3cret")
+    async with run_ehr_async(fake) as running:
         yield fake, running
 
 
 @pytest.fixture
 def profiles_dir(
-    tmp_path: Path, ehr: tuple[FakeEhr, RunningEhr], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, ehr: tuple[LocalEhr, RunningEhr], monkeypatch: pytest.MonkeyPatch
 ) -> Path:
     monkeypatch.setenv("ACME_EHR_CLIENT_SECRET", "acme-s3cret")
     root = copy_profiles(tmp_path / "profiles")
@@ -59,7 +60,7 @@ async def drain(worker: DeliveryWorker) -> None:
 async def test_dermatology_form_and_acme_target_need_no_code(
     client: httpx.AsyncClient,
     runtime: Runtime,
-    ehr: tuple[FakeEhr, RunningEhr],
+    ehr: tuple[LocalEhr, RunningEhr],
     admin_headers: dict[str, str],
 ) -> None:
     fake, _ = ehr

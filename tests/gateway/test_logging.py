@@ -17,9 +17,10 @@ from gateway.app import create_app
 from gateway.delivery.worker import DeliveryWorker
 from gateway.runtime import Runtime
 from gateway.settings import Settings
+from testkit.ehr import LocalEhr, RunningEhr, run_ehr_async
 from tests import samples
 from tests.support.api import EXTERNAL_ID_SYSTEM, signed_stripe
-from tests.support.fake_ehr import FakeEhr, RunningEhr, run_fake_ehr_async
+from tests.support.ehr import EhrFactory
 from tests.support.gateway_env import SECRET_ENV, profiles_with_target
 
 FIRST, LAST = "Zebulon", "Quixotehart"
@@ -43,15 +44,15 @@ PHI = [
 
 
 @pytest.fixture
-async def ehr() -> AsyncIterator[tuple[FakeEhr, RunningEhr]]:
-    fake = FakeEhr(client_id="gateway", client_secret="s3cret")
-    async with run_fake_ehr_async(fake) as running:
+async def ehr(make_ehr: EhrFactory) -> AsyncIterator[tuple[LocalEhr, RunningEhr]]:
+    fake = make_ehr(client_id="gateway", client_secret="s3cret")
+    async with run_ehr_async(fake) as running:
         yield fake, running
 
 
 @pytest.fixture
 def profiles_dir(
-    tmp_path: Path, ehr: tuple[FakeEhr, RunningEhr], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, ehr: tuple[LocalEhr, RunningEhr], monkeypatch: pytest.MonkeyPatch
 ) -> Path:
     monkeypatch.setenv(SECRET_ENV, "s3cret")
     return profiles_with_target(tmp_path / "profiles", ehr[1])
@@ -71,7 +72,7 @@ def the_patient() -> dict[str, object]:
 
 
 async def full_run(
-    client: httpx.AsyncClient, runtime: Runtime, headers: dict[str, str], ehr: FakeEhr
+    client: httpx.AsyncClient, runtime: Runtime, headers: dict[str, str], ehr: LocalEhr
 ) -> None:
     intake = the_patient()
     r = await client.post("/v1/intake-submissions", json=intake, headers=headers)
@@ -168,7 +169,7 @@ async def test_a_full_run_logs_no_phi(
     settings: Settings,
     runtime: Runtime,
     admin_headers: dict[str, str],
-    ehr: tuple[FakeEhr, RunningEhr],
+    ehr: tuple[LocalEhr, RunningEhr],
 ) -> None:
     caplog.set_level(logging.DEBUG)
     debug_settings = settings.model_copy(update={"log_level": "debug"})

@@ -1,4 +1,4 @@
-"""Helpers to point a test gateway at a local fake EHR."""
+"""Helpers to point a test gateway at a local EHR (:mod:`testkit.ehr`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from gateway.settings import BUNDLED_PROFILES_DIR
-from tests.support.fake_ehr import RunningEhr
+from testkit.ehr import RunningEhr
 
 SECRET_ENV = "TEST_EHR_CLIENT_SECRET"
 

@@ -1,4 +1,4 @@
-"""Delivery test fixtures: fast-polling settings, a local fake EHR, target profiles."""
+"""Delivery test fixtures: fast-polling settings, a local EHR, target profiles."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from gateway.runtime import Runtime
 from gateway.settings import Settings
 from mappers.profiles import load_profiles
 from mappers.profiles.ehr import EhrTargetProfile
-from tests.support.fake_ehr import FakeEhr, RunningEhr, run_fake_ehr_async
+from testkit.ehr import LocalEhr, RunningEhr, run_ehr_async
+from tests.support.ehr import EhrFactory
 from tests.support.gateway_env import SECRET_ENV, profiles_with_target
 
 
@@ -34,19 +35,19 @@ def settings(database_url: str, profiles_dir: Path) -> Settings:
 
 
 @pytest.fixture
-def fake_ehr() -> FakeEhr:
+def local_ehr(make_ehr: EhrFactory) -> LocalEhr:
     """The EHR's state (a test may replace it before ``ehr`` starts it)."""
-    return FakeEhr(client_id="gateway", client_secret="s3cret")
+    return make_ehr(client_id="gateway", client_secret="s3cret")
 
 
 @pytest.fixture
 async def ehr(
-    fake_ehr: FakeEhr, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[tuple[FakeEhr, RunningEhr]]:
-    """The fake EHR served on a local port; the target's secret in the environment."""
+    local_ehr: LocalEhr, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[LocalEhr, RunningEhr]]:
+    """The local EHR served on a local port; the target's secret in the environment."""
     monkeypatch.setenv(SECRET_ENV, "s3cret")
-    async with run_fake_ehr_async(fake_ehr) as running:
-        yield fake_ehr, running
+    async with run_ehr_async(local_ehr) as running:
+        yield local_ehr, running
 
 
 TargetFactory = Callable[..., EhrTargetProfile]

@@ -23,6 +23,7 @@ from gateway.delivery.policy import max_token_requests
 from gateway.runtime import Runtime
 from mappers.profiles import load_profiles
 from mappers.profiles.ehr import TokenRetryPolicy
+from testkit.ehr import LocalEhr, RunningEhr, run_ehr_async
 from tests.gateway.delivery.conftest import TargetFactory
 from tests.support.delivery import (
     all_delivered,
@@ -33,12 +34,12 @@ from tests.support.delivery import (
     submit_intakes,
     wait_until,
 )
-from tests.support.fake_ehr import FakeEhr, RunningEhr, run_fake_ehr_async
+from tests.support.ehr import EhrFactory
 from tests.support.gateway_env import SECRET_ENV
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
-EHR = tuple[FakeEhr, RunningEhr]
+EHR = tuple[LocalEhr, RunningEhr]
 
 
 @pytest.fixture
@@ -103,10 +104,11 @@ async def test_503_with_retry_after_and_timeouts_in_bursts_deliver_exactly_once(
     admin_headers: dict[str, str],
     use_target: TargetFactory,
     monkeypatch: pytest.MonkeyPatch,
+    make_ehr: EhrFactory,
 ) -> None:
     monkeypatch.setenv(SECRET_ENV, "s3cret")
-    fake = FakeEhr(response_delay_s=0.1)
-    async with run_fake_ehr_async(fake) as running:
+    fake = make_ehr(response_delay_s=0.1)
+    async with run_ehr_async(fake) as running:
         use_target(
             running,
             timeout_s=0.5,
@@ -219,11 +221,12 @@ async def test_400_too_costly_dead_letters_and_the_cli_replay_after_the_fix_deli
     admin_headers: dict[str, str],
     use_target: TargetFactory,
     monkeypatch: pytest.MonkeyPatch,
+    make_ehr: EhrFactory,
 ) -> None:
     """An EHR that takes at most 2 entries per transaction answers 400 (too-costly)."""
     monkeypatch.setenv(SECRET_ENV, "s3cret")
-    fake = FakeEhr(max_bundle_entries=2)
-    async with run_fake_ehr_async(fake) as running:
+    fake = make_ehr(max_bundle_entries=2)
+    async with run_ehr_async(fake) as running:
         use_target(running)
         await submit_intakes(client, admin_headers, 2)
         async with running_workers(runtime, 1):
@@ -258,10 +261,11 @@ async def test_a_revoked_token_is_replaced_once_not_in_a_loop(
     admin_headers: dict[str, str],
     use_target: TargetFactory,
     monkeypatch: pytest.MonkeyPatch,
+    make_ehr: EhrFactory,
 ) -> None:
     monkeypatch.setenv(SECRET_ENV, "s3cret")
-    fake = FakeEhr(response_delay_s=0.05)
-    async with run_fake_ehr_async(fake) as running:
+    fake = make_ehr(response_delay_s=0.05)
+    async with run_ehr_async(fake) as running:
         use_target(running)
         await submit_intakes(client, admin_headers, 40)
         async with running_workers(runtime, 4, concurrency=4):

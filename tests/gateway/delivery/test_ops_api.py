@@ -19,10 +19,10 @@ from gateway.db.models import AuditEntry, Delivery, DeliveryAttempt, TargetState
 from gateway.db.types import utcnow
 from gateway.delivery.worker import DeliveryWorker
 from gateway.runtime import Runtime
+from testkit.ehr import LocalEhr, RunningEhr
 from tests.conftest import ApiKeyFactory
 from tests.gateway.delivery.conftest import TargetFactory
 from tests.support.delivery import drain, submit_intakes
-from tests.support.fake_ehr import FakeEhr, RunningEhr
 
 OUTCOME = {
     "resourceType": "OperationOutcome",
@@ -220,7 +220,7 @@ async def test_targets_show_queue_circuit_token_and_last_success(
     runtime: Runtime,
     client: httpx.AsyncClient,
     admin_headers: dict[str, str],
-    ehr: tuple[FakeEhr, RunningEhr],
+    ehr: tuple[LocalEhr, RunningEhr],
     use_target: TargetFactory,
 ) -> None:
     fake, running = ehr
@@ -277,7 +277,7 @@ async def test_metrics_expose_counters_histograms_and_database_gauges(
     runtime: Runtime,
     client: httpx.AsyncClient,
     admin_headers: dict[str, str],
-    ehr: tuple[FakeEhr, RunningEhr],
+    ehr: tuple[LocalEhr, RunningEhr],
     use_target: TargetFactory,
 ) -> None:
     _fake, running = ehr
@@ -329,7 +329,7 @@ async def test_delivery_logs_carry_no_phi(
     runtime: Runtime,
     client: httpx.AsyncClient,
     admin_headers: dict[str, str],
-    ehr: tuple[FakeEhr, RunningEhr],
+    ehr: tuple[LocalEhr, RunningEhr],
     use_target: TargetFactory,
     capsys: pytest.CaptureFixture[str],
 ) -> None:

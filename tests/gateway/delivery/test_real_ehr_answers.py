@@ -1,5 +1,5 @@
 """The delivery worker against answers real FHIR servers give (HAPI, Epic, Oracle Health,
-Medplum, Aidbox, Azure/Google/AWS HealthLake) that our fake EHR does not: absolute and
+Medplum, Aidbox, Azure/Google/AWS HealthLake) that the local EHR does not: absolute and
 missing ``location``, ``status`` with or without a reason phrase, ``batch-response``
 Bundles, entries that failed inside a 200, gzip bodies, proxy HTML error pages, empty
 bodies. The EHR is an ``httpx.MockTransport`` handler."""

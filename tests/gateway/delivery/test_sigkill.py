@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from gateway.runtime import Runtime
+from testkit.ehr import run_ehr_async
 from tests.gateway.delivery.conftest import TargetFactory
 from tests.support.delivery import (
     all_delivered,
@@ -23,7 +24,7 @@ from tests.support.delivery import (
     submit_intakes,
     wait_until,
 )
-from tests.support.fake_ehr import FakeEhr, run_fake_ehr_async
+from tests.support.ehr import EhrFactory
 from tests.support.gateway_env import SECRET_ENV
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -71,10 +72,11 @@ async def test_worker_killed_mid_batch_loses_nothing_and_duplicates_nothing(
     use_target: TargetFactory,
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
+    make_ehr: EhrFactory,
 ) -> None:
     monkeypatch.setenv(SECRET_ENV, "s3cret")
-    fake = FakeEhr(response_delay_s=0.3)  # ~8 requests in flight at any time
-    async with run_fake_ehr_async(fake) as running:
+    fake = make_ehr(response_delay_s=0.3)  # ~8 requests in flight at any time
+    async with run_ehr_async(fake) as running:
         use_target(running, max_concurrent_requests=16)
         sent = await submit_intakes(client, admin_headers, N)
 

@@ -15,6 +15,7 @@ from gateway.delivery.worker import DeliveryWorker
 from gateway.fhir import repository as fhir_repo
 from gateway.runtime import Runtime
 from mappers.bundle import business_identifier
+from testkit.ehr import LocalEhr, RunningEhr, run_ehr_async
 from tests import samples
 from tests.gateway.delivery.conftest import TargetFactory
 from tests.support.delivery import (
@@ -27,9 +28,9 @@ from tests.support.delivery import (
     submit_intakes,
     wait_until,
 )
-from tests.support.fake_ehr import FakeEhr, RunningEhr, run_fake_ehr_async
+from tests.support.ehr import EhrFactory
 
-EHR = tuple[FakeEhr, RunningEhr]
+EHR = tuple[LocalEhr, RunningEhr]
 
 
 def provenance_ref(response: httpx.Response) -> str:
@@ -183,7 +184,8 @@ async def test_a_later_change_is_sent_as_an_update_of_the_ehr_resource(
     [updated] = fake.resources("QuestionnaireResponse")
     assert updated["id"] == qr["id"]
     assert updated["status"] == "amended"
-    assert updated["meta"]["versionId"] == "2"
+    assert updated["meta"]["versionId"] != qr["meta"]["versionId"]
+    assert len(fake.versions("QuestionnaireResponse", qr["id"])) == 2  # one update, not more
     assert fake.count("Patient") == 1
     async with runtime.sessionmaker() as session:
         ids = {(r.resource_type, r.remote_id) for r in await session.scalars(select(RemoteId))}
@@ -196,12 +198,13 @@ async def test_transactions_are_split_patient_first_when_the_ehr_takes_small_bun
     admin_headers: dict[str, str],
     use_target: TargetFactory,
     monkeypatch: pytest.MonkeyPatch,
+    make_ehr: EhrFactory,
 ) -> None:
     from tests.support.gateway_env import SECRET_ENV
 
     monkeypatch.setenv(SECRET_ENV, "s3cret")
-    fake = FakeEhr(max_bundle_entries=2)
-    async with run_fake_ehr_async(fake) as running:
+    fake = make_ehr(max_bundle_entries=2)
+    async with run_ehr_async(fake) as running:
         use_target(running, max_bundle_entries=2)
         await submit_intakes(client, admin_headers, 1)
         worker = DeliveryWorker(runtime)
@@ -226,12 +229,13 @@ async def test_individual_writes_for_an_ehr_without_transactions(
     admin_headers: dict[str, str],
     use_target: TargetFactory,
     monkeypatch: pytest.MonkeyPatch,
+    make_ehr: EhrFactory,
 ) -> None:
     from tests.support.gateway_env import SECRET_ENV
 
     monkeypatch.setenv(SECRET_ENV, "s3cret")
-    fake = FakeEhr(supports_transactions=False)
-    async with run_fake_ehr_async(fake) as running:
+    fake = make_ehr(supports_transactions=False)
+    async with run_ehr_async(fake) as running:
         use_target(running, write_strategy="individual")
         [intake] = await submit_intakes(client, admin_headers, 1)
         checkout = samples.canonical_checkout()
@@ -282,6 +286,7 @@ async def test_circuit_opens_while_the_ehr_is_down_and_nothing_is_dead_lettered(
     admin_headers: dict[str, str],
     use_target: TargetFactory,
     monkeypatch: pytest.MonkeyPatch,
+    make_ehr: EhrFactory,
 ) -> None:
     """The EHR's server is stopped (connection refused), then started again on its port.
 
@@ -291,9 +296,9 @@ async def test_circuit_opens_while_the_ehr_is_down_and_nothing_is_dead_lettered(
     from tests.support.gateway_env import SECRET_ENV
 
     monkeypatch.setenv(SECRET_ENV, "s3cret")
-    fake = FakeEhr()
+    fake = make_ehr()
     async with running_workers(runtime, 2, concurrency=2):
-        async with run_fake_ehr_async(fake) as running:
+        async with run_ehr_async(fake) as running:
             use_target(
                 running,
                 retry={"base_delay_s": 0.02, "max_delay_s": 0.05, "max_attempts": 3},
@@ -319,7 +324,7 @@ async def test_circuit_opens_while_the_ehr_is_down_and_nothing_is_dead_lettered(
         async with runtime.sessionmaker() as session:
             state = await session.get(TargetState, ("ehr", "test-ehr"))
         down = [d for d in await deliveries(runtime) if d.status != "delivered"]
-        async with run_fake_ehr_async(fake, port=port):
+        async with run_ehr_async(fake, port=port):
             assert await wait_until(lambda: all_delivered(runtime, 9), timeout_s=15)
 
     assert state is not None and state.circuit == "open"

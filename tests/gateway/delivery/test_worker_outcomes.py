@@ -1,4 +1,4 @@
-"""The delivery worker against the local fake EHR (real HTTP, real token endpoint):
+"""The delivery worker against the local EHR (real HTTP, real token endpoint, a real FHIR server):
 permanent rejections, retries honouring Retry-After, token failures that spend no
 attempts, and per-patient ordering. SQLite and PostgreSQL."""
 
@@ -19,9 +19,10 @@ from gateway.db.types import utcnow
 from gateway.delivery.repository import ACTIVE
 from gateway.delivery.worker import DeliveryWorker
 from gateway.runtime import Runtime
+from testkit.ehr import LocalEhr, RunningEhr, run_ehr_async
 from tests import samples
 from tests.support.api import count, rows
-from tests.support.fake_ehr import FakeEhr, RunningEhr, run_fake_ehr_async
+from tests.support.ehr import EhrFactory
 from tests.support.gateway_env import SECRET_ENV, profiles_with_target
 
 REJECTION = {
@@ -37,15 +38,15 @@ REJECTION = {
 
 
 @pytest.fixture
-async def ehr() -> AsyncIterator[FakeEhr]:
-    fake = FakeEhr(client_id="gateway", client_secret="s3cret")
-    async with run_fake_ehr_async(fake) as running:
+async def ehr(make_ehr: EhrFactory) -> AsyncIterator[LocalEhr]:
+    fake = make_ehr(client_id="gateway", client_secret="s3cret")
+    async with run_ehr_async(fake) as running:
         fake.running = running  # type: ignore[attr-defined]
         yield fake
 
 
 @pytest.fixture
-def profiles_dir(tmp_path: Path, ehr: FakeEhr, monkeypatch: pytest.MonkeyPatch) -> Path:
+def profiles_dir(tmp_path: Path, ehr: LocalEhr, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv(SECRET_ENV, "s3cret")
     running: RunningEhr = ehr.running  # type: ignore[attr-defined]
     return profiles_with_target(tmp_path / "profiles", running)
@@ -74,7 +75,7 @@ async def delivery(runtime: Runtime, delivery_id: int) -> Delivery:
     return row
 
 
-def transactions(ehr: FakeEhr) -> list[int]:
+def transactions(ehr: LocalEhr) -> list[int]:
     """Statuses of the transaction POSTs the EHR answered, in order."""
     return [r.status for r in ehr.requests if r.method == "POST" and r.path.rstrip("/") == "/fhir"]
 
@@ -99,7 +100,7 @@ async def test_a_4xx_with_an_operation_outcome_is_dead_lettered_at_once(
     client: httpx.AsyncClient,
     runtime: Runtime,
     admin_headers: dict[str, str],
-    ehr: FakeEhr,
+    ehr: LocalEhr,
     worker: DeliveryWorker,
 ) -> None:
     ehr.reject_when(lambda r: r.get("resourceType") == "Patient", 422, REJECTION)
@@ -131,7 +132,7 @@ async def test_a_retryable_answer_with_retry_after_is_retried_and_delivered_once
     client: httpx.AsyncClient,
     runtime: Runtime,
     admin_headers: dict[str, str],
-    ehr: FakeEhr,
+    ehr: LocalEhr,
     worker: DeliveryWorker,
     status: int,
 ) -> None:
@@ -164,7 +165,7 @@ async def test_a_refused_client_secret_spends_no_delivery_attempts(
     client: httpx.AsyncClient,
     runtime: Runtime,
     admin_headers: dict[str, str],
-    ehr: FakeEhr,
+    ehr: LocalEhr,
     worker: DeliveryWorker,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -189,7 +190,7 @@ async def test_one_patients_deliveries_go_in_order(
     client: httpx.AsyncClient,
     runtime: Runtime,
     admin_headers: dict[str, str],
-    ehr: FakeEhr,
+    ehr: LocalEhr,
     worker: DeliveryWorker,
 ) -> None:
     body = samples.intake()
@@ -231,7 +232,7 @@ async def test_a_failing_patient_does_not_hold_back_another(
     client: httpx.AsyncClient,
     runtime: Runtime,
     admin_headers: dict[str, str],
-    ehr: FakeEhr,
+    ehr: LocalEhr,
     worker: DeliveryWorker,
 ) -> None:
     # a 500 fails this delivery only; its Retry-After sets this row's retry time (a 429 or
@@ -249,7 +250,7 @@ async def test_the_token_is_reused_and_fetched_again_once_after_a_401(
     client: httpx.AsyncClient,
     runtime: Runtime,
     admin_headers: dict[str, str],
-    ehr: FakeEhr,
+    ehr: LocalEhr,
     worker: DeliveryWorker,
 ) -> None:
     await intake(client, admin_headers)
@@ -269,7 +270,7 @@ async def test_the_token_is_reused_and_fetched_again_once_after_a_401(
 async def test_a_corrected_intake_updates_the_ehrs_questionnaire_response(
     client: httpx.AsyncClient,
     admin_headers: dict[str, str],
-    ehr: FakeEhr,
+    ehr: LocalEhr,
     worker: DeliveryWorker,
 ) -> None:
     body = samples.intake()

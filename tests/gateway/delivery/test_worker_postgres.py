@@ -16,6 +16,7 @@ from gateway.db.models import Delivery
 from gateway.db.types import utcnow
 from gateway.delivery import repository as repo
 from gateway.runtime import Runtime
+from testkit.ehr import LocalEhr, RunningEhr, run_ehr_async
 from tests.gateway.delivery.conftest import TargetFactory
 from tests.support.delivery import (
     all_delivered,
@@ -24,11 +25,11 @@ from tests.support.delivery import (
     submit_intakes,
     wait_until,
 )
-from tests.support.fake_ehr import FakeEhr, RunningEhr, run_fake_ehr_async
+from tests.support.ehr import EhrFactory
 
 pytestmark = pytest.mark.postgres
 
-EHR = tuple[FakeEhr, RunningEhr]
+EHR = tuple[LocalEhr, RunningEhr]
 
 
 @pytest.fixture
@@ -43,12 +44,13 @@ async def test_concurrency_limit_holds_across_workers(
     admin_headers: dict[str, str],
     use_target: TargetFactory,
     monkeypatch: pytest.MonkeyPatch,
+    make_ehr: EhrFactory,
 ) -> None:
     from tests.support.gateway_env import SECRET_ENV
 
     monkeypatch.setenv(SECRET_ENV, "s3cret")
-    fake = FakeEhr(response_delay_s=0.15)
-    async with run_fake_ehr_async(fake) as running:
+    fake = make_ehr(response_delay_s=0.15)
+    async with run_ehr_async(fake) as running:
         use_target(running, max_concurrent_requests=3)
         await submit_intakes(client, admin_headers, 15)
         async with running_workers(runtime, 3, concurrency=4):
@@ -317,6 +319,7 @@ async def test_outcome_written_on_a_new_connection_after_the_server_dropped_the_
     use_target: TargetFactory,
     monkeypatch: pytest.MonkeyPatch,
     postgres_url: str,
+    make_ehr: EhrFactory,
 ) -> None:
     """PostgreSQL restarts (or fails over) while a delivery is at the EHR: the pool's
     connections are dead, and without pre-ping the outcome's write is the first to find out.
@@ -329,8 +332,8 @@ async def test_outcome_written_on_a_new_connection_after_the_server_dropped_the_
 
     monkeypatch.setenv(SECRET_ENV, "s3cret")
     assert not runtime.settings.database_pool_pre_ping
-    fake = FakeEhr(response_delay_s=0.5)
-    async with run_fake_ehr_async(fake) as running:
+    fake = make_ehr(response_delay_s=0.5)
+    async with run_ehr_async(fake) as running:
         use_target(running)
         await submit_intakes(client, admin_headers, 1)
         worker = DeliveryWorker(runtime, concurrency=1)
@@ -354,5 +357,5 @@ async def test_outcome_written_on_a_new_connection_after_the_server_dropped_the_
     assert len(fake.requests) == 1
 
 
-async def _in_flight(fake: FakeEhr) -> bool:
+async def _in_flight(fake: LocalEhr) -> bool:
     return fake.in_flight > 0

@@ -15,7 +15,9 @@ from gateway.db.models import ExceptionRecord
 from gateway.delivery.worker import DeliveryWorker
 from gateway.events.service import sweep_pending
 from gateway.runtime import Runtime
+from testkit.ehr import LocalEhr, RunningEhr, run_ehr_async
 from tests.support import notifications as n
+from tests.support.ehr import EhrFactory
 from tests.support.events_env import (
     NOTIFY_SECRET,
     TARGET,
@@ -26,16 +28,15 @@ from tests.support.events_env import (
     new_patient,
     send_event,
 )
-from tests.support.fake_ehr import FakeEhr, RunningEhr, run_fake_ehr_async
 
 URL = f"/v1/ehr/{TARGET}/notifications"
 AUTH = {"Authorization": f"Bearer {NOTIFY_SECRET}", "Content-Type": "application/fhir+json"}
 
 
 @pytest.fixture
-async def ehr() -> AsyncIterator[tuple[FakeEhr, RunningEhr]]:
-    fake = FakeEhr(client_id="gateway", client_secret="s3cret")
-    async with run_fake_ehr_async(fake) as running:
+async def ehr(make_ehr: EhrFactory) -> AsyncIterator[tuple[LocalEhr, RunningEhr]]:
+    fake = make_ehr(client_id="gateway", client_secret="s3cret")
+    async with run_ehr_async(fake) as running:
         yield fake, running
 
 
@@ -43,7 +44,7 @@ async def ehr() -> AsyncIterator[tuple[FakeEhr, RunningEhr]]:
 def profiles_dir(
     tmp_path: Path,
     secrets_env: None,
-    ehr: tuple[FakeEhr, RunningEhr],
+    ehr: tuple[LocalEhr, RunningEhr],
     monkeypatch: pytest.MonkeyPatch,
 ) -> Path:
     monkeypatch.setenv("TEST_EHR_CLIENT_SECRET", "s3cret")
@@ -126,7 +127,7 @@ async def test_id_only_notification_reads_the_focus_from_the_ehr(
     client: httpx.AsyncClient,
     runtime: Runtime,
     admin_headers: dict[str, str],
-    ehr: tuple[FakeEhr, RunningEhr],
+    ehr: tuple[LocalEhr, RunningEhr],
 ) -> None:
     fake, _ = ehr
     [ehr_patient] = fake.seed({"resourceType": "Patient", "id": "e-77", "gender": "female"})

@@ -31,7 +31,7 @@ from gateway.oauth.keys import (
 from gateway.oauth.tokens import token_provider_for
 from gateway.runtime import Runtime
 from mappers.profiles.ehr import EhrAuth, EhrTargetProfile
-from tests.support.fake_ehr import FakeEhr, run_fake_ehr_async
+from testkit.ehr import LocalEhr, run_ehr_async
 
 HOUR = timedelta(hours=1)
 PLAIN = KeyCipher(None)
@@ -206,8 +206,8 @@ async def test_ehr_accepts_assertions_signed_with_a_rotated_key_it_saw_published
             session, alg="RS384", now=now, publish_lead=HOUR, retire_grace=HOUR, cipher=PLAIN
         )
         await session.commit()
-    ehr = FakeEhr()
-    async with run_fake_ehr_async(ehr) as running:
+    ehr = LocalEhr()
+    async with run_ehr_async(ehr) as running:
         profile = EhrTargetProfile(
             name="epic-like",
             base_url=running.fhir_base,

@@ -1,4 +1,4 @@
-"""The shared per-target token manager against the fake EHR's token endpoint (real HTTP)
+"""The shared per-target token manager against the local EHR's token endpoint (real HTTP)
 and httpx.MockTransport handlers, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from gateway.oauth import repository as repo
 from gateway.oauth.tokens import SharedTokenManager, token_provider_for
 from gateway.runtime import Runtime
 from mappers.profiles.ehr import EhrAuth, EhrTargetProfile, TokenRetryPolicy
-from tests.support.fake_ehr import FakeEhr, RunningEhr, run_fake_ehr_async
+from testkit.ehr import LocalEhr, RunningEhr, run_ehr_async
 
 
 class Clock:
@@ -68,14 +68,14 @@ def claims_of(assertion: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 @pytest.fixture
-async def ehr() -> AsyncIterator[tuple[FakeEhr, RunningEhr]]:
-    fake = FakeEhr()
-    async with run_fake_ehr_async(fake) as running:
+async def ehr() -> AsyncIterator[tuple[LocalEhr, RunningEhr]]:
+    fake = LocalEhr()
+    async with run_ehr_async(fake) as running:
         yield fake, running
 
 
 async def test_separate_managers_share_one_token(
-    runtime: Runtime, ehr: tuple[FakeEhr, RunningEhr]
+    runtime: Runtime, ehr: tuple[LocalEhr, RunningEhr]
 ) -> None:
     fake, running = ehr
     profile = target(running)
@@ -89,7 +89,7 @@ async def test_separate_managers_share_one_token(
 
 @pytest.mark.postgres
 async def test_one_refresh_at_a_time_across_processes(
-    postgres_url: str, ehr: tuple[FakeEhr, RunningEhr]
+    postgres_url: str, ehr: tuple[LocalEhr, RunningEhr]
 ) -> None:
     """Eight managers on their own engines (separate connection pools, as separate worker
     processes have) ask at once: the row lock lets one call the endpoint."""
@@ -113,7 +113,7 @@ async def test_one_refresh_at_a_time_across_processes(
     assert len(fake.token_requests) == 1
 
 
-async def test_client_secret_post(runtime: Runtime, ehr: tuple[FakeEhr, RunningEhr]) -> None:
+async def test_client_secret_post(runtime: Runtime, ehr: tuple[LocalEhr, RunningEhr]) -> None:
     fake, running = ehr
 
     await manager(runtime, target(running, method="client_secret_post")).get_token()
@@ -138,9 +138,9 @@ async def test_private_key_jwt_from_a_key_file(
         path.write_text(json.dumps({**key.as_dict(private=True), "kid": "jwk-kid-7"}))
         kid = "jwk-kid-7"
     public = {**key.as_dict(private=False), "kid": kid}
-    fake = FakeEhr(jwks={"keys": [public]})
+    fake = LocalEhr(jwks={"keys": [public]})
     seen: list[str] = []
-    async with run_fake_ehr_async(fake) as running:
+    async with run_ehr_async(fake) as running:
 
         def record(request: httpx.Request) -> None:
             seen.append(dict(httpx.QueryParams(request.content.decode()))["client_assertion"])
@@ -190,7 +190,7 @@ class _Recording(httpx.AsyncBaseTransport):
 
 
 async def test_bad_credentials_are_a_configuration_error_that_backs_off(
-    runtime: Runtime, ehr: tuple[FakeEhr, RunningEhr]
+    runtime: Runtime, ehr: tuple[LocalEhr, RunningEhr]
 ) -> None:
     fake, running = ehr
     tokens = manager(runtime, target(running), secret="wrong")
@@ -377,7 +377,7 @@ async def test_two_minute_outage_calls_the_endpoint_at_most_the_bound(
 
 
 async def test_token_row_never_holds_the_secret(
-    runtime: Runtime, ehr: tuple[FakeEhr, RunningEhr]
+    runtime: Runtime, ehr: tuple[LocalEhr, RunningEhr]
 ) -> None:
     _, running = ehr
     await manager(runtime, target(running)).get_token()
