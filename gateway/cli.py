@@ -130,15 +130,16 @@ def worker_cmd(
         typer.Option(help="Serve this worker's Prometheus metrics on 127.0.0.1:PORT"),
     ] = None,
 ) -> None:
-    """Run the delivery worker alone (scale out: several on one PostgreSQL).
+    """Run the worker alone (scale out: several on one PostgreSQL): deliveries to EHRs and
+    ops webhooks, stored events left to apply, workflow timers.
 
-    SIGTERM/SIGINT: stop claiming and let deliveries in flight finish. SIGHUP: reload the
+    SIGTERM/SIGINT: stop claiming and let the work in hand finish. SIGHUP: reload the
     profiles (a profile with problems is refused and the running set kept).
     """
-    from gateway.delivery.worker import DeliveryWorker
     from gateway.logging import configure_logging
     from gateway.profiles.service import install_sighup_reload
     from gateway.runtime import Runtime
+    from gateway.worker import build_worker
 
     settings = _settings()
     _load_profiles_or_exit(settings)
@@ -153,7 +154,7 @@ def worker_cmd(
     async def main() -> None:
         runtime = Runtime.create(settings)
         install_sighup_reload(runtime)
-        worker = DeliveryWorker(runtime, concurrency=concurrency)
+        worker = build_worker(runtime, concurrency=concurrency)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gateway.clients.service import Principal, authenticate, hash_key
+from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.db.engine import make_engine, make_sessionmaker
 from gateway.settings import Settings
 from mappers.identifiers import IdentifierSystems
@@ -108,6 +109,7 @@ class Runtime:
     instance_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     auth_cache: AuthCache = field(default_factory=AuthCache)
     write_lock: WriteLock | None = None
+    clock: Clock = field(default_factory=lambda: SYSTEM_CLOCK)
 
     @contextlib.asynccontextmanager
     async def write_session(self) -> AsyncIterator[AsyncSession]:

@@ -14,11 +14,25 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from mappers.profiles import ProfileSet
+
 app = typer.Typer(help="Deliveries: list dead letters, show one, replay.", no_args_is_help=True)
 
 T = TypeVar("T")
 
 STATUSES = ("dead", "review", "pending", "in_flight", "delivered")
+
+
+def _profiles() -> ProfileSet:
+    """The configured profile set (exit 2 with the problems when it does not load)."""
+    from gateway.settings import load_settings
+    from mappers.profiles import ProfileLoadError, load_profiles
+
+    try:
+        return load_profiles(load_settings().profiles_dir)
+    except ProfileLoadError as exc:
+        typer.secho(f"the profiles do not load: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
 
 
 def _run(work: Callable[[Any], Awaitable[T]]) -> T:
@@ -44,7 +58,7 @@ def _run(work: Callable[[Any], Awaitable[T]]) -> T:
 
 def _filter(statuses: list[str], kind: str | None, target: str | None, reason: str | None) -> Any:
     from gateway.db.models import DeliveryStatus
-    from gateway.delivery.repository import DeliveryFilter
+    from gateway.delivery.ops_repository import DeliveryFilter
 
     unknown = [s for s in statuses if s not in STATUSES]
     if unknown:
@@ -75,7 +89,7 @@ def list_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line")] = False,
 ) -> None:
     """List deliveries (dead letters by default), oldest first."""
-    from gateway.delivery import repository as repo
+    from gateway.delivery import ops_repository as repo
     from gateway.ehr.client import outcome_summary
 
     where = _filter(status, kind, target, reason)
@@ -117,7 +131,7 @@ def list_cmd(
 @app.command("show")
 def show_cmd(delivery_id: Annotated[int, typer.Argument(help="Delivery id")]) -> None:
     """Show one delivery with its attempts and OperationOutcome (JSON)."""
-    from gateway.delivery import repository as repo
+    from gateway.delivery import ops_repository as repo
     from gateway.ops.deliveries import AttemptOut, delivery_out
 
     async def work(sessionmaker: Any) -> dict[str, Any] | None:
@@ -170,8 +184,10 @@ def replay_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from gateway.db.types import utcnow
-    from gateway.delivery import repository as repo
+    from gateway.delivery import ops_repository as repo
     from gateway.delivery.service import replay_deliveries
+
+    profiles = _profiles()  # a replay decides again what each EHR delivery sends
 
     if any(s not in ("dead", "review") for s in status):
         typer.secho("only dead or review deliveries can be replayed", fg="red", err=True)
@@ -183,7 +199,9 @@ def replay_cmd(
 
         async def by_id(sessionmaker: Any) -> list[int]:
             async with sessionmaker() as session:
-                result = await replay_deliveries(session, actor="cli", now=utcnow(), ids=ids)
+                result = await replay_deliveries(
+                    session, actor="cli", now=utcnow(), profiles=profiles, ids=ids
+                )
                 await session.commit()
                 return result.replayed
 
@@ -226,6 +244,7 @@ def replay_cmd(
                         session,
                         actor="cli",
                         now=utcnow(),
+                        profiles=profiles,
                         where=where,
                         limit=batch,
                         after_id=after_id,

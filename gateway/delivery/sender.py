@@ -15,7 +15,8 @@ way::
         async def probe(self, target: str) -> bool: return True  # or a HEAD request
         async def aclose(self) -> None: ...
 
-    DeliveryWorker(runtime, senders={**default_senders(runtime), "webhook": WebhookSender()})
+    # gateway.worker.default_senders registers one sender per kind
+    {"ehr": EhrSender(...), "webhook": WebhookSender(sessions=runtime.sessionmaker)}
 
 An outcome's ``effects`` run in the transaction that records it, and only if the worker
 still holds the row's lease (a row taken over by another worker after a lost lease is

@@ -1,9 +1,10 @@
 """Building :class:`EhrClient`\\ s for targets, in any process (worker or API).
 
 One :class:`EhrClients` per process keeps one client per target, with the target's shared
-token manager and rate limit, and rebuilds it when the target's profile changes::
+token manager and rate limit, and rebuilds it when the target's profile changes (the
+worker wires one: :func:`gateway.worker.ehr_clients`)::
 
-    clients = EhrClients.for_runtime(runtime)
+    clients = ehr_clients(runtime)
     patient = await clients.client_for(runtime.profiles.current.ehr["acme"]).read(
         "Patient", remote_id
     )
@@ -17,19 +18,13 @@ from pathlib import Path
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from gateway.delivery.policy import rate_burst
+from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.ehr.client import BeforeRequest, EhrClient
 from gateway.ehr.limits import RateLimiter
 from gateway.oauth.keys import KeyCipher
 from gateway.oauth.tokens import TokenProvider, token_provider_for
-from gateway.runtime import Runtime
+from gateway.queue.policy import rate_burst
 from mappers.profiles.ehr import EhrTargetProfile
-
-
-def cipher_for(runtime: Runtime) -> KeyCipher:
-    """The signing-key cipher of the runtime's settings (``GATEWAY_KEY_ENCRYPTION_KEY``)."""
-    secret = runtime.settings.key_encryption_key
-    return KeyCipher(secret.get_secret_value() if secret is not None else None)
 
 
 class EhrClients:
@@ -42,6 +37,8 @@ class EhrClients:
         secret_env_file: optional dotenv file with client secrets.
         http: shared HTTP client for FHIR requests (created, and closed, when None).
         token_transport: httpx transport for token requests (tests).
+        max_connections: the HTTP pool's size.
+        clock: the clock of the token managers and rate limits.
     """
 
     def __init__(
@@ -54,8 +51,10 @@ class EhrClients:
         http: httpx.AsyncClient | None = None,
         token_transport: httpx.AsyncBaseTransport | None = None,
         max_connections: int = 100,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._sessionmaker = sessionmaker
+        self._clock = clock
         self._profiles_root = profiles_root
         self._cipher = cipher
         self._secret_env_file = secret_env_file
@@ -66,28 +65,8 @@ class EhrClients:
         )
         self._own_http = http is None
         self._token_transport = token_transport
-        self._limiter = RateLimiter(sessionmaker)
+        self._limiter = RateLimiter(sessionmaker, clock=clock)
         self._clients: dict[str, tuple[EhrTargetProfile, EhrClient]] = {}
-
-    @classmethod
-    def for_runtime(
-        cls,
-        runtime: Runtime,
-        *,
-        http: httpx.AsyncClient | None = None,
-        token_transport: httpx.AsyncBaseTransport | None = None,
-        max_connections: int = 100,
-    ) -> EhrClients:
-        """Clients wired from a runtime's database, profiles and settings."""
-        return cls(
-            runtime.sessionmaker,
-            profiles_root=runtime.profiles.current.root,
-            cipher=cipher_for(runtime),
-            secret_env_file=runtime.settings.secret_env_file,
-            http=http,
-            token_transport=token_transport,
-            max_connections=max_connections,
-        )
 
     def client_for(self, target: EhrTargetProfile) -> EhrClient:
         """The client of ``target`` (rebuilt, with a new token manager, when its profile
@@ -113,6 +92,7 @@ class EhrClients:
             cipher=self._cipher,
             secret_env_file=self._secret_env_file,
             transport=self._token_transport,
+            clock=self._clock,
         )
 
     def _before_request(self, target: EhrTargetProfile) -> BeforeRequest | None:

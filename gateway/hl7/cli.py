@@ -34,7 +34,7 @@ def mllp(
     SIGHUP: reload the profiles (a set with problems is refused, the running one stays).
     """
     from gateway.cli import _load_profiles_or_exit, _settings
-    from gateway.events.service import apply_received
+    from gateway.events.apply import apply_received
     from gateway.hl7.mllp import MllpServer
     from gateway.hl7.service import Hl7Reply
     from gateway.logging import configure_logging

@@ -34,10 +34,10 @@ from gateway.inbox import repository as inbox
 from gateway.logging import get_logger
 from gateway.profiles import repository as profile_repo
 from gateway.runtime import Runtime
+from gateway.subscribers.service import enqueue_case_webhook
 from gateway.workflow.service import EventInput, apply_event
 from mappers.checkout import CanonicalCheckout
 from mappers.derived import DERIVED_KINDS, derived_system, retire_derived
-from mappers.ehr_overrides import received_types
 from mappers.errors import MappingErrors, Problem
 from mappers.fastvalidate import validate_resources_fast as validate_resources
 from mappers.identifiers import IdentifierSystems
@@ -318,26 +318,15 @@ async def store_mapped(
             entity_id=provenance_id,
             detail={"message_id": mapped.message.id},
         )
-        for target in runtime.profiles.current.enabled_targets():
-            # Per target: only the types it receives; nothing when none of them changed.
-            receives = received_types(target)
-            relevant = [r for r in changed_refs if r.split("/", 1)[0] in receives]
-            if not relevant:
-                continue
-            # The Patient always travels with its resources so references resolve.
-            refs = (
-                [f"Patient/{mapped.patient_id}"]
-                + [r for r in relevant if not r.startswith("Patient/")]
-                + [f"Provenance/{provenance_id}"]
-            )
-            deliveries += enqueue_ehr_deliveries(
-                session,
-                [target],
-                message_id=mapped.message.id,
-                patient_id=mapped.patient_id,
-                resource_refs=refs,
-                received_at=mapped.message.received_at,
-            )
+        deliveries = enqueue_ehr_deliveries(
+            session,
+            runtime.profiles.current.enabled_targets(),
+            message_id=mapped.message.id,
+            patient_id=mapped.patient_id,
+            changed_refs=changed_refs,
+            provenance_ref=f"Provenance/{provenance_id}",
+            received_at=mapped.message.received_at,
+        )
     if mapped.profile is not None:
         profile_repo.record_mapping(
             session,
@@ -369,7 +358,9 @@ async def store_mapped(
     case_result = None
     if mapped.event is not None:
         workflow = runtime.profiles.current.workflow_or_raise
-        case_result = await apply_event(session, workflow, mapped.event, new_patient=new_patient)
+        case_result = await apply_event(
+            session, workflow, mapped.event, notify=enqueue_case_webhook, new_patient=new_patient
+        )
     await session.flush()
     log.info(
         "ingest.stored",

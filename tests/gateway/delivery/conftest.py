@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from gateway.clock import FastForwardClock
 from gateway.runtime import Runtime
 from gateway.settings import Settings
 from mappers.profiles import load_profiles
@@ -64,3 +65,22 @@ def use_target(runtime: Runtime, tmp_path: Path) -> TargetFactory:
         return runtime.profiles.current.ehr["test-ehr"]
 
     return make
+
+
+@pytest.fixture
+async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    """The wired runtime on the test database, on a :class:`FastForwardClock`: a test
+    skips ahead to a retry, a throttle's end or a lease's expiry instead of waiting."""
+    rt = Runtime.create(settings)
+    rt.clock = FastForwardClock()
+    try:
+        yield rt
+    finally:
+        await rt.close()
+
+
+@pytest.fixture
+def clock(runtime: Runtime) -> FastForwardClock:
+    """The runtime's clock (every worker built from the runtime uses it)."""
+    assert isinstance(runtime.clock, FastForwardClock)
+    return runtime.clock

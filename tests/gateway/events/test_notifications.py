@@ -12,9 +12,8 @@ import pytest
 from sqlalchemy import select
 
 from gateway.db.models import ExceptionRecord
-from gateway.delivery.worker import DeliveryWorker
-from gateway.events.service import sweep_pending
 from gateway.runtime import Runtime
+from gateway.worker import ehr_clients
 from tests.support import notifications as n
 from tests.support.events_env import (
     NOTIFY_SECRET,
@@ -27,6 +26,7 @@ from tests.support.events_env import (
     send_event,
 )
 from tests.support.fake_ehr import FakeEhr, RunningEhr, run_fake_ehr_async
+from tests.support.inbox import apply_pending
 
 URL = f"/v1/ehr/{TARGET}/notifications"
 AUTH = {"Authorization": f"Bearer {NOTIFY_SECRET}", "Content-Type": "application/fhir+json"}
@@ -142,11 +142,11 @@ async def test_id_only_notification_reads_the_focus_from_the_ehr(
         await client.get(f"/v1/messages/{r.json()['message_id']}", headers=admin_headers)
     ).json()
     assert status["status"] == "received"
-    worker = DeliveryWorker(runtime)
+    clients = ehr_clients(runtime)  # the worker's: it reads id-only focus resources
     try:
-        assert await sweep_pending(runtime, reader=worker.read_resource) == 1
+        assert await apply_pending(runtime, clients=clients) == 1
     finally:
-        await worker.aclose()
+        await clients.aclose()
     case = await case_of(client, admin_headers, patient.case_id)
     assert case["state"] == "approved"
     assert ("GET", "/fhir/Task/t-9", 200) in fake.requests
@@ -160,11 +160,11 @@ async def test_id_only_focus_the_ehr_does_not_have_is_an_exception(
         "event-notification", events_since=1, events=[(1, None, "Task/gone")], id_only=["Task/gone"]
     )
     r = await _post(client, body)
-    worker = DeliveryWorker(runtime)
+    clients = ehr_clients(runtime)
     try:
-        await sweep_pending(runtime, reader=worker.read_resource)
+        await apply_pending(runtime, clients=clients)
     finally:
-        await worker.aclose()
+        await clients.aclose()
     [exc] = await _exceptions(runtime, "unmappable_input")
     assert exc.inbound_message_id == r.json()["message_id"]
     assert exc.problems[0]["code"] == "focus_unreadable"
