@@ -61,7 +61,17 @@ def if_none_exist(resource: Mapping[str, Any], provenance_tag_system: str) -> st
     ident = business_identifier(resource)
     if ident is None:
         return None
-    return f"identifier={_q(ident[0])}|{_q(ident[1])}"
+    return identifier_search(*ident)
+
+
+def identifier_search(system: str, value: str) -> str:
+    """The token search for one business identifier, ``identifier=<system>|<value>``
+    (https://hl7.org/fhir/R4/search.html#token), each part escaped for a query string.
+
+    >>> identifier_search("urn:oid:1.2", "a b|c")
+    'identifier=urn:oid:1.2|a%20b%7Cc'
+    """
+    return f"identifier={_q(system)}|{_q(value)}"
 
 
 def _q(value: str) -> str:
@@ -230,7 +240,7 @@ def _rewrite_references(
                 node[key] = f"{value.split('/', 1)[0]}/{remote_ids[value]}"
             elif value in outside:
                 system, ident = outside[value]
-                node[key] = f"{value.split('/', 1)[0]}?identifier={_q(system)}|{_q(ident)}"
+                node[key] = f"{value.split('/', 1)[0]}?{identifier_search(system, ident)}"
             continue
         if key in OPTIONAL_REFERENCE_ELEMENTS and isinstance(value, list):
             # Drop what the target cannot resolve before rewriting what it can.

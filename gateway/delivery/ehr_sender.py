@@ -27,7 +27,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -61,6 +60,7 @@ from mappers.bundle import (
     EntryInfo,
     RestCall,
     business_identifier,
+    identifier_search,
     if_none_exist,
     local_references,
     parse_transaction_response,
@@ -379,9 +379,7 @@ class EhrSender:
             if ref in in_delivery or ref in progress.remote:
                 continue
             resource_type = ref.split("/", 1)[0]
-            found = await client.search_ids(
-                resource_type, f"identifier={_search_value(system)}|{_search_value(value)}"
-            )
+            found = await client.search_ids(resource_type, identifier_search(system, value))
             if len(found) == 1:
                 progress.remote[ref] = found[0]
         outside = {k: v for k, v in identifiers.items() if k in in_delivery}
@@ -515,7 +513,3 @@ async def _find_one(client: EhrClient, resource_type: str, search: str) -> str |
         )
         return None
     return found[0] if len(found) == 1 else None
-
-
-def _search_value(value: str) -> str:
-    return quote(value, safe=":/.-_~@")

@@ -29,11 +29,11 @@ from gateway.ehr.errors import (
     parse_retry_after,
 )
 from gateway.oauth.tokens import TokenProvider
+from gateway.queue.policy import transient_status
 from mappers.bundle import parse_location
 from mappers.profiles.ehr import EhrTargetProfile
 
 FHIR_JSON = "application/fhir+json"
-RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 #: Awaited before every request to the FHIR server (the target's shared rate limit).
 BeforeRequest = Callable[[], Awaitable[None]]
@@ -68,12 +68,17 @@ def _code(value: Any) -> str:
     return "".join(c for c in value[:32] if c.isalnum() or c in "-_.") or "?"
 
 
+def _retryable(status: int) -> bool:
+    # 409 too: FHIR servers answer it for server-side lock conflicts ("re-read and retry").
+    return transient_status(status) or status == 409
+
+
 def status_error(
     status: int, outcome: dict[str, Any] | None, message: str
 ) -> EhrUnavailableError | EhrRejectedError:
     """The error of an HTTP ``status`` the EHR answered (or wrote into a Bundle entry's
     ``response.status``): retryable for 408, 409, 425, 429 and 5xx, permanent otherwise."""
-    if status in RETRYABLE_STATUS or status >= 500:
+    if _retryable(status):
         return EhrUnavailableError(message, status_code=status)
     return EhrRejectedError(message, status_code=status, operation_outcome=outcome)
 
@@ -295,7 +300,7 @@ class EhrClient:
                 "it points to",
                 status_code=status,
             )
-        if status in RETRYABLE_STATUS or status >= 500:
+        if _retryable(status):
             raise EhrUnavailableError(
                 f"EHR answered {status}",
                 status_code=status,

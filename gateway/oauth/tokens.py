@@ -73,12 +73,11 @@ from gateway.oauth.keys import (
     load_key_file,
     signing_material,
 )
-from gateway.queue.policy import config_error_backoff_s, token_backoff_s
+from gateway.queue.policy import config_error_backoff_s, token_backoff_s, transient_status
 from mappers.profiles.ehr import EhrTargetProfile
 
 log = get_logger(__name__)
 
-TOKEN_RETRYABLE = frozenset({408, 425, 429, 500, 502, 503, 504})
 #: Lifetime assumed when the token response has no ``expires_in`` (SMART: SHOULD NOT
 #: exceed 300 s).
 DEFAULT_LIFETIME = timedelta(seconds=300)
@@ -143,7 +142,7 @@ class SmartPrivateKeyJWT(PrivateKeyJWT):  # type: ignore[misc]
 def _raise_for_token_status(response: httpx.Response) -> httpx.Response:
     """authlib compliance hook: classify the token endpoint's answer before parsing."""
     status = response.status_code
-    if status in TOKEN_RETRYABLE or status >= 500:
+    if transient_status(status):
         raise TokenUnavailableError(
             f"token endpoint answered {status}",
             status_code=status,

@@ -41,6 +41,7 @@ from gateway.db.models import Delivery, Subscriber
 from gateway.db.uow import SessionFactory
 from gateway.delivery.sender import Delivered, Failed, Outcome, Rejected, TargetConfig
 from gateway.ehr.errors import parse_retry_after
+from gateway.queue.policy import transient_status
 from mappers.profiles import RetryPolicy
 
 #: ``deliveries.kind`` of webhook rows.
@@ -53,7 +54,6 @@ DEFAULT_POLICY = RetryPolicy(
 TIMEOUT_S = 10.0
 #: Webhooks in flight to one subscriber at once, across all workers.
 MAX_CONCURRENT = 4
-RETRYABLE_STATUS = frozenset({408, 425, 429})
 
 
 def webhook_body(payload: dict[str, Any]) -> bytes:
@@ -153,6 +153,6 @@ class WebhookSender:
             return Delivered(status_code)
         retry_after = parse_retry_after(response.headers.get("retry-after"))
         error = f"subscriber answered {status_code}"
-        if status_code in RETRYABLE_STATUS or status_code >= 500:
+        if transient_status(status_code):
             return Failed(error, status_code, retry_after)
         return Rejected(error, status_code)
