@@ -360,9 +360,9 @@ class EventApplier:
     async def _apply_one(self, message: InboundMessage, prepared: Prepared) -> str:
         workflow = self.profiles().workflow_or_raise
         try:
+            # The lease is checked where the message is marked applied: a process that lost
+            # it rolls back (no statement more on the hot path after the acknowledgement).
             async with unit_of_work(self.sessions) as session:
-                if not await queue.owned(session, INBOX, ids=[message.id], worker=self.worker):
-                    return "skipped"
                 return await self._apply(session, message, prepared, workflow)
         except LeaseLostError:
             return "skipped"

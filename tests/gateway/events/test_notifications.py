@@ -11,7 +11,8 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from gateway.db.models import ExceptionRecord
+from gateway.clock import FastForwardClock
+from gateway.db.models import ExceptionRecord, InboundMessage
 from gateway.runtime import Runtime
 from gateway.worker import ehr_clients
 from tests.support import notifications as n
@@ -237,3 +238,52 @@ async def test_malformed_bundle_is_refused_and_kept(
     assert {e["code"] for e in r.json()["errors"]} == {"not_history"}
     [kept] = await _exceptions(runtime, "rejected_input")
     assert kept.channel == "fhir-notification" and kept.payload is not None
+
+
+async def test_an_unreachable_ehr_is_retried_with_backoff_then_kept_as_an_exception(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    admin_headers: dict[str, str],
+    ehr: tuple[FakeEhr, RunningEhr],
+) -> None:
+    fake, _ = ehr
+    [ehr_patient] = fake.seed({"resourceType": "Patient", "id": "e-3", "gender": "female"})
+    fake.seed(n.task("t-3", ehr_patient["id"], status="completed", business_status="approved"))
+    await _in_review_ready(client, runtime, admin_headers, "e-3")
+    body = n.bundle(
+        "event-notification", events_since=1, events=[(1, None, "Task/t-3")], id_only=["Task/t-3"]
+    )
+    message_id = (await _post(client, body)).json()["message_id"]
+    clock = FastForwardClock()
+    runtime.clock = clock
+    fake.fail_fhir(10_000, 503)  # the EHR's FHIR API is down
+    clients = ehr_clients(runtime)
+    try:
+        assert await apply_pending(runtime, clients=clients) == 0  # back in the queue
+        first = await _message(runtime, message_id)
+        assert (first.status, first.attempts, first.locked_by) == ("received", 1, None)
+        assert first.available_at is not None and first.available_at > clock.now()
+        reads = len(fake.requests)
+        assert await apply_pending(runtime, clients=clients) == 0  # not due: the EHR is left alone
+        assert len(fake.requests) == reads
+        for _ in range(7):  # full-jitter backoff, skipped over; the 8th failure gives up
+            row = await _message(runtime, message_id)
+            assert row.available_at is not None
+            clock.advance(max(0.0, (row.available_at - clock.now()).total_seconds()) + 0.001)
+            await apply_pending(runtime, clients=clients)
+    finally:
+        await clients.aclose()
+
+    row = await _message(runtime, message_id)
+    assert (row.status, row.attempts) == ("failed", 8)
+    [exc] = await _exceptions(runtime, "processing_error")
+    assert exc.inbound_message_id == message_id
+    assert exc.problems[0]["code"] == "retries_exhausted"
+    assert len([r for r in fake.requests if r.path == "/fhir/Task/t-3"]) == 8
+
+
+async def _message(runtime: Runtime, message_id: str) -> InboundMessage:
+    async with runtime.sessionmaker() as session:
+        row = await session.get(InboundMessage, message_id)
+    assert row is not None
+    return row
