@@ -114,6 +114,7 @@ async def test_token_endpoint_outage_calls_it_within_the_backoff_bound_and_loses
 
 async def test_503_with_retry_after_and_timeouts_in_bursts_deliver_exactly_once(
     runtime: Runtime,
+    clock: FastForwardClock,
     client: httpx.AsyncClient,
     admin_headers: dict[str, str],
     use_target: TargetFactory,
@@ -130,20 +131,22 @@ async def test_503_with_retry_after_and_timeouts_in_bursts_deliver_exactly_once(
             circuit_breaker={"failure_threshold": 6, "open_s": 0.3, "max_open_s": 0.6},
         )
         sent = await submit_intakes(client, admin_headers, 40)
-
-        async def bursts() -> None:
-            fake.fail_fhir(5, 503, retry_after=1)
-            await asyncio.sleep(0.6)
-            fake.hang_fhir(5, seconds=1.0)  # the EHR stores them; the gateway times out
-            await asyncio.sleep(1.2)
-            fake.fail_fhir(4, 503, retry_after=1)
-            await asyncio.sleep(0.6)
-            fake.hang_fhir(4, seconds=1.0)
-
-        async with running_workers(runtime, 4, concurrency=4):
-            injector = asyncio.create_task(bursts())
-            assert await wait_until(lambda: all_delivered(runtime, 40), timeout_s=40)
-            await injector
+        # Bursts, in the order requests reach the EHR: 503s with Retry-After, requests the
+        # EHR stores after the gateway timed out, again.
+        fake.fail_fhir(5, 503, retry_after=1)
+        fake.hang_fhir(5, seconds=1.0)
+        fake.fail_fhir(4, 503, retry_after=1)
+        fake.hang_fhir(4, seconds=1.0)
+        workers = [delivery_worker(runtime, concurrency=4) for _ in range(4)]
+        try:
+            for _ in range(200):  # rounds of the four workers at once, time skipped ahead
+                await asyncio.gather(*(w.run_once() for w in workers))
+                if await all_delivered(runtime, 40):
+                    break
+                await skip_to_next_due(runtime, clock)
+        finally:
+            for worker in workers:
+                await worker.aclose()
 
     log = await attempts(runtime)
     by_delivery: dict[int, list[Any]] = {}
