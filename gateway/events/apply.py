@@ -254,17 +254,20 @@ class EventApplier:
             ``processed | failed | ignored`` (the new status), ``deferred`` (back in the
             queue: an EHR read, a retry) or ``skipped`` (another process holds it).
         """
+        return await self._apply_received(message, prepared, self.profiles())
+
+    async def _apply_received(
+        self, message: InboundMessage, prepared: Prepared | None, profiles: ProfileSet
+    ) -> str:
+        """:meth:`apply_received` with one profile snapshot for mapping and applying."""
         try:
             if prepared is None:
-                prepared = await self._prepare(message)
+                prepared = await self._prepare(message, profiles)
                 if prepared is None:
                     return "deferred"
-            return await self._apply_one(message, prepared)
+            return await self._apply_one(message, prepared, profiles.workflow_or_raise)
         except Exception as exc:
-            log.error("events.process_failed", message_id=message.id, error_type=type(exc).__name__)
-            await self._fail(
-                message, "processing_error", "the event could not be applied; see the logs"
-            )
+            await self._crashed(message, exc)
             return "failed"
 
     async def process(self, message_id: str) -> str:
@@ -302,41 +305,44 @@ class EventApplier:
             )
         if not claimed:
             return 0
+        profiles = self.profiles()  # one snapshot for the whole batch
         gate = asyncio.Semaphore(self.concurrency)
 
         async def prepare_one(message: InboundMessage) -> Prepared | None:
             async with gate:
                 try:
-                    return await self._prepare(message)
+                    return await self._prepare(message, profiles)
                 except Exception as exc:
-                    log.error(
-                        "events.process_failed",
-                        message_id=message.id,
-                        error_type=type(exc).__name__,
-                    )
-                    await self._fail(
-                        message, "processing_error", "the event could not be applied; see the logs"
-                    )
+                    await self._crashed(message, exc)
                     return None
 
         prepared = await asyncio.gather(*(prepare_one(m) for m in claimed))
         ready = [(m, p) for m, p in zip(claimed, prepared, strict=True) if p is not None]
         done = 0
         if self.batched and len(ready) > 1:
-            done, ready = await self._apply_batch(ready)
+            done, ready = await self._apply_batch(ready, profiles.workflow_or_raise)
         for message, one in ready:
-            if await self.apply_received(message, prepared=one) not in ("skipped", "deferred"):
+            outcome = await self._apply_received(message, one, profiles)
+            if outcome not in ("skipped", "deferred"):
                 done += 1
         return done
 
     # ------------------------------------------------------------------ internals
 
-    async def _prepare(self, message: InboundMessage) -> Prepared | None:
+    async def _crashed(self, message: InboundMessage, exc: Exception) -> None:
+        """An unexpected error: logged by type (its message may hold PHI), the message
+        failed with an exception entry."""
+        log.error("events.process_failed", message_id=message.id, error_type=type(exc).__name__)
+        await self._fail(
+            message, "processing_error", "the event could not be applied; see the logs"
+        )
+
+    async def _prepare(self, message: InboundMessage, profiles: ProfileSet) -> Prepared | None:
         """:func:`prepare`; None when the message went back to the queue."""
         try:
             return await prepare(
                 message,
-                profiles=self.profiles(),
+                profiles=profiles,
                 identifier_base=self.identifier_base,
                 clients=self.clients,
             )
@@ -357,8 +363,9 @@ class EventApplier:
             )
         return None
 
-    async def _apply_one(self, message: InboundMessage, prepared: Prepared) -> str:
-        workflow = self.profiles().workflow_or_raise
+    async def _apply_one(
+        self, message: InboundMessage, prepared: Prepared, workflow: WorkflowProfile
+    ) -> str:
         try:
             # The lease is checked where the message is marked applied: a process that lost
             # it rolls back (no statement more on the hot path after the acknowledgement).
@@ -394,14 +401,13 @@ class EventApplier:
         )
 
     async def _apply_batch(
-        self, batch: list[tuple[InboundMessage, Prepared]]
+        self, batch: list[tuple[InboundMessage, Prepared]], workflow: WorkflowProfile
     ) -> tuple[int, list[tuple[InboundMessage, Prepared]]]:
         """Apply a batch in one transaction, each message in a savepoint. Returns how many
         were applied (or failed) and those to apply again alone."""
-        workflow = self.profiles().workflow_or_raise
         done = 0
         again: list[tuple[InboundMessage, Prepared]] = []
-        failed: list[InboundMessage] = []
+        crashed: list[tuple[InboundMessage, Exception]] = []
         async with unit_of_work(self.sessions) as session:
             mine = await queue.owned(
                 session, INBOX, ids=[m.id for m, _ in batch], worker=self.worker
@@ -418,17 +424,10 @@ class EventApplier:
                 except (StaleDataError, IntegrityError):
                     again.append((message, prepared))
                 except Exception as exc:
-                    log.error(
-                        "events.process_failed",
-                        message_id=message.id,
-                        error_type=type(exc).__name__,
-                    )
-                    failed.append(message)
-        for message in failed:
-            await self._fail(
-                message, "processing_error", "the event could not be applied; see the logs"
-            )
-        return done + len(failed), again
+                    crashed.append((message, exc))
+        for message, error in crashed:  # failed after the batch's commit, each on its own
+            await self._crashed(message, error)
+        return done + len(crashed), again
 
     async def _retry(
         self,
