@@ -11,6 +11,7 @@ import httpx
 import pytest
 from sqlalchemy import select, text
 
+from gateway.clock import SYSTEM_CLOCK
 from gateway.db.engine import make_engine, make_sessionmaker
 from gateway.db.models import Delivery
 from gateway.db.types import utcnow
@@ -69,7 +70,9 @@ async def test_rate_limit_holds_across_workers(
     fake, running = ehr
     use_target(running, rate_limit_per_s=10, rate_burst=1)
     await submit_intakes(client, admin_headers, 12)
-    async with running_workers(runtime, 3, concurrency=4):
+    # The real clock: the EHR measures requests per real second (a test clock's sleep
+    # would skip the limiter's waits instead of waiting them out).
+    async with running_workers(runtime, 3, concurrency=4, clock=SYSTEM_CLOCK):
         assert await wait_until(lambda: all_delivered(runtime, 12), timeout_s=20)
 
     times = sorted(fake.request_times)
