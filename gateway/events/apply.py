@@ -346,16 +346,8 @@ class EventApplier:
                 identifier_base=self.identifier_base,
                 clients=self.clients,
             )
-        except FetchDeferredError:
-            async with unit_of_work(self.sessions) as session:
-                await queue.requeue(
-                    session,
-                    INBOX,
-                    row_id=message.id,
-                    worker=self.worker,
-                    available_at=self.clock.now(),
-                    spent=False,
-                )
+        except FetchDeferredError:  # for a process with EHR clients: the attempt is not spent
+            await self._requeue(message, available_at=self.clock.now(), spent=False)
         except (EhrUnavailableError, EhrConfigError) as exc:
             log.info("events.fetch_failed", message_id=message.id, status_code=exc.status_code)
             await self._retry(
@@ -452,14 +444,21 @@ class EventApplier:
             text = error if at_once else f"gave up after {message.attempts} attempts: {error}"
             await self._fail(message, kind, text)
             return
+        await self._requeue(
+            message, available_at=now if at_once else (decision.retry_at or now), spent=True
+        )
+
+    async def _requeue(
+        self, message: InboundMessage, *, available_at: datetime, spent: bool
+    ) -> None:
         async with unit_of_work(self.sessions) as session:
             await queue.requeue(
                 session,
                 INBOX,
                 row_id=message.id,
                 worker=self.worker,
-                available_at=now if at_once else (decision.retry_at or now),
-                spent=True,
+                available_at=available_at,
+                spent=spent,
             )
 
     async def _fail(self, message: InboundMessage, code: str, reason: str) -> None:

@@ -123,6 +123,24 @@ async def test_full_resource_notification_moves_the_case(
     )
 
 
+async def _id_only_approval(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    headers: dict[str, str],
+    fake: FakeEhr,
+    remote_patient: str,
+    task: str,
+) -> tuple[Patient, httpx.Response]:
+    """A patient in review, the EHR's Task approving it, and an id-only notification of
+    the Task posted (the focus must be read from the EHR)."""
+    [ehr_patient] = fake.seed({"resourceType": "Patient", "id": remote_patient, "gender": "female"})
+    fake.seed(n.task(task, ehr_patient["id"], status="completed", business_status="approved"))
+    patient = await _in_review_ready(client, runtime, headers, remote_patient)
+    ref = f"Task/{task}"
+    body = n.bundle("event-notification", events_since=1, events=[(1, None, ref)], id_only=[ref])
+    return patient, await _post(client, body)
+
+
 async def test_id_only_notification_reads_the_focus_from_the_ehr(
     client: httpx.AsyncClient,
     runtime: Runtime,
@@ -130,13 +148,7 @@ async def test_id_only_notification_reads_the_focus_from_the_ehr(
     ehr: tuple[FakeEhr, RunningEhr],
 ) -> None:
     fake, _ = ehr
-    [ehr_patient] = fake.seed({"resourceType": "Patient", "id": "e-77", "gender": "female"})
-    fake.seed(n.task("t-9", ehr_patient["id"], status="completed", business_status="approved"))
-    patient = await _in_review_ready(client, runtime, admin_headers, "e-77")
-    body = n.bundle(
-        "event-notification", events_since=1, events=[(1, None, "Task/t-9")], id_only=["Task/t-9"]
-    )
-    r = await _post(client, body)
+    patient, r = await _id_only_approval(client, runtime, admin_headers, fake, "e-77", "t-9")
     assert r.status_code == 202, r.text
     # the API process has no EHR client: the message waits for the worker
     status = (
@@ -247,13 +259,8 @@ async def test_an_unreachable_ehr_is_retried_with_backoff_then_kept_as_an_except
     ehr: tuple[FakeEhr, RunningEhr],
 ) -> None:
     fake, _ = ehr
-    [ehr_patient] = fake.seed({"resourceType": "Patient", "id": "e-3", "gender": "female"})
-    fake.seed(n.task("t-3", ehr_patient["id"], status="completed", business_status="approved"))
-    await _in_review_ready(client, runtime, admin_headers, "e-3")
-    body = n.bundle(
-        "event-notification", events_since=1, events=[(1, None, "Task/t-3")], id_only=["Task/t-3"]
-    )
-    message_id = (await _post(client, body)).json()["message_id"]
+    _, r = await _id_only_approval(client, runtime, admin_headers, fake, "e-3", "t-3")
+    message_id = r.json()["message_id"]
     clock = FastForwardClock()
     runtime.clock = clock
     fake.fail_fhir(10_000, 503)  # the EHR's FHIR API is down
