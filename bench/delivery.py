@@ -104,7 +104,8 @@ def write_profiles(dest: Path, fhir_base: str, token_url: str) -> Path:
 
 async def seed(database: str, profiles: Path, n: int) -> float:
     """Ingest ``n`` synthetic intakes into ``database``; returns seconds taken."""
-    from gateway.ingest.service import submit_intake
+    from gateway.ingest.intake import submit_intake
+    from gateway.ingest.storage import IngestContext
     from gateway.logging import configure_logging
     from gateway.runtime import Runtime
     from gateway.settings import Settings
@@ -124,7 +125,11 @@ async def seed(database: str, profiles: Path, n: int) -> float:
             raw = json.dumps(samples.intake()).encode()
             async with runtime.sessionmaker() as session:
                 await submit_intake(
-                    session, runtime, raw=raw, content_type="application/json", actor="bench"
+                    session,
+                    IngestContext.of(runtime),
+                    raw=raw,
+                    content_type="application/json",
+                    actor="bench",
                 )
                 await session.commit()
             if (i + 1) % 1000 == 0:

@@ -19,6 +19,14 @@ Scenarios (the payloads are the golden example inputs beside the profiles):
   4 FHIRPath flag rules (2 raised), 2 consents;
 * ``dermatology intake``: the second form;
 * ``stripe checkout``: a Stripe ``checkout.session.completed`` via the profile's paths.
+
+``python -m bench.mapping --baseline REF [--rounds N]`` compares with another commit in
+the same run: it checks ``REF`` out into a temporary ``git worktree`` and runs one task
+per (round, scenario, side), one after the other, alternating the baseline and this
+checkout (the order flips each round); each task is a fresh process that imports only its
+own side's ``mappers`` (:mod:`bench.mapping_side`), and measures with the same loop. It prints the medians of both sides
+and their ratio, for submissions per second and for CPU time per submission, so the
+comparison holds on a shared, noisy machine: both sides see the same noise.
 """
 
 from __future__ import annotations
@@ -28,16 +36,19 @@ import copy
 import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mappers.fastvalidate import validate_resources_fast as validate_resources
 from mappers.pipeline import EXAMPLE_SYSTEMS, checkout_payload, map_checkout, map_intake
 from mappers.profiles import ProfileSet, load_profiles
 from mappers.provenance import provenance_for
+from mappers.validation import validate_resources
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ROOT / "profiles"
@@ -139,14 +150,79 @@ def measure(run: Callable[[int], int], seconds: float) -> dict[str, float]:
     }
 
 
+def compare(ref: str, *, seconds: float, rounds: int) -> None:
+    """Measure ``ref`` and this checkout alternately; print both, and new / baseline."""
+    names = list(scenarios(load_profiles(PROFILES), PROFILES))
+    with tempfile.TemporaryDirectory(prefix="bench-baseline-") as tmp:
+        base = str(Path(tmp, "tree"))
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", base, ref],
+            check=True,
+        )
+        try:
+            results = _alternate(base, str(ROOT), names, seconds=seconds, rounds=rounds)
+        finally:
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", base], check=False
+            )
+    print(
+        f"{'scenario':24} {'base per s':>10} {'new per s':>10} {'ratio':>6}"
+        f" {'base CPU us':>11} {'new CPU us':>10} {'CPU ratio':>9}"
+    )
+    for name in names:
+        b, n = results[("base", name)], results[("new", name)]
+        bps, nps = (statistics.median(r["per_s"] for r in side) for side in (b, n))
+        bcpu, ncpu = (statistics.median(r["cpu_us"] for r in side) for side in (b, n))
+        print(
+            f"{name:24} {bps:10.0f} {nps:10.0f} {nps / bps:6.2f}"
+            f" {bcpu:11.0f} {ncpu:10.0f} {bcpu / ncpu:9.2f}"
+        )
+    print("ratio: new / baseline submissions per second; CPU ratio: baseline / new CPU time")
+
+
+def _alternate(
+    base: str, new: str, names: list[str], *, seconds: float, rounds: int
+) -> dict[tuple[str, str], list[dict[str, float]]]:
+    results: dict[tuple[str, str], list[dict[str, float]]] = {}
+    for round_ in range(rounds):
+        for name in names:
+            sides = [("base", base), ("new", new)]
+            for side, root in sides if round_ % 2 == 0 else sides[::-1]:
+                done = subprocess.run(
+                    [sys.executable, "-m", "bench.mapping_side", root, name, str(seconds)],
+                    cwd=ROOT,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                r = json.loads(done.stdout.splitlines()[-1])
+                results.setdefault((side, name), []).append(r)
+                print(
+                    f"  round {round_ + 1}/{rounds} {name:24} {side:4}"
+                    f" {r['per_s']:7.0f}/s {r['cpu_us']:7.0f} us CPU",
+                    flush=True,
+                )
+    return results
+
+
 def main() -> None:
-    """Print the throughput table."""
+    """Print the throughput table (or, with ``--baseline``, the comparison)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="per scenario")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per scenario (and side)")
     parser.add_argument("--profiles", type=Path, default=PROFILES)
+    parser.add_argument("--baseline", metavar="REF", help="a git ref to compare with")
+    parser.add_argument("--rounds", type=int, default=3, help="with --baseline")
     args = parser.parse_args()
-    profiles = load_profiles(args.profiles)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    if args.baseline:
+        print(
+            f"mapping throughput per core, {args.baseline} (base) against this checkout (new),"
+            f" {args.rounds} rounds of {args.seconds:g} s per scenario and side, alternating"
+            f" ({os.cpu_count()} CPUs, load average {load:.2f} at start)"
+        )
+        compare(args.baseline, seconds=args.seconds, rounds=args.rounds)
+        return
+    profiles = load_profiles(args.profiles)
     print(
         f"mapping throughput, one process, {args.seconds:g} s per scenario "
         f"({os.cpu_count()} CPUs, load average {load:.2f} at start)"

@@ -37,8 +37,8 @@ from gateway.errors import (
 from gateway.events.endpoints import router as events_router
 from gateway.fhir.endpoints import router as fhir_router
 from gateway.hl7.endpoints import router as hl7_router
+from gateway.http import DOCUMENTED_MODELS
 from gateway.ingest.endpoints import router as ingest_router
-from gateway.ingest.schemas import DOCUMENTED_MODELS
 from gateway.logging import configure_logging, get_logger, log_failure
 from gateway.oauth.endpoints import router as jwks_router
 from gateway.ops.deliveries import router as ops_deliveries_router
@@ -52,6 +52,7 @@ from gateway.settings import Settings
 from gateway.subscribers.endpoints import router as subscribers_router
 from gateway.worker import build_worker
 from gateway.workflow.endpoints import router as cases_router
+from mappers import validation
 from mappers.errors import Problem
 
 log = get_logger(__name__)
@@ -220,6 +221,7 @@ def create_app(
         checkpoints = None
         if server_process:
             checkpoints = asyncio.create_task(run_checkpoints(rt.engine, stop))
+            validation.warm_up()  # compile the FHIR validators now, not in a first request
             gc.collect()
             gc.freeze()
         try:

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from gateway.clients.service import Principal, authenticate, hash_key
 from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.db.engine import make_engine, make_sessionmaker
+from gateway.secrets import SecretStore
 from gateway.settings import Settings
 from mappers.identifiers import IdentifierSystems
 from mappers.profiles import ProfileSet, load_profiles
@@ -108,6 +109,7 @@ class Runtime:
     systems: IdentifierSystems
     instance_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     auth_cache: AuthCache = field(default_factory=AuthCache)
+    secrets: SecretStore = field(default_factory=SecretStore)
     write_lock: WriteLock | None = None
     clock: Clock = field(default_factory=lambda: SYSTEM_CLOCK)
 
@@ -123,13 +125,19 @@ class Runtime:
             yield session
 
     @classmethod
-    def create(cls, settings: Settings) -> Runtime:
+    def create(cls, settings: Settings, *, profiles: ProfileSet | None = None) -> Runtime:
         """Connect to the database (lazily) and load the profiles.
+
+        Args:
+            settings: the process's settings.
+            profiles: the profiles of ``settings.profiles_dir`` when the caller loaded
+                them already (a command checks them first); loaded here when None.
 
         Raises:
             ProfileLoadError: the profiles have problems; the gateway must not start.
         """
-        profiles = load_profiles(settings.profiles_dir)
+        if profiles is None:
+            profiles = load_profiles(settings.profiles_dir)
         engine = make_engine(settings.database_url, pre_ping=settings.database_pool_pre_ping)
         return cls(
             settings=settings,
@@ -138,6 +146,7 @@ class Runtime:
             profiles=ProfileHolder(profiles),
             systems=IdentifierSystems(settings.identifier_base),
             write_lock=WriteLock() if engine.dialect.name == "sqlite" else None,
+            secrets=SecretStore.from_settings(settings),
         )
 
     async def close(self) -> None:

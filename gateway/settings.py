@@ -95,6 +95,19 @@ class Settings(BaseSettings):
             "acknowledgement; false: only store and acknowledge, the worker applies them."
         ),
     )
+    mllp_host: str = Field(default="127.0.0.1", description="Bind address of `fhir-gateway mllp`.")
+    mllp_port: int = Field(
+        default=2575, ge=0, le=65535, description="TCP port of `fhir-gateway mllp`."
+    )
+    mllp_max_message_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        description="Largest HL7 v2 message `fhir-gateway mllp` accepts (default: max_body_bytes).",
+    )
+    mllp_read_timeout: timedelta = Field(
+        default=timedelta(seconds=60),
+        description="How long a half-received MLLP frame may stall before the connection is closed.",
+    )
     worker_poll_interval: timedelta = Field(default=timedelta(milliseconds=500))
     worker_batch_size: int = 20
     worker_lease: timedelta = Field(
@@ -122,6 +135,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "stripe_tolerance",
+        "mllp_read_timeout",
         "worker_poll_interval",
         "worker_lease",
         "jwks_max_age",

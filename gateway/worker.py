@@ -28,18 +28,21 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.clock import Clock
 from gateway.delivery.ehr_sender import EhrSender
-from gateway.delivery.recording import CaseEventRecorder
-from gateway.delivery.sender import Sender
+from gateway.delivery.recording import OnReached
+from gateway.delivery.sender import Reached, Sender
+from gateway.delivery.webhooks import WebhookSender
 from gateway.delivery.worker import DeliveryWorker
+from gateway.ehr.client import TokenProvider
 from gateway.ehr.factory import EhrClients
 from gateway.events.apply import EventApplier
 from gateway.oauth.keys import KeyCipher
+from gateway.oauth.tokens import token_provider_for
 from gateway.queue.loop import PollingLoop, Worker
 from gateway.runtime import Runtime
-from gateway.subscribers.sender import WebhookSender
 from gateway.subscribers.service import enqueue_case_webhook
 from gateway.workflow.service import EventInput, record_events
 from gateway.workflow.timers import WorkflowTimers
+from mappers.profiles.ehr import EhrTargetProfile
 
 
 def worker_name(runtime: Runtime) -> str:
@@ -56,18 +59,30 @@ def ehr_clients(
     clock: Clock | None = None,
 ) -> EhrClients:
     """The worker's EHR clients (one connection pool; tokens and rate limits shared
-    through the database): the runtime's database, profiles root, signing-key cipher
-    (``GATEWAY_KEY_ENCRYPTION_KEY``), secret env file and clock."""
+    through the database), with token providers from the runtime's database, profiles
+    root, signing-key cipher (``GATEWAY_KEY_ENCRYPTION_KEY``), secrets and clock."""
+    clock = clock or runtime.clock
     secret = runtime.settings.key_encryption_key
+    cipher = KeyCipher(secret.get_secret_value() if secret is not None else None)
+    root = runtime.profiles.current.root
+
+    def tokens(target: EhrTargetProfile) -> TokenProvider:
+        return token_provider_for(
+            target,
+            sessionmaker=runtime.sessionmaker,
+            profiles_root=root,
+            cipher=cipher,
+            secret_env_file=runtime.settings.secret_env_file,
+            transport=token_transport,
+            clock=clock,
+        )
+
     return EhrClients(
         runtime.sessionmaker,
-        profiles_root=runtime.profiles.current.root,
-        cipher=KeyCipher(secret.get_secret_value() if secret is not None else None),
-        secret_env_file=runtime.settings.secret_env_file,
+        tokens=tokens,
         http=http,
-        token_transport=token_transport,
         max_connections=max(10, concurrency * 2),
-        clock=clock or runtime.clock,
+        clock=clock,
     )
 
 
@@ -93,14 +108,28 @@ def default_senders(
     }
 
 
-def case_event_recorder(runtime: Runtime) -> CaseEventRecorder:
-    """Applies the ``ehr_delivered`` case events of recorded deliveries (with the
-    current workflow; nothing without one), changes going to the subscribers."""
+def record_reached(runtime: Runtime) -> OnReached:
+    """Records ``ehr_delivered`` in the cases of messages that reached an EHR (with the
+    current workflow; nothing without one), changes going to the subscribers: the
+    delivery worker's ``on_reached``."""
 
-    async def record(session: AsyncSession, events: Sequence[EventInput]) -> None:
+    async def record(session: AsyncSession, reached: Sequence[Reached]) -> None:
         workflow = runtime.profiles.current.workflow
-        if workflow is not None:
-            await record_events(session, workflow, events, notify=enqueue_case_webhook)
+        if workflow is None:
+            return
+        events = [
+            EventInput(
+                source="gateway",
+                event_id=f"ehr_delivered:{r.target}:{r.message_id}",
+                type="ehr_delivered",
+                detail=None,
+                occurred_at=r.at,
+                patient_id=r.patient_id,
+                message_id=r.message_id,
+            )
+            for r in reached
+        ]
+        await record_events(session, workflow, events, notify=enqueue_case_webhook)
 
     return record
 
@@ -147,7 +176,7 @@ def delivery_worker(
         lease=settings.worker_lease,
         poll=settings.worker_poll_interval,
         clock=clock,
-        case_events=case_event_recorder(runtime),
+        on_reached=record_reached(runtime),
     )
 
 

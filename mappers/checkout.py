@@ -5,8 +5,32 @@ Two inbound forms carry the same facts:
 * Stripe's ``checkout.session.completed`` event (https://docs.stripe.com/api/checkout/sessions/object):
   ``customer_details`` (name, email, phone, address), ``metadata`` (``plan``,
   ``patient_external_id``, ``intake_submission_id``), ``amount_total`` (minor units),
-  ``currency``, ``payment_status``; :func:`stripe_session_to_checkout` turns it into
+  ``currency``, ``mode``, ``payment_status``; :func:`stripe_session_to_checkout` turns it into
 * :class:`CanonicalCheckout`, the body of ``POST /v1/checkouts`` for other processors.
+
+What a checkout means for payment (:func:`payment_outcome`; Stripe's ``mode`` and
+``payment_status``):
+
+============  ======================  ==================  =================================
+mode          payment_status          outcome             resources, case event
+============  ======================  ==================  =================================
+payment,      paid                    ``paid``            Patient + MedicationRequest,
+subscription                                              ``payment_completed``
+payment       no_payment_required     ``paid``            as paid (nothing is owed, e.g. a
+                                                          100% discount)
+subscription  no_payment_required     ``deferred``        per the plan's ``deferred_payment``
+                                                          (a trial: the first charge is later)
+setup         no_payment_required     ``deferred``        per the plan's ``deferred_payment``
+                                                          (a payment method saved, no charge)
+any           unpaid                  ``awaiting_payment``  nothing yet: the
+                                                          ``async_payment_succeeded`` event
+                                                          brings the resources
+============  ======================  ==================  =================================
+
+A ``deferred`` checkout maps by its plan's ``deferred_payment``: ``medication_request`` (the
+default: the same draft proposal as a paid one, a subscription billed later) or
+``no_medication_request`` (the Patient only); either way the case event is
+``payment_deferred``.
 
 Where each canonical field is in a processor's payload is profile data (a checkout
 profile's ``processors.<name>.fields``, dotted paths); :func:`processor_payload_to_checkout`
@@ -19,6 +43,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -44,6 +69,7 @@ from mappers.intake import (
     pydantic_problems,
     refuse_numeric_zip,
 )
+from mappers.patient import phone_contact_point
 from mappers.profiles import FieldPath, Plan, Processor
 
 US_CORE_MEDICATIONREQUEST = (
@@ -51,6 +77,11 @@ US_CORE_MEDICATIONREQUEST = (
 )
 
 PaymentStatus = Literal["paid", "unpaid", "no_payment_required"]
+#: Stripe Checkout Session ``mode``: one charge, recurring charges, or a payment method saved
+#: for later charges (https://docs.stripe.com/api/checkout/sessions/object#checkout_session_object-mode).
+CheckoutMode = Literal["payment", "subscription", "setup"]
+#: What a checkout means for payment (:func:`payment_outcome`).
+PaymentOutcome = Literal["paid", "deferred", "awaiting_payment"]
 
 
 class CheckoutAddress(BaseModel):
@@ -94,9 +125,25 @@ class CanonicalCheckout(BaseModel):
     intake_submission_id: str | None = Field(default=None, pattern=ID_PATTERN)
     customer_id: str | None = Field(default=None, max_length=128)
     customer: CheckoutCustomer = Field(default_factory=CheckoutCustomer)
-    amount_total: int = Field(ge=0, description="Minor currency units (cents).")
-    currency: Annotated[str, AfterValidator(str.lower)] = Field(pattern=r"^[A-Za-z]{3}$")
-    payment_status: PaymentStatus
+    mode: CheckoutMode = Field(
+        default="payment",
+        description="payment (one charge), subscription (recurring charges) or setup (a "
+        "payment method saved, nothing charged), as Stripe's Checkout Session mode.",
+    )
+    amount_total: int | None = Field(
+        default=None,
+        ge=0,
+        description="Minor currency units (cents); required unless mode is setup.",
+    )
+    currency: Annotated[str, AfterValidator(str.lower)] | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z]{3}$",
+        description="ISO 4217 code; required unless mode is setup.",
+    )
+    payment_status: PaymentStatus = Field(
+        description="paid; unpaid (an asynchronous payment still clearing); "
+        "no_payment_required (nothing owed, a trial, or setup mode)."
+    )
     attribution: Attribution | None = Field(
         default=None,
         description="Marketing attribution; kept with the message, never sent to EHRs.",
@@ -123,6 +170,7 @@ def parse_checkout(
     if isinstance(plan_id, str) and plan is None:
         problems.append(Problem("plan", "unknown_plan", "no checkout profile has this plan"))
     if checkout is not None:
+        problems.extend(_payment_problems(checkout))
         problems.extend(_address_problems(checkout))
         c = checkout.customer
         if not (checkout.patient_external_id or checkout.intake_submission_id or c.email):
@@ -137,6 +185,42 @@ def parse_checkout(
         raise MappingErrors(problems)
     assert checkout is not None and plan is not None
     return checkout, plan
+
+
+def payment_outcome(checkout: CanonicalCheckout) -> PaymentOutcome:
+    """What a checkout means for payment, from its ``mode`` and ``payment_status`` (table in
+    the module docstring; Stripe: "no_payment_required: the payment is delayed to a future
+    date, or the Checkout Session is in setup mode and doesn't require a payment at this
+    time").
+
+    Returns:
+        ``paid``, ``deferred`` (nothing charged now: setup mode, or a subscription whose
+        first charge is later) or ``awaiting_payment`` (``unpaid``).
+    """
+    if checkout.payment_status == "unpaid":
+        return "awaiting_payment"
+    if checkout.payment_status == "paid" or checkout.mode == "payment":
+        return "paid"
+    return "deferred"
+
+
+def _payment_problems(checkout: CanonicalCheckout) -> list[Problem]:
+    problems: list[Problem] = []
+    if checkout.mode == "setup":
+        if checkout.payment_status != "no_payment_required":
+            problems.append(
+                Problem(
+                    "payment_status",
+                    "invalid_for_mode",
+                    "a setup-mode checkout charges nothing: payment_status must be "
+                    "no_payment_required",
+                )
+            )
+        return problems
+    for name in ("amount_total", "currency"):
+        if getattr(checkout, name) is None:
+            problems.append(Problem(name, "missing", "Field required (unless mode is setup)"))
+    return problems
 
 
 def _address_problems(checkout: CanonicalCheckout) -> list[Problem]:
@@ -184,6 +268,7 @@ DEFAULT_STRIPE_PROCESSOR = Processor(
         "customer.address.country": "data.object.customer_details.address.country",
         "amount_total": "data.object.amount_total",
         "currency": "data.object.currency",
+        "mode": "data.object.mode",
         "payment_status": "data.object.payment_status",
     },
 )
@@ -191,16 +276,30 @@ DEFAULT_STRIPE_PROCESSOR = Processor(
 _SEGMENT = re.compile(r"^([A-Za-z0-9_\-]+)(?:\[(\d+)\])?$")
 
 
-def read_path(payload: Any, path: str) -> Any:
-    """The value at a dotted path (``data.object.items[0].price``), or None when absent."""
-    node = payload
+@lru_cache(maxsize=1024)
+def _segments(path: str) -> tuple[tuple[str, int | None], ...] | None:
+    """A profile's dotted path, parsed once: ``(key, list index or None)`` per segment."""
+    out = []
     for segment in path.split("."):
         match = _SEGMENT.match(segment)
-        if match is None or not isinstance(node, dict):
+        if match is None:
             return None
-        node = node.get(match.group(1))
-        if match.group(2) is not None:
-            index = int(match.group(2))
+        index = match.group(2)
+        out.append((match.group(1), None if index is None else int(index)))
+    return tuple(out)
+
+
+def read_path(payload: Any, path: str) -> Any:
+    """The value at a dotted path (``data.object.items[0].price``), or None when absent."""
+    segments = _segments(path)
+    if segments is None:
+        return None
+    node = payload
+    for key, index in segments:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(key)
+        if index is not None:
             if not isinstance(node, list) or index >= len(node):
                 return None
             node = node[index]
@@ -326,7 +425,7 @@ def checkout_to_patient(
     }
     telecom = []
     if c.phone:
-        telecom.append({"system": "phone", "value": c.phone})
+        telecom.append(phone_contact_point(c.phone))
     if c.email:
         telecom.append({"system": "email", "value": c.email})
     if telecom:

@@ -31,7 +31,6 @@ from functools import lru_cache
 from typing import Any
 
 from mappers import normalize, ucum
-from mappers.fastvalidate import closed_item
 from mappers.fhirpath import Evaluator, compile_fhirpath, is_true, linkids_named
 from mappers.identifiers import IdentifierSystems
 from mappers.intake import ParsedIntake
@@ -113,10 +112,31 @@ def prune_items(items: list[dict[str, Any]], link_ids: frozenset[str]) -> list[d
     return out
 
 
+@lru_cache(maxsize=1024)
+def _named(expression: str) -> frozenset[str]:
+    """The linkIds a rule names (found once per rule, not per submission)."""
+    return frozenset(linkids_named(expression))
+
+
 @lru_cache(maxsize=8192)
 def _evaluate_on_items(expression: str, items_json: str) -> bool:
     resource = {"resourceType": "QuestionnaireResponse", "item": json.loads(items_json)}
     return is_true(flag_evaluator(expression)(resource))
+
+
+#: QR answer types that hold no free text and no dates (a bare number, a yes/no, a code).
+_CLOSED_ANSWERS = frozenset(
+    {"valueBoolean", "valueCoding", "valueInteger", "valueDecimal", "valueQuantity"}
+)
+
+
+def closed_item(item: dict[str, Any]) -> bool:
+    """A QR item whose answers are booleans, codings or bare numbers (or absent with a
+    reason), and whose children are too: no free text, so its rule results may be cached."""
+    for answer in item.get("answer", []):
+        if set(answer) - _CLOSED_ANSWERS:
+            return False
+    return all(closed_item(child) for child in item.get("item", []))
 
 
 def flag_applies(flag: FlagSpec, questionnaire_response: dict[str, Any]) -> bool:
@@ -129,7 +149,7 @@ def flag_applies(flag: FlagSpec, questionnaire_response: dict[str, Any]) -> bool
     coded or numeric answers: free text is never cached). ``scope: response`` (or a rule that
     names no linkId) evaluates over the whole QuestionnaireResponse.
     """
-    names = frozenset(linkids_named(flag.when))
+    names = _named(flag.when)
     if flag.scope == "response" or not names:
         return is_true(flag_evaluator(flag.when)(questionnaire_response))
     items = prune_items(questionnaire_response.get("item", []), names)

@@ -82,10 +82,17 @@ class ProblemCollector:
 
     def __init__(self) -> None:
         self.problems: list[Problem] = []
+        #: Warnings: a value accepted with a change the sender should know of (a time of
+        #: day dropped from a date). They never make the payload fail.
+        self.notes: list[Problem] = []
 
     def add(self, location: str, code: str, message: str) -> None:
         """Record one problem."""
         self.problems.append(Problem(location=location, code=code, message=message))
+
+    def note(self, location: str, code: str, message: str) -> None:
+        """Record one warning (see :attr:`notes`)."""
+        self.notes.append(Problem(location=location, code=code, message=message))
 
     def run(self, location: str, func, /, *args, **kwargs):  # type: ignore[no-untyped-def]
         """Call ``func(*args, **kwargs)``; on :class:`MappingError` record it at ``location``.

@@ -70,28 +70,36 @@ def parse_canonical_event(data: Any) -> CanonicalEvent:
 
 @dataclass(frozen=True, slots=True)
 class PatientRef:
-    """One way to find an event's patient, tried in the order given.
+    """One way to find a patient, tried in the order given (events and intake alike).
 
     ``kind="identifier"``: ``system|value`` against the patient keys (canonical ids, EHR
     MRNs and partner ids learned earlier); ``kind="remote_id"``: ``value`` is the Patient id
-    that EHR ``target`` assigned to one of our patients (``remote_ids``).
+    that EHR ``target`` assigned to one of our patients (``remote_ids``);
+    ``kind="submission"``: an intake ``submission_id``; ``kind="email"``: a normalized
+    email address (intake and checkout only).
     """
 
-    kind: Literal["identifier", "remote_id"]
+    kind: Literal["identifier", "remote_id", "submission", "email"]
     value: str
     system: str | None = None
     target: str | None = None
 
     @property
     def key(self) -> tuple[str, str]:
-        """The patient-key form: ``("identifier", "system|value")``."""
-        return ("identifier", f"{self.system}|{self.value}")
+        """The patient-key form: ``("identifier", "system|value")``, ``("submission",
+        id)`` or ``("email", address)`` (a ``remote_id`` has none: it is looked up in
+        ``remote_ids``)."""
+        if self.kind == "identifier":
+            return ("identifier", f"{self.system}|{self.value}")
+        return (self.kind, self.value)
 
     def describe(self) -> str:
         """What was tried, without the value (for the exceptions queue)."""
         if self.kind == "identifier":
             return f"identifier {self.system}"
-        return f"Patient id in EHR {self.target}"
+        if self.kind == "remote_id":
+            return f"Patient id in EHR {self.target}"
+        return "intake submission id" if self.kind == "submission" else "email"
 
 
 @dataclass(frozen=True, slots=True)

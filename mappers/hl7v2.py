@@ -25,8 +25,10 @@ ORC-1 order control, HL7 table 0119, and ORC-5 order status, table 0038). The pa
 found from the PID-3 repetitions (CX) the sender's identifier rules select.
 
 Errors are :class:`Hl7MessageError`: ``AR`` for a message we will not process (no MSH,
-unsupported version, message type or sender), ``AE`` for one we cannot map; each carries
-an HL7 table 0357 error code and the position, for the ACK's ERR segment.
+an HL7 batch, unsupported version, message type or sender), ``AE`` for one we cannot map;
+each carries an HL7 table 0357 error code and the position, for the ACK's ERR segment.
+207 (application internal error) is never used for the sender's message: an unknown
+sender is 103 (:func:`sender_not_accepted`).
 """
 
 from __future__ import annotations
@@ -111,6 +113,8 @@ class Hl7MessageError(MappingError):
         envelope: for a message refused by :func:`parse_er7` whose MSH could be split
             (unsupported version, MSH-9 incomplete...), what it holds, so the ACK can
             still echo MSH-10 in MSA-2 and address the sender; else None.
+        batch_control_id: for a refused HL7 batch, its BHS-11 (FHS-11 without a BHS), or
+            None (see :func:`refused_control_id`).
     """
 
     def __init__(
@@ -122,6 +126,7 @@ class Hl7MessageError(MappingError):
         segment: str | None = None,
         field_position: int | None = None,
         envelope: Hl7Message | None = None,
+        batch_control_id: str | None = None,
     ) -> None:
         location = f"{segment}-{field_position}" if segment and field_position else segment or ""
         super().__init__(f"hl7_{hl7_code}", message, location)
@@ -130,6 +135,7 @@ class Hl7MessageError(MappingError):
         self.segment = segment
         self.field_position = field_position
         self.envelope = envelope
+        self.batch_control_id = batch_control_id
 
 
 def decode_er7(raw: bytes) -> str:
@@ -302,6 +308,8 @@ def _unescape(text: str, message: Hl7Message) -> str:
 
 
 _BATCH_REFUSED = "an HL7 batch (FHS/BHS) is not accepted: send each message on its own"
+_BATCH_HEADERS = ("FHS", "BHS")
+_ENCODING_KEYS = ("COMPONENT", "REPETITION", "ESCAPE", "SUBCOMPONENT")
 
 
 def parse_er7(text: str) -> Hl7Message:
@@ -314,33 +322,66 @@ def parse_er7(text: str) -> Hl7Message:
         The :class:`Hl7Message`.
 
     Raises:
-        Hl7MessageError: AR 100 when it does not start with MSH (an HL7 batch, FHS/BHS,
-            is named as such), the encoding characters are unusable or it holds a second
-            MSH (several messages at once), AR 101 when MSH-9 or MSH-10 is empty, AR 203
-            when MSH-12 is not a version hl7apy supports (2.1 to 2.8.2). Once MSH could be
-            split, the error's ``envelope`` holds it (for MSA-2 and the ACK's addresses).
+        Hl7MessageError: AR 100 when it does not start with MSH, the encoding characters
+            are unusable, it is an HL7 batch (FHS/BHS) or it holds a second MSH (several
+            messages at once); AR 101 when MSH-9 or MSH-10 is empty; AR 203 when MSH-12 is
+            not a version hl7apy supports (2.1 to 2.8.2). Once an MSH could be split, the
+            error's ``envelope`` holds it (for MSA-2 and the ACK's addresses); a refused
+            batch's envelope is its first message's MSH (else its BHS/FHS header), and its
+            ``batch_control_id`` is BHS-11 (FHS-11 without a BHS).
     """
     text = normalize_er7(text)
-    if text[:3] in ("FHS", "BHS"):
-        raise Hl7MessageError(
-            "AR",
-            100,
-            _BATCH_REFUSED,
-            segment=text[:3],
-        )
+    if text[:3] in _BATCH_HEADERS:
+        raise _batch_refusal(text, None)
     if not text.startswith("MSH") or len(text) < 8:
         raise Hl7MessageError(
             "AR", 100, "the message does not start with an MSH segment", segment="MSH"
         )
+    envelope = _read_msh(text)
+
+    def refuse(hl7_code: int, text: str, position: int | None) -> NoReturn:
+        raise Hl7MessageError(
+            "AR", hl7_code, text, segment="MSH", field_position=position, envelope=envelope
+        )
+
+    inner = {seg[0] for seg in envelope.segments[1:]}
+    if inner & set(_BATCH_HEADERS):
+        raise _batch_refusal(text, envelope)
+    if "MSH" in inner:
+        refuse(
+            100,
+            "more than one message (a second MSH segment): send one message per request "
+            "or MLLP frame",
+            None,
+        )
+    if envelope.version not in hl7apy.SUPPORTED_LIBRARIES:
+        refuse(203, "MSH-12 names an unsupported HL7 version (2.1 to 2.8.2 are read)", 12)
+    if not envelope.message_code or not envelope.trigger_event:
+        refuse(101, "MSH-9 message type is incomplete", 9)
+    if not envelope.control_id:
+        refuse(101, "MSH-10 message control id is missing", 10)
+    return envelope
+
+
+def _usable_encoding(sep: str, chars: str) -> dict[str, str] | None:
+    """MSH-2 (or BHS-2/FHS-2) as hl7apy's encoding dict, or None when unusable."""
+    if len(chars) < 4 or len({sep, *chars[:4]}) != 5 or any(c.isalnum() for c in chars[:4]):
+        return None
+    return dict(zip(_ENCODING_KEYS, chars[:4], strict=True))
+
+
+def _read_msh(text: str) -> Hl7Message:
+    """Split ``text`` (starting with MSH) into segments and read its MSH fields.
+
+    Raises:
+        Hl7MessageError: AR 100 when MSH-1/MSH-2 are not usable separators.
+    """
     sep = text[3]
-    msh_2 = text[4:].split(sep, 1)[0]
-    if len(msh_2) < 4 or len({sep, *msh_2[:4]}) != 5 or any(c.isalnum() for c in msh_2[:4]):
+    encoding = _usable_encoding(sep, text[4:].split(sep, 1)[0])
+    if encoding is None:
         raise Hl7MessageError(
             "AR", 100, "MSH-1/MSH-2 separators are not usable", segment="MSH", field_position=2
         )
-    encoding = dict(
-        zip(("COMPONENT", "REPETITION", "ESCAPE", "SUBCOMPONENT"), msh_2[:4], strict=True)
-    )
     segments: list[tuple[str, ...]] = []
     for raw in text.split("\r"):
         parts = raw.split(sep)
@@ -355,47 +396,89 @@ def parse_er7(text: str) -> Hl7Message:
     def first_component(value: str) -> str:
         return value.split(encoding["REPETITION"], 1)[0].split(encoding["COMPONENT"], 1)[0]
 
-    version = first_component(msh_field(12)).strip()
     message_type = msh_field(9).split(encoding["COMPONENT"])
-    code = message_type[0].strip() if message_type else ""
-    trigger = message_type[1].strip() if len(message_type) > 1 else ""
-    control_id = msh_field(10).strip()
-    envelope = Hl7Message(
+    return Hl7Message(
         text=text,
         field_separator=sep,
         encoding=encoding,
-        version=version,
+        version=first_component(msh_field(12)).strip(),
         segments=tuple(segments),
         sending_application=first_component(msh_field(3)),
         sending_facility=first_component(msh_field(4)),
-        message_code=code,
-        trigger_event=trigger,
-        control_id=control_id,
+        message_code=message_type[0].strip() if message_type else "",
+        trigger_event=message_type[1].strip() if len(message_type) > 1 else "",
+        control_id=msh_field(10).strip(),
         processing_id=first_component(msh_field(11)),
     )
 
-    def refuse(hl7_code: int, text: str, position: int | None) -> NoReturn:
-        raise Hl7MessageError(
-            "AR", hl7_code, text, segment="MSH", field_position=position, envelope=envelope
-        )
 
-    inner = {seg[0] for seg in segments[1:]}
-    if inner & {"FHS", "BHS"}:
-        refuse(100, _BATCH_REFUSED, None)
-    if "MSH" in inner:
-        refuse(
-            100,
-            "more than one message (a second MSH segment): send one message per request "
-            "or MLLP frame",
-            None,
-        )
-    if version not in hl7apy.SUPPORTED_LIBRARIES:
-        refuse(203, "MSH-12 names an unsupported HL7 version (2.1 to 2.8.2 are read)", 12)
-    if not code or not trigger:
-        refuse(101, "MSH-9 message type is incomplete", 9)
-    if not control_id:
-        refuse(101, "MSH-10 message control id is missing", 10)
-    return envelope
+def _batch_refusal(text: str, envelope: Hl7Message | None) -> Hl7MessageError:
+    """The AR 100 for an HL7 batch (chapter 2, batch protocol: FHS/BHS ... BTS/FTS).
+
+    Its envelope is ``envelope``, else the first message's MSH, else one read from the batch
+    header (BHS, else FHS: fields 3 to 6 are the sending and receiving application and
+    facility, as in MSH), so the ACK reaches the sender; its ``batch_control_id`` is BHS-11
+    (FHS-11 without a BHS), the id the sender gave the batch.
+    """
+    lines = text.split("\r")
+    headers = {line[:3]: line for line in lines if line[:3] in _BATCH_HEADERS and len(line) > 3}
+    header = headers.get("BHS") or headers.get("FHS")
+    fields: list[str] = []
+    if header is not None:
+        fields = [header[:3], header[3], *header[4:].split(header[3])]
+    if envelope is None:
+        starts = [i for i, line in enumerate(lines) if line.startswith("MSH") and len(line) > 8]
+        if starts:
+            end = next(
+                (
+                    j
+                    for j in range(starts[0] + 1, len(lines))
+                    if lines[j][:3] in ("MSH", "BTS", "FTS", *_BATCH_HEADERS)
+                ),
+                len(lines),
+            )
+            try:
+                envelope = _read_msh("\r".join(lines[starts[0] : end]))
+            except Hl7MessageError:
+                envelope = None
+    if envelope is None and header is not None:
+        envelope = _header_envelope(header, fields)
+    batch_id = fields[11].strip() if len(fields) > 11 else ""
+    return Hl7MessageError(
+        "AR",
+        100,
+        _BATCH_REFUSED,
+        segment=text[:3] if text[:3] in _BATCH_HEADERS else "MSH",
+        envelope=envelope,
+        batch_control_id=batch_id or None,
+    )
+
+
+def _header_envelope(header: str, fields: list[str]) -> Hl7Message | None:
+    """An envelope for the ACK of a batch without a readable MSH, from its BHS/FHS: the
+    sender's and receiver's application and facility; no version, type or control id."""
+    encoding = _usable_encoding(fields[1], fields[2] if len(fields) > 2 else "")
+    if encoding is None:
+        return None
+    msh = ("MSH", *fields[1:7])
+
+    def first_component(n: int) -> str:
+        value = fields[n] if n < len(fields) else ""
+        return value.split(encoding["REPETITION"], 1)[0].split(encoding["COMPONENT"], 1)[0]
+
+    return Hl7Message(
+        text=header,
+        field_separator=fields[1],
+        encoding=encoding,
+        version="",
+        segments=(msh,),
+        sending_application=first_component(3),
+        sending_facility=first_component(4),
+        message_code="",
+        trigger_event="",
+        control_id="",
+        processing_id="",
+    )
 
 
 def parse_hl7_datetime(raw: str, default_tz: str = "UTC") -> datetime:
@@ -592,6 +675,59 @@ def _reference(message: Hl7Message) -> str | None:
 
 # --------------------------------------------------------------------------- ACK
 
+#: Why a sender is refused (:func:`sender_not_accepted`).
+SenderCheck = Literal["facility", "application", "peer"]
+
+_SENDER_REFUSALS: dict[SenderCheck, tuple[int, str]] = {
+    "facility": (4, "MSH-4 sending facility is not a sender configured at this gateway"),
+    "application": (3, "MSH-3 sending application is not configured for this facility"),
+    "peer": (4, "MSH-4 sending facility is not configured to send from this network address"),
+}
+
+
+def sender_not_accepted(check: SenderCheck) -> Hl7MessageError:
+    """The AR for a sender the gateway does not accept: an unknown MSH-4 sending facility,
+    an MSH-3 sending application the facility's profile does not list, or an MLLP peer
+    outside the facility's networks.
+
+    The code is 103 "Table value not found" (HL7 table 0357) at MSH-4 or MSH-3: both fields
+    take their values from user-defined tables (0362 Facility, 0361 Application), which at
+    this gateway are the partner profiles, and the value is not in them. Table 0357 has no
+    code for an unknown or unauthorised sender; 207 "Application internal error" would tell
+    the sender's interface team that the gateway failed, which it did not. The reason goes
+    in ERR-8 (v2.5 on) and MSA-3 (before v2.7) by :func:`build_ack`.
+
+    Args:
+        check: which check failed.
+
+    Returns:
+        The :class:`Hl7MessageError` (AR 103) to answer and record.
+    """
+    position, text = _SENDER_REFUSALS[check]
+    return Hl7MessageError("AR", 103, text, segment="MSH", field_position=position)
+
+
+def refused_control_id(error: Hl7MessageError, partner: PartnerProfile | None) -> str:
+    """MSA-2 of the AR answering ``error``: the control id the sender can match it with.
+
+    For a refused HL7 batch, the sender's profile (``hl7.batch_refusal_msa_2``) chooses
+    between MSH-10 of the batch's first message (the default) and BHS-11, the batch control
+    id; either falls back to the other when empty. Otherwise MSH-10, when MSH could be read.
+
+    Args:
+        error: the refusal, from :func:`parse_er7`.
+        partner: the sender's profile (by the envelope's MSH-4), or None.
+
+    Returns:
+        The id for MSA-2 ('' when the message carried none).
+    """
+    first = error.envelope.control_id if error.envelope is not None else ""
+    batch = error.batch_control_id or ""
+    spec = partner.hl7 if partner is not None else None
+    if spec is not None and spec.batch_refusal_msa_2 == "BHS-11":
+        return batch or first
+    return first or batch
+
 
 def _clean(text: str, message: Hl7Message | None) -> str:
     """Our own text for MSA-3 / ERR-8, with any separator character replaced."""
@@ -657,6 +793,7 @@ def build_ack(
     error: Hl7MessageError | None = None,
     application: str = "FHIR-GATEWAY",
     facility: str = "FHIR-GATEWAY",
+    acknowledged_id: str | None = None,
 ) -> str:
     """The ACK for ``message`` (HL7 v2 chapter 2, original acknowledgment mode), in ER7.
 
@@ -674,12 +811,14 @@ def build_ack(
         now: MSH-7.
         error: why, for AE/AR.
         application, facility: our MSH-3/4 when the inbound has no MSH-5/6.
+        acknowledged_id: MSA-2 when it is not the inbound MSH-10 (a refused batch:
+            :func:`refused_control_id`).
 
     Returns:
         The ACK segments joined by ``\\r`` (no MLLP framing).
     """
     time_text = now.astimezone(UTC).strftime("%Y%m%d%H%M%S+0000")
-    if message is not None and error is None and code == "AA":
+    if message is not None and error is None and code == "AA" and acknowledged_id is None:
         seg = message.segments[0]
         enc = message.encoding
 
@@ -714,6 +853,7 @@ def build_ack(
         error=error,
         application=application,
         facility=facility,
+        acknowledged_id=acknowledged_id,
     )
 
 
@@ -726,6 +866,7 @@ def _build_ack(
     error: Hl7MessageError | None,
     application: str,
     facility: str,
+    acknowledged_id: str | None = None,
 ) -> str:
     version = message.version if message else FALLBACK_VERSION
     if version not in hl7apy.SUPPORTED_LIBRARIES:
@@ -771,7 +912,9 @@ def _build_ack(
         msh.msh_12 = message.version
     msa = ack.msa
     msa.msa_1 = code
-    msa.msa_2 = _clean(message.control_id, message) if message else ""
+    if acknowledged_id is None:
+        acknowledged_id = message.control_id if message else ""
+    msa.msa_2 = _clean(acknowledged_id, message)
     if error is None:
         return str(ack.to_er7())
     text = _clean(str(error), message)

@@ -16,7 +16,8 @@ string, text   non-empty text (trimmed; ``max_length``) -> ``valueString``
 boolean        JSON true/false or the profile's spellings (``Y``, ``yes``...) -> ``valueBoolean``
 integer        whole number (JSON or text; ``min_value``/``max_value``) -> ``valueInteger``
 decimal        number -> ``valueDecimal``
-date           ISO or US dates -> ``valueDate`` (``YYYY-MM-DD``)
+date           a date with one reading, or in the form's ``date_order`` (US month first by
+               default) -> ``valueDate`` (``YYYY-MM-DD``); a time of day is dropped (a note)
 dateTime       ISO 8601 with offset -> ``valueDateTime``
 choice         option code, display or alias (any case), a synonym from the item's
                concept map, or ``{"system", "code"}`` -> ``valueCoding``; ``repeats``: a list
@@ -52,6 +53,7 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
 )
 from pydantic_core import PydanticCustomError
 
@@ -59,6 +61,7 @@ from mappers import normalize, ucum
 from mappers.conceptmap import CompiledConceptMap
 from mappers.errors import MappingError, MappingErrors, Problem, ProblemCollector
 from mappers.identifiers import IdentifierSystems
+from mappers.patient import phone_contact_point
 from mappers.profiles import Condition, IntakeItem, IntakeProfile
 from mappers.profiles.intake import ALL_PATIENT_FIELDS, fold
 from mappers.validation import CONTROL_CHARACTERS
@@ -106,7 +109,30 @@ PostalCode = Annotated[
     BeforeValidator(refuse_numeric_zip),
     AfterValidator(_normalizer(normalize.normalize_postal_code)),
 ]
-BirthDate = Annotated[str, AfterValidator(_normalizer(normalize.normalize_birth_date))]
+#: The note (warning) of a date-time accepted as a date: its time of day was dropped.
+TIME_DROPPED = (
+    "time_dropped",
+    "A time of day was given with the date: the date is kept as written and the time is "
+    "dropped, as a FHIR date has no time.",
+)
+
+
+def _birth_date(value: str, info: ValidationInfo) -> str:
+    """``patient.birth_date`` -> ``YYYY-MM-DD`` with the form's ``date_order`` (validation
+    context key ``date_order``); a dropped time of day is appended to the context's
+    ``notes`` list as a :class:`~mappers.errors.Problem` at ``patient.birth_date``."""
+    context = info.context if isinstance(info.context, dict) else {}
+    try:
+        parsed = normalize.parse_birth_date(value, date_order=context.get("date_order"))
+    except MappingError as exc:
+        raise PydanticCustomError(exc.code, str(exc)) from None
+    notes = context.get("notes")
+    if parsed.time_dropped and isinstance(notes, list):
+        notes.append(Problem("patient.birth_date", *TIME_DROPPED))
+    return parsed.value.isoformat()
+
+
+BirthDate = Annotated[str, AfterValidator(_birth_date)]
 Email = Annotated[str, AfterValidator(_normalizer(normalize.normalize_email))]
 Name = Annotated[str, AfterValidator(_normalizer(normalize.normalize_name))]
 #: Free text, trimmed before its length is checked (so blank text is too short).
@@ -145,13 +171,20 @@ class IntakePatient(_Contract):
     external_id: str | None = Field(default=None, pattern=ID_PATTERN)
     first_name: Name | None = None
     last_name: Name | None = None
-    birth_date: BirthDate | None = Field(default=None, description="ISO 8601 or US MM/DD/YYYY.")
+    birth_date: BirthDate | None = Field(
+        default=None,
+        description="ISO 8601 (YYYY-MM-DD), numeric day/month/year forms with one reading or "
+        "in the form's date_order (US MM/DD/YYYY by default), or an English month name; a "
+        "time of day is dropped (with a warning).",
+    )
     sex_at_birth: Literal["female", "male", "other", "unknown"] | None = Field(
         default=None, description="Sex assigned at birth as the patient reported it."
     )
     email: Email | None = None
     phone: Phone | None = Field(
-        default=None, description="Any common format; US numbers need no country code."
+        default=None,
+        description="Any format libphonenumber reads (an extension, a tel: URI, vanity "
+        "letters); US numbers need no country code.",
     )
     address: Address | None = None
 
@@ -228,6 +261,9 @@ class ParsedIntake:
         answers: normalized answers by question key (top level and non-repeating groups).
         patient_absent: ``patient`` field -> data-absent-reason code, for optional fields
             the patient left empty or answered "unknown" / "prefer not to say".
+        notes: warnings about values accepted with a change (``time_dropped``: a date-time
+            given for a date), located like problems; the gateway answers them and names
+            them in the Provenance.
     """
 
     submission: IntakeSubmission
@@ -235,6 +271,7 @@ class ParsedIntake:
     items: list[dict[str, Any]]
     answers: dict[str, Answer]
     patient_absent: dict[str, str] = field(default_factory=dict)
+    notes: list[Problem] = field(default_factory=list)
 
 
 def pydantic_problems(exc: ValidationError, prefix: str = "") -> list[Problem]:
@@ -324,8 +361,12 @@ def parse_intake_submission(
         body["patient"] = patient
 
     submission: IntakeSubmission | None = None
+    context: dict[str, Any] = {
+        "date_order": profile.date_order if profile is not None else None,
+        "notes": problems.notes,
+    }
     try:
-        submission = IntakeSubmission.model_validate(body)
+        submission = IntakeSubmission.model_validate(body, context=context)
     except ValidationError as exc:
         problems.problems.extend(pydantic_problems(exc))
 
@@ -366,7 +407,9 @@ def parse_intake_submission(
     problems.raise_if_any()
     if submission is None or profile is None:  # unreachable: either would be a problem
         raise MappingErrors([Problem("", "invalid", "the submission could not be read")])
-    return ParsedIntake(submission, profile, items, answers_out, patient_absent)
+    return ParsedIntake(
+        submission, profile, items, answers_out, patient_absent, notes=list(problems.notes)
+    )
 
 
 # --------------------------------------------------------------------------- answers
@@ -431,8 +474,10 @@ def _answer_value(
     value: Any,
     profile: IntakeProfile,
     concept_maps: dict[str, CompiledConceptMap],
+    notes: list[tuple[str, str]] | None = None,
 ) -> tuple[dict[str, Any], Any]:
-    """One answer value -> ``(QR answer element, normalized value)``.
+    """One answer value -> ``(QR answer element, normalized value)``; a warning about the
+    value (``(code, message)``: :data:`TIME_DROPPED`) is appended to ``notes``.
 
     Raises:
         MappingError: with a code naming what was expected (``invalid_answer``,
@@ -478,7 +523,10 @@ def _answer_value(
     if t == "date":
         if not isinstance(value, str):
             raise MappingError("invalid_answer", "expected a date")
-        date = normalize.normalize_date(value)
+        parsed = normalize.parse_date(value, date_order=profile.date_order)
+        if parsed.time_dropped and notes is not None:
+            notes.append(TIME_DROPPED)
+        date = parsed.value.isoformat()
         return {"valueDate": date}, date
     if t == "dateTime":
         if not isinstance(value, str):
@@ -684,7 +732,10 @@ def _normalize_scope(
         if item.repeats:
             values = value if isinstance(value, list) else [value]
             for i, v in enumerate(values):
-                got = problems.run(f"{here}[{i}]", _answer_value, item, v, profile, maps)
+                notes: list[tuple[str, str]] = []
+                got = problems.run(f"{here}[{i}]", _answer_value, item, v, profile, maps, notes)
+                for code, message in notes:
+                    problems.note(f"{here}[{i}]", code, message)
                 if got is not None and got not in [(a, n) for a, n in answer.values]:
                     answer.values.append(got)
         elif isinstance(value, list):
@@ -695,7 +746,10 @@ def _normalize_scope(
             )
             continue
         else:
-            got = problems.run(here, _answer_value, item, value, profile, maps)
+            notes = []
+            got = problems.run(here, _answer_value, item, value, profile, maps, notes)
+            for code, message in notes:
+                problems.note(here, code, message)
             if got is not None:
                 answer.values.append(got)
         if answer.values:
@@ -874,10 +928,7 @@ def intake_to_patient(
     patient["name"] = [name]
     telecom: list[dict[str, Any]] = []
     if p.phone:
-        phone: dict[str, Any] = {"system": "phone", "value": p.phone}
-        if phone_use:
-            phone["use"] = phone_use
-        telecom.append(phone)
+        telecom.append(phone_contact_point(p.phone, use=phone_use))
     if p.email:
         telecom.append({"system": "email", "value": p.email})
     if telecom:

@@ -7,12 +7,13 @@ add the location (``ProblemCollector.run("patient.phone", normalize_phone, raw)`
 
 Codes raised, by function::
 
-    normalize_phone          missing_phone, invalid_phone, phone_has_extension
+    normalize_phone          missing_phone, invalid_phone           (parse_phone too)
     normalize_state          missing_state, invalid_state
     normalize_postal_code    missing_postal_code, invalid_postal_code
     normalize_birth_date     missing_date, incomplete_date, ambiguous_date, invalid_date,
-                             birth_date_in_future, birth_date_too_old
+                             birth_date_in_future, birth_date_too_old (parse_birth_date too)
     normalize_date           missing_date, incomplete_date, ambiguous_date, invalid_date
+                                                                    (parse_date too)
     normalize_email          missing_email, invalid_email
     normalize_name           missing_name, invalid_name
     parse_datetime           missing_datetime, missing_timezone, invalid_datetime
@@ -31,6 +32,8 @@ import datetime as dt
 import re
 import unicodedata
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
 
 import idna
 import phonenumbers
@@ -39,6 +42,9 @@ from us import states as us_states
 from mappers.errors import MappingError
 
 __all__ = [
+    "DateOrder",
+    "ParsedDate",
+    "PhoneNumber",
     "normalize_birth_date",
     "normalize_date",
     "normalize_email",
@@ -46,7 +52,10 @@ __all__ = [
     "normalize_phone",
     "normalize_postal_code",
     "normalize_state",
+    "parse_birth_date",
+    "parse_date",
     "parse_datetime",
+    "parse_phone",
     "to_fhir_instant",
 ]
 
@@ -84,68 +93,100 @@ def _visible(raw: str) -> str:
 # Phone
 # --------------------------------------------------------------------------------------------
 
-# RFC 3966 URI prefix, which phonenumbers also understands; we strip it so the character check
-# below sees only the number.
-_TEL_PREFIX_RE = re.compile(r"\s*tel:", re.IGNORECASE)
-# An extension at the end: "x123", "ext. 5", "extension 22", "#5", ";ext=5". phonenumbers
-# parses these into PhoneNumber.extension, which E.164 cannot carry.
-_PHONE_EXTENSION_RE = re.compile(
-    r"(?:;\s*ext\s*=|#|x|ext\.?|extn\.?|extension)\s*[0-9]+\s*$", re.IGNORECASE
+# An extension at the end, in the spellings libphonenumber parses in English and RFC 3966:
+# "x123", "ext. 5", "extn 5", "extension 22", "#5", ",5", ";ext=5". Only used to set the
+# extension aside before looking for letters in the number itself; phonenumbers parses it.
+_PHONE_EXTENSION_TAIL_RE = re.compile(
+    r"(?:;\s*ext\s*=|(?:ext(?:ension|n)?|x)\.?\s*:?|[#,;])\s*[0-9]+\s*#?\s*$", re.IGNORECASE
 )
-# What a phone number may be written with. Letters are refused on purpose: phonenumbers drops
-# leading words ("call 415...") and turns trailing ones into keypad digits ("... home" ->
-# "4663", "1-800-FLOWERS"), so free text would silently become a different number. Non-ASCII
-# digits (Arabic-Indic, full-width) are let through: phonenumbers maps them to ASCII.
-_PHONE_CHARS_RE = re.compile(r"\+?[\d\s().\-/\[\]\u2010-\u2015\u2212\ufe63\uff0d]+")
+_TEL_URI_RE = re.compile(r"\s*tel:", re.IGNORECASE)
+_LETTER_OR_DIGIT_RE = re.compile(r"[^\W_]")
+_ASCII_LETTER_RE = re.compile(r"[A-Za-z]")
+_POSSIBLE = frozenset(
+    {
+        phonenumbers.ValidationResult.IS_POSSIBLE,
+        phonenumbers.ValidationResult.IS_POSSIBLE_LOCAL_ONLY,
+    }
+)
 
 
-def normalize_phone(raw: str, *, default_region: str = "US") -> str:
-    """Normalise a telephone number to E.164.
+@dataclass(frozen=True, slots=True)
+class PhoneNumber:
+    """A telephone number in E.164 and the extension dialled after it, if any.
 
-    Accepts national US forms (``(415) 555-2671``, ``415.555.2671``, ``1-415-555-2671``),
-    international forms with ``+`` (``+44 20 7946 0958``), the international dialling prefix
-    of ``default_region`` (``011 44 ...`` for the US), an RFC 3966 ``tel:`` prefix, surrounding
-    whitespace and Unicode dashes. The number must be *valid* for its region according to
-    libphonenumber metadata, not only of a possible length: ``555-1234`` would otherwise
-    format as ``+15551234``.
+    Attributes:
+        e164: ``+`` and the country code and national number, e.g. ``+14155552671``.
+        extension: the extension's digits as typed (``"12"``, ``"0012"``), or None.
+    """
 
-    Spec: ITU-T E.164. FHIR only recommends a leading ``+`` in ``ContactPoint.value`` for
-    ``system = phone``; E.164 is the gateway's choice so that EHR-side matching is exact.
+    e164: str
+    extension: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The number as one string: ``+14155552671``, or with its extension as the RFC 3966
+        parameter, ``+14155552671;ext=12`` (how the canonical contracts carry it)."""
+        return f"{self.e164};ext={self.extension}" if self.extension else self.e164
+
+    @classmethod
+    def from_text(cls, text: str) -> PhoneNumber:
+        """The inverse of :attr:`text` (for a value :func:`normalize_phone` returned)."""
+        number, _, extension = text.partition(";ext=")
+        return cls(number, extension or None)
+
+
+def parse_phone(raw: str, *, default_region: str = "US") -> PhoneNumber:
+    """Parse a telephone number with libphonenumber into E.164 and an extension.
+
+    Accepts what libphonenumber (``phonenumbers.parse``) makes a *valid* number of (valid for
+    its region per libphonenumber metadata, not only of a possible length: ``555-1234``
+    would otherwise format as ``+15551234``):
+
+    * national US forms (``(415) 555-2671``, ``415.555.2671``, ``1-415-555-2671``),
+      international forms with ``+`` (``+44 20 7946 0958``) or ``default_region``'s
+      international dialling prefix (``011 44 ...`` for the US), Unicode dashes and
+      non-ASCII digits;
+    * an extension after the number: ``x12``, ``ext. 12``, ``extension 12``, ``#12``,
+      ``,12`` (a dialler's pause), kept apart from the number;
+    * RFC 3966 ``tel:`` URIs, global (``tel:+1-415-555-2671;ext=12``) or local with a
+      ``phone-context`` (``tel:555-2671;phone-context=+1-415``);
+    * vanity numbers, whose letters are keypad digits (``1-800-FLOWERS`` is
+      ``+18003569377``, ITU-T E.161), and a label before the number (``cell: 415...``),
+      which libphonenumber skips.
+
+    Letters *after* a complete number (``415-555-2671 home``, or ``212-2671 cel``, a 7-digit
+    local number) are refused even where libphonenumber would read them as keypad digits:
+    they are a word the patient added, and the digits they make would be a different number.
+
+    Spec: ITU-T E.164; RFC 3966 (``tel`` URI, ``ext`` parameter); ITU-T E.161 (letters on
+    the keypad). FHIR only recommends a leading ``+`` in ``ContactPoint.value``; E.164 is the
+    gateway's choice so that EHR-side matching is exact.
 
     Args:
         raw: the number as typed.
         default_region: ISO 3166-1 alpha-2 region used when ``raw`` has no ``+``.
 
     Returns:
-        ``+`` followed by the country code and national number, e.g. ``+14155552671``.
+        The :class:`PhoneNumber`.
 
     Raises:
-        MappingError: ``missing_phone`` when empty or blank; ``phone_has_extension`` when an
-            extension (``x123``, ``ext. 5``, ``#5``) is present, because E.164 cannot carry it
-            and dropping it silently would lose a digit string the caller meant to keep;
-            ``invalid_phone`` when it contains letters or other text, cannot be parsed, or is
-            not a valid number.
+        MappingError: ``missing_phone`` when empty or blank; ``invalid_phone`` when
+            libphonenumber cannot make a valid number of it (too short, too long, an
+            unassigned area code or exchange, free text), or words follow the number.
     """
     text = _visible(raw)
     if not text:
         raise MappingError("missing_phone", "A phone number is required.")
-    prefix = _TEL_PREFIX_RE.match(text)
-    if prefix is not None:
-        text = text[prefix.end() :]
-    if _PHONE_EXTENSION_RE.search(text) is not None:
-        raise _phone_extension_error()
-    if _PHONE_CHARS_RE.fullmatch(text) is None:
-        raise MappingError(
-            "invalid_phone",
-            "Expected a phone number made of digits, with an optional leading '+', spaces, "
-            "dashes, dots or parentheses.",
-        )
     try:
         number = phonenumbers.parse(text, default_region)
     except phonenumbers.NumberParseException as exc:
         raise _invalid_phone_error() from exc
-    if number.extension:
-        raise _phone_extension_error()
+    if _words_after_number(text, default_region):
+        raise MappingError(
+            "invalid_phone",
+            "Expected a phone number without words after it: letters are read as keypad "
+            "digits only where they complete the number, as in a vanity number.",
+        )
     if not phonenumbers.is_valid_number(number):
         reason = phonenumbers.is_possible_number_with_reason(number)
         if reason == phonenumbers.ValidationResult.IS_POSSIBLE:
@@ -157,7 +198,52 @@ def normalize_phone(raw: str, *, default_region: str = "US") -> str:
                 "digits, but its area code or exchange is not assigned.",
             )
         raise _invalid_phone_error()
-    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    return PhoneNumber(e164, number.extension or None)
+
+
+def normalize_phone(raw: str, *, default_region: str = "US") -> str:
+    """Normalise a telephone number to E.164, with its extension as ``;ext=``.
+
+    See :func:`parse_phone` for what is accepted and refused.
+
+    Returns:
+        ``+14155552671``, or ``+14155552671;ext=12`` when an extension was given
+        (:attr:`PhoneNumber.text`; :func:`mappers.patient.phone_contact_point` turns it into a
+        ContactPoint).
+
+    Raises:
+        MappingError: ``missing_phone`` or ``invalid_phone``, as :func:`parse_phone`.
+    """
+    return parse_phone(raw, default_region=default_region).text
+
+
+def _words_after_number(text: str, region: str) -> bool:
+    """True when letters follow digits that already make a possible number by themselves.
+
+    A vanity number's letters replace digits the number still needs (``1-800-`` is not a
+    number yet); a word after ``415-555-2671`` or ``555-2671`` does not.
+    """
+    uri = _TEL_URI_RE.match(text)
+    if uri is not None:
+        number_part = text[uri.end() :].split(";", 1)[0]
+    else:
+        number_part = _PHONE_EXTENSION_TAIL_RE.sub("", text)
+    first = _LETTER_OR_DIGIT_RE.search(number_part)
+    while first is not None and not first.group().isdigit():
+        # a label before the number ("cell: ...") is skipped, as libphonenumber does
+        first = _LETTER_OR_DIGIT_RE.search(number_part, first.end())
+    if first is None:
+        return False
+    letter = _ASCII_LETTER_RE.search(number_part, first.start())
+    if letter is None:
+        return False
+    head = number_part[: letter.start()]
+    try:
+        reason = phonenumbers.is_possible_number_with_reason(phonenumbers.parse(head, region))
+    except phonenumbers.NumberParseException:
+        return False
+    return reason in _POSSIBLE
 
 
 def _invalid_phone_error() -> MappingError:
@@ -165,13 +251,6 @@ def _invalid_phone_error() -> MappingError:
         "invalid_phone",
         "Expected a valid phone number: 10 digits for a US number, or '+' and the country "
         "code for an international one.",
-    )
-
-
-def _phone_extension_error() -> MappingError:
-    return MappingError(
-        "phone_has_extension",
-        "Expected a phone number without an extension; E.164 cannot carry one.",
     )
 
 
@@ -213,16 +292,52 @@ _STATE_ALIASES: dict[str, tuple[str, ...]] = {
     "WA": ("Washington State",),
 }
 
+# Traditional abbreviations with periods that the `us` data (AP style) does not carry: the
+# U.S. Government Publishing Office Style Manual's list (chapter 9, "Abbreviations and letter
+# symbols": Tex., Nebr., Oreg., N. Mex., Wis.) and older forms still seen on forms (Penna.,
+# Wisc., Kans.). Letters only, so they never collide with another state's code.
+_TRADITIONAL_ABBREVIATIONS: dict[str, tuple[str, ...]] = {
+    "CA": ("Cal.",),
+    "CO": ("Col.",),
+    "ID": ("Ida.",),
+    "IL": ("Ills.",),
+    "KS": ("Kans.", "Kas."),
+    "NE": ("Nebr.",),
+    "NM": ("N. Mex.",),
+    "NC": ("N. Car.",),
+    "ND": ("N. Dak.",),
+    "OR": ("Oreg.",),
+    "PA": ("Penn.", "Penna."),
+    "SC": ("S. Car.",),
+    "SD": ("S. Dak.",),
+    "TX": ("Tex.",),
+    "WI": ("Wisc.",),
+}
+
+#: Shortest misspelt name corrected (``Ohoi``, ``Iwoa``): in shorter text one edit is too
+#: much of the word to be sure.
+_STATE_TYPO_MIN_LENGTH = 4
+
 
 def _state_key(text: str) -> str:
     return _STATE_IGNORED_RE.sub("", text).casefold()
 
 
+def _state_places() -> list[us_states.State]:
+    # DC and the freely associated states are listed explicitly: whether DC is in
+    # STATES_AND_TERRITORIES has depended on the `us` version and on the DC_STATEHOOD
+    # environment variable, and FM, MH and PW are in USPS Publication 28 but only in
+    # ASSOCIATED_STATES.
+    places = [*us_states.STATES_AND_TERRITORIES, us_states.DC, *us_states.ASSOCIATED_STATES]
+    return [place for place in places if not place.is_obsolete]
+
+
 def _build_state_table() -> dict[str, str]:
     """Map every accepted spelling (as :func:`_state_key`) to its USPS code.
 
-    Exact keys only: `us.states.lookup` matches names by metaphone, so it turns ``Texs`` into
-    Texas, which is a guess we must not make with a patient's address.
+    Exact keys: `us.states.lookup` matches names by metaphone, so it turns ``Teksis`` into
+    Texas, a guess we must not make with a patient's address (misspellings are handled by
+    :func:`_state_within_one_edit`, which is much narrower).
     """
     table: dict[str, str] = {}
 
@@ -232,39 +347,81 @@ def _build_state_table() -> dict[str, str]:
             if table.setdefault(key, code) != code:
                 raise RuntimeError(f"state spelling {spelling!r} maps to two USPS codes")
 
-    # DC and the freely associated states are listed explicitly: whether DC is in
-    # STATES_AND_TERRITORIES has depended on the `us` version and on the DC_STATEHOOD
-    # environment variable, and FM, MH and PW are in USPS Publication 28 but only in
-    # ASSOCIATED_STATES.
-    places = [*us_states.STATES_AND_TERRITORIES, us_states.DC, *us_states.ASSOCIATED_STATES]
-    for place in places:
-        if place.is_obsolete:
-            continue
+    for place in _state_places():
         spellings = [place.abbr, place.name]
         if place.ap_abbr:
             spellings.append(place.ap_abbr)
         add(place.abbr, spellings)
     for code, names in _MILITARY_STATES.items():
         add(code, (code, *names))
-    for code, names in _STATE_ALIASES.items():
+    for code, names in (*_STATE_ALIASES.items(), *_TRADITIONAL_ABBREVIATIONS.items()):
         add(code, names)
     return table
 
 
 _STATE_CODES: dict[str, str] = _build_state_table()
+#: FIPS PUB 5-2 / INCITS 38 numeric codes (two digits, from the `us` data): 06 -> CA.
+_STATE_FIPS: dict[str, str] = {p.fips: p.abbr for p in _state_places() if p.fips}
+#: The names a misspelling may be corrected to: full names, not codes or abbreviations.
+_STATE_NAMES: tuple[tuple[str, str], ...] = tuple(
+    (_state_key(name), code)
+    for code, name in [
+        *((p.abbr, p.name) for p in _state_places()),
+        *((code, n) for code, names in _MILITARY_STATES.items() for n in names),
+        *((code, n) for code, names in _STATE_ALIASES.items() for n in names if not n.isupper()),
+    ]
+)
+
+
+def _one_edit_apart(a: str, b: str) -> bool:
+    """True when ``b`` is ``a`` with one letter inserted, deleted, replaced, or two
+    neighbouring letters swapped (optimal string alignment distance 1)."""
+    if abs(len(a) - len(b)) > 1 or a == b:
+        return False
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return len(diff) == 1 or (
+            len(diff) == 2
+            and diff[1] == diff[0] + 1
+            and (a[diff[0]], a[diff[1]]) == (b[diff[1]], b[diff[0]])
+        )
+    short, long = (a, b) if len(a) < len(b) else (b, a)
+    i = 0
+    while i < len(short) and short[i] == long[i]:
+        i += 1
+    return short[i:] == long[i + 1 :]
+
+
+def _state_within_one_edit(key: str) -> set[str]:
+    """The USPS codes of the state names one edit away from ``key`` (letters only)."""
+    if len(key) < _STATE_TYPO_MIN_LENGTH or not key.isalpha():
+        return set()
+    return {code for name, code in _STATE_NAMES if _one_edit_apart(key, name)}
 
 
 def normalize_state(raw: str) -> str:
     """Normalise a US state, district, territory or military code to its USPS code.
 
-    Accepts, in any case and with extra spaces, periods or commas: two-letter codes (``tx``,
-    ``N.Y.``, ``D.C.``), full names (``New  York``, ``district of columbia``,
-    ``Washington DC``, ``Puerto Rico``), AP style abbreviations (``Calif.``), the territories
-    (AS, GU, MP, PR, VI), the freely associated states (FM, MH, PW) and the military codes
-    AA, AE and AP. Matching is exact: misspellings are rejected, never guessed.
+    Accepts, in any case and with extra spaces, periods or commas:
+
+    * two-letter USPS codes (``tx``, ``N.Y.``, ``D.C.``), including the territories (AS,
+      GU, MP, PR, VI), the freely associated states (FM, MH, PW) and the military codes AA,
+      AE and AP;
+    * full names (``New  York``, ``district of columbia``, ``Washington DC``,
+      ``Puerto Rico``, ``Armed Forces Europe``);
+    * abbreviations with periods: AP style (``Calif.``, ``W.Va.``) and the traditional GPO
+      forms (``Tex.``, ``Nebr.``, ``N. Mex.``, ``Penna.``);
+    * two-digit FIPS state codes (``06`` California, ``25`` Massachusetts, ``72`` Puerto
+      Rico; FIPS PUB 5-2, as in Census and CMS files);
+    * a name with one typo (a letter added, missing, wrong, or two neighbouring letters
+      swapped: ``Texs``, ``Calfornia``, ``Virgina``, ``Ohoi``) when exactly one state's
+      name is that close, the text has only letters and at least 4 of them.
+
+    Anything else is refused, never guessed: a misspelt code (``TXX``), a name two edits
+    away, one typo that is as close to two names, a one-digit or unknown FIPS code.
 
     Spec: USPS Publication 28, Appendix B; US Core binds ``Patient.address.state`` to the
-    USPS code system (``us-core-usps-state``, extensible).
+    USPS code system (``us-core-usps-state``, extensible); FIPS PUB 5-2.
 
     Args:
         raw: the state as typed.
@@ -274,19 +431,29 @@ def normalize_state(raw: str) -> str:
 
     Raises:
         MappingError: ``missing_state`` when empty or blank; ``invalid_state`` when it is not
-            a known USPS code or name (``Texs``, ``XX``, ``Ontario``).
+            a known USPS code, FIPS code or name, nor one typo away from exactly one name
+            (``XX``, ``Ontario``, ``Tejas``, ``6``).
     """
     key = _state_key(_visible(raw))
     if not key:
         raise MappingError("missing_state", "A US state is required.")
-    code = _STATE_CODES.get(key)
-    if code is None:
+    code = _STATE_CODES.get(key) or _STATE_FIPS.get(key)
+    if code is not None:
+        return code
+    close = _state_within_one_edit(key)
+    if len(close) == 1:
+        return close.pop()
+    if close:
         raise MappingError(
             "invalid_state",
-            "Expected a USPS two-letter code or the full name of a US state, territory or "
-            "military region.",
+            "Expected a US state: this is one typo away from more than one state's name, "
+            "so which one is meant is not known.",
         )
-    return code
+    raise MappingError(
+        "invalid_state",
+        "Expected a USPS two-letter code, a two-digit FIPS code, or the name of a US state, "
+        "territory or military region.",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,15 +497,21 @@ def normalize_postal_code(raw: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Birth date
+# Dates
 # --------------------------------------------------------------------------------------------
+
+#: The order of day, month and year in numeric dates whose numbers alone do not say it
+#: (``01/02/2003``): month first, day first, or year first.
+DateOrder = Literal["MDY", "DMY", "YMD"]
 
 _BIRTH_DATE_MAX_AGE_YEARS = 130
 
-# Year first: 1990-04-01, 1990/04/01, 1990.4.1 (one separator throughout).
-_YMD_RE = re.compile(r"([0-9]{4})([-/.])([0-9]{1,2})\2([0-9]{1,2})")
-# Month first (US order): 04/01/1990, 4-1-1990, 04.01.1990.
-_MDY_RE = re.compile(r"([0-9]{1,2})([-/.])([0-9]{1,2})\2([0-9]{4})")
+# Year first: 1990-04-01, 1990/04/01, 1990.4.1, 1990 4 1 (one separator throughout).
+_YMD_RE = re.compile(r"([0-9]{4})([-/. ])([0-9]{1,2})\2([0-9]{1,2})")
+# Year last: 04/01/1990, 25.09.2003, 4-1-1990 (month or day first: see _year_last_date).
+_YEAR_LAST_RE = re.compile(r"([0-9]{1,2})([-/. ])([0-9]{1,2})\2([0-9]{4})")
+# Spaces around a numeric separator: "04 / 01 / 1990".
+_SPACED_SEPARATOR_RE = re.compile(r"\s*([-/.])\s*")
 # ISO 8601 basic: 19900401.
 _COMPACT_RE = re.compile(r"([0-9]{4})([0-9]{2})([0-9]{2})")
 # ISO 8601 / RFC 3339 date-time: groups are year, month, day, hour, minute, second, fraction,
@@ -348,9 +521,20 @@ _ISO_DATETIME_RE = re.compile(
     r"(?::([0-9]{2})(?:[.,]([0-9]+))?)?"
     r"(?:([Zz])|([+-])([0-9]{2})(?::?([0-9]{2}))?)?"
 )
+# A local time after any other date form: "9/25/2003 10:49", "25 Sep 2003, 10:49:07",
+# "9/25/2003 12:00:00 AM" (spreadsheet exports). Groups: date, hour, minute, second,
+# fraction, a/p.
+_TRAILING_TIME_RE = re.compile(
+    r"(.+?)[\s,]+(?:at\s+)?([0-9]{1,2}):([0-9]{2})(?::([0-9]{2})(?:[.,]([0-9]+))?)?"
+    r"(?:\s*([AaPp])\.?\s*[Mm]\.?)?",
+    re.IGNORECASE,
+)
 _MAX_OFFSET_HOURS = 14  # UTC+14 (Line Islands) and UTC-12 are the real extremes
+# The UTC offsets in use, in minutes (-12:00 to +14:00; every real one is a multiple of 15).
+_REAL_OFFSETS_MIN = range(-12 * 60, 14 * 60 + 1, 15)
+_MINUTES_PER_DAY = 24 * 60
 # Two-digit years (04/01/90, 90-04-01) and six digits (900401 or 040190).
-_TWO_DIGIT_YEAR_RE = re.compile(r"[0-9]{1,2}([-/.])[0-9]{1,2}\1[0-9]{2}|[0-9]{6}")
+_TWO_DIGIT_YEAR_RE = re.compile(r"[0-9]{1,2}([-/. ])[0-9]{1,2}\1[0-9]{2}|[0-9]{6}")
 # A year, or a year and a month, without a day: 1990, 1990-04, 04/1990.
 _PARTIAL_DATE_RE = re.compile(r"[0-9]{4}(?:[-/.][0-9]{1,2})?|[0-9]{1,2}[-/.][0-9]{4}")
 _HAS_LETTER_RE = re.compile(r"[A-Za-z]")
@@ -377,112 +561,241 @@ _MONTHS: dict[str, int] = {
     **{name[:3]: number for number, name in enumerate(_MONTH_NAMES, start=1)},
     "sept": 9,
 }
+# Weekday names (0 = Monday, as date.weekday()); a date that names one must fall on it.
+_WEEKDAYS: dict[str, int] = {
+    **{
+        name: number
+        for number, names in enumerate(
+            (
+                ("monday", "mon"),
+                ("tuesday", "tue", "tues"),
+                ("wednesday", "wed"),
+                ("thursday", "thu", "thur", "thurs"),
+                ("friday", "fri"),
+                ("saturday", "sat"),
+                ("sunday", "sun"),
+            )
+        )
+        for name in names
+    }
+}
+# Words that may stand between the parts: "3rd of May 2001", "the 3rd of May, 2001".
+_DATE_FILLER_WORDS = frozenset({"of", "the"})
 
 
-def normalize_birth_date(raw: str, *, today: dt.date | None = None) -> str:
-    """Normalise a birth date to a FHIR ``date`` with day precision.
+@dataclass(frozen=True, slots=True)
+class ParsedDate:
+    """A calendar date read from text.
 
-    Accepted forms (surrounding whitespace ignored):
+    Attributes:
+        value: the date.
+        time_dropped: the text gave a time of day other than midnight (a date-time), which
+            a FHIR ``date`` cannot keep: the caller says so (a warning, the Provenance).
+    """
 
-    * year first: ``1990-04-01``, ``1990-4-1``, ``1990/04/01``, ``1990.04.01``;
-    * ISO 8601 basic: ``19900401``;
-    * numeric forms that do not start with a 4-digit year are read in US order, month first:
-      ``04/01/1990``, ``4/1/1990``, ``04-01-1990``, ``04.01.1990`` are all 1 April 1990;
-    * English month names, full or abbreviated, in any order with a 4-digit year:
-      ``April 1, 1990``, ``Apr 1 1990``, ``1 April 1990``, ``1st Apr. 1990``, ``01-APR-1990``;
-    * ISO 8601 date-times, whose date part is used as written when no time zone conversion
-      can have moved it: without an offset (``1990-04-01T00:00:00``), or at exactly midnight
-      with any offset (``1990-04-01T00:00:00Z``, how date-only values are serialised). A
-      non-midnight time with an offset (``1990-03-31T22:00:00Z``) is typically local midnight
-      converted to UTC, so the calendar date cannot be known.
+    value: dt.date
+    time_dropped: bool = False
 
-    Intake needs day precision, so the partial FHIR forms ``YYYY`` and ``YYYY-MM`` are refused.
+
+def parse_date(raw: str, *, date_order: DateOrder | None = None) -> ParsedDate:
+    """Read a calendar date, accepting every written form that has exactly one reading.
+
+    Accepted (surrounding whitespace ignored):
+
+    * year first: ``1990-04-01``, ``1990-4-1``, ``1990/04/01``, ``1990.04.01``; ISO 8601
+      basic ``19900401`` (8 digits are always read year first);
+    * year last, ``a/b/YYYY`` with ``/``, ``-``, ``.`` or a space between the numbers:
+      read month first and day first, a form with one real date (``25/09/2003`` can only
+      be 25 September; ``05/05/2003`` reads the same both ways) is that date. A form that
+      is a real date both ways (``01/02/2003``, ``10.09.2003``) is read in ``date_order``
+      (``MDY`` or ``DMY``); without one, the US forms with ``/`` or ``-`` are read month
+      first, and the others (``.`` as in Germany, a space) are refused;
+    * English month names, full or abbreviated, in any order with the day and a 4-digit
+      year: ``April 1, 1990``, ``1 Apr 1990``, ``1st Apr. 1990``, ``01-APR-1990``,
+      ``3rd of May 2001``, ``Sunday, April 1, 1990`` (the weekday must be that date's);
+    * a date-time: ISO 8601 (``2003-09-25T10:49:00Z``, ``2003-09-25 10:49``) or any form
+      above followed by a local time (``9/25/2003 10:49``, ``9/25/2003 12:00:00 AM``). The
+      date is kept as written and ``time_dropped`` says a time other than midnight was
+      given. With a UTC offset and a time that is midnight in another real time zone
+      (``1990-03-31T22:00:00Z`` is midnight of 1 April at +02:00), the text has two
+      readings: the date written, or a local date converted to UTC (as JavaScript's
+      ``toISOString`` does); it is refused. A time at midnight (``T00:00:00Z``, how
+      date-only values are serialised) has one reading.
+
+    Refused because they have two readings or more: two-digit years (``01/02/03``,
+    ``Apr 1 90``: the century is not known, nor the order of the numbers), and the cases
+    above. The messages name both readings by their pattern (month first ``MM/DD/YYYY`` or
+    day first ``DD/MM/YYYY``), never by the value.
+
+    Spec: ISO 8601; FHIR R4 ``date`` (https://hl7.org/fhir/R4/datatypes.html#date).
+
+    Args:
+        raw: the date as typed.
+        date_order: the form's order for dates a year-last form leaves open (a profile's
+            ``date_order``); ``YMD`` settles nothing for year-last forms.
+
+    Returns:
+        The :class:`ParsedDate`.
+
+    Raises:
+        MappingError: ``missing_date`` when empty or blank; ``incomplete_date`` without a day
+            or year (``1990``, ``April 1990``, ``April 1``); ``ambiguous_date`` when it has
+            two readings (above); ``invalid_date`` for impossible dates (``02/30/1990``,
+            ``13/25/1990``), a weekday that is not the date's, and unparseable text.
+    """
+    text = _visible(raw)
+    if not text:
+        raise MappingError("missing_date", "A date is required.")
+    return _parse_date(text, date_order)
+
+
+def normalize_date(raw: str, *, date_order: DateOrder | None = None) -> str:
+    """Normalise a calendar date answer (not a birth date) to a FHIR ``date``.
+
+    Accepts what :func:`parse_date` accepts; a time of day is dropped (use
+    :func:`parse_date` to know whether one was).
+
+    Returns:
+        ``YYYY-MM-DD``.
+
+    Raises:
+        MappingError: as :func:`parse_date`.
+    """
+    return parse_date(raw, date_order=date_order).value.isoformat()
+
+
+def parse_birth_date(
+    raw: str, *, today: dt.date | None = None, date_order: DateOrder | None = None
+) -> ParsedDate:
+    """Read a birth date (:func:`parse_date`) and check that it is plausible.
+
+    Intake needs day precision, so the partial FHIR forms ``YYYY`` and ``YYYY-MM`` are
+    refused.
 
     Spec: FHIR R4 ``date`` (https://hl7.org/fhir/R4/datatypes.html#date), used by
-    ``Patient.birthDate`` (US Core must-support).
+    ``Patient.birthDate`` (US Core must-support), which has no time.
 
     Args:
         raw: the birth date as typed.
         today: the reference date for the range checks; defaults to ``date.today()`` (the
             server's local date). A ``datetime`` is reduced to its date.
+        date_order: as :func:`parse_date`.
 
     Returns:
-        ``YYYY-MM-DD``.
+        The :class:`ParsedDate` (``time_dropped`` when a time of birth was given).
 
     Raises:
-        MappingError: ``missing_date`` when empty or blank; ``incomplete_date`` without a day
-            or year (``1990``, ``April 1990``, ``April 1``); ``ambiguous_date`` for two-digit
-            years (``04/01/90``) and other forms whose order cannot be known;
-            ``invalid_date`` for impossible dates (``02/30/1990``, ``13/25/1990``: a
-            day-first date where month first is expected) and unparseable text;
-            ``birth_date_in_future`` when after ``today``; ``birth_date_too_old`` when more
-            than 130 years before ``today``.
+        MappingError: ``missing_date``, ``incomplete_date``, ``ambiguous_date`` or
+            ``invalid_date`` as :func:`parse_date`; ``birth_date_in_future`` when after
+            ``today``; ``birth_date_too_old`` when more than 130 years before ``today``.
     """
     text = _visible(raw)
     if not text:
         raise MappingError("missing_date", "A birth date is required.")
-    value = _parse_date(text)
-    return _check_birth_date_range(value, today).isoformat()
+    parsed = _parse_date(text, date_order)
+    _check_birth_date_range(parsed.value, today)
+    return parsed
 
 
-def normalize_date(raw: str) -> str:
-    """Normalise a calendar date answer (not a birth date) to a FHIR ``date``.
-
-    Accepts the same forms as :func:`normalize_birth_date` (ISO, US month-first, month
-    names, ``YYYYMMDD``) without the birth-date range checks.
+def normalize_birth_date(
+    raw: str, *, today: dt.date | None = None, date_order: DateOrder | None = None
+) -> str:
+    """Normalise a birth date to a FHIR ``date`` with day precision (:func:`parse_birth_date`).
 
     Returns:
         ``YYYY-MM-DD``.
 
     Raises:
-        MappingError: ``missing_date``, ``incomplete_date``, ``ambiguous_date`` or
-            ``invalid_date``, as for :func:`normalize_birth_date`.
+        MappingError: as :func:`parse_birth_date`.
     """
-    text = _visible(raw)
-    if not text:
-        raise MappingError("missing_date", "A date is required.")
-    return _parse_date(text).isoformat()
+    return parse_birth_date(raw, today=today, date_order=date_order).value.isoformat()
 
 
-def _parse_date(text: str) -> dt.date:
-    match = _YMD_RE.fullmatch(text)
+def _parse_date(text: str, order: DateOrder | None) -> ParsedDate:
+    if ":" in text:  # a time of day: every date-time form has one
+        match = _ISO_DATETIME_RE.fullmatch(text)
+        if match is not None:
+            return _date_from_iso_datetime(match)
+        match = _TRAILING_TIME_RE.fullmatch(text)
+        if match is not None:
+            date_text, hour, minute, second, fraction, half = match.groups()
+            at_midnight = _check_local_time(hour, minute, second, fraction, half)
+            value = _parse_calendar_date(date_text.strip(), order)
+            return ParsedDate(value, time_dropped=not at_midnight)
+    return ParsedDate(_parse_calendar_date(text, order))
+
+
+def _parse_calendar_date(text: str, order: DateOrder | None) -> dt.date:
+    numeric = _SPACED_SEPARATOR_RE.sub(r"\1", text) if " " in text else text
+    match = _YMD_RE.fullmatch(numeric)
     if match is not None:
         year, _, month, day = match.groups()
         return _make_date(int(year), int(month), int(day), "YYYY-MM-DD")
-    match = _MDY_RE.fullmatch(text)
+    match = _YEAR_LAST_RE.fullmatch(numeric)
     if match is not None:
-        month, _, day, year = match.groups()
-        return _make_date(int(year), int(month), int(day), "MM/DD/YYYY")
-    match = _COMPACT_RE.fullmatch(text)
+        first, separator, second, year = match.groups()
+        return _year_last_date(int(first), int(second), int(year), separator, order)
+    match = _COMPACT_RE.fullmatch(numeric)
     if match is not None:
         year, month, day = match.groups()
-        return _make_date(int(year), int(month), int(day), "YYYYMMDD")
-    match = _ISO_DATETIME_RE.fullmatch(text)
-    if match is not None:
-        return _date_from_datetime(match)
-    if _TWO_DIGIT_YEAR_RE.fullmatch(text) is not None:
+        return _make_date(int(year), int(month), int(day), "YYYYMMDD, year first")
+    if _TWO_DIGIT_YEAR_RE.fullmatch(numeric) is not None:
         raise MappingError(
             "ambiguous_date",
-            "Expected a 4-digit year; a 2-digit year does not say the century. "
-            "Use YYYY-MM-DD or MM/DD/YYYY.",
+            "Expected a 4-digit year: with a 2-digit year the date has several readings "
+            "(19xx or 20xx, and which number is the day, the month and the year). Send "
+            "YYYY-MM-DD.",
         )
-    if _PARTIAL_DATE_RE.fullmatch(text) is not None:
+    if _PARTIAL_DATE_RE.fullmatch(numeric) is not None:
         raise _incomplete_date_error()
     if _HAS_LETTER_RE.search(text) is not None:
         return _parse_month_name_date(text)
     raise _unparseable_date_error()
 
 
+def _year_last_date(
+    first: int, second: int, year: int, separator: str, order: DateOrder | None
+) -> dt.date:
+    """``first/second/year``: the one reading, or the reading ``order`` (or the US default
+    for ``/`` and ``-``) picks when month first and day first are both real dates."""
+    month_first = _date_or_none(year, first, second)
+    day_first = _date_or_none(year, second, first)
+    s = separator
+    if month_first is None:
+        if day_first is None:
+            raise MappingError(
+                "invalid_date",
+                f"Expected a real calendar date: neither month first (MM{s}DD{s}YYYY) nor "
+                f"day first (DD{s}MM{s}YYYY) is a day that exists.",
+            )
+        return day_first
+    if day_first is None or day_first == month_first:
+        return month_first
+    if order is None and separator in "/-":
+        order = "MDY"  # the US forms
+    if order == "MDY":
+        return month_first
+    if order == "DMY":
+        return day_first
+    raise MappingError(
+        "ambiguous_date",
+        f"Expected a date with one reading: this one is a real date both month first "
+        f"(MM{s}DD{s}YYYY) and day first (DD{s}MM{s}YYYY). Send it as YYYY-MM-DD, or set "
+        "date_order in the form's profile.",
+    )
+
+
+def _date_or_none(year: int, month: int, day: int) -> dt.date | None:
+    if year < 1 or not 1 <= month <= 12 or not 1 <= day <= _days_in_month(year, month):
+        return None
+    return dt.date(year, month, day)
+
+
 def _make_date(year: int, month: int, day: int, expected: str) -> dt.date:
     if not 1 <= month <= 12:
-        if expected == "MM/DD/YYYY":
-            message = (
-                "Expected the month first (MM/DD/YYYY); the first number is not a month "
-                "(1-12). Day-first dates are not accepted."
-            )
-        else:
-            message = f"Expected a real calendar date ({expected}); the month is not 1-12."
-        raise MappingError("invalid_date", message)
+        raise MappingError(
+            "invalid_date", f"Expected a real calendar date ({expected}); the month is not 1-12."
+        )
     if year < 1 or not 1 <= day <= _days_in_month(year, month):
         raise MappingError(
             "invalid_date",
@@ -498,7 +811,24 @@ def _days_in_month(year: int, month: int) -> int:
     return 30 if month in (4, 6, 9, 11) else 31
 
 
-def _date_from_datetime(match: re.Match[str]) -> dt.date:
+def _check_local_time(
+    hour: str, minute: str, second: str | None, fraction: str | None, half: str | None
+) -> bool:
+    """Check a wall-clock time (24-hour, or 12-hour with AM/PM); True at midnight."""
+    hour_i, minute_i, second_i = int(hour), int(minute), int(second or 0)
+    if half is not None:
+        valid_hour = 1 <= hour_i <= 12
+        hour_i = hour_i % 12 + (12 if half.lower() == "p" else 0)
+    else:
+        valid_hour = hour_i <= 23
+    if not valid_hour or minute_i > 59 or second_i > 59:
+        raise MappingError(
+            "invalid_date", "Expected a date; the time after it is not a valid time of day."
+        )
+    return hour_i == 0 and minute_i == 0 and second_i == 0 and not (fraction or "").strip("0")
+
+
+def _date_from_iso_datetime(match: re.Match[str]) -> ParsedDate:
     year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = match.groups()
     hour_i, minute_i, second_i = int(hour), int(minute), int(second or 0)
     if hour_i > 23 or minute_i > 59 or second_i > 59:
@@ -509,23 +839,42 @@ def _date_from_datetime(match: re.Match[str]) -> dt.date:
         raise MappingError(
             "invalid_date", "Expected a date (YYYY-MM-DD); the UTC offset is not valid."
         )
-    has_offset = zulu is not None or sign is not None
+    value = _make_date(int(year), int(month), int(day), "YYYY-MM-DD")
     at_midnight = (
         hour_i == 0 and minute_i == 0 and second_i == 0 and not (fraction or "").strip("0")
     )
-    if has_offset and not at_midnight:
-        raise MappingError(
-            "ambiguous_date",
-            "Expected a date (YYYY-MM-DD); a date-time with a UTC offset and a time other "
-            "than midnight may have been shifted by a time zone conversion.",
-        )
-    return _make_date(int(year), int(month), int(day), "YYYY-MM-DD")
+    if at_midnight:
+        return ParsedDate(value)
+    if zulu is not None or sign is not None:
+        offset_min = 0 if zulu is not None else int(off_h) * 60 + int(off_m or 0)
+        if sign == "-":
+            offset_min = -offset_min
+        whole_minute = second_i == 0 and not (fraction or "").strip("0")
+        if whole_minute and _midnight_of_another_day(hour_i * 60 + minute_i, offset_min):
+            raise MappingError(
+                "ambiguous_date",
+                "Expected a date: this date-time is midnight in another time zone, so it may "
+                "be a date converted to UTC (as JavaScript's toISOString does), which moves it "
+                "to the day before or after. Send the date alone (YYYY-MM-DD).",
+            )
+    return ParsedDate(value, time_dropped=True)
+
+
+def _midnight_of_another_day(minute_of_day: int, offset_min: int) -> bool:
+    """True when the instant ``minute_of_day`` at UTC ``offset_min`` is local midnight, on
+    another calendar day, at some real UTC offset (-12:00 to +14:00)."""
+    for other in _REAL_OFFSETS_MIN:
+        local = minute_of_day - offset_min + other
+        if local != 0 and local % _MINUTES_PER_DAY == 0:
+            return True
+    return False
 
 
 def _parse_month_name_date(text: str) -> dt.date:
     if _MONTH_FORM_CHARS_RE.fullmatch(text) is None:
         raise _unparseable_date_error()
     month = 0
+    weekday: int | None = None
     numbers: list[str] = []
     for digits, ordinal, word in _MONTH_FORM_TOKEN_RE.findall(text):
         if digits:
@@ -533,9 +882,15 @@ def _parse_month_name_date(text: str) -> dt.date:
                 raise _unparseable_date_error()
             numbers.append(digits)
             continue
-        month_number = _MONTHS.get(word.lower())
+        lowered = word.lower()
+        if lowered in _DATE_FILLER_WORDS:
+            continue
+        if lowered in _WEEKDAYS and weekday is None:
+            weekday = _WEEKDAYS[lowered]
+            continue
+        month_number = _MONTHS.get(lowered)
         if month_number is None or month:
-            # Another word (a weekday, a place) or a second month: not a date we can trust.
+            # Another word (a place) or a second month: not a date we can trust.
             raise _unparseable_date_error()
         month = month_number
     if not month:
@@ -547,11 +902,18 @@ def _parse_month_name_date(text: str) -> dt.date:
     years = [n for n in numbers if len(n) == 4]
     days = [n for n in numbers if len(n) <= 2]
     if len(years) == 1 and len(days) == 1:
-        return _make_date(int(years[0]), month, int(days[0]), "Month D, YYYY")
+        value = _make_date(int(years[0]), month, int(days[0]), "Month D, YYYY")
+        if weekday is not None and value.weekday() != weekday:
+            raise MappingError(
+                "invalid_date",
+                "Expected a date whose day of the week is the one given; they do not match, "
+                "so which is right is not known.",
+            )
+        return value
     if len(days) == 2:
         raise MappingError(
             "ambiguous_date",
-            "Expected a 4-digit year; a 2-digit year does not say the century.",
+            "Expected a 4-digit year: with a 2-digit year the century (19xx or 20xx) is not known.",
         )
     raise _unparseable_date_error()
 
@@ -585,7 +947,7 @@ def _years_before(day: dt.date, years: int) -> dt.date:
 def _incomplete_date_error() -> MappingError:
     return MappingError(
         "incomplete_date",
-        "Expected a full birth date with day, month and year (YYYY-MM-DD).",
+        "Expected a full date with day, month and year (YYYY-MM-DD).",
     )
 
 

@@ -11,8 +11,9 @@ incoming has no value (or a placeholder:    existing kept
 birthsex ``UNK``, a data-absent birthDate)
 existing has no value (or a placeholder)    incoming set (a fill, no conflict)
 values equal, or saying the same (names:   nothing changes (an owner's or the same
-same family, given, prefix and suffix;      source's wording of it is kept)
-contact points: the same values)
+same family, given, prefix and suffix;      source's wording of it is kept); a phone
+contact points: the same values, a phone    extension only one side has is added to
+extension on one side only)                 the kept value (a fill, no conflict)
 same source as the existing value           incoming replaces it (a correction)
 incoming source owns the element            incoming replaces it; **conflict**: the
                                             existing value lost (``replaced_existing``)
@@ -29,6 +30,12 @@ Elements: ``name``, ``gender``, ``birthDate`` (with ``_birthDate``), ``birthsex`
 Core birthsex extension), ``address`` (compared per ``use``: ``address.home``,
 ``address.billing``; owning ``address`` owns every use), ``telecom.phone``,
 ``telecom.email``.
+
+A phone is its E.164 ``value`` plus, when one was given, its extension in the FHIR core
+extension ``contactpoint-extension`` on the ContactPoint (:func:`phone_contact_point`). The
+same number with and without an extension is the same line (the extension says where to
+go once connected), so it is one phone; the same number with two different extensions is
+a conflict.
 """
 
 from __future__ import annotations
@@ -43,6 +50,46 @@ Source = Literal["intake", "checkout"]
 US_CORE_BIRTHSEX = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex"
 
 ELEMENTS = ("name", "gender", "birthDate", "birthsex", "address", "telecom.phone", "telecom.email")
+
+#: FHIR core extension for "the number that may be dialed ... after successfully connecting
+#: to a private phone network" (valueString; R4 context: ContactPoint; "ContactPoint.value
+#: SHOULD still be populated"): http://hl7.org/fhir/R4/extension-contactpoint-extension.html
+CONTACTPOINT_EXTENSION = "http://hl7.org/fhir/StructureDefinition/contactpoint-extension"
+
+
+def phone_contact_point(number: str, *, use: str | None = None) -> dict[str, Any]:
+    """A normalized phone (``+14155552671`` or ``+14155552671;ext=12``, as
+    :func:`mappers.normalize.normalize_phone` returns) -> a FHIR ContactPoint.
+
+    ``value`` is the E.164 number alone, so EHRs that match or dial ``value`` get a number
+    they can use; the extension goes in the core ``contactpoint-extension`` extension
+    (:data:`CONTACTPOINT_EXTENSION`), as R4 has no element for it.
+
+    Args:
+        number: the normalized phone.
+        use: ``ContactPoint.use`` (home | work | temp | old | mobile), or None.
+
+    Returns:
+        ``{"extension": [...], "system": "phone", "value": "+14155552671", "use": ...}``.
+    """
+    e164, _, extension = number.partition(";ext=")
+    point: dict[str, Any] = {}
+    if extension:
+        point["extension"] = [{"url": CONTACTPOINT_EXTENSION, "valueString": extension}]
+    point["system"] = "phone"
+    point["value"] = e164
+    if use:
+        point["use"] = use
+    return point
+
+
+def phone_extension(point: Mapping[str, Any]) -> str | None:
+    """The extension of a phone ContactPoint (``contactpoint-extension``), or None."""
+    for ext in point.get("extension") or []:
+        if isinstance(ext, dict) and ext.get("url") == CONTACTPOINT_EXTENSION:
+            value = ext.get("valueString")
+            return value if isinstance(value, str) else None
+    return None
 
 
 @dataclass(frozen=True)
@@ -176,12 +223,47 @@ def says_the_same(element: str, a: Any, b: Any) -> bool:
 
         return sorted(map(name_key, a), key=repr) == sorted(map(name_key, b), key=repr)
     if element.startswith("telecom."):
-
-        def values(points: list[Any]) -> set[Any]:
-            return {p.get("value") for p in points if isinstance(p, dict)}
-
-        return values(a) == values(b)
+        extensions_a, extensions_b = _extensions_by_value(a), _extensions_by_value(b)
+        if extensions_a.keys() != extensions_b.keys():
+            return False
+        # the same number with an extension on one side only is the same line
+        return all(
+            not extensions_a[v] or not extensions_b[v] or extensions_a[v] == extensions_b[v]
+            for v in extensions_a
+        )
     return False
+
+
+def _extensions_by_value(points: list[Any]) -> dict[Any, set[str]]:
+    """ContactPoint value -> the phone extensions given with it."""
+    out: dict[Any, set[str]] = {}
+    for p in points:
+        if isinstance(p, dict):
+            extension = phone_extension(p)
+            out.setdefault(p.get("value"), set()).update([extension] if extension else [])
+    return out
+
+
+def with_details(element: str, kept: Any, other: Any) -> Any:
+    """``kept`` (a value that says the same as ``other``) with the detail only ``other``
+    has: a phone extension, for a ContactPoint of ``kept`` with the same value and none.
+    Other elements: ``kept`` unchanged."""
+    if not element.startswith("telecom.") or not isinstance(kept, list):
+        return kept
+    extensions = _extensions_by_value(other if isinstance(other, list) else [])
+    out = []
+    for point in kept:
+        found = extensions.get(point.get("value")) if isinstance(point, dict) else None
+        if found and len(found) == 1 and phone_extension(point) is None:
+            point = {
+                "extension": [
+                    *point.get("extension", []),
+                    {"url": CONTACTPOINT_EXTENSION, "valueString": next(iter(found))},
+                ],
+                **{k: v for k, v in point.items() if k != "extension"},
+            }
+        out.append(point)
+    return out
 
 
 def merge_patient(
@@ -231,10 +313,18 @@ def merge_patient(
             now_sources[element] = source
             continue
         if new == old or says_the_same(element, new, old):
-            if owned or now_sources.get(element, "unknown") == source:
-                if new != old:
-                    set_element(merged, element, copy.deepcopy(new))
+            same_source = now_sources.get(element, "unknown") == source
+            if owned or same_source:
+                # a correction by the same source is taken as sent; an owner's value keeps
+                # a detail only the other had (a phone extension)
+                value = new if same_source else with_details(element, new, old)
+                if value != old:
+                    set_element(merged, element, copy.deepcopy(value))
                 now_sources[element] = source
+            else:
+                value = with_details(element, old, new)
+                if value != old:
+                    set_element(merged, element, copy.deepcopy(value))
             continue
         old_source = now_sources.get(element, "unknown")
         if old_source == source:

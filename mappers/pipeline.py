@@ -26,6 +26,7 @@ from mappers.checkout import (
     checkout_to_medication_request,
     checkout_to_patient,
     parse_checkout,
+    payment_outcome,
     stripe_session_to_checkout,
 )
 from mappers.derived import intake_to_derived
@@ -38,6 +39,7 @@ from mappers.intake import (
     parse_intake_submission,
 )
 from mappers.profiles import CheckoutProfile, Plan, ProfileSet
+from mappers.profiles.checkout import PAYMENT_EVENTS
 from mappers.provenance import provenance_for
 from mappers.validation import resource_problems
 
@@ -155,18 +157,29 @@ def checkout_payload(data: Any, profiles: ProfileSet, *, kind: PayloadKind) -> d
 
 @dataclass
 class MappedCheckout:
-    """Everything one checkout maps to, and the profiles that mapped it."""
+    """Everything one checkout maps to, and the profiles that mapped it.
+
+    ``payment`` is ``paid`` or ``deferred`` (:func:`mappers.checkout.payment_outcome`; an
+    unpaid checkout is mapped as paid, for previews); ``medication_request`` is None for a
+    deferred checkout whose plan says ``deferred_payment: no_medication_request``.
+    """
 
     checkout: CanonicalCheckout
     plan: Plan
     plan_profile: CheckoutProfile
     patient: dict[str, Any]
-    medication_request: dict[str, Any]
+    medication_request: dict[str, Any] | None
+    payment: Literal["paid", "deferred"] = "paid"
 
     @property
     def resources(self) -> list[dict[str, Any]]:
-        """Patient, then MedicationRequest."""
-        return [self.patient, self.medication_request]
+        """Patient, then the MedicationRequest when there is one."""
+        return [self.patient, *([self.medication_request] if self.medication_request else [])]
+
+    @property
+    def event_type(self) -> str:
+        """The case event: ``payment_completed``, or ``payment_deferred``."""
+        return PAYMENT_EVENTS[self.payment]
 
 
 def parse_canonical_checkout(
@@ -223,13 +236,20 @@ def map_validated_checkout(
     request_id: str,
     questionnaire_response_id: str | None = None,
 ) -> MappedCheckout:
-    """Map an already validated checkout whose plan is in ``plan_profile``.
+    """Map an already validated checkout whose plan is in ``plan_profile``: the Patient,
+    and the MedicationRequest unless the checkout charged nothing and the plan says
+    ``deferred_payment: no_medication_request``.
 
     Raises:
         MappingErrors: ``plan_without_medication`` (prevented by the profile lint).
     """
     plan = plan_profile.plans[checkout.plan]
+    payment: Literal["paid", "deferred"] = (
+        "deferred" if payment_outcome(checkout) == "deferred" else "paid"
+    )
     patient = checkout_to_patient(checkout, patient_id=patient_id, systems=systems)
+    if payment == "deferred" and plan.deferred_payment == "no_medication_request":
+        return MappedCheckout(checkout, plan, plan_profile, patient, None, payment)
     try:
         mr = checkout_to_medication_request(
             checkout,
@@ -241,7 +261,7 @@ def map_validated_checkout(
         )
     except MappingError as exc:
         raise MappingErrors([exc.at("plan").problem]) from exc
-    return MappedCheckout(checkout, plan, plan_profile, patient, mr)
+    return MappedCheckout(checkout, plan, plan_profile, patient, mr, payment)
 
 
 def profile_tag(kind: str, profile_id: str, version: str, content_hash: str) -> str:
@@ -299,6 +319,7 @@ def preview(
             source = profiles.source_of(f"intake/{p.id}/{p.version}")
             tag = profile_tag("intake", p.id, p.version, source.content_hash if source else "")
             message_id = mapped_intake.parsed.submission.submission_id
+            notes = mapped_intake.parsed.notes
         else:
             canonical = checkout_payload(data, profiles, kind=kind)
             mapped = map_checkout(
@@ -313,6 +334,7 @@ def preview(
             source = profiles.source_of(f"checkout/{cp.id}")
             tag = profile_tag("checkout", cp.id, cp.version, source.content_hash if source else "")
             message_id = mapped.checkout.checkout_id
+            notes = []
     except MappingErrors as exc:
         return Preview(kind, [], list(exc.problems), None)
     provenance = provenance_for(
@@ -325,9 +347,10 @@ def preview(
         author=f"Patient/{patient_id}",
         organization=organization,
         profile=tag,
+        notes=notes,
     )
     resources = [*resources, provenance]
     problems: list[Problem] = []
     for r in resources:
-        problems.extend(resource_problems(r))
+        problems.extend(resource_problems(r, authoring=True))
     return Preview(kind, resources, problems, tag)

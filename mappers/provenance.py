@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Literal
 
 from mappers import normalize
+from mappers.errors import Problem
 from mappers.identifiers import IdentifierSystems
 
 US_CORE_PROVENANCE = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-provenance"
@@ -14,6 +16,11 @@ US_CORE_PARTICIPANT_TYPE = (
     "http://hl7.org/fhir/us/core/CodeSystem/us-core-provenance-participant-type"
 )
 DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
+#: Extension on Provenance (``<identifier base>/normalization-note``) naming an input value
+#: accepted with a change the recipient should know of, such as a time of day dropped from
+#: a birth date: sub-extensions ``input`` (where in the message), ``code`` and ``text``;
+#: never the value.
+NORMALIZATION_NOTE = "normalization-note"
 
 
 def provenance_for(
@@ -28,6 +35,7 @@ def provenance_for(
     organization: str,
     activity: Literal["CREATE", "UPDATE"] = "CREATE",
     profile: str | None = None,
+    notes: Sequence[Problem] = (),
 ) -> dict[str, Any]:
     """A US Core Provenance (7.0.0) for the resources mapped from one inbound message.
 
@@ -48,6 +56,8 @@ def provenance_for(
         activity: v3-DataOperation ``CREATE`` or ``UPDATE``.
         profile: ``<kind>/<id>/<version>#sha256=<hash>`` of the mapping profile used,
             recorded in ``policy``.
+        notes: values accepted with a change (a date-time's time dropped), each recorded
+            as a :data:`NORMALIZATION_NOTE` extension (location and code, no value).
 
     Agents follow US Core: ``author`` (THO provenance-participant-type) and
     ``transmitter`` (US Core's own code system, not the THO one).
@@ -104,4 +114,18 @@ def provenance_for(
     }
     if profile:
         prov["policy"] = [f"urn:fhir-gateway:profile:{profile}"]
+    if notes:
+        prov["extension"] = [normalization_note(note, systems) for note in notes]
     return prov
+
+
+def normalization_note(note: Problem, systems: IdentifierSystems) -> dict[str, Any]:
+    """The Provenance extension (:data:`NORMALIZATION_NOTE`) for one note."""
+    return {
+        "url": f"{systems.base}/{NORMALIZATION_NOTE}",
+        "extension": [
+            {"url": "input", "valueString": note.location},
+            {"url": "code", "valueCode": note.code},
+            {"url": "text", "valueString": note.message},
+        ],
+    }

@@ -1,4 +1,6 @@
-"""Collect rows of several tables and insert them with one statement per table.
+"""Inserting rows: collect rows of several tables and insert them with one statement per
+table (:class:`BulkInserts`), and ``INSERT ... ON CONFLICT DO NOTHING`` for either
+database (:func:`insert_ignore`).
 
 The ORM unit of work costs a few hundred microseconds per object; an ingest request
 writes a dozen rows, so the hot path queues plain row dicts here and sends them as Core INSERTs
@@ -11,9 +13,20 @@ from __future__ import annotations
 from typing import Any, cast
 
 from sqlalchemy import Table, insert
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.db.models import Base
+
+
+def insert_ignore(session: AsyncSession, table: Any) -> Any:
+    """An ``INSERT`` for the session's dialect (PostgreSQL or SQLite 3.24+) that takes
+    ``.values(...)``, ``.on_conflict_do_nothing(...)`` and ``.returning(...)``: the
+    database, not a look-up before the insert, decides whether a row with the same unique
+    key exists."""
+    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+    return (pg_insert if dialect == "postgresql" else sqlite_insert)(table)
 
 
 class BulkInserts:

@@ -35,8 +35,8 @@ from sqlalchemy import and_, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.clock import Clock
+from gateway.db.bulk import insert_ignore
 from gateway.db.models import OAuthToken, TargetState
-from gateway.oauth.repository import insert_ignore
 from gateway.oauth.tokens import auth_wait_until
 from gateway.queue.policy import probe_delay_s
 from gateway.queue.repository import is_postgres

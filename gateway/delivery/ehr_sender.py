@@ -40,6 +40,7 @@ from gateway.delivery.sender import (
     Failed,
     NeedsReview,
     Outcome,
+    Reached,
     Rejected,
     TargetConfig,
     Wait,
@@ -55,7 +56,6 @@ from gateway.ehr.errors import (
 from gateway.ehr.factory import EhrClients
 from gateway.inbox.repository import new_exception
 from gateway.logging import get_logger
-from gateway.workflow.service import EventInput
 from mappers.bundle import (
     EntryInfo,
     RestCall,
@@ -484,22 +484,17 @@ class EhrSender:
     def _delivered(
         self, delivery: Delivery, target: EhrTargetProfile, progress: _Progress
     ) -> Delivered:
-        """The outcome of a delivery the EHR took: its ids to store, and the case event
-        ``ehr_delivered`` (recorded in bulk with the other outcomes of the batch)."""
-        events: tuple[EventInput, ...] = ()
-        if delivery.inbound_message_id and self._profiles().workflow is not None:
-            events = (
-                EventInput(
-                    source="gateway",
-                    event_id=f"ehr_delivered:{target.name}:{delivery.inbound_message_id}",
-                    type="ehr_delivered",
-                    detail=None,
-                    occurred_at=self._clock.now(),
-                    patient_id=delivery.ordering_key,
-                    message_id=delivery.inbound_message_id,
-                ),
+        """The outcome of a delivery the EHR took: its ids to store, and that the message
+        reached the target (its case records ``ehr_delivered``)."""
+        reached = None
+        if delivery.inbound_message_id:
+            reached = Reached(
+                target=target.name,
+                message_id=delivery.inbound_message_id,
+                patient_id=delivery.ordering_key,
+                at=self._clock.now(),
             )
-        return Delivered(200, self._save(target, progress), events)
+        return Delivered(200, self._save(target, progress), reached)
 
 
 async def _find_one(client: EhrClient, resource_type: str, search: str) -> str | None:

@@ -3,7 +3,8 @@ holds.
 
 Outcomes (see :mod:`gateway.delivery.sender`), each row's new values:
 
-* delivered: ``delivered``; the sender's effects (the EHR's ids) and case events;
+* delivered: ``delivered``; the sender's effects (the EHR's ids); the message reached
+  the target (``on_reached``: its case records it);
 * transient failure: counted against the circuit breaker; retried with full-jitter
   backoff (at least ``Retry-After``: :func:`gateway.queue.policy.next_retry`), or
   dead-lettered when the policy gives up, except while the circuit is open: the EHR is
@@ -23,7 +24,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -39,6 +40,7 @@ from gateway.delivery.sender import (
     Failed,
     NeedsReview,
     Outcome,
+    Reached,
     Rejected,
     TargetConfig,
     Wait,
@@ -46,9 +48,6 @@ from gateway.delivery.sender import (
 from gateway.logging import get_logger, log_failure
 from gateway.queue import repository as queue
 from gateway.queue.policy import next_retry
-
-if TYPE_CHECKING:
-    from gateway.workflow.service import EventInput
 
 log = get_logger(__name__)
 
@@ -64,8 +63,9 @@ ATTEMPT_OUTCOME: dict[type, str] = {
     NeedsReview: "permanent",
 }
 
-#: Applies the case events of delivered outcomes, in the transaction that records them.
-CaseEventRecorder = Callable[[AsyncSession, Sequence["EventInput"]], Awaitable[object]]
+#: Told which messages reached their targets, in the transaction that records those
+#: outcomes (the wiring records the cases' ``ehr_delivered`` events).
+OnReached = Callable[[AsyncSession, Sequence[Reached]], Awaitable[object]]
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class OutcomeRecorder:
         worker: the lease owner: only rows it still holds are written.
         clock: the worker's clock.
         breakers: the worker's view of its targets' circuits.
-        case_events: applies the case events of delivered outcomes (None: dropped).
+        on_reached: told which messages reached their targets (None: nobody).
     """
 
     def __init__(
@@ -97,13 +97,13 @@ class OutcomeRecorder:
         worker: str,
         clock: Clock,
         breakers: circuit.CircuitBreakers,
-        case_events: CaseEventRecorder | None,
+        on_reached: OnReached | None,
     ) -> None:
         self._sessions = sessions
         self._worker = worker
         self._clock = clock
         self._breakers = breakers
-        self._case_events = case_events
+        self._on_reached = on_reached
         self._pending: list[tuple[Finished, asyncio.Future[None]]] = []
         self._writing = False
 
@@ -177,7 +177,7 @@ class OutcomeRecorder:
             rows: list[dict[str, Any]] = []
             attempt_rows: list[dict[str, Any]] = []
             answered: dict[circuit.Key, bool] = {}
-            case_events: list[EventInput] = []
+            reached: list[Reached] = []
             for item in items:
                 delivery, outcome = item.delivery, item.outcome
                 if delivery.id not in owned:
@@ -192,8 +192,8 @@ class OutcomeRecorder:
                 rows.append({"id": delivery.id, "locked_by": None, "locked_until": None, **values})
                 if outcome.effects is not None:
                     await outcome.effects(session)
-                if isinstance(outcome, Delivered):
-                    case_events.extend(outcome.case_events)
+                if isinstance(outcome, Delivered) and outcome.reached is not None:
+                    reached.append(outcome.reached)
                 if not isinstance(outcome, Wait):
                     attempt_rows.append(self._attempt_row(item))
                 key = (item.config.kind, item.config.name)
@@ -204,8 +204,8 @@ class OutcomeRecorder:
                 elif isinstance(outcome, Failed):
                     self._breakers.failed(key)
                 done.append((item, label, values))
-            if case_events and self._case_events is not None:
-                await self._case_events(session, case_events)
+            if reached and self._on_reached is not None:
+                await self._on_reached(session, reached)
             await queue.write_rows(session, repo.OUTBOX, rows)
             await repo.add_attempts(session, attempt_rows)
             for key, delivered in answered.items():

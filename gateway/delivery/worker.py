@@ -32,7 +32,7 @@ from gateway.db.models import Delivery
 from gateway.db.uow import SessionFactory, unit_of_work
 from gateway.delivery import circuit
 from gateway.delivery import repository as repo
-from gateway.delivery.recording import CaseEventRecorder, Finished, OutcomeRecorder
+from gateway.delivery.recording import Finished, OnReached, OutcomeRecorder
 from gateway.delivery.sender import Delivered, Failed, Sender, TargetConfig
 from gateway.logging import get_logger, log_failure
 from gateway.queue.loop import Heartbeat, wait_any
@@ -54,8 +54,8 @@ class DeliveryWorker:
         lease: how long a claim holds a row (``GATEWAY_WORKER_LEASE``).
         poll: the wait between claim rounds when nothing happens.
         clock: the clock (tests pass a :class:`~gateway.clock.ManualClock`).
-        case_events: applies the case events of delivered rows, in the transaction that
-            records them (``ehr_delivered``).
+        on_reached: told which messages reached their targets, in the transaction that
+            records them (the wiring records the cases' ``ehr_delivered`` events).
     """
 
     name = "deliveries"
@@ -70,7 +70,7 @@ class DeliveryWorker:
         lease: timedelta = timedelta(seconds=60),
         poll: timedelta = timedelta(milliseconds=500),
         clock: Clock = SYSTEM_CLOCK,
-        case_events: CaseEventRecorder | None = None,
+        on_reached: OnReached | None = None,
     ) -> None:
         self.worker = name
         self.concurrency = concurrency
@@ -85,7 +85,7 @@ class DeliveryWorker:
             worker=name,
             clock=clock,
             breakers=self._breakers,
-            case_events=case_events,
+            on_reached=on_reached,
         )
         self.heartbeat = Heartbeat(
             repo.OUTBOX, sessions=sessions, worker=name, lease=lease, clock=clock

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -28,7 +28,6 @@ from gateway.ehr.errors import (
     EhrUnavailableError,
     parse_retry_after,
 )
-from gateway.oauth.tokens import TokenProvider
 from gateway.queue.policy import transient_status
 from mappers.bundle import parse_location
 from mappers.profiles.ehr import EhrTargetProfile
@@ -37,6 +36,25 @@ FHIR_JSON = "application/fhir+json"
 
 #: Awaited before every request to the FHIR server (the target's shared rate limit).
 BeforeRequest = Callable[[], Awaitable[None]]
+
+
+class TokenProvider(Protocol):
+    """Gives the bearer token for a target's FHIR requests (the OAuth token managers of
+    :mod:`gateway.oauth.tokens` are the implementations)."""
+
+    async def get_token(self) -> str | None:
+        """A valid access token, or None when the target needs no authentication.
+
+        Raises:
+            TokenUnavailableError: the token endpoint is failing (deliveries should wait).
+            EhrConfigError: the token endpoint refuses our credentials.
+        """
+
+    async def invalidate(self, token: str) -> None:
+        """Forget ``token`` (the FHIR server answered 401 to it)."""
+
+    async def refused(self, token: str) -> None:
+        """The FHIR server refused ``token`` although it was freshly fetched."""
 
 
 def _operation_outcome(response: httpx.Response) -> dict[str, Any] | None:

@@ -13,58 +13,49 @@ worker wires one: :func:`gateway.worker.ehr_clients`)::
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway.clock import SYSTEM_CLOCK, Clock
-from gateway.ehr.client import BeforeRequest, EhrClient
+from gateway.ehr.client import BeforeRequest, EhrClient, TokenProvider
 from gateway.ehr.limits import RateLimiter
-from gateway.oauth.keys import KeyCipher
-from gateway.oauth.tokens import TokenProvider, token_provider_for
 from gateway.queue.policy import rate_burst
 from mappers.profiles.ehr import EhrTargetProfile
+
+#: A new token provider for a target (the token itself is shared in the database).
+TokensFor = Callable[[EhrTargetProfile], TokenProvider]
 
 
 class EhrClients:
     """One :class:`EhrClient` per target for this process.
 
     Args:
-        sessionmaker: sessions on the gateway database (shared tokens, rate buckets).
-        profiles_root: resolves relative key file paths of targets.
-        cipher: decrypts the gateway's stored signing keys.
-        secret_env_file: optional dotenv file with client secrets.
+        sessionmaker: sessions on the gateway database (the shared rate buckets).
+        tokens: makes a target's token provider (the wiring passes
+            :func:`gateway.oauth.tokens.token_provider_for` with its arguments).
         http: shared HTTP client for FHIR requests (created, and closed, when None).
-        token_transport: httpx transport for token requests (tests).
         max_connections: the HTTP pool's size.
-        clock: the clock of the token managers and rate limits.
+        clock: the clock of the rate limits.
     """
 
     def __init__(
         self,
         sessionmaker: async_sessionmaker[AsyncSession],
         *,
-        profiles_root: Path,
-        cipher: KeyCipher,
-        secret_env_file: Path | None = None,
+        tokens: TokensFor,
         http: httpx.AsyncClient | None = None,
-        token_transport: httpx.AsyncBaseTransport | None = None,
         max_connections: int = 100,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        self._sessionmaker = sessionmaker
-        self._clock = clock
-        self._profiles_root = profiles_root
-        self._cipher = cipher
-        self._secret_env_file = secret_env_file
+        self._tokens = tokens
         self._http = http or httpx.AsyncClient(
             limits=httpx.Limits(
                 max_connections=max_connections, max_keepalive_connections=max_connections
             )
         )
         self._own_http = http is None
-        self._token_transport = token_transport
         self._limiter = RateLimiter(sessionmaker, clock=clock)
         self._clients: dict[str, tuple[EhrTargetProfile, EhrClient]] = {}
 
@@ -77,23 +68,11 @@ class EhrClients:
         client = EhrClient(
             target,
             self._http,
-            self.tokens_for(target),
+            self._tokens(target),
             before_request=self._before_request(target),
         )
         self._clients[target.name] = (target, client)
         return client
-
-    def tokens_for(self, target: EhrTargetProfile) -> TokenProvider:
-        """A new token provider for ``target`` (the token itself is shared in the DB)."""
-        return token_provider_for(
-            target,
-            sessionmaker=self._sessionmaker,
-            profiles_root=self._profiles_root,
-            cipher=self._cipher,
-            secret_env_file=self._secret_env_file,
-            transport=self._token_transport,
-            clock=self._clock,
-        )
 
     def _before_request(self, target: EhrTargetProfile) -> BeforeRequest | None:
         rate = target.rate_limit_per_s

@@ -20,9 +20,9 @@ from sqlalchemy import case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway.clock import SYSTEM_CLOCK, Clock
+from gateway.db.bulk import insert_ignore
 from gateway.db.models import TargetState
 from gateway.db.uow import unit_of_work
-from gateway.oauth.repository import insert_ignore
 
 
 class RateLimiter:

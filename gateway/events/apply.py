@@ -44,11 +44,11 @@ from gateway.db.models import ExceptionRecord, InboundMessage, MessageStatus
 from gateway.db.uow import SessionFactory, unit_of_work
 from gateway.ehr.errors import EhrConfigError, EhrUnavailableError
 from gateway.ehr.factory import EhrClients
-from gateway.events.matching import match_patient
 from gateway.events.prepare import FetchDeferredError, prepare
 from gateway.events.service import INBOX, LEASE, Prepared
 from gateway.inbox import repository as inbox
 from gateway.logging import get_logger
+from gateway.patients.matching import find_patient, record_conflicts
 from gateway.queue import repository as queue
 from gateway.queue.policy import next_retry
 from gateway.runtime import Runtime
@@ -97,24 +97,23 @@ async def apply_prepared(
     outcomes: list[dict[str, Any]] = []
     failed = False
     for event in prepared.events:
-        match = await match_patient(session, event.patient)
+        match = await find_patient(session, event.patient)
         if match.patient_id is None:
             failed = True
             tried = "no patient matches; tried: " + "; ".join(match.tried)
             session.add(
                 _exception(
-                    message, "unmatched_patient", [Problem("patient", "unmatched_patient", tried)]
+                    message,
+                    "unmatched_patient",
+                    [Problem("patient", "unmatched_patient", tried)],
                 )
             )
             outcomes.append({"event_id": event.event_id, "outcome": "unmatched_patient"})
             log.info("events.unmatched_patient", message_id=message.id, tried=len(match.tried))
             continue
-        if match.conflicts:
-            on = match.matched_on.describe() if match.matched_on else "?"
-            others = ", ".join(r.describe() for r in match.conflicts)
-            text = f"matched on {on}; {others} point at another patient"
-            problem = Problem("patient", "patient_match_conflict", text)
-            session.add(_exception(message, "patient_match_conflict", [problem]))
+        record_conflicts(
+            session, match, channel=message.channel, sender=message.sender, message_id=message.id
+        )
         result = await apply_event(
             session,
             workflow,

@@ -14,36 +14,12 @@ from sqlalchemy import select
 from gateway.clients.service import Principal
 from gateway.db.models import FhirSubscription
 from gateway.deps import RuntimeDep, SessionDep, require_scope
-from gateway.events import apply, notifications, service
-from gateway.ingest.endpoints import _content_type, _run_guarded
-from gateway.ingest.schemas import document_body
-from gateway.runtime import Runtime
+from gateway.events import notifications, service
+from gateway.events.after_response import apply_after_response
+from gateway.http import document_body, request_content_type, run_guarded
 from mappers.events import CanonicalEvent
 
 router = APIRouter(prefix="/v1", tags=["events"])
-
-
-def _wake_worker(request: Request, outcome: str) -> None:
-    worker = getattr(request.app.state, "worker", None)
-    if outcome == "deferred" and worker is not None:
-        worker.wake()
-
-
-async def apply_after_response(request: Request, runtime: Runtime, received: Any) -> None:
-    """Apply a message this request stored (a :class:`~gateway.events.service.Received`
-    or an ``Hl7Reply``) right after the response, with the events mapped on receipt; wake
-    the in-process worker when the message went back to the queue (an id-only
-    notification: the worker reads from the EHR; a retry)."""
-    message = getattr(received, "message", None)
-    if message is None:
-        return
-    outcome = await apply.apply_received(runtime, message, prepared=received.prepared)
-    _wake_worker(request, outcome)
-
-
-async def apply_id_after_response(request: Request, runtime: Runtime, message_id: str) -> None:
-    """Claim and apply a stored message right after the response (an ops retry)."""
-    _wake_worker(request, await apply.process_safely(runtime, message_id))
 
 
 @router.post(
@@ -64,8 +40,8 @@ async def post_event(
     right after. Duplicates (same ``source`` + ``event_id``) are acknowledged and ignored.
     """
     raw = await request.body()
-    content_type = _content_type(request)
-    outcome = await _run_guarded(
+    content_type = request_content_type(request)
+    outcome = await run_guarded(
         request,
         session,
         runtime,
@@ -107,10 +83,10 @@ async def post_notification(
     that jump) are kept in the exceptions queue as ``events_gap``.
     """
     profile = notifications.notification_target(runtime, target)
-    notifications.verify_sender(profile, request.headers)
+    notifications.verify_sender(profile, request.headers, secrets=runtime.secrets)
     raw = await request.body()
-    content_type = _content_type(request)
-    outcome = await _run_guarded(
+    content_type = request_content_type(request)
+    outcome = await run_guarded(
         request,
         session,
         runtime,

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 from collections.abc import Mapping
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.db.bulk import insert_ignore
 from gateway.db.models import ExceptionRecord, ExceptionStatus, FhirSubscription
 from gateway.db.types import utcnow
 from gateway.errors import (
@@ -33,12 +33,12 @@ from gateway.errors import (
     UnauthorizedError,
     UnprocessableError,
 )
-from gateway.events.inbox import store_if_new
 from gateway.events.service import Received, lease_for_this_process
+from gateway.http import decode_json_object, store_if_new
 from gateway.inbox import repository as inbox
-from gateway.ingest.service import decode_json_object
 from gateway.logging import get_logger
 from gateway.runtime import Runtime
+from gateway.secrets import SecretStore
 from mappers.errors import MappingErrors, Problem
 from mappers.notifications import (
     CONFIGURE_BACKPORT,
@@ -68,16 +68,24 @@ def notification_target(runtime: Runtime, name: str) -> EhrTargetProfile:
     return target
 
 
-def verify_sender(target: EhrTargetProfile, headers: Mapping[str, str]) -> None:
+def verify_sender(
+    target: EhrTargetProfile, headers: Mapping[str, str], *, secrets: SecretStore
+) -> None:
     """Check the notification's authentication header (``Subscription.channel.header``).
 
+    Args:
+        target: the EHR target (with an ``events`` block).
+        headers: the request headers.
+        secrets: where ``events.notifications.secret_env`` is looked up (environment,
+            then the secret env file).
+
     Raises:
-        ServiceUnavailableError: the secret's environment variable is not set.
+        ServiceUnavailableError: the secret's variable is not set.
         UnauthorizedError: the header is missing or wrong.
     """
     assert target.events is not None
     auth = target.events.notifications
-    secret = os.environ.get(auth.secret_env)
+    secret = secrets.get(auth.secret_env)
     if not secret:
         raise ServiceUnavailableError(
             f"notifications from this target are not configured ({auth.secret_env} is not set)"
@@ -113,21 +121,26 @@ def classic_rest_hook_error(
     )
 
 
-async def _state(
-    session: AsyncSession, runtime: Runtime, target: str, subscription: str
-) -> FhirSubscription:
-    stmt = select(FhirSubscription).where(
-        FhirSubscription.target == target, FhirSubscription.subscription == subscription
+async def _state(session: AsyncSession, target: str, subscription: str) -> FhirSubscription:
+    """The subscription's tracking row, created on its first notification (``INSERT ... ON
+    CONFLICT DO NOTHING``: two first notifications at once create one row), locked ``FOR
+    UPDATE`` on PostgreSQL so notifications of one subscription are tracked in turn."""
+    stmt = (
+        select(FhirSubscription)
+        .where(FhirSubscription.target == target, FhirSubscription.subscription == subscription)
+        .execution_options(populate_existing=True)
     )
-    if runtime.engine.dialect.name == "postgresql":
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
         stmt = stmt.with_for_update()
     row = await session.scalar(stmt)
     if row is None:
-        row = FhirSubscription(
-            target=target, subscription=subscription, last_event_number=0, missing=[]
+        await session.execute(
+            insert_ignore(session, FhirSubscription)
+            .values(target=target, subscription=subscription, last_event_number=0, missing=[])
+            .on_conflict_do_nothing()
         )
-        session.add(row)
-        await session.flush()
+        row = await session.scalar(stmt)
+    assert row is not None  # inserted above, or by a concurrent first notification
     return row
 
 
@@ -225,7 +238,7 @@ async def receive_notification(
             "the body is not a subscription notification", exc.problems
         ) from exc
     now = utcnow()
-    state = await _state(session, runtime, target.name, notification.subscription)
+    state = await _state(session, target.name, notification.subscription)
     state.topic = notification.topic or state.topic
     if notification.status and notification.status != state.status:
         log.info(

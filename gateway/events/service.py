@@ -19,9 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.db.models import InboundMessage, MessageStatus
 from gateway.errors import ForbiddenError, UnprocessableError
-from gateway.events.inbox import store_if_new
+from gateway.http import Outcome, decode_json_object, store_if_new
 from gateway.inbox import repository as inbox
-from gateway.ingest.service import Outcome, decode_json_object
 from gateway.logging import get_logger
 from gateway.queue.repository import QueueTable
 from gateway.runtime import Runtime

@@ -1,17 +1,17 @@
-"""Queries on the local FHIR store (``fhir_resources``, ``fhir_resource_versions``) and
-the patient matching keys (``patient_keys``)."""
+"""Queries on the local FHIR store (``fhir_resources``, ``fhir_resource_versions``) and on
+the profile that produced each version (``profile_mappings``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, or_, select
+from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.db.bulk import BulkInserts
-from gateway.db.models import FhirResource, FhirResourceVersion, PatientKey
+from gateway.db.models import FhirResource, FhirResourceVersion, ProfileMapping
 from gateway.db.types import utcnow
 from mappers.bundle import business_identifier
 from mappers.normalize import to_fhir_instant
@@ -171,73 +171,46 @@ def _content(resource: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# --------------------------------------------------------------------------- patient keys
+# --------------------------------------------------------------------------- profiles
 
 
-async def patients_for_keys(
-    session: AsyncSession, keys: Iterable[tuple[str, str]]
-) -> dict[tuple[str, str], str]:
-    """``(key_type, key_value) -> patient_id`` for the keys that are known."""
-    wanted = list(keys)
-    if not wanted:
-        return {}
-    rows = await session.scalars(patient_key_lookup(wanted))
-    return {(r.key_type, r.key_value): r.patient_id for r in rows}
+def record_mapping(
+    session: AsyncSession,
+    *,
+    message_id: str,
+    action: str,
+    profile_kind: str,
+    profile: ProfileRef,
+    resource_versions: list[str],
+    attribution: dict[str, Any] | None,
+    actor: str,
+) -> ProfileMapping:
+    """Add the profile-mapping row of one ingest or re-map: which profile (id, version,
+    content hash) produced which resource versions (``Type/id/_history/n``)."""
+    row = ProfileMapping(
+        inbound_message_id=message_id,
+        action=action,
+        profile_kind=profile_kind,
+        profile_id=profile.id,
+        profile_version=profile.version,
+        profile_hash=profile.content_hash,
+        resource_versions=resource_versions,
+        attribution=attribution,
+        actor=actor,
+        created_at=utcnow(),
+    )
+    session.add(row)
+    return row
 
 
-def patient_key_lookup(keys: Sequence[tuple[str, str]]) -> Select[PatientKey]:
-    """The query for the ``patient_keys`` rows of ``keys`` (at least one): an OR of
-    unique-key lookups (see :func:`get_resources`: a row-value IN scans on SQLite)."""
-    return select(PatientKey).where(
-        or_(
-            *(
-                and_(PatientKey.key_type == kind, PatientKey.key_value == value)
-                for kind, value in keys
-            )
+async def resources_with_identifier_prefix(
+    session: AsyncSession, systems: Iterable[str], prefix: str
+) -> list[FhirResource]:
+    """Stored resources whose business identifier is ``<system>|<prefix>...``."""
+    rows = await session.scalars(
+        select(FhirResource).where(
+            FhirResource.identifier_system.in_(list(systems)),
+            FhirResource.identifier_value.startswith(prefix, autoescape=True),
         )
     )
-
-
-async def add_patient_keys(
-    session: AsyncSession,
-    patient_id: str,
-    keys: Iterable[tuple[str, str]],
-    *,
-    checked: Mapping[tuple[str, str], str | None] | None = None,
-    bulk: BulkInserts | None = None,
-) -> None:
-    """Register matching keys for ``patient_id``; keys already present are left alone.
-
-    A key that belongs to another patient stays with it (first come, first served).
-
-    Args:
-        checked: keys the caller already looked up -> their patient id, or None when
-            absent; only the other keys are looked up.
-    """
-    wanted = set(keys)
-    checked = checked or {}
-    known = {k: v for k, v in checked.items() if v is not None}
-    unchecked = wanted - set(checked)
-    if unchecked:
-        known.update(await patients_for_keys(session, unchecked))
-    now = utcnow()
-    for key_type, key_value in sorted(wanted - set(known)):
-        values = {
-            "key_type": key_type,
-            "key_value": key_value,
-            "patient_id": patient_id,
-            "created_at": now,
-        }
-        if bulk is not None:
-            bulk.add(PatientKey, **values)
-        else:
-            session.add(PatientKey(**values))
-
-
-def identifier_keys(resource: dict[str, Any]) -> list[tuple[str, str]]:
-    """``("identifier", "system|value")`` for each identifier of a Patient."""
-    return [
-        ("identifier", f"{i['system']}|{i['value']}")
-        for i in resource.get("identifier", [])
-        if i.get("system") and i.get("value")
-    ]
+    return list(rows)

@@ -6,12 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Request
 from fastapi.responses import Response
-from sqlalchemy.exc import IntegrityError
 
 from gateway.clients.service import Principal
 from gateway.deps import RuntimeDep, SessionDep, require_scope
 from gateway.errors import UnsupportedMediaTypeError
-from gateway.events.endpoints import apply_after_response
+from gateway.events.after_response import apply_after_response
 from gateway.hl7.service import CONTENT_TYPE, receive_hl7
 from mappers.errors import Problem
 
@@ -64,12 +63,7 @@ async def post_hl7v2(
     """
     media = _er7_media_type(request)
     raw = await request.body()
-    try:
-        reply = await receive_hl7(session, runtime, raw=raw, transport="http")
-    except IntegrityError:
-        # the same MSH-10 stored meanwhile by another request: answer as a duplicate
-        await session.rollback()
-        reply = await receive_hl7(session, runtime, raw=raw, transport="http")
+    reply = await receive_hl7(session, runtime, raw=raw, transport="http")
     background.add_task(apply_after_response, request, runtime, reply)
     return Response(
         reply.ack,

@@ -5,7 +5,7 @@ For each message (HL7 v2 chapter 2, original acknowledgment mode):
 1. read MSH (``mappers.hl7v2.parse_er7``); unreadable: ``AR``;
 2. verify the sender: MSH-4 sending facility (and MSH-3 application, and for MLLP the
    peer's network, when the partner's profile lists them) must belong to a partner
-   profile: otherwise ``AR``;
+   profile: otherwise ``AR`` 103 (``mappers.hl7v2.sender_not_accepted``);
 3. deduplicate on MSH-10 per sending facility: a retransmission (the same text, line
    endings aside) gets the same answer again; a different message reusing a control id
    gets ``AR`` (205);
@@ -29,8 +29,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.db.models import InboundMessage, MessageStatus
 from gateway.db.types import utcnow
-from gateway.events.inbox import store_if_new
 from gateway.events.service import Prepared, lease_for_this_process
+from gateway.http import store_if_new
 from gateway.inbox import repository as inbox
 from gateway.logging import get_logger
 from gateway.runtime import Runtime
@@ -44,6 +44,8 @@ from mappers.hl7v2 import (
     hl7v2_to_clinical_event,
     normalize_er7,
     parse_er7,
+    refused_control_id,
+    sender_not_accepted,
 )
 from mappers.profiles import PartnerProfile
 
@@ -71,9 +73,19 @@ class Hl7Reply:
         return self.message.id if self.message is not None else None
 
 
-def _ack(parsed: Hl7Message | None, code: AckCode, error: Hl7MessageError | None = None) -> str:
+def _ack(
+    parsed: Hl7Message | None,
+    code: AckCode,
+    error: Hl7MessageError | None = None,
+    acknowledged_id: str | None = None,
+) -> str:
     return build_ack(
-        parsed, code, control_id=f"A{uuid.uuid4().hex[:19]}", now=utcnow(), error=error
+        parsed,
+        code,
+        control_id=f"A{uuid.uuid4().hex[:19]}",
+        now=utcnow(),
+        error=error,
+        acknowledged_id=acknowledged_id,
     )
 
 
@@ -177,34 +189,18 @@ async def receive_hl7(
         sender = exc.envelope.sending_facility or None if exc.envelope else None
         record_hl7_rejection(session, raw=raw, error=exc, sender=sender, transport=transport)
         await session.flush()
-        return Hl7Reply(_ack(exc.envelope, "AR", exc), "AR")
+        # a refused batch: MSA-2 as the sender's profile expects (first MSH-10 or BHS-11)
+        known = profiles.hl7_sender(sender) if sender else None
+        return Hl7Reply(_ack(exc.envelope, "AR", exc, refused_control_id(exc, known)), "AR")
     facility = parsed.sending_facility
     partner = profiles.hl7_sender(facility) if facility else None
     refusal: Hl7MessageError | None = None
     if partner is None or partner.hl7 is None:
-        refusal = Hl7MessageError(
-            "AR",
-            207,
-            "MSH-4 sending facility is not a configured sender",
-            segment="MSH",
-            field_position=4,
-        )
+        refusal = sender_not_accepted("facility")
     elif partner.hl7.applications and parsed.sending_application not in partner.hl7.applications:
-        refusal = Hl7MessageError(
-            "AR",
-            207,
-            "MSH-3 sending application is not configured for this facility",
-            segment="MSH",
-            field_position=3,
-        )
+        refusal = sender_not_accepted("application")
     elif transport == "mllp" and not _peer_allowed(partner, peer):
-        refusal = Hl7MessageError(
-            "AR",
-            207,
-            "messages from this facility are not accepted from this network address",
-            segment="MSH",
-            field_position=4,
-        )
+        refusal = sender_not_accepted("peer")
     if refusal is not None or partner is None:
         assert refusal is not None
         record_hl7_rejection(

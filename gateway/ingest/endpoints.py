@@ -3,93 +3,65 @@ and the status of a message."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Annotated
+from typing import Annotated, Protocol
 
-import stripe
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.clients.service import Principal
 from gateway.db.models import Delivery
 from gateway.deps import RuntimeDep, SessionDep, require_scope
-from gateway.errors import (
-    BadRequestError,
-    GatewayError,
-    NotFoundError,
-    ServiceUnavailableError,
-    UnsupportedMediaTypeError,
-)
+from gateway.errors import NotFoundError, ServiceUnavailableError
+from gateway.http import Outcome, document_body, request_content_type, run_guarded
 from gateway.inbox import repository as inbox
-from gateway.ingest import service
-from gateway.ingest.schemas import IngestAccepted, MessageStatusOut, document_body
+from gateway.ingest import checkout, intake, stripe
+from gateway.ingest.schemas import IngestAccepted, MessageStatusOut
+from gateway.ingest.storage import IngestContext
 from gateway.logging import get_logger
 from gateway.runtime import Runtime
 from mappers.checkout import CanonicalCheckout
-from mappers.errors import Problem
 from mappers.intake import IntakeSubmission
 
 log = get_logger(__name__)
 router = APIRouter(prefix="/v1", tags=["ingest"])
 
 
-def _content_type(request: Request) -> str:
-    """The request's declared content type (JSON when absent)."""
-    return request.headers.get("content-type", "application/json")
+class _Submit(Protocol):
+    async def __call__(
+        self,
+        session: AsyncSession,
+        ctx: IngestContext,
+        *,
+        raw: bytes,
+        content_type: str,
+        actor: str,
+    ) -> Outcome: ...
 
 
-def _require_json(content_type: str) -> None:
-    """Refuse a body that is declared as something other than JSON.
-
-    Raises:
-        UnsupportedMediaTypeError: 415 with the problem listed.
-    """
-    media = content_type.split(";", 1)[0].strip().lower()
-    if media != "application/json" and not media.endswith("+json"):
-        raise UnsupportedMediaTypeError(
-            "send JSON (Content-Type: application/json)",
-            [Problem("", "unsupported_media_type", "the body must be application/json")],
-        )
-
-
-async def _run_guarded(
+async def _submit(
     request: Request,
     session: AsyncSession,
     runtime: Runtime,
-    *,
+    principal: Principal,
     channel: str,
-    sender: str | None,
-    raw: bytes,
-    call: Callable[[], Awaitable[service.Outcome]],
-) -> service.Outcome:
-    """Check the body is JSON and run an ingest call; keep a rejected payload (including a
-    non-JSON one) for review; retry once on a unique-key race (two requests with the same
-    submission or patient at the same moment)."""
-    for attempt in (1, 2):
-        try:
-            _require_json(_content_type(request))
-            return await call()
-        except IntegrityError:
-            await session.rollback()
-            if attempt == 2:
-                raise
-            log.info("ingest.retry_after_conflict", channel=channel)
-        except GatewayError as exc:
-            await session.rollback()
-            if exc.status in (400, 409, 413, 415, 422):
-                await service.record_rejection(
-                    runtime,
-                    channel=channel,
-                    sender=sender,
-                    error=exc,
-                    payload=raw,
-                    content_type=request.headers.get("content-type"),
-                )
-            raise
-    raise AssertionError("unreachable")
+    submit: _Submit,
+) -> Outcome:
+    """Read the body, take one snapshot of the profiles, and run ``submit`` guarded
+    (a refused payload is kept for review)."""
+    raw = await request.body()
+    ctx = IngestContext.of(runtime)
+    content_type = request_content_type(request)
+    return await run_guarded(
+        request,
+        session,
+        runtime,
+        channel=channel,
+        sender=principal.name,
+        raw=raw,
+        call=lambda: submit(session, ctx, raw=raw, content_type=content_type, actor=principal.name),
+    )
 
 
 @router.post(
@@ -111,19 +83,7 @@ async def submit_intake(
 
     Idempotent on ``submission_id``: the same body again gets the same answer.
     """
-    raw = await request.body()
-    content_type = _content_type(request)
-    outcome = await _run_guarded(
-        request,
-        session,
-        runtime,
-        channel="intake",
-        sender=principal.name,
-        raw=raw,
-        call=lambda: service.submit_intake(
-            session, runtime, raw=raw, content_type=content_type, actor=principal.name
-        ),
-    )
+    outcome = await _submit(request, session, runtime, principal, "intake", intake.submit_intake)
     return JSONResponse(
         outcome.body,
         status_code=outcome.status_code,
@@ -149,28 +109,8 @@ async def submit_checkout(
 
     Idempotent on ``checkout_id`` (per processor).
     """
-    raw = await request.body()
-    content_type = _content_type(request)
-
-    async def call() -> service.Outcome:
-        data = service.decode_json_object(raw)
-        raw_processor, raw_id = data.get("processor"), data.get("checkout_id")
-        processor = raw_processor if isinstance(raw_processor, str) else "canonical"
-        external_id = raw_id if isinstance(raw_id, str) else ""
-        return await service.submit_checkout(
-            session,
-            runtime,
-            data=data,
-            raw=raw,
-            content_type=content_type,
-            channel="checkout",
-            sender=processor,
-            external_id=external_id,
-            actor=principal.name,
-        )
-
-    outcome = await _run_guarded(
-        request, session, runtime, channel="checkout", sender=principal.name, raw=raw, call=call
+    outcome = await _submit(
+        request, session, runtime, principal, "checkout", checkout.submit_checkout
     )
     return JSONResponse(outcome.body, status_code=outcome.status_code)
 
@@ -200,70 +140,26 @@ async def stripe_webhook(
             "Stripe webhooks are not configured (GATEWAY_STRIPE_WEBHOOK_SECRET)"
         )
     raw = await request.body()
-    if not stripe_signature:
-        raise BadRequestError(
-            "missing Stripe-Signature header",
-            [
-                Problem(
-                    "Stripe-Signature",
-                    "missing_signature",
-                    "the Stripe-Signature header is required",
-                )
-            ],
-        )
-    try:
-        stripe.WebhookSignature.verify_header(
-            raw,
-            stripe_signature,
-            secret.get_secret_value(),
-            tolerance=int(runtime.settings.stripe_tolerance.total_seconds()),
-        )
-    except stripe.SignatureVerificationError as exc:
-        log.info("stripe.bad_signature")
-        raise BadRequestError(
-            "the Stripe signature does not verify",
-            [
-                Problem(
-                    "Stripe-Signature",
-                    "invalid_signature",
-                    "no v1 signature matches, or the timestamp is outside the tolerance",
-                )
-            ],
-        ) from exc
-    except ValueError as exc:  # not UTF-8: the signature is computed over text
-        raise BadRequestError(
-            "the body is not UTF-8", [Problem("", "invalid_encoding", "the event is not UTF-8")]
-        ) from exc
-    # Verified: map the exact JSON Stripe signed, not the SDK's object conversion of it
-    # (which raises on a body that is not an event object). A signed body that is not a
-    # JSON object is refused and kept for review.
-    try:
-        payload = service.decode_json_object(raw)
-    except GatewayError as exc:
-        await service.record_rejection(
-            runtime,
-            channel="stripe",
-            sender="stripe",
-            error=exc,
-            payload=raw,
-            content_type=request.headers.get("content-type"),
-        )
-        raise
-    for attempt in (1, 2):
-        try:
-            outcome, _problems = await service.receive_stripe_event(
-                session,
-                runtime,
-                event=payload,
-                raw=raw,
-                content_type=request.headers.get("content-type", "application/json"),
-            )
-            return JSONResponse(outcome.body, status_code=outcome.status_code)
-        except IntegrityError:
-            await session.rollback()
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
+    stripe.verify_stripe_signature(
+        raw,
+        stripe_signature,
+        secret=secret.get_secret_value(),
+        tolerance=runtime.settings.stripe_tolerance,
+    )
+    ctx = IngestContext.of(runtime)
+    content_type = request_content_type(request)
+    # Verified: a signed body that is not a JSON object is refused and kept for review.
+    outcome = await run_guarded(
+        request,
+        session,
+        runtime,
+        channel=stripe.CHANNEL,
+        sender=stripe.CHANNEL,
+        raw=raw,
+        json_only=False,
+        call=lambda: stripe.receive_stripe_event(session, ctx, raw=raw, content_type=content_type),
+    )
+    return JSONResponse(outcome.body, status_code=outcome.status_code)
 
 
 @router.get(

@@ -1,28 +1,11 @@
-"""Response models of the ingest routes, and request-body documentation helpers."""
+"""Response models of the ingest routes."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel
-
-#: Request models documented in the OpenAPI components (bodies are read raw so that a
-#: rejected payload can be kept whole for review).
-DOCUMENTED_MODELS: list[type[BaseModel]] = []
-
-
-def document_body(model: type[BaseModel]) -> dict[str, Any]:
-    """``openapi_extra`` declaring ``model`` as the JSON request body."""
-    DOCUMENTED_MODELS.append(model)
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
-            },
-        }
-    }
+from pydantic import BaseModel, Field
 
 
 class ResourceRef(BaseModel):
@@ -40,6 +23,16 @@ class IngestAccepted(BaseModel):
     checkout_id: str | None = None
     message_id: str
     status: str
+    payment: Literal["paid", "deferred"] | None = Field(
+        default=None,
+        description="A checkout: paid, or deferred (nothing charged now: Stripe setup mode, "
+        "a trial).",
+    )
+    warnings: list[dict[str, str]] = Field(
+        default=[],
+        description="Values accepted with a change ({location, code, message}, never the "
+        "value), e.g. time_dropped: a time of day given with a birth date.",
+    )
     patient: dict[str, str] | None = None
     resources: list[ResourceRef] = []
     conflicts: list[dict[str, Any]] = []

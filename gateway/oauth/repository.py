@@ -7,21 +7,14 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.db.bulk import insert_ignore
 from gateway.db.models import OAuthToken, SigningKey
 
 
 def _dialect(session: AsyncSession) -> str:
     return session.bind.dialect.name if session.bind is not None else "sqlite"
-
-
-def insert_ignore(session: AsyncSession, table: Any) -> Any:
-    """``INSERT ... ON CONFLICT DO NOTHING`` for the session's dialect (call ``.values``)."""
-    insert = pg_insert if _dialect(session) == "postgresql" else sqlite_insert
-    return insert(table)
 
 
 async def get_token_row(session: AsyncSession, target: str) -> OAuthToken | None:

@@ -38,14 +38,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import authlib.deprecate  # noqa: F401 - installs its own "always" filter when imported
 import httpx
@@ -62,6 +61,7 @@ from gateway import metrics
 from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.db.models import OAuthToken
 from gateway.db.uow import unit_of_work
+from gateway.ehr.client import TokenProvider
 from gateway.ehr.errors import EhrConfigError, TokenUnavailableError, parse_retry_after
 from gateway.logging import get_logger
 from gateway.oauth import repository as repo
@@ -74,6 +74,7 @@ from gateway.oauth.keys import (
     signing_material,
 )
 from gateway.queue.policy import config_error_backoff_s, token_backoff_s, transient_status
+from gateway.secrets import SecretStore
 from mappers.profiles.ehr import EhrTargetProfile
 
 log = get_logger(__name__)
@@ -83,24 +84,6 @@ log = get_logger(__name__)
 DEFAULT_LIFETIME = timedelta(seconds=300)
 #: How often a process waiting for another's refresh reads the shared row (SQLite).
 REFRESH_POLL_S = 0.05
-
-
-class TokenProvider(Protocol):
-    """Gives the bearer token for a target's FHIR requests."""
-
-    async def get_token(self) -> str | None:
-        """A valid access token, or None when the target needs no authentication.
-
-        Raises:
-            TokenUnavailableError: the token endpoint is failing (deliveries should wait).
-            EhrConfigError: the token endpoint refuses our credentials.
-        """
-
-    async def invalidate(self, token: str) -> None:
-        """Forget ``token`` (the FHIR server answered 401 to it)."""
-
-    async def refused(self, token: str) -> None:
-        """The FHIR server refused ``token`` although it was freshly fetched."""
 
 
 class NoAuth:
@@ -522,16 +505,9 @@ class SharedTokenManager:
 
 
 def lookup_secret(name: str, *, env_file: Path | None = None) -> str | None:
-    """A target secret from the environment, else from ``env_file`` (dotenv), else None."""
-    value = os.environ.get(name)
-    if value:
-        return value
-    if env_file is not None and env_file.is_file():
-        from dotenv import dotenv_values
-
-        found = dotenv_values(env_file).get(name)
-        return found or None
-    return None
+    """A target secret from the environment, else from ``env_file`` (dotenv), else None
+    (:class:`gateway.secrets.SecretStore`, the one place secrets are read)."""
+    return SecretStore(env_file).get(name)
 
 
 def token_provider_for(

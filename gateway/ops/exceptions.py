@@ -38,7 +38,7 @@ from gateway.db.models import (
 from gateway.db.types import utcnow
 from gateway.deps import RuntimeDep, SessionDep, require_scope
 from gateway.errors import ConflictError, NotFoundError
-from gateway.events.endpoints import apply_after_response, apply_id_after_response
+from gateway.events.after_response import apply_after_response, apply_id_after_response
 from gateway.events.service import EVENT_CHANNELS
 from gateway.hl7.service import CHANNEL as HL7_CHANNEL
 from gateway.hl7.service import receive_hl7

@@ -7,8 +7,8 @@ from fastapi import APIRouter, BackgroundTasks, Request
 from fastapi.responses import JSONResponse
 
 from gateway.deps import RuntimeDep, SessionDep
-from gateway.events.endpoints import apply_after_response
-from gateway.ingest.endpoints import _content_type, _run_guarded
+from gateway.events.after_response import apply_after_response
+from gateway.http import request_content_type, run_guarded
 from gateway.partners import service
 
 router = APIRouter(prefix="/v1", tags=["partners"])
@@ -34,9 +34,9 @@ async def partner_webhook(
     """
     profile = service.webhook_partner(runtime, partner)
     raw = await request.body()
-    service.verify_partner(profile, body=raw, headers=request.headers)
-    content_type = _content_type(request)
-    outcome = await _run_guarded(
+    service.verify_partner(profile, body=raw, headers=request.headers, secrets=runtime.secrets)
+    content_type = request_content_type(request)
+    outcome = await run_guarded(
         request,
         session,
         runtime,

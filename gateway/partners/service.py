@@ -10,7 +10,6 @@ kept in the exceptions queue with the reason for a person to look at.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -23,13 +22,13 @@ from gateway.errors import (
     UnauthorizedError,
     UnprocessableError,
 )
-from gateway.events.inbox import store_if_new
 from gateway.events.service import Prepared, Received, lease_for_this_process
+from gateway.http import decode_json_object, store_if_new
 from gateway.inbox import repository as inbox
-from gateway.ingest.service import decode_json_object
 from gateway.logging import get_logger
 from gateway.partners.signatures import SignatureError, usable_secret, verify_signature
 from gateway.runtime import Runtime
+from gateway.secrets import SecretStore
 from mappers.errors import MappingError, MappingErrors, Problem
 from mappers.partners import partner_event_id, partner_to_clinical_event
 from mappers.profiles import PartnerProfile
@@ -51,16 +50,25 @@ def webhook_partner(runtime: Runtime, name: str) -> PartnerProfile:
     return partner
 
 
-def verify_partner(partner: PartnerProfile, *, body: bytes, headers: Mapping[str, str]) -> None:
+def verify_partner(
+    partner: PartnerProfile, *, body: bytes, headers: Mapping[str, str], secrets: SecretStore
+) -> None:
     """Verify the webhook's signature with the partner's secret.
 
+    Args:
+        partner: the partner's profile (with a ``webhook`` block).
+        body: the raw request body (signatures cover the exact bytes).
+        headers: the request headers.
+        secrets: where ``webhook.signature.secret_env`` is looked up (environment, then
+            the secret env file).
+
     Raises:
-        ServiceUnavailableError: the secret's environment variable is unset or unusable.
+        ServiceUnavailableError: the secret's variable is unset or unusable.
         UnauthorizedError: missing, wrong or stale signature (401).
     """
     assert partner.webhook is not None
     spec = partner.webhook.signature
-    secret = os.environ.get(spec.secret_env, "")
+    secret = secrets.get(spec.secret_env) or ""
     if not usable_secret(spec, secret):
         raise ServiceUnavailableError(
             f"webhooks from this partner are not configured ({spec.secret_env} is unset "

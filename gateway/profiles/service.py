@@ -6,35 +6,25 @@ stored message with the current profiles.
 * :func:`reload_profiles`: load the profiles again; an invalid new set is refused and
   the running one stays (the ``ProfileHolder`` swaps whole sets, so a request sees one
   consistent set); also wired to SIGHUP by :func:`install_sighup_reload`;
-* :func:`questionnaires`: the Questionnaires the intake profiles publish;
-* :func:`remap_message`: re-map a stored inbound message with the current profiles, show
-  the path-level FHIR diff against what is stored (what a resend would send), and with
-  ``apply`` store the re-mapped resources as new versions with Provenance and outbox rows.
+* :func:`questionnaires`: the Questionnaires the intake profiles publish.
+
+Re-mapping a stored message with the current profiles is :mod:`gateway.ingest.remap`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
-from gateway.db.models import InboundMessage
 from gateway.db.types import utcnow
-from gateway.errors import NotFoundError, UnprocessableError
-from gateway.fhir import repository as fhir_repo
-from gateway.inbox import repository as inbox
-from gateway.ingest import service as ingest
+from gateway.errors import UnprocessableError
 from gateway.logging import get_logger
 from gateway.runtime import Runtime
-from mappers.errors import MappingErrors, Problem
-from mappers.fhirdiff import resources_diff
-from mappers.intake import parse_intake_submission
-from mappers.pipeline import Preview, checkout_payload, parse_canonical_checkout, preview
+from mappers.errors import Problem
+from mappers.pipeline import Preview, preview
 from mappers.profiles import ProfileLoadError, ProfileSet, load_profiles
 from mappers.questionnaire import profile_to_questionnaire
 
@@ -228,157 +218,3 @@ def searchset(resources: list[dict[str, Any]], base_url: str) -> dict[str, Any]:
             for r in resources
         ],
     }
-
-
-# --------------------------------------------------------------------------- re-map
-
-
-@dataclass
-class RemapResult:
-    """A re-map of one stored message: the diff, and what was stored when applied."""
-
-    message_id: str
-    channel: str
-    profile: str | None
-    diff: list[str]
-    resources: list[dict[str, Any]]
-    applied: bool = False
-    stored: dict[str, Any] | None = None
-
-
-async def remap_message(
-    session: AsyncSession, runtime: Runtime, message_id: str, *, apply: bool, actor: str
-) -> RemapResult:
-    """Re-map stored message ``message_id`` with the current profiles.
-
-    The diff compares what is stored now for each re-mapped resource (what a resend
-    would send) with the re-mapped resource, path by path. With ``apply``, changed
-    resources are stored as new versions with a Provenance (activity UPDATE, the current
-    profile's id, version and hash) and delivered through the outbox; the case workflow
-    is not touched (the message was already applied to it).
-
-    Raises:
-        NotFoundError: no such message.
-        UnprocessableError: the message cannot be re-mapped (not an intake or checkout,
-            never mapped, or invalid under the current profiles: every problem listed).
-    """
-    message = await inbox.get_message(session, message_id)
-    if message is None:
-        raise NotFoundError(f"message {message_id} is not known")
-    try:
-        data = json.loads(message.body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UnprocessableError(
-            "the stored message is not JSON", [Problem("", "invalid_json", "not JSON")]
-        ) from exc
-    mapped = await _prepare_remap(session, runtime, message, data, actor)
-    stored_now = [
-        row.resource
-        for r in mapped.resources
-        if (row := await fhir_repo.get_resource(session, r["resourceType"], r["id"])) is not None
-    ]
-    diff = resources_diff(stored_now, mapped.resources)
-    tag = (
-        f"{mapped.kind}/{mapped.profile.id}/{mapped.profile.version}"
-        if mapped.profile is not None
-        else None
-    )
-    result = RemapResult(message.id, message.channel, tag, diff, mapped.resources)
-    if apply and diff:
-        result.stored = await ingest.store_mapped(session, runtime, mapped)
-        result.applied = True
-        log.info("profiles.remapped", message_id=message.id, changes=len(diff))
-    return result
-
-
-def _keep_status_of_an_unchanged_response(
-    resources: list[dict[str, Any]], stored: dict[str, Any]
-) -> None:
-    """A re-mapped QuestionnaireResponse that the current profile does not change keeps
-    its stored ``status``: only answers that changed make it ``amended``
-    (https://hl7.org/fhir/R4/valueset-questionnaire-answers-status.html). Without this,
-    every re-map showed (and ``--apply`` re-sent) a ``completed`` -> ``amended`` change,
-    even with an unchanged profile."""
-    for resource in resources:
-        if resource["resourceType"] != "QuestionnaireResponse" or resource["id"] != stored.get(
-            "id"
-        ):
-            continue
-        if not resources_diff([stored], [{**resource, "status": stored.get("status")}]):
-            resource["status"] = stored.get("status")
-
-
-async def _prepare_remap(
-    session: AsyncSession, runtime: Runtime, message: InboundMessage, data: Any, actor: str
-) -> ingest.MappedMessage:
-    profiles = runtime.profiles.current
-    systems = runtime.systems
-    try:
-        if message.channel == "intake":
-            parsed = parse_intake_submission(data, profiles.intake_profile, profiles.concept_maps)
-            qr = await fhir_repo.find_by_identifier(
-                session,
-                "QuestionnaireResponse",
-                systems.intake_submission,
-                parsed.submission.submission_id,
-            )
-            if qr is None or qr.patient_id is None:
-                raise _never_mapped()
-            match = await _stored_match(session, qr.patient_id)
-            mapped = await ingest.prepare_intake(
-                session,
-                runtime,
-                parsed=parsed,
-                match=match,
-                message=message,
-                keys=[],
-                qr_id=qr.id,
-                actor=actor,
-                event=None,
-                action="remap",
-            )
-            _keep_status_of_an_unchanged_response(mapped.resources, qr.resource)
-            return mapped
-        if message.channel in ("stripe", "checkout"):
-            canonical = checkout_payload(
-                data, profiles, kind="stripe" if message.channel == "stripe" else "checkout"
-            )
-            checkout, _, plan_profile = parse_canonical_checkout(canonical, profiles)
-            mr = await fhir_repo.find_by_identifier(
-                session, "MedicationRequest", systems.checkout, checkout.checkout_id
-            )
-            if mr is None or mr.patient_id is None:
-                raise _never_mapped()
-            match = await _stored_match(session, mr.patient_id)
-            return await ingest.prepare_checkout(
-                session,
-                runtime,
-                checkout=checkout,
-                plan_profile=plan_profile,
-                match=match,
-                keys=[],
-                message=message,
-                actor=actor,
-                with_event=False,
-                action="remap",
-            )
-    except MappingErrors as exc:
-        raise UnprocessableError(
-            "the message does not map with the current profiles", exc.problems
-        ) from exc
-    raise UnprocessableError(
-        "only intake and checkout messages can be re-mapped",
-        [Problem("channel", "not_remappable", f"channel {message.channel!r} has no mapping")],
-    )
-
-
-def _never_mapped() -> UnprocessableError:
-    return UnprocessableError(
-        "the message never produced resources",
-        [Problem("", "never_mapped", "nothing was stored for this message")],
-    )
-
-
-async def _stored_match(session: AsyncSession, patient_id: str) -> ingest.PatientMatch:
-    row = await fhir_repo.get_resource(session, "Patient", patient_id)
-    return ingest.PatientMatch(patient_id, row.resource if row else None, "remap", [])

@@ -15,7 +15,7 @@ from gateway.clients.service import Principal
 from gateway.db.models import Case, CaseEvent
 from gateway.deps import RuntimeDep, SessionDep, require_scope
 from gateway.errors import NotFoundError, UnprocessableError
-from gateway.fhir import repository as fhir_repo
+from gateway.patients import repository as patients_repo
 from mappers.errors import Problem
 
 router = APIRouter(prefix="/v1", tags=["cases"])
@@ -173,7 +173,7 @@ async def list_cases(
         if patient.startswith("Patient/"):
             patient_id: str | None = patient.split("/", 1)[1]
         elif "|" in patient:
-            found = await fhir_repo.patients_for_keys(session, [("identifier", patient)])
+            found = await patients_repo.patients_for_keys(session, [("identifier", patient)])
             patient_id = found.get(("identifier", patient))
         else:
             raise UnprocessableError(

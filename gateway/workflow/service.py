@@ -9,7 +9,7 @@ not allow, and that is not late, is held (``pending``) for the workflow's
 ``reorder_window``: an earlier event may still be on its way (a pharmacy's "dispensed"
 overtaking the EHR's "prescription sent"). Whenever the case moves, held events are tried
 again in occurrence order; those still not allowed when the window closes go to the
-exceptions queue (:func:`sweep_workflow`). A late event (occurred before the latest one
+exceptions queue (:mod:`gateway.workflow.timers`). A late event (occurred before the latest one
 applied) is recorded but never moves the case backward unless its transition says
 ``backward``.
 

@@ -15,6 +15,7 @@ The canonical checkout JSON (``POST /v1/checkouts``) is our own contract
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
@@ -41,10 +42,19 @@ CheckoutField = Literal[
     "customer.address.country",
     "amount_total",
     "currency",
+    "mode",
     "payment_status",
 ]
 
 AttributionField = Literal["utm_source", "utm_medium", "utm_campaign", "gclid", "fbclid"]
+
+#: The case event a checkout sends, by what it means for payment
+#: (:func:`mappers.checkout.payment_outcome`): the workflow profile must let ``checkout``
+#: send both (lint ``checkout-event-not-in-workflow``).
+PAYMENT_EVENTS: dict[Literal["paid", "deferred"], str] = {
+    "paid": "payment_completed",
+    "deferred": "payment_deferred",
+}
 
 
 _PATH_PATTERN = r"^[A-Za-z0-9_\-]+(\[\d+\])?(\.[A-Za-z0-9_\-]+(\[\d+\])?)*$"
@@ -70,6 +80,12 @@ class FieldPath(Strict):
         return [self.path, *self.fallback]
 
 
+@lru_cache(maxsize=1024)
+def _plain_path(path: str) -> FieldPath:
+    """A path written as a plain string, as a (frozen, shared) :class:`FieldPath`."""
+    return FieldPath(path=path)
+
+
 class Processor(Strict):
     """How to read one processor's checkout events."""
 
@@ -92,7 +108,7 @@ class Processor(Strict):
         value = self.fields.get(name)  # type: ignore[call-overload]
         if value is None:
             return None
-        return value if isinstance(value, FieldPath) else FieldPath(path=value)
+        return value if isinstance(value, FieldPath) else _plain_path(value)
 
     @model_validator(mode="after")
     def _required(self) -> Processor:
@@ -159,6 +175,14 @@ class Plan(Strict):
     quantity: Quantity | None = None
     refills: int | None = Field(default=None, ge=0)
     supply_days: int | None = Field(default=None, gt=0)
+    deferred_payment: Literal["medication_request", "no_medication_request"] = Field(
+        default="medication_request",
+        description="A checkout that charges nothing now (Stripe setup mode: a payment "
+        "method saved; or a subscription whose first charge is later): medication_request "
+        "sends the plan's MedicationRequest as for a paid checkout (a subscription billed "
+        "later); no_medication_request sends the Patient only. Either way the case event is "
+        "payment_deferred.",
+    )
 
 
 class CheckoutPatientRules(Strict):

@@ -124,6 +124,13 @@ class Hl7Spec(Strict):
         default="exception",
         description="A supported message no row matches: an exception (AE) or ignored (AA).",
     )
+    batch_refusal_msa_2: Literal["MSH-10", "BHS-11"] = Field(
+        default="MSH-10",
+        description="What MSA-2 of the AR refusing an HL7 batch (FHS/BHS) echoes, so this "
+        "sender can match the refusal: MSH-10 of the batch's first message, or BHS-11 "
+        "(batch control id; FHS-11 without a BHS). Either falls back to the other when "
+        "empty.",
+    )
 
     @field_validator("peers")
     @classmethod

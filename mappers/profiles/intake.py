@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
+from mappers.normalize import DateOrder
 from mappers.profiles.common import FHIR_ID, KEY, SLUG, Coding, Strict
 
 ItemType = Literal[
@@ -319,6 +320,14 @@ class IntakeProfile(Strict):
     required_consents: list[str] = Field(default_factory=list)
     patient: PatientRules = Field(default_factory=PatientRules)
     answer_values: AnswerValues = Field(default_factory=AnswerValues)
+    date_order: DateOrder | None = Field(
+        default=None,
+        description="How this form's app writes numeric dates whose numbers do not say the "
+        "order (01/02/2003): MDY (month first), DMY (day first) or YMD. Unset: dates with / "
+        "or - are read month first (US forms) and other forms with two readings, such as "
+        "10.09.2003, are refused. A date with one possible reading (25/09/2003) is always "
+        "accepted.",
+    )
     items: list[IntakeItem]
     derived: Derived = Field(default_factory=Derived)
 

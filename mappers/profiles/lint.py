@@ -24,6 +24,9 @@ invalid-extension          an EHR override extension that is not valid FHIR
 ownership-conflict         a Patient element owned by both an intake and a checkout
 consent-without-mapping    (warning) a required consent with no ``derived.consents`` entry
 unknown-program            (warning) a plan whose program no intake form has
+checkout-event-not-in-     (warning) plans are sold but the workflow does not let
+workflow                   checkout send ``payment_completed`` or ``payment_deferred``
+                           (such a checkout's case event goes to the exceptions queue)
 =========================  ===========================================================
 """
 
@@ -38,9 +41,12 @@ from pydantic import ValidationError
 from mappers import ucum
 from mappers.errors import Problem
 from mappers.fhirpath import compile_fhirpath, fhirpath_syntax_errors, linkids_named
+from mappers.profiles.checkout import PAYMENT_EVENTS
 from mappers.profiles.intake import IntakeProfile
 
-WARNINGS = frozenset({"consent-without-mapping", "unknown-program"})
+WARNINGS = frozenset(
+    {"consent-without-mapping", "unknown-program", "checkout-event-not-in-workflow"}
+)
 
 _Found = tuple[str, tuple[Any, ...], str, str]  # (source key, path, code, message)
 
@@ -257,6 +263,18 @@ def _lint_checkout(profiles: Any) -> Iterable[_Found]:
                     "unknown-program",
                     f"no intake form has program {plan.program!r}",
                 )
+        workflow = getattr(profiles, "workflow", None)
+        if profile.plans and workflow is not None:
+            for event in PAYMENT_EVENTS.values():
+                spec = workflow.events.get(event)
+                if spec is None or "checkout" not in spec.owners:
+                    yield (
+                        key,
+                        ("plans",),
+                        "checkout-event-not-in-workflow",
+                        f"the workflow has no event {event!r} owned by checkout: add it "
+                        "(see profiles/workflow.yaml as shipped)",
+                    )
         for name in profile.processors:
             if name in proc_owner:
                 yield (

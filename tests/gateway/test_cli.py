@@ -199,3 +199,28 @@ def test_clients_create_without_event_sources_warns(migrated: Path) -> None:
     code, _, err = create("any-sender", "events:write")
     assert code == 0, err
     assert "any sender (restrict it with --event-source)" in err
+
+
+@pytest.mark.parametrize("command", [["clients", "list"], ["deliveries", "list"], ["mllp"]])
+def test_a_setting_that_does_not_validate_is_named_without_its_value(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    """Every command loads its settings the same way: exit 2 naming the variable and the
+    reason, never echoing the value (it may hold a password or a secret)."""
+    monkeypatch.setenv("GATEWAY_PUBLIC_BASE_URL", "ftp://user:hunter2@gateway.internal")
+    result = runner.invoke(app, command)
+    assert result.exit_code == 2, result.output
+    assert "configuration error: GATEWAY_PUBLIC_BASE_URL:" in result.output
+    assert "must be an absolute http(s) URL" in result.output
+    assert "hunter2" not in result.output
+
+
+def test_profiles_with_problems_stop_a_command_before_it_starts(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "profiles" / "intake").mkdir(parents=True)
+    (tmp_path / "profiles" / "intake" / "broken.yaml").write_text("kind: intake\nid: [\n")
+    monkeypatch.setenv("GATEWAY_PROFILES_DIR", str(tmp_path / "profiles"))
+    result = runner.invoke(app, ["worker"])
+    assert result.exit_code == 2, result.output
+    assert "broken.yaml" in result.output

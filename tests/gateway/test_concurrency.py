@@ -86,9 +86,10 @@ def _without_replayed(body: dict[str, object]) -> dict[str, object]:
 async def test_concurrent_twins_all_get_the_stored_answer(
     client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str]
 ) -> None:
-    """The inbox row is inserted last: the twins that lose the race roll back everything
-    they wrote, retry, and answer with the winner's stored answer (same resources, same
-    deliveries, same case), for intakes and Stripe events alike."""
+    """The inbox row is claimed first (``INSERT ... ON CONFLICT DO NOTHING``): the twins
+    wait for the winner's transaction at that insert (PostgreSQL; SQLite writers take
+    turns), write nothing, and answer with the winner's stored answer (same resources, same deliveries, same case), for intakes and
+    Stripe events alike."""
     raw = json.dumps(samples.intake())
     headers = {**admin_headers, "Content-Type": "application/json"}
     payload, stripe_headers = signed_stripe(samples.stripe_event())

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from gateway.cli import app
 from gateway.db.models import Delivery, FhirResource, ProfileMapping
 from gateway.errors import NotFoundError, UnprocessableError
-from gateway.profiles.service import remap_message
+from gateway.ingest.remap import remap_message
+from gateway.ingest.storage import IngestContext
 from gateway.runtime import Runtime
 from gateway.settings import Settings
 from tests import samples
@@ -58,7 +59,9 @@ async def test_diff_then_apply(
     runtime.profiles.reload()
 
     async with runtime.sessionmaker() as session:
-        result = await remap_message(session, runtime, message_id, apply=False, actor="test")
+        result = await remap_message(
+            session, IngestContext.of(runtime), message_id, apply=False, actor="test"
+        )
         await session.commit()
     assert not result.applied
     assert any(
@@ -75,7 +78,9 @@ async def test_diff_then_apply(
     assert versions == 1  # nothing stored without apply
 
     async with runtime.sessionmaker() as session:
-        result = await remap_message(session, runtime, message_id, apply=True, actor="test")
+        result = await remap_message(
+            session, IngestContext.of(runtime), message_id, apply=True, actor="test"
+        )
         await session.commit()
     assert result.applied and result.stored is not None
     changed = sorted(r["resourceType"] for r in result.stored["resources"])
@@ -102,7 +107,9 @@ async def test_diff_then_apply(
         assert prov.resource["policy"][0].endswith(source.content_hash)
 
     async with runtime.sessionmaker() as session:
-        again = await remap_message(session, runtime, message_id, apply=True, actor="test")
+        again = await remap_message(
+            session, IngestContext.of(runtime), message_id, apply=True, actor="test"
+        )
     assert again.diff == [] and not again.applied
 
 
@@ -111,13 +118,17 @@ async def test_an_unchanged_profile_changes_nothing_and_a_derived_change_only_it
 ) -> None:
     message_id = await _ingest(client, make_api_key)
     async with runtime.sessionmaker() as session:
-        result = await remap_message(session, runtime, message_id, apply=False, actor="t")
+        result = await remap_message(
+            session, IngestContext.of(runtime), message_id, apply=False, actor="t"
+        )
     assert result.diff == []  # was QuestionnaireResponse.status: -"completed" +"amended"
 
     edit_yaml(profiles_dir / GLP1_V1, lambda d: d["derived"]["observations"][0].update(decimals=1))
     runtime.profiles.reload()
     async with runtime.sessionmaker() as session:
-        result = await remap_message(session, runtime, message_id, apply=True, actor="t")
+        result = await remap_message(
+            session, IngestContext.of(runtime), message_id, apply=True, actor="t"
+        )
         await session.commit()
     assert result.diff and all(line.startswith("Observation/") for line in result.diff)
     assert result.stored is not None
@@ -136,10 +147,14 @@ async def test_checkout_remap_and_errors(
     )
     message_id = r.json()["message_id"]
     async with runtime.sessionmaker() as session:
-        result = await remap_message(session, runtime, message_id, apply=False, actor="t")
+        result = await remap_message(
+            session, IngestContext.of(runtime), message_id, apply=False, actor="t"
+        )
         assert result.diff == []
         with pytest.raises(NotFoundError):
-            await remap_message(session, runtime, "no-such-message", apply=False, actor="t")
+            await remap_message(
+                session, IngestContext.of(runtime), "no-such-message", apply=False, actor="t"
+            )
 
 
 async def test_a_message_that_no_longer_maps(
@@ -150,7 +165,9 @@ async def test_a_message_that_no_longer_maps(
     runtime.profiles.reload()
     async with runtime.sessionmaker() as session:
         with pytest.raises(UnprocessableError) as exc:
-            await remap_message(session, runtime, message_id, apply=True, actor="t")
+            await remap_message(
+                session, IngestContext.of(runtime), message_id, apply=True, actor="t"
+            )
     assert [p.code for p in exc.value.problems] == ["retired_form"]
 
 

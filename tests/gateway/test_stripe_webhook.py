@@ -358,3 +358,91 @@ async def test_events_of_other_types_are_2xx_so_stripe_stops_retrying(
     assert r.status_code == 200
     assert r.json()["status"] == "ignored"
     assert await count(runtime, ExceptionRecord) == 0
+
+
+async def test_a_checkout_that_fails_after_its_patient_was_matched_leaves_nothing_of_it(
+    client: httpx.AsyncClient, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mapping runs in a savepoint: when its FHIR does not validate (a profile problem
+    the loader did not catch), the patient it registered and its keys go with it; only
+    the failed message and its exception stay."""
+    from gateway.db.models import PatientKey
+    from gateway.ingest import storage
+    from mappers.errors import MappingErrors, Problem
+
+    def refuse(resources: object) -> None:
+        raise MappingErrors([Problem("MedicationRequest", "invalid_fhir", "refused by test")])
+
+    monkeypatch.setattr(storage, "validate_resources", refuse)
+    payload, headers = signed_stripe(samples.stripe_event())
+    r = await client.post("/v1/webhooks/stripe", content=payload, headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "failed"
+    assert await count(runtime, PatientKey) == 0
+    assert await count(runtime, FhirResource) == 0
+    (record,) = await rows(runtime, ExceptionRecord)
+    assert (record.kind, record.problems[0]["code"]) == ("unmappable_input", "invalid_fhir")
+    (message,) = await rows(runtime, InboundMessage)
+    assert (message.status, message.id) == ("failed", record.inbound_message_id)
+
+
+def _setup_mode_event(plan: str) -> dict[str, object]:
+    """A Checkout Session in setup mode as Stripe sends it: no amount, no currency."""
+    event = samples.stripe_event(
+        mode="setup",
+        payment_status="no_payment_required",
+        amount_total=None,
+        amount_subtotal=None,
+        currency=None,
+        payment_intent=None,
+        setup_intent="seti_1QExampleSetupIntent",
+    )
+    event["data"]["object"]["metadata"]["plan"] = plan  # type: ignore[index]
+    return event
+
+
+@pytest.mark.parametrize(
+    ("plan", "types"),
+    [
+        ("glp1-semaglutide-starter", ["MedicationRequest", "Patient", "Provenance"]),
+        ("glp1-semaglutide-maintenance", ["Patient", "Provenance"]),
+    ],
+)
+async def test_a_setup_mode_session_is_accepted_as_a_deferred_payment(
+    client: httpx.AsyncClient, runtime: Runtime, plan: str, types: list[str]
+) -> None:
+    """It used to be answered 'failed' and put in the exceptions queue as "amount_total
+    missing, currency missing". Each plan says whether it sends its MedicationRequest; the
+    case opens in payment_deferred either way."""
+    payload, headers = signed_stripe(_setup_mode_event(plan))
+    r = await client.post("/v1/webhooks/stripe", content=payload, headers=headers)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert (out["status"], out["payment"]) == ("accepted", "deferred")
+    assert sorted(x["resourceType"] for x in out["resources"]) == types
+    assert out["case"]["state"] == "payment_deferred"
+    assert await count(runtime, ExceptionRecord) == 0
+    (message,) = await rows(runtime, InboundMessage)
+    assert message.status == "processed"
+
+
+async def test_an_intake_after_a_deferred_payment_moves_the_case_to_review(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str]
+) -> None:
+    event = _setup_mode_event("glp1-semaglutide-starter")
+    payload, headers = signed_stripe(event)
+    r = await client.post("/v1/webhooks/stripe", content=payload, headers=headers)
+    assert r.json()["case"]["state"] == "payment_deferred"
+    external_id = event["data"]["object"]["metadata"]["patient_external_id"]  # type: ignore[index]
+    intake = samples.intake()
+    intake["patient"]["external_id"] = external_id
+    r = await client.post("/v1/intake-submissions", json=intake, headers=admin_headers)
+    assert r.status_code == 202, r.text
+    assert r.json()["case"]["state"] == "awaiting_review"
+
+
+async def test_a_paid_checkout_says_it_was_paid(client: httpx.AsyncClient) -> None:
+    payload, headers = signed_stripe(samples.stripe_event())
+    r = await client.post("/v1/webhooks/stripe", content=payload, headers=headers)
+    assert (r.json()["status"], r.json()["payment"]) == ("accepted", "paid")
+    assert r.json()["case"]["state"] == "paid"

@@ -15,12 +15,13 @@ from mappers.checkout import (
     checkout_to_medication_request,
     checkout_to_patient,
     parse_checkout,
+    payment_outcome,
     split_name,
     stripe_session_to_checkout,
 )
 from mappers.errors import MappingErrors
 from mappers.identifiers import IdentifierSystems
-from mappers.pipeline import checkout_payload
+from mappers.pipeline import checkout_payload, map_checkout
 from mappers.profiles import Plan, ProfileSet
 from mappers.validation import resource_problems
 from tests.mappers.conftest import GOLDEN, assert_golden, find_plan
@@ -187,7 +188,7 @@ def test_us_address_state_and_zip_are_normalized(profile_set: ProfileSet) -> Non
 
 
 def test_bad_us_address_state_is_located(profile_set: ProfileSet) -> None:
-    data = canonical(customer={"email": "a@example.com", "address": {"state": "Texs"}})
+    data = canonical(customer={"email": "a@example.com", "address": {"state": "Teksis"}})
     assert problems_of(profile_set, data) == {"customer.address.state": "invalid_state"}
 
 
@@ -514,3 +515,93 @@ def test_stripe_customer_details_null_or_partial(
     phone = details.get("phone", "+14155552671")  # the sample's, unless the case sets it
     phones = [t["value"] for t in patient["telecom"] if t["system"] == "phone"]
     assert phones == ([phone] if phone else [])
+
+
+# --------------------------------------------------------------------------- payment modes
+
+
+def stripe_setup_session(plan: str = "glp1-semaglutide-starter") -> dict[str, Any]:
+    """A Checkout Session in setup mode, as Stripe sends it: a payment method saved, no
+    amount, no currency, a SetupIntent instead of a PaymentIntent."""
+    event = stripe_sample()
+    session = event["data"]["object"]
+    session.update(
+        mode="setup",
+        payment_status="no_payment_required",
+        amount_total=None,
+        amount_subtotal=None,
+        currency=None,
+        payment_intent=None,
+        setup_intent="seti_1QExampleSetupIntent",
+    )
+    session["metadata"]["plan"] = plan
+    return event
+
+
+@pytest.mark.parametrize(
+    ("mode", "payment_status", "outcome"),
+    [
+        ("payment", "paid", "paid"),
+        ("subscription", "paid", "paid"),
+        ("payment", "no_payment_required", "paid"),  # nothing owed: a 100% discount
+        ("subscription", "no_payment_required", "deferred"),  # a trial
+        ("setup", "no_payment_required", "deferred"),
+        ("payment", "unpaid", "awaiting_payment"),
+        ("subscription", "unpaid", "awaiting_payment"),
+    ],
+)
+def test_payment_outcome_of_each_mode_and_status(
+    profile_set: ProfileSet, mode: str, payment_status: str, outcome: str
+) -> None:
+    checkout, _ = parse(profile_set, canonical(mode=mode, payment_status=payment_status))
+    assert payment_outcome(checkout) == outcome
+
+
+def test_a_stripe_setup_session_is_a_valid_deferred_checkout(profile_set: ProfileSet) -> None:
+    """It used to be refused as "amount_total missing, currency missing"."""
+    data = stripe_session_to_checkout(stripe_setup_session())
+    assert (data["mode"], data["payment_status"]) == ("setup", "no_payment_required")
+    assert "amount_total" not in data and "currency" not in data
+    checkout, _ = parse(profile_set, data)
+    assert payment_outcome(checkout) == "deferred"
+    assert (checkout.amount_total, checkout.currency) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("plan", "types"),
+    [
+        ("glp1-semaglutide-starter", ["Patient", "MedicationRequest"]),
+        ("glp1-semaglutide-maintenance", ["Patient"]),
+    ],
+)
+def test_a_deferred_checkout_maps_as_its_plan_says(
+    profile_set: ProfileSet, systems: IdentifierSystems, plan: str, types: list[str]
+) -> None:
+    data = checkout_payload(stripe_setup_session(plan), profile_set, kind="stripe")
+    mapped = map_checkout(data, profile_set, systems=systems, patient_id="pat-1", request_id="mr-1")
+    assert [r["resourceType"] for r in mapped.resources] == types
+    assert (mapped.payment, mapped.event_type) == ("deferred", "payment_deferred")
+    for resource in mapped.resources:
+        assert resource_problems(resource) == []
+
+
+def test_a_paid_checkout_is_a_payment_completed(
+    profile_set: ProfileSet, systems: IdentifierSystems
+) -> None:
+    data = checkout_payload(stripe_sample(), profile_set, kind="stripe")
+    mapped = map_checkout(data, profile_set, systems=systems, patient_id="pat-1", request_id="mr-1")
+    assert (mapped.payment, mapped.event_type) == ("paid", "payment_completed")
+    assert [r["resourceType"] for r in mapped.resources] == ["Patient", "MedicationRequest"]
+
+
+def test_amount_and_currency_are_required_unless_setup_mode(profile_set: ProfileSet) -> None:
+    data = canonical(mode="subscription")
+    del data["amount_total"], data["currency"]
+    assert problems_of(profile_set, data) == {"amount_total": "missing", "currency": "missing"}
+
+
+def test_a_setup_mode_checkout_that_says_it_was_paid_is_refused(
+    profile_set: ProfileSet,
+) -> None:
+    data = canonical(mode="setup", payment_status="paid")
+    assert problems_of(profile_set, data) == {"payment_status": "invalid_for_mode"}

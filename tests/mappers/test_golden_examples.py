@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mappers.examples import run_examples, unmapped_fields
 from mappers.fhirdiff import json_diff, resources_diff
 from mappers.profiles import load_profiles
-from mappers.profiles.examples import run_examples, unmapped_fields
 from tests.support.profiles import copy_profiles
 
 V1_EXAMPLES = "intake/glp1-weight-management-v1.examples"

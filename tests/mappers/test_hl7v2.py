@@ -22,6 +22,8 @@ from mappers.hl7v2 import (
     normalize_er7,
     parse_er7,
     parse_hl7_datetime,
+    refused_control_id,
+    sender_not_accepted,
 )
 from mappers.profiles import PartnerProfile, ProfileSet, load_profiles
 from mappers.profiles.events import Hl7Spec
@@ -428,3 +430,145 @@ def test_cached_accept_ack_is_the_one_hl7apy_builds(text: str) -> None:
     assert fast == slow
     later = build_ack(message, "AA", control_id="ACK10", now=NOW + timedelta(seconds=1))
     assert later != fast and "ACK10" in later and message.control_id in later
+
+
+# --------------------------------------------------------------------------- refusals a sender can act on
+
+# An HL7 batch (v2.5.1 chapter 2.10.3): FHS-11 is the file control id, BHS-11 the batch's.
+FHS = "FHS|^~\\&|EPICRX|EXAMPLEEHR|FHIRGW|TELE|20261124093000||||FILE-7"
+BHS = "BHS|^~\\&|EPICRX|EXAMPLEEHR|FHIRGW|TELE|20261124093000||||BATCH-42"
+
+
+def _batch(*messages: str, headers: tuple[str, ...] = (FHS, BHS)) -> str:
+    trailer = ["BTS|" + str(len(messages)), "FTS|1"][: len(headers)]
+    return "\r".join([*headers, *messages, *trailer])
+
+
+def _refusal(text: str) -> Hl7MessageError:
+    with pytest.raises(Hl7MessageError) as err:
+        parse_er7(text)
+    return err.value
+
+
+def _with_batch_msa_2(profiles: ProfileSet, choice: str) -> PartnerProfile:
+    partner = _partner(profiles)
+    assert partner.hl7 is not None
+    hl7_spec = partner.hl7.model_copy(update={"batch_refusal_msa_2": choice})
+    return partner.model_copy(update={"hl7": hl7_spec})
+
+
+def test_a_refused_batch_is_answered_to_its_first_message() -> None:
+    """MSA-2 used to be empty although MSH-10 was readable: the sender could not match the
+    refusal. The ACK is addressed and versioned as the batch's first message."""
+    first = MSH.format(type="ORM^O01", version="2.5.1") + "\rPID|1||M1^^^EXAMPLEEHR^MR"
+    second = first.replace("|CTRL1|", "|CTRL2|")
+    error = _refusal(_batch(first, second))
+    assert (error.ack_code, error.hl7_code, error.location) == ("AR", 100, "FHS")
+    assert error.envelope is not None and error.envelope.control_id == "CTRL1"
+    assert error.batch_control_id == "BATCH-42"
+    ack = build_ack(
+        error.envelope,
+        "AR",
+        control_id="ACK10",
+        now=NOW,
+        error=error,
+        acknowledged_id=refused_control_id(error, None),
+    )
+    parse_message(ack).validate()
+    msh, msa, err = ack.split("\r")
+    assert msh.split("|")[2:6] == ["FHIRGW", "TELE", "EPICRX", "EXAMPLEEHR"]
+    assert msh.split("|")[11] == "2.5.1"
+    assert (
+        msa == "MSA|AR|CTRL1|an HL7 batch (FHS/BHS) is not accepted: send each message on its own"
+    )
+    assert err.startswith("ERR||FHS^1|100^Segment sequence error^HL70357|E")
+
+
+@pytest.mark.parametrize(
+    ("choice", "text", "expected"),
+    [
+        ("MSH-10", _batch(MSH.format(type="ORM^O01", version="2.5")), "CTRL1"),
+        ("BHS-11", _batch(MSH.format(type="ORM^O01", version="2.5")), "BATCH-42"),
+        # no BHS: FHS-11 stands for the batch
+        ("BHS-11", _batch(MSH.format(type="ORM^O01", version="2.5"), headers=(FHS,)), "FILE-7"),
+        # the header alone (mllp_send --loose sends it as a message of its own): MSH-10
+        # falls back to BHS-11
+        ("MSH-10", f"{FHS}\r{BHS}", "BATCH-42"),
+        # a BHS without a control id: BHS-11 falls back to MSH-10
+        (
+            "BHS-11",
+            _batch(
+                MSH.format(type="ORM^O01", version="2.5"),
+                headers=("BHS|^~\\&|EPICRX|EXAMPLEEHR",),
+            ),
+            "CTRL1",
+        ),
+    ],
+)
+def test_msa_2_of_a_refused_batch_is_what_the_sender_profile_expects(
+    profiles: ProfileSet, choice: str, text: str, expected: str
+) -> None:
+    error = _refusal(text)
+    assert refused_control_id(error, _with_batch_msa_2(profiles, choice)) == expected
+
+
+def test_a_batch_without_a_readable_msh_is_answered_from_its_header() -> None:
+    error = _refusal(f"{FHS}\r{BHS}")
+    ack = build_ack(
+        error.envelope,
+        "AR",
+        control_id="ACK11",
+        now=NOW,
+        error=error,
+        acknowledged_id=refused_control_id(error, None),
+    )
+    msh, msa = ack.split("\r")[:2]
+    assert msh.split("|")[2:6] == ["FHIRGW", "TELE", "EPICRX", "EXAMPLEEHR"]
+    assert msa.startswith("MSA|AR|BATCH-42|")
+
+
+def test_a_message_holding_a_batch_header_keeps_its_own_control_id() -> None:
+    text = MSH.format(type="ORM^O01", version="2.5") + f"\r{BHS}\rPID|1||X"
+    error = _refusal(text)
+    assert (error.location, error.batch_control_id) == ("MSH", "BATCH-42")
+    assert refused_control_id(error, None) == "CTRL1"
+
+
+def test_other_refusals_echo_msh_10_whatever_the_profile(profiles: ProfileSet) -> None:
+    error = _refusal(MSH.format(type="ORM^O01", version="2.9"))
+    assert refused_control_id(error, _with_batch_msa_2(profiles, "BHS-11")) == "CTRL1"
+    assert refused_control_id(_refusal("PID|1||X"), None) == ""
+
+
+@pytest.mark.parametrize(
+    ("check", "position", "version"),
+    [
+        ("facility", 4, "2.3"),
+        ("facility", 4, "2.5.1"),
+        ("application", 3, "2.6"),
+        ("peer", 4, "2.7"),
+        ("facility", 4, "2.8.2"),
+    ],
+)
+def test_an_unknown_sender_gets_table_value_not_found_with_the_reason(
+    check: str, position: int, version: str
+) -> None:
+    """103 "Table value not found" (MSH-3/MSH-4 values come from user tables 0361/0362),
+    never 207 "Application internal error"; the reason is in MSA-3 before v2.7 and in
+    ERR-8 from v2.5 on (ERR-1 before)."""
+    error = sender_not_accepted(check)  # type: ignore[arg-type]
+    assert (error.ack_code, error.hl7_code, error.location) == ("AR", 103, f"MSH-{position}")
+    message = parse_er7(MSH.format(type="ORM^O01", version=version))
+    ack = build_ack(message, "AR", control_id="ACK12", now=NOW, error=error)
+    if version >= "2.3.1":  # hl7apy cannot validate a v2.3 ACK (ERR-1 only)
+        parse_message(ack).validate()
+    parsed = hl7.parse(ack)
+    msa, err = parsed.segment("MSA"), parsed.segment("ERR")
+    assert (str(msa[1]), str(msa[2])) == ("AR", "CTRL1")
+    reason = str(error)
+    assert (str(msa[3]) if len(msa) > 3 else None) == (reason if version < "2.7" else None)
+    if version >= "2.5":
+        assert str(err[3]) == "103^Table value not found^HL70357"
+        assert (str(err[2]), str(err[8])) == (f"MSH^1^{position}", reason)
+    else:
+        assert str(err[1]) == f"MSH^1^{position}^103&Table value not found&HL70357"

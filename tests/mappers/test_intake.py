@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -18,11 +19,13 @@ from fhir.resources.R4B.questionnaireresponse import QuestionnaireResponse
 from mappers.errors import MappingErrors, ProblemCollector
 from mappers.identifiers import IdentifierSystems
 from mappers.intake import (
+    TIME_DROPPED,
     answers_to_items,
     intake_to_patient,
     intake_to_questionnaire_response,
     parse_intake_submission,
 )
+from mappers.pipeline import EXAMPLE_SYSTEMS, preview
 from mappers.profiles import IntakeProfile, ProfileSet
 from mappers.validation import resource_problems
 from tests.mappers.conftest import GOLDEN, assert_golden
@@ -359,7 +362,7 @@ def test_unknown_form_or_version(
 def test_every_problem_of_a_submission_is_reported_at_once(profile_set: ProfileSet) -> None:
     data = sample()
     data["patient"]["phone"] = "555-1234"
-    data["patient"]["address"]["state"] = "Texs"
+    data["patient"]["address"]["state"] = "Teksis"
     data["patient"]["birth_date"] = "04/12/88"
     data["patient"]["nickname"] = "JR"
     data["submitted_at"] = "2026-11-23T14:00:00"  # no offset
@@ -695,3 +698,142 @@ def test_a_canadian_province_is_refused_as_a_us_state(profile_set: ProfileSet) -
     data = sample()
     data["patient"]["address"]["state"] = "Ontario"
     assert problems_of(profile_set, data) == {"patient.address.state": "invalid_state"}
+
+
+# --------------------------------------------------------------------------- real-world values
+
+
+def _with_date_order(profile_set: ProfileSet, order: str | None) -> Any:
+    """A find_profile whose forms declare ``date_order``."""
+
+    def find(form_id: str, version: str) -> IntakeProfile | None:
+        found = profile_set.intake_profile(form_id, version)
+        return found.model_copy(update={"date_order": order}) if found else None
+
+    return find
+
+
+@pytest.mark.parametrize(
+    ("order", "birth_date", "exam_date", "expected"),
+    [
+        pytest.param(None, "04/12/1988", "03/02/2026", ("1988-04-12", "2026-03-02"), id="us"),
+        pytest.param("DMY", "12/04/1988", "02/03/2026", ("1988-04-12", "2026-03-02"), id="dmy"),
+        pytest.param("DMY", "12.04.1988", "2.3.2026", ("1988-04-12", "2026-03-02"), id="dots"),
+        pytest.param(None, "25/12/1988", "2026-03-02", ("1988-12-25", "2026-03-02"), id="one"),
+    ],
+)
+def test_the_forms_date_order_reads_birth_date_and_date_answers(
+    profile_set: ProfileSet,
+    order: str | None,
+    birth_date: str,
+    exam_date: str,
+    expected: tuple[str, str],
+) -> None:
+    data = sample()
+    data["patient"]["birth_date"] = birth_date
+    data["answers"]["last_physical_exam_date"] = exam_date
+    parsed = parse_intake_submission(
+        data, _with_date_order(profile_set, order), profile_set.concept_maps
+    )
+    exam = parsed.answers["last_physical_exam_date"].values[0][0]["valueDate"]
+    assert (parsed.submission.patient.birth_date, exam) == expected
+    assert parsed.notes == []
+
+
+def test_a_date_with_two_readings_is_refused_without_a_date_order(
+    profile_set: ProfileSet,
+) -> None:
+    data = sample()
+    data["patient"]["birth_date"] = "12.04.1988"
+    data["answers"]["last_physical_exam_date"] = "02.03.2026"
+    assert problems_of(profile_set, data) == {
+        "patient.birth_date": "ambiguous_date",
+        "answers.last_physical_exam_date": "ambiguous_date",
+    }
+
+
+def test_a_time_of_day_dropped_from_a_date_is_noted_where_it_was(
+    profile_set: ProfileSet, systems: IdentifierSystems
+) -> None:
+    data = sample()
+    data["patient"]["birth_date"] = "1988-04-12T10:49:00Z"
+    data["answers"]["last_physical_exam_date"] = "3/2/2026 9:30 AM"
+    parsed = parse_intake_submission(data, profile_set.intake_profile, profile_set.concept_maps)
+    assert parsed.submission.patient.birth_date == "1988-04-12"
+    assert [(n.location, n.code) for n in parsed.notes] == [
+        ("patient.birth_date", "time_dropped"),
+        ("answers.last_physical_exam_date", "time_dropped"),
+    ]
+    text = json.dumps([n.as_dict() for n in parsed.notes])
+    assert "10:49" not in text and "1988" not in text
+
+
+def test_a_phone_extension_is_kept_beside_the_e164_value(
+    profile_set: ProfileSet, systems: IdentifierSystems
+) -> None:
+    data = sample()
+    data["patient"]["phone"] = "(415) 555-2671 ext. 12"
+    submission, _, _ = parse(profile_set, data)
+    patient = intake_to_patient(submission, patient_id="pat-1", systems=systems)
+    assert patient["telecom"][0] == {
+        "extension": [
+            {
+                "url": "http://hl7.org/fhir/StructureDefinition/contactpoint-extension",
+                "valueString": "12",
+            }
+        ],
+        "system": "phone",
+        "value": "+14155552671",
+        "use": "mobile",
+    }
+    assert resource_problems(patient) == []
+    assert json.loads(Patient.model_validate(patient).model_dump_json()) == patient
+
+
+@pytest.mark.parametrize(
+    ("phone", "value"),
+    [
+        pytest.param("tel:+1-415-555-2671", "+14155552671", id="tel-uri"),
+        pytest.param("1-800-FLOWERS", "+18003569377", id="vanity"),
+    ],
+)
+def test_real_world_phones(
+    profile_set: ProfileSet, systems: IdentifierSystems, phone: str, value: str
+) -> None:
+    data = sample()
+    data["patient"]["phone"] = phone
+    submission, _, _ = parse(profile_set, data)
+    patient = intake_to_patient(submission, patient_id="pat-1", systems=systems)
+    assert patient["telecom"][0] == {"system": "phone", "value": value, "use": "mobile"}
+
+
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [("Tex.", "TX"), ("06", "CA"), ("Calfornia", "CA"), ("N.Y.", "NY")],
+)
+def test_real_world_states_beyond_usps_codes(
+    profile_set: ProfileSet, state: str, expected: str
+) -> None:
+    data = sample()
+    data["patient"]["address"]["state"] = state
+    submission, _, _ = parse(profile_set, data)
+    assert submission.patient.address.state == expected
+
+
+def test_the_provenance_names_a_dropped_time_without_the_value(profile_set: ProfileSet) -> None:
+    data = sample()
+    data["patient"]["birth_date"] = "1988-04-12 08:15"
+    result = preview(data, profile_set, recorded=datetime(2026, 11, 23, 20, tzinfo=UTC))
+    assert result.problems == []
+    [provenance] = [r for r in result.resources if r["resourceType"] == "Provenance"]
+    assert provenance["extension"] == [
+        {
+            "url": f"{EXAMPLE_SYSTEMS.base}/normalization-note",
+            "extension": [
+                {"url": "input", "valueString": "patient.birth_date"},
+                {"url": "code", "valueCode": "time_dropped"},
+                {"url": "text", "valueString": TIME_DROPPED[1]},
+            ],
+        }
+    ]
+    assert "08:15" not in json.dumps(provenance)

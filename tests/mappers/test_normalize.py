@@ -15,13 +15,18 @@ from us import states as us_states
 
 from mappers.errors import MappingError
 from mappers.normalize import (
+    PhoneNumber,
     normalize_birth_date,
+    normalize_date,
     normalize_email,
     normalize_name,
     normalize_phone,
     normalize_postal_code,
     normalize_state,
+    parse_birth_date,
+    parse_date,
     parse_datetime,
+    parse_phone,
     to_fhir_instant,
 )
 
@@ -88,12 +93,46 @@ VALID_PHONES = [
         "+14155552671",
         id="arabic-indic-digits",
     ),
+    # Extensions, in the forms libphonenumber parses (its PhoneNumberUtil tests) and
+    # RFC 3966's ext parameter: kept apart from the E.164 number.
+    pytest.param("415-555-2671 x123", "US", "+14155552671;ext=123", id="ext-x"),
+    pytest.param("415-555-2671x123", "US", "+14155552671;ext=123", id="ext-x-no-space"),
+    pytest.param("(415) 555-2671 ext. 5", "US", "+14155552671;ext=5", id="ext-dot"),
+    pytest.param("(415) 555-2671 EXT 5", "US", "+14155552671;ext=5", id="ext-upper-case"),
+    pytest.param("+1 415 555 2671 extension 22", "US", "+14155552671;ext=22", id="ext-word"),
+    pytest.param("415-555-2671 extn. 22", "US", "+14155552671;ext=22", id="ext-extn"),
+    pytest.param("415-555-2671#5", "US", "+14155552671;ext=5", id="ext-hash"),
+    pytest.param("4155552671,12", "US", "+14155552671;ext=12", id="ext-dialler-pause"),
+    pytest.param("415-555-2671 x0012", "US", "+14155552671;ext=0012", id="ext-leading-zeros"),
+    pytest.param("+44 20 7946 0958 x 3", "US", "+442079460958;ext=3", id="ext-uk"),
+    # RFC 3966 tel URIs (section 3 examples: global, and local with a phone-context).
+    pytest.param("tel:+1-415-555-2671;ext=12", "US", "+14155552671;ext=12", id="tel-uri-ext"),
+    pytest.param(
+        "tel:555-2671;phone-context=+1-415", "US", "+14155552671", id="tel-uri-phone-context"
+    ),
+    # Vanity numbers: letters are keypad digits (ITU-T E.161).
+    pytest.param("1-800-FLOWERS", "US", "+18003569377", id="vanity-1-800-flowers"),
+    pytest.param("1-800-flowers", "US", "+18003569377", id="vanity-lower-case"),
+    pytest.param("1 (800) GOT-JUNK", "US", "+18004685865", id="vanity-got-junk"),
+    pytest.param("415-555-HOME", "US", "+14155554663", id="vanity-last-four"),
+    pytest.param("tel:+1-800-FLOWERS", "US", "+18003569377", id="vanity-tel-uri"),
+    pytest.param("1-800-FLOWERS x12", "US", "+18003569377;ext=12", id="vanity-with-ext"),
+    # A label before the number is skipped (libphonenumber's extraction).
+    pytest.param("call 415 555 2671", "US", "+14155552671", id="leading-label"),
+    pytest.param("cell: (415) 555-2671", "US", "+14155552671", id="leading-label-colon"),
 ]
 
 
 @pytest.mark.parametrize(("raw", "region", "expected"), VALID_PHONES)
 def test_normalize_phone_accepts(raw: str, region: str, expected: str) -> None:
     assert normalize_phone(raw, default_region=region) == expected
+
+
+def test_parse_phone_keeps_the_extension_apart_and_round_trips() -> None:
+    parsed = parse_phone("(415) 555-2671 ext. 12")
+    assert parsed == PhoneNumber("+14155552671", "12")
+    assert PhoneNumber.from_text(parsed.text) == parsed
+    assert parse_phone("415-555-2671") == PhoneNumber("+14155552671", None)
 
 
 INVALID_PHONES = [
@@ -106,20 +145,18 @@ INVALID_PHONES = [
     pytest.param("000-000-0000", "invalid_phone", id="all-zeros"),
     pytest.param("+999 123 456 789", "invalid_phone", id="unknown-country-code"),
     pytest.param("00 44 20 7946 0958", "invalid_phone", id="non-us-exit-code"),
-    pytest.param("call 415 555 2671", "invalid_phone", id="leading-words"),
     pytest.param("415 555 2671 home", "invalid_phone", id="trailing-word"),
     pytest.param("415-555-2671 h", "invalid_phone", id="trailing-letter"),
-    pytest.param("1-800-FLOWERS", "invalid_phone", id="vanity-letters"),
+    pytest.param("415-555-2671 (cell)", "invalid_phone", id="trailing-word-in-parentheses"),
+    # A 7-digit local number and a word: libphonenumber would read "cel" as keypad digits
+    # and make a valid, different number (+12122671235) of it.
+    pytest.param("212-2671 cel", "invalid_phone", id="local-number-and-word"),
+    pytest.param("+1-800-MATTRESS", "invalid_phone", id="vanity-one-letter-too-many"),
+    pytest.param("415-555-2671 ext. 12 ask for Jo", "invalid_phone", id="words-after-ext"),
+    pytest.param("415-555-2671 / 415-555-0000", "invalid_phone", id="two-numbers"),
     pytest.param("415_555_2671", "invalid_phone", id="underscores"),
     pytest.param("not a number", "invalid_phone", id="text"),
     pytest.param("tel:", "invalid_phone", id="tel-prefix-only"),
-    pytest.param("415-555-2671 x123", "phone_has_extension", id="ext-x"),
-    pytest.param("415-555-2671x123", "phone_has_extension", id="ext-x-no-space"),
-    pytest.param("(415) 555-2671 ext. 5", "phone_has_extension", id="ext-dot"),
-    pytest.param("(415) 555-2671 EXT 5", "phone_has_extension", id="ext-upper-case"),
-    pytest.param("+1 415 555 2671 extension 22", "phone_has_extension", id="ext-word"),
-    pytest.param("415-555-2671#5", "phone_has_extension", id="ext-hash"),
-    pytest.param("tel:+1-415-555-2671;ext=5", "phone_has_extension", id="ext-rfc3966"),
 ]
 
 
@@ -193,6 +230,30 @@ VALID_STATES = [
     pytest.param("ae", "AE", id="military-ae-lower"),
     pytest.param("A.P.", "AP", id="military-ap-periods"),
     pytest.param("Armed Forces Europe", "AE", id="military-name"),
+    # Traditional abbreviations with periods (GPO Style Manual).
+    pytest.param("Tex.", "TX", id="gpo-tex"),
+    pytest.param("Nebr.", "NE", id="gpo-nebr"),
+    pytest.param("N. Mex.", "NM", id="gpo-n-mex"),
+    pytest.param("Penna.", "PA", id="traditional-penna"),
+    pytest.param("Wisc", "WI", id="traditional-wisc-without-period"),
+    # FIPS PUB 5-2 numeric codes (Census, CMS files).
+    pytest.param("06", "CA", id="fips-california"),
+    pytest.param("25", "MA", id="fips-massachusetts"),
+    pytest.param(" 11 ", "DC", id="fips-dc"),
+    pytest.param("72", "PR", id="fips-puerto-rico"),
+    # One typo from exactly one state's name.
+    pytest.param("Texs", "TX", id="typo-missing-letter"),
+    pytest.param("Calfornia", "CA", id="typo-missing-letter-2"),
+    pytest.param("Kalifornia", "CA", id="typo-wrong-letter"),
+    pytest.param("Mississipi", "MS", id="typo-mississippi"),
+    pytest.param("Massachusets", "MA", id="typo-massachusetts"),
+    pytest.param("Pensylvania", "PA", id="typo-pennsylvania"),
+    pytest.param("Tennesee", "TN", id="typo-tennessee"),
+    pytest.param("Virgina", "VA", id="typo-virginia"),
+    pytest.param("West Virgina", "WV", id="typo-west-virginia"),
+    pytest.param("New Yrok", "NY", id="typo-swapped-letters"),
+    pytest.param("Ohoi", "OH", id="typo-short-name-swapped"),
+    pytest.param("marshal islands", "MH", id="typo-territory"),
 ]
 
 
@@ -214,14 +275,20 @@ def test_normalize_state_knows_every_state_and_territory(place: Any) -> None:
 INVALID_STATES = [
     pytest.param("", "missing_state", id="empty"),
     pytest.param("  . ", "missing_state", id="blank-and-period"),
-    pytest.param("Texs", "invalid_state", id="misspelled-name"),
-    pytest.param("Kalifornia", "invalid_state", id="phonetic-misspelling"),
+    pytest.param("Teksis", "invalid_state", id="two-edits-from-texas"),
+    pytest.param("Kaliphornia", "invalid_state", id="phonetic-misspelling"),
+    pytest.param("Akansas", "invalid_state", id="one-typo-from-arkansas-and-kansas"),
+    pytest.param("Carolina", "invalid_state", id="north-or-south"),
+    pytest.param("TXX", "invalid_state", id="misspelt-code"),
+    pytest.param("Ohi", "invalid_state", id="typo-too-short"),
     pytest.param("XX", "invalid_state", id="unknown-code"),
     pytest.param("Ontario", "invalid_state", id="canadian-province"),
     pytest.param("ON", "invalid_state", id="canadian-province-code"),
     pytest.param("Dakota", "invalid_state", id="obsolete-territory-name"),
     pytest.param("DK", "invalid_state", id="obsolete-territory-code"),
-    pytest.param("06", "invalid_state", id="fips-code"),
+    pytest.param("6", "invalid_state", id="fips-code-one-digit"),
+    pytest.param("99", "invalid_state", id="unknown-fips-code"),
+    pytest.param("3", "invalid_state", id="digit"),
     pytest.param("Texas!", "invalid_state", id="punctuation"),
     pytest.param("New York City", "invalid_state", id="city"),
     pytest.param("T", "invalid_state", id="one-letter"),
@@ -234,9 +301,22 @@ def test_normalize_state_rejects(raw: str, code: str) -> None:
 
 
 def test_normalize_state_refuses_what_us_lookup_would_guess() -> None:
-    # us.states.lookup matches names by metaphone and would turn this typo into Texas.
-    assert us_states.lookup("Texs") == us_states.TX
-    assert_rejected(normalize_state, "Texs", "invalid_state")
+    # us.states.lookup matches names by metaphone and would turn these into Texas and
+    # California; they are more than one typo away from the names.
+    assert us_states.lookup("Teksis") == us_states.TX
+    assert us_states.lookup("Kaliphornia") == us_states.CA
+    assert_rejected(normalize_state, "Teksis", "invalid_state")
+    assert_rejected(normalize_state, "Kaliphornia", "invalid_state")
+
+
+def test_a_typo_close_to_two_states_says_so() -> None:
+    error = assert_rejected(normalize_state, "Akansas", "invalid_state")
+    assert "more than one state" in str(error)
+
+
+@pytest.mark.parametrize("place", _ALL_US_PLACES, ids=lambda place: place.abbr)
+def test_every_fips_code_is_its_state(place: Any) -> None:
+    assert normalize_state(place.fips) == place.abbr
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,8 +372,16 @@ VALID_BIRTH_DATES = [
     pytest.param("04/01/1990", "1990-04-01", id="us-slashes"),
     pytest.param("4/1/1990", "1990-04-01", id="us-single-digits"),
     pytest.param("04-01-1990", "1990-04-01", id="us-dashes"),
-    pytest.param("04.01.1990", "1990-04-01", id="us-dots"),
+    pytest.param("04 / 01 / 1990", "1990-04-01", id="us-spaced-slashes"),
     pytest.param("12/31/1990", "1990-12-31", id="us-day-above-12"),
+    # Day first, where month first is no date: one reading.
+    pytest.param("25/09/2003", "2003-09-25", id="day-first-slashes"),
+    pytest.param("25.09.2003", "2003-09-25", id="day-first-dots"),
+    pytest.param("13/01/1990", "1990-01-13", id="day-first-13"),
+    pytest.param("25 09 2003", "2003-09-25", id="day-first-spaces"),
+    # The same date both ways.
+    pytest.param("05.05.2003", "2003-05-05", id="same-both-ways-dots"),
+    pytest.param("1990 04 01", "1990-04-01", id="iso-spaces"),
     pytest.param("  04/01/1990 ", "1990-04-01", id="padded"),
     pytest.param("April 1, 1990", "1990-04-01", id="month-name-first"),
     pytest.param("Apr 1 1990", "1990-04-01", id="month-abbreviation-no-comma"),
@@ -302,10 +390,25 @@ VALID_BIRTH_DATES = [
     pytest.param("01-APR-1990", "1990-04-01", id="dd-mon-yyyy-upper"),
     pytest.param("april 1,1990", "1990-04-01", id="lower-case-no-space"),
     pytest.param("Sept 30, 1990", "1990-09-30", id="sept"),
+    pytest.param("25 Sep 2003", "2003-09-25", id="day-month-abbreviation-year"),
+    pytest.param("September 25, 2003", "2003-09-25", id="month-day-year"),
+    pytest.param("3rd of May 2001", "2001-05-03", id="ordinal-of-month"),
+    pytest.param("the 3rd of May, 2001", "2001-05-03", id="the-ordinal-of-month"),
+    pytest.param("2001 May 3", "2001-05-03", id="year-month-day-words"),
+    pytest.param("Sunday, April 1, 1990", "1990-04-01", id="matching-weekday"),
+    pytest.param("Sun 1 Apr 1990", "1990-04-01", id="matching-weekday-abbreviation"),
     pytest.param("1990-04-01T00:00:00", "1990-04-01", id="naive-midnight"),
     pytest.param("1990-04-01T13:45:00", "1990-04-01", id="naive-time-of-birth"),
     pytest.param("1990-04-01T00:00:00Z", "1990-04-01", id="utc-midnight"),
     pytest.param("1990-04-01T00:00:00.000+02:00", "1990-04-01", id="offset-midnight"),
+    pytest.param("2003-09-25T00:00:00Z", "2003-09-25", id="issue-utc-midnight"),
+    pytest.param("2003-09-25 10:49", "2003-09-25", id="iso-space-local-time"),
+    pytest.param("2003-09-25T10:49:07Z", "2003-09-25", id="utc-time-not-a-midnight"),
+    pytest.param("1990-04-01T05:00:00Z", "1990-04-01", id="utc-midnight-of-the-same-day"),
+    pytest.param("9/25/2003 10:49", "2003-09-25", id="us-date-and-time"),
+    pytest.param("9/25/2003 12:00:00 AM", "2003-09-25", id="spreadsheet-export-midnight"),
+    pytest.param("9/25/2003 1:05 PM", "2003-09-25", id="twelve-hour-time"),
+    pytest.param("25 Sep 2003, 10:49", "2003-09-25", id="month-name-and-time"),
     pytest.param("02/29/2000", "2000-02-29", id="leap-day-2000"),
     pytest.param("2024-06-15", "2024-06-15", id="born-today"),
     pytest.param("1894-06-15", "1894-06-15", id="exactly-130-years"),
@@ -323,12 +426,17 @@ INVALID_BIRTH_DATES = [
     pytest.param("", "missing_date", id="empty"),
     pytest.param("   ", "missing_date", id="blank"),
     pytest.param("04/01/90", "ambiguous_date", id="two-digit-year"),
+    pytest.param("01/02/03", "ambiguous_date", id="every-part-two-digits"),
+    pytest.param("10.09.2003", "ambiguous_date", id="dots-both-readings"),
+    pytest.param("04.01.1990", "ambiguous_date", id="dots-both-readings-2"),
+    pytest.param("01 02 2003", "ambiguous_date", id="spaces-both-readings"),
     pytest.param("4-1-90", "ambiguous_date", id="two-digit-year-dashes"),
     pytest.param("90-04-01", "ambiguous_date", id="two-digit-year-first"),
     pytest.param("900401", "ambiguous_date", id="six-digits"),
     pytest.param("Apr 1 90", "ambiguous_date", id="month-name-two-digit-year"),
     pytest.param("1990-03-31T22:00:00Z", "ambiguous_date", id="utc-shifted-local-midnight"),
     pytest.param("1990-04-01T05:00:00-05:00", "ambiguous_date", id="offset-not-midnight"),
+    pytest.param("2003-09-24T23:00:00.000Z", "ambiguous_date", id="toisostring-from-plus-one"),
     pytest.param("1990", "incomplete_date", id="year-only"),
     pytest.param("1990-04", "incomplete_date", id="year-month"),
     pytest.param("04/1990", "incomplete_date", id="month-year"),
@@ -338,8 +446,8 @@ INVALID_BIRTH_DATES = [
     pytest.param("02/30/1990", "invalid_date", id="february-30"),
     pytest.param("1990-02-29", "invalid_date", id="not-a-leap-year"),
     pytest.param("02/29/1900", "invalid_date", id="1900-not-a-leap-year"),
-    pytest.param("13/01/1990", "invalid_date", id="month-13"),
-    pytest.param("25/12/1990", "invalid_date", id="day-first"),
+    pytest.param("13/25/1990", "invalid_date", id="neither-reading"),
+    pytest.param("31/31/1990", "invalid_date", id="neither-reading-31"),
     pytest.param("1990-13-01", "invalid_date", id="iso-month-13"),
     pytest.param("1990-04-31", "invalid_date", id="april-31"),
     pytest.param("19901301", "invalid_date", id="iso-basic-month-13"),
@@ -350,7 +458,9 @@ INVALID_BIRTH_DATES = [
     pytest.param("1990-04-01T00:00:00+15:00", "invalid_date", id="offset-out-of-range"),
     pytest.param("not a date", "invalid_date", id="text"),
     pytest.param("Texas 1990", "invalid_date", id="unknown-word"),
-    pytest.param("Monday, April 1, 1990", "invalid_date", id="weekday"),
+    pytest.param("Monday, April 1, 1990", "invalid_date", id="weekday-not-the-dates"),
+    pytest.param("9/25/2003 25:00", "invalid_date", id="time-hour-25"),
+    pytest.param("9/25/2003 13:00 PM", "invalid_date", id="time-13-pm"),
     pytest.param("April 1 April 1990", "invalid_date", id="two-months"),
     pytest.param("April 1 1990 12", "invalid_date", id="extra-number"),
     pytest.param("April 199 1990", "invalid_date", id="three-digit-number"),
@@ -370,7 +480,98 @@ def test_normalize_birth_date_rejects(raw: str, code: str) -> None:
 
 def test_normalize_birth_date_day_first_message_names_expected_order() -> None:
     error = assert_rejected(normalize_birth_date, "13/25/1990", "invalid_date", today=TODAY)
-    assert "MM/DD/YYYY" in str(error)
+    assert "MM/DD/YYYY" in str(error) and "DD/MM/YYYY" in str(error)
+
+
+def test_a_date_with_two_readings_names_both_and_how_to_fix_it() -> None:
+    """Both readings by their pattern (never the value, which is PHI), and the two ways
+    out: ISO 8601, or the form's date_order."""
+    error = assert_rejected(normalize_birth_date, "10.09.2003", "ambiguous_date", today=TODAY)
+    assert "MM.DD.YYYY" in str(error) and "DD.MM.YYYY" in str(error)
+    assert "YYYY-MM-DD" in str(error) and "date_order" in str(error)
+    assert "2003" not in str(error) and "09" not in str(error)
+
+
+@pytest.mark.parametrize(
+    ("raw", "order", "expected"),
+    [
+        pytest.param("10.09.2003", "DMY", "2003-09-10", id="dots-day-first"),
+        pytest.param("10.09.2003", "MDY", "2003-10-09", id="dots-month-first"),
+        pytest.param("01/02/2003", "DMY", "2003-02-01", id="slashes-day-first"),
+        pytest.param("01/02/2003", None, "2003-01-02", id="slashes-us-default"),
+        pytest.param("01-02-2003", None, "2003-01-02", id="dashes-us-default"),
+        # one reading whatever the order says
+        pytest.param("25/09/2003", "MDY", "2003-09-25", id="one-reading-despite-mdy"),
+        pytest.param("09/25/2003", "DMY", "2003-09-25", id="one-reading-despite-dmy"),
+        pytest.param("2003-09-10", "DMY", "2003-09-10", id="iso-despite-dmy"),
+        pytest.param("10 Sep 2003", "MDY", "2003-09-10", id="month-name-despite-mdy"),
+    ],
+)
+def test_date_order_reads_the_forms_with_two_readings(raw: str, order: Any, expected: str) -> None:
+    assert normalize_date(raw, date_order=order) == expected
+    assert normalize_birth_date(raw, today=TODAY, date_order=order) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "order"),
+    [
+        pytest.param("10/09/2003", "YMD", id="year-first-order-settles-nothing-here"),
+        pytest.param("10.09.2003", None, id="dots-without-order"),
+        pytest.param("01/02/03", "MDY", id="two-digit-year-with-order"),
+        pytest.param("01/02/03", "YMD", id="two-digit-year-year-first"),
+    ],
+)
+def test_date_order_does_not_settle_what_it_cannot(raw: str, order: Any) -> None:
+    assert_rejected(normalize_date, raw, "ambiguous_date", date_order=order)
+
+
+# Every ambiguous or conflicting form. None of them may ever come out as a date, with any
+# date_order (the second list: without one): "nothing is stored differently from what the
+# sender meant".
+ALL_ORDERS = (None, "MDY", "DMY", "YMD")
+NEVER_GUESSED_DATES = [
+    pytest.param("01/02/03", ALL_ORDERS, id="all-two-digit"),
+    pytest.param("04/01/90", ALL_ORDERS, id="two-digit-year"),
+    pytest.param("900401", ALL_ORDERS, id="six-digits"),
+    pytest.param("Apr 1 90", ALL_ORDERS, id="month-name-two-digit-year"),
+    pytest.param("04011990", ALL_ORDERS, id="mmddyyyy-without-separators"),
+    pytest.param("1990-03-31T22:00:00Z", ALL_ORDERS, id="local-midnight-in-utc"),
+    pytest.param("2003-09-24T23:00:00.000Z", ALL_ORDERS, id="toisostring"),
+    pytest.param("1990-04-01T05:00:00-05:00", ALL_ORDERS, id="offset-not-midnight"),
+    pytest.param("Monday, April 1, 1990", ALL_ORDERS, id="weekday-contradicts-date"),
+    pytest.param("April 1 April 1990", ALL_ORDERS, id="two-months"),
+    pytest.param("Texas 1990", ALL_ORDERS, id="word"),
+    pytest.param("10.09.2003", (None, "YMD"), id="dots-both-readings"),
+    pytest.param("01 02 2003", (None, "YMD"), id="spaces-both-readings"),
+    pytest.param("01/02/2003", ("YMD",), id="slashes-year-first-order"),
+]
+
+
+@pytest.mark.parametrize(("raw", "orders"), NEVER_GUESSED_DATES)
+def test_no_wrong_date_is_ever_stored(raw: str, orders: tuple[Any, ...]) -> None:
+    for order in orders:
+        with pytest.raises(MappingError):
+            normalize_date(raw, date_order=order)
+        with pytest.raises(MappingError):
+            normalize_birth_date(raw, today=TODAY, date_order=order)
+
+
+@pytest.mark.parametrize(
+    ("raw", "dropped"),
+    [
+        pytest.param("2003-09-25T10:49:00Z", True, id="utc-time"),
+        pytest.param("2003-09-25 10:49", True, id="local-time"),
+        pytest.param("9/25/2003 12:00:00 PM", True, id="noon"),
+        pytest.param("2003-09-25T00:00:00Z", False, id="midnight-is-a-date"),
+        pytest.param("9/25/2003 12:00:00 AM", False, id="midnight-12-hour"),
+        pytest.param("2003-09-25", False, id="date"),
+    ],
+)
+def test_a_dropped_time_of_day_is_reported(raw: str, dropped: bool) -> None:
+    parsed = parse_birth_date(raw, today=TODAY)
+    assert parsed.value == dt.date(2003, 9, 25)
+    assert parsed.time_dropped is dropped
+    assert parse_date(raw).time_dropped is dropped
 
 
 def test_normalize_birth_date_defaults_today_to_the_current_date() -> None:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from mappers.patient import element_sources, get_element, merge_patient
+from mappers.patient import (
+    element_sources,
+    get_element,
+    merge_patient,
+    phone_contact_point,
+    phone_extension,
+)
 
 
 def _patient(**elements: Any) -> dict[str, Any]:
@@ -163,3 +169,82 @@ def test_another_given_name_or_number_is_still_a_conflict() -> None:
     sources = {"name": "intake", "telecom.phone": "intake"}
     r = merge_patient(existing, incoming, source="checkout", owns=[], sources=sources)
     assert [c.element for c in r.conflicts] == ["name", "telecom.phone"]
+
+
+CP_EXT = "http://hl7.org/fhir/StructureDefinition/contactpoint-extension"
+
+
+def _phone(value: str, extension: str | None = None, **more: Any) -> dict[str, Any]:
+    point: dict[str, Any] = {}
+    if extension:
+        point["extension"] = [{"url": CP_EXT, "valueString": extension}]
+    return {**point, "system": "phone", "value": value, **more}
+
+
+def test_phone_contact_point_puts_the_extension_beside_the_e164_value() -> None:
+    assert phone_contact_point("+14155552671;ext=12", use="work") == _phone(
+        "+14155552671", "12", use="work"
+    )
+    assert phone_contact_point("+14155552671") == _phone("+14155552671")
+    assert phone_extension(_phone("+14155552671", "12")) == "12"
+    assert phone_extension(_phone("+14155552671")) is None
+
+
+def test_the_same_number_with_and_without_an_extension_is_one_phone() -> None:
+    """The intake gave the number with its extension, the Stripe checkout (which has no
+    extension field) the bare number: no conflict, and the extension is kept."""
+    with_ext = [_phone("+14155552671", "12", use="mobile")]
+    bare = [_phone("+14155552671")]
+    sources = {"telecom.phone": "intake"}
+    r = merge_patient(
+        _patient(telecom=with_ext),
+        _patient(telecom=bare),
+        source="checkout",
+        owns=[],
+        sources=sources,
+    )
+    assert (r.conflicts, r.patient["telecom"]) == ([], with_ext)
+    # the other way round: the bare number came first, the extension fills it in
+    sources = {"telecom.phone": "checkout"}
+    r = merge_patient(
+        _patient(telecom=bare),
+        _patient(telecom=with_ext),
+        source="intake",
+        owns=[],
+        sources=sources,
+    )
+    assert (r.conflicts, r.patient["telecom"]) == ([], [_phone("+14155552671", "12")])
+    assert r.sources == sources
+    # an owner without the extension keeps the one the other source gave
+    r = merge_patient(
+        _patient(telecom=with_ext),
+        _patient(telecom=[_phone("+14155552671", use="home")]),
+        source="intake",
+        owns=["telecom.phone"],
+        sources={"telecom.phone": "checkout"},
+    )
+    assert (r.conflicts, r.patient["telecom"]) == ([], [_phone("+14155552671", "12", use="home")])
+
+
+def test_the_same_source_dropping_its_extension_is_a_correction() -> None:
+    r = merge_patient(
+        _patient(telecom=[_phone("+14155552671", "12")]),
+        _patient(telecom=[_phone("+14155552671")]),
+        source="intake",
+        owns=[],
+        sources={"telecom.phone": "intake"},
+    )
+    assert (r.conflicts, r.patient["telecom"]) == ([], [_phone("+14155552671")])
+
+
+def test_two_different_extensions_of_one_number_are_a_conflict() -> None:
+    r = merge_patient(
+        _patient(telecom=[_phone("+14155552671", "12")]),
+        _patient(telecom=[_phone("+14155552671", "34")]),
+        source="checkout",
+        owns=[],
+        sources={"telecom.phone": "intake"},
+    )
+    assert [(c.element, c.outcome) for c in r.conflicts] == [("telecom.phone", "kept_existing")]
+    assert r.conflicts[0].lost_value == [_phone("+14155552671", "34")]
+    assert r.patient["telecom"] == [_phone("+14155552671", "12")]

@@ -3,8 +3,11 @@ facility, patient matching by the EHR's Patient id and a learned MRN."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
+import yaml
 from hl7apy.parser import parse_message
 from sqlalchemy import select
 
@@ -12,6 +15,7 @@ from gateway.db.models import ExceptionRecord, InboundMessage
 from gateway.runtime import Runtime
 from tests.conftest import ApiKeyFactory
 from tests.support.events_env import (
+    TEST_EHR_HL7,
     Patient,
     add_remote_patient_id,
     case_of,
@@ -138,7 +142,7 @@ async def test_unmappable_message_gets_ae_and_is_kept(
 @pytest.mark.parametrize(
     ("message", "code"),
     [
-        (hl7_message("ORU^R01", control_id="Z-1", facility="STRANGER", pid3="1^^^X"), "207"),
+        (hl7_message("ORU^R01", control_id="Z-1", facility="STRANGER", pid3="1^^^X"), "103"),
         (hl7_message("ORU^R01", control_id="Z-2", pid3="1^^^X", version="2.9"), "203"),
         (
             hl7_message("SIU^S12", control_id="Z-3", pid3="1^^^X").replace(
@@ -201,7 +205,7 @@ async def test_several_messages_in_one_body_are_refused_not_half_applied(
     assert ack[1].startswith("MSA|AR|TWO-1|more than one message")
     batch = "FHS|^~\\&|EHRAPP|TESTEHR\rBHS|^~\\&|EHRAPP|TESTEHR\r" + first + "\rBTS|1\rFTS|1"
     ack = await _send(client, admin_headers, batch)
-    assert ack[1].startswith("MSA|AR||an HL7 batch (FHS/BHS) is not accepted")
+    assert ack[1].startswith("MSA|AR|TWO-1|an HL7 batch (FHS/BHS) is not accepted")
     async with runtime.sessionmaker() as session:
         assert (await session.scalars(select(InboundMessage.id))).all() == []
     assert [e.kind for e in await _exceptions(runtime)] == ["hl7_rejected", "hl7_rejected"]
@@ -271,3 +275,53 @@ async def test_a_retransmission_with_other_line_endings_is_still_a_duplicate(
     case = await case_of(client, admin_headers, patient.case_id)
     assert [e["event_id"] for e in case["history"]].count("ORM-LE") == 1
     assert await _exceptions(runtime) == []
+
+
+async def test_an_unknown_sending_facility_is_told_which_field_and_why(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str]
+) -> None:
+    """103 "Table value not found" at MSH-4 with the reason in ERR-8 and MSA-3 (v2.5.1),
+    not 207, which a sender's interface team reads as a crash on our side."""
+    message = hl7_message("ORU^R01", control_id="U-1", facility="STRANGER", pid3="1^^^X")
+    _, msa, err = await _send(client, admin_headers, message)
+    reason = "MSH-4 sending facility is not a sender configured at this gateway"
+    assert msa == f"MSA|AR|U-1|{reason}"
+    assert err == f"ERR||MSH^1^4|103^Table value not found^HL70357|E||||{reason}"
+    [exc] = await _exceptions(runtime)
+    assert (exc.kind, exc.sender) == ("hl7_rejected", "STRANGER")
+
+
+async def test_a_refused_batch_echoes_the_batch_control_id_when_the_sender_wants_it(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    admin_headers: dict[str, str],
+    profiles_dir: Path,
+) -> None:
+    """A sender whose profile says ``batch_refusal_msa_2: BHS-11`` gets its BHS-11 in MSA-2;
+    the others the first message's MSH-10."""
+    partner = {
+        **TEST_EHR_HL7,
+        "name": "batch-ehr-hl7",
+        "hl7": {
+            **TEST_EHR_HL7["hl7"],
+            "facilities": ["BATCHEHR"],
+            "batch_refusal_msa_2": "BHS-11",
+        },
+    }
+    (profiles_dir / "events" / "batch-ehr-hl7.yaml").write_text(yaml.safe_dump(partner))
+    r = await client.post("/v1/ops/profiles/reload", headers=admin_headers)
+    assert r.status_code == 200, r.text
+    for facility, expected in [("BATCHEHR", "BATCH-77"), ("TESTEHR", "B-1")]:
+        first = hl7_message("ADT^A08", control_id="B-1", facility=facility, pid3="e-1^^^X^PI")
+        batch = "\r".join(
+            [
+                f"FHS|^~\\&|EHRAPP|{facility}",
+                f"BHS|^~\\&|EHRAPP|{facility}|FHIRGW|TELE|20261124||||BATCH-77",
+                first,
+                "BTS|1",
+                "FTS|1",
+            ]
+        )
+        msh, msa, _ = await _send(client, admin_headers, batch)
+        assert msa.startswith(f"MSA|AR|{expected}|an HL7 batch")
+        assert msh.split("|")[4:6] == ["EHRAPP", facility]

@@ -254,8 +254,9 @@ async def _mllp_send_msa(port: int, batch: Path) -> list[str]:
 async def mllp_command(
     tmp_path: Path, profiles_dir: Path
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
-    """``fhir-gateway mllp --port 0`` on a migrated SQLite file: the process and its port;
-    stopped with SIGTERM at the end, which must exit 0."""
+    """``fhir-gateway mllp`` with ``GATEWAY_MLLP_PORT=0`` (a setting, as in ``.env``) on a
+    migrated SQLite file: the process and its port; stopped with SIGTERM at the end, which
+    must exit 0."""
     from gateway.db.migrate import upgrade_async
 
     database = f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}"
@@ -265,13 +266,12 @@ async def mllp_command(
         "GATEWAY_DATABASE_URL": database,
         "GATEWAY_PROFILES_DIR": str(profiles_dir),
         "GATEWAY_LOG_LEVEL": "warning",
+        "GATEWAY_MLLP_PORT": "0",
     }
     command = Path(sys.executable).with_name("fhir-gateway")
     proc = await asyncio.create_subprocess_exec(
         str(command),
         "mllp",
-        "--port",
-        "0",
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

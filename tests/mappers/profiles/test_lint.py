@@ -257,3 +257,23 @@ def test_plan_for_a_program_no_form_has_is_a_warning(tmp_path: Path) -> None:
 
     profiles = load_profiles(_bad(tmp_path, PLANS, change))
     assert [w.code for w in profiles.warnings] == ["unknown-program"]
+
+
+def test_a_workflow_without_the_deferred_payment_event_is_a_warning(tmp_path: Path) -> None:
+    """An older workflow.yaml: the set still loads (a deferred checkout's case event then
+    goes to the exceptions queue), and the warning says what to add."""
+
+    def change(d: dict[str, Any]) -> None:
+        del d["events"]["payment_deferred"], d["initial"]["payment_deferred"]
+        d["states"].remove("payment_deferred")
+        d["transitions"] = [
+            {**t, "from": [s for s in t["from"] if s != "payment_deferred"]}
+            for t in d["transitions"]
+            if t["event"] != "payment_deferred" and t["from"] != ["payment_deferred"]
+        ]
+
+    profiles = load_profiles(_bad(tmp_path, "workflow.yaml", change))
+    [warning] = profiles.warnings
+    assert warning.code == "checkout-event-not-in-workflow"
+    assert "'payment_deferred'" in warning.message
+    assert warning.location.startswith(f"{PLANS}:")

@@ -1,59 +1,23 @@
 """``fhir-gateway deliveries list|show|replay``: dead letters from the command line.
 
-Settings come from ``GATEWAY_*`` environment variables (and ``.env``), as for the service.
+Settings come from ``GATEWAY_*`` environment variables (and ``.env``), as for the service
+(:mod:`gateway.cli.common`).
 Output carries ids, statuses and errors, never resources.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
-from mappers.profiles import ProfileSet
+from gateway.cli.common import Database, profiles_or_exit, run_on_database, settings_or_exit
 
 app = typer.Typer(help="Deliveries: list dead letters, show one, replay.", no_args_is_help=True)
 
-T = TypeVar("T")
-
 STATUSES = ("dead", "review", "pending", "in_flight", "delivered")
-
-
-def _profiles() -> ProfileSet:
-    """The configured profile set (exit 2 with the problems when it does not load)."""
-    from gateway.settings import load_settings
-    from mappers.profiles import ProfileLoadError, load_profiles
-
-    try:
-        return load_profiles(load_settings().profiles_dir)
-    except ProfileLoadError as exc:
-        typer.secho(f"the profiles do not load: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from exc
-
-
-def _run(work: Callable[[Any], Awaitable[T]]) -> T:
-    """Run ``work(sessionmaker)`` against the configured database."""
-    from gateway.db.engine import make_engine, make_sessionmaker
-    from gateway.settings import load_settings
-
-    try:
-        settings = load_settings()
-    except Exception as exc:  # pydantic ValidationError: which setting, not a traceback
-        typer.secho(f"configuration error: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from exc
-
-    async def main() -> T:
-        engine = make_engine(settings.database_url)
-        try:
-            return await work(make_sessionmaker(engine))
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(main())
 
 
 def _filter(statuses: list[str], kind: str | None, target: str | None, reason: str | None) -> Any:
@@ -94,13 +58,13 @@ def list_cmd(
 
     where = _filter(status, kind, target, reason)
 
-    async def work(sessionmaker: Any) -> tuple[list[Any], int]:
-        async with sessionmaker() as session:
+    async def work(db: Database) -> tuple[list[Any], int]:
+        async with db.session() as session:
             rows = await repo.list_deliveries(session, where=where, limit=limit)
             total = await repo.count_deliveries(session, where=where)
             return rows, total
 
-    rows, total = _run(work)
+    rows, total = run_on_database(work)
     if as_json:
         from gateway.ops.deliveries import delivery_out
 
@@ -134,8 +98,8 @@ def show_cmd(delivery_id: Annotated[int, typer.Argument(help="Delivery id")]) ->
     from gateway.delivery import ops_repository as repo
     from gateway.ops.deliveries import AttemptOut, delivery_out
 
-    async def work(sessionmaker: Any) -> dict[str, Any] | None:
-        async with sessionmaker() as session:
+    async def work(db: Database) -> dict[str, Any] | None:
+        async with db.session() as session:
             row = await repo.get_delivery(session, delivery_id)
             if row is None:
                 return None
@@ -155,7 +119,7 @@ def show_cmd(delivery_id: Annotated[int, typer.Argument(help="Delivery id")]) ->
             ]
             return body
 
-    body = _run(work)
+    body = run_on_database(work)
     if body is None:
         typer.secho(f"no delivery {delivery_id}", fg="red", err=True)
         raise typer.Exit(1)
@@ -187,8 +151,8 @@ def replay_cmd(
     from gateway.delivery import ops_repository as repo
     from gateway.delivery.service import replay_deliveries
 
-    profiles = _profiles()  # a replay decides again what each EHR delivery sends
-
+    settings = settings_or_exit()
+    profiles = profiles_or_exit(settings)  # a replay decides again what EHR deliveries send
     if any(s not in ("dead", "review") for s in status):
         typer.secho("only dead or review deliveries can be replayed", fg="red", err=True)
         raise typer.Exit(2)
@@ -197,15 +161,15 @@ def replay_cmd(
             typer.echo(f"would replay up to {len(ids)} deliveries")
             return
 
-        async def by_id(sessionmaker: Any) -> list[int]:
-            async with sessionmaker() as session:
+        async def by_id(db: Database) -> list[int]:
+            async with db.session() as session:
                 result = await replay_deliveries(
                     session, actor="cli", now=utcnow(), profiles=profiles, ids=ids
                 )
                 await session.commit()
                 return result.replayed
 
-        replayed = _run(by_id)
+        replayed = run_on_database(by_id, settings)
         skipped = sorted(set(ids) - set(replayed))
         typer.echo(f"replayed {len(replayed)} deliveries: {' '.join(map(str, replayed))}")
         if skipped:
@@ -218,11 +182,11 @@ def replay_cmd(
         raise typer.Exit(2)
     where = _filter(status, kind, target, reason)
 
-    async def count(sessionmaker: Any) -> int:
-        async with sessionmaker() as session:
+    async def count(db: Database) -> int:
+        async with db.session() as session:
             return await repo.count_deliveries(session, where=where)
 
-    total = _run(count)
+    total = run_on_database(count, settings)
     if total == 0 or dry_run:
         typer.echo(
             f"{total} deliveries match" + ("; nothing replayed (dry run)" if dry_run else "")
@@ -231,7 +195,7 @@ def replay_cmd(
     if not yes:
         typer.confirm(f"replay {total} deliveries?", abort=True)
 
-    async def bulk(sessionmaker: Any) -> int:
+    async def bulk(db: Database) -> int:
         done = 0
         after_id: int | None = None
         with Progress(
@@ -239,7 +203,7 @@ def replay_cmd(
         ) as progress:
             task = progress.add_task("replay", total=total)
             while True:
-                async with sessionmaker() as session:
+                async with db.session() as session:
                     result = await replay_deliveries(
                         session,
                         actor="cli",
@@ -259,5 +223,5 @@ def replay_cmd(
                     break
         return done
 
-    count_replayed = _run(bulk)
+    count_replayed = run_on_database(bulk, settings)
     typer.echo(f"replayed {count_replayed} of {total} deliveries")

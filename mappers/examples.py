@@ -195,7 +195,7 @@ def _run_case(
     for r in resources:
         result.problems.extend(
             Problem(f"{r['resourceType']}/{r['id']}: {p.location}", p.code, p.message)
-            for p in resource_problems(r)
+            for p in resource_problems(r, authoring=True)
         )
     if result.problems:
         result.status = "failed"

@@ -6,38 +6,15 @@ Private keys never leave the database through these commands; ``jwks`` prints pu
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 import typer
 
+from gateway.cli.common import Database, run_on_database
+
 app = typer.Typer(help="SMART Backend Services signing keys (JWKS).", no_args_is_help=True)
-
-T = TypeVar("T")
-
-
-def _run(work: Callable[[Any, Any], Awaitable[T]]) -> T:
-    """Run ``work(sessionmaker, settings)`` against the configured database."""
-    from gateway.db.engine import make_engine, make_sessionmaker
-    from gateway.settings import load_settings
-
-    try:
-        settings = load_settings()
-    except Exception as exc:  # pydantic ValidationError: which setting, not a traceback
-        typer.secho(f"configuration error: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from exc
-
-    async def main() -> T:
-        engine = make_engine(settings.database_url)
-        try:
-            return await work(make_sessionmaker(engine), settings)
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(main())
 
 
 def _cipher(settings: Any) -> Any:
@@ -74,9 +51,9 @@ def rotate_cmd(
         raise typer.Exit(2)
     chosen: Literal["RS384", "ES384"] = "RS384" if alg == "RS384" else "ES384"
 
-    async def work(sessionmaker: Any, settings: Any) -> tuple[Any, Any, bool]:
-        cipher = _cipher(settings)
-        async with sessionmaker() as session:
+    async def work(db: Database) -> tuple[Any, Any, bool]:
+        cipher = _cipher(db.settings)
+        async with db.session() as session:
             result = await rotate(
                 session,
                 alg=chosen,
@@ -91,7 +68,7 @@ def rotate_cmd(
             return result.new, result.replaced, cipher.encrypts
 
     try:
-        new, replaced, encrypted = _run(work)
+        new, replaced, encrypted = run_on_database(work)
     except RotationPendingError as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(1) from exc
@@ -115,15 +92,15 @@ def list_cmd() -> None:
     from gateway.db.types import utcnow
     from gateway.oauth import repository as repo
 
-    async def work(sessionmaker: Any, settings: Any) -> list[Any]:
-        async with sessionmaker() as session:
+    async def work(db: Database) -> list[Any]:
+        async with db.session() as session:
             return await repo.all_keys(session)
 
     def when(value: Any) -> str:
         return str(value.isoformat(timespec="seconds")) if value is not None else "-"
 
     now = utcnow()
-    for key in _run(work):
+    for key in run_on_database(work):
         if key.published_until is not None and key.published_until <= now:
             state = "unpublished"
         elif key.activates_at > now:
@@ -154,11 +131,11 @@ def jwks_cmd() -> None:
     from gateway.db.types import utcnow
     from gateway.oauth.keys import published_jwks
 
-    async def work(sessionmaker: Any, settings: Any) -> list[dict[str, Any]]:
-        async with sessionmaker() as session:
+    async def work(db: Database) -> list[dict[str, Any]]:
+        async with db.session() as session:
             return await published_jwks(session, now=utcnow())
 
-    typer.echo(json.dumps({"keys": _run(work)}, indent=2))
+    typer.echo(json.dumps({"keys": run_on_database(work)}, indent=2))
 
 
 @app.command("prune")
@@ -167,13 +144,13 @@ def prune_cmd() -> None:
     from gateway.db.types import utcnow
     from gateway.oauth import repository as repo
 
-    async def work(sessionmaker: Any, settings: Any) -> list[str]:
-        async with sessionmaker() as session:
+    async def work(db: Database) -> list[str]:
+        async with db.session() as session:
             kids = await repo.delete_unpublished(session, now=utcnow())
             await session.commit()
             return kids
 
-    kids = _run(work)
+    kids = run_on_database(work)
     typer.echo(f"deleted {len(kids)} keys" + (f": {' '.join(kids)}" if kids else ""))
 
 

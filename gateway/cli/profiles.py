@@ -22,21 +22,13 @@ from typing import Annotated, Any
 
 import typer
 
+from gateway.cli.common import profiles_or_exit, settings_or_exit
+
 app = typer.Typer(help="Mapping profiles: check, preview, schemas, re-map.", no_args_is_help=True)
 
 
-def _settings() -> Any:
-    from gateway.settings import load_settings
-
-    try:
-        return load_settings()
-    except Exception as exc:  # pydantic ValidationError: which setting, not a traceback
-        typer.secho(f"configuration error: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from exc
-
-
 def _default_dir() -> Path:
-    return Path(_settings().profiles_dir)
+    return Path(settings_or_exit().profiles_dir)
 
 
 def _problem_line(p: Any) -> str:
@@ -59,8 +51,8 @@ def check(
     ] = False,
 ) -> None:
     """Check every profile: schema, lint, examples, coverage. Exit 1 on any problem."""
+    from mappers.examples import run_examples
     from mappers.profiles import ProfileLoadError, load_profiles
-    from mappers.profiles.examples import run_examples
     from mappers.profiles.schema import stale_schemas
 
     root = path or _default_dir()
@@ -154,7 +146,7 @@ def preview_cmd(
         raise typer.Exit(2) from exc
     from gateway.db.types import utcnow
 
-    settings = _settings()
+    settings = settings_or_exit()
     from mappers.identifiers import IdentifierSystems
 
     result = preview(
@@ -194,17 +186,23 @@ def remap(
     """Re-map a stored intake or checkout with the current profiles and show the FHIR diff
     against what is stored (what a resend would send). Nothing changes without --apply."""
     from gateway.errors import GatewayError
-    from gateway.profiles.service import remap_message
+    from gateway.ingest.remap import remap_message
+    from gateway.ingest.storage import IngestContext
     from gateway.runtime import Runtime
 
-    settings = _settings()
+    settings = settings_or_exit()
+    profiles = profiles_or_exit(settings)
 
     async def main() -> Any:
-        runtime = Runtime.create(settings)
+        runtime = Runtime.create(settings, profiles=profiles)
         try:
             async with runtime.sessionmaker() as session:
                 result = await remap_message(
-                    session, runtime, message_id, apply=apply, actor="cli:profiles-remap"
+                    session,
+                    IngestContext.of(runtime),
+                    message_id,
+                    apply=apply,
+                    actor="cli:profiles-remap",
                 )
                 await session.commit()
                 return result

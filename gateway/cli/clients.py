@@ -1,0 +1,103 @@
+"""``fhir-gateway clients create|list|revoke|scopes``: API clients (keys and scopes)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from sqlalchemy.exc import IntegrityError
+
+from gateway.cli.common import Database, fail, run_on_database
+
+app = typer.Typer(help="API clients (keys and scopes).", no_args_is_help=True)
+
+
+def _words(items: list[str]) -> list[str]:
+    """``--scope a,b --scope c`` -> ``[a, b, c]``."""
+    return [s for item in items for s in item.replace(",", " ").split()]
+
+
+@app.command("create")
+def clients_create(
+    name: Annotated[str, typer.Argument(help="A unique client name, e.g. intake-app")],
+    scope: Annotated[
+        list[str], typer.Option("--scope", "-s", help="Scope (repeat); see `clients scopes`")
+    ],
+    event_source: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--event-source",
+            help="Sender this client may send clinical events as (repeat), e.g. ehr, pharmacy; "
+            "without it, any sender",
+        ),
+    ] = None,
+) -> None:
+    """Create an API client and print its key once (only a hash is stored)."""
+    from gateway.clients.service import UnknownScopeError, create_client
+
+    scopes = _words(scope)
+    sources = _words(event_source) if event_source else None
+
+    async def work(db: Database) -> str:
+        async with db.session() as session:
+            _, key = await create_client(session, name=name, scopes=scopes, event_sources=sources)
+            await session.commit()
+            return key
+
+    try:
+        key = run_on_database(work)
+    except UnknownScopeError as exc:
+        raise fail(str(exc)) from exc
+    except IntegrityError as exc:
+        raise fail(f"a client named {name!r} already exists") from exc
+    typer.echo(f"client {name!r} created with scopes: {' '.join(sorted(set(scopes)))}", err=True)
+    if "events:write" in scopes:
+        typer.echo(
+            f"it may send events as: {', '.join(sorted(set(sources)))}"
+            if sources
+            else "it may send events as any sender (restrict it with --event-source)",
+            err=True,
+        )
+    typer.echo("API key (shown once; store it now):", err=True)
+    typer.echo(key)
+
+
+@app.command("list")
+def clients_list() -> None:
+    """List clients (names, scopes, state); keys are never shown."""
+    from sqlalchemy import select
+
+    from gateway.db.models import ApiClient
+
+    async def work(db: Database) -> list[ApiClient]:
+        async with db.session() as session:
+            return list((await session.scalars(select(ApiClient).order_by(ApiClient.name))).all())
+
+    for c in run_on_database(work):
+        state = "revoked" if c.revoked_at else "active"
+        typer.echo(f"{c.name}\t{state}\t{' '.join(c.scopes)}")
+
+
+@app.command("revoke")
+def clients_revoke(name: Annotated[str, typer.Argument()]) -> None:
+    """Revoke a client's key."""
+    from gateway.clients.service import revoke_client
+
+    async def work(db: Database) -> bool:
+        async with db.session() as session:
+            ok = await revoke_client(session, name=name)
+            await session.commit()
+            return ok
+
+    if not run_on_database(work):
+        raise fail(f"no client named {name!r}", code=1)
+    typer.echo(f"client {name!r} revoked")
+
+
+@app.command("scopes")
+def clients_scopes() -> None:
+    """List the scopes routes check."""
+    from gateway.clients.service import SCOPES
+
+    for scope, what in SCOPES.items():
+        typer.echo(f"{scope:16} {what}")
