@@ -21,9 +21,11 @@ run: $(BIN)/fhir-gateway .env
 	$(BIN)/fhir-gateway db upgrade
 	$(BIN)/fhir-gateway serve
 
-## test: run the test suite (SQLite and PostgreSQL)
+## test: run the test suite (SQLite and PostgreSQL), one pytest-xdist worker per CPU
+## (TEST_WORKERS=0 runs it in one process; PYTEST_ARGS adds pytest options)
+TEST_WORKERS ?= auto
 test: $(BIN)/fhir-gateway
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 ## lint: ruff and mypy --strict
 lint: $(BIN)/fhir-gateway

@@ -2,8 +2,9 @@
 
 PostgreSQL: the server at ``GATEWAY_TEST_PG_URL`` (default
 ``postgresql://postgres@127.0.0.1:5432/postgres``). Migrations run once into a template
-database; each test gets a fresh database created from it, dropped afterwards, so runs
-never see each other's data. Without a reachable server the PostgreSQL tests skip with
+database; each test gets a database of its own cloned from it, which is reset to the
+template's state (schema checked, rows deleted, sequences restarted) when the test ends
+and reused, so tests never see each other's data (:mod:`tests.support.databases`). Without a reachable server the PostgreSQL tests skip with
 the reason, except under ``CI=true``, where they fail, and a skipped PostgreSQL test
 fails the session.
 """
@@ -27,11 +28,19 @@ from gateway.clients.service import create_client
 from gateway.db.migrate import upgrade
 from gateway.runtime import Runtime
 from gateway.settings import BUNDLED_PROFILES_DIR, Settings
+from tests.support.databases import PgPool
+from tests.support.profiles import check_unchanged, shared_profiles
 
 PG_URL = os.environ.get("GATEWAY_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 _skipped_postgres: list[str] = []
+_pool_stats: dict[str, int] = {}
+
+
+def _add_pool_stats(stats: dict[str, int]) -> None:
+    for key, value in stats.items():
+        _pool_stats[key] = _pool_stats.get(key, 0) + value
 
 
 def _pg_reachable() -> str | None:
@@ -53,42 +62,48 @@ def _admin() -> psycopg.Connection[Any]:
 
 
 @pytest.fixture(scope="session")
-def pg_template() -> Iterator[str]:
-    """Name of a migrated template database (created once per test session)."""
+def pg_server() -> str:
+    """The PostgreSQL server's maintenance database URL (``GATEWAY_TEST_PG_URL``); a test
+    using it skips without a reachable server, or fails under ``CI=true``."""
     reason = _pg_reachable()
     if reason:
         if IN_CI:
             pytest.fail(f"CI=true but {reason}")
         pytest.skip(reason)
+    return PG_URL
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_server: str) -> Iterator[str]:
+    """Name of a migrated template database (created once per test session and worker)."""
     name = f"fgw_tmpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     with _admin() as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    upgrade(_pg_url_for(name))
-    yield name
-    with _admin() as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
-
-
-def create_pg_database(template: str) -> str:
-    """A fresh database cloned from the template; returns its name."""
-    name = f"fgw_t_{uuid.uuid4().hex[:12]}"
-    with _admin() as conn:
-        conn.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {} STRATEGY FILE_COPY").format(
-                sql.Identifier(name), sql.Identifier(template)
+    try:
+        upgrade(_pg_url_for(name))
+        yield name
+    finally:
+        with _admin() as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
-        )
-    return name
 
 
-def drop_pg_database(name: str) -> None:
-    """Drop a test database (closing leftover connections)."""
-    with _admin() as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+@pytest.fixture(scope="session")
+def pg_pool(pg_template: str, request: pytest.FixtureRequest) -> Iterator[PgPool]:
+    """Clones of the template, each given to one test at a time and reset between tests
+    (:class:`tests.support.databases.PgPool`)."""
+    pool = PgPool(PG_URL, pg_template)
+    try:
+        yield pool
+    finally:
+        pool.close()
+        stats = {"created": pool.created, "reset": pool.reset, "discarded": pool.discarded}
+        workeroutput = getattr(request.config, "workeroutput", None)  # a pytest-xdist worker
+        if workeroutput is not None:
+            workeroutput["pg_pool"] = stats
+        else:
+            _add_pool_stats(stats)
 
 
 @pytest.fixture(scope="session")
@@ -108,21 +123,15 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         shutil.copyfile(template, path)
         yield f"sqlite+aiosqlite:///{path}"
         return
-    name = create_pg_database(request.getfixturevalue("pg_template"))
-    try:
-        yield _pg_url_for(name)
-    finally:
-        drop_pg_database(name)
+    yield request.getfixturevalue("postgres_url")
 
 
 @pytest.fixture
-def postgres_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A fresh PostgreSQL database only (for tests of PostgreSQL behaviour)."""
-    name = create_pg_database(request.getfixturevalue("pg_template"))
-    try:
+def postgres_url(pg_pool: PgPool) -> Iterator[str]:
+    """A PostgreSQL database of the test's own (empty, migrated) for tests of PostgreSQL
+    behaviour; connections left open when the test ends are terminated."""
+    with pg_pool.database() as name:
         yield _pg_url_for(name)
-    finally:
-        drop_pg_database(name)
 
 
 @pytest.fixture
@@ -146,12 +155,15 @@ def settings(database_url: str, profiles_dir: Path) -> Settings:
 
 @pytest.fixture
 async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
-    """The wired runtime on the test database."""
-    rt = Runtime.create(settings)
+    """The wired runtime on the test database, with profiles loaded once per test run
+    for each distinct profiles directory content (:func:`shared_profiles`)."""
+    profiles = shared_profiles(settings.profiles_dir)
+    rt = Runtime.create(settings, profiles=profiles)
     try:
         yield rt
     finally:
         await rt.close()
+    check_unchanged(profiles)
 
 
 @pytest.fixture
@@ -215,3 +227,20 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
                 f"CI=true: {len(_skipped_postgres)} PostgreSQL test(s) were skipped; they must run in CI",
                 red=True,
             )
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist: add up the workers' PostgreSQL database counts."""
+    stats = getattr(node, "workeroutput", {}).get("pg_pool")
+    if stats:
+        _add_pool_stats(stats)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _pool_stats:
+        terminalreporter.write_line(
+            f"PostgreSQL test databases: {_pool_stats['created']} cloned from the template, "
+            f"{_pool_stats['reset']} resets for the next test, "
+            f"{_pool_stats['discarded']} dropped after a schema change"
+        )

@@ -1,8 +1,10 @@
 """YAML with line numbers: so every profile problem names ``file:line: path``.
 
-PyYAML's composer keeps a start mark on every node; :func:`load_yaml_with_lines` walks
-the node tree once and records the 1-based line of every mapping key and sequence item
-by its path (``("items", 3, "options", 0, "code")``).
+PyYAML's composer keeps a start mark on every node; :func:`load_yaml_with_lines` composes
+the node tree once, builds the data from it, and records the 1-based line of every mapping
+key and sequence item by its path (``("items", 3, "options", 0, "code")``). It parses with
+libyaml (``yaml.CSafeLoader``, about ten times faster) when PyYAML was built with it, and
+with the pure-Python ``yaml.SafeLoader`` otherwise; both keep the marks.
 """
 
 from __future__ import annotations
@@ -13,6 +15,11 @@ from typing import Any
 import yaml
 
 Path_ = tuple[Any, ...]
+
+#: The safe loader: libyaml's when available (same tags and marks, ~10x faster).
+SAFE_LOADER: type[yaml.SafeLoader] | type[yaml.CSafeLoader] = getattr(
+    yaml, "CSafeLoader", yaml.SafeLoader
+)
 
 
 @dataclass
@@ -43,18 +50,24 @@ class YamlSyntaxError(ValueError):
 def load_yaml_with_lines(text: str | bytes) -> YamlSource:
     """Parse one YAML document (safe loader) and index the line of every path.
 
+    The text is parsed once: the composed node tree gives both the data (the safe
+    constructor, as ``yaml.safe_load``) and the lines.
+
     Raises:
         YamlSyntaxError: with the line of the problem.
     """
+    loader = SAFE_LOADER(text)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise YamlSyntaxError(
             f"invalid YAML ({getattr(exc, 'problem', None) or exc})",
             mark.line + 1 if mark is not None else None,
         ) from exc
+    finally:
+        loader.dispose()
     source = YamlSource(data=data)
     if node is not None:
         source.lines[()] = node.start_mark.line + 1

@@ -89,7 +89,10 @@ def _patient_row(patient_id: str) -> FhirResource:
 
 
 async def _wait_for_lock_wait(runtime: Runtime) -> None:
-    """Until a session of this database waits for a lock (pg_stat_activity)."""
+    """Until a session of this database waits for a lock (pg_stat_activity).
+
+    PostgreSQL reads pg_stat_activity once per transaction, so each look is its own
+    transaction: a loop inside one would keep seeing the first snapshot."""
     async with runtime.engine.connect() as conn:
         for _ in range(500):
             waiting = await conn.scalar(
@@ -98,6 +101,7 @@ async def _wait_for_lock_wait(runtime: Runtime) -> None:
                     "AND wait_event_type = 'Lock'"
                 )
             )
+            await conn.rollback()
             if waiting:
                 return
             await asyncio.sleep(0.01)

@@ -1,7 +1,10 @@
-"""Helpers for tests that change profiles: a copy of the bundled set, edited as YAML."""
+"""Helpers for tests that change profiles: a copy of the bundled set, edited as YAML;
+and :func:`shared_profiles`, the profile sets loaded once per test run."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +13,52 @@ from typing import Any
 import yaml
 
 from gateway.settings import BUNDLED_PROFILES_DIR
+from mappers.profiles import ProfileSet, load_profiles
+
+# content digest of a profiles directory -> (the set loaded from it, its fingerprint)
+_SHARED: dict[str, tuple[ProfileSet, str]] = {}
+
+
+def _content_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def fingerprint(profiles: ProfileSet) -> str:
+    """A digest of everything in ``profiles`` but its root (changes if it is mutated)."""
+    return hashlib.sha256(repr(dataclasses.replace(profiles, root=Path())).encode()).hexdigest()
+
+
+def shared_profiles(root: Path) -> ProfileSet:
+    """The profiles under ``root``, loaded once per test run for each distinct content.
+
+    Profile sets are immutable data, so tests whose directories hold the same files share
+    one load (its ``root`` is each test's own directory). A directory whose content
+    differs (a test that edits a profile) gets its own load. :func:`check_unchanged`
+    verifies that no test mutated a shared set.
+
+    Raises:
+        ProfileLoadError: as :func:`load_profiles` (never cached).
+    """
+    key = _content_digest(root)
+    hit = _SHARED.get(key)
+    if hit is None:
+        loaded = load_profiles(root)
+        hit = _SHARED[key] = (loaded, fingerprint(loaded))
+    profiles = hit[0]
+    return profiles if profiles.root == root else dataclasses.replace(profiles, root=root)
+
+
+def check_unchanged(profiles: ProfileSet) -> None:
+    """Fail if ``profiles`` is a shared set (or a copy of one) that a test mutated."""
+    for shared, digest in _SHARED.values():
+        if profiles.intake is shared.intake:
+            assert fingerprint(profiles) == digest, (
+                "a test mutated a shared ProfileSet; load your own with load_profiles()"
+            )
 
 
 def copy_profiles(dest: Path) -> Path:

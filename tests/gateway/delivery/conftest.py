@@ -15,7 +15,6 @@ from gateway.runtime import Runtime
 from gateway.settings import Settings
 from mappers.profiles import load_profiles
 from mappers.profiles.ehr import EhrTargetProfile
-from tests.support.clock import fast_forward_runtime
 from tests.support.fake_ehr import FakeEhr, RunningEhr, run_fake_ehr_async
 from tests.support.gateway_env import SECRET_ENV, profiles_with_target
 
@@ -69,11 +68,11 @@ def use_target(runtime: Runtime, tmp_path: Path) -> TargetFactory:
 
 
 @pytest.fixture
-async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
-    """The wired runtime on the test database, on a :class:`FastForwardClock`: a test
-    skips ahead to a retry, a throttle's end or a lease's expiry instead of waiting."""
-    async with fast_forward_runtime(settings) as rt:
-        yield rt
+def runtime(runtime: Runtime) -> Runtime:
+    """The wired runtime of the test (tests/conftest.py), on a :class:`FastForwardClock`: a
+    test skips ahead to a retry, a throttle's end or a lease's expiry instead of waiting."""
+    runtime.clock = FastForwardClock()
+    return runtime
 
 
 @pytest.fixture
