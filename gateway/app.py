@@ -26,7 +26,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import gateway
 from gateway.db.checkpoint import run_checkpoints
-from gateway.delivery.worker import DeliveryWorker
 from gateway.errors import (
     GatewayError,
     NotFoundError,
@@ -51,6 +50,7 @@ from gateway.profiles.service import install_sighup_reload
 from gateway.runtime import Runtime
 from gateway.settings import Settings
 from gateway.subscribers.endpoints import router as subscribers_router
+from gateway.worker import build_worker
 from gateway.workflow.endpoints import router as cases_router
 from mappers import validation
 from mappers.errors import Problem
@@ -188,8 +188,8 @@ def create_app(
     Args:
         settings: the gateway settings.
         runtime: an already built runtime (tests); otherwise one is created at start-up.
-        run_worker: run the delivery worker in this process; defaults to
-            ``settings.run_worker``.
+        run_worker: run the worker's loops (deliveries, events left to apply, workflow
+            timers) in this process; defaults to ``settings.run_worker``.
         server_process: a long-running server process (``serve``): after start-up,
             move every object alive then (modules, profiles, compiled models) out of the
             garbage collector's reach (``gc.freeze()``), so full collections under load
@@ -209,7 +209,7 @@ def create_app(
         task = None
         worker = None
         if with_worker:
-            worker = DeliveryWorker(rt)
+            worker = build_worker(rt)
             app.state.worker = worker
             task = asyncio.create_task(worker.run(stop))
         log.info(

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gateway.clients.service import Principal, authenticate, hash_key
+from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.db.engine import make_engine, make_sessionmaker
 from gateway.secrets import SecretStore
 from gateway.settings import Settings
@@ -110,6 +111,7 @@ class Runtime:
     auth_cache: AuthCache = field(default_factory=AuthCache)
     secrets: SecretStore = field(default_factory=SecretStore)
     write_lock: WriteLock | None = None
+    clock: Clock = field(default_factory=lambda: SYSTEM_CLOCK)
 
     @contextlib.asynccontextmanager
     async def write_session(self) -> AsyncIterator[AsyncSession]:

@@ -18,8 +18,8 @@ Rules (https://hl7.org/fhir/R4/http.html#transaction):
 EHRs that accept only small transactions get several Bundles
 (:func:`split_for_transaction`: dependency order, Patient first, each Bundle referring only
 to resources of earlier Bundles, by the ids the EHR assigned); EHRs without transactions
-get one conditional create per resource, built as a one-entry Bundle and sent as a plain
-REST call (:func:`entry_as_rest_call`).
+get the same REST calls (:func:`rest_calls`) one at a time: a transaction Bundle is only
+one rendering of that list (:func:`transaction_bundle`).
 """
 
 from __future__ import annotations
@@ -61,7 +61,17 @@ def if_none_exist(resource: Mapping[str, Any], provenance_tag_system: str) -> st
     ident = business_identifier(resource)
     if ident is None:
         return None
-    return f"identifier={_q(ident[0])}|{_q(ident[1])}"
+    return identifier_search(*ident)
+
+
+def identifier_search(system: str, value: str) -> str:
+    """The token search for one business identifier, ``identifier=<system>|<value>``
+    (https://hl7.org/fhir/R4/search.html#token), each part escaped for a query string.
+
+    >>> identifier_search("urn:oid:1.2", "a b|c")
+    'identifier=urn:oid:1.2|a%20b%7Cc'
+    """
+    return f"identifier={_q(system)}|{_q(value)}"
 
 
 def _q(value: str) -> str:
@@ -87,15 +97,60 @@ class EntryInfo:
         return self.status_code is not None and self.status_code >= 400
 
 
-def build_transaction_bundle(
+@dataclass(frozen=True)
+class RestCall:
+    """One write of one stored resource to one EHR, as a FHIR REST interaction
+    (https://hl7.org/fhir/R4/http.html#create, #update).
+
+    The same call is an entry of a transaction Bundle (:func:`transaction_bundle`) or sent
+    on its own (the ``individual`` write strategy): ``POST Type`` with an
+    ``If-None-Exist`` header (``request.ifNoneExist`` in a Bundle) for a resource the EHR
+    has not seen, ``PUT Type/<remote id>`` for one it has.
+
+    Attributes:
+        method: ``POST`` (create, conditional on ``if_none_exist`` when set) or ``PUT``.
+        resource_type: the resource type.
+        resource_id: the EHR's id (``PUT``), else None.
+        if_none_exist: the conditional create's search (no ``?``, no type), or None.
+        resource: the resource as the EHR gets it (references rewritten, transformed).
+        local_ref: ``Type/<local id>`` of the stored resource it writes.
+    """
+
+    method: str
+    resource_type: str
+    resource_id: str | None
+    if_none_exist: str | None
+    resource: dict[str, Any]
+    local_ref: str
+
+    @property
+    def full_url(self) -> str:
+        """The entry's ``fullUrl`` in a transaction: ``urn:uuid:<local id>``."""
+        return f"urn:uuid:{self.local_ref.split('/', 1)[1]}"
+
+    def as_entry(self) -> dict[str, Any]:
+        """The transaction Bundle entry of this call."""
+        request: dict[str, Any] = {
+            "method": self.method,
+            "url": f"{self.resource_type}/{self.resource_id}"
+            if self.method == "PUT"
+            else self.resource_type,
+        }
+        if self.if_none_exist:
+            request["ifNoneExist"] = self.if_none_exist
+        return {"fullUrl": self.full_url, "resource": self.resource, "request": request}
+
+
+def rest_calls(
     resources: list[dict[str, Any]],
     *,
     remote_ids: Mapping[str, str],
     outside_identifiers: Mapping[str, tuple[str, str]],
     provenance_tag_system: str,
     transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """Build a ``transaction`` Bundle (R4 JSON) of ``resources`` for one target.
+) -> list[RestCall]:
+    """The REST calls that write ``resources`` to one target: the one place a target's
+    FHIR payload is built, whatever the write strategy.
 
     Args:
         resources: stored resources (local ids, local references ``Type/<id>``), in
@@ -108,10 +163,12 @@ def build_transaction_bundle(
         transform: optional per-target rewrite applied to each resource copy last.
 
     Returns:
-        The Bundle as a dict. The inputs are not modified.
+        One call per resource, in order. References to resources among ``resources``
+        are their ``urn:uuid:`` fullUrls (resolved only inside one transaction: send the
+        calls of one resource at a time otherwise). The inputs are not modified.
     """
     in_bundle = {f"{r['resourceType']}/{r['id']}" for r in resources}
-    entries = []
+    calls = []
     for stored in resources:
         local_ref = f"{stored['resourceType']}/{stored['id']}"
         resource = json.loads(json.dumps(stored))  # a deep copy of JSON data, ~3x faster
@@ -126,16 +183,40 @@ def build_transaction_bundle(
             resource = transform(resource)
         if remote is not None:
             resource["id"] = remote
-            request = {"method": "PUT", "url": f"{stored['resourceType']}/{remote}"}
+            calls.append(RestCall("PUT", stored["resourceType"], remote, None, resource, local_ref))
         else:
-            request = {"method": "POST", "url": stored["resourceType"]}
             search = if_none_exist(stored, provenance_tag_system)
-            if search:
-                request["ifNoneExist"] = search
-        entries.append(
-            {"fullUrl": f"urn:uuid:{stored['id']}", "resource": resource, "request": request}
+            calls.append(
+                RestCall("POST", stored["resourceType"], None, search, resource, local_ref)
+            )
+    return calls
+
+
+def transaction_bundle(calls: list[RestCall]) -> dict[str, Any]:
+    """A ``transaction`` Bundle (R4 JSON) of ``calls``
+    (https://hl7.org/fhir/R4/http.html#transaction), entries in the same order."""
+    return {"resourceType": "Bundle", "type": "transaction", "entry": [c.as_entry() for c in calls]}
+
+
+def build_transaction_bundle(
+    resources: list[dict[str, Any]],
+    *,
+    remote_ids: Mapping[str, str],
+    outside_identifiers: Mapping[str, tuple[str, str]],
+    provenance_tag_system: str,
+    transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """:func:`transaction_bundle` of :func:`rest_calls` (same arguments): the Bundle that
+    writes ``resources`` to one target. The inputs are not modified."""
+    return transaction_bundle(
+        rest_calls(
+            resources,
+            remote_ids=remote_ids,
+            outside_identifiers=outside_identifiers,
+            provenance_tag_system=provenance_tag_system,
+            transform=transform,
         )
-    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+    )
 
 
 def _rewrite_references(
@@ -159,7 +240,7 @@ def _rewrite_references(
                 node[key] = f"{value.split('/', 1)[0]}/{remote_ids[value]}"
             elif value in outside:
                 system, ident = outside[value]
-                node[key] = f"{value.split('/', 1)[0]}?identifier={_q(system)}|{_q(ident)}"
+                node[key] = f"{value.split('/', 1)[0]}?{identifier_search(system, ident)}"
             continue
         if key in OPTIONAL_REFERENCE_ELEMENTS and isinstance(value, list):
             # Drop what the target cannot resolve before rewriting what it can.
@@ -260,42 +341,6 @@ def split_for_transaction(
         return [list(resources)]
     ordered = dependency_order(resources)
     return [ordered[i : i + max_entries] for i in range(0, len(ordered), max_entries)]
-
-
-@dataclass(frozen=True)
-class RestCall:
-    """One Bundle entry as a plain FHIR REST interaction (for EHRs without transactions).
-
-    ``method`` is ``POST`` (create, conditional on ``if_none_exist`` when set) or ``PUT``
-    (update of ``resource_id``, the EHR's id).
-    """
-
-    method: str
-    resource_type: str
-    resource_id: str | None
-    if_none_exist: str | None
-    resource: dict[str, Any]
-
-
-def entry_as_rest_call(entry: Mapping[str, Any]) -> RestCall:
-    """A transaction Bundle entry -> the REST call that does the same on its own
-    (https://hl7.org/fhir/R4/http.html#create, #update; ``If-None-Exist`` header for
-    ``request.ifNoneExist``).
-
-    Raises:
-        ValueError: the entry is not a POST to ``Type`` or a PUT to ``Type/id``.
-    """
-    request = entry.get("request") or {}
-    method, url = request.get("method"), str(request.get("url", ""))
-    resource = entry.get("resource")
-    if not isinstance(resource, dict):
-        raise ValueError("entry without a resource")
-    if method == "POST" and "/" not in url and "?" not in url:
-        return RestCall("POST", url, None, request.get("ifNoneExist"), dict(resource))
-    if method == "PUT" and url.count("/") == 1 and "?" not in url:
-        resource_type, resource_id = url.split("/", 1)
-        return RestCall("PUT", resource_type, resource_id, None, dict(resource))
-    raise ValueError(f"cannot send a {method} entry on its own")
 
 
 def parse_transaction_response(

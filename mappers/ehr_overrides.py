@@ -1,8 +1,9 @@
 """Per-EHR rewrites of outgoing resources, from an EHR target profile's ``overrides``.
 
 :func:`target_transform` returns the function the delivery worker passes as
-``transform=`` to :func:`mappers.bundle.build_transaction_bundle`: it is applied to each
-resource copy after references were rewritten, so it sees ``urn:uuid:`` references for
+``transform=`` to :func:`mappers.bundle.rest_calls` (built once per target and profile
+set, reused for every delivery): it is applied to each resource copy after references
+were rewritten, so it sees ``urn:uuid:`` references for
 resources in the Bundle and ``Type/<remote id>`` or ``Type?identifier=...`` for the others.
 In order:
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from gateway.cli.common import Database, run_on_database
+from gateway.cli.common import Database, profiles_or_exit, run_on_database, settings_or_exit
 
 app = typer.Typer(help="Deliveries: list dead letters, show one, replay.", no_args_is_help=True)
 
@@ -22,7 +22,7 @@ STATUSES = ("dead", "review", "pending", "in_flight", "delivered")
 
 def _filter(statuses: list[str], kind: str | None, target: str | None, reason: str | None) -> Any:
     from gateway.db.models import DeliveryStatus
-    from gateway.delivery.repository import DeliveryFilter
+    from gateway.delivery.ops_repository import DeliveryFilter
 
     unknown = [s for s in statuses if s not in STATUSES]
     if unknown:
@@ -53,7 +53,7 @@ def list_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line")] = False,
 ) -> None:
     """List deliveries (dead letters by default), oldest first."""
-    from gateway.delivery import repository as repo
+    from gateway.delivery import ops_repository as repo
     from gateway.ehr.client import outcome_summary
 
     where = _filter(status, kind, target, reason)
@@ -95,7 +95,7 @@ def list_cmd(
 @app.command("show")
 def show_cmd(delivery_id: Annotated[int, typer.Argument(help="Delivery id")]) -> None:
     """Show one delivery with its attempts and OperationOutcome (JSON)."""
-    from gateway.delivery import repository as repo
+    from gateway.delivery import ops_repository as repo
     from gateway.ops.deliveries import AttemptOut, delivery_out
 
     async def work(db: Database) -> dict[str, Any] | None:
@@ -148,9 +148,11 @@ def replay_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from gateway.db.types import utcnow
-    from gateway.delivery import repository as repo
+    from gateway.delivery import ops_repository as repo
     from gateway.delivery.service import replay_deliveries
 
+    settings = settings_or_exit()
+    profiles = profiles_or_exit(settings)  # a replay decides again what EHR deliveries send
     if any(s not in ("dead", "review") for s in status):
         typer.secho("only dead or review deliveries can be replayed", fg="red", err=True)
         raise typer.Exit(2)
@@ -161,11 +163,13 @@ def replay_cmd(
 
         async def by_id(db: Database) -> list[int]:
             async with db.session() as session:
-                result = await replay_deliveries(session, actor="cli", now=utcnow(), ids=ids)
+                result = await replay_deliveries(
+                    session, actor="cli", now=utcnow(), profiles=profiles, ids=ids
+                )
                 await session.commit()
                 return result.replayed
 
-        replayed = run_on_database(by_id)
+        replayed = run_on_database(by_id, settings)
         skipped = sorted(set(ids) - set(replayed))
         typer.echo(f"replayed {len(replayed)} deliveries: {' '.join(map(str, replayed))}")
         if skipped:
@@ -182,7 +186,7 @@ def replay_cmd(
         async with db.session() as session:
             return await repo.count_deliveries(session, where=where)
 
-    total = run_on_database(count)
+    total = run_on_database(count, settings)
     if total == 0 or dry_run:
         typer.echo(
             f"{total} deliveries match" + ("; nothing replayed (dry run)" if dry_run else "")
@@ -204,6 +208,7 @@ def replay_cmd(
                         session,
                         actor="cli",
                         now=utcnow(),
+                        profiles=profiles,
                         where=where,
                         limit=batch,
                         after_id=after_id,
@@ -218,5 +223,5 @@ def replay_cmd(
                     break
         return done
 
-    count_replayed = run_on_database(bulk)
+    count_replayed = run_on_database(bulk, settings)
     typer.echo(f"replayed {count_replayed} of {total} deliveries")

@@ -46,7 +46,7 @@ def mllp(
     partner profiles with an ``hl7`` block (MSH-4 sending facility). SIGTERM/SIGINT: stop;
     SIGHUP: reload the profiles (a set with problems is refused, the running one stays).
     """
-    from gateway.events.service import apply_received
+    from gateway.events.apply import apply_received
     from gateway.hl7.mllp import MllpServer
     from gateway.hl7.service import Hl7Reply
 

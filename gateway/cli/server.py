@@ -27,7 +27,7 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (GATEWAY_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (GATEWAY_PORT)")] = None,
     worker: Annotated[
-        bool | None, typer.Option("--worker/--no-worker", help="Run the delivery worker in-process")
+        bool | None, typer.Option("--worker/--no-worker", help="Run the worker in-process")
     ] = None,
     migrate: Annotated[
         bool, typer.Option("--migrate/--no-migrate", help="Apply migrations first")
@@ -37,7 +37,7 @@ def serve(
         typer.Option(min=1, max=64, help="Server processes (PostgreSQL only; each runs a worker)"),
     ] = 1,
 ) -> None:
-    """Run the HTTP API (and, by default, the delivery worker) in one process, or in
+    """Run the HTTP API (and, by default, the worker) in one process, or in
     ``--workers N`` processes sharing one PostgreSQL database."""
     import uvicorn
 
@@ -78,12 +78,13 @@ def worker(
         typer.Option(help="Serve this worker's Prometheus metrics on 127.0.0.1:PORT"),
     ] = None,
 ) -> None:
-    """Run the delivery worker alone (scale out: several on one PostgreSQL).
+    """Run the worker alone (scale out: several on one PostgreSQL): deliveries to EHRs and
+    ops webhooks, stored events left to apply, workflow timers.
 
-    SIGTERM/SIGINT: stop claiming and let deliveries in flight finish. SIGHUP: reload the
+    SIGTERM/SIGINT: stop claiming and let the work in hand finish. SIGHUP: reload the
     profiles (a profile with problems is refused and the running set kept).
     """
-    from gateway.delivery.worker import DeliveryWorker
+    from gateway.worker import build_worker
 
     settings = settings_or_exit()
     profiles = profiles_or_exit(settings)
@@ -95,10 +96,10 @@ def worker(
         start_http_server(metrics_port, addr="127.0.0.1", registry=REGISTRY)
 
     async def run(runtime: Any, stop: asyncio.Event) -> None:
-        delivery_worker = DeliveryWorker(runtime, concurrency=concurrency)
+        worker = build_worker(runtime, concurrency=concurrency)
         try:
-            await delivery_worker.run(stop)
+            await worker.run(stop)
         finally:
-            await delivery_worker.aclose()
+            await worker.aclose()
 
     run_until_stopped(settings, profiles, run)

@@ -102,13 +102,25 @@ class InboundMessage(Base):
     processed_at: Mapped[datetime | None]
     response: Mapped[dict[str, Any] | None]
     revision: Mapped[int] = mapped_column(Integer, default=1)
-    # issue 5: applying after the acknowledgement (a lease, and backoff after a transient
-    # failure such as an EHR that cannot be reached for an id-only notification)
+    # The inbox, a queue of the one queue (gateway.queue): applying clinical events after
+    # the acknowledgement; a lease with its owner, and backoff after a transient failure
+    # (an EHR that cannot be reached for an id-only notification). Migration 0009.
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    available_at: Mapped[datetime | None]
+    available_at: Mapped[datetime | None] = mapped_column(default=utcnow)
     locked_until: Mapped[datetime | None]
+    locked_by: Mapped[str | None] = mapped_column(String(128))
 
-    __table_args__ = (Index("ix_inbound_messages_pending", "status", "channel"),)
+    __table_args__ = (
+        Index("ix_inbound_messages_pending", "status", "channel"),
+        # The inbox claim's scan: waiting messages in due order (migration 0009).
+        Index(
+            "ix_inbound_messages_due",
+            "available_at",
+            "received_at",
+            postgresql_where=text("status = 'received'"),
+            sqlite_where=text("status = 'received'"),
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- FHIR store

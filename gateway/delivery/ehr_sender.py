@@ -1,16 +1,17 @@
 """Sending EHR deliveries: stored FHIR resources -> the target's FHIR REST API.
 
 The resources are read from ``fhir_resources`` at send time (the row holds only their
-``Type/id``), filtered by the target's current ``send`` list, put in dependency order
-(Patient first), and written with the target's ``write_strategy``:
+``Type/id``, decided at enqueue: :func:`gateway.delivery.outbox.enqueue_ehr_deliveries`),
+turned into the target's REST calls once (:func:`mappers.bundle.rest_calls`, with the
+target's overrides), and written with its ``write_strategy``:
 
 * ``transaction``: one transaction Bundle; when the target's ``max_bundle_entries`` is
   smaller, several, sent one after the other, each referring to resources of earlier ones
   by the ids the EHR assigned (read from each transaction-response);
-* ``individual``: one REST call per resource: a conditional create
-  (``If-None-Exist`` on the business identifier) for a resource the EHR has not seen,
-  ``PUT Type/<remote id>`` for one it has; references are rewritten to the ids the EHR
-  assigned, resources outside the delivery are looked up by identifier.
+* ``individual``: the same calls sent one at a time, in dependency order: a conditional
+  create (``If-None-Exist`` on the business identifier) for a resource the EHR has not
+  seen, ``PUT Type/<remote id>`` for one it has; references are rewritten to the ids the
+  EHR assigned, resources outside the delivery are looked up by identifier.
 
 Both are idempotent on replay: every create is conditional and every known resource is an
 update. The ids the EHR assigned are stored in ``remote_ids`` (also after a partial
@@ -23,13 +24,15 @@ matching ids, not into a retry loop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.db.models import Delivery
-from gateway.db.types import utcnow
+from gateway.db.uow import SessionFactory
 from gateway.delivery import repository as repo
 from gateway.delivery.sender import (
     Delivered,
@@ -37,6 +40,7 @@ from gateway.delivery.sender import (
     Failed,
     NeedsReview,
     Outcome,
+    Reached,
     Rejected,
     TargetConfig,
     Wait,
@@ -52,20 +56,21 @@ from gateway.ehr.errors import (
 from gateway.ehr.factory import EhrClients
 from gateway.inbox.repository import new_exception
 from gateway.logging import get_logger
-from gateway.runtime import Runtime
-from gateway.workflow.service import EventInput
 from mappers.bundle import (
     EntryInfo,
-    build_transaction_bundle,
+    RestCall,
     business_identifier,
-    entry_as_rest_call,
+    identifier_search,
     if_none_exist,
     local_references,
     parse_transaction_response,
+    rest_calls,
     split_for_transaction,
+    transaction_bundle,
 )
-from mappers.ehr_overrides import received_types, target_transform
+from mappers.ehr_overrides import Transform, target_transform
 from mappers.errors import Problem
+from mappers.profiles import ProfileSet
 from mappers.profiles.ehr import EhrTargetProfile
 
 log = get_logger(__name__)
@@ -119,16 +124,44 @@ class EhrSender:
     """The :class:`~gateway.delivery.sender.Sender` of ``kind = "ehr"`` deliveries.
 
     Args:
-        runtime: the wired runtime (profiles, database, identifier systems).
+        profiles: the current profile set (read for each batch: a reload applies to the
+            next one).
+        sessions: read sessions (stored resources, known EHR ids).
         clients: the process's EHR clients (shared tokens, rate limits).
+        provenance_tag_system: the ``meta.tag`` system of our Provenance (its
+            conditional create).
+        clock: the worker's clock.
     """
 
     kind = "ehr"
 
-    def __init__(self, runtime: Runtime, *, clients: EhrClients) -> None:
-        self.runtime = runtime
+    def __init__(
+        self,
+        *,
+        profiles: Callable[[], ProfileSet],
+        sessions: SessionFactory,
+        clients: EhrClients,
+        provenance_tag_system: str,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self._profiles = profiles
+        self._sessions = sessions
         self.clients = clients
+        self._provenance = provenance_tag_system
+        self._clock = clock
         self._prepared: dict[int, _Prepared] = {}
+        self._transforms: dict[str, tuple[EhrTargetProfile, ProfileSet, Transform]] = {}
+
+    def _transform(self, target: EhrTargetProfile) -> Transform:
+        """The target's overrides as one function, built once per target profile (a
+        reload builds it again)."""
+        profiles = self._profiles()
+        cached = self._transforms.get(target.name)
+        if cached is not None and cached[0] is target and cached[1] is profiles:
+            return cached[2]
+        transform = target_transform(target, profiles.concept_maps)
+        self._transforms[target.name] = (target, profiles, transform)
+        return transform
 
     async def targets(self) -> list[TargetConfig]:
         """The enabled EHR targets of the current profiles."""
@@ -141,14 +174,14 @@ class EhrSender:
                 max_concurrent=t.max_concurrent_requests,
                 uses_token=t.auth.method != "none",
             )
-            for t in self.runtime.profiles.current.enabled_targets()
+            for t in self._profiles().enabled_targets()
         ]
 
     async def probe(self, target: str) -> bool:
         """``GET [base]/metadata`` answers: a 2xx, or a 4xx (servers such as the Google
         Cloud Healthcare API want a token for the CapabilityStatement too, and the probe
         sends none); not a transport failure, timeout, 408/425/429 or 5xx."""
-        profile = self.runtime.profiles.current.ehr.get(target)
+        profile = self._profiles().ehr.get(target)
         if profile is None:
             return False
         try:
@@ -169,20 +202,16 @@ class EhrSender:
         """Load what a batch of claimed deliveries needs in one query (two when the
         resources refer to resources outside their deliveries), not two per delivery (the
         worker calls this right after claiming)."""
-        profiles = self.runtime.profiles.current
+        profiles = self._profiles()
         by_target: dict[str, list[Delivery]] = {}
         for delivery in deliveries:
             by_target.setdefault(delivery.target, []).append(delivery)
-        async with self.runtime.sessionmaker() as session:
+        async with self._sessions() as session:
             for name, batch in by_target.items():
                 target = profiles.ehr.get(name)
                 if target is None:
                     continue
-                receives = received_types(target)
-                wanted = [
-                    [r for r in d.resource_refs if r.split("/", 1)[0] in receives] for d in batch
-                ]
-                loaded = await self._load(session, target, wanted)
+                loaded = await self._load(session, target, [list(d.resource_refs) for d in batch])
                 for delivery, prepared in zip(batch, loaded, strict=True):
                     self._prepared[delivery.id] = prepared
 
@@ -224,15 +253,14 @@ class EhrSender:
     async def send(self, delivery: Delivery) -> Outcome:
         """Deliver one claimed row to its EHR (see the module docstring)."""
         prepared = self._prepared.pop(delivery.id, None)
-        target = self.runtime.profiles.current.ehr.get(delivery.target)
+        target = self._profiles().ehr.get(delivery.target)
         if target is None or not target.enabled:
             return Wait("target is not configured or disabled", CONFIG_WAIT_S, "target")
-        receives = received_types(target)
-        refs = [r for r in delivery.resource_refs if r.split("/", 1)[0] in receives]
+        refs = list(delivery.resource_refs)
         if not refs:
-            return Delivered(status_code=None)  # the target no longer takes these types
+            return Delivered(status_code=None)  # replayed after the target stopped taking them
         if prepared is None or prepared.refs != refs:
-            async with self.runtime.sessionmaker() as session:
+            async with self._sessions() as session:
                 [prepared] = await self._load(session, target, [refs])
         resources, remote_ids, identifiers = (
             prepared.resources,
@@ -277,21 +305,21 @@ class EhrSender:
             )
         return self._delivered(delivery, target, progress)
 
-    def _build_bundle(
+    def _calls(
         self,
         target: EhrTargetProfile,
         resources: list[dict[str, Any]],
         *,
         remote_ids: dict[str, str],
         outside_identifiers: dict[str, tuple[str, str]],
-    ) -> dict[str, Any]:
-        """The one place a target's FHIR payload is built (both write strategies)."""
-        return build_transaction_bundle(
+    ) -> list[RestCall]:
+        """The target's REST calls for ``resources`` (both write strategies)."""
+        return rest_calls(
             resources,
             remote_ids=remote_ids,
             outside_identifiers=outside_identifiers,
-            provenance_tag_system=self.runtime.systems.provenance,
-            transform=target_transform(target, self.runtime.profiles.current.concept_maps),
+            provenance_tag_system=self._provenance,
+            transform=self._transform(target),
         )
 
     async def _send_transactions(
@@ -303,10 +331,10 @@ class EhrSender:
         progress: _Progress,
     ) -> None:
         for chunk in split_for_transaction(resources, target.max_bundle_entries):
-            bundle = self._build_bundle(
+            calls = self._calls(
                 target, chunk, remote_ids=progress.remote, outside_identifiers=identifiers
             )
-            response = await client.transaction(bundle)
+            response = await client.transaction(transaction_bundle(calls))
             try:
                 entries = (
                     parse_transaction_response(response, chunk)
@@ -328,13 +356,12 @@ class EhrSender:
                     f"EHR answered {failed.status_code} to a {failed.resource_type} entry "
                     f"({outcome_summary(failed.outcome)})",
                 )
-            for stored, entry, sent in zip(chunk, entries, bundle["entry"], strict=True):
+            for stored, entry, call in zip(chunk, entries, calls, strict=True):
                 remote_id = entry.remote_id
-                search = sent["request"].get("ifNoneExist")
-                if remote_id is None and search:
+                if remote_id is None and call.if_none_exist:
                     # Some servers leave out ``location`` (often when ifNoneExist matched):
                     # find the id, or a later change would be a create the EHR ignores.
-                    remote_id = await _find_one(client, stored["resourceType"], search)
+                    remote_id = await _find_one(client, call.resource_type, call.if_none_exist)
                 progress.learn(stored, remote_id, entry.remote_version)
 
     async def _send_individual(
@@ -352,17 +379,15 @@ class EhrSender:
             if ref in in_delivery or ref in progress.remote:
                 continue
             resource_type = ref.split("/", 1)[0]
-            found = await client.search_ids(
-                resource_type, f"identifier={_search_value(system)}|{_search_value(value)}"
-            )
+            found = await client.search_ids(resource_type, identifier_search(system, value))
             if len(found) == 1:
                 progress.remote[ref] = found[0]
         outside = {k: v for k, v in identifiers.items() if k in in_delivery}
         for stored in split_for_transaction(resources, 1):
-            bundle = self._build_bundle(
+            # One call at a time: each refers to the earlier ones by the ids just learnt.
+            [call] = self._calls(
                 target, stored, remote_ids=progress.remote, outside_identifiers=outside
             )
-            call = entry_as_rest_call(bundle["entry"][0])
             if call.method == "PUT" and call.resource_id:
                 result = await client.update(call.resource_type, call.resource_id, call.resource)
             else:
@@ -394,7 +419,7 @@ class EhrSender:
         lookup_error = None
         for resource in resources:
             ref = _ref(resource)
-            search = if_none_exist(resource, self.runtime.systems.provenance)
+            search = if_none_exist(resource, self._provenance)
             if ref in progress.remote or search is None:
                 continue
             try:
@@ -449,30 +474,27 @@ class EhrSender:
             return None
         rows = list(progress.learned)
 
+        now = self._clock.now()
+
         async def effects(session: AsyncSession) -> None:
-            await repo.save_remote_ids(session, target=target.name, rows=rows, now=utcnow())
+            await repo.save_remote_ids(session, target=target.name, rows=rows, now=now)
 
         return effects
 
     def _delivered(
         self, delivery: Delivery, target: EhrTargetProfile, progress: _Progress
     ) -> Delivered:
-        """The outcome of a delivery the EHR took: its ids to store, and the case event
-        ``ehr_delivered`` (recorded in bulk with the other outcomes of the batch)."""
-        events: tuple[EventInput, ...] = ()
-        if delivery.inbound_message_id and self.runtime.profiles.current.workflow is not None:
-            events = (
-                EventInput(
-                    source="gateway",
-                    event_id=f"ehr_delivered:{target.name}:{delivery.inbound_message_id}",
-                    type="ehr_delivered",
-                    detail=None,
-                    occurred_at=utcnow(),
-                    patient_id=delivery.ordering_key,
-                    message_id=delivery.inbound_message_id,
-                ),
+        """The outcome of a delivery the EHR took: its ids to store, and that the message
+        reached the target (its case records ``ehr_delivered``)."""
+        reached = None
+        if delivery.inbound_message_id:
+            reached = Reached(
+                target=target.name,
+                message_id=delivery.inbound_message_id,
+                patient_id=delivery.ordering_key,
+                at=self._clock.now(),
             )
-        return Delivered(200, self._save(target, progress), events)
+        return Delivered(200, self._save(target, progress), reached)
 
 
 async def _find_one(client: EhrClient, resource_type: str, search: str) -> str | None:
@@ -486,18 +508,3 @@ async def _find_one(client: EhrClient, resource_type: str, search: str) -> str |
         )
         return None
     return found[0] if len(found) == 1 else None
-
-
-def _search_value(value: str) -> str:
-    from urllib.parse import quote
-
-    return quote(value, safe=":/.-_~@")
-
-
-def default_ehr_sender(
-    runtime: Runtime, *, clients: EhrClients | None = None, max_connections: int = 100
-) -> EhrSender:
-    """An :class:`EhrSender` with the process's EHR clients built from ``runtime``."""
-    return EhrSender(
-        runtime, clients=clients or EhrClients.for_runtime(runtime, max_connections=max_connections)
-    )

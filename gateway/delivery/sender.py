@@ -15,7 +15,8 @@ way::
         async def probe(self, target: str) -> bool: return True  # or a HEAD request
         async def aclose(self) -> None: ...
 
-    DeliveryWorker(runtime, senders={**default_senders(runtime), "webhook": WebhookSender()})
+    # gateway.worker.default_senders registers one sender per kind
+    {"ehr": EhrSender(...), "webhook": WebhookSender(sessions=runtime.sessionmaker)}
 
 An outcome's ``effects`` run in the transaction that records it, and only if the worker
 still holds the row's lease (a row taken over by another worker after a lost lease is
@@ -26,15 +27,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from datetime import datetime
+from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.db.models import Delivery
 from mappers.profiles.ehr import CircuitBreakerPolicy, RetryPolicy
-
-if TYPE_CHECKING:
-    from gateway.workflow.service import EventInput
 
 #: Database work to do with an outcome, in the same transaction (e.g. store the ids the
 #: EHR assigned, record a case event). Flushes at most.
@@ -64,14 +63,25 @@ class TargetConfig:
 
 
 @dataclass(frozen=True)
+class Reached:
+    """The resources of an inbound message reached a target: what a case records as
+    ``ehr_delivered`` (the worker is given what to do with it: its ``on_reached``)."""
+
+    target: str
+    message_id: str
+    patient_id: str
+    at: datetime
+
+
+@dataclass(frozen=True)
 class Delivered:
-    """Sent and accepted. ``case_events`` are applied to their cases in the transaction
-    that records the outcome, after ``effects``, together with those of the other outcomes
-    written with it (:func:`gateway.workflow.service.record_events`, in order)."""
+    """Sent and accepted. ``reached`` is handed on in the transaction that records the
+    outcome, after ``effects``, together with those of the other outcomes written with it
+    (in order)."""
 
     status_code: int | None = 200
     effects: Effects | None = None
-    case_events: tuple[EventInput, ...] = ()
+    reached: Reached | None = None
 
 
 @dataclass(frozen=True)

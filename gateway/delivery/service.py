@@ -15,7 +15,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway import metrics
 from gateway.db.models import AuditEntry, OAuthToken, Subscriber, TargetState
-from gateway.delivery import repository as repo
+from gateway.delivery import ops_repository as repo
+from gateway.delivery.circuit import all_target_states
+from gateway.delivery.outbox import narrow_to_profiles
 from gateway.oauth import repository as oauth_repo
 from gateway.oauth.tokens import auth_wait_until
 from mappers.profiles.loader import ProfileSet
@@ -39,17 +41,21 @@ async def replay_deliveries(
     *,
     actor: str,
     now: datetime,
+    profiles: ProfileSet,
     ids: Sequence[int] | None = None,
     where: repo.DeliveryFilter | None = None,
     limit: int = MAX_REPLAY_BATCH,
     after_id: int | None = None,
 ) -> ReplayResult:
-    """Replay dead (or review) deliveries by id or by filter, and audit each. Flushes.
+    """Replay dead (or review) deliveries by id or by filter, and audit each. What an EHR
+    delivery sends is decided again with ``profiles`` (a replay is an enqueue:
+    :func:`gateway.delivery.outbox.narrow_to_profiles`). Flushes.
 
     Args:
         session: the caller's session (the caller commits).
         actor: who replays (API client name, ``cli``).
         now: the replay time (``available_at`` and ``max_age`` restart here).
+        profiles: the current profile set (the targets' ``send`` lists).
         ids: explicit delivery ids; rows that are not dead or review are skipped.
         where: a filter, used when ``ids`` is None.
         limit: at most this many rows (``MAX_REPLAY_BATCH`` at most).
@@ -64,6 +70,7 @@ async def replay_deliveries(
     else:
         ids = list(dict.fromkeys(ids))[:limit]
     replayed = await repo.replay(session, ids=ids, now=now)
+    await narrow_to_profiles(session, ids=replayed, profiles=profiles)
     for delivery_id in replayed:
         session.add(
             AuditEntry(
@@ -153,7 +160,7 @@ async def target_health(
     an enabled EHR target of the profiles, or an active ops webhook subscriber."""
     stats = await repo.queue_stats(session)
     states: dict[tuple[str, str], TargetState] = {
-        (s.kind, s.target): s for s in await repo.all_target_states(session)
+        (s.kind, s.target): s for s in await all_target_states(session)
     }
     configured = {("ehr", t.name): t for t in profiles.ehr.values() if t.enabled}
     subscribers = {

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -28,15 +28,33 @@ from gateway.ehr.errors import (
     EhrUnavailableError,
     parse_retry_after,
 )
-from gateway.oauth.tokens import TokenProvider
+from gateway.queue.policy import transient_status
 from mappers.bundle import parse_location
 from mappers.profiles.ehr import EhrTargetProfile
 
 FHIR_JSON = "application/fhir+json"
-RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 #: Awaited before every request to the FHIR server (the target's shared rate limit).
 BeforeRequest = Callable[[], Awaitable[None]]
+
+
+class TokenProvider(Protocol):
+    """Gives the bearer token for a target's FHIR requests (the OAuth token managers of
+    :mod:`gateway.oauth.tokens` are the implementations)."""
+
+    async def get_token(self) -> str | None:
+        """A valid access token, or None when the target needs no authentication.
+
+        Raises:
+            TokenUnavailableError: the token endpoint is failing (deliveries should wait).
+            EhrConfigError: the token endpoint refuses our credentials.
+        """
+
+    async def invalidate(self, token: str) -> None:
+        """Forget ``token`` (the FHIR server answered 401 to it)."""
+
+    async def refused(self, token: str) -> None:
+        """The FHIR server refused ``token`` although it was freshly fetched."""
 
 
 def _operation_outcome(response: httpx.Response) -> dict[str, Any] | None:
@@ -68,12 +86,17 @@ def _code(value: Any) -> str:
     return "".join(c for c in value[:32] if c.isalnum() or c in "-_.") or "?"
 
 
+def _retryable(status: int) -> bool:
+    # 409 too: FHIR servers answer it for server-side lock conflicts ("re-read and retry").
+    return transient_status(status) or status == 409
+
+
 def status_error(
     status: int, outcome: dict[str, Any] | None, message: str
 ) -> EhrUnavailableError | EhrRejectedError:
     """The error of an HTTP ``status`` the EHR answered (or wrote into a Bundle entry's
     ``response.status``): retryable for 408, 409, 425, 429 and 5xx, permanent otherwise."""
-    if status in RETRYABLE_STATUS or status >= 500:
+    if _retryable(status):
         return EhrUnavailableError(message, status_code=status)
     return EhrRejectedError(message, status_code=status, operation_outcome=outcome)
 
@@ -295,7 +318,7 @@ class EhrClient:
                 "it points to",
                 status_code=status,
             )
-        if status in RETRYABLE_STATUS or status >= 500:
+        if _retryable(status):
             raise EhrUnavailableError(
                 f"EHR answered {status}",
                 status_code=status,

@@ -1,9 +1,10 @@
 """Building :class:`EhrClient`\\ s for targets, in any process (worker or API).
 
 One :class:`EhrClients` per process keeps one client per target, with the target's shared
-token manager and rate limit, and rebuilds it when the target's profile changes::
+token manager and rate limit, and rebuilds it when the target's profile changes (the
+worker wires one: :func:`gateway.worker.ehr_clients`)::
 
-    clients = EhrClients.for_runtime(runtime)
+    clients = ehr_clients(runtime)
     patient = await clients.client_for(runtime.profiles.current.ehr["acme"]).read(
         "Patient", remote_id
     )
@@ -12,82 +13,51 @@ token manager and rate limit, and rebuilds it when the target's profile changes:
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from gateway.delivery.policy import rate_burst
-from gateway.ehr.client import BeforeRequest, EhrClient
+from gateway.clock import SYSTEM_CLOCK, Clock
+from gateway.ehr.client import BeforeRequest, EhrClient, TokenProvider
 from gateway.ehr.limits import RateLimiter
-from gateway.oauth.keys import KeyCipher
-from gateway.oauth.tokens import TokenProvider, token_provider_for
-from gateway.runtime import Runtime
+from gateway.queue.policy import rate_burst
 from mappers.profiles.ehr import EhrTargetProfile
 
-
-def cipher_for(runtime: Runtime) -> KeyCipher:
-    """The signing-key cipher of the runtime's settings (``GATEWAY_KEY_ENCRYPTION_KEY``)."""
-    secret = runtime.settings.key_encryption_key
-    return KeyCipher(secret.get_secret_value() if secret is not None else None)
+#: A new token provider for a target (the token itself is shared in the database).
+TokensFor = Callable[[EhrTargetProfile], TokenProvider]
 
 
 class EhrClients:
     """One :class:`EhrClient` per target for this process.
 
     Args:
-        sessionmaker: sessions on the gateway database (shared tokens, rate buckets).
-        profiles_root: resolves relative key file paths of targets.
-        cipher: decrypts the gateway's stored signing keys.
-        secret_env_file: optional dotenv file with client secrets.
+        sessionmaker: sessions on the gateway database (the shared rate buckets).
+        tokens: makes a target's token provider (the wiring passes
+            :func:`gateway.oauth.tokens.token_provider_for` with its arguments).
         http: shared HTTP client for FHIR requests (created, and closed, when None).
-        token_transport: httpx transport for token requests (tests).
+        max_connections: the HTTP pool's size.
+        clock: the clock of the rate limits.
     """
 
     def __init__(
         self,
         sessionmaker: async_sessionmaker[AsyncSession],
         *,
-        profiles_root: Path,
-        cipher: KeyCipher,
-        secret_env_file: Path | None = None,
+        tokens: TokensFor,
         http: httpx.AsyncClient | None = None,
-        token_transport: httpx.AsyncBaseTransport | None = None,
         max_connections: int = 100,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        self._sessionmaker = sessionmaker
-        self._profiles_root = profiles_root
-        self._cipher = cipher
-        self._secret_env_file = secret_env_file
+        self._tokens = tokens
         self._http = http or httpx.AsyncClient(
             limits=httpx.Limits(
                 max_connections=max_connections, max_keepalive_connections=max_connections
             )
         )
         self._own_http = http is None
-        self._token_transport = token_transport
-        self._limiter = RateLimiter(sessionmaker)
+        self._limiter = RateLimiter(sessionmaker, clock=clock)
         self._clients: dict[str, tuple[EhrTargetProfile, EhrClient]] = {}
-
-    @classmethod
-    def for_runtime(
-        cls,
-        runtime: Runtime,
-        *,
-        http: httpx.AsyncClient | None = None,
-        token_transport: httpx.AsyncBaseTransport | None = None,
-        max_connections: int = 100,
-    ) -> EhrClients:
-        """Clients wired from a runtime's database, profiles and settings."""
-        return cls(
-            runtime.sessionmaker,
-            profiles_root=runtime.profiles.current.root,
-            cipher=cipher_for(runtime),
-            secret_env_file=runtime.settings.secret_env_file,
-            http=http,
-            token_transport=token_transport,
-            max_connections=max_connections,
-        )
 
     def client_for(self, target: EhrTargetProfile) -> EhrClient:
         """The client of ``target`` (rebuilt, with a new token manager, when its profile
@@ -98,22 +68,11 @@ class EhrClients:
         client = EhrClient(
             target,
             self._http,
-            self.tokens_for(target),
+            self._tokens(target),
             before_request=self._before_request(target),
         )
         self._clients[target.name] = (target, client)
         return client
-
-    def tokens_for(self, target: EhrTargetProfile) -> TokenProvider:
-        """A new token provider for ``target`` (the token itself is shared in the DB)."""
-        return token_provider_for(
-            target,
-            sessionmaker=self._sessionmaker,
-            profiles_root=self._profiles_root,
-            cipher=self._cipher,
-            secret_env_file=self._secret_env_file,
-            transport=self._token_transport,
-        )
 
     def _before_request(self, target: EhrTargetProfile) -> BeforeRequest | None:
         rate = target.rate_limit_per_s

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.db.types import utcnow
+from gateway.db.uow import unit_of_work
 from gateway.hl7.service import Hl7Reply, receive_hl7, record_hl7_rejection
 from gateway.logging import get_logger
 from gateway.runtime import Runtime
@@ -216,11 +217,12 @@ class MllpServer:
             log.info("mllp.disconnected", peer=peer)
 
     async def _receive(self, payload: bytes, peer: str | None) -> Hl7Reply:
-        """Store one message and commit, then return its ACK (the same MSH-10 arriving on
-        another connection at once is settled by the inbox's unique key: that copy is
-        answered as a duplicate)."""
-        async with self.runtime.write_session() as session:
-            reply = await receive_hl7(
+        """Store one message and commit (the listener owns each message's unit of work),
+        then return its ACK. The same MSH-10 arriving at once on another connection is
+        settled by the inbox's unique key (``INSERT ... ON CONFLICT DO NOTHING``): the
+        second is answered as a duplicate."""
+        async with unit_of_work(self.runtime.write_session) as session:
+            return await receive_hl7(
                 session,
                 self.runtime,
                 raw=payload,
@@ -228,8 +230,6 @@ class MllpServer:
                 peer=peer,
                 lease=self.after_store is not None,
             )
-            await session.commit()
-            return reply
 
     async def _framing_error(self, kind: str, payload: bytes) -> Hl7Reply:
         if kind == "oversize":
@@ -240,9 +240,8 @@ class MllpServer:
             error = Hl7MessageError(
                 "AR", 100, "broken MLLP frame: data without a start block (0x0B)"
             )
-        async with self.runtime.write_session() as session:
+        async with unit_of_work(self.runtime.write_session) as session:
             record_hl7_rejection(session, raw=payload, error=error, sender=None, transport="mllp")
-            await session.commit()
         ack = build_ack(
             None, "AR", control_id=f"A{uuid.uuid4().hex[:19]}", now=utcnow(), error=error
         )

@@ -36,8 +36,8 @@ from gateway.patients import repository as patients_repo
 from gateway.patients.matching import PatientMatch
 from gateway.patients.merge import MergedPatient, save_patient_facts
 from gateway.runtime import Runtime
+from gateway.subscribers.service import enqueue_case_webhook
 from gateway.workflow.service import EventInput, apply_event
-from mappers.ehr_overrides import received_types
 from mappers.errors import MappingErrors, Problem
 from mappers.identifiers import IdentifierSystems
 from mappers.patient import ElementConflict, element_path
@@ -289,6 +289,7 @@ async def store_mapped(
             session,
             ctx.profiles.workflow_or_raise,
             mapped.event,
+            notify=enqueue_case_webhook,
             new_patient=existed.get(f"Patient/{mapped.patient_id}") is None,
         )
     await session.flush()
@@ -366,28 +367,19 @@ def _enqueue(
     provenance_id: str,
 ) -> list[Any]:
     """One outbox row per enabled target with the changed resources it receives (none
-    when none of them changed); the Patient always travels with them so references
-    resolve."""
-    deliveries = []
-    for target in ctx.profiles.enabled_targets():
-        receives = received_types(target)
-        relevant = [r for r in changed_refs if r.split("/", 1)[0] in receives]
-        if not relevant:
-            continue
-        refs = (
-            [f"Patient/{mapped.patient_id}"]
-            + [r for r in relevant if not r.startswith("Patient/")]
-            + [f"Provenance/{provenance_id}"]
-        )
-        deliveries += enqueue_ehr_deliveries(
+    when none of them changed): what each target gets is decided there, once
+    (:func:`gateway.delivery.outbox.enqueue_ehr_deliveries`)."""
+    return list(
+        enqueue_ehr_deliveries(
             session,
-            [target],
+            ctx.profiles.enabled_targets(),
             message_id=mapped.message.id,
             patient_id=mapped.patient_id,
-            resource_refs=refs,
+            changed_refs=changed_refs,
+            provenance_ref=f"Provenance/{provenance_id}",
             received_at=mapped.message.received_at,
         )
-    return deliveries
+    )
 
 
 def _conflict_extension(

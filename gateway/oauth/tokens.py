@@ -12,7 +12,7 @@ One token per target, shared by every worker process through ``oauth_tokens``:
   elects the refresher; the others poll the row.) Within a process an ``asyncio.Lock``
   lets one coroutine do this;
 * a failure is stored on the row: ``failures``, ``next_attempt_at`` (equal-jitter backoff
-  with a cap, at least ``Retry-After``: :func:`gateway.delivery.policy.token_backoff_s`),
+  with a cap, at least ``Retry-After``: :func:`gateway.queue.policy.token_backoff_s`),
   ``last_error``, ``error_kind``. Until ``next_attempt_at`` nobody calls the endpoint (the
   target's *auth circuit* is open); a still-valid token is used meanwhile, and without
   one :class:`TokenUnavailableError` (timeouts, 5xx, 429) or :class:`EhrConfigError`
@@ -24,6 +24,14 @@ The token request is made by authlib's ``AsyncOAuth2Client.fetch_token`` with
 ``client_secret_basic``, ``client_secret_post`` or ``private_key_jwt``
 (:class:`SmartPrivateKeyJWT`). Tokens are stored in the database (they live minutes, and
 the database already holds the PHI they protect); they are never logged.
+
+Transactions: the token manager's public methods are entry points, each owning its own
+short units of work on its own sessions (:func:`gateway.db.uow.unit_of_work`), never the
+caller's: the shared row must be committed (a new token, a failure and its backoff, a
+refresh lease) for the other processes at once, whatever the caller is doing, and the
+row lock that makes the refresh single-flight must end with the refresh, not with the
+caller's transaction. Callers (the EHR client, before a request) hold no transaction
+meanwhile. All times come from the injected clock.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import authlib.deprecate  # noqa: F401 - installs its own "always" filter when imported
 import httpx
@@ -50,9 +58,10 @@ with warnings.catch_warnings():
     from authlib.oauth2.rfc7523 import PrivateKeyJWT, private_key_jwt_sign
 
 from gateway import metrics
+from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.db.models import OAuthToken
-from gateway.db.types import utcnow
-from gateway.delivery.policy import config_error_backoff_s, token_backoff_s
+from gateway.db.uow import unit_of_work
+from gateway.ehr.client import TokenProvider
 from gateway.ehr.errors import EhrConfigError, TokenUnavailableError, parse_retry_after
 from gateway.logging import get_logger
 from gateway.oauth import repository as repo
@@ -64,35 +73,17 @@ from gateway.oauth.keys import (
     load_key_file,
     signing_material,
 )
+from gateway.queue.policy import config_error_backoff_s, token_backoff_s, transient_status
 from gateway.secrets import SecretStore
 from mappers.profiles.ehr import EhrTargetProfile
 
 log = get_logger(__name__)
 
-TOKEN_RETRYABLE = frozenset({408, 425, 429, 500, 502, 503, 504})
 #: Lifetime assumed when the token response has no ``expires_in`` (SMART: SHOULD NOT
 #: exceed 300 s).
 DEFAULT_LIFETIME = timedelta(seconds=300)
-
-Clock = Callable[[], datetime]
-
-
-class TokenProvider(Protocol):
-    """Gives the bearer token for a target's FHIR requests."""
-
-    async def get_token(self) -> str | None:
-        """A valid access token, or None when the target needs no authentication.
-
-        Raises:
-            TokenUnavailableError: the token endpoint is failing (deliveries should wait).
-            EhrConfigError: the token endpoint refuses our credentials.
-        """
-
-    async def invalidate(self, token: str) -> None:
-        """Forget ``token`` (the FHIR server answered 401 to it)."""
-
-    async def refused(self, token: str) -> None:
-        """The FHIR server refused ``token`` although it was freshly fetched."""
+#: How often a process waiting for another's refresh reads the shared row (SQLite).
+REFRESH_POLL_S = 0.05
 
 
 class NoAuth:
@@ -134,7 +125,7 @@ class SmartPrivateKeyJWT(PrivateKeyJWT):  # type: ignore[misc]
 def _raise_for_token_status(response: httpx.Response) -> httpx.Response:
     """authlib compliance hook: classify the token endpoint's answer before parsing."""
     status = response.status_code
-    if status in TOKEN_RETRYABLE or status >= 500:
+    if transient_status(status):
         raise TokenUnavailableError(
             f"token endpoint answered {status}",
             status_code=status,
@@ -222,7 +213,7 @@ class SharedTokenManager:
         secret: the client secret (``client_secret_*`` methods), or None.
         signing_key: loads the private key (``private_key_jwt``), or None.
         transport: httpx transport for the token endpoint (tests), or None.
-        clock: the current time (tests).
+        clock: the clock (tests: :class:`~gateway.clock.ManualClock`).
         rng: jitter source (tests).
     """
 
@@ -234,7 +225,7 @@ class SharedTokenManager:
         secret: str | None = None,
         signing_key: KeyLoader | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        clock: Clock = utcnow,
+        clock: Clock = SYSTEM_CLOCK,
         rng: random.Random | None = None,
     ) -> None:
         self.target = target
@@ -261,15 +252,15 @@ class SharedTokenManager:
             EhrConfigError: missing secret or key, or credentials refused.
         """
         cached = self._cached
-        if cached is not None and self._clock() < cached.use_until:
+        if cached is not None and self._clock.now() < cached.use_until:
             return cached.token
         async with self._lock:
             cached = self._cached
-            if cached is not None and self._clock() < cached.use_until:
+            if cached is not None and self._clock.now() < cached.use_until:
                 return cached.token
             async with self._sessionmaker() as session:
                 row = await repo.get_token_row(session, self.name)
-            token = self._usable(row, self._clock())
+            token = self._usable(row, self._clock.now())
             if token is not None:
                 return token
             return await self._refresh()
@@ -279,9 +270,8 @@ class SharedTokenManager:
         async with self._lock:
             if self._cached is not None and self._cached.token == token:
                 self._cached = None
-            async with self._sessionmaker() as session:
+            async with unit_of_work(self._sessionmaker) as session:
                 cleared = await repo.clear_token(session, target=self.name, token=token)
-                await session.commit()
         if cleared:
             log.info("oauth.token_invalidated", target=self.name)
 
@@ -289,17 +279,16 @@ class SharedTokenManager:
         """The FHIR server refused a fresh token: a configuration error; back off."""
         async with self._lock:
             self._cached = None
-            async with self._sessionmaker() as session:
+            async with unit_of_work(self._sessionmaker) as session:
                 row = await repo.lock_token_row(session, self.name)
                 if row.access_token in (None, token):
                     self._record_failure(
                         row,
                         EhrConfigError("the EHR refused a freshly fetched token (401)"),
-                        now=self._clock(),
+                        now=self._clock.now(),
                     )
                     row.access_token = None
                     row.expires_at = None
-                await session.commit()
 
     # ------------------------------------------------------------------ internals
 
@@ -332,31 +321,30 @@ class SharedTokenManager:
 
     async def _refresh(self) -> str:
         if self._row_locks:
-            async with self._sessionmaker() as session:
+            # One unit of work around the endpoint call: the row lock is the single
+            # flight, and it ends with this transaction.
+            async with unit_of_work(self._sessionmaker) as session:
                 row = await repo.lock_token_row(session, self.name)
-                token = self._usable(row, self._clock())  # refreshed while we waited?
+                token = self._usable(row, self._clock.now())  # refreshed while we waited?
                 if token is not None:
-                    await session.commit()
                     return token
                 outcome = await self._call_endpoint()
                 self._record(row, outcome)
-                await session.commit()
         else:
             # SQLite has no row locks, and holding its write lock across an HTTP call
             # would stall every writer: a short lease on the row elects one refresher,
             # the others poll the row until it has a result.
             while True:
-                async with self._sessionmaker() as session:
-                    lease_until = self._clock() + timedelta(
+                async with unit_of_work(self._sessionmaker) as session:
+                    lease_until = self._clock.now() + timedelta(
                         seconds=self.target.auth.token_timeout_s + 5
                     )
                     won = await repo.take_refresh_lease(
-                        session, self.name, now=self._clock(), until=lease_until
+                        session, self.name, now=self._clock.now(), until=lease_until
                     )
                     current = await repo.get_token_row(session, self.name)
-                    await session.commit()
                 try:
-                    token = self._usable(current, self._clock())  # refreshed meanwhile?
+                    token = self._usable(current, self._clock.now())  # refreshed meanwhile?
                 except (TokenUnavailableError, EhrConfigError):
                     if won:
                         await self._release_refresh_lease()
@@ -367,31 +355,29 @@ class SharedTokenManager:
                     return token
                 if won:
                     break
-                await asyncio.sleep(0.05)
+                await self._clock.sleep(REFRESH_POLL_S)
             outcome = await self._call_endpoint()
-            async with self._sessionmaker() as session:
+            async with unit_of_work(self._sessionmaker) as session:
                 row = await repo.lock_token_row(session, self.name)
                 self._record(row, outcome)
                 row.refresh_lease_until = None
-                await session.commit()
         if isinstance(outcome, Exception):
             with contextlib.suppress(TokenUnavailableError, EhrConfigError):
-                still_valid = self._usable(row, self._clock())
+                still_valid = self._usable(row, self._clock.now())
                 if still_valid is not None:  # the refresh ahead of expiry failed: keep it
                     return still_valid
             raise outcome
         return outcome.token
 
     async def _release_refresh_lease(self) -> None:
-        async with self._sessionmaker() as session:
+        async with unit_of_work(self._sessionmaker) as session:
             row = await repo.lock_token_row(session, self.name)
             row.refresh_lease_until = None
-            await session.commit()
 
     def _record(
         self, row: OAuthToken, outcome: _Fetched | EhrConfigError | TokenUnavailableError
     ) -> None:
-        now = self._clock()
+        now = self._clock.now()
         if isinstance(outcome, Exception):
             self._record_failure(row, outcome, now=now)
             metrics.TOKEN_REQUESTS.labels(
@@ -532,7 +518,7 @@ def token_provider_for(
     cipher: KeyCipher | None = None,
     secret_env_file: Path | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
-    clock: Clock = utcnow,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> TokenProvider:
     """The token provider a target's ``auth.method`` calls for, in any process.
 
@@ -543,7 +529,7 @@ def token_provider_for(
         cipher: decrypts the gateway's stored signing keys.
         secret_env_file: optional dotenv file with client secrets.
         transport: httpx transport for the token endpoint (tests).
-        clock: the current time (tests).
+        clock: the clock (tests).
     """
     auth = target.auth
     if auth.method == "none":
@@ -564,7 +550,7 @@ def token_provider_for(
             )
         async with sessionmaker() as session:
             return await signing_material(
-                session, alg=alg, now=clock(), cipher=cipher or KeyCipher(None)
+                session, alg=alg, now=clock.now(), cipher=cipher or KeyCipher(None)
             )
 
     return SharedTokenManager(

@@ -21,9 +21,9 @@ from pydantic import BaseModel, Field, model_validator
 from gateway.clients.service import Principal
 from gateway.db.models import Delivery, DeliveryAttempt, DeliveryStatus
 from gateway.db.types import utcnow
-from gateway.delivery import repository as repo
+from gateway.delivery import ops_repository as repo
 from gateway.delivery.service import MAX_REPLAY_BATCH, replay_deliveries
-from gateway.deps import SessionDep, require_scope
+from gateway.deps import RuntimeDep, SessionDep, require_scope
 from gateway.errors import NotFoundError
 
 router = APIRouter(prefix="/v1/ops", tags=["ops"])
@@ -236,6 +236,7 @@ async def replay(
     body: ReplayIn,
     request: Request,
     session: SessionDep,
+    runtime: RuntimeDep,
     principal: Annotated[Principal, Depends(require_scope("ops:admin"))],
 ) -> ReplayOut:
     """Put dead or review deliveries back in the queue with a fresh set of attempts.
@@ -247,6 +248,7 @@ async def replay(
         session,
         actor=principal.name,
         now=utcnow(),
+        profiles=runtime.profiles.current,
         ids=body.ids,
         where=body.filter.to_filter() if body.filter is not None else None,
         limit=body.limit,

@@ -282,8 +282,9 @@ async def retry_exception(
     if message is not None:
         message.status = MessageStatus.RECEIVED
         message.attempts = 0
-        message.available_at = None
+        message.available_at = now  # due again in the inbox (applied right after, below)
         message.locked_until = None
+        message.locked_by = None
         message.processed_at = None
         await session.execute(
             update(ExceptionRecord)

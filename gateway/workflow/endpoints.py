@@ -13,8 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.clients.service import Principal
 from gateway.db.models import Case, CaseEvent
-from gateway.db.types import utcnow
-from gateway.deps import SessionDep, require_scope
+from gateway.deps import RuntimeDep, SessionDep, require_scope
 from gateway.errors import NotFoundError, UnprocessableError
 from gateway.patients import repository as patients_repo
 from mappers.errors import Problem
@@ -88,7 +87,7 @@ def _event_out(e: CaseEvent) -> CaseEventOut:
     )
 
 
-async def _cases_out(session: AsyncSession, cases: list[Case]) -> list[CaseOut]:
+async def _cases_out(session: AsyncSession, cases: list[Case], now: datetime) -> list[CaseOut]:
     history: dict[str, list[CaseEvent]] = defaultdict(list)
     if cases:
         events = (
@@ -100,7 +99,6 @@ async def _cases_out(session: AsyncSession, cases: list[Case]) -> list[CaseOut]:
         ).all()
         for e in events:
             history[e.case_id].append(e)
-    now = utcnow()
     out = []
     for case in cases:
         overdue = case.sla_due_at is not None and case.sla_due_at <= now
@@ -138,13 +136,14 @@ async def _cases_out(session: AsyncSession, cases: list[Case]) -> list[CaseOut]:
 async def get_case(
     case_id: str,
     session: SessionDep,
+    runtime: RuntimeDep,
     _principal: Annotated[Principal, Depends(require_scope("cases:read"))],
 ) -> CaseOut:
     """The case's state, SLA timer and every event that reached it."""
     case = await session.get(Case, case_id)
     if case is None:
         raise NotFoundError("no such case")
-    return (await _cases_out(session, [case]))[0]
+    return (await _cases_out(session, [case], runtime.clock.now()))[0]
 
 
 @router.get(
@@ -155,6 +154,7 @@ async def get_case(
 )
 async def list_cases(
     session: SessionDep,
+    runtime: RuntimeDep,
     _principal: Annotated[Principal, Depends(require_scope("cases:read"))],
     patient: Annotated[
         str | None,
@@ -187,10 +187,10 @@ async def list_cases(
         stmt = stmt.where(Case.state.in_(state))
     if program:
         stmt = stmt.where(Case.program == program)
-    now = utcnow()
+    now = runtime.clock.now()
     if overdue is True:
         stmt = stmt.where(Case.sla_due_at <= now)
     elif overdue is False:
         stmt = stmt.where(or_(Case.sla_due_at.is_(None), Case.sla_due_at > now))
     cases = list((await session.scalars(stmt)).all())
-    return await _cases_out(session, cases)
+    return await _cases_out(session, cases, now)

@@ -9,12 +9,17 @@ not allow, and that is not late, is held (``pending``) for the workflow's
 ``reorder_window``: an earlier event may still be on its way (a pharmacy's "dispensed"
 overtaking the EHR's "prescription sent"). Whenever the case moves, held events are tried
 again in occurrence order; those still not allowed when the window closes go to the
-exceptions queue (:func:`sweep_workflow`). A late event (occurred before the latest one
+exceptions queue (:mod:`gateway.workflow.timers`). A late event (occurred before the latest one
 applied) is recorded but never moves the case backward unless its transition says
 ``backward``.
 
-Every state change writes the subscribers' webhook rows in the same transaction, and
-recomputes the case's SLA deadline (``profiles/workflow.yaml`` ``sla``).
+Every change of a case (opened, moved) is handed to the caller's ``notify``
+(:class:`ChangeSink`) in the same transaction: the channel or loop that applies the event
+passes the subscribers' outbox (:func:`gateway.subscribers.service.enqueue_case_webhook`),
+so the workflow does not know who listens. Every state change also recomputes the case's
+SLA deadline (``profiles/workflow.yaml`` ``sla``; :mod:`gateway.workflow.sla`). The
+time-driven side (held events whose window closed, overdue cases) is
+:mod:`gateway.workflow.timers`. Everything here flushes at most; the caller commits.
 """
 
 from __future__ import annotations
@@ -23,26 +28,40 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm.exc import StaleDataError
 
-from gateway.db.models import Case, CaseEvent, CaseEventOutcome, InboundMessage, MessageStatus
+from gateway.db.models import Case, CaseEvent, CaseEventOutcome
 from gateway.db.types import utcnow
 from gateway.inbox.repository import new_exception
 from gateway.logging import get_logger
-from gateway.runtime import Runtime
-from gateway.subscribers.service import enqueue_case_webhook
+from gateway.workflow.sla import refresh_sla, refresh_sla_many, stops_a_timer
 from mappers.errors import Problem
 from mappers.normalize import to_fhir_instant
 from mappers.profiles import WorkflowProfile
-from mappers.workflow import Decision, decide, sla_deadline
+from mappers.workflow import Decision, decide
 
 log = get_logger(__name__)
 
-_SETTLED = (CaseEventOutcome.APPLIED, CaseEventOutcome.RECORDED, CaseEventOutcome.LATE)
+
+class ChangeSink(Protocol):
+    """Told of each change of a case, in the transaction that made it (after a flush, so
+    ``case.version`` is the new one): ``webhook_type`` is ``case.opened``,
+    ``case.state_changed`` or ``case.overdue``; ``event`` the event that caused it
+    (:func:`event_summary`), None for a timer. Flushes at most; returns how many
+    notifications it queued."""
+
+    async def __call__(
+        self,
+        session: AsyncSession,
+        case: Case,
+        webhook_type: str,
+        *,
+        from_state: str | None,
+        event: dict[str, Any] | None,
+    ) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -102,7 +121,8 @@ async def _find_case(
     return await session.scalar(stmt)
 
 
-def _event_summary(row: CaseEvent) -> dict[str, Any]:
+def event_summary(row: CaseEvent) -> dict[str, Any]:
+    """What a notification says of the event that changed a case (ids, codes, times)."""
     return {
         "type": row.type,
         "detail": row.detail,
@@ -120,15 +140,18 @@ async def apply_event(
     workflow: WorkflowProfile,
     event: EventInput,
     *,
+    notify: ChangeSink,
     new_patient: bool = False,
 ) -> ApplyResult:
     """Apply one event to its case (opening one if the event opens cases).
 
     The case row is locked (``FOR UPDATE`` on PostgreSQL; on SQLite a concurrent change
-    makes the flush fail with ``StaleDataError``, and the caller retries), so events of one
-    case apply one after the other. Flushes; the caller commits.
+    makes the flush fail with ``StaleDataError``: the caller's transaction fails and the
+    message goes back to its queue), so events of one case apply one after the other.
+    Flushes; the caller commits.
 
     Args:
+        notify: told of each change of a case (the subscribers' outbox).
         new_patient: the patient was created in this transaction, so has no case yet
             (saves a query on the ingest path).
 
@@ -164,7 +187,7 @@ async def apply_event(
     )
     now = utcnow()
     if case is None:
-        return await _open_case(session, workflow, event, decision, now)
+        return await _open_case(session, workflow, event, decision, now, notify)
 
     from_state = case.state
     if (
@@ -194,13 +217,13 @@ async def apply_event(
         row.note = "decided again on retry" + (f": {decision.message}" if decision.message else "")
     else:
         row = _history(session, case, event, from_state, None, outcome, decision.message)
-    changed = await _settle(session, workflow, case, row, decision, now)
+    changed = await _settle(session, workflow, case, row, decision, now, notify)
     if outcome == CaseEventOutcome.REJECTED:
         _reject_exception(session, row, event.channel, decision)
     if changed:
-        await _drain_pending(session, workflow, case, now)
-    elif _stops_a_timer(workflow, case.state, event.type):
-        await _refresh_sla(session, workflow, case, now)
+        await drain_held(session, workflow, case, now, notify=notify)
+    elif stops_a_timer(workflow, case.state, event.type):
+        await refresh_sla(session, workflow, case, now)
     await session.flush()
     log.info(
         "case.event",
@@ -215,7 +238,11 @@ async def apply_event(
 
 
 async def record_events(
-    session: AsyncSession, workflow: WorkflowProfile, events: Sequence[EventInput]
+    session: AsyncSession,
+    workflow: WorkflowProfile,
+    events: Sequence[EventInput],
+    *,
+    notify: ChangeSink,
 ) -> list[ApplyResult]:
     """Apply several events in one transaction, in the given order: the batch form of
     :func:`apply_event` with the same rules and results (the delivery worker records a
@@ -248,7 +275,7 @@ async def record_events(
         case = cases.get(event.patient_id)
         if case is None or event.case_id or event.program or event.patient_id in slow_patients:
             slow_patients.add(event.patient_id)
-            results.append(await apply_event(session, workflow, event))
+            results.append(await apply_event(session, workflow, event, notify=notify))
             continue
         key = (case.id, event.sender_name, event.event_id)
         existing = seen.get(key)
@@ -266,7 +293,7 @@ async def record_events(
         )
         if existing is not None or decision.outcome not in ("recorded", "late"):
             slow_patients.add(event.patient_id)
-            results.append(await apply_event(session, workflow, event))
+            results.append(await apply_event(session, workflow, event, notify=notify))
             continue
         outcome = CaseEventOutcome(decision.outcome)
         seen[key] = outcome
@@ -276,7 +303,7 @@ async def record_events(
             case.last_occurred_at is None or row.occurred_at > case.last_occurred_at
         ):
             case.last_occurred_at = row.occurred_at
-        if _stops_a_timer(workflow, case.state, event.type):
+        if stops_a_timer(workflow, case.state, event.type):
             refresh[case.id] = case
         log.info(
             "case.event",
@@ -289,7 +316,7 @@ async def record_events(
         )
         results.append(ApplyResult(str(outcome), case.id, from_state, from_state))
     if refresh:
-        await _refresh_sla_many(session, workflow, list(refresh.values()), now)
+        await refresh_sla_many(session, workflow, list(refresh.values()), now)
     await session.flush()
     return results
 
@@ -344,6 +371,7 @@ async def _open_case(
     event: EventInput,
     decision: Decision,
     now: datetime,
+    notify: ChangeSink,
 ) -> ApplyResult:
     if decision.outcome != "applied" or decision.to_state is None:
         return await _reject_without_case(
@@ -365,11 +393,9 @@ async def _open_case(
     )
     session.add(case)  # the unit of work inserts it before its case_events (FK order)
     row = _history(session, case, event, None, decision.to_state, CaseEventOutcome.APPLIED, None)
-    await _refresh_sla(session, workflow, case, now, history=[row])
+    await refresh_sla(session, workflow, case, now, history=[row])
     await session.flush()
-    await enqueue_case_webhook(
-        session, case, "case.opened", from_state=None, event=_event_summary(row)
-    )
+    await notify(session, case, "case.opened", from_state=None, event=event_summary(row))
     log.info(
         "case.opened",
         case_id=case.id,
@@ -387,6 +413,7 @@ async def _settle(
     row: CaseEvent,
     decision: Decision,
     now: datetime,
+    notify: ChangeSink,
 ) -> bool:
     """Apply a decision to the case and its history row; True when the state changed."""
     from_state = case.state
@@ -404,22 +431,24 @@ async def _settle(
     row.to_state = case.state
     row.hold_until = None
     if changed:
-        await _refresh_sla(session, workflow, case, now)
+        await refresh_sla(session, workflow, case, now)
         await session.flush()
-        await enqueue_case_webhook(
-            session,
-            case,
-            "case.state_changed",
-            from_state=from_state,
-            event=_event_summary(row),
+        await notify(
+            session, case, "case.state_changed", from_state=from_state, event=event_summary(row)
         )
     return changed
 
 
-async def _drain_pending(
-    session: AsyncSession, workflow: WorkflowProfile, case: Case, now: datetime
+async def drain_held(
+    session: AsyncSession,
+    workflow: WorkflowProfile,
+    case: Case,
+    now: datetime,
+    *,
+    notify: ChangeSink,
 ) -> None:
-    """Try the case's held events again, in occurrence order, until none applies."""
+    """Try the case's held (``pending``) events again, in occurrence order, until none
+    applies. Flushes."""
     await session.flush()
     for _ in range(100):
         held = (
@@ -445,7 +474,7 @@ async def _drain_pending(
             row.from_state = case.state
             row.outcome = CaseEventOutcome(decision.outcome)
             row.note = "applied in occurrence order after an earlier event arrived"
-            moved = await _settle(session, workflow, case, row, decision, now)
+            moved = await _settle(session, workflow, case, row, decision, now, notify)
             if row.outcome == CaseEventOutcome.REJECTED:
                 _reject_exception(session, row, row.channel or "events", decision)
             log.info(
@@ -459,90 +488,6 @@ async def _drain_pending(
                 break
         if not moved:
             return
-
-
-def _stops_a_timer(workflow: WorkflowProfile, state: str, event_type: str) -> bool:
-    """True if an event of this type may stop an SLA timer of ``state`` (its ``until``)."""
-    return any(t.state == state and t.until == event_type for t in workflow.sla)
-
-
-async def _refresh_sla(
-    session: AsyncSession,
-    workflow: WorkflowProfile,
-    case: Case,
-    now: datetime,
-    *,
-    history: list[CaseEvent] | None = None,
-) -> None:
-    """Recompute the case's SLA deadline for its current state.
-
-    Args:
-        history: the case's whole history when the caller holds it (a case opened in
-            this transaction): read from it instead of querying ``case_events``, which
-            also lets the deadline go into the case's INSERT rather than a later UPDATE.
-    """
-    timers = [t for t in workflow.sla if t.state == case.state]
-    if not timers:
-        case.sla_due_at, case.sla_timer = None, None
-        return
-    untils = {t.until for t in timers if t.until}
-    recorded: set[str] = set()
-    if untils and history is not None:
-        recorded = {
-            e.type
-            for e in history
-            if e.type in untils and e.outcome in _SETTLED and e.received_at >= case.state_entered_at
-        }
-    elif untils:
-        await session.flush()
-        recorded = set(
-            (
-                await session.scalars(
-                    select(CaseEvent.type).where(
-                        CaseEvent.case_id == case.id,
-                        CaseEvent.type.in_(untils),
-                        CaseEvent.outcome.in_(_SETTLED),
-                        CaseEvent.received_at >= case.state_entered_at,
-                    )
-                )
-            ).all()
-        )
-    _set_sla(workflow, case, recorded, now)
-
-
-async def _refresh_sla_many(
-    session: AsyncSession, workflow: WorkflowProfile, cases: Sequence[Case], now: datetime
-) -> None:
-    """:func:`_refresh_sla` for several cases, with one query for the events that stop
-    their timers."""
-    untils = {t.until for c in cases for t in workflow.sla if t.state == c.state and t.until}
-    recorded: dict[str, set[str]] = {c.id: set() for c in cases}
-    if untils:
-        await session.flush()
-        entered = {c.id: c.state_entered_at for c in cases}
-        rows = await session.execute(
-            select(CaseEvent.case_id, CaseEvent.type, CaseEvent.received_at).where(
-                CaseEvent.case_id.in_(sorted(recorded)),
-                CaseEvent.type.in_(sorted(untils)),
-                CaseEvent.outcome.in_(_SETTLED),
-            )
-        )
-        for case_id, event_type, received_at in rows:
-            if received_at >= entered[case_id]:
-                recorded[case_id].add(event_type)
-    for case in cases:
-        _set_sla(workflow, case, recorded[case.id], now)
-
-
-def _set_sla(workflow: WorkflowProfile, case: Case, recorded: set[str], now: datetime) -> None:
-    deadline = sla_deadline(
-        workflow, state=case.state, entered_at=case.state_entered_at, recorded=recorded
-    )
-    due_at, timer = deadline if deadline else (None, None)
-    if (due_at, timer) != (case.sla_due_at, case.sla_timer):
-        case.sla_due_at, case.sla_timer = due_at, timer
-        if due_at is None or due_at > now:
-            case.overdue_at = None
 
 
 def _history(
@@ -605,130 +550,3 @@ async def _reject_without_case(
     await session.flush()
     log.info("case.event_without_case", reason=reason, event_type=event.type, source=event.source)
     return ApplyResult("no_case", None, reason=reason)
-
-
-# --------------------------------------------------------------------------- sweep
-
-
-async def sweep_workflow(runtime: Runtime, *, now: datetime | None = None, limit: int = 100) -> int:
-    """Time-driven workflow work (the worker runs it every loop).
-
-    * Events held longer than the reorder window: tried once more, then refused into the
-      exceptions queue (``transition_not_allowed``).
-    * Cases past their SLA deadline and not flagged yet: flagged (``overdue_at``) and a
-      ``case.overdue`` webhook is written for the subscribers that want it.
-
-    Args:
-        runtime: the wired runtime.
-        now: the current time (tests).
-        limit: at most this many cases of each kind per call.
-
-    Returns:
-        How many cases were changed.
-    """
-    now = now or utcnow()
-    workflow = runtime.profiles.current.workflow_or_raise
-    done = 0
-    async with runtime.sessionmaker() as session:
-        case_ids = list(
-            dict.fromkeys(
-                (
-                    await session.scalars(
-                        select(CaseEvent.case_id)
-                        .where(
-                            CaseEvent.outcome == CaseEventOutcome.PENDING,
-                            CaseEvent.hold_until <= now,
-                        )
-                        .order_by(CaseEvent.hold_until)
-                        .limit(limit)
-                    )
-                ).all()
-            )
-        )
-    for case_id in case_ids:
-        done += await _expire_pending(runtime, workflow, case_id, now)
-    done += await _flag_overdue(runtime, now, limit)
-    return done
-
-
-async def _expire_pending(
-    runtime: Runtime, workflow: WorkflowProfile, case_id: str, now: datetime
-) -> int:
-    async with runtime.write_session() as session:
-        stmt = select(Case).where(Case.id == case_id)
-        if runtime.engine.dialect.name == "postgresql":
-            stmt = stmt.with_for_update(skip_locked=True)
-        case = await session.scalar(stmt)
-        if case is None:
-            return 0
-        await _drain_pending(session, workflow, case, now)
-        expired = (
-            await session.scalars(
-                select(CaseEvent)
-                .where(
-                    CaseEvent.case_id == case_id,
-                    CaseEvent.outcome == CaseEventOutcome.PENDING,
-                    CaseEvent.hold_until <= now,
-                )
-                .order_by(CaseEvent.occurred_at, CaseEvent.id)
-            )
-        ).all()
-        for row in expired:
-            row.outcome = CaseEventOutcome.REJECTED
-            row.hold_until = None
-            row.to_state = case.state
-            message = (
-                f"{row.type!r} is not allowed in state {case.state!r}, and no earlier event "
-                f"arrived within the reorder window ({workflow.reorder_window})"
-            )
-            row.note = message
-            session.add(
-                new_exception(
-                    kind="transition_not_allowed",
-                    channel=row.channel or "events",
-                    sender=row.sender,
-                    message_id=row.inbound_message_id,
-                    case_id=case_id,
-                    problems=[Problem("type", "transition_not_allowed", message)],
-                )
-            )
-            if row.inbound_message_id:
-                await session.execute(
-                    update(InboundMessage)
-                    .where(InboundMessage.id == row.inbound_message_id)
-                    .values(status=MessageStatus.FAILED)
-                    .execution_options(synchronize_session=False)
-                )
-            log.info("case.event_refused_after_wait", case_id=case_id, event_type=row.type)
-        try:
-            await session.commit()
-        except StaleDataError:
-            await session.rollback()
-            return 0
-        return 1
-
-
-async def _flag_overdue(runtime: Runtime, now: datetime, limit: int) -> int:
-    async with runtime.write_session() as session:
-        stmt = (
-            select(Case)
-            .where(Case.sla_due_at <= now, Case.overdue_at.is_(None))
-            .order_by(Case.sla_due_at)
-            .limit(limit)
-        )
-        if runtime.engine.dialect.name == "postgresql":
-            stmt = stmt.with_for_update(skip_locked=True)
-        cases = (await session.scalars(stmt)).all()
-        for case in cases:
-            case.overdue_at = now
-            await session.flush()
-            await enqueue_case_webhook(
-                session, case, "case.overdue", from_state=case.state, event=None
-            )
-            log.info("case.overdue", case_id=case.id, state=case.state, timer=case.sla_timer)
-        try:
-            await session.commit()
-        except StaleDataError:
-            await session.rollback()
-            return 0
-        return len(cases)

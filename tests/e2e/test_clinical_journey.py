@@ -10,7 +10,6 @@ back from the EHR) -> prescription sent (HL7 RDE^O11 over MLLP) -> dispensed and
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,15 +22,19 @@ from hl7.mllp import open_hl7_connection
 from sqlalchemy import func, select
 
 from gateway.cli import stripe_signature_header
+from gateway.clock import FastForwardClock
 from gateway.db.models import Delivery
 from gateway.delivery.worker import DeliveryWorker
-from gateway.events.service import apply_received, sweep_pending
+from gateway.ehr.factory import EhrClients
+from gateway.events.apply import apply_received
 from gateway.hl7.mllp import MllpServer
 from gateway.hl7.service import Hl7Reply
 from gateway.runtime import Runtime
+from gateway.worker import delivery_worker, ehr_clients
 from testkit.ehr import LocalEhr, RunningEhr, run_ehr_async
 from tests import samples
 from tests.support import notifications as n
+from tests.support.delivery import skip_to_next_due
 from tests.support.ehr import EhrFactory
 from tests.support.events_env import (
     BEACON_ENV,
@@ -49,6 +52,7 @@ from tests.support.events_env import (
     run_subscriber,
     standard_webhook_headers,
 )
+from tests.support.inbox import apply_pending
 
 STRIPE_SECRET = "whsec_test_secret_for_tests_only"
 NOTIFY = {"Authorization": f"Bearer {NOTIFY_SECRET}", "Content-Type": "application/fhir+json"}
@@ -80,12 +84,12 @@ def profiles_dir(
     )
 
 
-async def drain(worker: DeliveryWorker, runtime: Runtime) -> None:
+async def drain(worker: DeliveryWorker, clients: EhrClients, runtime: Runtime) -> None:
     """Deliver, apply pending messages (reading from the EHR), until nothing is left
-    (waiting out short retry backoffs)."""
+    (skipping the clock over short retry backoffs)."""
     for _ in range(100):
         done = await worker.run_once()
-        done += await sweep_pending(runtime, reader=worker.read_resource)
+        done += await apply_pending(runtime, clients=clients)
         if done:
             continue
         async with runtime.sessionmaker() as session:
@@ -96,7 +100,8 @@ async def drain(worker: DeliveryWorker, runtime: Runtime) -> None:
             )
         if not waiting:
             return
-        await asyncio.sleep(0.02)
+        assert isinstance(runtime.clock, FastForwardClock)
+        await skip_to_next_due(runtime, runtime.clock)
     raise AssertionError("the outbox did not drain")
 
 
@@ -110,7 +115,8 @@ async def test_the_whole_journey_reaches_the_subscriber_once_in_order(
 ) -> None:
     fake, _ = ehr
     subscriber = Subscriber(secret="")
-    worker = DeliveryWorker(runtime)
+    clients = ehr_clients(runtime)
+    worker = delivery_worker(runtime, clients=clients)
 
     async def apply(reply: Hl7Reply) -> object:
         assert reply.message is not None
@@ -139,7 +145,7 @@ async def test_the_whole_journey_reaches_the_subscriber_once_in_order(
             assert r.status_code == 202, r.text
             case_id = r.json()["case"]["id"]
             patient_id = r.json()["patient"]["id"]
-            await drain(worker, runtime)
+            await drain(worker, clients, runtime)
             event = samples.stripe_event()
             event["data"]["object"]["metadata"] = {
                 "plan": "glp1-semaglutide-starter",
@@ -155,7 +161,7 @@ async def test_the_whole_journey_reaches_the_subscriber_once_in_order(
                 await client.post("/v1/webhooks/stripe", content=payload, headers=headers)
             ).status_code == 200
             subscriber.fail_next = 1  # one webhook has to be retried: still received once
-            await drain(worker, runtime)
+            await drain(worker, clients, runtime)
             ehr_patient = await remote_patient_id(runtime, patient_id)
             assert ehr_patient is not None
             [proposal] = fake.resources("MedicationRequest")
@@ -198,7 +204,7 @@ async def test_the_whole_journey_reaches_the_subscriber_once_in_order(
             assert (
                 await client.post(f"/v1/ehr/{TARGET}/notifications", json=body, headers=NOTIFY)
             ).status_code == 202
-            await drain(worker, runtime)
+            await drain(worker, clients, runtime)
 
             # prescription sent: HL7 over MLLP, the EHR's Patient id and its MRN
             reader, writer = await open_hl7_connection("127.0.0.1", mllp.port)
@@ -249,7 +255,7 @@ async def test_the_whole_journey_reaches_the_subscriber_once_in_order(
                 headers={**admin_headers, "Content-Type": "application/hl7-v2"},
             )
             assert "MSA|AA|RF-1" in r.text
-            await drain(worker, runtime)
+            await drain(worker, clients, runtime)
 
         case = (await client.get(f"/v1/cases/{case_id}", headers=admin_headers)).json()
         assert case["state"] == "refill_pending"

@@ -12,11 +12,12 @@ import httpx
 import pytest
 
 from gateway.cli import stripe_signature_header
-from gateway.delivery.worker import DeliveryWorker
 from gateway.runtime import Runtime
 from gateway.settings import BUNDLED_PROFILES_DIR
+from gateway.worker import delivery_worker
 from testkit.ehr import LocalEhr, RunningEhr, run_ehr_async
 from tests import samples
+from tests.support.delivery import drain
 from tests.support.ehr import EhrFactory
 from tests.support.profiles import ACME, copy_profiles, edit_yaml
 
@@ -50,12 +51,6 @@ def profiles_dir(
     return root
 
 
-async def drain(worker: DeliveryWorker) -> None:
-    for _ in range(20):
-        if await worker.run_once() == 0:
-            return
-
-
 @pytest.mark.slow
 async def test_dermatology_form_and_acme_target_need_no_code(
     client: httpx.AsyncClient,
@@ -64,13 +59,13 @@ async def test_dermatology_form_and_acme_target_need_no_code(
     admin_headers: dict[str, str],
 ) -> None:
     fake, _ = ehr
-    worker = DeliveryWorker(runtime)
+    worker = delivery_worker(runtime)
     try:
         derm = json.loads(DERM_INPUT.read_text())
         r = await client.post("/v1/intake-submissions", json=derm, headers=admin_headers)
         assert r.status_code == 202, r.text
         assert [d["target"] for d in r.json()["deliveries"]] == ["acme-clinic-ehr"]
-        await drain(worker)
+        await drain(runtime, worker)
 
         (qr,) = fake.resources("QuestionnaireResponse")
         assert qr["questionnaire"] == DERM_Q
@@ -100,7 +95,7 @@ async def test_dermatology_form_and_acme_target_need_no_code(
             headers={"Stripe-Signature": signature, "Content-Type": "application/json"},
         )
         assert r.status_code == 200, r.text
-        await drain(worker)
+        await drain(runtime, worker)
         assert fake.count("Patient") == 2
         assert fake.count("Observation") == 3  # the GLP-1 vitals
         (mr,) = fake.resources("MedicationRequest")

@@ -12,9 +12,9 @@ import pytest
 from gateway.db.models import CaseEvent, ExceptionRecord, InboundMessage
 from gateway.db.types import utcnow
 from gateway.runtime import Runtime
-from gateway.workflow.service import sweep_workflow
 from tests import samples
 from tests.support.api import EXTERNAL_ID_SYSTEM, count, rows
+from tests.support.inbox import run_timers
 
 
 @pytest.fixture
@@ -172,7 +172,7 @@ async def test_a_transition_the_workflow_does_not_allow_goes_to_the_exceptions_q
     # held for the workflow's reorder window, in case an earlier event is on its way
     assert case["history"][-1]["outcome"] == "pending"
     assert await rows(runtime, ExceptionRecord) == []
-    await sweep_workflow(runtime, now=utcnow() + timedelta(minutes=11))
+    await run_timers(runtime, now=utcnow() + timedelta(minutes=11))
     (record,) = await rows(runtime, ExceptionRecord)
     assert (record.kind, record.case_id) == ("transition_not_allowed", patient["case_id"])
     message = (await rows(runtime, InboundMessage, InboundMessage.channel == "events"))[0]

@@ -88,7 +88,7 @@ async def test_new_case_sla_deadline_matches_a_recomputation(
 ) -> None:
     """The deadline written with a new case's INSERT (from its own history) is the one a
     recomputation from the stored history gives."""
-    from gateway.workflow.service import _refresh_sla
+    from gateway.workflow.sla import refresh_sla
 
     headers = {"Authorization": f"Bearer {await make_api_key('intake:write')}"}
     r = await client.post("/v1/intake-submissions", json=samples.intake(), headers=headers)
@@ -98,7 +98,7 @@ async def test_new_case_sla_deadline_matches_a_recomputation(
         case = await session.get(Case, case_id)
         assert case is not None
         stored = (case.sla_due_at, case.sla_timer)
-        await _refresh_sla(session, workflow, case, case.updated_at)
+        await refresh_sla(session, workflow, case, case.updated_at)
         assert (case.sla_due_at, case.sla_timer) == stored
         await session.rollback()
 

@@ -14,9 +14,9 @@ import httpx
 import pytest
 
 from gateway.app import create_app
-from gateway.delivery.worker import DeliveryWorker
 from gateway.runtime import Runtime
 from gateway.settings import Settings
+from gateway.worker import delivery_worker
 from testkit.ehr import LocalEhr, RunningEhr, run_ehr_async
 from tests import samples
 from tests.support.api import EXTERNAL_ID_SYSTEM, signed_stripe
@@ -128,7 +128,7 @@ async def full_run(
             ],
         },
     )
-    worker = DeliveryWorker(runtime)
+    worker = delivery_worker(runtime)
     try:
         for _ in range(5):
             if await worker.run_once() == 0:

@@ -9,9 +9,10 @@ import pytest
 from mappers.bundle import (
     build_transaction_bundle,
     dependency_order,
-    entry_as_rest_call,
     local_references,
+    rest_calls,
     split_for_transaction,
+    transaction_bundle,
 )
 
 TAG = "https://gw.example/provenance"
@@ -102,38 +103,63 @@ def test_later_chunk_refers_to_the_ids_the_ehr_assigned() -> None:
     assert bundle["entry"][0]["resource"]["target"] == [{"reference": "Patient/ehr-42"}]
 
 
-def test_entry_as_conditional_create_call() -> None:
-    bundle = build_transaction_bundle(
+def test_a_conditional_create_call() -> None:
+    [call] = rest_calls(
         [res("Patient", "p", ident="pt 1")],
         remote_ids={},
         outside_identifiers={},
         provenance_tag_system=TAG,
     )
 
-    call = entry_as_rest_call(bundle["entry"][0])
-
     assert (call.method, call.resource_type, call.resource_id) == ("POST", "Patient", None)
     assert call.if_none_exist == "identifier=https://gw.example/id|pt%201"
     assert "id" not in call.resource
+    assert call.local_ref == "Patient/p"
 
 
-def test_entry_as_update_call() -> None:
-    bundle = build_transaction_bundle(
+def test_an_update_call() -> None:
+    [call] = rest_calls(
         [res("Patient", "p", ident="pt-1")],
         remote_ids={"Patient/p": "ehr-9"},
         outside_identifiers={},
         provenance_tag_system=TAG,
     )
 
-    call = entry_as_rest_call(bundle["entry"][0])
-
     assert (call.method, call.resource_type, call.resource_id) == ("PUT", "Patient", "ehr-9")
     assert call.resource["id"] == "ehr-9"
     assert call.if_none_exist is None
 
 
-def test_conditional_update_entries_cannot_be_sent_alone() -> None:
-    with pytest.raises(ValueError):
-        entry_as_rest_call(
-            {"request": {"method": "PUT", "url": "Patient?identifier=x|y"}, "resource": {}}
-        )
+def test_a_transaction_is_the_same_calls_rendered_as_entries() -> None:
+    patient = res("Patient", "p", ident="pt-1")
+    qr = res("QuestionnaireResponse", "q", "Patient/p", ident="sub-1")
+    calls = rest_calls(
+        [patient, qr],
+        remote_ids={"Patient/p": "ehr-9"},
+        outside_identifiers={},
+        provenance_tag_system=TAG,
+    )
+
+    bundle = transaction_bundle(calls)
+
+    assert [e["request"] for e in bundle["entry"]] == [
+        {"method": "PUT", "url": "Patient/ehr-9"},
+        {"method": "POST", "url": "QuestionnaireResponse", "ifNoneExist": calls[1].if_none_exist},
+    ]
+    assert [e["fullUrl"] for e in bundle["entry"]] == ["urn:uuid:p", "urn:uuid:q"]
+    assert [e["resource"] for e in bundle["entry"]] == [c.resource for c in calls]
+    assert bundle == build_transaction_bundle(
+        [patient, qr],
+        remote_ids={"Patient/p": "ehr-9"},
+        outside_identifiers={},
+        provenance_tag_system=TAG,
+    )
+
+
+def test_the_docstring_examples_hold() -> None:
+    import doctest
+
+    import mappers.bundle
+
+    failures, tried = doctest.testmod(mappers.bundle)
+    assert tried >= 2 and failures == 0

@@ -6,14 +6,17 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import httpx
 from sqlalchemy import func, select
 
-from gateway.db.models import Delivery, DeliveryAttempt
+from gateway.clock import Clock, FastForwardClock
+from gateway.db.models import Delivery, DeliveryAttempt, OAuthToken, TargetState
 from gateway.delivery.worker import DeliveryWorker
 from gateway.runtime import Runtime
+from gateway.worker import delivery_worker
 from tests import samples
 
 
@@ -81,11 +84,14 @@ async def running_workers(
     *,
     concurrency: int = 4,
     token_transport: httpx.AsyncBaseTransport | None = None,
+    clock: Clock | None = None,
 ) -> AsyncIterator[list[DeliveryWorker]]:
     """``n`` independent workers (own HTTP clients and token managers: they share only the
     database, as separate processes do) running until the block ends."""
     workers = [
-        DeliveryWorker(runtime, concurrency=concurrency, token_transport=token_transport)
+        delivery_worker(
+            runtime, concurrency=concurrency, token_transport=token_transport, clock=clock
+        )
         for _ in range(n)
     ]
     stop = asyncio.Event()
@@ -99,13 +105,37 @@ async def running_workers(
             await w.aclose()
 
 
-async def drain(worker: DeliveryWorker, *, timeout_s: float = 20.0) -> None:
-    """Run ``worker`` round by round until no delivery is pending or in flight."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+async def drain(runtime: Runtime, worker: DeliveryWorker, *, rounds: int = 200) -> None:
+    """Run ``worker`` round by round until no delivery is pending or in flight, skipping
+    its clock (a :class:`FastForwardClock`) ahead to the next due time (a retry, a
+    throttle, a probe) instead of waiting for it."""
+    clock = worker.clock
+    assert isinstance(clock, FastForwardClock), "drain needs a worker on a FastForwardClock"
+    for _ in range(rounds):
         await worker.run_once()
-        counts = await status_counts(worker.runtime)
+        counts = await status_counts(runtime)
         if not counts.get("pending") and not counts.get("in_flight"):
             return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"deliveries still queued after {timeout_s}s")
+        await skip_to_next_due(runtime, clock)
+    raise AssertionError(f"deliveries still queued after {rounds} rounds")
+
+
+async def skip_to_next_due(runtime: Runtime, clock: FastForwardClock) -> None:
+    """Skip ``clock`` ahead to the next time something changes: a delivery is due, a
+    lease, a throttle or a token backoff ends, a probe is due."""
+    async with runtime.sessionmaker() as session:
+        due = [
+            await session.scalar(
+                select(func.min(Delivery.available_at)).where(Delivery.status == "pending")
+            ),
+            await session.scalar(
+                select(func.min(Delivery.locked_until)).where(Delivery.status == "in_flight")
+            ),
+            await session.scalar(select(func.max(TargetState.throttled_until))),
+            await session.scalar(select(func.min(TargetState.next_probe_at))),
+            await session.scalar(select(func.max(OAuthToken.next_attempt_at))),
+        ]
+    now = clock.now()
+    later = [d for d in due if d is not None and d > now]
+    if later:
+        clock.advance(min(later) - now + timedelta(milliseconds=1))

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from gateway.clock import FastForwardClock
 from gateway.runtime import Runtime
 from gateway.settings import Settings
 from mappers.profiles import load_profiles
@@ -65,3 +66,18 @@ def use_target(runtime: Runtime, tmp_path: Path) -> TargetFactory:
         return runtime.profiles.current.ehr["test-ehr"]
 
     return make
+
+
+@pytest.fixture
+def runtime(runtime: Runtime) -> Runtime:
+    """The wired runtime of the test (tests/conftest.py), on a :class:`FastForwardClock`: a
+    test skips ahead to a retry, a throttle's end or a lease's expiry instead of waiting."""
+    runtime.clock = FastForwardClock()
+    return runtime
+
+
+@pytest.fixture
+def clock(runtime: Runtime) -> FastForwardClock:
+    """The runtime's clock (every worker built from the runtime uses it)."""
+    assert isinstance(runtime.clock, FastForwardClock)
+    return runtime.clock

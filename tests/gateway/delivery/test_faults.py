@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,10 @@ import yaml
 from typer.testing import CliRunner
 
 from gateway.cli import app as cli_app
-from gateway.delivery.policy import max_token_requests
+from gateway.clock import FastForwardClock
+from gateway.queue.policy import max_token_requests
 from gateway.runtime import Runtime
+from gateway.worker import delivery_worker
 from mappers.profiles import load_profiles
 from mappers.profiles.ehr import TokenRetryPolicy
 from testkit.ehr import LocalEhr, RunningEhr, run_ehr_async
@@ -30,6 +33,7 @@ from tests.support.delivery import (
     attempts,
     deliveries,
     running_workers,
+    skip_to_next_due,
     status_counts,
     submit_intakes,
     wait_until,
@@ -61,29 +65,40 @@ def auth_block(running: RunningEhr, **extra: Any) -> dict[str, Any]:
 
 async def test_token_endpoint_outage_calls_it_within_the_backoff_bound_and_loses_nothing(
     runtime: Runtime,
+    clock: FastForwardClock,
     client: httpx.AsyncClient,
     admin_headers: dict[str, str],
     ehr: EHR,
     use_target: TargetFactory,
 ) -> None:
-    """The token endpoint answers 504 for "two minutes" while 50 deliveries wait with 4
-    workers. Time is scaled by 1/40: a 3 s outage with the default schedule scaled the
-    same way (base 1 s -> 25 ms, cap 120 s -> 3 s), whose bound is the same as the real
-    two-minute outage with the defaults: ``max_token_requests`` = 8 calls, across all
-    workers (one schedule per target, in the database)."""
+    """The token endpoint answers 504 for two minutes while 50 deliveries wait with 4
+    workers (the default token retry policy; the clock skips ahead to whatever is due
+    next, round after round of the four workers): at most ``max_token_requests`` = 8
+    calls, across all workers (one schedule per target, in the database)."""
     fake, running = ehr
-    scale = 1 / 40
-    outage_s = 120 * scale
-    policy = {"base_delay_s": 1.0 * scale, "max_delay_s": 120.0 * scale}
-    use_target(running, auth=auth_block(running, retry=policy))
+    use_target(running)
     await submit_intakes(client, admin_headers, 50)
-    bound = max_token_requests(outage_s, TokenRetryPolicy(**policy))
-    assert bound == max_token_requests(120, TokenRetryPolicy()) == 8
+    outage = timedelta(minutes=2)
+    bound = max_token_requests(outage.total_seconds(), TokenRetryPolicy())
+    assert bound == 8
 
-    fake.token_outage(outage_s, status=504)
-    outage_ends = time.monotonic() + outage_s
-    async with running_workers(runtime, 4, concurrency=4):
-        assert await wait_until(lambda: all_delivered(runtime, 50), timeout_s=outage_s + 20)
+    fake.token_outage(3600, status=504)  # ended by the test when its clock passes 2 minutes
+    outage_ends = clock.now() + outage
+    recovered_at: float | None = None
+    workers = [delivery_worker(runtime, concurrency=4) for _ in range(4)]
+    try:
+        for _ in range(200):
+            for worker in workers:
+                await worker.run_once()
+            if await all_delivered(runtime, 50):
+                break
+            await skip_to_next_due(runtime, clock)
+            if recovered_at is None and clock.now() >= outage_ends:
+                fake.clear_faults()
+                recovered_at = time.monotonic()
+    finally:
+        for worker in workers:
+            await worker.aclose()
 
     failed = [r for r in fake.token_requests if r.status != 200]
     succeeded = [r for r in fake.token_requests if r.status == 200]
@@ -92,7 +107,7 @@ async def test_token_endpoint_outage_calls_it_within_the_backoff_bound_and_loses
     assert len(succeeded) == 1  # one token after recovery, shared by the 4 workers
     assert await status_counts(runtime) == {"delivered": 50}  # nothing dead-lettered
     # nothing was sent to the FHIR server without a token, and no attempt was spent
-    assert min(fake.request_times) >= outage_ends - 0.05
+    assert recovered_at is not None and min(fake.request_times) >= recovered_at
     assert all(r.status == 200 for r in fake.requests)
     assert {d.attempts for d in await deliveries(runtime)} == {1}
     assert fake.count("Patient") == 50
@@ -100,6 +115,7 @@ async def test_token_endpoint_outage_calls_it_within_the_backoff_bound_and_loses
 
 async def test_503_with_retry_after_and_timeouts_in_bursts_deliver_exactly_once(
     runtime: Runtime,
+    clock: FastForwardClock,
     client: httpx.AsyncClient,
     admin_headers: dict[str, str],
     use_target: TargetFactory,
@@ -117,20 +133,22 @@ async def test_503_with_retry_after_and_timeouts_in_bursts_deliver_exactly_once(
             circuit_breaker={"failure_threshold": 6, "open_s": 0.3, "max_open_s": 0.6},
         )
         sent = await submit_intakes(client, admin_headers, 40)
-
-        async def bursts() -> None:
-            fake.fail_fhir(5, 503, retry_after=1)
-            await asyncio.sleep(0.6)
-            fake.hang_fhir(5, seconds=1.0)  # the EHR stores them; the gateway times out
-            await asyncio.sleep(1.2)
-            fake.fail_fhir(4, 503, retry_after=1)
-            await asyncio.sleep(0.6)
-            fake.hang_fhir(4, seconds=1.0)
-
-        async with running_workers(runtime, 4, concurrency=4):
-            injector = asyncio.create_task(bursts())
-            assert await wait_until(lambda: all_delivered(runtime, 40), timeout_s=40)
-            await injector
+        # Bursts, in the order requests reach the EHR: 503s with Retry-After, requests the
+        # EHR stores after the gateway timed out, again.
+        fake.fail_fhir(5, 503, retry_after=1)
+        fake.hang_fhir(5, seconds=1.0)
+        fake.fail_fhir(4, 503, retry_after=1)
+        fake.hang_fhir(4, seconds=1.0)
+        workers = [delivery_worker(runtime, concurrency=4) for _ in range(4)]
+        try:
+            for _ in range(200):  # rounds of the four workers at once, time skipped ahead
+                await asyncio.gather(*(w.run_once() for w in workers))
+                if await all_delivered(runtime, 40):
+                    break
+                await skip_to_next_due(runtime, clock)
+        finally:
+            for worker in workers:
+                await worker.aclose()
 
     log = await attempts(runtime)
     by_delivery: dict[int, list[Any]] = {}
@@ -289,6 +307,7 @@ async def _delivered_at_least(runtime: Runtime, n: int) -> bool:
 
 async def test_an_ehr_refusing_every_fresh_token_does_not_loop(
     runtime: Runtime,
+    clock: FastForwardClock,
     client: httpx.AsyncClient,
     admin_headers: dict[str, str],
     ehr: EHR,
@@ -300,20 +319,16 @@ async def test_an_ehr_refusing_every_fresh_token_does_not_loop(
     use_target(running)
     fake.fail_fhir(10_000, 401)
     await submit_intakes(client, admin_headers, 10)
-
-    async def target_now() -> dict[str, Any]:
+    workers = [delivery_worker(runtime, concurrency=4) for _ in range(4)]
+    try:
+        for _ in range(5):  # rounds of the four workers, two seconds apart (skipped)
+            await asyncio.gather(*(w.run_once() for w in workers))
+            clock.advance(2)
         targets = (await client.get("/v1/ops/targets", headers=admin_headers)).json()
         [target] = [t for t in targets if t["name"] == "test-ehr"]
-        return target  # type: ignore[no-any-return]
-
-    async def auth_backed_off() -> bool:
-        return (await target_now())["token"]["state"] == "config_error"
-
-    async with running_workers(runtime, 4, concurrency=4):
-        # waited for, not slept on: a busy machine may take longer than 2 s to get there
-        assert await wait_until(auth_backed_off, timeout_s=20)
-        await asyncio.sleep(1.0)  # a loop would ask for dozens of tokens in this time
-        target = await target_now()
+    finally:
+        for worker in workers:
+            await worker.aclose()
 
     assert len(fake.token_requests) == 2
     assert len(fake.requests) <= 2 * 16  # at most the first wave and its one retry

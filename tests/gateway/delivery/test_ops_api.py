@@ -17,8 +17,8 @@ from gateway.cli import app as cli_app
 from gateway.db.engine import make_engine, make_sessionmaker
 from gateway.db.models import AuditEntry, Delivery, DeliveryAttempt, TargetState
 from gateway.db.types import utcnow
-from gateway.delivery.worker import DeliveryWorker
 from gateway.runtime import Runtime
+from gateway.worker import delivery_worker
 from testkit.ehr import LocalEhr, RunningEhr
 from tests.conftest import ApiKeyFactory
 from tests.gateway.delivery.conftest import TargetFactory
@@ -226,9 +226,9 @@ async def test_targets_show_queue_circuit_token_and_last_success(
     fake, running = ehr
     use_target(running)
     await submit_intakes(client, admin_headers, 2)
-    worker = DeliveryWorker(runtime)
+    worker = delivery_worker(runtime)
     try:
-        await drain(worker)
+        await drain(runtime, worker)
     finally:
         await worker.aclose()
     fake.reject_when(lambda r: r["resourceType"] == "Patient", 422)
@@ -293,9 +293,9 @@ async def test_metrics_expose_counters_histograms_and_database_gauges(
     before = (await client.get("/metrics")).text
     await submit_intakes(client, admin_headers, 2)
     queued = (await client.get("/metrics")).text
-    worker = DeliveryWorker(runtime)
+    worker = delivery_worker(runtime)
     try:
-        await drain(worker)
+        await drain(runtime, worker)
     finally:
         await worker.aclose()
     after = (await client.get("/metrics")).text
@@ -347,9 +347,9 @@ async def test_delivery_logs_carry_no_phi(
     fake.reject_when(lambda r: r["resourceType"] == "QuestionnaireResponse", 422, leaky)
     await submit_intakes(client, admin_headers, 1)
     capsys.readouterr()
-    worker = DeliveryWorker(runtime)
+    worker = delivery_worker(runtime)
     try:
-        await drain(worker)
+        await drain(runtime, worker)
     finally:
         await worker.aclose()
     logs = capsys.readouterr().out

@@ -19,6 +19,7 @@ import pytest
 from gateway.db.models import Delivery, RemoteId
 from gateway.delivery.worker import DeliveryWorker
 from gateway.runtime import Runtime
+from gateway.worker import delivery_worker
 from tests import samples
 from tests.support.api import rows
 from tests.support.gateway_env import profiles_with_target
@@ -99,7 +100,7 @@ def ehr() -> Ehr:
 @pytest.fixture
 async def worker(runtime: Runtime, ehr: Ehr) -> AsyncIterator[DeliveryWorker]:
     http = httpx.AsyncClient(transport=httpx.MockTransport(ehr.handler))
-    w = DeliveryWorker(runtime, concurrency=1, http=http)
+    w = delivery_worker(runtime, concurrency=1, http=http)
     try:
         yield w
     finally:
@@ -293,7 +294,7 @@ async def test_a_proxy_html_error_page_is_retried(
     ("status", "up"), [(200, True), (401, True), (403, True), (503, False), (502, False)]
 )
 async def test_the_circuit_probe_counts_an_authenticated_metadata_endpoint_as_up(
-    worker: DeliveryWorker, status: int, up: bool
+    runtime: Runtime, worker: DeliveryWorker, status: int, up: bool
 ) -> None:
     """The probe sends no token; Google Cloud Healthcare answers ``/metadata`` 401 without."""
 
@@ -303,7 +304,7 @@ async def test_the_circuit_probe_counts_an_authenticated_metadata_endpoint_as_up
         return httpx.Response(status, json=body)
 
     http = httpx.AsyncClient(transport=httpx.MockTransport(metadata))
-    sender = DeliveryWorker(worker.runtime, http=http).senders["ehr"]
+    sender = delivery_worker(runtime, http=http).senders["ehr"]
     try:
         assert await sender.probe("test-ehr") is up
     finally:

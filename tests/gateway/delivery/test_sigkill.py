@@ -81,11 +81,14 @@ async def test_worker_killed_mid_batch_loses_nothing_and_duplicates_nothing(
         sent = await submit_intakes(client, admin_headers, N)
 
         first = await start_worker(runtime, tmp_path, "first")
+        ehr_in_flight = 0  # sent by the worker when it is killed; the EHR still commits them
         try:
 
             async def mid_batch() -> bool:
+                nonlocal ehr_in_flight
                 done = (await status_counts(runtime)).get("delivered", 0)
-                return done >= 8 and fake.in_flight >= 4
+                ehr_in_flight = fake.in_flight
+                return done >= 8 and ehr_in_flight >= 4
 
             assert await wait_until(mid_batch, timeout_s=30, interval_s=0.01)
         finally:
@@ -94,7 +97,6 @@ async def test_worker_killed_mid_batch_loses_nothing_and_duplicates_nothing(
         assert first.returncode == -signal.SIGKILL
         at_kill = {d.id: d for d in await deliveries(runtime)}
         in_flight = {i for i, d in at_kill.items() if d.status == "in_flight"}
-        ehr_in_flight = fake.in_flight  # sent by the dead worker; the EHR still commits them
         assert in_flight and ehr_in_flight > 0
 
         second = await start_worker(runtime, tmp_path, "second")

@@ -3,30 +3,28 @@ write strategies, remote ids, circuit breaker, throttling and limits."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import select
 
+from gateway.clock import FastForwardClock
 from gateway.db.models import Delivery, ExceptionRecord, RemoteId, TargetState
-from gateway.delivery.worker import DeliveryWorker
 from gateway.fhir import repository as fhir_repo
 from gateway.runtime import Runtime
+from gateway.worker import delivery_worker
 from mappers.bundle import business_identifier
 from testkit.ehr import LocalEhr, RunningEhr, run_ehr_async
 from tests import samples
 from tests.gateway.delivery.conftest import TargetFactory
 from tests.support.delivery import (
-    all_delivered,
     attempts,
     deliveries,
     drain,
-    running_workers,
+    skip_to_next_due,
     status_counts,
     submit_intakes,
-    wait_until,
 )
 from tests.support.ehr import EhrFactory
 
@@ -58,9 +56,9 @@ async def test_rejection_dead_letters_at_once_with_the_operation_outcome(
     }
     fake.reject_when(lambda r: r["resourceType"] == "Provenance", 422, outcome)
     await submit_intakes(client, admin_headers, 1)
-    worker = DeliveryWorker(runtime)
+    worker = delivery_worker(runtime)
     try:
-        await drain(worker)
+        await drain(runtime, worker)
     finally:
         await worker.aclose()
 
@@ -95,9 +93,9 @@ async def test_poison_message_holds_back_only_its_own_patient(
     second = await client.post("/v1/intake-submissions", json=corrected, headers=admin_headers)
     assert second.status_code == 202 and second.json()["status"] == "amended"
     await submit_intakes(client, admin_headers, 1)  # patient B
-    worker = DeliveryWorker(runtime)
+    worker = delivery_worker(runtime)
     try:
-        await drain(worker)
+        await drain(runtime, worker)
     finally:
         await worker.aclose()
 
@@ -138,9 +136,9 @@ async def test_several_matching_patients_go_to_review_with_the_matches(
             for i in range(2)
         ]
     )
-    worker = DeliveryWorker(runtime)
+    worker = delivery_worker(runtime)
     try:
-        await drain(worker)
+        await drain(runtime, worker)
     finally:
         await worker.aclose()
 
@@ -170,14 +168,14 @@ async def test_a_later_change_is_sent_as_an_update_of_the_ehr_resource(
     fake, running = ehr
     use_target(running)
     [intake] = await submit_intakes(client, admin_headers, 1)
-    worker = DeliveryWorker(runtime)
+    worker = delivery_worker(runtime)
     try:
-        await drain(worker)
+        await drain(runtime, worker)
         [qr] = fake.resources("QuestionnaireResponse")
         corrected = {**intake, "answers": {**intake["answers"], "weight_lb": 199}}
         r = await client.post("/v1/intake-submissions", json=corrected, headers=admin_headers)
         assert r.json()["status"] == "amended"
-        await drain(worker)
+        await drain(runtime, worker)
     finally:
         await worker.aclose()
 
@@ -207,9 +205,9 @@ async def test_transactions_are_split_patient_first_when_the_ehr_takes_small_bun
     async with run_ehr_async(fake) as running:
         use_target(running, max_bundle_entries=2)
         await submit_intakes(client, admin_headers, 1)
-        worker = DeliveryWorker(runtime)
+        worker = delivery_worker(runtime)
         try:
-            await drain(worker)
+            await drain(runtime, worker)
         finally:
             await worker.aclose()
 
@@ -243,9 +241,9 @@ async def test_individual_writes_for_an_ehr_without_transactions(
         checkout["intake_submission_id"] = intake["submission_id"]
         r = await client.post("/v1/checkouts", json=checkout, headers=admin_headers)
         assert r.status_code in (200, 202), r.text
-        worker = DeliveryWorker(runtime)
+        worker = delivery_worker(runtime)
         try:
-            await drain(worker)
+            await drain(runtime, worker)
             async with runtime.sessionmaker() as session:  # replay both: idempotent
                 for row in await session.scalars(select(Delivery)):
                     row.status, row.attempts = "dead", 1
@@ -254,9 +252,15 @@ async def test_individual_writes_for_an_ehr_without_transactions(
             from gateway.delivery.service import replay_deliveries
 
             async with runtime.sessionmaker() as session:
-                await replay_deliveries(session, actor="test", now=utcnow(), ids=[1, 2])
+                await replay_deliveries(
+                    session,
+                    actor="test",
+                    now=utcnow(),
+                    profiles=runtime.profiles.current,
+                    ids=[1, 2],
+                )
                 await session.commit()
-            await drain(worker)
+            await drain(runtime, worker)
         finally:
             await worker.aclose()
 
@@ -282,13 +286,15 @@ async def test_individual_writes_for_an_ehr_without_transactions(
 
 async def test_circuit_opens_while_the_ehr_is_down_and_nothing_is_dead_lettered(
     runtime: Runtime,
+    clock: FastForwardClock,
     client: httpx.AsyncClient,
     admin_headers: dict[str, str],
     use_target: TargetFactory,
     monkeypatch: pytest.MonkeyPatch,
     make_ehr: EhrFactory,
 ) -> None:
-    """The EHR's server is stopped (connection refused), then started again on its port.
+    """The EHR's server is stopped (connection refused), then started again on its port;
+    two workers share the target's circuit.
 
     A first delivery gets the token while the EHR is up, so what follows is the FHIR
     endpoint's circuit, not the token endpoint's backoff.
@@ -297,7 +303,20 @@ async def test_circuit_opens_while_the_ehr_is_down_and_nothing_is_dead_lettered(
 
     monkeypatch.setenv(SECRET_ENV, "s3cret")
     fake = make_ehr()
-    async with running_workers(runtime, 2, concurrency=2):
+    workers = [delivery_worker(runtime, concurrency=2) for _ in range(2)]
+
+    async def rounds(n: int) -> None:  # each worker in turn, time skipped to what is due
+        for i in range(n):
+            await workers[i % 2].run_once()
+            await skip_to_next_due(runtime, clock)
+
+    async def circuit() -> TargetState:
+        async with runtime.sessionmaker() as session:
+            state = await session.get(TargetState, ("ehr", "test-ehr"))
+        assert state is not None
+        return state
+
+    try:
         async with run_ehr_async(fake) as running:
             use_target(
                 running,
@@ -306,28 +325,26 @@ async def test_circuit_opens_while_the_ehr_is_down_and_nothing_is_dead_lettered(
             )
             port = running.port
             await submit_intakes(client, admin_headers, 1)
-            assert await wait_until(lambda: all_delivered(runtime, 1), timeout_s=10)
+            await drain(runtime, workers[0])
         await submit_intakes(client, admin_headers, 8)  # the EHR is down
-
-        async def circuit_open() -> bool:
-            async with runtime.sessionmaker() as session:
-                state = await session.get(TargetState, ("ehr", "test-ehr"))
-                return state is not None and state.circuit == "open"
-
-        async def settled() -> bool:  # requests in flight when it opened have failed
-            return "in_flight" not in await status_counts(runtime)
-
-        assert await wait_until(circuit_open, timeout_s=10)
-        assert await wait_until(settled, timeout_s=5)
+        for _ in range(20):
+            await rounds(1)
+            if (await circuit()).circuit == "open":
+                break
+        assert (await circuit()).circuit == "open"
         opened = {d.id: d.attempts for d in await deliveries(runtime)}
-        await asyncio.sleep(1.2)  # paused: probes fail (connection refused), nothing sent
-        async with runtime.sessionmaker() as session:
-            state = await session.get(TargetState, ("ehr", "test-ehr"))
+        await rounds(6)  # paused: probes fail (connection refused), nothing sent
+        state = await circuit()
         down = [d for d in await deliveries(runtime) if d.status != "delivered"]
         async with run_ehr_async(fake, port=port):
-            assert await wait_until(lambda: all_delivered(runtime, 9), timeout_s=15)
+            await rounds(8)
+            await drain(runtime, workers[1])
+    finally:
+        for worker in workers:
+            await worker.aclose()
 
-    assert state is not None and state.circuit == "open"
+    assert all_delivered_now(await status_counts(runtime), 9)
+    assert state.circuit == "open"
     assert state.probe_failures >= 1
     # what on-call reads in GET /v1/ops/targets: how it fails, not just "probe failed"
     assert state.last_error is not None and "ConnectError" in state.last_error
@@ -337,13 +354,17 @@ async def test_circuit_opens_while_the_ehr_is_down_and_nothing_is_dead_lettered(
     assert max(d.attempts for d in down) <= 3  # paused deliveries kept their attempts
     assert fake.count("Patient") == 9
     assert len(fake.token_requests) == 1
-    async with runtime.sessionmaker() as session:
-        state = await session.get(TargetState, ("ehr", "test-ehr"))
-    assert state is not None and (state.circuit, state.consecutive_failures) == ("closed", 0)
+    state = await circuit()
+    assert (state.circuit, state.consecutive_failures) == ("closed", 0)
+
+
+def all_delivered_now(counts: dict[str, int], n: int) -> bool:
+    return counts == {"delivered": n}
 
 
 async def test_retry_after_pauses_the_whole_target(
     runtime: Runtime,
+    clock: FastForwardClock,
     client: httpx.AsyncClient,
     admin_headers: dict[str, str],
     ehr: EHR,
@@ -351,18 +372,26 @@ async def test_retry_after_pauses_the_whole_target(
 ) -> None:
     fake, running = ehr
     use_target(running)
-    fake.fail_fhir(1, 429, retry_after=1)
+    fake.fail_fhir(1, 429, retry_after=30)
     await submit_intakes(client, admin_headers, 3)
-    async with running_workers(runtime, 1, concurrency=1):
-        assert await wait_until(lambda: all_delivered(runtime, 3), timeout_s=10)
+    worker = delivery_worker(runtime, concurrency=1)
+    try:
+        assert await worker.run_once() == 1  # 429, Retry-After: 30
+        clock.advance(29)
+        assert await worker.run_once() == 0  # nobody sends before the Retry-After passed
+        assert [r.status for r in fake.requests] == [429]
+        clock.advance(1.1)
+        await drain(runtime, worker)
+    finally:
+        await worker.aclose()
 
-    times = fake.request_times
-    assert [r.status for r in fake.requests][:2] == [429, 200]
-    assert times[1] - times[0] >= 1.0  # nobody sent before the Retry-After passed
+    assert [r.status for r in fake.requests] == [429, 200, 200, 200]
+    assert (await status_counts(runtime)) == {"delivered": 3}
 
 
 async def test_bad_credentials_make_deliveries_wait_without_attempts(
     runtime: Runtime,
+    clock: FastForwardClock,
     client: httpx.AsyncClient,
     admin_headers: dict[str, str],
     ehr: EHR,
@@ -375,8 +404,14 @@ async def test_bad_credentials_make_deliveries_wait_without_attempts(
     monkeypatch.setenv(SECRET_ENV, "not-the-secret")
     use_target(running)
     await submit_intakes(client, admin_headers, 3)
-    async with running_workers(runtime, 1):
-        await asyncio.sleep(0.8)
+    worker = delivery_worker(runtime)
+    try:
+        assert await worker.run_once() >= 1  # the token endpoint refuses the client
+        for _ in range(3):  # backing off (at least the config error delay): nothing claimed
+            clock.advance(1)
+            assert await worker.run_once() == 0
+    finally:
+        await worker.aclose()
 
     assert fake.requests == []
     assert len(fake.token_requests) == 1  # then backing off

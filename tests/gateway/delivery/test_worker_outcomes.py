@@ -4,7 +4,6 @@ attempts, and per-patient ordering. SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -12,16 +11,16 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select
 
 from gateway.db.models import Delivery, DeliveryAttempt
 from gateway.db.types import utcnow
-from gateway.delivery.repository import ACTIVE
 from gateway.delivery.worker import DeliveryWorker
 from gateway.runtime import Runtime
+from gateway.worker import delivery_worker
 from testkit.ehr import LocalEhr, RunningEhr, run_ehr_async
 from tests import samples
 from tests.support.api import count, rows
+from tests.support.delivery import drain
 from tests.support.ehr import EhrFactory
 from tests.support.gateway_env import SECRET_ENV, profiles_with_target
 
@@ -54,7 +53,7 @@ def profiles_dir(tmp_path: Path, ehr: LocalEhr, monkeypatch: pytest.MonkeyPatch)
 
 @pytest.fixture
 async def worker(runtime: Runtime) -> AsyncIterator[DeliveryWorker]:
-    w = DeliveryWorker(runtime, concurrency=4)
+    w = delivery_worker(runtime, concurrency=4)
     try:
         yield w
     finally:
@@ -78,22 +77,6 @@ async def delivery(runtime: Runtime, delivery_id: int) -> Delivery:
 def transactions(ehr: LocalEhr) -> list[int]:
     """Statuses of the transaction POSTs the EHR answered, in order."""
     return [r.status for r in ehr.requests if r.method == "POST" and r.path.rstrip("/") == "/fhir"]
-
-
-async def drain(worker: DeliveryWorker, timeout_s: float = 10.0) -> None:
-    """Run the worker until no delivery is pending or in flight."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while loop.time() < deadline:
-        if await worker.run_once() == 0:
-            async with worker.runtime.sessionmaker() as session:
-                active = await session.scalar(
-                    select(func.count()).select_from(Delivery).where(Delivery.status.in_(ACTIVE))
-                )
-            if not active:
-                return
-            await asyncio.sleep(0.05)
-    raise AssertionError("deliveries still pending after the timeout")
 
 
 async def test_a_4xx_with_an_operation_outcome_is_dead_lettered_at_once(
@@ -145,8 +128,7 @@ async def test_a_retryable_answer_with_retry_after_is_retried_and_delivered_once
     assert row.available_at - row.last_attempt_at >= timedelta(seconds=1)  # Retry-After
     assert await worker.run_once() == 0  # not before Retry-After
 
-    await asyncio.sleep(max(0.0, (row.available_at - utcnow()).total_seconds()))
-    await drain(worker)
+    await drain(runtime, worker)  # skips ahead to the Retry-After
     row = await delivery(runtime, row.id)
     assert (row.status, row.attempts, row.last_status_code) == ("delivered", 2, 200)
     assert transactions(ehr) == [status, 200]
@@ -212,7 +194,7 @@ async def test_one_patients_deliveries_go_in_order(
     assert (d1.status, d1.attempts) == ("pending", 1)
     assert (d2.status, d2.attempts) == ("pending", 0)
 
-    await drain(worker)
+    await drain(runtime, worker)
     d1 = await delivery(runtime, d1.id)
     d2 = await delivery(runtime, d2.id)
     assert d1.status == d2.status == "delivered"
@@ -255,12 +237,12 @@ async def test_the_token_is_reused_and_fetched_again_once_after_a_401(
 ) -> None:
     await intake(client, admin_headers)
     await intake(client, admin_headers)
-    await drain(worker)
+    await drain(runtime, worker)
     assert [t.status for t in ehr.token_requests] == [200]  # cached across deliveries
 
     ehr.revoke_all_tokens()  # the FHIR server now answers 401 to the cached token
     out = await intake(client, admin_headers)
-    await drain(worker)
+    await drain(runtime, worker)
     row = await delivery(runtime, out["deliveries"][0]["id"])
     assert (row.status, row.attempts) == ("delivered", 1)
     assert [t.status for t in ehr.token_requests] == [200, 200]
@@ -269,18 +251,19 @@ async def test_the_token_is_reused_and_fetched_again_once_after_a_401(
 
 async def test_a_corrected_intake_updates_the_ehrs_questionnaire_response(
     client: httpx.AsyncClient,
+    runtime: Runtime,
     admin_headers: dict[str, str],
     ehr: LocalEhr,
     worker: DeliveryWorker,
 ) -> None:
     body = samples.intake()
     await intake(client, admin_headers, body)
-    await drain(worker)
+    await drain(runtime, worker)
     (before,) = ehr.resources("QuestionnaireResponse")
     corrected = {**body, "answers": {**body["answers"], "weight_lb": 205}}
     out = await intake(client, admin_headers, corrected)
     assert out["status"] == "amended"
-    await drain(worker)
+    await drain(runtime, worker)
     (after,) = ehr.resources("QuestionnaireResponse")  # updated, not a second one
     assert after["id"] == before["id"]
     assert after["status"] == "amended"

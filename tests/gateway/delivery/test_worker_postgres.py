@@ -11,10 +11,13 @@ import httpx
 import pytest
 from sqlalchemy import select, text
 
+from gateway.clock import SYSTEM_CLOCK
 from gateway.db.engine import make_engine, make_sessionmaker
 from gateway.db.models import Delivery
 from gateway.db.types import utcnow
 from gateway.delivery import repository as repo
+from gateway.delivery.circuit import ensure_target_states
+from gateway.queue import repository as queue
 from gateway.runtime import Runtime
 from testkit.ehr import LocalEhr, RunningEhr, run_ehr_async
 from tests.gateway.delivery.conftest import TargetFactory
@@ -69,7 +72,9 @@ async def test_rate_limit_holds_across_workers(
     fake, running = ehr
     use_target(running, rate_limit_per_s=10, rate_burst=1)
     await submit_intakes(client, admin_headers, 12)
-    async with running_workers(runtime, 3, concurrency=4):
+    # The real clock: the EHR measures requests per real second (a test clock's sleep
+    # would skip the limiter's waits instead of waiting them out).
+    async with running_workers(runtime, 3, concurrency=4, clock=SYSTEM_CLOCK):
         assert await wait_until(lambda: all_delivered(runtime, 12), timeout_s=20)
 
     times = sorted(fake.request_times)
@@ -85,7 +90,7 @@ async def test_concurrent_claims_never_take_the_same_row(runtime: Runtime) -> No
     """Eight claimers on separate connection pools race for 300 rows."""
     now = utcnow()
     async with runtime.sessionmaker() as session:
-        await repo.ensure_target_states(session, [("ehr", "t")])
+        await ensure_target_states(session, [("ehr", "t")])
         session.add_all(
             Delivery(
                 kind="ehr",
@@ -139,7 +144,7 @@ async def test_a_crashed_workers_rows_are_claimed_again_after_the_lease(
 ) -> None:
     now = utcnow()
     async with runtime.sessionmaker() as session:
-        await repo.ensure_target_states(session, [("ehr", "t")])
+        await ensure_target_states(session, [("ehr", "t")])
         session.add(
             Delivery(
                 kind="ehr",
@@ -172,8 +177,8 @@ async def test_a_crashed_workers_rows_are_claimed_again_after_the_lease(
     assert await claim("other", now + timedelta(milliseconds=500)) == []  # leased
     [again] = await claim("other", now + timedelta(seconds=2))  # lease expired
     async with runtime.sessionmaker() as session:
-        late = await repo.finish(
-            session, delivery_id=first.id, worker="crashed", values={"status": "delivered"}
+        late = await queue.finish(
+            session, repo.OUTBOX, row_id=first.id, worker="crashed", values={"status": "delivered"}
         )
         await session.commit()
 
@@ -192,7 +197,7 @@ async def test_concurrent_claims_keep_each_cases_order_and_the_in_flight_cap(
     now = utcnow()
     cases = [f"p{i}" for i in range(12)]
     async with runtime.sessionmaker() as session:
-        await repo.ensure_target_states(session, [("ehr", "t")])
+        await ensure_target_states(session, [("ehr", "t")])
         for round_ in range(3):
             for key in cases:
                 crashed = round_ == 0 and key in cases[:4]  # leases ran out long ago
@@ -252,9 +257,10 @@ async def test_concurrent_claims_keep_each_cases_order_and_the_in_flight_cap(
                     del active[row.ordering_key]
                     remaining[row.ordering_key].remove(row.id)
                     in_flight[0] -= 1
-                    assert await repo.finish(
+                    assert await queue.finish(
                         session,
-                        delivery_id=row.id,
+                        repo.OUTBOX,
+                        row_id=row.id,
                         worker=f"w{index}",
                         values={"status": "delivered"},
                     )
@@ -326,7 +332,7 @@ async def test_outcome_written_on_a_new_connection_after_the_server_dropped_the_
     It is written on a new connection, not lost until the lease (60 s) sends it again."""
     import psycopg
 
-    from gateway.delivery.worker import DeliveryWorker
+    from gateway.worker import delivery_worker
     from tests.conftest import PG_URL
     from tests.support.gateway_env import SECRET_ENV
 
@@ -336,7 +342,7 @@ async def test_outcome_written_on_a_new_connection_after_the_server_dropped_the_
     async with run_ehr_async(fake) as running:
         use_target(running)
         await submit_intakes(client, admin_headers, 1)
-        worker = DeliveryWorker(runtime, concurrency=1)
+        worker = delivery_worker(runtime, concurrency=1)
         try:
             round_ = asyncio.create_task(worker.run_once())
             assert await wait_until(lambda: _in_flight(fake), timeout_s=10)

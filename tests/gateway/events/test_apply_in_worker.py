@@ -8,7 +8,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.events.service import sweep_pending
 from gateway.runtime import Runtime
 from gateway.settings import Settings
 from tests.support.events_env import (
@@ -18,6 +17,7 @@ from tests.support.events_env import (
     new_patient,
     send_event,
 )
+from tests.support.inbox import apply_pending
 
 
 @pytest.fixture
@@ -56,8 +56,8 @@ async def test_events_wait_for_the_worker(
     ).json()
     assert status["status"] == "received"
     assert (await case_of(client, admin_headers, patient.case_id))["state"] == "intake_received"
-    assert await sweep_pending(runtime) == 2
+    assert await apply_pending(runtime) == 2
     case = await case_of(client, admin_headers, patient.case_id)
     assert case["state"] == "awaiting_review"
     assert [e["channel"] for e in case["history"]][-2:] == ["events", "hl7v2"]
-    assert await sweep_pending(runtime) == 0
+    assert await apply_pending(runtime) == 0

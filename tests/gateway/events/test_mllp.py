@@ -17,7 +17,7 @@ import httpx
 import pytest
 from hl7.mllp import open_hl7_connection
 
-from gateway.events.service import apply_received
+from gateway.events.apply import apply_received
 from gateway.hl7.mllp import MllpDecoder, MllpServer
 from gateway.hl7.service import Hl7Reply
 from gateway.runtime import Runtime

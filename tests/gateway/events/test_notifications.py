@@ -11,10 +11,10 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from gateway.db.models import ExceptionRecord
-from gateway.delivery.worker import DeliveryWorker
-from gateway.events.service import sweep_pending
+from gateway.clock import FastForwardClock
+from gateway.db.models import ExceptionRecord, InboundMessage
 from gateway.runtime import Runtime
+from gateway.worker import ehr_clients
 from testkit.ehr import LocalEhr, RunningEhr, run_ehr_async
 from tests.support import notifications as n
 from tests.support.ehr import EhrFactory
@@ -28,6 +28,7 @@ from tests.support.events_env import (
     new_patient,
     send_event,
 )
+from tests.support.inbox import apply_pending
 
 URL = f"/v1/ehr/{TARGET}/notifications"
 AUTH = {"Authorization": f"Bearer {NOTIFY_SECRET}", "Content-Type": "application/fhir+json"}
@@ -123,6 +124,24 @@ async def test_full_resource_notification_moves_the_case(
     )
 
 
+async def _id_only_approval(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    headers: dict[str, str],
+    fake: LocalEhr,
+    remote_patient: str,
+    task: str,
+) -> tuple[Patient, httpx.Response]:
+    """A patient in review, the EHR's Task approving it, and an id-only notification of
+    the Task posted (the focus must be read from the EHR)."""
+    [ehr_patient] = fake.seed({"resourceType": "Patient", "id": remote_patient, "gender": "female"})
+    fake.seed(n.task(task, ehr_patient["id"], status="completed", business_status="approved"))
+    patient = await _in_review_ready(client, runtime, headers, remote_patient)
+    ref = f"Task/{task}"
+    body = n.bundle("event-notification", events_since=1, events=[(1, None, ref)], id_only=[ref])
+    return patient, await _post(client, body)
+
+
 async def test_id_only_notification_reads_the_focus_from_the_ehr(
     client: httpx.AsyncClient,
     runtime: Runtime,
@@ -130,24 +149,18 @@ async def test_id_only_notification_reads_the_focus_from_the_ehr(
     ehr: tuple[LocalEhr, RunningEhr],
 ) -> None:
     fake, _ = ehr
-    [ehr_patient] = fake.seed({"resourceType": "Patient", "id": "e-77", "gender": "female"})
-    fake.seed(n.task("t-9", ehr_patient["id"], status="completed", business_status="approved"))
-    patient = await _in_review_ready(client, runtime, admin_headers, "e-77")
-    body = n.bundle(
-        "event-notification", events_since=1, events=[(1, None, "Task/t-9")], id_only=["Task/t-9"]
-    )
-    r = await _post(client, body)
+    patient, r = await _id_only_approval(client, runtime, admin_headers, fake, "e-77", "t-9")
     assert r.status_code == 202, r.text
     # the API process has no EHR client: the message waits for the worker
     status = (
         await client.get(f"/v1/messages/{r.json()['message_id']}", headers=admin_headers)
     ).json()
     assert status["status"] == "received"
-    worker = DeliveryWorker(runtime)
+    clients = ehr_clients(runtime)  # the worker's: it reads id-only focus resources
     try:
-        assert await sweep_pending(runtime, reader=worker.read_resource) == 1
+        assert await apply_pending(runtime, clients=clients) == 1
     finally:
-        await worker.aclose()
+        await clients.aclose()
     case = await case_of(client, admin_headers, patient.case_id)
     assert case["state"] == "approved"
     assert ("GET", "/fhir/Task/t-9", 200) in fake.requests
@@ -161,11 +174,11 @@ async def test_id_only_focus_the_ehr_does_not_have_is_an_exception(
         "event-notification", events_since=1, events=[(1, None, "Task/gone")], id_only=["Task/gone"]
     )
     r = await _post(client, body)
-    worker = DeliveryWorker(runtime)
+    clients = ehr_clients(runtime)
     try:
-        await sweep_pending(runtime, reader=worker.read_resource)
+        await apply_pending(runtime, clients=clients)
     finally:
-        await worker.aclose()
+        await clients.aclose()
     [exc] = await _exceptions(runtime, "unmappable_input")
     assert exc.inbound_message_id == r.json()["message_id"]
     assert exc.problems[0]["code"] == "focus_unreadable"
@@ -238,3 +251,47 @@ async def test_malformed_bundle_is_refused_and_kept(
     assert {e["code"] for e in r.json()["errors"]} == {"not_history"}
     [kept] = await _exceptions(runtime, "rejected_input")
     assert kept.channel == "fhir-notification" and kept.payload is not None
+
+
+async def test_an_unreachable_ehr_is_retried_with_backoff_then_kept_as_an_exception(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    admin_headers: dict[str, str],
+    ehr: tuple[LocalEhr, RunningEhr],
+) -> None:
+    fake, _ = ehr
+    _, r = await _id_only_approval(client, runtime, admin_headers, fake, "e-3", "t-3")
+    message_id = r.json()["message_id"]
+    clock = FastForwardClock()
+    runtime.clock = clock
+    fake.fail_fhir(10_000, 503)  # the EHR's FHIR API is down
+    clients = ehr_clients(runtime)
+    try:
+        assert await apply_pending(runtime, clients=clients) == 0  # back in the queue
+        first = await _message(runtime, message_id)
+        assert (first.status, first.attempts, first.locked_by) == ("received", 1, None)
+        assert first.available_at is not None and first.available_at > clock.now()
+        reads = len(fake.requests)
+        assert await apply_pending(runtime, clients=clients) == 0  # not due: the EHR is left alone
+        assert len(fake.requests) == reads
+        for _ in range(7):  # full-jitter backoff, skipped over; the 8th failure gives up
+            row = await _message(runtime, message_id)
+            assert row.available_at is not None
+            clock.advance(max(0.0, (row.available_at - clock.now()).total_seconds()) + 0.001)
+            await apply_pending(runtime, clients=clients)
+    finally:
+        await clients.aclose()
+
+    row = await _message(runtime, message_id)
+    assert (row.status, row.attempts) == ("failed", 8)
+    [exc] = await _exceptions(runtime, "processing_error")
+    assert exc.inbound_message_id == message_id
+    assert exc.problems[0]["code"] == "retries_exhausted"
+    assert len([r for r in fake.requests if r.path == "/fhir/Task/t-3"]) == 8
+
+
+async def _message(runtime: Runtime, message_id: str) -> InboundMessage:
+    async with runtime.sessionmaker() as session:
+        row = await session.get(InboundMessage, message_id)
+    assert row is not None
+    return row

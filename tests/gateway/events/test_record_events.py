@@ -12,6 +12,7 @@ import httpx
 from gateway.db.models import Case
 from gateway.db.types import utcnow
 from gateway.runtime import Runtime
+from gateway.subscribers.service import enqueue_case_webhook
 from gateway.workflow.service import EventInput, record_events
 from tests.support.events_env import case_of, new_patient
 
@@ -31,7 +32,7 @@ def _delivered(patient_id: str, message: str, at: datetime) -> EventInput:
 async def _record(runtime: Runtime, events: list[EventInput]) -> list[tuple[str, str | None]]:
     workflow = runtime.profiles.current.workflow_or_raise
     async with runtime.write_session() as session:
-        results = await record_events(session, workflow, events)
+        results = await record_events(session, workflow, events, notify=enqueue_case_webhook)
         await session.commit()
     return [(r.outcome, r.case_id) for r in results]
 
@@ -142,7 +143,7 @@ async def test_a_mixed_batch_leaves_the_same_timers_and_history_as_one_by_one(
     one_by_one = []
     for event in events(single.patient_id):
         async with runtime.write_session() as session:
-            result = await apply_event(session, workflow, event)
+            result = await apply_event(session, workflow, event, notify=enqueue_case_webhook)
             await session.commit()
         one_by_one.append(result.outcome)
     assert [r for r, _ in got] == one_by_one == ["recorded", "applied", "recorded"]

@@ -18,6 +18,7 @@ from gateway.db.engine import make_engine, make_sessionmaker
 from gateway.db.models import Case, CaseEvent
 from gateway.db.types import utcnow
 from gateway.runtime import Runtime
+from gateway.subscribers.service import enqueue_case_webhook
 from gateway.workflow.service import ApplyResult, EventInput, apply_event, record_events
 from tests.support.delivery import wait_until
 from tests.support.events_env import Patient, new_patient
@@ -112,12 +113,14 @@ async def test_two_workers_batches_over_the_same_cases_in_opposite_orders(
 
     async def second_batch() -> list[ApplyResult]:
         async with second_maker() as session:
-            results = await record_events(session, workflow, two)
+            results = await record_events(session, workflow, two, notify=enqueue_case_webhook)
             await session.commit()
             return results
 
     async with first_maker() as first:
-        first_results = await record_events(session=first, workflow=workflow, events=one)
+        first_results = await record_events(
+            session=first, workflow=workflow, events=one, notify=enqueue_case_webhook
+        )
         second = asyncio.create_task(second_batch())
         second_results = await _second_waits_for_first(runtime, first, second)
 
@@ -164,12 +167,14 @@ async def test_a_batch_waiting_for_a_case_decides_against_the_committed_move(
 
     async def worker_batch() -> list[ApplyResult]:
         async with second_maker() as session:
-            results = await record_events(session, workflow, [_delivered(patient, "m-1", now)])
+            results = await record_events(
+                session, workflow, [_delivered(patient, "m-1", now)], notify=enqueue_case_webhook
+            )
             await session.commit()
             return results
 
     async with first_maker() as ingest:
-        moved = await apply_event(ingest, workflow, paid)
+        moved = await apply_event(ingest, workflow, paid, notify=enqueue_case_webhook)
         assert (moved.outcome, moved.to_state) == ("applied", "awaiting_review")
         batch = asyncio.create_task(worker_batch())
         [result] = await _second_waits_for_first(runtime, ingest, batch)

@@ -2,32 +2,33 @@
 
 from __future__ import annotations
 
-import asyncio
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 from sqlalchemy import select
 
+from gateway.clock import FastForwardClock
 from gateway.db.models import Delivery
 from gateway.runtime import Runtime
-from gateway.workflow.service import sweep_workflow
 from tests.support.events_env import case_of, events_profiles, new_patient, send_event
+from tests.support.inbox import run_timers
 
 
 @pytest.fixture
 def profiles_dir(tmp_path: Path, secrets_env: None) -> Path:
     return events_profiles(
         tmp_path / "profiles",
-        workflow={
-            "sla": [{"name": "quick_intake", "state": "intake_received", "within": "PT0.3S"}]
-        },
+        workflow={"sla": [{"name": "quick_intake", "state": "intake_received", "within": "PT1H"}]},
     )
 
 
 async def test_overdue_cases_are_flagged_listed_and_announced(
     client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str]
 ) -> None:
+    clock = FastForwardClock()
+    runtime.clock = clock
     r = await client.post(
         "/v1/ops/subscribers",
         json={
@@ -48,7 +49,8 @@ async def test_overdue_cases_are_flagged_listed_and_announced(
         source="checkout",
         occurred_at="2026-11-24T09:00:00Z",
     )
-    await asyncio.sleep(0.4)
+    assert await run_timers(runtime) == 0  # within the hour
+    clock.advance(timedelta(hours=1, seconds=1))
     overdue = (
         await client.get("/v1/cases", params={"overdue": "true"}, headers=admin_headers)
     ).json()
@@ -58,8 +60,8 @@ async def test_overdue_cases_are_flagged_listed_and_announced(
         await client.get("/v1/cases", params={"overdue": "false"}, headers=admin_headers)
     ).json()
     assert [c["id"] for c in not_overdue] == [on_time.case_id]
-    assert await sweep_workflow(runtime) == 1
-    assert await sweep_workflow(runtime) == 0  # flagged once
+    assert await run_timers(runtime) == 1
+    assert await run_timers(runtime) == 0  # flagged once
     flagged = await case_of(client, admin_headers, late.case_id)
     assert flagged["sla"]["flagged_at"] is not None
     async with runtime.sessionmaker() as session:

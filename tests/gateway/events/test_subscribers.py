@@ -11,10 +11,12 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from gateway.clock import FastForwardClock
 from gateway.db.models import Delivery, DeliveryAttempt
-from gateway.delivery.worker import DeliveryWorker
 from gateway.runtime import Runtime
+from gateway.worker import delivery_worker
 from tests.conftest import ApiKeyFactory
+from tests.support.delivery import drain
 from tests.support.events_env import Subscriber, new_patient, run_subscriber, send_event
 
 FAST = {"base_delay_s": 0.01, "max_delay_s": 0.02, "max_attempts": 4, "max_age_s": 60}
@@ -35,16 +37,6 @@ async def _register(
     assert r.status_code == 201, r.text
     sub.secret = r.json()["secret"]
     return dict(r.json())
-
-
-async def _drain(worker: DeliveryWorker, rounds: int = 50) -> None:
-    import asyncio
-
-    for _ in range(rounds):
-        if await worker.run_once() == 0:
-            await asyncio.sleep(0.03)  # let backoff pass
-            if await worker.run_once() == 0:
-                return
 
 
 async def _deliveries(runtime: Runtime) -> list[Delivery]:
@@ -135,9 +127,9 @@ async def test_state_changes_are_signed_retried_and_sent_in_order(
         client, admin_headers, patient, "provider_assigned", occurred_at="2026-11-24T10:00:00Z"
     )
     sub.fail_next = 2  # the first change fails twice: the second must wait behind it
-    worker = DeliveryWorker(runtime)
+    worker = delivery_worker(runtime, clock=FastForwardClock())
     try:
-        await _drain(worker)
+        await drain(runtime, worker)
     finally:
         await worker.aclose()
     assert sub.rejected == 0
@@ -175,9 +167,9 @@ async def test_a_refusing_subscriber_dead_letters_without_blocking_the_case(
     await _register(client, admin_headers, sub, url)
     await new_patient(client, admin_headers)  # case.opened
     sub.fail_next, sub.fail_status = 1, 410
-    worker = DeliveryWorker(runtime)
+    worker = delivery_worker(runtime, clock=FastForwardClock())
     try:
-        await _drain(worker)
+        await drain(runtime, worker)
     finally:
         await worker.aclose()
     [row] = await _deliveries(runtime)
@@ -194,9 +186,9 @@ async def test_webhooks_of_a_deactivated_subscriber_are_dead_lettered(
     created = await _register(client, admin_headers, sub, url)
     await new_patient(client, admin_headers)
     await client.delete(f"/v1/ops/subscribers/{created['id']}", headers=admin_headers)
-    worker = DeliveryWorker(runtime)
+    worker = delivery_worker(runtime, clock=FastForwardClock())
     try:
-        await _drain(worker)
+        await drain(runtime, worker)
     finally:
         await worker.aclose()
     assert sub.attempts == 0
@@ -217,7 +209,7 @@ async def test_a_subscriber_added_while_the_targets_are_cached_waits_then_is_ser
     import asyncio
 
     sub, url = subscriber
-    worker = DeliveryWorker(runtime)
+    worker = delivery_worker(runtime, clock=FastForwardClock())
     try:
         assert await worker._claim_round(worker._free_slots()) == 0  # caches the targets
         await _register(client, admin_headers, sub, url)

@@ -11,8 +11,8 @@ from sqlalchemy import select
 from gateway.db.models import ExceptionRecord
 from gateway.db.types import utcnow
 from gateway.runtime import Runtime
-from gateway.workflow.service import sweep_workflow
 from tests.support.events_env import Patient, case_of, new_patient, send_event
+from tests.support.inbox import run_timers
 
 
 async def _exceptions(runtime: Runtime, **where: str) -> list[ExceptionRecord]:
@@ -165,8 +165,8 @@ async def test_a_held_event_goes_to_the_exceptions_queue_when_the_window_closes(
         source="pharmacy",
         occurred_at="2026-11-24T13:00:00Z",
     )
-    assert await sweep_workflow(runtime) == 0  # still inside the window
-    assert await sweep_workflow(runtime, now=utcnow() + timedelta(minutes=11)) >= 1
+    assert await run_timers(runtime) == 0  # still inside the window
+    assert await run_timers(runtime, now=utcnow() + timedelta(minutes=11)) >= 1
     case = await case_of(client, admin_headers, patient.case_id)
     assert case["state"] == "approved"
     assert case["history"][-1]["outcome"] == "rejected"

@@ -15,6 +15,7 @@ from sqlalchemy import delete
 from typer.testing import CliRunner
 
 from gateway.cli import app as cli_app
+from gateway.clock import ManualClock
 from gateway.db.models import OAuthToken, SigningKey
 from gateway.db.types import utcnow
 from gateway.ehr.errors import EhrConfigError
@@ -241,7 +242,7 @@ async def test_ehr_accepts_assertions_signed_with_a_rotated_key_it_saw_published
             profile,
             sessionmaker=runtime.sessionmaker,
             profiles_root=Path("."),
-            clock=lambda: later,
+            clock=ManualClock(later),
         )
         # An EHR that never saw the new key refuses it: why the key is published first.
         with pytest.raises(EhrConfigError):
@@ -254,7 +255,7 @@ async def test_ehr_accepts_assertions_signed_with_a_rotated_key_it_saw_published
             profile,
             sessionmaker=runtime.sessionmaker,
             profiles_root=Path("."),
-            clock=lambda: later,
+            clock=ManualClock(later),
         )
         assert await after_refetch.get_token()
 

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.clock import ManualClock
 from gateway.ehr.errors import EhrConfigError, TokenUnavailableError
 from gateway.oauth import repository as repo
 from gateway.runtime import Runtime
@@ -26,11 +27,11 @@ def answering(status: int, body: Any, content_type: str) -> httpx.MockTransport:
     return httpx.MockTransport(handler)
 
 
-async def lifetime(runtime: Runtime, clock: Clock) -> timedelta:
+async def lifetime(runtime: Runtime, clock: ManualClock) -> timedelta:
     async with runtime.sessionmaker() as session:
         row = await repo.get_token_row(session, "acme")
     assert row is not None and row.expires_at is not None
-    return row.expires_at.replace(tzinfo=clock.now.tzinfo) - clock.now
+    return row.expires_at.replace(tzinfo=clock.now().tzinfo) - clock.now()
 
 
 @pytest.mark.parametrize(

@@ -15,28 +15,21 @@ import httpx
 import pytest
 from joserfc.jwk import ECKey, RSAKey
 
+from gateway.clock import ManualClock
 from gateway.db.models import OAuthToken
-from gateway.delivery.policy import max_token_requests
 from gateway.ehr.client import EhrClient
 from gateway.ehr.errors import EhrConfigError, TokenUnavailableError
 from gateway.oauth import repository as repo
 from gateway.oauth.tokens import SharedTokenManager, token_provider_for
+from gateway.queue.policy import max_token_requests
 from gateway.runtime import Runtime
 from mappers.profiles.ehr import EhrAuth, EhrTargetProfile, TokenRetryPolicy
 from testkit.ehr import LocalEhr, RunningEhr, run_ehr_async
 
 
-class Clock:
-    """A controllable UTC clock."""
-
-    def __init__(self) -> None:
-        self.now = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
+def Clock() -> ManualClock:
+    """A controllable UTC clock, frozen at 2026-11-24 12:00 until advanced."""
+    return ManualClock(datetime(2026, 11, 24, 12, 0, tzinfo=UTC))
 
 
 def target(running: RunningEhr | None, **auth: Any) -> EhrTargetProfile:
@@ -339,16 +332,16 @@ async def test_two_minute_outage_calls_the_endpoint_at_most_the_bound(
     runtime: Runtime,
 ) -> None:
     """Simulated time: the default schedule (base 1 s, cap 120 s) over a two-minute 504
-    outage, 4 processes asking every half second: at most ``max_token_requests`` = 8
-    calls, then one successful call after recovery."""
+    outage, 4 processes asking every second: at most ``max_token_requests`` = 8 calls,
+    then one successful call after recovery."""
     calls: list[datetime] = []
     clock = Clock()
-    start = clock.now
+    start = clock.now()
     outage = timedelta(minutes=2)
 
     def handle(request: httpx.Request) -> httpx.Response:
-        calls.append(clock.now)
-        if clock.now - start < outage:
+        calls.append(clock.now())
+        if clock.now() - start < outage:
             return httpx.Response(504)
         return httpx.Response(200, json={"access_token": "ok", "expires_in": 300})
 
@@ -360,14 +353,14 @@ async def test_two_minute_outage_calls_the_endpoint_at_most_the_bound(
     ]
     bound = max_token_requests(outage.total_seconds(), profile.auth.retry)
     got = None
-    while got is None and clock.now - start < timedelta(minutes=6):
+    while got is None and clock.now() - start < timedelta(minutes=6):
         results = await asyncio.gather(*(m.get_token() for m in managers), return_exceptions=True)
         for result in results:
             if isinstance(result, str):
                 got = result
             else:
                 assert isinstance(result, TokenUnavailableError)
-        clock.advance(0.5)
+        clock.advance(1.0)
 
     in_outage = [c for c in calls if c - start < outage]
     assert bound == 8

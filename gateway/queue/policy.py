@@ -32,6 +32,20 @@ from datetime import datetime, timedelta
 
 from mappers.profiles.ehr import CircuitBreakerPolicy, RetryPolicy, TokenRetryPolicy
 
+#: Statuses besides 5xx that say "try again later" (RFC 9110 section 15: 408 Request
+#: Timeout, 425 Too Early, 429 Too Many Requests): the one table of every peer the gateway
+#: calls (EHRs, token endpoints, ops subscribers).
+TRANSIENT_STATUS = frozenset({408, 425, 429})
+
+
+def transient_status(status: int) -> bool:
+    """True for an HTTP status worth retrying: 408, 425, 429 or any 5xx.
+
+    >>> [s for s in (200, 400, 404, 408, 409, 429, 500, 503) if transient_status(s)]
+    [408, 429, 500, 503]
+    """
+    return status in TRANSIENT_STATUS or status >= 500
+
 
 @dataclass(frozen=True)
 class RetryDecision:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gateway.delivery.policy import (
+from gateway.queue.policy import (
     backoff_s,
     max_token_requests,
     next_retry,

@@ -36,11 +36,12 @@ from sqlalchemy import select
 from standardwebhooks.webhooks import Webhook
 
 import gateway
+from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.db.models import Delivery, Subscriber
-from gateway.db.types import utcnow
+from gateway.db.uow import SessionFactory
 from gateway.delivery.sender import Delivered, Failed, Outcome, Rejected, TargetConfig
 from gateway.ehr.errors import parse_retry_after
-from gateway.runtime import Runtime
+from gateway.queue.policy import transient_status
 from mappers.profiles import RetryPolicy
 
 #: ``deliveries.kind`` of webhook rows.
@@ -53,7 +54,6 @@ DEFAULT_POLICY = RetryPolicy(
 TIMEOUT_S = 10.0
 #: Webhooks in flight to one subscriber at once, across all workers.
 MAX_CONCURRENT = 4
-RETRYABLE_STATUS = frozenset({408, 425, 429})
 
 
 def webhook_body(payload: dict[str, Any]) -> bytes:
@@ -82,21 +82,29 @@ class WebhookSender:
     ``Retry-After``, dead letters and replay.
 
     Args:
-        runtime: the wired runtime.
+        sessions: read sessions (the subscribers).
         http: a shared HTTP client (one is made when omitted, and closed by :meth:`aclose`).
+        clock: the worker's clock (the signature's timestamp).
     """
 
     kind = KIND
 
-    def __init__(self, runtime: Runtime, *, http: httpx.AsyncClient | None = None) -> None:
-        self.runtime = runtime
+    def __init__(
+        self,
+        *,
+        sessions: SessionFactory,
+        http: httpx.AsyncClient | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self._sessions = sessions
         self._http = http or httpx.AsyncClient()
         self._own_http = http is None
+        self._clock = clock
 
     async def targets(self) -> list[TargetConfig]:
         """Every subscriber: rows of active ones are sent; rows of inactive ones are
         dead-lettered when claimed, so they never wait forever."""
-        async with self.runtime.sessionmaker() as session:
+        async with self._sessions() as session:
             rows = (await session.execute(select(Subscriber.name, Subscriber.retry))).all()
         return [
             TargetConfig(
@@ -119,7 +127,7 @@ class WebhookSender:
 
     async def send(self, delivery: Delivery) -> Outcome:
         """POST one claimed row to its subscriber, signed (see the module docstring)."""
-        async with self.runtime.sessionmaker() as session:
+        async with self._sessions() as session:
             subscriber = await session.scalar(
                 select(Subscriber).where(Subscriber.name == delivery.target)
             )
@@ -130,7 +138,7 @@ class WebhookSender:
         payload = delivery.payload
         body = webhook_body(payload)
         headers = signed_headers(
-            subscriber.secret, webhook_id=str(payload["id"]), body=body, now=utcnow()
+            subscriber.secret, webhook_id=str(payload["id"]), body=body, now=self._clock.now()
         )
         try:
             response = await self._http.post(
@@ -145,6 +153,6 @@ class WebhookSender:
             return Delivered(status_code)
         retry_after = parse_retry_after(response.headers.get("retry-after"))
         error = f"subscriber answered {status_code}"
-        if status_code in RETRYABLE_STATUS or status_code >= 500:
+        if transient_status(status_code):
             return Failed(error, status_code, retry_after)
         return Rejected(error, status_code)
