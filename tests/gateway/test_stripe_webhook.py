@@ -77,7 +77,8 @@ async def test_a_bad_signature_is_400_and_nothing_is_stored(
     assert r.status_code == 400, r.text
     assert r.headers["content-type"].startswith("application/problem+json")
     assert r.json()["errors"][0]["code"] == "invalid_signature"
-    assert all(n == 0 for name, n in (await table_counts(runtime)).items() if name != "api_clients")
+    counts = await table_counts(runtime)
+    assert all(n == 0 for name, n in counts.items() if name != "api_clients"), counts
 
 
 async def test_a_body_changed_after_signing_is_400(client: httpx.AsyncClient) -> None:
