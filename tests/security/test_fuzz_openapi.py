@@ -1,20 +1,25 @@
-"""Property-based fuzzing of the OpenAPI document with schemathesis: every operation, a
-fixed seed, a bounded number of examples, every check; on SQLite and PostgreSQL.
+"""Property-based fuzzing of the OpenAPI document with schemathesis: every operation,
+every phase (examples, coverage, fuzzing, stateful), every check, a fixed seed and a
+bounded number of examples, against the app in-process on PostgreSQL.
 
 Finds: server errors (any 5xx), answers the document does not describe (status codes,
 media types, headers, body schemas), 405 without ``Allow``, routes that ignore their
 declared security, schema-valid input refused and schema-invalid input accepted.
+Run it alone with ``pytest tests/security/test_fuzz_openapi.py``; a failure lists each
+finding with its request and the answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
 
 import pytest
 import schemathesis
 from schemathesis.config import SchemathesisConfig
+from schemathesis.core import NOT_SET
 from schemathesis.engine import events
 from schemathesis.python import asgi
 
@@ -26,30 +31,34 @@ from tests.support.profiles import shared_profiles
 
 #: Fixed, so a failure is reproduced by running the test again.
 SEED = 20261207
-#: Examples per operation and phase (fuzzing); the coverage phase adds its own cases.
+#: Examples per operation in the fuzzing phase; the other phases add their own cases.
 MAX_EXAMPLES = 10
 
-#: Operations whose schema-valid input may still be refused, and why: their bodies are
-#: checked against data the document cannot hold (the profiles: which forms, plans,
-#: questions and event vocabularies exist; a draft profile's YAML) or against a
-#: signature (which a generated request cannot carry). Every other answer of theirs is
-#: still checked against the document.
-_ACCEPTED = ["2xx", "401", "403", "404", "409"]
-BEYOND_THE_SCHEMA: dict[str, list[str]] = {
-    "/v1/intake-submissions": [*_ACCEPTED, "422"],  # the form's profile
-    "/v1/checkouts": [*_ACCEPTED, "422"],  # the plan's checkout profile
-    "/v1/events": [*_ACCEPTED, "422"],  # the workflow's events and owners
-    "/v1/profiles/preview": [*_ACCEPTED, "422"],  # the draft profile and its input
-    "/v1/hl7v2": [*_ACCEPTED],  # AR/AE are answered with 200
-    "/v1/webhooks/stripe": [*_ACCEPTED, "400"],  # the Stripe-Signature header
-    "/v1/partners/{partner}/webhooks": [*_ACCEPTED, "400", "503"],  # the signature
-    "/v1/ehr/{target}/notifications": [*_ACCEPTED, "503"],  # the shared secret
-    "/v1/ops/deliveries/replay": [*_ACCEPTED, "422"],  # ids or filter, exactly one
+#: Operations whose schema-valid input may still be refused, with the statuses and why:
+#: their bodies are checked against data the document cannot hold (the profiles: which
+#: forms, plans, questions and event vocabularies exist; a draft profile's YAML) or
+#: against a signature or shared secret, which a generated request cannot carry. Every
+#: other check still applies to them.
+BEYOND_THE_SCHEMA: dict[str, set[int]] = {
+    "POST /v1/intake-submissions": {422},  # the form's profile
+    "POST /v1/checkouts": {422},  # the plan's checkout profile
+    "POST /v1/events": {422},  # the workflow's events and owners
+    "POST /v1/profiles/preview": {422},  # the draft profile and its input
+    "POST /v1/webhooks/stripe": {400},  # Stripe-Signature (docs/API.md: 400)
+    "POST /v1/partners/{partner}/webhooks": {400, 503},  # the signature; its secret
+    "POST /v1/ehr/{target}/notifications": {503},  # the target's shared secret
+    "POST /v1/ops/deliveries/replay": {422},  # exactly one of ids and filter
 }
 
 
-def _accepting(statuses: list[str]) -> dict[str, Any]:
-    return {"positive_data_acceptance": {"expected-statuses": statuses}}
+@dataclass(frozen=True)
+class Finding:
+    """One failed check: the operation, the check, the answer's status and a summary."""
+
+    operation: str
+    check: str
+    status: int | None
+    summary: str
 
 
 async def _admin_key(settings: Settings) -> str:
@@ -64,9 +73,17 @@ async def _admin_key(settings: Settings) -> str:
 
 
 @pytest.fixture
+def database_url(postgres_url: str) -> str:
+    """PostgreSQL only: the database where NUL characters, long ids and 64-bit overflows
+    used to fail (``test_fuzz_inputs.py`` tries those on SQLite too); one run keeps the
+    CPU time of the fuzzing near 20 s."""
+    return postgres_url
+
+
+@pytest.fixture
 def fuzzed_api(settings: Settings) -> Iterator[schemathesis.schemas.BaseSchema]:
     """The app's OpenAPI document loaded by schemathesis, calls going to the app in-process
-    with a key holding every scope."""
+    (its lifespan run once) with a key holding every scope."""
     key = asyncio.run(_admin_key(settings))
     app = create_app(settings, run_worker=False)
     config = SchemathesisConfig.from_dict(
@@ -74,18 +91,6 @@ def fuzzed_api(settings: Settings) -> Iterator[schemathesis.schemas.BaseSchema]:
             "seed": SEED,
             "generation": {"max-examples": MAX_EXAMPLES, "database": "none"},
             "headers": {"Authorization": f"Bearer {key}"},
-            "operations": [
-                {
-                    "include-path": path,
-                    "include-method": "POST",
-                    "checks": _accepting(statuses),
-                    "phases": {
-                        phase: {"checks": _accepting(statuses)}
-                        for phase in ("examples", "coverage", "fuzzing", "stateful")
-                    },
-                }
-                for path, statuses in BEYOND_THE_SCHEMA.items()
-            ],
         }
     )
     schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=config)
@@ -95,57 +100,51 @@ def fuzzed_api(settings: Settings) -> Iterator[schemathesis.schemas.BaseSchema]:
         asgi.shutdown_lifespans()
 
 
-def run_schemathesis(schema: schemathesis.schemas.BaseSchema) -> list[str]:
-    """Run every phase of schemathesis over ``schema``; the failures, one line each."""
-    failures: list[str] = []
+def run_schemathesis(schema: schemathesis.schemas.BaseSchema) -> list[Finding]:
+    """Run every phase of schemathesis over ``schema``; what its checks found."""
+    found: list[Finding] = []
     for event in schemathesis.engine.from_schema(schema).execute():
         if isinstance(event, events.ScenarioFinished):
             for case_id, checks in event.recorder.checks.items():
                 for check in checks:
-                    if check.failure_info is not None:
-                        case = event.recorder.cases[case_id].value
-                        interaction = event.recorder.interactions.get(case_id)
-                        response = interaction.response if interaction else None
-                        answer = (
-                            f"{response.status_code} {response.headers.get('content-type')} "
-                            f"{(response.content or b'')[:200]!r}"
-                            if response is not None
-                            else "no response"
+                    if check.failure_info is None:
+                        continue
+                    case = event.recorder.cases[case_id].value
+                    interaction = event.recorder.interactions.get(case_id)
+                    response = interaction.response if interaction else None
+                    body = "" if case.body is NOT_SET else json.dumps(case.body, default=repr)
+                    answer = (
+                        f"{response.status_code} {response.headers.get('content-type')} "
+                        f"{(response.content or b'')[:200]!r}"
+                        if response is not None
+                        else "no response"
+                    )
+                    found.append(
+                        Finding(
+                            operation=f"{case.method} {case.operation.path}",
+                            check=check.name,
+                            status=response.status_code if response is not None else None,
+                            summary=(
+                                f"[{event.phase.name}] {check.failure_info.failure.title} | "
+                                f"{case.method} {case.formatted_path} {case.query or ''} "
+                                f"{body[:300]} -> {answer}"
+                            ),
                         )
-                        failures.append(
-                            f"{event.label} [{event.phase.name}] {check.name}: "
-                            f"{check.failure_info.failure.title} | {case.method} "
-                            f"{case.formatted_path} {case.query or ''} -> {answer}"
-                        )
-        elif isinstance(event, (events.NonFatalError, events.FatalError)):
-            failures.append(f"error: {event!r}")
-    return failures
+                    )
+        elif isinstance(event, events.NonFatalError | events.FatalError):
+            found.append(Finding("", "error", None, repr(event)))
+    return found
 
 
-#: Mismatches found and not fixed yet, by (operation, check), each with what is known.
-#: Anything else the run finds fails the test.
-KNOWN_MISMATCHES: dict[tuple[str, str], str] = {
-    ("POST /v1/webhooks/stripe", "positive_data_acceptance"): (
-        "a missing or wrong Stripe-Signature is 400 (docs/API.md), and a generated request "
-        "cannot be signed; the per-operation expected statuses of the config did not apply"
-    ),
-    ("POST /v1/events", "negative_data_rejection"): "not investigated yet",
-    ("POST /v1/ops/deliveries/replay", "negative_data_rejection"): "not investigated yet",
-}
-
-
-@pytest.fixture
-def database_url(postgres_url: str) -> str:
-    """PostgreSQL only: the database where NUL characters and 64-bit ids used to fail (the
-    SQLite half of the same answers is in the other tests); one run keeps the CPU time of
-    the fuzzing near 15 s."""
-    return postgres_url
+def _expected(finding: Finding) -> bool:
+    return finding.check == "positive_data_acceptance" and finding.status in BEYOND_THE_SCHEMA.get(
+        finding.operation, set()
+    )
 
 
 def test_openapi_fuzz(fuzzed_api: schemathesis.schemas.BaseSchema) -> None:
-    failures = [
-        line
-        for line in run_schemathesis(fuzzed_api)
-        if not any(line.startswith(op) and f"] {check}:" in line for op, check in KNOWN_MISMATCHES)
-    ]
-    assert not failures, "\n".join(sorted(set(failures)))
+    findings = run_schemathesis(fuzzed_api)
+    unexpected = sorted(
+        {f"{f.operation} {f.check}: {f.summary}" for f in findings if not _expected(f)}
+    )
+    assert not unexpected, "\n".join(unexpected)
