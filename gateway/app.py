@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import gateway
 from gateway.db.checkpoint import run_checkpoints
+from gateway.db.encryption import startup_problems
 from gateway.errors import (
     BadRequestError,
     GatewayError,
@@ -34,6 +35,7 @@ from gateway.errors import (
     problem_response,
 )
 from gateway.events.endpoints import router as events_router
+from gateway.fhir.audit_endpoints import router as audit_router
 from gateway.fhir.endpoints import router as fhir_router
 from gateway.hl7.endpoints import router as hl7_router
 from gateway.ingest.endpoints import router as ingest_router
@@ -55,6 +57,10 @@ from mappers import validation
 from mappers.errors import Problem
 
 log = get_logger(__name__)
+
+
+class UnsafeStartError(RuntimeError):
+    """``GATEWAY_ENV=production`` and secrets are not protected at rest: no start."""
 
 
 class GatewayGeneralError(GatewayError):
@@ -251,6 +257,12 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         rt = runtime or Runtime.create(settings)
+        refused = await startup_problems(settings, rt.engine)
+        if refused:
+            log.error("gateway.refused_to_start", problems=refused)
+            if runtime is None:
+                await rt.close()
+            raise UnsafeStartError("; ".join(refused))
         app.state.runtime = rt
         install_sighup_reload(rt)
         stop = asyncio.Event()
@@ -335,6 +347,7 @@ def create_app(
     app.include_router(subscribers_router)
     app.include_router(exceptions_router)
     app.include_router(profiles_router)  # before fhir_router: /fhir/Questionnaire/{id}
+    app.include_router(audit_router)  # before fhir_router: /fhir/AuditEvent is a search
     app.include_router(fhir_router)
     app.include_router(ops_deliveries_router)
     app.include_router(ops_targets_router)

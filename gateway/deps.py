@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Path, Query, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.clients.actor import Actor, set_actor
 from gateway.clients.service import Principal, scopes_granting
 from gateway.errors import ForbiddenError, UnauthorizedError
 from gateway.runtime import Runtime
@@ -23,10 +24,13 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     """One session per request, committed when the handler returns without error (before
     the response is sent: ``Depends(..., scope="function")``), rolled back otherwise.
 
-    This dependency is the only place a request commits; services flush at most.
+    This dependency is the only place a request commits; services flush at most. A read
+    commits too: the audit entries of what it read (:mod:`gateway.audit.service`) are
+    written before its response is sent; on SQLite, taking the process's write lock.
     """
     runtime: Runtime = request.app.state.runtime
-    factory = runtime.sessionmaker if request.method in ("GET", "HEAD") else runtime.write_session
+    reading = request.method in ("GET", "HEAD")
+    factory = runtime.sessionmaker if reading else runtime.write_session
     async with factory() as session:
         try:
             yield session
@@ -34,7 +38,11 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
             await session.rollback()
             raise
         else:
-            await session.commit()
+            if reading and runtime.write_lock is not None and session.new:
+                async with runtime.write_lock:
+                    await session.commit()
+            else:
+                await session.commit()
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
@@ -69,7 +77,8 @@ def _bearer(request: Request) -> str | None:
 def require_scope(*scopes: str) -> Callable[..., Coroutine[Any, Any, Principal]]:
     """A dependency that authenticates the caller and checks it holds one of ``scopes``.
 
-    Credentials: ``Authorization: Bearer <api key>`` or ``X-API-Key: <api key>``.
+    Credentials: ``Authorization: Bearer <api key>`` or ``X-API-Key: <api key>``. The
+    request then acts as that client for the audit trail (:mod:`gateway.clients.actor`).
 
     Raises:
         UnauthorizedError: 401 with ``WWW-Authenticate: Bearer``, no or unknown key.
@@ -90,6 +99,8 @@ def require_scope(*scopes: str) -> Callable[..., Coroutine[Any, Any, Principal]]
         if not any(principal.has(scope) for scope in scopes):
             raise ForbiddenError(f"this route needs the scope {' or '.join(scopes)}")
         request.state.principal = principal
+        peer = request.client.host if request.client is not None else None
+        set_actor(Actor("client", principal.name, principal.client_id, peer))
         return principal
 
     dependency.__name__ = "require_" + "_or_".join(s.replace(":", "_") for s in scopes)

@@ -11,8 +11,9 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.db.models import ApiClient
@@ -29,6 +30,7 @@ SCOPES = {
     "profiles:write": "preview and reload profiles",
     "ops:read": "read deliveries, targets, exceptions",
     "ops:admin": "replay deliveries, resolve exceptions, manage subscribers",
+    "audit:read": "search the audit trail (GET /fhir/AuditEvent)",
 }
 
 _IMPLIED = {"ops:admin": {"ops:read"}}
@@ -121,6 +123,22 @@ async def authenticate(session: AsyncSession, *, key: str) -> Principal | None:
         name=row.name,
         scopes=frozenset(row.scopes),
         event_sources=frozenset(row.event_sources) if row.event_sources is not None else None,
+    )
+
+
+async def touch_client(
+    session: AsyncSession, *, client_id: int, now: datetime, every: timedelta
+) -> None:
+    """Set the client's ``last_used_at`` to ``now`` unless it is already within ``every``
+    of it (a write that changes no row when another process just did it)."""
+    await session.execute(
+        update(ApiClient)
+        .where(
+            ApiClient.id == client_id,
+            or_(ApiClient.last_used_at.is_(None), ApiClient.last_used_at < now - every),
+        )
+        .values(last_used_at=now)
+        .execution_options(synchronize_session=False)
     )
 
 

@@ -27,10 +27,12 @@ from fastapi import APIRouter, BackgroundTasks, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.audit import service as audit
 from gateway.clients.service import Principal
 from gateway.db.models import (
-    AuditEntry,
+    Case,
     ExceptionRecord,
     ExceptionStatus,
     InboundMessage,
@@ -208,14 +210,13 @@ async def get_exception_payload(
             payload, content_type = message.body, message.content_type
     if payload is None:
         raise NotFoundError("no payload is kept for this exception")
-    session.add(
-        AuditEntry(
-            actor=principal.name,
-            action="read",
-            entity_type="ExceptionPayload",
-            entity_id=str(row.id),
-            detail=None,
-        )
+    audit.record(
+        session,
+        action="read",
+        entity_type="ExceptionPayload",
+        entity_id=str(row.id),
+        patient_id=await _patient_of(session, row),
+        detail={"message_id": row.inbound_message_id} if row.inbound_message_id else None,
     )
     return Response(
         payload,
@@ -244,6 +245,13 @@ def payload_media_type(payload: bytes, declared: str | None) -> str:
     return "application/octet-stream"
 
 
+async def _patient_of(session: AsyncSession, row: ExceptionRecord) -> str | None:
+    """The Patient an exception is about, when its case is known (for the audit trail)."""
+    if row.case_id is None:
+        return None
+    return await session.scalar(select(Case.patient_id).where(Case.id == row.case_id))
+
+
 @router.post(
     "/exceptions/{exception_id}/resolve",
     response_model=ExceptionOut,
@@ -266,14 +274,12 @@ async def resolve_exception(
     row.resolved_at = utcnow()
     row.resolved_by = principal.name
     row.note = body.note if body else None
-    session.add(
-        AuditEntry(
-            actor=principal.name,
-            action="resolve",
-            entity_type="Exception",
-            entity_id=str(row.id),
-            detail=None,
-        )
+    audit.record(
+        session,
+        action="resolve",
+        entity_type="Exception",
+        entity_id=str(row.id),
+        patient_id=await _patient_of(session, row),
     )
     await session.flush()
     channels = await _channels(session, [row])
@@ -349,13 +355,12 @@ async def retry_exception(
         body["ack_code"] = reply.code
         body["message_id"] = reply.message_id
         background.add_task(apply_after_response, request, runtime, reply)
-    session.add(
-        AuditEntry(
-            actor=principal.name,
-            action="retry",
-            entity_type="Exception",
-            entity_id=str(row.id),
-            detail={"message_id": body.get("message_id")},
-        )
+    audit.record(
+        session,
+        action="retry",
+        entity_type="Exception",
+        entity_id=str(row.id),
+        patient_id=await _patient_of(session, row),
+        detail={"message_id": body.get("message_id")},
     )
     return JSONResponse(body, status_code=202)

@@ -13,8 +13,9 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 from sqlalchemy import select
 
+from gateway.audit import service as audit
 from gateway.clients.service import Principal
-from gateway.db.models import AuditEntry, Subscriber
+from gateway.db.models import Subscriber
 from gateway.deps import RowIdPath, SessionDep, require_scope
 from gateway.errors import ConflictError, NotFoundError
 from gateway.subscribers.service import WEBHOOK_TYPES, new_secret
@@ -147,14 +148,12 @@ async def create_subscriber(
     )
     session.add(row)
     await session.flush()
-    session.add(
-        AuditEntry(
-            actor=principal.name,
-            action="create",
-            entity_type="Subscriber",
-            entity_id=str(row.id),
-            detail={"name": row.name, "event_types": row.event_types},
-        )
+    audit.record(
+        session,
+        action="create",
+        entity_type="Subscriber",
+        entity_id=str(row.id),
+        detail={"name": row.name, "event_types": ",".join(row.event_types)},
     )
     out = _out(row).model_dump(mode="json")
     return JSONResponse({**out, "secret": secret}, status_code=201)
@@ -187,13 +186,5 @@ async def deactivate_subscriber(
     if row is None:
         raise NotFoundError("no such subscriber")
     row.active = False
-    session.add(
-        AuditEntry(
-            actor=principal.name,
-            action="deactivate",
-            entity_type="Subscriber",
-            entity_id=str(row.id),
-            detail=None,
-        )
-    )
+    audit.record(session, action="deactivate", entity_type="Subscriber", entity_id=str(row.id))
     return Response(status_code=204)

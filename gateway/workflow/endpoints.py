@@ -6,11 +6,12 @@ from collections import defaultdict
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel
 from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.audit import service as audit
 from gateway.clients.service import Principal
 from gateway.db.models import Case, CaseEvent
 from gateway.deps import MAX_ROW_ID, RuntimeDep, SessionDep, require_scope
@@ -143,6 +144,9 @@ async def get_case(
     case = await session.get(Case, case_id)
     if case is None:
         raise NotFoundError("no such case")
+    audit.record(
+        session, action="read", entity_type="Case", entity_id=case.id, patient_id=case.patient_id
+    )
     return (await _cases_out(session, [case], runtime.clock.now()))[0]
 
 
@@ -153,6 +157,7 @@ async def get_case(
     responses={401: {}, 403: {}},
 )
 async def list_cases(
+    request: Request,
     session: SessionDep,
     runtime: RuntimeDep,
     _principal: Annotated[Principal, Depends(require_scope("cases:read"))],
@@ -197,4 +202,11 @@ async def list_cases(
     elif overdue is False:
         stmt = stmt.where(or_(Case.sla_due_at.is_(None), Case.sla_due_at > now))
     cases = list((await session.scalars(stmt)).all())
+    audit.record_patients(
+        session,
+        action="search",
+        entity_type="Case",
+        hits=[(c.id, c.patient_id) for c in cases],
+        query=f"cases?{request.url.query}",
+    )
     return await _cases_out(session, cases, now)
