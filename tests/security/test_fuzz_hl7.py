@@ -102,9 +102,11 @@ async def _exchange(port: int, raw: bytes) -> bytes:
 
 
 def _msa1(ack: bytes) -> str:
-    for segment in ack.strip(SB + EB + CR).split(CR):
-        if segment.startswith(b"MSA|"):
-            return segment.split(b"|")[1].decode()
+    text = ack.strip(SB + EB + CR)
+    separator = text[3:4]  # MSH-1: the ACK answers in the message's own delimiters
+    for segment in text.split(CR):
+        if segment.startswith(b"MSA" + separator):
+            return segment.split(separator)[1].decode()
     raise AssertionError(f"no MSA segment in {ack!r}")
 
 
