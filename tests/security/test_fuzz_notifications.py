@@ -18,6 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway.db.models import ExceptionRecord
+from gateway.runtime import Runtime
+from tests.support.api import rows
 from tests.support.events_env import (
     BEACON_ENV,
     BEACON_SECRET,
@@ -27,6 +30,7 @@ from tests.support.events_env import (
     PHARMACY_SECRET,
     TARGET,
     events_profiles,
+    standard_webhook_headers,
 )
 from tests.support.notifications import bundle, task
 
@@ -127,3 +131,24 @@ async def test_the_notification_the_fuzzing_starts_from_is_accepted(
     )
     r = await client.post(URL, content=json.dumps(doc).encode(), headers=AUTH)
     assert r.status_code in (200, 202), r.text
+
+
+async def test_signed_channels_refuse_huge_integers_and_nul_with_422_and_keep_the_payload(
+    client: httpx.AsyncClient, runtime: Runtime
+) -> None:
+    # after the signature or secret check, the same decoding as every JSON route
+    huge = b'{"id": "evt-1", "amount": 1' + b"0" * 5000 + b"}"
+    nul = json.dumps({"id": "evt-2", "data": {"patient": "a\u0000b"}}).encode()
+    sent: list[bytes] = []
+    for raw in (huge, nul):
+        r = await client.post(
+            "/v1/partners/sunrise-pharmacy/webhooks",
+            content=raw,
+            headers=standard_webhook_headers(raw),
+        )
+        assert r.status_code == 422, r.text
+        r = await client.post(URL, content=raw, headers=AUTH)
+        assert r.status_code == 422, r.text
+        sent += [raw, raw]
+    kept = sorted(record.payload or b"" for record in await rows(runtime, ExceptionRecord))
+    assert kept == sorted(sent)
