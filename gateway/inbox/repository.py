@@ -48,11 +48,12 @@ def new_message(
     return InboundMessage(
         id=str(uuid.uuid4()),
         channel=channel,
-        sender=sender,
+        sender=sender[:128] if sender else sender,
         external_id=external_id,
         dedupe_key=dedupe_key(channel, sender, external_id),
         content_hash=content_hash(body),
-        content_type=content_type,
+        # the sender's declared type, kept for review: cut to the column (128)
+        content_type=content_type[:128] if content_type else content_type,
         body=body,
         status=status,
         received_at=utcnow(),
@@ -74,11 +75,12 @@ def new_exception(
     return ExceptionRecord(
         kind=kind,
         channel=channel,
-        sender=sender,
+        sender=sender[:128] if sender else sender,
         inbound_message_id=message_id,
         case_id=case_id,
         payload=payload,
-        content_type=content_type,
+        # the sender's declared type, kept for review: cut to the column (128)
+        content_type=content_type[:128] if content_type else content_type,
         problems=[p.as_dict() for p in problems],
     )
 

@@ -27,6 +27,10 @@ router = APIRouter(prefix="/v1/ops", tags=["ops"])
 _TYPES = {*WEBHOOK_TYPES, "case.*", "*"}
 
 
+#: An absolute http(s) URL of printable ASCII.
+URL_PATTERN = r"^https?://[!-.0-~]+(/[!-~]*)?$"
+
+
 class SubscriberIn(BaseModel):
     """A new subscriber. ``secret`` (``whsec_`` + base64 of 24 to 64 bytes) is generated
     when not given; ``event_types`` are ``case.opened``, ``case.state_changed``,
@@ -37,7 +41,9 @@ class SubscriberIn(BaseModel):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", examples=["crm"])
     url: str = Field(
         max_length=2000,
-        pattern=r"^https?://[^/\s\x00]+(/[^\s\x00]*)?$",
+        # an RFC 3986 URI is ASCII (an IDN host in its xn-- form); the same class of
+        # characters in Python and in the ECMA-262 regexes of JSON Schema
+        pattern=URL_PATTERN,
         examples=["https://crm.example.com/hooks/fhir-gateway"],
     )
     event_types: list[str] = Field(
@@ -45,13 +51,23 @@ class SubscriberIn(BaseModel):
         examples=[["case.state_changed"]],
         json_schema_extra={"items": {"type": "string", "enum": list[JsonValue](sorted(_TYPES))}},
     )
-    secret: str | None = Field(default=None, max_length=200)
+    secret: str | None = Field(
+        default=None,
+        max_length=200,
+        # documented: whsec_ + base64 of 24 to 64 bytes (checked by the validator below)
+        json_schema_extra={
+            "pattern": (
+                r"^whsec_(?:(?:[A-Za-z0-9+/]{4}){8,20}(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?"
+                r"|(?:[A-Za-z0-9+/]{4}){21}(?:[A-Za-z0-9+/]{2}==)?)$"
+            )
+        },
+    )
     retry: RetryPolicy | None = None
 
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s\x00]+(/[^\s\x00]*)?$", value):
+        if not re.match(URL_PATTERN, value):
             raise ValueError("must be an absolute http(s) URL")
         return value
 
