@@ -108,6 +108,35 @@ class Settings(BaseSettings):
         default=timedelta(seconds=60),
         description="How long a half-received MLLP frame may stall before the connection is closed.",
     )
+    mllp_idle_timeout: timedelta = Field(
+        default=timedelta(minutes=5),
+        description="How long an MLLP connection may stay idle between messages before it is "
+        "closed.",
+    )
+    mllp_max_connections: int = Field(
+        default=256, ge=1, description="MLLP connections open at once; more are closed on accept."
+    )
+    mllp_max_connections_per_peer: int = Field(
+        default=16, ge=1, description="MLLP connections open at once from one IP address."
+    )
+    mllp_tls_cert_file: Path | None = Field(
+        default=None,
+        description="MLLP over TLS: the listener's certificate chain (PEM). With the key and "
+        "the client CA, every connection must present a client certificate (mutual TLS).",
+    )
+    mllp_tls_key_file: Path | None = Field(
+        default=None, description="MLLP over TLS: the listener's private key (PEM)."
+    )
+    mllp_tls_client_ca_file: Path | None = Field(
+        default=None,
+        description="MLLP over TLS: the CA certificates (PEM) that issue partners' client "
+        "certificates; partner profiles map each certificate (hl7.certificates).",
+    )
+    mllp_allow_plaintext: bool = Field(
+        default=False,
+        description="Let `fhir-gateway mllp` listen without TLS (loopback and development "
+        "only): any peer may then send as a partner whose `peers` allow its address.",
+    )
     worker_poll_interval: timedelta = Field(default=timedelta(milliseconds=500))
     worker_batch_size: int = 20
     worker_lease: timedelta = Field(
@@ -136,6 +165,7 @@ class Settings(BaseSettings):
     @field_validator(
         "stripe_tolerance",
         "mllp_read_timeout",
+        "mllp_idle_timeout",
         "worker_poll_interval",
         "worker_lease",
         "jwks_max_age",

@@ -126,6 +126,7 @@ def record_reached(runtime: Runtime) -> OnReached:
                 occurred_at=r.at,
                 patient_id=r.patient_id,
                 message_id=r.message_id,
+                principal="gateway",
             )
             for r in reached
         ]

@@ -190,7 +190,11 @@ def make_api_key(runtime: Runtime) -> ApiKeyFactory:
     """``await make_api_key("intake:write", ...)`` -> a new API key with those scopes."""
 
     async def make(
-        *scopes: str, name: str | None = None, event_sources: list[str] | None = None
+        *scopes: str,
+        name: str | None = None,
+        event_sources: list[str] | None = None,
+        partners: list[str] | None = None,
+        programs: list[str] | None = None,
     ) -> str:
         async with runtime.sessionmaker() as session:
             _, key = await create_client(
@@ -198,6 +202,8 @@ def make_api_key(runtime: Runtime) -> ApiKeyFactory:
                 name=name or f"test-{uuid.uuid4().hex[:8]}",
                 scopes=list(scopes),
                 event_sources=event_sources,
+                partners=partners,
+                programs=programs,
             )
             await session.commit()
         return key

@@ -46,6 +46,25 @@ class Principal:
     name: str
     scopes: frozenset[str]
     event_sources: frozenset[str] | None = None
+    partners: frozenset[str] | None = None
+    programs: frozenset[str] | None = None
+
+    @property
+    def label(self) -> str:
+        """How the caller is recorded as a message's or event's principal:
+        ``client:<name>``."""
+        return f"client:{self.name}"
+
+    def may_send_as_partner(self, partner: str) -> bool:
+        """True if the caller may send HL7 v2 messages as partner profile ``partner``; a
+        client created without ``--partner`` may send as any."""
+        return self.partners is None or partner in self.partners
+
+    def sees_program(self, program: str | None) -> bool:
+        """True if the caller may see data of ``program`` (None: data of no program, which
+        a limited client does not see); a client created without ``--program`` sees
+        all."""
+        return self.programs is None or (program is not None and program in self.programs)
 
     def may_send_as(self, source: str) -> bool:
         """True if the caller may send clinical events as ``source`` (a sender of the
@@ -71,12 +90,18 @@ async def create_client(
     name: str,
     scopes: list[str],
     event_sources: list[str] | None = None,
+    partners: list[str] | None = None,
+    programs: list[str] | None = None,
 ) -> tuple[ApiClient, str]:
     """Create a client and return it with its new key (shown once, never stored).
 
     Args:
         event_sources: the senders (``ehr``, ``pharmacy``...) this client may send
             clinical events as on ``POST /v1/events``; None: any.
+        partners: the partner profiles (names) this client may send HL7 v2 messages as
+            on ``POST /v1/hl7v2`` (MSH-4 and MSH-3 must be theirs); None: any.
+        programs: the programs whose cases, resources and messages this client sees;
+            None: all.
 
     Raises:
         UnknownScopeError: a scope is not in :data:`SCOPES`.
@@ -94,6 +119,8 @@ async def create_client(
         key_hash=hash_key(key),
         scopes=sorted(set(scopes)),
         event_sources=sorted(set(event_sources)) if event_sources is not None else None,
+        partners=sorted(set(partners)) if partners is not None else None,
+        programs=sorted(set(programs)) if programs is not None else None,
     )
     session.add(client)
     await session.flush()
@@ -115,6 +142,8 @@ async def authenticate(session: AsyncSession, *, key: str) -> Principal | None:
         name=row.name,
         scopes=frozenset(row.scopes),
         event_sources=frozenset(row.event_sources) if row.event_sources is not None else None,
+        partners=frozenset(row.partners) if row.partners is not None else None,
+        programs=frozenset(row.programs) if row.programs is not None else None,
     )
 
 

@@ -42,9 +42,14 @@ def new_message(
     body: bytes,
     content_type: str,
     status: MessageStatus = MessageStatus.RECEIVED,
+    principal: str | None = None,
 ) -> InboundMessage:
     """A new inbox row (not yet added to a session), received now: ``received_at`` is set
-    here, not at flush, because the outbox rows written with it copy it."""
+    here, not at flush, because the outbox rows written with it copy it.
+
+    ``principal`` is who authenticated the message (``client:<name>``,
+    ``cert:<CN>:sha256:<hex>``, ``signature:<partner>``...); each event of the message
+    carries it into the case history."""
     return InboundMessage(
         id=str(uuid.uuid4()),
         channel=channel,
@@ -56,6 +61,7 @@ def new_message(
         body=body,
         status=status,
         received_at=utcnow(),
+        principal=principal,
     )
 
 

@@ -100,7 +100,12 @@ async def receive_stripe_event(
     event_id = str(event.get("id") or "")
     event_type = str(event.get("type") or "")
     message = inbox.new_message(
-        channel=CHANNEL, sender=CHANNEL, external_id=event_id, body=raw, content_type=content_type
+        channel=CHANNEL,
+        sender=CHANNEL,
+        external_id=event_id,
+        body=raw,
+        content_type=content_type,
+        principal="signature:stripe",
     )
     answer: dict[str, Any] = {"received": True, "message_id": message.id, "event_type": event_type}
     if event_type not in STRIPE_CHECKOUT_EVENTS:

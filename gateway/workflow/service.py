@@ -69,7 +69,8 @@ class EventInput:
     """One clinical event, already parsed and matched to a patient.
 
     ``source`` is the sender's role (ownership matrix); ``sender`` the specific sender
-    (defaults to ``source``); ``channel`` where it came in.
+    (defaults to ``source``); ``channel`` where it came in; ``principal`` who
+    authenticated it (recorded in the case history).
     """
 
     source: str
@@ -84,6 +85,7 @@ class EventInput:
     sender: str | None = None
     channel: str = "events"
     reference: str | None = None
+    principal: str | None = None
 
     @property
     def sender_name(self) -> str:
@@ -515,6 +517,7 @@ def _history(
         to_state=to_state,
         outcome=outcome,
         note=note,
+        principal=event.principal,
     )
     session.add(row)
     return row
