@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.egress import EgressPolicy
+
 
 def _bundled_profiles_dir() -> Path:
     """``<repo>/profiles`` of a source checkout (editable install), else ``./profiles``
@@ -137,6 +139,17 @@ class Settings(BaseSettings):
         description="Let `fhir-gateway mllp` listen without TLS (loopback and development "
         "only): any peer may then send as a partner whose `peers` allow its address.",
     )
+    egress_allow_loopback: bool = Field(
+        default=False,
+        description="Allow outbound requests (EHRs, token endpoints, subscribers) to loopback "
+        "addresses, and http to a loopback host: development and tests only.",
+    )
+    egress_allowlist: list[str] = Field(
+        default_factory=list,
+        description="Networks (CIDR) and host names outbound requests may reach although they "
+        'are private, link-local or reserved, e.g. ["10.20.0.0/16", "ehr.internal"] '
+        "(a JSON list in the environment).",
+    )
     worker_poll_interval: timedelta = Field(default=timedelta(milliseconds=500))
     worker_batch_size: int = 20
     worker_lease: timedelta = Field(
@@ -190,6 +203,18 @@ class Settings(BaseSettings):
         if not re.match(r"^(https?://[^/\s]+|urn:[a-z0-9][a-z0-9-]*:\S+)", value, re.IGNORECASE):
             raise ValueError("must be an absolute http(s) URL or a urn: URI")
         return value.rstrip("/")
+
+    @field_validator("egress_allowlist")
+    @classmethod
+    def _egress_entries(cls, value: list[str]) -> list[str]:
+        EgressPolicy.from_allowlist(value, allow_loopback=False)  # raises on a bad entry
+        return value
+
+    def egress_policy(self) -> EgressPolicy:
+        """The egress policy of these settings (:mod:`gateway.egress`)."""
+        return EgressPolicy.from_allowlist(
+            self.egress_allowlist, allow_loopback=self.egress_allow_loopback
+        )
 
     @property
     def is_sqlite(self) -> bool:

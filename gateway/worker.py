@@ -32,6 +32,7 @@ from gateway.delivery.recording import OnReached
 from gateway.delivery.sender import Reached, Sender
 from gateway.delivery.webhooks import WebhookSender
 from gateway.delivery.worker import DeliveryWorker
+from gateway.egress import egress_transport
 from gateway.ehr.client import TokenProvider
 from gateway.ehr.factory import EhrClients
 from gateway.events.apply import EventApplier
@@ -73,7 +74,7 @@ def ehr_clients(
             profiles_root=root,
             cipher=cipher,
             secret_env_file=runtime.settings.secret_env_file,
-            transport=token_transport,
+            transport=token_transport or egress_transport(runtime.egress),
             clock=clock,
         )
 
@@ -83,6 +84,7 @@ def ehr_clients(
         http=http,
         max_connections=max(10, concurrency * 2),
         clock=clock,
+        transport=lambda limits: egress_transport(runtime.egress, limits=limits),
     )
 
 
@@ -104,7 +106,12 @@ def default_senders(
             provenance_tag_system=runtime.systems.provenance,
             clock=clock,
         ),
-        "webhook": WebhookSender(sessions=runtime.sessionmaker, http=http, clock=clock),
+        "webhook": WebhookSender(
+            sessions=runtime.sessionmaker,
+            http=http,
+            clock=clock,
+            transport=egress_transport(runtime.egress) if http is None else None,
+        ),
     }
 
 

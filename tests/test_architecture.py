@@ -147,6 +147,7 @@ LAYER_MODULES = {
         "logging",
         "metrics",
         "clock",
+        "egress",
     )
 }
 
