@@ -33,6 +33,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -240,14 +241,21 @@ class EgressTransport(httpx.AsyncHTTPTransport):
 
     httpx takes no network backend, so the connection pool it built is replaced by an
     equal one (same TLS context, limits and keep-alive) on the guarded backend; the
-    request and error translation stay httpx's.
+    request and error translation stay httpx's. ``ssl_context``: certificate verification
+    (httpx's default: the certifi CAs), e.g. a private CA's.
     """
 
-    def __init__(self, policy: EgressPolicy, *, limits: httpx.Limits | None = None) -> None:
+    def __init__(
+        self,
+        policy: EgressPolicy,
+        *,
+        limits: httpx.Limits | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         limits = limits or httpx.Limits(max_connections=100, max_keepalive_connections=20)
         super().__init__(limits=limits, trust_env=False)
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=False),
+            ssl_context=ssl_context or httpx.create_ssl_context(trust_env=False),
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
@@ -258,8 +266,11 @@ class EgressTransport(httpx.AsyncHTTPTransport):
 
 
 def egress_transport(
-    policy: EgressPolicy, *, limits: httpx.Limits | None = None
+    policy: EgressPolicy,
+    *,
+    limits: httpx.Limits | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> EgressTransport:
     """The transport every outbound client of the gateway uses (EHR FHIR requests, token
     requests, ops webhooks)."""
-    return EgressTransport(policy, limits=limits)
+    return EgressTransport(policy, limits=limits, ssl_context=ssl_context)
