@@ -12,6 +12,7 @@ other types are recorded as ``ignored``; a checkout event that does not map is s
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -37,10 +38,23 @@ STRIPE_CHECKOUT_EVENTS = frozenset(
 )
 
 
+def _timestamp(header: str) -> int:
+    """``t`` of a ``Stripe-Signature`` header that verified (so it has one)."""
+    for item in header.split(","):
+        key, _, value = item.strip().partition("=")
+        if key == "t":
+            return int(value)
+    raise stripe.SignatureVerificationError("no timestamp", header)
+
+
 def verify_stripe_signature(
     raw: bytes, header: str | None, *, secret: str, tolerance: timedelta
 ) -> None:
-    """Check ``Stripe-Signature`` over the exact body.
+    """Check ``Stripe-Signature`` over the exact body, and its timestamp (``t=``, Unix
+    seconds) within ``tolerance`` of now in both directions: Stripe's library
+    (``stripe.WebhookSignature.verify_header``) refuses only timestamps older than the
+    tolerance; one further ahead than the tolerance (a signature made for later, or a
+    clock far off) is refused here.
 
     Raises:
         BadRequestError: the header is missing (``missing_signature``), no ``v1``
@@ -62,6 +76,10 @@ def verify_stripe_signature(
         stripe.WebhookSignature.verify_header(
             raw, header, secret, tolerance=int(tolerance.total_seconds())
         )
+        if _timestamp(header) > time.time() + tolerance.total_seconds():
+            raise stripe.SignatureVerificationError(
+                "timestamp in the future beyond the tolerance", header
+            )
     except stripe.SignatureVerificationError as exc:
         log.info("stripe.bad_signature")
         raise BadRequestError(
