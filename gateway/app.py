@@ -14,10 +14,11 @@ import gc
 import json
 from collections.abc import AsyncIterator
 from http import HTTPStatus
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
@@ -25,7 +26,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import gateway
+from gateway.clients.service import Principal
 from gateway.db.checkpoint import run_checkpoints
+from gateway.deps import authenticated
 from gateway.errors import (
     GatewayError,
     NotFoundError,
@@ -245,8 +248,14 @@ def create_app(
             "problem details; `/fhir` errors are OperationOutcomes."
         ),
         lifespan=lifespan,
+        # GATEWAY_DOCS: public (FastAPI's routes), authenticated (below), off (none)
+        docs_url="/docs" if settings.docs == "public" else None,
+        redoc_url="/redoc" if settings.docs == "public" else None,
+        openapi_url="/openapi.json" if settings.docs == "public" else None,
     )
     app.state.worker = None
+    if settings.docs == "authenticated":
+        add_authenticated_docs(app)
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
@@ -330,6 +339,25 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def add_authenticated_docs(app: FastAPI) -> None:
+    """``/openapi.json``, ``/docs`` and ``/redoc`` behind any valid API key
+    (``GATEWAY_DOCS=authenticated``; 401 without one). A browser's Swagger UI cannot send
+    the key when it fetches the document: read it with a client that can
+    (``curl -H "Authorization: Bearer ..."``)."""
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_document(_principal: Annotated[Principal, Depends(authenticated)]) -> Any:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger(_principal: Annotated[Principal, Depends(authenticated)]) -> Any:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(_principal: Annotated[Principal, Depends(authenticated)]) -> Any:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
 
 
 #: RFC 9457 problem details with the gateway's ``errors`` extension (:func:`problem_body`).

@@ -156,6 +156,16 @@ class Settings(BaseSettings):
         default=timedelta(seconds=60),
         description="How long a claimed delivery stays locked before another worker may retry it.",
     )
+    metrics_auth: bool = Field(
+        default=False,
+        description="`GET /metrics` needs an API key with ops:read (else it is open: bind "
+        "the API to a private address or keep /metrics off the public proxy).",
+    )
+    docs: Literal["public", "authenticated", "off"] = Field(
+        default="public",
+        description="`/docs`, `/redoc` and `/openapi.json`: open, behind any valid API key, "
+        "or not served.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool = True
     secret_env_file: Path | None = Field(

@@ -49,7 +49,7 @@ def clients_create(
     ] = None,
 ) -> None:
     """Create an API client and print its key once (only a hash is stored)."""
-    from gateway.clients.service import UnknownScopeError, create_client
+    from gateway.clients.service import ClientLimitError, UnknownScopeError, create_client
 
     scopes = _words(scope)
     sources = _words(event_source) if event_source else None
@@ -71,7 +71,7 @@ def clients_create(
 
     try:
         key = run_on_database(work)
-    except UnknownScopeError as exc:
+    except (UnknownScopeError, ClientLimitError) as exc:
         raise fail(str(exc)) from exc
     except IntegrityError as exc:
         raise fail(f"a client named {name!r} already exists") from exc

@@ -34,8 +34,17 @@ SCOPES = {
 _IMPLIED = {"ops:admin": {"ops:read"}}
 
 
+#: Scopes whose routes show every program's data (exceptions with their payloads,
+#: deliveries): a client limited to programs may not hold them.
+UNSCOPED_SCOPES = frozenset({"ops:read", "ops:admin"})
+
+
 class UnknownScopeError(ValueError):
     """A scope that no route checks."""
+
+
+class ClientLimitError(ValueError):
+    """A client limited to programs asked for a scope whose routes see every program."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +82,11 @@ class Principal:
         return self.event_sources is None or source in self.event_sources
 
     def has(self, scope: str) -> bool:
-        """True if the caller holds ``scope`` (directly or implied)."""
+        """True if the caller holds ``scope`` (directly or implied); a client limited to
+        programs never holds one of :data:`UNSCOPED_SCOPES` (creation refuses it; a row
+        changed by hand does not get it either)."""
+        if self.programs is not None and scope in UNSCOPED_SCOPES:
+            return False
         if scope in self.scopes:
             return True
         return any(scope in _IMPLIED.get(s, ()) for s in self.scopes)
@@ -105,11 +118,17 @@ async def create_client(
 
     Raises:
         UnknownScopeError: a scope is not in :data:`SCOPES`.
+        ClientLimitError: ``programs`` with a scope of :data:`UNSCOPED_SCOPES`.
     """
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown:
         raise UnknownScopeError(
             f"unknown scope(s): {', '.join(unknown)}; known: {', '.join(SCOPES)}"
+        )
+    if programs is not None and set(scopes) & UNSCOPED_SCOPES:
+        raise ClientLimitError(
+            f"a client limited to programs cannot hold {', '.join(sorted(UNSCOPED_SCOPES))}: "
+            "those routes show every program's data"
         )
     key_id = secrets.token_hex(6)
     key = f"fgw_{key_id}_{secrets.token_urlsafe(32)}"
