@@ -172,12 +172,41 @@ class Settings(BaseSettings):
         default=None,
         description="Optional dotenv file with target secrets (client_secret_env variables).",
     )
+    env: Literal["development", "production"] = Field(
+        default="development",
+        description=(
+            "GATEWAY_ENV. production: start-up refuses a missing key encryption key, "
+            "secrets stored in plaintext, and secret files (database, .env, secret env "
+            "file) that group or others may read."
+        ),
+    )
     key_encryption_key: SecretStr | None = Field(
         default=None,
         description=(
-            "Fernet key that encrypts the gateway's stored private signing keys "
-            "(SMART private_key_jwt); without it they are stored as PEM."
+            "Key encryption key (32 bytes, base64url; `fhir-gateway keys encryption-key`): "
+            "envelope-encrypts stored EHR access tokens, subscriber secrets and private "
+            "signing keys (AES-256-GCM). Without it they are stored in plaintext "
+            "(development only)."
         ),
+    )
+    key_encryption_key_previous: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Earlier key encryption keys, comma-separated, still accepted for reading "
+            "during a rotation until `fhir-gateway keys rotate-kek` has re-encrypted "
+            "everything under the current one."
+        ),
+    )
+    audit_retention: timedelta = Field(
+        default=timedelta(days=6 * 366),
+        description=(
+            "How long audit entries are kept; `fhir-gateway audit purge` (and the worker, "
+            "hourly) deletes older ones, keeping the hash chain verifiable."
+        ),
+    )
+    audit_seal_interval: timedelta = Field(
+        default=timedelta(seconds=1),
+        description="How often the worker chains new audit entries into the hash chain.",
     )
     jwks_max_age: timedelta = Field(
         default=timedelta(minutes=5),
@@ -192,6 +221,8 @@ class Settings(BaseSettings):
         "worker_poll_interval",
         "worker_lease",
         "jwks_max_age",
+        "audit_retention",
+        "audit_seal_interval",
         mode="before",
     )
     @classmethod

@@ -11,7 +11,10 @@ concurrency:
   notification, a retry), ``inbox_concurrency`` prepared at once; it reads id-only focus
   resources with the same EHR clients as the deliveries (shared tokens, rate limits);
 * ``workflow-timers`` (:class:`~gateway.workflow.timers.WorkflowTimers`): held events
-  whose reorder window closed, SLA flags.
+  whose reorder window closed, SLA flags;
+* ``audit-seal`` (:class:`~gateway.audit.chain.Sealer`): chains new audit entries into the
+  hash chain every ``GATEWAY_AUDIT_SEAL_INTERVAL``, and hourly deletes those past
+  ``GATEWAY_AUDIT_RETENTION``.
 
 Changes of cases, whoever makes them, go to the subscribers' outbox
 (:func:`gateway.subscribers.service.enqueue_case_webhook`): that is wired here and in the
@@ -26,6 +29,7 @@ from collections.abc import Mapping, Sequence
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.audit.chain import Sealer
 from gateway.clock import Clock
 from gateway.delivery.ehr_sender import EhrSender
 from gateway.delivery.recording import OnReached
@@ -227,11 +231,15 @@ def build_worker(
         notify=enqueue_case_webhook,
         clock=clock,
     )
+    sealer = Sealer(
+        sessions=runtime.write_session, retention=runtime.settings.audit_retention, now=clock.now
+    )
     return Worker(
         [
             deliveries,
             PollingLoop("inbox", applier.step, poll=poll),
             PollingLoop("workflow-timers", timers.step, poll=poll),
+            PollingLoop("audit-seal", sealer.step, poll=runtime.settings.audit_seal_interval),
         ],
         name=name,
     )

@@ -49,6 +49,7 @@ def clients_create(
     ] = None,
 ) -> None:
     """Create an API client and print its key once (only a hash is stored)."""
+    from gateway.audit import service as audit
     from gateway.clients.service import ClientLimitError, UnknownScopeError, create_client
 
     scopes = _words(scope)
@@ -58,13 +59,20 @@ def clients_create(
 
     async def work(db: Database) -> str:
         async with db.session() as session:
-            _, key = await create_client(
+            client, key = await create_client(
                 session,
                 name=name,
                 scopes=scopes,
                 event_sources=sources,
                 partners=partners,
                 programs=programs,
+            )
+            audit.record(
+                session,
+                action="create",
+                entity_type="ApiClient",
+                entity_id=str(client.id),
+                detail={"name": name, "scopes": " ".join(sorted(set(scopes)))},
             )
             await session.commit()
             return key
@@ -124,11 +132,14 @@ def clients_list() -> None:
 @app.command("revoke")
 def clients_revoke(name: Annotated[str, typer.Argument()]) -> None:
     """Revoke a client's key."""
+    from gateway.audit import service as audit
     from gateway.clients.service import revoke_client
 
     async def work(db: Database) -> bool:
         async with db.session() as session:
             ok = await revoke_client(session, name=name)
+            if ok:
+                audit.record(session, action="revoke", entity_type="ApiClient", entity_id=name)
             await session.commit()
             return ok
 

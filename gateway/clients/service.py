@@ -11,8 +11,9 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.db.models import ApiClient
@@ -29,6 +30,7 @@ SCOPES = {
     "profiles:write": "preview and reload profiles",
     "ops:read": "read deliveries, targets, exceptions",
     "ops:admin": "replay deliveries, resolve exceptions, manage subscribers",
+    "audit:read": "search the audit trail (GET /fhir/AuditEvent)",
 }
 
 _IMPLIED = {"ops:admin": {"ops:read"}}
@@ -37,6 +39,12 @@ _IMPLIED = {"ops:admin": {"ops:read"}}
 #: Scopes whose routes show every program's data (exceptions with their payloads,
 #: deliveries): a client limited to programs may not hold them.
 UNSCOPED_SCOPES = frozenset({"ops:read", "ops:admin"})
+
+
+def scopes_granting(scope: str) -> frozenset[str]:
+    """Every scope that grants ``scope``: itself and the scopes implying it
+    (``"ops:read"`` -> ``{"ops:read", "ops:admin"}``)."""
+    return frozenset({scope} | {s for s, implied in _IMPLIED.items() if scope in implied})
 
 
 class UnknownScopeError(ValueError):
@@ -163,6 +171,22 @@ async def authenticate(session: AsyncSession, *, key: str) -> Principal | None:
         event_sources=frozenset(row.event_sources) if row.event_sources is not None else None,
         partners=frozenset(row.partners) if row.partners is not None else None,
         programs=frozenset(row.programs) if row.programs is not None else None,
+    )
+
+
+async def touch_client(
+    session: AsyncSession, *, client_id: int, now: datetime, every: timedelta
+) -> None:
+    """Set the client's ``last_used_at`` to ``now`` unless it is already within ``every``
+    of it (a write that changes no row when another process just did it)."""
+    await session.execute(
+        update(ApiClient)
+        .where(
+            ApiClient.id == client_id,
+            or_(ApiClient.last_used_at.is_(None), ApiClient.last_used_at < now - every),
+        )
+        .values(last_used_at=now)
+        .execution_options(synchronize_session=False)
     )
 
 

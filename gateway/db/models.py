@@ -29,6 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from gateway.db.encryption import EncryptedText
 from gateway.db.types import BigIntPK, JSONDoc, UTCDateTime, utcnow
 
 NAMING_CONVENTION = {
@@ -306,7 +307,8 @@ class OAuthToken(Base):
     __tablename__ = "oauth_tokens"
 
     target: Mapped[str] = mapped_column(String(128), primary_key=True)
-    access_token: Mapped[str | None] = mapped_column(Text)
+    # Envelope-encrypted with the key encryption key (gateway.db.encryption).
+    access_token: Mapped[str | None] = mapped_column(EncryptedText("oauth_tokens.access_token"))
     token_type: Mapped[str | None] = mapped_column(String(32))
     scope: Mapped[str | None] = mapped_column(Text)
     expires_at: Mapped[datetime | None]
@@ -339,6 +341,16 @@ class TargetState(Base):
     throttled_until: Mapped[datetime | None]  # Retry-After of a 429/503: nobody sends before
     rate_tokens: Mapped[float | None] = mapped_column(Float)  # request rate token bucket
     rate_updated_s: Mapped[float | None] = mapped_column(Float)  # epoch seconds
+    # issue 17: the failure-rate window (a sliding-window counter: this window's and the
+    # previous one's calls and failures), the half-open trial round, and why it opened
+    window_started_at: Mapped[datetime | None]
+    window_calls: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    window_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    prev_window_calls: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    prev_window_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    trial_successes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    trial_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    open_reason: Mapped[str | None] = mapped_column(Text)
 
 
 # --------------------------------------------------------------------------- workflow
@@ -456,7 +468,19 @@ class ExceptionRecord(Base):
 
 
 class AuditEntry(Base):
-    """Who created or changed what, when. Ids only, never content."""
+    """One audited action on PHI or on the gateway's configuration: an IHE BALP
+    AuditEvent (https://profiles.ihe.net/ITI/BALP/) in columns. Ids only, never content.
+
+    ``actor`` is the agent (API client name, ``cli:<user>``, ``worker``), ``agent_kind``
+    ``client`` | ``user`` | ``system``; ``action`` the interaction (``read``, ``search``,
+    ``create``, ``update``, ``ingest``, ``replay``...) and ``code`` its AuditEvent.action
+    (C, R, U, D, E); ``outcome`` AuditEvent.outcome (0, 4, 8, 12); ``entity_type`` /
+    ``entity_id`` the resource and ``patient_id`` the Patient it belongs to.
+
+    The hash chain (migration 0010): the sealer (:mod:`gateway.audit.chain`) gives each
+    entry its place ``seq`` and ``hash`` = SHA-256 of the previous entry's hash and this
+    entry's fields; ``seq`` is NULL until then (about a second).
+    """
 
     __tablename__ = "audit_log"
 
@@ -467,6 +491,44 @@ class AuditEntry(Base):
     entity_type: Mapped[str] = mapped_column(String(64))
     entity_id: Mapped[str] = mapped_column(String(128))
     detail: Mapped[dict[str, Any] | None]
+    code: Mapped[str] = mapped_column(String(1), default="E", server_default="E")
+    outcome: Mapped[str] = mapped_column(String(2), default="0", server_default="0")
+    agent_kind: Mapped[str] = mapped_column(String(16), default="system", server_default="system")
+    client_id: Mapped[int | None] = mapped_column(BigInteger)
+    source_address: Mapped[str | None] = mapped_column(String(64))
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    query: Mapped[str | None] = mapped_column(Text)
+    seq: Mapped[int | None] = mapped_column(BigInteger, unique=True)
+    prev_hash: Mapped[str | None] = mapped_column(String(64))
+    hash: Mapped[str | None] = mapped_column(String(64))
+
+    __table_args__ = (
+        Index("ix_audit_log_patient", "patient_id", "at"),
+        Index("ix_audit_log_actor", "actor", "at"),
+        Index("ix_audit_log_at", "at"),
+        # The sealer's scan: entries not chained yet.
+        Index(
+            "ix_audit_log_unsealed",
+            "id",
+            postgresql_where=text("seq IS NULL"),
+            sqlite_where=text("seq IS NULL"),
+        ),
+    )
+
+
+class AuditChain(Base):
+    """The head of the audit hash chain (one row, ``id = 1``): the last sealed entry's
+    ``seq`` and ``hash``, and the anchor retention left (the last purged entry's ``seq``
+    and ``hash``; verification starts after it)."""
+
+    __tablename__ = "audit_chain"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    last_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_hash: Mapped[str] = mapped_column(String(64))
+    anchor_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    anchor_hash: Mapped[str] = mapped_column(String(64))
+    sealed_at: Mapped[datetime | None]
 
 
 class Subscriber(Base):
@@ -477,7 +539,7 @@ class Subscriber(Base):
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
     url: Mapped[str] = mapped_column(Text)
-    secret: Mapped[str] = mapped_column(Text)
+    secret: Mapped[str] = mapped_column(EncryptedText("subscribers.secret"))  # envelope-encrypted
     event_types: Mapped[list[str]] = mapped_column(JSONDoc)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -583,7 +645,7 @@ class SigningKey(Base):
 
     kid: Mapped[str] = mapped_column(String(128), primary_key=True)
     alg: Mapped[str] = mapped_column(String(16))
-    private_key: Mapped[str] = mapped_column(Text)
+    private_key: Mapped[str] = mapped_column(EncryptedText("signing_keys.private_key"))
     encrypted: Mapped[bool] = mapped_column(Boolean, default=False)
     public_jwk: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

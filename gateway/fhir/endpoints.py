@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path
 from fastapi.responses import JSONResponse
 
+from gateway.audit import service as audit
 from gateway.clients.service import Principal
 from gateway.deps import SessionDep, require_scope
 from gateway.errors import NotFoundError
@@ -40,7 +41,8 @@ async def read_resource(
     """``GET [base]/[type]/[id]`` (https://hl7.org/fhir/R4/http.html#read): the current
     version, with ``ETag: W/"<versionId>"`` and ``Last-Modified``; 404 OperationOutcome
     when absent, or of a patient with no case in the programs the caller's client is
-    limited to (``clients create --program``)."""
+    limited to (``clients create --program``). Audited (BALP read, with the Patient it
+    belongs to)."""
     row = await fhir_repo.get_resource(session, resource_type, resource_id)
     if row is not None and principal.programs is not None:
         patient = row.patient_id or (row.id if row.resource_type == "Patient" else None)
@@ -48,6 +50,13 @@ async def read_resource(
             row = None
     if row is None:
         raise NotFoundError(f"{resource_type}/{resource_id} is not known")
+    audit.record(
+        session,
+        action="read",
+        entity_type=resource_type,
+        entity_id=resource_id,
+        patient_id=row.patient_id or (resource_id if resource_type == "Patient" else None),
+    )
     return JSONResponse(
         row.resource,
         media_type=FHIR_JSON,

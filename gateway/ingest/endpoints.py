@@ -10,6 +10,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.audit import service as audit
+from gateway.clients.actor import Actor, set_actor
 from gateway.clients.service import Principal
 from gateway.db.models import Delivery
 from gateway.deps import RuntimeDep, SessionDep, require_scope
@@ -147,6 +149,8 @@ async def stripe_webhook(
         secret=secret.get_secret_value(),
         tolerance=runtime.settings.stripe_tolerance,
     )
+    peer = request.client.host if request.client is not None else None
+    set_actor(Actor("client", stripe.CHANNEL, None, peer))  # the signature authenticated it
     ctx = IngestContext.of(runtime)
     content_type = request_content_type(request)
     # Verified: a signed body that is not a JSON object is refused and kept for review.
@@ -185,6 +189,17 @@ async def message_status(
         message = None
     if message is None:
         raise NotFoundError("no such message")
+    patient = (message.response or {}).get("patient")
+    reference = patient.get("reference") if isinstance(patient, dict) else None
+    audit.record(
+        session,
+        action="read",
+        entity_type="InboundMessage",
+        entity_id=message.id,
+        patient_id=reference.removeprefix("Patient/")
+        if isinstance(reference, str) and reference.startswith("Patient/")
+        else None,
+    )
     deliveries = (
         await session.scalars(
             select(Delivery).where(Delivery.inbound_message_id == message_id).order_by(Delivery.id)

@@ -10,12 +10,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 from sqlalchemy import select
 
+from gateway.audit import service as audit
 from gateway.clients.service import Principal
-from gateway.db.models import AuditEntry, Subscriber
-from gateway.deps import RuntimeDep, SessionDep, require_scope
+from gateway.db.models import Subscriber
+from gateway.deps import RowIdPath, RuntimeDep, SessionDep, require_scope
 from gateway.egress import EgressRefusedError
 from gateway.errors import ConflictError, NotFoundError, UnprocessableError
 from gateway.subscribers.service import WEBHOOK_TYPES, new_secret
@@ -35,15 +36,23 @@ class SubscriberIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", examples=["crm"])
-    url: str = Field(max_length=2000, examples=["https://crm.example.com/hooks/fhir-gateway"])
-    event_types: list[str] = Field(min_length=1, examples=[["case.state_changed"]])
+    url: str = Field(
+        max_length=2000,
+        pattern=r"^https?://[^/\s\x00]+(/[^\s\x00]*)?$",
+        examples=["https://crm.example.com/hooks/fhir-gateway"],
+    )
+    event_types: list[str] = Field(
+        min_length=1,
+        examples=[["case.state_changed"]],
+        json_schema_extra={"items": {"type": "string", "enum": list[JsonValue](sorted(_TYPES))}},
+    )
     secret: str | None = Field(default=None, max_length=200)
     retry: RetryPolicy | None = None
 
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+        if not re.match(r"^https?://[^/\s\x00]+(/[^\s\x00]*)?$", value):
             raise ValueError("must be an absolute http(s) URL")
         return value
 
@@ -135,14 +144,12 @@ async def create_subscriber(
     )
     session.add(row)
     await session.flush()
-    session.add(
-        AuditEntry(
-            actor=principal.name,
-            action="create",
-            entity_type="Subscriber",
-            entity_id=str(row.id),
-            detail={"name": row.name, "event_types": row.event_types},
-        )
+    audit.record(
+        session,
+        action="create",
+        entity_type="Subscriber",
+        entity_id=str(row.id),
+        detail={"name": row.name, "event_types": ",".join(row.event_types)},
     )
     out = _out(row).model_dump(mode="json")
     return JSONResponse({**out, "secret": secret}, status_code=201)
@@ -165,7 +172,7 @@ async def list_subscribers(
     responses={204: {}, 404: {}},
 )
 async def deactivate_subscriber(
-    subscriber_id: int,
+    subscriber_id: RowIdPath,
     session: SessionDep,
     principal: Annotated[Principal, Depends(require_scope("ops:admin"))],
 ) -> Response:
@@ -175,13 +182,5 @@ async def deactivate_subscriber(
     if row is None:
         raise NotFoundError("no such subscriber")
     row.active = False
-    session.add(
-        AuditEntry(
-            actor=principal.name,
-            action="deactivate",
-            entity_type="Subscriber",
-            entity_id=str(row.id),
-            detail=None,
-        )
-    )
+    audit.record(session, action="deactivate", entity_type="Subscriber", entity_id=str(row.id))
     return Response(status_code=204)

@@ -6,14 +6,15 @@ from collections import defaultdict
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel
 from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.audit import service as audit
 from gateway.clients.service import Principal
 from gateway.db.models import Case, CaseEvent
-from gateway.deps import RuntimeDep, SessionDep, require_scope
+from gateway.deps import MAX_ROW_ID, RuntimeDep, SessionDep, require_scope
 from gateway.errors import NotFoundError, UnprocessableError
 from gateway.patients import repository as patients_repo
 from mappers.errors import Problem
@@ -149,6 +150,9 @@ async def get_case(
     case = await session.get(Case, case_id)
     if case is None or not principal.sees_program(case.program):
         raise NotFoundError("no such case")
+    audit.record(
+        session, action="read", entity_type="Case", entity_id=case.id, patient_id=case.patient_id
+    )
     return (await _cases_out(session, [case], runtime.clock.now()))[0]
 
 
@@ -159,18 +163,23 @@ async def get_case(
     responses={401: {}, 403: {}},
 )
 async def list_cases(
+    request: Request,
     session: SessionDep,
     runtime: RuntimeDep,
     principal: Annotated[Principal, Depends(require_scope("cases:read"))],
     patient: Annotated[
         str | None,
-        Query(description="A patient identifier as system|value, or Patient/<local id>"),
+        Query(
+            description="A patient identifier as system|value, or Patient/<local id>",
+            # documented, checked by the handler (its own problem code)
+            json_schema_extra={"pattern": r"^(Patient/[^\x00]+|[^|\x00]*\|[^\x00]*)$"},
+        ),
     ] = None,
     state: Annotated[list[str] | None, Query(description="Case state(s)")] = None,
     overdue: Annotated[bool | None, Query(description="Past their SLA deadline (or not)")] = None,
     program: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_ROW_ID)] = 0,
 ) -> list[CaseOut]:
     """Cases matching every filter given, newest first (``overdue=true``: the case has
     stayed in its state longer than the workflow's SLA timer allows)."""
@@ -201,4 +210,11 @@ async def list_cases(
     elif overdue is False:
         stmt = stmt.where(or_(Case.sla_due_at.is_(None), Case.sla_due_at > now))
     cases = list((await session.scalars(stmt)).all())
+    audit.record_patients(
+        session,
+        action="search",
+        entity_type="Case",
+        hits=[(c.id, c.patient_id) for c in cases],
+        query=f"cases?{request.url.query}",
+    )
     return await _cases_out(session, cases, now)

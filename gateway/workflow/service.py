@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.audit import service as audit
 from gateway.db.models import Case, CaseEvent, CaseEventOutcome
 from gateway.db.types import utcnow
 from gateway.inbox.repository import new_exception
@@ -520,6 +521,15 @@ def _history(
         principal=event.principal,
     )
     session.add(row)
+    audit.record(
+        session,
+        action="event",
+        entity_type="Case",
+        entity_id=case.id,
+        patient_id=case.patient_id,
+        outcome="4" if outcome == CaseEventOutcome.REJECTED else "0",
+        detail={"event": event.type, "outcome": str(outcome), "message_id": event.message_id},
+    )
     return row
 
 

@@ -8,7 +8,7 @@ HL7 v2 partners it may send as, ``api_clients.programs`` limits what it sees to 
 programs (NULL: no limit, as before).
 
 Revision ID: 0010_sec_hl7
-Revises: 0009_inbox_queue
+Revises: 0010_delivery, 0010_sec_audit
 Create Date: 2026-12-07 06:00:00
 """
 
@@ -21,7 +21,8 @@ from sqlalchemy.dialects import postgresql
 JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 
 revision: str = "0010_sec_hl7"
-down_revision: str | None = "0009_inbox_queue"
+# Merges the two heads main has now (the integrator re-chains on merge).
+down_revision: str | tuple[str, ...] | None = ("0010_delivery", "0010_sec_audit")
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
