@@ -12,11 +12,12 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from gateway.clock import FastForwardClock
-from gateway.db.models import Delivery, ExceptionRecord
+from gateway.db.models import Delivery, ExceptionRecord, OAuthToken
 from gateway.egress import EgressPolicy
+from gateway.ehr.errors import EhrRejectedError, EhrUnavailableError
 from gateway.runtime import Runtime
 from gateway.settings import Settings
 from gateway.worker import delivery_worker, ehr_clients
@@ -231,3 +232,32 @@ async def test_a_focus_that_is_not_a_mapped_type_and_id_is_not_read(
         [kept] = (await session.scalars(select(ExceptionRecord))).all()
     assert kept.problems[0]["code"] == code
     assert [req for req in fake.requests if req[0] == "GET"] == []
+
+
+async def test_ehr_and_token_requests_are_checked_at_connect_time(
+    runtime: Runtime, ehr: tuple[LocalEhr, RunningEhr]
+) -> None:
+    """The EHR clients of a process whose policy refuses loopback: neither the token
+    endpoint nor the FHIR endpoint is reached."""
+    fake, _ = ehr
+    strict = dataclasses.replace(runtime, egress=EgressPolicy())
+    clients = ehr_clients(strict)
+    try:
+        target = strict.profiles.current.ehr[TARGET]
+        with pytest.raises(EhrUnavailableError):
+            await clients.client_for(target).read("Task", "t-1")
+    finally:
+        await clients.aclose()
+    assert fake.requests == [] and fake.token_requests == []
+    # control: the same read with the tests' policy reaches the EHR (the token endpoint's
+    # backoff after the refused attempt cleared first)
+    async with runtime.sessionmaker() as session:
+        await session.execute(delete(OAuthToken))
+        await session.commit()
+    clients = ehr_clients(runtime)
+    try:
+        with pytest.raises(EhrRejectedError):  # 404: no such Task, but it was asked
+            await clients.client_for(target).read("Task", "t-1")
+    finally:
+        await clients.aclose()
+    assert len(fake.token_requests) == 1
