@@ -253,9 +253,10 @@ class EgressTransport(httpx.AsyncHTTPTransport):
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         limits = limits or httpx.Limits(max_connections=100, max_keepalive_connections=20)
-        super().__init__(limits=limits, trust_env=False)
+        context = ssl_context or httpx.create_ssl_context(trust_env=False)  # once: it is slow
+        super().__init__(verify=context, limits=limits, trust_env=False)
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl_context or httpx.create_ssl_context(trust_env=False),
+            ssl_context=context,
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
