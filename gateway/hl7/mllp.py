@@ -46,6 +46,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.clients.actor import Actor, set_actor
 from gateway.db.types import utcnow
 from gateway.db.uow import unit_of_work
 from gateway.hl7.service import Hl7Credential, Hl7Reply, receive_hl7, record_hl7_rejection
@@ -288,6 +289,8 @@ class MllpServer:
             task.add_done_callback(self._connections.discard)
         self._per_peer[peer] += 1
         credential = self._credential(writer, peer)
+        # the audit trail's agent for this connection's work (and the tasks it starts)
+        set_actor(Actor("client", credential.agent_name, None, peer))
         decoder = MllpDecoder(self.max_message_bytes)
         log.info("mllp.connected", peer=peer, tls=self.tls is not None)
         try:

@@ -77,6 +77,14 @@ class Hl7Credential:
     partners: frozenset[str] | None = None
     certificate: tuple[str, str | None] | None = None
 
+    @property
+    def agent_name(self) -> str:
+        """The principal in at most 128 characters (the audit agent's name): a
+        certificate with a long CN is named by its fingerprint alone."""
+        if len(self.principal) <= 128 or self.certificate is None:
+            return self.principal[:128]
+        return f"cert:sha256:{self.certificate[0]}"
+
     def allowed_partners(self, profiles: ProfileSet) -> frozenset[str] | None:
         """The partner names this credential may send as now (None: any)."""
         if self.certificate is None:

@@ -22,7 +22,7 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from gateway.cli import app as cli_app
-from gateway.db.models import CaseEvent, ExceptionRecord, InboundMessage
+from gateway.db.models import AuditEntry, CaseEvent, ExceptionRecord, InboundMessage
 from gateway.events.apply import apply_received
 from gateway.hl7.mllp import MllpConfigError, MllpServer, mllp_tls_context
 from gateway.hl7.service import Hl7Reply
@@ -167,6 +167,9 @@ async def test_a_certificate_speaks_for_its_partner_and_is_recorded_in_the_case_
     assert event["principal"] == f"cert:ehr-engine:sha256:{pki.ehr.sha256}"
     [stored] = [m for m in await _rows(runtime, InboundMessage) if m.channel == "hl7v2"]
     assert stored.principal == event["principal"]
+    # the audit trail's agent for the connection's work is the certificate too
+    agents = {(a.agent_kind, a.actor) for a in await _rows(runtime, AuditEntry)}
+    assert ("client", event["principal"]) in agents
 
 
 async def test_the_ehr_certificate_cannot_send_as_the_pharmacy(
