@@ -64,7 +64,7 @@ class ApiClient(Base):
     # Senders this client may send clinical events as (POST /v1/events); NULL: any.
     event_sources: Mapped[list[str] | None] = mapped_column(JSONDoc, nullable=True)
     # HL7 v2 partners this client may send as (POST /v1/hl7v2, MSH-4/MSH-3); NULL: any.
-    # Migration 0010.
+    # Migration 0012_sec_hl7.
     partners: Mapped[list[str] | None] = mapped_column(JSONDoc, nullable=True)
     # Programs whose cases, resources and messages this client sees; NULL: all.
     programs: Mapped[list[str] | None] = mapped_column(JSONDoc, nullable=True)
@@ -116,7 +116,7 @@ class InboundMessage(Base):
     locked_until: Mapped[datetime | None]
     locked_by: Mapped[str | None] = mapped_column(String(128))
     # Who authenticated the message (``client:<name>``, ``cert:<CN>:sha256:<hex>``,
-    # ``signature:<partner>``, ...); see docs/SECURITY.md. Migration 0010.
+    # ``signature:<partner>``, ...); see docs/SECURITY.md. Migration 0012_sec_hl7.
     principal: Mapped[str | None] = mapped_column(String(256))
 
     __table_args__ = (
@@ -422,7 +422,7 @@ class CaseEvent(Base):
     reference: Mapped[str | None] = mapped_column(String(256))
     hold_until: Mapped[datetime | None]
     # The authenticated principal that sent the event (copied from its inbound message;
-    # ``gateway`` for the gateway's own events). Migration 0010.
+    # ``gateway`` for the gateway's own events). Migration 0012_sec_hl7.
     principal: Mapped[str | None] = mapped_column(String(256))
 
     __table_args__ = (

@@ -26,7 +26,7 @@ class CaseEventOut(BaseModel):
     """One event in a case's history: who sent it (role and sender) and who authenticated
     it (``principal``: ``client:<name>``, ``cert:<CN>:sha256:<hex>``, ``signature:<partner>``,
     ``ehr-header:<target>``, ``mllp-peer:<address>``, ``gateway``; None for events recorded
-    before migration 0010), its ids, when it occurred at the sender and when the gateway
+    before migration 0012_sec_hl7), its ids, when it occurred at the sender and when the gateway
     received it, and what it did."""
 
     source: str

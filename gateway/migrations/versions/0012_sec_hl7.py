@@ -7,8 +7,8 @@ client certificate, a verified signature); ``api_clients.partners`` binds a clie
 HL7 v2 partners it may send as, ``api_clients.programs`` limits what it sees to some
 programs (NULL: no limit, as before).
 
-Revision ID: 0010_sec_hl7
-Revises: 0010_delivery, 0010_sec_audit
+Revision ID: 0012_sec_hl7
+Revises: 0011_delivery
 Create Date: 2026-12-07 06:00:00
 """
 
@@ -20,9 +20,8 @@ from sqlalchemy.dialects import postgresql
 
 JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 
-revision: str = "0010_sec_hl7"
-# Merges the two heads main has now (the integrator re-chains on merge).
-down_revision: str | tuple[str, ...] | None = ("0010_delivery", "0010_sec_audit")
+revision: str = "0012_sec_hl7"
+down_revision: str | None = "0011_delivery"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
