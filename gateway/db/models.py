@@ -461,6 +461,9 @@ class ExceptionRecord(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     resolved_at: Mapped[datetime | None]
     resolved_by: Mapped[str | None] = mapped_column(String(128))
+    # Who sent a refused payload (an HL7 v2 message refused for its credential): as
+    # ``inbound_messages.principal``. Migration 0012_sec_hl7.
+    principal: Mapped[str | None] = mapped_column(String(256))
     note: Mapped[str | None] = mapped_column(Text)
     retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 

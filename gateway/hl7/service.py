@@ -202,18 +202,15 @@ def record_hl7_rejection(
     transport: str,
     principal: str | None = None,
 ) -> None:
-    """Keep a message refused with AR (or a broken MLLP frame) for review and retry;
-    ``principal``, when given, is recorded as a second problem (``principal``) so the
-    reviewer sees which credential sent it."""
-    problems = [Problem(error.location or "MSH", f"hl7_{error.hl7_code}", str(error))]
-    if principal is not None:
-        problems.append(Problem("", "principal", principal))
+    """Keep a message refused with AR (or a broken MLLP frame) for review and retry, with
+    the ``principal`` that sent it (the reviewer sees which credential it was)."""
     session.add(
         inbox.new_exception(
             kind="hl7_rejected",
             channel=CHANNEL,
             sender=sender,
-            problems=problems,
+            principal=principal,
+            problems=[Problem(error.location or "MSH", f"hl7_{error.hl7_code}", str(error))],
             payload=raw,
             content_type=CONTENT_TYPE,
         )
@@ -260,7 +257,14 @@ async def receive_hl7(
         parsed = parse_er7(decode_er7(raw))
     except Hl7MessageError as exc:
         sender = exc.envelope.sending_facility or None if exc.envelope else None
-        record_hl7_rejection(session, raw=raw, error=exc, sender=sender, transport=transport)
+        record_hl7_rejection(
+            session,
+            raw=raw,
+            error=exc,
+            sender=sender,
+            transport=transport,
+            principal=credential.principal if credential else None,
+        )
         await session.flush()
         # a refused batch: MSA-2 as the sender's profile expects (first MSH-10 or BHS-11)
         known = profiles.hl7_sender(sender) if sender else None
@@ -303,7 +307,14 @@ async def receive_hl7(
         event = hl7v2_to_clinical_event(parsed, partner, identifier_base=runtime.systems.base)
     except Hl7MessageError as exc:
         if exc.ack_code == "AR":
-            record_hl7_rejection(session, raw=raw, error=exc, sender=facility, transport=transport)
+            record_hl7_rejection(
+                session,
+                raw=raw,
+                error=exc,
+                sender=facility,
+                transport=transport,
+                principal=credential.principal if credential else None,
+            )
             await session.flush()
             return Hl7Reply(_ack(parsed, "AR", exc), "AR")
         error = exc
@@ -351,7 +362,14 @@ async def receive_hl7(
             segment="MSH",
             field_position=10,
         )
-        record_hl7_rejection(session, raw=raw, error=reuse, sender=facility, transport=transport)
+        record_hl7_rejection(
+            session,
+            raw=raw,
+            error=reuse,
+            sender=facility,
+            transport=transport,
+            principal=credential.principal if credential else None,
+        )
         await session.flush()
         return Hl7Reply(_ack(parsed, "AR", reuse), "AR")
     if error is not None:

@@ -75,8 +75,10 @@ def new_exception(
     case_id: str | None = None,
     payload: bytes | None = None,
     content_type: str | None = None,
+    principal: str | None = None,
 ) -> ExceptionRecord:
-    """A new exceptions-queue entry. ``payload`` keeps the raw input for review."""
+    """A new exceptions-queue entry. ``payload`` keeps the raw input for review;
+    ``principal`` is who sent it, when it was authenticated."""
     return ExceptionRecord(
         kind=kind,
         channel=channel,
@@ -86,6 +88,7 @@ def new_exception(
         payload=payload,
         content_type=content_type,
         problems=[p.as_dict() for p in problems],
+        principal=principal,
     )
 
 

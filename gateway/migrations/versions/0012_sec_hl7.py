@@ -3,7 +3,8 @@ client may send as and see
 
 ``inbound_messages.principal`` and ``case_events.principal`` record the authenticated
 principal of each message and of each event in a case's history (an API client, an MLLP
-client certificate, a verified signature); ``api_clients.partners`` binds a client to the
+client certificate, a verified signature), and ``exceptions.principal`` that of a
+refused HL7 v2 message; ``api_clients.partners`` binds a client to the
 HL7 v2 partners it may send as, ``api_clients.programs`` limits what it sees to some
 programs (NULL: no limit, as before).
 
@@ -34,9 +35,13 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("principal", sa.String(length=256), nullable=True))
     with op.batch_alter_table("case_events", schema=None) as batch_op:
         batch_op.add_column(sa.Column("principal", sa.String(length=256), nullable=True))
+    with op.batch_alter_table("exceptions", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("principal", sa.String(length=256), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("exceptions", schema=None) as batch_op:
+        batch_op.drop_column("principal")
     with op.batch_alter_table("case_events", schema=None) as batch_op:
         batch_op.drop_column("principal")
     with op.batch_alter_table("inbound_messages", schema=None) as batch_op:
