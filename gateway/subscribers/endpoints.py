@@ -16,8 +16,9 @@ from sqlalchemy import select
 from gateway.audit import service as audit
 from gateway.clients.service import Principal
 from gateway.db.models import Subscriber
-from gateway.deps import RowIdPath, SessionDep, require_scope
-from gateway.errors import ConflictError, NotFoundError
+from gateway.deps import RowIdPath, RuntimeDep, SessionDep, require_scope
+from gateway.egress import EgressRefusedError
+from gateway.errors import ConflictError, NotFoundError, UnprocessableError
 from gateway.subscribers.service import WEBHOOK_TYPES, new_secret
 from mappers.errors import Problem
 from mappers.profiles import RetryPolicy
@@ -126,11 +127,22 @@ def _out(row: Subscriber) -> SubscriberOut:
 async def create_subscriber(
     body: SubscriberIn,
     session: SessionDep,
+    runtime: RuntimeDep,
     principal: Annotated[Principal, Depends(require_scope("ops:admin"))],
 ) -> JSONResponse:
     """Register a subscriber. The answer carries its Standard Webhooks ``secret`` (shown
     this once); every later case change of the types it asked for is POSTed to ``url``,
-    signed, through the outbox (retries, backoff, dead letters), in order per case."""
+    signed, through the outbox (retries, backoff, dead letters), in order per case.
+
+    ``url`` must be ``https`` without credentials, to an address the egress policy allows
+    (``GATEWAY_EGRESS_ALLOWLIST``; docs/SECURITY.md, "Egress"): 422 ``egress_refused``
+    otherwise. Each delivery checks the resolved address again when it connects."""
+    try:
+        runtime.egress.check_url(body.url)
+    except EgressRefusedError as exc:
+        raise UnprocessableError(
+            "the subscriber URL is not allowed", [Problem("url", "egress_refused", str(exc))]
+        ) from exc
     taken = await session.scalar(select(Subscriber.id).where(Subscriber.name == body.name))
     if taken is not None:
         raise ConflictError(
