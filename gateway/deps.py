@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Query, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.clients.actor import Actor, set_actor
-from gateway.clients.service import Principal
+from gateway.clients.service import Principal, scopes_granting
 from gateway.errors import ForbiddenError, UnauthorizedError
 from gateway.runtime import Runtime
 
@@ -47,6 +47,20 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+
+#: The largest row id: ids are signed 64-bit integers (PostgreSQL ``BIGINT``, SQLite
+#: ``INTEGER``). A larger one in a path or query is refused with 422 before any query
+#: (the database driver would fail on it: a 500).
+MAX_ROW_ID = 2**63 - 1
+
+#: A row id in the path (``/v1/ops/exceptions/{exception_id}``): 1 to :data:`MAX_ROW_ID`.
+RowIdPath = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
+#: A row id as a paging cursor in a query (``before_id``, ``after_id``).
+RowIdQuery = Annotated[int | None, Query(ge=0, le=MAX_ROW_ID)]
+
+#: A JSON Schema pattern for text without NUL characters (a body model's ``str`` fields
+#: that are stored or queried: PostgreSQL cannot hold U+0000 in text).
+NO_NUL = r"^[^\x00]*$"
 
 
 def _bearer(request: Request) -> str | None:
@@ -90,4 +104,17 @@ def require_scope(*scopes: str) -> Callable[..., Coroutine[Any, Any, Principal]]
         return principal
 
     dependency.__name__ = "require_" + "_or_".join(s.replace(":", "_") for s in scopes)
+    _ROUTE_SCOPES[dependency] = tuple(sorted({g for s in scopes for g in scopes_granting(s)}))
     return dependency
+
+
+#: ``require_scope`` dependencies -> every scope that opens the route.
+_ROUTE_SCOPES: dict[Callable[..., Any], tuple[str, ...]] = {}
+
+
+def scopes_of(dependency: Callable[..., Any]) -> tuple[str, ...] | None:
+    """The scopes a route dependency made by :func:`require_scope` accepts (any one of
+    them opens the route, implied scopes included: ``ops:admin`` opens an ``ops:read``
+    route); None for any other dependency. The OpenAPI document's per-route ``security``
+    is built from this (:mod:`gateway.openapi`)."""
+    return _ROUTE_SCOPES.get(dependency)

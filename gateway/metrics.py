@@ -24,6 +24,8 @@ metric                                                   type       labels
 ``fhir_gateway_deliveries_dead``                         gauge      kind, target
 ``fhir_gateway_deliveries_review``                       gauge      kind, target
 ``fhir_gateway_circuit_state``                           gauge      kind, target, state
+``fhir_gateway_circuit_failure_rate``                    gauge      kind, target
+``fhir_gateway_circuit_next_trial_seconds``              gauge      kind, target
 ``fhir_gateway_oauth_token_expires_in_seconds``          gauge      target
 ``fhir_gateway_oauth_auth_circuit_open``                 gauge      target
 =======================================================  =========  ==========================
@@ -88,6 +90,8 @@ class TargetSnapshot:
     dead: int = 0
     review: int = 0
     circuit: str = "closed"
+    failure_rate: float = 0.0
+    next_trial_in_s: float | None = None
     token_expires_in_s: float | None = None
     auth_circuit_open: bool | None = None
 
@@ -123,6 +127,18 @@ class StateCollector(Collector):
             "Circuit breaker state of a target (1 for the current state).",
             labels=["kind", "target", "state"],
         )
+        rate = GaugeMetricFamily(
+            "fhir_gateway_circuit_failure_rate",
+            "Share of transient failures among a target's calls over the circuit breaker's "
+            "window (0..1).",
+            labels=["kind", "target"],
+        )
+        next_trial = GaugeMetricFamily(
+            "fhir_gateway_circuit_next_trial_seconds",
+            "Seconds until an open circuit's next trial, or a Retry-After pause ends "
+            "(absent when nothing waits).",
+            labels=["kind", "target"],
+        )
         expires = GaugeMetricFamily(
             "fhir_gateway_oauth_token_expires_in_seconds",
             "Seconds until the shared access token expires (negative: expired).",
@@ -141,11 +157,14 @@ class StateCollector(Collector):
             review.add_metric(labels, s.review)
             for state in CIRCUIT_STATES:
                 circuit.add_metric([*labels, state], 1.0 if s.circuit == state else 0.0)
+            rate.add_metric(labels, s.failure_rate)
+            if s.next_trial_in_s is not None:
+                next_trial.add_metric(labels, max(0.0, s.next_trial_in_s))
             if s.token_expires_in_s is not None:
                 expires.add_metric([s.target], s.token_expires_in_s)
             if s.auth_circuit_open is not None:
                 auth_open.add_metric([s.target], 1.0 if s.auth_circuit_open else 0.0)
-        yield from (depth, age, dead, review, circuit, expires, auth_open)
+        yield from (depth, age, dead, review, circuit, rate, next_trial, expires, auth_open)
 
 
 def render(snapshots: Iterable[TargetSnapshot]) -> bytes:

@@ -120,6 +120,7 @@ LAYER_MODULES = {
         "app",
         "cli",
         "worker",
+        "openapi",
         "ops",
         "ingest",
         "events",

@@ -36,6 +36,12 @@ SCOPES = {
 _IMPLIED = {"ops:admin": {"ops:read"}}
 
 
+def scopes_granting(scope: str) -> frozenset[str]:
+    """Every scope that grants ``scope``: itself and the scopes implying it
+    (``"ops:read"`` -> ``{"ops:read", "ops:admin"}``)."""
+    return frozenset({scope} | {s for s, implied in _IMPLIED.items() if scope in implied})
+
+
 class UnknownScopeError(ValueError):
     """A scope that no route checks."""
 

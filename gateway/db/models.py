@@ -321,6 +321,16 @@ class TargetState(Base):
     throttled_until: Mapped[datetime | None]  # Retry-After of a 429/503: nobody sends before
     rate_tokens: Mapped[float | None] = mapped_column(Float)  # request rate token bucket
     rate_updated_s: Mapped[float | None] = mapped_column(Float)  # epoch seconds
+    # issue 17: the failure-rate window (a sliding-window counter: this window's and the
+    # previous one's calls and failures), the half-open trial round, and why it opened
+    window_started_at: Mapped[datetime | None]
+    window_calls: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    window_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    prev_window_calls: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    prev_window_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    trial_successes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    trial_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    open_reason: Mapped[str | None] = mapped_column(Text)
 
 
 # --------------------------------------------------------------------------- workflow

@@ -178,7 +178,7 @@ class OutcomeRecorder:
             )
             rows: list[dict[str, Any]] = []
             attempt_rows: list[dict[str, Any]] = []
-            answered: dict[circuit.Key, bool] = {}
+            answered: dict[circuit.Key, tuple[TargetConfig, int, bool]] = {}
             reached: list[Reached] = []
             for item in items:
                 delivery, outcome = item.delivery, item.outcome
@@ -204,16 +204,26 @@ class OutcomeRecorder:
                 if isinstance(outcome, Delivered | NeedsReview) or (
                     isinstance(outcome, Rejected) and outcome.status_code is not None
                 ):
-                    answered[key] = answered.get(key, False) or isinstance(outcome, Delivered)
-                elif isinstance(outcome, Failed):
-                    self._breakers.failed(key)
+                    _, count, delivered = answered.get(key, (item.config, 0, False))
+                    answered[key] = (
+                        item.config,
+                        count + 1,
+                        delivered or isinstance(outcome, Delivered),
+                    )
                 done.append((item, label, values))
             if reached and self._on_reached is not None:
                 await self._on_reached(session, reached)
             await queue.write_rows(session, repo.OUTBOX, rows)
             await repo.add_attempts(session, attempt_rows)
-            for key, delivered in answered.items():
-                await self._breakers.answered(session, key, now=now, delivered=delivered)
+            for key, (config, count, delivered) in answered.items():
+                await self._breakers.answered(
+                    session,
+                    key,
+                    now=now,
+                    delivered=delivered,
+                    policy=config.circuit,
+                    count=count,
+                )
         return done
 
     def _attempt_row(self, item: Finished) -> dict[str, Any]:
@@ -278,15 +288,21 @@ class OutcomeRecorder:
         now: datetime,
     ) -> tuple[dict[str, Any], str]:
         """Row values for a transient failure, after counting it against the circuit."""
-        throttle = outcome.retry_after_s if outcome.status_code in THROTTLING_STATUS else None
+        policy = config.circuit
+        retry_after = outcome.retry_after_s
+        if retry_after is not None:  # honoured within a sane cap
+            retry_after = min(retry_after, policy.max_retry_after_s)
+        throttle = retry_after if outcome.status_code in THROTTLING_STATUS else None
         failure = await circuit.record_failure(
             session,
             kind=config.kind,
             target=config.name,
             now=now,
-            policy=config.circuit,
+            policy=policy,
             error=outcome.error,
             throttle_s=throttle,
+            retry_after_s=retry_after,
+            successes=self._breakers.failed((config.kind, config.name)),
         )
         started = max(delivery.created_at, delivery.replayed_at or delivery.created_at)
         decision = next_retry(
@@ -294,7 +310,7 @@ class OutcomeRecorder:
             created_at=started,
             now=now,
             policy=config.retry,
-            retry_after_s=outcome.retry_after_s,
+            retry_after_s=retry_after,
         )
         values: dict[str, Any] = {
             "last_error": outcome.error[:500],
@@ -303,9 +319,10 @@ class OutcomeRecorder:
         if decision.give_up and not failure.holds_deliveries:
             values.update(status=DeliveryStatus.DEAD, dead_reason=decision.give_up)
             return values, "dead"
-        # While the circuit is open nothing of the target is claimed: no need to push
-        # the row past the probe; it goes as soon as the circuit closes.
-        retry_at = decision.retry_at or now
+        # One timing model: while the circuit is open nothing of the target is claimed,
+        # and the breaker's trial schedule is this row's wait: due at once, it goes as soon
+        # as the circuit lets deliveries through, not a retry backoff after that.
+        retry_at = now if failure.holds_deliveries else (decision.retry_at or now)
         if failure.throttled_until is not None:
             retry_at = max(retry_at, failure.throttled_until)
         values.update(status=DeliveryStatus.PENDING, available_at=retry_at)

@@ -18,10 +18,11 @@ from gateway.audit import service as audit
 from gateway.clients.actor import current_actor
 from gateway.db.models import OAuthToken, Subscriber, TargetState
 from gateway.delivery import ops_repository as repo
-from gateway.delivery.circuit import all_target_states
+from gateway.delivery.circuit import all_target_states, failure_rate
 from gateway.delivery.outbox import narrow_to_profiles
 from gateway.oauth import repository as oauth_repo
 from gateway.oauth.tokens import auth_wait_until
+from mappers.profiles.ehr import CircuitBreakerPolicy
 from mappers.profiles.loader import ProfileSet
 
 #: Most rows one replay request may touch (bulk replays page through this).
@@ -129,6 +130,12 @@ class TargetHealth:
     last_failure_at: datetime | None
     last_error: str | None
     token: TokenHealth | None
+    failure_rate: float = 0.0
+    window_calls: float = 0.0
+    circuit_reason: str | None = None
+    next_trial_at: datetime | None = None
+    trial_successes: int = 0
+    trial_failures: int = 0
 
 
 def _token_health(method: str, row: OAuthToken | None, now: datetime) -> TokenHealth:
@@ -186,6 +193,14 @@ async def target_health(
             if profile is not None
             else None
         )
+        policy = profile.circuit_breaker if profile is not None else CircuitBreakerPolicy()
+        rate, calls = failure_rate(state, now=now, policy=policy) if state else (0.0, 0.0)
+        throttled = (
+            state.throttled_until
+            if state and state.throttled_until and state.throttled_until > now
+            else None
+        )
+        reason, next_trial = _circuit_why(state, throttled)
         out.append(
             TargetHealth(
                 kind=kind,
@@ -197,16 +212,35 @@ async def target_health(
                 consecutive_failures=state.consecutive_failures if state else 0,
                 opened_at=state.opened_at if state else None,
                 next_probe_at=state.next_probe_at if state else None,
-                throttled_until=state.throttled_until
-                if state and state.throttled_until and state.throttled_until > now
-                else None,
+                throttled_until=throttled,
                 last_success_at=state.last_success_at if state else None,
                 last_failure_at=state.last_failure_at if state else None,
                 last_error=state.last_error if state else None,
                 token=token,
+                failure_rate=rate,
+                window_calls=calls,
+                circuit_reason=reason,
+                next_trial_at=next_trial,
+                trial_successes=state.trial_successes if state else 0,
+                trial_failures=state.trial_failures if state else 0,
             )
         )
     return out
+
+
+def _circuit_why(
+    state: TargetState | None, throttled: datetime | None
+) -> tuple[str | None, datetime | None]:
+    """Why the target's deliveries wait, and when the next trial (or send) may go."""
+    if state is None:
+        return None, None
+    if state.circuit == "open":
+        return state.open_reason or state.last_error, state.next_probe_at
+    if state.circuit == "half_open":
+        return "half-open: trial deliveries in flight (" + (state.open_reason or "") + ")", None
+    if throttled is not None:
+        return "the EHR's Retry-After", throttled
+    return None, None
 
 
 def metric_snapshots(health: Sequence[TargetHealth], now: datetime) -> list[metrics.TargetSnapshot]:
@@ -220,6 +254,10 @@ def metric_snapshots(health: Sequence[TargetHealth], now: datetime) -> list[metr
             dead=h.queue.dead,
             review=h.queue.review,
             circuit=h.circuit,
+            failure_rate=h.failure_rate,
+            next_trial_in_s=(h.next_trial_at - now).total_seconds()
+            if h.next_trial_at is not None
+            else None,
             token_expires_in_s=(h.token.expires_at - now).total_seconds()
             if h.token is not None and h.token.expires_at is not None
             else None,

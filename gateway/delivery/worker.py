@@ -210,6 +210,7 @@ class DeliveryWorker:
                     now=now,
                     max_concurrent=config.max_concurrent,
                     uses_token=config.uses_token,
+                    trials=config.circuit.half_open_trials,
                 )
                 if opened.probe:
                     probes.append((sender, config))

@@ -41,11 +41,28 @@ def _er7_media_type(request: Request) -> str:
     summary="One HL7 v2 message (ER7); the answer is its ACK",
     response_class=Response,
     responses={
-        200: {"content": {CONTENT_TYPE: {}}, "description": "The ACK (AA, AE or AR) in ER7"},
+        200: {
+            # the ACK has the request's media type (text/plain asks get application/hl7-v2)
+            "content": {
+                media: {"schema": {"type": "string"}}
+                for media in sorted(ER7_MEDIA_TYPES - {"text/plain"})
+            },
+            "description": "The ACK (AA, AE or AR) in ER7",
+        },
         401: {},
         403: {},
         413: {},
         415: {},
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "description": "One HL7 v2 message in ER7 (segments separated by CR), MSH first",
+            "content": {
+                media: {"schema": {"type": "string", "pattern": "^MSH"}}
+                for media in sorted(ER7_MEDIA_TYPES)
+            },
+        }
     },
 )
 async def post_hl7v2(

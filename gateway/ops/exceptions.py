@@ -19,6 +19,7 @@ Retry:
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -38,11 +39,12 @@ from gateway.db.models import (
     MessageStatus,
 )
 from gateway.db.types import utcnow
-from gateway.deps import RuntimeDep, SessionDep, require_scope
+from gateway.deps import NO_NUL, RowIdPath, RowIdQuery, RuntimeDep, SessionDep, require_scope
 from gateway.errors import ConflictError, NotFoundError
 from gateway.events.after_response import apply_after_response, apply_id_after_response
 from gateway.events.service import EVENT_CHANNELS
 from gateway.hl7.service import CHANNEL as HL7_CHANNEL
+from gateway.hl7.service import CONTENT_TYPE as HL7_CONTENT_TYPE
 from gateway.hl7.service import receive_hl7
 from mappers.errors import Problem
 
@@ -81,7 +83,7 @@ class ResolveIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    note: str | None = Field(default=None, max_length=1000)
+    note: str | None = Field(default=None, max_length=1000, pattern=NO_NUL)
 
 
 def _retryable(row: ExceptionRecord, message_channel: str | None) -> bool:
@@ -139,7 +141,7 @@ async def list_exceptions(
     sender: str | None = None,
     case_id: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    before_id: int | None = None,
+    before_id: RowIdQuery = None,
 ) -> ExceptionPage:
     """Exceptions, newest first, filtered by status (default ``open``), kind, channel,
     sender or case."""
@@ -167,7 +169,7 @@ async def list_exceptions(
 
 @router.get("/exceptions/{exception_id}", response_model=ExceptionOut, summary="One exception")
 async def get_exception(
-    exception_id: int,
+    exception_id: RowIdPath,
     session: SessionDep,
     _principal: Annotated[Principal, Depends(require_scope("ops:read"))],
 ) -> ExceptionOut:
@@ -180,10 +182,21 @@ async def get_exception(
 @router.get(
     "/exceptions/{exception_id}/payload",
     summary="The payload kept with an exception (may hold PHI)",
-    responses={200: {"content": {"application/octet-stream": {}}}, 404: {}},
+    response_class=Response,
+    responses={
+        200: {
+            "description": "The payload as received: JSON, HL7 v2 (ER7), or other bytes",
+            "content": {
+                "application/json": {"schema": {}},
+                HL7_CONTENT_TYPE: {"schema": {"type": "string"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+        404: {},
+    },
 )
 async def get_exception_payload(
-    exception_id: int,
+    exception_id: RowIdPath,
     session: SessionDep,
     principal: Annotated[Principal, Depends(require_scope("ops:admin"))],
 ) -> Response:
@@ -205,7 +218,31 @@ async def get_exception_payload(
         patient_id=await _patient_of(session, row),
         detail={"message_id": row.inbound_message_id} if row.inbound_message_id else None,
     )
-    return Response(payload, media_type=content_type or "application/octet-stream")
+    return Response(
+        payload,
+        media_type=payload_media_type(payload, content_type),
+        headers={"X-Content-Type-Options": "nosniff"},
+    )
+
+
+def payload_media_type(payload: bytes, declared: str | None) -> str:
+    """The media type a kept payload is served with: what its sender declared when that
+    is JSON (``application/json``, ``+json``) and the bytes are JSON, or HL7 v2 ER7
+    (``application/hl7-v2``, ``x-application/hl7-v2+er7``, ``text/plain`` starting with
+    ``MSH``); anything else (a refused body whose declared type is wrong or unknown) as
+    ``application/octet-stream``, so no client renders or parses it as what it is not."""
+    media = (declared or "").split(";", 1)[0].strip().lower()
+    if media == "application/json" or media.endswith("+json"):
+        try:
+            json.loads(payload)
+        except ValueError:
+            return "application/octet-stream"
+        return "application/json"
+    if media in ("application/hl7-v2", "x-application/hl7-v2+er7", "application/edi-hl7") or (
+        media == "text/plain" and payload.lstrip().startswith(b"MSH")
+    ):
+        return HL7_CONTENT_TYPE
+    return "application/octet-stream"
 
 
 async def _patient_of(session: AsyncSession, row: ExceptionRecord) -> str | None:
@@ -222,7 +259,7 @@ async def _patient_of(session: AsyncSession, row: ExceptionRecord) -> str | None
     responses={404: {}, 409: {}},
 )
 async def resolve_exception(
-    exception_id: int,
+    exception_id: RowIdPath,
     session: SessionDep,
     principal: Annotated[Principal, Depends(require_scope("ops:admin"))],
     body: ResolveIn | None = None,
@@ -256,7 +293,7 @@ async def resolve_exception(
     responses={202: {}, 404: {}, 409: {}},
 )
 async def retry_exception(
-    exception_id: int,
+    exception_id: RowIdPath,
     request: Request,
     session: SessionDep,
     runtime: RuntimeDep,

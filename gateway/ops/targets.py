@@ -46,6 +46,18 @@ class CircuitOut(BaseModel):
     opened_at: datetime | None
     next_probe_at: datetime | None
     throttled_until: datetime | None = Field(description="A Retry-After being honoured.")
+    failure_rate: float = Field(
+        description="Share of transient failures among the calls of the breaker's window (0..1)."
+    )
+    window_calls: float = Field(description="Calls the failure rate is measured over.")
+    next_trial_at: datetime | None = Field(
+        description="When deliveries may go again: the open circuit's next trial, or the "
+        "end of a Retry-After pause."
+    )
+    reason: str | None = Field(description="Why the circuit is open or deliveries wait.")
+    trials: dict[str, int] = Field(
+        description="Half-open trial deliveries that succeeded and failed so far."
+    )
 
 
 class TokenOut(BaseModel):
@@ -96,6 +108,11 @@ def _target_out(h: TargetHealth) -> TargetOut:
             opened_at=h.opened_at,
             next_probe_at=h.next_probe_at,
             throttled_until=h.throttled_until,
+            failure_rate=h.failure_rate,
+            window_calls=h.window_calls,
+            next_trial_at=h.next_trial_at,
+            reason=h.circuit_reason,
+            trials={"succeeded": h.trial_successes, "failed": h.trial_failures},
         ),
         token=TokenOut(
             method=token.method,

@@ -10,13 +10,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 from sqlalchemy import select
 
 from gateway.audit import service as audit
 from gateway.clients.service import Principal
 from gateway.db.models import Subscriber
-from gateway.deps import SessionDep, require_scope
+from gateway.deps import RowIdPath, SessionDep, require_scope
 from gateway.errors import ConflictError, NotFoundError
 from gateway.subscribers.service import WEBHOOK_TYPES, new_secret
 from mappers.errors import Problem
@@ -35,15 +35,23 @@ class SubscriberIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", examples=["crm"])
-    url: str = Field(max_length=2000, examples=["https://crm.example.com/hooks/fhir-gateway"])
-    event_types: list[str] = Field(min_length=1, examples=[["case.state_changed"]])
+    url: str = Field(
+        max_length=2000,
+        pattern=r"^https?://[^/\s\x00]+(/[^\s\x00]*)?$",
+        examples=["https://crm.example.com/hooks/fhir-gateway"],
+    )
+    event_types: list[str] = Field(
+        min_length=1,
+        examples=[["case.state_changed"]],
+        json_schema_extra={"items": {"type": "string", "enum": list[JsonValue](sorted(_TYPES))}},
+    )
     secret: str | None = Field(default=None, max_length=200)
     retry: RetryPolicy | None = None
 
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+        if not re.match(r"^https?://[^/\s\x00]+(/[^\s\x00]*)?$", value):
             raise ValueError("must be an absolute http(s) URL")
         return value
 
@@ -152,7 +160,7 @@ async def list_subscribers(
     responses={204: {}, 404: {}},
 )
 async def deactivate_subscriber(
-    subscriber_id: int,
+    subscriber_id: RowIdPath,
     session: SessionDep,
     principal: Annotated[Principal, Depends(require_scope("ops:admin"))],
 ) -> Response:

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from gateway.audit import service as audit
 from gateway.clients.service import Principal
 from gateway.db.models import Case, CaseEvent
-from gateway.deps import RuntimeDep, SessionDep, require_scope
+from gateway.deps import MAX_ROW_ID, RuntimeDep, SessionDep, require_scope
 from gateway.errors import NotFoundError, UnprocessableError
 from gateway.patients import repository as patients_repo
 from mappers.errors import Problem
@@ -163,13 +163,17 @@ async def list_cases(
     _principal: Annotated[Principal, Depends(require_scope("cases:read"))],
     patient: Annotated[
         str | None,
-        Query(description="A patient identifier as system|value, or Patient/<local id>"),
+        Query(
+            description="A patient identifier as system|value, or Patient/<local id>",
+            # documented, checked by the handler (its own problem code)
+            json_schema_extra={"pattern": r"^(Patient/[^\x00]+|[^|\x00]*\|[^\x00]*)$"},
+        ),
     ] = None,
     state: Annotated[list[str] | None, Query(description="Case state(s)")] = None,
     overdue: Annotated[bool | None, Query(description="Past their SLA deadline (or not)")] = None,
     program: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_ROW_ID)] = 0,
 ) -> list[CaseOut]:
     """Cases matching every filter given, newest first (``overdue=true``: the case has
     stayed in its state longer than the workflow's SLA timer allows)."""

@@ -113,18 +113,35 @@ class RetryPolicy(Strict):
 
 
 class CircuitBreakerPolicy(Strict):
-    """When to stop sending to a failing target, and how it is probed (seconds).
+    """When to stop sending to a failing target, how it is tried again (seconds).
 
-    After ``failure_threshold`` transient failures in a row (across all workers) the
-    circuit opens: nothing is claimed for the target, so waiting deliveries keep their
-    attempts. After ``open_s`` (doubling per failed probe up to ``max_open_s``) one worker
-    probes ``GET [base]/metadata``; if it answers, the circuit is half-open and one delivery
-    is tried; its success closes the circuit, a transient failure opens it again.
+    Modelled on resilience4j's CircuitBreaker
+    (https://resilience4j.readme.io/docs/circuitbreaker) and Polly's advanced circuit
+    breaker. The circuit opens when, across all workers, the share of transient failures
+    among the calls of the last ``window_s`` seconds reaches ``failure_rate`` (with at
+    least ``minimum_calls`` calls in the window), or after ``failure_threshold`` transient
+    failures in a row (a target with little traffic). While it is open nothing is
+    claimed, so waiting deliveries keep their attempts. The next trial comes after the
+    EHR's ``Retry-After`` when it sent one (at most ``max_retry_after_s``), else after
+    ``open_s`` (equal jitter, doubling per failed trial round up to ``max_open_s``; a
+    success resets the doubling): one worker probes ``GET [base]/metadata``; if it answers,
+    the circuit is half-open and ``half_open_trials`` deliveries are tried; it closes as
+    soon as enough of them succeed to keep their failure rate under ``failure_rate``, and
+    opens again once enough fail to reach it.
+
+    ``max_open_s`` is the longest a recovered EHR can wait for its next trial: 30 s by
+    default, so the worst delay added after a recovery stays well under a minute, for one
+    ``GET [base]/metadata`` every 15-30 s per target while the EHR is down.
     """
 
     failure_threshold: int = Field(default=5, ge=1)
-    open_s: float = Field(default=15.0, gt=0)
-    max_open_s: float = Field(default=300.0, gt=0)
+    failure_rate: float = Field(default=0.5, gt=0, le=1)
+    minimum_calls: int = Field(default=10, ge=1)
+    window_s: float = Field(default=30.0, gt=0)
+    half_open_trials: int = Field(default=3, ge=1)
+    open_s: float = Field(default=5.0, gt=0)
+    max_open_s: float = Field(default=30.0, gt=0)
+    max_retry_after_s: float = Field(default=120.0, gt=0)
 
 
 class EhrTargetProfile(Strict):

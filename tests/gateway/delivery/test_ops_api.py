@@ -250,6 +250,11 @@ async def test_targets_show_queue_circuit_token_and_last_success(
                 circuit="open",
                 consecutive_failures=5,
                 probe_failures=0,
+                window_started_at=utcnow() - timedelta(seconds=5),
+                window_calls=8,
+                window_failures=6,
+                open_reason="failure rate 75% over 8 calls in the last 30 s",
+                next_probe_at=utcnow() + timedelta(seconds=20),
             )
         )
         await session.commit()
@@ -270,6 +275,13 @@ async def test_targets_show_queue_circuit_token_and_last_success(
     webhook = targets["ops-crm"]
     assert (webhook["kind"], webhook["configured"], webhook["token"]) == ("webhook", False, None)
     assert webhook["circuit"]["state"] == "open"
+    assert webhook["circuit"]["failure_rate"] == 0.75
+    assert webhook["circuit"]["window_calls"] == 8
+    assert webhook["circuit"]["reason"] == "failure rate 75% over 8 calls in the last 30 s"
+    assert webhook["circuit"]["next_trial_at"] is not None
+    assert webhook["circuit"]["trials"] == {"succeeded": 0, "failed": 0}
+    assert ehr_target["circuit"]["failure_rate"] == 0.0
+    assert ehr_target["circuit"]["reason"] is None
     assert webhook["queue"]["oldest_pending_age_s"] >= 90
 
 
@@ -319,6 +331,8 @@ async def test_metrics_expose_counters_histograms_and_database_gauges(
     )
     assert sample(after, "fhir_gateway_circuit_state", state="closed", **key) == 1
     assert sample(after, "fhir_gateway_circuit_state", state="open", **key) == 0
+    assert sample(after, "fhir_gateway_circuit_failure_rate", **key) == 0.0
+    assert "fhir_gateway_circuit_failure_rate" in after
     assert sample(after, "fhir_gateway_oauth_token_expires_in_seconds", target="test-ehr") > 200
     assert sample(after, "fhir_gateway_oauth_auth_circuit_open", target="test-ehr") == 0
     assert "fhir_gateway_delivery_oldest_pending_age_seconds" in after

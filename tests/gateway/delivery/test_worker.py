@@ -422,3 +422,56 @@ async def test_bad_credentials_make_deliveries_wait_without_attempts(
     [target] = [t for t in targets if t["name"] == "test-ehr"]
     assert target["token"]["state"] == "config_error"
     assert target["queue"]["pending"] == 3
+
+
+async def test_after_a_burst_of_503s_the_backlog_goes_within_seconds_of_the_recovery(
+    runtime: Runtime,
+    clock: FastForwardClock,
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    ehr: EHR,
+    use_target: TargetFactory,
+) -> None:
+    """Issue 17: 12 writes answered 503 ``Retry-After: 1``, with the default circuit
+    breaker and a slow retry backoff (base 30 s). The circuit opens, its trials follow the
+    EHR's Retry-After (not 15 s doubling), a half-open round of trials closes it, and the
+    deliveries whose retry backoff began in the burst go at once (one timing model): the
+    last delivery comes seconds after the last failure, not minutes."""
+    fake, running = ehr
+    use_target(running, retry={"base_delay_s": 30, "max_delay_s": 300})
+    await submit_intakes(client, admin_headers, 12)
+    fake.fail_fhir(12, 503, retry_after=1)
+    worker = delivery_worker(runtime, concurrency=4)
+    opened = False
+    recovered_at = None
+    try:
+        for _ in range(100):
+            await worker.run_once()
+            async with runtime.sessionmaker() as session:
+                state = await session.get(TargetState, ("ehr", "test-ehr"))
+            opened = opened or (state is not None and state.circuit == "open")
+            failures = sum(1 for r in fake.requests if r.status == 503)
+            if recovered_at is None and failures == 12:
+                recovered_at = clock.now()
+            counts = await status_counts(runtime)
+            if counts == {"delivered": 12}:
+                break
+            await skip_to_next_due(runtime, clock)
+        last = max(d.delivered_at for d in await deliveries(runtime) if d.delivered_at)
+    finally:
+        await worker.aclose()
+
+    assert opened
+    assert await status_counts(runtime) == {"delivered": 12}
+    assert recovered_at is not None
+    assert (last - recovered_at).total_seconds() <= 5  # main: a minute or more
+    assert fake.count("Patient") == 12
+    state_after = await _state(runtime)
+    assert (state_after.circuit, state_after.probe_failures) == ("closed", 0)
+
+
+async def _state(runtime: Runtime) -> TargetState:
+    async with runtime.sessionmaker() as session:
+        state = await session.get(TargetState, ("ehr", "test-ehr"))
+    assert state is not None
+    return state
