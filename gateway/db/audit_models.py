@@ -12,6 +12,11 @@ from sqlalchemy.orm import Mapped, mapped_column
 from gateway.db.base import Base
 from gateway.db.types import BigIntPK, utcnow
 
+#: ``Session.info`` key of the audit entries a transaction will insert when it commits
+#: (``gateway.audit.service.record``); the request dependency checks it to take SQLite's
+#: write lock for a read that recorded some.
+AUDIT_PENDING = "gateway.audit.pending"
+
 
 class AuditEntry(Base):
     """One audited action on PHI or on the gateway's configuration: an IHE BALP
