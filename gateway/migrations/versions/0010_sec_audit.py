@@ -15,7 +15,7 @@ with a key encryption key are ``enc:v1:`` envelopes; values already stored in pl
 is not the database's to know.
 
 Revision ID: 0010_sec_audit
-Revises: 0010_delivery
+Revises: 0009_inbox_queue
 Create Date: 2026-12-07 06:00:00
 """
 
@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0010_sec_audit"
-down_revision: str | None = "0010_delivery"  # re-chained after main merged both
+down_revision: str | None = "0009_inbox_queue"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
