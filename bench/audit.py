@@ -49,7 +49,6 @@ def disable_audit() -> None:
 async def measure(database_url: str, n: int) -> dict[str, Any]:
     """CPU milliseconds per intake, per FHIR read and per case search (see the module
     docstring), after ``n // 10`` warm-up intakes."""
-    import gateway
     from gateway.app import create_app
     from gateway.clients.service import create_client
     from gateway.db.migrate import upgrade_async
@@ -57,10 +56,7 @@ async def measure(database_url: str, n: int) -> dict[str, Any]:
     from testkit import samples
 
     settings = Settings(
-        database_url=database_url,
-        run_worker=False,
-        log_level="error",
-        _env_file=None,  # type: ignore[call-arg]
+        database_url=database_url, run_worker=False, log_level="error", _env_file=None
     )
     await upgrade_async(settings.database_url)
     app = create_app(settings, run_worker=False)
@@ -96,11 +92,12 @@ async def measure(database_url: str, n: int) -> dict[str, Any]:
         read_s = time.process_time() - started
         started = time.process_time()
         for patient in patients:
-            r = await http.get("/v1/cases", params={"patient": f"Patient/{patient}"}, headers=headers)
+            r = await http.get(
+                "/v1/cases", params={"patient": f"Patient/{patient}"}, headers=headers
+            )
             assert r.status_code == 200
         search_s = time.process_time() - started
     return {
-        "gateway": str(Path(gateway.__file__).resolve().parent.parent),
         "database": settings.database_url.split(":", 1)[0],
         "n": n,
         "intake_cpu_ms": round(intake_s * 1000 / n, 3),
@@ -130,7 +127,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         url = args.database_url or f"sqlite+aiosqlite:///{tmp}/bench.db"
         result = asyncio.run(measure(url, args.n))
-        print(json.dumps({**result, "audit": not args.without_audit}))
+    import gateway
+
+    source = str(Path(gateway.__file__).resolve().parent.parent)
+    print(json.dumps({"gateway": source, **result, "audit": not args.without_audit}))
 
 
 if __name__ == "__main__":
