@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.clients.actor import Actor, set_actor
 from gateway.clients.service import Principal, scopes_granting
+from gateway.db.audit_models import AUDIT_PENDING
 from gateway.errors import ForbiddenError, UnauthorizedError
 from gateway.runtime import Runtime
 
@@ -38,7 +39,7 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
             await session.rollback()
             raise
         else:
-            if reading and runtime.write_lock is not None and session.new:
+            if reading and runtime.write_lock is not None and session.info.get(AUDIT_PENDING):
                 async with runtime.write_lock:
                     await session.commit()
             else:

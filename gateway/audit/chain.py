@@ -217,7 +217,7 @@ async def verify(session: AsyncSession, *, batch: int = 5000) -> Verification:
         rows = list(
             await session.scalars(
                 select(AuditEntry)
-                .where(AuditEntry.seq >= expected_seq)
+                .where(AuditEntry.seq >= expected_seq, AuditEntry.seq <= head.last_seq)
                 .order_by(AuditEntry.seq)
                 .limit(batch)
             )

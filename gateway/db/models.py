@@ -4,7 +4,8 @@ Every table works on SQLite (embedded default, one process) and PostgreSQL (prod
 several API processes and workers). Schema changes go through Alembic migrations in
 ``gateway/migrations``; tests check that the models and the migrations agree.
 
-Status vocabularies are :class:`enum.StrEnum` stored as short strings.
+Status vocabularies are :class:`enum.StrEnum` stored as short strings. The audit trail's
+tables are in :mod:`gateway.db.audit_models` (re-exported here).
 """
 
 from __future__ import annotations
@@ -21,32 +22,19 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
-    MetaData,
     String,
     Text,
     UniqueConstraint,
     text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column
 
+from gateway.db.audit_models import AuditChain as AuditChain
+from gateway.db.audit_models import AuditEntry as AuditEntry
+from gateway.db.base import NAMING_CONVENTION as NAMING_CONVENTION
+from gateway.db.base import Base as Base
 from gateway.db.encryption import EncryptedText
-from gateway.db.types import BigIntPK, JSONDoc, UTCDateTime, utcnow
-
-NAMING_CONVENTION = {
-    "ix": "ix_%(column_0_label)s",
-    "uq": "uq_%(table_name)s_%(column_0_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
-
-
-class Base(DeclarativeBase):
-    """Declarative base with a constraint naming convention (stable migration names)."""
-
-    metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSONDoc}
-
+from gateway.db.types import BigIntPK, JSONDoc, utcnow
 
 # --------------------------------------------------------------------------- clients
 
@@ -468,70 +456,6 @@ class ExceptionRecord(Base):
     retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (Index("ix_exceptions_status", "status", "kind"),)
-
-
-class AuditEntry(Base):
-    """One audited action on PHI or on the gateway's configuration: an IHE BALP
-    AuditEvent (https://profiles.ihe.net/ITI/BALP/) in columns. Ids only, never content.
-
-    ``actor`` is the agent (API client name, ``cli:<user>``, ``worker``), ``agent_kind``
-    ``client`` | ``user`` | ``system``; ``action`` the interaction (``read``, ``search``,
-    ``create``, ``update``, ``ingest``, ``replay``...) and ``code`` its AuditEvent.action
-    (C, R, U, D, E); ``outcome`` AuditEvent.outcome (0, 4, 8, 12); ``entity_type`` /
-    ``entity_id`` the resource and ``patient_id`` the Patient it belongs to.
-
-    The hash chain (migration 0010): the sealer (:mod:`gateway.audit.chain`) gives each
-    entry its place ``seq`` and ``hash`` = SHA-256 of the previous entry's hash and this
-    entry's fields; ``seq`` is NULL until then (about a second).
-    """
-
-    __tablename__ = "audit_log"
-
-    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
-    at: Mapped[datetime] = mapped_column(default=utcnow)
-    actor: Mapped[str] = mapped_column(String(128))
-    action: Mapped[str] = mapped_column(String(32))
-    entity_type: Mapped[str] = mapped_column(String(64))
-    entity_id: Mapped[str] = mapped_column(String(128))
-    detail: Mapped[dict[str, Any] | None]
-    code: Mapped[str] = mapped_column(String(1), default="E", server_default="E")
-    outcome: Mapped[str] = mapped_column(String(2), default="0", server_default="0")
-    agent_kind: Mapped[str] = mapped_column(String(16), default="system", server_default="system")
-    client_id: Mapped[int | None] = mapped_column(BigInteger)
-    source_address: Mapped[str | None] = mapped_column(String(64))
-    patient_id: Mapped[str | None] = mapped_column(String(64))
-    query: Mapped[str | None] = mapped_column(Text)
-    seq: Mapped[int | None] = mapped_column(BigInteger, unique=True)
-    prev_hash: Mapped[str | None] = mapped_column(String(64))
-    hash: Mapped[str | None] = mapped_column(String(64))
-
-    __table_args__ = (
-        Index("ix_audit_log_patient", "patient_id", "at"),
-        Index("ix_audit_log_actor", "actor", "at"),
-        Index("ix_audit_log_at", "at"),
-        # The sealer's scan: entries not chained yet.
-        Index(
-            "ix_audit_log_unsealed",
-            "id",
-            postgresql_where=text("seq IS NULL"),
-            sqlite_where=text("seq IS NULL"),
-        ),
-    )
-
-
-class AuditChain(Base):
-    """The head of the audit hash chain (one row, ``id = 1``): the last sealed entry's
-    ``seq`` and ``hash``, and the anchor retention left (the last purged entry's ``seq``
-    and ``hash``; verification starts after it)."""
-
-    __tablename__ = "audit_chain"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    last_seq: Mapped[int] = mapped_column(BigInteger, default=0)
-    last_hash: Mapped[str] = mapped_column(String(64))
-    anchor_seq: Mapped[int] = mapped_column(BigInteger, default=0)
-    anchor_hash: Mapped[str] = mapped_column(String(64))
-    sealed_at: Mapped[datetime | None]
 
 
 class Subscriber(Base):

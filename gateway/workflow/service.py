@@ -560,6 +560,14 @@ async def _reject_without_case(
             problems=[Problem("patient", reason, message)],
         )
     )
+    audit.record(  # the event reached the gateway but no case: refused, in the trail too
+        session,
+        action="event",
+        entity_type="InboundMessage",
+        entity_id=event.message_id or event.event_id,
+        outcome="4",
+        detail={"event": event.type, "outcome": reason},
+    )
     await session.flush()
     log.info("case.event_without_case", reason=reason, event_type=event.type, source=event.source)
     return ApplyResult("no_case", None, reason=reason)

@@ -310,3 +310,35 @@ def test_the_worker_refuses_to_start_in_production_without_a_key(
     result = runner.invoke(cli_app, ["worker"])
     assert result.exit_code == 2
     assert "refusing to start" in result.stderr and "GATEWAY_KEY_ENCRYPTION_KEY" in result.stderr
+
+
+async def test_counts_and_reencryption_on_each_database(runtime: Runtime) -> None:
+    """The raw-text counts and rotate-kek's service on SQLite and PostgreSQL alike."""
+    from gateway.db.encryption import secret_counts
+    from gateway.db.rekey import reencrypt_all
+
+    async with runtime.sessionmaker() as session:  # no keyring yet: plaintext, as before
+        session.add(OAuthToken(target="acme", access_token="tok-1", failures=0))
+        session.add(
+            Subscriber(name="crm", url="https://crm.example.org", secret="s", event_types=[])
+        )
+        await session.commit()
+        counts = await secret_counts(session, keyring=None)
+    assert counts["oauth_tokens.access_token"]["plaintext"] == 1
+    assert counts["subscribers.secret"]["plaintext"] == 1
+
+    ring = Keyring(new_kek())
+    attach_keyring(runtime.engine, ring)
+    async with runtime.sessionmaker() as session:
+        moved = await reencrypt_all(session, legacy_keys=[ring.current_text])
+        await session.commit()
+        counts = await secret_counts(session, keyring=ring)
+    assert moved["oauth_tokens.access_token"] == moved["subscribers.secret"] == 1
+    assert counts["oauth_tokens.access_token"] == {
+        "plaintext": 0,
+        "legacy": 0,
+        "current": 1,
+        "older": 0,
+    }
+    async with runtime.sessionmaker() as session:
+        assert await session.scalar(select(OAuthToken.access_token)) == "tok-1"

@@ -52,8 +52,8 @@ async def rows(runtime: Runtime, model: type[T], *where: Any, order_by: Any = No
 
 
 async def table_counts(runtime: Runtime) -> dict[str, int]:
-    """``table name -> row count`` for every table of the gateway, except ``audit_chain``:
-    its one row (the audit chain's head) is there from the migration on."""
+    """``table name -> row count`` for every table of the gateway that holds data
+    (``audit_chain``, the hash chain's one head row, is left out)."""
     from gateway.db.models import Base
 
     out = {}
