@@ -59,7 +59,9 @@ def profiles_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 async def mllp(runtime: Runtime) -> AsyncIterator[MllpServer]:
-    server = MllpServer(runtime, port=0, max_message_bytes=8192, read_timeout_s=5)
+    server = MllpServer(
+        runtime, port=0, max_message_bytes=8192, read_timeout_s=5, allow_plaintext=True
+    )
     await server.start()
     try:
         yield server
