@@ -59,8 +59,15 @@ def profiles_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 async def mllp(runtime: Runtime) -> AsyncIterator[MllpServer]:
+    # one connection per example, opened as soon as the last closed: the per-peer cap
+    # (tests/security/test_hl7_mllp_limits.py) must not meet a handler still finishing
     server = MllpServer(
-        runtime, port=0, max_message_bytes=8192, read_timeout_s=5, allow_plaintext=True
+        runtime,
+        port=0,
+        max_message_bytes=8192,
+        read_timeout_s=5,
+        allow_plaintext=True,
+        max_connections_per_peer=1000,
     )
     await server.start()
     try:

@@ -48,6 +48,7 @@ BEYOND_THE_SCHEMA: dict[str, set[int]] = {
     "POST /v1/partners/{partner}/webhooks": {400, 503},  # the signature; its secret
     "POST /v1/ehr/{target}/notifications": {503},  # the target's shared secret
     "POST /v1/ops/deliveries/replay": {422},  # exactly one of ids and filter
+    "POST /v1/ops/subscribers": {422},  # the egress policy (resolved hosts, allowlist)
     "GET /fhir/AuditEvent": {400},  # FHIR search grammar (dates with prefixes), 400 per FHIR
     "POST /v1/ops/subscribers": {422},  # the egress policy: https, the resolved address
 }
