@@ -219,9 +219,11 @@ class RemoteIdRow:
 async def save_remote_ids(
     session: AsyncSession, *, target: str, rows: Sequence[RemoteIdRow], now: datetime
 ) -> None:
-    """Insert or update the EHR's ids for our resources (one statement)."""
+    """Insert or update the EHR's ids for our resources (one statement; of two rows for
+    the same resource the last wins)."""
     if not rows:
         return
+    rows = list({(r.resource_type, r.local_id): r for r in rows}.values())
     insert = pg_insert if is_postgres(session) else sqlite_insert
     stmt = insert(cast(Table, RemoteId.__table__))  # Core: no ORM bulk-insert bookkeeping
     stmt = stmt.on_conflict_do_update(
