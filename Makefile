@@ -14,10 +14,11 @@ $(BIN)/fhir-gateway: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
 	@touch $@
 
-# A local .env with a generated Stripe signing secret for development (never a default in code).
+# A local .env with a generated Stripe signing secret for development (never a default in code),
+# readable by its owner only (umask 077: created 0600).
 .env:
-	@echo "GATEWAY_STRIPE_WEBHOOK_SECRET=whsec_$$($(PYTHON) -c 'import secrets; print(secrets.token_hex(24))')" > .env
-	@echo "wrote .env with a development Stripe webhook secret"
+	@umask 077 && echo "GATEWAY_STRIPE_WEBHOOK_SECRET=whsec_$$($(PYTHON) -c 'import secrets; print(secrets.token_hex(24))')" > .env
+	@echo "wrote .env (mode 0600) with a development Stripe webhook secret"
 
 ## run: start the gateway on 127.0.0.1:8000 (SQLite ./gateway.db, bundled profiles, API + worker)
 run: $(BIN)/fhir-gateway .env

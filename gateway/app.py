@@ -9,24 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import gc
-import json
 from collections.abc import AsyncIterator
-from http import HTTPStatus
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import gateway
+from gateway.clients.service import Principal
 from gateway.db.checkpoint import run_checkpoints
+from gateway.db.encryption import startup_problems
+from gateway.deps import authenticated
 from gateway.errors import (
+    BadRequestError,
     GatewayError,
     NotFoundError,
     PayloadTooLargeError,
@@ -35,12 +38,13 @@ from gateway.errors import (
     problem_response,
 )
 from gateway.events.endpoints import router as events_router
+from gateway.fhir.audit_endpoints import router as audit_router
 from gateway.fhir.endpoints import router as fhir_router
 from gateway.hl7.endpoints import router as hl7_router
-from gateway.http import DOCUMENTED_MODELS
 from gateway.ingest.endpoints import router as ingest_router
 from gateway.logging import configure_logging, get_logger, log_failure
 from gateway.oauth.endpoints import router as jwks_router
+from gateway.openapi import build_openapi
 from gateway.ops.deliveries import router as ops_deliveries_router
 from gateway.ops.exceptions import router as exceptions_router
 from gateway.ops.targets import router as ops_targets_router
@@ -56,6 +60,10 @@ from mappers import validation
 from mappers.errors import Problem
 
 log = get_logger(__name__)
+
+
+class UnsafeStartError(RuntimeError):
+    """``GATEWAY_ENV=production`` and secrets are not protected at rest: no start."""
 
 
 class GatewayGeneralError(GatewayError):
@@ -77,6 +85,55 @@ def _fhir_server_asking(request: Request) -> bool:
         return False
     accept = request.headers.get("accept", "").lower()
     return "application/fhir+json" in accept and "application/problem+json" not in accept
+
+
+class RequestGuardMiddleware:
+    """Refuse a request with a NUL character (U+0000) in its path, query or headers: 400
+    ``nul_character``, before routing.
+
+    No parameter of the gateway needs one, and PostgreSQL cannot hold one in text (a query
+    with it fails: a 500). NUL in JSON bodies is refused by
+    :func:`gateway.http.decode_json_object`; in HL7 v2, by the HL7 channel (``AR``).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _holds_nul(scope):
+            exc = BadRequestError(
+                "the request holds a NUL character",
+                [Problem("", "nul_character", "paths, queries and headers cannot hold U+0000")],
+                in_body=False,
+            )
+            path = scope.get("path", "")
+            response = (
+                operation_outcome_response(exc)
+                if path.startswith("/fhir")
+                else problem_response(exc, instance=path.replace("\x00", ""))
+            )
+            await response(scope, _noop_receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _holds_nul(scope: Scope) -> bool:
+    query: bytes = scope.get("query_string", b"")
+    if "\x00" in scope.get("path", "") or b"\x00" in query or b"%00" in query:
+        return True
+    return any(b"\x00" in value for _, value in scope.get("headers") or ())
+
+
+def allowed_methods(request: Request) -> str:
+    """The ``Allow`` header of a 405 (RFC 9110 section 15.5.6): every method some route
+    of the app serves at the request's path (Starlette's own names only the first route
+    that matched the path)."""
+    methods: set[str] = set()
+    for route in iter_route_contexts(request.app.routes):
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= route.methods or set()
+    return ", ".join(sorted(methods))
 
 
 class BodySizeLimitMiddleware:
@@ -203,6 +260,12 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         rt = runtime or Runtime.create(settings)
+        refused = await startup_problems(settings, rt.engine)
+        if refused:
+            log.error("gateway.refused_to_start", problems=refused)
+            if runtime is None:
+                await rt.close()
+            raise UnsafeStartError("; ".join(refused))
         app.state.runtime = rt
         install_sighup_reload(rt)
         stop = asyncio.Event()
@@ -245,8 +308,14 @@ def create_app(
             "problem details; `/fhir` errors are OperationOutcomes."
         ),
         lifespan=lifespan,
+        # GATEWAY_DOCS: public (FastAPI's routes), authenticated (below), off (none)
+        docs_url="/docs" if settings.docs == "public" else None,
+        redoc_url="/redoc" if settings.docs == "public" else None,
+        openapi_url="/openapi.json" if settings.docs == "public" else None,
     )
     app.state.worker = None
+    if settings.docs == "authenticated":
+        add_authenticated_docs(app)
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
@@ -267,12 +336,16 @@ def create_app(
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
             return _render(request, NotFoundError("no such route"))
-        error = GatewayError(str(exc.detail))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = allowed_methods(request)
+        error = GatewayError(str(exc.detail), headers=headers)
         error.status = exc.status_code  # type: ignore[misc]
         error.slug = "http-error"  # type: ignore[misc]
         error.title = "HTTP error"  # type: ignore[misc]
         return _render(request, error)
 
+    app.add_middleware(RequestGuardMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(UnexpectedErrorMiddleware)
     app.include_router(ingest_router)
@@ -283,6 +356,7 @@ def create_app(
     app.include_router(subscribers_router)
     app.include_router(exceptions_router)
     app.include_router(profiles_router)  # before fhir_router: /fhir/Questionnaire/{id}
+    app.include_router(audit_router)  # before fhir_router: /fhir/AuditEvent is a search
     app.include_router(fhir_router)
     app.include_router(ops_deliveries_router)
     app.include_router(ops_targets_router)
@@ -306,96 +380,31 @@ def create_app(
         return JSONResponse({"status": "ok", "database": "ok"})
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema:
-            return app.openapi_schema
-        schema = get_openapi(
-            title=app.title, version=app.version, description=app.description, routes=app.routes
-        )
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in DOCUMENTED_MODELS:
-            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(body.pop("$defs", {}))
-            components[model.__name__] = body
-        document_error_responses(schema)
-        schema.setdefault("components", {})["securitySchemes"] = {
-            "apiKey": {
-                "type": "http",
-                "scheme": "bearer",
-                "description": "API key from `fhir-gateway clients create`",
-            }
-        }
-        schema["security"] = [{"apiKey": []}]
-        app.openapi_schema = schema
-        return schema
+        if not app.openapi_schema:
+            app.openapi_schema = build_openapi(app)
+        return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
-#: RFC 9457 problem details with the gateway's ``errors`` extension (:func:`problem_body`).
-PROBLEM_SCHEMA: dict[str, Any] = {
-    "title": "Problem",
-    "type": "object",
-    "description": "RFC 9457 problem details (https://www.rfc-editor.org/rfc/rfc9457).",
-    "required": ["type", "title", "status"],
-    "properties": {
-        "type": {"type": "string", "examples": ["urn:fhir-gateway:problem:validation-error"]},
-        "title": {"type": "string"},
-        "status": {"type": "integer"},
-        "detail": {"type": "string"},
-        "instance": {"type": "string"},
-        "errors": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["field", "pointer", "code", "detail"],
-                "properties": {
-                    "field": {"type": "string"},
-                    "pointer": {"type": "string"},
-                    "code": {"type": "string"},
-                    "detail": {"type": "string"},
-                },
-            },
-        },
-    },
-}
+def add_authenticated_docs(app: FastAPI) -> None:
+    """``/openapi.json``, ``/docs`` and ``/redoc`` behind any valid API key
+    (``GATEWAY_DOCS=authenticated``; 401 without one). A browser's Swagger UI cannot send
+    the key when it fetches the document: read it with a client that can
+    (``curl -H "Authorization: Bearer ..."``)."""
 
-#: The R4 OperationOutcome the ``/fhir`` routes answer errors with
-#: (https://hl7.org/fhir/R4/operationoutcome.html).
-OPERATION_OUTCOME_SCHEMA: dict[str, Any] = {
-    "title": "OperationOutcome",
-    "type": "object",
-    "required": ["resourceType", "issue"],
-    "properties": {
-        "resourceType": {"const": "OperationOutcome"},
-        "issue": {"type": "array", "items": {"type": "object"}},
-    },
-}
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_document(_principal: Annotated[Principal, Depends(authenticated)]) -> Any:
+        return JSONResponse(app.openapi())
 
+    @app.get("/docs", include_in_schema=False)
+    async def swagger(_principal: Annotated[Principal, Depends(authenticated)]) -> Any:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
 
-def document_error_responses(schema: dict[str, Any]) -> None:
-    """Describe every 4xx/5xx response of ``schema`` as what the gateway sends: RFC 9457
-    problem details (``application/problem+json``), or an OperationOutcome
-    (``application/fhir+json``) under ``/fhir``, instead of FastAPI's ``HTTPValidationError``
-    (which the gateway never answers) or no body at all."""
-    components = schema.setdefault("components", {}).setdefault("schemas", {})
-    components["Problem"] = PROBLEM_SCHEMA
-    components["OperationOutcome"] = OPERATION_OUTCOME_SCHEMA
-    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
-    outcome = {
-        "application/fhir+json": {"schema": {"$ref": "#/components/schemas/OperationOutcome"}}
-    }
-    for path, operations in schema.get("paths", {}).items():
-        fhir = path == "/fhir" or path.startswith("/fhir/")
-        for operation in operations.values():
-            for code, response in operation.get("responses", {}).items():
-                if code[:1] in ("4", "5"):
-                    response["content"] = copy.deepcopy(outcome if fhir else problem)
-                    if response.get("description") in (None, "", "Validation Error"):
-                        response["description"] = HTTPStatus(int(code)).phrase
-    for unused in ("HTTPValidationError", "ValidationError"):
-        if f'"#/components/schemas/{unused}"' not in json.dumps(schema):
-            components.pop(unused, None)
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(_principal: Annotated[Principal, Depends(authenticated)]) -> Any:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
 
 
 def create_app_from_env() -> FastAPI:

@@ -3,8 +3,8 @@ check, the guarded run that keeps a refused payload for review, the answer, and 
 inbound message once.
 
 * :func:`decode_json_object`: UTF-8 JSON that must be an object, with every way it can fail
-  (bad encoding, bad syntax, nesting too deep, an integer too long for Python to convert)
-  answered as a problem, never a 500;
+  (bad encoding, bad syntax, nesting too deep, an integer too long for Python to convert,
+  a NUL character PostgreSQL cannot store) answered as a problem, never a 500;
 * :func:`request_content_type`, :func:`require_json`: the declared media type;
 * :func:`run_guarded`: run a channel's call; a refused payload (400, 409, 413, 415, 422) is
   kept whole in the exceptions queue (:func:`record_refusal`), in its own transaction;
@@ -60,6 +60,35 @@ def _parse_int(text: str) -> int:
     return int(text)
 
 
+#: At most this many NUL locations are listed in one refusal.
+MAX_NUL_PROBLEMS = 20
+
+
+def _nul_locations(data: Any) -> list[str]:
+    """The locations (``answers.current_medications``, ``consents[0].type``) of the
+    strings in decoded JSON that hold U+0000, in document order; a key holding one is
+    reported at its object. Walked without recursion: the nesting may be as deep as the
+    parser allowed."""
+    found: list[str] = []
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack and len(found) < MAX_NUL_PROBLEMS:
+        location, item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                found.append(location)
+        elif isinstance(item, dict):
+            children: list[tuple[str, Any]] = []
+            for key, value in item.items():
+                if "\x00" in key:
+                    found.append(location)
+                    continue
+                children.append((f"{location}.{key}" if location else key, value))
+            stack.extend(reversed(children))
+        elif isinstance(item, list):
+            stack.extend((f"{location}[{i}]", v) for i, v in reversed(list(enumerate(item))))
+    return found
+
+
 def decode_json_object(raw: bytes) -> dict[str, Any]:
     """Parse a request body that must be a JSON object (RFC 8259).
 
@@ -72,9 +101,11 @@ def decode_json_object(raw: bytes) -> dict[str, Any]:
     Raises:
         BadRequestError: not UTF-8 (``invalid_encoding``), not JSON (``invalid_json``,
             naming line and column), or nested too deeply to parse.
-        UnprocessableError: valid JSON that is not an object (``type_error``), or holding
+        UnprocessableError: valid JSON that is not an object (``type_error``), holding
             an integer of more than :data:`MAX_INT_DIGITS` digits (``number_too_long``;
-            RFC 8259 section 6 lets a parser limit numbers).
+            RFC 8259 section 6 lets a parser limit numbers), or a string with a NUL
+            character, ``\\u0000`` (``invalid_character`` at each string holding
+            one: no field needs one, and PostgreSQL cannot store one in text or JSON).
     """
     try:
         data = json.loads(raw, parse_int=_parse_int)
@@ -102,6 +133,12 @@ def decode_json_object(raw: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UnprocessableError(
             "the body must be a JSON object", [Problem("", "type_error", "expected a JSON object")]
+        )
+    nul_at = _nul_locations(data) if b"\\u0000" in raw else []
+    if nul_at:
+        raise UnprocessableError(
+            "the body holds a NUL character",
+            [Problem(at, "invalid_character", "contains a NUL character") for at in nul_at],
         )
     return data
 
@@ -236,8 +273,21 @@ async def store_if_new(session: AsyncSession, message: InboundMessage) -> Inboun
 
     Returns:
         None when stored; the existing message when the key was taken (a retransmission).
+
+    Raises:
+        UnprocessableError: an identifier (the sender's message id, the sender, the
+            content type) longer than its column (``too_long``).
     """
     table = InboundMessage.__table__
+    for column in ("external_id", "sender", "dedupe_key", "content_type"):
+        value, limit = getattr(message, column), getattr(table.c[column].type, "length", None)
+        if isinstance(value, str) and limit is not None and len(value) > limit:
+            # PostgreSQL refuses a longer value (a 500); SQLite would keep it
+            raise UnprocessableError(
+                "an identifier of the message is too long",
+                [Problem("", "too_long", f"{column} has at most {limit} characters")],
+                in_body=False,
+            )
     message.received_at = message.received_at or utcnow()
     # None values are left out so the columns' defaults apply (status, revision...)
     values: dict[str, Any] = {

@@ -11,7 +11,10 @@ concurrency:
   notification, a retry), ``inbox_concurrency`` prepared at once; it reads id-only focus
   resources with the same EHR clients as the deliveries (shared tokens, rate limits);
 * ``workflow-timers`` (:class:`~gateway.workflow.timers.WorkflowTimers`): held events
-  whose reorder window closed, SLA flags.
+  whose reorder window closed, SLA flags;
+* ``audit-seal`` (:class:`~gateway.audit.chain.Sealer`): chains new audit entries into the
+  hash chain every ``GATEWAY_AUDIT_SEAL_INTERVAL``, and hourly deletes those past
+  ``GATEWAY_AUDIT_RETENTION``.
 
 Changes of cases, whoever makes them, go to the subscribers' outbox
 (:func:`gateway.subscribers.service.enqueue_case_webhook`): that is wired here and in the
@@ -26,12 +29,14 @@ from collections.abc import Mapping, Sequence
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.audit.chain import Sealer
 from gateway.clock import Clock
 from gateway.delivery.ehr_sender import EhrSender
 from gateway.delivery.recording import OnReached
 from gateway.delivery.sender import Reached, Sender
 from gateway.delivery.webhooks import WebhookSender
 from gateway.delivery.worker import DeliveryWorker
+from gateway.egress import egress_transport
 from gateway.ehr.client import TokenProvider
 from gateway.ehr.factory import EhrClients
 from gateway.events.apply import EventApplier
@@ -73,7 +78,7 @@ def ehr_clients(
             profiles_root=root,
             cipher=cipher,
             secret_env_file=runtime.settings.secret_env_file,
-            transport=token_transport,
+            transport=token_transport or egress_transport(runtime.egress),
             clock=clock,
         )
 
@@ -83,6 +88,7 @@ def ehr_clients(
         http=http,
         max_connections=max(10, concurrency * 2),
         clock=clock,
+        transport=lambda limits: egress_transport(runtime.egress, limits=limits),
     )
 
 
@@ -104,7 +110,12 @@ def default_senders(
             provenance_tag_system=runtime.systems.provenance,
             clock=clock,
         ),
-        "webhook": WebhookSender(sessions=runtime.sessionmaker, http=http, clock=clock),
+        "webhook": WebhookSender(
+            sessions=runtime.sessionmaker,
+            http=http,
+            clock=clock,
+            transport=egress_transport(runtime.egress) if http is None else None,
+        ),
     }
 
 
@@ -126,6 +137,7 @@ def record_reached(runtime: Runtime) -> OnReached:
                 occurred_at=r.at,
                 patient_id=r.patient_id,
                 message_id=r.message_id,
+                principal="gateway",
             )
             for r in reached
         ]
@@ -219,11 +231,15 @@ def build_worker(
         notify=enqueue_case_webhook,
         clock=clock,
     )
+    sealer = Sealer(
+        sessions=runtime.write_session, retention=runtime.settings.audit_retention, now=clock.now
+    )
     return Worker(
         [
             deliveries,
             PollingLoop("inbox", applier.step, poll=poll),
             PollingLoop("workflow-timers", timers.step, poll=poll),
+            PollingLoop("audit-seal", sealer.step, poll=runtime.settings.audit_seal_interval),
         ],
         name=name,
     )

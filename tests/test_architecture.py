@@ -120,12 +120,14 @@ LAYER_MODULES = {
         "app",
         "cli",
         "worker",
+        "openapi",
         "ops",
         "ingest",
         "events",
         "hl7",
         "partners",
         "fhir/endpoints",
+        "fhir/audit_endpoints",
         "profiles",
         "workflow",
         "delivery",
@@ -134,6 +136,7 @@ LAYER_MODULES = {
         "oauth",
         "patients",
         "queue",
+        "audit",
         "http",
         "deps",
         "runtime",
@@ -147,6 +150,7 @@ LAYER_MODULES = {
         "logging",
         "metrics",
         "clock",
+        "egress",
     )
 }
 

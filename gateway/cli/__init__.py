@@ -5,7 +5,8 @@
 * :mod:`~gateway.cli.clients`: ``clients create|list|revoke|scopes``;
 * :mod:`~gateway.cli.profiles`: ``profiles check|preview|schema|remap``;
 * :mod:`~gateway.cli.deliveries`: ``deliveries list|show|replay``;
-* :mod:`~gateway.cli.keys`: ``keys rotate|list|jwks|prune|encryption-key``;
+* :mod:`~gateway.cli.keys`: ``keys rotate|list|jwks|prune|encryption-key|rotate-kek``;
+* :mod:`~gateway.cli.audit`: ``audit verify|export|purge|seal``;
 * :mod:`~gateway.cli.demo`: ``demo``.
 
 Every command loads its settings and profiles with :mod:`gateway.cli.common`.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import typer
 
-from gateway.cli import clients, deliveries, demo, keys, mllp, profiles, server
+from gateway.cli import audit, clients, deliveries, demo, keys, mllp, profiles, server
 from gateway.cli.demo import stripe_signature_header
 
 __all__ = ["app", "main", "stripe_signature_header"]
@@ -32,6 +33,7 @@ app.add_typer(clients.app, name="clients")
 app.add_typer(profiles.app, name="profiles")
 app.add_typer(deliveries.app, name="deliveries")
 app.add_typer(keys.app, name="keys")
+app.add_typer(audit.app, name="audit")
 
 
 def main() -> None:

@@ -82,14 +82,21 @@ def run_on_database(
         work: the command's work.
         settings: already loaded settings (loaded here when None).
     """
+    from gateway.clients.actor import acting_as, cli_actor
+    from gateway.db.encryption import KeyringError, keyring_for
     from gateway.db.engine import make_engine, make_sessionmaker
 
     chosen = settings or settings_or_exit()
+    try:
+        keyring = keyring_for(chosen)
+    except KeyringError as exc:
+        raise fail(str(exc)) from exc
 
     async def main() -> T:
-        engine = make_engine(chosen.database_url)
+        engine = make_engine(chosen.database_url, keyring=keyring)
         try:
-            return await work(Database(chosen, make_sessionmaker(engine)))
+            with acting_as(cli_actor()):
+                return await work(Database(chosen, make_sessionmaker(engine)))
         finally:
             await engine.dispose()
 
@@ -116,8 +123,17 @@ def run_until_stopped(
 
     configure_logging(settings.log_level, json=settings.log_json)
 
+    from gateway.db.encryption import KeyringError, startup_problems
+
     async def main() -> None:
-        runtime = Runtime.create(settings, profiles=profiles)
+        try:
+            runtime = Runtime.create(settings, profiles=profiles)
+        except KeyringError as exc:
+            raise fail(str(exc)) from exc
+        refused = await startup_problems(settings, runtime.engine)
+        if refused:
+            await runtime.close()
+            raise fail("refusing to start (GATEWAY_ENV=production): " + "; ".join(refused))
         install_sighup_reload(runtime)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

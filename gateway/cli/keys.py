@@ -1,4 +1,4 @@
-"""``fhir-gateway keys rotate|list|jwks|prune|encryption-key``: the gateway's SMART signing
+"""``fhir-gateway keys rotate|list|jwks|prune|encryption-key|rotate-kek``: the gateway's SMART signing
 keys (see :mod:`gateway.oauth.keys` for the rotation schedule).
 
 Private keys never leave the database through these commands; ``jwks`` prints public keys.
@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from gateway.cli.common import Database, run_on_database
+from gateway.cli.common import Database, fail, run_on_database, settings_or_exit
 
 app = typer.Typer(help="SMART Backend Services signing keys (JWKS).", no_args_is_help=True)
 
@@ -21,7 +21,11 @@ def _cipher(settings: Any) -> Any:
     from gateway.oauth.keys import KeyCipher
 
     secret = settings.key_encryption_key
-    return KeyCipher(secret.get_secret_value() if secret is not None else None)
+    previous = settings.key_encryption_key_previous
+    return KeyCipher(
+        secret.get_secret_value() if secret is not None else None,
+        previous.get_secret_value().split(",") if previous is not None else (),
+    )
 
 
 @app.command("rotate")
@@ -156,8 +160,52 @@ def prune_cmd() -> None:
 
 @app.command("encryption-key")
 def encryption_key_cmd() -> None:
-    """Print a new Fernet key for GATEWAY_KEY_ENCRYPTION_KEY (store it in your secrets
-    manager; keys stored before it was set stay readable)."""
-    from cryptography.fernet import Fernet
+    """Print a new key encryption key for GATEWAY_KEY_ENCRYPTION_KEY (32 random bytes,
+    base64url). Store it in your secrets manager, not beside the database; then run
+    `keys rotate-kek` to encrypt what is stored (see docs/SECURITY.md)."""
+    from gateway.db.encryption import new_kek
 
-    typer.echo(Fernet.generate_key().decode())
+    typer.echo(new_kek())
+
+
+@app.command("rotate-kek")
+def rotate_kek_cmd() -> None:
+    """Re-encrypt every stored secret (EHR access tokens, subscriber secrets, private
+    signing keys) under GATEWAY_KEY_ENCRYPTION_KEY, reading values wrapped by the keys in
+    GATEWAY_KEY_ENCRYPTION_KEY_PREVIOUS and values stored in plaintext. One transaction:
+    all or nothing. Afterwards GATEWAY_KEY_ENCRYPTION_KEY_PREVIOUS can be removed."""
+    from gateway.audit import service as audit
+    from gateway.db.encryption import SecretDecryptionError, secret_counts, session_keyring
+    from gateway.db.rekey import reencrypt_all
+
+    settings = settings_or_exit()
+    if settings.key_encryption_key is None:
+        raise fail("GATEWAY_KEY_ENCRYPTION_KEY is not set (`fhir-gateway keys encryption-key`)")
+    legacy = [settings.key_encryption_key.get_secret_value()]
+    if settings.key_encryption_key_previous is not None:
+        legacy += settings.key_encryption_key_previous.get_secret_value().split(",")
+
+    async def work(db: Database) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        async with db.session() as session:
+            keyring = session_keyring(session)
+            counts = await reencrypt_all(session, legacy_keys=[k for k in legacy if k])
+            audit.record(
+                session,
+                action="update",
+                entity_type="KeyEncryptionKey",
+                entity_id=keyring.current_id if keyring else "-",
+                detail={k: str(v) for k, v in counts.items()},
+            )
+            await session.commit()
+            return counts, await secret_counts(session, keyring=keyring)
+
+    try:
+        counts, after = run_on_database(work, settings)
+    except SecretDecryptionError as exc:
+        raise fail(f"nothing was changed: {exc}", code=1) from exc
+    for column, n in counts.items():
+        left = after[column]
+        typer.echo(
+            f"{column}: {n} re-encrypted; now {left['current']} under the current key, "
+            f"{left['plaintext'] + left['legacy'] + left['older']} not"
+        )

@@ -4,7 +4,8 @@ Every table works on SQLite (embedded default, one process) and PostgreSQL (prod
 several API processes and workers). Schema changes go through Alembic migrations in
 ``gateway/migrations``; tests check that the models and the migrations agree.
 
-Status vocabularies are :class:`enum.StrEnum` stored as short strings.
+Status vocabularies are :class:`enum.StrEnum` stored as short strings. The audit trail's
+tables are in :mod:`gateway.db.audit_models` (re-exported here).
 """
 
 from __future__ import annotations
@@ -21,31 +22,19 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
-    MetaData,
     String,
     Text,
     UniqueConstraint,
     text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column
 
-from gateway.db.types import BigIntPK, JSONDoc, UTCDateTime, utcnow
-
-NAMING_CONVENTION = {
-    "ix": "ix_%(column_0_label)s",
-    "uq": "uq_%(table_name)s_%(column_0_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
-
-
-class Base(DeclarativeBase):
-    """Declarative base with a constraint naming convention (stable migration names)."""
-
-    metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSONDoc}
-
+from gateway.db.audit_models import AuditChain as AuditChain
+from gateway.db.audit_models import AuditEntry as AuditEntry
+from gateway.db.base import NAMING_CONVENTION as NAMING_CONVENTION
+from gateway.db.base import Base as Base
+from gateway.db.encryption import EncryptedText
+from gateway.db.types import BigIntPK, JSONDoc, utcnow
 
 # --------------------------------------------------------------------------- clients
 
@@ -62,6 +51,11 @@ class ApiClient(Base):
     scopes: Mapped[list[str]] = mapped_column(JSONDoc)
     # Senders this client may send clinical events as (POST /v1/events); NULL: any.
     event_sources: Mapped[list[str] | None] = mapped_column(JSONDoc, nullable=True)
+    # HL7 v2 partners this client may send as (POST /v1/hl7v2, MSH-4/MSH-3); NULL: any.
+    # Migration 0012_sec_hl7.
+    partners: Mapped[list[str] | None] = mapped_column(JSONDoc, nullable=True)
+    # Programs whose cases, resources and messages this client sees; NULL: all.
+    programs: Mapped[list[str] | None] = mapped_column(JSONDoc, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
     last_used_at: Mapped[datetime | None]
@@ -109,6 +103,9 @@ class InboundMessage(Base):
     available_at: Mapped[datetime | None] = mapped_column(default=utcnow)
     locked_until: Mapped[datetime | None]
     locked_by: Mapped[str | None] = mapped_column(String(128))
+    # Who authenticated the message (``client:<name>``, ``cert:<CN>:sha256:<hex>``,
+    # ``signature:<partner>``, ...); see docs/SECURITY.md. Migration 0012_sec_hl7.
+    principal: Mapped[str | None] = mapped_column(String(256))
 
     __table_args__ = (
         Index("ix_inbound_messages_pending", "status", "channel"),
@@ -298,7 +295,8 @@ class OAuthToken(Base):
     __tablename__ = "oauth_tokens"
 
     target: Mapped[str] = mapped_column(String(128), primary_key=True)
-    access_token: Mapped[str | None] = mapped_column(Text)
+    # Envelope-encrypted with the key encryption key (gateway.db.encryption).
+    access_token: Mapped[str | None] = mapped_column(EncryptedText("oauth_tokens.access_token"))
     token_type: Mapped[str | None] = mapped_column(String(32))
     scope: Mapped[str | None] = mapped_column(Text)
     expires_at: Mapped[datetime | None]
@@ -411,6 +409,9 @@ class CaseEvent(Base):
     channel: Mapped[str | None] = mapped_column(String(32))
     reference: Mapped[str | None] = mapped_column(String(256))
     hold_until: Mapped[datetime | None]
+    # The authenticated principal that sent the event (copied from its inbound message;
+    # ``gateway`` for the gateway's own events). Migration 0012_sec_hl7.
+    principal: Mapped[str | None] = mapped_column(String(256))
 
     __table_args__ = (
         UniqueConstraint("case_id", "sender", "event_id", name="uq_case_events_dedupe"),
@@ -448,24 +449,13 @@ class ExceptionRecord(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     resolved_at: Mapped[datetime | None]
     resolved_by: Mapped[str | None] = mapped_column(String(128))
+    # Who sent a refused payload (an HL7 v2 message refused for its credential): as
+    # ``inbound_messages.principal``. Migration 0012_sec_hl7.
+    principal: Mapped[str | None] = mapped_column(String(256))
     note: Mapped[str | None] = mapped_column(Text)
     retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (Index("ix_exceptions_status", "status", "kind"),)
-
-
-class AuditEntry(Base):
-    """Who created or changed what, when. Ids only, never content."""
-
-    __tablename__ = "audit_log"
-
-    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
-    at: Mapped[datetime] = mapped_column(default=utcnow)
-    actor: Mapped[str] = mapped_column(String(128))
-    action: Mapped[str] = mapped_column(String(32))
-    entity_type: Mapped[str] = mapped_column(String(64))
-    entity_id: Mapped[str] = mapped_column(String(128))
-    detail: Mapped[dict[str, Any] | None]
 
 
 class Subscriber(Base):
@@ -476,7 +466,7 @@ class Subscriber(Base):
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
     url: Mapped[str] = mapped_column(Text)
-    secret: Mapped[str] = mapped_column(Text)
+    secret: Mapped[str] = mapped_column(EncryptedText("subscribers.secret"))  # envelope-encrypted
     event_types: Mapped[list[str]] = mapped_column(JSONDoc)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -582,7 +572,7 @@ class SigningKey(Base):
 
     kid: Mapped[str] = mapped_column(String(128), primary_key=True)
     alg: Mapped[str] = mapped_column(String(16))
-    private_key: Mapped[str] = mapped_column(Text)
+    private_key: Mapped[str] = mapped_column(EncryptedText("signing_keys.private_key"))
     encrypted: Mapped[bool] = mapped_column(Boolean, default=False)
     public_jwk: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

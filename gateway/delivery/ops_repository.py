@@ -172,3 +172,16 @@ async def queue_stats(session: AsyncSession) -> dict[tuple[str, str], QueueStats
             oldest,
         )
     return out
+
+
+async def patients_of(session: AsyncSession, *, ids: Sequence[int]) -> dict[int, str]:
+    """The patient id of each EHR delivery among ``ids`` (its ordering key; webhooks are
+    ordered by case and have none here), for the audit trail."""
+    if not ids:
+        return {}
+    rows = await session.execute(
+        select(Delivery.id, Delivery.ordering_key).where(
+            Delivery.id.in_(list(ids)), Delivery.kind == "ehr"
+        )
+    )
+    return {delivery_id: key for delivery_id, key in rows}

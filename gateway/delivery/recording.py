@@ -30,6 +30,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway import metrics
+from gateway.audit import service as audit
+from gateway.clients.actor import SYSTEM
 from gateway.clock import Clock
 from gateway.db.models import Delivery, DeliveryStatus
 from gateway.db.uow import SessionFactory, unit_of_work
@@ -201,6 +203,8 @@ class OutcomeRecorder:
                     reached.append(outcome.reached)
                 if not isinstance(outcome, Wait):
                     attempt_rows.append(self._attempt_row(item))
+                    if item.config.kind == "ehr":
+                        _audit_disclosure(session, item, label, now)
                 key = (item.config.kind, item.config.name)
                 if isinstance(outcome, Delivered | NeedsReview) or (
                     isinstance(outcome, Rejected) and outcome.status_code is not None
@@ -330,6 +334,32 @@ class OutcomeRecorder:
             retry_at = max(retry_at, failure.throttled_until)
         values.update(status=DeliveryStatus.PENDING, available_at=retry_at)
         return values, "transient"
+
+
+#: AuditEvent.outcome of a delivery attempt's metric label.
+_AUDIT_OUTCOME: dict[str, audit.AuditOutcome] = {"delivered": "0", "dead": "8", "review": "4"}
+
+
+def _audit_disclosure(session: AsyncSession, item: Finished, label: str, now: datetime) -> None:
+    """An attempt to send a patient's resources to an EHR, in the audit trail (a
+    disclosure, whatever its outcome), as the system."""
+    delivery = item.delivery
+    audit.record(
+        session,
+        action="deliver",
+        entity_type="Delivery",
+        entity_id=str(delivery.id),
+        patient_id=delivery.ordering_key,
+        outcome=_AUDIT_OUTCOME.get(label, "4"),
+        detail={
+            "target": item.config.name,
+            "message_id": delivery.inbound_message_id,
+            "attempt": delivery.attempts,
+            "resources": len(delivery.resource_refs or []),
+        },
+        actor=SYSTEM,
+        at=now,
+    )
 
 
 def report(item: Finished, label: str, values: dict[str, Any]) -> None:

@@ -7,14 +7,16 @@ CLI (``fhir-gateway deliveries ...``). Functions flush at most; the caller commi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway import metrics
-from gateway.db.models import AuditEntry, OAuthToken, Subscriber, TargetState
+from gateway.audit import service as audit
+from gateway.clients.actor import current_actor
+from gateway.db.models import OAuthToken, Subscriber, TargetState
 from gateway.delivery import ops_repository as repo
 from gateway.delivery.circuit import all_target_states, failure_rate
 from gateway.delivery.outbox import narrow_to_profiles
@@ -72,16 +74,19 @@ async def replay_deliveries(
         ids = list(dict.fromkeys(ids))[:limit]
     replayed = await repo.replay(session, ids=ids, now=now)
     await narrow_to_profiles(session, ids=replayed, profiles=profiles)
+    patients = await repo.patients_of(session, ids=replayed)
+    who = current_actor()
+    if who.name != actor:
+        who = replace(who, name=actor)
     for delivery_id in replayed:
-        session.add(
-            AuditEntry(
-                at=now,
-                actor=actor,
-                action="replay",
-                entity_type="Delivery",
-                entity_id=str(delivery_id),
-                detail=None,
-            )
+        audit.record(
+            session,
+            action="replay",
+            entity_type="Delivery",
+            entity_id=str(delivery_id),
+            patient_id=patients.get(delivery_id),
+            actor=who,
+            at=now,
         )
     await session.flush()
     return ReplayResult(len(ids), replayed, max(ids) if ids else None)

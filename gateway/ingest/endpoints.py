@@ -10,6 +10,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.audit import service as audit
+from gateway.clients.actor import Actor, set_actor
 from gateway.clients.service import Principal
 from gateway.db.models import Delivery
 from gateway.deps import RuntimeDep, SessionDep, require_scope
@@ -21,6 +23,7 @@ from gateway.ingest.schemas import IngestAccepted, MessageStatusOut
 from gateway.ingest.storage import IngestContext
 from gateway.logging import get_logger
 from gateway.runtime import Runtime
+from gateway.workflow.scoping import message_visible
 from mappers.checkout import CanonicalCheckout
 from mappers.intake import IntakeSubmission
 
@@ -146,6 +149,8 @@ async def stripe_webhook(
         secret=secret.get_secret_value(),
         tolerance=runtime.settings.stripe_tolerance,
     )
+    peer = request.client.host if request.client is not None else None
+    set_actor(Actor("client", stripe.CHANNEL, None, peer))  # the signature authenticated it
     ctx = IngestContext.of(runtime)
     content_type = request_content_type(request)
     # Verified: a signed body that is not a JSON object is refused and kept for review.
@@ -177,10 +182,24 @@ async def message_status(
     ],
 ) -> MessageStatusOut:
     """Where a message is: processed or not, and each EHR delivery's status (ids and
-    statuses only, no PHI)."""
+    statuses only, no PHI). A client limited to programs sees only messages that reached
+    a case of its programs."""
     message = await inbox.get_message(session, message_id)
+    if message is not None and not await message_visible(session, principal, message_id):
+        message = None
     if message is None:
         raise NotFoundError("no such message")
+    patient = (message.response or {}).get("patient")
+    reference = patient.get("reference") if isinstance(patient, dict) else None
+    audit.record(
+        session,
+        action="read",
+        entity_type="InboundMessage",
+        entity_id=message.id,
+        patient_id=reference.removeprefix("Patient/")
+        if isinstance(reference, str) and reference.startswith("Patient/")
+        else None,
+    )
     deliveries = (
         await session.scalars(
             select(Delivery).where(Delivery.inbound_message_id == message_id).order_by(Delivery.id)

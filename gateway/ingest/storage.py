@@ -15,13 +15,15 @@ second copy answering with the first one's stored answer.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.audit import service as audit
+from gateway.clients.actor import current_actor
 from gateway.db.bulk import BulkInserts
 from gateway.db.models import AuditEntry, FhirResource, InboundMessage, MessageStatus
 from gateway.db.types import utcnow
@@ -332,6 +334,9 @@ async def _save_resources(
     versions written)``."""
     changed_refs: list[str] = []
     versions: list[str] = []
+    who = current_actor()
+    if who.name != mapped.actor:  # a signed webhook (Stripe) or a re-map: its own agent
+        who = replace(who, name=mapped.actor, client_id=None)
     for resource in resources:
         ref = f"{resource['resourceType']}/{resource['id']}"
         stored, changed = await fhir_repo.save_resource(
@@ -349,12 +354,15 @@ async def _save_resources(
             action = "update" if existed[ref] else "create"
             bulk.add(
                 AuditEntry,
-                at=now,
-                actor=mapped.actor,
-                action=action,
-                entity_type=resource["resourceType"],
-                entity_id=resource["id"],
-                detail={"message_id": mapped.message.id},
+                **audit.entry_values(
+                    action=action,
+                    entity_type=resource["resourceType"],
+                    entity_id=resource["id"],
+                    patient_id=mapped.patient_id,
+                    detail={"message_id": mapped.message.id},
+                    actor=who,
+                    at=now,
+                ),
             )
     return changed_refs, versions
 

@@ -25,7 +25,25 @@ log = get_logger(__name__)
 router = APIRouter(tags=["oauth"])
 
 
-@router.get("/.well-known/jwks.json", summary="The gateway's public signing keys (JWKS)")
+@router.get(
+    "/.well-known/jwks.json",
+    summary="The gateway's public signing keys (JWKS)",
+    response_class=JSONResponse,
+    responses={
+        200: {
+            "description": "The JWK Set (RFC 7517 section 5)",
+            "content": {
+                "application/jwk-set+json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["keys"],
+                        "properties": {"keys": {"type": "array", "items": {"type": "object"}}},
+                    }
+                }
+            },
+        }
+    },
+)
 async def jwks(session: SessionDep, runtime: RuntimeDep) -> JSONResponse:
     """The JWKS: ``{"keys": [...]}``, public members only."""
     keys: list[dict[str, Any]] = await published_jwks(session, now=utcnow())

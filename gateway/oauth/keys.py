@@ -17,20 +17,23 @@ Two sources:
      signed, so no assertion is ever checked against a JWKS that lacks its key;
   3. ``fhir-gateway keys prune`` deletes keys no longer published.
 
-Private keys are stored as PEM, encrypted with Fernet when ``GATEWAY_KEY_ENCRYPTION_KEY``
-is set. Nothing here logs key material.
+Private keys are stored as PEM in an envelope-encrypted column (``GATEWAY_KEY_ENCRYPTION_KEY``,
+:mod:`gateway.db.encryption`); keys of earlier releases stored as Fernet tokens of the
+PEM (``encrypted``) are still read until ``fhir-gateway keys rotate-kek`` re-encrypts
+them. Nothing here logs key material.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, RSAKey
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -153,25 +156,28 @@ def generate_key(alg: Alg, *, rsa_bits: int = 2048) -> SigningMaterial:
 
 
 class KeyCipher:
-    """Encrypts stored private keys with Fernet, or stores them as PEM without a key.
+    """Reads stored private keys: the PEM (the column's envelope encryption is the
+    database engine's, :mod:`gateway.db.encryption`), or a legacy Fernet token of it.
 
     Args:
-        encryption_key: a Fernet key (``Fernet.generate_key()``), or None.
+        encryption_key: the key encryption key (it also opened the legacy Fernet
+            tokens), or None.
+        previous: earlier key encryption keys, for legacy tokens.
     """
 
-    def __init__(self, encryption_key: str | None) -> None:
-        self._fernet = Fernet(encryption_key.encode()) if encryption_key else None
+    def __init__(self, encryption_key: str | None, previous: Sequence[str] = ()) -> None:
+        keys = [k for k in (encryption_key, *previous) if k]
+        self._fernet = MultiFernet([Fernet(k.strip().encode()) for k in keys]) if keys else None
 
     @property
     def encrypts(self) -> bool:
-        """True when private keys are encrypted at rest."""
+        """True when private keys are encrypted at rest (a key encryption key is set)."""
         return self._fernet is not None
 
     def seal(self, pem: bytes) -> tuple[str, bool]:
-        """``(stored text, encrypted)`` for a PEM private key."""
-        if self._fernet is None:
-            return pem.decode(), False
-        return self._fernet.encrypt(pem).decode(), True
+        """``(stored text, legacy-encrypted)`` for a PEM private key: the PEM, which the
+        column encrypts when it is written."""
+        return pem.decode(), False
 
     def open(self, row: SigningKey) -> bytes:
         """The PEM of a stored key.

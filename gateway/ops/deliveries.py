@@ -23,7 +23,15 @@ from gateway.db.models import Delivery, DeliveryAttempt, DeliveryStatus
 from gateway.db.types import utcnow
 from gateway.delivery import ops_repository as repo
 from gateway.delivery.service import MAX_REPLAY_BATCH, replay_deliveries
-from gateway.deps import RuntimeDep, SessionDep, require_scope
+from gateway.deps import (
+    MAX_ROW_ID,
+    NO_NUL,
+    RowIdPath,
+    RowIdQuery,
+    RuntimeDep,
+    SessionDep,
+    require_scope,
+)
 from gateway.errors import NotFoundError
 
 router = APIRouter(prefix="/v1/ops", tags=["ops"])
@@ -88,12 +96,12 @@ class ReplayFilter(BaseModel):
     status: list[Literal["dead", "review"]] = Field(
         default_factory=lambda: ["dead"]  # type: ignore[arg-type]
     )
-    kind: str | None = None
-    target: str | None = None
-    reason: str | None = None
+    kind: str | None = Field(default=None, pattern=NO_NUL)
+    target: str | None = Field(default=None, pattern=NO_NUL)
+    reason: str | None = Field(default=None, pattern=NO_NUL)
     created_before: datetime | None = None
     created_after: datetime | None = None
-    message_id: str | None = None
+    message_id: str | None = Field(default=None, pattern=NO_NUL)
 
     def to_filter(self) -> repo.DeliveryFilter:
         """The repository filter."""
@@ -111,10 +119,13 @@ class ReplayFilter(BaseModel):
 class ReplayIn(BaseModel):
     """Replay by ``ids``, or by ``filter`` (one of the two)."""
 
-    ids: list[int] | None = Field(default=None, max_length=MAX_REPLAY_BATCH)
+    ids: list[Annotated[int, Field(ge=1, le=MAX_ROW_ID, strict=True)]] | None = Field(
+        default=None, max_length=MAX_REPLAY_BATCH
+    )
     filter: ReplayFilter | None = None
-    limit: int = Field(default=MAX_REPLAY_BATCH, ge=1, le=MAX_REPLAY_BATCH)
-    after_id: int | None = None
+    # strict: a JSON true is not the number 1 (the OpenAPI document says integer)
+    limit: int = Field(default=MAX_REPLAY_BATCH, ge=1, le=MAX_REPLAY_BATCH, strict=True)
+    after_id: int | None = Field(default=None, ge=0, le=MAX_ROW_ID, strict=True)
 
     @model_validator(mode="after")
     def _one_selector(self) -> ReplayIn:
@@ -186,7 +197,7 @@ async def list_deliveries(
     reason: str | None = None,
     message_id: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    after_id: int | None = None,
+    after_id: RowIdQuery = None,
 ) -> DeliveryListOut:
     """Deliveries with the given status(es), oldest first, with reason, attempts, last
     error and the EHR's OperationOutcome."""
@@ -208,12 +219,12 @@ async def list_deliveries(
 
 
 @router.get(
-    "/deliveries/{delivery_id}",
+    "/deliveries/{delivery_id:int}",
     response_model=DeliveryDetailOut,
     summary="One delivery with its attempts",
 )
 async def get_delivery(
-    delivery_id: int,
+    delivery_id: RowIdPath,
     session: SessionDep,
     _principal: Annotated[Principal, Depends(require_scope("ops:read"))],
 ) -> DeliveryDetailOut:

@@ -19,6 +19,7 @@ Retry:
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -26,21 +27,24 @@ from fastapi import APIRouter, BackgroundTasks, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.audit import service as audit
 from gateway.clients.service import Principal
 from gateway.db.models import (
-    AuditEntry,
+    Case,
     ExceptionRecord,
     ExceptionStatus,
     InboundMessage,
     MessageStatus,
 )
 from gateway.db.types import utcnow
-from gateway.deps import RuntimeDep, SessionDep, require_scope
+from gateway.deps import NO_NUL, RowIdPath, RowIdQuery, RuntimeDep, SessionDep, require_scope
 from gateway.errors import ConflictError, NotFoundError
 from gateway.events.after_response import apply_after_response, apply_id_after_response
 from gateway.events.service import EVENT_CHANNELS
 from gateway.hl7.service import CHANNEL as HL7_CHANNEL
+from gateway.hl7.service import CONTENT_TYPE as HL7_CONTENT_TYPE
 from gateway.hl7.service import receive_hl7
 from mappers.errors import Problem
 
@@ -48,7 +52,8 @@ router = APIRouter(prefix="/v1/ops", tags=["ops"])
 
 
 class ExceptionOut(BaseModel):
-    """One exceptions-queue entry (problems name fields and codes, never values)."""
+    """One exceptions-queue entry (problems name fields and codes, never values;
+    ``principal``: who sent a refused HL7 v2 message, docs/SECURITY.md)."""
 
     id: int
     kind: str
@@ -65,6 +70,7 @@ class ExceptionOut(BaseModel):
     retries: int
     has_payload: bool
     retryable: bool
+    principal: str | None = None
 
 
 class ExceptionPage(BaseModel):
@@ -79,7 +85,7 @@ class ResolveIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    note: str | None = Field(default=None, max_length=1000)
+    note: str | None = Field(default=None, max_length=1000, pattern=NO_NUL)
 
 
 def _retryable(row: ExceptionRecord, message_channel: str | None) -> bool:
@@ -107,6 +113,7 @@ def _out(row: ExceptionRecord, message_channel: str | None) -> ExceptionOut:
         retries=row.retries,
         has_payload=row.payload is not None,
         retryable=_retryable(row, message_channel),
+        principal=row.principal,
     )
 
 
@@ -137,7 +144,7 @@ async def list_exceptions(
     sender: str | None = None,
     case_id: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    before_id: int | None = None,
+    before_id: RowIdQuery = None,
 ) -> ExceptionPage:
     """Exceptions, newest first, filtered by status (default ``open``), kind, channel,
     sender or case."""
@@ -165,7 +172,7 @@ async def list_exceptions(
 
 @router.get("/exceptions/{exception_id}", response_model=ExceptionOut, summary="One exception")
 async def get_exception(
-    exception_id: int,
+    exception_id: RowIdPath,
     session: SessionDep,
     _principal: Annotated[Principal, Depends(require_scope("ops:read"))],
 ) -> ExceptionOut:
@@ -178,10 +185,21 @@ async def get_exception(
 @router.get(
     "/exceptions/{exception_id}/payload",
     summary="The payload kept with an exception (may hold PHI)",
-    responses={200: {"content": {"application/octet-stream": {}}}, 404: {}},
+    response_class=Response,
+    responses={
+        200: {
+            "description": "The payload as received: JSON, HL7 v2 (ER7), or other bytes",
+            "content": {
+                "application/json": {"schema": {}},
+                HL7_CONTENT_TYPE: {"schema": {"type": "string"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+        404: {},
+    },
 )
 async def get_exception_payload(
-    exception_id: int,
+    exception_id: RowIdPath,
     session: SessionDep,
     principal: Annotated[Principal, Depends(require_scope("ops:admin"))],
 ) -> Response:
@@ -195,16 +213,46 @@ async def get_exception_payload(
             payload, content_type = message.body, message.content_type
     if payload is None:
         raise NotFoundError("no payload is kept for this exception")
-    session.add(
-        AuditEntry(
-            actor=principal.name,
-            action="read",
-            entity_type="ExceptionPayload",
-            entity_id=str(row.id),
-            detail=None,
-        )
+    audit.record(
+        session,
+        action="read",
+        entity_type="ExceptionPayload",
+        entity_id=str(row.id),
+        patient_id=await _patient_of(session, row),
+        detail={"message_id": row.inbound_message_id} if row.inbound_message_id else None,
     )
-    return Response(payload, media_type=content_type or "application/octet-stream")
+    return Response(
+        payload,
+        media_type=payload_media_type(payload, content_type),
+        headers={"X-Content-Type-Options": "nosniff"},
+    )
+
+
+def payload_media_type(payload: bytes, declared: str | None) -> str:
+    """The media type a kept payload is served with: what its sender declared when that
+    is JSON (``application/json``, ``+json``) and the bytes are JSON, or HL7 v2 ER7
+    (``application/hl7-v2``, ``x-application/hl7-v2+er7``, ``text/plain`` starting with
+    ``MSH``); anything else (a refused body whose declared type is wrong or unknown) as
+    ``application/octet-stream``, so no client renders or parses it as what it is not."""
+    media = (declared or "").split(";", 1)[0].strip().lower()
+    if media == "application/json" or media.endswith("+json"):
+        try:
+            json.loads(payload)
+        except ValueError:
+            return "application/octet-stream"
+        return "application/json"
+    if media in ("application/hl7-v2", "x-application/hl7-v2+er7", "application/edi-hl7") or (
+        media == "text/plain" and payload.lstrip().startswith(b"MSH")
+    ):
+        return HL7_CONTENT_TYPE
+    return "application/octet-stream"
+
+
+async def _patient_of(session: AsyncSession, row: ExceptionRecord) -> str | None:
+    """The Patient an exception is about, when its case is known (for the audit trail)."""
+    if row.case_id is None:
+        return None
+    return await session.scalar(select(Case.patient_id).where(Case.id == row.case_id))
 
 
 @router.post(
@@ -214,7 +262,7 @@ async def get_exception_payload(
     responses={404: {}, 409: {}},
 )
 async def resolve_exception(
-    exception_id: int,
+    exception_id: RowIdPath,
     session: SessionDep,
     principal: Annotated[Principal, Depends(require_scope("ops:admin"))],
     body: ResolveIn | None = None,
@@ -229,14 +277,12 @@ async def resolve_exception(
     row.resolved_at = utcnow()
     row.resolved_by = principal.name
     row.note = body.note if body else None
-    session.add(
-        AuditEntry(
-            actor=principal.name,
-            action="resolve",
-            entity_type="Exception",
-            entity_id=str(row.id),
-            detail=None,
-        )
+    audit.record(
+        session,
+        action="resolve",
+        entity_type="Exception",
+        entity_id=str(row.id),
+        patient_id=await _patient_of(session, row),
     )
     await session.flush()
     channels = await _channels(session, [row])
@@ -250,7 +296,7 @@ async def resolve_exception(
     responses={202: {}, 404: {}, 409: {}},
 )
 async def retry_exception(
-    exception_id: int,
+    exception_id: RowIdPath,
     request: Request,
     session: SessionDep,
     runtime: RuntimeDep,
@@ -312,13 +358,12 @@ async def retry_exception(
         body["ack_code"] = reply.code
         body["message_id"] = reply.message_id
         background.add_task(apply_after_response, request, runtime, reply)
-    session.add(
-        AuditEntry(
-            actor=principal.name,
-            action="retry",
-            entity_type="Exception",
-            entity_id=str(row.id),
-            detail={"message_id": body.get("message_id")},
-        )
+    audit.record(
+        session,
+        action="retry",
+        entity_type="Exception",
+        entity_id=str(row.id),
+        patient_id=await _patient_of(session, row),
+        detail={"message_id": body.get("message_id")},
     )
     return JSONResponse(body, status_code=202)

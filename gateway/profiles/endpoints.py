@@ -8,8 +8,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import JSONResponse
 
+from gateway.audit import service as audit
 from gateway.clients.service import Principal
-from gateway.deps import RuntimeDep, require_scope
+from gateway.deps import RuntimeDep, SessionDep, require_scope
 from gateway.errors import NotFoundError
 from gateway.profiles import service
 from gateway.profiles.schemas import PreviewRequest, PreviewResponse, ReloadResponse
@@ -26,6 +27,7 @@ FHIR_JSON = "application/fhir+json"
 )
 async def preview(
     body: PreviewRequest,
+    session: SessionDep,
     runtime: RuntimeDep,
     _principal: Annotated[Principal, Depends(require_scope("profiles:write"))],
 ) -> JSONResponse:
@@ -38,6 +40,13 @@ async def preview(
     """
     draft = body.profile.encode() if body.profile is not None else None
     result = service.preview_payload(runtime, body.input, draft=draft, kind=body.kind)
+    audit.record(  # PHI in, FHIR out: audited, with no patient (none is matched)
+        session,
+        action="preview",
+        entity_type="Profile",
+        entity_id=str(body.kind or "auto"),
+        detail={"draft": body.profile is not None},
+    )
     return JSONResponse(service.preview_body(result))
 
 

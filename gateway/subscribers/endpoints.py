@@ -10,13 +10,15 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 from sqlalchemy import select
 
+from gateway.audit import service as audit
 from gateway.clients.service import Principal
-from gateway.db.models import AuditEntry, Subscriber
-from gateway.deps import SessionDep, require_scope
-from gateway.errors import ConflictError, NotFoundError
+from gateway.db.models import Subscriber
+from gateway.deps import RowIdPath, RuntimeDep, SessionDep, require_scope
+from gateway.egress import EgressRefusedError
+from gateway.errors import ConflictError, NotFoundError, UnprocessableError
 from gateway.subscribers.service import WEBHOOK_TYPES, new_secret
 from mappers.errors import Problem
 from mappers.profiles import RetryPolicy
@@ -24,6 +26,10 @@ from mappers.profiles import RetryPolicy
 router = APIRouter(prefix="/v1/ops", tags=["ops"])
 
 _TYPES = {*WEBHOOK_TYPES, "case.*", "*"}
+
+
+#: An absolute http(s) URL of printable ASCII.
+URL_PATTERN = r"^https?://[!-.0-~]+(/[!-~]*)?$"
 
 
 class SubscriberIn(BaseModel):
@@ -34,15 +40,35 @@ class SubscriberIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", examples=["crm"])
-    url: str = Field(max_length=2000, examples=["https://crm.example.com/hooks/fhir-gateway"])
-    event_types: list[str] = Field(min_length=1, examples=[["case.state_changed"]])
-    secret: str | None = Field(default=None, max_length=200)
+    url: str = Field(
+        max_length=2000,
+        # an RFC 3986 URI is ASCII (an IDN host in its xn-- form); the same class of
+        # characters in Python and in the ECMA-262 regexes of JSON Schema
+        pattern=URL_PATTERN,
+        examples=["https://crm.example.com/hooks/fhir-gateway"],
+    )
+    event_types: list[str] = Field(
+        min_length=1,
+        examples=[["case.state_changed"]],
+        json_schema_extra={"items": {"type": "string", "enum": list[JsonValue](sorted(_TYPES))}},
+    )
+    secret: str | None = Field(
+        default=None,
+        max_length=200,
+        # documented: whsec_ + base64 of 24 to 64 bytes (checked by the validator below)
+        json_schema_extra={
+            "pattern": (
+                r"^whsec_(?:(?:[A-Za-z0-9+/]{4}){8,20}(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?"
+                r"|(?:[A-Za-z0-9+/]{4}){21}(?:[A-Za-z0-9+/]{2}==)?)$"
+            )
+        },
+    )
     retry: RetryPolicy | None = None
 
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+        if not re.match(URL_PATTERN, value):
             raise ValueError("must be an absolute http(s) URL")
         return value
 
@@ -101,11 +127,22 @@ def _out(row: Subscriber) -> SubscriberOut:
 async def create_subscriber(
     body: SubscriberIn,
     session: SessionDep,
+    runtime: RuntimeDep,
     principal: Annotated[Principal, Depends(require_scope("ops:admin"))],
 ) -> JSONResponse:
     """Register a subscriber. The answer carries its Standard Webhooks ``secret`` (shown
     this once); every later case change of the types it asked for is POSTed to ``url``,
-    signed, through the outbox (retries, backoff, dead letters), in order per case."""
+    signed, through the outbox (retries, backoff, dead letters), in order per case.
+
+    ``url`` must be ``https`` without credentials, to an address the egress policy allows
+    (``GATEWAY_EGRESS_ALLOWLIST``; docs/SECURITY.md, "Egress"): 422 ``egress_refused``
+    otherwise. Each delivery checks the resolved address again when it connects."""
+    try:
+        runtime.egress.check_url(body.url)
+    except EgressRefusedError as exc:
+        raise UnprocessableError(
+            "the subscriber URL is not allowed", [Problem("url", "egress_refused", str(exc))]
+        ) from exc
     taken = await session.scalar(select(Subscriber.id).where(Subscriber.name == body.name))
     if taken is not None:
         raise ConflictError(
@@ -123,14 +160,12 @@ async def create_subscriber(
     )
     session.add(row)
     await session.flush()
-    session.add(
-        AuditEntry(
-            actor=principal.name,
-            action="create",
-            entity_type="Subscriber",
-            entity_id=str(row.id),
-            detail={"name": row.name, "event_types": row.event_types},
-        )
+    audit.record(
+        session,
+        action="create",
+        entity_type="Subscriber",
+        entity_id=str(row.id),
+        detail={"name": row.name, "event_types": ",".join(row.event_types)},
     )
     out = _out(row).model_dump(mode="json")
     return JSONResponse({**out, "secret": secret}, status_code=201)
@@ -153,7 +188,7 @@ async def list_subscribers(
     responses={204: {}, 404: {}},
 )
 async def deactivate_subscriber(
-    subscriber_id: int,
+    subscriber_id: RowIdPath,
     session: SessionDep,
     principal: Annotated[Principal, Depends(require_scope("ops:admin"))],
 ) -> Response:
@@ -163,13 +198,5 @@ async def deactivate_subscriber(
     if row is None:
         raise NotFoundError("no such subscriber")
     row.active = False
-    session.add(
-        AuditEntry(
-            actor=principal.name,
-            action="deactivate",
-            entity_type="Subscriber",
-            entity_id=str(row.id),
-            detail=None,
-        )
-    )
+    audit.record(session, action="deactivate", entity_type="Subscriber", entity_id=str(row.id))
     return Response(status_code=204)

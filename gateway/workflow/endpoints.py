@@ -6,14 +6,15 @@ from collections import defaultdict
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel
 from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.audit import service as audit
 from gateway.clients.service import Principal
 from gateway.db.models import Case, CaseEvent
-from gateway.deps import RuntimeDep, SessionDep, require_scope
+from gateway.deps import MAX_ROW_ID, RuntimeDep, SessionDep, require_scope
 from gateway.errors import NotFoundError, UnprocessableError
 from gateway.patients import repository as patients_repo
 from mappers.errors import Problem
@@ -22,8 +23,11 @@ router = APIRouter(prefix="/v1", tags=["cases"])
 
 
 class CaseEventOut(BaseModel):
-    """One event in a case's history: who sent it (role and sender), its ids, when it
-    occurred at the sender and when the gateway received it, and what it did."""
+    """One event in a case's history: who sent it (role and sender) and who authenticated
+    it (``principal``: ``client:<name>``, ``cert:<CN>:sha256:<hex>``, ``signature:<partner>``,
+    ``ehr-header:<target>``, ``mllp-peer:<address>``, ``gateway``; None for events recorded
+    before migration 0012_sec_hl7), its ids, when it occurred at the sender and when the gateway
+    received it, and what it did."""
 
     source: str
     sender: str
@@ -40,6 +44,7 @@ class CaseEventOut(BaseModel):
     note: str | None
     hold_until: datetime | None
     message_id: str | None
+    principal: str | None = None
 
 
 class SlaOut(BaseModel):
@@ -84,6 +89,7 @@ def _event_out(e: CaseEvent) -> CaseEventOut:
         note=e.note,
         hold_until=e.hold_until,
         message_id=e.inbound_message_id,
+        principal=e.principal,
     )
 
 
@@ -137,12 +143,16 @@ async def get_case(
     case_id: str,
     session: SessionDep,
     runtime: RuntimeDep,
-    _principal: Annotated[Principal, Depends(require_scope("cases:read"))],
+    principal: Annotated[Principal, Depends(require_scope("cases:read"))],
 ) -> CaseOut:
-    """The case's state, SLA timer and every event that reached it."""
+    """The case's state, SLA timer and every event that reached it (404 for a case of a
+    program the caller's client is not limited to)."""
     case = await session.get(Case, case_id)
-    if case is None:
+    if case is None or not principal.sees_program(case.program):
         raise NotFoundError("no such case")
+    audit.record(
+        session, action="read", entity_type="Case", entity_id=case.id, patient_id=case.patient_id
+    )
     return (await _cases_out(session, [case], runtime.clock.now()))[0]
 
 
@@ -153,18 +163,23 @@ async def get_case(
     responses={401: {}, 403: {}},
 )
 async def list_cases(
+    request: Request,
     session: SessionDep,
     runtime: RuntimeDep,
-    _principal: Annotated[Principal, Depends(require_scope("cases:read"))],
+    principal: Annotated[Principal, Depends(require_scope("cases:read"))],
     patient: Annotated[
         str | None,
-        Query(description="A patient identifier as system|value, or Patient/<local id>"),
+        Query(
+            description="A patient identifier as system|value, or Patient/<local id>",
+            # documented, checked by the handler (its own problem code)
+            json_schema_extra={"pattern": r"^(Patient/[^\x00]+|[^|\x00]*\|[^\x00]*)$"},
+        ),
     ] = None,
     state: Annotated[list[str] | None, Query(description="Case state(s)")] = None,
     overdue: Annotated[bool | None, Query(description="Past their SLA deadline (or not)")] = None,
     program: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_ROW_ID)] = 0,
 ) -> list[CaseOut]:
     """Cases matching every filter given, newest first (``overdue=true``: the case has
     stayed in its state longer than the workflow's SLA timer allows)."""
@@ -187,10 +202,19 @@ async def list_cases(
         stmt = stmt.where(Case.state.in_(state))
     if program:
         stmt = stmt.where(Case.program == program)
+    if principal.programs is not None:  # a client limited to some programs
+        stmt = stmt.where(Case.program.in_(sorted(principal.programs)))
     now = runtime.clock.now()
     if overdue is True:
         stmt = stmt.where(Case.sla_due_at <= now)
     elif overdue is False:
         stmt = stmt.where(or_(Case.sla_due_at.is_(None), Case.sla_due_at > now))
     cases = list((await session.scalars(stmt)).all())
+    audit.record_patients(
+        session,
+        action="search",
+        entity_type="Case",
+        hits=[(c.id, c.patient_id) for c in cases],
+        query=f"cases?{request.url.query}",
+    )
     return await _cases_out(session, cases, now)

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.audit import service as audit
 from gateway.db.models import Case, CaseEvent, CaseEventOutcome
 from gateway.db.types import utcnow
 from gateway.inbox.repository import new_exception
@@ -69,7 +70,8 @@ class EventInput:
     """One clinical event, already parsed and matched to a patient.
 
     ``source`` is the sender's role (ownership matrix); ``sender`` the specific sender
-    (defaults to ``source``); ``channel`` where it came in.
+    (defaults to ``source``); ``channel`` where it came in; ``principal`` who
+    authenticated it (recorded in the case history).
     """
 
     source: str
@@ -84,6 +86,7 @@ class EventInput:
     sender: str | None = None
     channel: str = "events"
     reference: str | None = None
+    principal: str | None = None
 
     @property
     def sender_name(self) -> str:
@@ -515,8 +518,18 @@ def _history(
         to_state=to_state,
         outcome=outcome,
         note=note,
+        principal=event.principal,
     )
     session.add(row)
+    audit.record(
+        session,
+        action="event",
+        entity_type="Case",
+        entity_id=case.id,
+        patient_id=case.patient_id,
+        outcome="4" if outcome == CaseEventOutcome.REJECTED else "0",
+        detail={"event": event.type, "outcome": str(outcome), "message_id": event.message_id},
+    )
     return row
 
 
@@ -546,6 +559,14 @@ async def _reject_without_case(
             message_id=event.message_id,
             problems=[Problem("patient", reason, message)],
         )
+    )
+    audit.record(  # the event reached the gateway but no case: refused, in the trail too
+        session,
+        action="event",
+        entity_type="InboundMessage",
+        entity_id=event.message_id or event.event_id,
+        outcome="4",
+        detail={"event": event.type, "outcome": reason},
     )
     await session.flush()
     log.info("case.event_without_case", reason=reason, event_type=event.type, source=event.source)

@@ -24,12 +24,15 @@ from tests.support.api import signed_stripe
 #: lookup, the new patient's keys claimed, 1 subscribers read, 6 INSERTs (resources,
 #: audit, element sources, case, case event, profile mapping) and the inbox row's outcome
 #: (UPDATE). Was 16 before the ingest work; 11 with a look-up of the inbox key first and
-#: the inbox row inserted last (twins then raced to the end and were retried).
-NEW_SUBMISSION_STATEMENTS = 11
+#: the inbox row inserted last (twins then raced to the end and were retried). 12 since
+#: the audit trail (issue 11): the case event's AuditEvent row is written with the case,
+#: after the resources' audit rows went in one statement with the resources.
+NEW_SUBMISSION_STATEMENTS = 12
 #: A new paid Stripe checkout event (new patient): as an intake, plus the
 #: MedicationRequest look-up, the Stripe customer id's key, and the savepoint around the
-#: mapping (a checkout that does not map leaves nothing of it behind).
-STRIPE_EVENT_STATEMENTS = 15
+#: mapping (a checkout that does not map leaves nothing of it behind); and, since the audit
+#: trail, the case event's audit row.
+STRIPE_EVENT_STATEMENTS = 16
 
 
 @contextmanager
@@ -61,8 +64,8 @@ async def test_new_submission_takes_eleven_statements_and_a_replay_two(
         first = await client.post("/v1/intake-submissions", content=raw, headers=headers)
     assert first.status_code == 202, first.text
     writes = [s.split()[0] for s in seen if not s.startswith(("SELECT", "PRAGMA"))]
-    assert len(seen) == NEW_SUBMISSION_STATEMENTS, seen
-    assert writes == ["INSERT"] * 8 + ["UPDATE"], seen  # the claim first, its outcome last
+    assert len(seen) == NEW_SUBMISSION_STATEMENTS, "\n".join(s[:90] for s in seen)
+    assert writes == ["INSERT"] * 9 + ["UPDATE"], seen  # the claim first, its outcome last
     with statements(runtime) as seen:
         again = await client.post("/v1/intake-submissions", content=raw, headers=headers)
     assert again.json() == {**first.json(), "replayed": True}

@@ -32,7 +32,7 @@ def profiles_dir(tmp_path: Path) -> Path:
 async def _rows(runtime: Runtime) -> int:
     async with runtime.sessionmaker() as session:
         total = 0
-        for model in (FhirResource, InboundMessage, AuditEntry):
+        for model in (FhirResource, InboundMessage):
             total += int(await session.scalar(select(func.count()).select_from(model)) or 0)
         return total
 
@@ -56,6 +56,9 @@ async def test_preview_returns_the_bundle_and_writes_nothing(
     types = [e["resource"]["resourceType"] for e in body["bundle"]["entry"]]
     assert types[:2] == ["Patient", "QuestionnaireResponse"] and types[-1] == "Provenance"
     assert await _rows(runtime) == before
+    async with runtime.sessionmaker() as session:  # only its audit entry (PHI went in)
+        (entry,) = (await session.scalars(select(AuditEntry))).all()
+    assert (entry.action, entry.entity_type, entry.patient_id) == ("preview", "Profile", None)
 
 
 async def test_preview_of_invalid_input_lists_issues_without_values(

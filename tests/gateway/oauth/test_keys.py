@@ -11,11 +11,12 @@ import httpx
 import pytest
 from cryptography.fernet import Fernet
 from joserfc.jwk import ECKey, RSAKey
-from sqlalchemy import delete
+from sqlalchemy import delete, text
 from typer.testing import CliRunner
 
 from gateway.cli import app as cli_app
 from gateway.clock import ManualClock
+from gateway.db.encryption import Keyring, SecretDecryptionError, attach_keyring, new_kek
 from gateway.db.models import OAuthToken, SigningKey
 from gateway.db.types import utcnow
 from gateway.ehr.errors import EhrConfigError
@@ -129,23 +130,52 @@ async def test_no_key_is_a_clear_error(runtime: Runtime) -> None:
 async def test_private_keys_are_encrypted_at_rest_with_the_configured_key(
     runtime: Runtime,
 ) -> None:
-    cipher = KeyCipher(Fernet.generate_key().decode())
+    kek = new_kek()
+    attach_keyring(runtime.engine, Keyring(kek))
+    cipher = KeyCipher(kek)
     now = utcnow()
     async with runtime.sessionmaker() as session:
         result = await rotate(
             session, alg="RS384", now=now, publish_lead=HOUR, retire_grace=HOUR, cipher=cipher
         )
         await session.commit()
-        row = await session.get(SigningKey, result.new.kid)
-        assert row is not None and row.encrypted
-        assert "PRIVATE KEY" not in row.private_key
-        assert (await signing_material(session, alg="RS384", now=now, cipher=cipher)).kid == row.kid
+        stored = await session.scalar(
+            text("SELECT private_key FROM signing_keys WHERE kid = :kid"), {"kid": result.new.kid}
+        )
+        assert stored.startswith("enc:v1:") and "PRIVATE KEY" not in stored
+        assert (await signing_material(session, alg="RS384", now=now, cipher=cipher)).kid == (
+            result.new.kid
+        )
+    attach_keyring(runtime.engine, Keyring(new_kek()))  # the wrong key encryption key
+    async with runtime.sessionmaker() as session:
+        with pytest.raises(SecretDecryptionError):
+            await signing_material(session, alg="RS384", now=now, cipher=cipher)
+
+
+async def test_legacy_fernet_private_keys_stay_readable(runtime: Runtime) -> None:
+    kek = new_kek()
+    material = keys.generate_key("RS384")
+    now = utcnow()
+    async with runtime.sessionmaker() as session:
+        session.add(
+            SigningKey(
+                kid=material.kid,
+                alg="RS384",
+                private_key=Fernet(kek.encode())
+                .encrypt(material.key.as_pem(private=True))
+                .decode(),
+                encrypted=True,
+                public_jwk=keys.public_jwk(material.key, kid=material.kid, alg="RS384"),
+                created_at=now,
+                activates_at=now,
+            )
+        )
+        await session.commit()
+        assert (
+            await signing_material(session, alg="RS384", now=now, cipher=KeyCipher(kek))
+        ).kid == (material.kid)
         with pytest.raises(KeyDecryptionError):
             await signing_material(session, alg="RS384", now=now, cipher=PLAIN)
-        with pytest.raises(KeyDecryptionError):
-            await signing_material(
-                session, alg="RS384", now=now, cipher=KeyCipher(Fernet.generate_key().decode())
-            )
 
 
 def test_key_files_must_hold_a_fitting_private_key(tmp_path: Path) -> None:

@@ -6,8 +6,8 @@ failures), half-open admits a few trial deliveries and counts their results, and
 reason the circuit opened is kept for ``GET /v1/ops/targets``. Every new column has a
 server default (or is nullable), so code that does not know them keeps working.
 
-Revision ID: 0010_delivery
-Revises: 0009_inbox_queue
+Revision ID: 0011_delivery
+Revises: 0010_sec_audit
 Create Date: 2026-12-07 06:00:00
 """
 
@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0010_delivery"
-down_revision: str | None = "0009_inbox_queue"
+revision: str = "0011_delivery"
+down_revision: str | None = "0010_sec_audit"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
