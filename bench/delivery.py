@@ -25,6 +25,8 @@ Usage (from the repository root, PostgreSQL at ``GATEWAY_TEST_PG_URL`` or 127.0.
     python -m bench.delivery                      # every scenario (about 15 minutes)
     python -m bench.delivery --skip-outage --deliveries 2000
     python -m bench.delivery --only 4:50          # 4 workers, 50 ms EHR
+    python -m bench.delivery --baseline main --scenarios 1:0,1:50,4:50 --skip-outage \
+        --template fgw_bench_tmpl --deliveries 2000   # main's workers beside these
 
 Traffic goes only to 127.0.0.1. The EHR, PostgreSQL and the workers share the machine's
 cores, so the figures are for this machine as a whole.
@@ -184,11 +186,18 @@ def local_ehr(delay_ms: float, logs: Path) -> Iterator[tuple[str, list[int]]]:
 
 
 def start_workers(
-    n: int, concurrency: int, database: str, profiles: Path, logs: Path
+    n: int,
+    concurrency: int,
+    database: str,
+    profiles: Path,
+    logs: Path,
+    side_root: Path = ROOT,
 ) -> list[subprocess.Popen[bytes]]:
-    """``n`` worker processes on ``database``."""
+    """``n`` worker processes on ``database``, of the code in ``side_root`` (this checkout,
+    or the baseline's worktree: ``PYTHONPATH`` puts it before the installed package)."""
     env = {
         **os.environ,
+        "PYTHONPATH": str(side_root),
         "GATEWAY_DATABASE_URL": db_url(database),
         "GATEWAY_PROFILES_DIR": str(profiles),
         "GATEWAY_LOG_LEVEL": "warning",
@@ -208,7 +217,7 @@ def start_workers(
                     "--concurrency",
                     str(concurrency),
                 ],
-                cwd=logs,
+                cwd=side_root,
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -287,6 +296,8 @@ def run_drain(
     n: int,
     logs: Path,
     outage_s: float | None = None,
+    side: str = "new",
+    side_root: Path = ROOT,
 ) -> dict[str, Any]:
     """Clone the template, start the EHR and the workers, release the queue, time it."""
     database = f"fgw_bench_{uuid.uuid4().hex[:8]}"
@@ -296,6 +307,7 @@ def run_drain(
         )
     )
     result: dict[str, Any] = {
+        "side": side,
         "workers": workers,
         "concurrency": concurrency,
         "ehr_delay_ms": delay_ms,
@@ -323,7 +335,7 @@ def run_drain(
                     "UPDATE deliveries SET available_at = %s, created_at = %s",
                     (release_at, release_at),
                 )
-                procs = start_workers(workers, concurrency, database, profiles, logs)
+                procs = start_workers(workers, concurrency, database, profiles, logs, side_root)
                 stack.callback(stop_workers, procs)
                 time.sleep(max(0.0, (release_at - datetime.now(UTC)).total_seconds() - 0.05))
                 baseline = {  # CPU used from the release on (not start-up)
@@ -416,11 +428,43 @@ def main(argv: list[str] | None = None) -> None:
         help="reuse (or create and keep) this seeded template database; it is migrated to "
         "the current head first and must hold --deliveries deliveries",
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also run REF's workers (a temporary git worktree) on every scenario, "
+        "alternating with this checkout's, and print both",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="with --baseline: run each pair this often"
+    )
+    parser.add_argument(
+        "--scenarios",
+        help="comma-separated WORKERS:DELAY_MS[:CONCURRENCY] (instead of the default set)",
+    )
     args = parser.parse_args(argv)
 
     from gateway.db.migrate import upgrade
 
     logs = Path(tempfile.mkdtemp(prefix="fgw-bench-"))
+    sides: list[tuple[str, Path]] = [("new", ROOT)]
+    base_tree: Path | None = None
+    if args.baseline:
+        base_tree = logs / "baseline-tree"
+        subprocess.run(
+            [
+                "git",
+                "-C",
+                str(ROOT),
+                "worktree",
+                "add",
+                "--detach",
+                "--quiet",
+                str(base_tree),
+                args.baseline,
+            ],
+            check=True,
+        )
+        sides.insert(0, ("base", base_tree))
     template = args.template or f"fgw_bench_tmpl_{os.getpid()}"
     reuse = args.template is not None and template_exists(template)
     if not reuse:
@@ -445,18 +489,32 @@ def main(argv: list[str] | None = None) -> None:
         if args.only:
             w, d = args.only.split(":")
             scenarios = [(int(w), float(d), c)]
-        for workers, delay, concurrency in scenarios:
-            print(f"drain: {workers} worker(s) x {concurrency}, EHR {delay:g} ms ...", flush=True)
-            r = run_drain(
-                template=template,
-                workers=workers,
-                concurrency=concurrency,
-                delay_ms=delay,
-                n=args.deliveries,
-                logs=logs,
-            )
-            print(f"  {json.dumps(r)}", flush=True)
-            results.append(r)
+        if args.scenarios:
+            scenarios = []
+            for spec in args.scenarios.split(","):
+                w, d, *k = spec.split(":")
+                scenarios.append((int(w), float(d), int(k[0]) if k else c))
+        for round_no in range(args.rounds if args.baseline else 1):
+            for workers, delay, concurrency in scenarios:
+                order = sides if round_no % 2 == 0 else sides[::-1]
+                for side, side_root in order:
+                    print(
+                        f"drain ({side}): {workers} worker(s) x {concurrency}, "
+                        f"EHR {delay:g} ms ...",
+                        flush=True,
+                    )
+                    r = run_drain(
+                        template=template,
+                        workers=workers,
+                        concurrency=concurrency,
+                        delay_ms=delay,
+                        n=args.deliveries,
+                        logs=logs,
+                        side=side,
+                        side_root=side_root,
+                    )
+                    print(f"  {json.dumps(r)}", flush=True)
+                    results.append(r)
         if not args.skip_outage and not args.only:
             print(f"token endpoint outage: 504 for {args.outage_s:g} s, 4 workers ...", flush=True)
             r = run_drain(
@@ -475,17 +533,27 @@ def main(argv: list[str] | None = None) -> None:
             admin(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(template))
             )
+        if base_tree is not None:
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)],
+                check=False,
+            )
 
     print()
-    print("| workers x concurrency | EHR latency | deliveries/s | p50 ms | p99 ms | drain s |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| side | workers x concurrency | EHR latency | deliveries/s | p50 ms | p99 ms | drain s "
+        "| CPU ms/delivery: workers + EHR + PostgreSQL | load |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "outage_s" in r:
             continue
+        cpu = r["cpu_ms_per_delivery"]
         print(
-            f"| {r['workers']} x {r['concurrency']} | {r['ehr_delay_ms']:g} ms | "
+            f"| {r['side']} | {r['workers']} x {r['concurrency']} | {r['ehr_delay_ms']:g} ms | "
             f"{r['deliveries_per_s']} | {r['latency_p50_ms']} | {r['latency_p99_ms']} | "
-            f"{r['drain_s']} |"
+            f"{r['drain_s']} | {cpu.get('workers')} + {cpu.get('ehr')} + "
+            f"{cpu.get('postgres')} | {r['load_average_1m']} |"
         )
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)

@@ -14,7 +14,9 @@ each an intake and a checkout (two deliveries, in order per patient):
   hangs (the target's timeout is 5 s); every delivery is due at the start.
 
 Reported per scenario and side: **seconds from the EHR's recovery to the last delivery**
-(the outage's end; for the burst, the moment its last scripted fault was served),
+(the outage's end; for the burst, the moment its last scripted fault was served), and to
+the first delivery after it (the breaker's part; the rest is the drain, which depends on
+the machine's load), how many deliveries were left for after the recovery,
 deliveries lost (not delivered when the run ends, ``--max-after-s`` after recovery),
 duplicated (resources in the EHR beyond one per business identifier) and dead-lettered,
 and how many times the circuit opened (the workers' ``delivery.circuit_probed`` logs).
@@ -289,12 +291,23 @@ def run(
                     "SELECT max(delivered_at), max(attempts) FROM deliveries"
                     " WHERE status = 'delivered'"
                 ).fetchone()
+                first = conn.execute(
+                    "SELECT min(delivered_at) FROM deliveries WHERE delivered_at >= %s",
+                    (recovery_wall,),
+                ).fetchone()
+                after_recovery = conn.execute(
+                    "SELECT count(*) FROM deliveries WHERE delivered_at >= %s", (recovery_wall,)
+                ).fetchone()
                 stop(procs)
                 result.update(
                     statuses=statuses,
                     after_recovery_s=round((last[0] - recovery_wall).total_seconds(), 1)
                     if last and last[0]
                     else None,
+                    first_after_recovery_s=round((first[0] - recovery_wall).total_seconds(), 1)
+                    if first and first[0]
+                    else None,
+                    delivered_after_recovery=int(after_recovery[0]) if after_recovery else 0,
                     lost=deliveries - int(statuses.get("delivered", 0)),
                     dead=int(statuses.get("dead", 0)),
                     review=int(statuses.get("review", 0)),
@@ -394,15 +407,16 @@ def main(argv: list[str] | None = None) -> None:
 
     print()
     print(
-        "| scenario | side | s from recovery to last delivery | delivered | lost | duplicated "
-        "| dead | probes | load |"
+        "| scenario | side | s from recovery to first / last delivery | delivered after "
+        "recovery | delivered | lost | duplicated | dead | probes | load |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         after = r["after_recovery_s"]
         shown = f"{after}" if r["finished"] else f"> {args.max_after_s:g} (gave up)"
         print(
-            f"| {r['scenario']} | {r['side']} | {shown} | "
+            f"| {r['scenario']} | {r['side']} | {r['first_after_recovery_s']} / {shown} | "
+            f"{r['delivered_after_recovery']} | "
             f"{r['statuses'].get('delivered', 0)}/{r['deliveries']} | {r['lost']} | "
             f"{r['duplicated']} | {r['dead']} | {r['circuit_opened']} | {r['load_average_1m']} |"
         )

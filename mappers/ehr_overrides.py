@@ -28,6 +28,7 @@ returned. Nothing here does I/O.
 from __future__ import annotations
 
 import copy
+import json
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -39,6 +40,8 @@ from mappers.profiles.overrides import CodeTranslation
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
 
 _REF_TYPE = re.compile(r"^([A-Z][A-Za-z]+)[/?]")
+#: Every typed reference in a resource's JSON text (``json.dumps`` spacing).
+_REFS_IN_JSON = re.compile(r'"reference": "([A-Z][A-Za-z]+)[/?]')
 
 
 def received_types(target: EhrTargetProfile) -> set[str]:
@@ -69,7 +72,8 @@ def target_transform(
 
     def transform(resource: dict[str, Any]) -> dict[str, Any]:
         rtype = str(resource.get("resourceType", ""))
-        _drop_unreceived(resource, receives)
+        if _refers_to_unreceived(resource, receives):
+            _drop_unreceived(resource, receives)
         _add_identifiers(resource, rtype, overrides.identifier_systems)
         for ext in overrides.extensions:
             if ext.resource_type == rtype:
@@ -87,6 +91,13 @@ def _ref_type(node: Any) -> str | None:
         m = _REF_TYPE.match(ref)
         return m.group(1) if m else None
     return None
+
+
+def _refers_to_unreceived(resource: dict[str, Any], receives: set[str]) -> bool:
+    """Whether any reference of ``resource`` names a type the target does not receive:
+    one scan of its JSON text (C code) instead of a walk of about 100 nodes in Python
+    for the usual resource, which refers only to types the target receives."""
+    return any(t not in receives for t in _REFS_IN_JSON.findall(json.dumps(resource)))
 
 
 def _drop_unreceived(node: Any, receives: set[str]) -> None:

@@ -416,8 +416,8 @@ async def take_probe(
 
 async def locked_state(session: AsyncSession, *, kind: str, target: str) -> TargetState:
     """The target's state row (created if missing), locked ``FOR UPDATE`` on PostgreSQL
-    until the transaction ends."""
-    await ensure_target_states(session, [(kind, target)])
+    until the transaction ends. One statement when the row exists (the claim round
+    created it)."""
     stmt = (
         select(TargetState)
         .where(TargetState.kind == kind, TargetState.target == target)
@@ -426,6 +426,9 @@ async def locked_state(session: AsyncSession, *, kind: str, target: str) -> Targ
     if is_postgres(session):
         stmt = stmt.with_for_update()
     row = await session.scalar(stmt)
+    if row is None:
+        await ensure_target_states(session, [(kind, target)])
+        row = await session.scalar(stmt)
     if row is None:  # pragma: no cover - inserted just above
         raise LookupError(f"target state {kind}/{target} vanished")
     return row

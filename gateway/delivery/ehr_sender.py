@@ -35,8 +35,8 @@ from gateway.db.models import Delivery
 from gateway.db.uow import SessionFactory
 from gateway.delivery import repository as repo
 from gateway.delivery.sender import (
+    BatchedRows,
     Delivered,
-    Effects,
     Failed,
     NeedsReview,
     Outcome,
@@ -449,7 +449,7 @@ class EhrSender:
 
         async def effects(session: AsyncSession) -> None:
             if save is not None:
-                await save(session)
+                await save.write(session, list(save.rows))
             session.add(
                 new_exception(
                     kind="duplicate_match",
@@ -469,17 +469,18 @@ class EhrSender:
         )
         return NeedsReview(str(exc), review, 412, exc.operation_outcome, effects)
 
-    def _save(self, target: EhrTargetProfile, progress: _Progress) -> Effects | None:
+    def _save(self, target: EhrTargetProfile, progress: _Progress) -> BatchedRows | None:
+        """The EHR's ids learnt, written with those of the other deliveries to the same
+        target recorded together (one statement)."""
         if not progress.learned:
             return None
-        rows = list(progress.learned)
-
         now = self._clock.now()
+        name = target.name
 
-        async def effects(session: AsyncSession) -> None:
-            await repo.save_remote_ids(session, target=target.name, rows=rows, now=now)
+        async def write(session: AsyncSession, rows: list[repo.RemoteIdRow]) -> None:
+            await repo.save_remote_ids(session, target=name, rows=rows, now=now)
 
-        return effects
+        return BatchedRows(("remote_ids", name), list(progress.learned), write)
 
     def _delivered(
         self, delivery: Delivery, target: EhrTargetProfile, progress: _Progress

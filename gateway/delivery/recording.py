@@ -21,7 +21,7 @@ is written at once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -38,6 +38,7 @@ from gateway.db.uow import SessionFactory, unit_of_work
 from gateway.delivery import circuit
 from gateway.delivery import repository as repo
 from gateway.delivery.sender import (
+    BatchedRows,
     Delivered,
     Failed,
     NeedsReview,
@@ -180,6 +181,7 @@ class OutcomeRecorder:
             attempt_rows: list[dict[str, Any]] = []
             answered: dict[circuit.Key, tuple[TargetConfig, int, bool]] = {}
             reached: list[Reached] = []
+            shared: dict[Hashable, tuple[BatchedRows, list[Any]]] = {}
             for item in items:
                 delivery, outcome = item.delivery, item.outcome
                 if delivery.id not in owned:
@@ -192,8 +194,11 @@ class OutcomeRecorder:
                     continue
                 values, label = await self._values(session, item, now)
                 rows.append({"id": delivery.id, "locked_by": None, "locked_until": None, **values})
-                if outcome.effects is not None:
-                    await outcome.effects(session)
+                effects = outcome.effects
+                if isinstance(effects, BatchedRows):
+                    shared.setdefault(effects.key, (effects, []))[1].extend(effects.rows)
+                elif effects is not None:
+                    await effects(session)
                 if isinstance(outcome, Delivered) and outcome.reached is not None:
                     reached.append(outcome.reached)
                 if not isinstance(outcome, Wait):
@@ -211,6 +216,8 @@ class OutcomeRecorder:
                         delivered or isinstance(outcome, Delivered),
                     )
                 done.append((item, label, values))
+            for first, shared_rows in shared.values():
+                await first.write(session, shared_rows)
             if reached and self._on_reached is not None:
                 await self._on_reached(session, reached)
             await queue.write_rows(session, repo.OUTBOX, rows)

@@ -42,7 +42,6 @@ from gateway.db.models import (
     TargetState,
 )
 from gateway.db.types import UTCDateTime
-from gateway.fhir.repository import resource_keys
 from gateway.queue import repository as queue
 from gateway.queue.repository import QueueTable, is_postgres
 
@@ -161,12 +160,15 @@ async def resources_for_target(
             r,
             and_(r.target == target, r.resource_type == f.resource_type, r.local_id == f.id),
         )
-        .where(resource_keys(refs))
+        .where(*_keys_superset(refs))
     )
+    wanted = set(refs)
     resources: dict[str, dict[str, Any]] = {}
     remote: dict[str, str] = {}
     for resource_type, local_id, resource, remote_id in rows:
         ref = f"{resource_type}/{local_id}"
+        if ref not in wanted:
+            continue
         resources[ref] = resource
         if remote_id is not None:
             remote[ref] = remote_id
@@ -192,17 +194,31 @@ async def outside_for_target(
             r,
             and_(r.target == target, r.resource_type == f.resource_type, r.local_id == f.id),
         )
-        .where(resource_keys(refs))
+        .where(*_keys_superset(refs))
     )
+    wanted = set(refs)
     remote: dict[str, str] = {}
     identifiers: dict[str, tuple[str, str]] = {}
     for resource_type, local_id, system, value, remote_id in rows:
         ref = f"{resource_type}/{local_id}"
+        if ref not in wanted:
+            continue
         if remote_id is not None:
             remote[ref] = remote_id
         if system and value:
             identifiers[ref] = (system, value)
     return remote, identifiers
+
+
+def _keys_superset(refs: Sequence[str]) -> list[ColumnElement[bool]]:
+    """``resource_type IN (...) AND id IN (...)`` for ``refs`` (``Type/id``): a superset
+    of the rows (the caller keeps the exact pairs), as two expanding ``IN`` parameters,
+    so the statement is compiled once whatever the number of refs (an OR of pairs is a
+    new statement for every count); both databases search the primary key for each
+    combination."""
+    types = sorted({ref.split("/", 1)[0] for ref in refs})
+    ids = sorted({ref.split("/", 1)[1] for ref in refs})
+    return [FhirResource.resource_type.in_(types), FhirResource.id.in_(ids)]
 
 
 @dataclass(frozen=True)
@@ -219,9 +235,11 @@ class RemoteIdRow:
 async def save_remote_ids(
     session: AsyncSession, *, target: str, rows: Sequence[RemoteIdRow], now: datetime
 ) -> None:
-    """Insert or update the EHR's ids for our resources (one statement)."""
+    """Insert or update the EHR's ids for our resources (one statement; of two rows for
+    the same resource the last wins)."""
     if not rows:
         return
+    rows = list({(r.resource_type, r.local_id): r for r in rows}.values())
     insert = pg_insert if is_postgres(session) else sqlite_insert
     stmt = insert(cast(Table, RemoteId.__table__))  # Core: no ORM bulk-insert bookkeeping
     stmt = stmt.on_conflict_do_update(

@@ -25,7 +25,7 @@ that worker's to finish).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -37,7 +37,23 @@ from mappers.profiles.ehr import CircuitBreakerPolicy, RetryPolicy
 
 #: Database work to do with an outcome, in the same transaction (e.g. store the ids the
 #: EHR assigned, record a case event). Flushes at most.
-Effects = Callable[[AsyncSession], Awaitable[None]]
+Effect = Callable[[AsyncSession], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class BatchedRows:
+    """Rows an outcome adds to one write shared by the outcomes recorded together: the
+    rows of every outcome of a batch with the same ``key`` are written by one call of
+    ``write`` (the first one's), in one statement (e.g. the EHR's ids of a batch of
+    deliveries to one target)."""
+
+    key: Hashable
+    rows: Sequence[Any]
+    write: Callable[[AsyncSession, list[Any]], Awaitable[None]]
+
+
+#: What an outcome writes with it: a callable, or rows of a shared write.
+Effects = Effect | BatchedRows
 
 
 @dataclass(frozen=True)
