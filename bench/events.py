@@ -539,7 +539,9 @@ async def main(args: argparse.Namespace) -> list[Result]:
                 mllp_port = _free_port()
                 with (
                     gateway_process(
-                        ["mllp", "--port", str(mllp_port)], env, _port_ready(mllp_port)
+                        ["mllp", "--port", str(mllp_port), "--allow-plaintext"],
+                        env,
+                        _port_ready(mllp_port),
                     ),
                     maybe_worker(env, apply),
                 ):

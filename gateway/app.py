@@ -11,10 +11,11 @@ import asyncio
 import contextlib
 import gc
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse
 from fastapi.routing import iter_route_contexts
 from sqlalchemy import text
@@ -23,8 +24,10 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import gateway
+from gateway.clients.service import Principal
 from gateway.db.checkpoint import run_checkpoints
 from gateway.db.encryption import startup_problems
+from gateway.deps import authenticated
 from gateway.errors import (
     BadRequestError,
     GatewayError,
@@ -305,8 +308,14 @@ def create_app(
             "problem details; `/fhir` errors are OperationOutcomes."
         ),
         lifespan=lifespan,
+        # GATEWAY_DOCS: public (FastAPI's routes), authenticated (below), off (none)
+        docs_url="/docs" if settings.docs == "public" else None,
+        redoc_url="/redoc" if settings.docs == "public" else None,
+        openapi_url="/openapi.json" if settings.docs == "public" else None,
     )
     app.state.worker = None
+    if settings.docs == "authenticated":
+        add_authenticated_docs(app)
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
@@ -377,6 +386,25 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def add_authenticated_docs(app: FastAPI) -> None:
+    """``/openapi.json``, ``/docs`` and ``/redoc`` behind any valid API key
+    (``GATEWAY_DOCS=authenticated``; 401 without one). A browser's Swagger UI cannot send
+    the key when it fetches the document: read it with a client that can
+    (``curl -H "Authorization: Bearer ..."``)."""
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_document(_principal: Annotated[Principal, Depends(authenticated)]) -> Any:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger(_principal: Annotated[Principal, Depends(authenticated)]) -> Any:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(_principal: Annotated[Principal, Depends(authenticated)]) -> Any:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
 
 
 def create_app_from_env() -> FastAPI:

@@ -75,6 +75,26 @@ def _bearer(request: Request) -> str | None:
     return key.strip() if key else None
 
 
+async def authenticated(request: Request) -> Principal:
+    """The caller's principal, whatever its scopes (``/openapi.json`` and ``/docs`` with
+    ``GATEWAY_DOCS=authenticated``).
+
+    Raises:
+        UnauthorizedError: 401 with ``WWW-Authenticate: Bearer``, no or unknown key.
+    """
+    key = _bearer(request)
+    challenge = {"WWW-Authenticate": 'Bearer realm="fhir-gateway"'}
+    if key is None:
+        raise UnauthorizedError(
+            "an API key is required (Authorization: Bearer <key>)", headers=challenge
+        )
+    runtime: Runtime = request.app.state.runtime
+    principal = await runtime.auth_cache.get(key, runtime)
+    if principal is None:
+        raise UnauthorizedError("the API key is not valid", headers=challenge)
+    return principal
+
+
 def require_scope(*scopes: str) -> Callable[..., Coroutine[Any, Any, Principal]]:
     """A dependency that authenticates the caller and checks it holds one of ``scopes``.
 
@@ -87,16 +107,7 @@ def require_scope(*scopes: str) -> Callable[..., Coroutine[Any, Any, Principal]]
     """
 
     async def dependency(request: Request) -> Principal:
-        key = _bearer(request)
-        challenge = {"WWW-Authenticate": 'Bearer realm="fhir-gateway"'}
-        if key is None:
-            raise UnauthorizedError(
-                "an API key is required (Authorization: Bearer <key>)", headers=challenge
-            )
-        runtime: Runtime = request.app.state.runtime
-        principal = await runtime.auth_cache.get(key, runtime)
-        if principal is None:
-            raise UnauthorizedError("the API key is not valid", headers=challenge)
+        principal = await authenticated(request)
         if not any(principal.has(scope) for scope in scopes):
             raise ForbiddenError(f"this route needs the scope {' or '.join(scopes)}")
         request.state.principal = principal

@@ -273,8 +273,21 @@ async def store_if_new(session: AsyncSession, message: InboundMessage) -> Inboun
 
     Returns:
         None when stored; the existing message when the key was taken (a retransmission).
+
+    Raises:
+        UnprocessableError: an identifier (the sender's message id, the sender, the
+            content type) longer than its column (``too_long``).
     """
     table = InboundMessage.__table__
+    for column in ("external_id", "sender", "dedupe_key", "content_type"):
+        value, limit = getattr(message, column), getattr(table.c[column].type, "length", None)
+        if isinstance(value, str) and limit is not None and len(value) > limit:
+            # PostgreSQL refuses a longer value (a 500); SQLite would keep it
+            raise UnprocessableError(
+                "an identifier of the message is too long",
+                [Problem("", "too_long", f"{column} has at most {limit} characters")],
+                in_body=False,
+            )
     message.received_at = message.received_at or utcnow()
     # None values are left out so the columns' defaults apply (status, revision...)
     values: dict[str, Any] = {

@@ -148,6 +148,8 @@ def _document_operation(operation: dict[str, Any], route: APIRoute, path: str) -
         ).strip()
     else:
         operation["security"] = []
+    for parameter in operation.get("parameters", []):
+        _refuse_nul(parameter.get("schema", {}))
     responses.setdefault("400", {"description": "A NUL character in the path or query"})
     if "{" in path:
         responses.setdefault("404", {"description": "No such resource"})
@@ -159,6 +161,18 @@ def _document_operation(operation: dict[str, Any], route: APIRoute, path: str) -
             content = response.get("content", {})
             if code.startswith("2") and "application/json" in content:
                 content[FHIR_JSON] = content.pop("application/json")
+
+
+#: No NUL character (the gateway refuses one in a path, query or header with 400).
+NO_NUL_PATTERN = "^[^\\x00]*$"
+
+
+def _refuse_nul(schema: dict[str, Any]) -> None:
+    for option in [schema, *schema.get("anyOf", [])]:
+        if option.get("type") == "string":
+            option.setdefault("pattern", NO_NUL_PATTERN)
+        elif option.get("type") == "array":
+            _refuse_nul(option.get("items", {}))
 
 
 def document_error_responses(schema: dict[str, Any]) -> None:

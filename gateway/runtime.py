@@ -11,7 +11,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -22,16 +22,52 @@ from gateway.clients.service import Principal, authenticate, hash_key, touch_cli
 from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.db.encryption import keyring_for
 from gateway.db.engine import make_engine, make_sessionmaker
+from gateway.egress import EgressPolicy, EgressRefusedError
 from gateway.secrets import SecretStore
 from gateway.settings import Settings
+from mappers.errors import Problem
 from mappers.identifiers import IdentifierSystems
-from mappers.profiles import ProfileSet, load_profiles
+from mappers.profiles import ProfileLoadError, ProfileSet, load_profiles
+
+#: A check of a loaded profile set against the process's settings (raises
+#: ProfileLoadError).
+ProfileCheck = Callable[[ProfileSet], None]
+
+
+def egress_check(policy: EgressPolicy) -> ProfileCheck:
+    """The check that every enabled EHR target's ``base_url`` and ``auth.token_url`` are
+    URLs the egress policy allows (``https``, no credentials, no refused address)."""
+
+    def check(profiles: ProfileSet) -> None:
+        problems = []
+        for name, target in profiles.ehr.items():
+            if not target.enabled:
+                continue
+            urls = [("base_url", target.base_url)]
+            if target.auth is not None and target.auth.token_url:
+                urls.append(("auth.token_url", target.auth.token_url))
+            for path, url in urls:
+                try:
+                    policy.check_url(url)
+                except EgressRefusedError as exc:
+                    source = profiles.sources.get(f"ehr/{name}")
+                    where = f"{source.path}: {path}" if source else f"ehr/{name}: {path}"
+                    problems.append(Problem(where, "egress_refused", str(exc)))
+        if problems:
+            raise ProfileLoadError(problems)
+
+    return check
 
 
 class ProfileHolder:
-    """The profile set in use; replaced whole on reload so readers see one consistent set."""
+    """The profile set in use; replaced whole on reload so readers see one consistent set.
 
-    def __init__(self, profiles: ProfileSet) -> None:
+    ``check`` runs on every set before it is used (the egress check of the settings)."""
+
+    def __init__(self, profiles: ProfileSet, check: ProfileCheck | None = None) -> None:
+        self.check = check
+        if check is not None:
+            check(profiles)
         self.current = profiles
 
     def reload(self) -> ProfileSet:
@@ -41,6 +77,8 @@ class ProfileHolder:
             ProfileLoadError: the new set has problems (the current one stays).
         """
         new = load_profiles(self.current.root)
+        if self.check is not None:
+            self.check(new)
         self.current = new
         return new
 
@@ -136,6 +174,7 @@ class Runtime:
     secrets: SecretStore = field(default_factory=SecretStore)
     write_lock: WriteLock | None = None
     clock: Clock = field(default_factory=lambda: SYSTEM_CLOCK)
+    egress: EgressPolicy = field(default_factory=EgressPolicy)
 
     @contextlib.asynccontextmanager
     async def write_session(self) -> AsyncIterator[AsyncSession]:
@@ -158,11 +197,14 @@ class Runtime:
                 them already (a command checks them first); loaded here when None.
 
         Raises:
-            ProfileLoadError: the profiles have problems; the gateway must not start.
+            ProfileLoadError: the profiles have problems (or an enabled EHR target's URL
+                the egress policy refuses); the gateway must not start.
             KeyringError: the key encryption key is malformed.
         """
         if profiles is None:
             profiles = load_profiles(settings.profiles_dir)
+        egress = settings.egress_policy()
+        holder = ProfileHolder(profiles, egress_check(egress))
         engine = make_engine(
             settings.database_url,
             pre_ping=settings.database_pool_pre_ping,
@@ -172,10 +214,11 @@ class Runtime:
             settings=settings,
             engine=engine,
             sessionmaker=make_sessionmaker(engine),
-            profiles=ProfileHolder(profiles),
+            profiles=holder,
             systems=IdentifierSystems(settings.identifier_base),
             write_lock=WriteLock() if engine.dialect.name == "sqlite" else None,
             secrets=SecretStore.from_settings(settings),
+            egress=egress,
         )
 
     async def close(self) -> None:

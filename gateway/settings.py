@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.egress import EgressPolicy
+
 
 def _bundled_profiles_dir() -> Path:
     """``<repo>/profiles`` of a source checkout (editable install), else ``./profiles``
@@ -108,11 +110,61 @@ class Settings(BaseSettings):
         default=timedelta(seconds=60),
         description="How long a half-received MLLP frame may stall before the connection is closed.",
     )
+    mllp_idle_timeout: timedelta = Field(
+        default=timedelta(minutes=5),
+        description="How long an MLLP connection may stay idle between messages before it is "
+        "closed.",
+    )
+    mllp_max_connections: int = Field(
+        default=256, ge=1, description="MLLP connections open at once; more are closed on accept."
+    )
+    mllp_max_connections_per_peer: int = Field(
+        default=16, ge=1, description="MLLP connections open at once from one IP address."
+    )
+    mllp_tls_cert_file: Path | None = Field(
+        default=None,
+        description="MLLP over TLS: the listener's certificate chain (PEM). With the key and "
+        "the client CA, every connection must present a client certificate (mutual TLS).",
+    )
+    mllp_tls_key_file: Path | None = Field(
+        default=None, description="MLLP over TLS: the listener's private key (PEM)."
+    )
+    mllp_tls_client_ca_file: Path | None = Field(
+        default=None,
+        description="MLLP over TLS: the CA certificates (PEM) that issue partners' client "
+        "certificates; partner profiles map each certificate (hl7.certificates).",
+    )
+    mllp_allow_plaintext: bool = Field(
+        default=False,
+        description="Let `fhir-gateway mllp` listen without TLS (loopback and development "
+        "only): any peer may then send as a partner whose `peers` allow its address.",
+    )
+    egress_allow_loopback: bool = Field(
+        default=False,
+        description="Allow outbound requests (EHRs, token endpoints, subscribers) to loopback "
+        "addresses, and http to a loopback host: development and tests only.",
+    )
+    egress_allowlist: list[str] = Field(
+        default_factory=list,
+        description="Networks (CIDR) and host names outbound requests may reach although they "
+        'are private, link-local or reserved, e.g. ["10.20.0.0/16", "ehr.internal"] '
+        "(a JSON list in the environment).",
+    )
     worker_poll_interval: timedelta = Field(default=timedelta(milliseconds=500))
     worker_batch_size: int = 20
     worker_lease: timedelta = Field(
         default=timedelta(seconds=60),
         description="How long a claimed delivery stays locked before another worker may retry it.",
+    )
+    metrics_auth: bool = Field(
+        default=False,
+        description="`GET /metrics` needs an API key with ops:read (else it is open: bind "
+        "the API to a private address or keep /metrics off the public proxy).",
+    )
+    docs: Literal["public", "authenticated", "off"] = Field(
+        default="public",
+        description="`/docs`, `/redoc` and `/openapi.json`: open, behind any valid API key, "
+        "or not served.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool = True
@@ -165,6 +217,7 @@ class Settings(BaseSettings):
     @field_validator(
         "stripe_tolerance",
         "mllp_read_timeout",
+        "mllp_idle_timeout",
         "worker_poll_interval",
         "worker_lease",
         "jwks_max_age",
@@ -191,6 +244,18 @@ class Settings(BaseSettings):
         if not re.match(r"^(https?://[^/\s]+|urn:[a-z0-9][a-z0-9-]*:\S+)", value, re.IGNORECASE):
             raise ValueError("must be an absolute http(s) URL or a urn: URI")
         return value.rstrip("/")
+
+    @field_validator("egress_allowlist")
+    @classmethod
+    def _egress_entries(cls, value: list[str]) -> list[str]:
+        EgressPolicy.from_allowlist(value, allow_loopback=False)  # raises on a bad entry
+        return value
+
+    def egress_policy(self) -> EgressPolicy:
+        """The egress policy of these settings (:mod:`gateway.egress`)."""
+        return EgressPolicy.from_allowlist(
+            self.egress_allowlist, allow_loopback=self.egress_allow_loopback
+        )
 
     @property
     def is_sqlite(self) -> bool:

@@ -36,6 +36,7 @@ from gateway.delivery.recording import OnReached
 from gateway.delivery.sender import Reached, Sender
 from gateway.delivery.webhooks import WebhookSender
 from gateway.delivery.worker import DeliveryWorker
+from gateway.egress import egress_transport
 from gateway.ehr.client import TokenProvider
 from gateway.ehr.factory import EhrClients
 from gateway.events.apply import EventApplier
@@ -77,7 +78,7 @@ def ehr_clients(
             profiles_root=root,
             cipher=cipher,
             secret_env_file=runtime.settings.secret_env_file,
-            transport=token_transport,
+            transport=token_transport or egress_transport(runtime.egress),
             clock=clock,
         )
 
@@ -87,6 +88,7 @@ def ehr_clients(
         http=http,
         max_connections=max(10, concurrency * 2),
         clock=clock,
+        transport=lambda limits: egress_transport(runtime.egress, limits=limits),
     )
 
 
@@ -108,7 +110,12 @@ def default_senders(
             provenance_tag_system=runtime.systems.provenance,
             clock=clock,
         ),
-        "webhook": WebhookSender(sessions=runtime.sessionmaker, http=http, clock=clock),
+        "webhook": WebhookSender(
+            sessions=runtime.sessionmaker,
+            http=http,
+            clock=clock,
+            transport=egress_transport(runtime.egress) if http is None else None,
+        ),
     }
 
 
@@ -130,6 +137,7 @@ def record_reached(runtime: Runtime) -> OnReached:
                 occurred_at=r.at,
                 patient_id=r.patient_id,
                 message_id=r.message_id,
+                principal="gateway",
             )
             for r in reached
         ]

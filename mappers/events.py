@@ -10,9 +10,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AliasChoices,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
 
 from mappers.errors import MappingErrors
 from mappers.intake import ID_PATTERN, pydantic_problems
@@ -25,6 +33,14 @@ class PatientIdentifier(BaseModel):
 
     system: str = Field(min_length=1, max_length=256)
     value: str = Field(min_length=1, max_length=256)
+
+
+def _date_time_text(value: Any) -> Any:
+    """Refuse a number where the contract says an ISO 8601 date-time: pydantic would read
+    it as Unix time, and the OpenAPI document (``format: date-time``) says text."""
+    if isinstance(value, int | float):
+        raise ValueError("expected an ISO 8601 date-time with a UTC offset, not a number")
+    return value
 
 
 class CanonicalEvent(BaseModel):
@@ -50,7 +66,7 @@ class CanonicalEvent(BaseModel):
         validation_alias=AliasChoices("status", "decision"),
         examples=["approved"],
     )
-    occurred_at: AwareDatetime
+    occurred_at: Annotated[AwareDatetime, BeforeValidator(_date_time_text)]
     patient: PatientIdentifier
     case_id: str | None = Field(default=None, max_length=64)
     note: str | None = Field(default=None, max_length=1000, description="Not stored in logs.")

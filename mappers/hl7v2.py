@@ -676,19 +676,26 @@ def _reference(message: Hl7Message) -> str | None:
 # --------------------------------------------------------------------------- ACK
 
 #: Why a sender is refused (:func:`sender_not_accepted`).
-SenderCheck = Literal["facility", "application", "peer"]
+SenderCheck = Literal["facility", "application", "peer", "credential", "credential_application"]
 
 _SENDER_REFUSALS: dict[SenderCheck, tuple[int, str]] = {
     "facility": (4, "MSH-4 sending facility is not a sender configured at this gateway"),
     "application": (3, "MSH-3 sending application is not configured for this facility"),
     "peer": (4, "MSH-4 sending facility is not configured to send from this network address"),
+    "credential": (4, "MSH-4 sending facility is not a sender this credential may send as"),
+    "credential_application": (
+        3,
+        "MSH-3 sending application belongs to a sender this credential may not send as",
+    ),
 }
 
 
 def sender_not_accepted(check: SenderCheck) -> Hl7MessageError:
     """The AR for a sender the gateway does not accept: an unknown MSH-4 sending facility,
-    an MSH-3 sending application the facility's profile does not list, or an MLLP peer
-    outside the facility's networks.
+    an MSH-3 sending application the facility's profile does not list, an MLLP peer
+    outside the facility's networks, or a credential (API client bound to partners, MLLP
+    client certificate) that may not send as the facility (MSH-4) or whose MSH-3 is
+    another partner's.
 
     The code is 103 "Table value not found" (HL7 table 0357) at MSH-4 or MSH-3: both fields
     take their values from user-defined tables (0362 Facility, 0361 Application), which at

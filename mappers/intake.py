@@ -392,7 +392,8 @@ def parse_intake_submission(
             items, answers_out = answers_to_items(answers, profile, problems, concept_maps or {})
         consents = data.get("consents") if isinstance(data, dict) else None
         accepted = (
-            {c.get("type") for c in consents if isinstance(c, dict)}
+            # a type that is not a string is a contract problem already (and unhashable)
+            {c["type"] for c in consents if isinstance(c, dict) and isinstance(c.get("type"), str)}
             if isinstance(consents, list)
             else set()
         )

@@ -93,9 +93,15 @@ class Notification:
 
 
 def reference_key(reference: str) -> str | None:
-    """``https://ehr/fhir/Task/12/_history/3`` or ``Task/12`` -> ``Task/12`` (None if neither)."""
+    """``https://ehr/fhir/Task/12/_history/3`` or ``Task/12`` -> ``Task/12`` (None if neither).
+
+    The id must be a FHIR id (https://hl7.org/fhir/R4/datatypes.html#id:
+    ``[A-Za-z0-9.-]{1,64}``) and not only dots: ``Task/..`` would walk the EHR's base
+    path when read (``GET [base]/Task/..``), so it is no reference (None)."""
     match = _REFERENCE.search(reference.strip())
-    return f"{match.group(1)}/{match.group(2)}" if match else None
+    if match is None or not match.group(2).strip("."):
+        return None
+    return f"{match.group(1)}/{match.group(2)}"
 
 
 def _value(element: Any) -> Any:

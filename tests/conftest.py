@@ -34,6 +34,11 @@ from tests.support.profiles import check_unchanged, shared_profiles
 #: The local EHR fixtures (``fhir_server``, ``make_ehr``): tests/support/ehr.py.
 pytest_plugins = ("tests.support.ehr",)
 
+#: Every peer of the tests (the local EHR, subscribers, token endpoints) listens on
+#: 127.0.0.1 over http: the egress policy lets loopback through for the tests and the
+#: processes they start (tests/security/test_egress_*.py build their own policies).
+os.environ["GATEWAY_EGRESS_ALLOW_LOOPBACK"] = "true"
+
 PG_URL = os.environ.get("GATEWAY_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -190,7 +195,11 @@ def make_api_key(runtime: Runtime) -> ApiKeyFactory:
     """``await make_api_key("intake:write", ...)`` -> a new API key with those scopes."""
 
     async def make(
-        *scopes: str, name: str | None = None, event_sources: list[str] | None = None
+        *scopes: str,
+        name: str | None = None,
+        event_sources: list[str] | None = None,
+        partners: list[str] | None = None,
+        programs: list[str] | None = None,
     ) -> str:
         async with runtime.sessionmaker() as session:
             _, key = await create_client(
@@ -198,6 +207,8 @@ def make_api_key(runtime: Runtime) -> ApiKeyFactory:
                 name=name or f"test-{uuid.uuid4().hex[:8]}",
                 scopes=list(scopes),
                 event_sources=event_sources,
+                partners=partners,
+                programs=programs,
             )
             await session.commit()
         return key

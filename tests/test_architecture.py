@@ -150,6 +150,7 @@ LAYER_MODULES = {
         "logging",
         "metrics",
         "clock",
+        "egress",
     )
 }
 

@@ -31,18 +31,41 @@ def clients_create(
             "without it, any sender",
         ),
     ] = None,
+    partner: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--partner",
+            help="Partner profile this client may send HL7 v2 messages as (repeat); "
+            "without it, any partner",
+        ),
+    ] = None,
+    program: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--program",
+            help="Program whose cases, resources and messages this client sees (repeat); "
+            "without it, all",
+        ),
+    ] = None,
 ) -> None:
     """Create an API client and print its key once (only a hash is stored)."""
     from gateway.audit import service as audit
-    from gateway.clients.service import UnknownScopeError, create_client
+    from gateway.clients.service import ClientLimitError, UnknownScopeError, create_client
 
     scopes = _words(scope)
     sources = _words(event_source) if event_source else None
+    partners = _words(partner) if partner else None
+    programs = _words(program) if program else None
 
     async def work(db: Database) -> str:
         async with db.session() as session:
             client, key = await create_client(
-                session, name=name, scopes=scopes, event_sources=sources
+                session,
+                name=name,
+                scopes=scopes,
+                event_sources=sources,
+                partners=partners,
+                programs=programs,
             )
             audit.record(
                 session,
@@ -56,7 +79,7 @@ def clients_create(
 
     try:
         key = run_on_database(work)
-    except UnknownScopeError as exc:
+    except (UnknownScopeError, ClientLimitError) as exc:
         raise fail(str(exc)) from exc
     except IntegrityError as exc:
         raise fail(f"a client named {name!r} already exists") from exc
@@ -68,6 +91,15 @@ def clients_create(
             else "it may send events as any sender (restrict it with --event-source)",
             err=True,
         )
+    if "hl7:write" in scopes:
+        typer.echo(
+            f"it may send HL7 v2 as: {', '.join(sorted(set(partners)))}"
+            if partners
+            else "it may send HL7 v2 as any partner (restrict it with --partner)",
+            err=True,
+        )
+    if programs:
+        typer.echo(f"it sees only the programs: {', '.join(sorted(set(programs)))}", err=True)
     typer.echo("API key (shown once; store it now):", err=True)
     typer.echo(key)
 
@@ -85,7 +117,16 @@ def clients_list() -> None:
 
     for c in run_on_database(work):
         state = "revoked" if c.revoked_at else "active"
-        typer.echo(f"{c.name}\t{state}\t{' '.join(c.scopes)}")
+        limits = [
+            f"{what}={','.join(values)}"
+            for what, values in (
+                ("event-source", c.event_sources),
+                ("partner", c.partners),
+                ("program", c.programs),
+            )
+            if values is not None
+        ]
+        typer.echo("\t".join([c.name, state, " ".join(c.scopes), *limits]))
 
 
 @app.command("revoke")

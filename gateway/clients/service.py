@@ -36,6 +36,11 @@ SCOPES = {
 _IMPLIED = {"ops:admin": {"ops:read"}}
 
 
+#: Scopes whose routes show every program's data (exceptions with their payloads,
+#: deliveries): a client limited to programs may not hold them.
+UNSCOPED_SCOPES = frozenset({"ops:read", "ops:admin"})
+
+
 def scopes_granting(scope: str) -> frozenset[str]:
     """Every scope that grants ``scope``: itself and the scopes implying it
     (``"ops:read"`` -> ``{"ops:read", "ops:admin"}``)."""
@@ -46,6 +51,10 @@ class UnknownScopeError(ValueError):
     """A scope that no route checks."""
 
 
+class ClientLimitError(ValueError):
+    """A client limited to programs asked for a scope whose routes see every program."""
+
+
 @dataclass(frozen=True)
 class Principal:
     """The authenticated caller."""
@@ -54,6 +63,25 @@ class Principal:
     name: str
     scopes: frozenset[str]
     event_sources: frozenset[str] | None = None
+    partners: frozenset[str] | None = None
+    programs: frozenset[str] | None = None
+
+    @property
+    def label(self) -> str:
+        """How the caller is recorded as a message's or event's principal:
+        ``client:<name>``."""
+        return f"client:{self.name}"
+
+    def may_send_as_partner(self, partner: str) -> bool:
+        """True if the caller may send HL7 v2 messages as partner profile ``partner``; a
+        client created without ``--partner`` may send as any."""
+        return self.partners is None or partner in self.partners
+
+    def sees_program(self, program: str | None) -> bool:
+        """True if the caller may see data of ``program`` (None: data of no program, which
+        a limited client does not see); a client created without ``--program`` sees
+        all."""
+        return self.programs is None or (program is not None and program in self.programs)
 
     def may_send_as(self, source: str) -> bool:
         """True if the caller may send clinical events as ``source`` (a sender of the
@@ -62,7 +90,11 @@ class Principal:
         return self.event_sources is None or source in self.event_sources
 
     def has(self, scope: str) -> bool:
-        """True if the caller holds ``scope`` (directly or implied)."""
+        """True if the caller holds ``scope`` (directly or implied); a client limited to
+        programs never holds one of :data:`UNSCOPED_SCOPES` (creation refuses it; a row
+        changed by hand does not get it either)."""
+        if self.programs is not None and scope in UNSCOPED_SCOPES:
+            return False
         if scope in self.scopes:
             return True
         return any(scope in _IMPLIED.get(s, ()) for s in self.scopes)
@@ -79,20 +111,32 @@ async def create_client(
     name: str,
     scopes: list[str],
     event_sources: list[str] | None = None,
+    partners: list[str] | None = None,
+    programs: list[str] | None = None,
 ) -> tuple[ApiClient, str]:
     """Create a client and return it with its new key (shown once, never stored).
 
     Args:
         event_sources: the senders (``ehr``, ``pharmacy``...) this client may send
             clinical events as on ``POST /v1/events``; None: any.
+        partners: the partner profiles (names) this client may send HL7 v2 messages as
+            on ``POST /v1/hl7v2`` (MSH-4 and MSH-3 must be theirs); None: any.
+        programs: the programs whose cases, resources and messages this client sees;
+            None: all.
 
     Raises:
         UnknownScopeError: a scope is not in :data:`SCOPES`.
+        ClientLimitError: ``programs`` with a scope of :data:`UNSCOPED_SCOPES`.
     """
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown:
         raise UnknownScopeError(
             f"unknown scope(s): {', '.join(unknown)}; known: {', '.join(SCOPES)}"
+        )
+    if programs is not None and set(scopes) & UNSCOPED_SCOPES:
+        raise ClientLimitError(
+            f"a client limited to programs cannot hold {', '.join(sorted(UNSCOPED_SCOPES))}: "
+            "those routes show every program's data"
         )
     key_id = secrets.token_hex(6)
     key = f"fgw_{key_id}_{secrets.token_urlsafe(32)}"
@@ -102,6 +146,8 @@ async def create_client(
         key_hash=hash_key(key),
         scopes=sorted(set(scopes)),
         event_sources=sorted(set(event_sources)) if event_sources is not None else None,
+        partners=sorted(set(partners)) if partners is not None else None,
+        programs=sorted(set(programs)) if programs is not None else None,
     )
     session.add(client)
     await session.flush()
@@ -123,6 +169,8 @@ async def authenticate(session: AsyncSession, *, key: str) -> Principal | None:
         name=row.name,
         scopes=frozenset(row.scopes),
         event_sources=frozenset(row.event_sources) if row.event_sources is not None else None,
+        partners=frozenset(row.partners) if row.partners is not None else None,
+        programs=frozenset(row.programs) if row.programs is not None else None,
     )
 
 

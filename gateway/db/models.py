@@ -51,6 +51,11 @@ class ApiClient(Base):
     scopes: Mapped[list[str]] = mapped_column(JSONDoc)
     # Senders this client may send clinical events as (POST /v1/events); NULL: any.
     event_sources: Mapped[list[str] | None] = mapped_column(JSONDoc, nullable=True)
+    # HL7 v2 partners this client may send as (POST /v1/hl7v2, MSH-4/MSH-3); NULL: any.
+    # Migration 0012_sec_hl7.
+    partners: Mapped[list[str] | None] = mapped_column(JSONDoc, nullable=True)
+    # Programs whose cases, resources and messages this client sees; NULL: all.
+    programs: Mapped[list[str] | None] = mapped_column(JSONDoc, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
     last_used_at: Mapped[datetime | None]
@@ -98,6 +103,9 @@ class InboundMessage(Base):
     available_at: Mapped[datetime | None] = mapped_column(default=utcnow)
     locked_until: Mapped[datetime | None]
     locked_by: Mapped[str | None] = mapped_column(String(128))
+    # Who authenticated the message (``client:<name>``, ``cert:<CN>:sha256:<hex>``,
+    # ``signature:<partner>``, ...); see docs/SECURITY.md. Migration 0012_sec_hl7.
+    principal: Mapped[str | None] = mapped_column(String(256))
 
     __table_args__ = (
         Index("ix_inbound_messages_pending", "status", "channel"),
@@ -401,6 +409,9 @@ class CaseEvent(Base):
     channel: Mapped[str | None] = mapped_column(String(32))
     reference: Mapped[str | None] = mapped_column(String(256))
     hold_until: Mapped[datetime | None]
+    # The authenticated principal that sent the event (copied from its inbound message;
+    # ``gateway`` for the gateway's own events). Migration 0012_sec_hl7.
+    principal: Mapped[str | None] = mapped_column(String(256))
 
     __table_args__ = (
         UniqueConstraint("case_id", "sender", "event_id", name="uq_case_events_dedupe"),
@@ -438,6 +449,9 @@ class ExceptionRecord(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     resolved_at: Mapped[datetime | None]
     resolved_by: Mapped[str | None] = mapped_column(String(128))
+    # Who sent a refused payload (an HL7 v2 message refused for its credential): as
+    # ``inbound_messages.principal``. Migration 0012_sec_hl7.
+    principal: Mapped[str | None] = mapped_column(String(256))
     note: Mapped[str | None] = mapped_column(Text)
     retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 

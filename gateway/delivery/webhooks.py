@@ -84,6 +84,8 @@ class WebhookSender:
     Args:
         sessions: read sessions (the subscribers).
         http: a shared HTTP client (one is made when omitted, and closed by :meth:`aclose`).
+        transport: the transport of the client made when ``http`` is omitted (the egress
+            guard).
         clock: the worker's clock (the signature's timestamp).
     """
 
@@ -95,9 +97,10 @@ class WebhookSender:
         sessions: SessionFactory,
         http: httpx.AsyncClient | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._sessions = sessions
-        self._http = http or httpx.AsyncClient()
+        self._http = http or httpx.AsyncClient(transport=transport)
         self._own_http = http is None
         self._clock = clock
 

@@ -37,6 +37,8 @@ class EhrClients:
             :func:`gateway.oauth.tokens.token_provider_for` with its arguments).
         http: shared HTTP client for FHIR requests (created, and closed, when None).
         max_connections: the HTTP pool's size.
+        transport: the transport of the client made when ``http`` is None (the egress
+            guard, :func:`gateway.egress.egress_transport`); httpx's default when None.
         clock: the clock of the rate limits.
     """
 
@@ -48,12 +50,14 @@ class EhrClients:
         http: httpx.AsyncClient | None = None,
         max_connections: int = 100,
         clock: Clock = SYSTEM_CLOCK,
+        transport: Callable[[httpx.Limits], httpx.AsyncBaseTransport] | None = None,
     ) -> None:
         self._tokens = tokens
+        limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
         self._http = http or httpx.AsyncClient(
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            )
+            limits=limits, transport=transport(limits) if transport is not None else None
         )
         self._own_http = http is None
         self._limiter = RateLimiter(sessionmaker, clock=clock)

@@ -131,6 +131,7 @@ async def apply_prepared(
                 message_id=message.id,
                 channel=message.channel,
                 reference=event.reference,
+                principal=message.principal,
             ),
         )
         failed = failed or result.outcome in ("rejected", "no_case")

@@ -272,6 +272,7 @@ async def receive_notification(
         external_id=external_id,
         body=raw,
         content_type=content_type,
+        principal=f"ehr-header:{target.name}",
     )
     message.response = {
         "message_id": message.id,

@@ -88,9 +88,30 @@ async def _prepare_notification(
     if target is None or target.events is None:
         raise MappingError("unknown_target", "the EHR target or its events block is gone", "target")
     notification = parse_notification(json.loads(message.body))
+    # the types the target's events table maps: the only ones its topics may name
+    types = {rule.resource for rule in target.events.resources}
     for i, event in enumerate(notification.events):
         where = f"notification-event[{i}]"
         key = reference_key(event.focus or "")
+        if key is None and event.focus:
+            out.problems.append(
+                Problem(
+                    where,
+                    "invalid_focus",
+                    "the focus is not a reference Type/id with a FHIR id",
+                )
+            )
+            continue
+        if key is not None and key.split("/", 1)[0] not in types:
+            out.problems.append(
+                Problem(
+                    where,
+                    "focus_type_not_allowed",
+                    f"the focus type is not one this EHR's events table maps "
+                    f"({', '.join(sorted(types))}); it is not read",
+                )
+            )
+            continue
         if key is None:
             out.problems.append(
                 Problem(

@@ -95,6 +95,7 @@ async def receive_event(
         external_id=event.event_id,
         body=raw,
         content_type=content_type,
+        principal=f"client:{actor}",
     )
     message.response = {
         "message_id": message.id,

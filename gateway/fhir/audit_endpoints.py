@@ -30,7 +30,8 @@ FHIR_JSON = "application/fhir+json"
 def _int(value: str | None, name: str, problems: list[tuple[str, str]]) -> int | None:
     if value is None:
         return None
-    if not value.isdigit() or len(value) > 7:
+    # isascii: str.isdigit() is true for "²", which int() refuses (a 500)
+    if not (value.isascii() and value.isdigit()) or len(value) > 7:
         problems.append((name, "must be a whole number"))
         return None
     return int(value)
@@ -60,8 +61,22 @@ async def search_audit_events(
         Query(description="recorded time, FHIR date with prefix eq|ge|gt|le|lt; repeatable"),
     ] = None,
     action: Annotated[str | None, Query(description="C, R, U, D or E; comma for any")] = None,
-    count: Annotated[str | None, Query(alias="_count", description="page size, 0..500")] = None,
-    offset: Annotated[str | None, Query(alias="_offset", description="entries to skip")] = None,
+    count: Annotated[
+        str | None,
+        Query(
+            alias="_count",
+            description="page size, 0..500",
+            json_schema_extra={"pattern": "^0*([0-9]{1,2}|[1-4][0-9]{2}|500)$"},
+        ),
+    ] = None,
+    offset: Annotated[
+        str | None,
+        Query(
+            alias="_offset",
+            description="entries to skip, at most 1000000",
+            json_schema_extra={"pattern": "^0*([0-9]{1,6}|1000000)$"},
+        ),
+    ] = None,
 ) -> JSONResponse:
     """A ``searchset`` Bundle of AuditEvents, newest first, with ``self`` and ``next``
     links (https://hl7.org/fhir/R4/auditevent.html#search); 400 OperationOutcome naming

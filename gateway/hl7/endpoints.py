@@ -11,7 +11,7 @@ from gateway.clients.service import Principal
 from gateway.deps import RuntimeDep, SessionDep, require_scope
 from gateway.errors import UnsupportedMediaTypeError
 from gateway.events.after_response import apply_after_response
-from gateway.hl7.service import CONTENT_TYPE, receive_hl7
+from gateway.hl7.service import CONTENT_TYPE, Hl7Credential, receive_hl7
 from mappers.errors import Problem
 
 router = APIRouter(prefix="/v1", tags=["hl7v2"])
@@ -70,17 +70,20 @@ async def post_hl7v2(
     session: SessionDep,
     runtime: RuntimeDep,
     background: BackgroundTasks,
-    _principal: Annotated[Principal, Depends(require_scope("hl7:write"))],
+    principal: Annotated[Principal, Depends(require_scope("hl7:write"))],
 ) -> Response:
     """Store the message and answer with an HL7 ACK (always HTTP 200 once authenticated):
     MSA-1 ``AA`` accepted (applied right after), ``AE`` stored but not mappable (kept in
     the exceptions queue), ``AR`` refused (unreadable, unknown sending facility,
-    unsupported version or message type, MSH-10 reused); MSA-2 echoes MSH-10 and an ERR
-    segment says why. The same message again gets the same answer and is applied once.
+    unsupported version or message type, MSH-10 reused, or a facility or application
+    the API client is not bound to: ``clients create --partner``); MSA-2 echoes MSH-10
+    and an ERR segment says why. The same message again gets the same answer and is
+    applied once. The client is recorded as the principal of the message and its events.
     """
     media = _er7_media_type(request)
     raw = await request.body()
-    reply = await receive_hl7(session, runtime, raw=raw, transport="http")
+    credential = Hl7Credential(principal.label, principal.partners)
+    reply = await receive_hl7(session, runtime, raw=raw, transport="http", credential=credential)
     background.add_task(apply_after_response, request, runtime, reply)
     return Response(
         reply.ack,

@@ -5,7 +5,10 @@ For each message (HL7 v2 chapter 2, original acknowledgment mode):
 1. read MSH (``mappers.hl7v2.parse_er7``); unreadable: ``AR``;
 2. verify the sender: MSH-4 sending facility (and MSH-3 application, and for MLLP the
    peer's network, when the partner's profile lists them) must belong to a partner
-   profile: otherwise ``AR`` 103 (``mappers.hl7v2.sender_not_accepted``);
+   profile, and one the credential (:class:`Hl7Credential`: the API client bound with
+   ``--partner``, the MLLP client certificate a partner's ``hl7.certificates`` names) may
+   send as; an MSH-3 another partner lists is refused too: otherwise ``AR`` 103
+   (``mappers.hl7v2.sender_not_accepted``), kept for review;
 3. deduplicate on MSH-10 per sending facility: a retransmission (the same text, line
    endings aside) gets the same answer again; a different message reusing a control id
    gets ``AR`` (205);
@@ -47,12 +50,73 @@ from mappers.hl7v2 import (
     refused_control_id,
     sender_not_accepted,
 )
-from mappers.profiles import PartnerProfile
+from mappers.profiles import PartnerProfile, ProfileSet
 
 log = get_logger(__name__)
 
 CHANNEL = "hl7v2"
 CONTENT_TYPE = "application/hl7-v2"
+
+
+@dataclass(frozen=True)
+class Hl7Credential:
+    """Who speaks on a connection or request, and for which partners.
+
+    Attributes:
+        principal: recorded with each stored message and its events (``client:<name>``,
+            ``cert:<CN>:sha256:<hex>``, ``mllp-peer:<address>``).
+        partners: the partner profiles (names) it may send as; None: any (an API client
+            without ``--partner``, plaintext MLLP, where MSH-4 and ``peers`` decide).
+        certificate: for MLLP over TLS, the client certificate's SHA-256 (lowercase hex of
+            the DER bytes) and subject CN: the partners are those whose
+            ``hl7.certificates`` name it, read from the profiles current at each message
+            (a reload takes effect on open connections).
+    """
+
+    principal: str
+    partners: frozenset[str] | None = None
+    certificate: tuple[str, str | None] | None = None
+
+    @property
+    def agent_name(self) -> str:
+        """The principal in at most 128 characters (the audit agent's name): a
+        certificate with a long CN is named by its fingerprint alone."""
+        if len(self.principal) <= 128 or self.certificate is None:
+            return self.principal[:128]
+        return f"cert:sha256:{self.certificate[0]}"
+
+    def allowed_partners(self, profiles: ProfileSet) -> frozenset[str] | None:
+        """The partner names this credential may send as now (None: any)."""
+        if self.certificate is None:
+            return self.partners
+        sha256, common_name = self.certificate
+        return frozenset(
+            name
+            for name, p in profiles.partners.items()
+            if p.hl7 is not None
+            and p.hl7.accepts_certificate(sha256=sha256, common_name=common_name)
+        )
+
+
+def _credential_refusal(
+    profiles: ProfileSet, partner: PartnerProfile, application: str, allowed: frozenset[str] | None
+) -> Hl7MessageError | None:
+    """MSH-4's partner must be one the credential may send as, and MSH-3 must not be an
+    application another partner lists (a sender naming another's application speaks for
+    it)."""
+    if allowed is None:
+        return None
+    if partner.name not in allowed:
+        return sender_not_accepted("credential")
+    for other in profiles.partners.values():
+        if (
+            other.name not in allowed
+            and other.hl7 is not None
+            and application
+            and application in other.hl7.applications
+        ):
+            return sender_not_accepted("credential_application")
+    return None
 
 
 @dataclass(frozen=True)
@@ -136,13 +200,16 @@ def record_hl7_rejection(
     error: Hl7MessageError,
     sender: str | None,
     transport: str,
+    principal: str | None = None,
 ) -> None:
-    """Keep a message refused with AR (or a broken MLLP frame) for review and retry."""
+    """Keep a message refused with AR (or a broken MLLP frame) for review and retry, with
+    the ``principal`` that sent it (the reviewer sees which credential it was)."""
     session.add(
         inbox.new_exception(
             kind="hl7_rejected",
             channel=CHANNEL,
             sender=sender,
+            principal=principal,
             problems=[Problem(error.location or "MSH", f"hl7_{error.hl7_code}", str(error))],
             payload=raw,
             content_type=CONTENT_TYPE,
@@ -165,6 +232,7 @@ async def receive_hl7(
     transport: str,
     peer: str | None = None,
     lease: bool = True,
+    credential: Hl7Credential | None = None,
 ) -> Hl7Reply:
     """Verify, deduplicate, map and store one ER7 message; build its ACK.
 
@@ -178,6 +246,8 @@ async def receive_hl7(
         peer: the MLLP peer's IP address (checked against the partner's ``peers``).
         lease: this process applies the message right after the ACK (else the worker's
             sweep does, at once).
+        credential: who sent it (recorded, and the partners it may send as); None: an
+            anonymous sender that may send as any partner (tests, tools).
 
     Returns:
         The :class:`Hl7Reply`. MSA-2 echoes MSH-10; AE/AR carry an ERR segment.
@@ -187,7 +257,14 @@ async def receive_hl7(
         parsed = parse_er7(decode_er7(raw))
     except Hl7MessageError as exc:
         sender = exc.envelope.sending_facility or None if exc.envelope else None
-        record_hl7_rejection(session, raw=raw, error=exc, sender=sender, transport=transport)
+        record_hl7_rejection(
+            session,
+            raw=raw,
+            error=exc,
+            sender=sender,
+            transport=transport,
+            principal=credential.principal if credential else None,
+        )
         await session.flush()
         # a refused batch: MSA-2 as the sender's profile expects (first MSH-10 or BHS-11)
         known = profiles.hl7_sender(sender) if sender else None
@@ -201,10 +278,25 @@ async def receive_hl7(
         refusal = sender_not_accepted("application")
     elif transport == "mllp" and not _peer_allowed(partner, peer):
         refusal = sender_not_accepted("peer")
+    elif credential is not None:
+        refusal = _credential_refusal(
+            profiles, partner, parsed.sending_application, credential.allowed_partners(profiles)
+        )
     if refusal is not None or partner is None:
         assert refusal is not None
+        log.info(
+            "hl7.sender_refused",
+            transport=transport,
+            sender=facility or None,
+            principal=credential.principal if credential else None,
+        )
         record_hl7_rejection(
-            session, raw=raw, error=refusal, sender=facility or None, transport=transport
+            session,
+            raw=raw,
+            error=refusal,
+            sender=facility or None,
+            transport=transport,
+            principal=credential.principal if credential else None,
         )
         await session.flush()
         return Hl7Reply(_ack(parsed, "AR", refusal), "AR")
@@ -215,7 +307,14 @@ async def receive_hl7(
         event = hl7v2_to_clinical_event(parsed, partner, identifier_base=runtime.systems.base)
     except Hl7MessageError as exc:
         if exc.ack_code == "AR":
-            record_hl7_rejection(session, raw=raw, error=exc, sender=facility, transport=transport)
+            record_hl7_rejection(
+                session,
+                raw=raw,
+                error=exc,
+                sender=facility,
+                transport=transport,
+                principal=credential.principal if credential else None,
+            )
             await session.flush()
             return Hl7Reply(_ack(parsed, "AR", exc), "AR")
         error = exc
@@ -225,6 +324,7 @@ async def receive_hl7(
         external_id=parsed.control_id,
         body=raw,
         content_type=CONTENT_TYPE,
+        principal=credential.principal if credential is not None else None,
     )
     if error is not None:
         message.status = MessageStatus.FAILED
@@ -262,7 +362,14 @@ async def receive_hl7(
             segment="MSH",
             field_position=10,
         )
-        record_hl7_rejection(session, raw=raw, error=reuse, sender=facility, transport=transport)
+        record_hl7_rejection(
+            session,
+            raw=raw,
+            error=reuse,
+            sender=facility,
+            transport=transport,
+            principal=credential.principal if credential else None,
+        )
         await session.flush()
         return Hl7Reply(_ack(parsed, "AR", reuse), "AR")
     if error is not None:

@@ -42,20 +42,27 @@ def new_message(
     body: bytes,
     content_type: str,
     status: MessageStatus = MessageStatus.RECEIVED,
+    principal: str | None = None,
 ) -> InboundMessage:
     """A new inbox row (not yet added to a session), received now: ``received_at`` is set
-    here, not at flush, because the outbox rows written with it copy it."""
+    here, not at flush, because the outbox rows written with it copy it.
+
+    ``principal`` is who authenticated the message (``client:<name>``,
+    ``cert:<CN>:sha256:<hex>``, ``signature:<partner>``...); each event of the message
+    carries it into the case history."""
     return InboundMessage(
         id=str(uuid.uuid4()),
         channel=channel,
-        sender=sender,
+        sender=sender[:128] if sender else sender,
         external_id=external_id,
         dedupe_key=dedupe_key(channel, sender, external_id),
         content_hash=content_hash(body),
-        content_type=content_type,
+        # the sender's declared type, kept for review: cut to the column (128)
+        content_type=content_type[:128] if content_type else content_type,
         body=body,
         status=status,
         received_at=utcnow(),
+        principal=principal,
     )
 
 
@@ -69,17 +76,21 @@ def new_exception(
     case_id: str | None = None,
     payload: bytes | None = None,
     content_type: str | None = None,
+    principal: str | None = None,
 ) -> ExceptionRecord:
-    """A new exceptions-queue entry. ``payload`` keeps the raw input for review."""
+    """A new exceptions-queue entry. ``payload`` keeps the raw input for review;
+    ``principal`` is who sent it, when it was authenticated."""
     return ExceptionRecord(
         kind=kind,
         channel=channel,
-        sender=sender,
+        sender=sender[:128] if sender else sender,
         inbound_message_id=message_id,
         case_id=case_id,
         payload=payload,
-        content_type=content_type,
+        # the sender's declared type, kept for review: cut to the column (128)
+        content_type=content_type[:128] if content_type else content_type,
         problems=[p.as_dict() for p in problems],
+        principal=principal,
     )
 
 

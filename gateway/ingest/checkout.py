@@ -78,6 +78,7 @@ async def submit_checkout(
         external_id=checkout.checkout_id,
         body=raw,
         content_type=content_type,
+        principal=f"client:{actor}",
     )
     existing = await claim_message(session, message)
     if existing is not None:
@@ -228,6 +229,7 @@ async def prepare_checkout(
             patient_id=match.patient_id,
             program=mapped.plan.program,
             message_id=message.id,
+            principal=message.principal,
         )
         if with_event
         else None,

@@ -23,6 +23,7 @@ from gateway.ingest.schemas import IngestAccepted, MessageStatusOut
 from gateway.ingest.storage import IngestContext
 from gateway.logging import get_logger
 from gateway.runtime import Runtime
+from gateway.workflow.scoping import message_visible
 from mappers.checkout import CanonicalCheckout
 from mappers.intake import IntakeSubmission
 
@@ -181,8 +182,11 @@ async def message_status(
     ],
 ) -> MessageStatusOut:
     """Where a message is: processed or not, and each EHR delivery's status (ids and
-    statuses only, no PHI)."""
+    statuses only, no PHI). A client limited to programs sees only messages that reached
+    a case of its programs."""
     message = await inbox.get_message(session, message_id)
+    if message is not None and not await message_visible(session, principal, message_id):
+        message = None
     if message is None:
         raise NotFoundError("no such message")
     patient = (message.response or {}).get("patient")

@@ -88,7 +88,12 @@ async def submit_intake(
     existing = None
     if isinstance(sid, str):  # claimed before parsing: a copy gets its answer as stored
         message = inbox.new_message(
-            channel=CHANNEL, sender="", external_id=sid, body=raw, content_type=content_type
+            channel=CHANNEL,
+            sender="",
+            external_id=sid,
+            body=raw,
+            content_type=content_type,
+            principal=f"client:{actor}",
         )
         existing = await claim_message(session, message)
         if existing is not None and _same_submission(existing, raw):
@@ -156,6 +161,7 @@ async def submit_intake(
             patient_id=match.patient_id,
             program=profile.program,
             message_id=message.id,
+            principal=message.principal,
         ),
     )
     body = await store_mapped(session, ctx, mapped)

@@ -12,6 +12,7 @@ other types are recorded as ``ignored``; a checkout event that does not map is s
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -37,10 +38,36 @@ STRIPE_CHECKOUT_EVENTS = frozenset(
 )
 
 
+def _timestamp(header: str) -> int | None:
+    """``t`` of a ``Stripe-Signature`` header (Unix seconds; None without one)."""
+    for item in header.split(","):
+        key, _, value = item.strip().partition("=")
+        if key == "t" and value.isdigit() and len(value) < 20:
+            return int(value)
+    return None
+
+
+def _invalid_signature() -> BadRequestError:
+    return BadRequestError(
+        "the Stripe signature does not verify",
+        [
+            Problem(
+                "Stripe-Signature",
+                "invalid_signature",
+                "no v1 signature matches, or the timestamp is outside the tolerance",
+            )
+        ],
+    )
+
+
 def verify_stripe_signature(
     raw: bytes, header: str | None, *, secret: str, tolerance: timedelta
 ) -> None:
-    """Check ``Stripe-Signature`` over the exact body.
+    """Check ``Stripe-Signature`` over the exact body, and its timestamp (``t=``, Unix
+    seconds) within ``tolerance`` of now in both directions: Stripe's library
+    (``stripe.WebhookSignature.verify_header``) refuses only timestamps older than the
+    tolerance; one further ahead than the tolerance (a signature made for later, or a
+    clock far off) is refused here.
 
     Raises:
         BadRequestError: the header is missing (``missing_signature``), no ``v1``
@@ -64,20 +91,15 @@ def verify_stripe_signature(
         )
     except stripe.SignatureVerificationError as exc:
         log.info("stripe.bad_signature")
-        raise BadRequestError(
-            "the Stripe signature does not verify",
-            [
-                Problem(
-                    "Stripe-Signature",
-                    "invalid_signature",
-                    "no v1 signature matches, or the timestamp is outside the tolerance",
-                )
-            ],
-        ) from exc
+        raise _invalid_signature() from exc
     except ValueError as exc:  # not UTF-8: the signature is computed over text
         raise BadRequestError(
             "the body is not UTF-8", [Problem("", "invalid_encoding", "the event is not UTF-8")]
         ) from exc
+    timestamp = _timestamp(header)
+    if timestamp is None or timestamp > time.time() + tolerance.total_seconds():
+        log.info("stripe.bad_signature", reason="timestamp_ahead")
+        raise _invalid_signature()
 
 
 async def receive_stripe_event(
@@ -100,7 +122,12 @@ async def receive_stripe_event(
     event_id = str(event.get("id") or "")
     event_type = str(event.get("type") or "")
     message = inbox.new_message(
-        channel=CHANNEL, sender=CHANNEL, external_id=event_id, body=raw, content_type=content_type
+        channel=CHANNEL,
+        sender=CHANNEL,
+        external_id=event_id,
+        body=raw,
+        content_type=content_type,
+        principal="signature:stripe",
     )
     answer: dict[str, Any] = {"received": True, "message_id": message.id, "event_type": event_type}
     if event_type not in STRIPE_CHECKOUT_EVENTS:

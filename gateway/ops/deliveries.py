@@ -119,12 +119,13 @@ class ReplayFilter(BaseModel):
 class ReplayIn(BaseModel):
     """Replay by ``ids``, or by ``filter`` (one of the two)."""
 
-    ids: list[Annotated[int, Field(ge=1, le=MAX_ROW_ID)]] | None = Field(
+    ids: list[Annotated[int, Field(ge=1, le=MAX_ROW_ID, strict=True)]] | None = Field(
         default=None, max_length=MAX_REPLAY_BATCH
     )
     filter: ReplayFilter | None = None
-    limit: int = Field(default=MAX_REPLAY_BATCH, ge=1, le=MAX_REPLAY_BATCH)
-    after_id: int | None = Field(default=None, ge=0, le=MAX_ROW_ID)
+    # strict: a JSON true is not the number 1 (the OpenAPI document says integer)
+    limit: int = Field(default=MAX_REPLAY_BATCH, ge=1, le=MAX_REPLAY_BATCH, strict=True)
+    after_id: int | None = Field(default=None, ge=0, le=MAX_ROW_ID, strict=True)
 
     @model_validator(mode="after")
     def _one_selector(self) -> ReplayIn:

@@ -52,7 +52,8 @@ router = APIRouter(prefix="/v1/ops", tags=["ops"])
 
 
 class ExceptionOut(BaseModel):
-    """One exceptions-queue entry (problems name fields and codes, never values)."""
+    """One exceptions-queue entry (problems name fields and codes, never values;
+    ``principal``: who sent a refused HL7 v2 message, docs/SECURITY.md)."""
 
     id: int
     kind: str
@@ -69,6 +70,7 @@ class ExceptionOut(BaseModel):
     retries: int
     has_payload: bool
     retryable: bool
+    principal: str | None = None
 
 
 class ExceptionPage(BaseModel):
@@ -111,6 +113,7 @@ def _out(row: ExceptionRecord, message_channel: str | None) -> ExceptionOut:
         retries=row.retries,
         has_payload=row.payload is not None,
         retryable=_retryable(row, message_channel),
+        principal=row.principal,
     )
 
 

@@ -152,8 +152,16 @@ async def list_targets(
 @router.get("/metrics", include_in_schema=False)
 async def prometheus_metrics(request: Request) -> Response:
     """Prometheus exposition: this process's counters and histograms, and the queue and
-    target gauges read from the database now."""
+    target gauges read from the database now. With ``GATEWAY_METRICS_AUTH=true`` it needs
+    an API key with ``ops:read`` (Prometheus: ``authorization: {credentials_file: ...}``).
+
+    Raises:
+        UnauthorizedError, ForbiddenError: with ``GATEWAY_METRICS_AUTH``, no key or no
+            ``ops:read``.
+    """
     runtime: Runtime = request.app.state.runtime
+    if runtime.settings.metrics_auth:
+        await require_scope("ops:read")(request)
     now = utcnow()
     snapshots: list[metrics.TargetSnapshot] = []
     try:

@@ -114,6 +114,7 @@ async def receive_partner_webhook(
         external_id=event_id,
         body=raw,
         content_type=content_type,
+        principal=f"signature:{partner.name}",
     )
     body: dict[str, object] = {
         "message_id": message.id,

@@ -16,8 +16,9 @@ from sqlalchemy import select
 from gateway.audit import service as audit
 from gateway.clients.service import Principal
 from gateway.db.models import Subscriber
-from gateway.deps import RowIdPath, SessionDep, require_scope
-from gateway.errors import ConflictError, NotFoundError
+from gateway.deps import RowIdPath, RuntimeDep, SessionDep, require_scope
+from gateway.egress import EgressRefusedError
+from gateway.errors import ConflictError, NotFoundError, UnprocessableError
 from gateway.subscribers.service import WEBHOOK_TYPES, new_secret
 from mappers.errors import Problem
 from mappers.profiles import RetryPolicy
@@ -25,6 +26,10 @@ from mappers.profiles import RetryPolicy
 router = APIRouter(prefix="/v1/ops", tags=["ops"])
 
 _TYPES = {*WEBHOOK_TYPES, "case.*", "*"}
+
+
+#: An absolute http(s) URL of printable ASCII.
+URL_PATTERN = r"^https?://[!-.0-~]+(/[!-~]*)?$"
 
 
 class SubscriberIn(BaseModel):
@@ -37,7 +42,9 @@ class SubscriberIn(BaseModel):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", examples=["crm"])
     url: str = Field(
         max_length=2000,
-        pattern=r"^https?://[^/\s\x00]+(/[^\s\x00]*)?$",
+        # an RFC 3986 URI is ASCII (an IDN host in its xn-- form); the same class of
+        # characters in Python and in the ECMA-262 regexes of JSON Schema
+        pattern=URL_PATTERN,
         examples=["https://crm.example.com/hooks/fhir-gateway"],
     )
     event_types: list[str] = Field(
@@ -45,13 +52,23 @@ class SubscriberIn(BaseModel):
         examples=[["case.state_changed"]],
         json_schema_extra={"items": {"type": "string", "enum": list[JsonValue](sorted(_TYPES))}},
     )
-    secret: str | None = Field(default=None, max_length=200)
+    secret: str | None = Field(
+        default=None,
+        max_length=200,
+        # documented: whsec_ + base64 of 24 to 64 bytes (checked by the validator below)
+        json_schema_extra={
+            "pattern": (
+                r"^whsec_(?:(?:[A-Za-z0-9+/]{4}){8,20}(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?"
+                r"|(?:[A-Za-z0-9+/]{4}){21}(?:[A-Za-z0-9+/]{2}==)?)$"
+            )
+        },
+    )
     retry: RetryPolicy | None = None
 
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s\x00]+(/[^\s\x00]*)?$", value):
+        if not re.match(URL_PATTERN, value):
             raise ValueError("must be an absolute http(s) URL")
         return value
 
@@ -110,11 +127,22 @@ def _out(row: Subscriber) -> SubscriberOut:
 async def create_subscriber(
     body: SubscriberIn,
     session: SessionDep,
+    runtime: RuntimeDep,
     principal: Annotated[Principal, Depends(require_scope("ops:admin"))],
 ) -> JSONResponse:
     """Register a subscriber. The answer carries its Standard Webhooks ``secret`` (shown
     this once); every later case change of the types it asked for is POSTed to ``url``,
-    signed, through the outbox (retries, backoff, dead letters), in order per case."""
+    signed, through the outbox (retries, backoff, dead letters), in order per case.
+
+    ``url`` must be ``https`` without credentials, to an address the egress policy allows
+    (``GATEWAY_EGRESS_ALLOWLIST``; docs/SECURITY.md, "Egress"): 422 ``egress_refused``
+    otherwise. Each delivery checks the resolved address again when it connects."""
+    try:
+        runtime.egress.check_url(body.url)
+    except EgressRefusedError as exc:
+        raise UnprocessableError(
+            "the subscriber URL is not allowed", [Problem("url", "egress_refused", str(exc))]
+        ) from exc
     taken = await session.scalar(select(Subscriber.id).where(Subscriber.name == body.name))
     if taken is not None:
         raise ConflictError(

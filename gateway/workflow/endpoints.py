@@ -23,8 +23,11 @@ router = APIRouter(prefix="/v1", tags=["cases"])
 
 
 class CaseEventOut(BaseModel):
-    """One event in a case's history: who sent it (role and sender), its ids, when it
-    occurred at the sender and when the gateway received it, and what it did."""
+    """One event in a case's history: who sent it (role and sender) and who authenticated
+    it (``principal``: ``client:<name>``, ``cert:<CN>:sha256:<hex>``, ``signature:<partner>``,
+    ``ehr-header:<target>``, ``mllp-peer:<address>``, ``gateway``; None for events recorded
+    before migration 0012_sec_hl7), its ids, when it occurred at the sender and when the gateway
+    received it, and what it did."""
 
     source: str
     sender: str
@@ -41,6 +44,7 @@ class CaseEventOut(BaseModel):
     note: str | None
     hold_until: datetime | None
     message_id: str | None
+    principal: str | None = None
 
 
 class SlaOut(BaseModel):
@@ -85,6 +89,7 @@ def _event_out(e: CaseEvent) -> CaseEventOut:
         note=e.note,
         hold_until=e.hold_until,
         message_id=e.inbound_message_id,
+        principal=e.principal,
     )
 
 
@@ -138,11 +143,12 @@ async def get_case(
     case_id: str,
     session: SessionDep,
     runtime: RuntimeDep,
-    _principal: Annotated[Principal, Depends(require_scope("cases:read"))],
+    principal: Annotated[Principal, Depends(require_scope("cases:read"))],
 ) -> CaseOut:
-    """The case's state, SLA timer and every event that reached it."""
+    """The case's state, SLA timer and every event that reached it (404 for a case of a
+    program the caller's client is not limited to)."""
     case = await session.get(Case, case_id)
-    if case is None:
+    if case is None or not principal.sees_program(case.program):
         raise NotFoundError("no such case")
     audit.record(
         session, action="read", entity_type="Case", entity_id=case.id, patient_id=case.patient_id
@@ -160,7 +166,7 @@ async def list_cases(
     request: Request,
     session: SessionDep,
     runtime: RuntimeDep,
-    _principal: Annotated[Principal, Depends(require_scope("cases:read"))],
+    principal: Annotated[Principal, Depends(require_scope("cases:read"))],
     patient: Annotated[
         str | None,
         Query(
@@ -196,6 +202,8 @@ async def list_cases(
         stmt = stmt.where(Case.state.in_(state))
     if program:
         stmt = stmt.where(Case.program == program)
+    if principal.programs is not None:  # a client limited to some programs
+        stmt = stmt.where(Case.program.in_(sorted(principal.programs)))
     now = runtime.clock.now()
     if overdue is True:
         stmt = stmt.where(Case.sla_due_at <= now)

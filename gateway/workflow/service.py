@@ -70,7 +70,8 @@ class EventInput:
     """One clinical event, already parsed and matched to a patient.
 
     ``source`` is the sender's role (ownership matrix); ``sender`` the specific sender
-    (defaults to ``source``); ``channel`` where it came in.
+    (defaults to ``source``); ``channel`` where it came in; ``principal`` who
+    authenticated it (recorded in the case history).
     """
 
     source: str
@@ -85,6 +86,7 @@ class EventInput:
     sender: str | None = None
     channel: str = "events"
     reference: str | None = None
+    principal: str | None = None
 
     @property
     def sender_name(self) -> str:
@@ -516,6 +518,7 @@ def _history(
         to_state=to_state,
         outcome=outcome,
         note=note,
+        principal=event.principal,
     )
     session.add(row)
     audit.record(

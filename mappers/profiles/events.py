@@ -107,15 +107,23 @@ class Hl7MessageRule(Strict):
 
 
 class Hl7Spec(Strict):
-    """An HL7 v2 sender: who it is (MSH-4 sending facility, optionally MSH-3 application and
-    the networks its MLLP connections come from), how its PID-3 identifiers match, and its
-    message table. Timestamps without an offset are read in ``timezone`` (IANA name)."""
+    """An HL7 v2 sender: who it is (MSH-4 sending facility, optionally MSH-3 application,
+    the networks its MLLP connections come from and the client certificates it presents
+    over MLLP with TLS), how its PID-3 identifiers match, and its message table.
+    Timestamps without an offset are read in ``timezone`` (IANA name)."""
 
     facilities: Annotated[list[str], Field(min_length=1)]
     applications: list[str] = Field(default_factory=list)
     peers: list[str] = Field(
         default_factory=list,
         description="MLLP source networks (CIDR); empty: any peer.",
+    )
+    certificates: list[str] = Field(
+        default_factory=list,
+        description="MLLP over TLS: the client certificates that speak for this sender, "
+        "each 'sha256:<hex>' (SHA-256 of the DER certificate, colons allowed) or "
+        "'CN=<subject common name>' (a certificate the listener's client CA issued); a "
+        "certificate no partner names may send nothing.",
     )
     timezone: str = "UTC"
     patient_identifiers: Annotated[list[Hl7IdentifierRule], Field(min_length=1)]
@@ -138,6 +146,29 @@ class Hl7Spec(Strict):
         for net in value:
             ipaddress.ip_network(net, strict=False)
         return value
+
+    @field_validator("certificates")
+    @classmethod
+    def _certificates(cls, value: list[str]) -> list[str]:
+        out = []
+        for item in value:
+            if item.lower().startswith("sha256:"):
+                digest = item[7:].replace(":", "").lower()
+                if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                    raise ValueError(f"{item!r}: sha256: needs 64 hex digits")
+                out.append(f"sha256:{digest}")
+            elif item.startswith("CN=") and item[3:].strip():
+                out.append(f"CN={item[3:].strip()}")
+            else:
+                raise ValueError(f"{item!r}: expected 'sha256:<hex>' or 'CN=<common name>'")
+        return out
+
+    def accepts_certificate(self, *, sha256: str, common_name: str | None) -> bool:
+        """True if a client certificate with SHA-256 fingerprint ``sha256`` (lowercase
+        hex of the DER bytes) and subject ``common_name`` is one of :attr:`certificates`."""
+        return f"sha256:{sha256}" in self.certificates or (
+            common_name is not None and f"CN={common_name}" in self.certificates
+        )
 
     @field_validator("timezone")
     @classmethod

@@ -122,7 +122,7 @@ async def test_the_whole_journey_reaches_the_subscriber_once_in_order(
         assert reply.message is not None
         return await apply_received(runtime, reply.message, prepared=reply.prepared)
 
-    mllp = MllpServer(runtime, port=0, after_store=apply)
+    mllp = MllpServer(runtime, port=0, after_store=apply, allow_plaintext=True)
     await mllp.start()
     try:
         async with run_subscriber(subscriber) as url:

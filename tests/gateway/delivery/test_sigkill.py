@@ -90,7 +90,7 @@ async def test_worker_killed_mid_batch_loses_nothing_and_duplicates_nothing(
                 ehr_in_flight = fake.in_flight
                 return done >= 8 and ehr_in_flight >= 4
 
-            assert await wait_until(mid_batch, timeout_s=30, interval_s=0.01)
+            assert await wait_until(mid_batch, timeout_s=120, interval_s=0.01)
         finally:
             first.send_signal(signal.SIGKILL)
             await first.wait()
@@ -101,7 +101,7 @@ async def test_worker_killed_mid_batch_loses_nothing_and_duplicates_nothing(
 
         second = await start_worker(runtime, tmp_path, "second")
         try:
-            assert await wait_until(lambda: all_delivered(runtime, N), timeout_s=30)
+            assert await wait_until(lambda: all_delivered(runtime, N), timeout_s=120)
         finally:
             second.send_signal(signal.SIGTERM)
             await second.wait()

@@ -39,7 +39,9 @@ async def mllp(runtime: Runtime) -> AsyncIterator[MllpServer]:
         assert reply.message is not None
         return await apply_received(runtime, reply.message, prepared=reply.prepared)
 
-    server = MllpServer(runtime, port=0, max_message_bytes=4096, after_store=apply)
+    server = MllpServer(
+        runtime, port=0, max_message_bytes=4096, after_store=apply, allow_plaintext=True
+    )
     await server.start()
     try:
         yield server
@@ -267,6 +269,7 @@ async def mllp_command(
         "GATEWAY_PROFILES_DIR": str(profiles_dir),
         "GATEWAY_LOG_LEVEL": "warning",
         "GATEWAY_MLLP_PORT": "0",
+        "GATEWAY_MLLP_ALLOW_PLAINTEXT": "true",
     }
     command = Path(sys.executable).with_name("fhir-gateway")
     proc = await asyncio.create_subprocess_exec(
@@ -336,7 +339,7 @@ async def test_close_with_connections_open_ends_them_quietly(
     """Shutdown with idle clients connected: each connection is closed (the client reads
     EOF) and asyncio logs no "Exception in callback" traceback for the cancelled handlers
     (Python 3.11's stream callback raises on a cancelled handler task)."""
-    server = MllpServer(runtime, port=0, max_message_bytes=4096)
+    server = MllpServer(runtime, port=0, max_message_bytes=4096, allow_plaintext=True)
     await server.start()
     clients = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]
     for _ in range(100):  # the handlers have started
