@@ -23,6 +23,11 @@ _LEVELS = {
 }
 
 
+def _stdout_logger(*_args: object) -> structlog.PrintLogger:
+    """A structlog logger that prints to whatever ``sys.stdout`` is now."""
+    return structlog.PrintLogger(sys.stdout)
+
+
 def configure_logging(level: str = "info", *, json: bool = True) -> None:
     """Configure structlog and the standard library root logger (uvicorn, alembic)."""
     numeric = _LEVELS.get(level, logging.INFO)
@@ -38,7 +43,10 @@ def configure_logging(level: str = "info", *, json: bool = True) -> None:
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        # sys.stdout is looked up on every call, not bound once: a stream swapped
+        # after configuration (a test runner's capture, a daemon's redirect) is
+        # followed instead of writing to a closed file.
+        logger_factory=_stdout_logger,
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(
