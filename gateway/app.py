@@ -41,6 +41,7 @@ from gateway.events.endpoints import router as events_router
 from gateway.fhir.audit_endpoints import router as audit_router
 from gateway.fhir.endpoints import router as fhir_router
 from gateway.hl7.endpoints import router as hl7_router
+from gateway.imports.endpoints import router as imports_router
 from gateway.ingest.endpoints import router as ingest_router
 from gateway.logging import configure_logging, get_logger, log_failure
 from gateway.oauth.endpoints import router as jwks_router
@@ -139,9 +140,10 @@ def allowed_methods(request: Request) -> str:
 class BodySizeLimitMiddleware:
     """Refuse bodies over ``max_bytes`` with 413, by ``Content-Length`` or while streaming."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, max_import_bytes: int | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_import_bytes = max_import_bytes or max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -149,11 +151,12 @@ class BodySizeLimitMiddleware:
             return
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await self._too_large(scope, send)
+        # a bulk import upload has its own limit (issue 16)
+        limit = self.max_import_bytes if scope.get("path") == "/v1/imports" else self.max_bytes
+        if length is not None and length.isdigit() and int(length) > limit:
+            await self._too_large(scope, send, limit)
             return
         received = 0
-        limit = self.max_bytes
 
         async def limited_receive() -> Message:
             # Raised inside the handler (where the body is read), so the app's
@@ -168,8 +171,8 @@ class BodySizeLimitMiddleware:
 
         await self.app(scope, limited_receive, send)
 
-    async def _too_large(self, scope: Scope, send: Send) -> None:
-        exc = _too_large_error(self.max_bytes)
+    async def _too_large(self, scope: Scope, send: Send, limit: int) -> None:
+        exc = _too_large_error(limit)
         path = scope.get("path", "")
         response = (
             operation_outcome_response(exc)
@@ -346,7 +349,11 @@ def create_app(
         return _render(request, error)
 
     app.add_middleware(RequestGuardMiddleware)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        max_import_bytes=settings.max_import_bytes,
+    )
     app.add_middleware(UnexpectedErrorMiddleware)
     app.include_router(ingest_router)
     app.include_router(events_router)
@@ -360,6 +367,7 @@ def create_app(
     app.include_router(fhir_router)
     app.include_router(ops_deliveries_router)
     app.include_router(ops_targets_router)
+    app.include_router(imports_router)
     app.include_router(jwks_router)
 
     @app.get("/healthz", tags=["ops"], summary="The process is up")

@@ -129,6 +129,7 @@ LAYER_MODULES = {
         "fhir/endpoints",
         "fhir/audit_endpoints",
         "profiles",
+        "imports",
         "workflow",
         "delivery",
         "subscribers",

@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.db.models import Case, Delivery, Subscriber
+from gateway.db.models import Case, Delivery, DeliveryStatus, Subscriber
 from gateway.db.types import utcnow
 from gateway.logging import get_logger
 from mappers.normalize import to_fhir_instant
@@ -107,11 +107,14 @@ async def enqueue_case_webhook(
     *,
     from_state: str | None,
     event: dict[str, Any] | None,
+    status: DeliveryStatus = DeliveryStatus.PENDING,
 ) -> int:
     """Add one webhook outbox row per active subscriber that wants ``webhook_type``.
 
     Call it in the transaction that changes the case (after a flush, so ``case.version``
-    is the new one). Returns how many rows were added.
+    is the new one). Returns how many rows were added. With ``status`` ``suppressed``
+    the rows are a record of what would have been sent (a historical change from a bulk
+    import): never claimed, never sent.
     """
     now = utcnow()
     subscribers = [s for s in await active_subscribers(session) if wants(s, webhook_type)]
@@ -127,16 +130,38 @@ async def enqueue_case_webhook(
                 inbound_message_id=None,
                 resource_refs=[],
                 payload=payload,
+                status=status,
                 available_at=now,
                 created_at=now,
                 source_received_at=now,
             )
         )
     log.info(
-        "subscribers.enqueued",
+        "subscribers.enqueued" if status == DeliveryStatus.PENDING else "subscribers.suppressed",
         case_id=case.id,
         webhook_type=webhook_type,
         webhook_id=payload["id"],
         subscribers=len(subscribers),
     )
     return len(subscribers)
+
+
+async def record_case_webhook_suppressed(
+    session: AsyncSession,
+    case: Case,
+    webhook_type: str,
+    *,
+    from_state: str | None,
+    event: dict[str, Any] | None,
+) -> int:
+    """A :class:`~gateway.workflow.service.ChangeSink` that records the webhooks of a
+    case change as ``suppressed`` outbox rows instead of sending them: the change of a
+    historical event brought in by a bulk import (issue 16) without ``--notify``."""
+    return await enqueue_case_webhook(
+        session,
+        case,
+        webhook_type,
+        from_state=from_state,
+        event=event,
+        status=DeliveryStatus.SUPPRESSED,
+    )
