@@ -48,6 +48,7 @@ from gateway.oauth.endpoints import router as jwks_router
 from gateway.openapi import build_openapi
 from gateway.ops.deliveries import router as ops_deliveries_router
 from gateway.ops.exceptions import router as exceptions_router
+from gateway.ops.reconciliation import router as reconcile_router
 from gateway.ops.targets import router as ops_targets_router
 from gateway.partners.endpoints import router as partners_router
 from gateway.profiles.endpoints import router as profiles_router
@@ -55,7 +56,7 @@ from gateway.profiles.service import install_sighup_reload
 from gateway.runtime import Runtime
 from gateway.settings import Settings
 from gateway.subscribers.endpoints import router as subscribers_router
-from gateway.worker import build_worker
+from gateway.worker import build_worker, ehr_clients
 from gateway.workflow.endpoints import router as cases_router
 from mappers import validation
 from mappers.errors import Problem
@@ -270,6 +271,7 @@ def create_app(
                 await rt.close()
             raise UnsafeStartError("; ".join(refused))
         app.state.runtime = rt
+        app.state.ehr_clients = lambda: ehr_clients(rt)  # reconciliation jobs
         install_sighup_reload(rt)
         stop = asyncio.Event()
         task = None
@@ -368,6 +370,7 @@ def create_app(
     app.include_router(ops_deliveries_router)
     app.include_router(ops_targets_router)
     app.include_router(imports_router)
+    app.include_router(reconcile_router)
     app.include_router(jwks_router)
 
     @app.get("/healthz", tags=["ops"], summary="The process is up")

@@ -13,7 +13,10 @@ Webhook types:
 * ``case.state_changed``: a case moved to another state;
 * ``case.overdue``: a case stayed in a state longer than its SLA timer.
 
-A subscription to ``*`` or ``case.*`` gets every type.
+* ``target.guard_breached`` / ``target.guard_cleared``: a cutover guard of an EHR target
+  went over its threshold, or back (issue 16; ids, names and numbers only).
+
+A subscription to ``*`` gets every type, ``case.*`` or ``target.*`` every type of one kind.
 """
 
 from __future__ import annotations
@@ -34,7 +37,13 @@ from mappers.normalize import to_fhir_instant
 
 log = get_logger(__name__)
 
-WEBHOOK_TYPES = ("case.opened", "case.state_changed", "case.overdue")
+WEBHOOK_TYPES = (
+    "case.opened",
+    "case.state_changed",
+    "case.overdue",
+    "target.guard_breached",
+    "target.guard_cleared",
+)
 #: The ``kind`` of webhook rows in ``deliveries``.
 WEBHOOK_KIND = "webhook"
 
@@ -165,3 +174,48 @@ async def record_case_webhook_suppressed(
         event=event,
         status=DeliveryStatus.SUPPRESSED,
     )
+
+
+async def enqueue_target_webhook(
+    session: AsyncSession, webhook_type: str, *, target: str, data: dict[str, Any]
+) -> int:
+    """Add one webhook outbox row per active subscriber that wants ``webhook_type``
+    (``target.guard_breached``, ``target.guard_cleared``), in order per target.
+
+    Shape::
+
+        {"id": "msg_<32 hex>", "type": "target.guard_breached", "timestamp": "<ISO 8601>",
+         "data": {"target", "guard", "value", "threshold", "paused", ...}}
+
+    Returns:
+        How many rows were added.
+    """
+    now = utcnow()
+    subscribers = [s for s in await active_subscribers(session) if wants(s, webhook_type)]
+    payload = {
+        "id": f"msg_{uuid.uuid4().hex}",
+        "type": webhook_type,
+        "timestamp": to_fhir_instant(now),
+        "data": {"target": target, **data},
+    }
+    for subscriber in subscribers:
+        session.add(
+            Delivery(
+                kind=WEBHOOK_KIND,
+                target=subscriber.name,
+                ordering_key=f"target:{target}",
+                inbound_message_id=None,
+                resource_refs=[],
+                payload=payload,
+                available_at=now,
+                created_at=now,
+                source_received_at=now,
+            )
+        )
+    log.info(
+        "subscribers.enqueued",
+        target=target,
+        webhook_type=webhook_type,
+        subscribers=len(subscribers),
+    )
+    return len(subscribers)
