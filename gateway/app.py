@@ -48,6 +48,7 @@ from gateway.oauth.endpoints import router as jwks_router
 from gateway.openapi import build_openapi
 from gateway.ops.deliveries import router as ops_deliveries_router
 from gateway.ops.exceptions import router as exceptions_router
+from gateway.ops.guards import record_target_modes
 from gateway.ops.reconciliation import router as reconcile_router
 from gateway.ops.targets import router as ops_targets_router
 from gateway.partners.endpoints import router as partners_router
@@ -272,6 +273,7 @@ def create_app(
             raise UnsafeStartError("; ".join(refused))
         app.state.runtime = rt
         app.state.ehr_clients = lambda: ehr_clients(rt)  # reconciliation jobs
+        await record_target_modes(rt)
         install_sighup_reload(rt)
         stop = asyncio.Event()
         task = None

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.db.models import (
@@ -42,6 +43,7 @@ from gateway.db.models import (
 from gateway.db.uow import SessionFactory, unit_of_work
 from gateway.delivery.shadow import audit_target_modes
 from gateway.logging import get_logger
+from gateway.runtime import Runtime
 from gateway.subscribers.service import enqueue_target_webhook
 from mappers.profiles import ProfileSet
 from mappers.profiles.ehr import CutoverGuards, EhrTargetProfile
@@ -287,3 +289,14 @@ class GuardLoop:
                     await evaluate(session, profiles, now=now)
                     self._next_at = now + timedelta(seconds=min(intervals))
         return 0
+
+
+async def record_target_modes(runtime: Runtime) -> None:
+    """At start-up: record each EHR target's mode in the audit trail if it changed since
+    last recorded (a profile edited while the gateway was stopped). A database that
+    cannot be written yet (not migrated) is logged, not fatal: the worker records it."""
+    try:
+        async with unit_of_work(runtime.write_session) as session:
+            await audit_target_modes(session, runtime.profiles.current)
+    except SQLAlchemyError as exc:
+        log.warning("guards.target_modes_not_recorded", error_type=type(exc).__name__)

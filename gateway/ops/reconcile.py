@@ -286,8 +286,8 @@ async def requeue(
     session: AsyncSession, target: EhrTargetProfile, items: Iterable[Mismatch], *, now: datetime
 ) -> list[Delivery]:
     """Queue the ``missing`` and ``different`` mismatches for redelivery to ``target``
-    (flushes): one outbox row per resource, with its Patient first so references
-    resolve. For a ``different`` one the EHR's id is recorded first (``remote_ids``), so
+    (flushes): one outbox row per inbound message (per patient when the message is not
+    known) with its mismatched resources, its Patient first so references resolve. For a ``different`` one the EHR's id is recorded first (``remote_ids``), so
     it goes as an update of that resource, not as a conditional create the EHR would
     ignore. ``ehr_only`` items are for a person to look at: never deleted.
 
@@ -295,7 +295,7 @@ async def requeue(
         The new outbox rows.
     """
     learned = []
-    rows = []
+    groups: dict[tuple[str, str | None], list[str]] = {}
     for item in items:
         if item.kind not in ("missing", "different") or not item.resource or not item.patient_id:
             continue
@@ -304,16 +304,20 @@ async def requeue(
             learned.append(
                 delivery_repo.RemoteIdRow(resource_type, local_id, item.remote_id, None, None)
             )
-        patient_ref = f"Patient/{item.patient_id}"
-        refs = deliverable_refs(
-            target, [patient_ref] + ([item.resource] if item.resource != patient_ref else [])
+        groups.setdefault((item.patient_id, item.message_id), []).append(item.resource)
+    order: dict[str, int] = {str(t): i for i, t in enumerate(target.send)}
+    rows = []
+    for (patient_id, message_id), refs in groups.items():
+        patient_ref = f"Patient/{patient_id}"
+        others = sorted(
+            {r for r in refs if r != patient_ref}, key=lambda r: order.get(r.split("/")[0], 99)
         )
         row = Delivery(
             kind="ehr",
             target=target.name,
-            ordering_key=item.patient_id,
-            inbound_message_id=item.message_id,
-            resource_refs=refs,
+            ordering_key=patient_id,
+            inbound_message_id=message_id,
+            resource_refs=deliverable_refs(target, [patient_ref, *others]),
             available_at=now,
             created_at=now,
             source_received_at=now,
