@@ -26,6 +26,7 @@ Errors: an EHR that cannot be searched raises the EHR client's errors
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -44,6 +45,7 @@ from gateway.db.types import utcnow
 from gateway.delivery import repository as delivery_repo
 from gateway.delivery.outbox import deliverable_refs
 from gateway.ehr.client import EhrClient
+from gateway.ehr.errors import EhrUnavailableError
 from gateway.logging import get_logger
 from mappers.bundle import business_identifier, rest_calls
 from mappers.ehr_overrides import received_types, target_transform
@@ -56,6 +58,8 @@ log = get_logger(__name__)
 
 #: Identifiers per search request (``identifier=a|1,a|2,...``).
 SEARCH_BATCH = 40
+#: Tries of one search before the reconciliation fails.
+SEARCH_ATTEMPTS = 4
 #: Resources read per page of the EHR-only search.
 PAGE_SIZE = 200
 #: Pages read per identifier system in the EHR-only search.
@@ -191,7 +195,7 @@ async def reconcile(
             query = "identifier=" + ",".join(
                 f"{_q(k.split('|', 1)[0])}|{_q(k.split('|', 1)[1])}" for k in chunk
             )
-            found = await client.search(resource_type, f"{query}&_count={len(chunk) * 2}")
+            found = await _search(client, resource_type, f"{query}&_count={len(chunk) * 2}")
             theirs: dict[str, dict[str, Any]] = {}
             for resource in found:
                 for key in _identifiers(resource):
@@ -246,6 +250,23 @@ async def reconcile(
         "reconcile.done", target=target.name, compared=report.compared, mismatches=len(report.items)
     )
     return report
+
+
+async def _search(client: EhrClient, resource_type: str, query: str) -> list[dict[str, Any]]:
+    """A search, tried again after a transient failure (timeout, 429, 5xx) up to
+    :data:`SEARCH_ATTEMPTS` times with a growing pause: a long reconciliation should not
+    stop at one slow answer."""
+    attempt = 1
+    while True:
+        try:
+            return await client.search(resource_type, query)
+        except EhrUnavailableError as exc:
+            if attempt >= SEARCH_ATTEMPTS:
+                raise
+            pause = exc.retry_after_s if exc.retry_after_s is not None else float(attempt)
+            log.info("reconcile.search_retry", attempt=attempt, status_code=exc.status_code)
+            await asyncio.sleep(min(pause, 30.0))
+            attempt += 1
 
 
 def _identifiers(resource: dict[str, Any]) -> list[str]:

@@ -50,7 +50,10 @@ def profiles_dir(
     tmp_path: Path, ehr: tuple[LocalEhr, RunningEhr], monkeypatch: pytest.MonkeyPatch
 ) -> Path:
     monkeypatch.setenv(SECRET_ENV, "s3cret")
-    return profiles_with_target(tmp_path / "profiles", ehr[1], extra={"mode": "shadow"})
+    # a generous timeout: reconciliation searches 40 identifiers at once on a busy machine
+    return profiles_with_target(
+        tmp_path / "profiles", ehr[1], extra={"mode": "shadow", "timeout_s": 30}
+    )
 
 
 def history(n: int) -> tuple[bytes, int]:
@@ -269,9 +272,7 @@ async def test_shadow_records_an_update_with_its_diff_and_reconcile_runs_as_an_a
     )
     [update] = r.json()
     assert update["resource"] == f"Patient/{patient.id}"
-    assert [op["path"] for op in update["diff"]] == ["/telecom/0/value"] or any(
-        op["path"].startswith("/telecom") for op in update["diff"]
-    )
+    assert update["diff"] and all(op["path"].startswith("/telecom") for op in update["diff"])
     outcomes = {
         x["outcome"]
         for x in (
