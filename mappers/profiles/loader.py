@@ -35,8 +35,8 @@ from mappers.conceptmap import CompiledConceptMap, parse_concept_map
 from mappers.errors import Problem
 from mappers.profiles.checkout import CheckoutProfile, Plan, Processor
 from mappers.profiles.ehr import EhrTargetProfile
-from mappers.profiles.imports import CsvImportProfile
 from mappers.profiles.events import PartnerProfile, check_event_profiles
+from mappers.profiles.imports import CsvImportProfile
 from mappers.profiles.intake import IntakeProfile
 from mappers.profiles.workflow import WorkflowProfile
 from mappers.profiles.yamlsource import YamlSyntaxError, format_path, load_yaml_with_lines
