@@ -38,6 +38,7 @@ from psycopg import sql
 
 from gateway.db.migrate import upgrade_async
 from gateway.imports.service import ImportSource, create_job, run_job
+from gateway.logging import configure_logging
 from gateway.runtime import Runtime
 from gateway.settings import BUNDLED_PROFILES_DIR, Settings
 from testkit import samples
@@ -102,6 +103,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             log_level="warning",
             _env_file=None,  # type: ignore[call-arg]
         )
+        configure_logging("warning", json=True)  # per-record info lines are not measured
         runtime = Runtime.create(settings)
         try:
             source = ImportSource(name=path.name, path=path)
