@@ -101,6 +101,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             profiles_dir=profiles,
             run_worker=False,
             log_level="warning",
+            egress_allow_loopback=True,  # the (never called) bench target is on 127.0.0.1
             _env_file=None,  # type: ignore[call-arg]
         )
         configure_logging("warning", json=True)  # per-record info lines are not measured
