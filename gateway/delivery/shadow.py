@@ -163,8 +163,9 @@ async def list_results(
 
 async def audit_target_modes(session: AsyncSession, profiles: ProfileSet) -> list[str]:
     """Record in the audit trail each EHR target whose ``mode`` differs from the last
-    one recorded (a profile change: reload, or a restart with an edited file). The first
-    time a target is seen, its mode is recorded too. Flushes nothing; the caller commits.
+    one recorded (a profile change: reload, or a restart with an edited file). A target
+    never recorded counts as ``live`` (the default): its first ``shadow`` is recorded.
+    Flushes nothing; the caller commits.
 
     Returns:
         The targets whose mode was recorded.
@@ -180,8 +181,8 @@ async def audit_target_modes(session: AsyncSession, profiles: ProfileSet) -> lis
             )
         ).first()
         before = (last or {}).get("mode")
-        if before == target.mode:
-            continue
+        if before == target.mode or (before is None and target.mode == "live"):
+            continue  # unchanged, or never anything but live (the default)
         source = profiles.source_of(f"ehr/{name}")
         audit.record(
             session,
