@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from gateway.audit import service as audit
 from gateway.clients.actor import current_actor
 from gateway.db.bulk import BulkInserts
-from gateway.db.models import AuditEntry, FhirResource, InboundMessage, MessageStatus
+from gateway.db.models import AuditEntry, Case, FhirResource, InboundMessage, MessageStatus
 from gateway.db.types import utcnow
 from gateway.delivery.outbox import enqueue_ehr_deliveries
 from gateway.errors import UnprocessableError
@@ -325,6 +325,21 @@ async def store_mapped(
             else record_case_webhook_suppressed,
             new_patient=existed.get(f"Patient/{mapped.patient_id}") is None,
         )
+        if (
+            ctx.migration is not None
+            and not ctx.migration.notify
+            and case_result is not None
+            and case_result.case_id
+        ):
+            # A historical case runs no SLA timer: it would flag it overdue (and send
+            # case.overdue) days after the import. The next live event of the case
+            # starts its timers again.
+            await session.execute(
+                update(Case)
+                .where(Case.id == case_result.case_id)
+                .values(sla_due_at=None, sla_timer=None)
+                .execution_options(synchronize_session="fetch")
+            )
     await session.flush()
     log.info(
         "ingest.stored",

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from gateway.db.models import Delivery, FhirResource, ImportFile, InboundMessage, Subscriber
+from gateway.db.models import Case, Delivery, FhirResource, ImportFile, InboundMessage, Subscriber
 from gateway.imports import repository as repo
 from gateway.imports.readers import file_sha256
 from gateway.imports.service import (
@@ -134,6 +134,10 @@ async def test_case_webhooks_are_recorded_not_sent_unless_notify(
         await count(runtime, Delivery, Delivery.kind == "webhook", Delivery.status == "pending")
         == 0
     )
+
+    async with runtime.sessionmaker() as session:  # a historical case runs no SLA timer
+        [case] = (await session.scalars(select(Case))).all()
+        assert case.sla_due_at is None
 
     loud = write_ndjson(tmp_path / "b.ndjson", [json.dumps(samples.intake()).encode()])
     _, counts = await run_file(runtime, loud, notify=True)
