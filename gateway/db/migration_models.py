@@ -14,7 +14,17 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from gateway.db.base import Base
@@ -63,8 +73,8 @@ class ImportFile(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("import_jobs.id"), index=True)
     name: Mapped[str] = mapped_column(String(512))
     sha256: Mapped[str] = mapped_column(String(64), index=True)
-    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
-    cursor: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # files over 2 GB
+    cursor: Mapped[int] = mapped_column(BigInteger, default=0)
     line: Mapped[int] = mapped_column(Integer, default=0)
     status: Mapped[str] = mapped_column(String(16), default=ImportStatus.RUNNING)
     # An upload (``POST /v1/imports``) is kept here until the job completes, so the job
