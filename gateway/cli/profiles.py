@@ -112,7 +112,9 @@ def preview_cmd(
         Path | None, typer.Option(help="The profiles the draft joins (default: the gateway's)")
     ] = None,
 ) -> None:
-    """Print the FHIR Bundle the gateway would produce (issues on stderr; exit 1 if any)."""
+    """Print the FHIR Bundle the gateway would produce with PROFILE (issues on stderr; exit
+    1 if any). An input that another profile maps (an intake naming another form version)
+    is refused, never previewed with that profile."""
     from mappers.pipeline import preview
     from mappers.profiles import ProfileLoadError, load_profiles
 
@@ -155,7 +157,12 @@ def preview_cmd(
         recorded=utcnow(),
         organization=settings.organization_name,
         systems=IdentifierSystems(settings.identifier_base),
+        profile_key=profiles.key_of_file(rel),
     )
+    if any(p.code == "other_profile" for p in result.problems):
+        for p in result.problems:
+            typer.secho(f"{profile}: {p.message}", fg="red", err=True)
+        raise typer.Exit(1)
     typer.echo(json.dumps(result.bundle(), indent=2, ensure_ascii=False))
     for p in result.problems:
         typer.secho(_problem_line(p), fg="red", err=True)

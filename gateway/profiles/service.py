@@ -34,24 +34,26 @@ log = get_logger(__name__)
 # --------------------------------------------------------------------------- preview
 
 
-def profile_set_with_draft(
+def set_and_key_with_draft(
     runtime: Runtime, draft: bytes | None, draft_name: str | None = None
-) -> ProfileSet:
+) -> tuple[ProfileSet, str | None]:
     """The running set, or the profiles directory loaded with ``draft`` added/replacing.
 
     The draft's kind (``kind:``) decides its folder; it replaces the profile with the same
-    key. Nothing is written.
+    key. Nothing is written. Also returns the draft's key (``intake/<id>/<version>``...;
+    None without a draft).
 
     Raises:
         UnprocessableError: the draft (or the set with it) has problems, each listed.
     """
     if draft is None:
-        return runtime.profiles.current
+        return runtime.profiles.current, None
     root = runtime.profiles.current.root
     kind = _draft_kind(draft)
     rel = f"{kind}/{draft_name or '_draft'}.yaml" if kind != "workflow" else "workflow.yaml"
     try:
-        return load_profiles(root, drafts={rel: draft})
+        profiles = load_profiles(root, drafts={rel: draft})
+        return profiles, profiles.key_of_file(rel)
     except ProfileLoadError as exc:
         raise UnprocessableError(
             "the draft profile has problems", exc.problems, pointer="#/profile"
@@ -83,8 +85,13 @@ def _draft_kind(draft: bytes) -> str:
 def preview_payload(
     runtime: Runtime, data: Any, *, draft: bytes | None = None, kind: Any = None
 ) -> Preview:
-    """Map ``data`` with the running profiles (or with ``draft``), validate, store nothing."""
-    profiles = profile_set_with_draft(runtime, draft)
+    """Map ``data`` with the running profiles (or with ``draft``), validate, store nothing.
+
+    With a draft, an input that another profile maps (an intake naming another form
+    version) gets the issue ``other_profile`` and no resources: the draft is what is
+    previewed, never a deployed profile in its place.
+    """
+    profiles, key = set_and_key_with_draft(runtime, draft)
     return preview(
         data,
         profiles,
@@ -92,6 +99,7 @@ def preview_payload(
         organization=runtime.settings.organization_name,
         systems=runtime.systems,
         kind=kind,
+        profile_key=key,
     )
 
 

@@ -103,6 +103,24 @@ async def test_preview_with_a_draft_profile(
     )
 
 
+async def test_preview_with_a_draft_of_another_version_refuses_the_input(
+    client: httpx.AsyncClient, make_api_key: ApiKeyFactory, profiles_dir: Path
+) -> None:
+    """Issue 15: the v2 draft with a v1 input is refused, not previewed with deployed v1."""
+    headers = await _headers(make_api_key, "profiles:write")
+    draft = (profiles_dir / "intake/glp1-weight-management-v2.yaml").read_text()
+    r = await client.post(
+        "/v1/profiles/preview", json={"input": samples.intake(), "profile": draft}, headers=headers
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["valid"] is False
+    assert body["bundle"]["entry"] == []
+    [issue] = body["issues"]
+    assert (issue["location"], issue["code"]) == ("form", "other_profile")
+    assert "intake/glp1-weight-management/2" in issue["message"]
+
+
 async def test_preview_with_an_invalid_draft_names_file_line_and_path(
     client: httpx.AsyncClient, make_api_key: ApiKeyFactory, profiles_dir: Path
 ) -> None:

@@ -188,3 +188,56 @@ def test_preview_of_a_missing_profile_is_an_error_not_a_traceback(tmp_path: Path
     assert r.exit_code == 2
     assert "nope.yaml: not readable here or under" in r.output
     assert r.exception is None or isinstance(r.exception, SystemExit)
+
+
+def test_preview_refuses_an_input_for_another_form_version(tmp_path: Path) -> None:
+    """Issue 15: a v1 input previewed with the v2 file must not silently use the deployed v1."""
+    v2 = "intake/glp1-weight-management-v2.yaml"
+    r = runner.invoke(
+        app,
+        [
+            "profiles",
+            "preview",
+            str(BUNDLED_PROFILES_DIR / v2),
+            str(V1_INPUT),
+            "--profiles-dir",
+            str(BUNDLED_PROFILES_DIR),
+        ],
+    )
+    assert r.exit_code == 1
+    assert r.stdout == ""
+    assert "intake/glp1-weight-management/2" in r.stderr
+    assert "form.id and form.version name another profile" in r.stderr
+
+
+def test_preview_refuses_a_checkout_with_an_intake_profile(tmp_path: Path) -> None:
+    checkout = BUNDLED_PROFILES_DIR / "checkout/glp1-plans.examples/canonical.input.json"
+    r = runner.invoke(
+        app,
+        [
+            "profiles",
+            "preview",
+            str(BUNDLED_PROFILES_DIR / GLP1_V1),
+            str(checkout),
+            "--profiles-dir",
+            str(BUNDLED_PROFILES_DIR),
+        ],
+    )
+    assert r.exit_code == 1
+    assert "the input is a checkout; the profile previewed is intake/" in r.stderr
+
+
+def test_preview_of_a_checkout_profile_maps_its_own_plans() -> None:
+    checkout = BUNDLED_PROFILES_DIR / "checkout/glp1-plans.examples/canonical.input.json"
+    r = runner.invoke(
+        app,
+        [
+            "profiles",
+            "preview",
+            str(BUNDLED_PROFILES_DIR / "checkout/glp1-plans.yaml"),
+            str(checkout),
+            "--profiles-dir",
+            str(BUNDLED_PROFILES_DIR),
+        ],
+    )
+    assert r.exit_code == 0, r.output
