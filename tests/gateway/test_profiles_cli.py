@@ -241,3 +241,28 @@ def test_preview_of_a_checkout_profile_maps_its_own_plans() -> None:
         ],
     )
     assert r.exit_code == 0, r.output
+
+
+def test_check_refuses_the_guides_placeholder_code(tmp_path: Path) -> None:
+    """Issue 15: the PROFILES.md plan pasted as written is an error, not 0 errors."""
+    root = copy_profiles(tmp_path / "p")
+    plans = root / "checkout/glp1-plans.yaml"
+    text = plans.read_text()
+    assert 'code: "1991306"' in text
+    plans.write_text(
+        text.replace('code: "1991306"', 'code: "<the SCD RxCUI of the 2.4 mg pen, from RxNav>"', 1)
+    )
+    r = runner.invoke(app, ["profiles", "check", str(root)])
+    assert r.exit_code == 1
+    [line] = [x for x in r.output.splitlines() if "[code-syntax]" in x]
+    assert line.startswith("checkout/glp1-plans.yaml:")
+    assert ".medication.code: " in line and "placeholder" in line
+
+
+def test_check_refuses_a_loinc_code_with_a_wrong_check_digit(tmp_path: Path) -> None:
+    root = copy_profiles(tmp_path / "p")
+    form = root / "intake/glp1-weight-management-v2.yaml"
+    form.write_text(form.read_text().replace("code: 29463-7", "code: 29463-8", 1))
+    r = runner.invoke(app, ["profiles", "check", str(root)])
+    assert r.exit_code == 1
+    assert "LOINC check digit" in r.output and "[code-syntax]" in r.output
