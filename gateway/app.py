@@ -52,6 +52,7 @@ from gateway.partners.endpoints import router as partners_router
 from gateway.profiles.endpoints import router as profiles_router
 from gateway.profiles.service import install_sighup_reload
 from gateway.runtime import Runtime
+from gateway.secrets import warn_unset_target_secrets
 from gateway.settings import Settings
 from gateway.subscribers.endpoints import router as subscribers_router
 from gateway.worker import build_worker
@@ -267,6 +268,8 @@ def create_app(
                 await rt.close()
             raise UnsafeStartError("; ".join(refused))
         app.state.runtime = rt
+        # before the first delivery fails on it: an enabled target without its secret
+        warn_unset_target_secrets(rt.profiles.current, rt.secrets)
         install_sighup_reload(rt)
         stop = asyncio.Event()
         task = None
