@@ -81,6 +81,7 @@ def verify_partner(
         raise UnauthorizedError(
             "the webhook signature does not verify",
             [Problem("signature", f"{exc.reason}_signature", str(exc))],
+            header=spec.header or "webhook-signature",
         ) from exc
 
 

@@ -96,6 +96,9 @@ async def test_bad_or_stale_hmac_signatures_are_refused(
     r = await client.post(BEACON, content=body, headers=make_headers(body))  # type: ignore[operator]
     assert r.status_code == 401
     assert [e["code"] for e in r.json()["errors"]] == [reason]
+    # a header problem names the header, not a body pointer (issue 15)
+    [error] = r.json()["errors"]
+    assert error["header"] == "X-Beacon-Signature" and "pointer" not in error
     assert await _count_messages(runtime) == 0
 
 
