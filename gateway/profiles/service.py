@@ -137,6 +137,10 @@ class ReloadResult:
         }
 
 
+#: The most problems one refused reload writes to the log (all are in the API answer).
+RELOAD_PROBLEMS_LOGGED = 20
+
+
 def reload_profiles(runtime: Runtime) -> ReloadResult:
     """Load the profiles directory again and swap the set in one step.
 
@@ -148,7 +152,14 @@ def reload_profiles(runtime: Runtime) -> ReloadResult:
     try:
         new = runtime.profiles.reload()
     except ProfileLoadError as exc:
-        log.warning("profiles.reload_refused", problems=len(exc.problems))
+        # What is wrong, so a SIGHUP (no caller to answer) is not a silent refusal: profile
+        # problems name files, lines, paths and rules of the configuration, never a
+        # patient's data. At most RELOAD_PROBLEMS_LOGGED of them; the count is whole.
+        log.warning(
+            "profiles.reload_refused",
+            count=len(exc.problems),
+            problems=[p.as_dict() for p in exc.problems[:RELOAD_PROBLEMS_LOGGED]],
+        )
         raise UnprocessableError(
             "the profiles have problems; the running profiles stay in use",
             exc.problems,

@@ -198,7 +198,9 @@ async def test_reload_needs_ops_admin(
     assert (await client.post("/v1/ops/profiles/reload", headers=headers)).status_code == 403
 
 
-async def test_sighup_reloads(runtime: Runtime, profiles_dir: Path) -> None:
+async def test_sighup_reloads(
+    runtime: Runtime, profiles_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert install_sighup_reload(runtime)
     try:
         before = runtime.profiles.current
@@ -214,9 +216,15 @@ async def test_sighup_reloads(runtime: Runtime, profiles_dir: Path) -> None:
         # an invalid set on SIGHUP: refused, the running set stays
         current = runtime.profiles.current
         edit_yaml(profiles_dir / GLP1_V1, lambda d: d.update(status="live"))
+        capsys.readouterr()
         os.kill(os.getpid(), signal.SIGHUP)
         await asyncio.sleep(0.1)
         assert runtime.profiles.current is current
+        # the log says what is wrong (file, line, path, rule), not only how many problems
+        [line] = [x for x in capsys.readouterr().out.splitlines() if "reload_refused" in x]
+        assert "count=1" in line
+        assert "intake/glp1-weight-management-v1.yaml:5: status" in line
+        assert "literal_error" in line
     finally:
         asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
 
