@@ -186,27 +186,30 @@ async def record_refusal(
 ) -> int:
     """Keep a refused payload for review (``rejected_input`` in the exceptions queue), in
     its own transaction: the request's own transaction is rolled back, so nothing of the
-    refused message is half written.
+    refused message is half written. Repeated refusals of one sender for one reason are
+    one exception with a count, each payload kept
+    (:func:`gateway.inbox.repository.record_grouped_refusal`).
 
     Returns:
         The exceptions-queue id.
     """
     problems = error.problems or [Problem("", error.slug, error.detail)]
     async with runtime.write_session() as session:
-        record = inbox.new_exception(
-            kind="rejected_input",
+        record, seq = await inbox.record_grouped_refusal(
+            session,
             channel=channel,
             sender=sender,
+            status=error.status,
             problems=problems,
             payload=payload,
             content_type=content_type,
         )
-        session.add(record)
         await session.commit()
     log.info(
         "ingest.rejected",
         channel=channel,
         exception_id=record.id,
+        occurrence=seq,
         status_code=error.status,
         problems=len(problems),
     )
