@@ -30,6 +30,7 @@ from gateway.cli import (
     reconcile,
     server,
 )
+from gateway.cli.common import plain_help_everywhere
 from gateway.cli.demo import stripe_signature_header
 
 __all__ = ["app", "main", "stripe_signature_header"]
@@ -49,6 +50,7 @@ app.add_typer(profiles.app, name="profiles")
 app.add_typer(deliveries.app, name="deliveries")
 app.add_typer(keys.app, name="keys")
 app.add_typer(audit.app, name="audit")
+plain_help_everywhere(app)
 
 
 def main() -> None:
