@@ -131,7 +131,7 @@ async def start_import(
         csv_profile=csv_profile,
     )
     audit.record(session, action="create", entity_type="ImportJob", entity_id=job.id)
-    await session.commit()
+    await session.commit()  # before the background job reads it (the dependency's is a no-op)
     start_upload_job(runtime, job.id, actor=current_actor())
     out = await _job_out(runtime, session, job.id)
     return JSONResponse(

@@ -33,7 +33,7 @@ import asyncio
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -203,12 +203,8 @@ async def run_job(
         job = await repo.get_job_or_raise(session, job_id)
         rows = await repo.job_files(session, job_id)
         notify, source_name, csv_name = job.notify, job.source, job.csv_profile
-    ctx = IngestContext.of(runtime)
-    ctx = IngestContext(
-        profiles=ctx.profiles,
-        systems=ctx.systems,
-        organization=ctx.organization,
-        public_base_url=ctx.public_base_url,
+    ctx = replace(
+        IngestContext.of(runtime),  # one profile snapshot for the whole job
         migration=Migration(job_id=job_id, source=source_name, notify=notify),
     )
     try:
