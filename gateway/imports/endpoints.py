@@ -40,7 +40,10 @@ from mappers.errors import Problem
 router = APIRouter(prefix="/v1/imports", tags=["imports"])
 
 CSV_TYPES = ("text/csv", "application/csv")
-NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/json")
+#: NDJSON only: a JSON document (``application/json``) is not a file of records, and every
+#: JSON body of the API is refused whole when it holds a NUL or a huge integer; an NDJSON
+#: upload's records are each refused on their own.
+NDJSON_TYPES = ("application/x-ndjson", "application/ndjson")
 
 
 async def _job_out(runtime: Runtime, session: SessionDep, job_id: str) -> ImportJobOut:
