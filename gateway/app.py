@@ -40,6 +40,7 @@ from gateway.errors import (
 from gateway.events.endpoints import router as events_router
 from gateway.fhir.audit_endpoints import router as audit_router
 from gateway.fhir.endpoints import router as fhir_router
+from gateway.fhir.endpoints import well_known_router as smart_router
 from gateway.hl7.endpoints import router as hl7_router
 from gateway.ingest.endpoints import router as ingest_router
 from gateway.logging import configure_logging, get_logger, log_failure
@@ -358,6 +359,7 @@ def create_app(
     app.include_router(profiles_router)  # before fhir_router: /fhir/Questionnaire/{id}
     app.include_router(audit_router)  # before fhir_router: /fhir/AuditEvent is a search
     app.include_router(fhir_router)
+    app.include_router(smart_router)
     app.include_router(ops_deliveries_router)
     app.include_router(ops_targets_router)
     app.include_router(jwks_router)

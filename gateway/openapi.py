@@ -156,7 +156,7 @@ def _document_operation(operation: dict[str, Any], route: APIRoute, path: str) -
     if "requestBody" in operation:
         responses.setdefault("413", {"description": "The body is larger than the limit"})
     responses.setdefault("500", {"description": "An unexpected error (details only in the logs)"})
-    if path.startswith("/fhir"):
+    if path.startswith("/fhir") and "/.well-known/" not in path:  # SMART's is plain JSON
         for code, response in responses.items():
             content = response.get("content", {})
             if code.startswith("2") and "application/json" in content:

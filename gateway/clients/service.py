@@ -65,6 +65,13 @@ class Principal:
     event_sources: frozenset[str] | None = None
     partners: frozenset[str] | None = None
     programs: frozenset[str] | None = None
+    #: The FHIR resource types ``fhir:read`` opens (a SMART token's ``system/<Type>.rs``
+    #: scopes); None: every type.
+    resource_types: frozenset[str] | None = None
+
+    def reads_type(self, resource_type: str) -> bool:
+        """True if the caller may read FHIR resources of ``resource_type``."""
+        return self.resource_types is None or resource_type in self.resource_types
 
     @property
     def label(self) -> str:
