@@ -311,8 +311,8 @@ def _whole(value: str, name: str, limit: int, problems: list[tuple[str, str]]) -
 
 
 def _naive(at: datetime | None) -> datetime | None:
-    """Stored times are UTC; SQLite keeps them without an offset."""
-    return at.astimezone(UTC).replace(tzinfo=None) if at is not None else None
+    """``at`` in UTC (the column type refuses naive times)."""
+    return at.astimezone(UTC) if at is not None else None
 
 
 # --------------------------------------------------------------------------- read
