@@ -54,6 +54,7 @@ ACTION_CODES: dict[str, str] = {
     "export": "R",
     "revoke": "U",
     "deactivate": "U",
+    "refuse": "E",  # a known client refused by a route (gateway.audit.refusals)
 }
 
 #: Actions of BALP's RESTful profiles, by FHIR restful-interaction code; others are
