@@ -52,6 +52,7 @@ from gateway.oauth.endpoints import router as jwks_router
 from gateway.openapi import build_openapi
 from gateway.ops.deliveries import router as ops_deliveries_router
 from gateway.ops.exceptions import router as exceptions_router
+from gateway.ops.patient_review import router as patient_review_router
 from gateway.ops.targets import router as ops_targets_router
 from gateway.partners.endpoints import router as partners_router
 from gateway.profiles.endpoints import router as profiles_router
@@ -384,6 +385,7 @@ def create_app(
     app.include_router(hl7_router)
     app.include_router(subscribers_router)
     app.include_router(exceptions_router)
+    app.include_router(patient_review_router)
     app.include_router(profiles_router)  # before fhir_router: /fhir/Questionnaire/{id}
     app.include_router(audit_router)  # before fhir_router: /fhir/AuditEvent is a search
     app.include_router(fhir_router)
