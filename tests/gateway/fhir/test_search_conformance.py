@@ -288,3 +288,32 @@ async def test_a_key_without_fhir_read_is_refused(
     r = await client.get("/fhir/Patient", headers={"Authorization": f"Bearer {key}"})
     assert r.status_code == 403
     assert r.json()["resourceType"] == "OperationOutcome"
+
+
+async def test_audit_event_and_questionnaire_search_parameters_listed_are_served(
+    client: httpx.AsyncClient, make_api_key: Any, stored: Stored
+) -> None:
+    from gateway.clients.service import SCOPES
+
+    admin_headers = {"Authorization": f"Bearer {await make_api_key(*SCOPES, name='auditor')}"}
+    await search(client, admin_headers, "Patient")  # audited as the agent "auditor"
+    statement = (await client.get("/fhir/metadata")).json()
+    values = {
+        ("AuditEvent", "patient"): f"Patient/{stored.patient_id}",
+        ("AuditEvent", "agent"): "auditor",
+        ("AuditEvent", "date"): "ge2000-01-01",
+        ("AuditEvent", "action"): "C",
+        ("Questionnaire", "url"): "https://fhir-gateway.example.org/fhir/Questionnaire/"
+        "glp1-weight-management",
+        ("Questionnaire", "version"): "1",
+    }
+    listed = [
+        (res["type"], p["name"])
+        for res in statement["rest"][0]["resource"]
+        if res["type"] in ("AuditEvent", "Questionnaire")
+        for p in res.get("searchParam", [])
+    ]
+    assert sorted(listed) == sorted(values)
+    for (rtype, name), value in values.items():
+        body = await search(client, admin_headers, rtype, **{name: value})
+        assert body.get("entry"), (rtype, name)
