@@ -69,6 +69,8 @@ class Principal:
     #: The FHIR resource types ``fhir:read`` opens (a SMART token's ``system/<Type>.rs``
     #: scopes); None: every type.
     resource_types: frozenset[str] | None = None
+    #: When the credential stops working (an access token's expiry); None: an API key.
+    expires_at: datetime | None = None
 
     def reads_type(self, resource_type: str) -> bool:
         """True if the caller may read FHIR resources of ``resource_type``."""
@@ -206,6 +208,7 @@ async def _token_principal(session: AsyncSession, *, token_id: str, key: str) ->
         resource_types=(
             frozenset(token.resource_types) if token.resource_types is not None else None
         ),
+        expires_at=token.expires_at,
     )
 
 

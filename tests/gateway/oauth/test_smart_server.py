@@ -236,3 +236,25 @@ async def test_other_grants_and_bodies_are_refused(client: httpx.AsyncClient) ->
     assert (r.status_code, r.json()["error"]) == (400, "unsupported_grant_type")
     r = await client.post(TOKEN_PATH, json={"grant_type": "client_credentials"})
     assert (r.status_code, r.json()["error"]) == (400, "invalid_request")
+
+
+async def test_an_expired_token_is_refused(client: httpx.AsyncClient, runtime: Runtime) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from gateway.db.models import AccessToken
+    from gateway.db.types import utcnow
+
+    key = rsa_key()
+    name = await register(runtime, scopes=["fhir:read"], jwks=public_jwks(key))
+    r = await post_token(client, assertion(key, name, token_url(runtime)), "system/*.rs")
+    token = r.json()["access_token"]
+    async with runtime.sessionmaker() as session:
+        await session.execute(
+            update(AccessToken).values(expires_at=utcnow() - timedelta(seconds=1))
+        )
+        await session.commit()
+    refused = await client.get("/fhir/Patient", headers={"Authorization": f"Bearer {token}"})
+    assert refused.status_code == 401
+    assert refused.json()["resourceType"] == "OperationOutcome"
