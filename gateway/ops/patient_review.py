@@ -70,10 +70,12 @@ class ReviewOut(BaseModel):
 
 
 class ReviewPage(BaseModel):
-    """A page of the queue; ``next_after_id`` continues it."""
+    """A page of the queue (``next_after_id`` continues it), and the patients with
+    recorded element conflicts (most recent first, at most ``limit``)."""
 
     items: list[ReviewOut]
     next_after_id: int | None
+    conflicts: list[PatientSide] = Field(default_factory=list)
 
 
 class DecisionIn(BaseModel):
@@ -141,21 +143,33 @@ async def list_reviews(
     after_id: RowIdQuery = None,
 ) -> ReviewPage:
     """Probable duplicates with their scores and each patient's recorded element
-    conflicts, oldest first. Audited (a read of each patient listed)."""
+    conflicts, oldest first; and the patients with recorded element conflicts (an
+    intake and an EHR disagreeing on a birth date...), most recent first. Audited (a read
+    of each patient listed)."""
     rows = await reviews.list_reviews(
         session, status=None if status == "any" else status, limit=limit, after_id=after_id
     )
-    ids = sorted({p for r in rows for p in (r.patient_id, r.candidate_id)})
+    conflicted = await reviews.conflicted_patients(session, limit=limit)
+    ids = sorted({p for r in rows for p in (r.patient_id, r.candidate_id)} | set(conflicted))
     conflicts = await reviews.conflicts_of(session, ids)
     audit.record_patients(
         session,
         action="read",
         entity_type="PatientReview",
-        hits=[(str(r.id), p) for r in rows for p in (r.patient_id, r.candidate_id)],
+        hits=[(str(r.id), p) for r in rows for p in (r.patient_id, r.candidate_id)]
+        + [("conflicts", p) for p in conflicted],
     )
     return ReviewPage(
         items=[_out(r, conflicts) for r in rows],
         next_after_id=rows[-1].id if len(rows) == limit else None,
+        conflicts=[
+            PatientSide(
+                id=pid,
+                reference=f"Patient/{pid}",
+                conflicts=[_conflict(c) for c in conflicts[pid]],
+            )
+            for pid in conflicted
+        ],
     )
 
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rapidfuzz.distance import DamerauLevenshtein, JaroWinkler
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.db.models import FhirResource, PatientConflict, PatientReview, ReviewStatus
@@ -242,6 +242,18 @@ async def conflicts_of(
     for row in rows:
         out[row.patient_id].append(row)
     return out
+
+
+async def conflicted_patients(session: AsyncSession, *, limit: int) -> list[str]:
+    """Patients with recorded element conflicts, the most recent conflict first."""
+    latest = func.max(PatientConflict.id)
+    rows = await session.execute(
+        select(PatientConflict.patient_id, latest)
+        .group_by(PatientConflict.patient_id)
+        .order_by(latest.desc())
+        .limit(limit)
+    )
+    return [pid for pid, _ in rows]
 
 
 def decide(review: PatientReview, *, status: ReviewStatus, reason: str, by: str) -> None:

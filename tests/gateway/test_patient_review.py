@@ -201,3 +201,26 @@ async def test_the_queue_needs_ops_scopes(
     reader = {"Authorization": f"Bearer {await make_api_key('ops:read')}"}
     r = await client.post("/v1/patients/review/1/reject", json={"reason": "x"}, headers=reader)
     assert r.status_code == 403
+
+
+async def test_recorded_element_conflicts_are_listed_in_the_queue(
+    client: httpx.AsyncClient, admin_headers: dict[str, str]
+) -> None:
+    intake = samples.intake()
+    r = await client.post("/v1/intake-submissions", json=intake, headers=admin_headers)
+    patient_id = r.json()["patient"]["id"]
+    checkout = samples.canonical_checkout(
+        patient_external_id=intake["patient"]["external_id"],
+        intake_submission_id=intake["submission_id"],
+    )
+    checkout["customer"].update(
+        name="Jordan Q Rivera", phone="415-555-0199", email=intake["patient"]["email"]
+    )
+    assert (
+        await client.post("/v1/checkouts", json=checkout, headers=admin_headers)
+    ).status_code == 202
+    page = await queue(client, admin_headers)
+    (side,) = page["conflicts"]
+    assert side["id"] == patient_id
+    assert {c["element"] for c in side["conflicts"]} == {"name", "telecom.phone"}
+    assert "Jordan Q" not in str(page)  # elements and sources, never the values
