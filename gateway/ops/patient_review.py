@@ -152,13 +152,11 @@ async def list_reviews(
     conflicted = await reviews.conflicted_patients(session, limit=limit)
     ids = sorted({p for r in rows for p in (r.patient_id, r.candidate_id)} | set(conflicted))
     conflicts = await reviews.conflicts_of(session, ids)
-    audit.record_patients(
-        session,
-        action="read",
-        entity_type="PatientReview",
-        hits=[(str(r.id), p) for r in rows for p in (r.patient_id, r.candidate_id)]
-        + [("conflicts", p) for p in conflicted],
-    )
+    hits: list[tuple[str, str | None]] = [
+        (str(r.id), p) for r in rows for p in (r.patient_id, r.candidate_id)
+    ]
+    hits += [("conflicts", p) for p in conflicted]
+    audit.record_patients(session, action="read", entity_type="PatientReview", hits=hits)
     return ReviewPage(
         items=[_out(r, conflicts) for r in rows],
         next_after_id=rows[-1].id if len(rows) == limit else None,
