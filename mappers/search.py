@@ -32,6 +32,7 @@ value searched for (it may be PHI).
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
@@ -530,6 +531,7 @@ _DATE = re.compile(
 )
 
 
+@functools.lru_cache(maxsize=4096)
 def date_range(text: str) -> tuple[datetime, datetime]:
     """The instants ``[start, end)`` a FHIR date/dateTime/instant covers at its precision
     (``2026`` is the whole year; ``2026-11-23T14:00`` a minute), in UTC; no time zone
@@ -641,6 +643,7 @@ def element_values(resource: dict[str, Any], path: str) -> list[Any]:
     return current
 
 
+@functools.lru_cache(maxsize=8192)
 def normalize_text(text: str) -> str:
     """Case- and accent-insensitive form of ``text`` (NFKD, combining marks dropped,
     casefolded), for string search."""

@@ -220,35 +220,59 @@ async def resources_with_identifier_prefix(
 # --------------------------------------------------------------------------- search
 
 
+@dataclass(frozen=True, slots=True)
+class StoredResource:
+    """A current resource as a search reads it (its columns, not an ORM object: a search
+    reads many rows, and an ORM instance costs about as much as decoding its JSON)."""
+
+    resource_type: str
+    id: str
+    resource: dict[str, Any]
+    patient_id: str | None
+    updated_at: datetime
+    version_id: int
+
+
+_STORED_COLUMNS = (
+    FhirResource.resource_type,
+    FhirResource.id,
+    FhirResource.resource,
+    FhirResource.patient_id,
+    FhirResource.updated_at,
+    FhirResource.version_id,
+)
+
+
 async def resources_of_type(
     session: AsyncSession,
     resource_type: str,
     *,
     patient_ids: Collection[str] | None = None,
     ids: Collection[str] | None = None,
-) -> list[FhirResource]:
-    """The current rows of ``resource_type``, oldest update first (then id), narrowed to
-    those of ``patient_ids`` (the ``patient_id`` column: the Patient a resource belongs
-    to, or the Patient itself) and to ``ids`` when given. The search's candidates: the
-    other criteria are evaluated on the resources (:mod:`mappers.search`)."""
-    stmt = select(FhirResource).where(FhirResource.resource_type == resource_type)
+) -> list[StoredResource]:
+    """The current resources of ``resource_type``, oldest update first (then id),
+    narrowed to those of ``patient_ids`` (the ``patient_id`` column: the Patient a
+    resource belongs to, or the Patient itself) and to ``ids`` when given. The search's
+    candidates: the other criteria are evaluated on the resources (:mod:`mappers.search`)."""
+    stmt = select(*_STORED_COLUMNS).where(FhirResource.resource_type == resource_type)
     if patient_ids is not None:
         stmt = stmt.where(FhirResource.patient_id.in_(sorted(patient_ids)))
     if ids is not None:
         stmt = stmt.where(FhirResource.id.in_(sorted(ids)))
     stmt = stmt.order_by(FhirResource.updated_at, FhirResource.id)
-    return list(await session.scalars(stmt))
+    return [StoredResource(*row) for row in await session.execute(stmt)]
 
 
 async def patient_compartment(
     session: AsyncSession, patient_id: str, *, since: datetime | None = None
-) -> list[FhirResource]:
+) -> list[StoredResource]:
     """The Patient and every stored resource that belongs to it (``patient_id``), the
     Patient first, then by type and id; ``since``: only those updated at or after it."""
-    stmt = select(FhirResource).where(FhirResource.patient_id == patient_id)
+    stmt = select(*_STORED_COLUMNS).where(FhirResource.patient_id == patient_id)
     if since is not None:
         stmt = stmt.where(FhirResource.updated_at >= since)
-    rows = list(await session.scalars(stmt.order_by(FhirResource.resource_type, FhirResource.id)))
+    stmt = stmt.order_by(FhirResource.resource_type, FhirResource.id)
+    rows = [StoredResource(*row) for row in await session.execute(stmt)]
     rows.sort(key=lambda r: (r.resource_type != "Patient" or r.id != patient_id,))
     return rows
 

@@ -23,8 +23,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.audit import service as audit
 from gateway.clients.service import Principal
-from gateway.db.models import FhirResource
 from gateway.fhir import repository as fhir_repo
+from gateway.fhir.repository import StoredResource
 from gateway.workflow.scoping import patient_visible
 from mappers import search as fs
 
@@ -37,9 +37,9 @@ class SearchResult:
     """A search's page: ``matches`` (the page's rows), ``total`` (all matches),
     ``included`` (rows added by ``_include``/``_revinclude``)."""
 
-    matches: list[FhirResource]
+    matches: list[StoredResource]
     total: int
-    included: list[FhirResource] = field(default_factory=list)
+    included: list[StoredResource] = field(default_factory=list)
 
 
 def _patient_ids(query: fs.SearchQuery) -> set[str] | None:
@@ -62,8 +62,8 @@ def _patient_ids(query: fs.SearchQuery) -> set[str] | None:
 
 
 async def visible(
-    session: AsyncSession, principal: Principal, rows: list[FhirResource]
-) -> list[FhirResource]:
+    session: AsyncSession, principal: Principal, rows: list[StoredResource]
+) -> list[StoredResource]:
     """``rows`` the principal may see (all unless it is limited to programs): one look-up
     per patient, not per row."""
     if principal.programs is None:
@@ -110,9 +110,9 @@ async def run_search(
 async def _included(
     session: AsyncSession,
     query: fs.SearchQuery,
-    page: list[FhirResource],
+    page: list[StoredResource],
     principal: Principal,
-) -> list[FhirResource]:
+) -> list[StoredResource]:
     if not page or not (query.includes or query.revincludes):
         return []
     have = {(r.resource_type, r.id) for r in page}
@@ -125,7 +125,7 @@ async def _included(
         rtype, rid = ref.split("/", 1)
         if (rtype, rid) not in have:
             wanted[rtype].add(rid)
-    out: list[FhirResource] = []
+    out: list[StoredResource] = []
     for rtype, ids in sorted(wanted.items()):
         out += await fhir_repo.resources_of_type(session, rtype, ids=ids)
     page_refs = {f"{r.resource_type}/{r.id}" for r in page}
@@ -139,7 +139,7 @@ async def _included(
         for row in candidates:
             if set(fs.references(row.resource, include)) & page_refs:
                 out.append(row)
-    unique: dict[tuple[str, str], FhirResource] = {}
+    unique: dict[tuple[str, str], StoredResource] = {}
     for row in out:
         key = (row.resource_type, row.id)
         if key not in have:
@@ -192,7 +192,7 @@ def searchset(
 
 
 def _entry(
-    row: FhirResource, base_url: str, mode: str, query: fs.SearchQuery | None
+    row: StoredResource, base_url: str, mode: str, query: fs.SearchQuery | None
 ) -> dict[str, Any]:
     resource = row.resource
     if query is not None:
