@@ -224,3 +224,13 @@ async def test_recorded_element_conflicts_are_listed_in_the_queue(
     assert side["id"] == patient_id
     assert {c["element"] for c in side["conflicts"]} == {"name", "telecom.phone"}
     assert "Jordan Q" not in str(page)  # elements and sources, never the values
+
+
+def test_every_birth_date_that_scores_is_a_blocking_variant() -> None:
+    from gateway.patients.review import birth_date_part, birth_date_variants
+
+    variants = birth_date_variants("1988-04-12")
+    for other in ("1988-12-04", "1988-04-21", "1998-04-12", "1988-04-13", "1988-04-12"):
+        assert birth_date_part("1988-04-12", other) > 0
+        assert other in variants
+    assert "1961-07-30" not in variants
