@@ -317,3 +317,18 @@ async def test_audit_event_and_questionnaire_search_parameters_listed_are_served
     for (rtype, name), value in values.items():
         body = await search(client, admin_headers, rtype, **{name: value})
         assert body.get("entry"), (rtype, name)
+
+
+async def test_a_client_limited_to_other_programs_finds_nothing(
+    client: httpx.AsyncClient, make_api_key: Any, stored: Stored
+) -> None:
+    key = await make_api_key("fhir:read", programs=["dermatology"])
+    headers = {"Authorization": f"Bearer {key}"}
+    for rtype in ("Patient", "Observation", "QuestionnaireResponse", "Provenance"):
+        body = await search(client, headers, rtype)
+        assert body["total"] == 0, rtype
+    everything = await client.get(f"/fhir/Patient/{stored.patient_id}/$everything", headers=headers)
+    assert everything.status_code == 404
+    glp1 = await make_api_key("fhir:read", programs=["glp1-weight-management"])
+    body = await search(client, {"Authorization": f"Bearer {glp1}"}, "Patient")
+    assert body["total"] == 3  # each has a case in the program (intake or paid checkout)
