@@ -25,7 +25,7 @@ class MergeError(ValueError):
 def _with_link(resource: dict[str, Any], other: str, kind: str) -> dict[str, Any]:
     out = dict(resource)
     links = [lk for lk in out.get("link") or [] if lk.get("other", {}).get("reference") != other]
-    out["link"] = [*links, {"other": {"reference": other}, "type": kind}]
+    out["link"] = [{"other": {"reference": other}, "type": kind}, *links]  # newest first
     return out
 
 

@@ -234,3 +234,38 @@ def test_every_birth_date_that_scores_is_a_blocking_variant() -> None:
         assert birth_date_part("1988-04-12", other) > 0
         assert other in variants
     assert "1961-07-30" not in variants
+
+
+async def test_an_ehr_id_of_the_merged_record_finds_the_survivor(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], runtime: Runtime
+) -> None:
+    from gateway.db.models import RemoteId
+    from gateway.db.types import utcnow
+    from gateway.patients.repository import patients_for_remote_ids
+    from mappers.events import PatientRef
+
+    first, second = typo_intakes()
+    a = (await client.post("/v1/intake-submissions", json=first, headers=admin_headers)).json()
+    b = (await client.post("/v1/intake-submissions", json=second, headers=admin_headers)).json()
+    old, new = a["patient"]["id"], b["patient"]["id"]
+    async with runtime.sessionmaker() as session:
+        for local, remote in ((old, "ehr-1"), (new, "ehr-2")):
+            session.add(
+                RemoteId(
+                    target="ehr",
+                    resource_type="Patient",
+                    local_id=local,
+                    remote_id=remote,
+                    updated_at=utcnow(),
+                )
+            )
+        await session.commit()
+    (item,) = (await queue(client, admin_headers))["items"]
+    r = await client.post(
+        f"/v1/patients/review/{item['id']}/accept", json={"reason": "same"}, headers=admin_headers
+    )
+    assert r.status_code == 200
+    refs = [PatientRef("remote_id", v, target="ehr") for v in ("ehr-1", "ehr-2")]
+    async with runtime.sessionmaker() as session:
+        found = await patients_for_remote_ids(session, refs)
+    assert set(found.values()) == {old}
