@@ -24,6 +24,7 @@ ROUTE_INTERACTIONS: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
     ("/fhir/{resource_type}/{resource_id}/_history/{version_id}", "GET"): (("*",), "vread"),
     ("/fhir/{resource_type}/{resource_id}/_history", "GET"): (("*",), "history-instance"),
     ("/fhir/{resource_type}", "GET"): (("*",), "search-type"),
+    ("/fhir/{resource_type}/_search", "POST"): (("*",), "search-type"),
     ("/fhir/AuditEvent", "GET"): (("AuditEvent",), "search-type"),
     ("/fhir/Questionnaire", "GET"): (("Questionnaire",), "search-type"),
     ("/fhir/Questionnaire/{questionnaire_id}", "GET"): (("Questionnaire",), "read"),

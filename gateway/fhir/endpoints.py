@@ -19,7 +19,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse, Response
@@ -29,7 +29,13 @@ import gateway
 from gateway.audit import service as audit
 from gateway.clients.service import Principal
 from gateway.deps import RuntimeDep, SessionDep, require_scope
-from gateway.errors import BadRequestError, ForbiddenError, NotAcceptableError, NotFoundError
+from gateway.errors import (
+    BadRequestError,
+    ForbiddenError,
+    NotAcceptableError,
+    NotFoundError,
+    UnsupportedMediaTypeError,
+)
 from gateway.fhir import capability
 from gateway.fhir import repository as fhir_repo
 from gateway.fhir import search as fhir_search
@@ -185,6 +191,12 @@ async def smart_configuration_root(runtime: RuntimeDep) -> JSONResponse:
 
 
 @router.get(
+    "/{resource_type}/_search",
+    summary="Search (FHIR search-type interaction, the _search form of GET)",
+    description="The same search as `GET /fhir/{resource_type}`.",
+    responses={**FHIR_OK, 400: {"description": "A parameter that cannot be read"}},
+)
+@router.get(
     "/{resource_type}",
     summary="Search (FHIR search-type interaction)",
     description=(
@@ -205,10 +217,68 @@ async def search(
     """``GET [base]/[type]?params``: a ``searchset`` Bundle with ``total``, paging links
     (``_count``, ``_offset``) and ``search.mode``; 400 OperationOutcome naming each
     parameter that cannot be read (or is unknown, with ``Prefer: handling=strict``)."""
-    rtype = str(resource_type.value)
+    items = request.query_params.multi_items()
+    return await _search(request, session, principal, str(resource_type.value), items, fmt)
+
+
+@router.post(
+    "/{resource_type}/_search",
+    summary="Search with a form body (FHIR search-type interaction, POST)",
+    description=(
+        "The parameters of `GET /fhir/{resource_type}` in an "
+        "`application/x-www-form-urlencoded` body (and the query); "
+        "https://hl7.org/fhir/R4/http.html#search"
+    ),
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "content": {
+                "application/x-www-form-urlencoded": {
+                    "schema": {"type": "object", "additionalProperties": {"type": "string"}}
+                }
+            },
+        }
+    },
+    responses={
+        **FHIR_OK,
+        400: {"description": "A parameter that cannot be read"},
+        415: {"description": "Not a form body"},
+    },
+)
+async def search_post(
+    request: Request,
+    session: SessionDep,
+    principal: Annotated[Principal, Depends(require_scope("fhir:read"))],
+    resource_type: SearchType,
+    fmt: MediaType,
+) -> JSONResponse:
+    """``POST [base]/[type]/_search``: the same search, its parameters in a form body
+    (added to those of the query); 415 for another body."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    raw = await request.body()
+    if raw and content_type != "application/x-www-form-urlencoded":
+        raise UnsupportedMediaTypeError("a search body is application/x-www-form-urlencoded")
+    try:
+        form = parse_qsl(raw.decode(), keep_blank_values=True)
+    except UnicodeDecodeError as exc:
+        raise BadRequestError("the form is not UTF-8", in_body=False) from exc
+    if any("\x00" in k or "\x00" in v for k, v in form):
+        raise BadRequestError("the form holds a NUL character", in_body=False)
+    items = [*request.query_params.multi_items(), *form]
+    return await _search(request, session, principal, str(resource_type.value), items, fmt)
+
+
+async def _search(
+    request: Request,
+    session: SessionDep,
+    principal: Principal,
+    rtype: str,
+    items: list[tuple[str, str]],
+    fmt: str,
+) -> JSONResponse:
     _check_type(principal, rtype)
     try:
-        query = fs.parse_search(rtype, request.query_params.multi_items(), strict=_strict(request))
+        query = fs.parse_search(rtype, items, strict=_strict(request))
     except fs.SearchError as exc:
         raise BadRequestError(
             "invalid search parameters",
@@ -221,7 +291,7 @@ async def search(
     result = await fhir_search.run_search(session, query, principal=principal, base_url=base)
     result.included = [r for r in result.included if principal.reads_type(r.resource_type)]
     fhir_search.audit_search(
-        session, resource_type=rtype, query_text=f"{rtype}?{request.url.query}", result=result
+        session, resource_type=rtype, query_text=f"{rtype}?{urlencode(items)}", result=result
     )
     bundle = fhir_search.searchset(query, result, base_url=base, path=rtype)
     return JSONResponse(bundle, media_type=fmt)

@@ -332,3 +332,17 @@ async def test_a_client_limited_to_other_programs_finds_nothing(
     glp1 = await make_api_key("fhir:read", programs=["glp1-weight-management"])
     body = await search(client, {"Authorization": f"Bearer {glp1}"}, "Patient")
     assert body["total"] == 3  # each has a case in the program (intake or paid checkout)
+
+
+async def test_search_with_post_and_a_form_body(
+    client: httpx.AsyncClient, admin_headers: dict[str, str]
+) -> None:
+    r = await client.post(
+        "/fhir/Patient/_search", data={"family": "rivera", "_count": "1"}, headers=admin_headers
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["total"] == 2 and len(body["entry"]) == 1
+    wrong = await client.post("/fhir/Patient/_search", json={"family": "x"}, headers=admin_headers)
+    assert wrong.status_code == 415
+    assert wrong.json()["resourceType"] == "OperationOutcome"
