@@ -69,8 +69,9 @@ def clients_create(
         ),
     ] = None,
 ) -> None:
-    """Create an API client and print its key once (only a hash is stored). With
-    ``--jwks-url`` or ``--jwks`` it is also a SMART Backend Services client."""
+    """Create an API client and print its key once (only a hash is stored).
+
+    With --jwks-url or --jwks it is also a SMART Backend Services client: it may get tokens at POST /oauth/token."""
     from gateway.audit import service as audit
     from gateway.clients.service import ClientLimitError, UnknownScopeError, create_client
     from gateway.oauth.server import validate_jwks

@@ -6,7 +6,7 @@ assertions with; ``access_tokens``: the tokens ``POST /oauth/token`` issued (has
 ``patient_reviews``: probable duplicate Patients, scored, waiting for a person or linked.
 
 Revision ID: 0014_fhir_face
-Revises: 0012_sec_hl7
+Revises: 0016_newcomer
 Create Date: 2026-12-07 14:00:00
 """
 
@@ -20,7 +20,7 @@ JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 BIGINT_PK = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 revision: str = "0014_fhir_face"
-down_revision: str | None = "0012_sec_hl7"
+down_revision: str | None = "0016_newcomer"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
