@@ -3,7 +3,7 @@ records, what a target in shadow mode would have written, reconciliation runs an
 cutover guard breaches
 
 Revision ID: 0015_migrate
-Revises: 0016_newcomer
+Revises: 0014_fhir_face
 Create Date: 2026-12-07 14:20:00
 """
 
@@ -17,7 +17,7 @@ JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 BIGINT = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 revision: str = "0015_migrate"
-down_revision: str | None = "0016_newcomer"
+down_revision: str | None = "0014_fhir_face"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
