@@ -272,3 +272,32 @@ async def test_api_job_with_counts_and_refusals_as_ndjson(
         headers={**admin_headers, "Content-Type": "text/csv"},
     )
     assert r.status_code == 422
+
+
+async def test_a_stripe_event_that_does_not_map_is_refused_not_kept_failed(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    event = samples.stripe_event()
+    event["data"]["object"]["metadata"] = {"plan": "no-such-plan"}
+    path = write_ndjson(tmp_path / "stripe.ndjson", [json.dumps(event).encode()])
+    job_id, counts = await run_file(runtime, path)
+    assert (counts["refused"], counts["mapped"]) == (1, 0)
+    assert await count(runtime, InboundMessage) == 0  # nothing half stored: fix and re-import
+    async with runtime.sessionmaker() as session:
+        [refused] = await repo.refusals(session, job_id)
+    assert refused.kind == "stripe" and refused.business_id == event["id"]
+
+
+async def test_resuming_a_completed_api_job_is_a_conflict(
+    client: httpx.AsyncClient, admin_headers: dict[str, str]
+) -> None:
+    r = await client.post(
+        "/v1/imports",
+        content=json.dumps(samples.intake()).encode(),
+        headers={**admin_headers, "Content-Type": "application/x-ndjson"},
+    )
+    assert r.status_code == 202, r.text
+    await wait_for_uploads()
+    r = await client.post(f"/v1/imports/{r.json()['id']}/resume", headers=admin_headers)
+    assert r.status_code == 409
+    assert r.headers["content-type"].startswith("application/problem+json")
