@@ -279,15 +279,19 @@ class GuardLoop:
         """One round; 0 (the loop waits its poll interval)."""
         now = self._now()
         profiles = self._profiles()
+        audit_modes = profiles is not self._audited  # started, or reloaded
+        intervals = [t.guards.check_every_s for t in profiles.enabled_targets() if t.guards]
+        due = bool(intervals) and (self._next_at is None or now >= self._next_at)
+        if not audit_modes and not due:
+            return 0  # no transaction (on SQLite, no turn of the write lock) for nothing
         async with unit_of_work(self._sessions) as session:
-            if profiles is not self._audited:  # started, or reloaded
+            if audit_modes:
                 await audit_target_modes(session, profiles)
-                self._audited = profiles
-            if self._next_at is None or now >= self._next_at:
-                intervals = [t.guards.check_every_s for t in profiles.enabled_targets() if t.guards]
-                if intervals:
-                    await evaluate(session, profiles, now=now)
-                    self._next_at = now + timedelta(seconds=min(intervals))
+            if due:
+                await evaluate(session, profiles, now=now)
+        self._audited = profiles
+        if due:
+            self._next_at = now + timedelta(seconds=min(intervals))
         return 0
 
 

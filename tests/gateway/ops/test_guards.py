@@ -110,3 +110,16 @@ async def test_below_the_minimum_samples_a_rate_is_not_judged(runtime: Runtime) 
     async with runtime.write_session() as session:
         assert await evaluate(session, runtime.profiles.current, now=utcnow()) == 0
         await session.commit()
+
+
+async def test_the_worker_loop_evaluates_once_per_check_interval(runtime: Runtime) -> None:
+    from gateway.ops.guards import GuardLoop
+
+    await add_exceptions(runtime, 4)
+    now = utcnow()
+    loop = GuardLoop(
+        sessions=runtime.write_session, profiles=lambda: runtime.profiles.current, now=lambda: now
+    )
+    await loop.step()
+    await loop.step()  # within check_every_s: no second evaluation, no second alert
+    assert sorted(await webhook_types(runtime)) == ["target.guard_breached"] * 2
