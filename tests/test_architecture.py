@@ -128,6 +128,8 @@ LAYER_MODULES = {
         "partners",
         "fhir/endpoints",
         "fhir/audit_endpoints",
+        "fhir/search",
+        "fhir/capability",
         "profiles",
         "workflow",
         "delivery",
