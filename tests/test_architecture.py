@@ -131,6 +131,7 @@ LAYER_MODULES = {
         "fhir/search",
         "fhir/capability",
         "profiles",
+        "imports",
         "workflow",
         "delivery",
         "subscribers",

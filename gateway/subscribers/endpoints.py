@@ -25,7 +25,7 @@ from mappers.profiles import RetryPolicy
 
 router = APIRouter(prefix="/v1/ops", tags=["ops"])
 
-_TYPES = {*WEBHOOK_TYPES, "case.*", "*"}
+_TYPES = {*WEBHOOK_TYPES, "case.*", "target.*", "*"}
 
 
 #: An absolute http(s) URL of printable ASCII.
