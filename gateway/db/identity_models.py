@@ -1,0 +1,154 @@
+"""The tables of identity: the credentials the gateway holds and issues, and the
+patient merge-review queue. Re-exported by :mod:`gateway.db.models`.
+
+* ``oauth_tokens``: each EHR target's access token (encrypted at rest);
+* ``signing_keys``: the keys the gateway signs SMART client assertions with;
+* ``access_tokens`` and ``assertion_jtis``: tokens the gateway issues to SMART Backend
+  Services clients (hashed), and the client assertion ``jti`` values seen (replay
+  protection; migration ``0014_fhir_face``);
+* ``patient_reviews``: probable duplicate Patients waiting for a person's decision.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from gateway.db.base import Base
+from gateway.db.encryption import EncryptedText
+from gateway.db.types import BigIntPK, JSONDoc, utcnow
+
+# --------------------------------------------------------------------------- EHR credentials
+
+
+class OAuthToken(Base):
+    """The access token of one target, shared by every worker process.
+
+    The row is also the target's auth circuit: while ``next_attempt_at`` is in the future
+    after a failure, nobody calls the token endpoint and the target's deliveries wait.
+    ``error_kind`` is ``unavailable`` (timeouts, 5xx, 429) or ``config`` (credentials
+    refused, or a fresh token refused by the FHIR server).
+    """
+
+    __tablename__ = "oauth_tokens"
+
+    target: Mapped[str] = mapped_column(String(128), primary_key=True)
+    # Envelope-encrypted with the key encryption key (gateway.db.encryption).
+    access_token: Mapped[str | None] = mapped_column(EncryptedText("oauth_tokens.access_token"))
+    token_type: Mapped[str | None] = mapped_column(String(32))
+    scope: Mapped[str | None] = mapped_column(Text)
+    expires_at: Mapped[datetime | None]
+    refreshed_at: Mapped[datetime | None]
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_error_at: Mapped[datetime | None]
+    error_kind: Mapped[str | None] = mapped_column(String(16))
+    signed_with_kid: Mapped[str | None] = mapped_column(String(128))
+    refresh_lease_until: Mapped[datetime | None]  # SQLite: who refreshes (no row locks)
+
+
+class SigningKey(Base):
+    """A key the gateway signs SMART client assertions with (``private_key_jwt``).
+
+    Rotation (``fhir-gateway keys rotate``): a new key is published in the JWKS from
+    ``created_at`` and signs from ``activates_at``; the key it replaces stops signing then
+    (``retired_at``) and stays published until ``published_until``, after the last
+    assertion it signed has expired. ``private_key`` is PEM, or a Fernet token of the PEM
+    when ``encrypted`` (``GATEWAY_KEY_ENCRYPTION_KEY``).
+    """
+
+    __tablename__ = "signing_keys"
+
+    kid: Mapped[str] = mapped_column(String(128), primary_key=True)
+    alg: Mapped[str] = mapped_column(String(16))
+    private_key: Mapped[str] = mapped_column(EncryptedText("signing_keys.private_key"))
+    encrypted: Mapped[bool] = mapped_column(Boolean, default=False)
+    public_jwk: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    activates_at: Mapped[datetime]
+    retired_at: Mapped[datetime | None]
+    published_until: Mapped[datetime | None]
+
+    __table_args__ = (Index("ix_signing_keys_alg", "alg", "activates_at"),)
+
+
+# --------------------------------------------------------------------------- SMART tokens
+
+
+class AccessToken(Base):
+    """An access token the gateway issued (``POST /oauth/token``): only SHA-256 of the
+    token is kept, with the client, the gateway scopes and FHIR types it grants, and
+    when it expires."""
+
+    __tablename__ = "access_tokens"
+
+    token_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64))
+    client_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("api_clients.id"), index=True)
+    scopes: Mapped[list[str]] = mapped_column(JSONDoc)
+    resource_types: Mapped[list[str] | None] = mapped_column(JSONDoc, nullable=True)
+    granted: Mapped[str] = mapped_column(Text)  # the scope string answered
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+
+
+class AssertionJti(Base):
+    """A client assertion's ``jti`` seen, until the assertion expires: a second use is
+    refused (SMART Backend Services, replay protection)."""
+
+    __tablename__ = "assertion_jtis"
+
+    client_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    jti: Mapped[str] = mapped_column(String(256), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+# --------------------------------------------------------------------------- merge review
+
+
+class ReviewStatus(StrEnum):
+    """A probable duplicate's review: open until a person accepts or rejects it; linked
+    when the score was above the link threshold (merged without review)."""
+
+    OPEN = "open"
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    LINKED = "linked"
+
+
+class PatientReview(Base):
+    """Two Patients that are probably the same person, with the score and its parts
+    (:mod:`gateway.patients.review`): a merge-review queue entry."""
+
+    __tablename__ = "patient_reviews"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    patient_id: Mapped[str] = mapped_column(String(64), index=True)  # the newer record
+    candidate_id: Mapped[str] = mapped_column(String(64), index=True)  # the one it resembles
+    score: Mapped[float] = mapped_column(Float)
+    parts: Mapped[dict[str, Any]]  # element -> its score (no values)
+    status: Mapped[str] = mapped_column(String(16), default=ReviewStatus.OPEN)
+    reason: Mapped[str | None] = mapped_column(Text)
+    decided_by: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    decided_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        UniqueConstraint("patient_id", "candidate_id", name="uq_patient_reviews_pair"),
+        Index("ix_patient_reviews_status", "status"),
+    )
