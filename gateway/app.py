@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import gateway
 from gateway.clients.service import Principal
+from gateway.console.pages import install as install_console
 from gateway.db.checkpoint import run_checkpoints
 from gateway.db.encryption import startup_problems
 from gateway.deps import authenticated
@@ -45,6 +46,7 @@ from gateway.ingest.endpoints import router as ingest_router
 from gateway.logging import configure_logging, get_logger, log_failure
 from gateway.oauth.endpoints import router as jwks_router
 from gateway.openapi import build_openapi
+from gateway.ops.cases import router as ops_cases_router
 from gateway.ops.deliveries import router as ops_deliveries_router
 from gateway.ops.exceptions import router as exceptions_router
 from gateway.ops.targets import router as ops_targets_router
@@ -351,6 +353,7 @@ def create_app(
     app.include_router(ingest_router)
     app.include_router(events_router)
     app.include_router(cases_router)
+    app.include_router(ops_cases_router)
     app.include_router(partners_router)
     app.include_router(hl7_router)
     app.include_router(subscribers_router)
@@ -361,6 +364,8 @@ def create_app(
     app.include_router(ops_deliveries_router)
     app.include_router(ops_targets_router)
     app.include_router(jwks_router)
+    if settings.console:
+        install_console(app)
 
     @app.get("/healthz", tags=["ops"], summary="The process is up")
     async def healthz() -> dict[str, str]:

@@ -44,6 +44,17 @@ def _transition(workflow: WorkflowProfile, key: str, base: str, state: str) -> T
     return None
 
 
+def transition_exists(workflow: WorkflowProfile, *, from_state: str, to_state: str) -> bool:
+    """True if some transition of ``workflow`` moves a case from ``from_state`` (or ``*``)
+    to ``to_state`` (a manual override inside the workflow); False means an override
+    outside it.
+
+    """
+    return any(
+        t.to == to_state and (from_state in t.from_ or "*" in t.from_) for t in workflow.transitions
+    )
+
+
 def decide(
     workflow: WorkflowProfile,
     *,

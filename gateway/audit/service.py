@@ -54,6 +54,15 @@ ACTION_CODES: dict[str, str] = {
     "export": "R",
     "revoke": "U",
     "deactivate": "U",
+    # the ops console (issue 12)
+    "assign": "U",
+    "pause": "U",
+    "resume": "U",
+    "rotate": "U",
+    "view": "R",  # a console page (BALP: read/view/print)
+    "login": "E",
+    "logout": "E",
+    "login-failed": "E",
 }
 
 #: Actions of BALP's RESTful profiles, by FHIR restful-interaction code; others are

@@ -7,6 +7,7 @@
 * :mod:`~gateway.cli.deliveries`: ``deliveries list|show|replay``;
 * :mod:`~gateway.cli.keys`: ``keys rotate|list|jwks|prune|encryption-key|rotate-kek``;
 * :mod:`~gateway.cli.audit`: ``audit verify|export|purge|seal``;
+* :mod:`~gateway.cli.staff`: ``staff create|list|disable|enable|password|role``;
 * :mod:`~gateway.cli.demo`: ``demo``.
 
 Every command loads its settings and profiles with :mod:`gateway.cli.common`.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import typer
 
-from gateway.cli import audit, clients, deliveries, demo, keys, mllp, profiles, server
+from gateway.cli import audit, clients, deliveries, demo, keys, mllp, profiles, server, staff
 from gateway.cli.demo import stripe_signature_header
 
 __all__ = ["app", "main", "stripe_signature_header"]
@@ -34,6 +35,7 @@ app.add_typer(profiles.app, name="profiles")
 app.add_typer(deliveries.app, name="deliveries")
 app.add_typer(keys.app, name="keys")
 app.add_typer(audit.app, name="audit")
+app.add_typer(staff.app, name="staff")
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.audit import service as audit
 from gateway.db.models import Case, Delivery, Subscriber
 from gateway.db.types import utcnow
 from gateway.logging import get_logger
@@ -140,3 +141,27 @@ async def enqueue_case_webhook(
         subscribers=len(subscribers),
     )
     return len(subscribers)
+
+
+async def rotate_secret(session: AsyncSession, *, subscriber: Subscriber) -> str:
+    """Give ``subscriber`` a new Standard Webhooks secret (returned, to be shown once):
+    webhooks sent from now on are signed with it. Audited as ``rotate``; flushes."""
+    secret = new_secret()
+    subscriber.secret = secret
+    audit.record(session, action="rotate", entity_type="Subscriber", entity_id=str(subscriber.id))
+    await session.flush()
+    return secret
+
+
+async def set_subscriber_active(
+    session: AsyncSession, *, subscriber: Subscriber, active: bool
+) -> None:
+    """Activate or deactivate a subscriber (audited as ``update`` / ``deactivate``)."""
+    subscriber.active = active
+    audit.record(
+        session,
+        action="update" if active else "deactivate",
+        entity_type="Subscriber",
+        entity_id=str(subscriber.id),
+    )
+    await session.flush()
