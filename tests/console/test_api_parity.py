@@ -96,7 +96,9 @@ async def test_pause_and_resume_a_target(
         "/v1/ops/targets/ehr/nope/pause", json={"reason": "x"}, headers=admin_headers
     )
     assert unknown.status_code == 404
-    actions = [a.action for a in await rows(runtime, AuditEntry, AuditEntry.entity_type == "Target")]
+    actions = [
+        a.action for a in await rows(runtime, AuditEntry, AuditEntry.entity_type == "Target")
+    ]
     assert actions == ["pause", "resume"]
 
 
