@@ -130,7 +130,7 @@ async def seed(runtime: Runtime, *, n: int = 1) -> Seeded:
             updated_at=now - timedelta(days=1),
             state_entered_at=now - timedelta(days=1),
             sla_due_at=now - timedelta(hours=2),
-            sla_timer="review_within",
+            sla_timer="review_overdue",
         )
         session.add(case)
         session.add(
