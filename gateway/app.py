@@ -25,6 +25,8 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import gateway
+from gateway.audit.refusals import record_refusal
+from gateway.clients.actor import Actor
 from gateway.clients.service import Principal
 from gateway.console.pages import install as install_console
 from gateway.db.checkpoint import run_checkpoints
@@ -32,9 +34,11 @@ from gateway.db.encryption import startup_problems
 from gateway.deps import authenticated
 from gateway.errors import (
     BadRequestError,
+    ForbiddenError,
     GatewayError,
     NotFoundError,
     PayloadTooLargeError,
+    UnauthorizedError,
     UnprocessableError,
     operation_outcome_response,
     problem_response,
@@ -77,6 +81,28 @@ def _render(request: Request, exc: GatewayError) -> JSONResponse:
     if request.url.path.startswith("/fhir") or _fhir_server_asking(request):
         return operation_outcome_response(exc)
     return problem_response(exc, instance=request.url.path)
+
+
+async def _audit_refusal(request: Request, exc: GatewayError) -> None:
+    """A known API client refused (403) goes into the audit trail
+    (:mod:`gateway.audit.refusals`); a request without a valid key (401) only into the
+    log, with the peer's address and never the key."""
+    peer = request.client.host if request.client is not None else None
+    # The path names ids only (PHI never goes in URLs); the query string may name a
+    # patient, and is left out.
+    path = request.url.path
+    principal: Principal | None = getattr(request.state, "authenticated", None)
+    if isinstance(exc, UnauthorizedError) or principal is None:
+        log.info("auth.refused", status=exc.status, peer=peer, method=request.method, route=path)
+        return
+    await record_refusal(
+        request.app.state.runtime,
+        actor=Actor("client", principal.name, principal.client_id, peer),
+        method=request.method,
+        route=path,
+        status=exc.status,
+        problem=exc.slug,
+    )
 
 
 def _fhir_server_asking(request: Request) -> bool:
@@ -325,6 +351,8 @@ def create_app(
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
+        if isinstance(exc, ForbiddenError | UnauthorizedError):
+            await _audit_refusal(request, exc)
         return _render(request, exc)
 
     @app.exception_handler(RequestValidationError)

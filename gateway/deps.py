@@ -92,6 +92,9 @@ async def authenticated(request: Request) -> Principal:
     principal = await runtime.auth_cache.get(key, runtime)
     if principal is None:
         raise UnauthorizedError("the API key is not valid", headers=challenge)
+    # Who was refused, if a check after this one refuses the request (the audit trail
+    # records a known client's refusals: gateway.audit.refusals).
+    request.state.authenticated = principal
     return principal
 
 

@@ -54,6 +54,7 @@ ACTION_CODES: dict[str, str] = {
     "export": "R",
     "revoke": "U",
     "deactivate": "U",
+    "refuse": "E",  # a known client refused by a route (gateway.audit.refusals)
     # the ops console (issue 12)
     "assign": "U",
     "pause": "U",

@@ -106,7 +106,8 @@ def clients_create(
 
 @app.command("list")
 def clients_list() -> None:
-    """List clients (names, scopes, state); keys are never shown."""
+    """List clients: name, state, scopes, limits and when the key was last used (UTC, to
+    the minute); keys are never shown."""
     from sqlalchemy import select
 
     from gateway.db.models import ApiClient
@@ -126,7 +127,9 @@ def clients_list() -> None:
             )
             if values is not None
         ]
-        typer.echo("\t".join([c.name, state, " ".join(c.scopes), *limits]))
+        # When the key was last used (kept to the minute: gateway.clients.service).
+        used = c.last_used_at.strftime("%Y-%m-%dT%H:%MZ") if c.last_used_at else "never"
+        typer.echo("\t".join([c.name, state, " ".join(c.scopes), *limits, f"last-used={used}"]))
 
 
 @app.command("revoke")

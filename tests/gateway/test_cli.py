@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import sqlite3
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +113,17 @@ def test_clients_create_prints_a_key_that_authenticates(migrated: Path) -> None:
         finally:
             await runtime.close()
 
+    listed = runner.invoke(app, ["clients", "list"]).stdout
+    assert listed.endswith("\tlast-used=never\n")
     scopes, status = asyncio.run(use_key())
     assert scopes == {"intake:write", "fhir:read"}
     assert status == 202
+    # The request kept the client's last use, shown to the minute.
+    listed = runner.invoke(app, ["clients", "list"]).stdout
+    (used,) = re.findall(r"\tlast-used=(\d{4}-\d\d-\d\dT\d\d:\d\dZ)\n", listed)
+    assert abs(
+        datetime.strptime(used, "%Y-%m-%dT%H:%MZ").replace(tzinfo=UTC) - datetime.now(UTC)
+    ) < timedelta(minutes=2)
 
 
 def test_the_key_is_stored_only_as_a_hash(migrated: Path) -> None:
@@ -158,7 +168,7 @@ def test_clients_list_never_shows_keys(migrated: Path) -> None:
     _, out, _ = create("intake-app", "intake:write")
     result = runner.invoke(app, ["clients", "list"])
     assert result.exit_code == 0
-    assert result.stdout == "intake-app\tactive\tintake:write\n"
+    assert result.stdout == "intake-app\tactive\tintake:write\tlast-used=never\n"
     assert out.strip() not in result.stdout
 
 

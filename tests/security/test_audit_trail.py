@@ -255,3 +255,47 @@ async def test_exception_payload_reads_and_previews_are_audited(
         ("read", "ExceptionPayload"),
         ("preview", "Profile"),
     }
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+async def test_a_known_client_refused_by_a_route_is_in_the_audit_trail(
+    client: httpx.AsyncClient, runtime: Runtime, make_api_key: ApiKeyFactory
+) -> None:
+    writer = bearer(await make_api_key("intake:write", name="intake-app"))
+    auditor = bearer(await make_api_key("audit:read", name="auditor"))
+
+    r = await client.get("/fhir/Patient/some-patient?name=Smith", headers=writer)
+    assert r.status_code == 403
+    r = await client.get("/v1/ops/exceptions", headers=writer)
+    assert r.status_code == 403
+    # No key, a wrong key: answered 401 and not recorded (anyone can send them).
+    assert (await client.get("/v1/ops/exceptions")).status_code == 401
+    bad = bearer("fgw_not_a_key")
+    assert (await client.get("/v1/ops/exceptions", headers=bad)).status_code == 401
+
+    found = await client.get("/fhir/AuditEvent", params={"agent": "intake-app"}, headers=auditor)
+    assert found.status_code == 200, found.text
+    events = [e["resource"] for e in found.json()["entry"]]
+    assert len(events) == 2
+    for event in events:
+        AuditEvent.model_validate(event)
+        assert event["outcome"] == "4" and event["action"] == "E"
+        assert event["subtype"][0]["code"] == "refuse"
+    routes = sorted(
+        entity["what"]["identifier"]["value"]
+        for e in events
+        for entity in e["entity"]
+        if "what" in entity
+    )
+    assert routes == ["GET /fhir/Patient/some-patient", "GET /v1/ops/exceptions"]
+    # The query string (which may name a patient) is not kept.
+    assert "Smith" not in str(events)
+    async with runtime.sessionmaker() as session:
+        refused = (
+            await session.scalars(select(AuditEntry).where(AuditEntry.action == "refuse"))
+        ).all()
+    assert len(refused) == 2 and {row.actor for row in refused} == {"intake-app"}
+    await seal_all(runtime)
+    assert (await verify(runtime)).ok
