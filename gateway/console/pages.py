@@ -70,6 +70,8 @@ from gateway.deps import RowIdPath, RuntimeDep, SessionDep
 from gateway.egress import EgressRefusedError
 from gateway.errors import GatewayError
 from gateway.events.after_response import apply_after_response, apply_id_after_response
+from gateway.ingest.remap import remap_message
+from gateway.ingest.storage import IngestContext
 from gateway.logging import get_logger
 from gateway.profiles.service import questionnaires
 from gateway.runtime import Runtime
@@ -100,6 +102,7 @@ NOTICES = {
     "resolved": "Resolved.",
     "retried": "Sent back to be applied again.",
     "replayed": "Back in the delivery queue.",
+    "remapped": "Re-mapped with the current profiles and back in the delivery queue.",
     "overridden": "The case state was overridden.",
     "paused": "The target is paused: nothing is sent to it until resumed.",
     "resumed": "The target is resumed.",
@@ -573,6 +576,106 @@ async def dead_letters_replay(
     if worker is not None and result.replayed:
         worker.wake()
     return _back("/console/dead-letters", notice="replayed")
+
+
+async def _dead_or_404(session: AsyncSession, delivery_id: int) -> Delivery | None:
+    row = await delivery_repo.get_delivery(session, delivery_id)
+    if row is None or row.status not in (DeliveryStatus.DEAD, DeliveryStatus.REVIEW):
+        return None
+    return row
+
+
+@router.get("/dead-letters/{delivery_id}/preview", response_class=HTMLResponse)
+async def remap_preview(
+    delivery_id: RowIdPath, request: Request, session: SessionDep, runtime: RuntimeDep
+) -> HTMLResponse:
+    """Before replaying: the FHIR diff between what is stored for the delivery's message
+    and what the current profiles make of it (``fhir-gateway profiles remap``, in the
+    browser). Nothing is stored; the read is audited with the patient."""
+    staff = await _staff(request, session, runtime)
+    row = await _dead_or_404(session, delivery_id)
+    if row is None:
+        _viewed(session, "remap-preview-not-found")
+        return _render(request, "not_found.html", staff, status_code=404, what="dead letter")
+    diff: list[str] = []
+    problem: str | None = None
+    profile: str | None = None
+    if row.inbound_message_id is None:
+        problem = "This delivery carries no stored message to map again (a webhook)."
+    else:
+        try:
+            result = await remap_message(
+                session,
+                IngestContext.of(runtime),
+                row.inbound_message_id,
+                apply=False,
+                actor=staff.actor_name,
+            )
+            diff, profile = result.diff, result.profile
+        except GatewayError as exc:
+            problem = exc.detail + (
+                ": " + "; ".join(p.message for p in exc.problems) if exc.problems else ""
+            )
+    await session.rollback()  # a preview stores nothing
+    row = await delivery_repo.get_delivery(session, delivery_id)
+    if row is None:  # pragma: no cover - read just above, in this request
+        return _render(request, "not_found.html", staff, status_code=404, what="dead letter")
+    patients = await delivery_repo.patients_of(session, ids=[row.id])
+    audit.record(
+        session,
+        action="preview",
+        entity_type="Delivery",
+        entity_id=str(row.id),
+        patient_id=patients.get(row.id),
+        detail={"message_id": row.inbound_message_id},
+    )
+    return _render(
+        request,
+        "remap.html",
+        staff,
+        row=row,
+        diff=diff,
+        problem=problem,
+        profile=profile,
+        issues=_issues(row.operation_outcome),
+    )
+
+
+@router.post("/dead-letters/{delivery_id}/remap")
+async def remap_and_replay(
+    delivery_id: RowIdPath, request: Request, session: SessionDep, runtime: RuntimeDep
+) -> Response:
+    """Store what the current profiles make of the delivery's message (new versions,
+    with Provenance, delivered through the outbox) and replay the dead delivery, which
+    now sends the current versions (``operator``)."""
+    staff = await _staff(request, session, runtime)
+    await checked_form(request, staff, role=OPERATOR)
+    back = f"/console/dead-letters/{delivery_id}/preview"
+    row = await _dead_or_404(session, delivery_id)
+    if row is None or row.inbound_message_id is None:
+        return _back("/console/dead-letters", error="no such dead letter to re-map")
+    try:
+        await remap_message(
+            session,
+            IngestContext.of(runtime),
+            row.inbound_message_id,
+            apply=True,
+            actor=staff.actor_name,
+        )
+    except GatewayError as exc:
+        await session.rollback()
+        return _back(back, error=exc.detail)
+    await replay_deliveries(
+        session,
+        actor=staff.actor_name,
+        now=utcnow(),
+        profiles=runtime.profiles.current,
+        ids=[row.id],
+    )
+    worker = getattr(request.app.state, "worker", None)
+    if worker is not None:
+        worker.wake()
+    return _back("/console/dead-letters", notice="remapped")
 
 
 # --------------------------------------------------------------------------- cases

@@ -30,7 +30,7 @@ from gateway.app import create_app
 from gateway.db.models import Case, Delivery, ExceptionRecord, TargetState
 from gateway.runtime import Runtime
 from gateway.settings import Settings
-from tests.conftest import IN_CI
+from tests.conftest import IN_CI, ApiKeyFactory
 from tests.console.conftest import PASSWORD, StaffFactory, seed
 from tests.support.api import rows
 
@@ -182,6 +182,79 @@ async def test_a_dead_letter_appears_and_is_replayed(
     await expect(page.get_by_text("No dead letters.")).to_be_visible()
     [delivery] = await rows(runtime, Delivery)
     assert (delivery.status, delivery.replay_count) == ("pending", 1)
+
+
+@pytest.fixture
+def profiles_dir(tmp_path: Path) -> Path:
+    """A copy of the bundled profiles that a test may fix on disk."""
+    from gateway.settings import BUNDLED_PROFILES_DIR
+
+    dest = tmp_path / "profiles"
+    shutil.copytree(BUNDLED_PROFILES_DIR, dest)
+    return dest
+
+
+async def test_replay_after_fixing_the_profile_with_the_diff_first(
+    page: Page,
+    make_staff: StaffFactory,
+    make_api_key: ApiKeyFactory,
+    runtime: Runtime,
+    profiles_dir: Path,
+) -> None:
+    from tests import samples
+
+    accepted = await page.request.post(
+        "/v1/intake-submissions",
+        data=samples.intake(),
+        headers={"Authorization": f"Bearer {await make_api_key('intake:write')}"},
+    )
+    assert accepted.status == 202
+    message_id = (await accepted.json())["message_id"]
+    async with runtime.sessionmaker() as session:  # the EHR refused the Observation
+        dead = Delivery(
+            kind="ehr",
+            target="example-ehr",
+            ordering_key="p",
+            inbound_message_id=message_id,
+            resource_refs=[],
+            status="dead",
+            dead_reason="rejected",
+            last_status_code=422,
+            operation_outcome={
+                "resourceType": "OperationOutcome",
+                "issue": [
+                    {
+                        "severity": "error",
+                        "code": "code-invalid",
+                        "details": {
+                            "text": "LOINC 29463-7 display must be 'Body weight (measured)'"
+                        },
+                        "expression": ["Observation.code.coding[0].display"],
+                    }
+                ],
+            },
+        )
+        session.add(dead)
+        await session.commit()
+    # the informatics team fixes the profile and reloads
+    profile = profiles_dir / "intake" / "glp1-weight-management-v1.yaml"
+    profile.write_text(
+        profile.read_text().replace("display: Body weight}", "display: Body weight (measured)}")
+    )
+    runtime.profiles.reload()
+    await sign_in(page, await make_staff("operator"))
+    await page.get_by_role("link", name="Dead letters").click()
+    await page.get_by_role(
+        "link", name=f"Preview the re-map of delivery {dead.id} with the current profiles"
+    ).click()
+    await expect(page.locator("pre.diff")).to_contain_text("Body weight (measured)")
+    await shot(page, "remap-preview")
+    await page.get_by_role("button", name="Store the re-mapped versions and replay").click()
+    await expect(page.get_by_role("status")).to_have_text(
+        "Re-mapped with the current profiles and back in the delivery queue."
+    )
+    [replayed] = await rows(runtime, Delivery, Delivery.id == dead.id)
+    assert replayed.status == "pending"
 
 
 async def test_assign_an_exception_and_resolve_it_with_a_reason(

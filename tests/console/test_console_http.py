@@ -332,3 +332,45 @@ async def test_no_open_redirect_after_sign_in(
         },
     )
     assert answer.headers["location"] == "/console"
+
+
+async def test_remap_preview_before_replaying_a_dead_letter(
+    console: httpx.AsyncClient,
+    make_staff: StaffFactory,
+    runtime: Runtime,
+    admin_headers: dict[str, str],
+) -> None:
+    from tests import samples
+
+    accepted = await console.post(
+        "/v1/intake-submissions", json=samples.intake(), headers=admin_headers
+    )
+    assert accepted.status_code == 202, accepted.text
+    message_id = accepted.json()["message_id"]
+    async with runtime.sessionmaker() as session:
+        dead = Delivery(
+            kind="ehr",
+            target="example-ehr",
+            ordering_key="p",
+            inbound_message_id=message_id,
+            resource_refs=[],
+            status="dead",
+            dead_reason="rejected",
+        )
+        session.add(dead)
+        await session.commit()
+    user = await make_staff("operator")
+    await sign_in(console, user)
+    listed = await console.get("/console/dead-letters")
+    assert f"/console/dead-letters/{dead.id}/preview" in listed.text
+    preview = await console.get(f"/console/dead-letters/{dead.id}/preview")
+    assert preview.status_code == 200
+    assert "No difference: the current profiles produce what is stored" in preview.text
+    assert ("preview", "Delivery", str(dead.id)) in await audit_actions(runtime, f"staff:{user}")
+    csrf = csrf_of(preview.text)
+    answer = await console.post(f"/console/dead-letters/{dead.id}/remap", data={"csrf_token": csrf})
+    assert "notice=remapped" in answer.headers["location"]
+    replayed = await rows(runtime, Delivery, Delivery.id == dead.id)
+    assert replayed[0].status == "pending"
+    missing = await console.get("/console/dead-letters/999999/preview")
+    assert missing.status_code == 404
