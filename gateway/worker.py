@@ -44,7 +44,7 @@ from gateway.oauth.keys import KeyCipher
 from gateway.oauth.tokens import token_provider_for
 from gateway.queue.loop import PollingLoop, Worker
 from gateway.runtime import Runtime
-from gateway.subscribers.service import enqueue_case_webhook
+from gateway.subscribers.service import enqueue_case_webhook, enqueue_exception_webhook
 from gateway.workflow.service import EventInput, record_events
 from gateway.workflow.timers import WorkflowTimers
 from mappers.profiles.ehr import EhrTargetProfile
@@ -230,6 +230,7 @@ def build_worker(
         workflow=lambda: runtime.profiles.current.workflow,
         notify=enqueue_case_webhook,
         clock=clock,
+        escalate=enqueue_exception_webhook,
     )
     sealer = Sealer(
         sessions=runtime.write_session, retention=runtime.settings.audit_retention, now=clock.now

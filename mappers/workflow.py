@@ -150,3 +150,12 @@ def sla_deadline(
         if t.state == state and (t.until is None or t.until not in recorded)
     ]
     return min(running) if running else None
+
+
+def exception_due_at(
+    workflow: WorkflowProfile, *, kind: str, created_at: datetime
+) -> datetime | None:
+    """When an exception of ``kind`` created at ``created_at`` is due: ``created_at`` plus
+    the workflow's ``exception_sla`` for the kind (or for ``*``); None without one."""
+    within = workflow.exception_sla.get(kind) or workflow.exception_sla.get("*")
+    return created_at + within if within is not None else None

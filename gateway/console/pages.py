@@ -27,7 +27,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup, escape
-from sqlalchemy import func, or_, select
+from sqlalchemy import false, func, not_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.audit import service as audit
@@ -84,6 +84,8 @@ from gateway.subscribers.service import (
 )
 from gateway.triage import service as triage
 from gateway.workflow.override import override_state
+from gateway.workflow.timers import exceptions_past_sla
+from mappers.workflow import exception_due_at
 
 log = get_logger(__name__)
 
@@ -310,7 +312,7 @@ async def overview(request: Request, session: SessionDep, runtime: RuntimeDep) -
 
 
 def _exception_filters(request: Request) -> dict[str, str]:
-    keys = ("status", "kind", "sender", "owner", "older_than_h")
+    keys = ("status", "kind", "sender", "owner", "older_than_h", "sla")
     return {k: request.query_params.get(k, "") for k in keys}
 
 
@@ -344,10 +346,19 @@ async def exceptions_page(
         stmt = stmt.where(
             ExceptionRecord.created_at <= utcnow() - timedelta(hours=int(f["older_than_h"]))
         )
+    workflow = runtime.profiles.current.workflow_or_raise
+    now = utcnow()
+    if f["sla"] in ("overdue", "ok"):
+        late = exceptions_past_sla(workflow, now=now)
+        if late is None:
+            stmt = stmt.where(false()) if f["sla"] == "overdue" else stmt
+        else:
+            stmt = stmt.where(late if f["sla"] == "overdue" else not_(late))
     if before_id is not None:
         stmt = stmt.where(ExceptionRecord.id < before_id)
     rows = list(await session.scalars(stmt))
     page, more = rows[:PAGE_SIZE], len(rows) > PAGE_SIZE
+    due = {r.id: exception_due_at(workflow, kind=r.kind, created_at=r.created_at) for r in page}
     channels = await triage.message_channels(session, page)
     kinds = list(await session.scalars(select(ExceptionRecord.kind).distinct()))
     _viewed(session, "exceptions", **f)
@@ -365,6 +376,7 @@ async def exceptions_page(
             r.id: triage.retryable(r, channels.get(r.inbound_message_id or "")) for r in page
         },
         filters={**f, "status": status},
+        due=due,
         kinds=sorted(kinds),
         next_query=next_query,
     )
@@ -385,11 +397,13 @@ async def exception_page(
         entity_id=str(row.id),
         patient_id=await triage.patient_of(session, row),
     )
+    workflow = runtime.profiles.current.workflow_or_raise
     return _render(
         request,
         "exception.html",
         staff,
         row=row,
+        due_at=exception_due_at(workflow, kind=row.kind, created_at=row.created_at),
         retryable=triage.retryable(row, channels.get(row.inbound_message_id or "")),
     )
 
@@ -880,7 +894,7 @@ async def _subscribers_response(
         staff,
         status_code=status_code,
         rows=rows,
-        types=[*WEBHOOK_TYPES, "case.*"],
+        types=[*WEBHOOK_TYPES, "case.*", "exception.*"],
         secret=secret,
         error=error,
     )
@@ -909,7 +923,9 @@ async def subscriber_add(
     form = await checked_form(request, staff, role=ADMIN)
     name = str(form.get("name") or "").strip()
     url = str(form.get("url") or "").strip()
-    types = sorted({str(t) for t in form.getlist("event_types")} & {*WEBHOOK_TYPES, "case.*"})
+    types = sorted(
+        {str(t) for t in form.getlist("event_types")} & {*WEBHOOK_TYPES, "case.*", "exception.*"}
+    )
     problem = None
     if not _NAME.match(name):
         problem = "The name is 1 to 64 of a-z 0-9 _ - (starting a-z or 0-9)."

@@ -462,6 +462,8 @@ class ExceptionRecord(Base):
     # issue 12: who owns it now (a staff user name or an API client's), since when
     assigned_to: Mapped[str | None] = mapped_column(String(128))
     assigned_at: Mapped[datetime | None]
+    # when it was escalated past its SLA (profiles/workflow.yaml ``exception_sla``)
+    escalated_at: Mapped[datetime | None]
 
     __table_args__ = (Index("ix_exceptions_status", "status", "kind"),)
 

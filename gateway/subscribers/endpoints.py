@@ -30,7 +30,7 @@ from mappers.profiles import RetryPolicy
 
 router = APIRouter(prefix="/v1/ops", tags=["ops"])
 
-_TYPES = {*WEBHOOK_TYPES, "case.*", "*"}
+_TYPES = {*WEBHOOK_TYPES, "case.*", "exception.*", "*"}
 
 
 #: An absolute http(s) URL of printable ASCII.
@@ -40,7 +40,8 @@ URL_PATTERN = r"^https?://[!-.0-~]+(/[!-~]*)?$"
 class SubscriberIn(BaseModel):
     """A new subscriber. ``secret`` (``whsec_`` + base64 of 24 to 64 bytes) is generated
     when not given; ``event_types`` are ``case.opened``, ``case.state_changed``,
-    ``case.overdue``, ``case.*`` or ``*``."""
+    ``case.overdue``, ``case.*``, ``exception.overdue`` (an exception past its SLA),
+    ``exception.*`` or ``*``."""
 
     model_config = ConfigDict(extra="forbid")
 

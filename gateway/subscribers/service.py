@@ -11,9 +11,12 @@ Webhook types:
 
 * ``case.opened``: a case was opened (``from_state`` is null);
 * ``case.state_changed``: a case moved to another state;
-* ``case.overdue``: a case stayed in a state longer than its SLA timer.
+* ``case.overdue``: a case stayed in a state longer than its SLA timer;
+* ``exception.overdue``: an exception stayed open longer than its kind's SLA
+  (``exception_sla`` in ``profiles/workflow.yaml``): an escalation for the ops team.
 
-A subscription to ``*`` or ``case.*`` gets every type.
+A subscription to ``*`` gets every type, ``case.*`` every case type, ``exception.*``
+every exception type.
 """
 
 from __future__ import annotations
@@ -28,14 +31,14 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.audit import service as audit
-from gateway.db.models import Case, Delivery, Subscriber
+from gateway.db.models import Case, Delivery, ExceptionRecord, Subscriber
 from gateway.db.types import utcnow
 from gateway.logging import get_logger
 from mappers.normalize import to_fhir_instant
 
 log = get_logger(__name__)
 
-WEBHOOK_TYPES = ("case.opened", "case.state_changed", "case.overdue")
+WEBHOOK_TYPES = ("case.opened", "case.state_changed", "case.overdue", "exception.overdue")
 #: The ``kind`` of webhook rows in ``deliveries``.
 WEBHOOK_KIND = "webhook"
 
@@ -165,3 +168,66 @@ async def set_subscriber_active(
         entity_id=str(subscriber.id),
     )
     await session.flush()
+
+
+def exception_payload(
+    row: ExceptionRecord, webhook_type: str, *, due_at: datetime, now: datetime
+) -> dict[str, Any]:
+    """The webhook body for an exception past its SLA (ids, kinds and times, no PHI).
+
+    Shape::
+
+        {"id": "msg_<32 hex>", "type": "exception.overdue", "timestamp": "<ISO 8601>",
+         "data": {"exception_id", "kind", "channel", "sender", "case_id", "message_id",
+                  "created_at", "due_at", "assigned_to"}}
+    """
+    return {
+        "id": f"msg_{uuid.uuid4().hex}",
+        "type": webhook_type,
+        "timestamp": to_fhir_instant(now),
+        "data": {
+            "exception_id": row.id,
+            "kind": row.kind,
+            "channel": row.channel,
+            "sender": row.sender,
+            "case_id": row.case_id,
+            "message_id": row.inbound_message_id,
+            "created_at": _instant(row.created_at),
+            "due_at": to_fhir_instant(due_at),
+            "assigned_to": row.assigned_to,
+        },
+    }
+
+
+async def enqueue_exception_webhook(
+    session: AsyncSession, row: ExceptionRecord, *, due_at: datetime
+) -> int:
+    """Add one ``exception.overdue`` outbox row per active subscriber that wants it
+    (ordered per exception). Returns how many rows were added."""
+    now = utcnow()
+    subscribers = [s for s in await active_subscribers(session) if wants(s, "exception.overdue")]
+    if not subscribers:
+        return 0
+    payload = exception_payload(row, "exception.overdue", due_at=due_at, now=now)
+    for subscriber in subscribers:
+        session.add(
+            Delivery(
+                kind=WEBHOOK_KIND,
+                target=subscriber.name,
+                ordering_key=f"exception:{row.id}",
+                inbound_message_id=None,
+                resource_refs=[],
+                payload=payload,
+                available_at=now,
+                created_at=now,
+                source_received_at=now,
+            )
+        )
+    log.info(
+        "subscribers.enqueued",
+        exception_id=row.id,
+        webhook_type="exception.overdue",
+        webhook_id=payload["id"],
+        subscribers=len(subscribers),
+    )
+    return len(subscribers)

@@ -3,7 +3,8 @@
 ``staff_users`` are the people who sign in to ``/console`` (argon2id password hashes,
 a role), ``staff_sessions`` their server-side sessions (the SHA-256 of the cookie's
 token, the CSRF token of the forms, the last time seen for idle expiry).
-``exceptions.assigned_to`` / ``assigned_at``: who owns an exception now.
+``exceptions.assigned_to`` / ``assigned_at``: who owns an exception now;
+``exceptions.escalated_at``: when it was escalated past its SLA.
 ``target_states.paused_at`` / ``paused_by`` / ``pause_reason``: a target paused by a
 person (no delivery is claimed for it until resumed).
 
@@ -62,6 +63,7 @@ def upgrade() -> None:
     with op.batch_alter_table("exceptions", schema=None) as batch_op:
         batch_op.add_column(sa.Column("assigned_to", sa.String(length=128), nullable=True))
         batch_op.add_column(sa.Column("assigned_at", sa.DateTime(timezone=True), nullable=True))
+        batch_op.add_column(sa.Column("escalated_at", sa.DateTime(timezone=True), nullable=True))
     with op.batch_alter_table("target_states", schema=None) as batch_op:
         batch_op.add_column(sa.Column("paused_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("paused_by", sa.String(length=128), nullable=True))
@@ -74,6 +76,7 @@ def downgrade() -> None:
         batch_op.drop_column("paused_by")
         batch_op.drop_column("paused_at")
     with op.batch_alter_table("exceptions", schema=None) as batch_op:
+        batch_op.drop_column("escalated_at")
         batch_op.drop_column("assigned_at")
         batch_op.drop_column("assigned_to")
     op.drop_index(op.f("ix_staff_sessions_staff_id"), table_name="staff_sessions")
