@@ -31,6 +31,7 @@ from sqlalchemy import false, func, not_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.audit import service as audit
+from gateway.audit.refusals import record_refusal
 from gateway.clients.actor import Actor, acting_as
 from gateway.console.auth import (
     CSRF_FIELD,
@@ -1025,7 +1026,16 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ConsoleForbiddenError)
     async def _forbidden(request: Request, exc: ConsoleForbiddenError) -> Response:
         log.warning("console.refused", path=request.url.path, why=exc.message)
-        staff = getattr(request.state, "staff", None)
+        staff: Staff | None = getattr(request.state, "staff", None)
+        if staff is not None:  # a signed-in user refused (CSRF, role): in the audit trail
+            await record_refusal(
+                request.app.state.runtime,
+                actor=Actor("user", staff.actor_name, None, peer_of(request)),
+                method=request.method,
+                route=request.url.path,
+                status=403,
+                problem="csrf" if "CSRF" in exc.message else "role",
+            )
         return _render(request, "forbidden.html", staff, status_code=403, message=exc.message)
 
 

@@ -106,6 +106,9 @@ async def test_forged_form_without_csrf_is_refused_and_changes_nothing(
     assert "CSRF" in answer.text
     [row] = await rows(runtime, ExceptionRecord)
     assert row.status == "open"
+    [refusal] = await rows(runtime, AuditEntry, AuditEntry.action == "refuse")
+    assert refusal.actor.startswith("staff:operator") and refusal.outcome == "4"
+    assert refusal.entity_id == "POST /console/exceptions/act"
 
 
 async def test_a_viewer_reads_but_cannot_act(
