@@ -282,6 +282,7 @@ async def overview(request: Request, session: SessionDep, runtime: RuntimeDep) -
             .group_by(Delivery.kind, Delivery.target)
         )
     }
+    sparkline = await _hourly_deliveries(session, now=now)
     by_kind = [
         {"kind": kind, "count": count, "oldest": oldest}
         for kind, count, oldest in await session.execute(
@@ -305,8 +306,35 @@ async def overview(request: Request, session: SessionDep, runtime: RuntimeDep) -
         rates=rates,
         by_kind=by_kind,
         breaching=breaching,
+        sparkline=sparkline,
         refresh_s=30,
     )
+
+
+async def _hourly_deliveries(session: AsyncSession, *, now: datetime) -> dict[str, Any]:
+    """Deliveries per hour over the last 24 hours (oldest first), as the bars of an SVG
+    sparkline: ``{"counts", "total", "max", "bars": [(x, y, height, label)]}``."""
+    start = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=23)
+    if session.get_bind().dialect.name == "postgresql":
+        hour = func.to_char(func.timezone("UTC", Delivery.delivered_at), "YYYY-MM-DD HH24")
+    else:
+        hour = func.strftime("%Y-%m-%d %H", Delivery.delivered_at)
+    found = {
+        key: n
+        for key, n in await session.execute(
+            select(hour, func.count())
+            .where(Delivery.status == DeliveryStatus.DELIVERED, Delivery.delivered_at >= start)
+            .group_by(hour)
+        )
+    }
+    hours = [start + timedelta(hours=i) for i in range(24)]
+    counts = [int(found.get(h.strftime("%Y-%m-%d %H"), 0)) for h in hours]
+    top = max(counts) or 1
+    bars = []
+    for i, (h, c) in enumerate(zip(hours, counts, strict=True)):
+        height = max(1, round(38 * c / top))
+        bars.append((i * 10, 40 - height, height, f"{h.strftime('%H:00')} UTC: {c}"))
+    return {"counts": counts, "total": sum(counts), "max": max(counts), "bars": bars}
 
 
 # --------------------------------------------------------------------------- exceptions

@@ -250,6 +250,13 @@ class Delivery(Base):
             postgresql_where=text("status = 'pending'"),
             sqlite_where=text("status = 'pending'"),
         ),
+        # The console's deliveries per minute and 24-hour sparkline (migration 0013).
+        Index(
+            "ix_deliveries_delivered_at",
+            "delivered_at",
+            postgresql_where=text("status = 'delivered'"),
+            sqlite_where=text("status = 'delivered'"),
+        ),
     )
 
 

@@ -377,3 +377,28 @@ async def test_remap_preview_before_replaying_a_dead_letter(
     assert replayed[0].status == "pending"
     missing = await console.get("/console/dead-letters/999999/preview")
     assert missing.status_code == 404
+
+
+async def test_overview_sparkline_counts_the_last_24_hours(
+    console: httpx.AsyncClient, make_staff: StaffFactory, runtime: Runtime
+) -> None:
+    from gateway.db.types import utcnow
+
+    now = utcnow()
+    async with runtime.sessionmaker() as session:
+        for hours_ago in (0, 1, 1, 5, 30):  # the last one is outside the window
+            session.add(
+                Delivery(
+                    kind="ehr",
+                    target="example-ehr",
+                    ordering_key="p",
+                    resource_refs=[],
+                    status="delivered",
+                    delivered_at=now - timedelta(hours=hours_ago),
+                )
+            )
+        await session.commit()
+    await sign_in(console, await make_staff("viewer"))
+    page = await console.get("/console")
+    assert "Delivered in the last 24 hours: 4 (at most 2 an hour)" in page.text
+    assert page.text.count("<rect ") == 24

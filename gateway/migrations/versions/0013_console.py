@@ -6,7 +6,8 @@ token, the CSRF token of the forms, the last time seen for idle expiry).
 ``exceptions.assigned_to`` / ``assigned_at``: who owns an exception now;
 ``exceptions.escalated_at``: when it was escalated past its SLA.
 ``target_states.paused_at`` / ``paused_by`` / ``pause_reason``: a target paused by a
-person (no delivery is claimed for it until resumed).
+person (no delivery is claimed for it until resumed). ``ix_deliveries_delivered_at``
+(partial, delivered rows): the console's deliveries per minute and 24-hour sparkline.
 
 Revision ID: 0013_console
 Revises: 0012_sec_hl7
@@ -24,6 +25,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 BIGINT_PK = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+DELIVERED = sa.text("status = 'delivered'")
 
 
 def upgrade() -> None:
@@ -64,6 +66,14 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("assigned_to", sa.String(length=128), nullable=True))
         batch_op.add_column(sa.Column("assigned_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("escalated_at", sa.DateTime(timezone=True), nullable=True))
+    op.create_index(
+        "ix_deliveries_delivered_at",
+        "deliveries",
+        ["delivered_at"],
+        unique=False,
+        postgresql_where=DELIVERED,
+        sqlite_where=DELIVERED,
+    )
     with op.batch_alter_table("target_states", schema=None) as batch_op:
         batch_op.add_column(sa.Column("paused_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("paused_by", sa.String(length=128), nullable=True))
@@ -71,6 +81,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index("ix_deliveries_delivered_at", table_name="deliveries")
     with op.batch_alter_table("target_states", schema=None) as batch_op:
         batch_op.drop_column("pause_reason")
         batch_op.drop_column("paused_by")
