@@ -120,7 +120,9 @@ def clear_cookie(response: Response, request: Request, runtime: Runtime, name: s
 
 
 async def current_staff(request: Request, session: AsyncSession, runtime: Runtime) -> Staff:
-    """The signed-in staff user, and the request acting as them.
+    """The signed-in staff user, and the request acting as them. A page's own automatic
+    refresh (``?auto=1``) does not count as use: a wall screen left on the overview still
+    signs out after the idle time.
 
     Raises:
         NotSignedInError: no cookie, an unknown, expired or closed session, or a disabled
@@ -130,7 +132,11 @@ async def current_staff(request: Request, session: AsyncSession, runtime: Runtim
     if not token:
         raise NotSignedInError
     signed: SignedIn | None = await resume_session(
-        session, token=token, now=utcnow(), idle=runtime.settings.console_idle_timeout
+        session,
+        token=token,
+        now=utcnow(),
+        idle=runtime.settings.console_idle_timeout,
+        touch=request.query_params.get("auto") != "1",
     )
     if signed is None:
         raise NotSignedInError

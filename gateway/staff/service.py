@@ -233,11 +233,12 @@ async def open_session(
 
 
 async def resume_session(
-    session: AsyncSession, *, token: str, now: datetime, idle: timedelta
+    session: AsyncSession, *, token: str, now: datetime, idle: timedelta, touch: bool = True
 ) -> SignedIn | None:
-    """The session the cookie ``token`` opens, its last use moved to ``now``; None when
-    there is none, it has been idle longer than ``idle`` (it is deleted) or its account
-    is disabled."""
+    """The session the cookie ``token`` opens, its last use moved to ``now`` (unless not
+    ``touch``: a page refreshing itself is not a person using it); None when there is
+    none, it has been idle longer than ``idle`` (it is deleted) or its account is
+    disabled."""
     row = await session.get(StaffSession, _digest(token))
     if row is None:
         return None
@@ -247,7 +248,8 @@ async def resume_session(
     user = await session.get(StaffUser, row.staff_id)
     if user is None or not user.active:
         return None
-    row.last_seen_at = now
+    if touch:
+        row.last_seen_at = now
     return SignedIn(row.id, user, row.csrf_token)
 
 

@@ -402,3 +402,17 @@ async def test_overview_sparkline_counts_the_last_24_hours(
     page = await console.get("/console")
     assert "Delivered in the last 24 hours: 4 (at most 2 an hour)" in page.text
     assert page.text.count("<rect ") == 24
+
+
+async def test_the_overview_refreshing_itself_does_not_keep_the_session_alive(
+    console: httpx.AsyncClient, make_staff: StaffFactory, runtime: Runtime
+) -> None:
+    await sign_in(console, await make_staff("viewer"))
+    [before] = await rows(runtime, StaffSession)
+    page = await console.get("/console?auto=1")
+    assert page.status_code == 200 and 'content="30; url=/console?auto=1"' in page.text
+    [after] = await rows(runtime, StaffSession)
+    assert after.last_seen_at == before.last_seen_at
+    await console.get("/console")
+    [used] = await rows(runtime, StaffSession)
+    assert used.last_seen_at > before.last_seen_at
