@@ -27,7 +27,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup, escape
-from sqlalchemy import false, func, not_, or_, select
+from sqlalchemy import and_, false, func, not_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.audit import service as audit
@@ -730,9 +730,10 @@ async def cases_page(
     session: SessionDep,
     runtime: RuntimeDep,
     before: Annotated[datetime | None, Query()] = None,
+    after_case: Annotated[str | None, Query(max_length=64)] = None,
 ) -> HTMLResponse:
-    """Cases, newest first, by state and SLA; paged by cursor (``before``: the opening
-    time of the last case shown)."""
+    """Cases, newest first, by state and SLA; paged by cursor (``before``, ``after_case``:
+    the opening time and id of the last case shown)."""
     staff = await _staff(request, session, runtime)
     state = request.query_params.get("state") or ""
     overdue = request.query_params.get("overdue") == "1"
@@ -743,7 +744,12 @@ async def cases_page(
     if overdue:
         stmt = stmt.where(Case.sla_due_at <= now)
     if before is not None:
-        stmt = stmt.where(Case.opened_at < before)
+        stmt = stmt.where(
+            or_(
+                Case.opened_at < before,
+                and_(Case.opened_at == before, Case.id > (after_case or "")),
+            )
+        )
     rows = list(await session.scalars(stmt))
     page = rows[:PAGE_SIZE]
     _viewed(session, "cases", state=state, overdue=overdue or None)
@@ -753,6 +759,7 @@ async def cases_page(
                 **({"state": state} if state else {}),
                 **({"overdue": "1"} if overdue else {}),
                 "before": page[-1].opened_at.isoformat(),
+                "after_case": page[-1].id,
             }
         )
         if len(rows) > PAGE_SIZE and page

@@ -3,6 +3,7 @@ every page, the actions and what they record (audit trail, case history)."""
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import httpx
@@ -416,3 +417,26 @@ async def test_the_overview_refreshing_itself_does_not_keep_the_session_alive(
     await console.get("/console")
     [used] = await rows(runtime, StaffSession)
     assert used.last_seen_at > before.last_seen_at
+
+
+async def test_cases_page_by_cursor_without_skipping_equal_times(
+    console: httpx.AsyncClient, make_staff: StaffFactory, runtime: Runtime
+) -> None:
+    from gateway.db.types import utcnow
+
+    opened = utcnow()
+    async with runtime.sessionmaker() as session:
+        for i in range(60):  # more than a page, all opened at the same instant
+            session.add(
+                Case(id=f"c{i:03d}", patient_id="p", program="x", state="paid", opened_at=opened)
+            )
+        await session.commit()
+    await sign_in(console, await make_staff("viewer"))
+    first = await console.get("/console/cases")
+    next_link = re.search(r'href="(/console/cases\?[^"]+)" rel="next"', first.text)
+    assert next_link is not None
+    second = await console.get(next_link.group(1).replace("&amp;", "&"))
+    seen = set(re.findall(r'href="/console/cases/(c\d+)"', first.text)) | set(
+        re.findall(r'href="/console/cases/(c\d+)"', second.text)
+    )
+    assert len(seen) == 60
