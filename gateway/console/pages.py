@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from gateway.audit import service as audit
 from gateway.audit.refusals import record_refusal
 from gateway.clients.actor import Actor, acting_as
+from gateway.console import oidc
 from gateway.console.auth import (
     CSRF_FIELD,
     LOGIN_CSRF_COOKIE,
@@ -76,7 +77,7 @@ from gateway.ingest.storage import IngestContext
 from gateway.logging import get_logger
 from gateway.profiles.service import questionnaires
 from gateway.runtime import Runtime
-from gateway.staff.service import authenticate, close_session, open_session
+from gateway.staff.service import authenticate, close_session, get_staff, open_session
 from gateway.subscribers.service import (
     WEBHOOK_TYPES,
     new_secret,
@@ -207,9 +208,120 @@ async def login_page(
 ) -> HTMLResponse:
     """The sign-in form (with a double-submit CSRF token)."""
     token = new_login_token()
-    response = _render(request, "login.html", None, login_token=token, next=_safe_next(next))
+    response = _render(
+        request,
+        "login.html",
+        None,
+        login_token=token,
+        next=_safe_next(next),
+        sso=oidc.enabled(runtime),
+    )
     set_cookie(response, request, runtime, LOGIN_CSRF_COOKIE, token)
     return response
+
+
+def _oidc_transport(request: Request) -> Any:
+    """The transport to the OpenID provider: a test's, or None (the egress policy's)."""
+    return getattr(request.app.state, "console_oidc_transport", None)
+
+
+def _login_failed(
+    request: Request, runtime: Runtime, message: str, username: str | None = None
+) -> HTMLResponse:
+    token = new_login_token()
+    response = _render(
+        request,
+        "login.html",
+        None,
+        status_code=401,
+        login_token=token,
+        next="/console",
+        error=message,
+        username=username,
+        sso=oidc.enabled(runtime),
+    )
+    set_cookie(response, request, runtime, LOGIN_CSRF_COOKIE, token)
+    return response
+
+
+@router.get("/oidc/start", response_model=None)
+async def oidc_start(request: Request, runtime: RuntimeDep) -> Response:
+    """Send the browser to the OpenID provider (single sign-on), keeping the flow's
+    state, nonce and code verifier in a short-lived cookie."""
+    if not oidc.enabled(runtime):
+        return _back("/console/login")
+    try:
+        url, flow = await oidc.start(runtime, transport=_oidc_transport(request))
+    except oidc.OidcError as exc:
+        log.warning("console.oidc_failed", step="start", why=str(exc))
+        return _login_failed(request, runtime, f"Single sign-on is unavailable: {exc}.")
+    response = RedirectResponse(url, status_code=303)
+    set_cookie(response, request, runtime, oidc.FLOW_COOKIE, flow.cookie())
+    return response
+
+
+@router.get("/oidc/callback", response_model=None)
+async def oidc_callback(
+    request: Request,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    code: Annotated[str, Query(max_length=2048)] = "",
+    state: Annotated[str, Query(max_length=256)] = "",
+) -> Response:
+    """Back from the OpenID provider: verify, then open a session for the staff account
+    the ID token names (it must exist and be active)."""
+    flow = oidc.Flow.from_cookie(request.cookies.get(oidc.FLOW_COOKIE))
+    peer = peer_of(request)
+    username: str | None = None
+    try:
+        if flow is None or not code:
+            raise oidc.OidcError("the sign-in expired or was not started here: start again")
+        username = await oidc.finish(
+            runtime, flow=flow, code=code, state=state, transport=_oidc_transport(request)
+        )
+    except oidc.OidcError as exc:
+        log.warning("console.oidc_failed", step="callback", why=str(exc))
+        audit.record(
+            session,
+            action="login-failed",
+            entity_type="StaffUser",
+            entity_id="-",
+            outcome="4",
+            detail={"method": "oidc"},
+            actor=Actor("user", "staff:-", None, peer),
+        )
+        response = _login_failed(request, runtime, f"Single sign-on failed: {exc}.")
+        clear_cookie(response, request, runtime, oidc.FLOW_COOKIE)
+        return response
+    user = await get_staff(session, username)
+    if user is None or not user.active:
+        audit.record(
+            session,
+            action="login-failed",
+            entity_type="StaffUser",
+            entity_id="-",
+            outcome="4",
+            detail={"method": "oidc"},
+            actor=Actor("user", f"staff:{username[:64]}", None, peer),
+        )
+        response = _login_failed(
+            request, runtime, "Your single sign-on account has no active staff account here."
+        )
+        clear_cookie(response, request, runtime, oidc.FLOW_COOKIE)
+        return response
+    cookie, _ = await open_session(session, user=user, now=utcnow(), address=peer)
+    audit.record(
+        session,
+        action="login",
+        entity_type="StaffUser",
+        entity_id=str(user.id),
+        detail={"method": "oidc"},
+        actor=Actor("user", f"staff:{user.username}", None, peer),
+    )
+    redirect = RedirectResponse("/console", status_code=303)
+    set_cookie(redirect, request, runtime, SESSION_COOKIE, cookie)
+    clear_cookie(redirect, request, runtime, oidc.FLOW_COOKIE)
+    return redirect
 
 
 @router.post("/login", response_model=None)
@@ -239,6 +351,7 @@ async def login(
             next=_safe_next(str(form.get("next") or "")),
             error="The username or password is not right, or the account is disabled.",
             username=username,
+            sso=oidc.enabled(runtime),
         )
         set_cookie(response, request, runtime, LOGIN_CSRF_COOKIE, token)
         return response
