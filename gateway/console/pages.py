@@ -309,7 +309,13 @@ async def oidc_callback(
         )
         clear_cookie(response, request, runtime, oidc.FLOW_COOKIE)
         return response
-    cookie, _ = await open_session(session, user=user, now=utcnow(), address=peer)
+    cookie, _ = await open_session(
+        session,
+        user=user,
+        now=utcnow(),
+        address=peer,
+        idle=runtime.settings.console_idle_timeout,
+    )
     audit.record(
         session,
         action="login",
@@ -355,7 +361,13 @@ async def login(
         )
         set_cookie(response, request, runtime, LOGIN_CSRF_COOKIE, token)
         return response
-    cookie, _ = await open_session(session, user=user, now=utcnow(), address=peer)
+    cookie, _ = await open_session(
+        session,
+        user=user,
+        now=utcnow(),
+        address=peer,
+        idle=runtime.settings.console_idle_timeout,
+    )
     with acting_as(Actor("user", f"staff:{user.username}", None, peer)):
         audit.record(session, action="login", entity_type="StaffUser", entity_id=str(user.id))
     redirect = RedirectResponse(_safe_next(str(form.get("next") or "")), status_code=303)

@@ -214,9 +214,18 @@ class SignedIn:
 
 
 async def open_session(
-    session: AsyncSession, *, user: StaffUser, now: datetime, address: str | None
+    session: AsyncSession,
+    *,
+    user: StaffUser,
+    now: datetime,
+    address: str | None,
+    idle: timedelta | None = None,
 ) -> tuple[str, SignedIn]:
-    """Start a console session for ``user``: ``(cookie token, signed-in view)`` (flushed)."""
+    """Start a console session for ``user``: ``(cookie token, signed-in view)`` (flushed).
+    With ``idle``, sessions of anyone left idle longer than that are deleted on the way
+    (abandoned sessions do not pile up)."""
+    if idle is not None:
+        await session.execute(delete(StaffSession).where(StaffSession.last_seen_at < now - idle))
     token = secrets.token_urlsafe(32)
     row = StaffSession(
         id=_digest(token),

@@ -440,3 +440,16 @@ async def test_cases_page_by_cursor_without_skipping_equal_times(
         re.findall(r'href="/console/cases/(c\d+)"', second.text)
     )
     assert len(seen) == 60
+
+
+async def test_signing_in_deletes_abandoned_sessions(
+    console: httpx.AsyncClient, make_staff: StaffFactory, runtime: Runtime
+) -> None:
+    await sign_in(console, await make_staff("viewer"))
+    async with runtime.sessionmaker() as session:
+        for row in await session.scalars(select(StaffSession)):
+            row.last_seen_at = row.last_seen_at - timedelta(days=2)
+        await session.commit()
+    console.cookies.clear()
+    await sign_in(console, await make_staff("viewer"))
+    assert len(await rows(runtime, StaffSession)) == 1
