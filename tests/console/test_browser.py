@@ -142,16 +142,43 @@ async def sign_in(page: Page, username: str) -> None:
     await expect(page.get_by_role("heading", name="Overview", exact=True)).to_be_visible()
 
 
+async def delivered_over_a_day(runtime: Runtime) -> None:
+    """Deliveries delivered over the last 24 hours (the overview's sparkline)."""
+    from datetime import timedelta
+
+    from gateway.db.types import utcnow
+
+    now = utcnow()
+    async with runtime.sessionmaker() as session:
+        for hours_ago in range(24):
+            for n in range((hours_ago * 7) % 11 + 1):
+                session.add(
+                    Delivery(
+                        kind="ehr",
+                        target="example-ehr",
+                        ordering_key=f"p{hours_ago}-{n}",
+                        resource_refs=[],
+                        status="delivered",
+                        delivered_at=now - timedelta(hours=hours_ago, minutes=n),
+                    )
+                )
+        await session.commit()
+
+
 async def test_sign_in_see_the_overview_and_sign_out(
     page: Page, make_staff: StaffFactory, runtime: Runtime
 ) -> None:
     await seed(runtime)
+    await delivered_over_a_day(runtime)
     user = await make_staff("operator")
     await page.goto("/console/login")
     await shot(page, "sign-in")
     await sign_in(page, user)
     assert page.url.endswith("/console")
     await expect(page.get_by_role("row", name="example-ehr")).to_contain_text("1")  # dead letter
+    await expect(
+        page.get_by_role("img", name="Deliveries per hour over the last 24 hours")
+    ).to_be_visible()
     await expect(page.get_by_role("link", name="case-1")).to_be_visible()  # past its SLA
     # times in the viewer's zone, the ISO instant in the tooltip
     when = page.locator("time").first
