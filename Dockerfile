@@ -14,7 +14,6 @@ COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY mappers ./mappers
 COPY profiles ./profiles
-COPY examples ./examples
 RUN pip install . \
     && useradd --system --uid 10001 --home-dir /app gateway \
     && mkdir -p /data && chown gateway /data

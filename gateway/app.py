@@ -59,6 +59,7 @@ from gateway.partners.endpoints import router as partners_router
 from gateway.profiles.endpoints import router as profiles_router
 from gateway.profiles.service import install_sighup_reload
 from gateway.runtime import Runtime
+from gateway.secrets import warn_unset_target_secrets
 from gateway.settings import Settings
 from gateway.subscribers.endpoints import router as subscribers_router
 from gateway.worker import build_worker
@@ -166,7 +167,12 @@ def allowed_methods(request: Request) -> str:
 
 
 class BodySizeLimitMiddleware:
-    """Refuse bodies over ``max_bytes`` with 413, by ``Content-Length`` or while streaming."""
+    """Refuse bodies over ``max_bytes`` with 413, by ``Content-Length`` or while streaming.
+
+    Nothing of such a body is kept (it is not read past the limit, and a payload that
+    large is not one to store for review); the refusal is logged as
+    ``http.body_too_large`` with the path, the limit and the declared length.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -179,6 +185,12 @@ class BodySizeLimitMiddleware:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            log.info(
+                "http.body_too_large",
+                path=scope.get("path", ""),
+                limit_bytes=self.max_bytes,
+                declared_bytes=int(length),
+            )
             await self._too_large(scope, send)
             return
         received = 0
@@ -192,6 +204,12 @@ class BodySizeLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    log.info(
+                        "http.body_too_large",
+                        path=scope.get("path", ""),
+                        limit_bytes=limit,
+                        declared_bytes=None,
+                    )
                     raise _too_large_error(limit)
             return message
 
@@ -296,6 +314,8 @@ def create_app(
                 await rt.close()
             raise UnsafeStartError("; ".join(refused))
         app.state.runtime = rt
+        # before the first delivery fails on it: an enabled target without its secret
+        warn_unset_target_secrets(rt.profiles.current, rt.secrets)
         install_sighup_reload(rt)
         stop = asyncio.Event()
         task = None

@@ -60,17 +60,21 @@ class GatewayError(Exception):
         headers: dict[str, str] | None = None,
         pointer: str | None = None,
         in_body: bool = True,
+        header: str | None = None,
     ) -> None:
         """``pointer``: the JSON pointer of every problem (their locations are not paths
         in the request body, e.g. ``file:line: path`` of a draft profile sent as one
         member); ``in_body=False``: the problems are not in the request body at all (a
-        reload reads files), so they carry no ``pointer``."""
+        reload reads files), so they carry no ``pointer``; ``header``: the problems are
+        about this request header (``Stripe-Signature``), named in each error's
+        ``header`` member instead of a body ``pointer``."""
         super().__init__(detail)
         self.detail = detail
         self.problems = problems or []
         self.headers = headers or {}
         self.pointer = pointer
-        self.in_body = in_body
+        self.in_body = in_body and header is None
+        self.header = header
 
 
 class BadRequestError(GatewayError):
@@ -143,7 +147,10 @@ def problem_body(exc: GatewayError, instance: str | None = None) -> dict[str, An
 
     Members: ``type`` (a URN per kind), ``title``, ``status``, ``detail``, ``instance``,
     and the extension ``errors``: ``[{field, pointer, code, detail}]``, one per problem
-    (RFC 9457 section 3, "errors" example).
+    (RFC 9457 section 3, "errors" example). ``pointer`` (RFC 6901, in the request body)
+    only for problems in the body; a problem with a request header names it in
+    ``header`` instead (the same member name as the problem type registry's
+    ``header`` extensions use), and problems elsewhere carry neither.
     """
     body: dict[str, Any] = {
         "type": PROBLEM_TYPE_BASE + exc.slug,
@@ -157,7 +164,9 @@ def problem_body(exc: GatewayError, instance: str | None = None) -> dict[str, An
         errors: list[dict[str, str]] = []
         for p in exc.problems:
             error = {"field": p.location}
-            if exc.in_body:
+            if exc.header is not None:
+                error["header"] = exc.header
+            elif exc.in_body:
                 error["pointer"] = exc.pointer or json_pointer(p.location)
             errors.append(error | {"code": p.code, "detail": p.message})
         body["errors"] = errors

@@ -6,8 +6,10 @@ inbound message once.
   (bad encoding, bad syntax, nesting too deep, an integer too long for Python to convert,
   a NUL character PostgreSQL cannot store) answered as a problem, never a 500;
 * :func:`request_content_type`, :func:`require_json`: the declared media type;
-* :func:`run_guarded`: run a channel's call; a refused payload (400, 409, 413, 415, 422) is
-  kept whole in the exceptions queue (:func:`record_refusal`), in its own transaction;
+* :func:`run_guarded`: run a channel's call; a refused payload (400, 409, 415, 422) is
+  kept whole in the exceptions queue (:func:`record_refusal`), in its own transaction (a
+  body over the size limit never gets here: the app's body limit answers 413 without
+  reading past the limit, keeps none of it and logs ``http.body_too_large``);
 * :class:`Outcome`: the status and JSON body a channel answers with;
 * :func:`store_if_new`: ``INSERT ... ON CONFLICT (dedupe_key) DO NOTHING`` of an inbox row,
   so the database settles which of two copies of one message arriving at once is stored;
@@ -46,8 +48,9 @@ log = get_logger(__name__)
 #: has no field that needs one.
 MAX_INT_DIGITS = 4300
 
-#: Refusals whose payload is kept for review (the sender's data, not its credentials).
-REVIEWED_STATUSES = frozenset({400, 409, 413, 415, 422})
+#: Refusals whose payload is kept for review (the sender's data, not its credentials). Not
+#: 413: an oversize body is refused before it is read whole, and is not kept.
+REVIEWED_STATUSES = frozenset({400, 409, 415, 422})
 
 
 class _NumberTooLongError(ValueError):
@@ -183,27 +186,30 @@ async def record_refusal(
 ) -> int:
     """Keep a refused payload for review (``rejected_input`` in the exceptions queue), in
     its own transaction: the request's own transaction is rolled back, so nothing of the
-    refused message is half written.
+    refused message is half written. Repeated refusals of one sender for one reason are
+    one exception with a count, each payload kept
+    (:func:`gateway.inbox.repository.record_grouped_refusal`).
 
     Returns:
         The exceptions-queue id.
     """
     problems = error.problems or [Problem("", error.slug, error.detail)]
     async with runtime.write_session() as session:
-        record = inbox.new_exception(
-            kind="rejected_input",
+        record, seq = await inbox.record_grouped_refusal(
+            session,
             channel=channel,
             sender=sender,
+            status=error.status,
             problems=problems,
             payload=payload,
             content_type=content_type,
         )
-        session.add(record)
         await session.commit()
     log.info(
         "ingest.rejected",
         channel=channel,
         exception_id=record.id,
+        occurrence=seq,
         status_code=error.status,
         problems=len(problems),
     )

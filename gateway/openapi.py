@@ -70,7 +70,14 @@ PROBLEM_SCHEMA: dict[str, Any] = {
                 "required": ["field", "code", "detail"],
                 "properties": {
                     "field": {"type": "string"},
-                    "pointer": {"type": "string"},
+                    "pointer": {
+                        "type": "string",
+                        "description": "JSON pointer (RFC 6901) into the request body",
+                    },
+                    "header": {
+                        "type": "string",
+                        "description": "the request header the problem is about",
+                    },
                     "code": {"type": "string"},
                     "detail": {"type": "string"},
                 },

@@ -40,6 +40,11 @@ def normalize_database_url(url: str) -> str:
     return url
 
 
+#: The dotenv file settings are read from (working directory); secrets are read from it too
+#: (:class:`gateway.secrets.SecretStore`).
+SETTINGS_DOTENV = Path(".env")
+
+
 class Settings(BaseSettings):
     """Every setting of the gateway. Environment variables are ``GATEWAY_<NAME>``.
 
@@ -48,7 +53,7 @@ class Settings(BaseSettings):
     """
 
     model_config = SettingsConfigDict(
-        env_prefix="GATEWAY_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+        env_prefix="GATEWAY_", env_file=SETTINGS_DOTENV, env_file_encoding="utf-8", extra="ignore"
     )
 
     database_url: str = Field(

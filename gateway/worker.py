@@ -77,7 +77,7 @@ def ehr_clients(
             sessionmaker=runtime.sessionmaker,
             profiles_root=root,
             cipher=cipher,
-            secret_env_file=runtime.settings.secret_env_file,
+            secrets=runtime.secrets,
             transport=token_transport or egress_transport(runtime.egress),
             clock=clock,
         )

@@ -9,7 +9,7 @@ anything but the identifier itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -22,7 +22,7 @@ from pydantic import (
     ValidationError,
 )
 
-from mappers.errors import MappingErrors
+from mappers.errors import MappingErrors, Problem
 from mappers.intake import ID_PATTERN, pydantic_problems
 
 
@@ -169,4 +169,39 @@ def canonical_to_clinical_event(event: CanonicalEvent) -> ClinicalEvent:
         occurred_at=event.occurred_at,
         patient=(PatientRef("identifier", event.patient.value, system=event.patient.system),),
         case_id=event.case_id,
+    )
+
+
+#: How far ahead of its receipt an event's time may be, unless the sender's profile says
+#: otherwise (``max_future``): clocks of two systems differ by seconds, not by hours.
+DEFAULT_MAX_FUTURE = timedelta(minutes=5)
+
+
+def future_time_problem(
+    occurred_at: datetime,
+    *,
+    received_at: datetime,
+    max_future: timedelta,
+    location: str = "occurred_at",
+) -> Problem | None:
+    """The ``future_timestamp`` problem when ``occurred_at`` is more than ``max_future``
+    after ``received_at``, else None.
+
+    An event from the future is almost always a time read in the wrong zone (an HL7
+    ``MSH-7`` without an offset and a wrong ``hl7.timezone``; a local time sent as UTC).
+    Applied, it would make every correct later event of the case count as late, so it is
+    refused instead (the caller keeps it in the exceptions queue). Both times are aware;
+    a naive ``received_at`` (SQLite) is UTC. The message names the excess, not the time.
+    """
+    received = received_at if received_at.tzinfo else received_at.replace(tzinfo=UTC)
+    ahead = occurred_at - received
+    if ahead <= max_future:
+        return None
+    minutes = int(ahead.total_seconds() // 60)
+    return Problem(
+        location,
+        "future_timestamp",
+        f"the event's time is {minutes} minute(s) after it was received (at most "
+        f"{int(max_future.total_seconds())} s allowed): a time without an offset read in "
+        "the wrong zone? check the sender's clock and its profile's timezone",
     )

@@ -46,7 +46,7 @@ from hl7apy.exceptions import HL7apyException
 from hl7apy.parser import parse_field
 
 from mappers.errors import MappingError
-from mappers.events import ClinicalEvent, PatientRef, split_event_ref
+from mappers.events import ClinicalEvent, PatientRef, future_time_problem, split_event_ref
 from mappers.profiles.events import Hl7MessageRule, PartnerProfile, expand_system
 
 AckCode = Literal["AA", "AE", "AR"]
@@ -573,7 +573,11 @@ def _hd_namespace(cx: Any, message: Hl7Message) -> str:
 
 
 def hl7v2_to_clinical_event(
-    message: Hl7Message, partner: PartnerProfile, *, identifier_base: str
+    message: Hl7Message,
+    partner: PartnerProfile,
+    *,
+    identifier_base: str,
+    received_at: datetime | None = None,
 ) -> ClinicalEvent | None:
     """Map a parsed message from ``partner`` to a clinical event.
 
@@ -581,6 +585,8 @@ def hl7v2_to_clinical_event(
         message: from :func:`parse_er7`.
         partner: the sender (its ``hl7`` block: identifier rules, message table, zone).
         identifier_base: ``GATEWAY_IDENTIFIER_BASE`` for ``{base}`` in identifier systems.
+        received_at: when the message arrived; the event's time may be at most the
+            partner's ``max_future`` after it (None: not checked).
 
     Returns:
         The event (``event_id`` = MSH-10, sender = the partner's name), or None when the
@@ -590,7 +596,9 @@ def hl7v2_to_clinical_event(
         Hl7MessageError: AR 200 for a message type the sender's table does not list; AE 100
             when a required segment (PID, ORC, OBR) is missing; AE 103 when ORC-1/ORC-5
             match no row (unless ``unmatched: ignore``); AE 101 when PID-3 has no
-            identifier of a configured kind; AE 102 for an unparseable field or time.
+            identifier of a configured kind; AE 102 for an unparseable field or time, or
+            a time more than ``max_future`` after ``received_at`` (a time without an
+            offset read in the wrong ``hl7.timezone``, usually).
     """
     spec = partner.hl7
     assert spec is not None
@@ -633,25 +641,41 @@ def hl7v2_to_clinical_event(
             field_position=3,
         )
     event_type, detail = split_event_ref(rule.event)
+    occurred_at, (segment, position) = _occurred_at(message, spec.timezone)
+    if received_at is not None:
+        ahead = future_time_problem(
+            occurred_at,
+            received_at=received_at,
+            max_future=partner.max_future,
+            location=f"{segment}-{position}",
+        )
+        if ahead is not None:
+            raise Hl7MessageError(
+                "AE",
+                102,
+                f"{segment}-{position}: {ahead.message}",
+                segment=segment,
+                field_position=position,
+            )
     return ClinicalEvent(
         source=partner.source,
         sender=partner.name,
         event_id=message.control_id,
         type=event_type,
         detail=detail,
-        occurred_at=_occurred_at(message, spec.timezone),
+        occurred_at=occurred_at,
         patient=refs,
         reference=_reference(message),
     )
 
 
-def _occurred_at(message: Hl7Message, zone: str) -> datetime:
+def _occurred_at(message: Hl7Message, zone: str) -> tuple[datetime, tuple[str, int]]:
     for segment, position in (*_TIME_FIELDS[message.message_type], ("MSH", 7)):
         text = message.text_of(segment, position).strip()
         if not text:
             continue
         try:
-            return parse_hl7_datetime(text, zone)
+            return parse_hl7_datetime(text, zone), (segment, position)
         except MappingError as exc:
             raise Hl7MessageError(
                 "AE",

@@ -295,15 +295,27 @@ def preview(
     organization: str = "Telehealth operator",
     systems: IdentifierSystems = EXAMPLE_SYSTEMS,
     kind: PayloadKind | None = None,
+    profile_key: str | None = None,
 ) -> Preview:
     """Map ``data`` as the gateway would, with placeholder ids, and validate every resource.
 
     Input problems are returned (no resources); FHIR validation problems are returned with
     the resources (``<Type>.<path>``). Nothing is read from or written to a database: the
     Patient is shown as a new one (no merge with a stored Patient).
+
+    Args:
+        profile_key: the intake or checkout profile being previewed
+            (:meth:`ProfileSet.key_of_file`: ``intake/<id>/<version>``, ``checkout/<id>``).
+            A payload that another profile maps (an intake naming another form version, a
+            checkout whose plan another checkout profile holds) is refused with the problem
+            ``other_profile`` rather than previewed with that other profile. None, or the
+            key of an ``ehr`` or ``workflow`` profile: no such check.
     """
     kind = kind or payload_kind(data)
     scope = "preview"
+    refused = _other_profile(data, kind, profile_key)
+    if refused is not None:
+        return Preview(kind, [], [refused], None)
     patient_id = placeholder_id(scope, "Patient")
     try:
         if kind == "intake":
@@ -331,6 +343,20 @@ def preview(
             )
             resources = mapped.resources
             cp = mapped.plan_profile
+            if _previewing(profile_key, "checkout") and profile_key != f"checkout/{cp.id}":
+                return Preview(
+                    kind,
+                    [],
+                    [
+                        Problem(
+                            "plan_id",
+                            "other_profile",
+                            f"this checkout's plan is in checkout/{cp.id}, not in the profile "
+                            f"previewed ({profile_key}): use a plan of that profile",
+                        )
+                    ],
+                    None,
+                )
             source = profiles.source_of(f"checkout/{cp.id}")
             tag = profile_tag("checkout", cp.id, cp.version, source.content_hash if source else "")
             message_id = mapped.checkout.checkout_id
@@ -354,3 +380,39 @@ def preview(
     for r in resources:
         problems.extend(resource_problems(r, authoring=True))
     return Preview(kind, resources, problems, tag)
+
+
+def _previewing(profile_key: str | None, kind: str) -> bool:
+    return profile_key is not None and profile_key.startswith(f"{kind}/")
+
+
+def _other_profile(data: Any, kind: PayloadKind, profile_key: str | None) -> Problem | None:
+    """The ``other_profile`` problem when ``data`` is not for the profile previewed (what
+    can be told before mapping: the payload's kind, an intake's ``form.id``/``form.version``)."""
+    if profile_key is None or not (
+        _previewing(profile_key, "intake") or _previewing(profile_key, "checkout")
+    ):
+        return None
+    wanted = "intake" if kind == "intake" else "checkout"
+    if not _previewing(profile_key, wanted):
+        return Problem(
+            "",
+            "other_profile",
+            f"the input is {'an intake submission' if wanted == 'intake' else 'a checkout'}; "
+            f"the profile previewed is {profile_key}",
+        )
+    if kind != "intake":
+        return None
+    form = data.get("form") if isinstance(data, dict) else None
+    if not isinstance(form, dict):
+        return None  # the mapping reports the missing form
+    named = f"intake/{form.get('id')}/{form.get('version')}"
+    if named != profile_key:
+        return Problem(
+            "form",
+            "other_profile",
+            f"the input's form.id and form.version name another profile than the one "
+            f"previewed ({profile_key}): set them to that profile's id and version, or "
+            "preview the profile the input names",
+        )
+    return None

@@ -10,6 +10,8 @@ mode (kubernetes-validate), and every command line against the CLI's own parser.
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 from collections.abc import Iterator
 from importlib.resources import files
 from pathlib import Path
@@ -242,3 +244,82 @@ def test_pods_run_as_the_image_user_with_a_read_only_root() -> None:
         for container in pod["containers"]:
             assert container["securityContext"]["readOnlyRootFilesystem"] is True, name
             assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"], name
+
+
+def _dockerignore_regex(pattern: str) -> re.Pattern[str]:
+    """A ``.dockerignore`` pattern as Docker reads it (moby/patternmatcher: ``*`` and ``?``
+    stop at ``/``, ``**`` crosses directories, ``**/`` may match nothing)."""
+    out, i = "", 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if pattern.startswith("**", i):
+            i += 2
+            if pattern.startswith("/", i):
+                i += 1
+            out += ".*" if i >= len(pattern) else "(.*/)?"
+            continue
+        if ch == "*":
+            out += "[^/]*"
+        elif ch == "?":
+            out += "[^/]"
+        elif ch == "[":
+            end = pattern.index("]", i)
+            out += pattern[i : end + 1]
+            i = end
+        else:
+            out += re.escape(ch)
+        i += 1
+    return re.compile(f"^{out}$")
+
+
+def _in_docker_context(path: str) -> bool:
+    """Whether ``path`` (relative to the repository) is sent to the builder: the last
+    matching pattern decides, and a pattern matching a parent directory matches the path."""
+    rules = []
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negated = line.startswith("!")
+        cleaned = line.lstrip("!").strip("/")
+        rules.append((negated, _dockerignore_regex(cleaned), cleaned.count("/") + 1))
+    excluded = False
+    parts = path.split("/")
+    for negated, regex, depth in rules:
+        if regex.match(path) or (depth < len(parts) and regex.match("/".join(parts[:depth]))):
+            excluded = not negated
+    return not excluded
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        ".venv/bin/python",
+        ".venv/lib/python3.11/site-packages/fastapi/__init__.py",
+        ".env",
+        "profiles/.env",
+        "gateway.db",
+        "gateway.db-wal",
+        "data/gateway.db",
+        "deploy/gateway.env",
+        ".git/HEAD",
+        "tests/conftest.py",
+        "testkit/fhir_server/node_modules/express/index.js",
+        "gateway/__pycache__/app.cpython-311.pyc",
+        "bench/results/ingest.json",
+    ],
+)
+def test_docker_build_context_leaves_out_local_state_and_secrets(path: str) -> None:
+    assert not _in_docker_context(path)
+
+
+def test_docker_build_context_holds_what_the_dockerfile_copies() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    sources = [line.split()[1:-1] for line in dockerfile.splitlines() if line.startswith("COPY ")]
+    copied = [src for group in sources for src in group]
+    assert copied, "the Dockerfile copies nothing?"
+    tracked = subprocess.run(
+        ["git", "ls-files", *copied], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert tracked
+    assert [p for p in tracked if not _in_docker_context(p)] == []

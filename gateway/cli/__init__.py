@@ -18,6 +18,7 @@ from __future__ import annotations
 import typer
 
 from gateway.cli import audit, clients, deliveries, demo, keys, mllp, profiles, server, staff
+from gateway.cli.common import plain_help_everywhere
 from gateway.cli.demo import stripe_signature_header
 
 __all__ = ["app", "main", "stripe_signature_header"]
@@ -36,6 +37,7 @@ app.add_typer(deliveries.app, name="deliveries")
 app.add_typer(keys.app, name="keys")
 app.add_typer(audit.app, name="audit")
 app.add_typer(staff.app, name="staff")
+plain_help_everywhere(app)
 
 
 def main() -> None:

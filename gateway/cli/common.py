@@ -9,6 +9,7 @@ or a secret may be in it.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,6 +24,30 @@ from gateway.settings import Settings, load_settings
 from mappers.profiles import ProfileLoadError, ProfileSet, load_profiles
 
 T = TypeVar("T")
+
+
+def plain_help(text: str) -> str:
+    """A docstring as ``--help`` text: reST literals (````x````) as plain ``x``, and the
+    lines of each paragraph joined, so the terminal wraps them (typer keeps the source's
+    line breaks after the first paragraph). Paragraphs (blank lines) stay."""
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    joined = [" ".join(line.strip() for line in p.splitlines() if line.strip()) for p in paragraphs]
+    return "\n\n".join(p for p in joined if p).replace("``", "")
+
+
+def plain_help_everywhere(app: typer.Typer) -> None:
+    """Apply :func:`plain_help` to every command and group of ``app``, recursively."""
+    if app.info.help:
+        app.info.help = plain_help(str(app.info.help))
+    for command in app.registered_commands:
+        text = command.help or inspect.getdoc(command.callback)
+        if text:
+            command.help = plain_help(text)
+    for group in app.registered_groups:
+        if group.help:
+            group.help = plain_help(str(group.help))
+        if group.typer_instance is not None:
+            plain_help_everywhere(group.typer_instance)
 
 
 def fail(message: str, *, code: int = 2) -> typer.Exit:

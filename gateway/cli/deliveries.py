@@ -94,30 +94,20 @@ def list_cmd(
 
 @app.command("show")
 def show_cmd(delivery_id: Annotated[int, typer.Argument(help="Delivery id")]) -> None:
-    """Show one delivery with its attempts and OperationOutcome (JSON)."""
+    """Show one delivery with its attempts and OperationOutcome (JSON).
+
+    attempts counts toward the target's max_attempts since the delivery was created or
+    last replayed; tries and attempt_log are every try ever made."""
     from gateway.delivery import ops_repository as repo
-    from gateway.ops.deliveries import AttemptOut, delivery_out
+    from gateway.ops.deliveries import delivery_detail
 
     async def work(db: Database) -> dict[str, Any] | None:
         async with db.session() as session:
             row = await repo.get_delivery(session, delivery_id)
             if row is None:
                 return None
-            attempts = await repo.attempts_of(session, delivery_id)
-            body = delivery_out(row).model_dump(mode="json")
-            body["attempt_log"] = [
-                AttemptOut(
-                    attempt=a.attempt,
-                    started_at=a.started_at,
-                    duration_ms=a.duration_ms,
-                    status_code=a.status_code,
-                    outcome=a.outcome,
-                    error=a.error,
-                    worker=a.worker,
-                ).model_dump(mode="json")
-                for a in attempts
-            ]
-            return body
+            attempts = list(await repo.attempts_of(session, delivery_id))
+            return delivery_detail(row, attempts).model_dump(mode="json")
 
     body = run_on_database(work)
     if body is None:
@@ -161,19 +151,36 @@ def replay_cmd(
             typer.echo(f"would replay up to {len(ids)} deliveries")
             return
 
-        async def by_id(db: Database) -> list[int]:
+        async def by_id(db: Database) -> tuple[list[int], dict[int, str | None]]:
             async with db.session() as session:
                 result = await replay_deliveries(
                     session, actor="cli", now=utcnow(), profiles=profiles, ids=ids
                 )
                 await session.commit()
-                return result.replayed
+                left = sorted(set(ids) - set(result.replayed))
+                states: dict[int, str | None] = {}
+                for delivery_id in left:
+                    row = await repo.get_delivery(session, delivery_id)
+                    states[delivery_id] = str(row.status) if row is not None else None
+                return result.replayed, states
 
-        replayed = run_on_database(by_id, settings)
-        skipped = sorted(set(ids) - set(replayed))
-        typer.echo(f"replayed {len(replayed)} deliveries: {' '.join(map(str, replayed))}")
-        if skipped:
-            typer.echo(f"not dead or review, left alone: {' '.join(map(str, skipped))}", err=True)
+        replayed, left_alone = run_on_database(by_id, settings)
+        if replayed:
+            typer.echo(
+                f"replayed {len(replayed)} {'delivery' if len(replayed) == 1 else 'deliveries'}: "
+                + " ".join(map(str, replayed))
+            )
+        else:
+            typer.echo("replayed nothing")
+        for delivery_id, state in left_alone.items():
+            why = "no such delivery" if state is None else f"it is {state}"
+            typer.echo(
+                f"delivery {delivery_id} left alone: {why} (only dead or review deliveries "
+                "are replayed)",
+                err=True,
+            )
+        if not replayed:
+            raise typer.Exit(1)
         return
     if not (target or kind or reason or all_):
         typer.secho(

@@ -1,5 +1,11 @@
 """``fhir-gateway demo``: the sample intake, a signed Stripe checkout and clinical events
-sent to a running gateway, and what it made of them."""
+sent to a running gateway, and what it made of them.
+
+The sample payloads are package data (``gateway/examples/``), so the demo runs from any
+directory and from a non-editable install. Without ``--api-key`` the demo creates an API
+client named ``demo-<run>`` in the configured database for the run and revokes it at the
+end, failed runs included: no key with every scope is left behind.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +15,19 @@ import hmac
 import json
 import time
 import uuid
+from collections.abc import Iterator
+from importlib.resources import files
 from typing import Annotated, Any
 
 import typer
 
-from gateway.cli.common import Database, run_on_database, settings_or_exit
-from gateway.settings import BUNDLED_PROFILES_DIR, Settings
+from gateway.cli.common import Database, fail, run_on_database, settings_or_exit
+from gateway.settings import Settings
 
-EXAMPLES_DIR = BUNDLED_PROFILES_DIR.parent / "examples"
+
+def example(name: str) -> Any:
+    """A sample payload shipped with the package (``gateway/examples/<name>``), parsed."""
+    return json.loads(files("gateway").joinpath("examples", name).read_text(encoding="utf-8"))
 
 
 def stripe_signature_header(secret: str, payload: bytes, *, timestamp: int | None = None) -> str:
@@ -36,14 +47,54 @@ def demo(
     ] = None,
 ) -> None:
     """Send the sample intake, a signed sample Stripe checkout and clinical events to a
-    running gateway, then print the FHIR resources and the case it produced."""
+    running gateway, then print the FHIR resources and the case it produced.
+
+    Without --api-key it creates an API client demo-RUN for the run and revokes it at the
+    end (failed runs included)."""
     import httpx
 
     settings = settings_or_exit()
     run = uuid.uuid4().hex[:8]
-    key = api_key or _demo_client(settings, run)
+    try:
+        httpx.get(f"{url.rstrip('/')}/healthz", timeout=5)
+        with _demo_key(settings, run, api_key) as key:
+            _run_demo(settings, url=url, key=key, run=run)
+    except httpx.TransportError as exc:
+        raise _unreachable(url, exc) from exc
+
+
+def _unreachable(url: str, exc: Exception) -> typer.Exit:
+    """One line naming where the demo tried (never the traceback, nor ``str(exc)``, which
+    may hold a URL with a query)."""
+    return fail(
+        f"demo: no gateway answering at {url} ({type(exc).__name__}); start one with "
+        "`make run` (or `fhir-gateway serve`), or pass --url",
+        code=1,
+    )
+
+
+@contextlib.contextmanager
+def _demo_key(settings: Settings, run: str, api_key: str | None) -> Iterator[str]:
+    """``api_key``, or a client ``demo-<run>`` with every scope, revoked on the way out
+    (whatever happened in between)."""
+    if api_key:
+        yield api_key
+        return
+    name = f"demo-{run}"
+    key = _demo_client(settings, name)
+    typer.echo(f"created API client {name} for this run (it is revoked at the end)")
+    try:
+        yield key
+    finally:
+        _revoke(settings, name)
+        typer.echo(f"revoked API client {name}")
+
+
+def _run_demo(settings: Settings, *, url: str, key: str, run: str) -> None:
+    import httpx
+
     headers = {"Authorization": f"Bearer {key}"}
-    intake = json.loads((EXAMPLES_DIR / "intake-glp1.json").read_text())
+    intake = example("intake-glp1.json")
     now = time.time()
     intake["submission_id"] = f"demo-{run}"
     intake["submitted_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 60))
@@ -62,8 +113,7 @@ def demo(
         if r.status_code != 202:
             raise typer.Exit(1)
         refs = [x["reference"] for x in r.json().get("resources", [])]
-        _step("2. Stripe checkout.session.completed (signed) -> MedicationRequest (draft proposal)")
-        event = json.loads((EXAMPLES_DIR / "stripe-checkout-session-completed.json").read_text())
+        event = example("stripe-checkout-session-completed.json")
         event["id"] = f"evt_demo_{run}"
         event["created"] = int(time.time())
         session = event["data"]["object"]
@@ -72,11 +122,17 @@ def demo(
         session["metadata"]["patient_external_id"] = intake["patient"]["external_id"]
         session["customer_details"]["email"] = intake["patient"]["email"]
         if settings.stripe_webhook_secret is None:
+            _step("2. canonical checkout -> MedicationRequest (draft proposal)")
             typer.echo(
-                "GATEWAY_STRIPE_WEBHOOK_SECRET is not set: sending the canonical checkout instead"
+                "GATEWAY_STRIPE_WEBHOOK_SECRET is not set: sending the canonical checkout "
+                "instead of the signed Stripe event"
             )
             r = client.post("/v1/checkouts", json=_canonical_from_stripe(event), headers=headers)
         else:
+            _step(
+                "2. Stripe checkout.session.completed (signed) -> MedicationRequest "
+                "(draft proposal)"
+            )
             payload = json.dumps(event).encode()
             signature = stripe_signature_header(
                 settings.stripe_webhook_secret.get_secret_value(), payload
@@ -130,16 +186,27 @@ def _canonical_from_stripe(event: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _demo_client(settings: Settings, run: str) -> str:
+def _demo_client(settings: Settings, name: str) -> str:
     from gateway.clients.service import SCOPES, create_client
 
     async def work(db: Database) -> str:
         async with db.session() as session:
-            _, key = await create_client(session, name=f"demo-{run}", scopes=list(SCOPES))
+            _, key = await create_client(session, name=name, scopes=list(SCOPES))
             await session.commit()
             return key
 
     return run_on_database(work, settings)
+
+
+def _revoke(settings: Settings, name: str) -> None:
+    from gateway.clients.service import revoke_client
+
+    async def work(db: Database) -> None:
+        async with db.session() as session:
+            await revoke_client(session, name=name)
+            await session.commit()
+
+    run_on_database(work, settings)
 
 
 def _step(title: str) -> None:

@@ -51,6 +51,7 @@ def check(
     ] = False,
 ) -> None:
     """Check every profile: schema, lint, examples, coverage. Exit 1 on any problem."""
+    from gateway.secrets import SecretStore, unset_target_secrets
     from mappers.examples import run_examples
     from mappers.profiles import ProfileLoadError, load_profiles
     from mappers.profiles.schema import stale_schemas
@@ -67,6 +68,11 @@ def check(
     warnings = len(profiles.warnings)
     for p in profiles.warnings:
         typer.secho(f"warning: {_problem_line(p)}", fg="yellow")
+    # Where this runs, not in the files: shown and counted, but --strict does not fail on
+    # it (CI that checks profiles need not hold the EHRs' secrets).
+    unset = unset_target_secrets(profiles, SecretStore.from_settings(settings_or_exit()))
+    for item in unset:
+        typer.secho(f"warning: {item} [secret-unset]", fg="yellow")
     stale = stale_schemas(root / "schema") if (root / "schema").is_dir() else []
     for kind in stale:
         errors += 1
@@ -98,7 +104,7 @@ def check(
     summary = ", ".join(f"{n} {k}" for k, n in kinds.items())
     typer.echo(
         f"{summary}, {len(profiles.concept_maps)} concept map(s), {len(results)} example(s): "
-        f"{errors} error(s), {warnings} warning(s)"
+        f"{errors} error(s), {warnings + len(unset)} warning(s)"
     )
     if errors or (strict and warnings):
         raise typer.Exit(1)
@@ -112,7 +118,9 @@ def preview_cmd(
         Path | None, typer.Option(help="The profiles the draft joins (default: the gateway's)")
     ] = None,
 ) -> None:
-    """Print the FHIR Bundle the gateway would produce (issues on stderr; exit 1 if any)."""
+    """Print the FHIR Bundle the gateway would produce with PROFILE (issues on stderr; exit
+    1 if any). An input that another profile maps (an intake naming another form version)
+    is refused, never previewed with that profile."""
     from mappers.pipeline import preview
     from mappers.profiles import ProfileLoadError, load_profiles
 
@@ -155,7 +163,12 @@ def preview_cmd(
         recorded=utcnow(),
         organization=settings.organization_name,
         systems=IdentifierSystems(settings.identifier_base),
+        profile_key=profiles.key_of_file(rel),
     )
+    if any(p.code == "other_profile" for p in result.problems):
+        for p in result.problems:
+            typer.secho(f"{profile}: {p.message}", fg="red", err=True)
+        raise typer.Exit(1)
     typer.echo(json.dumps(result.bundle(), indent=2, ensure_ascii=False))
     for p in result.problems:
         typer.secho(_problem_line(p), fg="red", err=True)

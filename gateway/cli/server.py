@@ -96,6 +96,9 @@ def worker(
         start_http_server(metrics_port, addr="127.0.0.1", registry=REGISTRY)
 
     async def run(runtime: Any, stop: asyncio.Event) -> None:
+        from gateway.secrets import warn_unset_target_secrets
+
+        warn_unset_target_secrets(runtime.profiles.current, runtime.secrets)
         worker = build_worker(runtime, concurrency=concurrency)
         try:
             await worker.run(stop)

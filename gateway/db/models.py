@@ -471,8 +471,36 @@ class ExceptionRecord(Base):
     assigned_at: Mapped[datetime | None]
     # when it was escalated past its SLA (profiles/workflow.yaml ``exception_sla``)
     escalated_at: Mapped[datetime | None]
+    # Repeated refusals of one client for one reason are one exception (migration
+    # 0016_newcomer): ``group_key`` names the group (channel, sender, status, problem
+    # codes; gateway.http.refusal_group_key), ``occurrences`` counts them, each payload
+    # is a row of ``exception_payloads``.
+    group_key: Mapped[str | None] = mapped_column(String(64))
+    occurrences: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    last_seen_at: Mapped[datetime | None]
 
-    __table_args__ = (Index("ix_exceptions_status", "status", "kind"),)
+    __table_args__ = (
+        Index("ix_exceptions_status", "status", "kind"),
+        Index("ix_exceptions_group", "group_key", "status"),
+    )
+
+
+class ExceptionPayload(Base):
+    """One refused payload of a grouped exception (``seq`` 1 is the first), kept whole
+    for review like ``exceptions.payload``."""
+
+    __tablename__ = "exception_payloads"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    exception_id: Mapped[int] = mapped_column(BigIntPK, ForeignKey("exceptions.id"))
+    seq: Mapped[int] = mapped_column(Integer)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    content_type: Mapped[str | None] = mapped_column(String(128))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("exception_id", "seq", name="uq_exception_payloads_exception_id_seq"),
+    )
 
 
 class Subscriber(Base):

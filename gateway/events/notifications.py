@@ -100,6 +100,7 @@ def verify_sender(
                     auth.header, "invalid_credentials", f"the {auth.header} header does not match"
                 )
             ],
+            header=auth.header,
         )
 
 

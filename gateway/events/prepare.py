@@ -10,11 +10,18 @@ from __future__ import annotations
 import json
 
 from gateway.db.models import InboundMessage
+from gateway.db.types import utcnow
 from gateway.ehr.errors import EhrRejectedError
 from gateway.ehr.factory import EhrClients
 from gateway.events.service import Prepared
 from mappers.errors import MappingError, MappingErrors, Problem
-from mappers.events import ClinicalEvent, canonical_to_clinical_event, parse_canonical_event
+from mappers.events import (
+    DEFAULT_MAX_FUTURE,
+    ClinicalEvent,
+    canonical_to_clinical_event,
+    future_time_problem,
+    parse_canonical_event,
+)
 from mappers.hl7v2 import decode_er7, hl7v2_to_clinical_event, parse_er7
 from mappers.notifications import focus_to_clinical_event, parse_notification, reference_key
 from mappers.partners import partner_to_clinical_event
@@ -71,7 +78,38 @@ async def prepare(
         out.problems += exc.problems
     except MappingError as exc:
         out.problems.append(exc.problem)
+    _refuse_future_events(out, message, profiles)
     return out
+
+
+def _refuse_future_events(out: Prepared, message: InboundMessage, profiles: ProfileSet) -> None:
+    """Move the events whose time is more than the sender's ``max_future`` after the
+    message's receipt to the problems (``future_timestamp``): applied, one would make the
+    case's correct later events count as late (a time read in the wrong zone)."""
+    max_future = DEFAULT_MAX_FUTURE
+    if message.channel in ("partner", "hl7v2"):
+        partner = (
+            profiles.partners.get(message.sender or "")
+            if message.channel == "partner"
+            else profiles.hl7_sender(message.sender or "")
+        )
+        if partner is not None:
+            max_future = partner.max_future
+    elif message.channel == "fhir-notification":
+        target = profiles.ehr.get(message.sender or "")
+        if target is not None and target.events is not None:
+            max_future = target.events.max_future
+    received_at = message.received_at or utcnow()  # not flushed yet: it arrives now
+    kept: list[ClinicalEvent] = []
+    for event in out.events:
+        problem = future_time_problem(
+            event.occurred_at, received_at=received_at, max_future=max_future
+        )
+        if problem is None:
+            kept.append(event)
+        else:
+            out.problems.append(problem)
+    out.events = kept
 
 
 def _add(out: Prepared, event: ClinicalEvent | None) -> None:

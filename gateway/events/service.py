@@ -18,6 +18,7 @@ from datetime import timedelta
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.db.models import InboundMessage, MessageStatus
+from gateway.db.types import utcnow
 from gateway.errors import ForbiddenError, UnprocessableError
 from gateway.http import Outcome, decode_json_object, store_if_new
 from gateway.inbox import repository as inbox
@@ -25,7 +26,13 @@ from gateway.logging import get_logger
 from gateway.queue.repository import QueueTable
 from gateway.runtime import Runtime
 from mappers.errors import MappingErrors, Problem
-from mappers.events import ClinicalEvent, canonical_to_clinical_event, parse_canonical_event
+from mappers.events import (
+    DEFAULT_MAX_FUTURE,
+    ClinicalEvent,
+    canonical_to_clinical_event,
+    future_time_problem,
+    parse_canonical_event,
+)
 
 log = get_logger(__name__)
 
@@ -70,7 +77,8 @@ async def receive_event(
             the ownership matrix then decides what each sender may say.
 
     Raises:
-        BadRequestError, UnprocessableError: every problem; nothing stored.
+        BadRequestError, UnprocessableError: every problem; nothing stored (an
+            ``occurred_at`` more than 5 minutes after now is ``future_timestamp``).
         ForbiddenError: the client may not send as the event's ``source``.
     """
     data = decode_json_object(raw)
@@ -78,6 +86,11 @@ async def receive_event(
         event = parse_canonical_event(data)
     except MappingErrors as exc:
         raise UnprocessableError("the event is not valid", exc.problems) from exc
+    ahead = future_time_problem(
+        event.occurred_at, received_at=utcnow(), max_future=DEFAULT_MAX_FUTURE
+    )
+    if ahead is not None:  # applied, it would make the case's correct later events late
+        raise UnprocessableError("the event's time is in the future", [ahead])
     if allowed_sources is not None and event.source not in allowed_sources:
         raise ForbiddenError(
             "this API client may not send events as this source",

@@ -13,7 +13,8 @@ For each message (HL7 v2 chapter 2, original acknowledgment mode):
    endings aside) gets the same answer again; a different message reusing a control id
    gets ``AR`` (205);
 4. map it to a clinical event with the partner's table; ``AE`` when it cannot be
-   mapped (kept as ``failed`` in the inbox and in the exceptions queue), ``AA`` otherwise;
+   mapped, or when its time is more than the partner's ``max_future`` ahead of now (AE
+   102, kept as ``failed`` in the inbox and in the exceptions queue), ``AA`` otherwise;
 5. store it (the caller commits) and only then answer. The event is applied after the
    ACK is sent.
 
@@ -304,7 +305,9 @@ async def receive_hl7(
     error: Hl7MessageError | None = None
     event = None
     try:
-        event = hl7v2_to_clinical_event(parsed, partner, identifier_base=runtime.systems.base)
+        event = hl7v2_to_clinical_event(
+            parsed, partner, identifier_base=runtime.systems.base, received_at=utcnow()
+        )
     except Hl7MessageError as exc:
         if exc.ack_code == "AR":
             record_hl7_rejection(

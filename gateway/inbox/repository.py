@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.db.models import ExceptionRecord, InboundMessage, MessageStatus
+from gateway.db.models import (
+    ExceptionPayload,
+    ExceptionRecord,
+    ExceptionStatus,
+    InboundMessage,
+    MessageStatus,
+)
 from gateway.db.types import utcnow
 from mappers.errors import Problem
 
@@ -99,3 +106,105 @@ def problems_from(records: list[dict[str, Any]]) -> list[Problem]:
     return [
         Problem(r.get("location", ""), r.get("code", ""), r.get("message", "")) for r in records
     ]
+
+
+#: The exceptions-queue kind of a refused payload (400, 409, 415, 422).
+REJECTED_INPUT = "rejected_input"
+
+
+def refusal_group_key(
+    *, channel: str, sender: str | None, status: int, problems: list[Problem]
+) -> str:
+    """What makes two refusals "the same": the channel, the sender (the API client, the
+    partner, the EHR target), the HTTP status and the problem codes (not their locations
+    or messages, which vary with the payload), as a SHA-256 hex digest."""
+    reason = [channel, sender or "", status, sorted({p.code for p in problems})]
+    return hashlib.sha256(json.dumps(reason).encode()).hexdigest()
+
+
+async def record_grouped_refusal(
+    session: AsyncSession,
+    *,
+    channel: str,
+    sender: str | None,
+    status: int,
+    problems: list[Problem],
+    payload: bytes,
+    content_type: str | None,
+) -> tuple[ExceptionRecord, int]:
+    """Keep a refused payload: a new ``rejected_input`` exception, or one more occurrence
+    of the open one with the same :func:`refusal_group_key` (a client that sends the same
+    bad request again and again is one line in the queue, with its count).
+
+    Every payload is kept whole: the group's first on the exception (``payload``), each
+    later one in ``exception_payloads`` with its ``seq`` (2, 3...). On PostgreSQL the open
+    group's row is locked, so concurrent refusals count one after the other; two first
+    refusals at the same moment may still open two groups. Flushes; the caller commits.
+
+    Returns:
+        The exception and the payload's ``seq`` in it (1 for a new group).
+    """
+    key = refusal_group_key(channel=channel, sender=sender, status=status, problems=problems)
+    now = utcnow()
+    stmt = (
+        select(ExceptionRecord)
+        .where(
+            ExceptionRecord.group_key == key,
+            ExceptionRecord.status == ExceptionStatus.OPEN,
+            ExceptionRecord.kind == REJECTED_INPUT,
+        )
+        .order_by(ExceptionRecord.id)
+        .limit(1)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update()
+    record = await session.scalar(stmt)
+    if record is None:
+        record = new_exception(
+            kind=REJECTED_INPUT,
+            channel=channel,
+            sender=sender,
+            problems=problems,
+            payload=payload,
+            content_type=content_type,
+        )
+        record.group_key = key
+        record.occurrences = 1
+        record.last_seen_at = now
+        session.add(record)
+        await session.flush()
+        return record, 1
+    seq = await session.scalar(
+        update(ExceptionRecord)
+        .where(ExceptionRecord.id == record.id)
+        .values(occurrences=ExceptionRecord.occurrences + 1, last_seen_at=now)
+        .returning(ExceptionRecord.occurrences)
+        .execution_options(synchronize_session=False)
+    )
+    assert seq is not None
+    session.add(
+        ExceptionPayload(
+            exception_id=record.id,
+            seq=seq,
+            payload=payload,
+            content_type=content_type[:128] if content_type else content_type,
+            received_at=now,
+        )
+    )
+    await session.flush()
+    return record, seq
+
+
+async def refused_payload(
+    session: AsyncSession, record: ExceptionRecord, seq: int
+) -> tuple[bytes, str | None] | None:
+    """Payload ``seq`` of a grouped exception (1: the exception's own) and its declared
+    content type, or None."""
+    if seq == 1:
+        return (record.payload, record.content_type) if record.payload is not None else None
+    row = await session.scalar(
+        select(ExceptionPayload).where(
+            ExceptionPayload.exception_id == record.id, ExceptionPayload.seq == seq
+        )
+    )
+    return (row.payload, row.content_type) if row is not None else None

@@ -57,6 +57,7 @@ def _invalid_signature() -> BadRequestError:
                 "no v1 signature matches, or the timestamp is outside the tolerance",
             )
         ],
+        header="Stripe-Signature",
     )
 
 
@@ -84,6 +85,7 @@ def verify_stripe_signature(
                     "the Stripe-Signature header is required",
                 )
             ],
+            header="Stripe-Signature",
         )
     try:
         stripe.WebhookSignature.verify_header(

@@ -504,19 +504,13 @@ class SharedTokenManager:
         )
 
 
-def lookup_secret(name: str, *, env_file: Path | None = None) -> str | None:
-    """A target secret from the environment, else from ``env_file`` (dotenv), else None
-    (:class:`gateway.secrets.SecretStore`, the one place secrets are read)."""
-    return SecretStore(env_file).get(name)
-
-
 def token_provider_for(
     target: EhrTargetProfile,
     *,
     sessionmaker: async_sessionmaker[AsyncSession],
     profiles_root: Path,
     cipher: KeyCipher | None = None,
-    secret_env_file: Path | None = None,
+    secrets: SecretStore | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
     clock: Clock = SYSTEM_CLOCK,
 ) -> TokenProvider:
@@ -527,7 +521,8 @@ def token_provider_for(
         sessionmaker: sessions on the gateway database (the shared token row).
         profiles_root: resolves a relative ``auth.private_key_file``.
         cipher: decrypts the gateway's stored signing keys.
-        secret_env_file: optional dotenv file with client secrets.
+        secrets: where ``auth.client_secret_env`` is looked up (the runtime's
+            :class:`~gateway.secrets.SecretStore`; None: the environment only).
         transport: httpx transport for the token endpoint (tests).
         clock: the clock (tests).
     """
@@ -535,7 +530,7 @@ def token_provider_for(
     if auth.method == "none":
         return NoAuth()
     if auth.method != "private_key_jwt":
-        secret = lookup_secret(auth.client_secret_env or "", env_file=secret_env_file)
+        secret = (secrets or SecretStore()).get(auth.client_secret_env or "")
         return SharedTokenManager(
             target, sessionmaker=sessionmaker, secret=secret, transport=transport, clock=clock
         )

@@ -61,7 +61,11 @@ class DeliveryOut(BaseModel):
     ordering_key: str
     message_id: str | None
     resource_refs: list[str]
-    attempts: int
+    attempts: int = Field(
+        description="Attempts counted toward the target's max_attempts since the delivery "
+        "was created or last replayed (a replay starts again from 0; a try put back while "
+        "the circuit was open is not counted). Every try is in attempt_log."
+    )
     reason: str | None = Field(description="Why it is dead or in review.")
     last_error: str | None
     last_status_code: int | None
@@ -79,7 +83,14 @@ class DeliveryOut(BaseModel):
 class DeliveryDetailOut(DeliveryOut):
     """A delivery with its attempts."""
 
+    tries: int = Field(description="Every try recorded (the length of attempt_log).")
     attempt_log: list[AttemptOut]
+
+
+def delivery_detail(d: Delivery, attempts: list[DeliveryAttempt]) -> DeliveryDetailOut:
+    """The API (and ``deliveries show``) view of a delivery with every try."""
+    log = [_attempt_out(a) for a in attempts]
+    return DeliveryDetailOut(**delivery_out(d).model_dump(), tries=len(log), attempt_log=log)
 
 
 class DeliveryListOut(BaseModel):
@@ -232,10 +243,7 @@ async def get_delivery(
     row = await repo.get_delivery(session, delivery_id)
     if row is None:
         raise NotFoundError("no such delivery")
-    attempts = await repo.attempts_of(session, delivery_id)
-    return DeliveryDetailOut(
-        **delivery_out(row).model_dump(), attempt_log=[_attempt_out(a) for a in attempts]
-    )
+    return delivery_detail(row, list(await repo.attempts_of(session, delivery_id)))
 
 
 @router.post(

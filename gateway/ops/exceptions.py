@@ -23,7 +23,7 @@ import json
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, BackgroundTasks, Depends, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
@@ -40,6 +40,7 @@ from gateway.deps import NO_NUL, RowIdPath, RowIdQuery, RuntimeDep, SessionDep, 
 from gateway.errors import NotFoundError
 from gateway.events.after_response import apply_after_response, apply_id_after_response
 from gateway.hl7.service import CONTENT_TYPE as HL7_CONTENT_TYPE
+from gateway.inbox import repository as inbox
 from gateway.triage import service as triage
 
 router = APIRouter(prefix="/v1/ops", tags=["ops"])
@@ -67,6 +68,13 @@ class ExceptionOut(BaseModel):
     principal: str | None = None
     assigned_to: str | None = None
     assigned_at: datetime | None = None
+    occurrences: int = Field(
+        default=1,
+        description="How many refusals this exception stands for: repeated 400/409/415/422 "
+        "of one sender with the same status and problem codes are grouped while the "
+        "exception is open; each payload is at /payloads/{seq} (1 to occurrences).",
+    )
+    last_seen_at: datetime | None = Field(default=None, description="The latest of them.")
 
 
 class ExceptionPage(BaseModel):
@@ -112,6 +120,8 @@ def _out(row: ExceptionRecord, message_channel: str | None) -> ExceptionOut:
         principal=row.principal,
         assigned_to=row.assigned_to,
         assigned_at=row.assigned_at,
+        occurrences=row.occurrences or 1,
+        last_seen_at=row.last_seen_at,
     )
 
 
@@ -194,8 +204,9 @@ async def get_exception_payload(
     session: SessionDep,
     principal: Annotated[Principal, Depends(require_scope("ops:admin"))],
 ) -> Response:
-    """The raw input kept for review (the exception's own, else its inbound message's).
-    Every read is in the audit log."""
+    """The raw input kept for review (the exception's own, else its inbound message's;
+    for grouped refusals, the first: the others are at ``/payloads/{seq}``). Every read is
+    in the audit log."""
     row = await triage.get_exception_or_raise(session, exception_id)
     payload, content_type = row.payload, row.content_type
     if payload is None and row.inbound_message_id:
@@ -204,13 +215,59 @@ async def get_exception_payload(
             payload, content_type = message.body, message.content_type
     if payload is None:
         raise NotFoundError("no payload is kept for this exception")
+    return await _payload_response(session, row, payload, content_type, seq=None)
+
+
+@router.get(
+    "/exceptions/{exception_id}/payloads/{seq}",
+    summary="One payload of a grouped refusal (may hold PHI)",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "The payload as received",
+            "content": {
+                "application/json": {"schema": {}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+        404: {},
+    },
+)
+async def get_exception_payload_by_seq(
+    exception_id: RowIdPath,
+    seq: Annotated[int, Path(ge=1, le=2**31 - 1)],
+    session: SessionDep,
+    principal: Annotated[Principal, Depends(require_scope("ops:admin"))],
+) -> Response:
+    """Refusal ``seq`` (1 to ``occurrences``) of a grouped ``rejected_input`` exception,
+    as received. Every read is in the audit log."""
+    row = await triage.get_exception_or_raise(session, exception_id)
+    found = await inbox.refused_payload(session, row, seq)
+    if found is None:
+        raise NotFoundError("no such payload for this exception")
+    return await _payload_response(session, row, found[0], found[1], seq=seq)
+
+
+async def _payload_response(
+    session: AsyncSession,
+    row: ExceptionRecord,
+    payload: bytes,
+    content_type: str | None,
+    *,
+    seq: int | None,
+) -> Response:
+    detail: dict[str, Any] = {}
+    if row.inbound_message_id:
+        detail["message_id"] = row.inbound_message_id
+    if seq is not None:
+        detail["seq"] = seq
     audit.record(
         session,
         action="read",
         entity_type="ExceptionPayload",
         entity_id=str(row.id),
         patient_id=await triage.patient_of(session, row),
-        detail={"message_id": row.inbound_message_id} if row.inbound_message_id else None,
+        detail=detail or None,
     )
     return Response(
         payload,

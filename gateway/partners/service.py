@@ -30,6 +30,7 @@ from gateway.partners.signatures import SignatureError, usable_secret, verify_si
 from gateway.runtime import Runtime
 from gateway.secrets import SecretStore
 from mappers.errors import MappingError, MappingErrors, Problem
+from mappers.events import future_time_problem
 from mappers.partners import partner_event_id, partner_to_clinical_event
 from mappers.profiles import PartnerProfile
 
@@ -81,6 +82,7 @@ def verify_partner(
         raise UnauthorizedError(
             "the webhook signature does not verify",
             [Problem("signature", f"{exc.reason}_signature", str(exc))],
+            header=spec.header or "webhook-signature",
         ) from exc
 
 
@@ -127,6 +129,12 @@ async def receive_partner_webhook(
         event = partner_to_clinical_event(data, partner, identifier_base=runtime.systems.base)
     except MappingErrors as exc:
         problems = exc.problems
+    if event is not None:
+        ahead = future_time_problem(
+            event.occurred_at, received_at=utcnow(), max_future=partner.max_future
+        )
+        if ahead is not None:  # a time read in the wrong zone: kept, never applied
+            problems = [ahead]
     if problems:
         message.status = MessageStatus.FAILED
         message.response = {**body, "status": "failed", "problems": [p.as_dict() for p in problems]}

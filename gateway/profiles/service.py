@@ -34,24 +34,26 @@ log = get_logger(__name__)
 # --------------------------------------------------------------------------- preview
 
 
-def profile_set_with_draft(
+def set_and_key_with_draft(
     runtime: Runtime, draft: bytes | None, draft_name: str | None = None
-) -> ProfileSet:
+) -> tuple[ProfileSet, str | None]:
     """The running set, or the profiles directory loaded with ``draft`` added/replacing.
 
     The draft's kind (``kind:``) decides its folder; it replaces the profile with the same
-    key. Nothing is written.
+    key. Nothing is written. Also returns the draft's key (``intake/<id>/<version>``...;
+    None without a draft).
 
     Raises:
         UnprocessableError: the draft (or the set with it) has problems, each listed.
     """
     if draft is None:
-        return runtime.profiles.current
+        return runtime.profiles.current, None
     root = runtime.profiles.current.root
     kind = _draft_kind(draft)
     rel = f"{kind}/{draft_name or '_draft'}.yaml" if kind != "workflow" else "workflow.yaml"
     try:
-        return load_profiles(root, drafts={rel: draft})
+        profiles = load_profiles(root, drafts={rel: draft})
+        return profiles, profiles.key_of_file(rel)
     except ProfileLoadError as exc:
         raise UnprocessableError(
             "the draft profile has problems", exc.problems, pointer="#/profile"
@@ -83,8 +85,13 @@ def _draft_kind(draft: bytes) -> str:
 def preview_payload(
     runtime: Runtime, data: Any, *, draft: bytes | None = None, kind: Any = None
 ) -> Preview:
-    """Map ``data`` with the running profiles (or with ``draft``), validate, store nothing."""
-    profiles = profile_set_with_draft(runtime, draft)
+    """Map ``data`` with the running profiles (or with ``draft``), validate, store nothing.
+
+    With a draft, an input that another profile maps (an intake naming another form
+    version) gets the issue ``other_profile`` and no resources: the draft is what is
+    previewed, never a deployed profile in its place.
+    """
+    profiles, key = set_and_key_with_draft(runtime, draft)
     return preview(
         data,
         profiles,
@@ -92,6 +99,7 @@ def preview_payload(
         organization=runtime.settings.organization_name,
         systems=runtime.systems,
         kind=kind,
+        profile_key=key,
     )
 
 
@@ -129,6 +137,10 @@ class ReloadResult:
         }
 
 
+#: The most problems one refused reload writes to the log (all are in the API answer).
+RELOAD_PROBLEMS_LOGGED = 20
+
+
 def reload_profiles(runtime: Runtime) -> ReloadResult:
     """Load the profiles directory again and swap the set in one step.
 
@@ -140,7 +152,14 @@ def reload_profiles(runtime: Runtime) -> ReloadResult:
     try:
         new = runtime.profiles.reload()
     except ProfileLoadError as exc:
-        log.warning("profiles.reload_refused", problems=len(exc.problems))
+        # What is wrong, so a SIGHUP (no caller to answer) is not a silent refusal: profile
+        # problems name files, lines, paths and rules of the configuration, never a
+        # patient's data. At most RELOAD_PROBLEMS_LOGGED of them; the count is whole.
+        log.warning(
+            "profiles.reload_refused",
+            count=len(exc.problems),
+            problems=[p.as_dict() for p in exc.problems[:RELOAD_PROBLEMS_LOGGED]],
+        )
         raise UnprocessableError(
             "the profiles have problems; the running profiles stay in use",
             exc.problems,

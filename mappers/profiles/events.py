@@ -288,6 +288,14 @@ class PartnerProfile(Strict):
     source: Annotated[str, Field(pattern=KEY)]
     webhook: WebhookSpec | None = None
     hl7: Hl7Spec | None = None
+    max_future: timedelta = Field(
+        default=timedelta(minutes=5),
+        ge=timedelta(0),
+        description="How far ahead of its receipt an event's time (HL7 EVN/ORC/OBR times or "
+        "MSH-7, the webhook's occurred_at) may be: later ones are refused as "
+        "future_timestamp (HL7: AE 102) and kept in the exceptions queue, since a time read "
+        "in the wrong zone would make correct later events count as late.",
+    )
 
     @model_validator(mode="after")
     def _some_channel(self) -> PartnerProfile:
@@ -343,6 +351,12 @@ class EhrEventsSpec(Strict):
     unmatched: Literal["ignore", "exception"] = Field(
         default="ignore",
         description="A focus resource no row matches (topics fire on any change): ignored.",
+    )
+    max_future: timedelta = Field(
+        default=timedelta(minutes=5),
+        ge=timedelta(0),
+        description="How far ahead of its receipt an event's time may be: later ones are "
+        "refused as future_timestamp and kept in the exceptions queue.",
     )
 
 

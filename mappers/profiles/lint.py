@@ -22,6 +22,10 @@ duplicate-processor        one processor in two checkout profiles
 unknown-concept-map        a concept map reference with no file in concept-maps/
 invalid-extension          an EHR override extension that is not valid FHIR
 ownership-conflict         a Patient element owned by both an intake and a checkout
+code-syntax                a coding whose code is not of its system's form (RxNorm
+                           digits, LOINC ``n-n`` with its check digit, SNOMED CT digits
+                           with its Verhoeff check digit) or a ``<...>`` placeholder
+                           (:mod:`mappers.codesyntax`)
 consent-without-mapping    (warning) a required consent with no ``derived.consents`` entry
 unknown-program            (warning) a plan whose program no intake form has
 checkout-event-not-in-     (warning) plans are sold but the workflow does not let
@@ -36,9 +40,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from fhir.resources.R4B.extension import Extension
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from mappers import ucum
+from mappers.codesyntax import code_syntax_problem
 from mappers.errors import Problem
 from mappers.fhirpath import compile_fhirpath, fhirpath_syntax_errors, linkids_named
 from mappers.profiles.checkout import PAYMENT_EVENTS
@@ -65,6 +70,7 @@ def lint_profile_set(profiles: Any) -> tuple[list[Problem], list[Problem]]:
     found.extend(_lint_checkout(profiles))
     found.extend(_lint_ehr(profiles))
     found.extend(_lint_ownership(profiles))
+    found.extend(_lint_code_syntax(profiles))
     errors: list[Problem] = []
     warnings: list[Problem] = []
     for key, path, code, message in found:
@@ -326,3 +332,35 @@ def _lint_ownership(profiles: Any) -> Iterable[_Found]:
                     f"Patient element {element} is also owned by {intake_owner[element]}: "
                     "one source must own it",
                 )
+
+
+def _lint_code_syntax(profiles: Any) -> Iterable[_Found]:
+    """Every ``{system, code}`` pair of the intake, checkout and EHR profiles, checked by
+    :func:`mappers.codesyntax.code_syntax_problem`."""
+    keyed: list[tuple[str, Any]] = [
+        (f"intake/{pid}/{version}", p) for (pid, version), p in profiles.intake.items()
+    ]
+    keyed += [(f"checkout/{cid}", p) for cid, p in profiles.checkout.items()]
+    keyed += [(f"ehr/{name}", p) for name, p in profiles.ehr.items()]
+    for key, profile in keyed:
+        for path, system, code in _codings(profile, ()):
+            message = code_syntax_problem(system, code)
+            if message is not None:
+                yield key, (*path, "code"), "code-syntax", f"{system}: {message}"
+
+
+def _codings(node: Any, path: tuple[Any, ...]) -> Iterable[tuple[tuple[Any, ...], str, str]]:
+    """``(path, system, code)`` of every model in ``node`` with a string ``system`` and
+    ``code`` (paths as written in the YAML: field aliases, mapping keys, list indexes)."""
+    if isinstance(node, BaseModel):
+        system, code = getattr(node, "system", None), getattr(node, "code", None)
+        if isinstance(system, str) and isinstance(code, str):
+            yield path, system, code
+        for name, info in type(node).model_fields.items():
+            yield from _codings(getattr(node, name), (*path, info.alias or name))
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            yield from _codings(v, (*path, k))
+    elif isinstance(node, list | tuple):
+        for i, v in enumerate(node):
+            yield from _codings(v, (*path, i))

@@ -169,6 +169,14 @@ class ProfileSet:
         ``checkout/<id>``, ``ehr/<name>``, ``workflow``)."""
         return self.sources.get(key)
 
+    def key_of_file(self, path: str) -> str | None:
+        """The key (``intake/<id>/<version>``, ``checkout/<id>``...) of the profile loaded
+        from ``path`` (relative to the root), or None when no profile came from it."""
+        for key, source in self.sources.items():
+            if source.path == path and not key.startswith("concept-map/"):
+                return key
+        return None
+
     @property
     def content_hash(self) -> str:
         """SHA-256 over every profile's and concept map's hash: changes when any file does."""

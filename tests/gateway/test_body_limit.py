@@ -95,3 +95,25 @@ async def test_a_body_under_the_limit_is_processed(
 ) -> None:
     r = await client.post("/v1/checkouts", json={"checkout_id": "c-1"}, headers=admin_headers)
     assert r.status_code == 422  # read and validated, not refused for its size
+
+
+async def test_an_oversize_body_keeps_nothing_and_is_logged_by_size_only(
+    client: httpx.AsyncClient,
+    runtime: Runtime,
+    admin_headers: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """docs/API.md: a 413 keeps nothing of the body (no exception row); one log line."""
+    before = await table_counts(runtime)
+    capsys.readouterr()
+    r = await client.post(
+        "/v1/intake-submissions",
+        content=oversize_intake(),
+        headers={**admin_headers, "Content-Type": "application/json"},
+    )
+    assert_413(r)
+    assert await table_counts(runtime) == before  # the exceptions queue included
+    out = capsys.readouterr().out
+    [line] = [x for x in out.splitlines() if "http.body_too_large" in x]
+    assert "/v1/intake-submissions" in line and str(LIMIT_BYTES) in line
+    assert "Patient note" not in out

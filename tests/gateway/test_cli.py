@@ -234,3 +234,51 @@ def test_profiles_with_problems_stop_a_command_before_it_starts(
     result = runner.invoke(app, ["worker"])
     assert result.exit_code == 2, result.output
     assert "broken.yaml" in result.output
+
+
+def _commands() -> list[tuple[list[str], Any]]:
+    import click
+    import typer.main
+
+    found: list[tuple[list[str], Any]] = []
+
+    def walk(command: Any, path: list[str]) -> None:
+        found.append((path, command))
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                walk(sub, [*path, name])
+
+    walk(typer.main.get_command(app), [])
+    return found
+
+
+def test_help_texts_are_plain_paragraphs() -> None:
+    """Issue 15: no reST markup (``--workers N``) and no line breaks inside a paragraph
+    (the terminal wraps; typer keeps the source's breaks after the first paragraph)."""
+    for path, command in _commands():
+        text = command.help or ""
+        assert "``" not in text, path
+        assert ":func:`" not in text and ":mod:`" not in text, path
+        for paragraph in text.split("\n\n"):
+            assert "\n" not in paragraph, (path, paragraph)
+        for param in command.params:
+            assert "``" not in (getattr(param, "help", None) or ""), (path, param.name)
+
+
+def test_rendered_help_shows_no_markup(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "120")
+    for args in (["serve"], ["mllp"], ["deliveries", "show"], ["profiles", "preview"]):
+        result = runner.invoke(app, [*args, "--help"])
+        assert result.exit_code == 0, result.output
+        assert "``" not in result.output, args
+    serve = runner.invoke(app, ["serve", "--help"]).output
+    assert "--workers N processes" in serve
+
+
+def test_mllp_help_names_the_real_default_of_max_message_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    result = runner.invoke(app, ["mllp", "--help"])
+    assert "GATEWAY_MAX_BODY_BYTES" in result.output
+    assert "[default: 0]" not in result.output

@@ -103,6 +103,24 @@ async def test_preview_with_a_draft_profile(
     )
 
 
+async def test_preview_with_a_draft_of_another_version_refuses_the_input(
+    client: httpx.AsyncClient, make_api_key: ApiKeyFactory, profiles_dir: Path
+) -> None:
+    """Issue 15: the v2 draft with a v1 input is refused, not previewed with deployed v1."""
+    headers = await _headers(make_api_key, "profiles:write")
+    draft = (profiles_dir / "intake/glp1-weight-management-v2.yaml").read_text()
+    r = await client.post(
+        "/v1/profiles/preview", json={"input": samples.intake(), "profile": draft}, headers=headers
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["valid"] is False
+    assert body["bundle"]["entry"] == []
+    [issue] = body["issues"]
+    assert (issue["location"], issue["code"]) == ("form", "other_profile")
+    assert "intake/glp1-weight-management/2" in issue["message"]
+
+
 async def test_preview_with_an_invalid_draft_names_file_line_and_path(
     client: httpx.AsyncClient, make_api_key: ApiKeyFactory, profiles_dir: Path
 ) -> None:
@@ -180,7 +198,9 @@ async def test_reload_needs_ops_admin(
     assert (await client.post("/v1/ops/profiles/reload", headers=headers)).status_code == 403
 
 
-async def test_sighup_reloads(runtime: Runtime, profiles_dir: Path) -> None:
+async def test_sighup_reloads(
+    runtime: Runtime, profiles_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert install_sighup_reload(runtime)
     try:
         before = runtime.profiles.current
@@ -196,9 +216,15 @@ async def test_sighup_reloads(runtime: Runtime, profiles_dir: Path) -> None:
         # an invalid set on SIGHUP: refused, the running set stays
         current = runtime.profiles.current
         edit_yaml(profiles_dir / GLP1_V1, lambda d: d.update(status="live"))
+        capsys.readouterr()
         os.kill(os.getpid(), signal.SIGHUP)
         await asyncio.sleep(0.1)
         assert runtime.profiles.current is current
+        # the log says what is wrong (file, line, path, rule), not only how many problems
+        [line] = [x for x in capsys.readouterr().out.splitlines() if "reload_refused" in x]
+        assert "count=1" in line
+        assert "intake/glp1-weight-management-v1.yaml:5: status" in line
+        assert "literal_error" in line
     finally:
         asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
 

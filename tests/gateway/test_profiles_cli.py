@@ -188,3 +188,81 @@ def test_preview_of_a_missing_profile_is_an_error_not_a_traceback(tmp_path: Path
     assert r.exit_code == 2
     assert "nope.yaml: not readable here or under" in r.output
     assert r.exception is None or isinstance(r.exception, SystemExit)
+
+
+def test_preview_refuses_an_input_for_another_form_version(tmp_path: Path) -> None:
+    """Issue 15: a v1 input previewed with the v2 file must not silently use the deployed v1."""
+    v2 = "intake/glp1-weight-management-v2.yaml"
+    r = runner.invoke(
+        app,
+        [
+            "profiles",
+            "preview",
+            str(BUNDLED_PROFILES_DIR / v2),
+            str(V1_INPUT),
+            "--profiles-dir",
+            str(BUNDLED_PROFILES_DIR),
+        ],
+    )
+    assert r.exit_code == 1
+    assert r.stdout == ""
+    assert "intake/glp1-weight-management/2" in r.stderr
+    assert "form.id and form.version name another profile" in r.stderr
+
+
+def test_preview_refuses_a_checkout_with_an_intake_profile(tmp_path: Path) -> None:
+    checkout = BUNDLED_PROFILES_DIR / "checkout/glp1-plans.examples/canonical.input.json"
+    r = runner.invoke(
+        app,
+        [
+            "profiles",
+            "preview",
+            str(BUNDLED_PROFILES_DIR / GLP1_V1),
+            str(checkout),
+            "--profiles-dir",
+            str(BUNDLED_PROFILES_DIR),
+        ],
+    )
+    assert r.exit_code == 1
+    assert "the input is a checkout; the profile previewed is intake/" in r.stderr
+
+
+def test_preview_of_a_checkout_profile_maps_its_own_plans() -> None:
+    checkout = BUNDLED_PROFILES_DIR / "checkout/glp1-plans.examples/canonical.input.json"
+    r = runner.invoke(
+        app,
+        [
+            "profiles",
+            "preview",
+            str(BUNDLED_PROFILES_DIR / "checkout/glp1-plans.yaml"),
+            str(checkout),
+            "--profiles-dir",
+            str(BUNDLED_PROFILES_DIR),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+
+
+def test_check_refuses_the_guides_placeholder_code(tmp_path: Path) -> None:
+    """Issue 15: the PROFILES.md plan pasted as written is an error, not 0 errors."""
+    root = copy_profiles(tmp_path / "p")
+    plans = root / "checkout/glp1-plans.yaml"
+    text = plans.read_text()
+    assert 'code: "1991306"' in text
+    plans.write_text(
+        text.replace('code: "1991306"', 'code: "<the SCD RxCUI of the 2.4 mg pen, from RxNav>"', 1)
+    )
+    r = runner.invoke(app, ["profiles", "check", str(root)])
+    assert r.exit_code == 1
+    [line] = [x for x in r.output.splitlines() if "[code-syntax]" in x]
+    assert line.startswith("checkout/glp1-plans.yaml:")
+    assert ".medication.code: " in line and "placeholder" in line
+
+
+def test_check_refuses_a_loinc_code_with_a_wrong_check_digit(tmp_path: Path) -> None:
+    root = copy_profiles(tmp_path / "p")
+    form = root / "intake/glp1-weight-management-v2.yaml"
+    form.write_text(form.read_text().replace("code: 29463-7", "code: 29463-8", 1))
+    r = runner.invoke(app, ["profiles", "check", str(root)])
+    assert r.exit_code == 1
+    assert "LOINC check digit" in r.output and "[code-syntax]" in r.output

@@ -140,7 +140,7 @@ async def test_a_missing_signature_header_is_400(client: httpx.AsyncClient) -> N
     assert r.json()["errors"] == [
         {
             "field": "Stripe-Signature",
-            "pointer": "#/Stripe-Signature",
+            "header": "Stripe-Signature",
             "code": "missing_signature",
             "detail": "the Stripe-Signature header is required",
         }

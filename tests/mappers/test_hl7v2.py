@@ -572,3 +572,53 @@ def test_an_unknown_sender_gets_table_value_not_found_with_the_reason(
         assert (str(err[2]), str(err[8])) == (f"MSH^1^{position}", reason)
     else:
         assert str(err[1]) == f"MSH^1^{position}^103&Table value not found&HL70357"
+
+
+# ------------------------------------------------------- times from the future (issue 15)
+
+
+def _adt_at(local: str) -> Any:
+    """An ADT^A08 of EXAMPLEEHR (zone America/New_York) with MSH-7 and EVN-6 ``local``
+    (no offset: read in the sender's zone)."""
+    return parse_er7(
+        f"MSH|^~\\&|ADT|EXAMPLEEHR|FHIRGW|TELE|{local}||ADT^A08|ADT-F1|P|2.3.1\r"
+        f"EVN|A08|{local}||||{local}\r"
+        "PID|1||MRN48213^^^EXAMPLEEHR^MR||RIVERA^JORDAN||19880412|F\r"
+    )
+
+
+def test_a_time_hours_in_the_future_is_refused_with_its_field(profiles: ProfileSet) -> None:
+    """A UTC wall-clock time sent without an offset, read in New York: 5 hours ahead."""
+    received = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+    message = _adt_at("20261127120000")  # meant as UTC, read as 12:00 in New York = 17:00 UTC
+    partner = profiles.hl7_sender("EXAMPLEEHR")
+    assert partner is not None and partner.max_future == timedelta(minutes=5)
+    with pytest.raises(Hl7MessageError) as caught:
+        hl7v2_to_clinical_event(message, partner, identifier_base=BASE, received_at=received)
+    error = caught.value
+    assert (error.ack_code, error.hl7_code, error.segment, error.field_position) == (
+        "AE",
+        102,
+        "EVN",
+        6,
+    )
+    assert "300 minute(s) after it was received" in str(error)
+    # without a receipt time (the golden tests, tools) nothing is checked
+    assert hl7v2_to_clinical_event(message, partner, identifier_base=BASE) is not None
+
+
+def test_clock_skew_within_the_senders_max_future_is_accepted(profiles: ProfileSet) -> None:
+    partner = profiles.hl7_sender("EXAMPLEEHR")
+    assert partner is not None
+    message = _adt_at("20261127070400")  # 12:04 UTC: 4 minutes ahead
+    received = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+    event = hl7v2_to_clinical_event(message, partner, identifier_base=BASE, received_at=received)
+    assert event is not None
+    later = _adt_at("20261127071000")  # 10 minutes ahead: this sender may allow it
+    lenient = partner.model_copy(update={"max_future": timedelta(minutes=15)})
+    assert (
+        hl7v2_to_clinical_event(later, lenient, identifier_base=BASE, received_at=received)
+        is not None
+    )
+    with pytest.raises(Hl7MessageError):
+        hl7v2_to_clinical_event(later, partner, identifier_base=BASE, received_at=received)

@@ -433,6 +433,23 @@ def test_cli_lists_and_shows_dead_letters(
     assert "rejected" in lines[0] and "error/invalid" in lines[0]
     assert [json.loads(line)["id"] for line in as_json.stdout.strip().splitlines()] == [ids[4]]
     assert json.loads(shown.stdout)["attempt_log"][0]["status_code"] == 422
+    assert json.loads(shown.stdout)["tries"] == len(json.loads(shown.stdout)["attempt_log"])
+
+
+def test_cli_replay_of_a_pending_delivery_says_why_nothing_was_replayed(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: not "replayed 0 deliveries: " with a dangling colon."""
+    ids = _seed_sync(database_url)
+    pending = _cli(database_url, monkeypatch, "replay", str(ids[3]))
+    assert pending.exit_code == 0
+    again = _cli(database_url, monkeypatch, "replay", str(ids[3]))  # now pending
+    assert again.exit_code == 1
+    assert "replayed nothing" in again.stdout
+    assert f"delivery {ids[3]} left alone: it is pending" in again.stderr
+    assert "deliveries: \n" not in again.output and not again.stdout.rstrip().endswith(":")
+    missing = _cli(database_url, monkeypatch, "replay", "999999")
+    assert "delivery 999999 left alone: no such delivery" in missing.stderr
 
 
 def test_cli_replays_by_id_and_in_bulk(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -444,8 +461,8 @@ def test_cli_replays_by_id_and_in_bulk(database_url: str, monkeypatch: pytest.Mo
     bulk = _cli(database_url, monkeypatch, "replay", "--all", "--batch", "1", "-y")
 
     assert refused.exit_code == 2
-    assert by_id.exit_code == 0 and f"replayed 1 deliveries: {ids[3]}" in by_id.output
-    assert f"left alone: {ids[5]}" in by_id.output
+    assert by_id.exit_code == 0 and f"replayed 1 delivery: {ids[3]}" in by_id.output
+    assert f"delivery {ids[5]} left alone: it is delivered" in by_id.output
     assert "2 deliveries match; nothing replayed (dry run)" in dry.output
     assert bulk.exit_code == 0, bulk.output
     assert "replayed 3 of 3 deliveries" in bulk.output

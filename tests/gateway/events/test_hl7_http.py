@@ -325,3 +325,63 @@ async def test_a_refused_batch_echoes_the_batch_control_id_when_the_sender_wants
         msh, msa, _ = await _send(client, admin_headers, batch)
         assert msa.startswith(f"MSA|AR|{expected}|an HL7 batch")
         assert msh.split("|")[4:6] == ["EHRAPP", facility]
+
+
+async def test_a_message_hours_in_the_future_gets_ae_and_does_not_make_later_events_late(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str]
+) -> None:
+    """Issue 15: an ORC-9 read in the wrong zone lands hours ahead; refused (AE 102, kept
+    for review), so the correct later event still moves the case."""
+    from datetime import UTC, datetime, timedelta
+
+    patient = await _approved(client, runtime, admin_headers)
+    ahead = (datetime.now(UTC) + timedelta(hours=5)).strftime("%Y%m%d%H%M%S+0000")
+    order = hl7_message(
+        "RDE^O11",
+        control_id="RX-F",
+        pid3="e-300^^^TESTEHR^PI",
+        orc=f"ORC|NW|PL-F|||IP||||{ahead}",
+    )
+    ack = await _send(client, admin_headers, order)
+    assert ack[1].startswith("MSA|AE|RX-F")
+    assert ack[2].startswith("ERR||ORC^1^9|102^")
+    [exc] = await _exceptions(runtime)
+    assert exc.kind == "unmappable_input" and exc.channel == "hl7v2"
+    assert [p["code"] for p in exc.problems] == ["hl7_102"]
+    case = await case_of(client, admin_headers, patient.case_id)
+    assert case["state"] == "approved"  # the future event did not apply
+    now = datetime.now(UTC).strftime("%Y%m%d%H%M%S+0000")
+    order = hl7_message(
+        "RDE^O11", control_id="RX-G", pid3="e-300^^^TESTEHR^PI", orc=f"ORC|NW|PL-G|||IP||||{now}"
+    )
+    assert (await _send(client, admin_headers, order))[1] == "MSA|AA|RX-G"
+    case = await case_of(client, admin_headers, patient.case_id)
+    assert case["state"] == "prescribed"
+    assert case["history"][-1]["outcome"] != "late"
+
+
+async def test_a_canonical_event_from_the_future_is_refused(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str]
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    patient = await new_patient(client, admin_headers)
+    ahead = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
+    body = {
+        "event_id": "ev-future",
+        "source": "checkout",
+        "type": "payment_completed",
+        "occurred_at": ahead,
+        "patient": patient.identifier,
+    }
+    r = await client.post("/v1/events", json=body, headers=admin_headers)
+    assert r.status_code == 422, r.text
+    [error] = r.json()["errors"]
+    assert (error["field"], error["code"]) == ("occurred_at", "future_timestamp")
+    case = await case_of(client, admin_headers, patient.case_id)
+    assert case["state"] == "intake_received"
+    skewed = (datetime.now(UTC) + timedelta(minutes=2)).isoformat()  # clock skew: accepted
+    r = await send_event(
+        client, admin_headers, patient, "payment_completed", source="checkout", occurred_at=skewed
+    )
+    assert r.status_code == 202, r.text

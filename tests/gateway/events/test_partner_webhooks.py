@@ -96,6 +96,9 @@ async def test_bad_or_stale_hmac_signatures_are_refused(
     r = await client.post(BEACON, content=body, headers=make_headers(body))  # type: ignore[operator]
     assert r.status_code == 401
     assert [e["code"] for e in r.json()["errors"]] == [reason]
+    # a header problem names the header, not a body pointer (issue 15)
+    [error] = r.json()["errors"]
+    assert error["header"] == "X-Beacon-Signature" and "pointer" not in error
     assert await _count_messages(runtime) == 0
 
 
@@ -207,3 +210,28 @@ async def test_unknown_partner_and_missing_secret(
     monkeypatch.setenv(PHARMACY_ENV, "whsec_" + base64.b64encode(b"short").decode())
     r = await client.post(PHARMACY, content=body, headers=standard_webhook_headers(body))
     assert r.status_code == 503
+
+
+async def test_a_webhook_whose_event_is_hours_ahead_is_kept_not_applied(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str]
+) -> None:
+    """Issue 15: beyond the partner's max_future (5 minutes) the event is refused."""
+    patient = await new_patient(client, admin_headers)
+    body = json.dumps(
+        {
+            "event_id": "bc-future",
+            "event": "consult.assigned",
+            "occurred_at": int(time.time()) + 3 * 3600,
+            "consult": {"id": "c9"},
+            "patient": {"external_id": patient.external_id},
+        }
+    ).encode()
+    r = await client.post(BEACON, content=body, headers=beacon_headers(body))
+    assert r.status_code == 202, r.text
+    assert r.json()["status"] == "failed"
+    assert [p["code"] for p in r.json()["problems"]] == ["future_timestamp"]
+    async with runtime.sessionmaker() as session:
+        [exc] = (await session.scalars(select(ExceptionRecord))).all()
+    assert exc.kind == "unmappable_input" and exc.sender == "beacon-provider-network"
+    case = await case_of(client, admin_headers, patient.case_id)
+    assert case["state"] == "intake_received"

@@ -14,20 +14,50 @@ from mappers.profiles.schema import render, stale_schemas
 from tests.support.profiles import GLP1_V1, PLANS, copy_profiles, edit_yaml
 
 
+def _assert_a_complete_bundled_set(root: Path) -> None:
+    """What the bundled set must be, by its properties rather than its exact members, so
+    an analyst who follows docs/PROFILES.md (a new form version, a new plan) keeps the
+    suite green: every profile file on disk is loaded, one per key; every kind is there;
+    what the README, the demo and the tests use is there; nothing delivers by default."""
+    profiles = load_profiles(root)
+    loaded = {s.path for s in profiles.sources.values()}
+    for kind in PROFILE_KINDS.values():
+        assert profiles.by_kind[kind.name], f"no {kind.name} profile"
+        if kind.location.endswith("/"):
+            on_disk = {f"{kind.location}{p.name}" for p in (root / kind.location).glob("*.y*ml")}
+            assert on_disk <= loaded, kind.name
+            assert len(profiles.by_kind[kind.name]) == len(on_disk), kind.name
+    on_disk_maps = {p.stem for p in (root / "concept-maps").iterdir() if p.is_file()}
+    assert set(profiles.concept_maps) == on_disk_maps
+    # used by the README walkthrough, the demo and the golden examples
+    assert {("glp1-weight-management", "1"), ("dermatology-intake", "1")} <= set(profiles.intake)
+    assert profiles.plan("glp1-semaglutide-starter") is not None
+    assert profiles.processor("stripe") is not None
+    assert not profiles.enabled_targets()  # no EHR is configured by default
+    for key, source in profiles.sources.items():
+        assert len(source.content_hash) == 64, key
+
+
 def test_bundled_set_loads_every_kind() -> None:
     from gateway.settings import BUNDLED_PROFILES_DIR
 
-    profiles = load_profiles(BUNDLED_PROFILES_DIR)
-    assert set(profiles.intake) == {
-        ("glp1-weight-management", "1"),
-        ("glp1-weight-management", "2"),
-        ("dermatology-intake", "1"),
-    }
-    assert set(profiles.concept_maps) == {"glp1-condition-synonyms", "acme-formulary"}
-    assert profiles.processor("stripe") is not None
-    assert all(not t.enabled for t in profiles.ehr.values())
-    source = profiles.source_of("intake/glp1-weight-management/1")
-    assert source is not None and len(source.content_hash) == 64
+    _assert_a_complete_bundled_set(BUNDLED_PROFILES_DIR)
+
+
+def test_the_bundled_set_test_survives_the_guides_worked_example(tmp_path: Path) -> None:
+    """Issue 15: after docs/PROFILES.md's new v3 form and new plan, the set still passes."""
+    root = copy_profiles(tmp_path / "p")
+    v2 = (root / "intake/glp1-weight-management-v2.yaml").read_text()
+    (root / "intake/glp1-weight-management-v3.yaml").write_text(
+        v2.replace('version: "2"', 'version: "3"')
+    )
+    plans = (root / PLANS).read_text()
+    start = plans.index("  glp1-semaglutide-starter:")
+    end = plans.index("\n  glp1-", start + 1)
+    new_plan = plans[start:end].replace("glp1-semaglutide-starter", "glp1-semaglutide-2-4")
+    (root / PLANS).write_text(plans.rstrip("\n") + "\n" + new_plan + "\n")
+    _assert_a_complete_bundled_set(root)
+    assert ("glp1-weight-management", "3") in load_profiles(root).intake
 
 
 def test_schema_errors_name_file_line_and_path(tmp_path: Path) -> None:
