@@ -46,6 +46,7 @@ from gateway.errors import (
 from gateway.events.endpoints import router as events_router
 from gateway.fhir.audit_endpoints import router as audit_router
 from gateway.fhir.endpoints import router as fhir_router
+from gateway.fhir.endpoints import well_known_router as smart_router
 from gateway.hl7.endpoints import router as hl7_router
 from gateway.ingest.endpoints import router as ingest_router
 from gateway.logging import configure_logging, get_logger, log_failure
@@ -54,6 +55,7 @@ from gateway.openapi import build_openapi
 from gateway.ops.cases import router as ops_cases_router
 from gateway.ops.deliveries import router as ops_deliveries_router
 from gateway.ops.exceptions import router as exceptions_router
+from gateway.ops.patient_review import router as patient_review_router
 from gateway.ops.targets import router as ops_targets_router
 from gateway.partners.endpoints import router as partners_router
 from gateway.profiles.endpoints import router as profiles_router
@@ -410,9 +412,11 @@ def create_app(
     app.include_router(hl7_router)
     app.include_router(subscribers_router)
     app.include_router(exceptions_router)
+    app.include_router(patient_review_router)
     app.include_router(profiles_router)  # before fhir_router: /fhir/Questionnaire/{id}
     app.include_router(audit_router)  # before fhir_router: /fhir/AuditEvent is a search
     app.include_router(fhir_router)
+    app.include_router(smart_router)
     app.include_router(ops_deliveries_router)
     app.include_router(ops_targets_router)
     app.include_router(jwks_router)

@@ -8,6 +8,7 @@ Error tree::
       UnauthorizedError          401 missing or wrong credential
       ForbiddenError             403 credential lacks the scope
       NotFoundError              404
+      NotAcceptableError         406 no representation the client accepts (FHIR: JSON only)
       ConflictError              409
       PayloadTooLargeError       413
       UnsupportedMediaTypeError  415
@@ -34,6 +35,7 @@ OUTCOME_CODE = {
     403: "forbidden",
     404: "not-found",
     405: "not-supported",
+    406: "not-supported",
     409: "conflict",
     412: "conflict",
     413: "too-costly",
@@ -99,6 +101,12 @@ class NotFoundError(GatewayError):
     """No such resource."""
 
     status, slug, title = 404, "not-found", "Not found"
+
+
+class NotAcceptableError(GatewayError):
+    """The client accepts no format the route answers in (``Accept``, ``_format``)."""
+
+    status, slug, title = 406, "not-acceptable", "Not acceptable"
 
 
 class ConflictError(GatewayError):

@@ -163,7 +163,7 @@ def _document_operation(operation: dict[str, Any], route: APIRoute, path: str) -
     if "requestBody" in operation:
         responses.setdefault("413", {"description": "The body is larger than the limit"})
     responses.setdefault("500", {"description": "An unexpected error (details only in the logs)"})
-    if path.startswith("/fhir"):
+    if path.startswith("/fhir") and "/.well-known/" not in path:  # SMART's is plain JSON
         for code, response in responses.items():
             content = response.get("content", {})
             if code.startswith("2") and "application/json" in content:
@@ -192,6 +192,18 @@ def document_error_responses(schema: dict[str, Any]) -> None:
     components["OperationOutcome"] = OPERATION_OUTCOME_SCHEMA
     problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
     outcome = {FHIR_JSON: {"schema": {"$ref": "#/components/schemas/OperationOutcome"}}}
+    oauth_error: dict[str, Any] = {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {
+                    "error": {"type": "string"},
+                    "error_description": {"type": "string"},
+                },
+            }
+        }
+    }
     for path, operations in schema.get("paths", {}).items():
         fhir = path == "/fhir" or path.startswith("/fhir/")
         # An EHR posting a notification may ask for an OperationOutcome (gateway.app).
@@ -199,7 +211,12 @@ def document_error_responses(schema: dict[str, Any]) -> None:
         for operation in operations.values():
             for code, response in operation.get("responses", {}).items():
                 if code[:1] in ("4", "5"):
-                    content = outcome if fhir else problem | outcome if either else problem
+                    content: dict[str, Any] = (
+                        outcome if fhir else problem | outcome if either else problem
+                    )
+                    if path == "/oauth/token" and code in ("400", "401"):
+                        # RFC 6749 section 5.2 errors; a NUL in the query is still a problem
+                        content = oauth_error if code == "401" else problem | oauth_error
                     response["content"] = copy.deepcopy(content)
                     if response.get("description") in (None, "", "Validation Error"):
                         response["description"] = HTTPStatus(int(code)).phrase

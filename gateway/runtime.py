@@ -156,6 +156,9 @@ class AuthCache:
             if len(self._entries) >= self.max_entries:
                 self._entries.clear()
             self._entries[digest] = (principal, now + self.ttl_s)
+        expires_at = principal.expires_at if principal is not None else None
+        if expires_at is not None and expires_at <= runtime.clock.now():
+            return None  # an access token ran out while cached
         if principal is not None:
             touched = self._touched.get(principal.client_id)
             if touched is None or now - touched >= self.touch_every_s:

@@ -129,6 +129,8 @@ LAYER_MODULES = {
         "partners",
         "fhir/endpoints",
         "fhir/audit_endpoints",
+        "fhir/search",
+        "fhir/capability",
         "profiles",
         "triage",
         "workflow",

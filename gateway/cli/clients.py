@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import typer
 from sqlalchemy.exc import IntegrityError
@@ -47,11 +50,42 @@ def clients_create(
             "without it, all",
         ),
     ] = None,
+    jwks_url: Annotated[
+        str | None,
+        typer.Option(
+            "--jwks-url",
+            help="SMART Backend Services: the URL of the client's public keys (JWKS); it "
+            "may then get tokens at POST /oauth/token with a private_key_jwt assertion "
+            "(iss = sub = the client name)",
+        ),
+    ] = None,
+    jwks: Annotated[
+        Path | None,
+        typer.Option(
+            "--jwks",
+            help="SMART Backend Services: a file with the client's public keys (a JWK Set)",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
 ) -> None:
-    """Create an API client and print its key once (only a hash is stored)."""
+    """Create an API client and print its key once (only a hash is stored).
+
+    With --jwks-url or --jwks it is also a SMART Backend Services client: it may get tokens at POST /oauth/token."""
     from gateway.audit import service as audit
     from gateway.clients.service import ClientLimitError, UnknownScopeError, create_client
+    from gateway.oauth.server import validate_jwks
 
+    if jwks_url is not None and jwks is not None:
+        raise fail("give --jwks-url or --jwks, not both")
+    key_set = None
+    if jwks is not None:
+        try:
+            key_set = validate_jwks(json.loads(jwks.read_text()))
+        except (ValueError, OSError) as exc:
+            raise fail(f"--jwks: {exc}") from exc
+    if jwks_url is not None and urlsplit(jwks_url).scheme not in ("https", "http"):
+        raise fail("--jwks-url must be an https URL")
     scopes = _words(scope)
     sources = _words(event_source) if event_source else None
     partners = _words(partner) if partner else None
@@ -66,6 +100,8 @@ def clients_create(
                 event_sources=sources,
                 partners=partners,
                 programs=programs,
+                jwks=key_set,
+                jwks_url=jwks_url,
             )
             audit.record(
                 session,

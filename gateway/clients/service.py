@@ -12,11 +12,12 @@ import hmac
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.db.models import ApiClient
+from gateway.db.models import AccessToken, ApiClient
 from gateway.db.types import utcnow
 
 #: Every scope a route checks. ``ops:admin`` implies ``ops:read``.
@@ -65,6 +66,15 @@ class Principal:
     event_sources: frozenset[str] | None = None
     partners: frozenset[str] | None = None
     programs: frozenset[str] | None = None
+    #: The FHIR resource types ``fhir:read`` opens (a SMART token's ``system/<Type>.rs``
+    #: scopes); None: every type.
+    resource_types: frozenset[str] | None = None
+    #: When the credential stops working (an access token's expiry); None: an API key.
+    expires_at: datetime | None = None
+
+    def reads_type(self, resource_type: str) -> bool:
+        """True if the caller may read FHIR resources of ``resource_type``."""
+        return self.resource_types is None or resource_type in self.resource_types
 
     @property
     def label(self) -> str:
@@ -113,6 +123,8 @@ async def create_client(
     event_sources: list[str] | None = None,
     partners: list[str] | None = None,
     programs: list[str] | None = None,
+    jwks: dict[str, Any] | None = None,
+    jwks_url: str | None = None,
 ) -> tuple[ApiClient, str]:
     """Create a client and return it with its new key (shown once, never stored).
 
@@ -123,6 +135,9 @@ async def create_client(
             on ``POST /v1/hl7v2`` (MSH-4 and MSH-3 must be theirs); None: any.
         programs: the programs whose cases, resources and messages this client sees;
             None: all.
+        jwks: a SMART Backend Services client's public keys (a JWK Set), or
+        jwks_url: where it publishes them: either lets it get tokens at
+            ``POST /oauth/token`` (:mod:`gateway.oauth.server`); it keeps its API key.
 
     Raises:
         UnknownScopeError: a scope is not in :data:`SCOPES`.
@@ -148,6 +163,8 @@ async def create_client(
         event_sources=sorted(set(event_sources)) if event_sources is not None else None,
         partners=sorted(set(partners)) if partners is not None else None,
         programs=sorted(set(programs)) if programs is not None else None,
+        jwks=jwks,
+        jwks_url=jwks_url,
     )
     session.add(client)
     await session.flush()
@@ -155,15 +172,47 @@ async def create_client(
 
 
 async def authenticate(session: AsyncSession, *, key: str) -> Principal | None:
-    """The principal for ``key``, or None when it is unknown, malformed or revoked."""
+    """The principal for ``key`` (an API key ``fgw_...``, or an access token ``fgt_...``
+    that ``POST /oauth/token`` issued and that has not expired), or None when it is
+    unknown, malformed, expired or its client revoked."""
     parts = key.split("_")
-    if len(parts) < 3 or parts[0] != "fgw":
+    if len(parts) < 3 or parts[0] not in ("fgw", "fgt"):
         return None
+    if parts[0] == "fgt":
+        return await _token_principal(session, token_id=parts[1], key=key)
     row = await session.scalar(select(ApiClient).where(ApiClient.key_id == parts[1]))
     if row is None or row.revoked_at is not None:
         return None
     if not hmac.compare_digest(row.key_hash, hash_key(key)):
         return None
+    return _principal(row)
+
+
+async def _token_principal(session: AsyncSession, *, token_id: str, key: str) -> Principal | None:
+    token = await session.get(AccessToken, token_id)
+    if token is None or token.expires_at <= utcnow():
+        return None
+    if not hmac.compare_digest(token.token_hash, hash_key(key)):
+        return None
+    row = await session.get(ApiClient, token.client_id)
+    if row is None or row.revoked_at is not None:
+        return None
+    principal = _principal(row)
+    return Principal(
+        client_id=principal.client_id,
+        name=principal.name,
+        scopes=frozenset(token.scopes) & principal.scopes,
+        event_sources=principal.event_sources,
+        partners=principal.partners,
+        programs=principal.programs,
+        resource_types=(
+            frozenset(token.resource_types) if token.resource_types is not None else None
+        ),
+        expires_at=token.expires_at,
+    )
+
+
+def _principal(row: ApiClient) -> Principal:
     return Principal(
         client_id=row.id,
         name=row.name,

@@ -56,6 +56,10 @@ class ApiClient(Base):
     partners: Mapped[list[str] | None] = mapped_column(JSONDoc, nullable=True)
     # Programs whose cases, resources and messages this client sees; NULL: all.
     programs: Mapped[list[str] | None] = mapped_column(JSONDoc, nullable=True)
+    #: SMART Backend Services: the client's public keys (a JWKS), or the URL they are
+    #: published at; either lets it get tokens at ``POST /oauth/token``.
+    jwks: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc, nullable=True)
+    jwks_url: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
     last_used_at: Mapped[datetime | None]
@@ -626,6 +630,73 @@ class SigningKey(Base):
     published_until: Mapped[datetime | None]
 
     __table_args__ = (Index("ix_signing_keys_alg", "alg", "activates_at"),)
+
+
+# --------------------------------------------------------------------------- SMART tokens
+
+
+class AccessToken(Base):
+    """An access token the gateway issued (``POST /oauth/token``): only SHA-256 of the
+    token is kept, with the client, the gateway scopes and FHIR types it grants, and
+    when it expires."""
+
+    __tablename__ = "access_tokens"
+
+    token_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64))
+    client_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("api_clients.id"), index=True)
+    scopes: Mapped[list[str]] = mapped_column(JSONDoc)
+    resource_types: Mapped[list[str] | None] = mapped_column(JSONDoc, nullable=True)
+    granted: Mapped[str] = mapped_column(Text)  # the scope string answered
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+
+
+class AssertionJti(Base):
+    """A client assertion's ``jti`` seen, until the assertion expires: a second use is
+    refused (SMART Backend Services, replay protection)."""
+
+    __tablename__ = "assertion_jtis"
+
+    client_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    jti: Mapped[str] = mapped_column(String(256), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+# --------------------------------------------------------------------------- merge review
+
+
+class ReviewStatus(StrEnum):
+    """A probable duplicate's review: open until a person accepts or rejects it; linked
+    when the score was above the link threshold (merged without review)."""
+
+    OPEN = "open"
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    LINKED = "linked"
+
+
+class PatientReview(Base):
+    """Two Patients that are probably the same person, with the score and its parts
+    (:mod:`gateway.patients.review`): a merge-review queue entry."""
+
+    __tablename__ = "patient_reviews"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    patient_id: Mapped[str] = mapped_column(String(64), index=True)  # the newer record
+    candidate_id: Mapped[str] = mapped_column(String(64), index=True)  # the one it resembles
+    score: Mapped[float] = mapped_column(Float)
+    parts: Mapped[dict[str, Any]]  # element -> its score (no values)
+    status: Mapped[str] = mapped_column(String(16), default=ReviewStatus.OPEN)
+    reason: Mapped[str | None] = mapped_column(Text)
+    decided_by: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    decided_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        UniqueConstraint("patient_id", "candidate_id", name="uq_patient_reviews_pair"),
+        Index("ix_patient_reviews_status", "status"),
+    )
 
 
 # --------------------------------------------------------------------------- staff

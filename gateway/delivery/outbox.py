@@ -78,6 +78,36 @@ def enqueue_ehr_deliveries(
     return rows
 
 
+def enqueue_ehr_updates(
+    session: AsyncSession,
+    targets: Sequence[EhrTargetProfile],
+    *,
+    patient_id: str,
+    refs: Sequence[str],
+) -> list[Delivery]:
+    """Add one delivery per enabled target of ``refs`` (``Type/id``) it receives: resources
+    the gateway changed without an inbound message (a patient merge). Ordered with the
+    patient's other deliveries (``ordering_key``), so an earlier create is sent first."""
+    rows = []
+    now = utcnow()
+    for target in targets:
+        relevant = deliverable_refs(target, refs)
+        if not relevant:
+            continue
+        row = Delivery(
+            kind="ehr",
+            target=target.name,
+            ordering_key=patient_id,
+            inbound_message_id=None,
+            resource_refs=relevant,
+            available_at=now,
+            created_at=now,
+        )
+        session.add(row)
+        rows.append(row)
+    return rows
+
+
 async def narrow_to_profiles(
     session: AsyncSession, *, ids: Sequence[int], profiles: ProfileSet
 ) -> int:

@@ -3,8 +3,9 @@ the profile that produced each version (``profile_mappings``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, or_, select
@@ -214,3 +215,100 @@ async def resources_with_identifier_prefix(
         )
     )
     return list(rows)
+
+
+# --------------------------------------------------------------------------- search
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResource:
+    """A current resource as a search reads it (its columns, not an ORM object: a search
+    reads many rows, and an ORM instance costs about as much as decoding its JSON)."""
+
+    resource_type: str
+    id: str
+    resource: dict[str, Any]
+    patient_id: str | None
+    updated_at: datetime
+    version_id: int
+
+
+_STORED_COLUMNS = (
+    FhirResource.resource_type,
+    FhirResource.id,
+    FhirResource.resource,
+    FhirResource.patient_id,
+    FhirResource.updated_at,
+    FhirResource.version_id,
+)
+
+
+async def resources_of_type(
+    session: AsyncSession,
+    resource_type: str,
+    *,
+    patient_ids: Collection[str] | None = None,
+    ids: Collection[str] | None = None,
+) -> list[StoredResource]:
+    """The current resources of ``resource_type``, oldest update first (then id),
+    narrowed to those of ``patient_ids`` (the ``patient_id`` column: the Patient a
+    resource belongs to, or the Patient itself) and to ``ids`` when given. The search's
+    candidates: the other criteria are evaluated on the resources (:mod:`mappers.search`)."""
+    stmt = select(*_STORED_COLUMNS).where(FhirResource.resource_type == resource_type)
+    if patient_ids is not None:
+        stmt = stmt.where(FhirResource.patient_id.in_(sorted(patient_ids)))
+    if ids is not None:
+        stmt = stmt.where(FhirResource.id.in_(sorted(ids)))
+    stmt = stmt.order_by(FhirResource.updated_at, FhirResource.id)
+    return [StoredResource(*row) for row in await session.execute(stmt)]
+
+
+async def patient_compartment(
+    session: AsyncSession, patient_id: str, *, since: datetime | None = None
+) -> list[StoredResource]:
+    """The Patient and every stored resource that belongs to it (``patient_id``), the
+    Patient first, then by type and id; ``since``: only those updated at or after it."""
+    stmt = select(*_STORED_COLUMNS).where(FhirResource.patient_id == patient_id)
+    if since is not None:
+        stmt = stmt.where(FhirResource.updated_at >= since)
+    stmt = stmt.order_by(FhirResource.resource_type, FhirResource.id)
+    rows = [StoredResource(*row) for row in await session.execute(stmt)]
+    rows.sort(key=lambda r: (r.resource_type != "Patient" or r.id != patient_id,))
+    return rows
+
+
+async def history(
+    session: AsyncSession, resource_type: str, resource_id: str
+) -> list[tuple[int, dict[str, Any], datetime]]:
+    """Every version of a resource, newest first: ``(version id, resource, recorded
+    at)``; empty when it is unknown."""
+    current = await session.get(FhirResource, (resource_type, resource_id))
+    if current is None:
+        return []
+    older = await session.scalars(
+        select(FhirResourceVersion)
+        .where(
+            FhirResourceVersion.resource_type == resource_type,
+            FhirResourceVersion.id == resource_id,
+        )
+        .order_by(FhirResourceVersion.version_id.desc())
+    )
+    return [(current.version_id, current.resource, current.updated_at)] + [
+        (v.version_id, v.resource, v.recorded_at) for v in older
+    ]
+
+
+async def get_version(
+    session: AsyncSession, resource_type: str, resource_id: str, version_id: int
+) -> tuple[FhirResource, dict[str, Any], datetime] | None:
+    """``(current row, the resource as of version_id, when that version was recorded)``,
+    or None when the resource or that version is unknown."""
+    current = await session.get(FhirResource, (resource_type, resource_id))
+    if current is None:
+        return None
+    if current.version_id == version_id:
+        return current, current.resource, current.updated_at
+    old = await session.get(FhirResourceVersion, (resource_type, resource_id, version_id))
+    if old is None:
+        return None
+    return current, old.resource, old.recorded_at

@@ -25,18 +25,20 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from gateway.audit import service as audit
 from gateway.clients.actor import current_actor
 from gateway.db.bulk import BulkInserts
-from gateway.db.models import AuditEntry, FhirResource, InboundMessage, MessageStatus
+from gateway.db.models import AuditEntry, FhirResource, InboundMessage, MessageStatus, ReviewStatus
 from gateway.db.types import utcnow
-from gateway.delivery.outbox import enqueue_ehr_deliveries
+from gateway.delivery.outbox import enqueue_ehr_deliveries, enqueue_ehr_updates
 from gateway.errors import UnprocessableError
 from gateway.fhir import repository as fhir_repo
 from gateway.fhir.repository import ProfileRef
 from gateway.http import Outcome, store_if_new
 from gateway.inbox import repository as inbox
+from gateway.ingest.patient_merge import merge_patients
 from gateway.logging import get_logger
 from gateway.patients import repository as patients_repo
 from gateway.patients.matching import PatientMatch
 from gateway.patients.merge import MergedPatient, save_patient_facts
+from gateway.patients.review import detect_duplicates
 from gateway.runtime import Runtime
 from gateway.subscribers.service import enqueue_case_webhook
 from gateway.workflow.service import EventInput, apply_event
@@ -294,6 +296,8 @@ async def store_mapped(
             notify=enqueue_case_webhook,
             new_patient=existed.get(f"Patient/{mapped.patient_id}") is None,
         )
+    if mapped.match.new:
+        deliveries += await _review_duplicates(session, ctx, mapped, written)
     await session.flush()
     log.info(
         "ingest.stored",
@@ -387,6 +391,42 @@ def _enqueue(
             provenance_ref=f"Provenance/{provenance_id}",
             received_at=mapped.message.received_at,
         )
+    )
+
+
+async def _review_duplicates(
+    session: AsyncSession,
+    ctx: IngestContext,
+    mapped: MappedMessage,
+    written: list[dict[str, Any]],
+) -> list[Any]:
+    """A new patient's probable duplicates (:func:`gateway.patients.review.
+    detect_duplicates`): queued for review, or, at the link threshold, merged into the
+    stored patient at once with the changes sent to the EHRs."""
+    patient = next(
+        (
+            r
+            for r in written
+            if r.get("resourceType") == "Patient" and r.get("id") == mapped.patient_id
+        ),
+        None,
+    )
+    if patient is None:
+        return []
+    found = await detect_duplicates(session, patient)
+    linked = [r for r in found if r.status == ReviewStatus.LINKED]
+    if not linked:
+        return []
+    merged = await merge_patients(
+        session, survivor_id=linked[0].candidate_id, merged_id=mapped.patient_id
+    )
+    linked[0].decided_by = "system"
+    linked[0].decided_at = utcnow()
+    return enqueue_ehr_updates(
+        session,
+        ctx.profiles.enabled_targets(),
+        patient_id=merged.survivor_id,
+        refs=merged.changed_refs,
     )
 
 

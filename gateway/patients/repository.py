@@ -120,19 +120,32 @@ def identifier_keys(resource: dict[str, Any]) -> list[Key]:
 async def patients_for_remote_ids(
     session: AsyncSession, refs: Sequence[PatientRef]
 ) -> dict[PatientRef, str]:
-    """``ref -> patient_id`` for the ``remote_id`` refs an EHR assigned to our patients."""
+    """``ref -> patient_id`` for the ``remote_id`` refs an EHR assigned to our patients;
+    for a merged Patient, its survivor."""
     wanted = [r for r in refs if r.kind == "remote_id" and r.target]
     if not wanted:
         return {}
+    # A merged Patient's newest link (link[0], ``replaced-by``) names its survivor: the
+    # EHR's id of the merged record finds the survivor, in the same statement.
+    link_type = FhirResource.resource[("link", 0, "type")].as_string()
+    link_to = FhirResource.resource[("link", 0, "other", "reference")].as_string()
     rows = await session.execute(
-        select(RemoteId.target, RemoteId.remote_id, RemoteId.local_id).where(
+        select(RemoteId.target, RemoteId.remote_id, RemoteId.local_id, link_type, link_to)
+        .outerjoin(
+            FhirResource,
+            and_(FhirResource.resource_type == "Patient", FhirResource.id == RemoteId.local_id),
+        )
+        .where(
             RemoteId.resource_type == "Patient",
             or_(
                 *[and_(RemoteId.target == r.target, RemoteId.remote_id == r.value) for r in wanted]
             ),
         )
     )
-    found: dict[tuple[str, str], str] = {(t, rid): lid for t, rid, lid in rows}
+    found: dict[tuple[str, str], str] = {}
+    for t, rid, lid, kind, to in rows:
+        survivor = to.removeprefix("Patient/") if kind == "replaced-by" and to else None
+        found[(t, rid)] = survivor or lid
     return {
         r: found[(r.target or "", r.value)] for r in wanted if (r.target or "", r.value) in found
     }

@@ -247,7 +247,7 @@ async def test_the_whole_journey_reaches_the_subscriber_once_in_order(
                 control_id="RF-1",
                 facility="SUNRISE-RX",
                 pid3="MRN-77^^^EXAMPLEEHR^MR",
-                orc="ORC|RF|PL-100|FL-1||IP||||20261220080000-0600",
+                orc="ORC|RF|PL-100|FL-1||IP||||20261127080000-0600",
             ).replace("EHRAPP", "RXSYS")
             r = await client.post(
                 "/v1/hl7v2",

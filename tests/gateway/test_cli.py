@@ -236,6 +236,46 @@ def test_profiles_with_problems_stop_a_command_before_it_starts(
     assert "broken.yaml" in result.output
 
 
+def test_clients_create_with_a_jwks_registers_a_smart_backend_client(
+    migrated: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from joserfc.jwk import RSAKey
+
+    key = RSAKey.generate_key(2048, parameters={"kid": "k1"})
+    public = tmp_path / "jwks.json"
+    public.write_text(json.dumps({"keys": [key.as_dict(private=False)]}))
+    args = ["clients", "create", "ehr-backend", "--scope", "fhir:read", "--jwks", str(public)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    with sqlite3.connect(migrated) as conn:
+        (stored,) = conn.execute(
+            "SELECT jwks FROM api_clients WHERE name = 'ehr-backend'"
+        ).fetchone()
+    assert json.loads(stored)["keys"][0]["kid"] == "k1"
+    private = tmp_path / "private.json"
+    private.write_text(json.dumps({"keys": [key.as_dict(private=True)]}))
+    refused = runner.invoke(
+        app, ["clients", "create", "leaky", "--scope", "fhir:read", "--jwks", str(private)]
+    )
+    assert refused.exit_code != 0
+    assert "public key only" in refused.stderr
+    url = runner.invoke(
+        app,
+        [
+            "clients",
+            "create",
+            "by-url",
+            "--scope",
+            "fhir:read",
+            "--jwks-url",
+            "https://ehr.example/.well-known/jwks.json",
+        ],
+    )
+    assert url.exit_code == 0, url.stderr
+
+
 def _commands() -> list[tuple[list[str], Any]]:
     import click
     import typer.main

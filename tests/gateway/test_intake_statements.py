@@ -26,8 +26,10 @@ from tests.support.api import signed_stripe
 #: (UPDATE). Was 16 before the ingest work; 11 with a look-up of the inbox key first and
 #: the inbox row inserted last (twins then raced to the end and were retried). 12 since
 #: the audit trail (issue 11): the case event's AuditEvent row is written with the case,
-#: after the resources' audit rows went in one statement with the resources.
-NEW_SUBMISSION_STATEMENTS = 12
+#: after the resources' audit rows went in one statement with the resources. 14 since the
+#: FHIR face (issue 13): a new patient is scored against the stored Patients (1 SELECT;
+#: a probable duplicate would add its review row).
+NEW_SUBMISSION_STATEMENTS = 13
 #: A new paid Stripe checkout event (new patient): as an intake, plus the
 #: MedicationRequest look-up, the Stripe customer id's key, and the savepoint around the
 #: mapping (a checkout that does not map leaves nothing of it behind); and, since the audit
@@ -59,6 +61,8 @@ async def test_new_submission_takes_eleven_statements_and_a_replay_two(
     body["submission_id"] = "sub-statements-1"
     body["patient"]["external_id"] = "pt-statements-1"
     body["patient"]["email"] = "statements-1@example.com"
+    # not a probable duplicate of the warm-up's patient (that would add a review row)
+    body["patient"].update(last_name="Okafor", birth_date="07/30/1961", phone="(617) 555-0188")
     raw = json.dumps(body)
     with statements(runtime) as seen:
         first = await client.post("/v1/intake-submissions", content=raw, headers=headers)

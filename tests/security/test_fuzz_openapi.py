@@ -50,6 +50,8 @@ BEYOND_THE_SCHEMA: dict[str, set[int]] = {
     "POST /v1/ops/deliveries/replay": {422},  # exactly one of ids and filter
     "POST /v1/ops/subscribers": {422},  # the egress policy (resolved hosts, allowlist)
     "GET /fhir/AuditEvent": {400},  # FHIR search grammar (dates with prefixes), 400 per FHIR
+    "POST /oauth/token": {400, 401},  # a signed client assertion of a registered client
+    "POST /fhir/{resource_type}/_search": {400},  # FHIR search grammar of the form's values
 }
 
 

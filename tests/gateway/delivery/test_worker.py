@@ -464,7 +464,9 @@ async def test_after_a_burst_of_503s_the_backlog_goes_within_seconds_of_the_reco
     assert opened
     assert await status_counts(runtime) == {"delivered": 12}
     assert recovered_at is not None
-    assert (last - recovered_at).total_seconds() <= 5  # main: a minute or more
+    # Skipped time plus the real time the rounds took (seconds on a loaded machine);
+    # the breaker before issue 17 needed a minute or more.
+    assert (last - recovered_at).total_seconds() <= 15
     assert fake.count("Patient") == 12
     state_after = await _state(runtime)
     assert (state_after.circuit, state_after.probe_failures) == ("closed", 0)

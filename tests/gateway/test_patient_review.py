@@ -1,0 +1,271 @@
+"""Probable duplicate patients: the score (typos, transpositions, swapped names), the
+review queue on ingest, accept (merge) and reject with a reason, scopes and errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.patients.review import (
+    LINK_THRESHOLD,
+    REVIEW_THRESHOLD,
+    WEIGHTS,
+    detect_duplicates,
+    score,
+)
+from gateway.runtime import Runtime
+from tests import samples
+from tests.conftest import ApiKeyFactory
+
+
+def patient(**changes: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "resourceType": "Patient",
+        "id": "p",
+        "name": [{"family": "Rivera", "given": ["Jordan"]}],
+        "birthDate": "1988-04-12",
+        "telecom": [
+            {"system": "phone", "value": "+14155552671"},
+            {"system": "email", "value": "jordan.rivera@example.com"},
+        ],
+        "address": [{"line": ["100 Market St"], "postalCode": "94105"}],
+    }
+    base.update(changes)
+    return base
+
+
+def test_weights_sum_to_one() -> None:
+    assert sum(WEIGHTS.values()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("other", "band"),
+    [
+        (patient(), "link"),
+        (  # a typo in the surname, another email
+            patient(
+                name=[{"family": "Rivira", "given": ["Jordan"]}],
+                telecom=[
+                    {"system": "phone", "value": "+14155552671"},
+                    {"system": "email", "value": "jr1988@mail.example"},
+                ],
+            ),
+            "review",
+        ),
+        (patient(name=[{"family": "Jordan", "given": ["Rivera"]}]), "link"),  # swapped
+        (patient(birthDate="1988-12-04"), "review"),  # month and day transposed
+        (patient(birthDate="1988-04-21"), "review"),  # two digits transposed
+        (  # another person at the same address
+            patient(
+                name=[{"family": "Okafor", "given": ["Chidi"]}],
+                telecom=[{"system": "phone", "value": "+16175550188"}],
+            ),
+            "none",
+        ),
+        (patient(birthDate="1961-07-30", telecom=[]), "none"),
+    ],
+)
+def test_score_bands(other: dict[str, Any], band: str) -> None:
+    s = score(patient(), other)
+    assert s is not None
+    got = (
+        "link" if s.total >= LINK_THRESHOLD else "review" if s.total >= REVIEW_THRESHOLD else "none"
+    )
+    assert got == band, s
+
+
+def test_no_score_without_a_birth_date() -> None:
+    assert score(patient(), patient(birthDate=None)) is None
+
+
+def typo_intakes() -> tuple[dict[str, Any], dict[str, Any]]:
+    first = samples.intake()
+    second = samples.intake()
+    second["patient"]["last_name"] = "Rivira"
+    return first, second
+
+
+async def queue(client: httpx.AsyncClient, headers: dict[str, str], **params: str) -> Any:
+    r = await client.get("/v1/patients/review", params=params, headers=headers)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def test_two_intakes_with_a_typo_wait_for_review_then_accept_merges(
+    client: httpx.AsyncClient, admin_headers: dict[str, str]
+) -> None:
+    first, second = typo_intakes()
+    a = (await client.post("/v1/intake-submissions", json=first, headers=admin_headers)).json()
+    b = (await client.post("/v1/intake-submissions", json=second, headers=admin_headers)).json()
+    old, new = a["patient"]["id"], b["patient"]["id"]
+    assert old != new
+    (item,) = (await queue(client, admin_headers))["items"]
+    assert (item["patient"]["id"], item["candidate"]["id"]) == (new, old)
+    assert REVIEW_THRESHOLD <= item["score"] < LINK_THRESHOLD
+    assert set(item["parts"]) == set(WEIGHTS)
+    r = await client.post(
+        f"/v1/patients/review/{item['id']}/accept",
+        json={"reason": "same person, surname typed wrong"},
+        headers=admin_headers,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "accepted"
+    survivor = (await client.get(f"/fhir/Patient/{old}", headers=admin_headers)).json()
+    merged = (await client.get(f"/fhir/Patient/{new}", headers=admin_headers)).json()
+    assert survivor["link"] == [{"other": {"reference": f"Patient/{new}"}, "type": "replaces"}]
+    assert merged["link"] == [{"other": {"reference": f"Patient/{old}"}, "type": "replaced-by"}]
+    assert merged["active"] is False
+    # the merged patient's answers now belong to the survivor
+    qrs = (
+        await client.get(
+            "/fhir/QuestionnaireResponse", params={"patient": old}, headers=admin_headers
+        )
+    ).json()
+    assert qrs["total"] == 2
+    # a later intake for the merged identifier lands on the survivor
+    again = dict(second, submission_id=second["submission_id"] + "-b")
+    c = (await client.post("/v1/intake-submissions", json=again, headers=admin_headers)).json()
+    assert c["patient"]["id"] == old
+    decided = await client.post(
+        f"/v1/patients/review/{item['id']}/reject", json={"reason": "x"}, headers=admin_headers
+    )
+    assert decided.status_code == 409
+
+
+async def test_reject_records_the_reason_and_keeps_both(
+    client: httpx.AsyncClient, admin_headers: dict[str, str]
+) -> None:
+    first, second = typo_intakes()
+    for body in (first, second):
+        assert (
+            await client.post("/v1/intake-submissions", json=body, headers=admin_headers)
+        ).status_code == 202
+    (item,) = (await queue(client, admin_headers))["items"]
+    r = await client.post(
+        f"/v1/patients/review/{item['id']}/reject",
+        json={"reason": "twins"},
+        headers=admin_headers,
+    )
+    assert r.status_code == 200
+    assert (r.json()["status"], r.json()["reason"]) == ("rejected", "twins")
+    assert r.json()["decided_by"].startswith("client:")
+    assert (await queue(client, admin_headers))["items"] == []
+    assert len((await queue(client, admin_headers, status="rejected"))["items"]) == 1
+
+
+async def test_a_record_above_the_link_threshold_is_linked_not_queued(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], runtime: Runtime
+) -> None:
+    first = samples.intake()
+    a = (await client.post("/v1/intake-submissions", json=first, headers=admin_headers)).json()
+    stored = (await client.get(f"/fhir/Patient/{a['patient']['id']}", headers=admin_headers)).json()
+    # the same demographics under another id (an intake always carries an email, and an
+    # equal email finds the stored patient by its key before any scoring)
+    async with runtime.sessionmaker() as session:
+        found = await detect_duplicates(session, dict(stored, id="another-record"))
+        await session.rollback()
+    assert [(r.candidate_id, r.status) for r in found] == [(a["patient"]["id"], "linked")]
+    assert found[0].score >= LINK_THRESHOLD
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("POST", "/v1/patients/review/999/accept", {"reason": "x"}, 404),
+        ("POST", "/v1/patients/review/999/reject", {"reason": "x"}, 404),
+        ("POST", "/v1/patients/review/1/accept", {}, 422),
+        ("POST", "/v1/patients/review/1/reject", {"reason": ""}, 422),
+    ],
+)
+async def test_review_errors_are_problems(
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    method: str,
+    path: str,
+    body: dict[str, Any],
+    status: int,
+) -> None:
+    r = await client.request(method, path, json=body, headers=admin_headers)
+    assert r.status_code == status
+    assert r.headers["content-type"].startswith("application/problem+json")
+
+
+async def test_the_queue_needs_ops_scopes(
+    client: httpx.AsyncClient, make_api_key: ApiKeyFactory
+) -> None:
+    key = await make_api_key("fhir:read")
+    headers = {"Authorization": f"Bearer {key}"}
+    assert (await client.get("/v1/patients/review", headers=headers)).status_code == 403
+    reader = {"Authorization": f"Bearer {await make_api_key('ops:read')}"}
+    r = await client.post("/v1/patients/review/1/reject", json={"reason": "x"}, headers=reader)
+    assert r.status_code == 403
+
+
+async def test_recorded_element_conflicts_are_listed_in_the_queue(
+    client: httpx.AsyncClient, admin_headers: dict[str, str]
+) -> None:
+    intake = samples.intake()
+    r = await client.post("/v1/intake-submissions", json=intake, headers=admin_headers)
+    patient_id = r.json()["patient"]["id"]
+    checkout = samples.canonical_checkout(
+        patient_external_id=intake["patient"]["external_id"],
+        intake_submission_id=intake["submission_id"],
+    )
+    checkout["customer"].update(
+        name="Jordan Q Rivera", phone="415-555-0199", email=intake["patient"]["email"]
+    )
+    assert (
+        await client.post("/v1/checkouts", json=checkout, headers=admin_headers)
+    ).status_code == 202
+    page = await queue(client, admin_headers)
+    (side,) = page["conflicts"]
+    assert side["id"] == patient_id
+    assert {c["element"] for c in side["conflicts"]} == {"name", "telecom.phone"}
+    assert "Jordan Q" not in str(page)  # elements and sources, never the values
+
+
+def test_every_birth_date_that_scores_is_a_blocking_variant() -> None:
+    from gateway.patients.review import birth_date_part, birth_date_variants
+
+    variants = birth_date_variants("1988-04-12")
+    for other in ("1988-12-04", "1988-04-21", "1998-04-12", "1988-04-13", "1988-04-12"):
+        assert birth_date_part("1988-04-12", other) > 0
+        assert other in variants
+    assert "1961-07-30" not in variants
+
+
+async def test_an_ehr_id_of_the_merged_record_finds_the_survivor(
+    client: httpx.AsyncClient, admin_headers: dict[str, str], runtime: Runtime
+) -> None:
+    from gateway.db.models import RemoteId
+    from gateway.db.types import utcnow
+    from gateway.patients.repository import patients_for_remote_ids
+    from mappers.events import PatientRef
+
+    first, second = typo_intakes()
+    a = (await client.post("/v1/intake-submissions", json=first, headers=admin_headers)).json()
+    b = (await client.post("/v1/intake-submissions", json=second, headers=admin_headers)).json()
+    old, new = a["patient"]["id"], b["patient"]["id"]
+    async with runtime.sessionmaker() as session:
+        for local, remote in ((old, "ehr-1"), (new, "ehr-2")):
+            session.add(
+                RemoteId(
+                    target="ehr",
+                    resource_type="Patient",
+                    local_id=local,
+                    remote_id=remote,
+                    updated_at=utcnow(),
+                )
+            )
+        await session.commit()
+    (item,) = (await queue(client, admin_headers))["items"]
+    r = await client.post(
+        f"/v1/patients/review/{item['id']}/accept", json={"reason": "same"}, headers=admin_headers
+    )
+    assert r.status_code == 200
+    refs = [PatientRef("remote_id", v, target="ehr") for v in ("ehr-1", "ehr-2")]
+    async with runtime.sessionmaker() as session:
+        found = await patients_for_remote_ids(session, refs)
+    assert set(found.values()) == {old}
