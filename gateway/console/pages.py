@@ -75,6 +75,7 @@ from gateway.events.after_response import apply_after_response, apply_id_after_r
 from gateway.ingest.remap import remap_message
 from gateway.ingest.storage import IngestContext
 from gateway.logging import get_logger
+from gateway.patients import review as reviews
 from gateway.profiles.service import questionnaires
 from gateway.runtime import Runtime
 from gateway.staff.service import authenticate, close_session, get_staff, open_session
@@ -84,6 +85,7 @@ from gateway.subscribers.service import (
     rotate_secret,
     set_subscriber_active,
 )
+from gateway.triage import reviews as decisions
 from gateway.triage import service as triage
 from gateway.workflow.override import override_state
 from gateway.workflow.timers import exceptions_past_sla
@@ -111,6 +113,8 @@ NOTICES = {
     "paused": "The target is paused: nothing is sent to it until resumed.",
     "resumed": "The target is resumed.",
     "disabled": "The subscriber is disabled.",
+    "merged": "Merged: the changes go to the EHRs.",
+    "not-same": "Recorded as different people; the pair is not proposed again.",
     "enabled": "The subscriber is enabled.",
     "nothing-selected": "Select at least one row first.",
     "reason-needed": "Give a reason.",
@@ -988,6 +992,77 @@ async def case_override(
         problems = "; ".join(p.message for p in exc.problems) if exc.problems else ""
         return _back(back, error=f"{exc.detail}: {problems}" if problems else exc.detail)
     return _back(back, notice="overridden")
+
+
+# --------------------------------------------------------------------------- duplicates
+
+
+@router.get("/duplicates", response_class=HTMLResponse)
+async def duplicates_page(
+    request: Request,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    after_id: Annotated[int | None, Query(ge=0, le=2**63 - 1)] = None,
+) -> HTMLResponse:
+    """The patient merge-review queue: probable duplicates with their score, its parts
+    and each patient's recorded element conflicts (never values); accept (merge) or
+    reject with a reason. Oldest first, paged by cursor (``after_id``)."""
+    staff = await _staff(request, session, runtime)
+    rows = await reviews.list_reviews(
+        session, status="open", limit=PAGE_SIZE + 1, after_id=after_id
+    )
+    page = rows[:PAGE_SIZE]
+    ids = sorted({p for r in page for p in (r.patient_id, r.candidate_id)})
+    conflicts = await reviews.conflicts_of(session, ids)
+    audit.record_patients(
+        session,
+        action="read",
+        entity_type="PatientReview",
+        hits=[(str(r.id), p) for r in page for p in (r.patient_id, r.candidate_id)],
+    )
+    return _render(
+        request,
+        "duplicates.html",
+        staff,
+        rows=page,
+        conflicts=conflicts,
+        next_query=urlencode({"after_id": page[-1].id}) if len(rows) > PAGE_SIZE else None,
+    )
+
+
+@router.post("/duplicates/{review_id}/{action}")
+async def duplicate_decide(
+    review_id: RowIdPath, action: str, request: Request, session: SessionDep, runtime: RuntimeDep
+) -> Response:
+    """Accept (merge, ``survivor`` chooses who survives) or reject a probable duplicate,
+    with a reason (``operator``)."""
+    staff = await _staff(request, session, runtime)
+    form = await checked_form(request, staff, role=OPERATOR)
+    reason = _reason(form)
+    if not reason:
+        return _back("/console/duplicates", notice="reason-needed")
+    if action not in ("accept", "reject"):
+        return _back("/console/duplicates", error="no such action")
+    try:
+        row = await decisions.open_review_or_raise(session, review_id)
+        if action == "accept":
+            await decisions.accept_review(
+                session,
+                row,
+                profiles=runtime.profiles.current,
+                survivor_id=str(form.get("survivor") or "") or None,
+                reason=reason,
+                by=staff.actor_name,
+            )
+        else:
+            decisions.reject_review(session, row, reason=reason, by=staff.actor_name)
+    except GatewayError as exc:
+        await session.rollback()
+        return _back("/console/duplicates", error=exc.detail)
+    worker = getattr(request.app.state, "worker", None)
+    if worker is not None and action == "accept":
+        worker.wake()
+    return _back("/console/duplicates", notice="merged" if action == "accept" else "not-same")
 
 
 # --------------------------------------------------------------------------- targets
