@@ -48,6 +48,7 @@ from gateway.fhir.audit_endpoints import router as audit_router
 from gateway.fhir.endpoints import router as fhir_router
 from gateway.fhir.endpoints import well_known_router as smart_router
 from gateway.hl7.endpoints import router as hl7_router
+from gateway.imports.endpoints import router as imports_router
 from gateway.ingest.endpoints import router as ingest_router
 from gateway.logging import configure_logging, get_logger, log_failure
 from gateway.oauth.endpoints import router as jwks_router
@@ -55,7 +56,9 @@ from gateway.openapi import build_openapi
 from gateway.ops.cases import router as ops_cases_router
 from gateway.ops.deliveries import router as ops_deliveries_router
 from gateway.ops.exceptions import router as exceptions_router
+from gateway.ops.guards import record_target_modes
 from gateway.ops.patient_review import router as patient_review_router
+from gateway.ops.reconciliation import router as reconcile_router
 from gateway.ops.targets import router as ops_targets_router
 from gateway.partners.endpoints import router as partners_router
 from gateway.profiles.endpoints import router as profiles_router
@@ -64,7 +67,7 @@ from gateway.runtime import Runtime
 from gateway.secrets import warn_unset_target_secrets
 from gateway.settings import Settings
 from gateway.subscribers.endpoints import router as subscribers_router
-from gateway.worker import build_worker
+from gateway.worker import build_worker, ehr_clients
 from gateway.workflow.endpoints import router as cases_router
 from mappers import validation
 from mappers.errors import Problem
@@ -176,9 +179,10 @@ class BodySizeLimitMiddleware:
     ``http.body_too_large`` with the path, the limit and the declared length.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, max_import_bytes: int | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_import_bytes = max_import_bytes or max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -186,17 +190,18 @@ class BodySizeLimitMiddleware:
             return
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+        # a bulk import upload has its own limit (issue 16)
+        limit = self.max_import_bytes if scope.get("path") == "/v1/imports" else self.max_bytes
+        if length is not None and length.isdigit() and int(length) > limit:
             log.info(
                 "http.body_too_large",
                 path=scope.get("path", ""),
-                limit_bytes=self.max_bytes,
+                limit_bytes=limit,
                 declared_bytes=int(length),
             )
-            await self._too_large(scope, send)
+            await self._too_large(scope, send, limit)
             return
         received = 0
-        limit = self.max_bytes
 
         async def limited_receive() -> Message:
             # Raised inside the handler (where the body is read), so the app's
@@ -217,8 +222,8 @@ class BodySizeLimitMiddleware:
 
         await self.app(scope, limited_receive, send)
 
-    async def _too_large(self, scope: Scope, send: Send) -> None:
-        exc = _too_large_error(self.max_bytes)
+    async def _too_large(self, scope: Scope, send: Send, limit: int) -> None:
+        exc = _too_large_error(limit)
         path = scope.get("path", "")
         response = (
             operation_outcome_response(exc)
@@ -316,6 +321,8 @@ def create_app(
                 await rt.close()
             raise UnsafeStartError("; ".join(refused))
         app.state.runtime = rt
+        app.state.ehr_clients = lambda: ehr_clients(rt)  # reconciliation jobs
+        await record_target_modes(rt)
         # before the first delivery fails on it: an enabled target without its secret
         warn_unset_target_secrets(rt.profiles.current, rt.secrets)
         install_sighup_reload(rt)
@@ -402,7 +409,11 @@ def create_app(
         return _render(request, error)
 
     app.add_middleware(RequestGuardMiddleware)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        max_import_bytes=settings.max_import_bytes,
+    )
     app.add_middleware(UnexpectedErrorMiddleware)
     app.include_router(ingest_router)
     app.include_router(events_router)
@@ -419,6 +430,8 @@ def create_app(
     app.include_router(smart_router)
     app.include_router(ops_deliveries_router)
     app.include_router(ops_targets_router)
+    app.include_router(imports_router)
+    app.include_router(reconcile_router)
     app.include_router(jwks_router)
     if settings.console:
         install_console(app)

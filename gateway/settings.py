@@ -95,6 +95,11 @@ class Settings(BaseSettings):
         default=True, description="Run the delivery worker inside `serve` (embedded mode)."
     )
     max_body_bytes: int = Field(default=1_048_576, description="Largest accepted request body.")
+    max_import_bytes: int = Field(
+        default=256 * 1_048_576,
+        description="Largest bulk import upload (POST /v1/imports); kept in the database "
+        "until its job completes.",
+    )
     apply_events_after_ack: bool = Field(
         default=True,
         description=(

@@ -12,6 +12,8 @@ concurrency:
   resources with the same EHR clients as the deliveries (shared tokens, rate limits);
 * ``workflow-timers`` (:class:`~gateway.workflow.timers.WorkflowTimers`): held events
   whose reorder window closed, SLA flags;
+* ``cutover-guards`` (:class:`~gateway.ops.guards.GuardLoop`): EHR target mode changes
+  into the audit trail, cutover guard thresholds (issue 16);
 * ``audit-seal`` (:class:`~gateway.audit.chain.Sealer`): chains new audit entries into the
   hash chain every ``GATEWAY_AUDIT_SEAL_INTERVAL``, and hourly deletes those past
   ``GATEWAY_AUDIT_RETENTION``.
@@ -42,6 +44,7 @@ from gateway.ehr.factory import EhrClients
 from gateway.events.apply import EventApplier
 from gateway.oauth.keys import KeyCipher
 from gateway.oauth.tokens import token_provider_for
+from gateway.ops.guards import GuardLoop
 from gateway.queue.loop import PollingLoop, Worker
 from gateway.runtime import Runtime
 from gateway.subscribers.service import enqueue_case_webhook, enqueue_exception_webhook
@@ -232,6 +235,9 @@ def build_worker(
         clock=clock,
         escalate=enqueue_exception_webhook,
     )
+    guard_loop = GuardLoop(
+        sessions=runtime.write_session, profiles=lambda: runtime.profiles.current, now=clock.now
+    )
     sealer = Sealer(
         sessions=runtime.write_session, retention=runtime.settings.audit_retention, now=clock.now
     )
@@ -241,6 +247,7 @@ def build_worker(
             PollingLoop("inbox", applier.step, poll=poll),
             PollingLoop("workflow-timers", timers.step, poll=poll),
             PollingLoop("audit-seal", sealer.step, poll=runtime.settings.audit_seal_interval),
+            PollingLoop("cutover-guards", guard_loop.step, poll=poll),
         ],
         name=name,
     )

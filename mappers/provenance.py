@@ -129,3 +129,54 @@ def normalization_note(note: Problem, systems: IdentifierSystems) -> dict[str, A
             {"url": "text", "valueString": note.message},
         ],
     }
+
+
+#: ``meta.tag`` code (system ``<identifier base>/migration``) of the Provenance of a record
+#: brought in by a bulk import.
+MIGRATED = "migrated"
+
+
+def mark_migrated(
+    provenance: dict[str, Any],
+    *,
+    source: str,
+    occurred_at: datetime | None,
+    systems: IdentifierSystems,
+) -> dict[str, Any]:
+    """The Provenance of a record migrated from another system (a bulk import, issue 16).
+
+    Adds, to a copy:
+
+    * ``occurredDateTime``: when the original record happened (its submission, payment
+      or event time), while ``recorded`` stays when the gateway recorded it;
+    * ``meta.tag`` ``<base>/migration#migrated``, so migrated records can be searched;
+    * an ``entity`` with role ``source`` naming the legacy system
+      (``what.identifier`` ``<base>/migration-source|<source>``);
+    * ``policy`` ``urn:fhir-gateway:migration:<source>``.
+
+    Spec: https://hl7.org/fhir/R4/provenance.html (occurred[x], entity.role).
+
+    Args:
+        provenance: a Provenance from :func:`provenance_for`.
+        source: the legacy system's name (``--source``).
+        occurred_at: the original time (timezone-aware), or None when the record has none.
+        systems: identifier systems.
+    """
+    out = dict(provenance)
+    meta = dict(out.get("meta") or {})
+    meta["tag"] = [*meta.get("tag", []), {"system": f"{systems.base}/migration", "code": MIGRATED}]
+    out["meta"] = meta
+    if occurred_at is not None:
+        out["occurredDateTime"] = normalize.to_fhir_instant(occurred_at)
+    out["entity"] = [
+        *out.get("entity", []),
+        {
+            "role": "source",
+            "what": {
+                "identifier": {"system": f"{systems.base}/migration-source", "value": source},
+                "display": f"migrated from {source}",
+            },
+        },
+    ]
+    out["policy"] = [*out.get("policy", []), f"urn:fhir-gateway:migration:{source}"]
+    return out

@@ -132,6 +132,7 @@ LAYER_MODULES = {
         "fhir/search",
         "fhir/capability",
         "profiles",
+        "imports",
         "triage",
         "workflow",
         "delivery",

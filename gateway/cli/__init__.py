@@ -8,7 +8,9 @@
 * :mod:`~gateway.cli.keys`: ``keys rotate|list|jwks|prune|encryption-key|rotate-kek``;
 * :mod:`~gateway.cli.audit`: ``audit verify|export|purge|seal``;
 * :mod:`~gateway.cli.staff`: ``staff create|list|disable|enable|password|role``;
-* :mod:`~gateway.cli.demo`: ``demo``.
+* :mod:`~gateway.cli.demo`: ``demo``;
+* :mod:`~gateway.cli.imports`: ``import`` (bulk backfill, issue 16);
+* :mod:`~gateway.cli.reconcile`: ``reconcile`` (gateway against an EHR target).
 
 Every command loads its settings and profiles with :mod:`gateway.cli.common`.
 """
@@ -17,7 +19,19 @@ from __future__ import annotations
 
 import typer
 
-from gateway.cli import audit, clients, deliveries, demo, keys, mllp, profiles, server, staff
+from gateway.cli import (
+    audit,
+    clients,
+    deliveries,
+    demo,
+    imports,
+    keys,
+    mllp,
+    profiles,
+    reconcile,
+    server,
+    staff,
+)
 from gateway.cli.common import plain_help_everywhere
 from gateway.cli.demo import stripe_signature_header
 
@@ -30,6 +44,8 @@ app.command("serve")(server.serve)
 app.command("worker")(server.worker)
 app.command("mllp")(mllp.mllp)
 app.command("demo")(demo.demo)
+app.command("import")(imports.import_cmd)
+app.command("reconcile")(reconcile.reconcile_cmd)
 app.add_typer(server.db_app, name="db")
 app.add_typer(clients.app, name="clients")
 app.add_typer(profiles.app, name="profiles")

@@ -202,6 +202,8 @@ class DeliveryStatus(StrEnum):
     DELIVERED = "delivered"
     DEAD = "dead"  # dead letter: gave up; replayable
     REVIEW = "review"  # needs a person (e.g. several matching patients in the EHR)
+    SHADOWED = "shadowed"  # a target in shadow mode: read and compared, nothing written
+    SUPPRESSED = "suppressed"  # an import's webhook, recorded without notifying (issue 16)
 
 
 class Delivery(Base):
@@ -744,3 +746,15 @@ class StaffSession(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
     address: Mapped[str | None] = mapped_column(String(64))
+
+
+# --- issue 16: migration tools (imports, shadow mode, reconciliation, cutover guards)
+
+from gateway.db.migration_models import GuardBreach as GuardBreach  # noqa: E402
+from gateway.db.migration_models import ImportFile as ImportFile  # noqa: E402
+from gateway.db.migration_models import ImportJob as ImportJob  # noqa: E402
+from gateway.db.migration_models import ImportRefusal as ImportRefusal  # noqa: E402
+from gateway.db.migration_models import ImportStatus as ImportStatus  # noqa: E402
+from gateway.db.migration_models import ReconcileJob as ReconcileJob  # noqa: E402
+from gateway.db.migration_models import ShadowOutcome as ShadowOutcome  # noqa: E402
+from gateway.db.migration_models import ShadowResult as ShadowResult  # noqa: E402

@@ -34,6 +34,7 @@ from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.db.models import Delivery
 from gateway.db.uow import SessionFactory
 from gateway.delivery import repository as repo
+from gateway.delivery import shadow
 from gateway.delivery.sender import (
     BatchedRows,
     Delivered,
@@ -278,6 +279,8 @@ class EhrSender:
         client = self.clients.client_for(target)
         progress = _Progress(dict(remote_ids))
         try:
+            if target.mode == "shadow":
+                return await self._shadow(delivery, client, target, resources, identifiers)
             if target.write_strategy == "individual":
                 await self._send_individual(client, target, resources, identifiers, progress)
             else:
@@ -304,6 +307,36 @@ class EhrSender:
                 effects=self._save(target, progress),
             )
         return self._delivered(delivery, target, progress)
+
+    async def _shadow(
+        self,
+        delivery: Delivery,
+        client: EhrClient,
+        target: EhrTargetProfile,
+        resources: list[dict[str, Any]],
+        identifiers: dict[str, tuple[str, str]],
+    ) -> Outcome:
+        """Shadow mode: build the target's calls as for a live write, read the EHR by
+        business identifier, record what the write would have done; write nothing
+        (:mod:`gateway.delivery.shadow`). Search failures raise as for a write."""
+        calls = self._calls(target, resources, remote_ids={}, outside_identifiers=identifiers)
+        rows = await shadow.compare_calls(
+            client, calls, resources, provenance_tag_system=self._provenance
+        )
+        now = self._clock.now()
+        name, delivery_id, message_id = target.name, delivery.id, delivery.inbound_message_id
+
+        async def effects(session: AsyncSession) -> None:
+            await shadow.save_results(
+                session,
+                target=name,
+                delivery_id=delivery_id,
+                message_id=message_id,
+                rows=rows,
+                now=now,
+            )
+
+        return Delivered(200, effects, None, shadow=True)
 
     def _calls(
         self,

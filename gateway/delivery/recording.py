@@ -252,6 +252,13 @@ class OutcomeRecorder:
     ) -> tuple[dict[str, Any], str]:
         """The row's new values and the metric label of an outcome."""
         outcome = item.outcome
+        if isinstance(outcome, Delivered) and outcome.shadow:
+            return {
+                "status": DeliveryStatus.SHADOWED,
+                "last_status_code": outcome.status_code,
+                "last_error": None,
+                "operation_outcome": None,
+            }, "shadowed"
         if isinstance(outcome, Delivered):
             return {
                 "status": DeliveryStatus.DELIVERED,
@@ -375,7 +382,9 @@ def report(item: Finished, label: str, values: dict[str, Any]) -> None:
     if not isinstance(outcome, Wait):
         metrics.ATTEMPT_SECONDS.labels(kind=kind, target=target).observe(item.duration_s)
     status_code = getattr(outcome, "status_code", None)
-    if isinstance(outcome, Delivered):
+    if isinstance(outcome, Delivered) and outcome.shadow:
+        log.info("delivery.shadowed", duration_ms=int(item.duration_s * 1000), **fields)
+    elif isinstance(outcome, Delivered):
         if kind == "ehr" and delivery.source_received_at is not None:
             delivered_at = values["delivered_at"]
             metrics.INTAKE_TO_EHR_SECONDS.labels(target=target).observe(

@@ -93,11 +93,13 @@ class Reached:
 class Delivered:
     """Sent and accepted. ``reached`` is handed on in the transaction that records the
     outcome, after ``effects``, together with those of the other outcomes written with it
-    (in order)."""
+    (in order). ``shadow``: a target in shadow mode compared the delivery with what it
+    holds and wrote nothing (the row ends ``shadowed``, not ``delivered``)."""
 
     status_code: int | None = 200
     effects: Effects | None = None
     reached: Reached | None = None
+    shadow: bool = False
 
 
 @dataclass(frozen=True)

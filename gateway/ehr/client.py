@@ -194,14 +194,39 @@ class EhrClient:
         Raises:
             EhrUnavailableError, EhrRejectedError, EhrConfigError.
         """
+        return [str(r.get("id")) for r in await self.search(resource_type, query)]
+
+    async def search(self, resource_type: str, query: str) -> list[dict[str, Any]]:
+        """The resources of type ``resource_type`` that ``GET [base]/Type?<query>`` finds
+        (first page of the searchset; included resources of other types left out).
+
+        Raises:
+            EhrUnavailableError, EhrRejectedError, EhrConfigError.
+        """
         response = await self._send("GET", f"{self.base_url}/{resource_type}?{query}")
         body = self._json(response)
-        ids = []
+        found = []
         for entry in (body.get("entry") if isinstance(body, dict) else None) or []:
             resource = entry.get("resource") if isinstance(entry, dict) else None
             if isinstance(resource, dict) and resource.get("resourceType") == resource_type:
-                ids.append(str(resource.get("id")))
-        return ids
+                found.append(resource)
+        return found
+
+    async def search_bundle(self, url: str) -> dict[str, Any]:
+        """``GET`` a search URL (a first page built by the caller, or a ``next`` link of
+        the EHR's searchset) and return the Bundle. Only URLs under the target's base
+        URL are followed: a paging link elsewhere is refused, not fetched with our token.
+
+        Raises:
+            EhrConfigError: the URL is not under the base URL.
+            EhrUnavailableError, EhrRejectedError: as for every request.
+        """
+        if not url.startswith(self.base_url + "/"):
+            raise EhrConfigError("a search page outside the target's base_url was not followed")
+        body = self._json(await self._send("GET", url))
+        if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
+            raise EhrUnavailableError("the EHR answered a search without a Bundle")
+        return body
 
     async def read(self, resource_type: str, resource_id: str) -> dict[str, Any]:
         """``GET [base]/Type/id``.

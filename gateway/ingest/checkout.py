@@ -78,7 +78,7 @@ async def submit_checkout(
         external_id=checkout.checkout_id,
         body=raw,
         content_type=content_type,
-        principal=f"client:{actor}",
+        principal=ctx.principal(f"client:{actor}"),
     )
     existing = await claim_message(session, message)
     if existing is not None:

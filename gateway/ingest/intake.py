@@ -93,7 +93,7 @@ async def submit_intake(
             external_id=sid,
             body=raw,
             content_type=content_type,
-            principal=f"client:{actor}",
+            principal=ctx.principal(f"client:{actor}"),
         )
         existing = await claim_message(session, message)
         if existing is not None and _same_submission(existing, raw):

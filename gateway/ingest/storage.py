@@ -25,7 +25,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from gateway.audit import service as audit
 from gateway.clients.actor import current_actor
 from gateway.db.bulk import BulkInserts
-from gateway.db.models import AuditEntry, FhirResource, InboundMessage, MessageStatus, ReviewStatus
+from gateway.db.models import (
+    AuditEntry,
+    Case,
+    FhirResource,
+    InboundMessage,
+    MessageStatus,
+    ReviewStatus,
+)
 from gateway.db.types import utcnow
 from gateway.delivery.outbox import enqueue_ehr_deliveries, enqueue_ehr_updates
 from gateway.errors import UnprocessableError
@@ -40,20 +47,36 @@ from gateway.patients.matching import PatientMatch
 from gateway.patients.merge import MergedPatient, save_patient_facts
 from gateway.patients.review import detect_duplicates
 from gateway.runtime import Runtime
-from gateway.subscribers.service import enqueue_case_webhook
+from gateway.subscribers.service import enqueue_case_webhook, record_case_webhook_suppressed
 from gateway.workflow.service import EventInput, apply_event
 from mappers.errors import MappingErrors, Problem
 from mappers.identifiers import IdentifierSystems
 from mappers.patient import ElementConflict, element_path
 from mappers.pipeline import profile_tag
 from mappers.profiles import ProfileSet
-from mappers.provenance import provenance_for
+from mappers.provenance import mark_migrated, provenance_for
 from mappers.validation import validate_resources
 
 log = get_logger(__name__)
 
 #: Extension on Provenance naming a Patient element conflict (ids and codes, no values).
 CONFLICT_EXTENSION = "patient-element-conflict"
+
+
+@dataclass(frozen=True)
+class Migration:
+    """A record that comes from a bulk import (issue 16), not from live traffic.
+
+    Attributes:
+        job_id: the import job; the inbox row's principal is ``import:<job_id>``.
+        source: the system the record was migrated from (named in its Provenance).
+        notify: fire live side effects: ops webhooks for the case changes are sent.
+            When False (the default) they are recorded ``suppressed``, never sent.
+    """
+
+    job_id: str
+    source: str
+    notify: bool = False
 
 
 @dataclass(frozen=True)
@@ -66,6 +89,12 @@ class IngestContext:
     systems: IdentifierSystems
     organization: str
     public_base_url: str
+    migration: Migration | None = None
+
+    def principal(self, default: str) -> str:
+        """The inbox principal of a message: ``import:<job id>`` for an imported record,
+        else ``default`` (who authenticated it)."""
+        return f"import:{self.migration.job_id}" if self.migration else default
 
     @classmethod
     def of(cls, runtime: Runtime) -> IngestContext:
@@ -243,6 +272,13 @@ async def store_mapped(
         profile=tag,
         notes=mapped.notes,
     )
+    if ctx.migration is not None:
+        provenance = mark_migrated(
+            provenance,
+            source=ctx.migration.source,
+            occurred_at=mapped.event.occurred_at if mapped.event else None,
+            systems=ctx.systems,
+        )
     for other in mapped.other_profiles:
         provenance.setdefault("policy", []).append(f"urn:fhir-gateway:profile:{other}")
     conflicts = mapped.merged.conflicts
@@ -293,9 +329,26 @@ async def store_mapped(
             session,
             ctx.profiles.workflow_or_raise,
             mapped.event,
-            notify=enqueue_case_webhook,
+            notify=enqueue_case_webhook
+            if ctx.migration is None or ctx.migration.notify
+            else record_case_webhook_suppressed,
             new_patient=existed.get(f"Patient/{mapped.patient_id}") is None,
         )
+        if (
+            ctx.migration is not None
+            and not ctx.migration.notify
+            and case_result is not None
+            and case_result.case_id
+        ):
+            # A historical case runs no SLA timer: it would flag it overdue (and send
+            # case.overdue) days after the import. The next live event of the case
+            # starts its timers again.
+            await session.execute(
+                update(Case)
+                .where(Case.id == case_result.case_id)
+                .values(sla_due_at=None, sla_timer=None)
+                .execution_options(synchronize_session="fetch")
+            )
     if mapped.match.new:
         deliveries += await _review_duplicates(session, ctx, mapped, written)
     await session.flush()

@@ -105,7 +105,12 @@ def verify_stripe_signature(
 
 
 async def receive_stripe_event(
-    session: AsyncSession, ctx: IngestContext, *, raw: bytes, content_type: str
+    session: AsyncSession,
+    ctx: IngestContext,
+    *,
+    raw: bytes,
+    content_type: str,
+    refuse_unmappable: bool = False,
 ) -> Outcome:
     """Store and handle one verified Stripe event (flushes; the request commits).
 
@@ -117,8 +122,15 @@ async def receive_stripe_event(
         a checkout event) or ``failed`` (kept in the exceptions queue); the stored answer
         with ``replayed`` for a copy.
 
+    Args:
+        refuse_unmappable: raise for a checkout event that does not map, storing nothing
+            (a bulk import lists it as refused, to fix and import again), instead of
+            keeping it ``failed`` in the exceptions queue (a live webhook: Stripe cannot
+            fix it, so it is acknowledged).
+
     Raises:
-        BadRequestError, UnprocessableError: the signed body is not a JSON object.
+        BadRequestError, UnprocessableError: the signed body is not a JSON object (or,
+            with ``refuse_unmappable``, a checkout event that does not map).
     """
     event = decode_json_object(raw)
     event_id = str(event.get("id") or "")
@@ -129,7 +141,7 @@ async def receive_stripe_event(
         external_id=event_id,
         body=raw,
         content_type=content_type,
-        principal="signature:stripe",
+        principal=ctx.principal("signature:stripe"),
     )
     answer: dict[str, Any] = {"received": True, "message_id": message.id, "event_type": event_type}
     if event_type not in STRIPE_CHECKOUT_EVENTS:
@@ -162,6 +174,8 @@ async def receive_stripe_event(
                 actor=CHANNEL,
             )
     except UnprocessableError as exc:
+        if refuse_unmappable:
+            raise
         session.add(
             inbox.new_exception(
                 kind="unmappable_input",

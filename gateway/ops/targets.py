@@ -8,15 +8,17 @@ next to the counters and histograms of :mod:`gateway.metrics`.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway import metrics
+from gateway.audit import service as audit
 from gateway.clients.service import Principal
 from gateway.db.types import utcnow
+from gateway.delivery import shadow
 from gateway.delivery.service import (
     TargetHealth,
     metric_snapshots,
@@ -25,7 +27,9 @@ from gateway.delivery.service import (
     target_health,
 )
 from gateway.deps import RuntimeDep, SessionDep, require_scope
+from gateway.errors import NotFoundError
 from gateway.logging import get_logger
+from gateway.ops import guards
 from gateway.runtime import Runtime
 
 log = get_logger(__name__)
@@ -80,12 +84,32 @@ class TokenOut(BaseModel):
     kid: str | None = Field(description="Key that signed the last client assertion.")
 
 
+class GuardBreachOut(BaseModel):
+    """A cutover guard over its threshold (issue 16)."""
+
+    guard: str
+    value: float
+    threshold: float
+    paused: bool = Field(description="The target's deliveries are paused by it.")
+    breached_at: datetime
+
+
 class TargetOut(BaseModel):
     """Health of one delivery target."""
 
     kind: str
     name: str
     configured: bool
+    mode: str = Field(
+        default="live", description="live, or shadow: compared with the EHR, nothing written."
+    )
+    shadow: dict[str, int] = Field(
+        default_factory=dict,
+        description="Shadow results by outcome (create, no_change, update).",
+    )
+    guard_breaches: list[GuardBreachOut] = Field(
+        default_factory=list, description="Cutover guards over their thresholds now."
+    )
     queue: QueueOut
     circuit: CircuitOut
     token: TokenOut | None
@@ -173,8 +197,30 @@ async def list_targets(
 ) -> list[TargetOut]:
     """Every target with its queue depth, oldest pending age, circuit state, token state
     and last success."""
-    health = await target_health(session, profiles=runtime.profiles.current, now=utcnow())
-    return [_target_out(h) for h in health]
+    profiles = runtime.profiles.current
+    health = await target_health(session, profiles=profiles, now=utcnow())
+    counts = await shadow.shadow_counts(session)
+    breaches = await guards.open_breaches(session)
+    out = []
+    for h in health:
+        target = _target_out(h)
+        if h.kind == "ehr":
+            profile = profiles.ehr.get(h.name)
+            target.mode = profile.mode if profile is not None else "live"
+            target.shadow = counts.get(h.name, {})
+            target.guard_breaches = [
+                GuardBreachOut(
+                    guard=b.guard,
+                    value=b.value,
+                    threshold=b.threshold,
+                    paused=b.paused,
+                    breached_at=b.breached_at,
+                )
+                for b in breaches
+                if b.target == h.name
+            ]
+        out.append(target)
+    return out
 
 
 TargetKind = Literal["ehr", "webhook"]
@@ -260,3 +306,69 @@ async def prometheus_metrics(request: Request) -> Response:
     except Exception as exc:  # the database is down: still serve the process metrics
         log.warning("metrics.state_unavailable", error_type=type(exc).__name__)
     return Response(metrics.render(snapshots), media_type=metrics.CONTENT_TYPE)
+
+
+class ShadowResultOut(BaseModel):
+    """What a shadow delivery would have written for one resource."""
+
+    id: int
+    delivery_id: int | None
+    message_id: str | None
+    resource: str = Field(description="Our resource, Type/id.")
+    identifier: str | None = Field(description="The business identifier searched, system|value.")
+    outcome: str = Field(description="create | no_change | update")
+    remote_id: str | None = Field(description="The EHR's resource found.")
+    diff: list[dict[str, Any]] | None = Field(
+        description="RFC 6902 JSON Patch from the EHR's resource to ours, over the elements "
+        "we own (update only)."
+    )
+    recorded_at: datetime
+
+
+@router.get(
+    "/v1/ops/targets/{name}/shadow",
+    response_model=list[ShadowResultOut],
+    summary="What a target in shadow mode would have written (create / no change / update + diff)",
+    responses={401: {}, 403: {}, 404: {}},
+)
+async def list_shadow_results(
+    name: str,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    _principal: Annotated[Principal, Depends(require_scope("ops:read"))],
+    outcome: Annotated[Literal["create", "no_change", "update"] | None, Query()] = None,
+    after: Annotated[int, Query(ge=0, description="Page: results after this id")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[ShadowResultOut]:
+    """A target's shadow results, oldest first (``outcome=update`` lists the diffs). The
+    diffs hold FHIR content: the read is audited.
+
+    Raises:
+        NotFoundError: no EHR target of that name.
+    """
+    if name not in runtime.profiles.current.ehr:
+        raise NotFoundError("no such EHR target")
+    rows = await shadow.list_results(
+        session, target=name, outcome=outcome, after_id=after, limit=limit
+    )
+    audit.record(
+        session,
+        action="search",
+        entity_type="ShadowResult",
+        entity_id=name,
+        detail={"outcome": outcome or "*", "results": str(len(rows))},
+    )
+    return [
+        ShadowResultOut(
+            id=r.id,
+            delivery_id=r.delivery_id,
+            message_id=r.message_id,
+            resource=r.resource_ref,
+            identifier=r.identifier,
+            outcome=r.outcome,
+            remote_id=r.remote_id,
+            diff=r.diff,
+            recorded_at=r.recorded_at,
+        )
+        for r in rows
+    ]

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 
 from gateway.audit import service as audit
 from gateway.clients.service import Principal
+from gateway.delivery.shadow import audit_target_modes
 from gateway.deps import RuntimeDep, SessionDep, require_scope
 from gateway.errors import NotFoundError
 from gateway.profiles import service
@@ -57,11 +58,15 @@ async def preview(
 )
 async def reload(
     runtime: RuntimeDep,
+    session: SessionDep,
     _principal: Annotated[Principal, Depends(require_scope("ops:admin"))],
 ) -> JSONResponse:
     """Reload this process's profiles (SIGHUP does the same). With several processes,
-    reload each (or send SIGHUP to each)."""
-    return JSONResponse(service.reload_profiles(runtime).as_dict())
+    reload each (or send SIGHUP to each). A change of an EHR target's ``mode``
+    (``shadow`` -> ``live``) is recorded in the audit trail."""
+    result = service.reload_profiles(runtime)
+    await audit_target_modes(session, runtime.profiles.current)
+    return JSONResponse(result.as_dict())
 
 
 @router.get("/fhir/Questionnaire", summary="Search the published Questionnaires")

@@ -30,7 +30,7 @@ from mappers.profiles import RetryPolicy
 
 router = APIRouter(prefix="/v1/ops", tags=["ops"])
 
-_TYPES = {*WEBHOOK_TYPES, "case.*", "exception.*", "*"}
+_TYPES = {*WEBHOOK_TYPES, "case.*", "exception.*", "target.*", "*"}
 
 
 #: An absolute http(s) URL of printable ASCII.

@@ -15,8 +15,11 @@ Webhook types:
 * ``exception.overdue``: an exception stayed open longer than its kind's SLA
   (``exception_sla`` in ``profiles/workflow.yaml``): an escalation for the ops team.
 
-A subscription to ``*`` gets every type, ``case.*`` every case type, ``exception.*``
-every exception type.
+* ``target.guard_breached`` / ``target.guard_cleared``: a cutover guard of an EHR target
+  went over its threshold, or back (issue 16; ids, names and numbers only).
+
+A subscription to ``*`` gets every type, ``case.*``, ``exception.*`` or ``target.*`` every
+type of one kind.
 """
 
 from __future__ import annotations
@@ -31,14 +34,21 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.audit import service as audit
-from gateway.db.models import Case, Delivery, ExceptionRecord, Subscriber
+from gateway.db.models import Case, Delivery, DeliveryStatus, ExceptionRecord, Subscriber
 from gateway.db.types import utcnow
 from gateway.logging import get_logger
 from mappers.normalize import to_fhir_instant
 
 log = get_logger(__name__)
 
-WEBHOOK_TYPES = ("case.opened", "case.state_changed", "case.overdue", "exception.overdue")
+WEBHOOK_TYPES = (
+    "case.opened",
+    "case.state_changed",
+    "case.overdue",
+    "exception.overdue",
+    "target.guard_breached",
+    "target.guard_cleared",
+)
 #: The ``kind`` of webhook rows in ``deliveries``.
 WEBHOOK_KIND = "webhook"
 
@@ -111,11 +121,14 @@ async def enqueue_case_webhook(
     *,
     from_state: str | None,
     event: dict[str, Any] | None,
+    status: DeliveryStatus = DeliveryStatus.PENDING,
 ) -> int:
     """Add one webhook outbox row per active subscriber that wants ``webhook_type``.
 
     Call it in the transaction that changes the case (after a flush, so ``case.version``
-    is the new one). Returns how many rows were added.
+    is the new one). Returns how many rows were added. With ``status`` ``suppressed``
+    the rows are a record of what would have been sent (a historical change from a bulk
+    import): never claimed, never sent.
     """
     now = utcnow()
     subscribers = [s for s in await active_subscribers(session) if wants(s, webhook_type)]
@@ -131,6 +144,74 @@ async def enqueue_case_webhook(
                 inbound_message_id=None,
                 resource_refs=[],
                 payload=payload,
+                status=status,
+                available_at=now,
+                created_at=now,
+                source_received_at=now,
+            )
+        )
+    log.info(
+        "subscribers.enqueued" if status == DeliveryStatus.PENDING else "subscribers.suppressed",
+        case_id=case.id,
+        webhook_type=webhook_type,
+        webhook_id=payload["id"],
+        subscribers=len(subscribers),
+    )
+    return len(subscribers)
+
+
+async def record_case_webhook_suppressed(
+    session: AsyncSession,
+    case: Case,
+    webhook_type: str,
+    *,
+    from_state: str | None,
+    event: dict[str, Any] | None,
+) -> int:
+    """A :class:`~gateway.workflow.service.ChangeSink` that records the webhooks of a
+    case change as ``suppressed`` outbox rows instead of sending them: the change of a
+    historical event brought in by a bulk import (issue 16) without ``--notify``."""
+    return await enqueue_case_webhook(
+        session,
+        case,
+        webhook_type,
+        from_state=from_state,
+        event=event,
+        status=DeliveryStatus.SUPPRESSED,
+    )
+
+
+async def enqueue_target_webhook(
+    session: AsyncSession, webhook_type: str, *, target: str, data: dict[str, Any]
+) -> int:
+    """Add one webhook outbox row per active subscriber that wants ``webhook_type``
+    (``target.guard_breached``, ``target.guard_cleared``), in order per target.
+
+    Shape::
+
+        {"id": "msg_<32 hex>", "type": "target.guard_breached", "timestamp": "<ISO 8601>",
+         "data": {"target", "guard", "value", "threshold", "paused", ...}}
+
+    Returns:
+        How many rows were added.
+    """
+    now = utcnow()
+    subscribers = [s for s in await active_subscribers(session) if wants(s, webhook_type)]
+    payload = {
+        "id": f"msg_{uuid.uuid4().hex}",
+        "type": webhook_type,
+        "timestamp": to_fhir_instant(now),
+        "data": {"target": target, **data},
+    }
+    for subscriber in subscribers:
+        session.add(
+            Delivery(
+                kind=WEBHOOK_KIND,
+                target=subscriber.name,
+                ordering_key=f"target:{target}",
+                inbound_message_id=None,
+                resource_refs=[],
+                payload=payload,
                 available_at=now,
                 created_at=now,
                 source_received_at=now,
@@ -138,9 +219,8 @@ async def enqueue_case_webhook(
         )
     log.info(
         "subscribers.enqueued",
-        case_id=case.id,
+        target=target,
         webhook_type=webhook_type,
-        webhook_id=payload["id"],
         subscribers=len(subscribers),
     )
     return len(subscribers)

@@ -144,12 +144,54 @@ class CircuitBreakerPolicy(Strict):
     max_retry_after_s: float = Field(default=120.0, gt=0)
 
 
+class CutoverGuards(Strict):
+    """The rollback rules of a cutover (issue 16), decided before launch day: thresholds
+    over the last ``window_s`` seconds, checked by the worker every ``check_every_s``.
+    A breach alerts the ops subscribers (``target.guard_breached``, Standard Webhooks)
+    and shows on ``GET /v1/ops/targets``; with ``auto_pause`` the target's deliveries
+    stop (its circuit is held open) until the breach clears.
+    """
+
+    window_s: float = Field(default=3600.0, gt=0)
+    check_every_s: float = Field(default=60.0, gt=0)
+    min_samples: int = Field(
+        default=20, ge=1, description="Rates are judged over at least this many records."
+    )
+    max_paid_without_medication_request_pct: float | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="Paid checkouts whose MedicationRequest was not delivered to this "
+        "target within medication_request_within_s, in percent.",
+    )
+    medication_request_within_s: float = Field(default=900.0, gt=0)
+    max_exceptions_per_hour: int | None = Field(
+        default=None, ge=0, description="New exceptions-queue entries per hour."
+    )
+    min_intake_acceptance_pct: float | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="Intake submissions accepted among those received, in percent.",
+    )
+    auto_pause: bool = False
+
+
 class EhrTargetProfile(Strict):
     """One EHR the gateway delivers FHIR to."""
 
     kind: Literal["ehr"] = "ehr"
     name: Annotated[str, Field(pattern=SLUG)]
     enabled: bool = True
+    mode: Literal["live", "shadow"] = Field(
+        default="live",
+        description="live: write to the EHR. shadow (a cutover rehearsal): map, validate, "
+        "read the EHR by business identifier with the target's token and record what "
+        "would have been written (create, no change, update with the diff); write nothing.",
+    )
+    guards: CutoverGuards | None = Field(
+        default=None, description="Cutover guards: thresholds that alert (and may pause)."
+    )
     base_url: str
     auth: EhrAuth = Field(default_factory=lambda: EhrAuth(method="none"))
     send: list[ResourceType] = Field(

@@ -8,6 +8,7 @@ Layout (each kind registered once in :data:`PROFILE_KINDS`)::
       ehr/*.yaml             EhrTargetProfile
       workflow.yaml          WorkflowProfile
       events/*.yaml          PartnerProfile     (event senders: webhooks, HL7 v2 feeds)
+      imports/*.yaml         CsvImportProfile   (column mappings of legacy CSV exports)
       concept-maps/*.json|*.csv   FHIR ConceptMaps (code tables)
       schema/*.schema.json   generated JSON Schemas (``fhir-gateway profiles schema``)
 
@@ -35,6 +36,7 @@ from mappers.errors import Problem
 from mappers.profiles.checkout import CheckoutProfile, Plan, Processor
 from mappers.profiles.ehr import EhrTargetProfile
 from mappers.profiles.events import PartnerProfile, check_event_profiles
+from mappers.profiles.imports import CsvImportProfile
 from mappers.profiles.intake import IntakeProfile
 from mappers.profiles.workflow import WorkflowProfile
 from mappers.profiles.yamlsource import YamlSyntaxError, format_path, load_yaml_with_lines
@@ -74,6 +76,7 @@ PROFILE_KINDS: dict[str, ProfileKind] = {
         ProfileKind("ehr", EhrTargetProfile, "ehr/", lambda p: p.name),
         ProfileKind("workflow", WorkflowProfile, "workflow.yaml", lambda p: "workflow", True),
         ProfileKind("partner", PartnerProfile, "events/", lambda p: p.name),
+        ProfileKind("import", CsvImportProfile, "imports/", lambda p: p.name),
     ]
 }
 

@@ -49,6 +49,7 @@ BEYOND_THE_SCHEMA: dict[str, set[int]] = {
     "POST /v1/ehr/{target}/notifications": {503},  # the target's shared secret
     "POST /v1/ops/deliveries/replay": {422},  # exactly one of ids and filter
     "POST /v1/ops/subscribers": {422},  # the egress policy (resolved hosts, allowlist)
+    "POST /v1/imports": {400, 422},  # the CSV import profiles; a body of only blank lines
     "GET /fhir/AuditEvent": {400},  # FHIR search grammar (dates with prefixes), 400 per FHIR
     "POST /oauth/token": {400, 401},  # a signed client assertion of a registered client
     "POST /fhir/{resource_type}/_search": {400},  # FHIR search grammar of the form's values

@@ -10,7 +10,7 @@ person (no delivery is claimed for it until resumed). ``ix_deliveries_delivered_
 (partial, delivered rows): the console's deliveries per minute and 24-hour sparkline.
 
 Revision ID: 0013_console
-Revises: 0014_fhir_face
+Revises: 0015_migrate
 Create Date: 2026-12-07 14:10:00
 """
 
@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0013_console"
-down_revision: str | None = "0014_fhir_face"
+down_revision: str | None = "0015_migrate"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

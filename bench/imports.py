@@ -1,0 +1,175 @@
+"""Bulk import benchmark (issue 16): records per second into the outbox.
+
+What it does: writes ``--records`` synthetic records (NDJSON; by default a mix of 40%
+intake submissions, 40% canonical checkouts and 20% Stripe events, each a new patient)
+to a temporary file, creates a fresh database (PostgreSQL at ``GATEWAY_TEST_PG_URL`` or
+127.0.0.1 by default; ``--database sqlite`` for a SQLite file), migrates it, and imports
+the file in this process with :func:`gateway.imports.service.run_job` (the code path of
+``fhir-gateway import``, without the progress bar), with one enabled EHR target so each
+record gets its outbox row. No worker runs: nothing is delivered.
+
+Reported: records per second (wall clock, from the first record read to the last batch
+committed), CPU seconds of this process per record, outbox rows written, and the load
+average; the database server's CPU is not in the CPU figure (it shares the machine).
+
+Usage (from the repository root)::
+
+    python -m bench.imports                         # 5,000 mixed records, PostgreSQL
+    python -m bench.imports --records 2000 --kind checkout --batch-size 500
+    python -m bench.imports --database sqlite
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import yaml
+from psycopg import sql
+
+from gateway.db.migrate import upgrade_async
+from gateway.imports.service import ImportSource, create_job, run_job
+from gateway.logging import configure_logging
+from gateway.runtime import Runtime
+from gateway.settings import BUNDLED_PROFILES_DIR, Settings
+from testkit import samples
+
+PG_ADMIN = os.environ.get("GATEWAY_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def records(n: int, kind: str) -> list[dict[str, Any]]:
+    """``n`` synthetic records of ``kind`` (``mixed``: 4 intakes, 4 checkouts, 2 Stripe
+    events in every 10)."""
+    out = []
+    for i in range(n):
+        slot = i % 10
+        if kind == "intake" or (kind == "mixed" and slot < 4):
+            out.append(samples.intake())
+        elif kind == "checkout" or (kind == "mixed" and slot < 8):
+            out.append(samples.canonical_checkout())
+        else:
+            out.append(samples.stripe_event())
+    return out
+
+
+def _pg_url(name: str, driver: str = "postgresql+psycopg") -> str:
+    base = PG_ADMIN.rsplit("/", 1)[0].split("://", 1)[1]
+    return f"{driver}://{base}/{name}"
+
+
+def _admin(statement: sql.Composable) -> None:
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(statement)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    """One benchmark run; the figures."""
+    work = Path(tempfile.mkdtemp(prefix="bench-imports-"))
+    dbname = f"fgw_bench_imports_{uuid.uuid4().hex[:8]}"
+    try:
+        if args.database == "postgres":
+            _admin(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+            url = _pg_url(dbname)
+        else:
+            url = f"sqlite+aiosqlite:///{work / 'gateway.db'}"
+        await upgrade_async(url)
+        profiles = work / "profiles"
+        shutil.copytree(BUNDLED_PROFILES_DIR, profiles)
+        (profiles / "ehr" / "bench-ehr.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "kind": "ehr",
+                    "name": "bench-ehr",
+                    "base_url": "http://127.0.0.1:9/fhir",
+                    "auth": {"method": "none"},
+                }
+            )
+        )
+        path = work / "history.ndjson"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records(args.records, args.kind)))
+        settings = Settings(
+            database_url=url,
+            profiles_dir=profiles,
+            run_worker=False,
+            log_level="warning",
+            egress_allow_loopback=True,  # the (never called) bench target is on 127.0.0.1
+            _env_file=None,  # type: ignore[call-arg]
+        )
+        configure_logging("warning", json=True)  # per-record info lines are not measured
+        runtime = Runtime.create(settings)
+        try:
+            source = ImportSource(name=path.name, path=path)
+            async with runtime.sessionmaker() as session:
+                job = await create_job(
+                    session,
+                    source="bench",
+                    notify=False,
+                    actor="bench",
+                    csv_profile=None,
+                    files=[source],
+                )
+                await session.commit()
+            load_before = os.getloadavg()
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            counts = await run_job(runtime, job.id, [source], batch_size=args.batch_size)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            async with runtime.sessionmaker() as session:
+                from sqlalchemy import func, select
+
+                from gateway.db.models import Delivery
+
+                outbox = int(
+                    await session.scalar(
+                        select(func.count()).select_from(Delivery).where(Delivery.kind == "ehr")
+                    )
+                    or 0
+                )
+        finally:
+            await runtime.close()
+        return {
+            "database": args.database,
+            "kind": args.kind,
+            "records": args.records,
+            "batch_size": args.batch_size,
+            "mapped": counts["mapped"],
+            "refused": counts["refused"],
+            "outbox_rows": outbox,
+            "wall_s": round(wall, 2),
+            "records_per_s": round(args.records / wall, 1),
+            "cpu_ms_per_record": round(1000 * cpu / args.records, 2),
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if args.database == "postgres":
+            _admin(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
+            )
+
+
+def main() -> None:
+    """Command line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=5000)
+    parser.add_argument(
+        "--kind", choices=["mixed", "intake", "checkout", "stripe"], default="mixed"
+    )
+    parser.add_argument("--batch-size", type=int, default=200)
+    parser.add_argument("--database", choices=["postgres", "sqlite"], default="postgres")
+    args = parser.parse_args()
+    result = asyncio.run(run(args))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

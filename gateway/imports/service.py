@@ -1,0 +1,445 @@
+"""Bulk backfill (issue 16): import history through the live channels.
+
+Each record of an import file goes through the same channel code as live traffic
+(:func:`gateway.ingest.intake.submit_intake`, :func:`gateway.ingest.checkout.submit_checkout`,
+:func:`gateway.ingest.stripe.receive_stripe_event`): the same profiles, normalizers,
+patient matching and merge, storage with Provenance, outbox rows per EHR target, case
+events and audit entries. What differs is carried by
+:class:`gateway.ingest.storage.Migration` in the context:
+
+* the inbox row's principal is ``import:<job id>`` (the job's records are found by it);
+* the Provenance says the record was migrated, from which source, and when it happened
+  (``occurredDateTime``);
+* case changes are recorded, their ops webhooks stored ``suppressed`` (never sent)
+  unless the job asks to ``notify``.
+
+Idempotent on the business id: the inbox's dedupe key (``submission_id``, processor +
+``checkout_id``, Stripe event id) answers a record seen before with its stored answer,
+counted ``duplicate``; nothing is written twice. Records are committed in batches
+(``batch_size`` records per transaction, each in a savepoint, so a refused record leaves
+nothing behind and does not undo its batch); the file's cursor (byte offset) is
+committed with its batch, so an import stopped by a crash resumes at the first record
+not committed.
+
+Error tree: a record that does not validate or map is *refused* (kept whole in
+``import_refusals`` with its problems), never an exception; :class:`ImportFileError`
+(a file that cannot be opened, an unknown CSV profile) stops the job, which is left
+``failed`` with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.clients.actor import Actor, acting_as
+from gateway.db.models import ImportFile, ImportJob, ImportRefusal, ImportStatus
+from gateway.db.types import utcnow
+from gateway.errors import GatewayError
+from gateway.http import Outcome
+from gateway.imports import repository as repo
+from gateway.imports.readers import Record, file_sha256, read_csv, read_ndjson
+from gateway.ingest import checkout, intake, stripe
+from gateway.ingest.storage import IngestContext, Migration
+from gateway.logging import get_logger
+from gateway.runtime import Runtime
+from mappers.errors import MappingErrors, Problem
+from mappers.profiles.imports import CsvImportProfile
+
+log = get_logger(__name__)
+
+#: Records per transaction.
+DEFAULT_BATCH_SIZE = 200
+
+#: ``on_progress(file name, bytes done, file size, counts)`` after each batch.
+ProgressCallback = Callable[[str, int, int, dict[str, int]], None]
+
+
+class ImportFileError(ValueError):
+    """A file that cannot be imported at all (missing, unreadable, unknown CSV profile)."""
+
+
+@dataclass(frozen=True)
+class ImportSource:
+    """One input of a job: a path (CLI), or a name and bytes (an upload, kept in the
+    job's row so it can be resumed)."""
+
+    name: str
+    path: Path
+
+    @property
+    def is_csv(self) -> bool:
+        """A CSV file (by extension)."""
+        return self.path.suffix.lower() == ".csv"
+
+
+def csv_profile_or_raise(runtime: Runtime, name: str | None) -> CsvImportProfile | None:
+    """The CSV import profile ``name`` of the current profiles (None when not asked).
+
+    Raises:
+        ImportFileError: no such profile.
+    """
+    if name is None:
+        return None
+    found = runtime.profiles.current.by_kind.get("import", {}).get(name)
+    if not isinstance(found, CsvImportProfile):
+        raise ImportFileError(f"no CSV import profile {name!r} (profiles/imports/*.yaml)")
+    return found
+
+
+async def create_job(
+    session: AsyncSession,
+    *,
+    source: str,
+    notify: bool,
+    actor: str,
+    csv_profile: str | None,
+    files: list[ImportSource],
+) -> ImportJob:
+    """A new job with one file row per input, each cursor at 0 (flushes).
+
+    Raises:
+        ImportFileError: an input cannot be read.
+    """
+    now = utcnow()
+    job = ImportJob(
+        id=str(uuid.uuid4()),
+        source=source,
+        notify=notify,
+        status=ImportStatus.RUNNING,
+        actor=actor,
+        csv_profile=csv_profile,
+        read=0,
+        mapped=0,
+        refused=0,
+        duplicate=0,
+        suppressed_webhooks=0,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(job)
+    await session.flush()  # before its files (no ORM relationship orders them)
+    for source_file in files:
+        try:
+            digest, size = file_sha256(source_file.path), source_file.path.stat().st_size
+        except OSError as exc:
+            raise ImportFileError(f"cannot read {source_file.name} ({exc.strerror})") from exc
+        session.add(
+            ImportFile(
+                job_id=job.id,
+                name=source_file.name,
+                sha256=digest,
+                size_bytes=size,
+                cursor=0,
+                line=1,
+                status=ImportStatus.RUNNING,
+            )
+        )
+    await session.flush()
+    return job
+
+
+async def _import_record(session: AsyncSession, ctx: IngestContext, record: Record) -> Outcome:
+    """Run one record through its live channel (flushes)."""
+    actor = f"import:{ctx.migration.job_id}" if ctx.migration else "import"
+    if record.kind == "intake":
+        return await intake.submit_intake(
+            session, ctx, raw=record.raw, content_type="application/json", actor=actor
+        )
+    if record.kind == "checkout":
+        return await checkout.submit_checkout(
+            session, ctx, raw=record.raw, content_type="application/json", actor=actor
+        )
+    return await stripe.receive_stripe_event(
+        session, ctx, raw=record.raw, content_type="application/json", refuse_unmappable=True
+    )
+
+
+def _records(
+    source: ImportSource, row: ImportFile, profile: CsvImportProfile | None
+) -> Iterator[Record]:
+    start, line = row.cursor, max(1, row.line)
+    if source.is_csv:
+        if profile is None:
+            raise ImportFileError(f"{source.name}: a CSV file needs --csv-profile")
+        return read_csv(source.path, profile, start=start, first_line=line)
+    return read_ndjson(source.path, start=start, first_line=line)
+
+
+async def run_job(
+    runtime: Runtime,
+    job_id: str,
+    files: list[ImportSource],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_progress: ProgressCallback | None = None,
+) -> dict[str, Any]:
+    """Import (or resume) the files of job ``job_id``. Owns its transactions: one per
+    batch of ``batch_size`` records, committed with the files' cursors and the counts.
+
+    Args:
+        runtime: the wired runtime (database, profiles, settings).
+        job_id: a job made by :func:`create_job` (its files in the same order).
+        files: where each file of the job is read from.
+        batch_size: records per transaction.
+        on_progress: told after each batch.
+
+    Returns:
+        The job's counts (:func:`gateway.imports.repository.job_counts`).
+
+    Raises:
+        ImportFileError: a file cannot be read or needs a CSV profile; the job is left
+            ``failed`` with the reason.
+    """
+    async with runtime.sessionmaker() as session:
+        job = await repo.get_job_or_raise(session, job_id)
+        rows = await repo.job_files(session, job_id)
+        notify, source_name, csv_name = job.notify, job.source, job.csv_profile
+    ctx = replace(
+        IngestContext.of(runtime),  # one profile snapshot for the whole job
+        migration=Migration(job_id=job_id, source=source_name, notify=notify),
+    )
+    try:
+        profile = csv_profile_or_raise(runtime, csv_name)
+        by_name = {f.name: f for f in files}
+        for row in rows:
+            if row.status == ImportStatus.COMPLETED:
+                continue
+            source = by_name.get(row.name)
+            if source is None:
+                raise ImportFileError(f"{row.name}: not given to resume the job")
+            if file_sha256(source.path) != row.sha256:
+                raise ImportFileError(f"{row.name}: the file changed since the job started")
+            await _import_file(runtime, ctx, row, source, profile, batch_size, on_progress)
+    except (ImportFileError, OSError) as exc:
+        reason = str(exc) if isinstance(exc, ImportFileError) else f"cannot read a file ({exc})"
+        async with runtime.write_session() as session:
+            await session.execute(
+                update(ImportJob)
+                .where(ImportJob.id == job_id)
+                .values(status=ImportStatus.FAILED, error=reason, updated_at=utcnow())
+            )
+            await session.commit()
+        log.warning("import.failed", job_id=job_id)
+        raise ImportFileError(reason) from exc
+    async with runtime.write_session() as session:
+        now = utcnow()
+        await session.execute(
+            update(ImportJob)
+            .where(ImportJob.id == job_id)
+            .values(status=ImportStatus.COMPLETED, finished_at=now, updated_at=now)
+        )
+        await session.commit()
+        counts = await repo.job_counts(session, job_id)
+    log.info("import.completed", job_id=job_id, **counts)
+    return counts
+
+
+async def _import_file(
+    runtime: Runtime,
+    ctx: IngestContext,
+    row: ImportFile,
+    source: ImportSource,
+    profile: CsvImportProfile | None,
+    batch_size: int,
+    on_progress: ProgressCallback | None,
+) -> None:
+    records = _records(source, row, profile)
+    done = False
+    while not done:
+        batch: list[Record] = []
+        for record in records:
+            batch.append(record)
+            if len(batch) >= batch_size:
+                break
+        else:
+            done = True
+        counts = await _store_batch(runtime, ctx, row, batch, finished=done)
+        if on_progress is not None:
+            on_progress(row.name, row.cursor, row.size_bytes, counts)
+
+
+async def _store_batch(
+    runtime: Runtime,
+    ctx: IngestContext,
+    row: ImportFile,
+    batch: list[Record],
+    *,
+    finished: bool,
+) -> dict[str, int]:
+    """One transaction: the batch's records (each in a savepoint), its refusals, the
+    job's counts and the file's cursor."""
+    assert ctx.migration is not None
+    job_id = ctx.migration.job_id
+    mapped = duplicate = 0
+    refusals: list[ImportRefusal] = []
+    async with runtime.write_session() as session:
+        suppressed_before = await repo.suppressed_webhooks(session)
+        for record in batch:
+            problems = record.problems
+            if not problems:
+                try:
+                    async with session.begin_nested():
+                        outcome = await _import_record(session, ctx, record)
+                except GatewayError as exc:
+                    problems = exc.problems or [Problem("", exc.slug, exc.detail)]
+                except MappingErrors as exc:
+                    problems = exc.problems
+                else:
+                    if outcome.body.get("replayed"):
+                        duplicate += 1
+                    else:
+                        mapped += 1
+            if problems:
+                refusals.append(
+                    ImportRefusal(
+                        job_id=job_id,
+                        file=row.name,
+                        line=record.line,
+                        kind=record.kind,
+                        business_id=record.business_id,
+                        problems=[p.as_dict() for p in problems],
+                        record=record.raw,
+                    )
+                )
+        session.add_all(refusals)
+        suppressed = await repo.suppressed_webhooks(session) - suppressed_before
+        if batch:
+            row.cursor, row.line = batch[-1].end, batch[-1].line + 1
+        values: dict[str, Any] = {"cursor": row.cursor, "line": row.line}
+        if finished:
+            row.status = values["status"] = ImportStatus.COMPLETED
+        await session.execute(update(ImportFile).where(ImportFile.id == row.id).values(**values))
+        await session.execute(
+            update(ImportJob)
+            .where(ImportJob.id == job_id)
+            .values(
+                read=ImportJob.read + len(batch),
+                mapped=ImportJob.mapped + mapped,
+                duplicate=ImportJob.duplicate + duplicate,
+                refused=ImportJob.refused + len(refusals),
+                suppressed_webhooks=ImportJob.suppressed_webhooks + suppressed,
+                updated_at=utcnow(),
+            )
+        )
+        await session.commit()
+    log.info(
+        "import.batch",
+        job_id=job_id,
+        records=len(batch),
+        mapped=mapped,
+        duplicate=duplicate,
+        refused=len(refusals),
+    )
+    async with runtime.sessionmaker() as session:
+        return await repo.job_counts(session, job_id, with_delivered=False)
+
+
+async def find_resumable(session: AsyncSession, sha256s: list[str]) -> ImportJob | None:
+    """The latest unfinished job whose files are exactly these (by content), to resume."""
+    if not sha256s:
+        return None
+    candidates = (
+        await session.scalars(
+            select(ImportJob)
+            .where(ImportJob.status.in_([ImportStatus.RUNNING, ImportStatus.FAILED]))
+            .order_by(ImportJob.created_at.desc())
+            .limit(20)
+        )
+    ).all()
+    for job in candidates:
+        files = await repo.job_files(session, job.id)
+        if sorted(f.sha256 for f in files) == sorted(sha256s):
+            return job
+    return None
+
+
+#: Jobs of uploads running in this process (kept referenced until they end).
+_RUNNING: set[asyncio.Task[Any]] = set()
+
+
+async def create_upload_job(
+    session: AsyncSession,
+    *,
+    body: bytes,
+    name: str,
+    source: str,
+    notify: bool,
+    actor: str,
+    csv_profile: str | None,
+) -> ImportJob:
+    """A job for one uploaded file, kept in its row until the job completes (flushes)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(body)
+        job = await create_job(
+            session,
+            source=source,
+            notify=notify,
+            actor=actor,
+            csv_profile=csv_profile,
+            files=[ImportSource(name=name, path=path)],
+        )
+    await session.execute(update(ImportFile).where(ImportFile.job_id == job.id).values(body=body))
+    return job
+
+
+async def run_upload_job(runtime: Runtime, job_id: str, *, actor: Actor) -> dict[str, Any]:
+    """Run (or resume) a job of uploaded files: each is written to a temporary file and
+    imported like a file of the command line; the uploads are dropped once it completes.
+
+    Raises:
+        ImportFileError: as :func:`run_job`.
+    """
+    with acting_as(actor), tempfile.TemporaryDirectory() as tmp:
+        async with runtime.sessionmaker() as session:
+            rows = await repo.job_files(session, job_id)
+            sources = []
+            for row in rows:
+                path = Path(tmp) / f"{row.id}{Path(row.name).suffix}"
+                path.write_bytes(row.body or b"")
+                sources.append(ImportSource(name=row.name, path=path))
+        counts = await run_job(runtime, job_id, sources)
+    async with runtime.write_session() as session:
+        await session.execute(
+            update(ImportFile).where(ImportFile.job_id == job_id).values(body=None)
+        )
+        await session.commit()
+    return counts
+
+
+def start_upload_job(runtime: Runtime, job_id: str, *, actor: Actor) -> None:
+    """Run :func:`run_upload_job` in the background of this process (the API answers
+    at once with the job resource; a job stopped by a restart is resumed with
+    ``POST /v1/imports/{id}/resume``)."""
+
+    async def work() -> None:
+        try:
+            await run_upload_job(runtime, job_id, actor=actor)
+        except ImportFileError:
+            pass  # recorded on the job
+        except Exception as exc:  # the job stays running: resumable
+            log.error("import.crashed", job_id=job_id, error_type=type(exc).__name__)
+
+    task = asyncio.create_task(work())
+    _RUNNING.add(task)
+    task.add_done_callback(_RUNNING.discard)
+
+
+def running_upload_jobs() -> int:
+    """Upload jobs running in this process."""
+    return len(_RUNNING)
+
+
+async def wait_for_uploads() -> None:
+    """Wait until the upload jobs of this process end (tests, shutdown)."""
+    while _RUNNING:
+        await asyncio.gather(*list(_RUNNING), return_exceptions=True)

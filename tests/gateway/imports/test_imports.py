@@ -1,0 +1,274 @@
+"""Bulk backfill (issue 16): NDJSON and CSV through the live channels, idempotent,
+resumable, with migrated Provenance and suppressed webhooks."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from gateway.db.models import Case, Delivery, FhirResource, ImportFile, InboundMessage, Subscriber
+from gateway.imports import repository as repo
+from gateway.imports.readers import file_sha256
+from gateway.imports.service import (
+    ImportSource,
+    create_job,
+    find_resumable,
+    run_job,
+    wait_for_uploads,
+)
+from gateway.runtime import Runtime
+from gateway.subscribers.service import new_secret
+from tests import samples
+
+
+def mixed_records() -> tuple[list[bytes], int]:
+    """8 lines: 3 intakes, 2 canonical checkouts, 1 Stripe event, 1 line that is not
+    JSON, 1 intake that does not validate. Returns (lines, bad lines)."""
+    good: list[dict[str, Any]] = [samples.intake() for _ in range(3)]
+    good += [samples.canonical_checkout() for _ in range(2)]
+    good.append(samples.stripe_event())
+    bad_intake = samples.intake()
+    bad_intake["patient"]["birth_date"] = "not a date"
+    lines = [json.dumps(r).encode() for r in good]
+    lines.insert(2, b"{not json")
+    lines.append(json.dumps(bad_intake).encode())
+    return lines, 2
+
+
+def write_ndjson(path: Path, lines: list[bytes]) -> Path:
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+async def run_file(
+    runtime: Runtime, path: Path, *, batch_size: int = 3, **job: Any
+) -> tuple[str, dict[str, int]]:
+    source = ImportSource(name=path.name, path=path)
+    async with runtime.sessionmaker() as session:
+        created = await create_job(
+            session,
+            source=job.get("source", "legacy-crm"),
+            notify=job.get("notify", False),
+            actor="test",
+            csv_profile=job.get("csv_profile"),
+            files=[source],
+        )
+        await session.commit()
+        job_id = created.id
+    counts = await run_job(runtime, job_id, [source], batch_size=batch_size)
+    return job_id, counts
+
+
+async def count(runtime: Runtime, model: Any, *where: Any) -> int:
+    async with runtime.sessionmaker() as session:
+        return int(await session.scalar(select(func.count()).select_from(model).where(*where)) or 0)
+
+
+async def test_mixed_ndjson_is_imported_and_rerun_makes_no_duplicates(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    lines, bad = mixed_records()
+    path = write_ndjson(tmp_path / "history.ndjson", lines)
+    job_id, counts = await run_file(runtime, path)
+    assert counts["read"] == 8
+    assert counts["refused"] == bad
+    assert counts["mapped"] == 6
+    assert counts["duplicate"] == 0
+    resources = await count(runtime, FhirResource)
+    messages = await count(runtime, InboundMessage, InboundMessage.principal == f"import:{job_id}")
+    assert messages == 6
+
+    async with runtime.sessionmaker() as session:
+        refused = await repo.refusals(session, job_id)
+    assert [(r.line, r.kind) for r in refused] == [(3, None), (8, "intake")]
+    assert refused[1].problems[0]["location"].startswith("patient.birth_date")
+    assert "not a date" not in json.dumps(refused[1].problems)  # problems never hold values
+
+    _, again = await run_file(runtime, path)
+    assert again["duplicate"] == 6 and again["mapped"] == 0 and again["refused"] == bad
+    assert await count(runtime, FhirResource) == resources
+
+
+async def test_provenance_says_migrated_from_the_source_with_the_original_time(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    intake = samples.intake()
+    path = write_ndjson(tmp_path / "one.ndjson", [json.dumps(intake).encode()])
+    await run_file(runtime, path, source="old-emr")
+    async with runtime.sessionmaker() as session:
+        rows = (
+            await session.scalars(
+                select(FhirResource).where(FhirResource.resource_type == "Provenance")
+            )
+        ).all()
+    [prov] = [r.resource for r in rows]
+    assert prov["occurredDateTime"] == "2026-11-23T14:00:00-05:00"  # as submitted
+    assert {"system": "https://fhir-gateway.example.org/sid/migration", "code": "migrated"} in [
+        {k: t[k] for k in ("system", "code")} for t in prov["meta"]["tag"]
+    ]
+    sources = [e["what"]["identifier"]["value"] for e in prov["entity"]]
+    assert "old-emr" in sources
+    assert "urn:fhir-gateway:migration:old-emr" in prov["policy"]
+
+
+async def test_case_webhooks_are_recorded_not_sent_unless_notify(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    async with runtime.sessionmaker() as session:
+        session.add(
+            Subscriber(
+                name="crm", url="http://127.0.0.1:9/hook", secret=new_secret(), event_types=["*"]
+            )
+        )
+        await session.commit()
+    quiet = write_ndjson(tmp_path / "a.ndjson", [json.dumps(samples.intake()).encode()])
+    _, counts = await run_file(runtime, quiet)
+    assert counts["suppressed_webhooks"] == 1
+    assert (
+        await count(runtime, Delivery, Delivery.kind == "webhook", Delivery.status == "pending")
+        == 0
+    )
+
+    async with runtime.sessionmaker() as session:  # a historical case runs no SLA timer
+        [case] = (await session.scalars(select(Case))).all()
+        assert case.sla_due_at is None
+
+    loud = write_ndjson(tmp_path / "b.ndjson", [json.dumps(samples.intake()).encode()])
+    _, counts = await run_file(runtime, loud, notify=True)
+    assert counts["suppressed_webhooks"] == 0
+    assert (
+        await count(runtime, Delivery, Delivery.kind == "webhook", Delivery.status == "pending")
+        == 1
+    )
+
+
+async def test_an_interrupted_import_resumes_at_its_cursor(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    lines, _ = mixed_records()
+    path = write_ndjson(tmp_path / "history.ndjson", lines)
+    source = ImportSource(name=path.name, path=path)
+    async with runtime.sessionmaker() as session:
+        job = await create_job(
+            session, source="x", notify=False, actor="t", csv_profile=None, files=[source]
+        )
+        await session.commit()
+        job_id = job.id
+
+    class Crash(Exception):
+        pass
+
+    def crash(*_: Any) -> None:
+        raise Crash
+
+    with pytest.raises(Crash):  # dies after the first committed batch of 3
+        await run_job(runtime, job_id, [source], batch_size=3, on_progress=crash)
+    async with runtime.sessionmaker() as session:
+        [row] = await repo.job_files(session, job_id)
+        assert row.cursor == sum(len(line) + 1 for line in lines[:3])
+        assert (await find_resumable(session, [file_sha256(path)])).id == job_id  # type: ignore[union-attr]
+    counts = await run_job(runtime, job_id, [source], batch_size=3)
+    assert counts["read"] == 8  # not 11: the first batch was not read again
+    assert counts["mapped"] + counts["refused"] == 8 and counts["duplicate"] == 0
+    async with runtime.sessionmaker() as session:
+        assert (await session.get(ImportFile, row.id)).status == "completed"  # type: ignore[union-attr]
+
+
+async def test_csv_rows_map_through_the_import_profile(runtime: Runtime, tmp_path: Path) -> None:
+    path = tmp_path / "orders.csv"
+    columns = [
+        "order_id",
+        "paid_at",
+        "plan",
+        "payment_status",
+        "amount_cents",
+        "name",
+        "email",
+        "phone",
+        "street",
+        "city",
+        "state",
+        "zip",
+        "patient_id",
+    ]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        writer.writerow(
+            [
+                "ord-1",
+                "2025-03-01T10:00:00Z",
+                "glp1-semaglutide-starter",
+                "paid",
+                "29900",
+                "Avery Stone",
+                "avery@example.com",
+                "415-555-2671",
+                "1 Main St",
+                "Austin",
+                "TX",
+                "78701",
+                "pt-csv-1",
+            ]
+        )
+        writer.writerow(
+            [
+                "ord-2",
+                "2025-03-02T10:00:00Z",
+                "no-such-plan",
+                "paid",
+                "abc",
+                "Bo Lee",
+                "bo@example.com",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "pt-csv-2",
+            ]
+        )
+    job_id, counts = await run_file(runtime, path, csv_profile="legacy-checkouts-csv")
+    assert (counts["read"], counts["mapped"], counts["refused"]) == (2, 1, 1)
+    async with runtime.sessionmaker() as session:
+        [refused] = await repo.refusals(session, job_id)
+    assert refused.line == 3 and refused.problems[0]["code"] == "invalid_integer"
+    _, again = await run_file(runtime, path, csv_profile="legacy-checkouts-csv")
+    assert again["duplicate"] == 1
+
+
+async def test_api_job_with_counts_and_refusals_as_ndjson(
+    client: httpx.AsyncClient, admin_headers: dict[str, str]
+) -> None:
+    lines, bad = mixed_records()
+    r = await client.post(
+        "/v1/imports",
+        params={"source": "legacy-crm"},
+        content=b"\n".join(lines),
+        headers={**admin_headers, "Content-Type": "application/x-ndjson"},
+    )
+    assert r.status_code == 202, r.text
+    job = r.json()
+    await wait_for_uploads()
+    r = await client.get(f"/v1/imports/{job['id']}", headers=admin_headers)
+    body = r.json()
+    assert body["status"] == "completed"
+    assert body["counts"]["read"] == 8 and body["counts"]["refused"] == bad
+    assert body["counts"]["delivered"] == 0  # no EHR target enabled
+    r = await client.get(f"/v1/imports/{job['id']}/refusals", headers=admin_headers)
+    assert r.headers["content-type"].startswith("application/x-ndjson")
+    refused = [json.loads(line) for line in r.text.splitlines()]
+    assert [x["line"] for x in refused] == [3, 8]
+    assert refused[1]["record"]["patient"]["birth_date"] == "not a date"  # to fix and re-import
+    r = await client.post(
+        "/v1/imports",
+        content=b"a,b\n1,2\n",
+        headers={**admin_headers, "Content-Type": "text/csv"},
+    )
+    assert r.status_code == 422
