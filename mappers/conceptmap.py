@@ -26,6 +26,7 @@ from typing import Any
 from fhir.resources.R4B.conceptmap import ConceptMap
 from pydantic import ValidationError
 
+from mappers.codesyntax import code_syntax_problem
 from mappers.errors import Problem
 
 CSV_COLUMNS = (
@@ -119,7 +120,9 @@ def concept_map_from_csv(name: str, text: str) -> tuple[dict[str, Any] | None, l
 
     Returns:
         ``(resource, problems)``; ``resource`` is None when there are problems. Problem
-        locations are ``line <n>`` (1-based, header is line 1).
+        locations are ``line <n>`` (1-based, header is line 1). A code that is not of its
+        system's form (RxNorm, LOINC, SNOMED CT; :mod:`mappers.codesyntax`) or a ``<...>``
+        placeholder is a ``code-syntax`` problem.
     """
     problems: list[Problem] = []
     reader = csv.DictReader(io.StringIO(text))
@@ -143,6 +146,16 @@ def concept_map_from_csv(name: str, text: str) -> tuple[dict[str, Any] | None, l
         if empty:
             problems.append(Problem(f"line {line}", "csv_row", f"empty {', '.join(empty)}"))
             continue
+        for side in ("source", "target"):
+            wrong = code_syntax_problem(values[f"{side}_system"], values[f"{side}_code"])
+            if wrong is not None:
+                problems.append(
+                    Problem(
+                        f"line {line}",
+                        "code-syntax",
+                        f"{side}_code: {values[f'{side}_system']}: {wrong}",
+                    )
+                )
         elements = groups.setdefault((values["source_system"], values["target_system"]), {})
         element = elements.setdefault(
             values["source_code"], {"code": values["source_code"], "target": []}

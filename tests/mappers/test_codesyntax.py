@@ -43,3 +43,21 @@ def test_malformed_codes_are_named(system: str, code: str, says: str) -> None:
     message = code_syntax_problem(system, code)
     assert message is not None and says in message
     assert code not in message  # the rule is named, not the value
+
+
+def test_concept_map_rows_are_checked_too() -> None:
+    from mappers.conceptmap import concept_map_from_csv
+
+    text = (
+        "source_system,source_code,source_display,target_system,target_code,target_display,"
+        "equivalence\n"
+        f"{RXNORM},1991306,,urn:oid:1.2.3,OZ025,,equivalent\n"
+        f"urn:free-text,htn,,{SNOMED_CT},38341004,Hypertensive disorder,equivalent\n"
+        f"{RXNORM},<the RxCUI>,,urn:oid:1.2.3,OZ026,,equivalent\n"
+    )
+    resource, problems = concept_map_from_csv("m", text)
+    assert resource is None
+    assert [(p.location, p.code, p.message.split(":")[0]) for p in problems] == [
+        ("line 3", "code-syntax", "target_code"),
+        ("line 4", "code-syntax", "source_code"),
+    ]
