@@ -6,7 +6,7 @@ NPM    ?= npm
 # The local FHIR server (Medplum under Node) that tests and benchmarks use as an EHR.
 FHIR_SERVER = testkit/fhir_server
 
-.PHONY: run test lint bench clean fhir-server
+.PHONY: run test lint bench clean fhir-server chromium
 
 $(BIN)/fhir-gateway: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,10 +38,23 @@ $(FHIR_SERVER)/node_modules/.package-lock.json: $(FHIR_SERVER)/package-lock.json
 		echo "npm not found: tests that need the local FHIR server will skip (install Node.js >= 20.19)"; \
 	fi
 
+## chromium: Debian's headless Chromium for the browser tests (tests/console/), installed
+## with apt when missing (as root); without it the browser tests skip, except under CI=true
+chromium:
+	@if command -v chromium >/dev/null 2>&1 || [ -x /usr/lib/chromium/chromium ]; then \
+		true; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	elif case "$$CI" in 1|true|yes) true;; *) false;; esac; then \
+		echo "chromium not found: CI needs Debian's chromium package for the browser tests" >&2; exit 1; \
+	else \
+		echo "chromium not found: the browser tests will skip (apt-get install chromium)"; \
+	fi
+
 ## test: run the test suite (SQLite, PostgreSQL, the local FHIR server), one pytest-xdist
 ## worker per CPU (TEST_WORKERS=0 runs it in one process; PYTEST_ARGS adds pytest options)
 TEST_WORKERS ?= auto
-test: $(BIN)/fhir-gateway fhir-server
+test: $(BIN)/fhir-gateway fhir-server chromium
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 ## lint: ruff and mypy --strict

@@ -11,12 +11,13 @@ import asyncio
 import contextlib
 import gc
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.routing import iter_route_contexts
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -27,6 +28,7 @@ import gateway
 from gateway.audit.refusals import record_refusal
 from gateway.clients.actor import Actor
 from gateway.clients.service import Principal
+from gateway.console.pages import install as install_console
 from gateway.db.checkpoint import run_checkpoints
 from gateway.db.encryption import startup_problems
 from gateway.deps import authenticated
@@ -51,6 +53,7 @@ from gateway.ingest.endpoints import router as ingest_router
 from gateway.logging import configure_logging, get_logger, log_failure
 from gateway.oauth.endpoints import router as jwks_router
 from gateway.openapi import build_openapi
+from gateway.ops.cases import router as ops_cases_router
 from gateway.ops.deliveries import router as ops_deliveries_router
 from gateway.ops.exceptions import router as exceptions_router
 from gateway.ops.guards import record_target_modes
@@ -363,14 +366,17 @@ def create_app(
             "problem details; `/fhir` errors are OperationOutcomes."
         ),
         lifespan=lifespan,
-        # GATEWAY_DOCS: public (FastAPI's routes), authenticated (below), off (none)
-        docs_url="/docs" if settings.docs == "public" else None,
-        redoc_url="/redoc" if settings.docs == "public" else None,
+        # GATEWAY_DOCS: public, authenticated, off; the pages' assets are served from the
+        # package (add_docs), never from a CDN
+        docs_url=None,
+        redoc_url=None,
         openapi_url="/openapi.json" if settings.docs == "public" else None,
     )
     app.state.worker = None
     if settings.docs == "authenticated":
         add_authenticated_docs(app)
+    elif settings.docs == "public":
+        add_public_docs(app)
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
@@ -412,6 +418,7 @@ def create_app(
     app.include_router(ingest_router)
     app.include_router(events_router)
     app.include_router(cases_router)
+    app.include_router(ops_cases_router)
     app.include_router(partners_router)
     app.include_router(hl7_router)
     app.include_router(subscribers_router)
@@ -426,6 +433,8 @@ def create_app(
     app.include_router(imports_router)
     app.include_router(reconcile_router)
     app.include_router(jwks_router)
+    if settings.console:
+        install_console(app)
 
     @app.get("/healthz", tags=["ops"], summary="The process is up")
     async def healthz() -> dict[str, str]:
@@ -453,6 +462,53 @@ def create_app(
     return app
 
 
+#: Swagger UI and ReDoc assets shipped by the ``fastapi-offline`` wheel, served at
+#: :data:`DOCS_ASSETS`: ``/docs`` works in a browser that cannot reach the internet.
+DOCS_ASSETS = "/docs-assets"
+
+
+def _mount_docs_assets(app: FastAPI) -> None:
+    import fastapi_offline
+    from fastapi.staticfiles import StaticFiles
+
+    static = Path(fastapi_offline.__file__).parent / "static"
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(static)), name="docs-assets")
+
+
+def _swagger(app: FastAPI) -> HTMLResponse:
+    return get_swagger_ui_html(
+        openapi_url="/openapi.json",
+        title=f"{app.title} - docs",
+        swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+        swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+        swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+    )
+
+
+def _redoc(app: FastAPI) -> HTMLResponse:
+    return get_redoc_html(
+        openapi_url="/openapi.json",
+        title=f"{app.title} - ReDoc",
+        redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
+        redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+        with_google_fonts=False,
+    )
+
+
+def add_public_docs(app: FastAPI) -> None:
+    """``/docs`` (Swagger UI) and ``/redoc`` for anyone (``GATEWAY_DOCS=public``), with
+    their JavaScript and CSS served from the package at ``/docs-assets``."""
+    _mount_docs_assets(app)
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger() -> HTMLResponse:
+        return _swagger(app)
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return _redoc(app)
+
+
 def add_authenticated_docs(app: FastAPI) -> None:
     """``/openapi.json``, ``/docs`` and ``/redoc`` behind any valid API key
     (``GATEWAY_DOCS=authenticated``; 401 without one). A browser's Swagger UI cannot send
@@ -463,13 +519,15 @@ def add_authenticated_docs(app: FastAPI) -> None:
     async def openapi_document(_principal: Annotated[Principal, Depends(authenticated)]) -> Any:
         return JSONResponse(app.openapi())
 
+    _mount_docs_assets(app)
+
     @app.get("/docs", include_in_schema=False)
     async def swagger(_principal: Annotated[Principal, Depends(authenticated)]) -> Any:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+        return _swagger(app)
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc(_principal: Annotated[Principal, Depends(authenticated)]) -> Any:
-        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
+        return _redoc(app)
 
 
 def create_app_from_env() -> FastAPI:

@@ -13,7 +13,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -69,6 +69,11 @@ class ProfileHolder:
         if check is not None:
             check(profiles)
         self.current = profiles
+        #: when the running set was loaded at start-up; the last reload that took
+        #: effect; the problems of the last reload attempt (empty when it worked)
+        self.loaded_at: datetime = datetime.now(UTC)
+        self.reloaded_at: datetime | None = None
+        self.reload_problems: list[str] = []
 
     def reload(self) -> ProfileSet:
         """Load the profiles again; on any problem keep the running set.
@@ -76,10 +81,16 @@ class ProfileHolder:
         Raises:
             ProfileLoadError: the new set has problems (the current one stays).
         """
-        new = load_profiles(self.current.root)
-        if self.check is not None:
-            self.check(new)
+        try:
+            new = load_profiles(self.current.root)
+            if self.check is not None:
+                self.check(new)
+        except ProfileLoadError as exc:
+            self.reload_problems = [f"{p.location}: {p.message} [{p.code}]" for p in exc.problems]
+            raise
         self.current = new
+        self.reloaded_at = datetime.now(UTC)
+        self.reload_problems = []
         return new
 
 

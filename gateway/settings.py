@@ -218,6 +218,35 @@ class Settings(BaseSettings):
         default=timedelta(seconds=1),
         description="How often the worker chains new audit entries into the hash chain.",
     )
+    console: bool = Field(
+        default=True,
+        description="Serve the ops console at /console (staff sign-in; docs/CONSOLE.md).",
+    )
+    console_idle_timeout: timedelta = Field(
+        default=timedelta(minutes=30),
+        description="A console session ends after this long without a request.",
+    )
+    console_cookie_secure: bool | None = Field(
+        default=None,
+        description="The console's session cookie is Secure (sent over HTTPS only); "
+        "unset: Secure unless the request came over http to a loopback address.",
+    )
+    console_oidc_issuer: str | None = Field(
+        default=None,
+        description="OpenID Connect sign-in for the console: the provider's issuer URL "
+        "(its /.well-known/openid-configuration is read); unset: passwords only.",
+    )
+    console_oidc_client_id: str | None = Field(
+        default=None, description="The console's client id at the OpenID provider."
+    )
+    console_oidc_client_secret: SecretStr | None = Field(
+        default=None, description="The console's client secret at the OpenID provider."
+    )
+    console_oidc_username_claim: str = Field(
+        default="preferred_username",
+        description="The ID token claim that names the staff account (created with "
+        "`fhir-gateway staff create`; its role applies).",
+    )
     jwks_max_age: timedelta = Field(
         default=timedelta(minutes=5),
         description="Cache-Control max-age of /.well-known/jwks.json; keep it below the "
@@ -233,6 +262,7 @@ class Settings(BaseSettings):
         "jwks_max_age",
         "audit_retention",
         "audit_seal_interval",
+        "console_idle_timeout",
         mode="before",
     )
     @classmethod

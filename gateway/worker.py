@@ -47,7 +47,7 @@ from gateway.oauth.tokens import token_provider_for
 from gateway.ops.guards import GuardLoop
 from gateway.queue.loop import PollingLoop, Worker
 from gateway.runtime import Runtime
-from gateway.subscribers.service import enqueue_case_webhook
+from gateway.subscribers.service import enqueue_case_webhook, enqueue_exception_webhook
 from gateway.workflow.service import EventInput, record_events
 from gateway.workflow.timers import WorkflowTimers
 from mappers.profiles.ehr import EhrTargetProfile
@@ -233,6 +233,7 @@ def build_worker(
         workflow=lambda: runtime.profiles.current.workflow,
         notify=enqueue_case_webhook,
         clock=clock,
+        escalate=enqueue_exception_webhook,
     )
     guard_loop = GuardLoop(
         sessions=runtime.write_session, profiles=lambda: runtime.profiles.current, now=clock.now

@@ -44,6 +44,17 @@ def _transition(workflow: WorkflowProfile, key: str, base: str, state: str) -> T
     return None
 
 
+def transition_exists(workflow: WorkflowProfile, *, from_state: str, to_state: str) -> bool:
+    """True if some transition of ``workflow`` moves a case from ``from_state`` (or ``*``)
+    to ``to_state`` (a manual override inside the workflow); False means an override
+    outside it.
+
+    """
+    return any(
+        t.to == to_state and (from_state in t.from_ or "*" in t.from_) for t in workflow.transitions
+    )
+
+
 def decide(
     workflow: WorkflowProfile,
     *,
@@ -139,3 +150,12 @@ def sla_deadline(
         if t.state == state and (t.until is None or t.until not in recorded)
     ]
     return min(running) if running else None
+
+
+def exception_due_at(
+    workflow: WorkflowProfile, *, kind: str, created_at: datetime
+) -> datetime | None:
+    """When an exception of ``kind`` created at ``created_at`` is due: ``created_at`` plus
+    the workflow's ``exception_sla`` for the kind (or for ``*``); None without one."""
+    within = workflow.exception_sla.get(kind) or workflow.exception_sla.get("*")
+    return created_at + within if within is not None else None

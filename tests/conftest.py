@@ -43,6 +43,7 @@ PG_URL = os.environ.get("GATEWAY_TEST_PG_URL", "postgresql://postgres@127.0.0.1:
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 _skipped_postgres: list[str] = []
+_skipped_browser: list[str] = []
 _pool_stats: dict[str, int] = {}
 
 
@@ -230,6 +231,8 @@ async def admin_headers(make_api_key: ApiKeyFactory) -> dict[str, str]:
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.skipped and "postgres" in report.keywords:
         _skipped_postgres.append(report.nodeid)
+    if report.skipped and "browser" in report.keywords:
+        _skipped_browser.append(report.nodeid)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -239,6 +242,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         if reporter is not None:
             reporter.write_line(
                 f"CI=true: {len(_skipped_postgres)} PostgreSQL test(s) were skipped; they must run in CI",
+                red=True,
+            )
+    if IN_CI and _skipped_browser:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(
+                f"CI=true: {len(_skipped_browser)} browser test(s) were skipped; they must run in CI",
                 red=True,
             )
 

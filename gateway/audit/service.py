@@ -55,6 +55,15 @@ ACTION_CODES: dict[str, str] = {
     "revoke": "U",
     "deactivate": "U",
     "refuse": "E",  # a known client refused by a route (gateway.audit.refusals)
+    # the ops console (issue 12)
+    "assign": "U",
+    "pause": "U",
+    "resume": "U",
+    "rotate": "U",
+    "view": "R",  # a console page (BALP: read/view/print)
+    "login": "E",
+    "logout": "E",
+    "login-failed": "E",
 }
 
 #: Actions of BALP's RESTful profiles, by FHIR restful-interaction code; others are

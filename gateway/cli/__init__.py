@@ -7,6 +7,7 @@
 * :mod:`~gateway.cli.deliveries`: ``deliveries list|show|replay``;
 * :mod:`~gateway.cli.keys`: ``keys rotate|list|jwks|prune|encryption-key|rotate-kek``;
 * :mod:`~gateway.cli.audit`: ``audit verify|export|purge|seal``;
+* :mod:`~gateway.cli.staff`: ``staff create|list|disable|enable|password|role``;
 * :mod:`~gateway.cli.demo`: ``demo``;
 * :mod:`~gateway.cli.imports`: ``import`` (bulk backfill, issue 16);
 * :mod:`~gateway.cli.reconcile`: ``reconcile`` (gateway against an EHR target).
@@ -29,6 +30,7 @@ from gateway.cli import (
     profiles,
     reconcile,
     server,
+    staff,
 )
 from gateway.cli.common import plain_help_everywhere
 from gateway.cli.demo import stripe_signature_header
@@ -50,6 +52,7 @@ app.add_typer(profiles.app, name="profiles")
 app.add_typer(deliveries.app, name="deliveries")
 app.add_typer(keys.app, name="keys")
 app.add_typer(audit.app, name="audit")
+app.add_typer(staff.app, name="staff")
 plain_help_everywhere(app)
 
 

@@ -88,6 +88,8 @@ def gate(
 ) -> Gate:
     """The gate of a target from its state row and token row (either may be missing);
     ``trials``: the deliveries in flight while half-open (``half_open_trials``)."""
+    if state is not None and state.paused_at is not None:  # a person paused it: nothing goes
+        return Gate(claim=False)
     circuit = state.circuit if state is not None else "closed"
     if circuit == "open":
         due = state is not None and (state.next_probe_at is None or state.next_probe_at <= now)

@@ -18,8 +18,13 @@ from gateway.audit import service as audit
 from gateway.clients.actor import current_actor
 from gateway.db.models import OAuthToken, Subscriber, TargetState
 from gateway.delivery import ops_repository as repo
-from gateway.delivery.circuit import all_target_states, failure_rate
+from gateway.delivery.circuit import (
+    all_target_states,
+    failure_rate,
+    locked_state,
+)
 from gateway.delivery.outbox import narrow_to_profiles
+from gateway.errors import NotFoundError
 from gateway.oauth import repository as oauth_repo
 from gateway.oauth.tokens import auth_wait_until
 from mappers.profiles.ehr import CircuitBreakerPolicy
@@ -136,6 +141,9 @@ class TargetHealth:
     next_trial_at: datetime | None = None
     trial_successes: int = 0
     trial_failures: int = 0
+    paused_at: datetime | None = None
+    paused_by: str | None = None
+    pause_reason: str | None = None
 
 
 def _token_health(method: str, row: OAuthToken | None, now: datetime) -> TokenHealth:
@@ -223,6 +231,9 @@ async def target_health(
                 next_trial_at=next_trial,
                 trial_successes=state.trial_successes if state else 0,
                 trial_failures=state.trial_failures if state else 0,
+                paused_at=state.paused_at if state else None,
+                paused_by=state.paused_by if state else None,
+                pause_reason=state.pause_reason if state else None,
             )
         )
     return out
@@ -267,3 +278,78 @@ def metric_snapshots(health: Sequence[TargetHealth], now: datetime) -> list[metr
         )
         for h in health
     ]
+
+
+# --------------------------------------------------------------------------- pause
+
+
+async def _known_target(
+    session: AsyncSession, *, profiles: ProfileSet, kind: str, target: str
+) -> TargetState:
+    configured = kind == "ehr" and target in profiles.ehr
+    if not configured:
+        configured = (
+            kind == "webhook"
+            and (await session.scalar(select(Subscriber.id).where(Subscriber.name == target)))
+            is not None
+        )
+    if not configured:
+        raise NotFoundError("no such target")
+    return await locked_state(session, kind=kind, target=target)
+
+
+async def pause_target(
+    session: AsyncSession,
+    *,
+    profiles: ProfileSet,
+    kind: str,
+    target: str,
+    by: str,
+    reason: str,
+    now: datetime,
+) -> TargetState:
+    """Pause a target: no worker claims its deliveries (they wait, pending, and keep
+    their attempts) until :func:`resume_target`. Audited as ``pause``; flushes. Pausing a
+    paused target keeps the first pause's time and updates who and why.
+
+    Raises:
+        NotFoundError: no EHR target of the profiles, or subscriber, by that name.
+    """
+    state = await _known_target(session, profiles=profiles, kind=kind, target=target)
+    state.paused_at = state.paused_at or now
+    state.paused_by = by[:128]
+    state.pause_reason = reason
+    audit.record(
+        session,
+        action="pause",
+        entity_type="Target",
+        entity_id=f"{kind}/{target}",
+        detail={"reason_given": bool(reason.strip())},
+    )
+    await session.flush()
+    return state
+
+
+async def resume_target(
+    session: AsyncSession, *, profiles: ProfileSet, kind: str, target: str
+) -> TargetState:
+    """Resume a paused target (a no-op for one that is not paused). Audited as
+    ``resume``; flushes.
+
+    Raises:
+        NotFoundError: no such target.
+    """
+    state = await _known_target(session, profiles=profiles, kind=kind, target=target)
+    was = state.paused_at
+    state.paused_at = None
+    state.paused_by = None
+    state.pause_reason = None
+    audit.record(
+        session,
+        action="resume",
+        entity_type="Target",
+        entity_id=f"{kind}/{target}",
+        detail={"was_paused": was is not None},
+    )
+    await session.flush()
+    return state

@@ -26,28 +26,22 @@ from typing import Annotated, Any
 from fastapi import APIRouter, BackgroundTasks, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.audit import service as audit
 from gateway.clients.service import Principal
 from gateway.db.models import (
-    Case,
     ExceptionRecord,
-    ExceptionStatus,
     InboundMessage,
-    MessageStatus,
 )
 from gateway.db.types import utcnow
 from gateway.deps import NO_NUL, RowIdPath, RowIdQuery, RuntimeDep, SessionDep, require_scope
-from gateway.errors import ConflictError, NotFoundError
+from gateway.errors import NotFoundError
 from gateway.events.after_response import apply_after_response, apply_id_after_response
-from gateway.events.service import EVENT_CHANNELS
-from gateway.hl7.service import CHANNEL as HL7_CHANNEL
 from gateway.hl7.service import CONTENT_TYPE as HL7_CONTENT_TYPE
-from gateway.hl7.service import receive_hl7
 from gateway.inbox import repository as inbox
-from mappers.errors import Problem
+from gateway.triage import service as triage
 
 router = APIRouter(prefix="/v1/ops", tags=["ops"])
 
@@ -72,6 +66,8 @@ class ExceptionOut(BaseModel):
     has_payload: bool
     retryable: bool
     principal: str | None = None
+    assigned_to: str | None = None
+    assigned_at: datetime | None = None
     occurrences: int = Field(
         default=1,
         description="How many refusals this exception stands for: repeated 400/409/415/422 "
@@ -89,19 +85,19 @@ class ExceptionPage(BaseModel):
 
 
 class ResolveIn(BaseModel):
-    """Why it is resolved (kept with the entry; no PHI please)."""
+    """Why it is resolved or retried (kept with the entry; no PHI please)."""
 
     model_config = ConfigDict(extra="forbid")
 
     note: str | None = Field(default=None, max_length=1000, pattern=NO_NUL)
 
 
-def _retryable(row: ExceptionRecord, message_channel: str | None) -> bool:
-    if row.status != ExceptionStatus.OPEN:
-        return False
-    if row.inbound_message_id and message_channel in EVENT_CHANNELS:
-        return True
-    return row.inbound_message_id is None and row.channel == HL7_CHANNEL and row.payload is not None
+class AssignIn(BaseModel):
+    """Who owns the exception now (a staff username or a client name); null: nobody."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    assignee: str | None = Field(max_length=128, pattern=r"^[^\x00]+$")
 
 
 def _out(row: ExceptionRecord, message_channel: str | None) -> ExceptionOut:
@@ -120,28 +116,18 @@ def _out(row: ExceptionRecord, message_channel: str | None) -> ExceptionOut:
         note=row.note,
         retries=row.retries,
         has_payload=row.payload is not None,
-        retryable=_retryable(row, message_channel),
+        retryable=triage.retryable(row, message_channel),
         principal=row.principal,
+        assigned_to=row.assigned_to,
+        assigned_at=row.assigned_at,
         occurrences=row.occurrences or 1,
         last_seen_at=row.last_seen_at,
     )
 
 
-async def _channels(session: SessionDep, rows: list[ExceptionRecord]) -> dict[str, str]:
-    ids = {r.inbound_message_id for r in rows if r.inbound_message_id}
-    if not ids:
-        return {}
-    found = await session.execute(
-        select(InboundMessage.id, InboundMessage.channel).where(InboundMessage.id.in_(ids))
-    )
-    return {i: c for i, c in found}
-
-
-async def _get_or_404(session: SessionDep, exception_id: int) -> ExceptionRecord:
-    row = await session.get(ExceptionRecord, exception_id)
-    if row is None:
-        raise NotFoundError("no such exception")
-    return row
+async def _one_out(session: AsyncSession, row: ExceptionRecord) -> ExceptionOut:
+    channels = await triage.message_channels(session, [row])
+    return _out(row, channels.get(row.inbound_message_id or ""))
 
 
 @router.get("/exceptions", response_model=ExceptionPage, summary="The exceptions queue")
@@ -153,11 +139,14 @@ async def list_exceptions(
     channel: str | None = None,
     sender: str | None = None,
     case_id: str | None = None,
+    assigned_to: Annotated[
+        str | None, Query(description="Owner's name; `-` for exceptions nobody owns")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     before_id: RowIdQuery = None,
 ) -> ExceptionPage:
     """Exceptions, newest first, filtered by status (default ``open``), kind, channel,
-    sender or case."""
+    sender, case or owner."""
     stmt = select(ExceptionRecord).order_by(ExceptionRecord.id.desc()).limit(limit + 1)
     if status:
         stmt = stmt.where(ExceptionRecord.status == status)
@@ -169,11 +158,15 @@ async def list_exceptions(
     ):
         if value is not None:
             stmt = stmt.where(column == value)
+    if assigned_to == "-":
+        stmt = stmt.where(ExceptionRecord.assigned_to.is_(None))
+    elif assigned_to is not None:
+        stmt = stmt.where(ExceptionRecord.assigned_to == assigned_to)
     if before_id is not None:
         stmt = stmt.where(ExceptionRecord.id < before_id)
     rows = list((await session.scalars(stmt)).all())
     page, more = rows[:limit], len(rows) > limit
-    channels = await _channels(session, page)
+    channels = await triage.message_channels(session, page)
     return ExceptionPage(
         items=[_out(r, channels.get(r.inbound_message_id or "")) for r in page],
         next_before_id=page[-1].id if more and page else None,
@@ -187,9 +180,7 @@ async def get_exception(
     _principal: Annotated[Principal, Depends(require_scope("ops:read"))],
 ) -> ExceptionOut:
     """One exceptions-queue entry."""
-    row = await _get_or_404(session, exception_id)
-    channels = await _channels(session, [row])
-    return _out(row, channels.get(row.inbound_message_id or ""))
+    return await _one_out(session, await triage.get_exception_or_raise(session, exception_id))
 
 
 @router.get(
@@ -216,7 +207,7 @@ async def get_exception_payload(
     """The raw input kept for review (the exception's own, else its inbound message's;
     for grouped refusals, the first: the others are at ``/payloads/{seq}``). Every read is
     in the audit log."""
-    row = await _get_or_404(session, exception_id)
+    row = await triage.get_exception_or_raise(session, exception_id)
     payload, content_type = row.payload, row.content_type
     if payload is None and row.inbound_message_id:
         message = await session.get(InboundMessage, row.inbound_message_id)
@@ -250,7 +241,7 @@ async def get_exception_payload_by_seq(
 ) -> Response:
     """Refusal ``seq`` (1 to ``occurrences``) of a grouped ``rejected_input`` exception,
     as received. Every read is in the audit log."""
-    row = await _get_or_404(session, exception_id)
+    row = await triage.get_exception_or_raise(session, exception_id)
     found = await inbox.refused_payload(session, row, seq)
     if found is None:
         raise NotFoundError("no such payload for this exception")
@@ -275,7 +266,7 @@ async def _payload_response(
         action="read",
         entity_type="ExceptionPayload",
         entity_id=str(row.id),
-        patient_id=await _patient_of(session, row),
+        patient_id=await triage.patient_of(session, row),
         detail=detail or None,
     )
     return Response(
@@ -305,13 +296,6 @@ def payload_media_type(payload: bytes, declared: str | None) -> str:
     return "application/octet-stream"
 
 
-async def _patient_of(session: AsyncSession, row: ExceptionRecord) -> str | None:
-    """The Patient an exception is about, when its case is known (for the audit trail)."""
-    if row.case_id is None:
-        return None
-    return await session.scalar(select(Case.patient_id).where(Case.id == row.case_id))
-
-
 @router.post(
     "/exceptions/{exception_id}/resolve",
     response_model=ExceptionOut,
@@ -325,25 +309,30 @@ async def resolve_exception(
     body: ResolveIn | None = None,
 ) -> ExceptionOut:
     """A person dealt with it (409 when it is not open)."""
-    row = await _get_or_404(session, exception_id)
-    if row.status != ExceptionStatus.OPEN:
-        raise ConflictError(
-            "the exception is not open", [Problem("status", "not_open", f"it is {row.status}")]
-        )
-    row.status = ExceptionStatus.RESOLVED
-    row.resolved_at = utcnow()
-    row.resolved_by = principal.name
-    row.note = body.note if body else None
-    audit.record(
-        session,
-        action="resolve",
-        entity_type="Exception",
-        entity_id=str(row.id),
-        patient_id=await _patient_of(session, row),
+    row = await triage.get_exception_or_raise(session, exception_id)
+    await triage.resolve_exception(
+        session, row, by=principal.name, note=body.note if body else None, now=utcnow()
     )
-    await session.flush()
-    channels = await _channels(session, [row])
-    return _out(row, channels.get(row.inbound_message_id or ""))
+    return await _one_out(session, row)
+
+
+@router.post(
+    "/exceptions/{exception_id}/assign",
+    response_model=ExceptionOut,
+    summary="Give an exception an owner (or none)",
+    responses={404: {}, 409: {}},
+)
+async def assign_exception(
+    exception_id: RowIdPath,
+    body: AssignIn,
+    session: SessionDep,
+    _principal: Annotated[Principal, Depends(require_scope("ops:admin"))],
+) -> ExceptionOut:
+    """Set who owns an open exception (a staff username or a client name); ``assignee:
+    null`` leaves it unowned (409 when it is not open). Recorded in the audit trail."""
+    row = await triage.get_exception_or_raise(session, exception_id)
+    await triage.assign_exception(session, row, assignee=body.assignee, now=utcnow())
+    return await _one_out(session, row)
 
 
 @router.post(
@@ -359,68 +348,16 @@ async def retry_exception(
     runtime: RuntimeDep,
     background: BackgroundTasks,
     principal: Annotated[Principal, Depends(require_scope("ops:admin"))],
+    body: ResolveIn | None = None,
 ) -> JSONResponse:
     """Retry with the current profiles and patient keys (see the module docstring);
     202 with what was done; 409 when this kind of exception cannot be retried."""
-    row = await _get_or_404(session, exception_id)
-    message = (
-        await session.get(InboundMessage, row.inbound_message_id)
-        if row.inbound_message_id
-        else None
+    row = await triage.get_exception_or_raise(session, exception_id)
+    result = await triage.retry_exception(
+        session, runtime, row, by=principal.name, note=body.note if body else None, now=utcnow()
     )
-    if not _retryable(row, message.channel if message else None):
-        raise ConflictError(
-            "this exception cannot be retried here",
-            [
-                Problem(
-                    "kind",
-                    "not_retryable",
-                    "not open, or nothing stored to apply again: resend it from its source, "
-                    "replay the delivery, or re-query the EHR",
-                )
-            ],
-        )
-    now = utcnow()
-    body: dict[str, Any] = {"exception_id": row.id, "status": ExceptionStatus.RETRIED}
-    if message is not None:
-        message.status = MessageStatus.RECEIVED
-        message.attempts = 0
-        message.available_at = now  # due again in the inbox (applied right after, below)
-        message.locked_until = None
-        message.locked_by = None
-        message.processed_at = None
-        await session.execute(
-            update(ExceptionRecord)
-            .where(
-                ExceptionRecord.inbound_message_id == message.id,
-                ExceptionRecord.status == ExceptionStatus.OPEN,
-            )
-            .values(
-                status=ExceptionStatus.RETRIED,
-                resolved_at=now,
-                resolved_by=principal.name,
-                retries=ExceptionRecord.retries + 1,
-            )
-            .execution_options(synchronize_session=False)
-        )
-        body["message_id"] = message.id
-        background.add_task(apply_id_after_response, request, runtime, message.id)
-    else:
-        assert row.payload is not None
-        reply = await receive_hl7(session, runtime, raw=row.payload, transport="retry")
-        row.status = ExceptionStatus.RETRIED
-        row.resolved_at = now
-        row.resolved_by = principal.name
-        row.retries += 1
-        body["ack_code"] = reply.code
-        body["message_id"] = reply.message_id
-        background.add_task(apply_after_response, request, runtime, reply)
-    audit.record(
-        session,
-        action="retry",
-        entity_type="Exception",
-        entity_id=str(row.id),
-        patient_id=await _patient_of(session, row),
-        detail={"message_id": body.get("message_id")},
-    )
-    return JSONResponse(body, status_code=202)
+    if result.message_id is not None and result.reply is None:
+        background.add_task(apply_id_after_response, request, runtime, result.message_id)
+    elif result.reply is not None:
+        background.add_task(apply_after_response, request, runtime, result.reply)
+    return JSONResponse(result.body, status_code=202)

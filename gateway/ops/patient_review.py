@@ -24,12 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.audit import service as audit
 from gateway.clients.service import Principal
-from gateway.db.models import PatientConflict, PatientReview, ReviewStatus
-from gateway.delivery.outbox import enqueue_ehr_updates
+from gateway.db.models import PatientConflict, PatientReview
 from gateway.deps import NO_NUL, RowIdPath, RowIdQuery, RuntimeDep, SessionDep, require_scope
-from gateway.errors import ConflictError, NotFoundError
-from gateway.ingest import patient_merge
 from gateway.patients import review as reviews
+from gateway.triage import reviews as decisions
 
 router = APIRouter(prefix="/v1/patients", tags=["patients"])
 
@@ -171,15 +169,6 @@ async def list_reviews(
     )
 
 
-async def _open_or_raise(session: SessionDep, review_id: int) -> PatientReview:
-    row = await reviews.get_review(session, review_id)
-    if row is None:
-        raise NotFoundError(f"review {review_id} is not known")
-    if row.status != ReviewStatus.OPEN:
-        raise ConflictError(f"review {review_id} is {row.status}, not open")
-    return row
-
-
 @router.post(
     "/review/{review_id}/accept",
     response_model=ReviewOut,
@@ -197,36 +186,17 @@ async def accept_review(
     and ``active: false``; keys, resources, cases and conflicts move to the survivor; the
     changed resources go to each EHR target (outbox). 409 when the entry is not open or
     ``survivor_id`` is not one of the pair."""
-    row = await _open_or_raise(session, review_id)
-    survivor = body.survivor_id or row.candidate_id
-    if survivor not in (row.patient_id, row.candidate_id):
-        raise ConflictError("survivor_id must be one of the pair")
-    merged_id = row.patient_id if survivor == row.candidate_id else row.candidate_id
-    try:
-        merged = await patient_merge.merge_patients(
-            session, survivor_id=survivor, merged_id=merged_id
-        )
-    except patient_merge.MergeError as exc:
-        raise ConflictError(str(exc)) from exc
-    reviews.decide(row, status=ReviewStatus.ACCEPTED, reason=body.reason, by=principal.label)
-    deliveries = enqueue_ehr_updates(
+    row = await decisions.open_review_or_raise(session, review_id)
+    accepted = await decisions.accept_review(
         session,
-        runtime.profiles.current.enabled_targets(),
-        patient_id=survivor,
-        refs=merged.changed_refs,
+        row,
+        profiles=runtime.profiles.current,
+        survivor_id=body.survivor_id,
+        reason=body.reason,
+        by=principal.label,
     )
-    await session.flush()
-    for pid in (survivor, merged_id):
-        audit.record(
-            session,
-            action="update",
-            entity_type="Patient",
-            entity_id=pid,
-            patient_id=pid,
-            detail={"review": row.id, "merge": "survivor" if pid == survivor else "merged"},
-        )
     conflicts = await reviews.conflicts_of(session, [row.patient_id, row.candidate_id])
-    return _out(row, conflicts, [{"id": d.id, "target": d.target} for d in deliveries])
+    return _out(row, conflicts, [{"id": d.id, "target": d.target} for d in accepted.deliveries])
 
 
 @router.post(
@@ -242,14 +212,7 @@ async def reject_review(
     principal: Annotated[Principal, Depends(require_scope("ops:admin"))],
 ) -> ReviewOut:
     """Record that the pair are different people (409 when the entry is not open)."""
-    row = await _open_or_raise(session, review_id)
-    reviews.decide(row, status=ReviewStatus.REJECTED, reason=body.reason, by=principal.label)
-    audit.record(
-        session,
-        action="resolve",
-        entity_type="PatientReview",
-        entity_id=str(row.id),
-        patient_id=row.patient_id,
-    )
+    row = await decisions.open_review_or_raise(session, review_id)
+    decisions.reject_review(session, row, reason=body.reason, by=principal.label)
     conflicts = await reviews.conflicts_of(session, [row.patient_id, row.candidate_id])
     return _out(row, conflicts)

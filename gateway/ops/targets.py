@@ -10,16 +10,22 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from gateway import metrics
 from gateway.audit import service as audit
 from gateway.clients.service import Principal
 from gateway.db.types import utcnow
 from gateway.delivery import shadow
-from gateway.delivery.service import TargetHealth, metric_snapshots, target_health
+from gateway.delivery.service import (
+    TargetHealth,
+    metric_snapshots,
+    pause_target,
+    resume_target,
+    target_health,
+)
 from gateway.deps import RuntimeDep, SessionDep, require_scope
 from gateway.errors import NotFoundError
 from gateway.logging import get_logger
@@ -110,6 +116,25 @@ class TargetOut(BaseModel):
     last_success_at: datetime | None
     last_failure_at: datetime | None
     last_error: str | None
+    paused: PauseOut | None = Field(
+        default=None, description="Paused by a person: nothing is sent until resumed."
+    )
+
+
+class PauseOut(BaseModel):
+    """A pause set by a person (``POST /v1/ops/targets/{kind}/{name}/pause``)."""
+
+    paused_at: datetime
+    paused_by: str | None
+    reason: str | None
+
+
+class PauseIn(BaseModel):
+    """Why the target is paused (kept on the target and shown to ops; no PHI please)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(min_length=1, max_length=500, pattern=r"^[^\x00]*\S[^\x00]*$")
 
 
 def _target_out(h: TargetHealth) -> TargetOut:
@@ -154,6 +179,9 @@ def _target_out(h: TargetHealth) -> TargetOut:
         last_success_at=h.last_success_at,
         last_failure_at=h.last_failure_at,
         last_error=h.last_error,
+        paused=PauseOut(paused_at=h.paused_at, paused_by=h.paused_by, reason=h.pause_reason)
+        if h.paused_at is not None
+        else None,
     )
 
 
@@ -193,6 +221,67 @@ async def list_targets(
             ]
         out.append(target)
     return out
+
+
+TargetKind = Literal["ehr", "webhook"]
+TargetName = Annotated[str, Path(max_length=128, pattern=r"^[^\x00/]+$")]
+
+
+async def _one_target(session: SessionDep, runtime: Runtime, kind: str, name: str) -> TargetOut:
+    health = await target_health(session, profiles=runtime.profiles.current, now=utcnow())
+    return next(_target_out(h) for h in health if (h.kind, h.name) == (kind, name))
+
+
+@router.post(
+    "/v1/ops/targets/{kind}/{name}/pause",
+    response_model=TargetOut,
+    summary="Pause a target: nothing is sent to it until resumed",
+    responses={404: {}},
+)
+async def pause(
+    kind: TargetKind,
+    name: TargetName,
+    body: PauseIn,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    principal: Annotated[Principal, Depends(require_scope("ops:admin"))],
+) -> TargetOut:
+    """Stop the workers claiming this target's deliveries (an EHR's maintenance window,
+    a subscriber known broken): they stay pending with their attempts, and go when the
+    target is resumed. Recorded in the audit trail. 404 for an unknown target."""
+    await pause_target(
+        session,
+        profiles=runtime.profiles.current,
+        kind=kind,
+        target=name,
+        by=principal.name,
+        reason=body.reason,
+        now=utcnow(),
+    )
+    return await _one_target(session, runtime, kind, name)
+
+
+@router.post(
+    "/v1/ops/targets/{kind}/{name}/resume",
+    response_model=TargetOut,
+    summary="Resume a paused target",
+    responses={404: {}},
+)
+async def resume(
+    kind: TargetKind,
+    name: TargetName,
+    request: Request,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    _principal: Annotated[Principal, Depends(require_scope("ops:admin"))],
+) -> TargetOut:
+    """Let the workers send to the target again (a no-op when it is not paused).
+    Recorded in the audit trail."""
+    await resume_target(session, profiles=runtime.profiles.current, kind=kind, target=name)
+    worker = getattr(request.app.state, "worker", None)
+    if worker is not None:
+        worker.wake()
+    return await _one_target(session, runtime, kind, name)
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -19,13 +19,18 @@ from gateway.db.models import Subscriber
 from gateway.deps import RowIdPath, RuntimeDep, SessionDep, require_scope
 from gateway.egress import EgressRefusedError
 from gateway.errors import ConflictError, NotFoundError, UnprocessableError
-from gateway.subscribers.service import WEBHOOK_TYPES, new_secret
+from gateway.subscribers.service import (
+    WEBHOOK_TYPES,
+    new_secret,
+    rotate_secret,
+    set_subscriber_active,
+)
 from mappers.errors import Problem
 from mappers.profiles import RetryPolicy
 
 router = APIRouter(prefix="/v1/ops", tags=["ops"])
 
-_TYPES = {*WEBHOOK_TYPES, "case.*", "target.*", "*"}
+_TYPES = {*WEBHOOK_TYPES, "case.*", "exception.*", "target.*", "*"}
 
 
 #: An absolute http(s) URL of printable ASCII.
@@ -35,7 +40,8 @@ URL_PATTERN = r"^https?://[!-.0-~]+(/[!-~]*)?$"
 class SubscriberIn(BaseModel):
     """A new subscriber. ``secret`` (``whsec_`` + base64 of 24 to 64 bytes) is generated
     when not given; ``event_types`` are ``case.opened``, ``case.state_changed``,
-    ``case.overdue``, ``case.*`` or ``*``."""
+    ``case.overdue``, ``case.*``, ``exception.overdue`` (an exception past its SLA),
+    ``exception.*`` or ``*``."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -197,6 +203,34 @@ async def deactivate_subscriber(
     row = await session.get(Subscriber, subscriber_id)
     if row is None:
         raise NotFoundError("no such subscriber")
-    row.active = False
-    audit.record(session, action="deactivate", entity_type="Subscriber", entity_id=str(row.id))
+    await set_subscriber_active(session, subscriber=row, active=False)
     return Response(status_code=204)
+
+
+class RotatedOut(BaseModel):
+    """A subscriber's new secret, shown this once."""
+
+    id: int
+    name: str
+    secret: str
+
+
+@router.post(
+    "/subscribers/{subscriber_id}/rotate-secret",
+    response_model=RotatedOut,
+    summary="Give a subscriber a new signing secret",
+    responses={404: {}},
+)
+async def rotate_subscriber_secret(
+    subscriber_id: RowIdPath,
+    session: SessionDep,
+    _principal: Annotated[Principal, Depends(require_scope("ops:admin"))],
+) -> RotatedOut:
+    """Replace the subscriber's Standard Webhooks secret with a new random one, returned
+    this once: webhooks sent after this answer are signed with it (install it at the
+    subscriber first if it cannot hold two). Recorded in the audit trail."""
+    row = await session.get(Subscriber, subscriber_id)
+    if row is None:
+        raise NotFoundError("no such subscriber")
+    secret = await rotate_secret(session, subscriber=row)
+    return RotatedOut(id=row.id, name=row.name, secret=secret)

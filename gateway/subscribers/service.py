@@ -11,12 +11,15 @@ Webhook types:
 
 * ``case.opened``: a case was opened (``from_state`` is null);
 * ``case.state_changed``: a case moved to another state;
-* ``case.overdue``: a case stayed in a state longer than its SLA timer.
+* ``case.overdue``: a case stayed in a state longer than its SLA timer;
+* ``exception.overdue``: an exception stayed open longer than its kind's SLA
+  (``exception_sla`` in ``profiles/workflow.yaml``): an escalation for the ops team.
 
 * ``target.guard_breached`` / ``target.guard_cleared``: a cutover guard of an EHR target
   went over its threshold, or back (issue 16; ids, names and numbers only).
 
-A subscription to ``*`` gets every type, ``case.*`` or ``target.*`` every type of one kind.
+A subscription to ``*`` gets every type, ``case.*``, ``exception.*`` or ``target.*`` every
+type of one kind.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.db.models import Case, Delivery, DeliveryStatus, Subscriber
+from gateway.audit import service as audit
+from gateway.db.models import Case, Delivery, DeliveryStatus, ExceptionRecord, Subscriber
 from gateway.db.types import utcnow
 from gateway.logging import get_logger
 from mappers.normalize import to_fhir_instant
@@ -41,6 +45,7 @@ WEBHOOK_TYPES = (
     "case.opened",
     "case.state_changed",
     "case.overdue",
+    "exception.overdue",
     "target.guard_breached",
     "target.guard_cleared",
 )
@@ -216,6 +221,93 @@ async def enqueue_target_webhook(
         "subscribers.enqueued",
         target=target,
         webhook_type=webhook_type,
+        subscribers=len(subscribers),
+    )
+    return len(subscribers)
+
+
+async def rotate_secret(session: AsyncSession, *, subscriber: Subscriber) -> str:
+    """Give ``subscriber`` a new Standard Webhooks secret (returned, to be shown once):
+    webhooks sent from now on are signed with it. Audited as ``rotate``; flushes."""
+    secret = new_secret()
+    subscriber.secret = secret
+    audit.record(session, action="rotate", entity_type="Subscriber", entity_id=str(subscriber.id))
+    await session.flush()
+    return secret
+
+
+async def set_subscriber_active(
+    session: AsyncSession, *, subscriber: Subscriber, active: bool
+) -> None:
+    """Activate or deactivate a subscriber (audited as ``update`` / ``deactivate``)."""
+    subscriber.active = active
+    audit.record(
+        session,
+        action="update" if active else "deactivate",
+        entity_type="Subscriber",
+        entity_id=str(subscriber.id),
+    )
+    await session.flush()
+
+
+def exception_payload(
+    row: ExceptionRecord, webhook_type: str, *, due_at: datetime, now: datetime
+) -> dict[str, Any]:
+    """The webhook body for an exception past its SLA (ids, kinds and times, no PHI).
+
+    Shape::
+
+        {"id": "msg_<32 hex>", "type": "exception.overdue", "timestamp": "<ISO 8601>",
+         "data": {"exception_id", "kind", "channel", "sender", "case_id", "message_id",
+                  "created_at", "due_at", "assigned_to"}}
+    """
+    return {
+        "id": f"msg_{uuid.uuid4().hex}",
+        "type": webhook_type,
+        "timestamp": to_fhir_instant(now),
+        "data": {
+            "exception_id": row.id,
+            "kind": row.kind,
+            "channel": row.channel,
+            "sender": row.sender,
+            "case_id": row.case_id,
+            "message_id": row.inbound_message_id,
+            "created_at": _instant(row.created_at),
+            "due_at": to_fhir_instant(due_at),
+            "assigned_to": row.assigned_to,
+        },
+    }
+
+
+async def enqueue_exception_webhook(
+    session: AsyncSession, row: ExceptionRecord, *, due_at: datetime
+) -> int:
+    """Add one ``exception.overdue`` outbox row per active subscriber that wants it
+    (ordered per exception). Returns how many rows were added."""
+    now = utcnow()
+    subscribers = [s for s in await active_subscribers(session) if wants(s, "exception.overdue")]
+    if not subscribers:
+        return 0
+    payload = exception_payload(row, "exception.overdue", due_at=due_at, now=now)
+    for subscriber in subscribers:
+        session.add(
+            Delivery(
+                kind=WEBHOOK_KIND,
+                target=subscriber.name,
+                ordering_key=f"exception:{row.id}",
+                inbound_message_id=None,
+                resource_refs=[],
+                payload=payload,
+                available_at=now,
+                created_at=now,
+                source_received_at=now,
+            )
+        )
+    log.info(
+        "subscribers.enqueued",
+        exception_id=row.id,
+        webhook_type="exception.overdue",
+        webhook_id=payload["id"],
         subscribers=len(subscribers),
     )
     return len(subscribers)

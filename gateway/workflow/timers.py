@@ -5,6 +5,8 @@
   message marked ``failed``.
 * Cases past their SLA deadline and not flagged yet: flagged (``overdue_at``) and a
   ``case.overdue`` notification is handed to ``notify`` (the subscribers' outbox).
+* Open exceptions past their kind's SLA (``exception_sla``) and not escalated yet:
+  marked (``escalated_at``) and handed to ``escalate`` (an ``exception.overdue`` webhook).
 
 Each case is changed in its own transaction (the loop's: :class:`WorkflowTimers`), locked
 ``FOR UPDATE SKIP LOCKED`` on PostgreSQL so two workers never take the same case; on
@@ -16,13 +18,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
+from typing import Protocol
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, true, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
+from sqlalchemy.sql.elements import ColumnElement
 
 from gateway.clock import SYSTEM_CLOCK, Clock
-from gateway.db.models import Case, CaseEvent, CaseEventOutcome, InboundMessage, MessageStatus
+from gateway.db.models import (
+    Case,
+    CaseEvent,
+    CaseEventOutcome,
+    ExceptionRecord,
+    ExceptionStatus,
+    InboundMessage,
+    MessageStatus,
+)
 from gateway.db.uow import SessionFactory, unit_of_work
 from gateway.inbox.repository import new_exception
 from gateway.logging import get_logger
@@ -30,6 +42,7 @@ from gateway.queue.repository import is_postgres
 from gateway.workflow.service import ChangeSink, drain_held
 from mappers.errors import Problem
 from mappers.profiles import WorkflowProfile
+from mappers.workflow import exception_due_at
 
 log = get_logger(__name__)
 
@@ -131,6 +144,72 @@ async def flag_overdue(
     return len(cases)
 
 
+class ExceptionSink(Protocol):
+    """Told of each open exception past its SLA, in the transaction that marks it
+    (flushes at most; returns how many notifications it queued)."""
+
+    async def __call__(
+        self, session: AsyncSession, row: ExceptionRecord, *, due_at: datetime
+    ) -> int: ...
+
+
+def exceptions_past_sla(workflow: WorkflowProfile, *, now: datetime) -> ColumnElement[bool] | None:
+    """The SQL condition of exceptions past their kind's SLA at ``now`` (whatever their
+    status); None when the workflow sets no exception SLA."""
+    sla = workflow.exception_sla
+    if not sla:
+        return None
+    named = [k for k in sla if k != "*"]
+    late = [
+        and_(ExceptionRecord.kind == kind, ExceptionRecord.created_at <= now - within)
+        for kind, within in sla.items()
+        if kind != "*"
+    ]
+    if "*" in sla:
+        late.append(
+            and_(
+                ExceptionRecord.kind.not_in(named) if named else true(),
+                ExceptionRecord.created_at <= now - sla["*"],
+            )
+        )
+    return or_(*late)
+
+
+async def escalate_overdue_exceptions(
+    session: AsyncSession,
+    workflow: WorkflowProfile,
+    *,
+    now: datetime,
+    limit: int,
+    escalate: ExceptionSink,
+) -> int:
+    """Mark open exceptions past their kind's SLA at ``now`` (at most ``limit``, oldest
+    first) as escalated and hand each to ``escalate`` once. Flushes; returns how many."""
+    late = exceptions_past_sla(workflow, now=now)
+    if late is None:
+        return 0
+    stmt = (
+        select(ExceptionRecord)
+        .where(
+            ExceptionRecord.status == ExceptionStatus.OPEN,
+            ExceptionRecord.escalated_at.is_(None),
+            late,
+        )
+        .order_by(ExceptionRecord.id)
+        .limit(limit)
+    )
+    if is_postgres(session):
+        stmt = stmt.with_for_update(skip_locked=True)
+    rows = (await session.scalars(stmt)).all()
+    for row in rows:
+        due_at = exception_due_at(workflow, kind=row.kind, created_at=row.created_at)
+        row.escalated_at = now
+        await escalate(session, row, due_at=due_at or now)
+        log.info("exception.overdue", exception_id=row.id, kind=row.kind)
+    await session.flush()
+    return len(rows)
+
+
 class WorkflowTimers:
     """The workflow timers loop's step (run by a :class:`~gateway.queue.loop.PollingLoop`).
 
@@ -138,6 +217,7 @@ class WorkflowTimers:
         sessions: write sessions; each case is one transaction.
         workflow: the current workflow profile (None: no workflow, nothing to do).
         notify: told of each overdue case (the subscribers' outbox).
+        escalate: told of each exception past its SLA (None: none are escalated).
         clock: the loop's clock.
         limit: at most this many cases of each kind per step.
     """
@@ -150,10 +230,12 @@ class WorkflowTimers:
         notify: ChangeSink,
         clock: Clock = SYSTEM_CLOCK,
         limit: int = 100,
+        escalate: ExceptionSink | None = None,
     ) -> None:
         self._sessions = sessions
         self._workflow = workflow
         self._notify = notify
+        self._escalate = escalate
         self._clock = clock
         self._limit = limit
 
@@ -183,4 +265,9 @@ class WorkflowTimers:
                 done += await flag_overdue(session, now=now, limit=self._limit, notify=self._notify)
         except StaleDataError:
             log.info("case.changed_meanwhile")
+        if self._escalate is not None:
+            async with unit_of_work(self._sessions) as session:
+                done += await escalate_overdue_exceptions(
+                    session, workflow, now=now, limit=self._limit, escalate=self._escalate
+                )
         return done

@@ -51,7 +51,9 @@ class WorkflowProfile(Strict):
     ``reorder_window``: an event the current state does not allow, and that is not late,
     waits this long for earlier events still on their way (events are applied in order of
     occurrence); then it goes to the exceptions queue. Zero refuses it at once.
-    ``sla``: the timers that flag overdue cases.
+    ``sla``: the timers that flag overdue cases. ``exception_sla``: how long an open
+    exception of each kind may wait for a person (its due time on the console; past it,
+    an ``exception.overdue`` webhook escalates it).
     """
 
     kind: Literal["workflow"] = "workflow"
@@ -65,6 +67,11 @@ class WorkflowProfile(Strict):
     transitions: list[Transition]
     reorder_window: timedelta = timedelta(0)
     sla: list[SlaTimer] = Field(default_factory=list)
+    exception_sla: dict[str, timedelta] = Field(
+        default_factory=dict,
+        description="exception kind -> how long it may stay open before it is escalated "
+        "to ops subscribers (exception.overdue); '*' for every other kind",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> WorkflowProfile:
@@ -100,6 +107,9 @@ class WorkflowProfile(Strict):
                 problems.append(f"SLA timer {timer.name!r} names unknown event {timer.until!r}")
             if timer.within <= timedelta(0):
                 problems.append(f"SLA timer {timer.name!r} needs a positive duration")
+        for kind, within in self.exception_sla.items():
+            if within <= timedelta(0):
+                problems.append(f"exception SLA {kind!r} needs a positive duration")
         if problems:
             raise ValueError("; ".join(problems))
         return self

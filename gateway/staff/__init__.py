@@ -1,0 +1,1 @@
+"""Staff accounts of the ops console: people, not API clients (:mod:`.service`)."""
