@@ -4,8 +4,9 @@ by Playwright, against the gateway served by uvicorn on a loopback port.
 Each scenario is what a person does: signs in with the keyboard, sees a dead letter
 appear and replays it, assigns and resolves an exception with a reason, overrides a
 stuck case, pauses a target, signs out; a viewer cannot act and a forged form without
-a CSRF token is refused. The tests write a 1280x800 screenshot of each page to
-``docs/console/`` (linked from docs/CONSOLE.md).
+a CSRF token is refused. The tests write a 1280x800 screenshot of each page (to
+``docs/console/``, linked from docs/CONSOLE.md, with
+``GATEWAY_TEST_SCREENSHOTS=docs/console``; else to a temporary folder).
 
 Without Chromium the tests skip with the reason, except under ``CI=true`` where a
 skipped browser test fails the run (tests/conftest.py). ``GATEWAY_TEST_CHROMIUM`` names
@@ -18,6 +19,7 @@ import asyncio
 import os
 import shutil
 import socket
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -36,7 +38,13 @@ from tests.support.api import rows
 
 pytestmark = pytest.mark.browser
 
-SHOTS = Path(__file__).resolve().parents[2] / "docs" / "console"
+# The 1280x800 screenshots of the pages: into a temporary folder, so a test run leaves
+# the checkout as it was; GATEWAY_TEST_SCREENSHOTS=docs/console refreshes the ones
+# docs/CONSOLE.md shows.
+SHOTS = Path(
+    os.environ.get("GATEWAY_TEST_SCREENSHOTS")
+    or Path(tempfile.gettempdir()) / "fhir-gateway-console-screenshots"
+).resolve()
 VIEWPORT = {"width": 1280, "height": 800}
 
 
