@@ -6,7 +6,9 @@ patient merge-review queue. Re-exported by :mod:`gateway.db.models`.
 * ``access_tokens`` and ``assertion_jtis``: tokens the gateway issues to SMART Backend
   Services clients (hashed), and the client assertion ``jti`` values seen (replay
   protection; migration ``0014_fhir_face``);
-* ``patient_reviews``: probable duplicate Patients waiting for a person's decision.
+* ``patient_reviews``: probable duplicate Patients waiting for a person's decision;
+* ``staff_users`` and ``staff_sessions``: the people who sign in to the ops console and
+  their server-side sessions (migration ``0013_console``).
 """
 
 from __future__ import annotations
@@ -152,3 +154,50 @@ class PatientReview(Base):
         UniqueConstraint("patient_id", "candidate_id", name="uq_patient_reviews_pair"),
         Index("ix_patient_reviews_status", "status"),
     )
+
+
+# --------------------------------------------------------------------------- staff
+
+
+class StaffRole(StrEnum):
+    """What a staff user may do on the console: ``viewer`` reads, ``operator`` also acts
+    (assign, resolve, retry, replay, override, pause), ``admin`` also manages
+    subscribers."""
+
+    VIEWER = "viewer"
+    OPERATOR = "operator"
+    ADMIN = "admin"
+
+
+class StaffUser(Base):
+    """A person who signs in to the ops console (not an API client): argon2id password
+    hash, role, and whether the account may sign in."""
+
+    __tablename__ = "staff_users"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    display_name: Mapped[str | None] = mapped_column(String(128))
+    password_hash: Mapped[str] = mapped_column(String(256))
+    role: Mapped[str] = mapped_column(String(16), default=StaffRole.VIEWER)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    password_changed_at: Mapped[datetime | None]
+    last_login_at: Mapped[datetime | None]
+
+
+class StaffSession(Base):
+    """A signed-in console session, held server-side: the cookie carries a random token
+    whose SHA-256 is the row's id; the CSRF token every form must send back; expiry by
+    idle time (``last_seen_at``)."""
+
+    __tablename__ = "staff_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 hex of the token
+    staff_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("staff_users.id", ondelete="CASCADE"), index=True
+    )
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    address: Mapped[str | None] = mapped_column(String(64))
