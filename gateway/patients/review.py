@@ -210,19 +210,22 @@ async def detect_duplicates(session: AsyncSession, patient: dict[str, Any]) -> l
     # reach the review threshold (without it the other parts sum to 0.75), so the
     # database filters on it, in SQL (json_extract / ->>), before any JSON is decoded.
     birth_dates = sorted(birth_date_variants(str(patient["birthDate"])))
-    rows = await session.scalars(
-        select(FhirResource).where(
+    # Plain rows, not ORM objects: the candidates are only read, and keeping them in the
+    # session's identity map made each later flush of a long unit of work (a bulk
+    # import's batch) slower.
+    rows = await session.execute(
+        select(FhirResource.id, FhirResource.resource).where(
             FhirResource.resource_type == "Patient",
             FhirResource.resource["birthDate"].as_string().in_(birth_dates),
         )
     )
     found: list[tuple[Score, str]] = []
-    for row in rows:
-        if row.id == patient["id"] or row.resource.get("active") is False:
+    for row_id, resource in rows:
+        if row_id == patient["id"] or resource.get("active") is False:
             continue
-        s = score(patient, row.resource)
+        s = score(patient, resource)
         if s is not None and s.total >= REVIEW_THRESHOLD:
-            found.append((s, row.id))
+            found.append((s, row_id))
     found.sort(key=lambda item: -item[0].total)
     reviews = []
     for s, candidate in found:
