@@ -7,7 +7,7 @@ reconciliation finds every resource missing and requeues it, the worker delivers
 import run again adds nothing; reconciliation finds zero mismatches; one resource edited
 in the EHR is then the one difference reconciliation reports.
 
-``MIGRATION_E2E_RECORDS`` sets the number of records (default 1,000 on PostgreSQL, the
+``MIGRATION_E2E_RECORDS`` sets the number of records (default 500 on PostgreSQL, the
 production database, and 300 on SQLite, the same path; 2,000 passed on both, in about
 4.5 minutes each on the 2-core machine: every synthetic patient shares one birth date,
 so the merge review's duplicate detection scores each new patient against all the
@@ -145,7 +145,7 @@ async def test_phased_cutover_shadow_then_live_then_reconciled(
     tmp_path: Path,
 ) -> None:
     fake, _ = ehr
-    n = int(RECORDS or (1000 if runtime.engine.dialect.name == "postgresql" else 300))
+    n = int(RECORDS or (500 if runtime.engine.dialect.name == "postgresql" else 300))
     content, bad = history(n)
     path = tmp_path / "history.ndjson"
     path.write_bytes(content)
