@@ -196,6 +196,15 @@ def score(a: dict[str, Any], b: dict[str, Any]) -> Score | None:
 # --------------------------------------------------------------------------- the queue
 
 
+#: At most this many stored Patients (the most recently updated) are scored against a
+#: new one. Real birth dates spread thin (a million patients are about 30 per date), but a
+#: placeholder date an old system used (``1900-01-01``) or synthetic test data can put
+#: thousands on one date; without a cap every new patient would read and score them all,
+#: and ingest would slow down with the square of the patients (docs/PERFORMANCE.md,
+#: "Bulk import"). A probable duplicate beyond the cap is not proposed.
+MAX_CANDIDATES = 200
+
+
 async def detect_duplicates(session: AsyncSession, patient: dict[str, Any]) -> list[PatientReview]:
     """Score a newly registered ``patient`` against every active stored Patient and add a
     queue row for each pair at or above :data:`REVIEW_THRESHOLD` (``linked`` at or above
@@ -214,10 +223,13 @@ async def detect_duplicates(session: AsyncSession, patient: dict[str, Any]) -> l
     # session's identity map made each later flush of a long unit of work (a bulk
     # import's batch) slower.
     rows = await session.execute(
-        select(FhirResource.id, FhirResource.resource).where(
+        select(FhirResource.id, FhirResource.resource)
+        .where(
             FhirResource.resource_type == "Patient",
             FhirResource.resource["birthDate"].as_string().in_(birth_dates),
         )
+        .order_by(FhirResource.updated_at.desc())
+        .limit(MAX_CANDIDATES)
     )
     found: list[tuple[Score, str]] = []
     for row_id, resource in rows:

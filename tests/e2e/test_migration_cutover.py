@@ -9,9 +9,9 @@ in the EHR is then the one difference reconciliation reports.
 
 ``MIGRATION_E2E_RECORDS`` sets the number of records (default 500 on PostgreSQL, the
 production database, and 300 on SQLite, the same path; 2,000 passed on both, in about
-4.5 minutes each on the 2-core machine: every synthetic patient shares one birth date,
-so the merge review's duplicate detection scores each new patient against all the
-earlier ones, and the run grows with the square of the records).
+4.5 minutes each on the 2-core machine before the duplicate detection's candidate cap:
+every synthetic patient shares one birth date, so each new patient is scored against up
+to 200 earlier ones).
 """
 
 from __future__ import annotations

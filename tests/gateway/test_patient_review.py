@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.patients import review as review_module
 from gateway.patients.review import (
     LINK_THRESHOLD,
     REVIEW_THRESHOLD,
@@ -269,3 +270,26 @@ async def test_an_ehr_id_of_the_merged_record_finds_the_survivor(
     async with runtime.sessionmaker() as session:
         found = await patients_for_remote_ids(session, refs)
     assert set(found.values()) == {old}
+
+
+async def test_only_the_most_recent_candidates_of_a_birth_date_are_scored(
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    runtime: Runtime,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A birth date shared by many stored Patients (a placeholder date, synthetic data)
+    costs at most MAX_CANDIDATES scores per new patient: the most recently updated."""
+    ids = []
+    for _ in range(3):
+        body = samples.intake()  # a new patient each, the same demographics
+        r = await client.post("/v1/intake-submissions", json=body, headers=admin_headers)
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["patient"]["id"])
+    stored = (await client.get(f"/fhir/Patient/{ids[0]}", headers=admin_headers)).json()
+    monkeypatch.setattr(review_module, "MAX_CANDIDATES", 2)
+    async with runtime.sessionmaker() as session:
+        found = await detect_duplicates(session, dict(stored, id="another-record"))
+        await session.rollback()
+    # the two most recent are proposed; the oldest was not read
+    assert {r.candidate_id for r in found} == {ids[1], ids[2]}
