@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rapidfuzz.distance import DamerauLevenshtein, JaroWinkler
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.db.models import FhirResource, PatientConflict, PatientReview, ReviewStatus
@@ -196,8 +196,8 @@ def score(a: dict[str, Any], b: dict[str, Any]) -> Score | None:
 # --------------------------------------------------------------------------- the queue
 
 
-#: At most this many stored Patients (the most recently updated) are scored against a
-#: new one. Real birth dates spread thin (a million patients are about 30 per date), but a
+#: At most this many stored Patients are scored against a new one: those born on the
+#: same date first, then on a typo of it, the most recently updated first. Real birth dates spread thin (a million patients are about 30 per date), but a
 #: placeholder date an old system used (``1900-01-01``) or synthetic test data can put
 #: thousands on one date; without a cap every new patient would read and score them all,
 #: and ingest would slow down with the square of the patients (docs/PERFORMANCE.md,
@@ -222,12 +222,15 @@ async def detect_duplicates(session: AsyncSession, patient: dict[str, Any]) -> l
     # Plain rows, not ORM objects: the candidates are only read, and keeping them in the
     # session's identity map made each later flush of a long unit of work (a bulk
     # import's batch) slower.
+    birth_date = FhirResource.resource["birthDate"].as_string()
     rows = await session.execute(
         select(FhirResource.id, FhirResource.resource)
         .where(
             FhirResource.resource_type == "Patient",
-            FhirResource.resource["birthDate"].as_string().in_(birth_dates),
+            birth_date.in_(birth_dates),
         )
+        # the same birth date before its typo variants, then the most recent
+        .order_by(case((birth_date == str(patient["birthDate"]), 0), else_=1))
         .order_by(FhirResource.updated_at.desc())
         .limit(MAX_CANDIDATES)
     )
