@@ -197,9 +197,10 @@ def score(a: dict[str, Any], b: dict[str, Any]) -> Score | None:
 
 
 #: At most this many stored Patients are scored against a new one: those born on the
-#: same date first, then on a typo of it, the most recently updated first. Real birth dates spread thin (a million patients are about 30 per date), but a
-#: placeholder date an old system used (``1900-01-01``) or synthetic test data can put
-#: thousands on one date; without a cap every new patient would read and score them all,
+#: same date first, then on a typo of it, the most recently updated first. Real birth
+#: dates spread thin (a million patients are about 30 per date), but a placeholder date
+#: an old system used (``1900-01-01``) or synthetic test data can put thousands on one
+#: date; without a cap every new patient would read and score them all,
 #: and ingest would slow down with the square of the patients (docs/PERFORMANCE.md,
 #: "Bulk import"). A probable duplicate beyond the cap is not proposed.
 MAX_CANDIDATES = 200
