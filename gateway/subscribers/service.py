@@ -114,6 +114,34 @@ def case_payload(
     }
 
 
+def _add_rows(
+    session: AsyncSession,
+    subscribers: list[Subscriber],
+    payload: dict[str, Any],
+    *,
+    ordering_key: str,
+    now: datetime,
+    status: DeliveryStatus = DeliveryStatus.PENDING,
+) -> None:
+    """One webhook outbox row per subscriber, all with the same ``payload`` (so the same
+    webhook id), delivered in order per ``ordering_key``."""
+    for subscriber in subscribers:
+        session.add(
+            Delivery(
+                kind=WEBHOOK_KIND,
+                target=subscriber.name,
+                ordering_key=ordering_key,
+                inbound_message_id=None,
+                resource_refs=[],
+                payload=payload,
+                status=status,
+                available_at=now,
+                created_at=now,
+                source_received_at=now,
+            )
+        )
+
+
 async def enqueue_case_webhook(
     session: AsyncSession,
     case: Case,
@@ -135,21 +163,7 @@ async def enqueue_case_webhook(
     if not subscribers:
         return 0
     payload = case_payload(case, webhook_type, from_state=from_state, event=event, now=now)
-    for subscriber in subscribers:
-        session.add(
-            Delivery(
-                kind=WEBHOOK_KIND,
-                target=subscriber.name,
-                ordering_key=case.id,
-                inbound_message_id=None,
-                resource_refs=[],
-                payload=payload,
-                status=status,
-                available_at=now,
-                created_at=now,
-                source_received_at=now,
-            )
-        )
+    _add_rows(session, subscribers, payload, ordering_key=case.id, now=now, status=status)
     log.info(
         "subscribers.enqueued" if status == DeliveryStatus.PENDING else "subscribers.suppressed",
         case_id=case.id,
@@ -203,20 +217,7 @@ async def enqueue_target_webhook(
         "timestamp": to_fhir_instant(now),
         "data": {"target": target, **data},
     }
-    for subscriber in subscribers:
-        session.add(
-            Delivery(
-                kind=WEBHOOK_KIND,
-                target=subscriber.name,
-                ordering_key=f"target:{target}",
-                inbound_message_id=None,
-                resource_refs=[],
-                payload=payload,
-                available_at=now,
-                created_at=now,
-                source_received_at=now,
-            )
-        )
+    _add_rows(session, subscribers, payload, ordering_key=f"target:{target}", now=now)
     log.info(
         "subscribers.enqueued",
         target=target,
@@ -289,20 +290,7 @@ async def enqueue_exception_webhook(
     if not subscribers:
         return 0
     payload = exception_payload(row, "exception.overdue", due_at=due_at, now=now)
-    for subscriber in subscribers:
-        session.add(
-            Delivery(
-                kind=WEBHOOK_KIND,
-                target=subscriber.name,
-                ordering_key=f"exception:{row.id}",
-                inbound_message_id=None,
-                resource_refs=[],
-                payload=payload,
-                available_at=now,
-                created_at=now,
-                source_received_at=now,
-            )
-        )
+    _add_rows(session, subscribers, payload, ordering_key=f"exception:{row.id}", now=now)
     log.info(
         "subscribers.enqueued",
         exception_id=row.id,
