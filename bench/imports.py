@@ -46,18 +46,22 @@ from testkit import samples
 PG_ADMIN = os.environ.get("GATEWAY_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
-def records(n: int, kind: str) -> list[dict[str, Any]]:
+def records(n: int, kind: str, *, same_person: bool = False) -> list[dict[str, Any]]:
     """``n`` synthetic records of ``kind`` (``mixed``: 4 intakes, 4 checkouts, 2 Stripe
-    events in every 10)."""
+    events in every 10), each a new patient with demographics drawn like a population
+    (:func:`testkit.samples.person`), or all with the example's name and birth date when
+    ``same_person`` (the worst case of merge review: every patient a candidate of every
+    other)."""
     out = []
     for i in range(n):
         slot = i % 10
         if kind == "intake" or (kind == "mixed" and slot < 4):
-            out.append(samples.intake())
+            record = samples.intake()
         elif kind == "checkout" or (kind == "mixed" and slot < 8):
-            out.append(samples.canonical_checkout())
+            record = samples.canonical_checkout()
         else:
-            out.append(samples.stripe_event())
+            record = samples.stripe_event()
+        out.append(record if same_person else samples.varied(record, i))
     return out
 
 
@@ -95,7 +99,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         )
         path = work / "history.ndjson"
-        path.write_text("".join(json.dumps(r) + "\n" for r in records(args.records, args.kind)))
+        path.write_text(
+            "".join(
+                json.dumps(r) + "\n"
+                for r in records(args.records, args.kind, same_person=args.same_person)
+            )
+        )
         settings = Settings(
             database_url=url,
             profiles_dir=profiles,
@@ -166,6 +175,11 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--database", choices=["postgres", "sqlite"], default="postgres")
+    parser.add_argument(
+        "--same-person",
+        action="store_true",
+        help="every record with the example's name and birth date (merge review's worst case)",
+    )
     args = parser.parse_args()
     result = asyncio.run(run(args))
     print(json.dumps(result))

@@ -51,6 +51,8 @@ import psycopg
 import yaml
 from psycopg import sql
 
+from testkit import samples
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 PG_ADMIN = os.environ.get("GATEWAY_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -94,12 +96,14 @@ def wait_http(url: str, timeout_s: float = 30) -> None:
 
 
 def intake_body(template: dict[str, Any], n: int, run: str) -> bytes:
-    """A unique submission (new submission id, patient id and email)."""
+    """A unique submission (new submission id, patient id and email; demographics
+    number ``n`` of :func:`testkit.samples.person`)."""
     body = copy.deepcopy(template)
     body["submission_id"] = f"bench-{run}-{n}"
     body["patient"]["external_id"] = f"bench-pt-{run}-{n}"
     body["patient"]["email"] = f"bench+{run}-{n}@example.com"
     body["submitted_at"] = "2026-11-23T14:00:00Z"
+    samples.varied(body, n)  # a population's names and birth dates, as merge review sees
     return json.dumps(body).encode()
 
 

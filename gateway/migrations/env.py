@@ -10,6 +10,7 @@ from sqlalchemy import JSON
 from sqlalchemy.engine import Connection
 
 from gateway.db.engine import make_engine
+from gateway.db.migrate import include_object
 from gateway.db.models import Base
 from gateway.db.types import UTCDateTime
 
@@ -33,6 +34,7 @@ def _run(connection: Connection) -> None:
         render_item=_render_item,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        include_object=include_object,
     )
     with context.begin_transaction():
         context.run_migrations()

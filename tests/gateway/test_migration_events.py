@@ -3,6 +3,7 @@ schema still matches the models (tests/gateway/db/test_migrations.py checks the 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from alembic.autogenerate import compare_metadata
@@ -10,7 +11,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import JSON
 
 from gateway.db.engine import make_engine
-from gateway.db.migrate import upgrade
+from gateway.db.migrate import EXPRESSION_INDEX_SKIPPED, include_object, upgrade
 from gateway.db.models import Base
 from gateway.db.types import UTCDateTime
 
@@ -24,8 +25,12 @@ def _diff(connection: Any) -> list[Any]:
             return False
         return None
 
-    context = MigrationContext.configure(connection, opts={"compare_type": compare_type})
-    return list(compare_metadata(context, Base.metadata))
+    context = MigrationContext.configure(
+        connection, opts={"compare_type": compare_type, "include_object": include_object}
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=EXPRESSION_INDEX_SKIPPED)
+        return list(compare_metadata(context, Base.metadata))
 
 
 async def test_downgrade_and_upgrade_again(database_url: str) -> None:

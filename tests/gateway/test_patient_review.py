@@ -7,7 +7,10 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
 
+from gateway.db.models import FhirResource
+from gateway.db.types import utcnow
 from gateway.patients import review as review_module
 from gateway.patients.review import (
     LINK_THRESHOLD,
@@ -293,3 +296,43 @@ async def test_only_the_most_recent_candidates_of_a_birth_date_are_scored(
         await session.rollback()
     # the two most recent are proposed; the oldest was not read
     assert {r.candidate_id for r in found} == {ids[1], ids[2]}
+
+
+async def test_candidates_are_read_through_the_birth_date_index(runtime: Runtime) -> None:
+    """The candidate query uses ``ix_fhir_resources_birth_date`` (migration 0017) on both
+    databases: without it every new patient read every stored Patient's birthDate."""
+    dialect = runtime.engine.dialect.name
+    statement = review_module.candidates_statement("1988-04-12", dialect)
+    compiled = statement.compile(runtime.engine.sync_engine, compile_kwargs={"literal_binds": True})
+    async with runtime.sessionmaker() as session:
+        if runtime.engine.dialect.name == "postgresql":
+            # A few rows: the planner would rightly scan; forbid it to see the index match.
+            await session.execute(text("SET LOCAL enable_seqscan = off"))
+            plan = (await session.execute(text(f"EXPLAIN {compiled}"))).scalars().all()
+            details = " ".join(plan)
+        else:
+            plan = (await session.execute(text(f"EXPLAIN QUERY PLAN {compiled}"))).all()
+            details = " ".join(str(row[-1]) for row in plan)
+            assert "SCAN fhir_resources" not in details, details
+        assert "ix_fhir_resources_birth_date" in details, details
+        await session.rollback()
+
+
+async def test_candidates_statement_finds_the_date_and_its_typos_first(runtime: Runtime) -> None:
+    """Rows come back through the rendered expression: the same date first, then a typo."""
+    async with runtime.sessionmaker() as session:
+        for pid, born in (("a", "1988-04-12"), ("b", "1988-04-21"), ("c", "1975-01-01")):
+            await session.execute(
+                FhirResource.__table__.insert().values(
+                    resource_type="Patient",
+                    id=pid,
+                    version_id=1,
+                    resource=patient(id=pid, birthDate=born),
+                    created_at=utcnow(),
+                    updated_at=utcnow(),
+                )
+            )
+        statement = review_module.candidates_statement("1988-04-12", runtime.engine.dialect.name)
+        rows = (await session.execute(statement)).all()
+        assert [row[0] for row in rows] == ["a", "b"]
+        await session.rollback()

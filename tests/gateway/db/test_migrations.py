@@ -3,6 +3,7 @@ autogenerate against a migrated database finds nothing to do."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from alembic.autogenerate import compare_metadata
@@ -10,7 +11,7 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Column, Integer, MetaData, create_engine, inspect
 
-from gateway.db.migrate import alembic_config
+from gateway.db.migrate import EXPRESSION_INDEX_SKIPPED, alembic_config, include_object
 from gateway.db.models import Base
 
 
@@ -21,9 +22,15 @@ def sync_url(url: str) -> str:
 def differences(url: str) -> list[Any]:
     engine = create_engine(sync_url(url))
     try:
-        with engine.connect() as connection:
+        with engine.connect() as connection, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=EXPRESSION_INDEX_SKIPPED)
             context = MigrationContext.configure(
-                connection, opts={"compare_type": True, "compare_server_default": False}
+                connection,
+                opts={
+                    "compare_type": True,
+                    "compare_server_default": False,
+                    "include_object": include_object,
+                },
             )
             return compare_metadata(context, Base.metadata)  # type: ignore[no-any-return]
     finally:
@@ -54,8 +61,11 @@ def test_a_model_change_without_a_migration_is_detected(database_url: str) -> No
     changed.tables["cases"].append_column(Column("priority", Integer, nullable=True))
     engine = create_engine(sync_url(database_url))
     try:
-        with engine.connect() as connection:
-            context = MigrationContext.configure(connection, opts={"compare_type": True})
+        with engine.connect() as connection, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=EXPRESSION_INDEX_SKIPPED)
+            context = MigrationContext.configure(
+                connection, opts={"compare_type": True, "include_object": include_object}
+            )
             diff = compare_metadata(context, changed)
     finally:
         engine.dispose()

@@ -3,6 +3,7 @@ on SQLite and PostgreSQL, and 0004 downgrades cleanly."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from alembic import command
@@ -11,7 +12,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import JSON, inspect
 
 from gateway.db.engine import make_engine
-from gateway.db.migrate import alembic_config, upgrade
+from gateway.db.migrate import EXPRESSION_INDEX_SKIPPED, alembic_config, include_object, upgrade
 from gateway.db.models import Base
 from gateway.db.types import UTCDateTime
 
@@ -32,9 +33,12 @@ async def _diff(database_url: str) -> list[Any]:
 
             def run(sync_conn: Any) -> list[Any]:
                 context = MigrationContext.configure(
-                    sync_conn, opts={"compare_type": _compare_type}
+                    sync_conn,
+                    opts={"compare_type": _compare_type, "include_object": include_object},
                 )
-                return list(compare_metadata(context, Base.metadata))
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=EXPRESSION_INDEX_SKIPPED)
+                    return list(compare_metadata(context, Base.metadata))
 
             return await conn.run_sync(run)
     finally:

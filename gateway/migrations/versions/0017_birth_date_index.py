@@ -1,0 +1,41 @@
+"""an index on each Patient's birth date, for merge review's candidate query
+
+``ix_fhir_resources_birth_date`` on ``(resource_type, <the resource's birthDate>)``: the
+expression is ``resource ->> 'birthDate'`` on PostgreSQL and
+``json_extract(resource, '$.birthDate')`` on SQLite, exactly as
+:class:`gateway.db.types.json_text` renders it in
+:func:`gateway.patients.review.detect_duplicates` (the planners use an expression index
+only for the same expression). Without it, every new patient's merge review read the
+``birthDate`` of every stored Patient: ingest got slower with each patient stored.
+
+Not declared on the model: autogenerate cannot compare expression indexes.
+
+Revision ID: 0017_birth_date_index
+Revises: 0013_console
+Create Date: 2026-12-07 16:50:00
+"""
+
+from collections.abc import Sequence
+
+from alembic import op
+
+revision: str = "0017_birth_date_index"
+down_revision: str | None = "0013_console"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+EXPRESSION = {
+    "postgresql": "(resource ->> 'birthDate')",
+    "sqlite": "json_extract(resource, '$.birthDate')",
+}
+
+
+def upgrade() -> None:
+    expression = EXPRESSION[op.get_bind().dialect.name]
+    op.execute(
+        f"CREATE INDEX ix_fhir_resources_birth_date ON fhir_resources (resource_type, {expression})"
+    )
+
+
+def downgrade() -> None:
+    op.execute("DROP INDEX ix_fhir_resources_birth_date")
