@@ -111,7 +111,7 @@ async def test_an_export_given_in_any_order_imports_patients_first(
 
     async with runtime.sessionmaker() as session:
         refused = {r.file: r for r in await repo.refusals(session, job_id)}
-    assert [f.name for f in await _job_files(runtime, job_id)][0] == "Patient.ndjson"
+    assert next(f.name for f in await _job_files(runtime, job_id)) == "Patient.ndjson"
     bad_patient = {p["location"]: p["code"] for p in refused["Patient.ndjson"].problems}
     assert "Patient.gender" in bad_patient and any(
         k.startswith("Patient.birthDate") for k in bad_patient
@@ -194,7 +194,7 @@ async def test_a_record_about_a_patient_not_yet_imported_is_imported_on_a_rerun(
     runtime: Runtime, tmp_path: Path
 ) -> None:
     qr_file = EXPORT / "QuestionnaireResponse.ndjson"
-    job_id, first = await import_files(runtime, [qr_file])
+    _, first = await import_files(runtime, [qr_file])
     assert (first["mapped"], first["refused"]) == (0, 2)
     await import_files(runtime, [EXPORT / "Patient.ndjson"])
     _, again = await import_files(runtime, [qr_file])
