@@ -8,8 +8,9 @@ as live traffic.
 * Patient: normalized (:func:`mappers.bulk_fhir.normalize_patient`), matched by the old
   id (kept as the identifier :func:`mappers.bulk_fhir.legacy_system`), its identifiers
   and emails (:func:`gateway.patients.matching.match_or_register`), so a patient the
-  gateway knows is not duplicated; a new one goes through duplicate review on
-  demographics like a live one. The import owns no Patient element: it fills what the
+  gateway knows is not duplicated (an email shared with another Patient of the same
+  export does not join them: their old ids say they are two); a new one goes through
+  duplicate review on demographics like a live one. The import owns no Patient element: it fills what the
   stored Patient lacks, a disagreement is kept as a conflict.
 * QuestionnaireResponse, MedicationRequest: the ``subject`` must be a Patient of the
   export imported already (else refused, ``unknown_patient``); references are rewritten
@@ -47,7 +48,12 @@ from gateway.ingest.storage import (
     replayed,
     store_mapped,
 )
-from gateway.patients.matching import find_patient, match_or_register, record_conflicts
+from gateway.patients.matching import (
+    PatientMatch,
+    find_patient,
+    match_or_register,
+    record_conflicts,
+)
 from gateway.patients.merge import MergedPatient, merge_into_match
 from mappers import bulk_fhir
 from mappers.errors import MappingErrors, Problem
@@ -180,6 +186,11 @@ async def _prepare_patient(
     ]
     refs += [PatientRef("email", email) for email in bulk_fhir.patient_emails(patient)]
     match = await match_or_register(session, refs, id_system=systems.patient, new_id=new_id)
+    if _another_exported_patient(match, bulk_fhir.legacy_system(systems, source, "Patient"), data):
+        # Two Patients of the export share an email (a parent and a child): the old ids
+        # say they are two people, so the email does not join them.
+        refs = [r for r in refs if r.kind != "email"]
+        match = await match_or_register(session, refs, id_system=systems.patient, new_id=new_id)
     assert match.patient_id is not None
     if match.patient_id != new_id:  # a patient the gateway knows
         patient = bulk_fhir.normalize_patient(
@@ -198,6 +209,17 @@ async def _prepare_patient(
         actor=actor,
         occurred_at=bulk_fhir.original_time(data),
     )
+
+
+def _another_exported_patient(match: PatientMatch, legacy: str, data: dict[str, Any]) -> bool:
+    """True when ``match`` was made on an email only and its Patient is another Patient
+    of the same export (it carries another old id of this source)."""
+    if match.matched_on is None or match.matched_on.kind != "email" or match.existing is None:
+        return False
+    old_ids = {
+        i.get("value") for i in match.existing.get("identifier", []) if i.get("system") == legacy
+    }
+    return bool(old_ids) and data.get("id") not in old_ids
 
 
 async def _prepare_record(

@@ -296,3 +296,15 @@ async def test_api_imports_the_patient_file_then_the_others(
         body = (await client.get(f"/v1/imports/{job_id}", headers=admin_headers)).json()
         assert body["status"] == "completed"
         assert (body["counts"]["mapped"], body["counts"]["refused"]) == (2, 0)
+
+
+async def test_two_exported_patients_sharing_an_email_stay_two(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    parent, child = (json.loads(x) for x in (EXPORT / "Patient.ndjson").read_text().splitlines())
+    child["telecom"] = [{"system": "email", "value": "peter.chalmers@example.com"}]
+    path = tmp_path / "Patient.ndjson"
+    path.write_text(json.dumps(parent) + "\n" + json.dumps(child) + "\n")
+    _, counts = await import_files(runtime, [path])
+    assert counts["mapped"] == 2
+    assert len(await resources(runtime, "Patient")) == 2
