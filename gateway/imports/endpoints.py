@@ -80,6 +80,7 @@ async def _job_out(runtime: Runtime, session: SessionDep, job_id: str) -> Import
             "required": True,
             "content": {
                 "application/x-ndjson": {"schema": {"type": "string"}},
+                "application/fhir+ndjson": {"schema": {"type": "string"}},
                 "text/csv": {"schema": {"type": "string"}},
             },
         }
