@@ -44,6 +44,9 @@ IMPORTED_TYPES = ("Patient", "QuestionnaireResponse", "MedicationRequest")
 #: are that server's, not ours).
 _KEPT_META = ("profile", "security", "tag")
 
+#: A FHIR ``date`` with day precision.
+_FULL_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
 #: ``[base/]Type/id[/_history/vid]``: https://hl7.org/fhir/R4/references.html#literal
 _LITERAL = re.compile(
     r"(?:^|/)(?P<type>[A-Z][A-Za-z]{1,63})/(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$"
@@ -279,7 +282,7 @@ def patient_identifiers(
 
 def normalize_patient(
     patient: Mapping[str, Any], *, patient_id: str, systems: IdentifierSystems, source: str
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], list[Problem]]:
     """An exported Patient as the gateway stores it, ``id`` ``patient_id``.
 
     * identifiers: the gateway's own (``<base>/patient-id``), the old id
@@ -290,11 +293,15 @@ def normalize_patient(
       compare;
     * ``address.state`` of a US address to its USPS code when it is spelled otherwise
       (``Texas`` -> ``TX``); a state that is no US state is left for the validator;
+    * ``birthDate`` with day precision checked as live intake checks it (not in the
+      future, not more than 130 years ago); ``YYYY`` and ``YYYY-MM``, valid in FHIR, are
+      kept;
     * ``meta``: the old server's versionId, lastUpdated and source dropped.
 
-    Raises:
-        MappingErrors: a phone or email that cannot be normalized (as live intake
-            refuses it), at ``Patient.telecom[i].value``.
+    Returns:
+        The Patient, and the problems of the values that cannot be normalized (a phone,
+        an email, a birth date, at ``Patient.telecom[i].value`` / ``Patient.birthDate``:
+        live intake refuses them too); those values are left as exported.
     """
     out = copy.deepcopy(dict(patient))
     _kept_meta(out)
@@ -329,8 +336,10 @@ def normalize_patient(
             # a state that is none is left as sent: the validator names it (USPS code)
             with contextlib.suppress(MappingError, MappingErrors):
                 a["state"] = normalize.normalize_state(a["state"])
-    problems.raise_if_any()
-    return out
+    birth = out.get("birthDate")
+    if isinstance(birth, str) and _FULL_DATE.match(birth):
+        problems.run("Patient.birthDate", normalize.normalize_birth_date, birth)
+    return out, problems.problems
 
 
 def _is_us(address: Mapping[str, Any]) -> bool:
@@ -352,7 +361,7 @@ def _set_phone(point: dict[str, Any], text: str) -> None:
 
 
 def patient_emails(patient: Mapping[str, Any]) -> list[str]:
-    """The normalized emails of a Patient (from :func:`normalize_patient`)."""
+    """The emails of a Patient (normalized by :func:`normalize_patient`)."""
     return [
         p["value"]
         for p in patient.get("telecom") or []

@@ -171,13 +171,11 @@ async def _prepare_patient(
     assert ctx.migration is not None
     source, systems = ctx.migration.source, ctx.systems
     new_id = str(uuid.uuid4())
-    try:
-        patient = bulk_fhir.normalize_patient(
-            data, patient_id=new_id, systems=systems, source=source
-        )
-    except MappingErrors as exc:
-        raise _refused("the Patient is not valid", exc.problems) from exc
-    problems = resource_problems(patient)
+    patient, problems = bulk_fhir.normalize_patient(
+        data, patient_id=new_id, systems=systems, source=source
+    )
+    named = {p.location for p in problems}
+    problems += [p for p in resource_problems(patient) if p.location not in named]
     if problems:
         raise _refused("the Patient is not valid FHIR R4", problems)
     refs = [
@@ -193,7 +191,7 @@ async def _prepare_patient(
         match = await match_or_register(session, refs, id_system=systems.patient, new_id=new_id)
     assert match.patient_id is not None
     if match.patient_id != new_id:  # a patient the gateway knows
-        patient = bulk_fhir.normalize_patient(
+        patient, _ = bulk_fhir.normalize_patient(
             data, patient_id=match.patient_id, systems=systems, source=source
         )
     record_conflicts(session, match, channel=CHANNEL, sender=None, message_id=message.id)

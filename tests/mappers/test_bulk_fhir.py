@@ -133,7 +133,10 @@ def test_patient_is_normalized_and_an_unusable_phone_is_named() -> None:
         ],
         "address": [{"state": "texas"}, {"state": "Ontario", "country": "CA"}],
     }
-    out = bulk_fhir.normalize_patient(patient, patient_id="g1", systems=SYSTEMS, source="old")
+    out, problems = bulk_fhir.normalize_patient(
+        patient, patient_id="g1", systems=SYSTEMS, source="old"
+    )
+    assert problems == []
     assert out["meta"] == {"profile": ["x"]}
     assert out["identifier"][:2] == [
         {"system": "https://gw.example/sid/patient-id", "value": "g1"},
@@ -145,9 +148,23 @@ def test_patient_is_normalized_and_an_unusable_phone_is_named() -> None:
     assert [a["state"] for a in out["address"]] == ["TX", "Ontario"]
 
     patient["telecom"] = [{"system": "phone", "value": "call me"}]
-    with pytest.raises(MappingErrors) as err:
-        bulk_fhir.normalize_patient(patient, patient_id="g1", systems=SYSTEMS, source="old")
-    assert err.value.problems[0].location == "Patient.telecom[0].value"
+    patient["birthDate"] = "2999-01-01"
+    out, problems = bulk_fhir.normalize_patient(
+        patient, patient_id="g1", systems=SYSTEMS, source="old"
+    )
+    assert [(p.location, p.code) for p in problems] == [
+        ("Patient.telecom[0].value", "invalid_phone"),
+        ("Patient.birthDate", "birth_date_in_future"),
+    ]
+    assert out["telecom"][0]["value"] == "call me"  # left as sent, named in the problem
+
+    patient["birthDate"] = "1974-12"  # a FHIR date with month precision is kept
+    assert (
+        bulk_fhir.normalize_patient(patient, patient_id="g", systems=SYSTEMS, source="o")[0][
+            "birthDate"
+        ]
+        == "1974-12"
+    )
 
 
 def test_unsupported_type_is_named_and_original_time_prefers_authored() -> None:
