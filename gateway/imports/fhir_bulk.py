@@ -139,7 +139,7 @@ async def import_resource(
     )
     existing = await claim_message(session, message)
     if existing is not None:
-        if existing.content_hash == message.content_hash and existing.response:
+        if existing.content_hash == message.content_hash:
             return replayed(existing)
         raise ConflictError(
             "another resource was imported under this business id",
