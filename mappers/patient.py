@@ -45,7 +45,9 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Source = Literal["intake", "checkout"]
+#: Who sent a Patient: a live channel, or a bulk import of another system's FHIR
+#: (``migration``: owns nothing, fills what is missing).
+Source = Literal["intake", "checkout", "migration"]
 
 US_CORE_BIRTHSEX = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex"
 

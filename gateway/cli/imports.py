@@ -24,7 +24,9 @@ def import_cmd(
     files: Annotated[
         list[Path],
         typer.Argument(
-            help="NDJSON (intake submissions, canonical checkouts, Stripe events) or CSV",
+            help="NDJSON (intake submissions, canonical checkouts, Stripe events, or the "
+            "Patient, QuestionnaireResponse and MedicationRequest files of a FHIR Bulk Data "
+            "export: Patient files are imported first) or CSV",
             exists=True,
             dir_okay=False,
             readable=True,

@@ -1,7 +1,8 @@
 """``/v1/imports``: bulk backfill over the API (``ops:admin``).
 
 ``POST /v1/imports`` takes one file as the body (``application/x-ndjson``: intake
-submissions, canonical checkouts, Stripe events; ``text/csv`` with ``csv_profile``),
+submissions, canonical checkouts, Stripe events, or one file of a FHIR Bulk Data export,
+also as ``application/fhir+ndjson``; ``text/csv`` with ``csv_profile``),
 answers 202 with the job resource at once and imports in the background;
 ``GET /v1/imports/{id}`` is the job with its counts; ``GET /v1/imports/{id}/refusals``
 the refused records with their problems as NDJSON, to fix and import again;
@@ -43,7 +44,7 @@ CSV_TYPES = ("text/csv", "application/csv")
 #: NDJSON only: a JSON document (``application/json``) is not a file of records, and every
 #: JSON body of the API is refused whole when it holds a NUL or a huge integer; an NDJSON
 #: upload's records are each refused on their own.
-NDJSON_TYPES = ("application/x-ndjson", "application/ndjson")
+NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/fhir+ndjson")
 
 
 async def _job_out(runtime: Runtime, session: SessionDep, job_id: str) -> ImportJobOut:
@@ -79,6 +80,7 @@ async def _job_out(runtime: Runtime, session: SessionDep, job_id: str) -> Import
             "required": True,
             "content": {
                 "application/x-ndjson": {"schema": {"type": "string"}},
+                "application/fhir+ndjson": {"schema": {"type": "string"}},
                 "text/csv": {"schema": {"type": "string"}},
             },
         }

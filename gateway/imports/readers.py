@@ -2,8 +2,8 @@
 file's cursor, so an interrupted import resumes where it stopped).
 
 * NDJSON (https://github.com/ndjson/ndjson-spec): one JSON object per line; blank lines
-  are skipped. Each object is an intake submission, a canonical checkout or a Stripe
-  event (:func:`record_kind`).
+  are skipped. Each object is an intake submission, a canonical checkout, a Stripe
+  event or a FHIR resource of a Bulk Data export (:func:`record_kind`).
 * CSV (RFC 4180, a header row): each row becomes a record through a CSV import profile
   (:func:`mappers.profiles.imports.csv_row_to_record`).
 
@@ -24,10 +24,12 @@ from typing import Any, Literal
 
 from gateway.errors import GatewayError
 from gateway.http import decode_json_object
+from mappers.bulk_fhir import business_id as fhir_business_id
+from mappers.bulk_fhir import unsupported_type_problem
 from mappers.errors import MappingErrors, Problem
 from mappers.profiles.imports import CsvImportProfile, csv_row_to_record
 
-RecordKind = Literal["intake", "checkout", "stripe"]
+RecordKind = Literal["intake", "checkout", "stripe", "fhir"]
 
 
 @dataclass
@@ -60,15 +62,21 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def record_kind(data: dict[str, Any]) -> tuple[RecordKind | None, str | None]:
+def record_kind(
+    data: dict[str, Any], *, source: str = "legacy"
+) -> tuple[RecordKind | None, str | None]:
     """Which channel a JSON record belongs to, and its business id.
 
     * a Stripe event: ``"object": "event"`` with a ``type`` (its ``id``);
+    * a FHIR resource (a Bulk Data export line): a ``resourceType``
+      (:func:`mappers.bulk_fhir.business_id`, with the job's ``source``);
     * an intake submission: a ``submission_id``;
     * a canonical checkout: a ``checkout_id``.
     """
     if data.get("object") == "event" and isinstance(data.get("type"), str):
         return "stripe", _text(data.get("id"))
+    if "resourceType" in data:
+        return "fhir", fhir_business_id(data, source)
     if "submission_id" in data:
         return "intake", _text(data.get("submission_id"))
     if "checkout_id" in data:
@@ -80,33 +88,39 @@ def _text(value: Any) -> str | None:
     return str(value)[:256] if value is not None else None
 
 
-def _classified(line: int, end: int, raw: bytes) -> Record:
+def _classified(line: int, end: int, raw: bytes, source: str) -> Record:
     record = Record(line=line, end=end, raw=raw)
     try:
         data = decode_json_object(raw)
     except GatewayError as exc:
         record.problems = exc.problems or [Problem("", exc.slug, exc.detail)]
         return record
-    record.kind, record.business_id = record_kind(data)
+    record.kind, record.business_id = record_kind(data, source=source)
     if record.kind is None:
         record.problems = [
             Problem(
                 "",
                 "unknown_record",
                 "not an intake submission (submission_id), a canonical checkout "
-                "(checkout_id) or a Stripe event (object: event)",
+                "(checkout_id), a Stripe event (object: event) or a FHIR resource "
+                "(resourceType)",
             )
         ]
+    elif record.kind == "fhir" and (unsupported := unsupported_type_problem(data)):
+        record.problems = [unsupported]
     return record
 
 
-def read_ndjson(path: Path, *, start: int = 0, first_line: int = 1) -> Iterator[Record]:
+def read_ndjson(
+    path: Path, *, start: int = 0, first_line: int = 1, source: str = "legacy"
+) -> Iterator[Record]:
     """The records of an NDJSON file from byte offset ``start`` (a line start).
 
     Args:
         path: the file.
         start: where to resume (a cursor stored earlier), 0 for the beginning.
         first_line: the line number at ``start``.
+        source: the job's source (part of a FHIR resource's business id).
     """
     with path.open("rb") as handle:
         handle.seek(start)
@@ -115,7 +129,7 @@ def read_ndjson(path: Path, *, start: int = 0, first_line: int = 1) -> Iterator[
             end = offset + len(line)
             body = line.strip()
             if body:
-                yield _classified(line_no, end, body)
+                yield _classified(line_no, end, body, source)
             offset, line_no = end, line_no + 1
 
 

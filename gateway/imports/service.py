@@ -2,7 +2,9 @@
 
 Each record of an import file goes through the same channel code as live traffic
 (:func:`gateway.ingest.intake.submit_intake`, :func:`gateway.ingest.checkout.submit_checkout`,
-:func:`gateway.ingest.stripe.receive_stripe_event`): the same profiles, normalizers,
+:func:`gateway.ingest.stripe.receive_stripe_event`; FHIR Bulk Data export lines through
+:func:`gateway.imports.fhir_bulk.import_resource`, which stores with the same
+:func:`gateway.ingest.storage.store_mapped`): the same profiles, normalizers,
 patient matching and merge, storage with Provenance, outbox rows per EHR target, case
 events and audit entries. What differs is carried by
 :class:`gateway.ingest.storage.Migration` in the context:
@@ -45,6 +47,7 @@ from gateway.db.models import ImportFile, ImportJob, ImportRefusal, ImportStatus
 from gateway.db.types import utcnow
 from gateway.errors import GatewayError
 from gateway.http import Outcome
+from gateway.imports import fhir_bulk
 from gateway.imports import repository as repo
 from gateway.imports.readers import Record, file_sha256, read_csv, read_ndjson
 from gateway.ingest import checkout, intake, stripe
@@ -104,7 +107,9 @@ async def create_job(
     csv_profile: str | None,
     files: list[ImportSource],
 ) -> ImportJob:
-    """A new job with one file row per input, each cursor at 0 (flushes).
+    """A new job with one file row per input, each cursor at 0 (flushes). FHIR Bulk Data
+    Patient files come first (:func:`gateway.imports.fhir_bulk.file_rank`), the others
+    in the order given: the resources that refer to a Patient find it imported.
 
     Raises:
         ImportFileError: an input cannot be read.
@@ -127,7 +132,8 @@ async def create_job(
     )
     session.add(job)
     await session.flush()  # before its files (no ORM relationship orders them)
-    for source_file in files:
+    ranked = sorted(files, key=lambda f: 1 if f.is_csv else fhir_bulk.file_rank(f.path))
+    for source_file in ranked:
         try:
             digest, size = file_sha256(source_file.path), source_file.path.stat().st_size
         except OSError as exc:
@@ -158,20 +164,22 @@ async def _import_record(session: AsyncSession, ctx: IngestContext, record: Reco
         return await checkout.submit_checkout(
             session, ctx, raw=record.raw, content_type="application/json", actor=actor
         )
+    if record.kind == "fhir":
+        return await fhir_bulk.import_resource(session, ctx, raw=record.raw, actor=actor)
     return await stripe.receive_stripe_event(
         session, ctx, raw=record.raw, content_type="application/json", refuse_unmappable=True
     )
 
 
 def _records(
-    source: ImportSource, row: ImportFile, profile: CsvImportProfile | None
+    source: ImportSource, row: ImportFile, profile: CsvImportProfile | None, job_source: str
 ) -> Iterator[Record]:
     start, line = row.cursor, max(1, row.line)
     if source.is_csv:
         if profile is None:
             raise ImportFileError(f"{source.name}: a CSV file needs --csv-profile")
         return read_csv(source.path, profile, start=start, first_line=line)
-    return read_ndjson(source.path, start=start, first_line=line)
+    return read_ndjson(source.path, start=start, first_line=line, source=job_source)
 
 
 async def run_job(
@@ -252,7 +260,8 @@ async def _import_file(
     batch_size: int,
     on_progress: ProgressCallback | None,
 ) -> None:
-    records = _records(source, row, profile)
+    assert ctx.migration is not None
+    records = _records(source, row, profile, ctx.migration.source)
     done = False
     while not done:
         batch: list[Record] = []

@@ -191,7 +191,8 @@ class MappedMessage:
     ownership merge. ``current`` holds the stored rows of other resources the mapping
     looked up already (None: known to be new). ``notes`` (values accepted with a change,
     such as a time dropped from a birth date) are named in the Provenance and answered as
-    ``warnings``.
+    ``warnings``. ``occurred_at`` is the original time of a migrated record that has no
+    case ``event`` (a FHIR Bulk Data import); the event's time otherwise.
     """
 
     message: InboundMessage
@@ -207,6 +208,7 @@ class MappedMessage:
     action: str = "ingest"
     current: dict[str, FhirResource | None] = field(default_factory=dict)
     notes: list[Problem] = field(default_factory=list)
+    occurred_at: datetime | None = None
 
     @property
     def patient_id(self) -> str:
@@ -276,7 +278,7 @@ async def store_mapped(
         provenance = mark_migrated(
             provenance,
             source=ctx.migration.source,
-            occurred_at=mapped.event.occurred_at if mapped.event else None,
+            occurred_at=mapped.event.occurred_at if mapped.event else mapped.occurred_at,
             systems=ctx.systems,
         )
     for other in mapped.other_profiles:

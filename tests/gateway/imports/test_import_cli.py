@@ -71,3 +71,18 @@ def test_reconcile_names_an_unknown_target(migrated: Path) -> None:
     result = runner.invoke(app, ["reconcile", "no-such-ehr"])
     assert result.exit_code == 2
     assert "no EHR target 'no-such-ehr'" in result.output
+
+
+def test_import_of_a_fhir_bulk_export_takes_the_patient_file_first(migrated: Path) -> None:
+    export = Path(__file__).resolve().parents[3] / "examples" / "fhir-bulk-export"
+    files = [str(export / f"{name}.ndjson") for name in ("QuestionnaireResponse", "Patient")]
+    args = ["import", *files, "--source", "old-emr", "--no-progress"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (counts["read"], counts["mapped"], counts["refused"]) == (4, 4, 0)
+
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    counts = json.loads(again.stdout.strip().splitlines()[-1])
+    assert (counts["duplicate"], counts["mapped"]) == (4, 0)
