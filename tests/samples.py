@@ -1,5 +1,5 @@
 """Synthetic sample payloads for tests: :mod:`testkit.samples`, shared with the benchmarks."""
 
-from testkit.samples import EXAMPLES, canonical_checkout, intake, stripe_event
+from testkit.samples import EXAMPLES, canonical_checkout, intake, person, stripe_event, varied
 
-__all__ = ["EXAMPLES", "canonical_checkout", "intake", "stripe_event"]
+__all__ = ["EXAMPLES", "canonical_checkout", "intake", "person", "stripe_event", "varied"]

@@ -63,9 +63,11 @@ class ImportJob(Base):
 
 
 class ImportFile(Base):
-    """One input file of a job and how far it was read: ``cursor`` is the byte offset of
-    the next record, ``line`` its line number (1-based), committed with the records
-    before it, so a crashed import resumes there."""
+    """One input file of a job, or one part of it, and how far it was read: ``cursor`` is
+    the byte offset of the next record, ``line`` its line number (1-based), committed
+    with the records before it, so a crashed import resumes there. A file imported by
+    several processes (``--workers``) has a row per part: the bytes from
+    ``start_offset`` (a line start) to ``stop_offset`` (None: the end of the file)."""
 
     __tablename__ = "import_files"
 
@@ -74,6 +76,8 @@ class ImportFile(Base):
     name: Mapped[str] = mapped_column(String(512))
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # files over 2 GB
+    start_offset: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    stop_offset: Mapped[int | None] = mapped_column(BigInteger)
     cursor: Mapped[int] = mapped_column(BigInteger, default=0)
     line: Mapped[int] = mapped_column(Integer, default=0)
     status: Mapped[str] = mapped_column(String(16), default=ImportStatus.RUNNING)

@@ -56,18 +56,6 @@ async def delivered_count(session: AsyncSession, job_id: str) -> dict[str, int]:
     return {str(status): int(count) for status, count in rows.all()}
 
 
-async def suppressed_webhooks(session: AsyncSession) -> int:
-    """Ops webhooks recorded ``suppressed`` so far (every import's)."""
-    return int(
-        await session.scalar(
-            select(func.count())
-            .select_from(Delivery)
-            .where(Delivery.status == DeliveryStatus.SUPPRESSED)
-        )
-        or 0
-    )
-
-
 async def job_counts(
     session: AsyncSession, job_id: str, *, with_delivered: bool = True
 ) -> dict[str, int]:

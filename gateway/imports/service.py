@@ -32,14 +32,16 @@ Error tree: a record that does not validate or map is *refused* (kept whole in
 from __future__ import annotations
 
 import asyncio
+import random
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.clients.actor import Actor, acting_as
@@ -49,7 +51,7 @@ from gateway.errors import GatewayError
 from gateway.http import Outcome
 from gateway.imports import fhir_bulk
 from gateway.imports import repository as repo
-from gateway.imports.readers import Record, file_sha256, read_csv, read_ndjson
+from gateway.imports.readers import Record, file_sha256, read_csv, read_ndjson, split_ndjson
 from gateway.ingest import checkout, intake, stripe
 from gateway.ingest.storage import IngestContext, Migration
 from gateway.logging import get_logger
@@ -62,8 +64,19 @@ log = get_logger(__name__)
 #: Records per transaction.
 DEFAULT_BATCH_SIZE = 200
 
-#: ``on_progress(file name, bytes done, file size, counts)`` after each batch.
-ProgressCallback = Callable[[str, int, int, dict[str, int]], None]
+#: A file smaller than this is not split into parts (``--workers``): a part's process
+#: start-up (about 2 s) would cost more than it saves.
+MIN_PART_BYTES = 256 * 1024
+
+#: A batch whose transaction PostgreSQL aborted as a deadlock (SQLSTATE 40P01: two
+#: processes' batches claimed the same patient keys in opposite orders) or a
+#: serialization failure (40001) is run again, whole, up to this many times.
+BATCH_ATTEMPTS = 5
+_RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
+
+#: ``on_progress(file row, counts)`` after each batch: the row (a file or a part of
+#: one) has its new ``cursor``.
+ProgressCallback = Callable[[ImportFile, dict[str, int]], None]
 
 
 class ImportFileError(ValueError):
@@ -106,10 +119,16 @@ async def create_job(
     actor: str,
     csv_profile: str | None,
     files: list[ImportSource],
+    parts: int = 1,
 ) -> ImportJob:
     """A new job with one file row per input, each cursor at 0 (flushes). FHIR Bulk Data
     Patient files come first (:func:`gateway.imports.fhir_bulk.file_rank`), the others
     in the order given: the resources that refer to a Patient find it imported.
+
+    With ``parts`` > 1 (``--workers``), an NDJSON file of at least
+    :data:`MIN_PART_BYTES` gets a row per part instead (:func:`split_ndjson`), for
+    several processes to import side by side; a CSV file stays whole (a quoted cell may
+    span lines, so a line start is not a record start).
 
     Raises:
         ImportFileError: an input cannot be read.
@@ -138,17 +157,24 @@ async def create_job(
             digest, size = file_sha256(source_file.path), source_file.path.stat().st_size
         except OSError as exc:
             raise ImportFileError(f"cannot read {source_file.name} ({exc.strerror})") from exc
-        session.add(
-            ImportFile(
-                job_id=job.id,
-                name=source_file.name,
-                sha256=digest,
-                size_bytes=size,
-                cursor=0,
-                line=1,
-                status=ImportStatus.RUNNING,
+        cuts = [(0, 1)]
+        if parts > 1 and not source_file.is_csv and size >= MIN_PART_BYTES:
+            cuts = split_ndjson(source_file.path, parts)
+        stops: list[int | None] = [start for start, _ in cuts[1:]]
+        for (start, line), stop in zip(cuts, [*stops, None], strict=True):
+            session.add(
+                ImportFile(
+                    job_id=job.id,
+                    name=source_file.name,
+                    sha256=digest,
+                    size_bytes=size,
+                    start_offset=start,
+                    stop_offset=stop,
+                    cursor=start,
+                    line=line,
+                    status=ImportStatus.RUNNING,
+                )
             )
-        )
     await session.flush()
     return job
 
@@ -179,7 +205,9 @@ def _records(
         if profile is None:
             raise ImportFileError(f"{source.name}: a CSV file needs --csv-profile")
         return read_csv(source.path, profile, start=start, first_line=line)
-    return read_ndjson(source.path, start=start, first_line=line, source=job_source)
+    return read_ndjson(
+        source.path, start=start, first_line=line, source=job_source, stop=row.stop_offset
+    )
 
 
 async def run_job(
@@ -189,6 +217,8 @@ async def run_job(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     on_progress: ProgressCallback | None = None,
+    only: Collection[int] | None = None,
+    finish: bool = True,
 ) -> dict[str, Any]:
     """Import (or resume) the files of job ``job_id``. Owns its transactions: one per
     batch of ``batch_size`` records, committed with the files' cursors and the counts.
@@ -199,6 +229,10 @@ async def run_job(
         files: where each file of the job is read from.
         batch_size: records per transaction.
         on_progress: told after each batch.
+        only: the ids of the file rows (parts) to import, None for all: one process
+            of several (:mod:`gateway.imports.parallel`).
+        finish: mark the job ``completed`` at the end (the process that started the
+            others does, once they all ended).
 
     Returns:
         The job's counts (:func:`gateway.imports.repository.job_counts`).
@@ -218,14 +252,17 @@ async def run_job(
     try:
         profile = csv_profile_or_raise(runtime, csv_name)
         by_name = {f.name: f for f in files}
+        checked: set[str] = set()
         for row in rows:
-            if row.status == ImportStatus.COMPLETED:
+            if row.status == ImportStatus.COMPLETED or (only is not None and row.id not in only):
                 continue
             source = by_name.get(row.name)
             if source is None:
                 raise ImportFileError(f"{row.name}: not given to resume the job")
-            if file_sha256(source.path) != row.sha256:
-                raise ImportFileError(f"{row.name}: the file changed since the job started")
+            if row.name not in checked:
+                if file_sha256(source.path) != row.sha256:
+                    raise ImportFileError(f"{row.name}: the file changed since the job started")
+                checked.add(row.name)
             await _import_file(runtime, ctx, row, source, profile, batch_size, on_progress)
     except (ImportFileError, OSError) as exc:
         reason = str(exc) if isinstance(exc, ImportFileError) else f"cannot read a file ({exc})"
@@ -238,6 +275,15 @@ async def run_job(
             await session.commit()
         log.warning("import.failed", job_id=job_id)
         raise ImportFileError(reason) from exc
+    if not finish:
+        async with runtime.sessionmaker() as session:
+            return await repo.job_counts(session, job_id, with_delivered=False)
+    return await finish_job(runtime, job_id)
+
+
+async def finish_job(runtime: Runtime, job_id: str) -> dict[str, Any]:
+    """Mark job ``job_id`` ``completed`` (every file row done) and return its counts
+    (:func:`gateway.imports.repository.job_counts`)."""
     async with runtime.write_session() as session:
         now = utcnow()
         await session.execute(
@@ -273,7 +319,7 @@ async def _import_file(
             done = True
         counts = await _store_batch(runtime, ctx, row, batch, finished=done)
         if on_progress is not None:
-            on_progress(row.name, row.cursor, row.size_bytes, counts)
+            on_progress(row, counts)
 
 
 async def _store_batch(
@@ -285,61 +331,105 @@ async def _store_batch(
     finished: bool,
 ) -> dict[str, int]:
     """One transaction: the batch's records (each in a savepoint), its refusals, the
-    job's counts and the file's cursor."""
+    job's counts and the file's cursor. Run again whole when PostgreSQL aborts it as a
+    deadlock (:data:`BATCH_ATTEMPTS`): nothing of it was committed."""
+    for attempt in range(1, BATCH_ATTEMPTS + 1):
+        try:
+            return await _store_batch_once(runtime, ctx, row, batch, finished=finished)
+        except DBAPIError as exc:
+            sqlstate = getattr(exc.orig, "sqlstate", None)
+            if sqlstate not in _RETRYABLE_SQLSTATES or attempt == BATCH_ATTEMPTS:
+                raise
+            assert ctx.migration is not None
+            log.warning("import.batch_retried", job_id=ctx.migration.job_id, sqlstate=sqlstate)
+            await asyncio.sleep(random.uniform(0.05, 0.5) * attempt)  # noqa: S311 (jitter)
+    raise AssertionError("unreachable")
+
+
+async def _store_batch_once(
+    runtime: Runtime,
+    ctx: IngestContext,
+    row: ImportFile,
+    batch: list[Record],
+    *,
+    finished: bool,
+) -> dict[str, int]:
     assert ctx.migration is not None
-    job_id = ctx.migration.job_id
+    job_id, tally = ctx.migration.job_id, ctx.migration.tally
     mapped = duplicate = 0
     refusals: list[ImportRefusal] = []
-    async with runtime.write_session() as session:
-        suppressed_before = await repo.suppressed_webhooks(session)
-        for record in batch:
-            problems = record.problems
-            if not problems:
-                try:
-                    async with session.begin_nested():
-                        outcome = await _import_record(session, ctx, record)
-                except GatewayError as exc:
-                    problems = exc.problems or [Problem("", exc.slug, exc.detail)]
-                except MappingErrors as exc:
-                    problems = exc.problems
-                else:
-                    if outcome.body.get("replayed"):
-                        duplicate += 1
-                    else:
-                        mapped += 1
-            if problems:
-                refusals.append(
-                    ImportRefusal(
-                        job_id=job_id,
-                        file=row.name,
-                        line=record.line,
-                        kind=record.kind,
-                        business_id=record.business_id,
-                        problems=[p.as_dict() for p in problems],
-                        record=record.raw,
-                    )
+    suppressed_before = tally.suppressed_webhooks
+    try:
+        async with runtime.write_session() as session:
+            if session.get_bind().dialect.name == "sqlite":
+                # pysqlite opens a transaction at the first INSERT/UPDATE, not at a
+                # SAVEPOINT: the first record's savepoint would be the transaction, and
+                # its RELEASE a COMMIT of that record alone. A write first makes the
+                # batch one transaction. (Not on PostgreSQL: it would hold the job row's
+                # lock for the whole batch, and parallel parts would wait on it.)
+                await session.execute(
+                    update(ImportJob).where(ImportJob.id == job_id).values(updated_at=utcnow())
                 )
-        session.add_all(refusals)
-        suppressed = await repo.suppressed_webhooks(session) - suppressed_before
-        if batch:
-            row.cursor, row.line = batch[-1].end, batch[-1].line + 1
-        values: dict[str, Any] = {"cursor": row.cursor, "line": row.line}
-        if finished:
-            row.status = values["status"] = ImportStatus.COMPLETED
-        await session.execute(update(ImportFile).where(ImportFile.id == row.id).values(**values))
-        await session.execute(
-            update(ImportJob)
-            .where(ImportJob.id == job_id)
-            .values(
-                read=ImportJob.read + len(batch),
-                mapped=ImportJob.mapped + mapped,
-                duplicate=ImportJob.duplicate + duplicate,
-                refused=ImportJob.refused + len(refusals),
-                suppressed_webhooks=ImportJob.suppressed_webhooks + suppressed,
-                updated_at=utcnow(),
+            for record in batch:
+                problems = record.problems
+                if not problems:
+                    record_before = tally.suppressed_webhooks
+                    try:
+                        async with session.begin_nested():
+                            outcome = await _import_record(session, ctx, record)
+                    except GatewayError as exc:
+                        problems = exc.problems or [Problem("", exc.slug, exc.detail)]
+                    except MappingErrors as exc:
+                        problems = exc.problems
+                    else:
+                        if outcome.body.get("replayed"):
+                            duplicate += 1
+                        else:
+                            mapped += 1
+                    if problems:  # its rows were rolled back with its savepoint
+                        tally.suppressed_webhooks = record_before
+                if problems:
+                    refusals.append(
+                        ImportRefusal(
+                            job_id=job_id,
+                            file=row.name,
+                            line=record.line,
+                            kind=record.kind,
+                            business_id=record.business_id,
+                            problems=[p.as_dict() for p in problems],
+                            record=record.raw,
+                        )
+                    )
+            session.add_all(refusals)
+            suppressed = tally.suppressed_webhooks - suppressed_before
+            cursor, line = row.cursor, row.line
+            if batch:
+                cursor, line = batch[-1].end, batch[-1].line + 1
+            values: dict[str, Any] = {"cursor": cursor, "line": line}
+            if finished:
+                values["status"] = ImportStatus.COMPLETED
+            await session.execute(
+                update(ImportFile).where(ImportFile.id == row.id).values(**values)
             )
-        )
-        await session.commit()
+            await session.execute(
+                update(ImportJob)
+                .where(ImportJob.id == job_id)
+                .values(
+                    read=ImportJob.read + len(batch),
+                    mapped=ImportJob.mapped + mapped,
+                    duplicate=ImportJob.duplicate + duplicate,
+                    refused=ImportJob.refused + len(refusals),
+                    suppressed_webhooks=ImportJob.suppressed_webhooks + suppressed,
+                    updated_at=utcnow(),
+                )
+            )
+            await session.commit()
+    except BaseException:
+        tally.suppressed_webhooks = suppressed_before  # nothing of the batch was committed
+        raise
+    row.cursor, row.line = cursor, line
+    if finished:
+        row.status = ImportStatus.COMPLETED
     log.info(
         "import.batch",
         job_id=job_id,

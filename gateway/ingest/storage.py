@@ -63,6 +63,14 @@ log = get_logger(__name__)
 CONFLICT_EXTENSION = "patient-element-conflict"
 
 
+@dataclass
+class ImportTally:
+    """What an import's records did besides their own rows, counted as they are stored
+    (the import service takes back the count of a record it refuses)."""
+
+    suppressed_webhooks: int = 0
+
+
 @dataclass(frozen=True)
 class Migration:
     """A record that comes from a bulk import (issue 16), not from live traffic.
@@ -72,11 +80,30 @@ class Migration:
         source: the system the record was migrated from (named in its Provenance).
         notify: fire live side effects: ops webhooks for the case changes are sent.
             When False (the default) they are recorded ``suppressed``, never sent.
+        tally: counts of this process's records of the job (not compared).
     """
 
     job_id: str
     source: str
     notify: bool = False
+    tally: ImportTally = field(default_factory=ImportTally, compare=False)
+
+    async def suppress_webhooks(
+        self,
+        session: AsyncSession,
+        case: Case,
+        webhook_type: str,
+        *,
+        from_state: str | None,
+        event: dict[str, Any] | None,
+    ) -> int:
+        """A :class:`~gateway.workflow.service.ChangeSink`: the webhooks of a historical
+        case change recorded ``suppressed`` (never sent), and counted in :attr:`tally`."""
+        added = await record_case_webhook_suppressed(
+            session, case, webhook_type, from_state=from_state, event=event
+        )
+        self.tally.suppressed_webhooks += added
+        return added
 
 
 @dataclass(frozen=True)
@@ -333,7 +360,7 @@ async def store_mapped(
             mapped.event,
             notify=enqueue_case_webhook
             if ctx.migration is None or ctx.migration.notify
-            else record_case_webhook_suppressed,
+            else ctx.migration.suppress_webhooks,
             new_patient=existed.get(f"Patient/{mapped.patient_id}") is None,
         )
         if (
