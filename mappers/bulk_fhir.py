@@ -290,7 +290,11 @@ def normalize_patient(
     * ``telecom``: phones to E.164 (an extension in the core ``contactpoint-extension``,
       as :func:`mappers.patient.phone_contact_point`), emails trimmed and lower-cased
       (:func:`mappers.normalize.normalize_email`): the forms patient matching and the EHRs
-      compare;
+      compare. A phone or an email that cannot be normalized is kept as exported, not
+      refused: the old system of record held it, ``ContactPoint.value`` is free text, and
+      refusing the Patient would refuse its whole history with it (Synthea, the usual
+      test export, gives every patient a ``555`` number, which is not in service); such an
+      email is not used to match patients (:func:`patient_emails`);
     * ``address.state`` of a US address to its USPS code when it is spelled otherwise
       (``Texas`` -> ``TX``); a state that is no US state is left for the validator;
     * ``birthDate`` with day precision checked as live intake checks it (not in the
@@ -299,9 +303,8 @@ def normalize_patient(
     * ``meta``: the old server's versionId, lastUpdated and source dropped.
 
     Returns:
-        The Patient, and the problems of the values that cannot be normalized (a phone,
-        an email, a birth date, at ``Patient.telecom[i].value`` / ``Patient.birthDate``:
-        live intake refuses them too); those values are left as exported.
+        The Patient, and the problems of a birth date that cannot be right (at
+        ``Patient.birthDate``: live intake refuses it too, and matching relies on it).
     """
     out = copy.deepcopy(dict(patient))
     _kept_meta(out)
@@ -318,18 +321,14 @@ def normalize_patient(
     ]
     problems = ProblemCollector()
     telecom = out.get("telecom")
-    for i, point in enumerate(telecom if isinstance(telecom, list) else []):
+    for point in telecom if isinstance(telecom, list) else []:
         if not isinstance(point, dict) or not isinstance(point.get("value"), str):
             continue
-        where = f"Patient.telecom[{i}].value"
-        if point.get("system") == "phone":
-            text = problems.run(where, normalize.normalize_phone, point["value"])
-            if text is not None:
-                _set_phone(point, text)
-        elif point.get("system") == "email":
-            email = problems.run(where, normalize.normalize_email, point["value"])
-            if email is not None:
-                point["value"] = email
+        with contextlib.suppress(MappingError, MappingErrors):  # kept as exported
+            if point.get("system") == "phone":
+                _set_phone(point, normalize.normalize_phone(point["value"]))
+            elif point.get("system") == "email":
+                point["value"] = normalize.normalize_email(point["value"])
     address = out.get("address")
     for a in address if isinstance(address, list) else []:
         if isinstance(a, dict) and isinstance(a.get("state"), str) and _is_us(a):
@@ -361,9 +360,16 @@ def _set_phone(point: dict[str, Any], text: str) -> None:
 
 
 def patient_emails(patient: Mapping[str, Any]) -> list[str]:
-    """The emails of a Patient (normalized by :func:`normalize_patient`)."""
-    return [
-        p["value"]
-        for p in patient.get("telecom") or []
-        if isinstance(p, dict) and p.get("system") == "email" and isinstance(p.get("value"), str)
-    ]
+    """The valid emails of a Patient (normalized by :func:`normalize_patient`): the
+    matching keys. An email kept as exported because it is not one (``n/a``, ``none``,
+    shared by many records of an old system) would join unrelated patients."""
+    emails = []
+    for point in patient.get("telecom") or []:
+        if isinstance(point, dict) and point.get("system") == "email":
+            value = point.get("value")
+            try:
+                if isinstance(value, str) and normalize.normalize_email(value) == value:
+                    emails.append(value)
+            except (MappingError, MappingErrors):
+                continue
+    return emails

@@ -122,7 +122,7 @@ def test_subject_problems(subject: dict[str, str] | None, code: str) -> None:
     assert problem.code == code and problem.location.startswith("QuestionnaireResponse.subject")
 
 
-def test_patient_is_normalized_and_an_unusable_phone_is_named() -> None:
+def test_patient_is_normalized_and_an_unusable_phone_or_email_is_kept_as_exported() -> None:
     patient = {
         "resourceType": "Patient",
         "id": "p1",
@@ -147,16 +147,28 @@ def test_patient_is_normalized_and_an_unusable_phone_is_named() -> None:
     assert out["telecom"][1]["value"] == "a@example.com"
     assert [a["state"] for a in out["address"]] == ["TX", "Ontario"]
 
-    patient["telecom"] = [{"system": "phone", "value": "call me"}]
+    # Synthea's numbers (555 area code) and junk the old system held: kept, not refused;
+    # an email that is not one is not a matching key
+    patient["telecom"] = [
+        {"system": "phone", "value": "555-718-2251"},
+        {"system": "phone", "value": "call me"},
+        {"system": "email", "value": "n/a"},
+        {"system": "email", "value": "B@example.com"},
+    ]
     patient["birthDate"] = "2999-01-01"
     out, problems = bulk_fhir.normalize_patient(
         patient, patient_id="g1", systems=SYSTEMS, source="old"
     )
     assert [(p.location, p.code) for p in problems] == [
-        ("Patient.telecom[0].value", "invalid_phone"),
         ("Patient.birthDate", "birth_date_in_future"),
     ]
-    assert out["telecom"][0]["value"] == "call me"  # left as sent, named in the problem
+    assert [t["value"] for t in out["telecom"]] == [
+        "555-718-2251",
+        "call me",
+        "n/a",
+        "b@example.com",
+    ]
+    assert bulk_fhir.patient_emails(out) == ["b@example.com"]
 
     patient["birthDate"] = "1974-12"  # a FHIR date with month precision is kept
     assert (
