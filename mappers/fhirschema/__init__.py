@@ -129,6 +129,7 @@ def official_schema() -> dict[str, Any]:
     return schema
 
 
+@cache
 def resource_types() -> frozenset[str]:
     """The resource types the vendored schema defines (those the gateway emits)."""
     return frozenset(official_schema()["discriminator"]["mapping"])
@@ -336,32 +337,63 @@ def _validator(rtype: str, official: bool = False) -> jsonschema_rs.Validator:
     )
 
 
+@cache
+def _hot_validator() -> jsonschema_rs.Validator:
+    """One validator for every type of :func:`resource_types`: ``anyOf`` one branch per
+    type, each ``resourceType`` = the type and ``$ref`` its definition. A resource of type
+    T passes it exactly when it passes T's own validator (the other branches fail on
+    ``resourceType``), and the definitions the types share (datatypes, ``Resource``...)
+    are compiled once: about 10 MB for all 13 types, against about 4 MB per type with a
+    validator each, for 0.2 µs more per resource."""
+    branches = [
+        {
+            "required": ["resourceType"],
+            "properties": {"resourceType": {"const": rtype}},
+            "allOf": [{"$ref": _PREFIX + rtype}],
+        }
+        for rtype in sorted(resource_types())
+    ]
+    return jsonschema_rs.Draft6Validator(
+        {"anyOf": branches, "definitions": compiled_definitions()},
+        pattern_options=jsonschema_rs.RegexOptions(),
+    )
+
+
 def clear_cache() -> None:
     """Forget the compiled validators (tests that compile another way)."""
     _validator.cache_clear()
+    _hot_validator.cache_clear()
 
 
 def conforms(resource: dict[str, Any]) -> bool:
     """True when ``resource`` passes the compiled validator of its type (the R4 schema and
-    the rules above). A type's validator is compiled on its first use, once per process.
+    the rules above). The validator is compiled on first use, once per process
+    (:func:`_hot_validator`: one for every type).
 
     A value that is not JSON data (a ``datetime`` left by a mapper) does not conform.
 
     Raises:
         KeyError: ``resource["resourceType"]`` is not one of :func:`resource_types`.
     """
-    validator = _validator(resource["resourceType"])
+    if resource["resourceType"] not in resource_types():
+        raise KeyError(resource["resourceType"])
     try:
-        return validator.is_valid(resource)
+        return _hot_validator().is_valid(resource)
     except ValueError:  # jsonschema-rs: "Unsupported type"
         return False
 
 
 def warm_up(types: Iterable[str] | None = None) -> None:
-    """Compile the validators of ``types`` (default: every type) now, at process start-up,
-    rather than on the first request."""
-    for rtype in sorted(resource_types() if types is None else types):
-        _validator(rtype)
+    """Compile the hot-path validator now, at process start-up, rather than on the first
+    request (it covers every type; ``types``, when given, are checked to be known).
+
+    Raises:
+        KeyError: a type not in :func:`resource_types`.
+    """
+    for rtype in types or ():
+        if rtype not in resource_types():
+            raise KeyError(rtype)
+    _hot_validator()
 
 
 def problems(resource: dict[str, Any], *, official: bool = False) -> list[Problem]:
