@@ -49,6 +49,7 @@ from gateway.fhir.endpoints import router as fhir_router
 from gateway.fhir.endpoints import well_known_router as smart_router
 from gateway.hl7.endpoints import router as hl7_router
 from gateway.imports.endpoints import router as imports_router
+from gateway.imports.uploads import sweep_stopped_uploads
 from gateway.ingest.endpoints import router as ingest_router
 from gateway.logging import configure_logging, get_logger, log_failure
 from gateway.oauth.endpoints import router as jwks_router
@@ -339,9 +340,10 @@ def create_app(
             worker=with_worker,
             targets=[t.name for t in rt.profiles.current.enabled_targets()],
         )
-        checkpoints = None
+        checkpoints = uploads = None
         if server_process:
             checkpoints = asyncio.create_task(run_checkpoints(rt.engine, stop))
+            uploads = asyncio.create_task(sweep_stopped_uploads(rt, stop))
             validation.warm_up()  # compile the FHIR validators now, not in a first request
             gc.collect()
             gc.freeze()
@@ -351,6 +353,8 @@ def create_app(
             stop.set()
             if checkpoints is not None:
                 await checkpoints
+            if uploads is not None:
+                await uploads
             if task is not None:
                 await task
             if worker is not None:

@@ -41,7 +41,14 @@ class ImportStatus(StrEnum):
 
 class ImportJob(Base):
     """One bulk import: its source system, whether live side effects were asked for,
-    and the counts of its records (``delivered`` is read from the outbox)."""
+    and the counts of its records (``delivered`` is read from the outbox).
+
+    ``runner`` is the token of the run that owns the job now (a fencing token): each
+    batch commits only while the job still names it, so a job resumed elsewhere (the
+    API's resume, a restarted gateway taking over an upload, a second ``import`` of the
+    same files) stops the run it replaced at that run's next batch. ``updated_at`` moves
+    with every batch: the run's heartbeat.
+    """
 
     __tablename__ = "import_jobs"
 
@@ -60,6 +67,7 @@ class ImportJob(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
+    runner: Mapped[str | None] = mapped_column(String(64))
 
 
 class ImportFile(Base):

@@ -29,12 +29,8 @@ from gateway.errors import (
 )
 from gateway.imports import repository as repo
 from gateway.imports.schemas import ImportCounts, ImportFileOut, ImportJobOut, refusal_line
-from gateway.imports.service import (
-    ImportFileError,
-    create_upload_job,
-    csv_profile_or_raise,
-    start_upload_job,
-)
+from gateway.imports.service import ImportFileError, claim_job, csv_profile_or_raise
+from gateway.imports.uploads import create_upload_job, start_upload_job
 from gateway.runtime import Runtime
 from mappers.errors import Problem
 
@@ -176,17 +172,33 @@ async def resume_import(
     _principal: Annotated[Principal, Depends(require_scope("ops:admin"))],
 ) -> ImportJobOut:
     """Start the job again from its cursors (records already committed are not read
-    again; any that are come back ``duplicate``).
+    again; any that are come back ``duplicate``). A gateway process also takes over a
+    stopped upload job by itself within about 3 minutes (:mod:`gateway.imports.uploads`).
 
     Raises:
-        ConflictError: the job completed.
+        ConflictError: the job completed, or its run is still making progress (a batch
+            committed in the last 2 minutes): resuming it would run it twice.
     """
     job = await repo.get_job_or_raise(session, job_id)
     if job.status == "completed":
         raise ConflictError(
             "the import job completed", [Problem("", "completed", "nothing to resume")]
         )
-    start_upload_job(runtime, job_id, actor=current_actor())
+    async with runtime.write_session() as write:
+        runner = await claim_job(write, job_id)
+        await write.commit()
+    if runner is None:
+        raise ConflictError(
+            "the import job is running",
+            [
+                Problem(
+                    "",
+                    "running",
+                    "a batch was committed in the last 2 minutes: it is not stopped",
+                )
+            ],
+        )
+    start_upload_job(runtime, job_id, actor=current_actor(), runner=runner)
     return await _job_out(runtime, session, job_id)
 
 

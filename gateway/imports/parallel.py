@@ -41,7 +41,13 @@ from gateway.clients.actor import Actor, acting_as
 from gateway.db.models import ImportStatus
 from gateway.imports import fhir_bulk
 from gateway.imports import repository as repo
-from gateway.imports.service import ImportFileError, ImportSource, finish_job, run_job
+from gateway.imports.service import (
+    ImportFileError,
+    ImportSource,
+    claim_job,
+    finish_job,
+    run_job,
+)
 from gateway.logging import configure_logging, get_logger
 from gateway.runtime import Runtime
 from gateway.settings import Settings
@@ -68,6 +74,7 @@ def _worker(
     row_ids: list[int],
     batch_size: int,
     actor: Actor,
+    runner: str,
 ) -> None:
     """A process's work: import the parts ``row_ids`` of job ``job_id`` (exit code 0, or
     3 when a file cannot be imported: the job is then ``failed`` with the reason)."""
@@ -86,6 +93,7 @@ def _worker(
                     batch_size=batch_size,
                     only=set(row_ids),
                     finish=False,
+                    runner=runner,
                 )
         finally:
             await runtime.close()
@@ -131,6 +139,12 @@ async def run_parallel(
             reason), or a process died (the job stays resumable).
     """
     by_name = {f.name: f for f in files}
+    async with runtime.write_session() as session:
+        runner = await claim_job(session, job_id, force=True)  # the latest run wins
+        await session.commit()
+    if runner is None:  # completed already
+        async with runtime.sessionmaker() as session:
+            return await repo.job_counts(session, job_id)
     async with runtime.sessionmaker() as session:
         rows = [
             r for r in await repo.job_files(session, job_id) if r.status != ImportStatus.COMPLETED
@@ -149,7 +163,7 @@ async def run_parallel(
         processes = [
             spawn.Process(
                 target=_worker,
-                args=(runtime.settings, job_id, paths, ids[k::count], batch_size, actor),
+                args=(runtime.settings, job_id, paths, ids[k::count], batch_size, actor, runner),
                 name=f"import-{k + 1}",
             )
             for k in range(count)
@@ -179,4 +193,4 @@ async def run_parallel(
             )
     if on_tick is not None:
         on_tick(*await _bytes_done(runtime, job_id))
-    return await finish_job(runtime, job_id)
+    return await finish_job(runtime, job_id, runner)

@@ -33,18 +33,17 @@ from __future__ import annotations
 
 import asyncio
 import random
-import tempfile
 import uuid
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.clients.actor import Actor, acting_as
 from gateway.db.models import ImportFile, ImportJob, ImportRefusal, ImportStatus
 from gateway.db.types import utcnow
 from gateway.errors import GatewayError
@@ -74,6 +73,10 @@ MIN_PART_BYTES = 256 * 1024
 BATCH_ATTEMPTS = 5
 _RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
 
+#: A running job with no batch committed for this long (seconds) is taken as stopped
+#: (its process died): the API's resume and a restarted gateway may take it over.
+STALE_AFTER_S = 120.0
+
 #: ``on_progress(file row, counts)`` after each batch: the row (a file or a part of
 #: one) has its new ``cursor``.
 ProgressCallback = Callable[[ImportFile, dict[str, int]], None]
@@ -81,6 +84,52 @@ ProgressCallback = Callable[[ImportFile, dict[str, int]], None]
 
 class ImportFileError(ValueError):
     """A file that cannot be imported at all (missing, unreadable, unknown CSV profile)."""
+
+
+class ImportTakenOver(Exception):
+    """Another run took the job over (:func:`claim_job`): this run stops, its batch in
+    progress rolled back."""
+
+
+async def claim_job(
+    session: AsyncSession, job_id: str, *, force: bool = False, stale_after_s: float = STALE_AFTER_S
+) -> str | None:
+    """Make a new run the owner of job ``job_id``: sets its ``runner`` token (the run's
+    batches commit only while the job names it) and its status ``running``. Flushes; the
+    caller commits.
+
+    Args:
+        session: a write session.
+        job_id: the job.
+        force: take it over even from a run that made progress lately (a new
+            ``fhir-gateway import`` of the same files: the latest run wins).
+        stale_after_s: without ``force``, the job must have failed, or have committed
+            no batch for this long (its run stopped).
+
+    Returns:
+        The new run's token, or None: the job completed, or (without ``force``) another
+        run is making progress.
+    """
+    token, now = uuid.uuid4().hex, utcnow()
+    conditions = [ImportJob.id == job_id, ImportJob.status != ImportStatus.COMPLETED]
+    if not force:
+        conditions.append(
+            or_(
+                ImportJob.status == ImportStatus.FAILED,
+                ImportJob.updated_at < now - timedelta(seconds=stale_after_s),
+            )
+        )
+    result = await session.execute(
+        update(ImportJob)
+        .where(*conditions)
+        .values(runner=token, status=ImportStatus.RUNNING, error=None, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return token if _rowcount(result) == 1 else None
+
+
+def _rowcount(result: Any) -> int:
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 @dataclass(frozen=True)
@@ -219,6 +268,7 @@ async def run_job(
     on_progress: ProgressCallback | None = None,
     only: Collection[int] | None = None,
     finish: bool = True,
+    runner: str | None = None,
 ) -> dict[str, Any]:
     """Import (or resume) the files of job ``job_id``. Owns its transactions: one per
     batch of ``batch_size`` records, committed with the files' cursors and the counts.
@@ -233,14 +283,21 @@ async def run_job(
             of several (:mod:`gateway.imports.parallel`).
         finish: mark the job ``completed`` at the end (the process that started the
             others does, once they all ended).
+        runner: the token of a run that claimed the job already (:func:`claim_job`);
+            None: this run takes the job over (``force``).
 
     Returns:
-        The job's counts (:func:`gateway.imports.repository.job_counts`).
+        The job's counts (:func:`gateway.imports.repository.job_counts`); when another
+        run took the job over meanwhile, the counts so far (this run stopped).
 
     Raises:
         ImportFileError: a file cannot be read or needs a CSV profile; the job is left
             ``failed`` with the reason.
     """
+    if runner is None:
+        async with runtime.write_session() as session:
+            runner = await claim_job(session, job_id, force=True)
+            await session.commit()
     async with runtime.sessionmaker() as session:
         job = await repo.get_job_or_raise(session, job_id)
         rows = await repo.job_files(session, job_id)
@@ -263,32 +320,38 @@ async def run_job(
                 if file_sha256(source.path) != row.sha256:
                     raise ImportFileError(f"{row.name}: the file changed since the job started")
                 checked.add(row.name)
-            await _import_file(runtime, ctx, row, source, profile, batch_size, on_progress)
+            await _import_file(
+                runtime, ctx, row, source, profile, batch_size, on_progress, runner or ""
+            )
+    except ImportTakenOver:
+        log.info("import.taken_over", job_id=job_id)
+        async with runtime.sessionmaker() as session:
+            return await repo.job_counts(session, job_id, with_delivered=False)
     except (ImportFileError, OSError) as exc:
         reason = str(exc) if isinstance(exc, ImportFileError) else f"cannot read a file ({exc})"
         async with runtime.write_session() as session:
             await session.execute(
                 update(ImportJob)
-                .where(ImportJob.id == job_id)
+                .where(ImportJob.id == job_id, ImportJob.runner == runner)
                 .values(status=ImportStatus.FAILED, error=reason, updated_at=utcnow())
             )
             await session.commit()
         log.warning("import.failed", job_id=job_id)
         raise ImportFileError(reason) from exc
-    if not finish:
+    if not finish or runner is None:  # runner None: the job had completed already
         async with runtime.sessionmaker() as session:
             return await repo.job_counts(session, job_id, with_delivered=False)
-    return await finish_job(runtime, job_id)
+    return await finish_job(runtime, job_id, runner)
 
 
-async def finish_job(runtime: Runtime, job_id: str) -> dict[str, Any]:
-    """Mark job ``job_id`` ``completed`` (every file row done) and return its counts
-    (:func:`gateway.imports.repository.job_counts`)."""
+async def finish_job(runtime: Runtime, job_id: str, runner: str) -> dict[str, Any]:
+    """Mark job ``job_id`` ``completed`` (every file row done) if run ``runner`` still
+    owns it, and return its counts (:func:`gateway.imports.repository.job_counts`)."""
     async with runtime.write_session() as session:
         now = utcnow()
         await session.execute(
             update(ImportJob)
-            .where(ImportJob.id == job_id)
+            .where(ImportJob.id == job_id, ImportJob.runner == runner)
             .values(status=ImportStatus.COMPLETED, finished_at=now, updated_at=now)
         )
         await session.commit()
@@ -305,6 +368,7 @@ async def _import_file(
     profile: CsvImportProfile | None,
     batch_size: int,
     on_progress: ProgressCallback | None,
+    runner: str,
 ) -> None:
     assert ctx.migration is not None
     records = _records(source, row, profile, ctx.migration.source)
@@ -317,7 +381,7 @@ async def _import_file(
                 break
         else:
             done = True
-        counts = await _store_batch(runtime, ctx, row, batch, finished=done)
+        counts = await _store_batch(runtime, ctx, row, batch, finished=done, runner=runner)
         if on_progress is not None:
             on_progress(row, counts)
 
@@ -329,13 +393,17 @@ async def _store_batch(
     batch: list[Record],
     *,
     finished: bool,
+    runner: str,
 ) -> dict[str, int]:
     """One transaction: the batch's records (each in a savepoint), its refusals, the
-    job's counts and the file's cursor. Run again whole when PostgreSQL aborts it as a
+    job's counts and the file's cursor, committed only while run ``runner`` owns the job
+    (else :class:`ImportTakenOver`). Run again whole when PostgreSQL aborts it as a
     deadlock (:data:`BATCH_ATTEMPTS`): nothing of it was committed."""
     for attempt in range(1, BATCH_ATTEMPTS + 1):
         try:
-            return await _store_batch_once(runtime, ctx, row, batch, finished=finished)
+            return await _store_batch_once(
+                runtime, ctx, row, batch, finished=finished, runner=runner
+            )
         except DBAPIError as exc:
             sqlstate = getattr(exc.orig, "sqlstate", None)
             if sqlstate not in _RETRYABLE_SQLSTATES or attempt == BATCH_ATTEMPTS:
@@ -353,6 +421,7 @@ async def _store_batch_once(
     batch: list[Record],
     *,
     finished: bool,
+    runner: str,
 ) -> dict[str, int]:
     assert ctx.migration is not None
     job_id, tally = ctx.migration.job_id, ctx.migration.tally
@@ -411,9 +480,9 @@ async def _store_batch_once(
             await session.execute(
                 update(ImportFile).where(ImportFile.id == row.id).values(**values)
             )
-            await session.execute(
+            owned = await session.execute(
                 update(ImportJob)
-                .where(ImportJob.id == job_id)
+                .where(ImportJob.id == job_id, ImportJob.runner == runner)
                 .values(
                     read=ImportJob.read + len(batch),
                     mapped=ImportJob.mapped + mapped,
@@ -422,7 +491,10 @@ async def _store_batch_once(
                     suppressed_webhooks=ImportJob.suppressed_webhooks + suppressed,
                     updated_at=utcnow(),
                 )
+                .execution_options(synchronize_session=False)
             )
+            if _rowcount(owned) != 1:
+                raise ImportTakenOver(job_id)  # the batch is rolled back with the session
             await session.commit()
     except BaseException:
         tally.suppressed_webhooks = suppressed_before  # nothing of the batch was committed
@@ -456,89 +528,6 @@ async def find_resumable(session: AsyncSession, sha256s: list[str]) -> ImportJob
     ).all()
     for job in candidates:
         files = await repo.job_files(session, job.id)
-        if sorted(f.sha256 for f in files) == sorted(sha256s):
+        if {f.sha256 for f in files} == set(sha256s):  # a file in parts has a row each
             return job
     return None
-
-
-#: Jobs of uploads running in this process (kept referenced until they end).
-_RUNNING: set[asyncio.Task[Any]] = set()
-
-
-async def create_upload_job(
-    session: AsyncSession,
-    *,
-    body: bytes,
-    name: str,
-    source: str,
-    notify: bool,
-    actor: str,
-    csv_profile: str | None,
-) -> ImportJob:
-    """A job for one uploaded file, kept in its row until the job completes (flushes)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        path.write_bytes(body)
-        job = await create_job(
-            session,
-            source=source,
-            notify=notify,
-            actor=actor,
-            csv_profile=csv_profile,
-            files=[ImportSource(name=name, path=path)],
-        )
-    await session.execute(update(ImportFile).where(ImportFile.job_id == job.id).values(body=body))
-    return job
-
-
-async def run_upload_job(runtime: Runtime, job_id: str, *, actor: Actor) -> dict[str, Any]:
-    """Run (or resume) a job of uploaded files: each is written to a temporary file and
-    imported like a file of the command line; the uploads are dropped once it completes.
-
-    Raises:
-        ImportFileError: as :func:`run_job`.
-    """
-    with acting_as(actor), tempfile.TemporaryDirectory() as tmp:
-        async with runtime.sessionmaker() as session:
-            rows = await repo.job_files(session, job_id)
-            sources = []
-            for row in rows:
-                path = Path(tmp) / f"{row.id}{Path(row.name).suffix}"
-                path.write_bytes(row.body or b"")
-                sources.append(ImportSource(name=row.name, path=path))
-        counts = await run_job(runtime, job_id, sources)
-    async with runtime.write_session() as session:
-        await session.execute(
-            update(ImportFile).where(ImportFile.job_id == job_id).values(body=None)
-        )
-        await session.commit()
-    return counts
-
-
-def start_upload_job(runtime: Runtime, job_id: str, *, actor: Actor) -> None:
-    """Run :func:`run_upload_job` in the background of this process (the API answers
-    at once with the job resource; a job stopped by a restart is resumed with
-    ``POST /v1/imports/{id}/resume``)."""
-
-    async def work() -> None:
-        try:
-            await run_upload_job(runtime, job_id, actor=actor)
-        except ImportFileError:
-            pass  # recorded on the job
-        except Exception as exc:  # the job stays running: resumable
-            log.error("import.crashed", job_id=job_id, error_type=type(exc).__name__)
-
-    task = asyncio.create_task(work())
-    _RUNNING.add(task)
-    task.add_done_callback(_RUNNING.discard)
-
-
-def running_upload_jobs() -> int:
-    """Upload jobs running in this process."""
-    return len(_RUNNING)
-
-
-async def wait_for_uploads() -> None:
-    """Wait until the upload jobs of this process end (tests, shutdown)."""
-    while _RUNNING:
-        await asyncio.gather(*list(_RUNNING), return_exceptions=True)

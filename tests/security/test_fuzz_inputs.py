@@ -18,7 +18,7 @@ import httpx
 
 from gateway.cli import stripe_signature_header
 from gateway.db.models import ExceptionRecord
-from gateway.imports.service import wait_for_uploads
+from gateway.imports.uploads import wait_for_uploads
 from gateway.runtime import Runtime
 from tests import samples
 from tests.security.conftest import operations

@@ -16,7 +16,8 @@ from sqlalchemy import select
 
 from gateway.db.models import Delivery, FhirResource, InboundMessage
 from gateway.imports import repository as repo
-from gateway.imports.service import ImportSource, create_job, run_job, wait_for_uploads
+from gateway.imports.service import ImportSource, create_job, run_job
+from gateway.imports.uploads import wait_for_uploads
 from gateway.runtime import Runtime
 from gateway.settings import BUNDLED_PROFILES_DIR
 from tests import samples

@@ -20,8 +20,8 @@ from gateway.imports.service import (
     create_job,
     find_resumable,
     run_job,
-    wait_for_uploads,
 )
+from gateway.imports.uploads import wait_for_uploads
 from gateway.runtime import Runtime
 from gateway.subscribers.service import new_secret
 from tests import samples
