@@ -76,8 +76,11 @@ async def measure(database_url: str, n: int) -> dict[str, Any]:
             await session.commit()
         headers = {"Authorization": f"Bearer {key}"}
 
+        sent = iter(range(10**9))
+
         async def intake() -> str:
-            r = await http.post("/v1/intake-submissions", json=samples.intake(), headers=headers)
+            body = samples.varied(samples.intake(), next(sent))  # a population's patients
+            r = await http.post("/v1/intake-submissions", json=body, headers=headers)
             assert r.status_code == 202, r.text
             return str(r.json()["patient"]["id"])
 

@@ -125,7 +125,7 @@ async def seed(database: str, profiles: Path, n: int) -> float:
     started = time.perf_counter()
     try:
         for i in range(n):
-            raw = json.dumps(samples.intake()).encode()
+            raw = json.dumps(samples.varied(samples.intake(), i)).encode()  # a population
             async with runtime.sessionmaker() as session:
                 await submit_intake(
                     session,

@@ -111,9 +111,9 @@ async def seed(database: str, profiles: Path, patients: int) -> None:
     )
     runtime = Runtime.create(settings)
     try:
-        for _ in range(patients):
-            intake = samples.intake()
-            checkout = samples.canonical_checkout()
+        for i in range(patients):
+            intake = samples.varied(samples.intake(), i)  # one patient of a population
+            checkout = samples.varied(samples.canonical_checkout(), i)
             checkout["customer"]["email"] = intake["patient"]["email"]
             for submit, body in ((submit_intake, intake), (submit_checkout, checkout)):
                 async with runtime.sessionmaker() as session:
