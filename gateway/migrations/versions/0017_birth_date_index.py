@@ -10,6 +10,14 @@ only for the same expression). Without it, every new patient's merge review read
 
 Not declared on the model: autogenerate cannot compare expression indexes.
 
+On a large PostgreSQL table, ``CREATE INDEX`` blocks writes to ``fhir_resources`` while
+it builds; build it beforehand without blocking (docs/DEPLOYMENT.md, "Upgrading")::
+
+    CREATE INDEX CONCURRENTLY IF NOT EXISTS ix_fhir_resources_birth_date
+        ON fhir_resources (resource_type, (resource ->> 'birthDate'));
+
+and this migration finds it there (``IF NOT EXISTS``).
+
 Revision ID: 0017_birth_date_index
 Revises: 0013_console
 Create Date: 2026-12-07 16:50:00
