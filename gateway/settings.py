@@ -214,6 +214,13 @@ class Settings(BaseSettings):
             "hourly) deletes older ones, keeping the hash chain verifiable."
         ),
     )
+    shadow_retention: timedelta = Field(
+        default=timedelta(days=30),
+        description=(
+            "How long shadow-mode results (what a shadow target would have written, with "
+            "the diffs) are kept; the worker deletes older ones, hourly."
+        ),
+    )
     audit_seal_interval: timedelta = Field(
         default=timedelta(seconds=1),
         description="How often the worker chains new audit entries into the hash chain.",
@@ -261,6 +268,7 @@ class Settings(BaseSettings):
         "worker_lease",
         "jwks_max_age",
         "audit_retention",
+        "shadow_retention",
         "audit_seal_interval",
         "console_idle_timeout",
         mode="before",

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
+from datetime import timedelta
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -36,6 +37,7 @@ from gateway.clock import Clock
 from gateway.delivery.ehr_sender import EhrSender
 from gateway.delivery.recording import OnReached
 from gateway.delivery.sender import Reached, Sender
+from gateway.delivery.shadow import ShadowRetention
 from gateway.delivery.webhooks import WebhookSender
 from gateway.delivery.worker import DeliveryWorker
 from gateway.egress import egress_transport
@@ -241,6 +243,9 @@ def build_worker(
     sealer = Sealer(
         sessions=runtime.write_session, retention=runtime.settings.audit_retention, now=clock.now
     )
+    shadows = ShadowRetention(
+        sessions=runtime.write_session, retention=runtime.settings.shadow_retention, now=clock.now
+    )
     return Worker(
         [
             deliveries,
@@ -248,6 +253,7 @@ def build_worker(
             PollingLoop("workflow-timers", timers.step, poll=poll),
             PollingLoop("audit-seal", sealer.step, poll=runtime.settings.audit_seal_interval),
             PollingLoop("cutover-guards", guard_loop.step, poll=poll),
+            PollingLoop("shadow-retention", shadows.step, poll=timedelta(hours=1)),
         ],
         name=name,
     )

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.audit import service as audit
@@ -198,3 +198,46 @@ async def audit_target_modes(session: AsyncSession, profiles: ProfileSet) -> lis
         log.info("delivery.target_mode", target=name, mode=target.mode, previous=before)
         changed.append(name)
     return changed
+
+
+#: Rows deleted per statement by :class:`ShadowRetention` (a short transaction each).
+PURGE_BATCH = 5000
+
+
+@dataclass
+class ShadowRetention:
+    """Deletes shadow results older than ``retention``, :data:`PURGE_BATCH` rows per step
+    (a :class:`~gateway.queue.loop.PollingLoop` step of the worker, run again at once
+    while it found rows). Shadow results are a rehearsal's record: their diffs hold the
+    values of the elements that differ (PHI), so they are not kept for ever.
+
+    Attributes:
+        sessions: a write-session factory (``Runtime.write_session``).
+        retention: how long a result is kept (``GATEWAY_SHADOW_RETENTION``).
+        now: the clock.
+    """
+
+    sessions: Any
+    retention: timedelta
+    now: Any
+
+    async def step(self) -> int:
+        """Delete one batch of expired results; returns how many were deleted."""
+        cutoff = self.now() - self.retention
+        async with self.sessions() as session:
+            expired = (
+                select(ShadowResult.id)
+                .where(ShadowResult.recorded_at < cutoff)
+                .order_by(ShadowResult.id)
+                .limit(PURGE_BATCH)
+            )
+            result = await session.execute(
+                delete(ShadowResult)
+                .where(ShadowResult.id.in_(expired.scalar_subquery()))
+                .execution_options(synchronize_session=False)
+            )
+            await session.commit()
+        deleted = int(getattr(result, "rowcount", 0) or 0)
+        if deleted:
+            log.info("shadow.purged", results=deleted)
+        return deleted

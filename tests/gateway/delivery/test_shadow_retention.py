@@ -1,0 +1,53 @@
+"""Shadow-mode results are kept for ``GATEWAY_SHADOW_RETENTION`` and then deleted by the
+worker's loop, a batch at a time (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, insert, select
+
+from gateway.db.models import ShadowResult
+from gateway.db.types import utcnow
+from gateway.delivery import shadow
+from gateway.delivery.shadow import ShadowRetention
+from gateway.runtime import Runtime
+from gateway.worker import build_worker
+
+
+async def test_results_older_than_the_retention_are_deleted_in_batches(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = utcnow()
+    rows = [
+        {
+            "target": "acme",
+            "resource_ref": f"Patient/p{i}",
+            "outcome": "update",
+            "diff": [{"op": "replace", "path": "/gender", "value": "female"}],
+            "recorded_at": now - timedelta(days=age),
+        }
+        for i, age in enumerate([45, 40, 31, 29, 1])
+    ]
+    async with runtime.write_session() as session:
+        await session.execute(insert(ShadowResult), rows)
+        await session.commit()
+    monkeypatch.setattr(shadow, "PURGE_BATCH", 2)
+    loop = ShadowRetention(
+        sessions=runtime.write_session, retention=timedelta(days=30), now=lambda: now
+    )
+    assert [await loop.step() for _ in range(3)] == [2, 1, 0]  # 3 expired, 2 a step
+    async with runtime.sessionmaker() as session:
+        kept = (await session.scalars(select(ShadowResult.resource_ref))).all()
+        assert sorted(kept) == ["Patient/p3", "Patient/p4"]
+        assert await session.scalar(select(func.count()).select_from(ShadowResult)) == 2
+
+
+async def test_the_worker_runs_the_retention_loop(runtime: Runtime) -> None:
+    worker = build_worker(runtime)
+    try:
+        assert "shadow-retention" in [loop.name for loop in worker.loops]
+    finally:
+        await worker.aclose()
+    assert runtime.settings.shadow_retention == timedelta(days=30)
