@@ -121,6 +121,7 @@ async def _run(
     from gateway.imports.service import (
         ImportFileError,
         ImportSource,
+        ImportTakenOver,
         create_job,
         csv_profile_or_raise,
         find_resumable,
@@ -138,8 +139,9 @@ async def _run(
                 raise fail(str(exc)) from exc
             async with runtime.write_session() as session:
                 job = None
+                digests = {p: file_sha256(p) for p in files}
                 if not new_job:
-                    job = await find_resumable(session, [file_sha256(p) for p in files])
+                    job = await find_resumable(session, list(digests.values()))
                 if job is None:
                     job = await create_job(
                         session,
@@ -153,6 +155,15 @@ async def _run(
                     typer.echo(f"import job {job.id}", err=True)
                 else:
                     typer.echo(f"resuming import job {job.id}", err=True)
+                    # the job's files by content: the same files under another path
+                    # (another working directory) resume it too
+                    by_digest = {digest: path for path, digest in digests.items()}
+                    sources = [
+                        ImportSource(name=name, path=by_digest[sha])
+                        for name, sha in {
+                            (f.name, f.sha256) for f in await repo.job_files(session, job.id)
+                        }
+                    ]
                 job_id, read_at_start = job.id, job.read
                 await session.commit()
                 done = {
@@ -210,6 +221,12 @@ async def _run(
                         )
                 except ImportFileError as exc:
                     raise fail(str(exc), code=1) from exc
+                except ImportTakenOver as exc:
+                    raise fail(
+                        f"import job {job_id} was taken over by another run (a second "
+                        "import of the same files, or the API); this one stopped",
+                        code=1,
+                    ) from exc
             if refusals_path is not None:
                 await _write_refusals(runtime, job_id, refusals_path)
             return {"job_id": job_id, **counts}

@@ -176,13 +176,26 @@ async def resume_import(
     stopped upload job by itself within about 3 minutes (:mod:`gateway.imports.uploads`).
 
     Raises:
-        ConflictError: the job completed, or its run is still making progress (a batch
-            committed in the last 2 minutes): resuming it would run it twice.
+        ConflictError: the job completed; its run is still making progress (a batch
+            committed in the last 2 minutes): resuming it would run it twice; or it is a
+            job of the command line (``fhir-gateway import``), whose files the API does
+            not have.
     """
     job = await repo.get_job_or_raise(session, job_id)
     if job.status == "completed":
         raise ConflictError(
             "the import job completed", [Problem("", "completed", "nothing to resume")]
+        )
+    if all(f.body is None for f in await repo.job_files(session, job_id)):
+        raise ConflictError(
+            "the import job reads files on the command line's machine",
+            [
+                Problem(
+                    "",
+                    "not_an_upload",
+                    "resume it with the same fhir-gateway import command",
+                )
+            ],
         )
     async with runtime.write_session() as write:
         runner = await claim_job(write, job_id)

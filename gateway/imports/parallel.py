@@ -44,6 +44,7 @@ from gateway.imports import repository as repo
 from gateway.imports.service import (
     ImportFileError,
     ImportSource,
+    ImportTakenOver,
     claim_job,
     finish_job,
     run_job,
@@ -60,6 +61,9 @@ TickCallback = Callable[[int, dict[str, int]], None]
 
 #: How often the parent reads the job's counts (seconds).
 POLL_INTERVAL_S = 0.5
+
+#: A process's exit code when another run took the job over.
+TAKEN_OVER_EXIT = 4
 
 
 def _phase(source: ImportSource) -> int:
@@ -102,6 +106,8 @@ def _worker(
         asyncio.run(work())
     except ImportFileError:
         raise SystemExit(3) from None
+    except ImportTakenOver:
+        raise SystemExit(TAKEN_OVER_EXIT) from None
 
 
 async def _bytes_done(runtime: Runtime, job_id: str) -> tuple[int, dict[str, int]]:
@@ -137,6 +143,7 @@ async def run_parallel(
     Raises:
         ImportFileError: a file cannot be imported (the job is ``failed`` with the
             reason), or a process died (the job stays resumable).
+        ImportTakenOver: another run took the job over (these processes stopped).
     """
     by_name = {f.name: f for f in files}
     async with runtime.write_session() as session:
@@ -168,10 +175,10 @@ async def run_parallel(
             )
             for k in range(count)
         ]
-        for process in processes:
-            process.start()
-        log.info("import.processes", job_id=job_id, phase=phase, processes=count)
         try:
+            for process in processes:
+                process.start()
+            log.info("import.processes", job_id=job_id, phase=phase, processes=count)
             while any(p.is_alive() for p in processes):
                 await asyncio.sleep(POLL_INTERVAL_S)
                 if on_tick is not None:
@@ -182,6 +189,8 @@ async def run_parallel(
                     process.terminate()
                 process.join()
         failed = [p.exitcode for p in processes if p.exitcode != 0]
+        if TAKEN_OVER_EXIT in failed:
+            raise ImportTakenOver(job_id)
         if failed:
             async with runtime.sessionmaker() as session:
                 job = await repo.get_job_or_raise(session, job_id)

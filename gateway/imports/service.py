@@ -287,12 +287,13 @@ async def run_job(
             None: this run takes the job over (``force``).
 
     Returns:
-        The job's counts (:func:`gateway.imports.repository.job_counts`); when another
-        run took the job over meanwhile, the counts so far (this run stopped).
+        The job's counts (:func:`gateway.imports.repository.job_counts`).
 
     Raises:
         ImportFileError: a file cannot be read or needs a CSV profile; the job is left
             ``failed`` with the reason.
+        ImportTakenOver: another run took the job over; this one stopped, its batch in
+            progress rolled back (the other run goes on).
     """
     if runner is None:
         async with runtime.write_session() as session:
@@ -325,8 +326,7 @@ async def run_job(
             )
     except ImportTakenOver:
         log.info("import.taken_over", job_id=job_id)
-        async with runtime.sessionmaker() as session:
-            return await repo.job_counts(session, job_id, with_delivered=False)
+        raise
     except (ImportFileError, OSError) as exc:
         reason = str(exc) if isinstance(exc, ImportFileError) else f"cannot read a file ({exc})"
         async with runtime.write_session() as session:
@@ -346,14 +346,21 @@ async def run_job(
 
 async def finish_job(runtime: Runtime, job_id: str, runner: str) -> dict[str, Any]:
     """Mark job ``job_id`` ``completed`` (every file row done) if run ``runner`` still
-    owns it, and return its counts (:func:`gateway.imports.repository.job_counts`)."""
+    owns it, and return its counts (:func:`gateway.imports.repository.job_counts`).
+
+    Raises:
+        ImportTakenOver: another run owns the job now.
+    """
     async with runtime.write_session() as session:
         now = utcnow()
-        await session.execute(
+        owned = await session.execute(
             update(ImportJob)
             .where(ImportJob.id == job_id, ImportJob.runner == runner)
             .values(status=ImportStatus.COMPLETED, finished_at=now, updated_at=now)
+            .execution_options(synchronize_session=False)
         )
+        if _rowcount(owned) != 1:
+            raise ImportTakenOver(job_id)
         await session.commit()
         counts = await repo.job_counts(session, job_id)
     log.info("import.completed", job_id=job_id, **counts)
@@ -528,6 +535,9 @@ async def find_resumable(session: AsyncSession, sha256s: list[str]) -> ImportJob
     ).all()
     for job in candidates:
         files = await repo.job_files(session, job.id)
-        if {f.sha256 for f in files} == set(sha256s):  # a file in parts has a row each
+        if any(f.body is not None for f in files):
+            continue  # an upload job (POST /v1/imports): its own runs resume it
+        # a file in parts has a row per part: one entry per (name, file) pair
+        if sorted(sha for _, sha in {(f.name, f.sha256) for f in files}) == sorted(sha256s):
             return job
     return None

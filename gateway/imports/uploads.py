@@ -29,6 +29,7 @@ from gateway.imports.service import (
     STALE_AFTER_S,
     ImportFileError,
     ImportSource,
+    ImportTakenOver,
     claim_job,
     create_job,
     run_job,
@@ -111,15 +112,20 @@ def start_upload_job(
     runtime: Runtime, job_id: str, *, actor: Actor, runner: str | None = None
 ) -> None:
     """Run :func:`run_upload_job` in the background of this process (the API answers at
-    once with the job resource). A crash leaves the job ``running`` and resumable."""
+    once with the job resource). An unexpected error leaves the job ``failed`` with the
+    error's type (resumable by ``POST /v1/imports/{id}/resume``); a killed process leaves
+    it ``running``, taken over by a gateway process later."""
 
     async def work() -> None:
         try:
             await run_upload_job(runtime, job_id, actor=actor, runner=runner)
-        except ImportFileError:
-            pass  # recorded on the job
-        except Exception as exc:  # the job stays running: resumable
+        except (ImportFileError, ImportTakenOver):
+            pass  # recorded on the job / another run goes on with it
+        except Exception as exc:
+            # Failed, not left running: the sweep would take it over and crash again on
+            # the same record every few minutes. POST .../resume retries it by hand.
             log.error("import.crashed", job_id=job_id, error_type=type(exc).__name__)
+            await _mark_crashed(runtime, job_id, type(exc).__name__)
 
     task = asyncio.create_task(work())
     _RUNNING.add(task)
@@ -172,6 +178,23 @@ async def sweep_stopped_uploads(runtime: Runtime, stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), SWEEP_INTERVAL_S)
         except TimeoutError:
             continue
+
+
+async def _mark_crashed(runtime: Runtime, job_id: str, error_type: str) -> None:
+    try:
+        async with runtime.write_session() as session:
+            await session.execute(
+                update(ImportJob)
+                .where(ImportJob.id == job_id, ImportJob.status == ImportStatus.RUNNING)
+                .values(
+                    status=ImportStatus.FAILED,
+                    error=f"the import stopped on an unexpected error ({error_type})",
+                    updated_at=utcnow(),
+                )
+            )
+            await session.commit()
+    except Exception as exc:  # the database is gone too: the sweep will retry the job
+        log.error("import.not_marked_failed", job_id=job_id, error_type=type(exc).__name__)
 
 
 def running_upload_jobs() -> int:

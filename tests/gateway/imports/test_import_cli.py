@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,25 @@ def test_import_of_a_fhir_bulk_export_takes_the_patient_file_first(migrated: Pat
     assert again.exit_code == 0, again.output
     counts = json.loads(again.stdout.strip().splitlines()[-1])
     assert (counts["duplicate"], counts["mapped"]) == (4, 0)
+
+
+def test_the_same_files_under_another_path_resume_their_job(migrated: Path, tmp_path: Path) -> None:
+    """A job is found by its files' content: run from another directory, or with the
+    file moved, the command resumes it (its parts keep their names)."""
+    first = migrated / "a" / "history.ndjson"
+    first.parent.mkdir()
+    first.write_text(json.dumps(samples.intake()) + "\n")
+    started = runner.invoke(app, ["import", str(first), "--no-progress"])
+    assert started.exit_code == 0, started.output
+    # a job left running (as after a crash), then the file moved
+    with sqlite3.connect(migrated / "cli.db") as db:
+        db.execute("UPDATE import_jobs SET status = 'running'")
+        db.execute("UPDATE import_files SET status = 'running', cursor = 0, line = 1")
+    moved = migrated / "b" / "moved.ndjson"
+    moved.parent.mkdir()
+    first.rename(moved)
+    again = runner.invoke(app, ["import", str(moved), "--no-progress"])
+    assert again.exit_code == 0, again.output
+    assert "resuming import job" in again.output
+    counts = json.loads(again.stdout.strip().splitlines()[-1])
+    assert counts["duplicate"] == 1  # read again from its cursor, stored once

@@ -14,11 +14,24 @@ import httpx
 import pytest
 from sqlalchemy import func, select, update
 
+from gateway.clients.actor import SYSTEM
 from gateway.db.models import FhirResource, ImportFile, ImportJob
 from gateway.db.types import utcnow
 from gateway.imports import repository as repo
-from gateway.imports.service import ImportSource, claim_job, create_job, run_job
-from gateway.imports.uploads import create_upload_job, resume_stopped_uploads, wait_for_uploads
+from gateway.imports import service
+from gateway.imports.service import (
+    ImportSource,
+    ImportTakenOver,
+    claim_job,
+    create_job,
+    run_job,
+)
+from gateway.imports.uploads import (
+    create_upload_job,
+    resume_stopped_uploads,
+    start_upload_job,
+    wait_for_uploads,
+)
 from gateway.runtime import Runtime
 from tests import samples
 
@@ -76,10 +89,10 @@ async def test_a_run_taken_over_stops_at_its_next_batch(
         return await counts_of(session, job_id, **kw)
 
     monkeypatch.setattr(repo, "job_counts", counts_then_taken_over)
-    stopped = await run_job(runtime, job.id, [source], batch_size=2)
+    with pytest.raises(ImportTakenOver):
+        await run_job(runtime, job.id, [source], batch_size=2)
     monkeypatch.undo()
-    assert stopped["read"] == 2  # its second batch was rolled back, not committed
-    assert await _patients(runtime) == 2
+    assert await _patients(runtime) == 2  # its second batch was rolled back
     async with runtime.sessionmaker() as session:
         row = await session.get(ImportJob, job.id)
         assert row is not None and row.status == "running" and row.runner == other[0]
@@ -164,4 +177,57 @@ async def test_a_gateway_process_takes_over_a_stopped_upload_job(runtime: Runtim
         assert row is not None and row.status == "completed" and row.read == 2
         bodies = await session.scalars(select(ImportFile.body).where(ImportFile.job_id == job.id))
         assert list(bodies) == [None]  # the upload is dropped once the job completed
+    assert await resume_stopped_uploads(runtime) == []
+
+
+async def test_resume_refuses_a_job_of_the_command_line(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str], tmp_path: Path
+) -> None:
+    """The API has no copy of a command-line job's files: resuming it there would fail it."""
+    path = tmp_path / "history.ndjson"
+    path.write_bytes(_history(1))
+    async with runtime.write_session() as session:
+        job = await create_job(
+            session,
+            source="x",
+            notify=False,
+            actor="t",
+            csv_profile=None,
+            files=[ImportSource(name=str(path), path=path)],
+        )
+        await session.commit()
+    await _age(runtime, job.id, 600)
+    r = await client.post(f"/v1/imports/{job.id}/resume", headers=admin_headers)
+    assert r.status_code == 409, r.text
+    assert r.json()["errors"][0]["code"] == "not_an_upload"
+
+
+async def test_an_upload_job_that_crashes_is_failed_not_taken_over_again(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected error (a bug, not a bad record) fails the job with the error's type;
+    left running, every gateway process would take it over and crash again."""
+
+    async def boom(*_: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(service, "_import_record", boom)
+    async with runtime.write_session() as session:
+        job = await create_upload_job(
+            session,
+            body=_history(1),
+            name="h.ndjson",
+            source="x",
+            notify=False,
+            actor="t",
+            csv_profile=None,
+        )
+        await session.commit()
+    start_upload_job(runtime, job.id, actor=SYSTEM)
+    await wait_for_uploads()
+    async with runtime.sessionmaker() as session:
+        row = await session.get(ImportJob, job.id)
+        assert row is not None and row.status == "failed"
+        assert row.error == "the import stopped on an unexpected error (RuntimeError)"
+    await _age(runtime, job.id, 600)
     assert await resume_stopped_uploads(runtime) == []
