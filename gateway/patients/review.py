@@ -87,10 +87,24 @@ def _names(patient: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+#: An email the review can compare: something@domain.tld.
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+
+
 def _telecom(patient: dict[str, Any], system: str) -> str | None:
+    """The first usable phone or email of ``patient``. A placeholder an old system kept
+    and a bulk import carried over as exported (``n/a``, ``000-000-0000``: shared by
+    many patients) is skipped: it would score unrelated patients as duplicates."""
     for cp in patient.get("telecom") or []:
         if cp.get("system") == system and cp.get("value"):
-            return str(cp["value"])
+            value = str(cp["value"])
+            if system == "phone":
+                digits = _digits(value)
+                if len(digits) < 10 or len(set(digits[-7:])) == 1:
+                    continue
+            elif system == "email" and not _EMAIL.fullmatch(value.strip()):
+                continue
+            return value
     return None
 
 

@@ -336,3 +336,21 @@ async def test_candidates_statement_finds_the_date_and_its_typos_first(runtime: 
         rows = (await session.execute(statement)).all()
         assert [row[0] for row in rows] == ["a", "b"]
         await session.rollback()
+
+
+def test_placeholder_phones_and_emails_do_not_score() -> None:
+    """Kept as exported by a bulk import, ``n/a`` and ``000-000-0000`` are shared by
+    unrelated patients: they are not evidence of a duplicate (the next usable one is)."""
+    placeholders = [
+        {"system": "phone", "value": "000-000-0000"},
+        {"system": "email", "value": "n/a"},
+    ]
+    a = patient(telecom=placeholders, name=[{"family": "Okafor", "given": ["Ada"]}])
+    b = patient(telecom=placeholders)
+    s = score(a, b)
+    assert s is not None and "phone" not in s.parts and "email" not in s.parts
+    c = patient(telecom=[*placeholders, {"system": "phone", "value": "+14155552671"}])
+    s = score(c, b)
+    assert s is not None and "phone" not in s.parts  # b has no usable phone
+    s = score(c, patient())
+    assert s is not None and s.parts["phone"] == 1.0
