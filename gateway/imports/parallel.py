@@ -12,7 +12,7 @@ How:
 * the parts are dealt round-robin to N processes (``multiprocessing`` *spawn*: a fresh
   interpreter each, with its own runtime and database pool), each running
   :func:`gateway.imports.service.run_job` on its parts only, in its own transactions;
-* the jobs's counts are increments (``read = read + n``), so the processes add to them
+* the job's counts are increments (``read = read + n``), so the processes add to them
   side by side; the parent polls them for the progress bar, and marks the job
   ``completed`` once every process ended well;
 * files that must come first (a FHIR Bulk Data ``Patient`` file: the other resources
@@ -80,8 +80,9 @@ def _worker(
     actor: Actor,
     runner: str,
 ) -> None:
-    """A process's work: import the parts ``row_ids`` of job ``job_id`` (exit code 0, or
-    3 when a file cannot be imported: the job is then ``failed`` with the reason)."""
+    """A process's work: import the parts ``row_ids`` of job ``job_id`` as run ``runner``
+    (exit code 0; 3 when a file cannot be imported: the job is then ``failed`` with the
+    reason; :data:`TAKEN_OVER_EXIT` when another run took the job over)."""
     from pathlib import Path
 
     configure_logging(settings.log_level, json=settings.log_json)
