@@ -23,6 +23,7 @@ from gateway.imports.readers import read_ndjson, split_ndjson
 from gateway.runtime import Runtime
 from gateway.settings import Settings
 from tests import samples
+from tests.samples import EXAMPLES
 
 runner = CliRunner()
 
@@ -164,3 +165,18 @@ async def test_a_batch_aborted_as_a_deadlock_is_run_again_whole(
             .where(FhirResource.resource_type == "Patient")
         )
     assert patients == 3  # the first attempt left nothing behind
+
+
+@pytest.mark.postgres
+def test_a_bulk_data_export_in_parallel_imports_its_patients_first(pg_cli: str) -> None:
+    """Patient files are a phase of their own: the processes that import the other
+    files start once every Patient is stored, whatever the order given."""
+    export = EXAMPLES / "fhir-bulk-export"
+    files = [str(export / f"{t}.ndjson") for t in ("MedicationRequest", "QuestionnaireResponse")]
+    counts = _counts(
+        runner.invoke(
+            app,
+            ["import", *files, str(export / "Patient.ndjson"), "--workers", "2", "--no-progress"],
+        )
+    )
+    assert (counts["read"], counts["mapped"], counts["refused"]) == (6, 6, 0)
