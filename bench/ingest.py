@@ -22,6 +22,12 @@ Usage::
     python -m bench.ingest                      # SQLite
     python -m bench.ingest --database postgres  # PostgreSQL (fresh database)
     python -m bench.ingest --rate 100 --seconds 20 --concurrency 16 --with-ehr
+    python -m bench.ingest --database postgres --rate 50 --baseline main --rounds 2
+
+``--baseline REF`` runs REF's gateway too (a temporary git worktree: its code, its
+migrations and bundled profiles, this venv's libraries), alternating with this one round
+by round, and prints the medians of both sides and their ratio: on a shared machine the
+ratio holds where the absolute figures do not.
 
 Traffic goes only to 127.0.0.1. The load generator shares the machine's cores with the
 gateway, so figures are conservative.
@@ -37,6 +43,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -300,10 +307,11 @@ async def closed_loop(
     }
 
 
-def make_profiles(workdir: Path, ehr_port: int | None) -> Path:
-    """The bundled profiles, plus an enabled local-EHR target when ``ehr_port`` is set."""
+def make_profiles(workdir: Path, ehr_port: int | None, root: Path = ROOT) -> Path:
+    """The bundled profiles of the checkout at ``root``, plus an enabled local-EHR target
+    when ``ehr_port`` is set."""
     dest = workdir / "profiles"
-    shutil.copytree(ROOT / "profiles", dest)
+    shutil.copytree(root / "profiles", dest)
     if ehr_port is not None:
         target = {
             "kind": "ehr",
@@ -330,11 +338,14 @@ def run(
     with_ehr: bool,
     server_workers: int = 1,
     worker: bool = True,
+    side_root: Path = ROOT,
 ) -> list[dict[str, Any]]:
     """Start the gateway (and the local EHR), run both load shapes, stop everything.
 
     ``worker``: the normal mode, ``serve`` with the delivery worker in each process;
-    False starts ``serve --no-worker`` (API only).
+    False starts ``serve --no-worker`` (API only). ``side_root``: whose gateway runs:
+    this checkout, or a baseline's worktree (``PYTHONPATH`` puts its code before the
+    installed package; its own migrations and bundled profiles; this venv's libraries).
     """
     template = json.loads((ROOT / "examples" / "intake-glp1.json").read_text())
     procs: list[subprocess.Popen[bytes]] = []
@@ -344,7 +355,8 @@ def run(
         env = {
             **os.environ,
             "GATEWAY_DATABASE_URL": db_url,
-            "GATEWAY_PROFILES_DIR": str(make_profiles(workdir, ehr_port)),
+            "GATEWAY_PROFILES_DIR": str(make_profiles(workdir, ehr_port, side_root)),
+            "PYTHONPATH": str(side_root),
             "GATEWAY_LOG_LEVEL": "warning",
             "BENCH_EHR_SECRET": "s3cret",
         }
@@ -366,8 +378,9 @@ def run(
                     )
                 )
                 wait_http(f"http://127.0.0.1:{ehr_port}/fhir/metadata")
+            gateway_cli = [sys.executable, "-m", "gateway.cli"]
             subprocess.run(
-                [str(VENV_BIN / "fhir-gateway"), "db", "upgrade"],
+                [*gateway_cli, "db", "upgrade"],
                 env=env,
                 cwd=workdir,
                 check=True,
@@ -376,7 +389,7 @@ def run(
             key = (
                 subprocess.run(
                     [
-                        str(VENV_BIN / "fhir-gateway"),
+                        *gateway_cli,
                         "clients",
                         "create",
                         "bench",
@@ -396,7 +409,7 @@ def run(
             procs.append(
                 subprocess.Popen(
                     [
-                        str(VENV_BIN / "fhir-gateway"),
+                        *gateway_cli,
                         "serve",
                         "--port",
                         str(port),
@@ -468,44 +481,115 @@ def main() -> None:
         help="start `serve --no-worker` (API only) instead of API + delivery worker",
     )
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also run REF's gateway (a temporary git worktree), alternating with this one",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="rounds with --baseline")
     args = parser.parse_args()
     kinds = ["sqlite", "postgres"] if args.database == "both" else [args.database]
-    results = []
+    results: list[dict[str, Any]] = []
     print(
-        f"{'database':10} {'procs':5} {'worker':6} {'ehr':16} {'mode':18} {'req':>6} {'err':>4} "
-        f"{'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} {'cpu/req':>8}"
-        "  load avg",
+        f"{'side':5} {'database':10} {'procs':5} {'worker':6} {'ehr':16} {'mode':18} {'req':>6} "
+        f"{'err':>4} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+        f"{'cpu/req':>8}  load avg",
         flush=True,
     )
-    for kind in kinds:
-        # SQLite takes one writing process (`serve --workers N` refuses it): always 1 there.
-        workers = args.server_workers if kind == "postgres" else 1
-        if workers != args.server_workers:
-            print(f"({kind}: 1 server process; --server-workers applies to PostgreSQL)")
-        found = run(
-            kind,
-            args.rate,
-            args.seconds,
-            args.concurrency,
-            args.with_ehr,
-            workers,
-            worker=not args.no_worker,
-        )
-        for r in found:
-            print(
-                f"{r['database']:10} {r['processes']:5d} {'yes' if r['worker'] else 'no':6} "
-                f"{r['ehr']:16} {r['mode']:18} {r['requests']:6d} {r['errors']:4d} "
-                f"{r['achieved_rps']:8.1f} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} "
-                f"{r['p99_ms']:8.1f} {r['max_ms']:8.1f} "
-                f"{(r['server_cpu_ms_per_req'] or float('nan')):8.2f}  "
-                f"{' '.join(map(str, r['loadavg']))}",
-                flush=True,
-            )
-            if r.get("error_kinds"):
-                print(f"    errors: {r['error_kinds']}", flush=True)
-        results.extend(found)
+    with contextlib.ExitStack() as stack:
+        sides: list[tuple[str, Path]] = [("new", ROOT)]
+        if args.baseline:
+            sides.insert(0, ("base", stack.enter_context(worktree(args.baseline))))
+        for round_no in range(args.rounds if args.baseline else 1):
+            order = sides if round_no % 2 == 0 else sides[::-1]
+            for label, root in order:
+                for kind in kinds:
+                    results += _run_and_print(args, kind, label, root)
+    if args.baseline:
+        print_ratios(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+
+
+@contextlib.contextmanager
+def worktree(ref: str) -> Iterator[Path]:
+    """``ref`` checked out in a temporary git worktree (removed afterwards)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "baseline"
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(tree), ref],
+            check=True,
+        )
+        try:
+            yield tree
+        finally:
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
+                check=False,
+            )
+
+
+def print_ratios(results: list[dict[str, Any]]) -> None:
+    """Medians per side of CPU per request and p99, and new / base, per database and
+    load shape."""
+    print("\nmedians (new / base):", flush=True)
+    for kind in sorted({r["database"] for r in results}):
+        for mode in sorted({r["mode"] for r in results}):
+
+            def median(side: str, key: str, kind: str = kind, mode: str = mode) -> float:
+                values = [
+                    r[key]
+                    for r in results
+                    if r["side"] == side
+                    and r["database"] == kind
+                    and r["mode"] == mode
+                    and r[key] is not None
+                ]
+                return statistics.median(values) if values else float("nan")
+
+            base_cpu, new_cpu = (
+                median("base", "server_cpu_ms_per_req"),
+                median("new", "server_cpu_ms_per_req"),
+            )
+            base_p99, new_p99 = median("base", "p99_ms"), median("new", "p99_ms")
+            print(
+                f"  {kind:10} {mode:18} cpu/req {base_cpu:7.2f} -> {new_cpu:7.2f} ms "
+                f"({new_cpu / base_cpu:5.2f}x)   p99 {base_p99:8.1f} -> {new_p99:8.1f} ms",
+                flush=True,
+            )
+
+
+def _run_and_print(
+    args: argparse.Namespace, kind: str, label: str, root: Path
+) -> list[dict[str, Any]]:
+    # SQLite takes one writing process (`serve --workers N` refuses it): always 1 there.
+    workers = args.server_workers if kind == "postgres" else 1
+    if workers != args.server_workers:
+        print(f"({kind}: 1 server process; --server-workers applies to PostgreSQL)")
+    found = run(
+        kind,
+        args.rate,
+        args.seconds,
+        args.concurrency,
+        args.with_ehr,
+        workers,
+        worker=not args.no_worker,
+        side_root=root,
+    )
+    for r in found:
+        r["side"] = label
+        print(
+            f"{label:5} {r['database']:10} {r['processes']:5d} {'yes' if r['worker'] else 'no':6} "
+            f"{r['ehr']:16} {r['mode']:18} {r['requests']:6d} {r['errors']:4d} "
+            f"{r['achieved_rps']:8.1f} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} "
+            f"{r['p99_ms']:8.1f} {r['max_ms']:8.1f} "
+            f"{(r['server_cpu_ms_per_req'] or float('nan')):8.2f}  "
+            f"{' '.join(map(str, r['loadavg']))}",
+            flush=True,
+        )
+        if r.get("error_kinds"):
+            print(f"    errors: {r['error_kinds']}", flush=True)
+    return found
 
 
 if __name__ == "__main__":
