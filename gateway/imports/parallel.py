@@ -180,16 +180,24 @@ async def run_parallel(
             for process in processes:
                 process.start()
             log.info("import.processes", job_id=job_id, phase=phase, processes=count)
-            while any(p.is_alive() for p in processes):
+            first_failure = None
+            while first_failure is None and any(p.is_alive() for p in processes):
                 await asyncio.sleep(POLL_INTERVAL_S)
                 if on_tick is not None:
                     on_tick(*await _bytes_done(runtime, job_id))
+                first_failure = next(
+                    (p.exitcode for p in processes if p.exitcode not in (None, 0)), None
+                )
         finally:
             for process in processes:
-                if process.is_alive():  # the parent was interrupted: stop the others
+                # the parent was interrupted, or a process failed: the job cannot complete
+                # in this run, so the others stop too (their batches in hand roll back)
+                if process.is_alive():
                     process.terminate()
                 process.join()
         failed = [p.exitcode for p in processes if p.exitcode != 0]
+        if first_failure is not None:
+            failed.insert(0, first_failure)  # the cause, before the others' SIGTERM
         if TAKEN_OVER_EXIT in failed:
             raise ImportTakenOver(job_id)
         if failed:

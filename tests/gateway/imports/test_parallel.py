@@ -7,6 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -180,3 +184,63 @@ def test_a_bulk_data_export_in_parallel_imports_its_patients_first(pg_cli: str) 
         )
     )
     assert (counts["read"], counts["mapped"], counts["refused"]) == (6, 6, 0)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+@pytest.mark.postgres
+def test_a_killed_process_stops_the_run_and_the_same_command_resumes_it(
+    pg_cli: str, tmp_path: Path
+) -> None:
+    """``kill -9`` of one import process: the command stops the other, exits 1 saying
+    how to resume, and the same command then finishes the job: every record stored
+    once, none read twice."""
+    history = tmp_path / "history.ndjson"
+    history.write_text(
+        "".join(json.dumps(samples.varied(samples.intake(), i)) + "\n" for i in range(240))
+    )
+    command = [
+        str(Path(sys.executable).with_name("fhir-gateway")),
+        "import",
+        str(history),
+        "--workers",
+        "2",
+        "--batch-size",
+        "10",
+        "--no-progress",
+    ]
+    assert history.stat().st_size >= 256 * 1024  # the default MIN_PART_BYTES: 2 parts
+    env = dict(os.environ)  # the test's database (pg_cli)
+    cli = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    victims: list[int] = []
+    while time.monotonic() < deadline and cli.poll() is None:
+        with psycopg.connect(pg_cli.replace("+psycopg", "")) as conn:
+            row = conn.execute("SELECT coalesce(sum(read), 0) FROM import_jobs").fetchone()
+        victims = [p for p in _children(cli.pid) if "spawn_main" in _cmdline(p)]
+        if row and row[0] >= 20 and len(victims) == 2:
+            break
+        time.sleep(0.2)
+    assert victims, "the import processes did not start"
+    os.kill(victims[0], signal.SIGKILL)
+    _, err = cli.communicate(timeout=60)
+    assert cli.returncode == 1
+    assert b"run the same command again to resume" in err
+
+    again = subprocess.run(command, env=env, capture_output=True, timeout=120)
+    assert again.returncode == 0, again.stderr.decode()[-2000:]
+    assert b"resuming import job" in again.stderr
+    counts = json.loads(again.stdout.decode().strip().splitlines()[-1])
+    assert (counts["read"], counts["mapped"], counts["duplicate"]) == (240, 240, 0)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
