@@ -55,6 +55,8 @@ import psycopg
 import yaml
 from psycopg import sql
 
+from bench.baseline import add_worktree, remove_worktree
+
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN = os.environ.get("GATEWAY_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 TARGET = "bench-ehr"
@@ -450,20 +452,7 @@ def main(argv: list[str] | None = None) -> None:
     base_tree: Path | None = None
     if args.baseline:
         base_tree = logs / "baseline-tree"
-        subprocess.run(
-            [
-                "git",
-                "-C",
-                str(ROOT),
-                "worktree",
-                "add",
-                "--detach",
-                "--quiet",
-                str(base_tree),
-                args.baseline,
-            ],
-            check=True,
-        )
+        add_worktree(args.baseline, base_tree)
         sides.insert(0, ("base", base_tree))
     template = args.template or f"fgw_bench_tmpl_{os.getpid()}"
     reuse = args.template is not None and template_exists(template)
@@ -534,10 +523,7 @@ def main(argv: list[str] | None = None) -> None:
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(template))
             )
         if base_tree is not None:
-            subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)],
-                check=False,
-            )
+            remove_worktree(base_tree)
 
     print()
     print(

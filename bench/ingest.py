@@ -58,6 +58,7 @@ import psycopg
 import yaml
 from psycopg import sql
 
+from bench.baseline import worktree
 from testkit import samples
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -509,24 +510,6 @@ def main() -> None:
         print_ratios(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
-
-
-@contextlib.contextmanager
-def worktree(ref: str) -> Iterator[Path]:
-    """``ref`` checked out in a temporary git worktree (removed afterwards)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        tree = Path(tmp) / "baseline"
-        subprocess.run(
-            ["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(tree), ref],
-            check=True,
-        )
-        try:
-            yield tree
-        finally:
-            subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
-                check=False,
-            )
 
 
 def print_ratios(results: list[dict[str, Any]]) -> None:

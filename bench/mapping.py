@@ -38,13 +38,13 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.baseline import worktree
 from mappers.pipeline import EXAMPLE_SYSTEMS, checkout_payload, map_checkout, map_intake
 from mappers.profiles import ProfileSet, load_profiles
 from mappers.provenance import provenance_for
@@ -153,18 +153,8 @@ def measure(run: Callable[[int], int], seconds: float) -> dict[str, float]:
 def compare(ref: str, *, seconds: float, rounds: int) -> None:
     """Measure ``ref`` and this checkout alternately; print both, and new / baseline."""
     names = list(scenarios(load_profiles(PROFILES), PROFILES))
-    with tempfile.TemporaryDirectory(prefix="bench-baseline-") as tmp:
-        base = str(Path(tmp, "tree"))
-        subprocess.run(
-            ["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", base, ref],
-            check=True,
-        )
-        try:
-            results = _alternate(base, str(ROOT), names, seconds=seconds, rounds=rounds)
-        finally:
-            subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "remove", "--force", base], check=False
-            )
+    with worktree(ref) as base:
+        results = _alternate(str(base), str(ROOT), names, seconds=seconds, rounds=rounds)
     print(
         f"{'scenario':24} {'base per s':>10} {'new per s':>10} {'ratio':>6}"
         f" {'base CPU us':>11} {'new CPU us':>10} {'CPU ratio':>9}"
