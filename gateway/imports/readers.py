@@ -181,6 +181,7 @@ class _CountingLines:
         self.handle = handle
         self.offset = offset
         self.lines = 0
+        self.bad_encoding = False  # a line since the last row was not UTF-8
 
     def __iter__(self) -> Iterator[str]:
         return self
@@ -191,13 +192,24 @@ class _CountingLines:
             raise StopIteration
         self.offset += len(line)
         self.lines += 1
-        return line.decode("utf-8-sig" if self.offset == len(line) else "utf-8")
+        encoding = "utf-8-sig" if self.offset == len(line) else "utf-8"
+        try:
+            return line.decode(encoding)
+        except UnicodeDecodeError:  # refused with its row, read on (U+FFFD in the copy)
+            self.bad_encoding = True
+            return line.decode(encoding, errors="replace")
 
 
 def read_csv(
     path: Path, profile: CsvImportProfile, *, start: int = 0, first_line: int = 1
 ) -> Iterator[Record]:
     """The records of a CSV file (header row first) through ``profile``'s column mapping.
+
+    A row that cannot be read is yielded with its problems, to be refused, and reading
+    goes on: ``invalid_encoding`` (not UTF-8; the refusal keeps the row with U+FFFD in
+    place of the bytes), ``column_count`` (more or fewer cells than the header: an
+    unquoted comma would shift every column after it), ``invalid_csv`` (what the csv
+    module refuses, e.g. a NUL byte).
 
     Args:
         path: the file.
@@ -218,11 +230,28 @@ def read_csv(
             line_no = lines.lines + 1
         lines.lines = 0
         reader = csv.reader(lines)
-        for cells in reader:
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                first, line_no = line_no, first_line_after(line_no, lines)
+                yield _unreadable(first, lines.offset, "invalid_csv", f"not CSV: {exc}", [])
+                continue
             first, line_no = line_no, first_line_after(line_no, lines)
+            if lines.bad_encoding:
+                lines.bad_encoding = False
+                message = "the row is not UTF-8 text (save the file as UTF-8)"
+                yield _unreadable(first, lines.offset, "invalid_encoding", message, cells)
+                continue
             if not any(c.strip() for c in cells):
                 continue
-            row = dict(zip(header, cells, strict=False))
+            if len(cells) != len(header):
+                message = f"{len(cells)} cells, the header has {len(header)} columns"
+                yield _unreadable(first, lines.offset, "column_count", message, cells)
+                continue
+            row = dict(zip(header, cells, strict=True))
             try:
                 data = csv_row_to_record(profile, row)
             except MappingErrors as exc:
@@ -240,6 +269,12 @@ def read_csv(
             yield Record(
                 line=first, end=lines.offset, raw=raw, kind=profile.record, business_id=business_id
             )
+
+
+def _unreadable(line: int, end: int, code: str, message: str, cells: list[str]) -> Record:
+    """A CSV row refused as read: its cells kept (as a JSON array) for the refusal."""
+    raw = json.dumps(cells, separators=(",", ":")).encode()
+    return Record(line=line, end=end, raw=raw, problems=[Problem("", code, message)])
 
 
 def first_line_after(line_no: int, lines: _CountingLines) -> int:

@@ -301,3 +301,36 @@ async def test_resuming_a_completed_api_job_is_a_conflict(
     r = await client.post(f"/v1/imports/{r.json()['id']}/resume", headers=admin_headers)
     assert r.status_code == 409
     assert r.headers["content-type"].startswith("application/problem+json")
+
+
+def test_csv_rows_that_cannot_be_read_are_refused_and_reading_goes_on(tmp_path: Path) -> None:
+    """A row in Latin-1, a row with an unquoted comma (one cell too many), a row the csv
+    module refuses (a cell over its 128 kB limit): each refused with its code, the good
+    rows read."""
+    from gateway.imports.readers import read_csv
+    from gateway.settings import BUNDLED_PROFILES_DIR
+    from mappers.profiles import load_profiles
+
+    profile = load_profiles(BUNDLED_PROFILES_DIR).by_kind["import"]["legacy-checkouts-csv"]
+    header = (
+        "order_id,paid_at,plan,payment_status,amount_cents,name,email,phone,street,city,"
+        "state,zip,patient_id\n"
+    )
+    good = "ord-{n},2025-03-01T10:00:00Z,glp1-semaglutide-starter,paid,29900,Avery Stone,"
+    good += "avery@example.com,415-555-2671,1 Main St,Austin,TX,78701,pt-{n}\n"
+    content = header.encode() + good.format(n=1).encode()
+    content += good.format(n=2).replace("Avery Stone", "Zoë Stone").encode("latin-1")
+    content += good.format(n=3).replace("Avery Stone", "Stone, Jr").encode()
+    content += good.format(n=4).replace("Avery", "A" * 140_000).encode()
+    content += good.format(n=5).encode()
+    path = tmp_path / "orders.csv"
+    path.write_bytes(content)
+    records = list(read_csv(path, profile))  # type: ignore[arg-type]
+    assert [(r.line, [p.code for p in r.problems]) for r in records] == [
+        (2, []),
+        (3, ["invalid_encoding"]),
+        (4, ["column_count"]),
+        (5, ["invalid_csv"]),
+        (6, []),
+    ]
+    assert records[-1].end == len(content)  # the cursor after the last row
