@@ -100,6 +100,13 @@ async def _discovery(client: AsyncOAuth2Client, issuer: str) -> dict[str, Any]:
         ) from exc
     if document.get("issuer") != issuer:
         raise OidcError("the discovery document names another issuer")
+    missing = [
+        key
+        for key in ("authorization_endpoint", "token_endpoint", "jwks_uri")
+        if not isinstance(document.get(key), str)
+    ]
+    if missing:  # OpenID Connect Discovery 1.0, section 3: all three are REQUIRED here
+        raise OidcError(f"the discovery document has no {', '.join(missing)}")
     return document
 
 

@@ -37,6 +37,7 @@ class Provider:
         self.nonce = ""
         self.challenge = ""
         self.claims: dict[str, Any] = {}
+        self.withheld: set[str] = set()  # discovery document members left out
 
     def id_token(self, **override: Any) -> str:
         now = int(time.time())
@@ -55,14 +56,14 @@ class Provider:
     def __call__(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
         if path.endswith("/.well-known/openid-configuration"):
+            document = {
+                "issuer": ISSUER,
+                "authorization_endpoint": f"{ISSUER}/auth",
+                "token_endpoint": f"{ISSUER}/token",
+                "jwks_uri": f"{ISSUER}/certs",
+            }
             return httpx.Response(
-                200,
-                json={
-                    "issuer": ISSUER,
-                    "authorization_endpoint": f"{ISSUER}/auth",
-                    "token_endpoint": f"{ISSUER}/token",
-                    "jwks_uri": f"{ISSUER}/certs",
-                },
+                200, json={k: v for k, v in document.items() if k not in self.withheld}
             )
         if path.endswith("/token"):
             form = parse_qs(request.content.decode())
@@ -172,3 +173,13 @@ async def test_single_sign_on_refusals(
     failed = await rows(runtime, AuditEntry, AuditEntry.action == "login-failed")
     assert len(failed) == 1 and failed[0].outcome == "4"
     assert json.dumps(failed[0].detail) == '{"method": "oidc"}'
+
+
+async def test_a_discovery_document_without_an_endpoint_is_refused_not_a_500(
+    sso: httpx.AsyncClient, provider: Provider
+) -> None:
+    provider.withheld = {"authorization_endpoint"}
+    started = await sso.get("/console/oidc/start")
+    assert started.status_code == 401, started.text  # the sign-in page, with the reason
+    assert "Single sign-on is unavailable" in started.text
+    assert "has no authorization_endpoint" in started.text
