@@ -46,6 +46,7 @@ from gateway.delivery import repository as delivery_repo
 from gateway.delivery.outbox import deliverable_refs
 from gateway.ehr.client import EhrClient
 from gateway.ehr.errors import EhrUnavailableError
+from gateway.fhir.repository import find_by_identifier
 from gateway.logging import get_logger
 from mappers.bundle import business_identifier, rest_calls
 from mappers.ehr_overrides import received_types, target_transform
@@ -142,6 +143,21 @@ async def _our_resources(
     return list((await session.scalars(stmt.order_by(FhirResource.resource_type))).all())
 
 
+async def _held_systems(session: AsyncSession, target: EhrTargetProfile) -> dict[str, set[str]]:
+    """The business-identifier systems of the gateway's resources of ``target``'s types,
+    per type (all of them, whenever changed)."""
+    types = sorted(received_types(target) - {"Provenance"})
+    rows = await session.execute(
+        select(FhirResource.resource_type, FhirResource.identifier_system)
+        .where(FhirResource.resource_type.in_(types), FhirResource.identifier_system.is_not(None))
+        .distinct()
+    )
+    systems: dict[str, set[str]] = {}
+    for resource_type, system in rows:
+        systems.setdefault(resource_type, set()).add(str(system))
+    return systems
+
+
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -165,7 +181,9 @@ async def reconcile(
         target: the target.
         profiles: the profile set (concept maps of the target's overrides).
         provenance_tag_system: the ``meta.tag`` system of our Provenance.
-        since: only resources the gateway changed (and EHR resources updated) since then.
+        since: only resources the gateway changed (and EHR resources updated) since then;
+            an EHR resource updated since then that the gateway holds from before is not
+            ``ehr_only``.
 
     Raises:
         EhrUnavailableError, EhrRejectedError, EhrConfigError: a search failed.
@@ -232,6 +250,10 @@ async def reconcile(
                         message_id=row.inbound_message_id,
                     )
                 )
+    if since is not None:
+        # ``ours`` holds only what changed since then; the EHR side is searched by every
+        # identifier system of the target's types the gateway holds
+        systems = await _held_systems(session, target)
     for resource_type, type_systems in sorted(systems.items()):
         known = set(wanted.get(resource_type, {}))
         for system in sorted(type_systems):
@@ -240,12 +262,20 @@ async def reconcile(
                 query += f"&_lastUpdated=ge{_q(to_fhir_instant(since))}"
             async for resource in _pages(client, resource_type, query):
                 idents = [i for i in _identifiers(resource) if i.startswith(f"{system}|")]
-                if idents and not any(i in known for i in idents):
-                    report.items.append(
-                        Mismatch(
-                            "ehr_only", resource_type, idents[0], None, str(resource.get("id"))
-                        )
-                    )
+                if not idents or any(i in known for i in idents):
+                    continue
+                # With ``since``, ``known`` holds only what the gateway changed since
+                # then: an EHR resource edited since then may be one of our older ones.
+                if since is not None and any(
+                    [
+                        await find_by_identifier(session, resource_type, *i.split("|", 1))
+                        for i in idents
+                    ]
+                ):
+                    continue
+                report.items.append(
+                    Mismatch("ehr_only", resource_type, idents[0], None, str(resource.get("id")))
+                )
     log.info(
         "reconcile.done", target=target.name, compared=report.compared, mismatches=len(report.items)
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import yaml
 from sqlalchemy import func, select
 
 from gateway.db.models import AuditEntry, Delivery, ShadowResult
+from gateway.db.types import utcnow
 from gateway.imports.service import ImportSource, create_job, run_job
 from gateway.ops import reconcile as rec
 from gateway.runtime import Runtime
@@ -105,7 +107,9 @@ async def import_file(runtime: Runtime, path: Path) -> dict[str, int]:
     return await run_job(runtime, job.id, [source], batch_size=250)
 
 
-async def reconcile(runtime: Runtime, *, requeue: bool = False) -> rec.Report:
+async def reconcile(
+    runtime: Runtime, *, requeue: bool = False, since: datetime | None = None
+) -> rec.Report:
     clients = ehr_clients(runtime)
     try:
         target = runtime.profiles.current.ehr[TARGET]
@@ -116,6 +120,7 @@ async def reconcile(runtime: Runtime, *, requeue: bool = False) -> rec.Report:
                 target,
                 runtime.profiles.current,
                 provenance_tag_system=runtime.systems.provenance,
+                since=since,
             )
             if requeue:
                 await rec.requeue(session, target, report.items, now=runtime.clock.now())
@@ -225,6 +230,7 @@ async def test_phased_cutover_shadow_then_live_then_reconciled(
         assert report.compared == summary["compared"]
 
         # 6. one resource edited in the EHR: exactly that difference
+        before_edit = utcnow()
         edited = fake.resources("Patient")[0]
         old_family = edited["name"][0]["family"]
         edited["name"][0]["family"] = "Changed-In-EHR"
@@ -238,6 +244,11 @@ async def test_phased_cutover_shadow_then_live_then_reconciled(
             edited["id"],
         )
         assert item.diff == [{"op": "replace", "path": "/name/0/family", "value": old_family}]
+
+        # 7. --since the edit: the gateway changed nothing since, and the EHR's edited
+        # Patient is one of ours (older), not a resource only the EHR has
+        report = await reconcile(runtime, since=before_edit)
+        assert report.summary()["mismatches"] == 0, report.summary()
     finally:
         await worker.aclose()
 
