@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -38,9 +38,9 @@ from gateway.db.models import (
     GuardBreach,
     InboundMessage,
     MessageStatus,
-    TargetState,
 )
 from gateway.db.uow import SessionFactory, unit_of_work
+from gateway.delivery.circuit import locked_state
 from gateway.delivery.shadow import audit_target_modes
 from gateway.logging import get_logger
 from gateway.runtime import Runtime
@@ -246,15 +246,12 @@ async def _hold(
     if not paused:
         return
     until = now + timedelta(seconds=guards.check_every_s * 2)
-    state = await session.get(TargetState, ("ehr", target))
-    if state is None:
-        session.add(TargetState(kind="ehr", target=target, throttled_until=until))
-        return
-    await session.execute(
-        update(TargetState)
-        .where(TargetState.kind == "ehr", TargetState.target == target)
-        .values(throttled_until=until)
-    )
+    # the circuit's own row access: created if missing (a claim round may create it at
+    # the same time), locked; and a longer hold already there (an EHR's 429
+    # ``Retry-After``) is never shortened
+    state = await locked_state(session, kind="ehr", target=target)
+    if state.throttled_until is None or state.throttled_until < until:
+        state.throttled_until = until
 
 
 class GuardLoop:

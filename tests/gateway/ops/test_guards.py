@@ -123,3 +123,20 @@ async def test_the_worker_loop_evaluates_once_per_check_interval(runtime: Runtim
     await loop.step()
     await loop.step()  # within check_every_s: no second evaluation, no second alert
     assert sorted(await webhook_types(runtime)) == ["target.guard_breached"] * 2
+
+
+async def test_a_guard_pause_never_shortens_a_longer_hold(runtime: Runtime) -> None:
+    """An EHR's 429 ``Retry-After`` held the target for an hour: the guard's pause (two
+    check intervals) leaves that hold as it is."""
+    now = utcnow()
+    an_hour = now + timedelta(hours=1)
+    async with runtime.write_session() as session:
+        session.add(TargetState(kind="ehr", target="guarded", throttled_until=an_hour))
+        await session.commit()
+    await add_exceptions(runtime, 4)
+    async with runtime.write_session() as session:
+        assert await evaluate(session, runtime.profiles.current, now=now) == 2
+        await session.commit()
+    async with runtime.sessionmaker() as session:
+        state = await session.get(TargetState, ("ehr", "guarded"))
+    assert state is not None and state.throttled_until == an_hour
