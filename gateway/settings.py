@@ -218,7 +218,8 @@ class Settings(BaseSettings):
         default=timedelta(days=30),
         description=(
             "How long shadow-mode results (what a shadow target would have written, with "
-            "the diffs) are kept; the worker deletes older ones, hourly."
+            "the diffs) and the items of finished reconciliation reports are kept; the "
+            "worker deletes older ones, hourly."
         ),
     )
     audit_seal_interval: timedelta = Field(

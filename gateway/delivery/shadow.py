@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, insert, null, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.audit import service as audit
-from gateway.db.models import AuditEntry, ShadowOutcome, ShadowResult
+from gateway.db.models import AuditEntry, ReconcileJob, ShadowOutcome, ShadowResult
 from gateway.ehr.client import EhrClient
 from gateway.logging import get_logger
 from mappers.bundle import RestCall, business_identifier, if_none_exist
@@ -208,7 +208,8 @@ PURGE_BATCH = 5000
 class ShadowRetention:
     """Deletes shadow results older than ``retention``, :data:`PURGE_BATCH` rows per step
     (a :class:`~gateway.queue.loop.PollingLoop` step of the worker, run again at once
-    while it found rows). Shadow results are a rehearsal's record: their diffs hold the
+    while it found rows), and empties the items of reconciliation reports finished
+    before then (their summary stays). Both are a cutover's record: their diffs hold the
     values of the elements that differ (PHI), so they are not kept for ever.
 
     Attributes:
@@ -222,9 +223,16 @@ class ShadowRetention:
     now: Any
 
     async def step(self) -> int:
-        """Delete one batch of expired results; returns how many were deleted."""
+        """Delete one batch of expired results and empty the expired reports; returns how
+        many rows were changed."""
         cutoff = self.now() - self.retention
         async with self.sessions() as session:
+            reports = await session.execute(
+                update(ReconcileJob)
+                .where(ReconcileJob.finished_at < cutoff, ReconcileJob.items.is_not(None))
+                .values(items=null())
+                .execution_options(synchronize_session=False)
+            )
             expired = (
                 select(ShadowResult.id)
                 .where(ShadowResult.recorded_at < cutoff)
@@ -238,6 +246,7 @@ class ShadowRetention:
             )
             await session.commit()
         deleted = int(getattr(result, "rowcount", 0) or 0)
-        if deleted:
-            log.info("shadow.purged", results=deleted)
-        return deleted
+        emptied = int(getattr(reports, "rowcount", 0) or 0)
+        if deleted or emptied:
+            log.info("shadow.purged", results=deleted, reconcile_reports=emptied)
+        return deleted + emptied

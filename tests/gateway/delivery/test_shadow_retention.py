@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, insert, select
 
-from gateway.db.models import ShadowResult
+from gateway.db.models import ReconcileJob, ShadowResult
 from gateway.db.types import utcnow
 from gateway.delivery import shadow
 from gateway.delivery.shadow import ShadowRetention
@@ -51,3 +51,34 @@ async def test_the_worker_runs_the_retention_loop(runtime: Runtime) -> None:
     finally:
         await worker.aclose()
     assert runtime.settings.shadow_retention == timedelta(days=30)
+
+
+async def test_reconciliation_reports_lose_their_items_after_the_retention(
+    runtime: Runtime,
+) -> None:
+    """A finished report's items (diffs: PHI) are emptied; its summary stays."""
+    now = utcnow()
+    async with runtime.write_session() as session:
+        for job_id, age in (("old", 40), ("recent", 2)):
+            session.add(
+                ReconcileJob(
+                    id=job_id,
+                    target="acme",
+                    status="completed",
+                    summary={"mismatches": 1},
+                    items=[{"kind": "different", "diff": [{"op": "replace", "value": "x"}]}],
+                    created_at=now - timedelta(days=age),
+                    finished_at=now - timedelta(days=age),
+                )
+            )
+        await session.commit()
+    loop = ShadowRetention(
+        sessions=runtime.write_session, retention=timedelta(days=30), now=lambda: now
+    )
+    assert await loop.step() == 1
+    assert await loop.step() == 0
+    async with runtime.sessionmaker() as session:
+        old = await session.get(ReconcileJob, "old")
+        recent = await session.get(ReconcileJob, "recent")
+    assert old is not None and old.items is None and old.summary == {"mismatches": 1}
+    assert recent is not None and recent.items
