@@ -8,7 +8,7 @@ import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, unquote, urlencode
 
 from fastapi import Request
 from fastapi.responses import HTMLResponse, RedirectResponse
@@ -100,10 +100,13 @@ def render_page(
 ) -> HTMLResponse:
     notice = request.query_params.get("notice")
     context.setdefault("notice", NOTICES.get(notice or ""))
-    context.setdefault("error", (request.query_params.get("error") or "")[:300] or None)
+    flashed = unquote(request.cookies.get(ERROR_COOKIE, ""))[:300]
+    context.setdefault("error", flashed or None)
     response = templates.TemplateResponse(
         request, name, {"staff": staff, "now": utcnow(), **context}, status_code=status_code
     )
+    if ERROR_COOKIE in request.cookies:
+        response.delete_cookie(ERROR_COOKIE, path="/console")  # shown once
     response.headers["Cache-Control"] = "no-store"
     response.headers["X-Frame-Options"] = "DENY"
     response.headers["Content-Security-Policy"] = (
@@ -113,10 +116,29 @@ def render_page(
     return response
 
 
-def redirect_to(path: str, **query: str | int | None) -> RedirectResponse:
+#: A refusal's message for the page a redirect lands on: a short-lived cookie the server
+#: sets, not a query parameter (a link could carry any text into a console page).
+ERROR_COOKIE = "console_error"
+
+
+def redirect_to(
+    path: str, *, error: str | None = None, **query: str | int | None
+) -> RedirectResponse:
+    """A 303 to ``path`` with ``query`` (codes and ids, never data); ``error``, a message
+    for the next page, goes in :data:`ERROR_COOKIE` (60 s, HttpOnly, SameSite=Strict)."""
     params = {k: v for k, v in query.items() if v not in (None, "")}
     url = path + ("?" + urlencode(params) if params else "")
-    return RedirectResponse(url, status_code=303)
+    response = RedirectResponse(url, status_code=303)
+    if error:
+        response.set_cookie(
+            ERROR_COOKIE,
+            quote(error[:300]),
+            max_age=60,
+            path="/console",
+            httponly=True,
+            samesite="strict",
+        )
+    return response
 
 
 def record_view(session: AsyncSession, page: str, **detail: Any) -> None:

@@ -3,8 +3,10 @@ every page, the actions and what they record (audit trail, case history)."""
 
 from __future__ import annotations
 
+import html
 import re
 from datetime import timedelta
+from urllib.parse import unquote
 
 import httpx
 import pytest
@@ -202,7 +204,14 @@ async def test_assign_resolve_and_retry_are_recorded(
         "/console/exceptions/act",
         data={"csrf_token": csrf, "ids": ident, "action": "retry", "reason": "again"},
     )
-    assert "error=" in again.headers["location"]  # not open any more
+    assert again.status_code == 303 and "error=" not in again.headers["location"]
+    assert "console_error" in again.cookies  # the message, for the next page only
+    message = unquote(again.cookies["console_error"])
+    page = await console.get(again.headers["location"])
+    assert html.escape(message, quote=False) in page.text  # shown on the next page
+    assert "console_error" not in console.cookies  # and once only
+    forged = await console.get("/console/exceptions?error=Call+1-900-FAKE+now")
+    assert "1-900-FAKE" not in forged.text  # a link cannot put text on a console page
 
 
 async def test_replay_puts_the_dead_letter_back_in_the_queue(
