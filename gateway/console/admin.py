@@ -38,7 +38,7 @@ from gateway.egress import EgressRefusedError
 from gateway.errors import GatewayError
 from gateway.profiles.service import questionnaires
 from gateway.subscribers.service import (
-    WEBHOOK_TYPES,
+    SUBSCRIBABLE_TYPES,
     new_secret,
     rotate_secret,
     set_subscriber_active,
@@ -111,7 +111,7 @@ async def _subscribers_response(
         staff,
         status_code=status_code,
         rows=rows,
-        types=[*WEBHOOK_TYPES, "case.*", "exception.*"],
+        types=list(SUBSCRIBABLE_TYPES),
         secret=secret,
         error=error,
     )
@@ -140,9 +140,7 @@ async def subscriber_add(
     form = await checked_form(request, staff, role=ADMIN)
     name = str(form.get("name") or "").strip()
     url = str(form.get("url") or "").strip()
-    types = sorted(
-        {str(t) for t in form.getlist("event_types")} & {*WEBHOOK_TYPES, "case.*", "exception.*"}
-    )
+    types = sorted({str(t) for t in form.getlist("event_types")} & set(SUBSCRIBABLE_TYPES))
     problem = None
     if not _NAME.match(name):
         problem = "The name is 1 to 64 of a-z 0-9 _ - (starting a-z or 0-9)."

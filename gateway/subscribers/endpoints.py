@@ -20,7 +20,7 @@ from gateway.deps import RowIdPath, RuntimeDep, SessionDep, require_scope
 from gateway.egress import EgressRefusedError
 from gateway.errors import ConflictError, NotFoundError, UnprocessableError
 from gateway.subscribers.service import (
-    WEBHOOK_TYPES,
+    SUBSCRIBABLE_TYPES,
     new_secret,
     rotate_secret,
     set_subscriber_active,
@@ -30,7 +30,7 @@ from mappers.profiles import RetryPolicy
 
 router = APIRouter(prefix="/v1/ops", tags=["ops"])
 
-_TYPES = {*WEBHOOK_TYPES, "case.*", "exception.*", "target.*", "*"}
+_TYPES = set(SUBSCRIBABLE_TYPES)
 
 
 #: An absolute http(s) URL of printable ASCII.

@@ -49,6 +49,8 @@ WEBHOOK_TYPES = (
     "target.guard_breached",
     "target.guard_cleared",
 )
+#: What a subscriber may ask for: a type, a family (``case.*``...) or everything (``*``).
+SUBSCRIBABLE_TYPES = (*WEBHOOK_TYPES, "case.*", "exception.*", "target.*", "*")
 #: The ``kind`` of webhook rows in ``deliveries``.
 WEBHOOK_KIND = "webhook"
 
