@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from gateway.clients.actor import Actor, current_actor
 from gateway.db.audit_models import AUDIT_PENDING
+from gateway.db.bulk import BulkInserts
 from gateway.db.models import AuditEntry
 from gateway.db.types import utcnow
 
@@ -129,12 +130,16 @@ def record(
     query: str | None = None,
     actor: Actor | None = None,
     at: datetime | None = None,
+    bulk: BulkInserts | None = None,
 ) -> None:
     """Add one audit entry to ``session``'s unit of work: kept in ``session.info`` and
     inserted, with the others of the transaction, in one statement when the session
-    commits (:func:`_insert_pending`; a rollback drops them). Arguments as
+    commits (:func:`_insert_pending`; a rollback drops them); with ``bulk``, queued
+    there instead, for the caller's next :meth:`BulkInserts.flush`. Arguments as
     :func:`entry_values`."""
-    pending: list[dict[str, Any]] = session.info.setdefault(AUDIT_PENDING, [])
+    pending: list[dict[str, Any]] = (
+        session.info.setdefault(AUDIT_PENDING, []) if bulk is None else bulk.rows(AuditEntry)
+    )
     pending.append(
         entry_values(
             action=action,

@@ -185,10 +185,12 @@ def record_mapping(
     resource_versions: list[str],
     attribution: dict[str, Any] | None,
     actor: str,
-) -> ProfileMapping:
+    bulk: BulkInserts | None = None,
+) -> None:
     """Add the profile-mapping row of one ingest or re-map: which profile (id, version,
-    content hash) produced which resource versions (``Type/id/_history/n``)."""
-    row = ProfileMapping(
+    content hash) produced which resource versions (``Type/id/_history/n``); to the
+    session, or queued in ``bulk``."""
+    values: dict[str, Any] = dict(
         inbound_message_id=message_id,
         action=action,
         profile_kind=profile_kind,
@@ -200,8 +202,10 @@ def record_mapping(
         actor=actor,
         created_at=utcnow(),
     )
-    session.add(row)
-    return row
+    if bulk is None:
+        session.add(ProfileMapping(**values))
+    else:
+        bulk.add(ProfileMapping, **values)
 
 
 async def resources_with_identifier_prefix(

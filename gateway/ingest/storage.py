@@ -347,11 +347,11 @@ async def store_mapped(
             resource_versions=versions,
             attribution=mapped.attribution,
             actor=mapped.actor,
+            bulk=bulk,
         )
     await save_patient_facts(
         session, mapped.match, mapped.merged, message_id=mapped.message.id, bulk=bulk
     )
-    await bulk.flush(session)
     case_result = None
     if mapped.event is not None:
         case_result = await apply_event(
@@ -362,22 +362,26 @@ async def store_mapped(
             if ctx.migration is None or ctx.migration.notify
             else ctx.migration.suppress_webhooks,
             new_patient=existed.get(f"Patient/{mapped.patient_id}") is None,
+            bulk=bulk,
         )
-        if (
-            ctx.migration is not None
-            and not ctx.migration.notify
-            and case_result is not None
-            and case_result.case_id
-        ):
-            # A historical case runs no SLA timer: it would flag it overdue (and send
-            # case.overdue) days after the import. The next live event of the case
-            # starts its timers again.
-            await session.execute(
-                update(Case)
-                .where(Case.id == case_result.case_id)
-                .values(sla_due_at=None, sla_timer=None)
-                .execution_options(synchronize_session="fetch")
-            )
+    # every row queued above (resources, audit entries, element sources, a new case and
+    # its history, the profile mapping) in one round trip
+    await bulk.flush(session)
+    if (
+        ctx.migration is not None
+        and not ctx.migration.notify
+        and case_result is not None
+        and case_result.case_id
+    ):
+        # A historical case runs no SLA timer: it would flag it overdue (and send
+        # case.overdue) days after the import. The next live event of the case
+        # starts its timers again.
+        await session.execute(
+            update(Case)
+            .where(Case.id == case_result.case_id)
+            .values(sla_due_at=None, sla_timer=None)
+            .execution_options(synchronize_session="fetch")
+        )
     if mapped.match.new:
         deliveries += await _review_duplicates(session, ctx, mapped, written)
     await session.flush()

@@ -34,6 +34,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.audit import service as audit
+from gateway.db.bulk import BulkInserts, row_values
 from gateway.db.models import Case, CaseEvent, CaseEventOutcome
 from gateway.db.types import utcnow
 from gateway.inbox.repository import new_exception
@@ -145,6 +146,7 @@ async def apply_event(
     *,
     notify: ChangeSink,
     new_patient: bool = False,
+    bulk: BulkInserts | None = None,
 ) -> ApplyResult:
     """Apply one event to its case (opening one if the event opens cases).
 
@@ -157,6 +159,9 @@ async def apply_event(
         notify: told of each change of a case (the subscribers' outbox).
         new_patient: the patient was created in this transaction, so has no case yet
             (saves a query on the ingest path).
+        bulk: the caller's queued INSERTs (the ingest path): a new case, its first
+            history row and their audit entry are queued there, for the caller to flush
+            with its other rows (one round trip), instead of flushed here.
 
     Returns:
         The :class:`ApplyResult`. ``pending``: held for the reorder window;
@@ -190,7 +195,7 @@ async def apply_event(
     )
     now = utcnow()
     if case is None:
-        return await _open_case(session, workflow, event, decision, now, notify)
+        return await _open_case(session, workflow, event, decision, now, notify, bulk)
 
     from_state = case.state
     if (
@@ -375,6 +380,7 @@ async def _open_case(
     decision: Decision,
     now: datetime,
     notify: ChangeSink,
+    bulk: BulkInserts | None = None,
 ) -> ApplyResult:
     if decision.outcome != "applied" or decision.to_state is None:
         return await _reject_without_case(
@@ -393,11 +399,19 @@ async def _open_case(
         updated_at=now,
         state_entered_at=now,
         last_occurred_at=event.occurred_at,
+        version=1,
     )
-    session.add(case)  # the unit of work inserts it before its case_events (FK order)
-    row = _history(session, case, event, None, decision.to_state, CaseEventOutcome.APPLIED, None)
+    if bulk is None:
+        session.add(case)  # the unit of work inserts it before its case_events (FK order)
+    row = _history(
+        session, case, event, None, decision.to_state, CaseEventOutcome.APPLIED, None, bulk=bulk
+    )
     await refresh_sla(session, workflow, case, now, history=[row])
-    await session.flush()
+    if bulk is None:
+        await session.flush()
+    else:  # the case before its history row (FK order); both stay out of the session
+        bulk.add(Case, **row_values(case))
+        bulk.add(CaseEvent, **row_values(row))
     await notify(session, case, "case.opened", from_state=None, event=event_summary(row))
     log.info(
         "case.opened",
@@ -501,7 +515,11 @@ def _history(
     to_state: str | None,
     outcome: CaseEventOutcome,
     note: str | None,
+    *,
+    bulk: BulkInserts | None = None,
 ) -> CaseEvent:
+    """The case's new history row, added to the session (with ``bulk``: built only, the
+    caller queues it), and its audit entry."""
     row = CaseEvent(
         case_id=case.id,
         inbound_message_id=event.message_id,
@@ -520,16 +538,19 @@ def _history(
         note=note,
         principal=event.principal,
     )
-    session.add(row)
-    audit.record(
-        session,
-        action="event",
-        entity_type="Case",
-        entity_id=case.id,
-        patient_id=case.patient_id,
-        outcome="4" if outcome == CaseEventOutcome.REJECTED else "0",
-        detail={"event": event.type, "outcome": str(outcome), "message_id": event.message_id},
-    )
+    entry: dict[str, Any] = {
+        "action": "event",
+        "entity_type": "Case",
+        "entity_id": case.id,
+        "patient_id": case.patient_id,
+        "outcome": "4" if outcome == CaseEventOutcome.REJECTED else "0",
+        "detail": {"event": event.type, "outcome": str(outcome), "message_id": event.message_id},
+    }
+    if bulk is None:
+        session.add(row)
+        audit.record(session, **entry)
+    else:
+        audit.record(session, bulk=bulk, **entry)
     return row
 
 

@@ -28,13 +28,16 @@ from tests.support.api import signed_stripe
 #: the audit trail (issue 11): the case event's AuditEvent row is written with the case,
 #: after the resources' audit rows went in one statement with the resources. 14 since the
 #: FHIR face (issue 13): a new patient is scored against the stored Patients (1 SELECT;
-#: a probable duplicate would add its review row).
-NEW_SUBMISSION_STATEMENTS = 13
+#: a probable duplicate would add its review row). 12 since the rows of the resources,
+#: their audit entries, the element sources, the profile mapping, the new case and its
+#: history row are queued and sent together (one PostgreSQL pipeline: one round trip for
+#: the six INSERTs), the case event's audit row in the same INSERT as the resources'.
+NEW_SUBMISSION_STATEMENTS = 12
 #: A new paid Stripe checkout event (new patient): as an intake, plus the
 #: MedicationRequest look-up, the Stripe customer id's key, and the savepoint around the
 #: mapping (a checkout that does not map leaves nothing of it behind); and, since the audit
-#: trail, the case event's audit row.
-STRIPE_EVENT_STATEMENTS = 16
+#: trail, the case event's audit row (15 since that row goes in the resources' INSERT).
+STRIPE_EVENT_STATEMENTS = 15
 
 
 @contextmanager
@@ -52,7 +55,7 @@ def statements(runtime: Runtime) -> Iterator[list[str]]:
         event.remove(runtime.engine.sync_engine, "before_cursor_execute", record)
 
 
-async def test_new_submission_takes_eleven_statements_and_a_replay_two(
+async def test_new_submission_statements_and_a_replay_two(
     client: httpx.AsyncClient, runtime: Runtime, make_api_key: ApiKeyFactory
 ) -> None:
     headers = {"Authorization": f"Bearer {await make_api_key('intake:write')}"}
@@ -69,7 +72,17 @@ async def test_new_submission_takes_eleven_statements_and_a_replay_two(
     assert first.status_code == 202, first.text
     writes = [s.split()[0] for s in seen if not s.startswith(("SELECT", "PRAGMA"))]
     assert len(seen) == NEW_SUBMISSION_STATEMENTS, "\n".join(s[:90] for s in seen)
-    assert writes == ["INSERT"] * 9 + ["UPDATE"], seen  # the claim first, its outcome last
+    assert writes == ["INSERT"] * 8 + ["UPDATE"], seen  # the claim first, its outcome last
+    queued = [s.split()[2] for s in seen if s.startswith("INSERT")][2:]
+    # one INSERT per table, the case before its history (foreign key)
+    assert queued == [
+        "fhir_resources",
+        "audit_log",
+        "profile_mappings",
+        "patient_element_sources",
+        "cases",
+        "case_events",
+    ], queued
     with statements(runtime) as seen:
         again = await client.post("/v1/intake-submissions", content=raw, headers=headers)
     assert again.json() == {**first.json(), "replayed": True}
@@ -137,7 +150,7 @@ async def test_stripe_checkout_event_statements(
     client: httpx.AsyncClient, runtime: Runtime
 ) -> None:
     """A new paid checkout event (new patient): 3 reads (patient keys, the
-    MedicationRequest by checkout id, subscribers), 9 INSERTs, a savepoint, and one
+    MedicationRequest by checkout id, subscribers), 8 INSERTs, a savepoint, and one
     UPDATE (the inbox row's outcome); its retry: 2 statements (the claim, the answer)."""
     event = samples.stripe_event()
     payload, headers = signed_stripe(event)
