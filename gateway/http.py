@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from gateway.db.bulk import insert_ignore
 from gateway.db.models import InboundMessage
@@ -267,7 +267,9 @@ async def run_guarded(
         raise
 
 
-async def store_if_new(session: AsyncSession, message: InboundMessage) -> InboundMessage | None:
+async def store_if_new(
+    session: AsyncSession, message: InboundMessage, *, alone: bool = False
+) -> InboundMessage | None:
     """Insert ``message`` (fully built: status, response...) unless a message with its
     dedupe key exists: one ``INSERT ... ON CONFLICT (dedupe_key) DO NOTHING RETURNING``
     (SQLite 3.35+ and PostgreSQL). On PostgreSQL a copy that arrives while the first is
@@ -276,6 +278,13 @@ async def store_if_new(session: AsyncSession, message: InboundMessage) -> Inboun
 
     The row is written with a Core insert: ``message`` itself stays outside the session
     and is not updated by later flushes.
+
+    Args:
+        alone: the row is all the caller writes (an acknowledged event: nothing else
+            commits or rolls back with it). On PostgreSQL it is then sent as one
+            autocommit statement on a pooled connection of its own: one round trip
+            instead of three (``BEGIN``, the ``INSERT``, ``COMMIT``), and the row is
+            committed when this returns. On SQLite it joins the session's transaction.
 
     Returns:
         None when stored; the existing message when the key was taken (a retransmission).
@@ -306,7 +315,13 @@ async def store_if_new(session: AsyncSession, message: InboundMessage) -> Inboun
         .returning(InboundMessage.id)
     )
     # RETURNING tells whether the row was written (rowcount is not reliable here).
-    if (await session.execute(stmt)).scalar_one_or_none() is not None:
+    engine = session.bind
+    if alone and isinstance(engine, AsyncEngine) and engine.dialect.name == "postgresql":
+        async with engine.connect() as own:
+            await own.execution_options(isolation_level="AUTOCOMMIT")
+            if (await own.execute(stmt)).scalar_one_or_none() is not None:
+                return None
+    elif (await session.execute(stmt)).scalar_one_or_none() is not None:
         return None
     return await inbox.get_message_by_key(session, message.dedupe_key)
 

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from sqlalchemy import Table, insert
-from sqlalchemy.engine import Dialect
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.db.models import Base
@@ -87,7 +87,7 @@ def prepared_insert(dialect: Dialect, table: Table, columns: tuple[str, ...]) ->
         default = column.default
         if default is None or not (default.is_scalar or default.is_callable):
             raise ValueError(f"{table.name}.{column.key}: no Python-side default to fill in")
-        defaults.append((column.key, getattr(default, "arg"), bool(default.is_callable)))
+        defaults.append((column.key, cast(Any, default).arg, bool(default.is_callable)))
     processors = []
     for name, bind in compiled.binds.items():
         process = bind.type.dialect_impl(dialect).bind_processor(dialect)
@@ -144,7 +144,7 @@ async def insert_rows(
                 sync.dispatch.before_cursor_execute(sync, None, prepared.sql, params, None, True)
                 await driver.executemany(prepared.sql, params)
     except error as exc:
-        invalidated = dialect.is_disconnect(exc, fairy.dbapi_connection, None)
+        invalidated = dialect.is_disconnect(exc, fairy.dbapi_connection, None)  # type: ignore[arg-type]
         if invalidated:
             await connection.invalidate(exc)
         raise DBAPIError.instance(

@@ -282,7 +282,7 @@ async def receive_notification(
         "status_url": f"{runtime.settings.public_base_url}/v1/messages/{message.id}",
     }
     leased = lease_for_this_process(runtime, message)
-    existing = await store_if_new(session, message)
+    existing = await store_if_new(session, message, alone=True)
     if existing is not None:
         return Received(202, {**(existing.response or {}), **body, "duplicate": True}, existing.id)
     log.info(

@@ -350,7 +350,7 @@ async def receive_hl7(
             lease = lease_for_this_process(runtime, message)
     if message.status != MessageStatus.RECEIVED:
         message.processed_at = utcnow()
-    existing = await store_if_new(session, message)
+    existing = await store_if_new(session, message, alone=error is None)
     if existing is not None:
         if existing.content_hash == message.content_hash or _same_text(existing, parsed):
             stored = existing.response or {}

@@ -8,6 +8,7 @@ import time
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from gateway.cli import stripe_signature_header
 from gateway.db.models import ExceptionRecord, InboundMessage
@@ -96,3 +97,36 @@ async def test_a_signed_stripe_event_with_a_too_long_integer_is_refused(
 
 async def _rejected(runtime: Runtime) -> list[ExceptionRecord]:
     return await rows(runtime, ExceptionRecord, ExceptionRecord.kind == "rejected_input")
+
+
+async def test_a_message_stored_alone_is_committed_on_its_own_on_postgresql(
+    runtime: Runtime,
+) -> None:
+    """``store_if_new(..., alone=True)``: on PostgreSQL the INSERT is its own autocommit
+    transaction (one round trip), so the row is durable whatever the session does next;
+    on SQLite it is part of the session's transaction. A second copy is still found."""
+    from gateway.http import store_if_new
+    from gateway.inbox import repository as inbox
+
+    def message(n: int) -> InboundMessage:
+        return inbox.new_message(
+            channel="events",
+            sender="lab",
+            external_id="ev-alone-1",
+            body=b'{"n": %d}' % n,
+            content_type="application/json",
+        )
+
+    async with runtime.sessionmaker() as session:
+        assert await store_if_new(session, message(1), alone=True) is None
+        await session.rollback()
+    async with runtime.sessionmaker() as session:
+        stored = await session.scalar(
+            select(InboundMessage).where(InboundMessage.external_id == "ev-alone-1")
+        )
+        if runtime.engine.dialect.name == "postgresql":
+            assert stored is not None
+            again = await store_if_new(session, message(2), alone=True)
+            assert again is not None and again.id == stored.id  # the copy finds the first
+        else:
+            assert stored is None  # rolled back with the session
