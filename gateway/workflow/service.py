@@ -278,6 +278,7 @@ async def record_events(
     results: list[ApplyResult] = []
     slow_patients: set[str] = set()
     refresh: dict[str, Case] = {}
+    settled_now: dict[str, set[str]] = {}
     now = utcnow()
     for event in events:
         case = cases.get(event.patient_id)
@@ -313,6 +314,7 @@ async def record_events(
             case.last_occurred_at = row.occurred_at
         if stops_a_timer(workflow, case.state, event.type):
             refresh[case.id] = case
+            settled_now.setdefault(case.id, set()).add(event.type)
         log.info(
             "case.event",
             case_id=case.id,
@@ -324,7 +326,9 @@ async def record_events(
         )
         results.append(ApplyResult(str(outcome), case.id, from_state, from_state))
     if refresh:
-        await refresh_sla_many(session, workflow, list(refresh.values()), now)
+        await refresh_sla_many(
+            session, workflow, list(refresh.values()), now, settled_now=settled_now
+        )
     await session.flush()
     return results
 

@@ -4,7 +4,7 @@ arrives. Flagging overdue cases is :mod:`gateway.workflow.timers`."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from sqlalchemy import select
@@ -69,12 +69,30 @@ async def refresh_sla(
 
 
 async def refresh_sla_many(
-    session: AsyncSession, workflow: WorkflowProfile, cases: Sequence[Case], now: datetime
+    session: AsyncSession,
+    workflow: WorkflowProfile,
+    cases: Sequence[Case],
+    now: datetime,
+    *,
+    settled_now: Mapping[str, set[str]] | None = None,
 ) -> None:
     """:func:`refresh_sla` for several cases, with one query for the events that stop
-    their timers."""
-    untils = {t.until for c in cases for t in workflow.sla if t.state == c.state and t.until}
-    recorded: dict[str, set[str]] = {c.id: set() for c in cases}
+    their timers.
+
+    Args:
+        settled_now: per case id, the types of the settled events this transaction added
+            to its history (received now, so after the case entered its state): a timer
+            whose ``until`` is one of them is stopped without reading the history, and
+            when every running timer is, nothing is read (the delivery worker's batch of
+            ``ehr_delivered`` events: no flush, no query).
+    """
+    recorded: dict[str, set[str]] = {c.id: set((settled_now or {}).get(c.id, ())) for c in cases}
+    untils = {
+        t.until
+        for c in cases
+        for t in workflow.sla
+        if t.state == c.state and t.until and t.until not in recorded[c.id]
+    }
     if untils:
         await session.flush()
         entered = {c.id: c.state_entered_at for c in cases}

@@ -166,3 +166,30 @@ async def test_a_mixed_batch_leaves_the_same_timers_and_history_as_one_by_one(
             ("payment_completed", "applied"),
             ("ehr_delivered", "recorded"),
         ]
+
+
+async def test_timers_stopped_by_the_batch_need_no_history_read(
+    client: httpx.AsyncClient, runtime: Runtime, admin_headers: dict[str, str]
+) -> None:
+    """A case whose only running timer waits for ``ehr_delivered`` is stopped by the
+    batch's own event: its history is not read again, and the case row is written once."""
+    from sqlalchemy import event
+
+    a = await new_patient(client, admin_headers)
+    seen: list[str] = []
+
+    def record(*args: object) -> None:
+        seen.append(str(args[2]))
+
+    event.listen(runtime.engine.sync_engine, "before_cursor_execute", record)
+    try:
+        results = await _record(runtime, [_delivered(a.patient_id, "m-once", utcnow())])
+    finally:
+        event.remove(runtime.engine.sync_engine, "before_cursor_execute", record)
+    assert results == [("recorded", a.case_id)]
+    reads = [s for s in seen if s.startswith("SELECT") and "FROM case_events" in s]
+    assert len(reads) == 1, reads  # the duplicates check only, no SLA history query
+    assert len([s for s in seen if s.startswith("UPDATE cases")]) == 1, seen
+    async with runtime.sessionmaker() as session:
+        case = await session.get(Case, a.case_id)
+        assert case is not None and case.sla_timer is None and case.sla_due_at is None
