@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from gateway.clients.service import Principal, authenticate, hash_key, touch_client
 from gateway.clock import SYSTEM_CLOCK, Clock
 from gateway.db.encryption import keyring_for
-from gateway.db.engine import make_engine, make_sessionmaker
+from gateway.db.engine import make_engine, make_read_sessionmaker, make_sessionmaker
 from gateway.egress import EgressPolicy, EgressRefusedError
 from gateway.secrets import SecretStore
 from gateway.settings import Settings
@@ -189,6 +189,13 @@ class Runtime:
     write_lock: WriteLock | None = None
     clock: Clock = field(default_factory=lambda: SYSTEM_CLOCK)
     egress: EgressPolicy = field(default_factory=EgressPolicy)
+    #: Sessions for reads only (:func:`gateway.db.engine.make_read_sessionmaker`):
+    #: one round trip per query on PostgreSQL. None: :attr:`sessionmaker`.
+    read_sessionmaker: async_sessionmaker[AsyncSession] | None = None
+
+    def read_session(self) -> AsyncSession:
+        """A session for reads only (see :attr:`read_sessionmaker`)."""
+        return (self.read_sessionmaker or self.sessionmaker)()
 
     @contextlib.asynccontextmanager
     async def write_session(self) -> AsyncIterator[AsyncSession]:
@@ -228,6 +235,7 @@ class Runtime:
             settings=settings,
             engine=engine,
             sessionmaker=make_sessionmaker(engine),
+            read_sessionmaker=make_read_sessionmaker(engine),
             profiles=holder,
             systems=IdentifierSystems(settings.identifier_base),
             write_lock=WriteLock() if engine.dialect.name == "sqlite" else None,

@@ -110,13 +110,13 @@ def default_senders(
     return {
         "ehr": EhrSender(
             profiles=lambda: runtime.profiles.current,
-            sessions=runtime.sessionmaker,
+            sessions=runtime.read_session,
             clients=clients,
             provenance_tag_system=runtime.systems.provenance,
             clock=clock,
         ),
         "webhook": WebhookSender(
-            sessions=runtime.sessionmaker,
+            sessions=runtime.read_session,
             http=http,
             clock=clock,
             transport=egress_transport(runtime.egress) if http is None else None,

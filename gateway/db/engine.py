@@ -80,3 +80,15 @@ def make_engine(
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     """Sessions that do not expire objects on commit (responses are built after commit)."""
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+
+def make_read_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions for reads that need no snapshot shared by their statements (the delivery
+    worker loading what it sends). On PostgreSQL every statement runs in autocommit mode
+    (``isolation_level="AUTOCOMMIT"`` on the same pool): one round trip per query instead
+    of ``BEGIN``, the query and a ``ROLLBACK`` when the session closes; writing through
+    them is a mistake (each statement would commit alone). On SQLite: the usual sessions.
+    """
+    if engine.dialect.name != "postgresql":
+        return make_sessionmaker(engine)
+    return make_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"))

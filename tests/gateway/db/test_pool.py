@@ -75,3 +75,25 @@ async def test_the_setting_reaches_the_runtime(postgres_url: str, profiles_dir: 
         assert await _one(runtime.engine) == 1
     finally:
         await runtime.close()
+
+
+async def test_read_sessions_run_each_statement_alone_on_postgresql(runtime: Runtime) -> None:
+    """``Runtime.read_session``: on PostgreSQL each statement is its own transaction (no
+    BEGIN or ROLLBACK round trips): ``now()``, the transaction's start, moves between two
+    statements of one session; in a write session it does not."""
+    import asyncio
+
+    if runtime.engine.dialect.name != "postgresql":
+        assert runtime.read_sessionmaker is not None
+        assert runtime.read_sessionmaker.kw == runtime.sessionmaker.kw  # the usual sessions
+        return
+    async with runtime.read_session() as session:
+        first = await session.scalar(text("SELECT now()"))
+        await asyncio.sleep(0.01)
+        second = await session.scalar(text("SELECT now()"))
+    assert first < second
+    async with runtime.sessionmaker() as session:
+        first = await session.scalar(text("SELECT now()"))
+        await asyncio.sleep(0.01)
+        second = await session.scalar(text("SELECT now()"))
+    assert first == second
