@@ -56,6 +56,8 @@ from typing import Any
 import httpx
 from sqlalchemy import create_engine, text
 
+from bench.ingest import LightClient
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 EXTERNAL_SYSTEM = "https://fhir-gateway.example.org/sid/external-patient-id"
@@ -327,11 +329,10 @@ async def run_http(
     limits = httpx.Limits(
         max_connections=args.http_connections, max_keepalive_connections=args.http_connections
     )
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    light = LightClient(url, headers) if args.http_client == "light" else None
     async with httpx.AsyncClient(
-        base_url=url,
-        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-        timeout=30,
-        limits=limits,
+        base_url=url, headers=headers, timeout=30, limits=limits
     ) as client:
         for mode in ("throughput", "fixed-rate"):
             run = uuid.uuid4().hex[:6]
@@ -340,10 +341,11 @@ async def run_http(
             async def send(n: int, run: str = run) -> bool:
                 # wait for one of the client's connections here (cheap), not in httpx's
                 # pool, which slows down with hundreds of waiters
+                body = event_body(patients[n % len(patients)], n, run)
                 async with slots:
-                    r = await client.post(
-                        "/v1/events", content=event_body(patients[n % len(patients)], n, run)
-                    )
+                    if light is not None:
+                        return await light.post("/v1/events", body) == 202
+                    r = await client.post("/v1/events", content=body)
                 return r.status_code == 202
 
             await send(10**8)  # warm the connection
@@ -363,7 +365,11 @@ async def run_http(
                         acked / elapsed,
                         acked / (done_at - t0),
                         errors=errors,
-                        extra={"concurrency": args.concurrency, "apply": args.current_apply},
+                        extra={
+                            "concurrency": args.concurrency,
+                            "apply": args.current_apply,
+                            "client": args.http_client,
+                        },
                     )
                 )
             else:
@@ -385,10 +391,16 @@ async def run_http(
                         max(latencies),
                         done_at - acked_at,
                         errors,
-                        extra={"rate": args.rate, "apply": args.current_apply},
+                        extra={
+                            "rate": args.rate,
+                            "apply": args.current_apply,
+                            "client": args.http_client,
+                        },
                     )
                 )
             print(_line(results[-1]), flush=True)
+    if light is not None:
+        light.close()
     return results
 
 
@@ -462,6 +474,8 @@ def _line(r: Result) -> str:
     parts = [f"{r.channel:5} {r.mode:11} events={r.events:6d} acked/s={r.acked_per_s:7.1f}"]
     if "apply" in r.extra:
         parts.insert(0, f"[{r.extra['apply']}]")
+    if "client" in r.extra:
+        parts.append(f"client={r.extra['client']}")
     if r.applied_per_s is not None:
         parts.append(f"applied/s={r.applied_per_s:7.1f}")
     if r.p99_ms is not None:
@@ -572,6 +586,15 @@ def cli(argv: list[str] | None = None) -> None:
         "--concurrency", type=int, default=16, help="HTTP senders in the throughput run"
     )
     parser.add_argument("--mllp-connections", type=int, default=4)
+    parser.add_argument(
+        "--http-client",
+        choices=["light", "httpx"],
+        default="light",
+        help="the HTTP load generator: bench.ingest's light keep-alive client (about 0.3 ms "
+        "of CPU per request) or httpx (a few ms per request, taken from the cores the "
+        "gateway uses; the HTTP figures of docs/PERFORMANCE.md before this option were "
+        "measured with it)",
+    )
     parser.add_argument(
         "--http-connections", type=int, default=32, help="HTTP keep-alive connections"
     )
