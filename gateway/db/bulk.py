@@ -16,11 +16,11 @@ cache-keying a Core statement per flush cost more CPU than the database spent on
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Table, insert
+from sqlalchemy import Executable, Table, insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Dialect
@@ -40,17 +40,18 @@ def insert_ignore(session: AsyncSession, table: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class PreparedInsert:
-    """An ``INSERT`` of one table and set of columns, compiled for one dialect.
+class PreparedStatement:
+    """A statement run with many rows of parameters (an ``INSERT`` of one table and set
+    of columns, an ``UPDATE ... WHERE id = :_id``...), compiled for one dialect.
 
     Attributes:
         sql: the statement in the driver's parameter style.
         names: the parameters in statement order (qmark style) or None (named style:
             rows are passed as dicts).
-        processors: ``(column, bind processor)`` for the columns whose values the driver
-            cannot take as they are (JSON, encrypted text, SQLite times).
-        defaults: ``(column, value or callable)`` for the columns not given that have a
-            Python-side default (``mapped_column(default=...)``).
+        processors: ``(parameter, bind processor)`` for the values the driver cannot
+            take as they are (JSON, encrypted text, SQLite times).
+        defaults: ``(column, value or callable, is callable)`` for the columns of an
+            INSERT not given that have a Python-side default (``mapped_column(default=...)``).
     """
 
     sql: str
@@ -71,22 +72,37 @@ class PreparedInsert:
         return out
 
 
-def prepared_insert(dialect: Dialect, table: Table, columns: tuple[str, ...]) -> PreparedInsert:
-    """The :class:`PreparedInsert` of ``table`` with ``columns`` given, for ``dialect``
-    (compiled on first use, then kept on the dialect)."""
-    cache: dict[tuple[str, tuple[str, ...]], PreparedInsert] = dialect.__dict__.setdefault(
-        "gateway_prepared_inserts", {}
+def prepared_statement(
+    dialect: Dialect,
+    key: Hashable,
+    build: Callable[[], Executable],
+    column_keys: tuple[str, ...] | None = None,
+) -> PreparedStatement:
+    """The :class:`PreparedStatement` of ``build()`` for ``dialect``, compiled on first
+    use of ``key`` and then kept on the dialect (``key`` names the statement: the same
+    key must always build the same statement).
+
+    Args:
+        column_keys: for an INSERT, the columns given (the others get their defaults).
+
+    Raises:
+        ValueError: a column left out of an INSERT has a default the database does not
+            fill in and Python cannot (a SQL expression).
+    """
+    cache: dict[Hashable, PreparedStatement] = dialect.__dict__.setdefault(
+        "gateway_prepared_statements", {}
     )
-    key = (table.name, columns)
     found = cache.get(key)
     if found is not None:
         return found
-    compiled = insert(table).compile(dialect=dialect, column_keys=list(columns))
+    compiled = cast(Any, build()).compile(
+        dialect=dialect, column_keys=list(column_keys) if column_keys is not None else None
+    )
     defaults = []
     for column in compiled.insert_prefetch:
         default = column.default
         if default is None or not (default.is_scalar or default.is_callable):
-            raise ValueError(f"{table.name}.{column.key}: no Python-side default to fill in")
+            raise ValueError(f"{column}: no Python-side default to fill in")
         defaults.append((column.key, cast(Any, default).arg, bool(default.is_callable)))
     processors = []
     for name, bind in compiled.binds.items():
@@ -94,7 +110,7 @@ def prepared_insert(dialect: Dialect, table: Table, columns: tuple[str, ...]) ->
         if process is not None:
             processors.append((name, process))
     positional = compiled.positiontup if dialect.paramstyle in ("qmark", "numeric") else None
-    found = PreparedInsert(
+    found = PreparedStatement(
         sql=compiled.string,
         names=tuple(positional) if positional is not None else None,
         processors=tuple(processors),
@@ -104,19 +120,33 @@ def prepared_insert(dialect: Dialect, table: Table, columns: tuple[str, ...]) ->
     return found
 
 
-async def insert_rows(
-    session: AsyncSession, batches: list[tuple[Table, list[dict[str, Any]]]]
+def prepared_insert(dialect: Dialect, table: Table, columns: tuple[str, ...]) -> PreparedStatement:
+    """The :class:`PreparedStatement` of an ``INSERT`` into ``table`` with ``columns``
+    given, for ``dialect``."""
+    return prepared_statement(
+        dialect, ("insert", table.name, columns), lambda: insert(table), columns
+    )
+
+
+#: A statement to run with many rows: ``(key, build, column keys of an INSERT or None)``.
+Statement = tuple[Hashable, Callable[[], Executable], tuple[str, ...] | None]
+
+
+async def execute_many(
+    session: AsyncSession, batches: Sequence[tuple[Statement, list[dict[str, Any]]]]
 ) -> None:
-    """Insert each batch of rows (all rows of a batch give the same columns) in the
-    session's transaction, straight through the driver (see the module docstring).
+    """Run each statement with its rows (each row a dict of the statement's parameters,
+    the same keys in every row of a batch) in the session's transaction, straight through
+    the driver (see the module docstring); nothing is read back.
 
     Statement hooks (``before_cursor_execute`` listeners: SQL logging, the statement
     counts of the tests) are told of each statement.
 
     Raises:
         sqlalchemy.exc.DBAPIError: the database refused a row (an ``IntegrityError`` for
-            a unique or foreign key), as a Core INSERT raises it.
+            a unique or foreign key), as SQLAlchemy raises it.
     """
+    batches = [b for b in batches if b[1]]
     if not batches:
         return
     connection = await session.connection()
@@ -124,8 +154,8 @@ async def insert_rows(
     sync = connection.sync_connection
     assert sync is not None
     work = []
-    for table, rows in batches:
-        prepared = prepared_insert(dialect, table, tuple(rows[0]))
+    for (key, build, columns), rows in batches:
+        prepared = prepared_statement(dialect, key, build, columns)
         work.append((prepared, prepared.parameters(rows)))
     fairy = await connection.get_raw_connection()
     driver: Any = fairy.driver_connection
@@ -159,6 +189,10 @@ async def insert_rows(
         ) from exc
 
 
+def _insert_builder(table: Table) -> Callable[[], Executable]:
+    return lambda: insert(table)
+
+
 def row_values(obj: Base) -> dict[str, Any]:
     """The column values of a transient ORM object, as a row for :class:`BulkInserts`:
     every column set to a value, and the columns left None that have no default (written
@@ -182,6 +216,7 @@ class BulkInserts:
 
     def __init__(self) -> None:
         self._rows: dict[type[Base], list[dict[str, Any]]] = {}
+        self._statements: list[tuple[Statement, list[dict[str, Any]]]] = []
 
     def add(self, model: type[Base], **values: Any) -> None:
         """Queue one row of ``model``."""
@@ -191,8 +226,22 @@ class BulkInserts:
         """The queue of ``model``'s rows (append row dicts to it)."""
         return self._rows.setdefault(model, [])
 
+    def add_statement(
+        self,
+        key: Hashable,
+        build: Callable[[], Executable],
+        rows: list[dict[str, Any]],
+    ) -> None:
+        """Queue ``build()`` (an ``UPDATE ... WHERE id = :_id``, an upsert...) to run with
+        each of ``rows`` (dicts of its parameters, the same keys in each; compiled once
+        per dialect and ``key``): sent after the queued INSERTs, in the order added."""
+        if rows:
+            self._statements.append(((key, build, None), rows))
+
     def __len__(self) -> int:
-        return sum(len(rows) for rows in self._rows.values())
+        return sum(len(rows) for rows in self._rows.values()) + sum(
+            len(rows) for _, rows in self._statements
+        )
 
     async def flush(self, session: AsyncSession) -> None:
         """Insert every queued row (one statement per table and set of columns given,
@@ -202,12 +251,16 @@ class BulkInserts:
         (a resource with no business identifier) still go in one executemany. Columns not
         given get their defaults.
         """
-        batches: list[tuple[Table, list[dict[str, Any]]]] = []
+        batches: list[tuple[Statement, list[dict[str, Any]]]] = []
         for model, rows in self._rows.items():
             groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
             for row in rows:
                 groups.setdefault(tuple(row), []).append(row)
             table = cast(Table, model.__table__)
-            batches += [(table, group) for group in groups.values()]
+            for columns, group in groups.items():
+                insert_of = _insert_builder(table)
+                batches.append(((("insert", table.name, columns), insert_of, columns), group))
+        batches += self._statements
         self._rows.clear()
-        await insert_rows(session, batches)
+        self._statements = []
+        await execute_many(session, batches)

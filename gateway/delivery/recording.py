@@ -33,6 +33,7 @@ from gateway import metrics
 from gateway.audit import service as audit
 from gateway.clients.actor import SYSTEM
 from gateway.clock import Clock
+from gateway.db.bulk import BulkInserts
 from gateway.db.models import Delivery, DeliveryStatus
 from gateway.db.uow import SessionFactory, unit_of_work
 from gateway.delivery import circuit
@@ -179,6 +180,9 @@ class OutcomeRecorder:
             )
             rows: list[dict[str, Any]] = []
             attempt_rows: list[dict[str, Any]] = []
+            # the rows' outcomes, their attempts and the disclosures' audit entries: one
+            # round trip
+            bulk = BulkInserts()
             answered: dict[circuit.Key, tuple[TargetConfig, int, bool]] = {}
             reached: list[Reached] = []
             shared: dict[Hashable, tuple[BatchedRows, list[Any]]] = {}
@@ -204,7 +208,7 @@ class OutcomeRecorder:
                 if not isinstance(outcome, Wait):
                     attempt_rows.append(self._attempt_row(item))
                     if item.config.kind == "ehr":
-                        _audit_disclosure(session, item, label, now)
+                        _audit_disclosure(session, item, label, now, bulk)
                 key = (item.config.kind, item.config.name)
                 if isinstance(outcome, Delivered | NeedsReview) or (
                     isinstance(outcome, Rejected) and outcome.status_code is not None
@@ -220,8 +224,9 @@ class OutcomeRecorder:
                 await first.write(session, shared_rows)
             if reached and self._on_reached is not None:
                 await self._on_reached(session, reached)
-            await queue.write_rows(session, repo.OUTBOX, rows)
-            await repo.add_attempts(session, attempt_rows)
+            await queue.write_rows(session, repo.OUTBOX, rows, bulk=bulk)
+            await repo.add_attempts(session, attempt_rows, bulk=bulk)
+            await bulk.flush(session)
             for key, (config, count, delivered) in answered.items():
                 await self._breakers.answered(
                     session,
@@ -347,9 +352,11 @@ class OutcomeRecorder:
 _AUDIT_OUTCOME: dict[str, audit.AuditOutcome] = {"delivered": "0", "dead": "8", "review": "4"}
 
 
-def _audit_disclosure(session: AsyncSession, item: Finished, label: str, now: datetime) -> None:
+def _audit_disclosure(
+    session: AsyncSession, item: Finished, label: str, now: datetime, bulk: BulkInserts
+) -> None:
     """An attempt to send a patient's resources to an EHR, in the audit trail (a
-    disclosure, whatever its outcome), as the system."""
+    disclosure, whatever its outcome), as the system (queued in ``bulk``)."""
     delivery = item.delivery
     audit.record(
         session,
@@ -366,6 +373,7 @@ def _audit_disclosure(session: AsyncSession, item: Finished, label: str, now: da
         },
         actor=SYSTEM,
         at=now,
+        bulk=bulk,
     )
 
 

@@ -33,6 +33,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.db.bulk import BulkInserts
 from gateway.db.models import (
     Delivery,
     DeliveryAttempt,
@@ -133,9 +134,14 @@ def _target_statements() -> tuple[Any, Any]:
     return lock_target, count_in_flight
 
 
-async def add_attempts(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert ``delivery_attempts`` rows (one Core executemany)."""
-    if rows:
+async def add_attempts(
+    session: AsyncSession, rows: Sequence[dict[str, Any]], *, bulk: BulkInserts | None = None
+) -> None:
+    """Insert ``delivery_attempts`` rows (one Core executemany; with ``bulk``: queued
+    there, sent with the caller's other writes)."""
+    if bulk is not None:
+        bulk.rows(DeliveryAttempt).extend(rows)
+    elif rows:
         await session.execute(insert(cast(Table, DeliveryAttempt.__table__)), list(rows))
 
 

@@ -55,6 +55,7 @@ from sqlalchemy import (
     Integer,
     String,
     Table,
+    Update,
     and_,
     bindparam,
     case,
@@ -67,6 +68,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
+from gateway.db.bulk import BulkInserts
 from gateway.db.types import UTCDateTime
 
 #: Extra values a claim sets, from the claim time (a bound parameter).
@@ -360,22 +362,33 @@ async def requeue(
 
 
 async def write_rows(
-    session: AsyncSession, queue: QueueTable, rows: Sequence[Mapping[str, Any]]
+    session: AsyncSession,
+    queue: QueueTable,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    bulk: BulkInserts | None = None,
 ) -> None:
     """Bulk ``UPDATE ... WHERE id = :id`` of rows this worker has locked (:func:`owned`):
-    each mapping has ``id`` and the new values; one executemany per set of columns."""
+    each mapping has ``id`` and the new values; one executemany per set of columns (with
+    ``bulk``: queued there, sent with the caller's other writes)."""
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for row in rows:
         keys = tuple(sorted(k for k in row if k != "id"))
         groups.setdefault(keys, []).append({"_id": row["id"], **{k: row[k] for k in keys}})
     table = cast(Table, queue.model.__table__)
     for keys, params in groups.items():
-        stmt = (
-            update(table)
-            .where(table.c.id == bindparam("_id"))
-            .values({k: bindparam(k) for k in keys})
-        )
-        await session.execute(stmt, params)
+
+        def build(keys: tuple[str, ...] = keys) -> Update:
+            return (
+                update(table)
+                .where(table.c.id == bindparam("_id"))
+                .values({k: bindparam(k) for k in keys})
+            )
+
+        if bulk is not None:
+            bulk.add_statement(("write_rows", table.name, keys), build, params)
+        else:
+            await session.execute(build(), params)
 
 
 def due_condition(queue: QueueTable, now: datetime) -> ColumnElement[bool]:

@@ -279,12 +279,24 @@ async def record_events(
     slow_patients: set[str] = set()
     refresh: dict[str, Case] = {}
     settled_now: dict[str, set[str]] = {}
+    # the history rows that only add to a case, and their audit entries: one round trip
+    bulk = BulkInserts()
     now = utcnow()
+
+    async def slow(event: EventInput, case: Case | None) -> ApplyResult:
+        """Through :func:`apply_event`, after the rows queued so far (it reads the
+        history); the case's later SLA refresh then reads its history too (a state it
+        may enter now starts after the events recorded before)."""
+        slow_patients.add(event.patient_id)
+        if case is not None:
+            settled_now.pop(case.id, None)
+        await bulk.flush(session)
+        return await apply_event(session, workflow, event, notify=notify)
+
     for event in events:
         case = cases.get(event.patient_id)
         if case is None or event.case_id or event.program or event.patient_id in slow_patients:
-            slow_patients.add(event.patient_id)
-            results.append(await apply_event(session, workflow, event, notify=notify))
+            results.append(await slow(event, case))
             continue
         key = (case.id, event.sender_name, event.event_id)
         existing = seen.get(key)
@@ -301,13 +313,15 @@ async def record_events(
             last_occurred_at=case.last_occurred_at,
         )
         if existing is not None or decision.outcome not in ("recorded", "late"):
-            slow_patients.add(event.patient_id)
-            results.append(await apply_event(session, workflow, event, notify=notify))
+            results.append(await slow(event, case))
             continue
         outcome = CaseEventOutcome(decision.outcome)
         seen[key] = outcome
         from_state = case.state
-        row = _history(session, case, event, from_state, from_state, outcome, decision.message)
+        row = _history(
+            session, case, event, from_state, from_state, outcome, decision.message, bulk=bulk
+        )
+        bulk.add(CaseEvent, **row_values(row))
         if outcome == CaseEventOutcome.RECORDED and (
             case.last_occurred_at is None or row.occurred_at > case.last_occurred_at
         ):
@@ -330,6 +344,7 @@ async def record_events(
             session, workflow, list(refresh.values()), now, settled_now=settled_now
         )
     await session.flush()
+    await bulk.flush(session)
     return results
 
 

@@ -82,3 +82,42 @@ def test_row_values_keeps_none_only_where_no_default_applies() -> None:
     assert values["id"] == "c-1" and values["version"] == 1
     assert "opened_at" not in values  # None, and the column has a default: it applies
     assert values["sla_due_at"] is None  # None, no default: written as NULL
+
+
+async def test_queued_updates_run_after_the_inserts(runtime: Runtime) -> None:
+    """``add_statement``: an ``UPDATE ... WHERE id = :_id`` (the outbox rows' outcomes,
+    :func:`gateway.queue.repository.write_rows`) runs with each row's values after the
+    queued INSERTs: JSON and times processed as SQLAlchemy would."""
+    from gateway.db.models import Delivery
+    from gateway.delivery import repository as repo
+    from gateway.queue import repository as queue
+
+    async with runtime.sessionmaker() as session:
+        delivery = Delivery(kind="ehr", target="t", ordering_key="p", resource_refs=[])
+        session.add(delivery)
+        await session.commit()
+        delivered_at = datetime(2026, 12, 7, 21, 0, tzinfo=UTC)
+        bulk = BulkInserts()
+        bulk.add(PatientKey, key_type="email", key_value="upd@example.com", patient_id="p-u")
+        await queue.write_rows(
+            session,
+            repo.OUTBOX,
+            [
+                {
+                    "id": delivery.id,
+                    "status": "delivered",
+                    "delivered_at": delivered_at,
+                    "operation_outcome": {"resourceType": "OperationOutcome", "issue": []},
+                }
+            ],
+            bulk=bulk,
+        )
+        assert len(bulk) == 2
+        await bulk.flush(session)
+        await session.commit()
+    async with runtime.sessionmaker() as session:
+        stored = await session.get(Delivery, delivery.id)
+        assert stored is not None and stored.status == "delivered"
+        assert stored.delivered_at.replace(tzinfo=UTC) == delivered_at
+        assert stored.operation_outcome == {"resourceType": "OperationOutcome", "issue": []}
+        assert await session.scalar(select(PatientKey).where(PatientKey.patient_id == "p-u"))
