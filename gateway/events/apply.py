@@ -40,6 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
 
 from gateway.clock import SYSTEM_CLOCK, Clock
+from gateway.db.bulk import BulkInserts
 from gateway.db.models import ExceptionRecord, InboundMessage, MessageStatus
 from gateway.db.uow import SessionFactory, unit_of_work
 from gateway.ehr.errors import EhrConfigError, EhrUnavailableError
@@ -53,8 +54,9 @@ from gateway.queue import repository as queue
 from gateway.queue.policy import next_retry
 from gateway.runtime import Runtime
 from gateway.subscribers.service import enqueue_case_webhook
-from gateway.workflow.service import ChangeSink, EventInput, apply_event
+from gateway.workflow.service import ChangeSink, EventInput, apply_event, record_events
 from mappers.errors import Problem
+from mappers.events import ClinicalEvent
 from mappers.profiles import ProfileSet, RetryPolicy, WorkflowProfile
 
 log = get_logger(__name__)
@@ -97,47 +99,35 @@ async def apply_prepared(
     outcomes: list[dict[str, Any]] = []
     failed = False
     for event in prepared.events:
-        match = await find_patient(session, event.patient)
-        if match.patient_id is None:
+        one = await _match(session, message, event)
+        if one is None:
             failed = True
-            tried = "no patient matches; tried: " + "; ".join(match.tried)
-            session.add(
-                _exception(
-                    message,
-                    "unmatched_patient",
-                    [Problem("patient", "unmatched_patient", tried)],
-                )
-            )
             outcomes.append({"event_id": event.event_id, "outcome": "unmatched_patient"})
-            log.info("events.unmatched_patient", message_id=message.id, tried=len(match.tried))
             continue
-        record_conflicts(
-            session, match, channel=message.channel, sender=message.sender, message_id=message.id
-        )
-        result = await apply_event(
-            session,
-            workflow,
-            notify=notify,
-            event=EventInput(
-                source=event.source,
-                sender=event.sender,
-                event_id=event.event_id,
-                type=event.type,
-                detail=event.detail,
-                occurred_at=event.occurred_at,
-                patient_id=match.patient_id,
-                program=event.program,
-                case_id=event.case_id,
-                message_id=message.id,
-                channel=message.channel,
-                reference=event.reference,
-                principal=message.principal,
-            ),
-        )
+        result = await apply_event(session, workflow, notify=notify, event=one)
         failed = failed or result.outcome in ("rejected", "no_case")
         outcomes.append(
             {"event_id": event.event_id, "outcome": result.outcome, "case_id": result.case_id}
         )
+    values = _finished(session, message, prepared, outcomes, failed=failed, now=now)
+    marked = await queue.finish(session, INBOX, row_id=message.id, worker=worker, values=values)
+    if not marked:
+        raise LeaseLostError(message.id)
+    await session.flush()
+    return str(values["status"])
+
+
+def _finished(
+    session: AsyncSession,
+    message: InboundMessage,
+    prepared: Prepared,
+    outcomes: list[dict[str, Any]],
+    *,
+    failed: bool,
+    now: datetime,
+) -> dict[str, Any]:
+    """The inbox row's values once its events were applied (``outcomes``: one per event);
+    the message's mapping problems go to the exceptions queue."""
     if prepared.problems:
         failed = True
         session.add(_exception(message, "unmappable_input", prepared.problems))
@@ -152,27 +142,105 @@ async def apply_prepared(
         "problems": len(prepared.problems),
     }
     single = outcomes[0] if len(outcomes) == 1 else {}
-    marked = await queue.finish(
-        session,
-        INBOX,
-        row_id=message.id,
-        worker=worker,
-        values={
-            "status": status,
-            "processed_at": now,
-            "response": {
-                **(message.response or {}),
-                "status": str(status),
-                "outcome": single.get("outcome"),
-                "case_id": single.get("case_id"),
-                "applied": summary,
-            },
+    return {
+        "status": status,
+        "processed_at": now,
+        "response": {
+            **(message.response or {}),
+            "status": str(status),
+            "outcome": single.get("outcome"),
+            "case_id": single.get("case_id"),
+            "applied": summary,
         },
+    }
+
+
+async def _match(
+    session: AsyncSession, message: InboundMessage, event: ClinicalEvent
+) -> EventInput | None:
+    """The event's patient matched (conflicts to the exceptions queue) and the event as
+    the workflow takes it; None when no patient matches (an ``unmatched_patient``
+    exception)."""
+    match = await find_patient(session, event.patient)
+    if match.patient_id is None:
+        tried = "no patient matches; tried: " + "; ".join(match.tried)
+        session.add(
+            _exception(
+                message, "unmatched_patient", [Problem("patient", "unmatched_patient", tried)]
+            )
+        )
+        log.info("events.unmatched_patient", message_id=message.id, tried=len(match.tried))
+        return None
+    record_conflicts(
+        session, match, channel=message.channel, sender=message.sender, message_id=message.id
     )
-    if not marked:
-        raise LeaseLostError(message.id)
+    return EventInput(
+        source=event.source,
+        sender=event.sender,
+        event_id=event.event_id,
+        type=event.type,
+        detail=event.detail,
+        occurred_at=event.occurred_at,
+        patient_id=match.patient_id,
+        program=event.program,
+        case_id=event.case_id,
+        message_id=message.id,
+        channel=message.channel,
+        reference=event.reference,
+        principal=message.principal,
+    )
+
+
+async def apply_prepared_batch(
+    session: AsyncSession,
+    batch: list[tuple[InboundMessage, Prepared]],
+    *,
+    workflow: WorkflowProfile,
+    notify: ChangeSink,
+    now: datetime,
+) -> None:
+    """:func:`apply_prepared` for several messages at once, with the same results: each
+    event's patient matched, then every event applied with
+    :func:`~gateway.workflow.service.record_events` (the batch's cases found and locked
+    in one query, its duplicates in another, the history rows that only add to a case
+    in one round trip; the others through ``apply_event``, in order), and every message
+    marked in one statement.
+
+    The caller holds and has locked (:func:`gateway.queue.repository.owned`) every
+    message's lease. Flushes; the caller commits (or rolls back a savepoint and applies
+    the messages one by one).
+    """
+    inputs: list[EventInput] = []
+    plans: list[tuple[InboundMessage, Prepared, list[tuple[str, int | None]]]] = []
+    for message, prepared in batch:
+        plan: list[tuple[str, int | None]] = []
+        for event in prepared.events:
+            one = await _match(session, message, event)
+            if one is not None:
+                inputs.append(one)
+            plan.append((event.event_id, len(inputs) - 1 if one is not None else None))
+        plans.append((message, prepared, plan))
+    results = await record_events(session, workflow, inputs, notify=notify)
+    rows: list[dict[str, Any]] = []
+    for message, prepared, plan in plans:
+        outcomes: list[dict[str, Any]] = []
+        failed = False
+        for event_id, index in plan:
+            if index is None:
+                failed = True
+                outcomes.append({"event_id": event_id, "outcome": "unmatched_patient"})
+                continue
+            result = results[index]
+            failed = failed or result.outcome in ("rejected", "no_case")
+            outcomes.append(
+                {"event_id": event_id, "outcome": result.outcome, "case_id": result.case_id}
+            )
+        values = _finished(session, message, prepared, outcomes, failed=failed, now=now)
+        rows.append({"id": message.id, "locked_by": None, "locked_until": None, **values})
+    bulk = BulkInserts()
+    await queue.write_rows(session, INBOX, rows, bulk=bulk)
+    await bulk.flush(session)
     await session.flush()
-    return str(status)
 
 
 def _exception(message: InboundMessage, kind: str, problems: list[Problem]) -> ExceptionRecord:
@@ -395,8 +463,10 @@ class EventApplier:
     async def _apply_batch(
         self, batch: list[tuple[InboundMessage, Prepared]], workflow: WorkflowProfile
     ) -> tuple[int, list[tuple[InboundMessage, Prepared]]]:
-        """Apply a batch in one transaction, each message in a savepoint. Returns how many
-        were applied (or failed) and those to apply again alone."""
+        """Apply a batch in one transaction: all together (:func:`apply_prepared_batch`)
+        in a savepoint; if the database refuses that (a race for a case, an unexpected
+        error), each message in a savepoint of its own. Returns how many were applied (or
+        failed) and those to apply again alone."""
         done = 0
         again: list[tuple[InboundMessage, Prepared]] = []
         crashed: list[tuple[InboundMessage, Exception]] = []
@@ -404,9 +474,18 @@ class EventApplier:
             mine = await queue.owned(
                 session, INBOX, ids=[m.id for m, _ in batch], worker=self.worker
             )
+            batch = [(m, p) for m, p in batch if m.id in mine]
+            try:
+                async with session.begin_nested():
+                    await apply_prepared_batch(
+                        session, batch, workflow=workflow, notify=self.notify, now=self.clock.now()
+                    )
+                return len(batch), []
+            except Exception as exc:  # each message alone below says which one, and why
+                log.info(
+                    "events.batch_one_by_one", messages=len(batch), error_type=type(exc).__name__
+                )
             for message, prepared in batch:
-                if message.id not in mine:
-                    continue
                 try:
                     async with session.begin_nested():
                         await self._apply(session, message, prepared, workflow)
