@@ -60,6 +60,7 @@ from gateway.ops.exceptions import router as exceptions_router
 from gateway.ops.guards import record_target_modes
 from gateway.ops.patient_review import router as patient_review_router
 from gateway.ops.reconciliation import router as reconcile_router
+from gateway.ops.reconciliation import stop_jobs as stop_reconciliations
 from gateway.ops.targets import router as ops_targets_router
 from gateway.partners.endpoints import router as partners_router
 from gateway.profiles.endpoints import router as profiles_router
@@ -351,6 +352,7 @@ def create_app(
             yield
         finally:
             stop.set()
+            await stop_reconciliations(rt)
             if checkpoints is not None:
                 await checkpoints
             if uploads is not None:

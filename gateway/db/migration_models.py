@@ -140,7 +140,12 @@ class ShadowResult(Base):
 
 
 class ReconcileJob(Base):
-    """One reconciliation of a target: the summary and the mismatches found."""
+    """One reconciliation of a target: the summary and the mismatches found.
+
+    ``runner`` is the process running it (``host:pid``) and ``heartbeat_at`` when that
+    process last showed life (renewed while it runs): a ``running`` job whose heartbeat
+    is stale lost its process (:func:`gateway.ops.reconcile.settle_interrupted`).
+    """
 
     __tablename__ = "reconcile_jobs"
 
@@ -153,6 +158,8 @@ class ReconcileJob(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
+    runner: Mapped[str | None] = mapped_column(String(128))
+    heartbeat_at: Mapped[datetime | None]
 
 
 class GuardBreach(Base):

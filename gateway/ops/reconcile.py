@@ -33,11 +33,11 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.db.models import Delivery, FhirResource, ImportStatus, ReconcileJob
@@ -410,18 +410,67 @@ def to_csv(report: Report) -> str:
 # --------------------------------------------------------------------------- API jobs
 
 
-async def create_job(session: AsyncSession, *, target: str, since: datetime | None) -> str:
-    """A new reconciliation job row (flushes); its id."""
+#: A ``running`` job whose process showed no life for this long (seconds) is taken as
+#: interrupted (a restart or a crash stopped it): shown ``failed``, to be started again.
+STALE_AFTER_S = 120.0
+#: How often a running job renews its heartbeat (seconds).
+HEARTBEAT_S = 30.0
+#: The ``error`` of a job whose process stopped.
+INTERRUPTED = "interrupted: the process running it stopped; start the reconciliation again"
+
+
+async def create_job(
+    session: AsyncSession, *, target: str, since: datetime | None, runner: str | None = None
+) -> str:
+    """A new reconciliation job row run by ``runner`` (flushes); its id."""
+    now = utcnow()
     job = ReconcileJob(
         id=str(uuid.uuid4()),
         target=target,
         since=since,
         status=ImportStatus.RUNNING,
-        created_at=utcnow(),
+        created_at=now,
+        runner=runner,
+        heartbeat_at=now,
     )
     session.add(job)
     await session.flush()
     return job.id
+
+
+async def beat(session: AsyncSession, job_id: str) -> None:
+    """Renew a running job's heartbeat (flushes)."""
+    await session.execute(
+        update(ReconcileJob)
+        .where(ReconcileJob.id == job_id, ReconcileJob.status == ImportStatus.RUNNING)
+        .values(heartbeat_at=utcnow())
+    )
+
+
+async def settle_interrupted(
+    session: AsyncSession,
+    *,
+    now: datetime,
+    stale_after_s: float = STALE_AFTER_S,
+    runner: str | None = None,
+) -> int:
+    """Mark ``failed`` (:data:`INTERRUPTED`) the running jobs whose process stopped: those
+    with no heartbeat for ``stale_after_s`` (a job from before heartbeats: since its
+    creation), or, with ``runner``, every running job of that process (it is stopping).
+    Flushes; returns how many."""
+    stale = func.coalesce(ReconcileJob.heartbeat_at, ReconcileJob.created_at) < now - timedelta(
+        seconds=stale_after_s
+    )
+    result = await session.execute(
+        update(ReconcileJob)
+        .where(
+            ReconcileJob.status == ImportStatus.RUNNING,
+            ReconcileJob.runner == runner if runner is not None else stale,
+        )
+        .values(status=ImportStatus.FAILED, finished_at=now, error=INTERRUPTED)
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
 async def finish_job(

@@ -98,7 +98,8 @@ async def start_reconcile(
     """
     if name not in runtime.profiles.current.ehr:
         raise NotFoundError("no such EHR target")
-    job_id = await rec.create_job(session, target=name, since=since)
+    await rec.settle_interrupted(session, now=utcnow())
+    job_id = await rec.create_job(session, target=name, since=since, runner=runtime.instance_id)
     audit.record(
         session,
         action="create",
@@ -111,6 +112,7 @@ async def start_reconcile(
 
     async def work() -> None:
         clients = factory()
+        heartbeat = asyncio.create_task(_beat(runtime, job_id))
         try:
             await run_job(runtime, clients, job_id, target_name=name, since=since, requeue=requeue)
         except Exception as exc:  # recorded as failed; the caller sees it on the job
@@ -118,6 +120,7 @@ async def start_reconcile(
             async with unit_of_work(runtime.write_session) as s:
                 await rec.finish_job(s, job_id, report=None, error=type(exc).__name__)
         finally:
+            heartbeat.cancel()
             await clients.aclose()
 
     task = asyncio.create_task(work())
@@ -130,10 +133,43 @@ async def start_reconcile(
     )
 
 
+async def _beat(runtime: Runtime, job_id: str) -> None:
+    """Renew the job's heartbeat every :data:`~gateway.ops.reconcile.HEARTBEAT_S` while
+    it runs (a failed renewal is logged; the next one tries again)."""
+    while True:
+        await asyncio.sleep(rec.HEARTBEAT_S)
+        try:
+            async with unit_of_work(runtime.write_session) as session:
+                await rec.beat(session, job_id)
+        except Exception as exc:
+            log.warning("reconcile.heartbeat_failed", job_id=job_id, error_type=type(exc).__name__)
+
+
 async def wait_for_jobs() -> None:
     """Wait until this process's reconciliation jobs end (tests, shutdown)."""
     while _RUNNING:
         await asyncio.gather(*list(_RUNNING), return_exceptions=True)
+
+
+async def stop_jobs(runtime: Runtime) -> int:
+    """Stop this process's running reconciliation jobs (the gateway is stopping) and mark
+    them ``failed`` (interrupted: to be started again) at once, rather than when their
+    heartbeat goes stale; returns how many were marked."""
+    if not _RUNNING:
+        return 0
+    for task in list(_RUNNING):
+        task.cancel()
+    await asyncio.gather(*list(_RUNNING), return_exceptions=True)
+    try:
+        async with unit_of_work(runtime.write_session) as session:
+            stopped = await rec.settle_interrupted(
+                session, now=utcnow(), runner=runtime.instance_id
+            )
+    except Exception as exc:  # their heartbeats going stale marks them later
+        log.warning("reconcile.interrupt_failed", error_type=type(exc).__name__)
+        return 0
+    log.warning("reconcile.interrupted", jobs=stopped)
+    return stopped
 
 
 @router.get(
@@ -153,6 +189,8 @@ async def get_reconcile(
     Raises:
         NotFoundError: no such job.
     """
+    if await rec.settle_interrupted(session, now=utcnow()):  # a job whose process stopped
+        await session.commit()
     job = await session.get(ReconcileJob, job_id)
     if job is None:
         raise NotFoundError("no such reconciliation job")
