@@ -57,6 +57,14 @@ class AuditEntry(Base):
         Index("ix_audit_log_patient", "patient_id", "at"),
         Index("ix_audit_log_actor", "actor", "at"),
         Index("ix_audit_log_at", "at"),
+        # The last recorded mode of each EHR target (read at start-up and on reload).
+        Index(
+            "ix_audit_log_target_mode",
+            "entity_id",
+            "id",
+            postgresql_where=text("entity_type = 'EhrTargetMode'"),
+            sqlite_where=text("entity_type = 'EhrTargetMode'"),
+        ),
         # The sealer's scan: entries not chained yet.
         Index(
             "ix_audit_log_unsealed",

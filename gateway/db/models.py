@@ -461,6 +461,7 @@ class ExceptionRecord(Base):
     __table_args__ = (
         Index("ix_exceptions_status", "status", "kind"),
         Index("ix_exceptions_group", "group_key", "status"),
+        Index("ix_exceptions_created", "created_at"),  # the guards' counts of a window
     )
 
 

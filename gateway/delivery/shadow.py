@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, insert, null, select, update
+from sqlalchemy import Select, delete, func, insert, null, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.audit import service as audit
@@ -161,6 +161,17 @@ async def list_results(
     return (await session.scalars(stmt.order_by(ShadowResult.id).limit(limit))).all()
 
 
+def last_mode_statement(target: str) -> Select[tuple[dict[str, Any] | None]]:
+    """The ``detail`` of the last mode recorded for ``target`` (through
+    ``ix_audit_log_target_mode``, migration 0020)."""
+    return (
+        select(AuditEntry.detail)
+        .where(AuditEntry.entity_type == MODE_ENTITY, AuditEntry.entity_id == target)
+        .order_by(AuditEntry.id.desc())
+        .limit(1)
+    )
+
+
 async def audit_target_modes(session: AsyncSession, profiles: ProfileSet) -> list[str]:
     """Record in the audit trail each EHR target whose ``mode`` differs from the last
     one recorded (a profile change: reload, or a restart with an edited file). A target
@@ -172,14 +183,7 @@ async def audit_target_modes(session: AsyncSession, profiles: ProfileSet) -> lis
     """
     changed = []
     for name, target in sorted(profiles.ehr.items()):
-        last = (
-            await session.scalars(
-                select(AuditEntry.detail)
-                .where(AuditEntry.entity_type == MODE_ENTITY, AuditEntry.entity_id == name)
-                .order_by(AuditEntry.id.desc())
-                .limit(1)
-            )
-        ).first()
+        last = (await session.scalars(last_mode_statement(name))).first()
         before = (last or {}).get("mode")
         if before == target.mode or (before is None and target.mode == "live"):
             continue  # unchanged, or never anything but live (the default)

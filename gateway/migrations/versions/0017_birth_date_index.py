@@ -41,7 +41,8 @@ EXPRESSION = {
 def upgrade() -> None:
     expression = EXPRESSION[op.get_bind().dialect.name]
     op.execute(
-        f"CREATE INDEX ix_fhir_resources_birth_date ON fhir_resources (resource_type, {expression})"
+        "CREATE INDEX IF NOT EXISTS ix_fhir_resources_birth_date"
+        f" ON fhir_resources (resource_type, {expression})"
     )
 
 

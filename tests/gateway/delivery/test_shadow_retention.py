@@ -82,3 +82,24 @@ async def test_reconciliation_reports_lose_their_items_after_the_retention(
         recent = await session.get(ReconcileJob, "recent")
     assert old is not None and old.items is None and old.summary == {"mismatches": 1}
     assert recent is not None and recent.items
+
+
+async def test_the_last_target_mode_is_read_through_its_index(runtime: Runtime) -> None:
+    """The start-up check of each target's mode uses ``ix_audit_log_target_mode``
+    (migration 0020): without it, a scan of the whole audit log per target."""
+    from sqlalchemy import text
+
+    from gateway.delivery.shadow import last_mode_statement
+
+    compiled = last_mode_statement("acme-ehr").compile(
+        runtime.engine.sync_engine, compile_kwargs={"literal_binds": True}
+    )
+    async with runtime.sessionmaker() as session:
+        if runtime.engine.dialect.name == "postgresql":
+            await session.execute(text("SET LOCAL enable_seqscan = off"))
+            details = " ".join((await session.execute(text(f"EXPLAIN {compiled}"))).scalars())
+        else:
+            plan = (await session.execute(text(f"EXPLAIN QUERY PLAN {compiled}"))).all()
+            details = " ".join(str(row[-1]) for row in plan)
+        assert "ix_audit_log_target_mode" in details, details
+        await session.rollback()
