@@ -130,7 +130,7 @@ async def _run(
     from gateway.runtime import Runtime
 
     runtime = Runtime.create(settings, profiles=profiles)
-    sources = [ImportSource(name=str(p), path=p) for p in files]
+    sources = [ImportSource(name=str(p), path=p) for p in files]  # hashed below
     try:
         with acting_as(cli_actor()) as actor:
             try:
@@ -139,7 +139,8 @@ async def _run(
                 raise fail(str(exc)) from exc
             async with runtime.write_session() as session:
                 job = None
-                digests = {p: file_sha256(p) for p in files}
+                digests = {p: file_sha256(p) for p in files}  # once per run
+                sources = [ImportSource(name=str(p), path=p, sha256=digests[p]) for p in files]
                 if not new_job:
                     job = await find_resumable(session, list(digests.values()))
                 if job is None:
@@ -159,7 +160,7 @@ async def _run(
                     # (another working directory) resume it too
                     by_digest = {digest: path for path, digest in digests.items()}
                     sources = [
-                        ImportSource(name=name, path=by_digest[sha])
+                        ImportSource(name=name, path=by_digest[sha], sha256=sha)
                         for name, sha in {
                             (f.name, f.sha256) for f in await repo.job_files(session, job.id)
                         }

@@ -74,7 +74,7 @@ def _phase(source: ImportSource) -> int:
 def _worker(
     settings: Settings,
     job_id: str,
-    files: list[tuple[str, str]],
+    files: list[tuple[str, str, str]],
     row_ids: list[int],
     batch_size: int,
     actor: Actor,
@@ -94,7 +94,10 @@ def _worker(
                 await run_job(
                     runtime,
                     job_id,
-                    [ImportSource(name=name, path=Path(path)) for name, path in files],
+                    [
+                        ImportSource(name=name, path=Path(path), sha256=sha256)
+                        for name, path, sha256 in files
+                    ],
                     batch_size=batch_size,
                     only=set(row_ids),
                     finish=False,
@@ -160,11 +163,21 @@ async def run_parallel(
     missing = sorted({r.name for r in rows} - set(by_name))
     if missing:
         raise ImportFileError(f"{missing[0]}: not given to resume the job")
+    # each file hashed once here (not once more in every process), checked against the job
+    digests: dict[str, str] = {}
+    for row in rows:
+        if row.name not in digests:
+            try:
+                digests[row.name] = by_name[row.name].digest()
+            except OSError as exc:
+                raise ImportFileError(f"cannot read {row.name} ({exc.strerror})") from exc
+            if digests[row.name] != row.sha256:
+                raise ImportFileError(f"{row.name}: the file changed since the job started")
     phases: dict[int, list[int]] = {}
     for row in rows:
         phases.setdefault(_phase(by_name[row.name]), []).append(row.id)
     spawn = multiprocessing.get_context("spawn")
-    paths = [(f.name, str(f.path)) for f in files]
+    paths = [(f.name, str(f.path), digests[f.name]) for f in files if f.name in digests]
     for phase in sorted(phases):
         ids = phases[phase]
         count = min(workers, len(ids))

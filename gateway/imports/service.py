@@ -135,10 +135,24 @@ def _rowcount(result: Any) -> int:
 @dataclass(frozen=True)
 class ImportSource:
     """One input of a job: a path (CLI), or a name and bytes (an upload, kept in the
-    job's row so it can be resumed)."""
+    job's row so it can be resumed).
+
+    ``sha256``: the file's SHA-256 (hex) when the caller has just computed it (the CLI
+    hashes each file once to find a job to resume); None: computed where needed. A file
+    of several GB takes seconds to hash, so it is read for its digest once per run.
+    """
 
     name: str
     path: Path
+    sha256: str | None = None
+
+    def digest(self) -> str:
+        """The file's SHA-256 (hex): :attr:`sha256`, or read now.
+
+        Raises:
+            OSError: the file cannot be read.
+        """
+        return self.sha256 or file_sha256(self.path)
 
     @property
     def is_csv(self) -> bool:
@@ -203,7 +217,7 @@ async def create_job(
     ranked = sorted(files, key=lambda f: 1 if f.is_csv else fhir_bulk.file_rank(f.path))
     for source_file in ranked:
         try:
-            digest, size = file_sha256(source_file.path), source_file.path.stat().st_size
+            digest, size = source_file.digest(), source_file.path.stat().st_size
         except OSError as exc:
             raise ImportFileError(f"cannot read {source_file.name} ({exc.strerror})") from exc
         cuts = [(0, 1)]
@@ -318,7 +332,7 @@ async def run_job(
             if source is None:
                 raise ImportFileError(f"{row.name}: not given to resume the job")
             if row.name not in checked:
-                if file_sha256(source.path) != row.sha256:
+                if source.digest() != row.sha256:
                     raise ImportFileError(f"{row.name}: the file changed since the job started")
                 checked.add(row.name)
             await _import_file(

@@ -16,6 +16,7 @@ from gateway.db.models import Case, Delivery, FhirResource, ImportFile, InboundM
 from gateway.imports import repository as repo
 from gateway.imports.readers import file_sha256
 from gateway.imports.service import (
+    ImportFileError,
     ImportSource,
     create_job,
     find_resumable,
@@ -334,3 +335,35 @@ def test_csv_rows_that_cannot_be_read_are_refused_and_reading_goes_on(tmp_path: 
         (6, []),
     ]
     assert records[-1].end == len(content)  # the cursor after the last row
+
+
+async def test_a_file_changed_since_the_job_started_is_refused(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """A run checks each file against the digest the job recorded: the digest the caller
+    computed for this run (``ImportSource.sha256``, as the CLI gives it) or, without one,
+    a fresh read of the file. A changed file is refused; nothing is imported."""
+    lines, _ = mixed_records()
+    path = write_ndjson(tmp_path / "history.ndjson", lines)
+    jobs = []
+    async with runtime.sessionmaker() as session:
+        for _ in range(2):
+            job = await create_job(
+                session,
+                source="legacy-crm",
+                notify=False,
+                actor="test",
+                csv_profile=None,
+                files=[ImportSource(name=path.name, path=path)],
+            )
+            jobs.append(job.id)
+        await session.commit()
+    write_ndjson(path, lines[:2])  # edited before the runs
+    given = [
+        ImportSource(name=path.name, path=path),  # read again
+        ImportSource(name=path.name, path=path, sha256=file_sha256(path)),  # the CLI's
+    ]
+    for job_id, source in zip(jobs, given, strict=True):
+        with pytest.raises(ImportFileError, match="changed since the job started"):
+            await run_job(runtime, job_id, [source], batch_size=3)
+    assert await count(runtime, InboundMessage) == 0

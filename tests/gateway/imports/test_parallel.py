@@ -244,3 +244,29 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+async def test_parallel_processes_refuse_a_file_changed_since_the_job_started(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """``run_parallel`` hashes each file once and checks it against the job before any
+    process starts (so on either database): a changed file is refused and nothing is
+    imported."""
+    from gateway.clients.actor import Actor
+    from gateway.imports.parallel import run_parallel
+
+    history = tmp_path / "h.ndjson"
+    history.write_text("\n".join(json.dumps(samples.intake()) for _ in range(3)) + "\n")
+    source = service.ImportSource(name=history.name, path=history)
+    async with runtime.sessionmaker() as session:
+        job = await service.create_job(
+            session, source="x", notify=False, actor="t", csv_profile=None, files=[source]
+        )
+        await session.commit()
+    history.write_text(json.dumps(samples.intake()) + "\n")
+    with pytest.raises(service.ImportFileError, match="changed since the job started"):
+        await run_parallel(
+            runtime, job.id, [source], workers=2, batch_size=3, actor=Actor("user", "t")
+        )
+    async with runtime.sessionmaker() as session:
+        assert await session.scalar(select(func.count()).select_from(FhirResource)) == 0
