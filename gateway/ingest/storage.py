@@ -353,6 +353,10 @@ async def store_mapped(
         session, mapped.match, mapped.merged, message_id=mapped.message.id, bulk=bulk
     )
     case_result = None
+    # A historical case runs no SLA timer: it would flag it overdue (and send
+    # case.overdue) days after the import. The next live event of the case starts
+    # its timers again.
+    historical = ctx.migration is not None and not ctx.migration.notify
     if mapped.event is not None:
         case_result = await apply_event(
             session,
@@ -363,19 +367,17 @@ async def store_mapped(
             else ctx.migration.suppress_webhooks,
             new_patient=existed.get(f"Patient/{mapped.patient_id}") is None,
             bulk=bulk,
+            timers=not historical,
         )
     # every row queued above (resources, audit entries, element sources, a new case and
     # its history, the profile mapping) in one round trip
     await bulk.flush(session)
     if (
-        ctx.migration is not None
-        and not ctx.migration.notify
+        historical
         and case_result is not None
         and case_result.case_id
+        and case_result.from_state is not None  # a case opened now started none
     ):
-        # A historical case runs no SLA timer: it would flag it overdue (and send
-        # case.overdue) days after the import. The next live event of the case
-        # starts its timers again.
         await session.execute(
             update(Case)
             .where(Case.id == case_result.case_id)

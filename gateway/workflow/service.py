@@ -147,6 +147,7 @@ async def apply_event(
     notify: ChangeSink,
     new_patient: bool = False,
     bulk: BulkInserts | None = None,
+    timers: bool = True,
 ) -> ApplyResult:
     """Apply one event to its case (opening one if the event opens cases).
 
@@ -162,6 +163,9 @@ async def apply_event(
         bulk: the caller's queued INSERTs (the ingest path): a new case, its first
             history row and their audit entry are queued there, for the caller to flush
             with its other rows (one round trip), instead of flushed here.
+        timers: a case this event opens runs its SLA timers (False: a historical case
+            brought in by a bulk import, which must not be flagged overdue later; its next
+            live event starts them).
 
     Returns:
         The :class:`ApplyResult`. ``pending``: held for the reorder window;
@@ -195,7 +199,9 @@ async def apply_event(
     )
     now = utcnow()
     if case is None:
-        return await _open_case(session, workflow, event, decision, now, notify, bulk)
+        return await _open_case(
+            session, workflow, event, decision, now, notify, bulk, timers=timers
+        )
 
     from_state = case.state
     if (
@@ -400,6 +406,8 @@ async def _open_case(
     now: datetime,
     notify: ChangeSink,
     bulk: BulkInserts | None = None,
+    *,
+    timers: bool = True,
 ) -> ApplyResult:
     if decision.outcome != "applied" or decision.to_state is None:
         return await _reject_without_case(
@@ -425,7 +433,8 @@ async def _open_case(
     row = _history(
         session, case, event, None, decision.to_state, CaseEventOutcome.APPLIED, None, bulk=bulk
     )
-    await refresh_sla(session, workflow, case, now, history=[row])
+    if timers:
+        await refresh_sla(session, workflow, case, now, history=[row])
     if bulk is None:
         await session.flush()
     else:  # the case before its history row (FK order); both stay out of the session

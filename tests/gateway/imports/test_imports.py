@@ -138,11 +138,14 @@ async def test_case_webhooks_are_recorded_not_sent_unless_notify(
 
     async with runtime.sessionmaker() as session:  # a historical case runs no SLA timer
         [case] = (await session.scalars(select(Case))).all()
-        assert case.sla_due_at is None
+        assert case.sla_due_at is None and case.sla_timer is None
 
     loud = write_ndjson(tmp_path / "b.ndjson", [json.dumps(samples.intake()).encode()])
     _, counts = await run_file(runtime, loud, notify=True)
     assert counts["suppressed_webhooks"] == 0
+    async with runtime.sessionmaker() as session:  # live side effects: its timer runs
+        timers = (await session.scalars(select(Case.sla_timer).where(Case.id != case.id))).all()
+        assert timers == ["intake_not_delivered"]
     assert (
         await count(runtime, Delivery, Delivery.kind == "webhook", Delivery.status == "pending")
         == 1
