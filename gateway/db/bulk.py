@@ -1,6 +1,7 @@
-"""Inserting rows: collect rows of several tables and insert them with one statement per
-table (:class:`BulkInserts`), and ``INSERT ... ON CONFLICT DO NOTHING`` for either
-database (:func:`insert_ignore`).
+"""Writing rows: collect rows of several tables (and UPDATEs by id) and send them
+with one statement each, in one round trip on PostgreSQL (:class:`BulkInserts`,
+:func:`execute_many`), and ``INSERT ... ON CONFLICT DO NOTHING`` for either database
+(:func:`insert_ignore`).
 
 The ORM unit of work costs a few hundred microseconds per object; an ingest request
 writes a dozen rows, so the hot path queues plain row dicts here and sends them with one
@@ -120,14 +121,6 @@ def prepared_statement(
     return found
 
 
-def prepared_insert(dialect: Dialect, table: Table, columns: tuple[str, ...]) -> PreparedStatement:
-    """The :class:`PreparedStatement` of an ``INSERT`` into ``table`` with ``columns``
-    given, for ``dialect``."""
-    return prepared_statement(
-        dialect, ("insert", table.name, columns), lambda: insert(table), columns
-    )
-
-
 #: A statement to run with many rows: ``(key, build, column keys of an INSERT or None)``.
 Statement = tuple[Hashable, Callable[[], Executable], tuple[str, ...] | None]
 
@@ -160,6 +153,8 @@ async def execute_many(
     fairy = await connection.get_raw_connection()
     driver: Any = fairy.driver_connection
     error: type[Exception] = dialect.loaded_dbapi.Error
+    # named in the error (in a pipeline a refusal surfaces at its end: the statement
+    # named may be a later one of the same round trip; parameters are never shown)
     prepared, params = work[0]
     try:
         if dialect.name == "postgresql":
@@ -244,8 +239,9 @@ class BulkInserts:
         )
 
     async def flush(self, session: AsyncSession) -> None:
-        """Insert every queued row (one statement per table and set of columns given,
-        :func:`insert_rows`) and forget them.
+        """Send every queued row and statement (:func:`execute_many`: one statement per
+        table and set of columns given, then the statements in the order added) and
+        forget them.
 
         A column given as None stays in the statement, so rows with and without a value
         (a resource with no business identifier) still go in one executemany. Columns not
