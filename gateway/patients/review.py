@@ -43,7 +43,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from rapidfuzz.distance import DamerauLevenshtein, JaroWinkler
-from sqlalchemy import ARRAY, Select, String, any_, bindparam, case, func, select
+from sqlalchemy import ARRAY, Select, String, any_, bindparam, case, func, literal_column, select
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.db.models import FhirResource, PatientConflict, PatientReview, ReviewStatus
@@ -176,31 +177,59 @@ def _address(patient: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+@dataclass(frozen=True)
+class Features:
+    """What :func:`score` compares of one Patient, read from its resource once
+    (:func:`features`): a new patient is scored against up to :data:`MAX_CANDIDATES`
+    stored ones, so its own elements are not read again for each."""
+
+    names: tuple[str, str] | None
+    birth_date: str | None
+    phone: str | None  # digits (a leading US 1 dropped)
+    email: str | None  # case-folded
+    address: tuple[str, str] | None
+
+
+def features(patient: dict[str, Any]) -> Features:
+    """The :class:`Features` of a Patient resource (JSON)."""
+    phone, email = _telecom(patient, "phone"), _telecom(patient, "email")
+    born = patient.get("birthDate")
+    return Features(
+        names=_names(patient),
+        birth_date=str(born) if born else None,
+        phone=_digits(phone) if phone else None,
+        email=email.casefold() if email else None,
+        address=_address(patient),
+    )
+
+
 def score(a: dict[str, Any], b: dict[str, Any]) -> Score | None:
     """The duplicate score of Patients ``a`` and ``b`` (see the module docstring), or
     None when either lacks a name or a birth date."""
-    names_a, names_b = _names(a), _names(b)
-    if names_a is None or names_b is None or not a.get("birthDate") or not b.get("birthDate"):
+    return score_features(features(a), features(b))
+
+
+def score_features(a: Features, b: Features) -> Score | None:
+    """:func:`score` of two patients' :class:`Features`."""
+    if a.names is None or b.names is None or not a.birth_date or not b.birth_date:
         return None
     parts = {
-        "name": name_part(names_a, names_b),
-        "birthDate": birth_date_part(str(a["birthDate"]), str(b["birthDate"])),
+        "name": name_part(a.names, b.names),
+        "birthDate": birth_date_part(a.birth_date, b.birth_date),
     }
-    phone_a, phone_b = _telecom(a, "phone"), _telecom(b, "phone")
-    if phone_a and phone_b:
-        parts["phone"] = 1.0 if _digits(phone_a) == _digits(phone_b) else 0.0
-    email_a, email_b = _telecom(a, "email"), _telecom(b, "email")
-    if email_a and email_b:
-        ea, eb = email_a.casefold(), email_b.casefold()
-        if ea == eb:
+    if a.phone and b.phone:
+        parts["phone"] = 1.0 if a.phone == b.phone else 0.0
+    if a.email and b.email:
+        if a.email == b.email:
             parts["email"] = 1.0
         else:
-            (la, _, ha), (lb, _, hb) = ea.partition("@"), eb.partition("@")
+            (la, _, ha), (lb, _, hb) = a.email.partition("@"), b.email.partition("@")
             parts["email"] = 0.5 if ha == hb and _jw(la, lb) >= 0.9 else 0.0
-    addr_a, addr_b = _address(a), _address(b)
-    if addr_a and addr_b:
+    if a.address and b.address:
         parts["address"] = (
-            _jw(addr_a[0], addr_b[0]) if addr_a[1] and addr_a[1] == addr_b[1] else 0.0
+            _jw(a.address[0], b.address[0])
+            if a.address[1] and a.address[1] == b.address[1]
+            else 0.0
         )
     weight = sum(WEIGHTS[k] for k in parts)
     total = sum(WEIGHTS[k] * v for k, v in parts.items()) / weight
@@ -220,11 +249,26 @@ def score(a: dict[str, Any], b: dict[str, Any]) -> Score | None:
 MAX_CANDIDATES = 200
 
 
+#: On PostgreSQL a candidate is read as the elements :func:`features` compares (and
+#: ``active``), not the whole resource: up to :data:`MAX_CANDIDATES` Patients per new
+#: patient, whose identifiers, extensions and metadata the driver would decode for nothing.
+_COMPARED_ELEMENTS = literal_column(
+    "jsonb_build_object("
+    + ", ".join(
+        f"'{e}', fhir_resources.resource -> '{e}'"
+        for e in ("name", "birthDate", "telecom", "address", "active")
+    )
+    + ")",
+    type_=JSONB,
+).label("resource")
+
+
 def candidates_statement(
     birth_date: str, dialect: str = "sqlite"
 ) -> Select[tuple[str, dict[str, Any]]]:
     """The stored Patients a new patient born on ``birth_date`` (``YYYY-MM-DD``) is scored
-    against: ``(id, resource)`` rows born on that date or a typo of it
+    against: ``(id, resource)`` rows (on PostgreSQL the resource holds only the elements
+    :func:`features` reads, and ``active``) born on that date or a typo of it
     (:func:`birth_date_variants`), that date first, then the most recently updated, at
     most :data:`MAX_CANDIDATES`.
 
@@ -242,12 +286,14 @@ def candidates_statement(
     """
     born = json_text(FhirResource.resource, "birthDate")  # the index's expression
     dates = sorted(birth_date_variants(birth_date))
+    compared: Any = FhirResource.resource
     if dialect == "postgresql":
         one_of = born == any_(bindparam("birth_dates", dates, type_=ARRAY(String())))
+        compared = _COMPARED_ELEMENTS
     else:
         one_of = born.in_(dates)
     return (
-        select(FhirResource.id, FhirResource.resource)
+        select(FhirResource.id, compared)
         .where(FhirResource.resource_type == "Patient", one_of)
         .order_by(case((born == birth_date, 0), else_=1))
         .order_by(FhirResource.updated_at.desc())
@@ -268,10 +314,11 @@ async def detect_duplicates(session: AsyncSession, patient: dict[str, Any]) -> l
     dialect = session.get_bind().dialect.name
     rows = await session.execute(candidates_statement(str(patient["birthDate"]), dialect))
     found: list[tuple[Score, str]] = []
+    mine = features(patient)
     for row_id, resource in rows:
         if row_id == patient["id"] or resource.get("active") is False:
             continue
-        s = score(patient, resource)
+        s = score_features(mine, features(resource))
         if s is not None and s.total >= REVIEW_THRESHOLD:
             found.append((s, row_id))
     found.sort(key=lambda item: -item[0].total)
