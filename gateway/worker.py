@@ -50,7 +50,8 @@ from gateway.ops.guards import GuardLoop
 from gateway.queue.loop import PollingLoop, Worker
 from gateway.runtime import Runtime
 from gateway.subscribers.service import enqueue_case_webhook, enqueue_exception_webhook
-from gateway.workflow.service import EventInput, record_events
+from gateway.workflow.batch import record_events
+from gateway.workflow.service import EventInput
 from gateway.workflow.timers import WorkflowTimers
 from mappers.profiles.ehr import EhrTargetProfile
 

@@ -54,7 +54,8 @@ from gateway.queue import repository as queue
 from gateway.queue.policy import next_retry
 from gateway.runtime import Runtime
 from gateway.subscribers.service import enqueue_case_webhook
-from gateway.workflow.service import ChangeSink, EventInput, apply_event, record_events
+from gateway.workflow.batch import record_events
+from gateway.workflow.service import ChangeSink, EventInput, apply_event
 from mappers.errors import Problem
 from mappers.events import ClinicalEvent
 from mappers.profiles import ProfileSet, RetryPolicy, WorkflowProfile
@@ -201,7 +202,7 @@ async def apply_prepared_batch(
 ) -> None:
     """:func:`apply_prepared` for several messages at once, with the same results: each
     event's patient matched, then every event applied with
-    :func:`~gateway.workflow.service.record_events` (the batch's cases found and locked
+    :func:`~gateway.workflow.batch.record_events` (the batch's cases found and locked
     in one query, its duplicates in another, the history rows that only add to a case
     in one round trip; the others through ``apply_event``, in order), and every message
     marked in one statement.

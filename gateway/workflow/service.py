@@ -25,7 +25,6 @@ time-driven side (held events whose window closed, overdue cases) is
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -39,7 +38,7 @@ from gateway.db.models import Case, CaseEvent, CaseEventOutcome
 from gateway.db.types import utcnow
 from gateway.inbox.repository import new_exception
 from gateway.logging import get_logger
-from gateway.workflow.sla import refresh_sla, refresh_sla_many, stops_a_timer
+from gateway.workflow.sla import refresh_sla, stops_a_timer
 from mappers.errors import Problem
 from mappers.normalize import to_fhir_instant
 from mappers.profiles import WorkflowProfile
@@ -210,7 +209,7 @@ async def apply_event(
         and workflow.reorder_window.total_seconds() > 0
         and existing is None
     ):
-        row = _history(session, case, event, from_state, None, CaseEventOutcome.PENDING, None)
+        row = history_row(session, case, event, from_state, None, CaseEventOutcome.PENDING, None)
         row.hold_until = now + workflow.reorder_window
         row.note = f"{decision.message}; waiting for earlier events"
         await session.flush()
@@ -230,7 +229,7 @@ async def apply_event(
         row.from_state = from_state
         row.note = "decided again on retry" + (f": {decision.message}" if decision.message else "")
     else:
-        row = _history(session, case, event, from_state, None, outcome, decision.message)
+        row = history_row(session, case, event, from_state, None, outcome, decision.message)
     changed = await _settle(session, workflow, case, row, decision, now, notify)
     if outcome == CaseEventOutcome.REJECTED:
         _reject_exception(session, row, event.channel, decision)
@@ -249,153 +248,6 @@ async def apply_event(
         source=event.source,
     )
     return ApplyResult(str(outcome), case.id, from_state, row.to_state, decision.reason)
-
-
-async def record_events(
-    session: AsyncSession,
-    workflow: WorkflowProfile,
-    events: Sequence[EventInput],
-    *,
-    notify: ChangeSink,
-) -> list[ApplyResult]:
-    """Apply several events in one transaction, in the given order: the batch form of
-    :func:`apply_event` with the same rules and results (the delivery worker records a
-    batch of ``ehr_delivered`` events this way).
-
-    The open cases of the events' patients are found and locked in one query (in id
-    order, so two batches never wait on each other crosswise) and their duplicates in
-    another; an event that only adds to a case's history (``recorded`` or ``late``, not
-    seen before) is written without further queries, and the SLA deadlines of those cases
-    are recomputed together. Every other event (one that opens, moves or is refused by a
-    case, names a case or a program, a retry of a rejected event), and every later event
-    of the same patient, goes through :func:`apply_event`, so events of one case still
-    apply one after the other in order. Flushes; the caller commits.
-
-    Returns:
-        One :class:`ApplyResult` per event, in order.
-    """
-    if not events:
-        return []
-    simple = [e for e in events if not e.case_id and not e.program]
-    cases = await _open_cases(session, workflow, sorted({e.patient_id for e in simple}))
-    seen = await _seen_events(
-        session, [(cases[e.patient_id], e) for e in simple if e.patient_id in cases]
-    )
-    results: list[ApplyResult] = []
-    slow_patients: set[str] = set()
-    refresh: dict[str, Case] = {}
-    settled_now: dict[str, set[str]] = {}
-    # the history rows that only add to a case, and their audit entries: one round trip
-    bulk = BulkInserts()
-    now = utcnow()
-
-    async def slow(event: EventInput, case: Case | None) -> ApplyResult:
-        """Through :func:`apply_event`, after the rows queued so far (it reads the
-        history); the case's later SLA refresh then reads its history too (a state it
-        may enter now starts after the events recorded before)."""
-        slow_patients.add(event.patient_id)
-        if case is not None:
-            settled_now.pop(case.id, None)
-        await bulk.flush(session)
-        return await apply_event(session, workflow, event, notify=notify)
-
-    for event in events:
-        case = cases.get(event.patient_id)
-        if case is None or event.case_id or event.program or event.patient_id in slow_patients:
-            results.append(await slow(event, case))
-            continue
-        key = (case.id, event.sender_name, event.event_id)
-        existing = seen.get(key)
-        if existing is not None and existing != CaseEventOutcome.REJECTED:
-            results.append(ApplyResult("duplicate", case.id, case.state, case.state))
-            continue
-        decision = decide(
-            workflow,
-            state=case.state,
-            event_type=event.type,
-            detail=event.detail,
-            source=event.source,
-            occurred_at=event.occurred_at,
-            last_occurred_at=case.last_occurred_at,
-        )
-        if existing is not None or decision.outcome not in ("recorded", "late"):
-            results.append(await slow(event, case))
-            continue
-        outcome = CaseEventOutcome(decision.outcome)
-        seen[key] = outcome
-        from_state = case.state
-        row = _history(
-            session, case, event, from_state, from_state, outcome, decision.message, bulk=bulk
-        )
-        bulk.add(CaseEvent, **row_values(row))
-        if outcome == CaseEventOutcome.RECORDED and (
-            case.last_occurred_at is None or row.occurred_at > case.last_occurred_at
-        ):
-            case.last_occurred_at = row.occurred_at
-        if stops_a_timer(workflow, case.state, event.type):
-            refresh[case.id] = case
-            settled_now.setdefault(case.id, set()).add(event.type)
-        log.info(
-            "case.event",
-            case_id=case.id,
-            outcome=str(outcome),
-            from_state=from_state,
-            to_state=from_state,
-            event_type=event.type,
-            source=event.source,
-        )
-        results.append(ApplyResult(str(outcome), case.id, from_state, from_state))
-    if refresh:
-        await refresh_sla_many(
-            session, workflow, list(refresh.values()), now, settled_now=settled_now
-        )
-    await session.flush()
-    await bulk.flush(session)
-    return results
-
-
-async def _open_cases(
-    session: AsyncSession, workflow: WorkflowProfile, patient_ids: Sequence[str]
-) -> dict[str, Case]:
-    """The case :func:`_find_case` picks for each patient (no case id, no program),
-    locked ``FOR UPDATE`` on PostgreSQL, in one query."""
-    if not patient_ids:
-        return {}
-    stmt = (
-        select(Case)
-        .where(
-            Case.patient_id.in_(list(patient_ids)),
-            Case.state.not_in(workflow.terminal or ["__none__"]),
-        )
-        .order_by(Case.id)
-    )
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
-        stmt = stmt.with_for_update()
-    picked: dict[str, Case] = {}
-    for case in (await session.scalars(stmt)).all():
-        best = picked.get(case.patient_id)
-        if best is None or case.opened_at > best.opened_at:
-            picked[case.patient_id] = case
-    return picked
-
-
-async def _seen_events(
-    session: AsyncSession, pairs: Sequence[tuple[Case, EventInput]]
-) -> dict[tuple[str, str, str], CaseEventOutcome]:
-    """``(case id, sender, event id) -> outcome`` of these events already in these cases'
-    histories (one query)."""
-    if not pairs:
-        return {}
-    rows = await session.execute(
-        select(CaseEvent.case_id, CaseEvent.sender, CaseEvent.event_id, CaseEvent.outcome).where(
-            CaseEvent.case_id.in_(sorted({c.id for c, _ in pairs})),
-            CaseEvent.event_id.in_(sorted({e.event_id for _, e in pairs})),
-        )
-    )
-    return {
-        (case_id, sender, event_id): CaseEventOutcome(outcome)
-        for case_id, sender, event_id, outcome in rows
-    }
 
 
 async def _open_case(
@@ -430,7 +282,7 @@ async def _open_case(
     )
     if bulk is None:
         session.add(case)  # the unit of work inserts it before its case_events (FK order)
-    row = _history(
+    row = history_row(
         session, case, event, None, decision.to_state, CaseEventOutcome.APPLIED, None, bulk=bulk
     )
     if timers:
@@ -535,7 +387,7 @@ async def drain_held(
             return
 
 
-def _history(
+def history_row(
     session: AsyncSession,
     case: Case,
     event: EventInput,

@@ -6,7 +6,7 @@ first; without an index that is a scan of the audit log, which grows by about ni
 per intake. A partial index: only those entries are in it, so the other audit writes do
 not pay for it.
 
-``ix_exceptions_created``: the guards count the exceptions of their window
+``ix_exceptions_created_at``: the guards count the exceptions of their window
 (``created_at >= since``) on every check.
 
 On a large PostgreSQL database, ``CREATE INDEX`` blocks writes to the table while it
@@ -33,9 +33,9 @@ def upgrade() -> None:
         "CREATE INDEX IF NOT EXISTS ix_audit_log_target_mode ON audit_log (entity_id, id)"
         " WHERE entity_type = 'EhrTargetMode'"
     )
-    op.execute("CREATE INDEX IF NOT EXISTS ix_exceptions_created ON exceptions (created_at)")
+    op.execute("CREATE INDEX IF NOT EXISTS ix_exceptions_created_at ON exceptions (created_at)")
 
 
 def downgrade() -> None:
-    op.execute("DROP INDEX ix_exceptions_created")
+    op.execute("DROP INDEX ix_exceptions_created_at")
     op.execute("DROP INDEX ix_audit_log_target_mode")

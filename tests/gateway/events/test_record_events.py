@@ -13,7 +13,8 @@ from gateway.db.models import Case
 from gateway.db.types import utcnow
 from gateway.runtime import Runtime
 from gateway.subscribers.service import enqueue_case_webhook
-from gateway.workflow.service import EventInput, record_events
+from gateway.workflow.batch import record_events
+from gateway.workflow.service import EventInput
 from tests.support.events_env import case_of, new_patient
 
 

@@ -19,7 +19,8 @@ from gateway.db.models import Case, CaseEvent
 from gateway.db.types import utcnow
 from gateway.runtime import Runtime
 from gateway.subscribers.service import enqueue_case_webhook
-from gateway.workflow.service import ApplyResult, EventInput, apply_event, record_events
+from gateway.workflow.batch import record_events
+from gateway.workflow.service import ApplyResult, EventInput, apply_event
 from tests.support.delivery import wait_until
 from tests.support.events_env import Patient, new_patient
 
