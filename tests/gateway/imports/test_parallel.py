@@ -135,11 +135,10 @@ def test_workers_are_refused_on_sqlite(tmp_path: Path, monkeypatch: pytest.Monke
     assert "--workers needs PostgreSQL" in result.output
 
 
-async def test_a_batch_aborted_as_a_deadlock_is_run_again_whole(
-    runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """PostgreSQL aborts one of two deadlocked transactions (SQLSTATE 40P01); the
-    import runs that batch again instead of failing the job."""
+async def _three_intakes_job(
+    runtime: Runtime, tmp_path: Path
+) -> tuple[Path, service.ImportSource, ImportJob]:
+    """A file of three intakes and an import job made for it."""
     history = tmp_path / "h.ndjson"
     history.write_text("\n".join(json.dumps(samples.intake()) for _ in range(3)) + "\n")
     source = service.ImportSource(name=history.name, path=history)
@@ -148,6 +147,15 @@ async def test_a_batch_aborted_as_a_deadlock_is_run_again_whole(
             session, source="x", notify=False, actor="t", csv_profile=None, files=[source]
         )
         await session.commit()
+    return history, source, job
+
+
+async def test_a_batch_aborted_as_a_deadlock_is_run_again_whole(
+    runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL aborts one of two deadlocked transactions (SQLSTATE 40P01); the
+    import runs that batch again instead of failing the job."""
+    _, source, job = await _three_intakes_job(runtime, tmp_path)
     real = service._import_record
     calls = {"n": 0}
 
@@ -255,14 +263,7 @@ async def test_parallel_processes_refuse_a_file_changed_since_the_job_started(
     from gateway.clients.actor import Actor
     from gateway.imports.parallel import run_parallel
 
-    history = tmp_path / "h.ndjson"
-    history.write_text("\n".join(json.dumps(samples.intake()) for _ in range(3)) + "\n")
-    source = service.ImportSource(name=history.name, path=history)
-    async with runtime.sessionmaker() as session:
-        job = await service.create_job(
-            session, source="x", notify=False, actor="t", csv_profile=None, files=[source]
-        )
-        await session.commit()
+    history, source, job = await _three_intakes_job(runtime, tmp_path)
     history.write_text(json.dumps(samples.intake()) + "\n")
     with pytest.raises(service.ImportFileError, match="changed since the job started"):
         await run_parallel(
