@@ -190,12 +190,13 @@ class Features:
     address: tuple[str, str] | None
 
 
-def features(patient: dict[str, Any]) -> Features:
-    """The :class:`Features` of a Patient resource (JSON)."""
+def features(patient: dict[str, Any], *, names: tuple[str, str] | None = None) -> Features:
+    """The :class:`Features` of a Patient resource (JSON); ``names``: its
+    :func:`_names` when the caller has them already."""
     phone, email = _telecom(patient, "phone"), _telecom(patient, "email")
     born = patient.get("birthDate")
     return Features(
-        names=_names(patient),
+        names=names if names is not None else _names(patient),
         birth_date=str(born) if born else None,
         phone=_digits(phone) if phone else None,
         email=email.casefold() if email else None,
@@ -207,6 +208,25 @@ def score(a: dict[str, Any], b: dict[str, Any]) -> Score | None:
     """The duplicate score of Patients ``a`` and ``b`` (see the module docstring), or
     None when either lacks a name or a birth date."""
     return score_features(features(a), features(b))
+
+
+def may_reach_review(a: Features, names: tuple[str, str], birth_date: str) -> bool:
+    """False when a candidate with these names and birth date cannot score
+    :data:`REVIEW_THRESHOLD` against ``a`` even if every other element matched: the best
+    it could score is the name and birth-date parts plus full weight for all the others
+    (a part at 1 only raises a weighted mean that is below 1). Exact: nothing that
+    :func:`score_features` would put at or above the threshold is skipped; it saves
+    reading the phones, emails and addresses of the many candidates that differ in name.
+    """
+    if a.names is None or not a.birth_date:
+        return False
+    rest = 1.0 - WEIGHTS["name"] - WEIGHTS["birthDate"]
+    best = (
+        WEIGHTS["name"] * name_part(a.names, names)
+        + WEIGHTS["birthDate"] * birth_date_part(a.birth_date, birth_date)
+        + rest
+    )
+    return round(best, 4) >= REVIEW_THRESHOLD
 
 
 def score_features(a: Features, b: Features) -> Score | None:
@@ -318,7 +338,10 @@ async def detect_duplicates(session: AsyncSession, patient: dict[str, Any]) -> l
     for row_id, resource in rows:
         if row_id == patient["id"] or resource.get("active") is False:
             continue
-        s = score_features(mine, features(resource))
+        names, born = _names(resource), resource.get("birthDate")
+        if names is None or not born or not may_reach_review(mine, names, str(born)):
+            continue
+        s = score_features(mine, features(resource, names=names))
         if s is not None and s.total >= REVIEW_THRESHOLD:
             found.append((s, row_id))
     found.sort(key=lambda item: -item[0].total)

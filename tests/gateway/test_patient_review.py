@@ -354,3 +354,60 @@ def test_placeholder_phones_and_emails_do_not_score() -> None:
     assert s is not None and "phone" not in s.parts  # b has no usable phone
     s = score(c, patient())
     assert s is not None and s.parts["phone"] == 1.0
+
+
+def test_the_candidate_prefilter_never_drops_a_pair_that_scores() -> None:
+    """``may_reach_review`` skips only candidates that cannot reach the review threshold:
+    over a population's names and near-duplicates of them (a typo in a name, a swapped
+    name, a birth-date typo, other phones, emails and addresses), every pair scoring at
+    or above :data:`REVIEW_THRESHOLD` passes it, and it skips most unrelated people."""
+    import random
+
+    from gateway.patients.review import REVIEW_THRESHOLD, features, may_reach_review, score
+    from testkit.samples import person
+
+    rng = random.Random(7)
+
+    def as_patient(n: int) -> dict[str, Any]:
+        p = person(n)
+        return patient(
+            name=[{"family": p["last_name"], "given": [p["first_name"]]}],
+            birthDate=p["birth_date_iso"],
+            telecom=[{"system": "phone", "value": p["phone"]}],
+        )
+
+    def near(p: dict[str, Any]) -> dict[str, Any]:
+        q = dict(p)
+        family = p["name"][0]["family"]
+        given = p["name"][0]["given"][0]
+        change = rng.randrange(4)
+        if change == 0 and len(family) > 2:
+            i = rng.randrange(len(family))
+            family = family[:i] + rng.choice("aeiourst") + family[i + 1 :]
+        elif change == 1:
+            family, given = given, family
+        elif change == 2:
+            y, m, d = p["birthDate"].split("-")
+            q["birthDate"] = f"{y}-{m}-{d[::-1]}" if d[::-1] <= "28" else p["birthDate"]
+        q["name"] = [{"family": family, "given": [given]}]
+        if rng.random() < 0.5:
+            q["telecom"] = [{"system": "email", "value": f"x{rng.randrange(99)}@example.com"}]
+        return q
+
+    people = [as_patient(n) for n in range(300)]
+    pairs = [(a, near(a)) for a in people] + [
+        (rng.choice(people), rng.choice(people)) for _ in range(3000)
+    ]
+    reaching = skipped = 0
+    for a, b in pairs:
+        s = score(a, b)
+        names = features(b).names
+        assert names is not None
+        passes = may_reach_review(features(a), names, b["birthDate"])
+        if s is not None and s.total >= REVIEW_THRESHOLD:
+            reaching += 1
+            assert passes, (a, b, s)
+        elif not passes:
+            skipped += 1
+    assert reaching >= 200  # the near-duplicates were exercised
+    assert skipped >= 1500  # and most unrelated pairs are skipped
