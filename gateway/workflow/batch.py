@@ -35,8 +35,9 @@ async def record_events(
     notify: ChangeSink,
 ) -> list[ApplyResult]:
     """Apply several events in one transaction, in the given order: the batch form of
-    :func:`apply_event` with the same rules and results (the delivery worker records a
-    batch of ``ehr_delivered`` events this way).
+    :func:`~gateway.workflow.service.apply_event` with the same rules and results (the
+    delivery worker records a batch of ``ehr_delivered`` events this way, and the inbox
+    worker the events of a claimed batch of messages).
 
     The open cases of the events' patients are found and locked in one query (in id
     order, so two batches never wait on each other crosswise) and their duplicates in
@@ -44,7 +45,7 @@ async def record_events(
     seen before) is written without further queries, and the SLA deadlines of those cases
     are recomputed together. Every other event (one that opens, moves or is refused by a
     case, names a case or a program, a retry of a rejected event), and every later event
-    of the same patient, goes through :func:`apply_event`, so events of one case still
+    of the same patient, goes through ``apply_event``, so events of one case still
     apply one after the other in order. Flushes; the caller commits.
 
     Returns:
@@ -133,8 +134,8 @@ async def record_events(
 async def _open_cases(
     session: AsyncSession, workflow: WorkflowProfile, patient_ids: Sequence[str]
 ) -> dict[str, Case]:
-    """The case :func:`_find_case` picks for each patient (no case id, no program),
-    locked ``FOR UPDATE`` on PostgreSQL, in one query."""
+    """The case ``apply_event`` would find for each patient (no case id, no program: its
+    latest open case), locked ``FOR UPDATE`` on PostgreSQL, in one query."""
     if not patient_ids:
         return {}
     stmt = (
