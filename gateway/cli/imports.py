@@ -130,17 +130,17 @@ async def _run(
     from gateway.runtime import Runtime
 
     runtime = Runtime.create(settings, profiles=profiles)
-    sources = [ImportSource(name=str(p), path=p) for p in files]  # hashed below
     try:
         with acting_as(cli_actor()) as actor:
             try:
                 csv_profile_or_raise(runtime, csv_profile)
             except ImportFileError as exc:
                 raise fail(str(exc)) from exc
+            # each file read once per run, before any database transaction is open
+            digests = {p: file_sha256(p) for p in files}
+            sources = [ImportSource(name=str(p), path=p, sha256=digests[p]) for p in files]
             async with runtime.write_session() as session:
                 job = None
-                digests = {p: file_sha256(p) for p in files}  # once per run
-                sources = [ImportSource(name=str(p), path=p, sha256=digests[p]) for p in files]
                 if not new_job:
                     job = await find_resumable(session, list(digests.values()))
                 if job is None:
