@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
@@ -23,6 +25,41 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+#: orjson options for :func:`json_dumps`: keys that are not strings written as JSON keys
+#: (as :func:`json.dumps` does); a datetime or dataclass is not JSON data and is left to
+#: :func:`json.dumps`, which refuses it as before.
+_ORJSON_OPTIONS = (
+    orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+)
+
+
+def json_dumps(value: Any) -> str:
+    """A JSON column's value as the text the database stores: orjson (about 5 times
+    faster than :func:`json.dumps`), compact, UTF-8 not escaped. What orjson cannot write
+    (an integer beyond 64 bits; a datetime, which is not JSON data) goes to
+    :func:`json.dumps`, which writes the integer and raises ``TypeError`` for the rest.
+    """
+    try:
+        return orjson.dumps(value, option=_ORJSON_OPTIONS).decode()
+    except TypeError:
+        return json.dumps(value)
+
+
+def json_loads(text: str | bytes) -> Any:
+    """A JSON column's text as Python values: orjson (a read of 200 candidate Patients
+    for duplicate review spent most of its client CPU in :func:`json.loads`); what orjson
+    refuses (an integer beyond 64 bits, a lone surrogate escape an older row may hold) is
+    read by :func:`json.loads`.
+
+    Raises:
+        json.JSONDecodeError: the text is not JSON.
+    """
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
 
 
 def make_engine(
@@ -46,7 +83,8 @@ def make_engine(
             written as plaintext.
 
     Returns:
-        An :class:`AsyncEngine`. For SQLite, every connection uses WAL, a 10 s busy
+        An :class:`AsyncEngine` whose JSON columns are written and read with orjson
+        (:func:`json_dumps`, :func:`json_loads`). For SQLite, every connection uses WAL, a 10 s busy
         timeout and foreign keys, and a database file it creates is created 0600 (its WAL
         and shared-memory files take the same mode). For PostgreSQL, pooled connections are recycled
         after 30 minutes and, unless ``pre_ping``, not pinged before use.
@@ -56,7 +94,9 @@ def make_engine(
         database = make_url(url).database
         if database and database != ":memory:" and not database.startswith("file:"):
             create_private_file(Path(database))
-        engine = create_async_engine(url, echo=echo)
+        engine = create_async_engine(
+            url, echo=echo, json_serializer=json_dumps, json_deserializer=json_loads
+        )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         attach_keyring(engine, keyring)
         return engine
@@ -72,6 +112,8 @@ def make_engine(
         max_overflow=pool_size,
         pool_pre_ping=pre_ping,
         pool_recycle=1800,
+        json_serializer=json_dumps,
+        json_deserializer=json_loads,
     )
     attach_keyring(engine, keyring)
     return engine

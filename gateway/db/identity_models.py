@@ -7,6 +7,8 @@ patient merge-review queue. Re-exported by :mod:`gateway.db.models`.
   Services clients (hashed), and the client assertion ``jti`` values seen (replay
   protection; migration ``0014_fhir_face``);
 * ``patient_reviews``: probable duplicate Patients waiting for a person's decision;
+* ``patient_review_features``: what duplicate review compares of each stored Patient
+  (migration ``0021_patient_review_features``);
 * ``staff_users`` and ``staff_sessions``: the people who sign in to the ops console and
   their server-side sessions (migration ``0013_console``).
 """
@@ -154,6 +156,31 @@ class PatientReview(Base):
         UniqueConstraint("patient_id", "candidate_id", name="uq_patient_reviews_pair"),
         Index("ix_patient_reviews_status", "status"),
     )
+
+
+class PatientFeatures(Base):
+    """What duplicate review compares of one stored Patient (:mod:`mappers.patient_match`):
+    a row per Patient that has a name and a birth date, written with the Patient
+    (:func:`gateway.fhir.repository.save_resource`), so that a new patient's candidates
+    (those born on the same date or a typo of it) are read as a few short columns through
+    ``ix_patient_review_features_birth_date`` rather than as whole resources decoded and
+    normalized again for each. Values are normalized (names folded, phone digits, email
+    case-folded); the resource in ``fhir_resources`` stays the record."""
+
+    __tablename__ = "patient_review_features"
+
+    patient_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    birth_date: Mapped[str] = mapped_column(Text)  # Patient.birthDate as stored
+    family: Mapped[str] = mapped_column(Text)
+    given: Mapped[str] = mapped_column(Text)
+    phone: Mapped[str | None] = mapped_column(Text)
+    email: Mapped[str | None] = mapped_column(Text)
+    address_line: Mapped[str | None] = mapped_column(Text)  # None with postal_code: no address
+    postal_code: Mapped[str | None] = mapped_column(Text)
+    active: Mapped[bool]  # Patient.active is not false
+    updated_at: Mapped[datetime]  # the Patient's, for "the most recently updated first"
+
+    __table_args__ = (Index("ix_patient_review_features_birth_date", "birth_date"),)
 
 
 # --------------------------------------------------------------------------- staff

@@ -3,19 +3,24 @@ the profile that produced each version (``profile_mappings``)."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, and_, or_, select
+from sqlalchemy import ColumnElement, Executable, Table, and_, bindparam, delete, or_, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.db.bulk import BulkInserts
+from gateway.db.identity_models import PatientFeatures
 from gateway.db.models import FhirResource, FhirResourceVersion, ProfileMapping
 from gateway.db.types import utcnow
 from mappers.bundle import business_identifier
 from mappers.normalize import to_fhir_instant
+from mappers.patient_match import features
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,8 @@ async def save_resource(
             bulk.add(FhirResource, **values)
         else:
             session.add(FhirResource(**values))
+        if rtype == "Patient":
+            await _save_review_features(session, stored, now=now, new=True, bulk=bulk)
         return stored, True
     # History keeps the superseded versions; the current one lives in fhir_resources.
     superseded = {
@@ -160,7 +167,94 @@ async def save_resource(
     row.updated_at = now
     for key, value in profile_values.items():
         setattr(row, key, value)
+    if rtype == "Patient":
+        await _save_review_features(session, stored, now=now, new=False, bulk=bulk)
     return stored, True
+
+
+def review_features_row(patient: dict[str, Any], *, now: datetime) -> dict[str, Any] | None:
+    """The ``patient_review_features`` row of a Patient resource
+    (:func:`mappers.patient_match.features`), or None when it has no name or no birth date
+    (duplicate review cannot score it)."""
+    found = features(patient)
+    if found.names is None or not found.birth_date:
+        return None
+    line, postal = found.address if found.address is not None else (None, None)
+    return {
+        "patient_id": patient["id"],
+        "birth_date": found.birth_date,
+        "family": found.names[0],
+        "given": found.names[1],
+        "phone": found.phone,
+        "email": found.email,
+        "address_line": line,
+        "postal_code": postal,
+        "active": patient.get("active") is not False,
+        "updated_at": now,
+    }
+
+
+_FEATURE_COLUMNS = (
+    "birth_date",
+    "family",
+    "given",
+    "phone",
+    "email",
+    "address_line",
+    "postal_code",
+    "active",
+    "updated_at",
+)
+
+
+def _upsert_features(dialect: str) -> Executable:
+    table = cast(Table, PatientFeatures.__table__)
+    stmt = (pg_insert if dialect == "postgresql" else sqlite_insert)(table)
+    return stmt.on_conflict_do_update(
+        index_elements=["patient_id"],
+        set_={c: getattr(stmt.excluded, c) for c in _FEATURE_COLUMNS},
+    )
+
+
+def _delete_features() -> Executable:
+    table = cast(Table, PatientFeatures.__table__)
+    return delete(table).where(table.c.patient_id == bindparam("_patient_id"))
+
+
+async def _save_review_features(
+    session: AsyncSession,
+    patient: dict[str, Any],
+    *,
+    now: datetime,
+    new: bool,
+    bulk: BulkInserts | None,
+) -> None:
+    """Keep the Patient's ``patient_review_features`` row (what duplicate review compares)
+    equal to the version just stored: inserted with a new Patient, replaced with a new
+    version, deleted when the Patient no longer has a name and a birth date. With
+    ``bulk`` the statement is queued there (sent with the Patient's own row)."""
+    values = review_features_row(patient, now=now)
+    if new:
+        if values is None:
+            return
+        if bulk is not None:
+            bulk.add(PatientFeatures, **values)
+        else:
+            session.add(PatientFeatures(**values))
+        return
+    dialect = session.get_bind().dialect.name
+    build: Callable[[], Executable]
+    key: tuple[str, ...]
+    if values is None:
+        key, build = ("review_features_delete",), _delete_features
+        params = {"_patient_id": patient["id"]}
+    else:
+        key, params = ("review_features_upsert", dialect), values
+        build = partial(_upsert_features, dialect)
+    if bulk is not None:
+        bulk.add_statement(key, build, [params])
+    else:
+        await session.execute(build(), params)
 
 
 def _content(resource: dict[str, Any]) -> dict[str, Any]:

@@ -36,19 +36,19 @@ Queue rows carry ids and scores, never names or values.
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from rapidfuzz.distance import DamerauLevenshtein, JaroWinkler
-from sqlalchemy import ARRAY, Select, String, any_, bindparam, case, func, literal_column, select
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import ARRAY, Select, String, any_, bindparam, case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.db.models import FhirResource, PatientConflict, PatientReview, ReviewStatus
-from gateway.db.types import json_text, utcnow
+from gateway.db.identity_models import PatientFeatures
+from gateway.db.models import PatientConflict, PatientReview, ReviewStatus
+from gateway.db.types import utcnow
+from mappers.patient_match import Features as Features
+from mappers.patient_match import features as features
 
 #: Element -> weight in the score (they sum to 1).
 WEIGHTS: dict[str, float] = {
@@ -71,47 +71,6 @@ class Score:
 
     total: float
     parts: dict[str, float]
-
-
-def _norm(text: str) -> str:
-    decomposed = unicodedata.normalize("NFKD", text)
-    letters = "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
-    return re.sub(r"[^a-z0-9 ]+", "", letters).strip()
-
-
-def _names(patient: dict[str, Any]) -> tuple[str, str] | None:
-    for name in patient.get("name") or []:
-        family = _norm(name.get("family") or "")
-        given = _norm(" ".join(name.get("given") or []))
-        if family or given:
-            return family, given
-    return None
-
-
-#: An email the review can compare: something@domain.tld.
-_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
-
-
-def _telecom(patient: dict[str, Any], system: str) -> str | None:
-    """The first usable phone or email of ``patient``. A placeholder an old system kept
-    and a bulk import carried over as exported (``n/a``, ``000-000-0000``: shared by
-    many patients) is skipped: it would score unrelated patients as duplicates."""
-    for cp in patient.get("telecom") or []:
-        if cp.get("system") == system and cp.get("value"):
-            value = str(cp["value"])
-            if system == "phone":
-                digits = _digits(value)
-                if len(digits) < 10 or len(set(digits[-7:])) == 1:
-                    continue
-            elif system == "email" and not _EMAIL.fullmatch(value.strip()):
-                continue
-            return value
-    return None
-
-
-def _digits(phone: str) -> str:
-    digits = re.sub(r"\D", "", phone)
-    return digits[1:] if len(digits) == 11 and digits.startswith("1") else digits
 
 
 def _jw(a: str, b: str) -> float:
@@ -166,42 +125,6 @@ def birth_date_variants(value: str) -> set[str]:
         if i < 7:
             out.add(fmt(digits[:i] + digits[i + 1] + digits[i] + digits[i + 2 :]))
     return out
-
-
-def _address(patient: dict[str, Any]) -> tuple[str, str] | None:
-    for address in patient.get("address") or []:
-        line = _norm(" ".join(address.get("line") or []))
-        postal = (address.get("postalCode") or "")[:5]
-        if line or postal:
-            return line, postal
-    return None
-
-
-@dataclass(frozen=True)
-class Features:
-    """What :func:`score` compares of one Patient, read from its resource once
-    (:func:`features`): a new patient is scored against up to :data:`MAX_CANDIDATES`
-    stored ones, so its own elements are not read again for each."""
-
-    names: tuple[str, str] | None
-    birth_date: str | None
-    phone: str | None  # digits (a leading US 1 dropped)
-    email: str | None  # case-folded
-    address: tuple[str, str] | None
-
-
-def features(patient: dict[str, Any], *, names: tuple[str, str] | None = None) -> Features:
-    """The :class:`Features` of a Patient resource (JSON); ``names``: its
-    :func:`_names` when the caller has them already."""
-    phone, email = _telecom(patient, "phone"), _telecom(patient, "email")
-    born = patient.get("birthDate")
-    return Features(
-        names=names if names is not None else _names(patient),
-        birth_date=str(born) if born else None,
-        phone=_digits(phone) if phone else None,
-        email=email.casefold() if email else None,
-        address=_address(patient),
-    )
 
 
 def score(a: dict[str, Any], b: dict[str, Any]) -> Score | None:
@@ -269,54 +192,47 @@ def score_features(a: Features, b: Features) -> Score | None:
 MAX_CANDIDATES = 200
 
 
-#: On PostgreSQL a candidate is read as the elements :func:`features` compares (and
-#: ``active``), not the whole resource: up to :data:`MAX_CANDIDATES` Patients per new
-#: patient, whose identifiers, extensions and metadata the driver would decode for nothing.
-_COMPARED_ELEMENTS = literal_column(
-    "jsonb_build_object("
-    + ", ".join(
-        f"'{e}', fhir_resources.resource -> '{e}'"
-        for e in ("name", "birthDate", "telecom", "address", "active")
-    )
-    + ")",
-    type_=JSONB,
-).label("resource")
-
-
 def candidates_statement(
     birth_date: str, dialect: str = "sqlite"
-) -> Select[tuple[str, dict[str, Any]]]:
+) -> Select[str, str, str, str, str | None, str | None, str | None, str | None]:
     """The stored Patients a new patient born on ``birth_date`` (``YYYY-MM-DD``) is scored
-    against: ``(id, resource)`` rows (on PostgreSQL the resource holds only the elements
-    :func:`features` reads, and ``active``) born on that date or a typo of it
-    (:func:`birth_date_variants`), that date first, then the most recently updated, at
-    most :data:`MAX_CANDIDATES`.
-
-    On PostgreSQL (``dialect``) the 80 or so dates are one array parameter
-    (``= ANY(%s)``), so the statement's text is the same every time: an ``IN`` list of 80
-    parameters made a new, long text per call, which psycopg parsed and prepared again
-    each time (about 2.5 ms of CPU per new patient).
+    against: their ``patient_review_features`` rows (``patient_id``, ``family``,
+    ``given``, ``birth_date``, ``phone``, ``email``, ``address_line``, ``postal_code``),
+    active ones born on that date or a typo of it (:func:`birth_date_variants`), that
+    date first, then the most recently updated, at most :data:`MAX_CANDIDATES`.
 
     Blocking: only a birth date that scores (equal, or one of its typo variants) can
     reach the review threshold (without it the other parts sum to 0.75), so the database
-    filters on it through ``ix_fhir_resources_birth_date`` (migration 0017), before any
-    JSON is decoded. Plain rows, not ORM objects: the candidates are only read, and
-    keeping them in the session's identity map made each later flush of a long unit of
-    work (a bulk import's batch) slower.
+    filters on it through ``ix_patient_review_features_birth_date`` (migration 0021).
+    The rows hold what :func:`score_features` compares, already normalized
+    (:mod:`mappers.patient_match`): a candidate costs a few short columns and no JSON
+    (until migration 0021 each was read from ``fhir_resources`` as JSON and normalized
+    again for every new patient).
+
+    On PostgreSQL (``dialect``) the 80 or so dates are one array parameter
+    (``= ANY(%s)``), so the statement's text is the same every time (an ``IN`` list of
+    80 parameters made a new text per call, which psycopg parsed and prepared again).
     """
-    born = json_text(FhirResource.resource, "birthDate")  # the index's expression
+    f = PatientFeatures
     dates = sorted(birth_date_variants(birth_date))
-    compared: Any = FhirResource.resource
     if dialect == "postgresql":
-        one_of = born == any_(bindparam("birth_dates", dates, type_=ARRAY(String())))
-        compared = _COMPARED_ELEMENTS
+        one_of = f.birth_date == any_(bindparam("birth_dates", dates, type_=ARRAY(String())))
     else:
-        one_of = born.in_(dates)
+        one_of = f.birth_date.in_(dates)
     return (
-        select(FhirResource.id, compared)
-        .where(FhirResource.resource_type == "Patient", one_of)
-        .order_by(case((born == birth_date, 0), else_=1))
-        .order_by(FhirResource.updated_at.desc())
+        select(
+            f.patient_id,
+            f.family,
+            f.given,
+            f.birth_date,
+            f.phone,
+            f.email,
+            f.address_line,
+            f.postal_code,
+        )
+        .where(one_of, f.active)
+        .order_by(case((f.birth_date == birth_date, 0), else_=1))
+        .order_by(f.updated_at.desc())
         .limit(MAX_CANDIDATES)
     )
 
@@ -329,19 +245,23 @@ async def detect_duplicates(session: AsyncSession, patient: dict[str, Any]) -> l
     The candidates are read by birth date (:func:`candidates_statement`); it runs once per
     new patient with a name and a birth date, not per message.
     """
-    if _names(patient) is None or not patient.get("birthDate"):
+    mine = features(patient)
+    if mine.names is None or not mine.birth_date:
         return []  # nothing to score on (a checkout's patient has no birth date)
     dialect = session.get_bind().dialect.name
-    rows = await session.execute(candidates_statement(str(patient["birthDate"]), dialect))
+    rows = await session.execute(candidates_statement(mine.birth_date, dialect))
     found: list[tuple[Score, str]] = []
-    mine = features(patient)
-    for row_id, resource in rows:
-        if row_id == patient["id"] or resource.get("active") is False:
+    for row_id, family, given, born, phone, email, line, postal in rows:
+        if row_id == patient["id"] or not may_reach_review(mine, (family, given), born):
             continue
-        names, born = _names(resource), resource.get("birthDate")
-        if names is None or not born or not may_reach_review(mine, names, str(born)):
-            continue
-        s = score_features(mine, features(resource, names=names))
+        theirs = Features(
+            names=(family, given),
+            birth_date=born,
+            phone=phone,
+            email=email,
+            address=(line or "", postal or "") if line is not None or postal is not None else None,
+        )
+        s = score_features(mine, theirs)
         if s is not None and s.total >= REVIEW_THRESHOLD:
             found.append((s, row_id))
     found.sort(key=lambda item: -item[0].total)

@@ -32,11 +32,14 @@ from tests.support.api import signed_stripe
 #: their audit entries, the element sources, the profile mapping, the new case and its
 #: history row are queued and sent together (one PostgreSQL pipeline: one round trip for
 #: the six INSERTs), the case event's audit row in the same INSERT as the resources'.
-NEW_SUBMISSION_STATEMENTS = 12
+#: 13 since the new Patient's duplicate-review features (migration 0021) are inserted
+#: with it: a seventh INSERT in the same pipeline (no round trip more on PostgreSQL).
+NEW_SUBMISSION_STATEMENTS = 13
 #: A new paid Stripe checkout event (new patient): as an intake, plus the
 #: MedicationRequest look-up, the Stripe customer id's key, and the savepoint around the
 #: mapping (a checkout that does not map leaves nothing of it behind); and, since the audit
 #: trail, the case event's audit row (15 since that row goes in the resources' INSERT).
+#: A checkout's Patient has no birth date: no duplicate-review features row.
 STRIPE_EVENT_STATEMENTS = 15
 
 
@@ -72,11 +75,12 @@ async def test_new_submission_statements_and_a_replay_two(
     assert first.status_code == 202, first.text
     writes = [s.split()[0] for s in seen if not s.startswith(("SELECT", "PRAGMA"))]
     assert len(seen) == NEW_SUBMISSION_STATEMENTS, "\n".join(s[:90] for s in seen)
-    assert writes == ["INSERT"] * 8 + ["UPDATE"], seen  # the claim first, its outcome last
+    assert writes == ["INSERT"] * 9 + ["UPDATE"], seen  # the claim first, its outcome last
     queued = [s.split()[2] for s in seen if s.startswith("INSERT")][2:]
     # one INSERT per table, the case before its history (foreign key)
     assert queued == [
         "fhir_resources",
+        "patient_review_features",
         "audit_log",
         "profile_mappings",
         "patient_element_sources",

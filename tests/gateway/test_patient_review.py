@@ -9,8 +9,8 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from gateway.db.models import FhirResource
 from gateway.db.types import utcnow
+from gateway.fhir import repository as fhir_repo
 from gateway.patients import review as review_module
 from gateway.patients.review import (
     LINK_THRESHOLD,
@@ -244,7 +244,6 @@ async def test_an_ehr_id_of_the_merged_record_finds_the_survivor(
     client: httpx.AsyncClient, admin_headers: dict[str, str], runtime: Runtime
 ) -> None:
     from gateway.db.models import RemoteId
-    from gateway.db.types import utcnow
     from gateway.patients.repository import patients_for_remote_ids
     from mappers.events import PatientRef
 
@@ -299,8 +298,9 @@ async def test_only_the_most_recent_candidates_of_a_birth_date_are_scored(
 
 
 async def test_candidates_are_read_through_the_birth_date_index(runtime: Runtime) -> None:
-    """The candidate query uses ``ix_fhir_resources_birth_date`` (migration 0017) on both
-    databases: without it every new patient read every stored Patient's birthDate."""
+    """The candidate query uses ``ix_patient_review_features_birth_date`` (migration
+    0021) on both databases: without it every new patient would read every stored
+    Patient's features."""
     dialect = runtime.engine.dialect.name
     statement = review_module.candidates_statement("1988-04-12", dialect)
     compiled = statement.compile(runtime.engine.sync_engine, compile_kwargs={"literal_binds": True})
@@ -313,29 +313,60 @@ async def test_candidates_are_read_through_the_birth_date_index(runtime: Runtime
         else:
             plan = (await session.execute(text(f"EXPLAIN QUERY PLAN {compiled}"))).all()
             details = " ".join(str(row[-1]) for row in plan)
-            assert "SCAN fhir_resources" not in details, details
-        assert "ix_fhir_resources_birth_date" in details, details
+            assert "SCAN patient_review_features" not in details, details
+        assert "ix_patient_review_features_birth_date" in details, details
         await session.rollback()
 
 
 async def test_candidates_statement_finds_the_date_and_its_typos_first(runtime: Runtime) -> None:
-    """Rows come back through the rendered expression: the same date first, then a typo."""
+    """Active candidates of the date come first, then a typo of it; another date and an
+    inactive (merged) Patient are not read."""
     async with runtime.sessionmaker() as session:
-        for pid, born in (("a", "1988-04-12"), ("b", "1988-04-21"), ("c", "1975-01-01")):
-            await session.execute(
-                FhirResource.__table__.insert().values(
-                    resource_type="Patient",
-                    id=pid,
-                    version_id=1,
-                    resource=patient(id=pid, birthDate=born),
-                    created_at=utcnow(),
-                    updated_at=utcnow(),
-                )
+        for pid, born, active in (
+            ("a", "1988-04-12", True),
+            ("b", "1988-04-21", True),
+            ("c", "1975-01-01", True),
+            ("d", "1988-04-12", False),
+        ):
+            await fhir_repo.save_resource(
+                session,
+                patient(id=pid, birthDate=born, active=active),
+                message_id=None,
+                patient_id=pid,
+                current=None,
             )
+        await session.flush()
         statement = review_module.candidates_statement("1988-04-12", runtime.engine.dialect.name)
         rows = (await session.execute(statement)).all()
         assert [row[0] for row in rows] == ["a", "b"]
         await session.rollback()
+
+
+async def test_review_features_follow_each_version_of_the_patient(runtime: Runtime) -> None:
+    """The features row is written with the Patient, replaced with each new version
+    (normalized: accents, case and punctuation folded; phone digits), and deleted when
+    the Patient no longer has a birth date."""
+    from gateway.db.identity_models import PatientFeatures
+
+    first = patient(id="p1", name=[{"family": "Núñez", "given": ["Ana-María"]}])
+    async with runtime.sessionmaker() as session:
+        await fhir_repo.save_resource(session, first, message_id=None, patient_id="p1")
+        await session.commit()
+        row = await session.get(PatientFeatures, "p1")
+        assert row is not None
+        assert (row.family, row.given, row.birth_date) == ("nunez", "anamaria", "1988-04-12")
+        assert row.active is True
+        second = dict(first, active=False, telecom=[{"system": "phone", "value": "(415) 555-2671"}])
+        await fhir_repo.save_resource(session, second, message_id=None, patient_id="p1")
+        await session.commit()
+        session.expire_all()
+        row = await session.get(PatientFeatures, "p1")
+        assert row is not None and (row.active, row.phone) == (False, "4155552671")
+        third = {k: v for k, v in second.items() if k != "birthDate"}
+        await fhir_repo.save_resource(session, third, message_id=None, patient_id="p1")
+        await session.commit()
+        session.expire_all()
+        assert await session.get(PatientFeatures, "p1") is None
 
 
 def test_placeholder_phones_and_emails_do_not_score() -> None:

@@ -1,0 +1,83 @@
+"""Migration 0021 fills ``patient_review_features`` from the Patients already stored, on
+SQLite and PostgreSQL: a Patient with a name and a birth date gets its normalized row
+(inactive ones marked), one without a birth date none; the new patient's duplicate
+review then finds the old ones."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select, text
+
+from gateway.db.engine import make_engine, make_sessionmaker
+from gateway.db.identity_models import PatientFeatures
+from gateway.db.migrate import alembic_config, upgrade
+from gateway.patients.review import detect_duplicates
+
+
+def _patient(pid: str, **changes: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "resourceType": "Patient",
+        "id": pid,
+        "name": [{"family": "Gómez", "given": ["José", "Luis"]}],
+        "birthDate": "1979-03-08",
+        "telecom": [{"system": "phone", "value": "+1 (415) 555-2671"}],
+        "address": [{"line": ["1 Main St."], "postalCode": "94105-1234"}],
+    }
+    base.update(changes)
+    return base
+
+
+def _down(database_url: str) -> None:
+    from alembic import command
+
+    command.downgrade(alembic_config(database_url), "0020_lookup_indexes")
+
+
+async def test_the_migration_fills_the_features_of_stored_patients(database_url: str) -> None:
+    await asyncio.to_thread(_down, database_url)
+    engine = make_engine(database_url)
+    stored = [
+        _patient("p-active"),
+        _patient("p-merged", active=False),
+        {k: v for k, v in _patient("p-no-birth-date").items() if k != "birthDate"},
+    ]
+    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    # as the gateway stores times: SQLite naive UTC, PostgreSQL timestamptz
+    at = when.replace(tzinfo=None) if engine.dialect.name == "sqlite" else when
+    insert = text(
+        "INSERT INTO fhir_resources (resource_type, id, version_id, resource, created_at,"
+        " updated_at) VALUES ('Patient', :id, 1, :resource, :at, :at)"
+    )
+    try:
+        async with engine.begin() as conn:
+            for resource in stored:
+                await conn.execute(
+                    insert, {"id": resource["id"], "resource": json.dumps(resource), "at": at}
+                )
+        await asyncio.to_thread(upgrade, database_url)
+        sessions = make_sessionmaker(engine)
+        async with sessions() as session:
+            rows = {r.patient_id: r for r in await session.scalars(select(PatientFeatures))}
+            assert set(rows) == {"p-active", "p-merged"}
+            active = rows["p-active"]
+            assert (active.family, active.given, active.birth_date) == (
+                "gomez",
+                "jose luis",
+                "1979-03-08",
+            )
+            assert (active.phone, active.address_line, active.postal_code) == (
+                "4155552671",
+                "1 main st",
+                "94105",
+            )
+            assert active.active is True and rows["p-merged"].active is False
+            assert active.updated_at == when
+            found = await detect_duplicates(session, _patient("p-new"))
+            assert [(r.candidate_id, r.status) for r in found] == [("p-active", "linked")]
+            await session.rollback()
+    finally:
+        await engine.dispose()
