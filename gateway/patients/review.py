@@ -38,10 +38,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import date
 from typing import Any
 
 from rapidfuzz.distance import DamerauLevenshtein, JaroWinkler
-from sqlalchemy import ARRAY, Select, String, any_, bindparam, case, func, select
+from sqlalchemy import ARRAY, Integer, Select, String, any_, bindparam, case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.db.identity_models import PatientFeatures
@@ -104,8 +105,10 @@ def birth_date_part(a: str, b: str) -> float:
 
 
 def birth_date_variants(value: str) -> set[str]:
-    """``value`` and every birth date :func:`birth_date_part` scores 0.8 against it: one
-    digit changed, two adjacent digits transposed, month and day swapped (about 80).
+    """``value`` and every calendar date :func:`birth_date_part` scores 0.8 against it:
+    one digit changed, two adjacent digits transposed, month and day swapped (about 50 of
+    the 80 such strings are real dates; a stored ``birthDate`` is always one, so the
+    others can match nothing).
 
     >>> sorted(birth_date_variants("1988-04-12"))[:3]
     ['0988-04-12', '1088-04-12', '1188-04-12']
@@ -118,13 +121,21 @@ def birth_date_variants(value: str) -> set[str]:
     def fmt(d: str) -> str:
         return f"{d[:4]}-{d[4:6]}-{d[6:]}"
 
-    out.add(fmt(digits[:4] + digits[6:8] + digits[4:6]))
+    typos = {fmt(digits[:4] + digits[6:8] + digits[4:6])}
     for i in range(8):
         for c in "0123456789":
-            out.add(fmt(digits[:i] + c + digits[i + 1 :]))
+            typos.add(fmt(digits[:i] + c + digits[i + 1 :]))
         if i < 7:
-            out.add(fmt(digits[:i] + digits[i + 1] + digits[i] + digits[i + 2 :]))
-    return out
+            typos.add(fmt(digits[:i] + digits[i + 1] + digits[i] + digits[i + 2 :]))
+    return out | {t for t in typos if _is_date(t)}
+
+
+def _is_date(text: str) -> bool:
+    try:
+        date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 def score(a: dict[str, Any], b: dict[str, Any]) -> Score | None:
@@ -133,33 +144,31 @@ def score(a: dict[str, Any], b: dict[str, Any]) -> Score | None:
     return score_features(features(a), features(b))
 
 
+def _best_possible(name: float, birth: float) -> float:
+    """The highest score a pair with these name and birth-date parts can reach: full
+    weight for every other element (a part at 1 only raises a weighted mean below 1)."""
+    rest = 1.0 - WEIGHTS["name"] - WEIGHTS["birthDate"]
+    return round(WEIGHTS["name"] * name + WEIGHTS["birthDate"] * birth + rest, 4)
+
+
 def may_reach_review(a: Features, names: tuple[str, str], birth_date: str) -> bool:
     """False when a candidate with these names and birth date cannot score
     :data:`REVIEW_THRESHOLD` against ``a`` even if every other element matched: the best
     it could score is the name and birth-date parts plus full weight for all the others
     (a part at 1 only raises a weighted mean that is below 1). Exact: nothing that
     :func:`score_features` would put at or above the threshold is skipped; it saves
-    reading the phones, emails and addresses of the many candidates that differ in name.
+    comparing the phones, emails and addresses of the many candidates that differ in name.
     """
     if a.names is None or not a.birth_date:
         return False
-    rest = 1.0 - WEIGHTS["name"] - WEIGHTS["birthDate"]
-    best = (
-        WEIGHTS["name"] * name_part(a.names, names)
-        + WEIGHTS["birthDate"] * birth_date_part(a.birth_date, birth_date)
-        + rest
-    )
-    return round(best, 4) >= REVIEW_THRESHOLD
+    best = _best_possible(name_part(a.names, names), birth_date_part(a.birth_date, birth_date))
+    return best >= REVIEW_THRESHOLD
 
 
-def score_features(a: Features, b: Features) -> Score | None:
-    """:func:`score` of two patients' :class:`Features`."""
-    if a.names is None or b.names is None or not a.birth_date or not b.birth_date:
-        return None
-    parts = {
-        "name": name_part(a.names, b.names),
-        "birthDate": birth_date_part(a.birth_date, b.birth_date),
-    }
+def _parts(a: Features, b: Features, name: float, birth: float) -> tuple[dict[str, float], float]:
+    """The parts of a pair's score (``name`` and ``birth``: its name and birth-date parts,
+    computed already) and the total, unrounded."""
+    parts = {"name": name, "birthDate": birth}
     if a.phone and b.phone:
         parts["phone"] = 1.0 if a.phone == b.phone else 0.0
     if a.email and b.email:
@@ -175,8 +184,19 @@ def score_features(a: Features, b: Features) -> Score | None:
             else 0.0
         )
     weight = sum(WEIGHTS[k] for k in parts)
-    total = sum(WEIGHTS[k] * v for k, v in parts.items()) / weight
+    return parts, sum(WEIGHTS[k] * v for k, v in parts.items()) / weight
+
+
+def _score(parts: dict[str, float], total: float) -> Score:
     return Score(round(total, 4), {k: round(v, 4) for k, v in parts.items()})
+
+
+def score_features(a: Features, b: Features) -> Score | None:
+    """:func:`score` of two patients' :class:`Features`."""
+    if a.names is None or b.names is None or not a.birth_date or not b.birth_date:
+        return None
+    name = name_part(a.names, b.names)
+    return _score(*_parts(a, b, name, birth_date_part(a.birth_date, b.birth_date)))
 
 
 # --------------------------------------------------------------------------- the queue
@@ -209,17 +229,38 @@ def candidates_statement(
     (until migration 0021 each was read from ``fhir_resources`` as JSON and normalized
     again for every new patient).
 
-    On PostgreSQL (``dialect``) the 80 or so dates are one array parameter
-    (``= ANY(%s)``), so the statement's text is the same every time (an ``IN`` list of
-    80 parameters made a new text per call, which psycopg parsed and prepared again).
+    On PostgreSQL (``dialect``) the dates are one array parameter (``= ANY(%s)``), so the
+    statement's text is the same every time (an ``IN`` list of 80 parameters made a new
+    text per call, which psycopg parsed and prepared again).
     """
+    return _candidates(dialect).params(**_candidate_params(birth_date))
+
+
+def _candidate_params(birth_date: str) -> dict[str, Any]:
+    return {
+        "birth_date": birth_date,
+        "birth_dates": sorted(birth_date_variants(birth_date)),
+        "max_candidates": MAX_CANDIDATES,
+    }
+
+
+_CANDIDATES: dict[str, Any] = {}
+
+
+def _candidates(
+    dialect: str,
+) -> Select[str, str, str, str, str | None, str | None, str | None, str | None]:
+    """The statement of :func:`candidates_statement` with its parameters unbound
+    (``birth_date``, ``birth_dates``, ``max_candidates``), built once per dialect."""
+    found = _CANDIDATES.get(dialect)
+    if found is not None:
+        return found  # type: ignore[no-any-return]
     f = PatientFeatures
-    dates = sorted(birth_date_variants(birth_date))
     if dialect == "postgresql":
-        one_of = f.birth_date == any_(bindparam("birth_dates", dates, type_=ARRAY(String())))
+        one_of = f.birth_date == any_(bindparam("birth_dates", type_=ARRAY(String())))
     else:
-        one_of = f.birth_date.in_(dates)
-    return (
+        one_of = f.birth_date.in_(bindparam("birth_dates", expanding=True))
+    statement = (
         select(
             f.patient_id,
             f.family,
@@ -231,10 +272,12 @@ def candidates_statement(
             f.postal_code,
         )
         .where(one_of, f.active)
-        .order_by(case((f.birth_date == birth_date, 0), else_=1))
+        .order_by(case((f.birth_date == bindparam("birth_date", type_=String()), 0), else_=1))
         .order_by(f.updated_at.desc())
-        .limit(MAX_CANDIDATES)
+        .limit(bindparam("max_candidates", type_=Integer()))
     )
+    _CANDIDATES[dialect] = statement
+    return statement
 
 
 async def detect_duplicates(session: AsyncSession, patient: dict[str, Any]) -> list[PatientReview]:
@@ -249,11 +292,13 @@ async def detect_duplicates(session: AsyncSession, patient: dict[str, Any]) -> l
     if mine.names is None or not mine.birth_date:
         return []  # nothing to score on (a checkout's patient has no birth date)
     dialect = session.get_bind().dialect.name
-    rows = await session.execute(candidates_statement(mine.birth_date, dialect))
+    rows = await session.execute(_candidates(dialect), _candidate_params(mine.birth_date))
     found: list[tuple[Score, str]] = []
     for row_id, family, given, born, phone, email, line, postal in rows:
-        if row_id == patient["id"] or not may_reach_review(mine, (family, given), born):
-            continue
+        name = name_part(mine.names, (family, given))
+        birth = birth_date_part(mine.birth_date, born)
+        if row_id == patient["id"] or _best_possible(name, birth) < REVIEW_THRESHOLD:
+            continue  # may_reach_review
         theirs = Features(
             names=(family, given),
             birth_date=born,
@@ -261,9 +306,9 @@ async def detect_duplicates(session: AsyncSession, patient: dict[str, Any]) -> l
             email=email,
             address=(line or "", postal or "") if line is not None or postal is not None else None,
         )
-        s = score_features(mine, theirs)
-        if s is not None and s.total >= REVIEW_THRESHOLD:
-            found.append((s, row_id))
+        parts, total = _parts(mine, theirs, name, birth)
+        if round(total, 4) >= REVIEW_THRESHOLD:
+            found.append((_score(parts, total), row_id))
     found.sort(key=lambda item: -item[0].total)
     reviews = []
     for s, candidate in found:
