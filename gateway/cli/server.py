@@ -23,6 +23,29 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision")] 
     typer.echo(f"database at revision {revision} ({settings.database_url.split('://', 1)[0]})")
 
 
+@db_app.command("review-features")
+def db_review_features() -> None:
+    """Add the duplicate-review features of stored Patients that have none (migration
+    0021 fills them for the Patients stored before it; run this after a rolling deploy
+    in which processes of the earlier release still registered patients)."""
+    import asyncio
+
+    from gateway.db.engine import make_engine, make_sessionmaker
+    from gateway.patients.review import fill_review_features
+
+    settings = settings_or_exit()
+
+    async def run() -> int:
+        engine = make_engine(settings.database_url)
+        try:
+            async with make_sessionmaker(engine)() as session:
+                return await fill_review_features(session)
+        finally:
+            await engine.dispose()
+
+    typer.echo(f"{asyncio.run(run())} patients' review features added")
+
+
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (GATEWAY_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (GATEWAY_PORT)")] = None,

@@ -35,6 +35,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from gateway.db.base import Base
 from gateway.db.encryption import EncryptedText
 from gateway.db.types import BigIntPK, JSONDoc, utcnow
+from mappers.patient_match import features
 
 # --------------------------------------------------------------------------- EHR credentials
 
@@ -181,6 +182,28 @@ class PatientFeatures(Base):
     updated_at: Mapped[datetime]  # the Patient's, for "the most recently updated first"
 
     __table_args__ = (Index("ix_patient_review_features_birth_date", "birth_date"),)
+
+    @staticmethod
+    def row_of(patient: dict[str, Any], *, now: datetime) -> dict[str, Any] | None:
+        """The row of a Patient resource (R4 JSON; :func:`mappers.patient_match.features`)
+        stored at ``now``, as column values; None when it has no name or no birth date
+        (duplicate review cannot score it)."""
+        found = features(patient)
+        if found.names is None or not found.birth_date:
+            return None
+        line, postal = found.address if found.address is not None else (None, None)
+        return {
+            "patient_id": patient["id"],
+            "birth_date": found.birth_date,
+            "family": found.names[0],
+            "given": found.names[1],
+            "phone": found.phone,
+            "email": found.email,
+            "address_line": line,
+            "postal_code": postal,
+            "active": patient.get("active") is not False,
+            "updated_at": now,
+        }
 
 
 # --------------------------------------------------------------------------- staff

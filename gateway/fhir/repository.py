@@ -20,7 +20,6 @@ from gateway.db.models import FhirResource, FhirResourceVersion, ProfileMapping
 from gateway.db.types import utcnow
 from mappers.bundle import business_identifier
 from mappers.normalize import to_fhir_instant
-from mappers.patient_match import features
 
 
 @dataclass(frozen=True)
@@ -172,28 +171,6 @@ async def save_resource(
     return stored, True
 
 
-def review_features_row(patient: dict[str, Any], *, now: datetime) -> dict[str, Any] | None:
-    """The ``patient_review_features`` row of a Patient resource
-    (:func:`mappers.patient_match.features`), or None when it has no name or no birth date
-    (duplicate review cannot score it)."""
-    found = features(patient)
-    if found.names is None or not found.birth_date:
-        return None
-    line, postal = found.address if found.address is not None else (None, None)
-    return {
-        "patient_id": patient["id"],
-        "birth_date": found.birth_date,
-        "family": found.names[0],
-        "given": found.names[1],
-        "phone": found.phone,
-        "email": found.email,
-        "address_line": line,
-        "postal_code": postal,
-        "active": patient.get("active") is not False,
-        "updated_at": now,
-    }
-
-
 _FEATURE_COLUMNS = (
     "birth_date",
     "family",
@@ -233,7 +210,7 @@ async def _save_review_features(
     equal to the version just stored: inserted with a new Patient, replaced with a new
     version, deleted when the Patient no longer has a name and a birth date. With
     ``bulk`` the statement is queued there (sent with the Patient's own row)."""
-    values = review_features_row(patient, now=now)
+    values = PatientFeatures.row_of(patient, now=now)
     if new:
         if values is None:
             return

@@ -39,14 +39,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
-from typing import Any
+from typing import Any, cast
 
 from rapidfuzz.distance import DamerauLevenshtein, JaroWinkler
-from sqlalchemy import ARRAY, Integer, Select, String, any_, bindparam, case, func, select
+from sqlalchemy import (
+    ARRAY,
+    Integer,
+    Select,
+    String,
+    Table,
+    any_,
+    bindparam,
+    case,
+    func,
+    select,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.db.identity_models import PatientFeatures
-from gateway.db.models import PatientConflict, PatientReview, ReviewStatus
+from gateway.db.models import FhirResource, PatientConflict, PatientReview, ReviewStatus
 from gateway.db.types import utcnow
 from mappers.patient_match import Features as Features
 from mappers.patient_match import features as features
@@ -325,6 +336,42 @@ async def detect_duplicates(session: AsyncSession, patient: dict[str, Any]) -> l
         reviews.append(review)
     await session.flush()
     return reviews
+
+
+async def fill_review_features(session: AsyncSession, *, page: int = 1000) -> int:
+    """Add the missing ``patient_review_features`` rows: of the stored Patients with a
+    name and a birth date that have none (registered by a process of a release before
+    migration 0021 during a rolling deploy). Commits every ``page`` Patients.
+
+    Returns:
+        How many rows were added.
+    """
+    table = cast(Table, PatientFeatures.__table__)
+    last, added = "", 0
+    while True:
+        rows = (
+            await session.execute(
+                select(FhirResource.id, FhirResource.resource, FhirResource.updated_at)
+                .outerjoin(PatientFeatures, PatientFeatures.patient_id == FhirResource.id)
+                .where(
+                    FhirResource.resource_type == "Patient",
+                    FhirResource.id > last,
+                    PatientFeatures.patient_id.is_(None),
+                )
+                .order_by(FhirResource.id)
+                .limit(page)
+            )
+        ).all()
+        if not rows:
+            return added
+        last = rows[-1][0]
+        values = [
+            v for v in (PatientFeatures.row_of(r, now=at) for _, r, at in rows) if v is not None
+        ]
+        if values:
+            await session.execute(table.insert(), values)
+        await session.commit()
+        added += len(values)
 
 
 async def list_reviews(

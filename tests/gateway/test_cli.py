@@ -71,6 +71,39 @@ def test_db_upgrade_twice_is_harmless(migrated: Path) -> None:
     assert result.exit_code == 0, result.output
 
 
+def test_db_review_features_adds_the_missing_rows(migrated: Path) -> None:
+    """A Patient stored without its duplicate-review features (by a process of the
+    release before migration 0021, during a rolling deploy) gets them; a second run adds
+    nothing, and a Patient without a birth date never gets any."""
+    import json
+
+    with sqlite3.connect(migrated) as conn:
+        for pid, resource in (
+            ("p-1", {"name": [{"family": "Okafor", "given": ["Ada"]}], "birthDate": "1990-01-02"}),
+            ("p-2", {"name": [{"family": "Okafor"}]}),
+        ):
+            conn.execute(
+                "INSERT INTO fhir_resources (resource_type, id, version_id, resource,"
+                " created_at, updated_at) VALUES ('Patient', ?, 1, ?, ?, ?)",
+                (
+                    pid,
+                    json.dumps({"resourceType": "Patient", "id": pid, **resource}),
+                    "2026-01-01 00:00:00",
+                    "2026-01-01 00:00:00",
+                ),
+            )
+    result = runner.invoke(app, ["db", "review-features"])
+    assert result.exit_code == 0, result.output
+    assert "1 patients' review features added" in result.stdout
+    with sqlite3.connect(migrated) as conn:
+        rows = conn.execute(
+            "SELECT patient_id, family, given, birth_date FROM patient_review_features"
+        ).fetchall()
+    assert rows == [("p-1", "okafor", "ada", "1990-01-02")]
+    again = runner.invoke(app, ["db", "review-features"])
+    assert "0 patients' review features added" in again.stdout
+
+
 def create(name: str, *scopes: str) -> tuple[int, str, str]:
     args = ["clients", "create", name]
     for scope in scopes:

@@ -5,8 +5,10 @@ it (``gateway.patients.review``). Until now each candidate was read from
 ``fhir_resources`` as JSON and normalized again for every new patient: with tens of
 thousands of patients that was most of an intake's CPU (docs/PERFORMANCE.md). This table
 holds each Patient's normalized name, birth date, phone, email and address
-(``mappers.patient_match.features``), written with the Patient from now on; this
-migration fills it from the Patients stored so far, 1,000 at a time.
+(``PatientFeatures.row_of``), written with the Patient from now
+on; this migration fills it from the Patients stored so far, 1,000 at a time. A Patient
+that a process of the previous release registers after this migration (a rolling
+deploy) gets no row: ``fhir-gateway db review-features`` adds the missing ones.
 
 Revision ID: 0021_patient_review_features
 Revises: 0020_lookup_indexes
@@ -18,8 +20,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from gateway.db.identity_models import PatientFeatures
 from gateway.db.types import JSONDoc
-from mappers.patient_match import features
 
 revision: str = "0021_patient_review_features"
 down_revision: str | None = "0020_lookup_indexes"
@@ -71,24 +73,9 @@ def upgrade() -> None:
         last = page[-1][0]
         rows = []
         for patient_id, resource, updated_at in page:
-            found = features(resource)
-            if found.names is None or not found.birth_date:
-                continue
-            line, postal = found.address if found.address is not None else (None, None)
-            rows.append(
-                {
-                    "patient_id": patient_id,
-                    "birth_date": found.birth_date,
-                    "family": found.names[0],
-                    "given": found.names[1],
-                    "phone": found.phone,
-                    "email": found.email,
-                    "address_line": line,
-                    "postal_code": postal,
-                    "active": resource.get("active") is not False,
-                    "updated_at": updated_at,
-                }
-            )
+            row = PatientFeatures.row_of(dict(resource, id=patient_id), now=updated_at)
+            if row is not None:
+                rows.append(row)
         if rows:
             bind.execute(table.insert(), rows)
 
