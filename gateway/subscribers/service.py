@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import secrets
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -60,15 +61,43 @@ def new_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
-def wants(subscriber: Subscriber, webhook_type: str) -> bool:
+@dataclass(frozen=True)
+class ActiveSubscriber:
+    """What the outbox needs of a subscriber that receives webhooks: its name (the
+    rows' ``target``) and the webhook types it asked for."""
+
+    name: str
+    event_types: frozenset[str]
+
+
+def wants(subscriber: Subscriber | ActiveSubscriber, webhook_type: str) -> bool:
     """True if ``subscriber`` asked for ``webhook_type`` (exactly, ``case.*`` or ``*``)."""
     types = set(subscriber.event_types)
     return bool({webhook_type, "*", webhook_type.split(".", 1)[0] + ".*"} & types)
 
 
-async def active_subscribers(session: AsyncSession) -> list[Subscriber]:
-    """Subscribers that receive webhooks."""
-    return list((await session.scalars(select(Subscriber).where(Subscriber.active))).all())
+#: ``Session.info`` key of the active subscribers read in the session's transaction.
+_ACTIVE_KEY = "gateway.subscribers.active"
+
+
+async def active_subscribers(session: AsyncSession) -> list[ActiveSubscriber]:
+    """Subscribers that receive webhooks, read once per transaction: a transaction that
+    changes many cases (a bulk import's batch, a worker's batch of events) reads them
+    once, not once per change. Their names and types only (not the signing secret, which
+    would be decrypted for nothing)."""
+    transaction = session.sync_session.get_transaction()
+    cached = session.info.get(_ACTIVE_KEY)
+    if cached is not None and transaction is not None and cached[0] is transaction:
+        return list(cached[1])
+    rows = await session.execute(
+        select(Subscriber.name, Subscriber.event_types)
+        .where(Subscriber.active)
+        .order_by(Subscriber.name)
+    )
+    found = [ActiveSubscriber(name, frozenset(types or ())) for name, types in rows]
+    # the transaction the read began, if none was open (autobegin)
+    session.info[_ACTIVE_KEY] = (session.sync_session.get_transaction(), tuple(found))
+    return found
 
 
 def _instant(value: datetime | None) -> str | None:
@@ -118,7 +147,7 @@ def case_payload(
 
 def _add_rows(
     session: AsyncSession,
-    subscribers: list[Subscriber],
+    subscribers: list[ActiveSubscriber],
     payload: dict[str, Any],
     *,
     ordering_key: str,

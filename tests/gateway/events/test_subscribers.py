@@ -223,3 +223,50 @@ async def test_a_subscriber_added_while_the_targets_are_cached_waits_then_is_ser
         await worker.aclose()
     assert [d.status for d in await _deliveries(runtime)] == ["delivered"]
     assert len(sub.received) == 1
+
+
+async def test_active_subscribers_are_read_once_per_transaction(runtime: Runtime) -> None:
+    """A transaction that changes many cases (an import's batch, a worker's batch of
+    events) reads the subscribers once; the next transaction reads them again and sees
+    one added meanwhile. The secret is not read (nor decrypted) for it."""
+    from sqlalchemy import event
+
+    from gateway.db.models import Subscriber as SubscriberRow
+    from gateway.db.types import utcnow
+    from gateway.subscribers.service import active_subscribers
+
+    def add(name: str) -> SubscriberRow:
+        return SubscriberRow(
+            name=name,
+            url=f"https://{name}.example.com/hooks",
+            secret="whsec_" + "A" * 44,
+            event_types=["case.*"],
+            active=True,
+            created_at=utcnow(),
+        )
+
+    seen: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "FROM subscribers" in statement:
+            seen.append(statement)
+
+    async with runtime.sessionmaker() as session:
+        session.add(add("crm"))
+        await session.commit()
+    event.listen(runtime.engine.sync_engine, "before_cursor_execute", count)
+    try:
+        async with runtime.sessionmaker() as session:
+            first = await active_subscribers(session)
+            async with session.begin_nested():
+                again = await active_subscribers(session)
+            assert [s.name for s in first] == [s.name for s in again] == ["crm"]
+            assert len(seen) == 1 and "secret" not in seen[0]
+            await session.commit()
+            async with runtime.sessionmaker() as other:
+                other.add(add("portal"))
+                await other.commit()
+            assert [s.name for s in await active_subscribers(session)] == ["crm", "portal"]
+            assert len(seen) == 2
+    finally:
+        event.remove(runtime.engine.sync_engine, "before_cursor_execute", count)
