@@ -442,3 +442,77 @@ def test_the_candidate_prefilter_never_drops_a_pair_that_scores() -> None:
             skipped += 1
     assert reaching >= 200  # the near-duplicates were exercised
     assert skipped >= 1500  # and most unrelated pairs are skipped
+
+
+async def test_stored_features_score_as_the_resources_do(runtime: Runtime) -> None:
+    """The candidates come from ``patient_review_features`` (normalized when the Patient
+    was stored), not from the resources: over stored Patients of one birth date and its
+    typos, with accents, swapped and mistyped names, placeholder and missing phones,
+    emails in other cases, addresses with a line or a postal code only, and a merged
+    (inactive) one, ``detect_duplicates`` proposes exactly the pairs that ``score`` on
+    the two resources puts at or above the threshold, with the same scores and parts."""
+    import random
+
+    rng = random.Random(11)
+    dates = ["1988-04-12", "1988-04-21", "1988-12-04", "1989-04-12", "1988-04-13"]
+    families = ["Rivera", "Rivira", "Núñez", "Nunez", "O'Brien", "Obrien", "Smith"]
+    givens = [["Jordan"], ["Jordan", "Lee"], ["José"], ["Jose"], ["Ana-María"]]
+
+    def telecom() -> list[dict[str, str]]:
+        out = []
+        phone = rng.choice(["+14155552671", "(415) 555-2671", "000-000-0000", "415-555-0100", None])
+        if phone:
+            out.append({"system": "phone", "value": phone})
+        email = rng.choice(["Jordan.Rivera@Example.com", "jordan.rivera@example.com", "n/a", None])
+        if email:
+            out.append({"system": "email", "value": email})
+        return out
+
+    def address() -> list[dict[str, Any]]:
+        return rng.choice(
+            [
+                [],
+                [{"line": ["100 Market St"], "postalCode": "94105"}],
+                [{"line": ["100 Market Street"], "postalCode": "94105-1200"}],
+                [{"postalCode": "94105"}],
+                [{"line": ["1 Main St"]}],
+            ]
+        )
+
+    def person(pid: str) -> dict[str, Any]:
+        family, given = rng.choice(families), rng.choice(givens)
+        if rng.random() < 0.2:
+            name = {"family": given[0], "given": [family]}  # swapped
+        else:
+            name = {"family": family, "given": given}
+        return patient(
+            id=pid,
+            name=[name],
+            birthDate=rng.choice(dates),
+            telecom=telecom(),
+            address=address(),
+            active=rng.random() > 0.1,
+        )
+
+    stored = [person(f"s{i}") for i in range(120)]
+    async with runtime.sessionmaker() as session:
+        for p in stored:
+            await fhir_repo.save_resource(session, p, message_id=None, patient_id=p["id"])
+        await session.commit()
+        proposed = 0
+        for n in range(25):
+            probe = person(f"probe-{n}")
+            found = await detect_duplicates(session, probe)
+            await session.rollback()
+            expected = {}
+            for other in stored:
+                s = score(probe, other)
+                if (
+                    other.get("active") is not False
+                    and s is not None
+                    and s.total >= REVIEW_THRESHOLD
+                ):
+                    expected[other["id"]] = (s.total, s.parts)
+            assert {r.candidate_id: (r.score, r.parts) for r in found} == expected
+            proposed += len(expected)
+    assert proposed > 100  # the population does produce duplicates to compare
