@@ -121,3 +121,39 @@ async def test_queued_updates_run_after_the_inserts(runtime: Runtime) -> None:
         assert stored.delivered_at.replace(tzinfo=UTC) == delivered_at
         assert stored.operation_outcome == {"resourceType": "OperationOutcome", "issue": []}
         assert await session.scalar(select(PatientKey).where(PatientKey.patient_id == "p-u"))
+
+
+async def test_many_rows_of_one_table_keep_their_values_and_order(runtime: Runtime) -> None:
+    """Several rows of one table in one executemany: identities in the order the rows
+    were queued, JSON (objects, lists, a string, null) and times as given."""
+    bulk = BulkInserts()
+    attributions = [{"utm_source": "a", "n": [1, 2]}, None, {"nested": {"x": "é"}}, "plain", {}]
+    when = datetime(2026, 12, 7, 23, 0, tzinfo=UTC)
+    for i, attribution in enumerate(attributions):
+        bulk.add(
+            ProfileMapping,
+            inbound_message_id=f"m-many-{i}",
+            action="ingest",
+            profile_kind="intake",
+            profile_id="glp1",
+            profile_version=str(i),
+            profile_hash="abc",
+            resource_versions=[f"Patient/p-{i}/_history/1"],
+            attribution=attribution,
+            actor="test",
+            created_at=when,
+        )
+    async with runtime.sessionmaker() as session:
+        await bulk.flush(session)
+        await session.commit()
+        rows = (
+            await session.scalars(
+                select(ProfileMapping)
+                .where(ProfileMapping.inbound_message_id.like("m-many-%"))
+                .order_by(ProfileMapping.id)
+            )
+        ).all()
+    assert [r.inbound_message_id for r in rows] == [f"m-many-{i}" for i in range(5)]
+    assert [r.attribution for r in rows] == attributions
+    assert [r.profile_version for r in rows] == ["0", "1", "2", "3", "4"]
+    assert all(r.created_at.replace(tzinfo=UTC) == when for r in rows)
