@@ -81,3 +81,46 @@ async def test_the_migration_fills_the_features_of_stored_patients(database_url:
             await session.rollback()
     finally:
         await engine.dispose()
+
+
+async def test_review_features_command_fills_only_the_missing_rows(database_url: str) -> None:
+    """``fhir-gateway db review-features`` (:func:`fill_review_features`): a Patient stored
+    without its row (by a process of the earlier release) gets it, across pages; one that
+    has its row keeps it as it is; a second run adds nothing."""
+    from gateway.fhir import repository as fhir_repo
+    from gateway.patients.review import fill_review_features
+
+    engine = make_engine(database_url)
+    insert = text(
+        "INSERT INTO fhir_resources (resource_type, id, version_id, resource, created_at,"
+        " updated_at) VALUES ('Patient', :id, 1, :resource, :at, :at)"
+    )
+    at = datetime(2026, 1, 2, tzinfo=UTC)
+    try:
+        sessions = make_sessionmaker(engine)
+        async with sessions() as session:
+            await fhir_repo.save_resource(
+                session, _patient("p-kept"), message_id=None, patient_id="p-kept"
+            )
+            for n in range(5):
+                await session.execute(
+                    insert,
+                    {
+                        "id": f"p-old-{n}",
+                        "resource": json.dumps(_patient(f"p-old-{n}")),
+                        "at": at.replace(tzinfo=None) if engine.dialect.name == "sqlite" else at,
+                    },
+                )
+            await session.commit()
+            kept = await session.get(PatientFeatures, "p-kept")
+            assert kept is not None
+            kept_at = kept.updated_at
+            assert await fill_review_features(session, page=2) == 5
+            assert await fill_review_features(session, page=2) == 0
+            session.expire_all()
+            rows = {r.patient_id: r for r in await session.scalars(select(PatientFeatures))}
+            assert set(rows) == {"p-kept", *(f"p-old-{n}" for n in range(5))}
+            assert rows["p-kept"].updated_at == kept_at
+            assert rows["p-old-3"].updated_at == at and rows["p-old-3"].family == "gomez"
+    finally:
+        await engine.dispose()
