@@ -24,10 +24,15 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision")] 
 
 
 @db_app.command("review-features")
-def db_review_features() -> None:
-    """Add the duplicate-review features of stored Patients that have none (migration
+def db_review_features(
+    rebuild: Annotated[
+        bool, typer.Option(help="Recompute every Patient's row, not only the missing ones")
+    ] = False,
+) -> None:
+    """Write the duplicate-review features of stored Patients that have none (migration
     0021 fills them for the Patients stored before it; run this after a rolling deploy
-    in which processes of the earlier release still registered patients)."""
+    in which processes of the earlier release still registered patients; with
+    --rebuild, also after they updated patients)."""
     import asyncio
 
     from gateway.db.engine import make_engine, make_sessionmaker
@@ -39,11 +44,11 @@ def db_review_features() -> None:
         engine = make_engine(settings.database_url)
         try:
             async with make_sessionmaker(engine)() as session:
-                return await fill_review_features(session)
+                return await fill_review_features(session, rebuild=rebuild)
         finally:
             await engine.dispose()
 
-    typer.echo(f"{asyncio.run(run())} patients' review features added")
+    typer.echo(f"{asyncio.run(run())} patients' review features computed")
 
 
 def serve(

@@ -17,19 +17,23 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Executable,
     Float,
     ForeignKey,
     Index,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Mapped, mapped_column
 
 from gateway.db.base import Base
@@ -182,6 +186,20 @@ class PatientFeatures(Base):
     updated_at: Mapped[datetime]  # the Patient's, for "the most recently updated first"
 
     __table_args__ = (Index("ix_patient_review_features_birth_date", "birth_date"),)
+
+    @staticmethod
+    def upsert(dialect: str, *, newer_only: bool = False) -> Executable:
+        """``INSERT`` of a row (parameters: its columns) that replaces the Patient's row
+        if it has one (PostgreSQL or SQLite 3.24+ ``ON CONFLICT``). ``newer_only``: a
+        row from a Patient version not older than the stored row's (``updated_at``), so
+        a rebuild that read a Patient before a live write does not undo that write."""
+        table = cast(Table, PatientFeatures.__table__)
+        stmt = (pg_insert if dialect == "postgresql" else sqlite_insert)(table)
+        return stmt.on_conflict_do_update(
+            index_elements=["patient_id"],
+            set_={c.key: getattr(stmt.excluded, c.key) for c in table.c if c.key != "patient_id"},
+            where=(table.c.updated_at <= stmt.excluded.updated_at) if newer_only else None,
+        )
 
     @staticmethod
     def row_of(patient: dict[str, Any], *, now: datetime) -> dict[str, Any] | None:

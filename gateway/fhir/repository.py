@@ -10,8 +10,6 @@ from functools import partial
 from typing import Any, cast
 
 from sqlalchemy import ColumnElement, Executable, Table, and_, bindparam, delete, or_, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.db.bulk import BulkInserts
@@ -171,28 +169,6 @@ async def save_resource(
     return stored, True
 
 
-_FEATURE_COLUMNS = (
-    "birth_date",
-    "family",
-    "given",
-    "phone",
-    "email",
-    "address_line",
-    "postal_code",
-    "active",
-    "updated_at",
-)
-
-
-def _upsert_features(dialect: str) -> Executable:
-    table = cast(Table, PatientFeatures.__table__)
-    stmt = (pg_insert if dialect == "postgresql" else sqlite_insert)(table)
-    return stmt.on_conflict_do_update(
-        index_elements=["patient_id"],
-        set_={c: getattr(stmt.excluded, c) for c in _FEATURE_COLUMNS},
-    )
-
-
 def _delete_features() -> Executable:
     table = cast(Table, PatientFeatures.__table__)
     return delete(table).where(table.c.patient_id == bindparam("_patient_id"))
@@ -227,7 +203,7 @@ async def _save_review_features(
         params = {"_patient_id": patient["id"]}
     else:
         key, params = ("review_features_upsert", dialect), values
-        build = partial(_upsert_features, dialect)
+        build = partial(PatientFeatures.upsert, dialect)
     if bulk is not None:
         bulk.add_statement(key, build, [params])
     else:

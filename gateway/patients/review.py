@@ -39,7 +39,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
-from typing import Any, cast
+from typing import Any
 
 from rapidfuzz.distance import DamerauLevenshtein, JaroWinkler
 from sqlalchemy import (
@@ -47,7 +47,6 @@ from sqlalchemy import (
     Integer,
     Select,
     String,
-    Table,
     any_,
     bindparam,
     case,
@@ -338,40 +337,43 @@ async def detect_duplicates(session: AsyncSession, patient: dict[str, Any]) -> l
     return reviews
 
 
-async def fill_review_features(session: AsyncSession, *, page: int = 1000) -> int:
-    """Add the missing ``patient_review_features`` rows: of the stored Patients with a
-    name and a birth date that have none (registered by a process of a release before
-    migration 0021 during a rolling deploy). Commits every ``page`` Patients.
+async def fill_review_features(
+    session: AsyncSession, *, page: int = 1000, rebuild: bool = False
+) -> int:
+    """Write the ``patient_review_features`` rows of stored Patients: those that have
+    none (registered by a process of a release before migration 0021 during a rolling
+    deploy), or with ``rebuild`` every Patient's (recomputed from its current version:
+    after such a process also updated Patients). A row is written only over an older one
+    (a live write meanwhile wins). Commits every ``page`` Patients.
 
     Returns:
-        How many rows were added.
+        How many Patients' rows were computed (each written unless the stored row was
+        from a newer version).
     """
-    table = cast(Table, PatientFeatures.__table__)
-    last, added = "", 0
+    upsert = PatientFeatures.upsert(session.get_bind().dialect.name, newer_only=True)
+    last, written = "", 0
     while True:
-        rows = (
-            await session.execute(
-                select(FhirResource.id, FhirResource.resource, FhirResource.updated_at)
-                .outerjoin(PatientFeatures, PatientFeatures.patient_id == FhirResource.id)
-                .where(
-                    FhirResource.resource_type == "Patient",
-                    FhirResource.id > last,
-                    PatientFeatures.patient_id.is_(None),
-                )
-                .order_by(FhirResource.id)
-                .limit(page)
-            )
-        ).all()
+        query = (
+            select(FhirResource.id, FhirResource.resource, FhirResource.updated_at)
+            .where(FhirResource.resource_type == "Patient", FhirResource.id > last)
+            .order_by(FhirResource.id)
+            .limit(page)
+        )
+        if not rebuild:
+            query = query.outerjoin(
+                PatientFeatures, PatientFeatures.patient_id == FhirResource.id
+            ).where(PatientFeatures.patient_id.is_(None))
+        rows = (await session.execute(query)).all()
         if not rows:
-            return added
+            return written
         last = rows[-1][0]
         values = [
             v for v in (PatientFeatures.row_of(r, now=at) for _, r, at in rows) if v is not None
         ]
         if values:
-            await session.execute(table.insert(), values)
+            await session.execute(upsert, values)
         await session.commit()
-        added += len(values)
+        written += len(values)
 
 
 async def list_reviews(

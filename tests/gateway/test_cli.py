@@ -94,14 +94,14 @@ def test_db_review_features_adds_the_missing_rows(migrated: Path) -> None:
             )
     result = runner.invoke(app, ["db", "review-features"])
     assert result.exit_code == 0, result.output
-    assert "1 patients' review features added" in result.stdout
+    assert "1 patients' review features computed" in result.stdout
     with sqlite3.connect(migrated) as conn:
         rows = conn.execute(
             "SELECT patient_id, family, given, birth_date FROM patient_review_features"
         ).fetchall()
     assert rows == [("p-1", "okafor", "ada", "1990-01-02")]
     again = runner.invoke(app, ["db", "review-features"])
-    assert "0 patients' review features added" in again.stdout
+    assert "0 patients' review features computed" in again.stdout
 
 
 def create(name: str, *scopes: str) -> tuple[int, str, str]:

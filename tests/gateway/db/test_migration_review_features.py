@@ -15,6 +15,7 @@ from sqlalchemy import select, text
 from gateway.db.engine import make_engine, make_sessionmaker
 from gateway.db.identity_models import PatientFeatures
 from gateway.db.migrate import alembic_config, upgrade
+from gateway.db.models import FhirResource
 from gateway.patients.review import detect_duplicates
 
 
@@ -122,5 +123,48 @@ async def test_review_features_command_fills_only_the_missing_rows(database_url:
             assert set(rows) == {"p-kept", *(f"p-old-{n}" for n in range(5))}
             assert rows["p-kept"].updated_at == kept_at
             assert rows["p-old-3"].updated_at == at and rows["p-old-3"].family == "gomez"
+    finally:
+        await engine.dispose()
+
+
+async def test_review_features_rebuild_recomputes_older_rows_only(database_url: str) -> None:
+    """``--rebuild`` recomputes every Patient's row from its current version (a process
+    of the earlier release updated the Patient without its row), but never writes over
+    a row from a newer version than the one it read (a live write meanwhile wins)."""
+    from sqlalchemy import update
+
+    from gateway.fhir import repository as fhir_repo
+    from gateway.patients.review import fill_review_features
+
+    engine = make_engine(database_url)
+    try:
+        async with make_sessionmaker(engine)() as session:
+            for pid in ("p-stale", "p-newer"):
+                await fhir_repo.save_resource(
+                    session, _patient(pid), message_id=None, patient_id=pid
+                )
+            await session.commit()
+            # an old process renamed p-stale (its resource only); a live write of p-newer
+            # is dated after what the rebuild will read
+            renamed = _patient("p-stale", name=[{"family": "Okafor", "given": ["Ada"]}])
+            await session.execute(
+                update(FhirResource)
+                .where(FhirResource.resource_type == "Patient", FhirResource.id == "p-stale")
+                .values(resource=renamed)
+            )
+            later = datetime(2099, 1, 1, tzinfo=UTC)
+            await session.execute(
+                update(PatientFeatures)
+                .where(PatientFeatures.patient_id == "p-newer")
+                .values(family="live", updated_at=later)
+            )
+            await session.commit()
+            assert await fill_review_features(session) == 0  # nothing missing
+            assert await fill_review_features(session, rebuild=True) == 2  # both computed
+            session.expire_all()
+            stale = await session.get(PatientFeatures, "p-stale")
+            newer = await session.get(PatientFeatures, "p-newer")
+            assert stale is not None and (stale.family, stale.given) == ("okafor", "ada")
+            assert newer is not None and newer.family == "live"  # not overwritten
     finally:
         await engine.dispose()
