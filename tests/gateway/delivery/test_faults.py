@@ -314,15 +314,23 @@ async def test_an_ehr_refusing_every_fresh_token_does_not_loop(
     use_target: TargetFactory,
 ) -> None:
     """The client is not authorised in the EHR: every token gets 401. One replacement,
-    then the target's auth backs off (configuration error) and deliveries wait."""
+    then the target's auth backs off (configuration error) and deliveries wait.
+
+    With four workers sending at once, a worker that read the replacement before its
+    fetcher recorded the refusal takes its 401 for a stale token and fetches one more
+    (each worker knows only its own fetches are fresh): at most a few token requests,
+    all in the first round; none after, which is what not looping means."""
     fake, running = ehr
     use_target(running)
     fake.fail_fhir(10_000, 401)
     await submit_intakes(client, admin_headers, 10)
     workers = [delivery_worker(runtime, concurrency=4) for _ in range(4)]
+    first_round = 0
     try:
-        for _ in range(5):  # rounds of the four workers, two seconds apart (skipped)
+        for round_no in range(5):  # rounds of the four workers, two seconds apart (skipped)
             await asyncio.gather(*(w.run_once() for w in workers))
+            if round_no == 0:
+                first_round = len(fake.token_requests)
             clock.advance(2)
         targets = (await client.get("/v1/ops/targets", headers=admin_headers)).json()
         [target] = [t for t in targets if t["name"] == "test-ehr"]
@@ -330,7 +338,8 @@ async def test_an_ehr_refusing_every_fresh_token_does_not_loop(
         for worker in workers:
             await worker.aclose()
 
-    assert len(fake.token_requests) == 2
+    assert 2 <= len(fake.token_requests) <= 4  # 2 unless the race above
+    assert len(fake.token_requests) == first_round  # backing off: none after round 1
     assert len(fake.requests) <= 2 * 16  # at most the first wave and its one retry
     rows = await deliveries(runtime)
     assert {d.status for d in rows} == {"pending"}
