@@ -8,7 +8,14 @@ from typing import Annotated, Any
 
 import typer
 
-from gateway.cli.common import fail, profiles_or_exit, run_until_stopped, settings_or_exit
+from gateway.cli.common import (
+    Database,
+    fail,
+    profiles_or_exit,
+    run_on_database,
+    run_until_stopped,
+    settings_or_exit,
+)
 
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 
@@ -33,22 +40,13 @@ def db_review_features(
     0021 fills them for the Patients stored before it; run this after a rolling deploy
     in which processes of the earlier release still registered patients; with
     --rebuild, also after they updated patients)."""
-    import asyncio
-
-    from gateway.db.engine import make_engine, make_sessionmaker
     from gateway.patients.review import fill_review_features
 
-    settings = settings_or_exit()
+    async def work(database: Database) -> int:
+        async with database.session() as session:
+            return await fill_review_features(session, rebuild=rebuild)
 
-    async def run() -> int:
-        engine = make_engine(settings.database_url)
-        try:
-            async with make_sessionmaker(engine)() as session:
-                return await fill_review_features(session, rebuild=rebuild)
-        finally:
-            await engine.dispose()
-
-    typer.echo(f"{asyncio.run(run())} patients' review features computed")
+    typer.echo(f"{run_on_database(work)} patients' review features computed")
 
 
 def serve(
