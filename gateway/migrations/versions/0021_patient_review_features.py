@@ -74,8 +74,8 @@ def upgrade() -> None:
         rows = []
         for patient_id, resource, updated_at in page:
             row = PatientFeatures.row_of(dict(resource, id=patient_id), now=updated_at)
-            if row is not None:
-                rows.append(row)
+            if row is not None:  # this revision's columns only: the model may grow later
+                rows.append({c: row[c] for c in table.c.keys()})
         if rows:
             bind.execute(table.insert(), rows)
 
