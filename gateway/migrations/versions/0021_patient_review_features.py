@@ -75,7 +75,7 @@ def upgrade() -> None:
         for patient_id, resource, updated_at in page:
             row = PatientFeatures.row_of(dict(resource, id=patient_id), now=updated_at)
             if row is not None:  # this revision's columns only: the model may grow later
-                rows.append({c: row[c] for c in table.c.keys()})
+                rows.append({c.key: row[c.key] for c in table.c})
         if rows:
             bind.execute(table.insert(), rows)
 
