@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-__all__ = ["Features", "digits", "features", "names", "norm"]
+__all__ = ["Features", "address", "digits", "features", "names", "norm", "telecom"]
 
 
 @lru_cache(maxsize=65536)

@@ -70,10 +70,9 @@ class ActiveSubscriber:
     event_types: frozenset[str]
 
 
-def wants(subscriber: Subscriber | ActiveSubscriber, webhook_type: str) -> bool:
+def wants(subscriber: ActiveSubscriber, webhook_type: str) -> bool:
     """True if ``subscriber`` asked for ``webhook_type`` (exactly, ``case.*`` or ``*``)."""
-    types = set(subscriber.event_types)
-    return bool({webhook_type, "*", webhook_type.split(".", 1)[0] + ".*"} & types)
+    return bool({webhook_type, "*", webhook_type.split(".", 1)[0] + ".*"} & subscriber.event_types)
 
 
 #: ``Session.info`` key of the active subscribers read in the session's transaction.
