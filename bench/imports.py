@@ -54,12 +54,16 @@ from testkit import samples
 PG_ADMIN = os.environ.get("GATEWAY_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
-def records(n: int, kind: str, *, same_person: bool = False) -> list[dict[str, Any]]:
+def records(
+    n: int, kind: str, *, same_person: bool = False, one_birth_date: bool = False
+) -> list[dict[str, Any]]:
     """``n`` synthetic records of ``kind`` (``mixed``: 4 intakes, 4 checkouts, 2 Stripe
     events in every 10), each a new patient with demographics drawn like a population
     (:func:`testkit.samples.person`), or all with the example's name and birth date when
     ``same_person`` (the worst case of merge review: every patient a candidate of every
-    other)."""
+    other). ``one_birth_date``: the intakes' people keep their varied names but are all
+    born on 06/15/1980 (a placeholder date of an old system: from the 200th intake on,
+    each new patient's duplicate review reads the 200 candidates of its cap)."""
     out = []
     for i in range(n):
         slot = i % 10
@@ -69,7 +73,11 @@ def records(n: int, kind: str, *, same_person: bool = False) -> list[dict[str, A
             record = samples.canonical_checkout()
         else:
             record = samples.stripe_event()
-        out.append(record if same_person else samples.varied(record, i))
+        if not same_person:
+            samples.varied(record, i)
+            if one_birth_date and "submission_id" in record:
+                record["patient"]["birth_date"] = "06/15/1980"
+        out.append(record)
     return out
 
 
@@ -125,7 +133,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         path.write_text(
             "".join(
                 json.dumps(r) + "\n"
-                for r in records(args.records, args.kind, same_person=args.same_person)
+                for r in records(
+                    args.records,
+                    args.kind,
+                    same_person=args.same_person,
+                    one_birth_date=args.one_birth_date,
+                )
             )
         )
         settings = Settings(
@@ -219,6 +232,11 @@ def main() -> None:
         "--same-person",
         action="store_true",
         help="every record with the example's name and birth date (merge review's worst case)",
+    )
+    parser.add_argument(
+        "--one-birth-date",
+        action="store_true",
+        help="intakes of varied people all born on one date (duplicate review at its cap)",
     )
     args = parser.parse_args()
     result = asyncio.run(run(args))
