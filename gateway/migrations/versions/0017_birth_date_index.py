@@ -2,10 +2,10 @@
 
 ``ix_fhir_resources_birth_date`` on ``(resource_type, <the resource's birthDate>)``: the
 expression is ``resource ->> 'birthDate'`` on PostgreSQL and
-``json_extract(resource, '$.birthDate')`` on SQLite, exactly as
-:class:`gateway.db.types.json_text` renders it in
-:func:`gateway.patients.review.detect_duplicates` (the planners use an expression index
-only for the same expression). Without it, every new patient's merge review read the
+``json_extract(resource, '$.birthDate')`` on SQLite, exactly as the candidate query of
+:func:`gateway.patients.review.detect_duplicates` then rendered it (the planners use an
+expression index only for the same expression). Since migration 0021 that query reads
+``patient_review_features`` instead, and no query uses this index. Without it, every new patient's merge review read the
 ``birthDate`` of every stored Patient: ingest got slower with each patient stored.
 
 Not declared on the model: autogenerate cannot compare expression indexes.
